@@ -1,0 +1,3 @@
+from wgpy.control.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Control plane: UAPI, configuration files and the command line."""

@@ -1,0 +1,79 @@
+"""The `wgpy` command line.
+
+wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
+wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
+wgpy up|down|strip|save CONFIG     wg-quick for wgpy
+wgpy show [IFNAME]                 what `wg show` prints
+wgpy demo                          a tunnel between two namespaces, with traffic
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from wgpy import __version__
+from wgpy.core.crypto import clamp, decode_key, encode_key, public_key
+
+USAGE = __doc__ or ""
+
+
+def genkey() -> int:
+    print(encode_key(clamp(os.urandom(32))))
+    return 0
+
+
+def genpsk() -> int:
+    print(encode_key(os.urandom(32)))
+    return 0
+
+
+def pubkey() -> int:
+    try:
+        private = decode_key(sys.stdin.read())
+    except ValueError as e:
+        print(f"wgpy: key is not the correct length or format: {e}", file=sys.stderr)
+        return 1
+    print(encode_key(public_key(clamp(private))))
+    return 0
+
+
+def _quick(command: str, args: list[str]) -> int:
+    from wgpy.control import quick
+
+    if command == "show":
+        return quick.show_command(args)
+    if len(args) != 1:
+        print(f"usage: wgpy {command} CONFIG_FILE | INTERFACE", file=sys.stderr)
+        return 2
+    return int(getattr(quick, f"{command}_command")(args[0]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.strip())
+        return 0 if args else 2
+    command = args[0]
+    if command in ("-v", "--version", "version"):
+        print(f"wgpy {__version__} (a userspace WireGuard in Python)")
+        return 0
+    simple = {"genkey": genkey, "genpsk": genpsk, "pubkey": pubkey}
+    if command in simple:
+        return simple[command]()
+    if command in ("up", "down", "strip", "save", "show"):
+        return _quick(command, args[1:])
+    if command == "demo":
+        from wgpy.control.demo import main as demo
+
+        return demo(args[1:])
+    foreground = False
+    while args and args[0] in ("-f", "--foreground"):
+        foreground = True
+        args.pop(0)
+    if len(args) != 1 or args[0].startswith("-"):
+        print(USAGE.strip(), file=sys.stderr)
+        return 2
+    from wgpy.control.daemon import serve
+
+    return serve(args[0], foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1")

@@ -1,0 +1,178 @@
+"""`wgpy IFNAME`: the daemon, a drop-in for `wireguard-go IFNAME`.
+
+Creates the TUN interface and the UAPI socket, detaches (unless foreground), and serves
+until SIGTERM/SIGINT, until the interface is deleted, or until the socket file is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from wgpy.control import uapi
+from wgpy.core.device import Device, Output
+from wgpy.io.datapath import Datapath
+from wgpy.io.loop import Loop
+from wgpy.io.tun import Tun
+from wgpy.io.udp import UdpSocket
+
+log = logging.getLogger("wgpy")
+LOG_LEVELS = {"verbose": logging.DEBUG, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
+HOUSEKEEPING_EVERY = 1.0  # seconds between checks of the socket file and the MTU
+
+
+class Daemon:
+    """Owns the device, the interface, the socket and the loop; the UAPI's `Host`."""
+
+    def __init__(self, ifname: str, socket_dir: str = uapi.SOCKET_DIR) -> None:
+        self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
+        self.tun = Tun.create(ifname, vnet_hdr=True)
+        try:
+            self.udp = UdpSocket(0)
+            self.listener = uapi.UapiListener(ifname, socket_dir)
+        except BaseException:
+            self.tun.close()
+            raise
+        self.fwmark = 0
+        self.device.mtu = self.tun.mtu()
+        self.datapath = Datapath(self.device, self.tun, self.udp)
+        self.loop = Loop(self._tick)
+        self._clients: dict[int, uapi.Connection] = {}
+        self._next_housekeeping = 0.0
+        self.loop.add_reader(self.tun.fileno(), self._on_tun)
+        self.loop.add_reader(self.udp.fileno(), self.datapath.on_udp)
+        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    # ---- uapi.Host ---------------------------------------------------------------
+
+    @property
+    def listen_port(self) -> int:
+        return self.udp.port
+
+    def set_listen_port(self, port: int) -> None:
+        fresh = UdpSocket(port, self.fwmark)  # raises if taken; the old one keeps serving
+        self.loop.remove_reader(self.udp.fileno())
+        self.udp.close()
+        self.udp = self.datapath.udp = fresh
+        self.loop.add_reader(fresh.fileno(), self.datapath.on_udp)
+        log.info("listening on UDP port %d", fresh.port)
+
+    def set_fwmark(self, mark: int) -> None:
+        self.udp.set_fwmark(mark)
+        self.fwmark = mark
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def transmit(self, out: Output) -> None:
+        self.datapath.transmit(out)
+
+    # ---- the loop ----------------------------------------------------------------
+
+    def _on_tun(self) -> None:
+        if not self.datapath.on_tun():
+            log.info("interface %s is gone; exiting", self.tun.name)
+            self.loop.stop()
+
+    def _on_accept(self) -> None:
+        conn = self.listener.accept()
+        if conn is None:
+            return
+        fd = conn.sock.fileno()
+        self._clients[fd] = conn
+
+        def close() -> None:
+            self.loop.remove_reader(fd)
+            self._clients.pop(fd, None)
+            conn.sock.close()
+
+        self.loop.add_reader(fd, lambda: uapi.serve_connection(self, conn, close))
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.datapath.tick(now)
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_EVERY
+            if not self.listener.still_there():
+                log.info("UAPI socket removed; exiting")
+                self.loop.stop()
+            mtu = self.tun.mtu()
+            if mtu and mtu != self.device.mtu:
+                log.info("MTU is now %d", mtu)
+                self.device.mtu = mtu
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: self.loop.stop())
+        log.info("%s up: UDP port %d, UAPI %s", self.tun.name, self.udp.port, self.listener.path)
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for conn in list(self._clients.values()):
+            conn.sock.close()
+        self.listener.close()
+        self.udp.close()
+        self.tun.close()
+        self.loop.close()
+
+
+def setup_logging(ifname: str) -> None:
+    level = LOG_LEVELS.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(levelname)s: ({ifname}) %(asctime)s %(message)s",
+    )
+
+
+def serve(ifname: str, foreground: bool) -> int:
+    """Start the daemon; in the background, return once it is serving (or failed)."""
+    setup_logging(ifname)
+    if foreground:
+        return _run(ifname)
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        status = os.read(read_fd, 1)  # the child says when it is ready
+        return 0 if status == b"1" else 1
+    os.close(read_fd)
+    os.setsid()
+    try:
+        daemon = Daemon(ifname)
+    except OSError as e:
+        log.error("cannot start %s: %s", ifname, e)
+        sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
+        os.write(write_fd, b"0")
+        os._exit(1)
+    _detach_stdio()
+    os.write(write_fd, b"1")
+    os.close(write_fd)
+    try:
+        daemon.run()
+    finally:
+        os._exit(0)
+
+
+def _run(ifname: str) -> int:
+    try:
+        daemon = Daemon(ifname)
+    except OSError as e:
+        sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
+        return 1
+    daemon.run()
+    return 0
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    if os.environ.get("LOG_LEVEL", "error").lower() == "silent":
+        os.dup2(devnull, 2)
+    os.close(devnull)

@@ -1,0 +1,378 @@
+"""The cross-platform userspace API (UAPI) that the `wg` tool speaks over a unix socket.
+
+A request is `get=1` or `set=1` followed by `key=value` lines and an empty line; the
+answer ends with `errno=N` (0, or a negative errno) and an empty line. A `set` is parsed
+and checked completely before anything is applied, so a bad request changes nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wgpy.core.allowedips import format_cidr, parse_cidr
+from wgpy.core.device import Device, Output
+from wgpy.core.peer import Endpoint
+
+SOCKET_DIR = "/var/run/wireguard"
+log = logging.getLogger("wgpy.uapi")
+
+
+class UapiError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Host(Protocol):
+    """What the daemon offers the UAPI besides the core device."""
+
+    device: Device
+    listen_port: int
+    fwmark: int
+
+    def set_listen_port(self, port: int) -> None: ...  # raises OSError when in use
+    def set_fwmark(self, mark: int) -> None: ...
+    def now(self) -> float: ...
+    def transmit(self, out: Output) -> None: ...
+
+
+# ---- parsing -------------------------------------------------------------------------
+
+
+def _key(value: str) -> bytes:
+    if len(value) != 64:
+        raise UapiError(errno.EINVAL, "a key is 64 hex digits")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise UapiError(errno.EINVAL, "a key is 64 hex digits") from None
+
+
+def _uint(value: str, limit: int, what: str) -> int:
+    if not value.isdigit() or int(value) > limit:
+        raise UapiError(errno.EINVAL, f"invalid {what}: {value!r}")
+    return int(value)
+
+
+def _true(value: str, what: str) -> bool:
+    if value != "true":
+        raise UapiError(errno.EINVAL, f"{what} takes only 'true'")
+    return True
+
+
+def parse_endpoint(value: str) -> Endpoint:
+    """`1.2.3.4:51820` or `[fd00::1]:51820` (as `wg` sends it: already resolved)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1].split("%")[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return (str(addr), _uint(port, 65535, "endpoint port"))
+
+
+def format_endpoint(ep: Endpoint) -> str:
+    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+
+
+@dataclass
+class PeerChange:
+    public_key: bytes
+    remove: bool = False
+    update_only: bool = False
+    preshared_key: bytes | None = None
+    endpoint: Endpoint | None = None
+    keepalive: int | None = None
+    replace_allowed_ips: bool = False
+    allowed_ips: list[tuple[bool, bytes, int]] = field(default_factory=list)  # (add?, addr, cidr)
+
+
+@dataclass
+class SetRequest:
+    private_key: bytes | None = None
+    listen_port: int | None = None
+    fwmark: int | None = None
+    replace_peers: bool = False
+    peers: list[PeerChange] = field(default_factory=list)
+
+
+_DEVICE_KEYS = {"private_key", "listen_port", "fwmark", "replace_peers"}
+
+
+def parse_set(lines: list[str]) -> SetRequest:
+    req = SetRequest()
+    peer: PeerChange | None = None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise UapiError(errno.EPROTO, f"not a key=value line: {line[:40]!r}")
+        if key == "public_key":
+            peer = PeerChange(_key(value))
+            req.peers.append(peer)
+        elif peer is None and key in _DEVICE_KEYS:
+            _parse_device_key(req, key, value)
+        elif peer is not None:
+            _parse_peer_key(peer, key, value)
+        else:
+            raise UapiError(errno.EINVAL, f"invalid UAPI device key: {key!r}")
+    return req
+
+
+def _parse_device_key(req: SetRequest, key: str, value: str) -> None:
+    if key == "private_key":
+        req.private_key = _key(value)
+    elif key == "listen_port":
+        req.listen_port = _uint(value, 65535, "listen_port")
+    elif key == "fwmark":
+        req.fwmark = _uint(value or "0", 2**32 - 1, "fwmark")
+    else:
+        req.replace_peers = _true(value, key)
+
+
+def _parse_peer_key(peer: PeerChange, key: str, value: str) -> None:
+    if key == "remove":
+        peer.remove = _true(value, key)
+    elif key == "update_only":
+        peer.update_only = _true(value, key)
+    elif key == "preshared_key":
+        peer.preshared_key = _key(value)
+    elif key == "endpoint":
+        peer.endpoint = parse_endpoint(value)
+    elif key == "persistent_keepalive_interval":
+        peer.keepalive = _uint(value, 65535, key)
+    elif key == "replace_allowed_ips":
+        peer.replace_allowed_ips = _true(value, key)
+    elif key == "allowed_ip":
+        add = not value.startswith("-")
+        try:
+            addr, cidr = parse_cidr(value if add else value[1:])
+        except ValueError as e:
+            raise UapiError(errno.EINVAL, f"invalid allowed_ip: {e}") from None
+        peer.allowed_ips.append((add, addr, cidr))
+    elif key == "protocol_version":
+        if value != "1":
+            raise UapiError(errno.EINVAL, f"unsupported protocol_version {value!r}")
+    else:
+        raise UapiError(errno.EINVAL, f"invalid UAPI peer key: {key!r}")
+
+
+# ---- applying ------------------------------------------------------------------------
+
+
+def apply_set(host: Host, req: SetRequest) -> None:
+    """Apply a checked request. Only the port can still fail, so it goes first."""
+    dev = host.device
+    if req.listen_port is not None and req.listen_port != host.listen_port:
+        try:
+            host.set_listen_port(req.listen_port)
+        except OSError as e:
+            code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
+            raise UapiError(code, f"cannot listen on port {req.listen_port}: {e}") from None
+    if req.fwmark is not None and req.fwmark != host.fwmark:
+        host.set_fwmark(req.fwmark)
+    if req.private_key is not None:
+        dev.set_private_key(req.private_key)
+    if req.replace_peers:
+        for pub in list(dev.peers):
+            dev.remove_peer(pub)
+    now = host.now()
+    for change in req.peers:
+        _apply_peer(host, dev, change, now)
+
+
+def _apply_peer(host: Host, dev: Device, change: PeerChange, now: float) -> None:
+    if change.remove:
+        dev.remove_peer(change.public_key)
+        return
+    if change.update_only and change.public_key not in dev.peers:
+        return
+    peer = dev.add_peer(change.public_key)
+    if peer is None:
+        return  # our own public key: ignored, as by wireguard-go
+    if change.preshared_key is not None:
+        peer.preshared_key = change.preshared_key
+    if change.endpoint is not None:
+        peer.endpoint = change.endpoint
+    if change.replace_allowed_ips:
+        dev.allowed_ips.remove_value(peer)
+    for add, addr, cidr in change.allowed_ips:
+        if add:
+            dev.allowed_ips.insert(addr, cidr, peer)
+        else:
+            dev.allowed_ips.remove(addr, cidr, peer)
+    if change.keepalive is not None:
+        host.transmit(dev.set_persistent_keepalive(peer, change.keepalive, now))
+
+
+# ---- get -----------------------------------------------------------------------------
+
+
+def render_get(host: Host) -> str:
+    dev = host.device
+    lines = []
+    if dev.private_key is not None:
+        lines.append(f"private_key={dev.private_key.hex()}")
+    lines.append(f"listen_port={host.listen_port}")
+    if host.fwmark:
+        lines.append(f"fwmark={host.fwmark}")
+    for peer in dev.peers.values():
+        lines.append(f"public_key={peer.public_key.hex()}")
+        lines.append(f"preshared_key={peer.preshared_key.hex()}")
+        lines.append("protocol_version=1")
+        if peer.endpoint is not None:
+            lines.append(f"endpoint={format_endpoint(peer.endpoint)}")
+        sec, nsec = 0, 0
+        if peer.last_handshake is not None:
+            sec = int(peer.last_handshake)
+            nsec = int((peer.last_handshake - sec) * 1e9)
+        lines.append(f"last_handshake_time_sec={sec}")
+        lines.append(f"last_handshake_time_nsec={nsec}")
+        lines.append(f"tx_bytes={peer.tx_bytes}")
+        lines.append(f"rx_bytes={peer.rx_bytes}")
+        lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+        lines.extend(f"allowed_ip={format_cidr(a, c)}" for a, c in dev.allowed_ips.entries(peer))
+    lines.append("errno=0")
+    return "\n".join(lines) + "\n\n"
+
+
+def handle(host: Host, request: list[str]) -> str:
+    """Answer one request (its lines, without the final empty line)."""
+    op = request[0] if request else ""
+    try:
+        if op == "get=1":
+            if len(request) > 1:
+                raise UapiError(errno.EPROTO, "get takes no keys")
+            return render_get(host)
+        if op == "set=1":
+            apply_set(host, parse_set(request[1:]))
+            return "errno=0\n\n"
+        raise UapiError(errno.EPROTO, f"unknown operation {op[:20]!r}")
+    except UapiError as e:
+        log.error("UAPI %s failed: %s", op or "request", e)
+        return f"errno=-{e.code}\n\n"
+
+
+# ---- the socket ----------------------------------------------------------------------
+
+MAX_REQUEST = 64 * 1024 * 1024  # a 130k allowed-IPs setconf is ~4 MB
+
+
+class Connection:
+    """One client: bytes in, complete requests out. Several requests per connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def feed(self) -> list[list[str]] | None:
+        """Read what is waiting; the complete requests, or None when the client is gone."""
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        if not chunk or len(self.buffer) + len(chunk) > MAX_REQUEST:
+            return None
+        self.buffer += chunk
+        requests = []
+        while (end := self.buffer.find(b"\n\n")) >= 0:
+            text = self.buffer[:end].decode("utf-8", "replace")
+            del self.buffer[: end + 2]
+            requests.append(text.split("\n"))
+        return requests
+
+    def reply(self, text: str) -> bool:
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(10)
+            self.sock.sendall(text.encode())
+            self.sock.setblocking(False)
+            return True
+        except OSError:
+            return False
+
+
+class UapiListener:
+    """/var/run/wireguard/IFNAME.sock: made like wireguard-go's (dir 0755, socket 0600)."""
+
+    def __init__(self, ifname: str, socket_dir: str = SOCKET_DIR) -> None:
+        os.makedirs(socket_dir, mode=0o755, exist_ok=True)
+        self.path = os.path.join(socket_dir, f"{ifname}.sock")
+        _remove_stale(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self._ino = os.stat(self.path).st_ino
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Connection | None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return None
+        conn.setblocking(False)
+        return Connection(conn)
+
+    def still_there(self) -> bool:
+        """False once someone deleted or replaced our socket file: time to go."""
+        try:
+            return os.stat(self.path).st_ino == self._ino
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.still_there():
+            os.unlink(self.path)
+
+
+def _remove_stale(path: str) -> None:
+    """Replace a socket nobody answers on; refuse to steal a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running daemon")
+
+
+def serve_connection(host: Host, conn: Connection, on_close: Callable[[], None]) -> None:
+    """Handle what a readable client sent; close it when it is done or broken."""
+    requests = conn.feed()
+    if requests is None:
+        on_close()
+        return
+    for request in requests:
+        if not conn.reply(handle(host, request)):
+            on_close()
+            return

@@ -1,0 +1,1 @@
+"""Sans-I/O WireGuard protocol core: no sockets, no clocks, no threads."""

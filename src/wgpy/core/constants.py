@@ -1,0 +1,18 @@
+"""Protocol constants (whitepaper section 6 and wireguard-go's device/constants.go)."""
+
+REKEY_AFTER_MESSAGES = 2**60
+REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+REKEY_AFTER_TIME = 120.0
+REJECT_AFTER_TIME = 180.0
+REKEY_ATTEMPT_TIME = 90.0
+REKEY_TIMEOUT = 5.0
+REKEY_TIMEOUT_JITTER_MS = 334  # jitter drawn from [0, 333] ms
+KEEPALIVE_TIMEOUT = 10.0
+COOKIE_REFRESH_TIME = 120.0
+ZERO_KEYS_AFTER = REJECT_AFTER_TIME * 3
+MAX_HANDSHAKE_ATTEMPTS = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18
+INITIATION_MIN_INTERVAL = 0.020  # flood limit: at most 50 initiations a second per peer
+# Initiator re-handshakes when a received session is this old (whitepaper 6.2).
+REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+MAX_STAGED_PACKETS = 128
+DEFAULT_MTU = 1420

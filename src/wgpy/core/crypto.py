@@ -1,0 +1,180 @@
+"""WireGuard's cryptographic primitives, built on `cryptography` (OpenSSL) and hashlib.
+
+Nothing here is written by hand: X25519 and ChaCha20-Poly1305 come from OpenSSL, BLAKE2s
+from hashlib. XChaCha20-Poly1305 (used only for cookie replies) is HChaCha20 followed by
+ChaCha20-Poly1305; HChaCha20 is read off one OpenSSL ChaCha20 block (see `hchacha20`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac as _hmac
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+__all__ = [
+    "KEY_LEN",
+    "TAG_LEN",
+    "InvalidTag",
+    "aead_decrypt",
+    "aead_encrypt",
+    "clamp",
+    "decode_key",
+    "dh",
+    "encode_key",
+    "hash_",
+    "hchacha20",
+    "hmac",
+    "kdf",
+    "mac",
+    "public_key",
+    "tai64n",
+    "xaead_decrypt",
+    "xaead_encrypt",
+]
+
+KEY_LEN = 32
+TAG_LEN = 16
+ZERO_KEY = bytes(KEY_LEN)
+_ZERO_NONCE4 = bytes(4)
+
+
+def hash_(*parts: bytes) -> bytes:
+    """HASH(a || b || ...) = BLAKE2s-256."""
+    h = hashlib.blake2s()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """MAC(key, data) = keyed BLAKE2s with a 16-byte output."""
+    return hashlib.blake2s(data, digest_size=16, key=key).digest()
+
+
+def hmac(key: bytes, data: bytes) -> bytes:
+    """HMAC-BLAKE2s-256 (RFC 2104 over BLAKE2s, not BLAKE2s' own keyed mode)."""
+    return _hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def kdf(key: bytes, data: bytes, n: int) -> tuple[bytes, ...]:
+    """KDF1/KDF2/KDF3 of the whitepaper: HKDF-style chain over HMAC-BLAKE2s."""
+    prk = hmac(key, data)
+    out: list[bytes] = []
+    prev = b""
+    for i in range(1, n + 1):
+        prev = hmac(prk, prev + bytes((i,)))
+        out.append(prev)
+    return tuple(out)
+
+
+def clamp(private: bytes) -> bytes:
+    """Curve25519 clamping, as `wg genkey` applies it."""
+    k = bytearray(private)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    return bytes(k)
+
+
+def public_key(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def dh(private: bytes, public: bytes) -> bytes:
+    """X25519; raises ValueError when the result is all zeros (a low-order point)."""
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(public)
+    )
+    if _hmac.compare_digest(shared, ZERO_KEY):  # OpenSSL usually refuses first; be sure
+        raise ValueError("X25519 result is the all-zero point")
+    return shared
+
+
+def _nonce(counter: int) -> bytes:
+    return _ZERO_NONCE4 + counter.to_bytes(8, "little")
+
+
+def aead_encrypt(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
+    """ChaCha20-Poly1305 with WireGuard's nonce: 32 zero bits then a little-endian u64."""
+    return ChaCha20Poly1305(key).encrypt(_nonce(counter), plaintext, ad)
+
+
+def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> bytes:
+    """Raises InvalidTag when the ciphertext does not authenticate."""
+    return ChaCha20Poly1305(key).decrypt(_nonce(counter), ciphertext, ad)
+
+
+_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
+
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 from one OpenSSL ChaCha20 block.
+
+    A ChaCha20 block is (state after 20 rounds) + (initial state), word by word. HChaCha20
+    is words 0-3 and 12-15 of the state after the rounds, with no final addition. With
+    the 16 nonce bytes placed in state words 12-15 (OpenSSL takes counter||nonce as one
+    16-byte value), subtracting the known initial words recovers exactly those eight.
+    """
+    block = Cipher(algorithms.ChaCha20(key, nonce16), mode=None).encryptor().update(bytes(64))
+    words = struct.unpack("<16I", block)
+    n = struct.unpack("<4I", nonce16)
+    out = [(words[i] - _SIGMA[i]) & 0xFFFFFFFF for i in range(4)]
+    out += [(words[12 + i] - n[i]) & 0xFFFFFFFF for i in range(4)]
+    return struct.pack("<8I", *out)
+
+
+def _xsplit(key: bytes, nonce24: bytes) -> tuple[bytes, bytes]:
+    return hchacha20(key, nonce24[:16]), _ZERO_NONCE4 + nonce24[16:]
+
+
+def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    subkey, nonce = _xsplit(key, nonce24)
+    return ChaCha20Poly1305(subkey).encrypt(nonce, plaintext, ad)
+
+
+def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, ad: bytes) -> bytes:
+    subkey, nonce = _xsplit(key, nonce24)
+    return ChaCha20Poly1305(subkey).decrypt(nonce, ciphertext, ad)
+
+
+def tai64n(wall: float) -> bytes:
+    """TAI64N label for a Unix time, rounded down to ~16 ms so it leaks little.
+
+    2^62 + 10 is the TAI64 label of the Unix epoch, as WireGuard writes it.
+    """
+    sec = int(wall)
+    nsec = int((wall - sec) * 1e9)
+    nsec -= nsec % 0x1000000  # wireguard-go's whitener: 2^24 ns ~ 16.8 ms
+    return struct.pack(">QI", 0x400000000000000A + sec, nsec)
+
+
+def encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """A base64 key as `wg` writes it; raises ValueError unless it is exactly 32 bytes."""
+    text = text.strip()
+    if len(text) != 44 or not text.endswith("="):
+        raise ValueError("a key is 44 base64 characters ending in '='")
+    try:
+        key = base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"invalid base64 key: {e}") from None
+    if len(key) != KEY_LEN:
+        raise ValueError("a key is 32 bytes")
+    return key
+
+
+def constant_time_eq(a: bytes, b: bytes) -> bool:
+    return _hmac.compare_digest(a, b)
+
+
+def is_zero(key: bytes) -> bool:
+    return _hmac.compare_digest(key, bytes(len(key)))

@@ -1,0 +1,549 @@
+"""The WireGuard device: peers, cryptokey routing, handshakes, sessions and timers.
+
+Sans-I/O and batch-shaped: `receive` takes datagrams that arrived, `send` takes IP
+packets read from the TUN, `tick` runs the timers; each returns an `Output` holding the
+IP packets to deliver and the datagrams to send. Time (`now`, monotonic seconds) and
+randomness (`rand(n) -> n bytes`) come from the caller.
+
+Everything a packet can do to state happens only after it authenticated: bad sizes,
+types, indices, macs, tags, counters and timestamps are dropped without a word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Callable, Iterable
+
+from wgpy.core import noise
+from wgpy.core.allowedips import AllowedIPs
+from wgpy.core.constants import (
+    DEFAULT_MTU,
+    INITIATION_MIN_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+    MAX_HANDSHAKE_ATTEMPTS,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MS,
+    ZERO_KEYS_AFTER,
+)
+from wgpy.core.cookie import CookieChecker
+from wgpy.core.crypto import InvalidTag, dh, is_zero, public_key, tai64n
+from wgpy.core.messages import (
+    DATA_HEADER,
+    INITIATION,
+    MSG_COOKIE_REPLY,
+    MSG_DATA,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    RESPONSE,
+    message_type,
+    parse_cookie_reply,
+    parse_initiation,
+    parse_response,
+)
+from wgpy.core.peer import Endpoint, HandshakeState, Keypair, Peer
+from wgpy.core.timers import Timer
+
+_EMPTY_MACS = bytes(32)
+_NONCE_PREFIX = bytes(4)
+_U16_BE = struct.Struct(">H")
+# A batch with this many handshake messages puts the device under load for a second.
+UNDER_LOAD_HANDSHAKES = 64
+UNDER_LOAD_HOLD = 1.0
+
+
+class Output:
+    """What a call produced: IP packets for the TUN, datagrams for the UDP socket."""
+
+    __slots__ = ("tun", "udp")
+
+    def __init__(self) -> None:
+        self.tun: list[bytes] = []
+        self.udp: list[tuple[bytes, Endpoint]] = []
+
+    def extend(self, other: Output) -> None:
+        self.tun += other.tun
+        self.udp += other.udp
+
+
+def padded_length(length: int, mtu: int) -> int:
+    """Plaintext length after padding to 16 bytes, never past the MTU (wireguard-go rule)."""
+    last = length % mtu if length > mtu and mtu else length
+    padded = (last + 15) & ~15
+    if mtu and padded > mtu:
+        padded = mtu
+    return length + padded - last
+
+
+def inner_source(packet: bytes) -> tuple[bytes, int] | None:
+    """(source address, true length) of a decrypted IP packet, or None if malformed."""
+    n = len(packet)
+    version = packet[0] >> 4
+    if version == 4 and n >= 20:
+        length = _U16_BE.unpack_from(packet, 2)[0]
+        return (packet[12:16], length) if 20 <= length <= n else None
+    if version == 6 and n >= 40:
+        length = 40 + _U16_BE.unpack_from(packet, 4)[0]
+        return (packet[8:24], length) if length <= n else None
+    return None
+
+
+def inner_destination(packet: bytes | memoryview) -> bytes | None:
+    n = len(packet)
+    if n >= 20 and packet[0] >> 4 == 4:
+        return bytes(packet[16:20])
+    if n >= 40 and packet[0] >> 4 == 6:
+        return bytes(packet[24:40])
+    return None
+
+
+class Device:
+    def __init__(self, rand: Callable[[int], bytes], wall_offset: float = 0.0) -> None:
+        self.rand = rand
+        self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.mtu = DEFAULT_MTU
+        self.cookie_checker = CookieChecker(rand)
+        self.under_load = False  # set by the caller, or by a flood of handshakes
+        self._load_until = float("-inf")
+        self._handshakes: dict[int, Peer] = {}  # our handshake index -> peer
+        self._keypairs: dict[int, Keypair] = {}  # our session index -> keypair
+
+    # ---- configuration -------------------------------------------------------------
+
+    def set_private_key(self, key: bytes | None) -> None:
+        if key is not None and is_zero(key):
+            key = None
+        if key == self.private_key:
+            return
+        self.private_key = key
+        self.public_key = public_key(key) if key else None
+        self.cookie_checker.set_public_key(self.public_key)
+        if self.public_key in self.peers:
+            self.remove_peer(self.public_key)
+        for peer in self.peers.values():
+            self._precompute(peer)
+            self._expire_sessions(peer)
+
+    def add_peer(self, public_key: bytes) -> Peer | None:
+        """The peer with that key, created if new; None for our own key (ignored)."""
+        if public_key == self.public_key:
+            return None
+        peer = self.peers.get(public_key)
+        if peer is None:
+            peer = self.peers[public_key] = Peer(public_key, self._jitter)
+            self._precompute(peer)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is not None:
+            self.allowed_ips.remove_value(peer)
+            self._zero_keys(peer)
+            peer.timers.clear()
+
+    def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> Output:
+        """Switching it on sends a keepalive at once, as wireguard-go does."""
+        out = Output()
+        was, peer.persistent_keepalive = peer.persistent_keepalive, interval
+        if interval and not was:
+            self._send_keepalive(peer, now, out)
+        return out
+
+    def _precompute(self, peer: Peer) -> None:
+        peer.static_static = None
+        if self.private_key:
+            # A low-order public key raises: such a peer can never complete a handshake.
+            with contextlib.suppress(ValueError):
+                peer.static_static = dh(self.private_key, peer.public_key)
+
+    def _expire_sessions(self, peer: Peer) -> None:
+        """After a key change: no more sending on old sessions, no half-done handshake."""
+        self._clear_handshake(peer)
+        for kp in (peer.current, peer.next):
+            if kp is not None:
+                kp.send_counter = REJECT_AFTER_MESSAGES
+
+    # ---- the datapath --------------------------------------------------------------
+
+    def receive(self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float) -> Output:
+        out = Output()
+        handshakes = 0
+        for data, src in datagrams:
+            kind = message_type(data)
+            if kind == MSG_DATA:
+                self._receive_data(data, src, now, out)
+            elif kind:
+                handshakes += 1
+                if kind == MSG_INITIATION:
+                    self._receive_initiation(data, src, now, out)
+                elif kind == MSG_RESPONSE:
+                    self._receive_response(data, src, now, out)
+                elif kind == MSG_COOKIE_REPLY:
+                    self._receive_cookie_reply(data, now)
+        if handshakes >= UNDER_LOAD_HANDSHAKES:
+            self._load_until = now + UNDER_LOAD_HOLD
+        return out
+
+    def send(self, packets: Iterable[bytes], now: float) -> Output:
+        out = Output()
+        touched: dict[Peer, None] = {}
+        lookup = self.allowed_ips.lookup
+        for packet in packets:
+            dst = inner_destination(packet)
+            peer = lookup(dst) if dst is not None else None
+            if peer is not None:
+                peer.staged.append(packet)
+                touched[peer] = None
+        for peer in touched:
+            self._send_staged(peer, now, out)
+        return out
+
+    def tick(self, now: float) -> Output:
+        out = Output()
+        for peer in list(self.peers.values()):
+            if not peer.timers.deadlines:
+                continue
+            for timer in peer.timers.due(now):
+                self._on_timer(peer, timer, now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        return min(
+            (d for p in self.peers.values() if (d := p.timers.next_deadline()) is not None),
+            default=None,
+        )
+
+    def is_under_load(self, now: float) -> bool:
+        return self.under_load or now < self._load_until
+
+    # ---- data messages -------------------------------------------------------------
+
+    def _receive_data(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+        _, index, counter = DATA_HEADER.unpack_from(data)
+        kp = self._keypairs.get(index)
+        if kp is None or counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
+            return
+        try:
+            plain = kp.recv.decrypt(_NONCE_PREFIX + data[8:16], data[16:], None)
+        except InvalidTag:
+            return
+        if not kp.replay.accept(counter):
+            return
+        peer = kp.peer
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        if kp is peer.next:
+            self._confirm_next(peer, now, out)
+        self._keep_key_fresh_receiving(peer, now, out)
+        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
+        peer.timers.authenticated_received()
+        if not plain:
+            return  # a keepalive
+        peer.timers.data_received(now)
+        parsed = inner_source(plain)
+        if parsed is None or self.allowed_ips.lookup(parsed[0]) is not peer:
+            return
+        out.tun.append(plain if parsed[1] == len(plain) else plain[: parsed[1]])
+
+    def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
+        kp = peer.current
+        if kp is None or not kp.can_send(now):
+            self._initiate(peer, now, False, out)
+            return
+        endpoint = peer.endpoint
+        if endpoint is None:
+            peer.staged.clear()
+            return
+        sent_data = False
+        mtu = self.mtu
+        while peer.staged:
+            packet = peer.staged.popleft()
+            if kp.send_counter >= REJECT_AFTER_MESSAGES:
+                peer.staged.appendleft(packet)
+                self._initiate(peer, now, False, out)
+                return
+            datagram = self._seal(kp, packet, mtu)
+            out.udp.append((datagram, endpoint))
+            peer.tx_bytes += len(datagram)
+            sent_data = sent_data or bool(packet)
+        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
+        peer.timers.authenticated_sent()
+        if sent_data:
+            peer.timers.data_sent(now)
+        if kp.send_counter > REKEY_AFTER_MESSAGES or (
+            kp.initiator and now - kp.created > REKEY_AFTER_TIME
+        ):
+            self._initiate(peer, now, False, out)
+
+    @staticmethod
+    def _seal(kp: Keypair, packet: bytes, mtu: int) -> bytes:
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        header = DATA_HEADER.pack(MSG_DATA, kp.remote_index, counter)
+        pad = padded_length(len(packet), mtu) - len(packet)
+        plain = packet + bytes(pad) if pad else packet
+        return header + kp.send.encrypt(_NONCE_PREFIX + header[8:], plain, None)
+
+    def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now, out)
+
+    def _keep_key_fresh_receiving(self, peer: Peer, now: float, out: Output) -> None:
+        kp = peer.current
+        if (
+            kp is not None
+            and kp.initiator
+            and not peer.timers.sent_last_minute_handshake
+            and now - kp.created > REKEY_ON_RECEIVE_AGE
+        ):
+            peer.timers.sent_last_minute_handshake = True
+            self._initiate(peer, now, False, out)
+
+    # ---- handshake messages --------------------------------------------------------
+
+    def _initiate(self, peer: Peer, now: float, retry: bool, out: Output) -> None:
+        if not retry:
+            peer.timers.handshake_attempts = 0
+        hs = peer.handshake
+        if now - hs.last_sent_initiation < REKEY_TIMEOUT:
+            return
+        if self.private_key is None or peer.static_static is None:
+            return
+        hs.last_sent_initiation = now
+        self._clear_handshake(peer)
+        sym = noise.SymmetricState(peer.public_key)
+        e_priv = self.rand(32)
+        e_pub, enc_static, enc_time = noise.create_initiation(
+            sym,
+            self.private_key,
+            peer.public_key,
+            peer.static_static,
+            e_priv,
+            tai64n(now + self.wall_offset),
+        )
+        index = self._new_index()
+        self._handshakes[index] = peer
+        hs.state, hs.sym, hs.e_priv, hs.local_index = (
+            HandshakeState.INITIATION_SENT,
+            sym,
+            e_priv,
+            index,
+        )
+        msg = bytearray(
+            INITIATION.pack(
+                MSG_INITIATION,
+                index,
+                e_pub,
+                enc_static,
+                enc_time,
+                _EMPTY_MACS[:16],
+                _EMPTY_MACS[:16],
+            )
+        )
+        peer.cookies.add_macs(msg, now)
+        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
+        self._emit(peer, bytes(msg), out)
+        peer.timers.handshake_initiated(now)
+
+    def _emit(self, peer: Peer, datagram: bytes, out: Output) -> None:
+        if peer.endpoint is not None:
+            out.udp.append((datagram, peer.endpoint))
+            peer.tx_bytes += len(datagram)
+
+    def _check_macs(self, data: bytes, sender: int, src: Endpoint, now: float, out: Output) -> bool:
+        """mac1 always; under load, mac2 too, answering a missing one with a cookie."""
+        if not self.cookie_checker.check_mac1(data):
+            return False
+        if self.is_under_load(now) and not self.cookie_checker.check_mac2(data, src, now):
+            out.udp.append((self.cookie_checker.make_reply(data, sender, src, now), src))
+            return False
+        return True
+
+    def _receive_initiation(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+        msg = parse_initiation(data)
+        if self.private_key is None or not self._check_macs(data, msg.sender, src, now, out):
+            return
+        sym = noise.SymmetricState(self.public_key or b"")
+        try:
+            initiator = noise.consume_initiation_static(
+                sym, self.private_key, msg.ephemeral, msg.static
+            )
+            peer = self.peers.get(initiator)
+            if peer is None or peer.static_static is None:
+                return
+            timestamp = noise.consume_initiation_payload(sym, peer.static_static, msg.timestamp)
+        except (InvalidTag, ValueError):
+            return
+        hs = peer.handshake
+        if timestamp <= hs.latest_timestamp:
+            return  # a replay, or an older initiation
+        if now - hs.last_initiation_consumed < INITIATION_MIN_INTERVAL:
+            return  # flood
+        hs.latest_timestamp, hs.last_initiation_consumed = timestamp, now
+        self._clear_handshake(peer)
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
+        peer.timers.authenticated_received()
+        self._respond(peer, sym, msg.ephemeral, msg.sender, now, out)
+
+    def _respond(
+        self,
+        peer: Peer,
+        sym: noise.SymmetricState,
+        remote_e: bytes,
+        remote_index: int,
+        now: float,
+        out: Output,
+    ) -> None:
+        e_priv = self.rand(32)
+        try:
+            e_pub, enc_empty = noise.create_response(
+                sym, e_priv, remote_e, peer.public_key, peer.preshared_key
+            )
+        except ValueError:
+            return  # a low-order ephemeral from the initiator
+        index = self._new_index()
+        msg = bytearray(
+            RESPONSE.pack(
+                MSG_RESPONSE,
+                index,
+                remote_index,
+                e_pub,
+                enc_empty,
+                _EMPTY_MACS[:16],
+                _EMPTY_MACS[:16],
+            )
+        )
+        peer.cookies.add_macs(msg, now)
+        kp = Keypair(peer, sym.split(initiator=False), False, index, remote_index, now)
+        self._keypairs[index] = kp
+        self._drop_keypair(peer.next)
+        self._drop_keypair(peer.previous)
+        peer.next, peer.previous = kp, None
+        peer.timers.session_derived(now)
+        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
+        peer.timers.authenticated_sent()
+        self._emit(peer, bytes(msg), out)
+
+    def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+        msg = parse_response(data)
+        peer = self._handshakes.get(msg.receiver)
+        if peer is None or self.private_key is None:
+            return
+        hs = peer.handshake
+        if hs.state is not HandshakeState.INITIATION_SENT or hs.sym is None:
+            return
+        if not self._check_macs(data, msg.sender, src, now, out):
+            return
+        sym = hs.sym.copy()
+        try:
+            noise.consume_response(
+                sym, hs.e_priv, self.private_key, msg.ephemeral, peer.preshared_key, msg.empty
+            )
+        except (InvalidTag, ValueError):
+            return
+        index = msg.receiver
+        self._clear_handshake(peer)
+        kp = Keypair(peer, sym.split(initiator=True), True, index, msg.sender, now)
+        self._keypairs[index] = kp
+        self._drop_keypair(peer.previous)
+        if peer.next is not None:
+            peer.previous, peer.next = peer.next, None
+            self._drop_keypair(peer.current)
+        else:
+            peer.previous = peer.current
+        peer.current = kp
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        timers = peer.timers
+        timers.authenticated_traversal(now, peer.persistent_keepalive)
+        timers.authenticated_received()
+        timers.session_derived(now)
+        timers.handshake_complete()
+        peer.last_handshake = now + self.wall_offset
+        self._send_keepalive(peer, now, out)  # confirms the session to the responder
+
+    def _confirm_next(self, peer: Peer, now: float, out: Output) -> None:
+        """The initiator used the session we offered: it becomes current."""
+        self._drop_keypair(peer.previous)
+        peer.previous, peer.current, peer.next = peer.current, peer.next, None
+        peer.timers.handshake_complete()
+        peer.last_handshake = now + self.wall_offset
+        if peer.staged:
+            self._send_staged(peer, now, out)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        msg = parse_cookie_reply(data)
+        peer = self._handshakes.get(msg.receiver)
+        if peer is None:
+            kp = self._keypairs.get(msg.receiver)
+            peer = kp.peer if kp is not None else None
+        if peer is not None:
+            peer.cookies.consume_reply(msg, now)
+
+    # ---- timers --------------------------------------------------------------------
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self.rand(2), "little") % REKEY_TIMEOUT_JITTER_MS / 1000
+
+    def _on_timer(self, peer: Peer, timer: Timer, now: float, out: Output) -> None:
+        timers = peer.timers
+        if timer is Timer.RETRANSMIT_HANDSHAKE:
+            if timers.handshake_attempts > MAX_HANDSHAKE_ATTEMPTS:
+                # Give up: forget queued packets, keys go in 3 x REJECT_AFTER_TIME.
+                timers.stop(Timer.SEND_KEEPALIVE)
+                peer.staged.clear()
+                if not timers.pending(Timer.ZERO_KEYS):
+                    timers.deadlines[Timer.ZERO_KEYS] = now + ZERO_KEYS_AFTER
+                return
+            timers.handshake_attempts += 1
+            self._initiate(peer, now, True, out)
+        elif timer is Timer.SEND_KEEPALIVE:
+            self._send_keepalive(peer, now, out)
+            if timers.need_another_keepalive:
+                timers.need_another_keepalive = False
+                timers.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+        elif timer is Timer.NEW_HANDSHAKE:
+            self._initiate(peer, now, False, out)
+        elif timer is Timer.ZERO_KEYS:
+            self._zero_keys(peer)
+        elif timer is Timer.PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
+            self._send_keepalive(peer, now, out)
+
+    # ---- indices and key material --------------------------------------------------
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self.rand(4), "little")
+            if index not in self._handshakes and index not in self._keypairs:
+                return index
+
+    def _clear_handshake(self, peer: Peer) -> None:
+        hs = peer.handshake
+        if hs.local_index is not None:
+            self._handshakes.pop(hs.local_index, None)
+            hs.local_index = None
+        hs.clear()
+
+    def _drop_keypair(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self._keypairs.pop(kp.local_index, None)
+
+    def _zero_keys(self, peer: Peer) -> None:
+        """Forget every session and the handshake (Python cannot wipe the bytes themselves;
+        dropping the last reference is what it can do)."""
+        for kp in peer.keypairs():
+            self._drop_keypair(kp)
+        peer.current = peer.previous = peer.next = None
+        self._clear_handshake(peer)

@@ -1,0 +1,132 @@
+"""A peer's state: its keys, handshake, up to three sessions and counters."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from enum import Enum
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+from wgpy.core.cookie import CookieGenerator
+from wgpy.core.crypto import ZERO_KEY
+from wgpy.core.noise import SymmetricState
+from wgpy.core.replay import ReplayWindow
+from wgpy.core.timers import Timers
+
+Endpoint = tuple[str, int]
+
+
+class Keypair:
+    """One session: a key each way, the send counter and the receive window."""
+
+    __slots__ = (
+        "created",
+        "initiator",
+        "local_index",
+        "peer",
+        "recv",
+        "remote_index",
+        "replay",
+        "send",
+        "send_counter",
+    )
+
+    def __init__(
+        self,
+        peer: Peer,
+        keys: tuple[bytes, bytes],
+        initiator: bool,
+        local_index: int,
+        remote_index: int,
+        now: float,
+    ) -> None:
+        self.peer = peer
+        self.send = ChaCha20Poly1305(keys[0])
+        self.recv = ChaCha20Poly1305(keys[1])
+        self.send_counter = 0
+        self.replay = ReplayWindow()
+        self.created = now
+        self.initiator = initiator
+        self.local_index = local_index
+        self.remote_index = remote_index
+
+    def can_send(self, now: float) -> bool:
+        return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
+
+
+class HandshakeState(Enum):
+    NONE = 0
+    INITIATION_SENT = 1  # we are the initiator, waiting for a response
+
+
+class Handshake:
+    """The initiator's half-done handshake plus what the responder remembers per peer."""
+
+    __slots__ = (
+        "e_priv",
+        "last_initiation_consumed",
+        "last_sent_initiation",
+        "latest_timestamp",
+        "local_index",
+        "state",
+        "sym",
+    )
+
+    def __init__(self) -> None:
+        self.state = HandshakeState.NONE
+        self.sym: SymmetricState | None = None
+        self.e_priv = b""
+        self.local_index: int | None = None
+        self.latest_timestamp = bytes(12)  # newest TAI64N accepted from this peer
+        self.last_initiation_consumed = float("-inf")
+        self.last_sent_initiation = float("-inf")
+
+    def clear(self) -> None:
+        self.state = HandshakeState.NONE
+        self.sym = None
+        self.e_priv = b""
+
+
+class Peer:
+    __slots__ = (
+        "cookies",
+        "current",
+        "endpoint",
+        "handshake",
+        "last_handshake",
+        "next",
+        "persistent_keepalive",
+        "preshared_key",
+        "previous",
+        "public_key",
+        "rx_bytes",
+        "staged",
+        "static_static",
+        "timers",
+        "tx_bytes",
+    )
+
+    def __init__(self, public_key: bytes, jitter: Callable[[], float]) -> None:
+        self.public_key = public_key
+        self.preshared_key = ZERO_KEY
+        self.endpoint: Endpoint | None = None
+        self.persistent_keepalive = 0
+        self.static_static: bytes | None = None  # DH(our static, its static), precomputed
+        self.handshake = Handshake()
+        self.cookies = CookieGenerator(public_key)
+        self.timers = Timers(jitter)
+        self.current: Keypair | None = None
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None  # responder's, until the initiator uses it
+        self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.last_handshake: float | None = None  # wall-clock seconds
+
+    def keypairs(self) -> list[Keypair]:
+        return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
+
+    def __repr__(self) -> str:
+        return f"Peer({self.public_key.hex()[:8]}…)"

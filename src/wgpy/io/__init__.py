@@ -1,0 +1,1 @@
+"""Linux I/O layer: TUN, UDP (GSO/GRO) and the event loop."""

@@ -1,0 +1,108 @@
+"""The datapath: moves batches between the TUN, the UDP socket and the protocol core.
+
+Each readable event drains up to a batch of packets, hands them to the core in one call
+and writes out what it returns: decrypted TCP segments coalesced into GSO super-packets
+for the TUN, datagrams of one peer sent with UDP GSO.
+"""
+
+from __future__ import annotations
+
+import time
+
+from wgpy.core.device import Device, Output
+from wgpy.io import offload
+from wgpy.io.tun import Tun, TunGone
+from wgpy.io.udp import UdpSocket
+
+BATCH = 64  # reads per readable event before going back to the loop
+UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
+
+
+class Datapath:
+    def __init__(self, device: Device, tun: Tun, udp: UdpSocket) -> None:
+        self.device = device
+        self.tun = tun
+        self.udp = udp
+        self._udp_buf = bytearray(UDP_BUF)
+        self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+
+    def on_udp(self) -> None:
+        """Drain the socket: every datagram of every GRO read goes to the core at once."""
+        view = memoryview(self._udp_buf)
+        batch: list[tuple[bytes, tuple[str, int]]] = []
+        for _ in range(BATCH):
+            got = self.udp.recv_into(view)
+            if got is None:
+                break
+            n, seg, addr = got
+            if seg <= 0 or seg >= n:
+                batch.append((bytes(view[:n]), addr))
+            else:
+                batch += [(bytes(view[i : min(i + seg, n)]), addr) for i in range(0, n, seg)]
+        if batch:
+            self.transmit(self.device.receive(batch, time.monotonic()))
+
+    def on_tun(self) -> bool:
+        """Drain the TUN into the core; False once the interface is gone."""
+        view = memoryview(self._tun_buf)
+        packets: list[bytes] = []
+        vnet = self.tun.vnet_hdr
+        mtu = self.device.mtu
+        try:
+            for _ in range(BATCH):
+                try:
+                    n = self.tun.read_into(view)
+                except BlockingIOError:
+                    break
+                if vnet:
+                    packets += offload.split(view[:n], mtu)
+                else:
+                    packets.append(bytes(view[:n]))
+        except TunGone:
+            return False
+        if packets:
+            self.transmit(self.device.send(packets, time.monotonic()))
+        return True
+
+    def tick(self, now: float) -> None:
+        self.transmit(self.device.tick(now))
+
+    def transmit(self, out: Output) -> None:
+        if out.tun:
+            self._write_tun(out.tun)
+        if out.udp:
+            self._send_udp(out.udp)
+
+    def _write_tun(self, packets: list[bytes]) -> None:
+        write = self.tun.write
+        try:
+            if self.tun.vnet_hdr:
+                for buf in offload.coalesce(packets):
+                    write(buf)
+            else:
+                for packet in packets:
+                    write(packet)
+        except TunGone:
+            pass  # noticed and handled on the next read
+        except OSError:
+            pass  # the interface is down, or the kernel refused one packet: drop
+
+    def _send_udp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        """Runs of datagrams to one endpoint with one size go out in one GSO send."""
+        udp = self.udp
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            j = i + 1
+            while j < n and datagrams[j][1] == addr and len(datagrams[j][0]) == size:
+                j += 1
+            # a shorter last datagram may join the run
+            if j < n and datagrams[j][1] == addr and len(datagrams[j][0]) < size:
+                j += 1
+            if j - i == 1 or not udp.gso:
+                for k in range(i, j):
+                    udp.send(datagrams[k][0], addr)
+            else:
+                udp.send_segments(memoryview(b"".join(d for d, _ in datagrams[i:j])), size, addr)
+            i = j

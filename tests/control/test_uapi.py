@@ -1,0 +1,206 @@
+"""The UAPI protocol against a real core device (the sockets are tested with `wg` later)."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wgpy.control import uapi
+from wgpy.core.crypto import clamp, public_key
+from wgpy.core.device import Device, Output
+
+
+class MemoryHost:
+    """The daemon's side of the UAPI, in memory: a port table instead of sockets."""
+
+    taken_ports = {4242}
+
+    def __init__(self) -> None:
+        self.device = Device(random.Random(5).randbytes)
+        self.listen_port = 51820
+        self.fwmark = 0
+        self.sent: list[bytes] = []
+
+    def set_listen_port(self, port: int) -> None:
+        if port in self.taken_ports:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        self.listen_port = port
+
+    def set_fwmark(self, mark: int) -> None:
+        self.fwmark = mark
+
+    def now(self) -> float:
+        return 100.0
+
+    def transmit(self, out: Output) -> None:
+        self.sent += [d for d, _ in out.udp]
+
+
+PRIV = clamp(bytes(range(32)))
+PEER1 = public_key(clamp(bytes([7] * 32)))
+PEER2 = public_key(clamp(bytes([9] * 32)))
+
+
+def req(host: MemoryHost, *lines: str) -> str:
+    return uapi.handle(host, list(lines))
+
+
+def get(host: MemoryHost) -> list[str]:
+    text = req(host, "get=1")
+    assert text.endswith("errno=0\n\n")
+    return text.strip().split("\n")
+
+
+def test_empty_device_get() -> None:
+    host = MemoryHost()
+    assert get(host) == ["listen_port=51820", "errno=0"]
+
+
+def test_set_and_get_round_trip() -> None:
+    host = MemoryHost()
+    answer = req(
+        host,
+        "set=1",
+        f"private_key={PRIV.hex()}",
+        "listen_port=12345",
+        "fwmark=7",
+        f"public_key={PEER1.hex()}",
+        f"preshared_key={'ab' * 32}",
+        "endpoint=[fd00::1]:51820",
+        "persistent_keepalive_interval=0",
+        "replace_allowed_ips=true",
+        "allowed_ip=10.0.0.0/24",
+        "allowed_ip=fd00::5/64",
+        f"public_key={PEER2.hex()}",
+        "endpoint=192.0.2.1:1",
+        "allowed_ip=10.0.1.1/32",
+    )
+    assert answer == "errno=0\n\n"
+    lines = get(host)
+    assert lines[:3] == [f"private_key={PRIV.hex()}", "listen_port=12345", "fwmark=7"]
+    assert f"public_key={PEER1.hex()}" in lines
+    assert "endpoint=[fd00::1]:51820" in lines and "endpoint=192.0.2.1:1" in lines
+    assert "allowed_ip=10.0.0.0/24" in lines and "allowed_ip=fd00::/64" in lines
+    assert f"preshared_key={'ab' * 32}" in lines
+    assert "protocol_version=1" in lines
+
+
+def test_allowed_ip_moves_removal_and_replace() -> None:
+    host = MemoryHost()
+    req(host, "set=1", f"public_key={PEER1.hex()}", "allowed_ip=10.0.0.0/24")
+    req(host, "set=1", f"public_key={PEER2.hex()}", "allowed_ip=10.0.0.0/24")
+    dev = host.device
+    assert dev.allowed_ips.entries(dev.peers[PEER1]) == []
+    req(
+        host,
+        "set=1",
+        f"public_key={PEER2.hex()}",
+        "allowed_ip=-10.0.0.0/24",
+        "allowed_ip=10.2.0.0/16",
+    )
+    assert dev.allowed_ips.entries(dev.peers[PEER2]) == [(bytes([10, 2, 0, 0]), 16)]
+    req(host, "set=1", f"public_key={PEER2.hex()}", "replace_allowed_ips=true")
+    assert dev.allowed_ips.entries(dev.peers[PEER2]) == []
+
+
+def test_remove_update_only_replace_peers_and_own_key() -> None:
+    host = MemoryHost()
+    req(host, "set=1", f"private_key={PRIV.hex()}", f"public_key={PEER1.hex()}")
+    assert req(host, "set=1", f"public_key={PEER2.hex()}", "update_only=true") == "errno=0\n\n"
+    assert list(host.device.peers) == [PEER1]
+    req(host, "set=1", f"public_key={public_key(PRIV).hex()}", "allowed_ip=1.1.1.1/32")
+    assert list(host.device.peers) == [PEER1]
+    req(host, "set=1", f"public_key={PEER1.hex()}", "remove=true")
+    assert host.device.peers == {}
+    req(host, "set=1", f"public_key={PEER1.hex()}", f"public_key={PEER2.hex()}")
+    req(host, "set=1", "replace_peers=true", f"public_key={PEER2.hex()}")
+    assert list(host.device.peers) == [PEER2]
+
+
+def test_zero_private_key_means_none() -> None:
+    host = MemoryHost()
+    req(host, "set=1", f"private_key={PRIV.hex()}")
+    req(host, "set=1", f"private_key={'00' * 32}")
+    assert not any(line.startswith("private_key") for line in get(host))
+
+
+def test_keepalive_switched_on_sends_at_once() -> None:
+    host = MemoryHost()
+    req(
+        host,
+        "set=1",
+        f"private_key={PRIV.hex()}",
+        f"public_key={PEER1.hex()}",
+        "endpoint=192.0.2.1:9",
+    )
+    req(host, "set=1", f"public_key={PEER1.hex()}", "persistent_keepalive_interval=25")
+    assert len(host.sent) == 1 and len(host.sent[0]) == 148  # a handshake first
+    assert "persistent_keepalive_interval=25" in get(host)
+
+
+@pytest.mark.parametrize(
+    ("lines", "code"),
+    [
+        (["set=1", "private_key=abc"], errno.EINVAL),
+        (["set=1", f"private_key={'zz' * 32}"], errno.EINVAL),
+        (["set=1", "listen_port=65536"], errno.EINVAL),
+        (["set=1", "listen_port=-1"], errno.EINVAL),
+        (["set=1", "fwmark=x"], errno.EINVAL),
+        (["set=1", "bogus=1"], errno.EINVAL),
+        (["set=1", "endpoint=1.2.3.4:5"], errno.EINVAL),  # peer key before any peer
+        (["set=1", "no equals sign"], errno.EPROTO),
+        (["set=1", f"public_key={PEER1.hex()}", "endpoint=1.2.3.4"], errno.EINVAL),
+        (["set=1", f"public_key={PEER1.hex()}", "endpoint=host:1"], errno.EINVAL),
+        (["set=1", f"public_key={PEER1.hex()}", "allowed_ip=10.0.0.0/33"], errno.EINVAL),
+        (["set=1", f"public_key={PEER1.hex()}", "protocol_version=2"], errno.EINVAL),
+        (["set=1", f"public_key={PEER1.hex()}", "remove=yes"], errno.EINVAL),
+        (
+            ["set=1", f"public_key={PEER1.hex()}", "persistent_keepalive_interval=70000"],
+            errno.EINVAL,
+        ),
+        (["set=1", "listen_port=4242"], errno.EADDRINUSE),
+        (["get=1", "private_key=00"], errno.EPROTO),
+        (["hello"], errno.EPROTO),
+        ([], errno.EPROTO),
+    ],
+)
+def test_errors_answer_negative_errno_and_change_nothing(lines: list[str], code: int) -> None:
+    host = MemoryHost()
+    req(
+        host,
+        "set=1",
+        f"private_key={PRIV.hex()}",
+        f"public_key={PEER2.hex()}",
+        "allowed_ip=10.9.0.0/16",
+    )
+    before = get(host)
+    # a valid change placed before the bad line must not be applied either
+    if lines and lines[0] == "set=1":
+        lines = [lines[0], "fwmark=99", f"public_key={PEER1.hex()}", *lines[1:]]
+    assert req(host, *lines) == f"errno=-{code}\n\n"
+    assert get(host) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet="=abcdefghijklmnopqrstuvwxyz0123456789_./:-[]\n", max_size=80), max_size=8
+    )
+)
+def test_garbage_requests_never_raise(lines: list[str]) -> None:
+    host = MemoryHost()
+    answer = req(host, "set=1", *lines)
+    assert answer.startswith("errno=") and answer.endswith("\n\n")
+
+
+def test_large_config_round_trip() -> None:
+    host = MemoryHost()
+    lines = ["set=1", f"public_key={PEER1.hex()}"]
+    lines += [f"allowed_ip=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(130_000)]
+    assert req(host, *lines) == "errno=0\n\n"
+    text = req(host, "get=1")
+    assert text.count("allowed_ip=") == 130_000

@@ -1,0 +1,482 @@
+"""Two devices in memory with a fake clock: the protocol end to end, and every drop rule."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
+from wgpy.core.constants import REKEY_TIMEOUT
+from wgpy.core.device import Device, Output, padded_length
+from wgpy.core.messages import (
+    COOKIE_REPLY_LEN,
+    INITIATION_LEN,
+    MSG_COOKIE_REPLY,
+    MSG_DATA,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    RESPONSE_LEN,
+)
+
+A_EP = ("192.0.2.1", 51820)
+B_EP = ("192.0.2.2", 51821)
+
+
+def kinds(wire: list[tuple[bytes, tuple[str, int], tuple[str, int]]]) -> list[int]:
+    return [d[0] for d, _, _ in wire]
+
+
+@pytest.fixture
+def net() -> SimNet:
+    n = SimNet()
+    a = n.add("a", A_EP)
+    b = n.add("b", B_EP)
+    n.link(a, b, "10.0.0.1/32", "10.0.0.2/32")
+    return n
+
+
+def nodes(net: SimNet):  # type: ignore[no-untyped-def]
+    return net.nodes[A_EP], net.nodes[B_EP]
+
+
+def handshake(net: SimNet) -> None:
+    a, b = nodes(net)
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"first"))
+
+
+# ---- the protocol working ----------------------------------------------------------
+
+
+def test_handshake_then_data_both_ways(net: SimNet) -> None:
+    a, b = nodes(net)
+    p1 = ipv4_packet("10.0.0.1", "10.0.0.2", b"hello b")
+    net.send(a, p1)
+    # initiation, response, then the staged packet; b answered with nothing else yet
+    assert kinds(net.wire) == [MSG_INITIATION, MSG_RESPONSE, MSG_DATA]
+    assert b.delivered == [p1]
+    p2 = ipv4_packet("10.0.0.2", "10.0.0.1", b"hello a")
+    net.send(b, p2)
+    assert a.delivered == [p2]
+    pa, pb = net.peer(a, b), net.peer(b, a)
+    assert pa.last_handshake is not None and pb.last_handshake is not None
+    assert pa.tx_bytes == pb.rx_bytes and pb.tx_bytes == pa.rx_bytes
+    assert pb.next is None and pb.current is not None  # confirmed by the first data packet
+
+
+def test_ipv6_inside(net: SimNet) -> None:
+    a, b = nodes(net)
+    peer = net.peer(b, a)
+    b.device.allowed_ips.insert(bytes.fromhex("fd000000000000000000000000000001"), 128, peer)
+    peer_b = net.peer(a, b)
+    a.device.allowed_ips.insert(bytes.fromhex("fd000000000000000000000000000002"), 128, peer_b)
+    p = ipv6_packet("fd00::1", "fd00::2")
+    net.send(a, p)
+    assert b.delivered == [p]
+
+
+def test_initiator_confirms_with_keepalive_when_nothing_is_staged(net: SimNet) -> None:
+    a, b = nodes(net)
+    peer = net.peer(a, b)
+    net.pump(a, a.device.set_persistent_keepalive(peer, 25, net.now))
+    assert kinds(net.wire) == [MSG_INITIATION, MSG_RESPONSE, MSG_DATA]
+    assert len(net.wire[-1][0]) == 32  # an empty (keepalive) data message
+    assert net.peer(b, a).current is not None
+
+
+def test_padding_and_sizes(net: SimNet) -> None:
+    a, _ = nodes(net)
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"x" * 13))  # 33 bytes -> 48
+    sizes = [len(d) for d, _, _ in net.wire]
+    assert sizes == [INITIATION_LEN, RESPONSE_LEN, 16 + 48 + 16]
+    assert padded_length(1420, 1420) == 1420
+    assert padded_length(1419, 1420) == 1420
+    assert padded_length(1500, 1420) == 1500 + 16 - 80 % 16
+
+
+def test_passive_keepalive_after_receiving_data(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    net.wire.clear()
+    net.advance(9.9)
+    assert net.wire == []
+    net.advance(0.5)  # b owes a an answer after KEEPALIVE_TIMEOUT
+    assert [(len(d), s) for d, s, _ in net.wire] == [(32, B_EP)]
+
+
+def test_persistent_keepalive(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    net.pump(a, a.device.set_persistent_keepalive(net.peer(a, b), 25, net.now))
+    net.wire.clear()
+    net.advance(60)
+    from_a = [d for d, s, _ in net.wire if s == A_EP and len(d) == 32]
+    assert len(from_a) == 2  # at 25 s and 50 s
+
+
+def test_rekey_after_120s_of_sending(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    first = net.peer(a, b).current
+    for _ in range(125):
+        net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+        net.send(b, ipv4_packet("10.0.0.2", "10.0.0.1"))
+        net.advance(1)
+    assert net.peer(a, b).current is not first
+    assert net.peer(a, b).previous is not None
+    assert kinds(net.wire).count(MSG_INITIATION) == 2
+    assert len(b.delivered) == 126
+
+
+def test_rekey_when_receiving_an_old_session(net: SimNet) -> None:
+    """The initiator re-handshakes at 165 s even if only the responder sends."""
+    a, b = nodes(net)
+    handshake(net)
+    for _ in range(170):
+        net.send(b, ipv4_packet("10.0.0.2", "10.0.0.1"))
+        net.advance(1)
+    assert kinds(net.wire).count(MSG_INITIATION) >= 2
+    assert len(a.delivered) == 170
+
+
+def test_session_expires_after_180s(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    old = net.peer(a, b).current
+    assert old is not None
+    net.advance(181)
+    # a stale datagram sealed on the old session is refused
+    stale = a.device._seal(old, ipv4_packet("10.0.0.1", "10.0.0.2"), 1420)
+    assert b.device.receive([(stale, A_EP)], net.now).tun == []
+    # sending now needs a new handshake first
+    net.wire.clear()
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    assert kinds(net.wire)[:2] == [MSG_INITIATION, MSG_RESPONSE]
+    assert net.peer(a, b).current is not old
+
+
+def test_keys_zeroed_after_540s(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    net.advance(530)
+    assert net.peer(a, b).current is not None
+    net.advance(15)
+    for node, other in ((a, b), (b, a)):
+        peer = net.peer(node, other)
+        assert peer.keypairs() == []
+        assert node.device._keypairs == {}
+
+
+def test_retransmits_then_gives_up(net: SimNet) -> None:
+    a, b = nodes(net)
+    net.drop = lambda data, src, dst: dst == A_EP  # b's answers are lost
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    net.advance(80)
+    sent = [d for d, s, _ in net.wire if s == A_EP and d[0] == MSG_INITIATION]
+    assert 14 <= len(sent) <= 16  # one every 5-5.33 s
+    net.advance(40)
+    total = len([d for d, s, _ in net.wire if s == A_EP and d[0] == MSG_INITIATION])
+    assert total == 20  # the first, then 19 retries, then it gives up
+    assert not net.peer(a, b).staged
+    net.advance(60)
+    assert len([d for d, s, _ in net.wire if s == A_EP and d[0] == MSG_INITIATION]) == 20
+
+
+def test_new_handshake_when_data_gets_no_answer(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    net.advance(1)
+    net.drop = lambda data, src, dst: dst == A_EP
+    net.wire.clear()
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    net.advance(15.5)  # KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (+ jitter)
+    assert MSG_INITIATION in kinds([w for w in net.wire if w[1] == A_EP])
+
+
+def test_roaming_follows_authenticated_packets_only(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    new_ep = ("198.51.100.7", 40000)
+    net.nodes[new_ep] = net.nodes.pop(A_EP)
+    a.endpoint = new_ep
+    peer_a_at_b = net.peer(b, a)
+    # a forged data packet from a third address moves nothing
+    kp = net.peer(a, b).current
+    assert kp is not None
+    forged = struct.pack("<IIQ", MSG_DATA, kp.remote_index, 999) + bytes(32)
+    b.device.receive([(forged, ("203.0.113.9", 1))], net.now)
+    assert peer_a_at_b.endpoint == A_EP
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    assert peer_a_at_b.endpoint == new_ep
+    net.send(b, ipv4_packet("10.0.0.2", "10.0.0.1"))
+    assert a.delivered and net.wire[-1][2] == new_ep
+
+
+def test_cookie_path_under_load(net: SimNet) -> None:
+    a, b = nodes(net)
+    b.device.under_load = True
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    assert kinds(net.wire) == [MSG_INITIATION, MSG_COOKIE_REPLY]
+    assert len(net.wire[1][0]) == COOKIE_REPLY_LEN
+    assert net.peer(b, a).endpoint == A_EP  # configured, not learned: nothing changed
+    assert b.device._keypairs == {}
+    net.advance(5.5)  # the retransmit carries mac2 now
+    assert kinds(net.wire)[2:5] == [MSG_INITIATION, MSG_RESPONSE, MSG_DATA]
+    assert net.wire[2][0][-16:] != bytes(16)
+    assert len(b.delivered) == 1
+
+
+def test_heavy_handshake_batch_puts_device_under_load(net: SimNet) -> None:
+    _, b = nodes(net)
+    junk = [(bytes([MSG_INITIATION, 0, 0, 0]) + bytes(INITIATION_LEN - 4), A_EP)] * 64
+    b.device.receive(junk, net.now)
+    assert b.device.is_under_load(net.now)
+    assert not b.device.is_under_load(net.now + 1.5)
+
+
+def test_simultaneous_initiations_converge(net: SimNet) -> None:
+    a, b = nodes(net)
+    out_a = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now)
+    out_b = b.device.send([ipv4_packet("10.0.0.2", "10.0.0.1")], net.now)
+    net.pump(a, out_a)
+    net.pump(b, out_b)
+    net.advance(12)
+    assert b.delivered and a.delivered
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"after"))
+    net.send(b, ipv4_packet("10.0.0.2", "10.0.0.1", b"after"))
+    assert b.delivered[-1].endswith(b"after") and a.delivered[-1].endswith(b"after")
+
+
+def test_preshared_key_must_match() -> None:
+    n = SimNet(seed=3)
+    a, b = n.add("a", A_EP), n.add("b", B_EP)
+    n.link(a, b, "10.0.0.1/32", "10.0.0.2/32", psk=b"k" * 32)
+    n.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    assert len(b.delivered) == 1
+    m = SimNet(seed=4)
+    a, b = m.add("a", A_EP), m.add("b", B_EP)
+    m.link(a, b, "10.0.0.1/32", "10.0.0.2/32", psk=b"k" * 32)
+    m.peer(b, a).preshared_key = b"j" * 32
+    m.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    assert b.delivered == []
+    assert m.peer(a, b).current is None  # the response did not authenticate
+
+
+def test_set_private_key_drops_own_key_peer_and_expires_sessions(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    dev = a.device
+    assert dev.add_peer(dev.public_key or b"") is None
+    old = net.peer(a, b).current
+    assert old is not None
+    b_priv = b.device.private_key
+    dev.set_private_key(b_priv)  # now our key equals peer b's: b is removed
+    assert b.device.public_key not in dev.peers
+
+
+def test_remove_peer_forgets_everything(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    pub = b.device.public_key
+    assert pub is not None
+    a.device.remove_peer(pub)
+    assert a.device._keypairs == {} and a.device._handshakes == {}
+    assert a.device.allowed_ips.lookup(bytes([10, 0, 0, 2])) is None
+
+
+# ---- every drop rule ---------------------------------------------------------------
+
+
+def _initiation(net: SimNet) -> bytes:
+    a, _ = nodes(net)
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now)
+    assert len(out.udp) == 1
+    return out.udp[0][0]
+
+
+def _remac(net: SimNet, msg: bytes) -> bytes:
+    a, b = nodes(net)
+    buf = bytearray(msg)
+    net.peer(a, b).cookies.add_macs(buf, net.now)
+    return bytes(buf)
+
+
+def _quiet(b_dev: Device, data: bytes, src: tuple[str, int], now: float) -> Output:
+    out = b_dev.receive([(data, src)], now)
+    assert out.udp == [] and out.tun == []
+    return out
+
+
+def test_valid_initiation_is_answered(net: SimNet) -> None:
+    """The control for the drop tests below: the unaltered message gets a response."""
+    _, b = nodes(net)
+    out = b.device.receive([(_initiation(net), A_EP)], net.now)
+    assert len(out.udp) == 1 and out.udp[0][0][0] == MSG_RESPONSE
+
+
+@pytest.mark.parametrize("size", [0, 3, 4, 147, 149, 31, 91, 93, 63, 65])
+def test_drop_wrong_sizes(net: SimNet, size: int) -> None:
+    _, b = nodes(net)
+    msg = _initiation(net)
+    for t in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA):
+        data = (bytes([t, 0, 0, 0]) + msg[4:] + bytes(200))[:size]
+        _quiet(b.device, data, A_EP, net.now)
+
+
+def test_drop_unknown_type_and_reserved_bytes(net: SimNet) -> None:
+    _, b = nodes(net)
+    msg = _initiation(net)
+    _quiet(b.device, b"\x05" + msg[1:], A_EP, net.now)
+    _quiet(b.device, _remac(net, b"\x01\x00\x01\x00" + msg[4:]), A_EP, net.now)
+    # and the same message with clean reserved bytes and fresh macs is accepted
+    out = b.device.receive([(_remac(net, msg), A_EP)], net.now)
+    assert len(out.udp) == 1
+
+
+def test_drop_bad_mac1_without_any_state_change(net: SimNet) -> None:
+    a, b = nodes(net)
+    msg = bytearray(_initiation(net))
+    msg[120] ^= 1
+    peer = net.peer(b, a)
+    before = (peer.handshake.latest_timestamp, peer.rx_bytes, peer.endpoint)
+    _quiet(b.device, bytes(msg), ("203.0.113.1", 9), net.now)
+    assert (peer.handshake.latest_timestamp, peer.rx_bytes, peer.endpoint) == before
+
+
+def test_drop_forged_static_even_with_valid_mac1(net: SimNet) -> None:
+    _, b = nodes(net)
+    msg = bytearray(_initiation(net))
+    msg[40] ^= 1  # inside the encrypted static
+    _quiet(b.device, _remac(net, bytes(msg)), A_EP, net.now)
+
+
+def test_drop_low_order_ephemeral(net: SimNet) -> None:
+    _, b = nodes(net)
+    msg = _initiation(net)
+    _quiet(b.device, _remac(net, msg[:8] + bytes(32) + msg[40:]), A_EP, net.now)
+
+
+def test_drop_replayed_initiation(net: SimNet) -> None:
+    _, b = nodes(net)
+    msg = _initiation(net)
+    assert len(b.device.receive([(msg, A_EP)], net.now).udp) == 1
+    _quiet(b.device, msg, A_EP, net.now + 1)
+
+
+def test_drop_initiation_flood(net: SimNet) -> None:
+    """Two initiations 10 ms apart with increasing timestamps: the second is a flood."""
+    a, b = nodes(net)
+    peer = net.peer(a, b)
+    step = 2**24 / 1e9  # timestamp resolution
+    t1 = (int((net.now + a.device.wall_offset) / step) + 1) * step - a.device.wall_offset - 0.005
+
+    def initiation_at(t: float) -> bytes:
+        peer.handshake.last_sent_initiation = float("-inf")
+        out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], t)
+        return out.udp[0][0]
+
+    first, second = initiation_at(t1), initiation_at(t1 + 0.010)
+    assert len(b.device.receive([(first, A_EP)], t1).udp) == 1
+    _quiet(b.device, second, A_EP, t1 + 0.010)
+    third = initiation_at(t1 + 0.030)
+    assert len(b.device.receive([(third, A_EP)], t1 + 0.030).udp) == 1
+
+
+def test_drop_response_to_unknown_index_and_forged_response(net: SimNet) -> None:
+    a, b = nodes(net)
+    init = _initiation(net)
+    response = b.device.receive([(init, A_EP)], net.now).udp[0][0]
+    assert len(response) == RESPONSE_LEN
+    bad_index = response[:8] + bytes(4) + response[12:]
+    _quiet(a.device, bad_index, B_EP, net.now)
+    forged = bytearray(response)
+    forged[50] ^= 1  # the encrypted empty payload
+    buf = bytearray(forged)
+    net.peer(b, a).cookies.add_macs(buf, net.now)
+    _quiet(a.device, bytes(buf), B_EP, net.now)
+    assert net.peer(a, b).current is None
+    out = a.device.receive([(response, B_EP)], net.now)  # the genuine one still works
+    assert net.peer(a, b).current is not None and len(out.udp) == 2  # staged + nothing else
+
+
+def test_drop_data_unknown_index_bad_tag_and_replay(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    peer = net.peer(b, a)
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"once")], net.now)
+    data = out.udp[0][0]
+    rx = peer.rx_bytes
+    _quiet(b.device, data[:4] + b"\xff\xff\xff\xff" + data[8:], A_EP, net.now)
+    tampered = bytearray(data)
+    tampered[-1] ^= 1
+    _quiet(b.device, bytes(tampered), ("203.0.113.5", 7), net.now)
+    assert peer.rx_bytes == rx and peer.endpoint == A_EP
+    assert len(b.device.receive([(data, A_EP)], net.now).tun) == 1
+    _quiet(b.device, data, A_EP, net.now)  # replayed
+
+
+def test_bad_tag_does_not_move_replay_window(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    kp = net.peer(a, b).current
+    assert kp is not None
+    good = a.device._seal(kp, ipv4_packet("10.0.0.1", "10.0.0.2"), 1420)
+    forged_far = struct.pack("<IIQ", MSG_DATA, kp.remote_index, 100_000) + bytes(48)
+    _quiet(b.device, forged_far, A_EP, net.now)
+    assert len(b.device.receive([(good, A_EP)], net.now).tun) == 1
+
+
+def test_drop_packet_from_unowned_source(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    net.send(a, ipv4_packet("10.9.9.9", "10.0.0.2", b"spoofed"))
+    assert len(b.delivered) == 1  # only the first packet
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"legit"))
+    assert len(b.delivered) == 2
+
+
+def test_drop_malformed_inner_packet(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    bad_len = bytearray(ipv4_packet("10.0.0.1", "10.0.0.2"))
+    bad_len[2:4] = (2000).to_bytes(2, "big")
+    net.send(a, bytes(bad_len))
+    assert len(b.delivered) == 1
+
+
+def test_drop_cookie_reply_for_unknown_index_or_forged(net: SimNet) -> None:
+    a, b = nodes(net)
+    init = _initiation(net)
+    b.device.under_load = True
+    reply = b.device.receive([(init, A_EP)], net.now).udp[0][0]
+    forged = reply[:40] + bytes([reply[40] ^ 1]) + reply[41:]
+    a.device.receive([(forged, B_EP)], net.now)
+    assert net.peer(a, b).cookies._cookie == b""
+    a.device.receive([(reply[:4] + b"\0\0\0\0" + reply[8:], B_EP)], net.now)
+    assert net.peer(a, b).cookies._cookie == b""
+    a.device.receive([(reply, B_EP)], net.now)
+    assert net.peer(a, b).cookies._cookie != b""
+
+
+def test_garbage_never_raises(net: SimNet) -> None:
+    import random
+
+    _, b = nodes(net)
+    rng = random.Random(7)
+    for _ in range(3000):
+        size = rng.choice([0, 1, 4, 16, 31, 32, 33, 64, 92, 148, 200, 1500])
+        data = bytes([rng.choice([1, 2, 3, 4, 0, 255])]) + rng.randbytes(max(size - 1, 0))
+        data = data[:size]
+        b.device.receive([(data, A_EP)], net.now)
+
+
+def test_no_traffic_without_endpoint_or_key() -> None:
+    n = SimNet(seed=9)
+    a, b = n.add("a", A_EP), n.add("b", B_EP)
+    n.link(a, b, "10.0.0.1/32", "10.0.0.2/32")
+    n.peer(a, b).endpoint = None
+    assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], n.now).udp == []
+    a.device.set_private_key(None)
+    n.peer(a, b).endpoint = B_EP
+    n.peer(a, b).handshake.last_sent_initiation = -1e9
+    assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], n.now + REKEY_TIMEOUT).udp == []
