@@ -163,7 +163,7 @@ def test_keepalive_switched_on_sends_at_once() -> None:
             errno.EINVAL,
         ),
         (["set=1", "listen_port=4242"], errno.EADDRINUSE),
-        (["get=1", "private_key=00"], errno.EPROTO),
+        (["get=1", "private_key=00"], errno.EINVAL),
         (["hello"], errno.EPROTO),
         ([], errno.EPROTO),
     ],
@@ -180,7 +180,10 @@ def test_errors_answer_negative_errno_and_change_nothing(lines: list[str], code:
     before = get(host)
     # a valid change placed before the bad line must not be applied either
     if lines and lines[0] == "set=1":
-        lines = [lines[0], "fwmark=99", f"public_key={PEER1.hex()}", *lines[1:]]
+        extra = ["fwmark=99"]
+        if len(lines) > 1 and lines[1].startswith("public_key="):
+            extra += [f"public_key={PEER2.hex()}", "allowed_ip=10.8.0.0/16"]
+        lines = [lines[0], *extra, *lines[1:]]
     assert req(host, *lines) == f"errno=-{code}\n\n"
     assert get(host) == before
 

@@ -254,7 +254,7 @@ def handle(host: Host, request: list[str]) -> str:
     try:
         if op == "get=1":
             if len(request) > 1:
-                raise UapiError(errno.EPROTO, "get takes no keys")
+                raise UapiError(errno.EINVAL, "get takes no keys")
             return render_get(host)
         if op == "set=1":
             apply_set(host, parse_set(request[1:]))
