@@ -2,8 +2,6 @@
 
 wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
-wgpy up|down|strip|save CONFIG     wg-quick for wgpy
-wgpy show [IFNAME]                 what `wg show` prints
 wgpy demo                          a tunnel between two namespaces, with traffic
 """
 
@@ -38,17 +36,6 @@ def pubkey() -> int:
     return 0
 
 
-def _quick(command: str, args: list[str]) -> int:
-    from wgpy.control import quick
-
-    if command == "show":
-        return quick.show_command(args)
-    if len(args) != 1:
-        print(f"usage: wgpy {command} CONFIG_FILE | INTERFACE", file=sys.stderr)
-        return 2
-    return int(getattr(quick, f"{command}_command")(args[0]))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -61,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     simple = {"genkey": genkey, "genpsk": genpsk, "pubkey": pubkey}
     if command in simple:
         return simple[command]()
-    if command in ("up", "down", "strip", "save", "show"):
-        return _quick(command, args[1:])
     if command == "demo":
         from wgpy.control.demo import main as demo
 

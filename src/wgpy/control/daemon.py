@@ -16,7 +16,7 @@ from wgpy.control import uapi
 from wgpy.core.device import Device, Output
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop
-from wgpy.io.tun import Tun
+from wgpy.io.tun import Tun, TunGone
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
@@ -29,9 +29,12 @@ class Daemon:
 
     def __init__(self, ifname: str, socket_dir: str = uapi.SOCKET_DIR) -> None:
         self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
-        self.tun = Tun.create(ifname, vnet_hdr=True)
+        # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
+        # comparisons, and for kernels that refuse them
+        self.offload = os.environ.get("WGPY_OFFLOAD", "1") != "0"
+        self.tun = Tun.create(ifname, vnet_hdr=self.offload)
         try:
-            self.udp = UdpSocket(0)
+            self.udp = UdpSocket(0, offload=self.offload)
             self.listener = uapi.UapiListener(ifname, socket_dir)
         except BaseException:
             self.tun.close()
@@ -53,7 +56,8 @@ class Daemon:
         return self.udp.port
 
     def set_listen_port(self, port: int) -> None:
-        fresh = UdpSocket(port, self.fwmark)  # raises if taken; the old one keeps serving
+        # raises if the port is taken, and then the old socket keeps serving
+        fresh = UdpSocket(port, self.fwmark, self.offload)
         self.loop.remove_reader(self.udp.fileno())
         self.udp.close()
         self.udp = self.datapath.udp = fresh
@@ -99,7 +103,12 @@ class Daemon:
             if not self.listener.still_there():
                 log.info("UAPI socket removed; exiting")
                 self.loop.stop()
-            mtu = self.tun.mtu()
+            try:
+                mtu = self.tun.mtu()
+            except TunGone:
+                log.info("interface %s is gone; exiting", self.tun.name)
+                self.loop.stop()
+                return
             if mtu and mtu != self.device.mtu:
                 log.info("MTU is now %d", mtu)
                 self.device.mtu = mtu
@@ -170,9 +179,11 @@ def _run(ifname: str) -> int:
 
 
 def _detach_stdio() -> None:
+    """Like wireguard-go: a daemon keeps stdout/stderr only if LOG_LEVEL asks for output."""
+    level = os.environ.get("LOG_LEVEL", "")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    if os.environ.get("LOG_LEVEL", "error").lower() == "silent":
+    if not level or level.lower() == "silent":
+        os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     os.close(devnull)

@@ -35,8 +35,10 @@ class Host(Protocol):
     """What the daemon offers the UAPI besides the core device."""
 
     device: Device
-    listen_port: int
     fwmark: int
+
+    @property
+    def listen_port(self) -> int: ...
 
     def set_listen_port(self, port: int) -> None: ...  # raises OSError when in use
     def set_fwmark(self, mark: int) -> None: ...

@@ -1,0 +1,153 @@
+"""A Linux TUN interface (IFF_TUN | IFF_NO_PI, optionally IFF_VNET_HDR).
+
+With `vnet_hdr`, every read and write carries a 10-byte virtio_net_hdr: that is what
+lets the datapath write a train of TCP segments as one GSO super-packet. TUNSETOFFLOAD
+says which offloads the kernel may hand us on reads; we take none by default (reads stay
+one complete packet each, see DESIGN.md 4.5), while GSO writes work regardless.
+
+The interface may be moved to another network namespace after start-up; the file
+descriptor stays valid, so nothing here looks the interface up by name in our namespace:
+the MTU is read through a socket made inside whatever namespace the device is in now.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
+TUNGETDEVNETNS = 0x54E3
+SIOCGIFMTU = 0x8921
+SIOCGIFINDEX = 0x8933
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+CLONE_NEWNET = 0x40000000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+_IFREQ = struct.Struct("16sH22x")  # name, flags (or a short/int field), padding to 40
+_IFREQ_INT = struct.Struct("16si20x")
+# Errors a TUN read/write gives once its interface was deleted underneath it.
+_GONE = {errno.EBADFD, errno.ENODEV, errno.EINVAL, errno.EBADF}
+
+
+class TunGone(Exception):
+    """The interface behind this TUN descriptor no longer exists."""
+
+
+class Tun:
+    def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
+        self._fd = fd
+        self.name = name
+        self.vnet_hdr = vnet_hdr
+        self._ns_inode = 0
+        self._ctl: socket.socket | None = None  # a socket in the device's namespace
+        self.ifindex = self._ifreq_int(SIOCGIFINDEX)
+
+    @classmethod
+    def create(cls, name: str, vnet_hdr: bool = False, offload: int = 0) -> Tun:
+        if not 0 < len(name.encode()) < 16 or "/" in name:
+            raise ValueError(f"bad interface name {name!r}")
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+            got = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), flags))
+            actual = _IFREQ.unpack(got)[0].rstrip(b"\0").decode()
+            if vnet_hdr:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+            return cls(fd, actual, vnet_hdr)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_into(self, buf: memoryview) -> int:
+        """One packet (with its virtio header if vnet_hdr); BlockingIOError when none waits."""
+        try:
+            return os.readv(self._fd, [buf])
+        except BlockingIOError:
+            raise
+        except OSError as e:
+            if e.errno in _GONE:
+                raise TunGone(self.name) from e
+            raise
+
+    def write(self, packet: bytes | memoryview) -> None:
+        try:
+            os.write(self._fd, packet)
+        except OSError as e:
+            if e.errno in _GONE:
+                raise TunGone(self.name) from e
+            raise
+
+    def current_name(self) -> str:
+        """The name now (TUNGETIFF asks the descriptor, wherever the device lives)."""
+        got = fcntl.ioctl(self._fd, TUNGETIFF, bytes(_IFREQ.size))
+        return bytes(_IFREQ.unpack(got)[0]).rstrip(b"\0").decode()
+
+    def mtu(self) -> int:
+        try:
+            return self._ifreq_int(SIOCGIFMTU)
+        except OSError as e:
+            if e.errno in _GONE:
+                raise TunGone(self.name) from e
+            raise
+
+    def close(self) -> None:
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _ifreq_int(self, request: int) -> int:
+        name = self.current_name()
+        got = fcntl.ioctl(self._control_socket(), request, _IFREQ_INT.pack(name.encode(), 0))
+        return int(_IFREQ_INT.unpack(got)[1])
+
+    def _control_socket(self) -> socket.socket:
+        """A datagram socket in the device's current namespace, made anew if it moved."""
+        ns_fd = fcntl.ioctl(self._fd, TUNGETDEVNETNS)
+        try:
+            inode = os.fstat(ns_fd).st_ino
+            if self._ctl is None or inode != self._ns_inode:
+                if self._ctl is not None:
+                    self._ctl.close()
+                self._ctl = _socket_in_namespace(ns_fd)
+                self._ns_inode = inode
+        finally:
+            os.close(ns_fd)
+        return self._ctl
+
+
+def _setns(fd: int) -> None:
+    # os.setns arrives only in Python 3.12
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _socket_in_namespace(ns_fd: int) -> socket.socket:
+    """Enter the namespace just long enough to create a socket; sockets stay where made."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(own).st_ino == os.fstat(ns_fd).st_ino:
+            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        _setns(ns_fd)
+        try:
+            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
