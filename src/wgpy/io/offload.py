@@ -1,4 +1,4 @@
-"""virtio_net_hdr framing for an IFF_VNET_HDR TUN. First step: plain headers only, no coalescing yet."""
+"""virtio_net_hdr framing for an IFF_VNET_HDR TUN (plain headers; coalescing comes next)."""
 
 from __future__ import annotations
 
