@@ -32,7 +32,7 @@ from wgpy.core.constants import (
     ZERO_KEYS_AFTER,
 )
 from wgpy.core.cookie import CookieChecker
-from wgpy.core.crypto import InvalidTag, dh, is_zero, public_key, tai64n
+from wgpy.core.crypto import InvalidTag, PrivateKey, dh, is_zero, tai64n
 from wgpy.core.messages import (
     DATA_HEADER,
     INITIATION,
@@ -107,6 +107,7 @@ class Device:
         self.rand = rand
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
         self.private_key: bytes | None = None
+        self._static: PrivateKey | None = None  # the same key, loaded for X25519
         self.public_key: bytes | None = None
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
@@ -125,7 +126,8 @@ class Device:
         if key == self.private_key:
             return
         self.private_key = key
-        self.public_key = public_key(key) if key else None
+        self._static = PrivateKey(key) if key else None
+        self.public_key = self._static.public if self._static else None
         self.cookie_checker.set_public_key(self.public_key)
         if self.public_key in self.peers:
             self.remove_peer(self.public_key)
@@ -160,10 +162,10 @@ class Device:
 
     def _precompute(self, peer: Peer) -> None:
         peer.static_static = None
-        if self.private_key:
+        if self._static:
             # A low-order public key raises: such a peer can never complete a handshake.
             with contextlib.suppress(ValueError):
-                peer.static_static = dh(self.private_key, peer.public_key)
+                peer.static_static = dh(self._static, peer.public_key)
 
     def _expire_sessions(self, peer: Peer) -> None:
         """After a key change: no more sending on old sessions, no half-done handshake."""
@@ -317,15 +319,15 @@ class Device:
         hs = peer.handshake
         if now - hs.last_sent_initiation < REKEY_TIMEOUT:
             return
-        if self.private_key is None or peer.static_static is None:
+        if self._static is None or peer.static_static is None:
             return
         hs.last_sent_initiation = now
         self._clear_handshake(peer)
         sym = noise.SymmetricState(peer.public_key)
-        e_priv = self.rand(32)
+        e_priv = PrivateKey(self.rand(32))
         e_pub, enc_static, enc_time = noise.create_initiation(
             sym,
-            self.private_key,
+            self._static,
             peer.public_key,
             peer.static_static,
             e_priv,
@@ -371,12 +373,12 @@ class Device:
 
     def _receive_initiation(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
         msg = parse_initiation(data)
-        if self.private_key is None or not self._check_macs(data, msg.sender, src, now, out):
+        if self._static is None or not self._check_macs(data, msg.sender, src, now, out):
             return
         sym = noise.SymmetricState(self.public_key or b"")
         try:
             initiator = noise.consume_initiation_static(
-                sym, self.private_key, msg.ephemeral, msg.static
+                sym, self._static, msg.ephemeral, msg.static
             )
             peer = self.peers.get(initiator)
             if peer is None or peer.static_static is None:
@@ -406,7 +408,7 @@ class Device:
         now: float,
         out: Output,
     ) -> None:
-        e_priv = self.rand(32)
+        e_priv = PrivateKey(self.rand(32))
         try:
             e_pub, enc_empty = noise.create_response(
                 sym, e_priv, remote_e, peer.public_key, peer.preshared_key
@@ -439,17 +441,17 @@ class Device:
     def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
         msg = parse_response(data)
         peer = self._handshakes.get(msg.receiver)
-        if peer is None or self.private_key is None:
+        if peer is None or self._static is None:
             return
         hs = peer.handshake
-        if hs.state is not HandshakeState.INITIATION_SENT or hs.sym is None:
+        if hs.state is not HandshakeState.INITIATION_SENT or hs.sym is None or hs.e_priv is None:
             return
         if not self._check_macs(data, msg.sender, src, now, out):
             return
         sym = hs.sym.copy()
         try:
             noise.consume_response(
-                sym, hs.e_priv, self.private_key, msg.ephemeral, peer.preshared_key, msg.empty
+                sym, hs.e_priv, self._static, msg.ephemeral, peer.preshared_key, msg.empty
             )
         except (InvalidTag, ValueError):
             return

@@ -9,6 +9,7 @@ message that fails to authenticate leaves nothing behind.
 from __future__ import annotations
 
 from wgpy.core.crypto import (
+    PrivateKey,
     aead_decrypt,
     aead_encrypt,
     dh,
@@ -70,15 +71,20 @@ class SymmetricState:
         return (first, second) if initiator else (second, first)
 
 
+def _load(key: bytes | PrivateKey) -> PrivateKey:
+    return key if isinstance(key, PrivateKey) else PrivateKey(key)
+
+
 def create_initiation(
     sym: SymmetricState,
-    static_priv: bytes,
+    static_priv: bytes | PrivateKey,
     remote_static: bytes,
     static_static: bytes,
-    e_priv: bytes,
+    e_priv: bytes | PrivateKey,
     payload: bytes,
 ) -> tuple[bytes, bytes, bytes]:
     """Initiator, message 1: returns (ephemeral, encrypted static, encrypted payload)."""
+    e_priv = _load(e_priv)
     e_pub = public_key(e_priv)
     sym.mix_ephemeral(e_pub)
     key = sym.mix_dh(dh(e_priv, remote_static))
@@ -89,7 +95,7 @@ def create_initiation(
 
 
 def consume_initiation_static(
-    sym: SymmetricState, static_priv: bytes, e_pub: bytes, enc_static: bytes
+    sym: SymmetricState, static_priv: bytes | PrivateKey, e_pub: bytes, enc_static: bytes
 ) -> bytes:
     """Responder, message 1, first half: the initiator's static key (raises on forgery)."""
     sym.mix_ephemeral(e_pub)
@@ -107,13 +113,14 @@ def consume_initiation_payload(
 
 def create_response(
     sym: SymmetricState,
-    e_priv: bytes,
+    e_priv: bytes | PrivateKey,
     remote_ephemeral: bytes,
     remote_static: bytes,
     psk: bytes,
     payload: bytes = b"",
 ) -> tuple[bytes, bytes]:
     """Responder, message 2: returns (ephemeral, encrypted payload)."""
+    e_priv = _load(e_priv)
     e_pub = public_key(e_priv)
     sym.mix_ephemeral(e_pub)
     sym.mix_dh(dh(e_priv, remote_ephemeral))
@@ -124,13 +131,14 @@ def create_response(
 
 def consume_response(
     sym: SymmetricState,
-    e_priv: bytes,
-    static_priv: bytes,
+    e_priv: bytes | PrivateKey,
+    static_priv: bytes | PrivateKey,
     remote_ephemeral: bytes,
     psk: bytes,
     enc_payload: bytes,
 ) -> bytes:
     """Initiator, message 2: the payload (empty in WireGuard); raises on forgery."""
+    e_priv = _load(e_priv)
     sym.mix_ephemeral(remote_ephemeral)
     sym.mix_dh(dh(e_priv, remote_ephemeral))
     sym.mix_dh(dh(static_priv, remote_ephemeral))

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from wgpy.core.cookie import CookieGenerator
-from wgpy.core.crypto import ZERO_KEY
+from wgpy.core.crypto import ZERO_KEY, PrivateKey
 from wgpy.core.noise import SymmetricState
 from wgpy.core.replay import ReplayWindow
 from wgpy.core.timers import Timers
@@ -77,7 +77,7 @@ class Handshake:
     def __init__(self) -> None:
         self.state = HandshakeState.NONE
         self.sym: SymmetricState | None = None
-        self.e_priv = b""
+        self.e_priv: PrivateKey | None = None
         self.local_index: int | None = None
         self.latest_timestamp = bytes(12)  # newest TAI64N accepted from this peer
         self.last_initiation_consumed = float("-inf")
@@ -86,7 +86,7 @@ class Handshake:
     def clear(self) -> None:
         self.state = HandshakeState.NONE
         self.sym = None
-        self.e_priv = b""
+        self.e_priv = None
 
 
 class Peer:
