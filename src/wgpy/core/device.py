@@ -35,6 +35,7 @@ from wgpy.core.cookie import CookieChecker
 from wgpy.core.crypto import InvalidTag, PrivateKey, dh, is_zero, tai64n
 from wgpy.core.messages import (
     DATA_HEADER,
+    DATA_MIN_LEN,
     INITIATION,
     MSG_COOKIE_REPLY,
     MSG_DATA,
@@ -55,6 +56,17 @@ _U16_BE = struct.Struct(">H")
 # A batch with this many handshake messages puts the device under load for a second.
 UNDER_LOAD_HANDSHAKES = 64
 UNDER_LOAD_HOLD = 1.0
+
+
+class _Received:
+    """What one batch brought for one session: the last source, bytes, and any data."""
+
+    __slots__ = ("data", "nbytes", "src")
+
+    def __init__(self) -> None:
+        self.src: Endpoint = ("", 0)
+        self.nbytes = 0
+        self.data = False
 
 
 class Output:
@@ -176,24 +188,73 @@ class Device:
 
     # ---- the datapath --------------------------------------------------------------
 
-    def receive(self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float) -> Output:
+    def receive(
+        self, datagrams: Iterable[tuple[bytes | memoryview, Endpoint]], now: float
+    ) -> Output:
+        """Handle a batch of datagrams. Data messages take the fast path below: per packet
+        only what must be (decrypt, replay check, source filter); the per-peer bookkeeping
+        (endpoint, counters, timers) is done once per session per batch, since every
+        packet of a batch arrives at the same `now`."""
         out = Output()
         handshakes = 0
+        keypairs = self._keypairs
+        tun = out.tun
+        batch: dict[Keypair, _Received] = {}
+        owners: dict[bytes, Peer | None] = {}  # inner source address -> owner, this batch
+        lookup = self.allowed_ips.lookup
+        unpack = DATA_HEADER.unpack_from
         for data, src in datagrams:
-            kind = message_type(data)
-            if kind == MSG_DATA:
-                self._receive_data(data, src, now, out)
-            elif kind:
-                handshakes += 1
-                if kind == MSG_INITIATION:
-                    self._receive_initiation(data, src, now, out)
-                elif kind == MSG_RESPONSE:
-                    self._receive_response(data, src, now, out)
-                elif kind == MSG_COOKIE_REPLY:
-                    self._receive_cookie_reply(data, now)
+            if len(data) < DATA_MIN_LEN or data[0] != MSG_DATA or data[1:4] != b"\0\0\0":
+                handshakes += self._receive_handshake(bytes(data), src, now, out)
+                continue
+            _, index, counter = unpack(data)
+            kp = keypairs.get(index)
+            if (
+                kp is None
+                or counter >= REJECT_AFTER_MESSAGES
+                or now - kp.created >= REJECT_AFTER_TIME
+            ):
+                continue
+            try:
+                plain = kp.recv.decrypt(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None)
+            except InvalidTag:
+                continue
+            if not kp.replay.accept(counter):
+                continue
+            got = batch.get(kp)
+            if got is None:
+                got = batch[kp] = _Received()
+            got.src = src
+            got.nbytes += len(data)
+            if not plain:
+                continue  # a keepalive
+            got.data = True
+            parsed = inner_source(plain)
+            if parsed is None:
+                continue
+            addr, length = parsed
+            owner = owners.get(addr, kp)  # a Keypair is never an owner: "not looked up yet"
+            if owner is kp:
+                owner = owners[addr] = lookup(addr)
+            if owner is kp.peer:
+                tun.append(plain if length == len(plain) else plain[:length])
+        for kp, got in batch.items():
+            self._account_received(kp, got, now, out)
         if handshakes >= UNDER_LOAD_HANDSHAKES:
             self._load_until = now + UNDER_LOAD_HOLD
         return out
+
+    def _receive_handshake(self, data: bytes, src: Endpoint, now: float, out: Output) -> int:
+        kind = message_type(data)
+        if kind == MSG_INITIATION:
+            self._receive_initiation(data, src, now, out)
+        elif kind == MSG_RESPONSE:
+            self._receive_response(data, src, now, out)
+        elif kind == MSG_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now)
+        else:
+            return 0
+        return 1
 
     def send(self, packets: Iterable[bytes], now: float) -> Output:
         out = Output()
@@ -229,32 +290,18 @@ class Device:
 
     # ---- data messages -------------------------------------------------------------
 
-    def _receive_data(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
-        _, index, counter = DATA_HEADER.unpack_from(data)
-        kp = self._keypairs.get(index)
-        if kp is None or counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
-            return
-        try:
-            plain = kp.recv.decrypt(_NONCE_PREFIX + data[8:16], data[16:], None)
-        except InvalidTag:
-            return
-        if not kp.replay.accept(counter):
-            return
+    def _account_received(self, kp: Keypair, got: _Received, now: float, out: Output) -> None:
+        """What authenticated data messages of one session do to their peer."""
         peer = kp.peer
-        peer.endpoint = src
-        peer.rx_bytes += len(data)
+        peer.endpoint = got.src  # roaming: only authenticated packets move the endpoint
+        peer.rx_bytes += got.nbytes
         if kp is peer.next:
             self._confirm_next(peer, now, out)
         self._keep_key_fresh_receiving(peer, now, out)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        if not plain:
-            return  # a keepalive
-        peer.timers.data_received(now)
-        parsed = inner_source(plain)
-        if parsed is None or self.allowed_ips.lookup(parsed[0]) is not peer:
-            return
-        out.tun.append(plain if parsed[1] == len(plain) else plain[: parsed[1]])
+        if got.data:
+            peer.timers.data_received(now)
 
     def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
         kp = peer.current
