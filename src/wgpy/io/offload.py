@@ -1,18 +1,304 @@
-"""virtio_net_hdr framing for an IFF_VNET_HDR TUN (plain headers; coalescing comes next)."""
+"""Packet offload for a TUN opened with IFF_VNET_HDR (pure functions, no I/O).
+
+Every TUN read and write then starts with a 10-byte `struct virtio_net_hdr` (native byte
+order, little-endian on the machines we run on): flags, gso_type, hdr_len, gso_size,
+csum_start, csum_offset.
+
+`coalesce` turns a train of decrypted TCP segments into GSO super-packets (DESIGN.md 4.1:
+one write instead of ~44). The kernel's contract for such a write, and what we put in it:
+
+* flags=NEEDS_CSUM, csum_start=L4 offset, csum_offset=16: the kernel (or NIC) finishes the
+  checksum by summing from csum_start to the end and storing the complement, so the TCP
+  checksum field must hold the folded, *not inverted*, pseudo-header sum for the full
+  super-packet length. When it segments, tcp_gso_segment adjusts that sum per segment.
+* gso_type=TCPV4/TCPV6, gso_size=payload bytes per segment (the last may be shorter),
+  hdr_len=IP+TCP header length. IPv4 segments get ids counting up from the first one's.
+
+`split` is the inverse for reads when TSO/USO was offered with TUNSETOFFLOAD.
+
+`checksum` returns the folded one's-complement sum, NOT inverted; a checksum field is
+`~checksum(...) & 0xFFFF`, and a packet verifies when the sum over it is 0xFFFF.
+"""
 
 from __future__ import annotations
 
+import struct
+
 VNET_HDR_LEN = 10
+NEEDS_CSUM = 1
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_UDP_L4 = 5
+GSO_ECN = 0x80
+
+_PROTO_TCP = 6
+_PROTO_UDP = 17
+_FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80  # TCP flags
+_MAX_IP_LEN = 0xFFFF
+# IPv6 next-header values that are extension headers: the TCP header (if any) is further on.
+_V6_EXT = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254})
+
+_VNET = struct.Struct("<BBHHHH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 _PLAIN = bytes(VNET_HDR_LEN)
+_ZERO16 = b"\0\0"
 
 
 def plain_header() -> bytes:
+    """The virtio header of a packet written or read without any offload."""
     return _PLAIN
 
 
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """One's-complement sum of 16-bit big-endian words, folded to 16 bits, not inverted.
+
+    An odd length is padded with a zero byte. `initial` is any earlier sum (it may be
+    unfolded). Fast because it never loops in Python: 2**16 = 1 (mod 0xFFFF), so the whole
+    buffer read as one big integer is congruent to the sum of its words modulo 0xFFFF; only
+    zero versus 0xFFFF needs care (a non-zero sum folds to 0xFFFF, never to 0).
+    """
+    s = int.from_bytes(data, "big")
+    if len(data) & 1:
+        s <<= 8
+    s += initial
+    if not s:
+        return 0
+    return s % 0xFFFF or 0xFFFF
+
+
+# ---------------------------------------------------------------- coalescing (TUN writes)
+
+
+class _Run:
+    """Consecutive segments of one TCP flow that will go out as one super-packet."""
+
+    __slots__ = ("gso", "hlen", "l4", "members", "next_id", "next_seq", "total")
+
+    def __init__(self, p: bytes, l4: int, hlen: int) -> None:
+        self.members = [p]
+        self.l4 = l4
+        self.hlen = hlen
+        self.gso = len(p) - hlen
+        self.total = len(p)
+        self.next_seq = (_U32.unpack_from(p, l4 + 4)[0] + self.gso) & 0xFFFFFFFF
+        self.next_id = (_U16.unpack_from(p, 4)[0] + 1) & 0xFFFF if l4 == 20 else 0
+
+    def accepts(self, p: bytes, l4: int, hlen: int) -> bool:
+        """Whether `p` continues this run (same headers, next in sequence, fits)."""
+        f = self.members[0]
+        size = len(p) - hlen
+        if not (
+            hlen == self.hlen
+            and l4 == self.l4
+            and size <= self.gso
+            and self.total + size <= _MAX_IP_LEN
+            and _U32.unpack_from(p, l4 + 4)[0] == self.next_seq
+            # ack number + data offset, window, urgent pointer + options: all identical
+            and p[l4 + 8 : l4 + 13] == f[l4 + 8 : l4 + 13]
+            and p[l4 + 14 : l4 + 16] == f[l4 + 14 : l4 + 16]
+            and p[l4 + 18 : hlen] == f[l4 + 18 : hlen]
+        ):
+            return False
+        if l4 == 20:  # IPv4: same tos, flags, ttl; ids consecutive (the kernel counts them up)
+            return (
+                p[:2] == f[:2] and p[6:10] == f[6:10] and _U16.unpack_from(p, 4)[0] == self.next_id
+            )
+        return p[:4] == f[:4] and p[6:8] == f[6:8]  # IPv6: class, flow label, hop limit
+
+    def add(self, p: bytes) -> None:
+        size = len(p) - self.hlen
+        self.members.append(p)
+        self.total += size
+        self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
+        self.next_id = (self.next_id + 1) & 0xFFFF
+
+    def is_closed(self) -> bool:
+        """No segment may follow: the last one was short, or carried PSH."""
+        last = self.members[-1]
+        return len(last) - self.hlen < self.gso or bool(last[self.l4 + 13] & _PSH)
+
+    def build(self) -> bytes:
+        members = self.members
+        first = members[0]
+        if len(members) == 1:
+            return _PLAIN + first
+        l4, hlen, total = self.l4, self.hlen, self.total
+        hdr = bytearray(first[:hlen])
+        if l4 == 20:
+            _U16.pack_into(hdr, 2, total)
+            hdr[10:12] = _ZERO16
+            _U16.pack_into(hdr, 10, ~checksum(hdr[:20]) & 0xFFFF)
+            pseudo, gso_type = checksum(first[12:20], _PROTO_TCP + total - l4), GSO_TCPV4
+        else:
+            _U16.pack_into(hdr, 4, total - 40)
+            pseudo, gso_type = checksum(first[8:40], _PROTO_TCP + total - l4), GSO_TCPV6
+        _U16.pack_into(hdr, l4 + 16, pseudo)
+        hdr[l4 + 13] = members[-1][l4 + 13]  # the PSH of the last segment, if it has one
+        vnet = _VNET.pack(NEEDS_CSUM, gso_type, hlen, self.gso, l4, 16)
+        return b"".join([vnet, hdr, *(memoryview(p)[hlen:] for p in members)])
+
+
+def _classify(p: bytes) -> tuple[bytes | None, int, int]:
+    """(flow key, L4 offset, header length if `p` may be coalesced else 0).
+
+    key None: not TCP, order against TCP flows does not matter. key b"": TCP we cannot
+    place in a flow (fragment, IPv6 extension headers): every open run must end.
+    """
+    n = len(p)
+    if n < 20:
+        return None, 0, 0
+    version = p[0] >> 4
+    if version == 4:
+        if p[9] != _PROTO_TCP:
+            return None, 0, 0
+        l4 = (p[0] & 15) * 4
+        if p[6] & 0x3F or p[7] or n < l4 + 20:  # MF or fragment offset: no usable TCP header
+            return b"", 0, 0
+        key = p[12:20] + p[l4 : l4 + 4]
+        ok = l4 == 20 and _U16.unpack_from(p, 2)[0] == n
+    elif version == 6:
+        if n < 40 or p[6] != _PROTO_TCP:
+            return (b"" if n >= 40 and p[6] in _V6_EXT else None), 0, 0
+        l4 = 40
+        if n < 60:
+            return b"", 0, 0
+        key = p[8:40] + p[40:44]
+        ok = _U16.unpack_from(p, 4)[0] + 40 == n
+    else:
+        return None, 0, 0
+    hlen = l4 + (p[l4 + 12] >> 4) * 4
+    if not (ok and l4 + 20 <= hlen < n and p[l4 + 13] in (_ACK, _ACK | _PSH)):
+        return key, l4, 0
+    # Inner checksums are not verified: like Linux's WireGuard, which marks what it
+    # decrypted CHECKSUM_UNNECESSARY, we rely on the Poly1305 tag, which already proved
+    # that the packet is exactly what the peer sent. (Verifying costs 3 us a segment.)
+    return key, l4, hlen
+
+
 def coalesce(packets: list[bytes]) -> list[bytes]:
-    return [_PLAIN + p for p in packets]
+    """Group decrypted packets into TUN writes, each starting with a virtio header.
+
+    Segments of one TCP flow merge when they are consecutive *within that flow* (packets of
+    other flows may sit between them): each output buffer is placed where its first packet
+    was, so no flow is ever reordered. Anything unusual (not TCP, IPv4 options, no payload,
+    flags other than ACK or a final ACK|PSH, a bad checksum) goes out alone, unchanged.
+    IPv4 segments merge only if their ids count up by one, as the kernel recreates them.
+    """
+    items: list[bytes | _Run] = []
+    runs: dict[bytes, _Run] = {}  # flow key -> its run still open for more segments
+    for p in packets:
+        key, l4, hlen = _classify(p)
+        if key is None:
+            items.append(_PLAIN + p)
+            continue
+        if not key:
+            runs.clear()
+            items.append(_PLAIN + p)
+            continue
+        run = runs.get(key)
+        if not hlen:
+            if run is not None:
+                del runs[key]
+            items.append(_PLAIN + p)
+            continue
+        if run is not None and run.accepts(p, l4, hlen):
+            run.add(p)
+        else:
+            run = _Run(p, l4, hlen)
+            items.append(run)
+        if run.is_closed():
+            runs.pop(key, None)
+        else:
+            runs[key] = run
+    return [it if isinstance(it, bytes) else it.build() for it in items]
 
 
-def split(buf: bytes | memoryview, mtu: int) -> list[bytes]:
-    return [bytes(buf[VNET_HDR_LEN:])]
+# ---------------------------------------------------------------- splitting (TUN reads)
+
+
+def split(buf: bytes | bytearray | memoryview, mtu: int) -> list[bytes]:
+    """Turn one TUN read (virtio header + packet) into plain packets with full checksums.
+
+    `mtu` stands in for gso_size if the kernel left that zero. A buffer we cannot parse
+    (or a gso type we never offered, such as UFO) yields no packet: it is dropped.
+    """
+    view = memoryview(buf)
+    if len(view) < VNET_HDR_LEN:
+        return []
+    flags, gso_type, _, gso_size, csum_start, csum_offset = _VNET.unpack_from(view)
+    pkt = view[VNET_HDR_LEN:]
+    gso = gso_type & ~GSO_ECN
+    if gso == GSO_NONE:
+        if flags & NEEDS_CSUM:
+            return _complete(pkt, csum_start, csum_offset)
+        return [bytes(pkt)]
+    if gso in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4) and len(pkt) >= 40:
+        l4 = csum_start if flags & NEEDS_CSUM else 0
+        return _segment(pkt, gso == GSO_UDP_L4, gso_size or mtu, l4)
+    return []
+
+
+def _complete(pkt: memoryview, start: int, offset: int) -> list[bytes]:
+    """Finish a partial checksum: the field holds the pseudo-header sum, add the rest."""
+    at = start + offset
+    if at + 2 > len(pkt):
+        return []
+    out = bytearray(pkt)
+    # 0 is "no checksum" for UDP; 0xFFFF is the same value in one's complement (as Linux).
+    _U16.pack_into(out, at, ~checksum(pkt[start:]) & 0xFFFF or 0xFFFF)
+    return [bytes(out)]
+
+
+def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
+    """Cut a TSO/USO super-packet into segments of `mss` payload bytes each."""
+    version = pkt[0] >> 4
+    if version == 4:
+        iphl, addrs = (pkt[0] & 15) * 4, pkt[12:20]
+    elif version == 6:
+        iphl, addrs = 40, pkt[8:40]
+    else:
+        return []
+    l4 = l4 or iphl
+    if l4 + (8 if udp else 20) > len(pkt):
+        return []
+    thl = 8 if udp else (pkt[l4 + 12] >> 4) * 4
+    hlen = l4 + thl
+    if mss <= 0 or thl < (8 if udp else 20) or hlen > len(pkt):
+        return []
+    payload = pkt[hlen:]
+    n = len(payload)
+    base = checksum(addrs, _PROTO_UDP if udp else _PROTO_TCP)  # pseudo-header minus length
+    hdr = bytearray(pkt[:hlen])
+    hview = memoryview(hdr)
+    seq = _U32.unpack_from(pkt, l4 + 4)[0]
+    ip_id = _U16.unpack_from(pkt, 4)[0]
+    tcp_flags = pkt[l4 + 13]
+    csum_at = l4 + (6 if udp else 16)
+    out = []
+    for i, off in enumerate(range(0, n or 1, mss)):
+        chunk = payload[off : off + mss]
+        l4len = thl + len(chunk)
+        if version == 4:
+            _U16.pack_into(hdr, 2, l4 + l4len)
+            _U16.pack_into(hdr, 4, (ip_id + i) & 0xFFFF)
+            hdr[10:12] = _ZERO16
+            _U16.pack_into(hdr, 10, ~checksum(hview[:iphl]) & 0xFFFF)
+        else:
+            _U16.pack_into(hdr, 4, l4 + l4len - 40)
+        if udp:
+            _U16.pack_into(hdr, l4 + 4, l4len)
+        else:
+            _U32.pack_into(hdr, l4 + 4, (seq + off) & 0xFFFFFFFF)
+            f = tcp_flags if i == 0 else tcp_flags & ~_CWR
+            hdr[l4 + 13] = f if off + mss >= n else f & ~(_PSH | _FIN)
+        hdr[csum_at : csum_at + 2] = _ZERO16
+        s = checksum(chunk, checksum(hview[l4:], base + l4len))  # header length is even
+        c = ~s & 0xFFFF
+        if udp and not c:
+            c = 0xFFFF  # 0 would mean "no checksum"
+        _U16.pack_into(hdr, csum_at, c)
+        out.append(b"".join((hdr, chunk)))
+    return out
