@@ -27,20 +27,23 @@ class Datapath:
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
 
     def on_udp(self) -> None:
-        """Drain the socket: every datagram of every GRO read goes to the core at once."""
+        """Drain the socket. The datagrams of one GRO read go to the core together, as
+        views into the receive buffer (no copies); what comes out is sent once at the end."""
         view = memoryview(self._udp_buf)
-        batch: list[tuple[bytes, tuple[str, int]]] = []
+        recv_into, receive = self.udp.recv_into, self.device.receive
+        out = Output()
+        now = time.monotonic()
         for _ in range(BATCH):
-            got = self.udp.recv_into(view)
+            got = recv_into(view)
             if got is None:
                 break
             n, seg, addr = got
+            data = view[:n]
             if seg <= 0 or seg >= n:
-                batch.append((bytes(view[:n]), addr))
+                out.extend(receive([(data, addr)], now))
             else:
-                batch += [(bytes(view[i : min(i + seg, n)]), addr) for i in range(0, n, seg)]
-        if batch:
-            self.transmit(self.device.receive(batch, time.monotonic()))
+                out.extend(receive([(data[i : i + seg], addr) for i in range(0, n, seg)], now))
+        self.transmit(out)
 
     def on_tun(self) -> bool:
         """Drain the TUN into the core; False once the interface is gone."""
