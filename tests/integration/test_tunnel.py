@@ -13,6 +13,7 @@ from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Tunnel
 
 PAIRS = {
     "wgpy-wgpy": (WGPY, WGPY),
+    "wgpy-wgpy-no-offload": (WGPY, WGPY),  # WGPY_OFFLOAD=0: no virtio header, GSO or GRO
     "wgpy-wggo": (WGPY, WIREGUARD_GO),
     "wggo-wgpy": (WIREGUARD_GO, WGPY),
 }
@@ -69,7 +70,8 @@ def counters(end: Endpoint) -> tuple[int, int, int]:
 def test_ping_transfer_and_counters(
     make_tunnel: Callable[..., Tunnel], pair: str, outer: str
 ) -> None:
-    t = make_tunnel("t", *PAIRS[pair])
+    env = {"WGPY_OFFLOAD": "0"} if pair.endswith("no-offload") else None
+    t = make_tunnel("t", *PAIRS[pair], env=env)
     a, b = t.a, t.b
     if outer == "ipv6":
         for here, there in ((a, b), (b, a)):
@@ -79,7 +81,7 @@ def test_ping_transfer_and_counters(
     ping(b, a.inner4)
     ping(a, b.inner6)
     ping(b, a.inner6)
-    transfer(a, b, b.inner4, 4_000_000)
+    transfer(a, b, b.inner4, 20_000_000)  # large enough for full GSO/GRO batches
     transfer(b, a, a.inner6, 4_000_000)
     for end in (a, b):
         assert counters(end)[0] > 0  # a handshake happened
