@@ -52,6 +52,7 @@ from wgpy.core.timers import Timer
 
 _EMPTY_MACS = bytes(32)
 _NONCE_PREFIX = bytes(4)
+_NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
 _U16_BE = struct.Struct(">H")
 # A batch with this many handshake messages puts the device under load for a second.
 UNDER_LOAD_HANDSHAKES = 64
@@ -260,9 +261,14 @@ class Device:
         out = Output()
         touched: dict[Peer, None] = {}
         lookup = self.allowed_ips.lookup
+        routes: dict[bytes, Peer | None] = {}  # destination -> peer, for this batch
         for packet in packets:
             dst = inner_destination(packet)
-            peer = lookup(dst) if dst is not None else None
+            if dst is None:
+                continue
+            peer = routes.get(dst, self)  # type: ignore[arg-type]  # self: "not looked up"
+            if peer is self:
+                peer = routes[dst] = lookup(dst)
             if peer is not None:
                 peer.staged.append(packet)
                 touched[peer] = None
@@ -312,18 +318,13 @@ class Device:
         if endpoint is None:
             peer.staged.clear()
             return
-        sent_data = False
-        mtu = self.mtu
-        while peer.staged:
-            packet = peer.staged.popleft()
-            if kp.send_counter >= REJECT_AFTER_MESSAGES:
-                peer.staged.appendleft(packet)
-                self._initiate(peer, now, False, out)
-                return
-            datagram = self._seal(kp, packet, mtu)
-            out.udp.append((datagram, endpoint))
-            peer.tx_bytes += len(datagram)
-            sent_data = sent_data or bool(packet)
+        staged = peer.staged
+        if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
+            self._initiate(peer, now, False, out)  # the session's counter is spent
+            return
+        nbytes, sent_data = self._seal_all(kp, staged, self.mtu, endpoint, out.udp)
+        staged.clear()
+        peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_sent()
         if sent_data:
@@ -334,13 +335,40 @@ class Device:
             self._initiate(peer, now, False, out)
 
     @staticmethod
-    def _seal(kp: Keypair, packet: bytes, mtu: int) -> bytes:
+    def _seal_all(
+        kp: Keypair,
+        packets: Iterable[bytes],
+        mtu: int,
+        endpoint: Endpoint,
+        udp: list[tuple[bytes, Endpoint]],
+    ) -> tuple[int, bool]:
+        """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?).
+        The hot loop of sending: one AEAD call per packet and nothing else it can avoid."""
+        seal = kp.send.encrypt
+        index = kp.remote_index
         counter = kp.send_counter
-        kp.send_counter = counter + 1
-        header = DATA_HEADER.pack(MSG_DATA, kp.remote_index, counter)
-        pad = padded_length(len(packet), mtu) - len(packet)
-        plain = packet + bytes(pad) if pad else packet
-        return header + kp.send.encrypt(_NONCE_PREFIX + header[8:], plain, None)
+        nbytes, sent_data = 0, False
+        for packet in packets:
+            length = len(packet)
+            pad = -length % 16
+            if length + pad > mtu:
+                pad = padded_length(length, mtu) - length
+            header = DATA_HEADER.pack(MSG_DATA, index, counter)
+            plain = packet + bytes(pad) if pad else packet
+            datagram = header + seal(_NONCE.pack(counter), plain, None)
+            counter += 1
+            udp.append((datagram, endpoint))
+            nbytes += len(datagram)
+            sent_data = sent_data or length > 0
+        kp.send_counter = counter
+        return nbytes, sent_data
+
+    @classmethod
+    def _seal(cls, kp: Keypair, packet: bytes, mtu: int) -> bytes:
+        """One data message (for tests that forge traffic on a given session)."""
+        udp: list[tuple[bytes, Endpoint]] = []
+        cls._seal_all(kp, [packet], mtu, ("", 0), udp)
+        return udp[0][0]
 
     def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
         if not peer.staged:
