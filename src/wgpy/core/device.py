@@ -266,8 +266,9 @@ class Device:
             dst = inner_destination(packet)
             if dst is None:
                 continue
-            peer = routes.get(dst, self)  # type: ignore[arg-type]  # self: "not looked up"
-            if peer is self:
+            try:
+                peer = routes[dst]
+            except KeyError:
                 peer = routes[dst] = lookup(dst)
             if peer is not None:
                 peer.staged.append(packet)
