@@ -2,6 +2,9 @@
 
 wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
+wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
+                                   /etc/wireguard/NAME.conf)
+wgpy show [IFNAME]                 what `wg show` prints
 wgpy demo                          a tunnel between two namespaces, with traffic
 """
 
@@ -36,6 +39,19 @@ def pubkey() -> int:
     return 0
 
 
+def _quick(command: str, args: list[str]) -> int:
+    from wgpy.control import quick
+
+    if command == "show":
+        return quick.show_command(args)
+    if len(args) != 1:
+        print(f"usage: wgpy {command} CONFIG_FILE | INTERFACE", file=sys.stderr)
+        return 2
+    commands = {"up": quick.up_command, "down": quick.down_command,
+                "strip": quick.strip_command, "save": quick.save_command}  # fmt: skip
+    return commands[command](args[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -48,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     simple = {"genkey": genkey, "genpsk": genpsk, "pubkey": pubkey}
     if command in simple:
         return simple[command]()
+    if command in ("up", "down", "strip", "save", "show"):
+        return _quick(command, args[1:])
     if command == "demo":
         from wgpy.control.demo import main as demo
 

@@ -50,7 +50,7 @@ def set_config(ifname: str, body: str) -> None:
 @dataclass
 class PeerStatus:
     public_key: bytes
-    preshared_key: bool = False
+    preshared_key: bytes | None = None
     endpoint: str | None = None
     allowed_ips: list[str] = field(default_factory=list)
     last_handshake: float = 0.0
@@ -82,7 +82,7 @@ def get(ifname: str) -> DeviceStatus:
             elif key in ("listen_port", "fwmark"):
                 setattr(dev, key, int(value))
         elif key == "preshared_key":
-            peer.preshared_key = value != "0" * 64
+            peer.preshared_key = bytes.fromhex(value) if value != "0" * 64 else None
         elif key == "endpoint":
             peer.endpoint = value
         elif key == "allowed_ip":

@@ -1,0 +1,350 @@
+"""wg-quick configuration files: parse and check, turn into UAPI, strip, render.
+
+The format is wg-quick's: `[Interface]` and `[Peer]` sections of `Key = Value` lines,
+keys in any case, `#` comments. wg-quick's own keys (Address, DNS, MTU, Table, hooks,
+SaveConfig) and the `wg setconf` keys are both understood and checked here, so that a
+mistake is reported with its file, line and key before anything on the system changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from wgpy.control.uapi_client import DeviceStatus
+from wgpy.core.crypto import decode_key, encode_key
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+CONFIG_DIR = "/etc/wireguard"
+_NAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
+QUICK_KEYS = ("address", "dns", "mtu", "table", "preup", "postup", "predown", "postdown",
+              "saveconfig")  # fmt: skip
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, line: int, key: str, message: str) -> None:
+        super().__init__(f"{path}:{line}: {key}: {message}")
+
+
+@dataclass
+class InterfaceConfig:
+    private_key: bytes | None = None
+    listen_port: int | None = None
+    fwmark: int | None = None
+    addresses: list[IPInterface] = field(default_factory=list)
+    dns: list[str] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    mtu: int | None = None
+    table: str | None = None
+    pre_up: list[str] = field(default_factory=list)
+    post_up: list[str] = field(default_factory=list)
+    pre_down: list[str] = field(default_factory=list)
+    post_down: list[str] = field(default_factory=list)
+    save_config: bool = False
+
+
+@dataclass
+class PeerConfig:
+    public_key: bytes
+    preshared_key: bytes | None = None
+    allowed_ips: list[IPNetwork] = field(default_factory=list)
+    endpoint: str | None = None
+    persistent_keepalive: int | None = None
+
+
+@dataclass
+class Config:
+    interface: InterfaceConfig = field(default_factory=InterfaceConfig)
+    peers: list[PeerConfig] = field(default_factory=list)
+
+
+# ---- values -------------------------------------------------------------------------------
+
+
+def _number(value: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or not low <= int(value) <= high:
+        raise ValueError(f"{value!r} is not a number from {low} to {high}")
+    return int(value)
+
+
+def _off_or_number(value: str, high: int) -> int:
+    return 0 if value.lower() == "off" else _number(value, 0, high)
+
+
+def _fwmark(value: str) -> int:
+    if value.lower() == "off":
+        return 0
+    try:
+        mark = int(value, 0)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a mark") from None
+    if not 0 <= mark < 1 << 32:
+        raise ValueError(f"{value!r} is out of range")
+    return mark
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"{value!r} is neither true nor false")
+
+
+def _list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _table(value: str) -> str:
+    if value.lower() in ("off", "auto") or re.fullmatch(r"[0-9]+", value):
+        return value.lower()
+    raise ValueError(f"{value!r}: expected off, auto or a table number")
+
+
+def split_endpoint(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]+)|([^:\[\]]+):([0-9]+)", value)
+    if not m:
+        raise ValueError(f"{value!r} is not host:port or [address]:port")
+    host = m.group(1) or m.group(3)
+    return host, _number(m.group(2) or m.group(4), 1, 65535)
+
+
+# ---- parsing ------------------------------------------------------------------------------
+
+
+def _set_interface(iface: InterfaceConfig, key: str, value: str) -> None:
+    if key == "privatekey":
+        iface.private_key = decode_key(value)
+    elif key == "listenport":
+        iface.listen_port = _number(value, 0, 65535)
+    elif key == "fwmark":
+        iface.fwmark = _fwmark(value)
+    elif key == "address":
+        iface.addresses += [ipaddress.ip_interface(v) for v in _list(value)]
+    elif key == "dns":
+        for v in _list(value):
+            try:
+                iface.dns.append(str(ipaddress.ip_address(v)))
+            except ValueError:
+                iface.dns_search.append(v)
+    elif key == "mtu":
+        iface.mtu = _number(value, 576, 65535)
+    elif key == "table":
+        iface.table = _table(value)
+    elif key in ("preup", "postup", "predown", "postdown"):
+        hooks: list[str] = getattr(iface, _HOOKS[key])
+        hooks.append(value)
+    elif key == "saveconfig":
+        iface.save_config = _bool(value)
+    else:
+        raise KeyError(key)
+
+
+_HOOKS = {"preup": "pre_up", "postup": "post_up", "predown": "pre_down", "postdown": "post_down"}
+
+
+def _set_peer(peer: PeerConfig, key: str, value: str) -> None:
+    if key == "presharedkey":
+        peer.preshared_key = decode_key(value)
+    elif key == "allowedips":
+        peer.allowed_ips += [ipaddress.ip_network(v, strict=False) for v in _list(value)]
+    elif key == "endpoint":
+        split_endpoint(value)
+        peer.endpoint = value
+    elif key == "persistentkeepalive":
+        peer.persistent_keepalive = _off_or_number(value, 65535) or None  # 0 is off too
+    else:
+        raise KeyError(key)
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    """The whole file checked; ConfigError names the first bad line and key."""
+    cfg = Config()
+    section = ""
+    seen_interface = False
+    peer_line = 0
+    keys: set[bytes] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            section = line.lower()
+            if section == "[interface]":
+                if seen_interface:
+                    raise ConfigError(path, number, line, "a second [Interface] section")
+                seen_interface = True
+            elif section == "[peer]":
+                _finish_peer(cfg, path, peer_line, keys)
+                cfg.peers.append(PeerConfig(b""))
+                peer_line = number
+            else:
+                raise ConfigError(path, number, line, "unknown section")
+            continue
+        key, eq, value = (part.strip() for part in line.partition("="))
+        if not eq:
+            raise ConfigError(path, number, key, "expected Key = Value")
+        try:
+            if section == "[interface]":
+                _set_interface(cfg.interface, key.lower(), value)
+            elif section == "[peer]":
+                peer = cfg.peers[-1]
+                if key.lower() == "publickey":
+                    peer.public_key = decode_key(value)
+                else:
+                    _set_peer(peer, key.lower(), value)
+            else:
+                raise ConfigError(path, number, key, "outside any section")
+        except KeyError:
+            raise ConfigError(path, number, key, "unknown key") from None
+        except ValueError as e:
+            raise ConfigError(path, number, key, str(e) or "bad value") from None
+    _finish_peer(cfg, path, peer_line, keys)
+    return cfg
+
+
+def _finish_peer(cfg: Config, path: str, line: int, keys: set[bytes]) -> None:
+    if not cfg.peers:
+        return
+    key = cfg.peers[-1].public_key
+    if not key:
+        raise ConfigError(path, line, "[Peer]", "no PublicKey")
+    if key in keys:
+        raise ConfigError(path, line, "PublicKey", "the same peer twice")
+    keys.add(key)
+
+
+def resolve_target(target: str) -> tuple[str, str]:
+    """(interface name, config path) of `wgpy up NAME` or `wgpy up PATH`, as wg-quick."""
+    path = f"{CONFIG_DIR}/{target}.conf" if _NAME.fullmatch(target) else target
+    base = os.path.basename(path)
+    if not base.endswith(".conf") or not _NAME.fullmatch(base[:-5]):
+        raise ConfigError(path, 0, "file name", "must be an interface name followed by .conf")
+    if not os.path.exists(path):
+        raise ConfigError(path, 0, "file", "does not exist")
+    return base[:-5], os.path.realpath(path)
+
+
+def load(target: str) -> tuple[str, str, Config]:
+    ifname, path = resolve_target(target)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, 0, "file", str(e)) from None
+    return ifname, path, parse(text, path)
+
+
+def permission_warning(path: str) -> str | None:
+    """wg-quick's warning when others may read the file (file and folder both open)."""
+    mode = os.stat(path).st_mode & os.stat(os.path.dirname(path) or ".").st_mode
+    return f"Warning: `{path}' is world accessible" if mode & stat.S_IRWXO else None
+
+
+# ---- output ------------------------------------------------------------------------------
+
+
+def resolve_endpoint(value: str) -> str:
+    host, port = split_endpoint(value)
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        addr = ipaddress.ip_address(info[0][4][0])
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def to_uapi(cfg: Config, resolve: Callable[[str], str] = resolve_endpoint) -> str:
+    """The `set=1` body that `wg setconf` would send (without `set=1` and the blank line)."""
+    iface = cfg.interface
+    lines = [f"private_key={(iface.private_key or bytes(32)).hex()}"]
+    if iface.listen_port is not None:
+        lines.append(f"listen_port={iface.listen_port}")
+    if iface.fwmark is not None:
+        lines.append(f"fwmark={iface.fwmark}")
+    lines.append("replace_peers=true")
+    for peer in cfg.peers:
+        lines.append(f"public_key={peer.public_key.hex()}")
+        lines.append(f"preshared_key={(peer.preshared_key or bytes(32)).hex()}")
+        if peer.endpoint:
+            lines.append(f"endpoint={resolve(peer.endpoint)}")
+        if peer.persistent_keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+        lines.append("replace_allowed_ips=true")
+        lines += [f"allowed_ip={net}" for net in peer.allowed_ips]
+    return "\n".join(lines) + "\n"
+
+
+def strip(text: str) -> str:
+    """`wg-quick strip`: the file without wg-quick's [Interface] keys, comments kept."""
+    kept = []
+    in_interface = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        key = line.split("#", 1)[0].split("=", 1)[0].strip().lower()
+        if key.startswith("["):
+            in_interface = key == "[interface]"
+        if in_interface and key in QUICK_KEYS:
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n\n"
+
+
+def from_status(dev: DeviceStatus, quick: InterfaceConfig) -> Config:
+    """A running device (from the UAPI) as a config, with the given wg-quick keys."""
+    iface = InterfaceConfig(**{**quick.__dict__})
+    iface.private_key = dev.private_key
+    iface.listen_port = dev.listen_port or None
+    iface.fwmark = dev.fwmark or None
+    peers = [
+        PeerConfig(
+            p.public_key,
+            p.preshared_key,
+            [ipaddress.ip_network(a) for a in p.allowed_ips],
+            p.endpoint,
+            p.persistent_keepalive or None,
+        )
+        for p in dev.peers
+    ]
+    return Config(iface, peers)
+
+
+def render(cfg: Config) -> str:
+    """The file `wg-quick save` writes: wg-quick's keys, then what `wg showconf` prints."""
+    i = cfg.interface
+    lines = ["[Interface]"]
+    lines += [f"Address = {a}" for a in i.addresses]
+    lines += [f"DNS = {d}" for d in i.dns + i.dns_search]
+    if i.mtu:
+        lines.append(f"MTU = {i.mtu}")
+    if i.table:
+        lines.append(f"Table = {i.table}")
+    if i.save_config:
+        lines.append("SaveConfig = true")
+    for key, hooks in (("PreUp", i.pre_up), ("PostUp", i.post_up), ("PreDown", i.pre_down),
+                       ("PostDown", i.post_down)):  # fmt: skip
+        lines += [f"{key} = {h}" for h in hooks]
+    if i.listen_port:
+        lines.append(f"ListenPort = {i.listen_port}")
+    if i.fwmark:
+        lines.append(f"FwMark = 0x{i.fwmark:x}")
+    if i.private_key:
+        lines.append(f"PrivateKey = {encode_key(i.private_key)}")
+    for p in cfg.peers:
+        lines += ["", "[Peer]", f"PublicKey = {encode_key(p.public_key)}"]
+        if p.preshared_key:
+            lines.append(f"PresharedKey = {encode_key(p.preshared_key)}")
+        if p.allowed_ips:
+            lines.append("AllowedIPs = " + ", ".join(str(n) for n in p.allowed_ips))
+        if p.endpoint:
+            lines.append(f"Endpoint = {p.endpoint}")
+        if p.persistent_keepalive:
+            lines.append(f"PersistentKeepalive = {p.persistent_keepalive}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,272 @@
+"""`wgpy up` / `wgpy down` in network namespaces, compared with what wg-quick does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Namespace, veth
+from wgpy.control.uapi_client import socket_path
+
+PID = os.getpid() % 100000
+NOISE = ("proto", "kernel", "static")  # words that differ between kernel and userspace
+
+
+def keypair() -> tuple[str, str]:
+    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True).stdout.strip()
+    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True)
+    return private, public.stdout.strip()
+
+
+def snapshot(ns: Namespace) -> list[str]:
+    """Everything `up` may touch: links, addresses, routes, rules, in both families."""
+    parts = []
+    for args in (
+        ["link"], ["addr"], ["-4", "route", "show", "table", "all"],
+        ["-6", "route", "show", "table", "all"], ["-4", "rule"], ["-6", "rule"],
+    ):  # fmt: skip
+        lines = ns.run("ip", *args).splitlines()
+        parts += [line for line in lines if "valid_lft" not in line]
+    return parts
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Namespace, Namespace, Path]]:
+    """Namespace A (where `up` runs) and B (a peer) joined by veth 10.200.0.0/24."""
+    a = Namespace(f"wgpy-q{PID}-a")
+    b = Namespace(f"wgpy-q{PID}-b")
+    try:
+        veth(a, b, f"qa{PID}", f"qb{PID}")
+        a.add_address(f"qa{PID}", "10.200.0.1/24")
+        b.add_address(f"qb{PID}", "10.200.0.2/24")
+        yield a, b, tmp_path
+    finally:
+        a.close()
+        b.close()
+        for name in (f"wq{PID}", f"wr{PID}", f"wb{PID}"):
+            socket_path(name).unlink(missing_ok=True)
+
+
+def wgpy(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ns.argv([*WGPY, *args]), capture_output=True, text=True, timeout=60)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def test_up_down_round_trip_leaves_the_namespace_as_it_was(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    a, _, tmp = site
+    priv, _ = keypair()
+    _, peer = keypair()
+    conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
+PrivateKey = {priv}
+Address = 10.201.0.1/24, fd01::1/64
+Address = 10.202.0.1/32
+ListenPort = 51820
+
+[Peer]
+PublicKey = {peer}
+Endpoint = 10.200.0.2:51821
+AllowedIPs = 10.201.0.0/24, fd01::/64
+AllowedIPs = 192.168.77.0/24
+""")
+    before = snapshot(a)
+    done = wgpy(a, "up", str(conf))
+    assert done.returncode == 0, done.stderr
+    ifname = f"wq{PID}"
+    link = a.run("ip", "link", "show", ifname)
+    assert "mtu 1420" in link and ",UP" in link  # auto MTU: the veth's 1500 - 80
+    addrs = a.run("ip", "addr", "show", ifname)
+    for want in ("10.201.0.1/24", "fd01::1/64", "10.202.0.1/32"):
+        assert want in addrs
+    assert f"192.168.77.0/24 dev {ifname}" in a.run("ip", "-4", "route")
+    assert f"fd01::/64 dev {ifname}" in a.run("ip", "-6", "route")
+    assert peer in a.run("wg", "show", ifname, "peers")
+    assert wgpy(a, "show", ifname).stdout.startswith(f"interface: {ifname}")
+    done = wgpy(a, "down", str(conf))
+    assert done.returncode == 0, done.stderr
+    assert snapshot(a) == before
+    assert not socket_path(ifname).exists()
+
+
+def test_same_addresses_routes_and_mtu_as_wg_quick(site: tuple[Namespace, Namespace, Path]) -> None:
+    a, b, tmp = site
+    priv, _ = keypair()
+    _, peer = keypair()
+    body = f"""[Interface]
+PrivateKey = {priv}
+Address = 10.201.0.1/24, fd01::1/64
+
+[Peer]
+PublicKey = {peer}
+Endpoint = 10.200.0.77:51821
+AllowedIPs = 10.201.0.0/24, fd01::/64, 172.16.0.0/12
+"""
+    ours = write(tmp / f"wr{PID}.conf", body)
+    theirs = write(tmp / f"wb{PID}.conf", body)
+    assert wgpy(a, "up", str(ours)).returncode == 0
+    env = {**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}
+    quick = subprocess.run(b.argv(["wg-quick", "up", str(theirs)]), capture_output=True,
+                           text=True, env=env, timeout=60)  # fmt: skip
+    try:
+        assert quick.returncode == 0, quick.stderr
+
+        def view(ns: Namespace, ifname: str) -> list[str]:
+            lines = []
+            for args in (
+                ["-4", "route", "show", "dev", ifname],
+                ["-6", "route", "show", "dev", ifname],
+                ["-o", "addr", "show", "dev", ifname],
+            ):
+                for line in ns.run("ip", *args).splitlines():
+                    if "fe80" in line:
+                        continue  # link-local addresses differ by nature
+                    words = line.replace(ifname, "IF").split()
+                    lines.append(" ".join(w for w in words if w not in NOISE))
+            mtu = ns.run("ip", "link", "show", ifname).split(" mtu ")[1].split()[0]
+            return [*sorted(lines), f"mtu {mtu}"]
+
+        ours_view = [line for line in view(a, f"wr{PID}") if "valid_lft" not in line]
+        theirs_view = [line for line in view(b, f"wb{PID}") if "valid_lft" not in line]
+        assert ours_view == theirs_view
+    finally:
+        subprocess.run(b.argv(["wg-quick", "down", str(theirs)]), capture_output=True, timeout=60)
+        wgpy(a, "down", str(ours))
+
+
+def test_default_route_keeps_the_endpoint_reachable(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    """0.0.0.0/0 through the tunnel: wg-quick's fwmark table and rules let the tunnel's own
+    UDP packets out, and traffic to the peer's inside address flows both ways."""
+    a, b, tmp = site
+    priv_a, pub_a = keypair()
+    priv_b, pub_b = keypair()
+    peer_b = Endpoint(b, f"wb{PID}", 2, WIREGUARD_GO)
+    peer_b.private_key, peer_b.public_key = priv_b, pub_b
+    peer_b.start()
+    try:
+        peer_b.set_private_key(51821)
+        b.add_address(peer_b.ifname, "10.201.0.2/24")
+        b.set_link(peer_b.ifname, state="up", mtu=1420)
+        peer_b.wg("set", peer_b.ifname, "peer", pub_a, "allowed-ips", "10.201.0.1/32")
+        conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
+PrivateKey = {priv_a}
+Address = 10.201.0.1/24
+
+[Peer]
+PublicKey = {pub_b}
+Endpoint = 10.200.0.2:51821
+AllowedIPs = 0.0.0.0/0, ::/0
+""")
+        done = wgpy(a, "up", str(conf))
+        assert done.returncode == 0, done.stderr
+        rules = a.run("ip", "-4", "rule")
+        assert "not from all fwmark 0xca6c lookup 51820" in rules
+        assert "lookup main suppress_prefixlength 0" in rules
+        assert "default dev" in a.run("ip", "-4", "route", "show", "table", "51820")
+        a.run("ping", "-c", "2", "-i", "0.2", "-W", "3", "10.201.0.2", timeout=20)
+        assert "latest handshake" in a.run("wg", "show", f"wq{PID}")
+        assert wgpy(a, "down", str(conf)).returncode == 0
+        assert "suppress_prefixlength" not in a.run("ip", "-4", "rule")
+        assert "suppress_prefixlength" not in a.run("ip", "-6", "rule")
+    finally:
+        peer_b.stop()
+
+
+def test_failure_half_way_undoes_everything(site: tuple[Namespace, Namespace, Path]) -> None:
+    a, _, tmp = site
+    priv, _ = keypair()
+    _, peer = keypair()
+    conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
+PrivateKey = {priv}
+Address = 10.201.0.1/24
+PostUp = false
+
+[Peer]
+PublicKey = {peer}
+AllowedIPs = 10.201.0.0/24, 192.168.9.0/24
+""")
+    before = snapshot(a)
+    done = wgpy(a, "up", str(conf))
+    assert done.returncode == 1 and "hook failed: false" in done.stderr
+    assert snapshot(a) == before
+    assert not socket_path(f"wq{PID}").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("PrivateKey = notakey", "PrivateKey"),
+        ("ListenPort = 70000", "ListenPort"),
+        ("Address = 10.0.0.300/24", "Address"),
+        ("MTU = lots", "MTU"),
+        ("Table = -3", "Table"),
+        ("Bogus = 1", "Bogus"),
+    ],
+)
+def test_bad_input_names_file_line_and_key_and_changes_nothing(
+    site: tuple[Namespace, Namespace, Path], line: str, key: str
+) -> None:
+    a, _, tmp = site
+    priv, _ = keypair()
+    conf = write(tmp / f"wq{PID}.conf", f"[Interface]\nPrivateKey = {priv}\n{line}\n")
+    before = snapshot(a)
+    done = wgpy(a, "up", str(conf))
+    assert done.returncode == 1
+    assert f"{conf}:3" in done.stderr and key.lower() in done.stderr.lower()
+    assert snapshot(a) == before
+
+
+def test_save_config_on_down(site: tuple[Namespace, Namespace, Path]) -> None:
+    a, _, tmp = site
+    priv, _ = keypair()
+    _, peer = keypair()
+    conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
+PrivateKey = {priv}
+Address = 10.201.0.1/24
+SaveConfig = true
+""")
+    assert wgpy(a, "up", str(conf)).returncode == 0
+    ifname = f"wq{PID}"
+    a.run("wg", "set", ifname, "listen-port", "41414", "peer", peer, "allowed-ips", "10.9.0.0/16")
+    assert wgpy(a, "down", str(conf)).returncode == 0
+    saved = conf.read_text()
+    assert "ListenPort = 41414" in saved and f"PublicKey = {peer}" in saved
+    assert "Address = 10.201.0.1/24" in saved and "SaveConfig = true" in saved
+    assert conf.stat().st_mode & 0o077 == 0
+
+
+def test_strip_matches_wg_quick_and_world_readable_warns(tmp_path: Path) -> None:
+    priv, _ = keypair()
+    _, peer = keypair()
+    conf = tmp_path / f"wq{PID}.conf"
+    conf.write_text(f"""[Interface]
+# a comment
+PrivateKey = {priv}
+Address = 10.0.0.1/24
+DNS = 1.1.1.1
+PostUp = echo hi
+
+[Peer]
+PublicKey = {peer}
+AllowedIPs = 10.0.0.0/24
+""")
+    ours = subprocess.run([*WGPY, "strip", str(conf)], capture_output=True, text=True)
+    theirs = subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True, text=True)
+    assert ours.returncode == 0 and ours.stdout == theirs.stdout
+    # wg-quick warns when both the file and its folder let others in
+    conf.chmod(0o644)
+    tmp_path.chmod(0o755)
+    ours = subprocess.run([*WGPY, "strip", str(conf)], capture_output=True, text=True)
+    theirs = subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True, text=True)
+    assert ours.stderr == theirs.stderr and "world accessible" in ours.stderr
