@@ -1,0 +1,135 @@
+"""Known answers for the primitives, and keys as `wg` makes them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac as std_hmac
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wgpy.core.crypto import (
+    clamp,
+    decode_key,
+    dh,
+    encode_key,
+    hash_,
+    hchacha20,
+    hmac,
+    kdf,
+    public_key,
+    tai64n,
+    xaead_decrypt,
+    xaead_encrypt,
+)
+
+KDF_VECTORS = [  # wireguard-go device/kdf_test.go: key, input, t0, t1, t2
+    ("746573742d6b6579", "746573742d696e707574",
+     "6f0e5ad38daba1bea8a0d213688736f19763239305e0f58aba697f9ffc41c633",
+     "df1194df20802a4fe594cde27e92991c8cae66c366e8106aaa937a55fa371e8a",
+     "fac6e2745a325f5dc5d11a5b165aad08b0ada28e7b4e666b7c077934a4d76c24"),
+    ("776972656775617264", "776972656775617264",
+     "491d43bbfdaa8750aaf535e334ecbfe5129967cd64635101c566d4caefda96e8",
+     "1e71a379baefd8a79aa4662212fcafe19a23e2b609a3db7d6bcba8f560e3d25f",
+     "31e1ae48bddfbe5de38f295e5452b1909a1b4e38e183926af3780b0c1e1f0160"),
+    ("", "",
+     "8387b46bf43eccfcf349552a095d8315c4055beb90208fb1be23b894bc2ed5d0",
+     "58a0e5f6faefccf4807bff1f05fa8a9217945762040bcec2f4b4a62bdfe0e86e",
+     "0ce6ea98ec548f8e281e93e32db65621c45eb18dc6f0a7ad94178610a2f7338e"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "data", "t0", "t1", "t2"), KDF_VECTORS)
+def test_kdf_vectors(key: str, data: str, t0: str, t1: str, t2: str) -> None:
+    k, d = bytes.fromhex(key), bytes.fromhex(data)
+    assert [x.hex() for x in kdf(k, d, 3)] == [t0, t1, t2]
+    assert [x.hex() for x in kdf(k, d, 2)] == [t0, t1]
+    assert kdf(k, d, 1)[0].hex() == t0
+
+
+@given(st.binary(max_size=64), st.binary(max_size=300))
+def test_hmac_is_rfc2104_over_blake2s(key: bytes, data: bytes) -> None:
+    assert hmac(key, data) == std_hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def test_blake2s_and_x25519_known_answers() -> None:
+    assert hash_(b"abc").hex() == (
+        "508c5e8c327c14e2e1a72ba34eeb452f37458b209ed63a294d999b4c86675982"
+    )
+    # RFC 7748 section 6.1
+    alice = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    bob = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+    alice_pub = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    bob_pub = "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"
+    shared = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
+    assert public_key(alice).hex() == alice_pub and public_key(bob).hex() == bob_pub
+    assert dh(alice, bytes.fromhex(bob_pub)).hex() == shared
+    assert dh(bob, bytes.fromhex(alice_pub)).hex() == shared
+
+
+def test_low_order_points_are_refused() -> None:
+    for point in (bytes(32), bytes([1]) + bytes(31)):
+        with pytest.raises(ValueError):
+            dh(clamp(os.urandom(32)), point)
+
+
+def test_xchacha20_poly1305_draft_vectors() -> None:
+    # draft-irtf-cfrg-xchacha-03, 2.2.1 (HChaCha20) and A.3.1 (the AEAD)
+    key = bytes(range(32))
+    sub = hchacha20(key, bytes.fromhex("000000090000004a0000000031415927"))
+    assert sub.hex() == "82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc"
+    key = bytes(range(0x80, 0xA0))
+    nonce = bytes(range(0x40, 0x58))
+    ad = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+    plain = (
+        b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
+        b"the future, sunscreen would be it."
+    )
+    sealed = xaead_encrypt(key, nonce, plain, ad)
+    assert sealed.hex() == (
+        "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"
+        "731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b452"
+        "2f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
+        "21f9664c97637da9768812f615c68b13b52e"
+        "c0875924c1c7987947deafd8780acf49"
+    )
+    assert xaead_decrypt(key, nonce, sealed, ad) == plain
+
+
+def test_tai64n_is_monotonic_and_coarse() -> None:
+    stamp = tai64n(1_700_000_000.5)
+    assert len(stamp) == 12
+    assert int.from_bytes(stamp[:8], "big") == (1 << 62) + 10 + 1_700_000_000  # TAI = UTC + 10
+    assert tai64n(1_700_000_000.5) < tai64n(1_700_000_001.0)
+    assert tai64n(1_700_000_000.5) == tai64n(1_700_000_000.5 + 0.001)  # ~16 ms resolution
+
+
+def test_key_encoding() -> None:
+    key = os.urandom(32)
+    assert decode_key(encode_key(key)) == key
+    for bad in ("", "abc", base64.b64encode(bytes(31)).decode(), "!" * 44):
+        with pytest.raises(ValueError):
+            decode_key(bad)
+
+
+@pytest.mark.skipif(shutil.which("wg") is None, reason="needs wireguard-tools")
+def test_our_keys_match_the_wg_tool() -> None:
+    def run(*argv: str, stdin: str = "") -> str:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    wgpy = [sys.executable, "-m", "wgpy"]
+    for _ in range(3):
+        private = run(*wgpy, "genkey")
+        assert run("wg", "pubkey", stdin=private) == run(*wgpy, "pubkey", stdin=private)
+    private = run("wg", "genkey")
+    assert run(*wgpy, "pubkey", stdin=private) == run("wg", "pubkey", stdin=private)
+    assert len(base64.b64decode(run(*wgpy, "genpsk"))) == 32
+    bad = subprocess.run([*wgpy, "pubkey"], input="nope", capture_output=True, text=True)
+    assert bad.returncode == 1 and "key" in bad.stderr
