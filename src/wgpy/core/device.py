@@ -93,19 +93,6 @@ def padded_length(length: int, mtu: int) -> int:
     return length + padded - last
 
 
-def inner_source(packet: bytes) -> tuple[bytes, int] | None:
-    """(source address, true length) of a decrypted IP packet, or None if malformed."""
-    n = len(packet)
-    version = packet[0] >> 4
-    if version == 4 and n >= 20:
-        length = _U16_BE.unpack_from(packet, 2)[0]
-        return (packet[12:16], length) if 20 <= length <= n else None
-    if version == 6 and n >= 40:
-        length = 40 + _U16_BE.unpack_from(packet, 4)[0]
-        return (packet[8:24], length) if length <= n else None
-    return None
-
-
 def inner_destination(packet: bytes | memoryview) -> bytes | None:
     n = len(packet)
     if n >= 20 and packet[0] >> 4 == 4:
@@ -205,7 +192,8 @@ class Device:
         lookup = self.allowed_ips.lookup
         unpack = DATA_HEADER.unpack_from
         for data, src in datagrams:
-            if len(data) < DATA_MIN_LEN or data[0] != MSG_DATA or data[1:4] != b"\0\0\0":
+            # the type is a little-endian u32: 4 means "data" with the three reserved zeros
+            if len(data) < DATA_MIN_LEN or unpack(data)[0] != MSG_DATA:
                 handshakes += self._receive_handshake(bytes(data), src, now, out)
                 continue
             _, index, counter = unpack(data)
@@ -217,7 +205,7 @@ class Device:
             ):
                 continue
             try:
-                plain = kp.recv.decrypt(_NONCE_PREFIX + data[8:16], memoryview(data)[16:], None)
+                plain = kp.recv.decrypt(_NONCE.pack(counter), memoryview(data)[16:], None)
             except InvalidTag:
                 continue
             if not kp.replay.accept(counter):
@@ -230,15 +218,24 @@ class Device:
             if not plain:
                 continue  # a keepalive
             got.data = True
-            parsed = inner_source(plain)
-            if parsed is None:
+            # the inner source address and true length, for the allowed-IPs source filter
+            n = len(plain)
+            version = plain[0] >> 4
+            if version == 4 and n >= 20:
+                addr, length = plain[12:16], (plain[2] << 8) | plain[3]
+                if length < 20:
+                    continue
+            elif version == 6 and n >= 40:
+                addr, length = plain[8:24], 40 + ((plain[4] << 8) | plain[5])
+            else:
                 continue
-            addr, length = parsed
+            if length > n:
+                continue
             owner = owners.get(addr, kp)  # a Keypair is never an owner: "not looked up yet"
             if owner is kp:
                 owner = owners[addr] = lookup(addr)
             if owner is kp.peer:
-                tun.append(plain if length == len(plain) else plain[:length])
+                tun.append(plain if length == n else plain[:length])
         for kp, got in batch.items():
             self._account_received(kp, got, now, out)
         if handshakes >= UNDER_LOAD_HANDSHAKES:

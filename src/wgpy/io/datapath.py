@@ -49,18 +49,19 @@ class Datapath:
         """Drain the TUN into the core; False once the interface is gone."""
         view = memoryview(self._tun_buf)
         packets: list[bytes] = []
-        vnet = self.tun.vnet_hdr
+        skip = offload.VNET_HDR_LEN if self.tun.vnet_hdr else 0
         mtu = self.device.mtu
+        read = self.tun.read_into
         try:
             for _ in range(BATCH):
                 try:
-                    n = self.tun.read_into(view)
+                    n = read(view)
                 except BlockingIOError:
                     break
-                if vnet:
+                if skip and (view[0] or view[1]):  # a virtio header asking for work
                     packets += offload.split(view[:n], mtu)
                 else:
-                    packets.append(bytes(view[:n]))
+                    packets.append(bytes(view[skip:n]))
         except TunGone:
             return False
         if packets:
