@@ -37,6 +37,7 @@ _PROTO_TCP = 6
 _PROTO_UDP = 17
 _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80  # TCP flags
 _MAX_IP_LEN = 0xFFFF
+_MERGEABLE_FLAGS = frozenset((_ACK, _ACK | _PSH))
 # IPv6 next-header values that are extension headers: the TCP header (if any) is further on.
 _V6_EXT = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254})
 
@@ -72,10 +73,30 @@ def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
 # ---------------------------------------------------------------- coalescing (TUN writes)
 
 
+# Per IP version and header length, one Struct reads in a single call every header field
+# that coalescing looks at: (fixed bytes..., ip id or 0, seq, fixed bytes...). The fixed
+# bytes must be equal along a run: IP version/TOS/flags/TTL (v4) or class/flow label/hop
+# limit (v6), then TCP ack number, data offset, window, urgent pointer and options. The
+# lengths, IPv4 id and checksums, the sequence number and the TCP checksum may differ.
+_SHAPES: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _shape(l4: int, hlen: int) -> struct.Struct:
+    shape = _SHAPES.get((l4, hlen))
+    if shape is None:
+        options = hlen - l4 - 18
+        # v4: ver/tos, (len), id, frag/ttl/proto, (csum, addresses, ports), seq, ack/offset,
+        # (flags), window, (csum), urgent+options; v6: ver/class/flow, payload length (H,
+        # unused), next header/hop limit, (addresses, ports), then TCP as for v4
+        head = "2s2xH4s2x12x" if l4 == 20 else "4sH2s32x4x"
+        shape = _SHAPES[(l4, hlen)] = struct.Struct(f"!{head}I5sx2s2x{options}s")
+    return shape
+
+
 class _Run:
     """Consecutive segments of one TCP flow that will go out as one super-packet."""
 
-    __slots__ = ("gso", "hlen", "l4", "members", "next_id", "next_seq", "total")
+    __slots__ = ("fixed", "gso", "hlen", "l4", "members", "next_id", "next_seq", "shape", "total")
 
     def __init__(self, p: bytes, l4: int, hlen: int) -> None:
         self.members = [p]
@@ -83,42 +104,33 @@ class _Run:
         self.hlen = hlen
         self.gso = len(p) - hlen
         self.total = len(p)
-        self.next_seq = (_U32.unpack_from(p, l4 + 4)[0] + self.gso) & 0xFFFFFFFF
-        self.next_id = (_U16.unpack_from(p, 4)[0] + 1) & 0xFFFF if l4 == 20 else 0
+        self.shape = _shape(l4, hlen)
+        head = self.shape.unpack_from(p)
+        self.fixed = (head[0], head[2], *head[4:])
+        self.next_id = (head[1] + 1) & 0xFFFF if l4 == 20 else 0
+        self.next_seq = (head[3] + self.gso) & 0xFFFFFFFF
 
-    def accepts(self, p: bytes, l4: int, hlen: int) -> bool:
-        """Whether `p` continues this run (same headers, next in sequence, fits)."""
-        f = self.members[0]
+    def take(self, p: bytes, hlen: int) -> bool:
+        """Add `p` if it continues this run (same headers, next in sequence, fits)."""
         size = len(p) - hlen
-        if not (
-            hlen == self.hlen
-            and l4 == self.l4
-            and size <= self.gso
-            and self.total + size <= _MAX_IP_LEN
-            and _U32.unpack_from(p, l4 + 4)[0] == self.next_seq
-            # ack number + data offset, window, urgent pointer + options: all identical
-            and p[l4 + 8 : l4 + 13] == f[l4 + 8 : l4 + 13]
-            and p[l4 + 14 : l4 + 16] == f[l4 + 14 : l4 + 16]
-            and p[l4 + 18 : hlen] == f[l4 + 18 : hlen]
+        if hlen != self.hlen or size > self.gso or self.total + size > _MAX_IP_LEN:
+            return False
+        head = self.shape.unpack_from(p)
+        if (
+            head[3] != self.next_seq
+            or (head[0], head[2], *head[4:]) != self.fixed
+            or (self.l4 == 20 and head[1] != self.next_id)
         ):
             return False
-        if l4 == 20:  # IPv4: same tos, flags, ttl; ids consecutive (the kernel counts them up)
-            return (
-                p[:2] == f[:2] and p[6:10] == f[6:10] and _U16.unpack_from(p, 4)[0] == self.next_id
-            )
-        return p[:4] == f[:4] and p[6:8] == f[6:8]  # IPv6: class, flow label, hop limit
-
-    def add(self, p: bytes) -> None:
-        size = len(p) - self.hlen
         self.members.append(p)
         self.total += size
         self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
         self.next_id = (self.next_id + 1) & 0xFFFF
+        return True
 
-    def is_closed(self) -> bool:
-        """No segment may follow: the last one was short, or carried PSH."""
-        last = self.members[-1]
-        return len(last) - self.hlen < self.gso or bool(last[self.l4 + 13] & _PSH)
+    def closed_by(self, p: bytes) -> bool:
+        """Whether no segment may follow `p`, its last: it was short, or carried PSH."""
+        return len(p) - self.hlen < self.gso or bool(p[self.l4 + 13] & _PSH)
 
     def build(self) -> bytes:
         members = self.members
@@ -157,20 +169,21 @@ def _classify(p: bytes) -> tuple[bytes | None, int, int]:
         l4 = (p[0] & 15) * 4
         if p[6] & 0x3F or p[7] or n < l4 + 20:  # MF or fragment offset: no usable TCP header
             return b"", 0, 0
-        key = p[12:20] + p[l4 : l4 + 4]
-        ok = l4 == 20 and _U16.unpack_from(p, 2)[0] == n
+        # addresses and ports: contiguous unless there are IP options (never merged)
+        key = p[12:24] if l4 == 20 else p[12:20] + p[l4 : l4 + 4]
+        ok = l4 == 20 and (p[2] << 8 | p[3]) == n
     elif version == 6:
         if n < 40 or p[6] != _PROTO_TCP:
             return (b"" if n >= 40 and p[6] in _V6_EXT else None), 0, 0
         l4 = 40
         if n < 60:
             return b"", 0, 0
-        key = p[8:40] + p[40:44]
-        ok = _U16.unpack_from(p, 4)[0] + 40 == n
+        key = p[8:44]
+        ok = (p[4] << 8 | p[5]) + 40 == n
     else:
         return None, 0, 0
     hlen = l4 + (p[l4 + 12] >> 4) * 4
-    if not (ok and l4 + 20 <= hlen < n and p[l4 + 13] in (_ACK, _ACK | _PSH)):
+    if not (ok and l4 + 20 <= hlen < n and p[l4 + 13] in _MERGEABLE_FLAGS):
         return key, l4, 0
     # Inner checksums are not verified: like Linux's WireGuard, which marks what it
     # decrypted CHECKSUM_UNNECESSARY, we rely on the Poly1305 tag, which already proved
@@ -184,7 +197,7 @@ def coalesce(packets: list[bytes]) -> list[bytes]:
     Segments of one TCP flow merge when they are consecutive *within that flow* (packets of
     other flows may sit between them): each output buffer is placed where its first packet
     was, so no flow is ever reordered. Anything unusual (not TCP, IPv4 options, no payload,
-    flags other than ACK or a final ACK|PSH, a bad checksum) goes out alone, unchanged.
+    flags other than ACK or a final ACK|PSH) goes out alone, unchanged.
     IPv4 segments merge only if their ids count up by one, as the kernel recreates them.
     """
     items: list[bytes | _Run] = []
@@ -204,12 +217,10 @@ def coalesce(packets: list[bytes]) -> list[bytes]:
                 del runs[key]
             items.append(_PLAIN + p)
             continue
-        if run is not None and run.accepts(p, l4, hlen):
-            run.add(p)
-        else:
+        if run is None or not run.take(p, hlen):
             run = _Run(p, l4, hlen)
             items.append(run)
-        if run.is_closed():
+        if run.closed_by(p):
             runs.pop(key, None)
         else:
             runs[key] = run
