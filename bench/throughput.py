@@ -135,11 +135,15 @@ def report(results: dict[str, Result], args: argparse.Namespace, hps: float) -> 
             f"| {name} | {ab:.2f} | {ba:.2f} | {ratio:.2f}x | {cpu_a:.1f} | {cpu_b:.1f} "
             f"| {statistics.median(r.rtt_ms):.3f} |"
         )
+    lines += targets(results, base, hps)
     lines += [
         "",
         f"Handshake responses per second, one core, in memory (bench/core.py): {hps:,.0f}",
         "",
         "![throughput](bench/throughput.png)",
+        "",
+        "Where the time goes (py-spy profiles of both daemons under iperf3) and what each "
+        "datapath change bought: docs/design.md, section 'The datapath'.",
         "",
         "Every sample (Gbit/s): "
         + "; ".join(
@@ -149,6 +153,29 @@ def report(results: dict[str, Result], args: argparse.Namespace, hps: float) -> 
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def targets(results: dict[str, Result], base: float, hps: float) -> list[str]:
+    """The issue's targets against this run's figures."""
+
+    def ratio(name: str) -> float:
+        r = results.get(name)
+        return statistics.median(r.gbits["a->b"] + r.gbits["b->a"]) / base if r else 0.0
+
+    ours = results.get("wgpy <-> wgpy")
+    base_rtt = statistics.median(results[BASELINE].rtt_ms)
+    rtt = statistics.median(ours.rtt_ms) / base_rtt if ours else 0.0
+    with_go = ratio("wgpy <-> wireguard-go")
+    rows = [
+        ("wgpy<->wgpy >= 3.0x wireguard-go", f"{ratio('wgpy <-> wgpy'):.2f}x",
+         ratio("wgpy <-> wgpy") >= 3.0),
+        ("wgpy<->wireguard-go >= wireguard-go<->wireguard-go", f"{with_go:.2f}x", with_go >= 1.0),
+        (">= 5,000 handshake responses/s per core", f"{hps:,.0f}/s", hps >= 5000),
+        ("ping within 1.5x wireguard-go's", f"{rtt:.2f}x", 0 < rtt <= 1.5),
+    ]  # fmt: skip
+    lines = ["", "| target | this run | met |", "| --- | --- | --- |"]
+    lines += [f"| {what} | {got} | {'yes' if ok else 'no'} |" for what, got, ok in rows]
+    return lines
 
 
 def main() -> int:
