@@ -4,6 +4,7 @@ roaming endpoints and the allowed-IPs source filter, all with real interfaces.""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -112,3 +113,26 @@ def test_source_filter_drops_packets_from_addresses_the_peer_does_not_own(
     # the same address becomes a's: now it passes
     b.wg("set", b.ifname, "peer", a.public_key, "allowed-ips", f"{a.inner4}/32,10.201.0.77/32")
     a.ns.run("ping", "-c", "1", "-W", "3", "-I", "10.201.0.77", b.inner4, timeout=20)
+
+
+def test_mtu_changes_are_honoured() -> None:
+    ns = Namespace(f"wgpy-mtu{os.getpid()}")
+    ifname = f"wgm{os.getpid() % 100000}"
+    env = {**os.environ, "LOG_LEVEL": "verbose"}
+    daemon = ns.popen(*WGPY, "-f", ifname, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_socket(ifname, 10)
+        ns.set_link(ifname, mtu=1280)
+        assert daemon.stderr is not None
+        deadline = time.monotonic() + 10
+        seen = ""
+        while "MTU is now 1280" not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([daemon.stderr], [], [], left)[0]:
+                raise AssertionError(f"the daemon did not notice the new MTU: {seen!r}")
+            seen += daemon.stderr.readline()
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        ns.close()
+        socket_path(ifname).unlink(missing_ok=True)
