@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,9 @@ def test_up_down_round_trip_leaves_the_namespace_as_it_was(
     a, _, tmp = site
     priv, _ = keypair()
     _, peer = keypair()
-    conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
+    conf = write(
+        tmp / f"wq{PID}.conf",
+        f"""[Interface]
 PrivateKey = {priv}
 Address = 10.201.0.1/24, fd01::1/64
 Address = 10.202.0.1/32
@@ -78,7 +81,8 @@ PublicKey = {peer}
 Endpoint = 10.200.0.2:51821
 AllowedIPs = 10.201.0.0/24, fd01::/64
 AllowedIPs = 192.168.77.0/24
-""")
+""",
+    )
     before = snapshot(a)
     done = wgpy(a, "up", str(conf))
     assert done.returncode == 0, done.stderr
@@ -159,7 +163,9 @@ def test_default_route_keeps_the_endpoint_reachable(
         b.add_address(peer_b.ifname, "10.201.0.2/24")
         b.set_link(peer_b.ifname, state="up", mtu=1420)
         peer_b.wg("set", peer_b.ifname, "peer", pub_a, "allowed-ips", "10.201.0.1/32")
-        conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
+        conf = write(
+            tmp / f"wq{PID}.conf",
+            f"""[Interface]
 PrivateKey = {priv_a}
 Address = 10.201.0.1/24
 
@@ -167,7 +173,8 @@ Address = 10.201.0.1/24
 PublicKey = {pub_b}
 Endpoint = 10.200.0.2:51821
 AllowedIPs = 0.0.0.0/0, ::/0
-""")
+""",
+        )
         done = wgpy(a, "up", str(conf))
         assert done.returncode == 0, done.stderr
         rules = a.run("ip", "-4", "rule")
@@ -183,19 +190,17 @@ AllowedIPs = 0.0.0.0/0, ::/0
         peer_b.stop()
 
 
+def interface(tmp: Path, *lines: str) -> Path:
+    """wq<pid>.conf: an [Interface] with a fresh key and Address 10.201.0.1/24, then `lines`."""
+    text = "\n".join(["[Interface]", f"PrivateKey = {keypair()[0]}", "Address = 10.201.0.1/24"])
+    return write(tmp / f"wq{PID}.conf", text + "\n" + "\n".join(lines) + "\n")
+
+
 def test_failure_half_way_undoes_everything(site: tuple[Namespace, Namespace, Path]) -> None:
     a, _, tmp = site
-    priv, _ = keypair()
     _, peer = keypair()
-    conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
-PrivateKey = {priv}
-Address = 10.201.0.1/24
-PostUp = false
-
-[Peer]
-PublicKey = {peer}
-AllowedIPs = 10.201.0.0/24, 192.168.9.0/24
-""")
+    conf = interface(tmp, "PostUp = false", "[Peer]", f"PublicKey = {peer}",
+                     "AllowedIPs = 10.201.0.0/24, 192.168.9.0/24")  # fmt: skip
     before = snapshot(a)
     done = wgpy(a, "up", str(conf))
     assert done.returncode == 1 and "hook failed: false" in done.stderr
@@ -229,13 +234,8 @@ def test_bad_input_names_file_line_and_key_and_changes_nothing(
 
 def test_save_config_on_down(site: tuple[Namespace, Namespace, Path]) -> None:
     a, _, tmp = site
-    priv, _ = keypair()
     _, peer = keypair()
-    conf = write(tmp / f"wq{PID}.conf", f"""[Interface]
-PrivateKey = {priv}
-Address = 10.201.0.1/24
-SaveConfig = true
-""")
+    conf = interface(tmp, "SaveConfig = true")
     assert wgpy(a, "up", str(conf)).returncode == 0
     ifname = f"wq{PID}"
     a.run("wg", "set", ifname, "listen-port", "41414", "peer", peer, "allowed-ips", "10.9.0.0/16")
@@ -270,3 +270,34 @@ AllowedIPs = 10.0.0.0/24
     ours = subprocess.run([*WGPY, "strip", str(conf)], capture_output=True, text=True)
     theirs = subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True, text=True)
     assert ours.stderr == theirs.stderr and "world accessible" in ours.stderr
+
+
+@pytest.mark.parametrize("table", ["off", "1234"])
+def test_table_off_and_numbered(site: tuple[Namespace, Namespace, Path], table: str) -> None:
+    a, _, tmp = site
+    _, peer = keypair()
+    conf = interface(tmp, f"Table = {table}", "[Peer]", f"PublicKey = {peer}",
+                     "AllowedIPs = 192.168.50.0/24, fd50::/64")  # fmt: skip
+    assert wgpy(a, "up", str(conf)).returncode == 0
+    try:
+        main = a.run("ip", "-4", "route") + a.run("ip", "-6", "route")
+        numbered = a.run("ip", "-4", "route", "show", "table", "all")
+        assert "192.168.50.0/24" not in main and "fd50::/64" not in main
+        if table == "1234":
+            assert f"192.168.50.0/24 dev wq{PID} table 1234" in numbered
+            assert "fd50::/64 dev" in a.run("ip", "-6", "route", "show", "table", "1234")
+        else:
+            assert "192.168.50.0/24" not in numbered
+    finally:
+        assert wgpy(a, "down", str(conf)).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("resolvconf") is not None, reason="would change the host's DNS")
+def test_dns_without_resolvconf_warns_and_goes_on(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    a, _, tmp = site
+    conf = interface(tmp, "DNS = 10.201.0.53, example.com")
+    done = wgpy(a, "up", str(conf))
+    assert done.returncode == 0 and "resolvconf not found" in done.stderr
+    assert wgpy(a, "down", str(conf)).returncode == 0

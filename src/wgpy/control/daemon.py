@@ -32,7 +32,7 @@ class Daemon:
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
         # comparisons, and for kernels that refuse them
         self.offload = os.environ.get("WGPY_OFFLOAD", "1") != "0"
-        self.tun = Tun.create(ifname, vnet_hdr=self.offload)
+        self.tun = open_tun(ifname, self.offload)
         try:
             self.udp = UdpSocket(0, offload=self.offload)
             self.listener = uapi.UapiListener(ifname, socket_dir)
@@ -129,6 +129,16 @@ class Daemon:
         self.udp.close()
         self.tun.close()
         self.loop.close()
+
+
+def open_tun(ifname: str, vnet_hdr: bool) -> Tun:
+    """The TUN, with the virtio header if wanted and the kernel allows it."""
+    if vnet_hdr:
+        try:
+            return Tun.create(ifname, vnet_hdr=True)
+        except OSError as e:
+            log.warning("TUN without virtio header (%s): no coalesced writes", e)
+    return Tun.create(ifname, vnet_hdr=False)
 
 
 def setup_logging(ifname: str) -> None:

@@ -86,10 +86,11 @@ class UdpSocket:
                     self._sock.sendmsg([chunk], cmsg, 0, addr)
                     continue
                 except OSError as e:
-                    if e.errno not in _GSO_REFUSED:
-                        continue  # a drop, as for a plain send
-                    self.gso = False
-                    log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
+                    if e.errno in _GSO_REFUSED:  # the kernel can't here: stop asking
+                        self.gso = False
+                        log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
+                    elif e.errno != errno.EMSGSIZE:  # EMSGSIZE: segments above the path
+                        continue  # MTU, sent below one by one (IP fragments them); else drop
             for i in range(0, len(chunk), size):
                 self.send(chunk[i : i + size], endpoint)
 
