@@ -7,6 +7,9 @@ for the TUN, datagrams of one peer sent with UDP GSO.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import time
 
 from wgpy.core.device import Device, Output
@@ -14,6 +17,7 @@ from wgpy.io import offload
 from wgpy.io.tun import Tun, TunGone
 from wgpy.io.udp import UdpSocket
 
+log = logging.getLogger("wgpy.datapath")
 BATCH = 64  # reads per readable event before going back to the loop
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 
@@ -25,6 +29,7 @@ class Datapath:
         self.udp = udp
         self._udp_buf = bytearray(UDP_BUF)
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+        self.coalesce_udp = True  # until the kernel refuses a USO write
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
@@ -78,18 +83,27 @@ class Datapath:
             self._send_udp(out.udp)
 
     def _write_tun(self, packets: list[bytes]) -> None:
+        bufs = offload.coalesce(packets, self.coalesce_udp) if self.tun.vnet_hdr else packets
         write = self.tun.write
-        try:
-            if self.tun.vnet_hdr:
-                for buf in offload.coalesce(packets):
-                    write(buf)
-            else:
-                for packet in packets:
-                    write(packet)
-        except TunGone:
-            pass  # noticed and handled on the next read
-        except OSError:
-            pass  # the interface is down, or the kernel refused one packet: drop
+        for buf in bufs:
+            try:
+                write(buf)
+            except TunGone:
+                return  # noticed and handled on the next read
+            except OSError as e:
+                self._refused(buf, e)
+
+    def _refused(self, buf: bytes, error: OSError) -> None:
+        """A write the kernel refused. A USO super-packet on a kernel without USO for TUN
+        writes: stop making them and write its datagrams one by one. Anything else (the
+        interface is down, say): drop that one write, as a NIC would."""
+        if not (self.coalesce_udp and error.errno == errno.EINVAL and buf[1] == offload.GSO_UDP_L4):
+            return
+        self.coalesce_udp = False
+        log.warning("the kernel refuses UDP GSO writes to the TUN (%s): writing datagrams", error)
+        for packet in offload.split(buf, self.device.mtu):
+            with contextlib.suppress(OSError):
+                self.tun.write(offload.plain_header() + packet)
 
     def _send_udp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
         """Runs of datagrams to one endpoint with one size go out in one GSO send."""

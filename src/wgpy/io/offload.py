@@ -23,6 +23,7 @@ one write instead of ~44). The kernel's contract for such a write, and what we p
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
@@ -38,6 +39,7 @@ _PROTO_UDP = 17
 _FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80  # TCP flags
 _MAX_IP_LEN = 0xFFFF
 _MERGEABLE_FLAGS = frozenset((_ACK, _ACK | _PSH))
+_MAX_UDP_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 # IPv6 next-header values that are extension headers: the TCP header (if any) is further on.
 _V6_EXT = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254})
 
@@ -153,58 +155,130 @@ class _Run:
         return b"".join([vnet, hdr, *(memoryview(p)[hlen:] for p in members)])
 
 
-def _classify(p: bytes) -> tuple[bytes | None, int, int]:
-    """(flow key, L4 offset, header length if `p` may be coalesced else 0).
+class _UdpRun:
+    """Consecutive datagrams of one UDP flow, all of one size but a shorter last: one USO
+    super-packet (GSO_UDP_L4), which the kernel cuts back at exactly those boundaries."""
 
-    key None: not TCP, order against TCP flows does not matter. key b"": TCP we cannot
-    place in a flow (fragment, IPv6 extension headers): every open run must end.
+    __slots__ = ("fixed", "gso", "l4", "members", "next_id", "total")
+
+    # (fixed bytes, IPv4 id or IPv6 payload length, fixed bytes)
+    SHAPES: ClassVar[dict[int, struct.Struct]] = {
+        20: struct.Struct("!2s2xH4s"),
+        40: struct.Struct("!4sH2s"),
+    }
+
+    def __init__(self, p: bytes, l4: int, hlen: int) -> None:
+        self.members = [p]
+        self.l4 = l4
+        self.gso = len(p) - hlen
+        self.total = len(p)
+        a, ident, b = self.SHAPES[l4].unpack_from(p)
+        self.fixed = (a, b)
+        self.next_id = (ident + 1) & 0xFFFF
+
+    def take(self, p: bytes, hlen: int) -> bool:
+        size = len(p) - hlen
+        if (
+            hlen != self.l4 + 8
+            or size > self.gso
+            or len(self.members) >= _MAX_UDP_SEGMENTS
+            or self.total + size > _MAX_IP_LEN
+        ):
+            return False
+        a, ident, b = self.SHAPES[self.l4].unpack_from(p)
+        if (a, b) != self.fixed or (self.l4 == 20 and ident != self.next_id):
+            return False
+        self.members.append(p)
+        self.total += size
+        self.next_id = (self.next_id + 1) & 0xFFFF
+        return True
+
+    def closed_by(self, p: bytes) -> bool:
+        return len(p) - self.l4 - 8 < self.gso
+
+    def build(self) -> bytes:
+        members, l4, total = self.members, self.l4, self.total
+        first = members[0]
+        if len(members) == 1:
+            return _PLAIN + first
+        hdr = bytearray(first[: l4 + 8])
+        if l4 == 20:
+            _U16.pack_into(hdr, 2, total)
+            hdr[10:12] = _ZERO16
+            _U16.pack_into(hdr, 10, ~checksum(hdr[:20]) & 0xFFFF)
+            addrs = first[12:20]
+        else:
+            _U16.pack_into(hdr, 4, total - 40)
+            addrs = first[8:40]
+        _U16.pack_into(hdr, l4 + 4, total - l4)  # the UDP length of the whole
+        _U16.pack_into(hdr, l4 + 6, checksum(addrs, _PROTO_UDP + total - l4))
+        vnet = _VNET.pack(NEEDS_CSUM, GSO_UDP_L4, l4 + 8, self.gso, l4, 6)
+        return b"".join([vnet, hdr, *(memoryview(p)[l4 + 8 :] for p in members)])
+
+
+def _classify(p: bytes) -> tuple[bytes | None, int, int, bool]:
+    """(flow key, L4 offset, header length if `p` may be coalesced else 0, UDP?).
+
+    key None: neither TCP nor UDP, order against flows does not matter. key b"": TCP or
+    UDP we cannot place in a flow (fragment, IPv6 extension headers): every open run must
+    end. UDP keys end in a 0x11 byte, so that they never meet a TCP flow's.
     """
     n = len(p)
     if n < 20:
-        return None, 0, 0
+        return None, 0, 0, False
     version = p[0] >> 4
     if version == 4:
-        if p[9] != _PROTO_TCP:
-            return None, 0, 0
+        proto = p[9]
+        if proto != _PROTO_TCP and proto != _PROTO_UDP:
+            return None, 0, 0, False
         l4 = (p[0] & 15) * 4
-        if p[6] & 0x3F or p[7] or n < l4 + 20:  # MF or fragment offset: no usable TCP header
-            return b"", 0, 0
+        # MF or a fragment offset, or too short: no usable L4 header
+        if p[6] & 0x3F or p[7] or n < l4 + (20 if proto == _PROTO_TCP else 8):
+            return b"", 0, 0, False
         # addresses and ports: contiguous unless there are IP options (never merged)
         key = p[12:24] if l4 == 20 else p[12:20] + p[l4 : l4 + 4]
         ok = l4 == 20 and (p[2] << 8 | p[3]) == n
     elif version == 6:
-        if n < 40 or p[6] != _PROTO_TCP:
-            return (b"" if n >= 40 and p[6] in _V6_EXT else None), 0, 0
+        proto = p[6] if n >= 40 else 0
+        if proto != _PROTO_TCP and proto != _PROTO_UDP:
+            return (b"" if n >= 40 and proto in _V6_EXT else None), 0, 0, False
         l4 = 40
-        if n < 60:
-            return b"", 0, 0
+        if n < (60 if proto == _PROTO_TCP else 48):
+            return b"", 0, 0, False
         key = p[8:44]
         ok = (p[4] << 8 | p[5]) + 40 == n
     else:
-        return None, 0, 0
+        return None, 0, 0, False
+    if proto == _PROTO_UDP:
+        key += b"\x11"
+        # whole datagrams with a payload and a checksum (an IPv4 zero means "none")
+        ok = ok and (p[l4 + 4] << 8 | p[l4 + 5]) == n - l4 > 8 and (p[l4 + 6] | p[l4 + 7]) > 0
+        return key, l4, l4 + 8 if ok else 0, True
     hlen = l4 + (p[l4 + 12] >> 4) * 4
     if not (ok and l4 + 20 <= hlen < n and p[l4 + 13] in _MERGEABLE_FLAGS):
-        return key, l4, 0
+        return key, l4, 0, False
     # Inner checksums are not verified: like Linux's WireGuard, which marks what it
     # decrypted CHECKSUM_UNNECESSARY, we rely on the Poly1305 tag, which already proved
     # that the packet is exactly what the peer sent. (Verifying costs 3 us a segment.)
-    return key, l4, hlen
+    return key, l4, hlen, False
 
 
-def coalesce(packets: list[bytes]) -> list[bytes]:
+def coalesce(packets: list[bytes], udp: bool = True) -> list[bytes]:
     """Group decrypted packets into TUN writes, each starting with a virtio header.
 
     Segments of one TCP flow merge when they are consecutive *within that flow* (packets of
     other flows may sit between them): each output buffer is placed where its first packet
     was, so no flow is ever reordered. Anything unusual (not TCP, IPv4 options, no payload,
-    flags other than ACK or a final ACK|PSH) goes out alone, unchanged.
+    flags other than ACK or a final ACK|PSH) goes out alone, unchanged. Datagrams of one
+    UDP flow merge likewise when they share a size (but a shorter last): `udp=False` for
+    kernels without USO on TUN writes.
     IPv4 segments merge only if their ids count up by one, as the kernel recreates them.
     """
-    items: list[bytes | _Run] = []
-    runs: dict[bytes, _Run] = {}  # flow key -> its run still open for more segments
+    items: list[bytes | _Run | _UdpRun] = []
+    runs: dict[bytes, _Run | _UdpRun] = {}  # flow key -> its run still open for more
     for p in packets:
-        key, l4, hlen = _classify(p)
-        if key is None:
+        key, l4, hlen, is_udp = _classify(p)
+        if key is None or (is_udp and not udp):
             items.append(_PLAIN + p)
             continue
         if not key:
@@ -218,7 +292,7 @@ def coalesce(packets: list[bytes]) -> list[bytes]:
             items.append(_PLAIN + p)
             continue
         if run is None or not run.take(p, hlen):
-            run = _Run(p, l4, hlen)
+            run = _UdpRun(p, l4, hlen) if is_udp else _Run(p, l4, hlen)
             items.append(run)
         if run.closed_by(p):
             runs.pop(key, None)
