@@ -237,6 +237,23 @@ def test_heavy_handshake_batch_puts_device_under_load(net: SimNet) -> None:
     assert not b.device.is_under_load(net.now + 1.5)
 
 
+def test_a_flood_one_message_per_call_puts_device_under_load(net: SimNet) -> None:
+    """The datapath hands over one GRO read at a time; a flood from many sources arrives
+    as many calls of one message each, and must count all the same."""
+    _, b = nodes(net)
+    junk = bytes([MSG_INITIATION, 0, 0, 0]) + bytes(INITIATION_LEN - 4)
+    for i in range(63):
+        b.device.receive([(junk, ("192.0.2.9", 1000 + i))], net.now + i * 0.001)
+    assert not b.device.is_under_load(net.now + 0.063)
+    b.device.receive([(junk, ("192.0.2.9", 999))], net.now + 0.064)
+    assert b.device.is_under_load(net.now + 0.064)
+    # the same number spread thin is no flood
+    quiet = Device(lambda n: bytes(n))
+    for i in range(200):
+        quiet.receive([(junk, ("192.0.2.9", 1000))], float(i))
+    assert not quiet.is_under_load(200.0)
+
+
 def test_simultaneous_initiations_converge(net: SimNet) -> None:
     a, b = nodes(net)
     out_a = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now)
