@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
 from wgpy.core.constants import REKEY_TIMEOUT
@@ -500,3 +502,29 @@ def test_no_traffic_without_endpoint_or_key() -> None:
     n.peer(a, b).endpoint = B_EP
     n.peer(a, b).handshake.last_sent_initiation = -1e9
     assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], n.now + REKEY_TIMEOUT).udp == []
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=200),
+            # well-typed headers with garbage after them reach deeper code
+            st.tuples(st.sampled_from([1, 2, 3, 4]), st.binary(max_size=160)).map(
+                lambda t: bytes([t[0], 0, 0, 0]) + t[1]
+            ),
+        ),
+        max_size=20,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_garbage_is_dropped_silently_and_changes_nothing(datagrams: list[bytes]) -> None:
+    net = SimNet()
+    a = net.add("a", A_EP)
+    b = net.add("b", B_EP)
+    net.link(a, b, "10.0.0.1/32", "10.0.0.2/32")
+    handshake(net)
+    peer = net.peer(b, a)
+    before = (peer.endpoint, peer.rx_bytes, peer.current, dict(peer.timers.deadlines))
+    out = b.device.receive([(d, ("203.0.113.9", 9)) for d in datagrams], net.now)
+    assert out.tun == [] and out.udp == []
+    assert (peer.endpoint, peer.rx_bytes, peer.current, dict(peer.timers.deadlines)) == before
