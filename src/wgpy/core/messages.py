@@ -88,13 +88,5 @@ def parse_cookie_reply(data: bytes) -> CookieReply:
     return CookieReply(*COOKIE_REPLY.unpack(data)[1:])
 
 
-def pack_initiation(m: Initiation) -> bytes:
-    return INITIATION.pack(MSG_INITIATION, *m)
-
-
-def pack_response(m: Response) -> bytes:
-    return RESPONSE.pack(MSG_RESPONSE, *m)
-
-
 def pack_cookie_reply(m: CookieReply) -> bytes:
     return COOKIE_REPLY.pack(MSG_COOKIE_REPLY, *m)
