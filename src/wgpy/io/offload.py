@@ -320,7 +320,7 @@ def split(buf: bytes | bytearray | memoryview, mtu: int) -> list[bytes]:
         if flags & NEEDS_CSUM:
             return _complete(pkt, csum_start, csum_offset)
         return [bytes(pkt)]
-    if gso in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4) and len(pkt) >= 40:
+    if gso in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4) and len(pkt) >= 28:  # IPv4 + UDP at least
         l4 = csum_start if flags & NEEDS_CSUM else 0
         return _segment(pkt, gso == GSO_UDP_L4, gso_size or mtu, l4)
     return []
@@ -347,7 +347,7 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
     else:
         return []
     l4 = l4 or iphl
-    if l4 + (8 if udp else 20) > len(pkt):
+    if l4 < iphl or l4 + (8 if udp else 20) > len(pkt):  # L4 inside the IP header: garbage
         return []
     thl = 8 if udp else (pkt[l4 + 12] >> 4) * 4
     hlen = l4 + thl
@@ -360,7 +360,7 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
     hview = memoryview(hdr)
     seq = _U32.unpack_from(pkt, l4 + 4)[0]
     ip_id = _U16.unpack_from(pkt, 4)[0]
-    tcp_flags = pkt[l4 + 13]
+    tcp_flags = 0 if udp else pkt[l4 + 13]
     csum_at = l4 + (6 if udp else 16)
     out = []
     for i, off in enumerate(range(0, n or 1, mss)):
