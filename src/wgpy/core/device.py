@@ -50,10 +50,8 @@ from wgpy.core.messages import (
 from wgpy.core.peer import Endpoint, HandshakeState, Keypair, Peer
 from wgpy.core.timers import Timer
 
-_EMPTY_MACS = bytes(32)
-_NONCE_PREFIX = bytes(4)
+_NO_MAC = bytes(16)  # mac1/mac2 placeholders, filled in by add_macs
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
-_U16_BE = struct.Struct(">H")
 # This many handshake messages within one window put the device under load for a second
 # (wireguard-go: its handshake queue an eighth full). Counted across calls, since the
 # datapath hands over one GRO read at a time and handshakes from many sources never merge.
@@ -433,8 +431,8 @@ class Device:
                 e_pub,
                 enc_static,
                 enc_time,
-                _EMPTY_MACS[:16],
-                _EMPTY_MACS[:16],
+                _NO_MAC,
+                _NO_MAC,
             )
         )
         peer.cookies.add_macs(msg, now)
@@ -508,8 +506,8 @@ class Device:
                 remote_index,
                 e_pub,
                 enc_empty,
-                _EMPTY_MACS[:16],
-                _EMPTY_MACS[:16],
+                _NO_MAC,
+                _NO_MAC,
             )
         )
         peer.cookies.add_macs(msg, now)
