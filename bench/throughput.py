@@ -146,7 +146,7 @@ def report(results: dict[str, Result], args: argparse.Namespace, hps: float) -> 
         "receiving daemon at ~95% of a core (the bottleneck; the sender idles ~5-30%). "
         "About a quarter of the receiver's time is ChaCha20-Poly1305 itself (~2 us per "
         "1420-byte packet on these machines); the rest is interpreter work spread thin: "
-        "the coalescer (~2.3 us a segment), the replay window, UDP and TUN calls. A "
+        "the coalescer (~1.8 us a segment), the replay window, UDP and TUN calls. A "
         "handshake response is three X25519 exchanges and one key generation (~36 us "
         "each here) plus ~23 HMAC-BLAKE2s. Ping pays four Python wake-ups per round trip. "
         "What each datapath change bought: docs/design.md, section 'The datapath'.",

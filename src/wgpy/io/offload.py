@@ -130,6 +130,21 @@ class _Run:
         self.next_id = (self.next_id + 1) & 0xFFFF
         return True
 
+    def follows(self, p: bytes, key: bytes) -> bool:
+        """`take` for a packet not classified yet: the checks `_classify` would make that
+        the header fields compared by `take` do not already imply (the fast path for the
+        common case, a segment of the same flow as the packet before it)."""
+        l4 = self.l4
+        n = len(p)
+        if (
+            n <= self.hlen
+            or p[l4 + 13] not in _MERGEABLE_FLAGS
+            or (p[2] << 8 | p[3] if l4 == 20 else (p[4] << 8 | p[5]) + 40) != n
+            or (p[12:24] if l4 == 20 else p[8:44]) != key
+        ):
+            return False
+        return self.take(p, self.hlen)
+
     def closed_by(self, p: bytes) -> bool:
         """Whether no segment may follow `p`, its last: it was short, or carried PSH."""
         return len(p) - self.hlen < self.gso or bool(p[self.l4 + 13] & _PSH)
@@ -276,7 +291,16 @@ def coalesce(packets: list[bytes], udp: bool = True) -> list[bytes]:
     """
     items: list[bytes | _Run | _UdpRun] = []
     runs: dict[bytes, _Run | _UdpRun] = {}  # flow key -> its run still open for more
+    last: _Run | None = None  # the TCP run the previous packet went into, if still open
+    last_key = b""
     for p in packets:
+        if last is not None:
+            if last.follows(p, last_key):
+                if last.closed_by(p):
+                    del runs[last_key]
+                    last = None
+                continue
+            last = None
         key, l4, hlen, is_udp = _classify(p)
         if key is None or (is_udp and not udp):
             items.append(_PLAIN + p)
@@ -298,6 +322,8 @@ def coalesce(packets: list[bytes], udp: bool = True) -> list[bytes]:
             runs.pop(key, None)
         else:
             runs[key] = run
+            if isinstance(run, _Run):
+                last, last_key = run, key
     return [it if isinstance(it, bytes) else it.build() for it in items]
 
 
