@@ -12,6 +12,7 @@ types, indices, macs, tags, counters and timestamps are dropped without a word.
 from __future__ import annotations
 
 import contextlib
+import random
 import struct
 from collections.abc import Callable, Iterable
 
@@ -106,6 +107,7 @@ def inner_destination(packet: bytes | memoryview) -> bytes | None:
 class Device:
     def __init__(self, rand: Callable[[int], bytes], wall_offset: float = 0.0) -> None:
         self.rand = rand
+        self._timer_rng = random.Random(rand(16))
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
         self.private_key: bytes | None = None
         self._static: PrivateKey | None = None  # the same key, loaded for X25519
@@ -580,7 +582,9 @@ class Device:
     # ---- timers --------------------------------------------------------------------
 
     def _jitter(self) -> float:
-        return int.from_bytes(self.rand(2), "little") % REKEY_TIMEOUT_JITTER_MS / 1000
+        # Timer jitter needs no secrecy (wireguard-go uses a fast PRNG too): a generator
+        # seeded once from `rand` spares a getrandom() per batch of sent packets.
+        return self._timer_rng.randrange(REKEY_TIMEOUT_JITTER_MS) / 1000
 
     def _on_timer(self, peer: Peer, timer: Timer, now: float, out: Output) -> None:
         timers = peer.timers
