@@ -301,3 +301,47 @@ def test_dns_without_resolvconf_warns_and_goes_on(
     done = wgpy(a, "up", str(conf))
     assert done.returncode == 0 and "resolvconf not found" in done.stderr
     assert wgpy(a, "down", str(conf)).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables")
+def test_default_route_rules_and_firewall_as_wg_quick_makes_them(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    a, b, tmp = site
+    priv, _ = keypair()
+    _, peer = keypair()
+    body = f"""[Interface]
+PrivateKey = {priv}
+Address = 10.201.0.1/24, fd01::1/64
+
+[Peer]
+PublicKey = {peer}
+Endpoint = 10.200.0.77:51821
+AllowedIPs = 0.0.0.0/0, ::/0
+"""
+    ours = write(tmp / f"wr{PID}.conf", body)
+    theirs = write(tmp / f"wb{PID}.conf", body)
+    assert wgpy(a, "up", str(ours)).returncode == 0
+    env = {**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}
+    quick = subprocess.run(b.argv(["wg-quick", "up", str(theirs)]), capture_output=True,
+                           text=True, env=env, timeout=60)  # fmt: skip
+    try:
+        assert quick.returncode == 0, quick.stderr
+
+        def state(ns: Namespace, ifname: str) -> list[str]:
+            out = []
+            for args in (["nft", "list", "ruleset"], ["ip", "-4", "rule"], ["ip", "-6", "rule"],
+                         ["ip", "-4", "route", "show", "table", "51820"],
+                         ["ip", "-6", "route", "show", "table", "51820"]):  # fmt: skip
+                out += [
+                    " ".join(w for w in line.replace(ifname, "IF").split() if w not in NOISE)
+                    for line in ns.run(*args).splitlines()
+                    if "fe80" not in line  # link-local addresses differ by nature
+                ]
+            return out
+
+        assert state(a, f"wr{PID}") == state(b, f"wb{PID}")
+    finally:
+        subprocess.run(b.argv(["wg-quick", "down", str(theirs)]), capture_output=True, timeout=60)
+        assert wgpy(a, "down", str(ours)).returncode == 0
+    assert "wg-quick" not in a.run("nft", "list", "tables")

@@ -136,9 +136,11 @@ def add_routes(ipr: IPRoute, ifname: str, index: int, cfg: Config) -> None:
     table = cfg.interface.table
     if table == "off":
         return
+    # wg-quick's order (`sort -nr -k 2 -t /`): longest prefix first, ties in reverse text
     nets = sorted(
         {net for peer in cfg.peers for net in peer.allowed_ips},
-        key=lambda n: (-n.prefixlen, n.version, str(n)),
+        key=lambda n: (n.prefixlen, str(n)),
+        reverse=True,
     )
     for net in nets:
         family = 2 if net.version == 4 else 10
@@ -195,6 +197,46 @@ def add_default(ipr: IPRoute, ifname: str, index: int, net: IPNetwork) -> None:
         log("sysctl -q net.ipv4.conf.all.src_valid_mark=1")
         with open("/proc/sys/net/ipv4/conf/all/src_valid_mark", "w") as f:
             f.write("1\n")
+    add_firewall(ipr, ifname, index, family, table)
+
+
+def add_firewall(ipr: IPRoute, ifname: str, index: int, family: int, mark: int) -> None:
+    """wg-quick's nftables rules next to a default route: drop packets for the tunnel's
+    addresses that arrive from elsewhere, and keep the mark on the tunnel's own UDP flows
+    (connection mark), so that replies to them also bypass the tunnel."""
+    if shutil.which("nft") is None:
+        print(f"wgpy: warning: nft not found; no anti-spoofing rules for {ifname}", file=sys.stderr)
+        return
+    pf = "ip" if family == 2 else "ip6"
+    table = f"{pf} wg-quick-{ifname}"
+    commands = [
+        f"add table {table}",
+        f"add chain {table} preraw {{ type filter hook prerouting priority -300; }}",
+        f"add chain {table} premangle {{ type filter hook prerouting priority -150; }}",
+        f"add chain {table} postmangle {{ type filter hook postrouting priority -150; }}",
+    ]
+    for msg in ipr.get_addr(index=index, family=family):
+        address = msg.get_attr("IFA_ADDRESS")
+        commands.append(
+            f'add rule {table} preraw iifname != "{ifname}" {pf} daddr {address} '
+            "fib saddr type != local drop"
+        )
+    commands += [
+        f"add rule {table} postmangle meta l4proto udp mark {mark} ct mark set mark",
+        f"add rule {table} premangle meta l4proto udp meta mark set ct mark",
+    ]
+    log(f"nft -f (table {table})")
+    subprocess.run(["nft", "-f", "-"], input="\n".join(commands) + "\n", text=True, check=True)
+
+
+def del_firewall(ifname: str) -> None:
+    if shutil.which("nft") is None:
+        return
+    listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():
+        if line.endswith(f" wg-quick-{ifname}"):  # "table ip wg-quick-wg0"
+            log(f"nft delete {line}")
+            subprocess.run(["nft", "delete", *line.split()], check=False)
 
 
 def next_priority(ipr: IPRoute, family: int) -> int:
@@ -224,6 +266,7 @@ def delete_interface(ifname: str) -> None:
         if index is not None:
             log(f"ip link delete dev {ifname}")
             ipr.link("del", index=index)
+    del_firewall(ifname)
     unset_dns(ifname)
     deadline = time.monotonic() + 5  # the daemon notices and removes its socket
     while uapi_client.socket_path(ifname).exists() and time.monotonic() < deadline:
