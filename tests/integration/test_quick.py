@@ -96,10 +96,16 @@ AllowedIPs = 192.168.77.0/24
     assert f"fd01::/64 dev {ifname}" in a.run("ip", "-6", "route")
     assert peer in a.run("wg", "show", ifname, "peers")
     assert wgpy(a, "show", ifname).stdout.startswith(f"interface: {ifname}")
+    during = snapshot(a)
+    again = wgpy(a, "up", str(conf))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert snapshot(a) == during
     done = wgpy(a, "down", str(conf))
     assert done.returncode == 0, done.stderr
     assert snapshot(a) == before
     assert not socket_path(ifname).exists()
+    gone = wgpy(a, "down", str(conf))
+    assert gone.returncode == 1 and "is not a wgpy interface" in gone.stderr
 
 
 def test_same_addresses_routes_and_mtu_as_wg_quick(site: tuple[Namespace, Namespace, Path]) -> None:
