@@ -15,6 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wgpy.core.crypto import (
+    InvalidTag,
+    aead_decrypt,
+    aead_encrypt,
     clamp,
     decode_key,
     dh,
@@ -73,6 +76,61 @@ def test_blake2s_and_x25519_known_answers() -> None:
     assert dh(bob, bytes.fromhex(alice_pub)).hex() == shared
 
 
+RFC7748_SINGLE = [  # section 5.2: scalar, u-coordinate, output
+    ("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4",
+     "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c",
+     "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"),
+    ("4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d",
+     "e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493",  # top bit set
+     "95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("scalar", "u", "out"), RFC7748_SINGLE)
+def test_x25519_rfc7748_scalar_mult(scalar: str, u: str, out: str) -> None:
+    assert dh(bytes.fromhex(scalar), bytes.fromhex(u)).hex() == out
+
+
+def test_x25519_rfc7748_iterated() -> None:
+    # section 5.2: k = u = 9, then k, u = X25519(k, u), k; after 1 and 1000 rounds
+    k = u = (9).to_bytes(32, "little")
+    for i in range(1, 1001):
+        k, u = dh(k, u), k
+        if i == 1:
+            assert k.hex() == "422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079"
+    assert k.hex() == "684cf59ba83309552800ef566f2f4d3c1c3887c49360e3875f2eb94d99532c51"
+
+
+def test_chacha20_poly1305_rfc8439_a5() -> None:
+    # RFC 8439 A.5: its nonce 00000000 0102030405060708 is exactly WireGuard's layout
+    # (32 zero bits, then a little-endian u64 counter).
+    key = bytes.fromhex("1c9240a5eb55d38af333888604f6b5f0473917c1402b80099dca5cbc207075c0")
+    counter = int.from_bytes(bytes.fromhex("0102030405060708"), "little")
+    ad = bytes.fromhex("f33388860000000000004e91")
+    plain = (
+        b"Internet-Drafts are draft documents valid for a maximum of six months and may be "
+        b"updated, replaced, or obsoleted by other documents at any time. It is inappropriate "
+        b"to use Internet-Drafts as reference material or to cite them other than as "
+        b"/\xe2\x80\x9cwork in progress./\xe2\x80\x9d"
+    )
+    sealed = bytes.fromhex(
+        "64a0861575861af460f062c79be643bd5e805cfd345cf389f108670ac76c8cb2"
+        "4c6cfc18755d43eea09ee94e382d26b0bdb7b73c321b0100d4f03b7f355894cf"
+        "332f830e710b97ce98c8a84abd0b948114ad176e008d33bd60f982b1ff37c855"
+        "9797a06ef4f0ef61c186324e2b3506383606907b6a7c02b0f9f6157b53c867e4"
+        "b9166c767b804d46a59b5216cde7a4e99040c5a40433225ee282a1b0a06c523e"
+        "af4534d7f83fa1155b0047718cbc546a0d072b04b3564eea1b422273f548271a"
+        "0bb2316053fa76991955ebd63159434ecebb4e466dae5a1073a6727627097a10"
+        "49e617d91d361094fa68f0ff77987130305beaba2eda04df997b714d6c6f2c29"
+        "a6ad5cb4022b02709b"
+        "eead9d67890cbb22392336fea1851f38"  # tag
+    )
+    assert aead_encrypt(key, counter, plain, ad) == sealed
+    assert aead_decrypt(key, counter, sealed, ad) == plain
+    with pytest.raises(InvalidTag):
+        aead_decrypt(key, counter + 1, sealed, ad)
+
+
 def test_low_order_points_are_refused() -> None:
     for point in (bytes(32), bytes([1]) + bytes(31)):
         with pytest.raises(ValueError):
@@ -102,12 +160,24 @@ def test_xchacha20_poly1305_draft_vectors() -> None:
     assert xaead_decrypt(key, nonce, sealed, ad) == plain
 
 
-def test_tai64n_is_monotonic_and_coarse() -> None:
+def test_tai64n_layout() -> None:
     stamp = tai64n(1_700_000_000.5)
     assert len(stamp) == 12
     assert int.from_bytes(stamp[:8], "big") == (1 << 62) + 10 + 1_700_000_000  # TAI = UTC + 10
-    assert tai64n(1_700_000_000.5) < tai64n(1_700_000_001.0)
+    nsec = int.from_bytes(stamp[8:], "big")
+    assert nsec <= 500_000_000 and nsec % (1 << 24) == 0  # rounded down to 2^24 ns
     assert tai64n(1_700_000_000.5) == tai64n(1_700_000_000.5 + 0.001)  # ~16 ms resolution
+
+
+_WALL = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+
+
+@given(_WALL, _WALL)
+def test_tai64n_is_monotonic(a: float, b: float) -> None:
+    a, b = min(a, b), max(a, b)
+    assert tai64n(a) <= tai64n(b)  # byte order is time order
+    if b - a >= 0.02:  # more than one rounding step apart: strictly later
+        assert tai64n(a) < tai64n(b)
 
 
 def test_key_encoding() -> None:
