@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -108,18 +109,22 @@ AllowedIPs = 192.168.77.0/24
     assert gone.returncode == 1 and "is not a wgpy interface" in gone.stderr
 
 
-def test_same_addresses_routes_and_mtu_as_wg_quick(site: tuple[Namespace, Namespace, Path]) -> None:
+@contextlib.contextmanager
+def wgpy_and_wg_quick(
+    site: tuple[Namespace, Namespace, Path], allowed_ips: str
+) -> Iterator[tuple[str, str]]:
+    """One config brought up by `wgpy up` in namespace A and by `wg-quick up` (with
+    wireguard-go) in B; yields the two interface names, takes both down at the end."""
     a, b, tmp = site
-    priv, _ = keypair()
     _, peer = keypair()
     body = f"""[Interface]
-PrivateKey = {priv}
+PrivateKey = {keypair()[0]}
 Address = 10.201.0.1/24, fd01::1/64
 
 [Peer]
 PublicKey = {peer}
 Endpoint = 10.200.0.77:51821
-AllowedIPs = 10.201.0.0/24, fd01::/64, 172.16.0.0/12
+AllowedIPs = {allowed_ips}
 """
     ours = write(tmp / f"wr{PID}.conf", body)
     theirs = write(tmp / f"wb{PID}.conf", body)
@@ -129,28 +134,35 @@ AllowedIPs = 10.201.0.0/24, fd01::/64, 172.16.0.0/12
                            text=True, env=env, timeout=60)  # fmt: skip
     try:
         assert quick.returncode == 0, quick.stderr
-
-        def view(ns: Namespace, ifname: str) -> list[str]:
-            lines = []
-            for args in (
-                ["-4", "route", "show", "dev", ifname],
-                ["-6", "route", "show", "dev", ifname],
-                ["-o", "addr", "show", "dev", ifname],
-            ):
-                for line in ns.run("ip", *args).splitlines():
-                    if "fe80" in line:
-                        continue  # link-local addresses differ by nature
-                    words = line.replace(ifname, "IF").split()
-                    lines.append(" ".join(w for w in words if w not in NOISE))
-            mtu = ns.run("ip", "link", "show", ifname).split(" mtu ")[1].split()[0]
-            return [*sorted(lines), f"mtu {mtu}"]
-
-        ours_view = [line for line in view(a, f"wr{PID}") if "valid_lft" not in line]
-        theirs_view = [line for line in view(b, f"wb{PID}") if "valid_lft" not in line]
-        assert ours_view == theirs_view
+        yield f"wr{PID}", f"wb{PID}"
     finally:
         subprocess.run(b.argv(["wg-quick", "down", str(theirs)]), capture_output=True, timeout=60)
-        wgpy(a, "down", str(ours))
+        assert wgpy(a, "down", str(ours)).returncode == 0
+
+
+def normalized(ns: Namespace, ifname: str, *commands: list[str]) -> list[str]:
+    """The commands' output with the interface name neutral, link-local lines dropped
+    (their addresses differ by nature) and words that differ by implementation removed."""
+    return [
+        " ".join(w for w in line.replace(ifname, "IF").split() if w not in NOISE)
+        for command in commands
+        for line in ns.run(*command).splitlines()
+        if "fe80" not in line and "valid_lft" not in line
+    ]
+
+
+def test_same_addresses_routes_and_mtu_as_wg_quick(site: tuple[Namespace, Namespace, Path]) -> None:
+    a, b, _ = site
+
+    def view(ns: Namespace, ifname: str) -> list[str]:
+        lines = normalized(ns, ifname, ["ip", "-4", "route", "show", "dev", ifname],
+                           ["ip", "-6", "route", "show", "dev", ifname],
+                           ["ip", "-o", "addr", "show", "dev", ifname])  # fmt: skip
+        mtu = ns.run("ip", "link", "show", ifname).split(" mtu ")[1].split()[0]
+        return [*sorted(lines), f"mtu {mtu}"]
+
+    with wgpy_and_wg_quick(site, "10.201.0.0/24, fd01::/64, 172.16.0.0/12") as (ours, theirs):
+        assert view(a, ours) == view(b, theirs)
 
 
 def test_default_route_keeps_the_endpoint_reachable(
@@ -313,41 +325,10 @@ def test_dns_without_resolvconf_warns_and_goes_on(
 def test_default_route_rules_and_firewall_as_wg_quick_makes_them(
     site: tuple[Namespace, Namespace, Path],
 ) -> None:
-    a, b, tmp = site
-    priv, _ = keypair()
-    _, peer = keypair()
-    body = f"""[Interface]
-PrivateKey = {priv}
-Address = 10.201.0.1/24, fd01::1/64
-
-[Peer]
-PublicKey = {peer}
-Endpoint = 10.200.0.77:51821
-AllowedIPs = 0.0.0.0/0, ::/0
-"""
-    ours = write(tmp / f"wr{PID}.conf", body)
-    theirs = write(tmp / f"wb{PID}.conf", body)
-    assert wgpy(a, "up", str(ours)).returncode == 0
-    env = {**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}
-    quick = subprocess.run(b.argv(["wg-quick", "up", str(theirs)]), capture_output=True,
-                           text=True, env=env, timeout=60)  # fmt: skip
-    try:
-        assert quick.returncode == 0, quick.stderr
-
-        def state(ns: Namespace, ifname: str) -> list[str]:
-            out = []
-            for args in (["nft", "list", "ruleset"], ["ip", "-4", "rule"], ["ip", "-6", "rule"],
-                         ["ip", "-4", "route", "show", "table", "51820"],
-                         ["ip", "-6", "route", "show", "table", "51820"]):  # fmt: skip
-                out += [
-                    " ".join(w for w in line.replace(ifname, "IF").split() if w not in NOISE)
-                    for line in ns.run(*args).splitlines()
-                    if "fe80" not in line  # link-local addresses differ by nature
-                ]
-            return out
-
-        assert state(a, f"wr{PID}") == state(b, f"wb{PID}")
-    finally:
-        subprocess.run(b.argv(["wg-quick", "down", str(theirs)]), capture_output=True, timeout=60)
-        assert wgpy(a, "down", str(ours)).returncode == 0
+    a, b, _ = site
+    commands = (["nft", "list", "ruleset"], ["ip", "-4", "rule"], ["ip", "-6", "rule"],
+                ["ip", "-4", "route", "show", "table", "51820"],
+                ["ip", "-6", "route", "show", "table", "51820"])  # fmt: skip
+    with wgpy_and_wg_quick(site, "0.0.0.0/0, ::/0") as (ours, theirs):
+        assert normalized(a, ours, *commands) == normalized(b, theirs, *commands)
     assert "wg-quick" not in a.run("nft", "list", "tables")
