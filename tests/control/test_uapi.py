@@ -163,6 +163,11 @@ def test_keepalive_switched_on_sends_at_once() -> None:
             errno.EINVAL,
         ),
         (["set=1", "listen_port=4242"], errno.EADDRINUSE),
+        (["set=1", "listen_port=\u00b2"], errno.EINVAL),  # "²".isdigit() is True
+        (["set=1", "listen_port=\u0661\u0662"], errno.EINVAL),  # Arabic-Indic digits
+        (["set=1", "fwmark="], errno.EINVAL),
+        (["set=1", "private_key=" + "ab" * 31 + " a"], errno.EINVAL),  # fromhex skips spaces
+        (["set=1", "public_key=" + "ab" * 31 + " a"], errno.EINVAL),
         (["get=1", "private_key=00"], errno.EINVAL),
         (["hello"], errno.EPROTO),
         ([], errno.EPROTO),
@@ -207,3 +212,43 @@ def test_large_config_round_trip() -> None:
     assert req(host, *lines) == "errno=0\n\n"
     text = req(host, "get=1")
     assert text.count("allowed_ip=") == 130_000
+
+
+class FussyHost(MemoryHost):
+    """A host whose socket refuses mark 13 (SO_MARK can fail: EPERM)."""
+
+    def set_fwmark(self, mark: int) -> None:
+        if mark == 13:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        self.fwmark = mark
+
+
+def test_a_refused_mark_changes_nothing_and_answers_eaddrinuse() -> None:
+    host = FussyHost()
+    req(host, "set=1", "fwmark=5")
+    before = get(host)
+    assert req(host, "set=1", "listen_port=1234", "fwmark=13") == f"errno=-{errno.EADDRINUSE}\n\n"
+    assert get(host) == before
+    # a refused port after an accepted mark: the mark is put back
+    assert req(host, "set=1", "fwmark=6", "listen_port=4242") == f"errno=-{errno.EADDRINUSE}\n\n"
+    assert get(host) == before
+
+
+def test_crlf_lines_and_scoped_link_local_endpoints() -> None:
+    host = MemoryHost()
+    assert req(host, "set=1", "listen_port=4000\r", f"public_key={PEER1.hex()}\r",
+               "endpoint=[fe80::1%lo]:51820\r") == "errno=0\n\n"  # fmt: skip
+    lines = get(host)
+    assert "listen_port=4000" in lines and "endpoint=[fe80::1%lo]:51820" in lines
+
+
+class BrokenHost(MemoryHost):
+    def now(self) -> float:
+        raise RuntimeError("a bug")
+
+
+def test_an_unexpected_failure_costs_one_request_not_the_daemon() -> None:
+    host = BrokenHost()
+    answer = req(host, "set=1", f"public_key={PEER1.hex()}")
+    assert answer == f"errno=-{uapi.IPC_ERROR_UNKNOWN}\n\n"
+    assert get(host)[-1] == "errno=0"

@@ -7,10 +7,12 @@ and checked completely before anything is applied, so a bad request changes noth
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable
@@ -49,17 +51,18 @@ class Host(Protocol):
 # ---- parsing -------------------------------------------------------------------------
 
 
+_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
+_DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() also takes "²"
+
+
 def _key(value: str) -> bytes:
-    if len(value) != 64:
+    if not _HEX_KEY.fullmatch(value):  # bytes.fromhex alone would skip spaces
         raise UapiError(errno.EINVAL, "a key is 64 hex digits")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise UapiError(errno.EINVAL, "a key is 64 hex digits") from None
+    return bytes.fromhex(value)
 
 
 def _uint(value: str, limit: int, what: str) -> int:
-    if not value.isdigit() or int(value) > limit:
+    if not _DIGITS.fullmatch(value) or int(value) > limit:
         raise UapiError(errno.EINVAL, f"invalid {what}: {value!r}")
     return int(value)
 
@@ -76,7 +79,7 @@ def parse_endpoint(value: str) -> Endpoint:
     if not sep:
         raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}")
     if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1].split("%")[0]
+        host = host[1:-1]  # a link-local address keeps its %scope, as `wg` sends it
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
@@ -111,6 +114,8 @@ class SetRequest:
     peers: list[PeerChange] = field(default_factory=list)
 
 
+IPC_ERROR_UNKNOWN = 55  # wireguard-go's answer to an unexpected failure
+
 _DEVICE_KEYS = {"private_key", "listen_port", "fwmark", "replace_peers"}
 
 
@@ -118,7 +123,7 @@ def parse_set(lines: list[str]) -> SetRequest:
     req = SetRequest()
     peer: PeerChange | None = None
     for line in lines:
-        key, sep, value = line.partition("=")
+        key, sep, value = line.removesuffix("\r").partition("=")
         if not sep:
             raise UapiError(errno.EPROTO, f"not a key=value line: {line[:40]!r}")
         if key == "public_key":
@@ -139,7 +144,7 @@ def _parse_device_key(req: SetRequest, key: str, value: str) -> None:
     elif key == "listen_port":
         req.listen_port = _uint(value, 65535, "listen_port")
     elif key == "fwmark":
-        req.fwmark = _uint(value or "0", 2**32 - 1, "fwmark")
+        req.fwmark = _uint(value, 2**32 - 1, "fwmark")
     else:
         req.replace_peers = _true(value, key)
 
@@ -175,16 +180,21 @@ def _parse_peer_key(peer: PeerChange, key: str, value: str) -> None:
 
 
 def apply_set(host: Host, req: SetRequest) -> None:
-    """Apply a checked request. Only the port can still fail, so it goes first."""
+    """Apply a checked request. Only the socket changes can still fail, so they go first,
+    the mark undone if the port then fails: an error leaves everything as it was.
+    (wireguard-go answers EADDRINUSE for either, as here.)"""
     dev = host.device
-    if req.listen_port is not None and req.listen_port != host.listen_port:
-        try:
+    old_mark = host.fwmark
+    try:
+        if req.fwmark is not None and req.fwmark != old_mark:
+            host.set_fwmark(req.fwmark)
+        if req.listen_port is not None and req.listen_port != host.listen_port:
             host.set_listen_port(req.listen_port)
-        except OSError as e:
-            code = errno.EADDRINUSE if e.errno == errno.EADDRINUSE else errno.EIO
-            raise UapiError(code, f"cannot listen on port {req.listen_port}: {e}") from None
-    if req.fwmark is not None and req.fwmark != host.fwmark:
-        host.set_fwmark(req.fwmark)
+    except OSError as e:
+        if host.fwmark != old_mark:
+            with contextlib.suppress(OSError):
+                host.set_fwmark(old_mark)
+        raise UapiError(errno.EADDRINUSE, f"cannot set up the socket: {e}") from None
     if req.private_key is not None:
         dev.set_private_key(req.private_key)
     if req.replace_peers:
@@ -265,6 +275,9 @@ def handle(host: Host, request: list[str]) -> str:
     except UapiError as e:
         log.error("UAPI %s failed: %s", op or "request", e)
         return f"errno=-{e.code}\n\n"
+    except Exception:  # a bug must cost one request, never the running tunnel
+        log.exception("UAPI %s failed unexpectedly", op or "request")
+        return f"errno=-{IPC_ERROR_UNKNOWN}\n\n"
 
 
 # ---- the socket ----------------------------------------------------------------------

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("wgpy.loop")
 
 
 class Loop:
@@ -45,7 +48,10 @@ class Loop:
             for fd, _ in events:
                 callback = readers.get(fd)
                 if callback is not None:
-                    callback()
+                    try:
+                        callback()
+                    except Exception:  # a bug costs that event, never the running tunnel
+                        log.exception("error handling fd %d", fd)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + self._interval

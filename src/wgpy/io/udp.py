@@ -46,7 +46,11 @@ class UdpSocket:
                 _try_setsockopt(self._sock, socket.SOL_SOCKET, plain, BUFFER_BYTES)
         self._peer_addrs: dict[Endpoint, tuple[str, int]] = {}
         if fwmark:
-            self.set_fwmark(fwmark)
+            try:
+                self.set_fwmark(fwmark)
+            except OSError:
+                self._sock.close()
+                raise
 
     def fileno(self) -> int:
         return self._sock.fileno()
