@@ -104,14 +104,18 @@ class PrivateKey:
         self.public = self._key.public_key().public_bytes_raw()
 
 
+def load_private(private: bytes | PrivateKey) -> PrivateKey:
+    """The key loaded, once: callers that use one key several times load it first."""
+    return private if isinstance(private, PrivateKey) else PrivateKey(private)
+
+
 def public_key(private: bytes | PrivateKey) -> bytes:
-    return (private if isinstance(private, PrivateKey) else PrivateKey(private)).public
+    return load_private(private).public
 
 
 def dh(private: bytes | PrivateKey, public: bytes) -> bytes:
     """X25519; raises ValueError when the result is all zeros (a low-order point)."""
-    loaded = private if isinstance(private, PrivateKey) else PrivateKey(private)
-    shared = loaded._key.exchange(X25519PublicKey.from_public_bytes(public))
+    shared = load_private(private)._key.exchange(X25519PublicKey.from_public_bytes(public))
     if _hmac.compare_digest(shared, ZERO_KEY):  # OpenSSL usually refuses first; be sure
         raise ValueError("X25519 result is the all-zero point")
     return shared

@@ -52,6 +52,7 @@ from wgpy.core.peer import Endpoint, HandshakeState, Keypair, Peer
 from wgpy.core.timers import Timer
 
 _NO_MAC = bytes(16)  # mac1/mac2 placeholders, filled in by add_macs
+_NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
 # This many handshake messages within one window put the device under load for a second
 # (wireguard-go: its handshake queue an eighth full). Counted across calls, since the
@@ -198,10 +199,10 @@ class Device:
         unpack = DATA_HEADER.unpack_from
         for data, src in datagrams:
             # the type is a little-endian u32: 4 means "data" with the three reserved zeros
-            if len(data) < DATA_MIN_LEN or unpack(data)[0] != MSG_DATA:
+            kind, index, counter = unpack(data) if len(data) >= DATA_MIN_LEN else _NOT_DATA
+            if kind != MSG_DATA:
                 handshakes += self._receive_handshake(bytes(data), src, now, out)
                 continue
-            _, index, counter = unpack(data)
             kp = keypairs.get(index)
             if (
                 kp is None
@@ -236,8 +237,9 @@ class Device:
                 continue
             if length > n:
                 continue
-            owner = owners.get(addr, kp)  # a Keypair is never an owner: "not looked up yet"
-            if owner is kp:
+            try:
+                owner = owners[addr]
+            except KeyError:
                 owner = owners[addr] = lookup(addr)
             if owner is kp.peer:
                 tun.append(plain if length == n else plain[:length])

@@ -15,6 +15,7 @@ from wgpy.core.crypto import (
     dh,
     hash_,
     kdf,
+    load_private,
     public_key,
 )
 
@@ -71,10 +72,6 @@ class SymmetricState:
         return (first, second) if initiator else (second, first)
 
 
-def _load(key: bytes | PrivateKey) -> PrivateKey:
-    return key if isinstance(key, PrivateKey) else PrivateKey(key)
-
-
 def create_initiation(
     sym: SymmetricState,
     static_priv: bytes | PrivateKey,
@@ -84,7 +81,7 @@ def create_initiation(
     payload: bytes,
 ) -> tuple[bytes, bytes, bytes]:
     """Initiator, message 1: returns (ephemeral, encrypted static, encrypted payload)."""
-    e_priv = _load(e_priv)
+    e_priv = load_private(e_priv)
     e_pub = public_key(e_priv)
     sym.mix_ephemeral(e_pub)
     key = sym.mix_dh(dh(e_priv, remote_static))
@@ -120,7 +117,7 @@ def create_response(
     payload: bytes = b"",
 ) -> tuple[bytes, bytes]:
     """Responder, message 2: returns (ephemeral, encrypted payload)."""
-    e_priv = _load(e_priv)
+    e_priv = load_private(e_priv)
     e_pub = public_key(e_priv)
     sym.mix_ephemeral(e_pub)
     sym.mix_dh(dh(e_priv, remote_ephemeral))
@@ -138,7 +135,7 @@ def consume_response(
     enc_payload: bytes,
 ) -> bytes:
     """Initiator, message 2: the payload (empty in WireGuard); raises on forgery."""
-    e_priv = _load(e_priv)
+    e_priv = load_private(e_priv)
     sym.mix_ephemeral(remote_ephemeral)
     sym.mix_dh(dh(e_priv, remote_ephemeral))
     sym.mix_dh(dh(static_priv, remote_ephemeral))
