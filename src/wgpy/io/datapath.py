@@ -44,10 +44,8 @@ class Datapath:
                 break
             n, seg, addr = got
             data = view[:n]
-            if seg <= 0 or seg >= n:
-                out.extend(receive([(data, addr)], now))
-            else:
-                out.extend(receive([(data[i : i + seg], addr) for i in range(0, n, seg)], now))
+            step = seg if 0 < seg < n else n  # no GRO: one datagram
+            out.extend(receive([(data[i : i + step], addr) for i in range(0, n, step)], now))
         self.transmit(out)
 
     def on_tun(self) -> bool:

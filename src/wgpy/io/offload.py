@@ -72,6 +72,23 @@ def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     return s % 0xFFFF or 0xFFFF
 
 
+def _pseudo_sum(p: bytes | memoryview, proto: int, length: int) -> int:
+    """The TCP/UDP pseudo-header sum: the packet's addresses, protocol and L4 length."""
+    addresses = p[12:20] if p[0] >> 4 == 4 else p[8:40]
+    return checksum(addresses, proto + length)
+
+
+def _set_ip_length(hdr: bytearray, iphl: int, total: int) -> None:
+    """Give the IP header at the start of `hdr` a new total length (and, for IPv4, the
+    header checksum that goes with it)."""
+    if hdr[0] >> 4 == 4:
+        _U16.pack_into(hdr, 2, total)
+        hdr[10:12] = _ZERO16
+        _U16.pack_into(hdr, 10, ~checksum(hdr[:iphl]) & 0xFFFF)
+    else:
+        _U16.pack_into(hdr, 4, total - 40)
+
+
 # ---------------------------------------------------------------- coalescing (TUN writes)
 
 
@@ -156,16 +173,10 @@ class _Run:
             return _PLAIN + first
         l4, hlen, total = self.l4, self.hlen, self.total
         hdr = bytearray(first[:hlen])
-        if l4 == 20:
-            _U16.pack_into(hdr, 2, total)
-            hdr[10:12] = _ZERO16
-            _U16.pack_into(hdr, 10, ~checksum(hdr[:20]) & 0xFFFF)
-            pseudo, gso_type = checksum(first[12:20], _PROTO_TCP + total - l4), GSO_TCPV4
-        else:
-            _U16.pack_into(hdr, 4, total - 40)
-            pseudo, gso_type = checksum(first[8:40], _PROTO_TCP + total - l4), GSO_TCPV6
-        _U16.pack_into(hdr, l4 + 16, pseudo)
+        _set_ip_length(hdr, l4, total)
+        _U16.pack_into(hdr, l4 + 16, _pseudo_sum(first, _PROTO_TCP, total - l4))
         hdr[l4 + 13] = members[-1][l4 + 13]  # the PSH of the last segment, if it has one
+        gso_type = GSO_TCPV4 if l4 == 20 else GSO_TCPV6
         vnet = _VNET.pack(NEEDS_CSUM, gso_type, hlen, self.gso, l4, 16)
         return b"".join([vnet, hdr, *(memoryview(p)[hlen:] for p in members)])
 
@@ -217,16 +228,9 @@ class _UdpRun:
         if len(members) == 1:
             return _PLAIN + first
         hdr = bytearray(first[: l4 + 8])
-        if l4 == 20:
-            _U16.pack_into(hdr, 2, total)
-            hdr[10:12] = _ZERO16
-            _U16.pack_into(hdr, 10, ~checksum(hdr[:20]) & 0xFFFF)
-            addrs = first[12:20]
-        else:
-            _U16.pack_into(hdr, 4, total - 40)
-            addrs = first[8:40]
+        _set_ip_length(hdr, l4, total)
         _U16.pack_into(hdr, l4 + 4, total - l4)  # the UDP length of the whole
-        _U16.pack_into(hdr, l4 + 6, checksum(addrs, _PROTO_UDP + total - l4))
+        _U16.pack_into(hdr, l4 + 6, _pseudo_sum(first, _PROTO_UDP, total - l4))
         vnet = _VNET.pack(NEEDS_CSUM, GSO_UDP_L4, l4 + 8, self.gso, l4, 6)
         return b"".join([vnet, hdr, *(memoryview(p)[l4 + 8 :] for p in members)])
 
@@ -367,9 +371,9 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
     """Cut a TSO/USO super-packet into segments of `mss` payload bytes each."""
     version = pkt[0] >> 4
     if version == 4:
-        iphl, addrs = (pkt[0] & 15) * 4, pkt[12:20]
+        iphl = (pkt[0] & 15) * 4
     elif version == 6:
-        iphl, addrs = 40, pkt[8:40]
+        iphl = 40
     else:
         return []
     l4 = l4 or iphl
@@ -381,7 +385,7 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
         return []
     payload = pkt[hlen:]
     n = len(payload)
-    base = checksum(addrs, _PROTO_UDP if udp else _PROTO_TCP)  # pseudo-header minus length
+    base = _pseudo_sum(pkt, _PROTO_UDP if udp else _PROTO_TCP, 0)  # the length comes later
     hdr = bytearray(pkt[:hlen])
     hview = memoryview(hdr)
     seq = _U32.unpack_from(pkt, l4 + 4)[0]
@@ -393,12 +397,8 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
         chunk = payload[off : off + mss]
         l4len = thl + len(chunk)
         if version == 4:
-            _U16.pack_into(hdr, 2, l4 + l4len)
             _U16.pack_into(hdr, 4, (ip_id + i) & 0xFFFF)
-            hdr[10:12] = _ZERO16
-            _U16.pack_into(hdr, 10, ~checksum(hview[:iphl]) & 0xFFFF)
-        else:
-            _U16.pack_into(hdr, 4, l4 + l4len - 40)
+        _set_ip_length(hdr, iphl, l4 + l4len)
         if udp:
             _U16.pack_into(hdr, l4 + 4, l4len)
         else:
