@@ -44,7 +44,7 @@ class Datapath:
                 break
             n, seg, addr = got
             data = view[:n]
-            step = seg if 0 < seg < n else n  # no GRO: one datagram
+            step = seg if 0 < seg < n else n or 1  # no GRO: one datagram (an empty one: none)
             out.extend(receive([(data[i : i + step], addr) for i in range(0, n, step)], now))
         self.transmit(out)
 
