@@ -14,10 +14,8 @@ The results go to BENCHMARKS.md (a table and a PNG bar chart).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from wgpy.control.demo import iperf3  # noqa: E402
 from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Tunnel  # noqa: E402
 
 PAIRINGS = {
@@ -50,16 +49,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def iperf(client: Endpoint, server: Endpoint, seconds: float) -> float:
-    srv = server.ns.popen("iperf3", "-s", "-1", "-B", server.inner4, stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        out = client.ns.run(
-            "iperf3", "-c", server.inner4, "-t", str(seconds), "-J", timeout=seconds + 60
-        )
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
-    finally:
-        srv.kill()
-        srv.wait()
+    return iperf3(client, server, seconds) / 1e9
 
 
 def rtt(src: Endpoint, dst: Endpoint) -> float:

@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Namespace, veth
+from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Namespace, veth, wg_keypair
 from wgpy.control.uapi_client import socket_path
 
 PID = os.getpid() % 100000
 NOISE = ("proto", "kernel", "static")  # words that differ between kernel and userspace
-
-
-def keypair() -> tuple[str, str]:
-    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True).stdout.strip()
-    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True)
-    return private, public.stdout.strip()
 
 
 def snapshot(ns: Namespace) -> list[str]:
@@ -67,8 +61,8 @@ def test_up_down_round_trip_leaves_the_namespace_as_it_was(
     site: tuple[Namespace, Namespace, Path],
 ) -> None:
     a, _, tmp = site
-    priv, _ = keypair()
-    _, peer = keypair()
+    priv, _ = wg_keypair()
+    _, peer = wg_keypair()
     conf = write(
         tmp / f"wq{PID}.conf",
         f"""[Interface]
@@ -116,9 +110,9 @@ def wgpy_and_wg_quick(
     """One config brought up by `wgpy up` in namespace A and by `wg-quick up` (with
     wireguard-go) in B; yields the two interface names, takes both down at the end."""
     a, b, tmp = site
-    _, peer = keypair()
+    _, peer = wg_keypair()
     body = f"""[Interface]
-PrivateKey = {keypair()[0]}
+PrivateKey = {wg_keypair()[0]}
 Address = 10.201.0.1/24, fd01::1/64
 
 [Peer]
@@ -171,8 +165,8 @@ def test_default_route_keeps_the_endpoint_reachable(
     """0.0.0.0/0 through the tunnel: wg-quick's fwmark table and rules let the tunnel's own
     UDP packets out, and traffic to the peer's inside address flows both ways."""
     a, b, tmp = site
-    priv_a, pub_a = keypair()
-    priv_b, pub_b = keypair()
+    priv_a, pub_a = wg_keypair()
+    priv_b, pub_b = wg_keypair()
     peer_b = Endpoint(b, f"wb{PID}", 2, WIREGUARD_GO)
     peer_b.private_key, peer_b.public_key = priv_b, pub_b
     peer_b.start()
@@ -210,13 +204,13 @@ AllowedIPs = 0.0.0.0/0, ::/0
 
 def interface(tmp: Path, *lines: str) -> Path:
     """wq<pid>.conf: an [Interface] with a fresh key and Address 10.201.0.1/24, then `lines`."""
-    text = "\n".join(["[Interface]", f"PrivateKey = {keypair()[0]}", "Address = 10.201.0.1/24"])
+    text = "\n".join(["[Interface]", f"PrivateKey = {wg_keypair()[0]}", "Address = 10.201.0.1/24"])
     return write(tmp / f"wq{PID}.conf", text + "\n" + "\n".join(lines) + "\n")
 
 
 def test_failure_half_way_undoes_everything(site: tuple[Namespace, Namespace, Path]) -> None:
     a, _, tmp = site
-    _, peer = keypair()
+    _, peer = wg_keypair()
     conf = interface(tmp, "PostUp = false", "[Peer]", f"PublicKey = {peer}",
                      "AllowedIPs = 10.201.0.0/24, 192.168.9.0/24")  # fmt: skip
     before = snapshot(a)
@@ -241,7 +235,7 @@ def test_bad_input_names_file_line_and_key_and_changes_nothing(
     site: tuple[Namespace, Namespace, Path], line: str, key: str
 ) -> None:
     a, _, tmp = site
-    priv, _ = keypair()
+    priv, _ = wg_keypair()
     conf = write(tmp / f"wq{PID}.conf", f"[Interface]\nPrivateKey = {priv}\n{line}\n")
     before = snapshot(a)
     done = wgpy(a, "up", str(conf))
@@ -252,7 +246,7 @@ def test_bad_input_names_file_line_and_key_and_changes_nothing(
 
 def test_save_config_on_down(site: tuple[Namespace, Namespace, Path]) -> None:
     a, _, tmp = site
-    _, peer = keypair()
+    _, peer = wg_keypair()
     conf = interface(tmp, "SaveConfig = true")
     assert wgpy(a, "up", str(conf)).returncode == 0
     ifname = f"wq{PID}"
@@ -265,8 +259,8 @@ def test_save_config_on_down(site: tuple[Namespace, Namespace, Path]) -> None:
 
 
 def test_strip_matches_wg_quick_and_world_readable_warns(tmp_path: Path) -> None:
-    priv, _ = keypair()
-    _, peer = keypair()
+    priv, _ = wg_keypair()
+    _, peer = wg_keypair()
     conf = tmp_path / f"wq{PID}.conf"
     conf.write_text(f"""[Interface]
 # a comment
@@ -293,7 +287,7 @@ AllowedIPs = 10.0.0.0/24
 @pytest.mark.parametrize("table", ["off", "1234"])
 def test_table_off_and_numbered(site: tuple[Namespace, Namespace, Path], table: str) -> None:
     a, _, tmp = site
-    _, peer = keypair()
+    _, peer = wg_keypair()
     conf = interface(tmp, f"Table = {table}", "[Peer]", f"PublicKey = {peer}",
                      "AllowedIPs = 192.168.50.0/24, fd50::/64")  # fmt: skip
     assert wgpy(a, "up", str(conf)).returncode == 0

@@ -15,19 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.control.netns import WGPY, Endpoint, Namespace
+from wgpy.control.netns import WGPY, Endpoint, Namespace, wg_keypair
 from wgpy.control.uapi_client import set_config, socket_path
 
 HOLD_PORT = (
     "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
     "s.bind(('0.0.0.0',45000));print('ready',flush=True);sys.stdin.read()"
 )
-
-
-def key() -> tuple[str, str]:
-    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True).stdout.strip()
-    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True)
-    return private, public.stdout.strip()
 
 
 @pytest.fixture
@@ -57,10 +51,10 @@ def wg_file(dev: Endpoint, command: str, text: str) -> str:
 
 
 def test_set_show_and_remove(dev: Endpoint) -> None:
-    priv, pub = key()
-    _, p1 = key()
-    _, p2 = key()
-    _, psk = key()
+    priv, pub = wg_keypair()
+    _, p1 = wg_keypair()
+    _, p2 = wg_keypair()
+    _, psk = wg_keypair()
     path = conf_file(priv + "\n")
     psk_path = conf_file(psk + "\n")
     try:
@@ -108,10 +102,10 @@ def test_set_show_and_remove(dev: Endpoint) -> None:
 
 
 def test_setconf_addconf_syncconf_showconf(dev: Endpoint) -> None:
-    priv, _ = key()
-    _, p1 = key()
-    _, p2 = key()
-    _, p3 = key()
+    priv, _ = wg_keypair()
+    _, p1 = wg_keypair()
+    _, p2 = wg_keypair()
+    _, p3 = wg_keypair()
     base = f"[Interface]\nPrivateKey = {priv}\nListenPort = 40001\n\n"
     wg_file(dev, "setconf", base + f"[Peer]\nPublicKey = {p1}\nAllowedIPs = 10.1.0.0/16\n")
     wg_file(dev, "addconf", f"[Peer]\nPublicKey = {p2}\nAllowedIPs = 10.2.0.0/16\n")
@@ -130,8 +124,8 @@ def test_setconf_addconf_syncconf_showconf(dev: Endpoint) -> None:
 
 
 def test_130k_allowed_ips_round_trip(dev: Endpoint) -> None:
-    priv, _ = key()
-    _, p1 = key()
+    priv, _ = wg_keypair()
+    _, p1 = wg_keypair()
     nets = [str(ipaddress.IPv4Network(((10 << 24) + (i << 8), 24))) for i in range(65000)]
     nets += [str(ipaddress.IPv6Network(((0xFD << 120) + (i << 64), 64))) for i in range(65000)]
     text = f"[Interface]\nPrivateKey = {priv}\n[Peer]\nPublicKey = {p1}\nAllowedIPs = "

@@ -47,9 +47,7 @@ def _quick(command: str, args: list[str]) -> int:
     if len(args) != 1:
         print(f"usage: wgpy {command} CONFIG_FILE | INTERFACE", file=sys.stderr)
         return 2
-    commands = {"up": quick.up_command, "down": quick.down_command,
-                "strip": quick.strip_command, "save": quick.save_command}  # fmt: skip
-    return commands[command](args[0])
+    return quick.command(command, args[0])
 
 
 def main(argv: list[str] | None = None) -> int:

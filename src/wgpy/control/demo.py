@@ -38,19 +38,24 @@ def ping(src: Endpoint, dst_addr: str) -> str:
     return out.strip().splitlines()[-1]  # rtt min/avg/max/mdev
 
 
+def iperf3(client: Endpoint, server: Endpoint, seconds: float) -> float:
+    """Bits per second of an iperf3 TCP transfer from client to server, in the tunnel."""
+    srv = server.ns.popen("iperf3", "-s", "-1", "-B", server.inner4, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = client.ns.run(
+            "iperf3", "-c", server.inner4, "-t", str(seconds), "-J", timeout=seconds + 60
+        )
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+    finally:
+        srv.kill()
+        srv.wait()
+
+
 def throughput(client: Endpoint, server: Endpoint, seconds: float) -> tuple[str, float]:
     """(tool, bits per second) of a TCP transfer from client to server, inside the tunnel."""
     if shutil.which("iperf3"):
-        srv = server.ns.popen("iperf3", "-s", "-1", "-B", server.inner4, stdout=subprocess.DEVNULL)
-        try:
-            time.sleep(0.3)
-            out = client.ns.run(
-                "iperf3", "-c", server.inner4, "-t", str(seconds), "-J", timeout=seconds + 30
-            )
-            return "iperf3", float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
-        finally:
-            srv.kill()
-            srv.wait()
+        return "iperf3", iperf3(client, server, seconds)
     sink = server.ns.popen(sys.executable, "-c", _SINK.format(addr=server.inner4))
     try:
         time.sleep(0.5)

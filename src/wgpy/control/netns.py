@@ -89,6 +89,17 @@ def veth(a: Namespace, b: Namespace, name_a: str, name_b: str, mtu: int = 1500) 
     b.set_link(name_b, mtu=mtu, state="up")
 
 
+def wg_keypair() -> tuple[str, str]:
+    """(private, public) in base64, made by the `wg` tool itself."""
+    private = subprocess.run(
+        ["wg", "genkey"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    public = subprocess.run(
+        ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return private, public
+
+
 def wait_for_socket(ifname: str, timeout: float = 10.0) -> Path:
     path = Path(SOCKET_DIR) / f"{ifname}.sock"
     deadline = time.monotonic() + timeout
@@ -111,12 +122,7 @@ class Endpoint:
         self.inner6 = f"fd01::{index}"
         self.implementation = implementation
         self.process: subprocess.Popen[bytes] | None = None
-        self.private_key = subprocess.run(
-            ["wg", "genkey"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        self.public_key = subprocess.run(
-            ["wg", "pubkey"], input=self.private_key, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        self.private_key, self.public_key = wg_keypair()
         self.port = 0
 
     def start(self, env: dict[str, str] | None = None) -> None:

@@ -339,7 +339,8 @@ def _load(target: str) -> tuple[str, str, Config]:
     return ifname, path, cfg
 
 
-def _command(action: str, target: str) -> int:
+def command(action: str, target: str) -> int:
+    """`wgpy up|down|save|strip TARGET`: 0, or 1 with the error on stderr."""
     try:
         ifname, path, cfg = _load(target)
         if action == "up":
@@ -355,22 +356,6 @@ def _command(action: str, target: str) -> int:
     except (ConfigError, QuickError, uapi_client.UapiClientError, OSError) as e:
         print(f"wgpy {action}: {e}", file=sys.stderr)
         return 1
-
-
-def up_command(target: str) -> int:
-    return _command("up", target)
-
-
-def down_command(target: str) -> int:
-    return _command("down", target)
-
-
-def save_command(target: str) -> int:
-    return _command("save", target)
-
-
-def strip_command(target: str) -> int:
-    return _command("strip", target)
 
 
 def show_command(args: list[str]) -> int:
