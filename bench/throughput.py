@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from wgpy.control.demo import iperf3  # noqa: E402
-from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Tunnel  # noqa: E402
+from wgpy.demo.run import iperf3  # noqa: E402
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel  # noqa: E402
 
 PAIRINGS = {
     "wgpy <-> wgpy": (WGPY, WGPY),
@@ -48,11 +48,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def iperf(client: Endpoint, server: Endpoint, seconds: float) -> float:
+def iperf(client: Node, server: Node, seconds: float) -> float:
     return iperf3(client, server, seconds) / 1e9
 
 
-def rtt(src: Endpoint, dst: Endpoint) -> float:
+def rtt(src: Node, dst: Node) -> float:
     out = src.ns.run("ping", "-c", "20", "-i", "0.05", "-q", dst.inner4, timeout=30)
     return float(out.strip().splitlines()[-1].split("=")[1].split("/")[1])
 

@@ -1,3 +1,3 @@
-from wgpy.control.cli import main
+from wgpy.cli import main
 
 raise SystemExit(main())

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wgpy.control.netns import Tunnel
+from wgpy.demo.testbed import Tunnel
 
 pytestmark = pytest.mark.integration
 

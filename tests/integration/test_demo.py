@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from wgpy.control.uapi import SOCKET_DIR
+from wgpy.daemon.uapi import SOCKET_DIR
 
 
 @pytest.mark.parametrize("peer", ["wgpy", "wireguard-go"])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.control.netns import WGPY, WIREGUARD_GO, Endpoint, Namespace, veth, wg_keypair
-from wgpy.control.uapi_client import socket_path
+from wgpy.daemon.uapi import socket_path
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wg_keypair
 
 PID = os.getpid() % 100000
 NOISE = ("proto", "kernel", "static")  # words that differ between kernel and userspace
@@ -167,7 +167,7 @@ def test_default_route_keeps_the_endpoint_reachable(
     a, b, tmp = site
     priv_a, pub_a = wg_keypair()
     priv_b, pub_b = wg_keypair()
-    peer_b = Endpoint(b, f"wb{PID}", 2, WIREGUARD_GO)
+    peer_b = Node(b, f"wb{PID}", 2, WIREGUARD_GO)
     peer_b.private_key, peer_b.public_key = priv_b, pub_b
     peer_b.start()
     try:

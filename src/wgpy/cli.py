@@ -40,7 +40,7 @@ def pubkey() -> int:
 
 
 def _quick(command: str, args: list[str]) -> int:
-    from wgpy.control import quick
+    from wgpy.tools import quick
 
     if command == "show":
         return quick.show_command(args)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("up", "down", "strip", "save", "show"):
         return _quick(command, args[1:])
     if command == "demo":
-        from wgpy.control.demo import main as demo
+        from wgpy.demo.run import main as demo
 
         return demo(args[1:])
     foreground = False
@@ -75,6 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print(USAGE.strip(), file=sys.stderr)
         return 2
-    from wgpy.control.daemon import serve
+    from wgpy.daemon.daemon import serve
 
     return serve(args[0], foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1")

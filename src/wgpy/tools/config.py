@@ -16,8 +16,9 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from wgpy.control.uapi_client import DeviceStatus
 from wgpy.core.crypto import decode_key, encode_key
+from wgpy.daemon.uapi import format_endpoint, split_endpoint
+from wgpy.tools.uapi_client import DeviceStatus
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,15 +106,6 @@ def _table(value: str) -> str:
     if value.lower() in ("off", "auto") or re.fullmatch(r"[0-9]+", value):
         return value.lower()
     raise ValueError(f"{value!r}: expected off, auto or a table number")
-
-
-def split_endpoint(value: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port)."""
-    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]+)|([^:\[\]]+):([0-9]+)", value)
-    if not m:
-        raise ValueError(f"{value!r} is not host:port or [address]:port")
-    host = m.group(1) or m.group(3)
-    return host, _number(m.group(2) or m.group(4), 1, 65535)
 
 
 # ---- parsing ------------------------------------------------------------------------------
@@ -258,7 +250,7 @@ def resolve_endpoint(value: str) -> str:
     except ValueError:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         addr = ipaddress.ip_address(info[0][4][0])
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+    return format_endpoint((str(addr), port))
 
 
 def to_uapi(cfg: Config, resolve: Callable[[str], str] = resolve_endpoint) -> str:

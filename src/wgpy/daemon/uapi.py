@@ -11,12 +11,9 @@ import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import re
-import socket
-import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from wgpy.core.allowedips import format_cidr, parse_cidr
@@ -25,6 +22,25 @@ from wgpy.core.peer import Endpoint
 
 SOCKET_DIR = "/var/run/wireguard"
 log = logging.getLogger("wgpy.uapi")
+
+
+def socket_path(ifname: str, socket_dir: str = SOCKET_DIR) -> Path:
+    """Where the daemon of `ifname` listens (one directory for all namespaces)."""
+    return Path(socket_dir) / f"{ifname}.sock"
+
+
+def split_endpoint(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); the host may still be a name."""
+    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value)
+    port = int(m.group(2) or m.group(4)) if m else 0
+    if not m or not 0 < port < 65536:
+        raise ValueError(f"{value!r} is not host:port or [address]:port")
+    return m.group(1) or m.group(3), port
+
+
+def format_endpoint(ep: Endpoint) -> str:
+    """The inverse of `split_endpoint`: brackets around IPv6 hosts."""
+    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
 class UapiError(Exception):
@@ -75,22 +91,14 @@ def _true(value: str, what: str) -> bool:
 
 def parse_endpoint(value: str) -> Endpoint:
     """`1.2.3.4:51820` or `[fd00::1]:51820` (as `wg` sends it: already resolved)."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]  # a link-local address keeps its %scope, as `wg` sends it
     try:
-        addr = ipaddress.ip_address(host)
+        host, port = split_endpoint(value)
+        addr = ipaddress.ip_address(host)  # a link-local address keeps its %scope
     except ValueError:
         raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}") from None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
-    return (str(addr), _uint(port, 65535, "endpoint port"))
-
-
-def format_endpoint(ep: Endpoint) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+    return (str(addr), port)
 
 
 @dataclass
@@ -278,116 +286,3 @@ def handle(host: Host, request: list[str]) -> str:
     except Exception:  # a bug must cost one request, never the running tunnel
         log.exception("UAPI %s failed unexpectedly", op or "request")
         return f"errno=-{IPC_ERROR_UNKNOWN}\n\n"
-
-
-# ---- the socket ----------------------------------------------------------------------
-
-MAX_REQUEST = 64 * 1024 * 1024  # a 130k allowed-IPs setconf is ~4 MB
-
-
-class Connection:
-    """One client: bytes in, complete requests out. Several requests per connection."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-
-    def feed(self) -> list[list[str]] | None:
-        """Read what is waiting; the complete requests, or None when the client is gone."""
-        try:
-            chunk = self.sock.recv(1 << 20)
-        except BlockingIOError:
-            return []
-        except OSError:
-            return None
-        if not chunk or len(self.buffer) + len(chunk) > MAX_REQUEST:
-            return None
-        self.buffer += chunk
-        requests = []
-        while (end := self.buffer.find(b"\n\n")) >= 0:
-            text = self.buffer[:end].decode("utf-8", "replace")
-            del self.buffer[: end + 2]
-            requests.append(text.split("\n"))
-        return requests
-
-    def reply(self, text: str) -> bool:
-        try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(10)
-            self.sock.sendall(text.encode())
-            self.sock.setblocking(False)
-            return True
-        except OSError:
-            return False
-
-
-class UapiListener:
-    """/var/run/wireguard/IFNAME.sock: made like wireguard-go's (dir 0755, socket 0600)."""
-
-    def __init__(self, ifname: str, socket_dir: str = SOCKET_DIR) -> None:
-        os.makedirs(socket_dir, mode=0o755, exist_ok=True)
-        self.path = os.path.join(socket_dir, f"{ifname}.sock")
-        _remove_stale(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            self.sock.bind(self.path)
-        finally:
-            os.umask(old)
-        self.sock.listen(16)
-        self.sock.setblocking(False)
-        self._ino = os.stat(self.path).st_ino
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def accept(self) -> Connection | None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return None
-        conn.setblocking(False)
-        return Connection(conn)
-
-    def still_there(self) -> bool:
-        """False once someone deleted or replaced our socket file: time to go."""
-        try:
-            return os.stat(self.path).st_ino == self._ino
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
-        if self.still_there():
-            os.unlink(self.path)
-
-
-def _remove_stale(path: str) -> None:
-    """Replace a socket nobody answers on; refuse to steal a live one."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running daemon")
-
-
-def serve_connection(host: Host, conn: Connection, on_close: Callable[[], None]) -> None:
-    """Handle what a readable client sent; close it when it is done or broken."""
-    requests = conn.feed()
-    if requests is None:
-        on_close()
-        return
-    for request in requests:
-        if not conn.reply(handle(host, request)):
-            on_close()
-            return

@@ -15,21 +15,24 @@ import ipaddress
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
-from wgpy.control import config, uapi_client
-from wgpy.control.config import Config, ConfigError, IPNetwork
+from wgpy.daemon.uapi import socket_path
+from wgpy.tools import config, uapi_client
+from wgpy.tools.config import Config, ConfigError, IPNetwork
 
 DEFAULT_TABLE = 51820
 MAIN_TABLE = 254
 FIB_RULE_INVERT = 0x2
 SCOPE_LINK = 253  # what `ip route add PREFIX dev IF` gives a route without a gateway
 IMPLEMENTATION_ENV = "WGPY_USERSPACE_IMPLEMENTATION"
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 class QuickError(Exception):
@@ -70,7 +73,7 @@ def start_daemon(ifname: str) -> None:
     if done.returncode != 0:
         raise QuickError(f"could not start the daemon for {ifname}")
     deadline = time.monotonic() + 10
-    while not uapi_client.socket_path(ifname).exists():
+    while not socket_path(ifname).exists():
         if time.monotonic() > deadline:
             raise QuickError(f"{ifname}: no UAPI socket after 10 s")
         time.sleep(0.02)
@@ -81,13 +84,12 @@ def auto_mtu(ipr: IPRoute, endpoints: list[str]) -> int:
     device), minus 80 for the WireGuard overhead; 1420 when nothing says otherwise."""
     best = 0
     for host in endpoints:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NetlinkError, OSError):  # no route to it: no say in the MTU
             for route in ipr.route("get", dst=host):
                 best = max(best, _route_mtu(ipr, route))
     if not best:
-        with contextlib.suppress(Exception):
-            for route in ipr.get_default_routes(family=2):
-                best = max(best, _route_mtu(ipr, route))
+        for route in ipr.get_default_routes(family=socket.AF_INET):
+            best = max(best, _route_mtu(ipr, route))
     return (best or 1500) - 80
 
 
@@ -143,7 +145,7 @@ def add_routes(ipr: IPRoute, ifname: str, index: int, cfg: Config) -> None:
         reverse=True,
     )
     for net in nets:
-        family = 2 if net.version == 4 else 10
+        family = socket.AF_INET if net.version == 4 else socket.AF_INET6
         if table and table != "auto":
             log(f"ip -{net.version} route add {net} dev {ifname} table {table}")
             ipr.route("add", dst=str(net), oif=index, table=int(table), family=family,
@@ -158,7 +160,7 @@ def add_routes(ipr: IPRoute, ifname: str, index: int, cfg: Config) -> None:
 def covered(ipr: IPRoute, index: int, net: IPNetwork) -> bool:
     """Whether a main-table route on the interface already covers `net` (an address's
     own prefix route, say): wg-quick adds none then (`ip route show dev IF match NET`)."""
-    family = 2 if net.version == 4 else 10
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
     for route in ipr.get_routes(family=family, oif=index, table=MAIN_TABLE):
         dst = route.get_attr("RTA_DST") or ("0.0.0.0" if net.version == 4 else "::")
         if net.subnet_of(ipaddress.ip_network(f"{dst}/{route['dst_len']}")):  # type: ignore[arg-type]
@@ -172,7 +174,7 @@ def default_table(ifname: str, ipr: IPRoute) -> int:
     if mark:
         return mark
     table = DEFAULT_TABLE
-    while ipr.get_routes(table=table, family=2) or ipr.get_routes(table=table, family=10):
+    while any(ipr.get_routes(table=table, family=f) for f in FAMILIES):
         table += 1
     log(f"wg set {ifname} fwmark {table}")
     uapi_client.set_config(ifname, f"fwmark={table}")
@@ -183,7 +185,7 @@ def add_default(ipr: IPRoute, ifname: str, index: int, net: IPNetwork) -> None:
     """Everything not marked by our own UDP socket goes through the tunnel's table, while
     the main table's more specific routes still win (suppress_prefixlength 0)."""
     table = default_table(ifname, ipr)
-    family = 2 if net.version == 4 else 10
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
     v = net.version
     log(f"ip -{v} rule add not fwmark {table} table {table}")
     ipr.rule("add", family=family, fwmark=table, fwmask=0xFFFFFFFF, table=table,
@@ -207,7 +209,7 @@ def add_firewall(ipr: IPRoute, ifname: str, index: int, family: int, mark: int) 
     if shutil.which("nft") is None:
         print(f"wgpy: warning: nft not found; no anti-spoofing rules for {ifname}", file=sys.stderr)
         return
-    pf = "ip" if family == 2 else "ip6"
+    pf = "ip" if family == socket.AF_INET else "ip6"
     table = f"{pf} wg-quick-{ifname}"
     commands = [
         f"add table {table}",
@@ -248,15 +250,17 @@ def next_priority(ipr: IPRoute, family: int) -> int:
 
 def del_rules(ipr: IPRoute, ifname: str) -> None:
     """The policy rules `up` added for a default route (found by their table = fwmark)."""
-    with contextlib.suppress(Exception):
+    try:
         mark = uapi_client.get(ifname).fwmark
-        if not mark:
-            return
-        for family in (2, 10):
-            for rule in ipr.get_rules(family=family):
-                ours = rule.get_attr("FRA_TABLE") == mark and rule.get_attr("FRA_FWMARK") == mark
-                if ours or rule.get_attr("FRA_SUPPRESS_PREFIXLEN") == 0:
-                    ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
+    except uapi_client.UapiClientError:
+        return  # no daemon: no fwmark to find our rules by
+    if not mark:
+        return
+    for family in FAMILIES:
+        for rule in ipr.get_rules(family=family):
+            ours = rule.get_attr("FRA_TABLE") == mark and rule.get_attr("FRA_FWMARK") == mark
+            if ours or rule.get_attr("FRA_SUPPRESS_PREFIXLEN") == 0:
+                ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
 
 
 def delete_interface(ifname: str) -> None:
@@ -269,13 +273,13 @@ def delete_interface(ifname: str) -> None:
     del_firewall(ifname)
     unset_dns(ifname)
     deadline = time.monotonic() + 5  # the daemon notices and removes its socket
-    while uapi_client.socket_path(ifname).exists() and time.monotonic() < deadline:
+    while socket_path(ifname).exists() and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
 def up(ifname: str, cfg: Config) -> None:
     with netlink() as ipr:
-        if link_index(ipr, ifname) is not None or uapi_client.socket_path(ifname).exists():
+        if link_index(ipr, ifname) is not None or socket_path(ifname).exists():
             raise QuickError(f"`{ifname}' already exists")
     run_hooks(cfg.interface.pre_up, ifname)
     start_daemon(ifname)
@@ -301,7 +305,7 @@ def up(ifname: str, cfg: Config) -> None:
 
 
 def down(ifname: str, cfg: Config, path: str) -> None:
-    if not uapi_client.socket_path(ifname).exists():
+    if not socket_path(ifname).exists():
         raise QuickError(f"`{ifname}' is not a wgpy interface")
     run_hooks(cfg.interface.pre_down, ifname)
     if cfg.interface.save_config:
@@ -360,7 +364,7 @@ def command(action: str, target: str) -> int:
 
 def show_command(args: list[str]) -> int:
     """`wg show` for wgpy interfaces: all of them, or the one named."""
-    names = args or sorted(p.stem for p in uapi_client.socket_path("x").parent.glob("*.sock"))
+    names = args or uapi_client.interfaces()
     blocks = []
     for name in names:
         try:

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wgpy.control import config
-from wgpy.control.config import ConfigError, parse
-from wgpy.control.uapi import parse_set
 from wgpy.core.crypto import encode_key
+from wgpy.daemon.uapi import parse_set
+from wgpy.tools import config
+from wgpy.tools.config import ConfigError, parse
 
 PRIV = encode_key(bytes(range(32)))
 PUB1 = encode_key(bytes([1]) * 32)

@@ -12,8 +12,8 @@ import signal
 import sys
 import time
 
-from wgpy.control import uapi
 from wgpy.core.device import Device, Output
+from wgpy.daemon import uapi, uapi_server
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, TunGone
@@ -35,7 +35,7 @@ class Daemon:
         self.tun = open_tun(ifname, self.offload)
         try:
             self.udp = UdpSocket(0, offload=self.offload)
-            self.listener = uapi.UapiListener(ifname, socket_dir)
+            self.listener = uapi_server.UapiListener(ifname, socket_dir)
         except BaseException:
             self.tun.close()
             raise
@@ -43,7 +43,7 @@ class Daemon:
         self.device.mtu = self.tun.mtu()
         self.datapath = Datapath(self.device, self.tun, self.udp)
         self.loop = Loop(self._tick)
-        self._clients: dict[int, uapi.Connection] = {}
+        self._clients: dict[int, uapi_server.Connection] = {}
         self._next_housekeeping = 0.0
         self.loop.add_reader(self.tun.fileno(), self._on_tun)
         self.loop.add_reader(self.udp.fileno(), self.datapath.on_udp)
@@ -93,7 +93,7 @@ class Daemon:
             self._clients.pop(fd, None)
             conn.sock.close()
 
-        self.loop.add_reader(fd, lambda: uapi.serve_connection(self, conn, close))
+        self.loop.add_reader(fd, lambda: uapi_server.serve_connection(self, conn, close))
 
     def _tick(self) -> None:
         now = time.monotonic()

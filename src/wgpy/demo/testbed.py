@@ -22,7 +22,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
-from wgpy.control.uapi import SOCKET_DIR
+from wgpy.daemon.uapi import socket_path
 
 WGPY = [sys.executable, "-m", "wgpy"]
 WIREGUARD_GO = ["wireguard-go"]
@@ -101,7 +101,7 @@ def wg_keypair() -> tuple[str, str]:
 
 
 def wait_for_socket(ifname: str, timeout: float = 10.0) -> Path:
-    path = Path(SOCKET_DIR) / f"{ifname}.sock"
+    path = socket_path(ifname)
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
@@ -110,7 +110,7 @@ def wait_for_socket(ifname: str, timeout: float = 10.0) -> Path:
     return path
 
 
-class Endpoint:
+class Node:
     """One end of a tunnel: a namespace, its WireGuard process and its addresses."""
 
     def __init__(self, ns: Namespace, ifname: str, index: int, implementation: list[str]):
@@ -156,7 +156,7 @@ class Endpoint:
                 self.process.wait(5)
         self.process = None
         with contextlib.suppress(FileNotFoundError):
-            (Path(SOCKET_DIR) / f"{self.ifname}.sock").unlink()
+            socket_path(self.ifname).unlink()
 
 
 class Tunnel:
@@ -172,12 +172,12 @@ class Tunnel:
     ) -> None:
         suffix = f"{tag}{os.getpid() % 100000}"
         self.namespaces: list[Namespace] = []
-        self.ends: list[Endpoint] = []
+        self.ends: list[Node] = []
         try:
             for side, impl in (("a", left), ("b", right)):
                 ns = Namespace(f"wgpy-{suffix}-{side}")
                 self.namespaces.append(ns)
-                self.ends.append(Endpoint(ns, f"wg{side}{suffix}"[:15], len(self.ends) + 1, impl))
+                self.ends.append(Node(ns, f"wg{side}{suffix}"[:15], len(self.ends) + 1, impl))
             a, b = self.ends
             veth(a.ns, b.ns, f"va{suffix}"[:15], f"vb{suffix}"[:15])
             for end, dev in ((a, f"va{suffix}"[:15]), (b, f"vb{suffix}"[:15])):
@@ -196,14 +196,14 @@ class Tunnel:
             raise
 
     @property
-    def a(self) -> Endpoint:
+    def a(self) -> Node:
         return self.ends[0]
 
     @property
-    def b(self) -> Endpoint:
+    def b(self) -> Node:
         return self.ends[1]
 
-    def connect(self, here: Endpoint, there: Endpoint, *extra: str) -> None:
+    def connect(self, here: Node, there: Node, *extra: str) -> None:
         here.wg(
             "set", here.ifname, "peer", there.public_key,
             "endpoint", f"{there.outer4}:{there.port}",

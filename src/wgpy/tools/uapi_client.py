@@ -7,16 +7,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wgpy.control.uapi import SOCKET_DIR
 from wgpy.core.crypto import encode_key
+from wgpy.daemon.uapi import SOCKET_DIR, socket_path
 
 
 class UapiClientError(Exception):
     pass
 
 
-def socket_path(ifname: str) -> Path:
-    return Path(SOCKET_DIR) / f"{ifname}.sock"
+def interfaces() -> list[str]:
+    """The names of the interfaces whose daemons listen in the UAPI directory."""
+    return sorted(p.stem for p in Path(SOCKET_DIR).glob("*.sock"))
 
 
 def request(ifname: str, text: str, timeout: float = 10.0) -> list[str]:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wgpy.control import uapi
 from wgpy.core.crypto import clamp, public_key
 from wgpy.core.device import Device, Output
+from wgpy.daemon import uapi
 
 
 class MemoryHost:
