@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wgpy.core.crypto import clamp
-from wgpy.core.device import Device, Output
-from wgpy.core.peer import Endpoint, Peer
+from wgpy.core.device import Device, Output, seal_all
+from wgpy.core.peer import Endpoint, Keypair, Peer
 
 WALL = 1_700_000_000.0
 
@@ -44,6 +44,13 @@ def ipv6_packet(src: str, dst: str, payload: bytes = b"y" * 20) -> bytes:
         ipaddress.IPv6Address(dst).packed,
     )
     return header + payload
+
+
+def seal(kp: Keypair, packet: bytes, mtu: int = 1420) -> bytes:
+    """One data message on session `kp` (to forge traffic on a given session)."""
+    udp: list[tuple[bytes, Endpoint]] = []
+    seal_all(kp, [packet], mtu, ("", 0), udp)
+    return udp[0][0]
 
 
 @dataclass

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
+from tests.core.simnet import Node, SimNet, ipv4_packet, ipv6_packet, seal
 from wgpy.core.constants import REKEY_TIMEOUT
-from wgpy.core.device import Device, Output, padded_length
+from wgpy.core.cookie import CookieGenerator
+from wgpy.core.crypto import clamp
+from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output, padded_length
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -20,6 +23,9 @@ from wgpy.core.messages import (
     MSG_RESPONSE,
     RESPONSE_LEN,
 )
+from wgpy.core.output import Drop, EventKind
+from wgpy.core.ratelimit import MAX_SOURCES, RateLimiter
+from wgpy.core.timers import Timer
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)
@@ -151,7 +157,7 @@ def test_session_expires_after_180s(net: SimNet) -> None:
     assert old is not None
     net.advance(181)
     # a stale datagram sealed on the old session is refused
-    stale = a.device._seal(old, ipv4_packet("10.0.0.1", "10.0.0.2"), 1420)
+    stale = seal(old, ipv4_packet("10.0.0.1", "10.0.0.2"))
     assert b.device.receive([(stale, A_EP)], net.now).tun == []
     # sending now needs a new handshake first
     net.wire.clear()
@@ -169,7 +175,7 @@ def test_keys_zeroed_after_540s(net: SimNet) -> None:
     for node, other in ((a, b), (b, a)):
         peer = net.peer(node, other)
         assert peer.keypairs() == []
-        assert node.device._keypairs == {}
+        assert node.device.index.keypairs == {}
 
 
 def test_retransmits_then_gives_up(net: SimNet) -> None:
@@ -219,41 +225,77 @@ def test_roaming_follows_authenticated_packets_only(net: SimNet) -> None:
 
 def test_cookie_path_under_load(net: SimNet) -> None:
     a, b = nodes(net)
-    b.device.under_load = True
+    b.device.load.forced = True
     net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
     assert kinds(net.wire) == [MSG_INITIATION, MSG_COOKIE_REPLY]
     assert len(net.wire[1][0]) == COOKIE_REPLY_LEN
     assert net.peer(b, a).endpoint == A_EP  # configured, not learned: nothing changed
-    assert b.device._keypairs == {}
+    assert b.device.index.keypairs == {}
     net.advance(5.5)  # the retransmit carries mac2 now
     assert kinds(net.wire)[2:5] == [MSG_INITIATION, MSG_RESPONSE, MSG_DATA]
     assert net.wire[2][0][-16:] != bytes(16)
     assert len(b.delivered) == 1
 
 
-def test_heavy_handshake_batch_puts_device_under_load(net: SimNet) -> None:
-    _, b = nodes(net)
-    junk = [(bytes([MSG_INITIATION, 0, 0, 0]) + bytes(INITIATION_LEN - 4), A_EP)] * 64
-    b.device.receive(junk, net.now)
-    assert b.device.is_under_load(net.now)
-    assert not b.device.is_under_load(net.now + 1.5)
+def valid_mac1_junk(net: SimNet, target: Node, seed: int) -> bytes:
+    """An initiation with random keys but a valid mac1 for `target`: it costs the target a
+    Diffie-Hellman before it turns out to be nobody's (the flood of issue 12)."""
+    rng = random.Random(seed)
+    msg = bytearray([MSG_INITIATION, 0, 0, 0]) + rng.randbytes(INITIATION_LEN - 4)
+    assert target.device.public_key is not None
+    CookieGenerator(target.device.public_key).add_macs(msg, net.now)
+    return bytes(msg)
 
 
-def test_a_flood_one_message_per_call_puts_device_under_load(net: SimNet) -> None:
-    """The datapath hands over one GRO read at a time; a flood from many sources arrives
-    as many calls of one message each, and must count all the same."""
+def test_junk_with_a_bad_mac1_never_counts_toward_load(net: SimNet) -> None:
     _, b = nodes(net)
     junk = bytes([MSG_INITIATION, 0, 0, 0]) + bytes(INITIATION_LEN - 4)
-    for i in range(63):
-        b.device.receive([(junk, ("192.0.2.9", 1000 + i))], net.now + i * 0.001)
-    assert not b.device.is_under_load(net.now + 0.063)
-    b.device.receive([(junk, ("192.0.2.9", 999))], net.now + 0.064)
-    assert b.device.is_under_load(net.now + 0.064)
-    # the same number spread thin is no flood
-    quiet = Device(lambda n: bytes(n))
-    for i in range(200):
-        quiet.receive([(junk, ("192.0.2.9", 1000))], float(i))
-    assert not quiet.is_under_load(200.0)
+    out = b.device.receive([(junk, ("192.0.2.9", i)) for i in range(5000)], net.now, 0)
+    assert out.drops == {Drop.BAD_MAC1: 5000}
+    assert b.device.queued_handshakes == 0 and not b.device.is_under_load(net.now)
+
+
+def test_a_deep_handshake_queue_puts_the_device_under_load(net: SimNet) -> None:
+    """Under load while more than 1/8 of the queue waits, and for a second after; the
+    queue is worked off after the data of the same batch, and is bounded."""
+    a, b = nodes(net)
+    handshake(net)
+    dev = b.device
+    flood = [(valid_mac1_junk(net, b, i), (f"10.9.{i // 250}.{i % 250}", 9)) for i in range(1100)]
+    data = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"still here")], net.now).udp
+    out = dev.receive([*flood[: HANDSHAKE_QUEUE // 8], *data], net.now, 0)
+    assert len(out.tun) == 1 and not dev.is_under_load(net.now)
+    out = dev.receive(flood[HANDSHAKE_QUEUE // 8 :], net.now, 0)
+    assert dev.is_under_load(net.now)
+    assert out.drops == {Drop.QUEUE_FULL: 1100 - HANDSHAKE_QUEUE}
+    # worked off: under load, each costs a cookie reply, not a Diffie-Hellman
+    out = dev.process_handshakes(net.now, budget=HANDSHAKE_QUEUE)
+    assert len(out.udp) == HANDSHAKE_QUEUE and {d[0] for d, _ in out.udp} == {MSG_COOKIE_REPLY}
+    assert dev.queued_handshakes == 0
+    assert dev.is_under_load(net.now + 0.9) and not dev.is_under_load(net.now + 1.1)
+
+
+def test_handshakes_from_one_source_are_rate_limited(net: SimNet) -> None:
+    """20 a second with a burst of 5 per source address (an IPv6 source by its /64)."""
+    _, b = nodes(net)
+    dev = b.device
+    for src in ("192.0.2.77", "2001:db8:1:2::5"):
+        msgs = [(valid_mac1_junk(net, b, i), (src, 1000 + i)) for i in range(10)]
+        out = dev.receive(msgs, net.now, 0)
+        assert out.drops[Drop.RATE_LIMITED] == 5 and dev.queued_handshakes % 5 == 0
+    other = dev.receive([(valid_mac1_junk(net, b, 99), ("2001:db8:1:3::5", 1))], net.now, 0)
+    assert not other.drops  # another /64
+    later = [(valid_mac1_junk(net, b, 50 + i), ("192.0.2.77", 1)) for i in range(3)]
+    assert dev.receive(later, net.now + 0.1, 0).drops[Drop.RATE_LIMITED] == 1  # 2 new tokens
+    out = dev.process_handshakes(net.now + 0.1, budget=100)
+    assert out.drops == {Drop.BAD_HANDSHAKE: 13}
+
+
+def test_rate_limiter_table_is_bounded() -> None:
+    limiter = RateLimiter()
+    for i in range(70_000):
+        assert limiter.allow((f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 1), i * 1e-5)
+    assert len(limiter) <= MAX_SOURCES
 
 
 def test_simultaneous_initiations_converge(net: SimNet) -> None:
@@ -302,7 +344,7 @@ def test_remove_peer_forgets_everything(net: SimNet) -> None:
     pub = b.device.public_key
     assert pub is not None
     a.device.remove_peer(pub)
-    assert a.device._keypairs == {} and a.device._handshakes == {}
+    assert a.device.index.keypairs == {} and a.device.index.handshakes == {}
     assert a.device.allowed_ips.lookup(bytes([10, 0, 0, 2])) is None
 
 
@@ -323,9 +365,13 @@ def _remac(net: SimNet, msg: bytes) -> bytes:
     return bytes(buf)
 
 
-def _quiet(b_dev: Device, data: bytes, src: tuple[str, int], now: float) -> Output:
+def _quiet(
+    b_dev: Device, data: bytes, src: tuple[str, int], now: float, *reasons: Drop
+) -> Output:
+    """Nothing delivered, nothing answered, and dropped for one of `reasons`."""
     out = b_dev.receive([(data, src)], now)
     assert out.udp == [] and out.tun == []
+    assert sum(out.drops.values()) == 1 and set(out.drops) <= set(reasons), out.drops
     return out
 
 
@@ -342,14 +388,14 @@ def test_drop_wrong_sizes(net: SimNet, size: int) -> None:
     msg = _initiation(net)
     for t in (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA):
         data = (bytes([t, 0, 0, 0]) + msg[4:] + bytes(200))[:size]
-        _quiet(b.device, data, A_EP, net.now)
+        _quiet(b.device, data, A_EP, net.now, Drop.BAD_SIZE, Drop.UNKNOWN_INDEX)
 
 
 def test_drop_unknown_type_and_reserved_bytes(net: SimNet) -> None:
     _, b = nodes(net)
     msg = _initiation(net)
-    _quiet(b.device, b"\x05" + msg[1:], A_EP, net.now)
-    _quiet(b.device, _remac(net, b"\x01\x00\x01\x00" + msg[4:]), A_EP, net.now)
+    _quiet(b.device, b"\x05" + msg[1:], A_EP, net.now, Drop.UNKNOWN_TYPE)
+    _quiet(b.device, _remac(net, b"\x01\x00\x01\x00" + msg[4:]), A_EP, net.now, Drop.UNKNOWN_TYPE)
     # and the same message with clean reserved bytes and fresh macs is accepted
     out = b.device.receive([(_remac(net, msg), A_EP)], net.now)
     assert len(out.udp) == 1
@@ -361,7 +407,7 @@ def test_drop_bad_mac1_without_any_state_change(net: SimNet) -> None:
     msg[120] ^= 1
     peer = net.peer(b, a)
     before = (peer.handshake.latest_timestamp, peer.rx_bytes, peer.endpoint)
-    _quiet(b.device, bytes(msg), ("203.0.113.1", 9), net.now)
+    _quiet(b.device, bytes(msg), ("203.0.113.1", 9), net.now, Drop.BAD_MAC1)
     assert (peer.handshake.latest_timestamp, peer.rx_bytes, peer.endpoint) == before
 
 
@@ -369,20 +415,20 @@ def test_drop_forged_static_even_with_valid_mac1(net: SimNet) -> None:
     _, b = nodes(net)
     msg = bytearray(_initiation(net))
     msg[40] ^= 1  # inside the encrypted static
-    _quiet(b.device, _remac(net, bytes(msg)), A_EP, net.now)
+    _quiet(b.device, _remac(net, bytes(msg)), A_EP, net.now, Drop.BAD_HANDSHAKE)
 
 
 def test_drop_low_order_ephemeral(net: SimNet) -> None:
     _, b = nodes(net)
     msg = _initiation(net)
-    _quiet(b.device, _remac(net, msg[:8] + bytes(32) + msg[40:]), A_EP, net.now)
+    _quiet(b.device, _remac(net, msg[:8] + bytes(32) + msg[40:]), A_EP, net.now, Drop.BAD_HANDSHAKE)
 
 
 def test_drop_replayed_initiation(net: SimNet) -> None:
     _, b = nodes(net)
     msg = _initiation(net)
     assert len(b.device.receive([(msg, A_EP)], net.now).udp) == 1
-    _quiet(b.device, msg, A_EP, net.now + 1)
+    _quiet(b.device, msg, A_EP, net.now + 1, Drop.STALE_TIMESTAMP)
 
 
 def test_drop_initiation_flood(net: SimNet) -> None:
@@ -393,13 +439,13 @@ def test_drop_initiation_flood(net: SimNet) -> None:
     t1 = (int((net.now + a.device.wall_offset) / step) + 1) * step - a.device.wall_offset - 0.005
 
     def initiation_at(t: float) -> bytes:
-        peer.handshake.last_sent_initiation = float("-inf")
+        peer.handshake.last_sent_handshake = float("-inf")
         out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], t)
         return out.udp[0][0]
 
     first, second = initiation_at(t1), initiation_at(t1 + 0.010)
     assert len(b.device.receive([(first, A_EP)], t1).udp) == 1
-    _quiet(b.device, second, A_EP, t1 + 0.010)
+    _quiet(b.device, second, A_EP, t1 + 0.010, Drop.FLOOD)
     third = initiation_at(t1 + 0.030)
     assert len(b.device.receive([(third, A_EP)], t1 + 0.030).udp) == 1
 
@@ -409,13 +455,15 @@ def test_drop_response_to_unknown_index_and_forged_response(net: SimNet) -> None
     init = _initiation(net)
     response = b.device.receive([(init, A_EP)], net.now).udp[0][0]
     assert len(response) == RESPONSE_LEN
-    bad_index = response[:8] + bytes(4) + response[12:]
-    _quiet(a.device, bad_index, B_EP, net.now)
+    bad_index = bytearray(response[:8] + bytes(4) + response[12:])
+    _quiet(a.device, bytes(bad_index), B_EP, net.now, Drop.BAD_MAC1)
+    net.peer(b, a).cookies.add_macs(bad_index, net.now)
+    _quiet(a.device, bytes(bad_index), B_EP, net.now, Drop.UNKNOWN_INDEX)
     forged = bytearray(response)
     forged[50] ^= 1  # the encrypted empty payload
     buf = bytearray(forged)
     net.peer(b, a).cookies.add_macs(buf, net.now)
-    _quiet(a.device, bytes(buf), B_EP, net.now)
+    _quiet(a.device, bytes(buf), B_EP, net.now, Drop.BAD_HANDSHAKE)
     assert net.peer(a, b).current is None
     out = a.device.receive([(response, B_EP)], net.now)  # the genuine one still works
     assert net.peer(a, b).current is not None and len(out.udp) == 1  # the staged packet
@@ -428,13 +476,13 @@ def test_drop_data_unknown_index_bad_tag_and_replay(net: SimNet) -> None:
     out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"once")], net.now)
     data = out.udp[0][0]
     rx = peer.rx_bytes
-    _quiet(b.device, data[:4] + b"\xff\xff\xff\xff" + data[8:], A_EP, net.now)
+    _quiet(b.device, data[:4] + b"\xff\xff\xff\xff" + data[8:], A_EP, net.now, Drop.UNKNOWN_INDEX)
     tampered = bytearray(data)
     tampered[-1] ^= 1
-    _quiet(b.device, bytes(tampered), ("203.0.113.5", 7), net.now)
+    _quiet(b.device, bytes(tampered), ("203.0.113.5", 7), net.now, Drop.BAD_TAG)
     assert peer.rx_bytes == rx and peer.endpoint == A_EP
     assert len(b.device.receive([(data, A_EP)], net.now).tun) == 1
-    _quiet(b.device, data, A_EP, net.now)  # replayed
+    _quiet(b.device, data, A_EP, net.now, Drop.REPLAYED)
 
 
 def test_bad_tag_does_not_move_replay_window(net: SimNet) -> None:
@@ -442,9 +490,9 @@ def test_bad_tag_does_not_move_replay_window(net: SimNet) -> None:
     handshake(net)
     kp = net.peer(a, b).current
     assert kp is not None
-    good = a.device._seal(kp, ipv4_packet("10.0.0.1", "10.0.0.2"), 1420)
+    good = seal(kp, ipv4_packet("10.0.0.1", "10.0.0.2"))
     forged_far = struct.pack("<IIQ", MSG_DATA, kp.remote_index, 100_000) + bytes(48)
-    _quiet(b.device, forged_far, A_EP, net.now)
+    _quiet(b.device, forged_far, A_EP, net.now, Drop.BAD_TAG)
     assert len(b.device.receive([(good, A_EP)], net.now).tun) == 1
 
 
@@ -469,7 +517,7 @@ def test_drop_malformed_inner_packet(net: SimNet) -> None:
 def test_drop_cookie_reply_for_unknown_index_or_forged(net: SimNet) -> None:
     a, b = nodes(net)
     init = _initiation(net)
-    b.device.under_load = True
+    b.device.load.forced = True
     reply = b.device.receive([(init, A_EP)], net.now).udp[0][0]
     forged = reply[:40] + bytes([reply[40] ^ 1]) + reply[41:]
     a.device.receive([(forged, B_EP)], net.now)
@@ -500,7 +548,7 @@ def test_no_traffic_without_endpoint_or_key() -> None:
     assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], n.now).udp == []
     a.device.set_private_key(None)
     n.peer(a, b).endpoint = B_EP
-    n.peer(a, b).handshake.last_sent_initiation = -1e9
+    n.peer(a, b).handshake.last_sent_handshake = -1e9
     assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], n.now + REKEY_TIMEOUT).udp == []
 
 
@@ -528,3 +576,100 @@ def test_garbage_is_dropped_silently_and_changes_nothing(datagrams: list[bytes])
     out = b.device.receive([(d, ("203.0.113.9", 9)) for d in datagrams], net.now)
     assert out.tun == [] and out.udp == []
     assert (peer.endpoint, peer.rx_bytes, peer.current, dict(peer.timers.deadlines)) == before
+
+
+# ---- what the core reports: events and drop reasons ------------------------------
+
+
+def test_events_of_a_handshake_and_roaming(net: SimNet) -> None:
+    a, b = nodes(net)
+    out_a = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now)
+    assert [e.kind for e in out_a.events] == [EventKind.INITIATION_SENT]
+    out_b = b.device.receive(out_a.udp and [(out_a.udp[0][0], ("198.51.100.1", 7))], net.now)
+    kinds_b = [e.kind for e in out_b.events]
+    assert kinds_b == [EventKind.INITIATION_RECEIVED, EventKind.ENDPOINT_CHANGED,
+                       EventKind.KEYPAIR_CREATED, EventKind.RESPONSE_SENT]  # fmt: skip
+    assert out_b.events[1].detail == ("198.51.100.1", 7)
+    out_a2 = a.device.receive([(out_b.udp[0][0], B_EP)], net.now)
+    assert [e.kind for e in out_a2.events] == [
+        EventKind.RESPONSE_RECEIVED, EventKind.KEYPAIR_CREATED, EventKind.HANDSHAKE_COMPLETED]
+    assert all(e.peer is net.peer(a, b) for e in out_a2.events)
+
+
+def test_events_of_retries_giving_up_and_zeroing(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    events: list[EventKind] = []
+    net.drop = lambda data, src, dst: True
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    for _ in range(int(700 / 0.5)):
+        net.now += 0.5
+        events += [e.kind for e in a.device.tick(net.now).events]
+    assert events.count(EventKind.HANDSHAKE_RETRY) == 20  # 1 "no data back" + 19 retries
+    assert events.count(EventKind.HANDSHAKE_GAVE_UP) == 1
+    assert events[-1] is EventKind.KEYS_ZEROED
+
+
+def test_drop_reasons_of_the_inner_packet(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    kp = net.peer(a, b).current
+    assert kp is not None
+    spoofed = seal(kp, ipv4_packet("10.9.9.9", "10.0.0.2"))
+    _quiet(b.device, spoofed, A_EP, net.now, Drop.SOURCE_NOT_ALLOWED)
+    short = bytearray(ipv4_packet("10.0.0.1", "10.0.0.2"))
+    short[2:4] = (2000).to_bytes(2, "big")
+    _quiet(b.device, seal(kp, bytes(short)), A_EP, net.now, Drop.BAD_INNER)
+    _quiet(b.device, seal(kp, b"\x50" + bytes(40)), A_EP, net.now, Drop.BAD_INNER)
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.7.7.7"), b"\x10garbage"], net.now)
+    assert out.drops == {Drop.NO_ROUTE: 1, Drop.BAD_INNER: 1} and not out.udp
+
+
+# ---- timer details where wgpy once differed from wireguard-go and Linux -----------
+
+
+def test_a_response_holds_off_a_crossing_initiation(net: SimNet) -> None:
+    """The responder has traffic of its own at once: it waits for the initiator's
+    confirmation instead of starting a second handshake (one handshake, not two)."""
+    a, b = nodes(net)
+    init = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now).udp[0][0]
+    out_b = b.device.receive([(init, A_EP)], net.now)
+    assert [d[0] for d, _ in out_b.udp] == [MSG_RESPONSE]
+    out_b2 = b.device.send([ipv4_packet("10.0.0.2", "10.0.0.1", b"eager")], net.now + 0.001)
+    assert out_b2.udp == []  # staged, not a crossing initiation
+    net.pump(b, out_b)  # the response reaches a, whose confirmation releases b's packet
+    assert a.delivered and a.delivered[-1].endswith(b"eager")
+    assert kinds(net.wire).count(MSG_INITIATION) == 0  # the first one went around net
+
+
+def test_a_new_private_key_lifts_the_initiation_hold_off(net: SimNet) -> None:
+    a, b = nodes(net)
+    assert len(a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now).udp) == 1
+    assert a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now + 1).udp == []
+    a.device.set_private_key(clamp(bytes(range(32))))
+    assert len(a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now + 1).udp) == 1
+
+
+def test_zeroing_the_keys_drops_the_staged_packets(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    peer = net.peer(a, b)
+    net.advance(541)
+    peer.handshake.last_sent_handshake = net.now  # hold the next initiation back
+    a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2")], net.now)
+    assert peer.staged and not peer.keypairs()
+    peer.timers.session_derived(net.now - 540)  # zero-keys due now
+    a.device.tick(net.now)
+    assert not peer.staged
+
+
+def test_sending_an_initiation_cancels_the_passive_keepalive(net: SimNet) -> None:
+    a, b = nodes(net)
+    handshake(net)
+    peer = net.peer(b, a)
+    net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
+    assert peer.timers.pending(Timer.SEND_KEEPALIVE)  # b owes a an answer
+    peer.current.expire()  # type: ignore[union-attr]
+    peer.handshake.last_sent_handshake = float("-inf")
+    b.device.send([ipv4_packet("10.0.0.2", "10.0.0.1")], net.now)  # b must re-handshake
+    assert not peer.timers.pending(Timer.SEND_KEEPALIVE)

@@ -1,12 +1,15 @@
-"""The WireGuard device: peers, cryptokey routing, handshakes, sessions and timers.
+"""The WireGuard device: peers, cryptokey routing, sessions and timers, orchestrated.
 
 Sans-I/O and batch-shaped: `receive` takes datagrams that arrived, `send` takes IP
 packets read from the TUN, `tick` runs the timers; each returns an `Output` holding the
-IP packets to deliver and the datagrams to send. Time (`now`, monotonic seconds) and
-randomness (`rand(n) -> n bytes`) come from the caller.
+IP packets to deliver, the datagrams to send, what happened (events) and what was refused
+(drops by reason). Time (`now`, monotonic seconds) and randomness (`rand(n) -> n bytes`)
+come from the caller.
 
-Everything a packet can do to state happens only after it authenticated: bad sizes,
-types, indices, macs, tags, counters and timestamps are dropped without a word.
+Everything a packet can do to state happens only after it authenticated. Handshake
+messages with a valid mac1 wait in a bounded queue and are worked off after the data
+messages of the same batch (see ratelimit.py); the messages themselves are built and
+checked in handshake.py, the indices kept in indextable.py.
 """
 
 from __future__ import annotations
@@ -14,15 +17,13 @@ from __future__ import annotations
 import contextlib
 import random
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 
-from wgpy.core import noise
+from wgpy.core import handshake
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
-    INITIATION_MIN_INTERVAL,
-    KEEPALIVE_TIMEOUT,
-    MAX_HANDSHAKE_ATTEMPTS,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
@@ -30,36 +31,38 @@ from wgpy.core.constants import (
     REKEY_ON_RECEIVE_AGE,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MS,
-    ZERO_KEYS_AFTER,
 )
 from wgpy.core.cookie import CookieChecker
-from wgpy.core.crypto import InvalidTag, PrivateKey, dh, is_zero, tai64n
+from wgpy.core.crypto import InvalidTag, PrivateKey, dh, is_zero
+from wgpy.core.indextable import IndexTable
+from wgpy.core.ip import IPV4_SRC, IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN, IPV6_SRC
+from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
     DATA_HEADER,
     DATA_MIN_LEN,
-    INITIATION,
     MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_INITIATION,
     MSG_RESPONSE,
-    RESPONSE,
+    TYPE,
     message_type,
     parse_cookie_reply,
-    parse_initiation,
     parse_response,
 )
-from wgpy.core.peer import Endpoint, HandshakeState, Keypair, Peer
+from wgpy.core.output import Drop, Endpoint, EventKind, Output
+from wgpy.core.peer import Keypair, Peer
+from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
 
-_NO_MAC = bytes(16)  # mac1/mac2 placeholders, filled in by add_macs
+__all__ = ["Device", "Output", "inner_destination", "padded_length", "seal_all"]
+
 _NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
-# This many handshake messages within one window put the device under load for a second
-# (wireguard-go: its handshake queue an eighth full). Counted across calls, since the
-# datapath hands over one GRO read at a time and handshakes from many sources never merge.
-UNDER_LOAD_HANDSHAKES = 64
-UNDER_LOAD_WINDOW = 0.125
-UNDER_LOAD_HOLD = 1.0
+_SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
+_V4_LEN, _V6_LEN = IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN
+HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
+HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
+_KNOWN_TYPES = (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA)
 
 
 class _Received:
@@ -73,20 +76,6 @@ class _Received:
         self.data = False
 
 
-class Output:
-    """What a call produced: IP packets for the TUN, datagrams for the UDP socket."""
-
-    __slots__ = ("tun", "udp")
-
-    def __init__(self) -> None:
-        self.tun: list[bytes] = []
-        self.udp: list[tuple[bytes, Endpoint]] = []
-
-    def extend(self, other: Output) -> None:
-        self.tun += other.tun
-        self.udp += other.udp
-
-
 def padded_length(length: int, mtu: int) -> int:
     """Plaintext length after padding to 16 bytes, never past the MTU (wireguard-go rule)."""
     last = length % mtu if length > mtu and mtu else length
@@ -96,13 +85,39 @@ def padded_length(length: int, mtu: int) -> int:
     return length + padded - last
 
 
-def inner_destination(packet: bytes | memoryview) -> bytes | None:
-    n = len(packet)
-    if n >= 20 and packet[0] >> 4 == 4:
-        return bytes(packet[16:20])
-    if n >= 40 and packet[0] >> 4 == 6:
-        return bytes(packet[24:40])
-    return None
+def seal_all(
+    kp: Keypair,
+    packets: Iterable[bytes],
+    mtu: int,
+    endpoint: Endpoint,
+    udp: list[tuple[bytes, Endpoint]],
+) -> tuple[int, bool]:
+    """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?).
+    The hot loop of sending: one AEAD call per packet and nothing else it can avoid."""
+    seal = kp.send.encrypt
+    index = kp.remote_index
+    counter = kp.send_counter
+    nbytes, sent_data = 0, False
+    for packet in packets:
+        length = len(packet)
+        pad = -length % 16
+        if length + pad > mtu:
+            pad = padded_length(length, mtu) - length
+        header = DATA_HEADER.pack(MSG_DATA, index, counter)
+        plain = packet + bytes(pad) if pad else packet
+        datagram = header + seal(_NONCE.pack(counter), plain, None)
+        counter += 1
+        udp.append((datagram, endpoint))
+        nbytes += len(datagram)
+        sent_data = sent_data or length > 0
+    kp.send_counter = counter
+    return nbytes, sent_data
+
+
+def _why_refused(data: bytes | memoryview) -> Drop:
+    """The drop reason for a datagram `message_type` refused."""
+    known = len(data) < 4 or TYPE.unpack_from(data)[0] in _KNOWN_TYPES
+    return Drop.BAD_SIZE if known else Drop.UNKNOWN_TYPE
 
 
 class Device:
@@ -117,12 +132,10 @@ class Device:
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.mtu = DEFAULT_MTU
         self.cookie_checker = CookieChecker(rand)
-        self.under_load = False  # set by the caller, or by a flood of handshakes
-        self._load_until = float("-inf")
-        self._handshakes_seen = 0  # handshake messages since _window_start
-        self._window_start = float("-inf")
-        self._handshakes: dict[int, Peer] = {}  # our handshake index -> peer
-        self._keypairs: dict[int, Keypair] = {}  # our session index -> keypair
+        self.index = IndexTable(rand)
+        self.rate_limiter = RateLimiter()
+        self.load = LoadMeter(HANDSHAKE_QUEUE)
+        self._queue: deque[tuple[bytes, Endpoint, int]] = deque()  # (message, source, type)
 
     # ---- configuration -------------------------------------------------------------
 
@@ -174,24 +187,31 @@ class Device:
                 peer.static_static = dh(self._static, peer.public_key)
 
     def _expire_sessions(self, peer: Peer) -> None:
-        """After a key change: no more sending on old sessions, no half-done handshake."""
+        """After a key change: no more sending on old sessions, no half-done handshake,
+        and no hold-off on the next initiation (wireguard-go ExpireCurrentKeypairs)."""
         self._clear_handshake(peer)
+        peer.handshake.last_sent_handshake = float("-inf")
         for kp in (peer.current, peer.next):
             if kp is not None:
-                kp.send_counter = REJECT_AFTER_MESSAGES
+                kp.expire()
 
-    # ---- the datapath --------------------------------------------------------------
+    # ---- the batch API -------------------------------------------------------------
 
     def receive(
-        self, datagrams: Iterable[tuple[bytes | memoryview, Endpoint]], now: float
+        self,
+        datagrams: Iterable[tuple[bytes | memoryview, Endpoint]],
+        now: float,
+        handshake_budget: int = HANDSHAKE_BUDGET,
     ) -> Output:
         """Handle a batch of datagrams. Data messages take the fast path below: per packet
         only what must be (decrypt, replay check, source filter); the per-peer bookkeeping
         (endpoint, counters, timers) is done once per session per batch, since every
-        packet of a batch arrives at the same `now`."""
+        packet of a batch arrives at the same `now`. Handshake messages are queued, and
+        up to `handshake_budget` queued ones are worked off at the end (a caller that
+        reads many batches per turn passes 0 and calls `process_handshakes` once)."""
         out = Output()
-        handshakes = 0
-        keypairs = self._keypairs
+        drops = out.drops
+        keypairs = self.index.keypairs
         tun = out.tun
         batch: dict[Keypair, _Received] = {}
         owners: dict[bytes, Peer | None] = {}  # inner source address -> owner, this batch
@@ -201,20 +221,22 @@ class Device:
             # the type is a little-endian u32: 4 means "data" with the three reserved zeros
             kind, index, counter = unpack(data) if len(data) >= DATA_MIN_LEN else _NOT_DATA
             if kind != MSG_DATA:
-                handshakes += self._receive_handshake(bytes(data), src, now, out)
+                self._queue_handshake(data, src, now, out)
                 continue
             kp = keypairs.get(index)
-            if (
-                kp is None
-                or counter >= REJECT_AFTER_MESSAGES
-                or now - kp.created >= REJECT_AFTER_TIME
-            ):
+            if kp is None:
+                drops[Drop.UNKNOWN_INDEX] += 1
+                continue
+            if counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
+                drops[Drop.EXPIRED] += 1
                 continue
             try:
                 plain = kp.recv.decrypt(_NONCE.pack(counter), memoryview(data)[16:], None)
             except InvalidTag:
+                drops[Drop.BAD_TAG] += 1
                 continue
             if not kp.replay.accept(counter):
+                drops[Drop.REPLAYED] += 1
                 continue
             got = batch.get(kp)
             if got is None:
@@ -225,17 +247,20 @@ class Device:
                 continue  # a keepalive
             got.data = True
             # the inner source address and true length, for the allowed-IPs source filter
+            # (ip.source_and_length, inlined: a call per packet costs here)
             n = len(plain)
             version = plain[0] >> 4
             if version == 4 and n >= 20:
-                addr, length = plain[12:16], (plain[2] << 8) | plain[3]
+                addr, length = plain[IPV4_SRC], (plain[_V4_LEN] << 8) | plain[_V4_LEN + 1]
                 if length < 20:
-                    continue
+                    length = n + 1  # refused just below
             elif version == 6 and n >= 40:
-                addr, length = plain[8:24], 40 + ((plain[4] << 8) | plain[5])
+                addr, length = plain[IPV6_SRC], 40 + ((plain[_V6_LEN] << 8) | plain[_V6_LEN + 1])
             else:
+                drops[Drop.BAD_INNER] += 1
                 continue
             if length > n:
+                drops[Drop.BAD_INNER] += 1
                 continue
             try:
                 owner = owners[addr]
@@ -243,23 +268,19 @@ class Device:
                 owner = owners[addr] = lookup(addr)
             if owner is kp.peer:
                 tun.append(plain if length == n else plain[:length])
+            else:
+                drops[Drop.SOURCE_NOT_ALLOWED] += 1
         for kp, got in batch.items():
             self._account_received(kp, got, now, out)
-        if handshakes:
-            self._count_handshakes(handshakes, now)
+        if self._queue and handshake_budget:
+            self._process_handshakes(now, handshake_budget, out)
         return out
 
-    def _receive_handshake(self, data: bytes, src: Endpoint, now: float, out: Output) -> int:
-        kind = message_type(data)
-        if kind == MSG_INITIATION:
-            self._receive_initiation(data, src, now, out)
-        elif kind == MSG_RESPONSE:
-            self._receive_response(data, src, now, out)
-        elif kind == MSG_COOKIE_REPLY:
-            self._receive_cookie_reply(data, now)
-        else:
-            return 0
-        return 1
+    def process_handshakes(self, now: float, budget: int = HANDSHAKE_BUDGET) -> Output:
+        """Work off up to `budget` queued handshake messages."""
+        out = Output()
+        self._process_handshakes(now, budget, out)
+        return out
 
     def send(self, packets: Iterable[bytes], now: float) -> Output:
         out = Output()
@@ -269,14 +290,17 @@ class Device:
         for packet in packets:
             dst = inner_destination(packet)
             if dst is None:
+                out.drops[Drop.BAD_INNER] += 1
                 continue
             try:
                 peer = routes[dst]
             except KeyError:
                 peer = routes[dst] = lookup(dst)
-            if peer is not None:
-                peer.staged.append(packet)
-                touched[peer] = None
+            if peer is None:
+                out.drops[Drop.NO_ROUTE] += 1
+                continue
+            peer.staged.append(packet)
+            touched[peer] = None
         for peer in touched:
             self._send_staged(peer, now, out)
         return out
@@ -288,30 +312,23 @@ class Device:
                 continue
             for timer in peer.timers.due(now):
                 self._on_timer(peer, timer, now, out)
+        if self._queue:
+            self._process_handshakes(now, HANDSHAKE_BUDGET, out)
         return out
 
-    def next_deadline(self) -> float | None:
-        return min(
-            (d for p in self.peers.values() if (d := p.timers.next_deadline()) is not None),
-            default=None,
-        )
-
-    def _count_handshakes(self, n: int, now: float) -> None:
-        if now - self._window_start > UNDER_LOAD_WINDOW:
-            self._window_start, self._handshakes_seen = now, 0
-        self._handshakes_seen += n
-        if self._handshakes_seen >= UNDER_LOAD_HANDSHAKES:
-            self._load_until = now + UNDER_LOAD_HOLD
-
     def is_under_load(self, now: float) -> bool:
-        return self.under_load or now < self._load_until
+        return self.load.under_load(now)
+
+    @property
+    def queued_handshakes(self) -> int:
+        return len(self._queue)
 
     # ---- data messages -------------------------------------------------------------
 
     def _account_received(self, kp: Keypair, got: _Received, now: float, out: Output) -> None:
         """What authenticated data messages of one session do to their peer."""
         peer = kp.peer
-        peer.endpoint = got.src  # roaming: only authenticated packets move the endpoint
+        self._set_endpoint(peer, got.src, out)  # roaming: only authenticated packets
         peer.rx_bytes += got.nbytes
         if kp is peer.next:
             self._confirm_next(peer, now, out)
@@ -324,17 +341,18 @@ class Device:
     def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
         kp = peer.current
         if kp is None or not kp.can_send(now):
-            self._initiate(peer, now, False, out)
+            self._initiate(peer, now, out)
             return
         endpoint = peer.endpoint
-        if endpoint is None:
-            peer.staged.clear()
-            return
         staged = peer.staged
-        if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
-            self._initiate(peer, now, False, out)  # the session's counter is spent
+        if endpoint is None:
+            out.drops[Drop.NO_ENDPOINT] += len(staged)
+            staged.clear()
             return
-        nbytes, sent_data = self._seal_all(kp, staged, self.mtu, endpoint, out.udp)
+        if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
+            self._initiate(peer, now, out)  # the session's counter is spent
+            return
+        nbytes, sent_data = seal_all(kp, staged, self.mtu, endpoint, out.udp)
         staged.clear()
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
@@ -344,46 +362,13 @@ class Device:
         if kp.send_counter > REKEY_AFTER_MESSAGES or (
             kp.initiator and now - kp.created > REKEY_AFTER_TIME
         ):
-            self._initiate(peer, now, False, out)
-
-    @staticmethod
-    def _seal_all(
-        kp: Keypair,
-        packets: Iterable[bytes],
-        mtu: int,
-        endpoint: Endpoint,
-        udp: list[tuple[bytes, Endpoint]],
-    ) -> tuple[int, bool]:
-        """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?).
-        The hot loop of sending: one AEAD call per packet and nothing else it can avoid."""
-        seal = kp.send.encrypt
-        index = kp.remote_index
-        counter = kp.send_counter
-        nbytes, sent_data = 0, False
-        for packet in packets:
-            length = len(packet)
-            pad = -length % 16
-            if length + pad > mtu:
-                pad = padded_length(length, mtu) - length
-            header = DATA_HEADER.pack(MSG_DATA, index, counter)
-            plain = packet + bytes(pad) if pad else packet
-            datagram = header + seal(_NONCE.pack(counter), plain, None)
-            counter += 1
-            udp.append((datagram, endpoint))
-            nbytes += len(datagram)
-            sent_data = sent_data or length > 0
-        kp.send_counter = counter
-        return nbytes, sent_data
-
-    @classmethod
-    def _seal(cls, kp: Keypair, packet: bytes, mtu: int) -> bytes:
-        """One data message (for tests that forge traffic on a given session)."""
-        udp: list[tuple[bytes, Endpoint]] = []
-        cls._seal_all(kp, [packet], mtu, ("", 0), udp)
-        return udp[0][0]
+            self._initiate(peer, now, out)
 
     def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
         if not peer.staged:
+            kp = peer.current
+            if kp is not None and kp.can_send(now) and peer.endpoint is not None:
+                out.event(EventKind.KEEPALIVE_SENT, peer)
             peer.staged.append(b"")
         self._send_staged(peer, now, out)
 
@@ -396,52 +381,75 @@ class Device:
             and now - kp.created > REKEY_ON_RECEIVE_AGE
         ):
             peer.timers.sent_last_minute_handshake = True
-            self._initiate(peer, now, False, out)
+            self._initiate(peer, now, out)
+
+    def _set_endpoint(self, peer: Peer, src: Endpoint, out: Output) -> None:
+        if peer.endpoint != src:
+            peer.endpoint = src
+            out.event(EventKind.ENDPOINT_CHANGED, peer, src)
 
     # ---- handshake messages --------------------------------------------------------
 
-    def _initiate(self, peer: Peer, now: float, retry: bool, out: Output) -> None:
+    def _queue_handshake(
+        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output
+    ) -> None:
+        """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
+        (junk, a bad mac1, a source over its rate) counts toward load."""
+        kind = message_type(data)
+        if not kind:
+            out.drops[_why_refused(data)] += 1
+            return
+        data = bytes(data)
+        if kind == MSG_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now, out)
+        elif self._static is None:
+            out.drops[Drop.NO_PRIVATE_KEY] += 1
+        elif not self.cookie_checker.check_mac1(data):
+            out.drops[Drop.BAD_MAC1] += 1
+        elif not self.rate_limiter.allow(src, now):
+            out.drops[Drop.RATE_LIMITED] += 1
+        elif len(self._queue) >= HANDSHAKE_QUEUE:
+            out.drops[Drop.QUEUE_FULL] += 1
+        else:
+            self._queue.append((data, src, kind))
+            self.load.update(len(self._queue), now)
+
+    def _process_handshakes(self, now: float, budget: int, out: Output) -> None:
+        """Under load a message must carry a valid mac2 (a cookie bound to its source);
+        one without gets a cookie reply instead of the Diffie-Hellman work."""
+        queue = self._queue
+        checker = self.cookie_checker
+        under_load = self.load.under_load(now)
+        for _ in range(min(budget, len(queue))):
+            data, src, kind = queue.popleft()
+            if under_load and not checker.check_mac2(data, src, now):
+                sender = _SENDER.unpack_from(data)[0]
+                out.udp.append((checker.make_reply(data, sender, src, now), src))
+                out.event(EventKind.COOKIE_SENT, None, src)
+            elif kind == MSG_INITIATION:
+                self._receive_initiation(data, src, now, out)
+            else:
+                self._receive_response(data, src, now, out)
+
+    def _initiate(self, peer: Peer, now: float, out: Output, *, retry: bool = False) -> None:
         if not retry:
             peer.timers.handshake_attempts = 0
         hs = peer.handshake
-        if now - hs.last_sent_initiation < REKEY_TIMEOUT:
+        if now - hs.last_sent_handshake < REKEY_TIMEOUT:
             return
         if self._static is None or peer.static_static is None:
             return
-        hs.last_sent_initiation = now
+        hs.last_sent_handshake = now
         self._clear_handshake(peer)
-        sym = noise.SymmetricState(peer.public_key)
-        e_priv = PrivateKey(self.rand(32))
-        e_pub, enc_static, enc_time = noise.create_initiation(
-            sym,
-            self._static,
-            peer.public_key,
-            peer.static_static,
-            e_priv,
-            tai64n(now + self.wall_offset),
+        index = self.index.add_handshake(peer)
+        ephemeral = PrivateKey(self.rand(32))
+        msg = handshake.create_initiation(
+            self._static, peer, ephemeral, index, now + self.wall_offset, now
         )
-        index = self._new_index()
-        self._handshakes[index] = peer
-        hs.state, hs.sym, hs.e_priv, hs.local_index = (
-            HandshakeState.INITIATION_SENT,
-            sym,
-            e_priv,
-            index,
-        )
-        msg = bytearray(
-            INITIATION.pack(
-                MSG_INITIATION,
-                index,
-                e_pub,
-                enc_static,
-                enc_time,
-                _NO_MAC,
-                _NO_MAC,
-            )
-        )
-        peer.cookies.add_macs(msg, now)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
-        self._emit(peer, bytes(msg), out)
+        peer.timers.handshake_sent()
+        out.event(EventKind.INITIATION_SENT, peer, peer.timers.handshake_attempts)
+        self._emit(peer, msg, out)
         peer.timers.handshake_initiated(now)
 
     def _emit(self, peer: Peer, datagram: bytes, out: Output) -> None:
@@ -449,137 +457,103 @@ class Device:
             out.udp.append((datagram, peer.endpoint))
             peer.tx_bytes += len(datagram)
 
-    def _check_macs(self, data: bytes, sender: int, src: Endpoint, now: float, out: Output) -> bool:
-        """mac1 always; under load, mac2 too, answering a missing one with a cookie."""
-        if not self.cookie_checker.check_mac1(data):
-            return False
-        if self.is_under_load(now) and not self.cookie_checker.check_mac2(data, src, now):
-            out.udp.append((self.cookie_checker.make_reply(data, sender, src, now), src))
-            return False
-        return True
-
     def _receive_initiation(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
-        msg = parse_initiation(data)
-        if self._static is None or not self._check_macs(data, msg.sender, src, now, out):
+        if self._static is None or self.public_key is None:
+            out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        sym = noise.SymmetricState(self.public_key or b"")
-        try:
-            initiator = noise.consume_initiation_static(
-                sym, self._static, msg.ephemeral, msg.static
-            )
-            peer = self.peers.get(initiator)
-            if peer is None or peer.static_static is None:
-                return
-            timestamp = noise.consume_initiation_payload(sym, peer.static_static, msg.timestamp)
-        except (InvalidTag, ValueError):
+        init = handshake.consume_initiation(self._static, self.public_key, data, self.peers, now)
+        if isinstance(init, Drop):
+            out.drops[init] += 1
             return
-        hs = peer.handshake
-        if timestamp <= hs.latest_timestamp:
-            return  # a replay, or an older initiation
-        if now - hs.last_initiation_consumed < INITIATION_MIN_INTERVAL:
-            return  # flood
-        hs.latest_timestamp, hs.last_initiation_consumed = timestamp, now
+        peer = init.peer
+        out.event(EventKind.INITIATION_RECEIVED, peer)
         self._clear_handshake(peer)
-        peer.endpoint = src
+        self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        self._respond(peer, sym, msg.ephemeral, msg.sender, now, out)
-
-    def _respond(
-        self,
-        peer: Peer,
-        sym: noise.SymmetricState,
-        remote_e: bytes,
-        remote_index: int,
-        now: float,
-        out: Output,
-    ) -> None:
-        e_priv = PrivateKey(self.rand(32))
-        try:
-            e_pub, enc_empty = noise.create_response(
-                sym, e_priv, remote_e, peer.public_key, peer.preshared_key
-            )
-        except ValueError:
-            return  # a low-order ephemeral from the initiator
-        index = self._new_index()
-        msg = bytearray(
-            RESPONSE.pack(
-                MSG_RESPONSE,
-                index,
-                remote_index,
-                e_pub,
-                enc_empty,
-                _NO_MAC,
-                _NO_MAC,
-            )
+        index = self.index.new_index()
+        made = handshake.create_response(init, PrivateKey(self.rand(32)), index, now)
+        if made is None:
+            out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
+            return
+        msg, keys = made
+        kp = Keypair(
+            peer, keys, initiator=False, local_index=index, remote_index=init.sender, now=now
         )
-        peer.cookies.add_macs(msg, now)
-        kp = Keypair(peer, sym.split(initiator=False), False, index, remote_index, now)
-        self._keypairs[index] = kp
-        self._drop_keypair(peer.next)
-        self._drop_keypair(peer.previous)
+        self.index.add_keypair(kp)
+        self.index.drop_keypair(peer.next)
+        self.index.drop_keypair(peer.previous)
         peer.next, peer.previous = kp, None
+        # A response counts as a handshake sent: no crossing initiation of our own for
+        # REKEY_TIMEOUT (wireguard-go SendHandshakeResponse sets lastSentHandshake).
+        peer.handshake.last_sent_handshake = now
         peer.timers.session_derived(now)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
-        peer.timers.authenticated_sent()
-        self._emit(peer, bytes(msg), out)
+        peer.timers.handshake_sent()
+        out.event(EventKind.KEYPAIR_CREATED, peer, index)
+        out.event(EventKind.RESPONSE_SENT, peer)
+        self._emit(peer, msg, out)
 
     def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
         msg = parse_response(data)
-        peer = self._handshakes.get(msg.receiver)
-        if peer is None or self._static is None:
+        peer = self.index.handshakes.get(msg.receiver)
+        if peer is None:
+            out.drops[Drop.UNKNOWN_INDEX] += 1
             return
-        hs = peer.handshake
-        if hs.state is not HandshakeState.INITIATION_SENT or hs.sym is None or hs.e_priv is None:
+        if self._static is None:
+            out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        if not self._check_macs(data, msg.sender, src, now, out):
-            return
-        sym = hs.sym.copy()
-        try:
-            noise.consume_response(
-                sym, hs.e_priv, self._static, msg.ephemeral, peer.preshared_key, msg.empty
-            )
-        except (InvalidTag, ValueError):
+        keys = handshake.consume_response(self._static, peer, msg)
+        if isinstance(keys, Drop):
+            out.drops[keys] += 1
             return
         index = msg.receiver
         self._clear_handshake(peer)
-        kp = Keypair(peer, sym.split(initiator=True), True, index, msg.sender, now)
-        self._keypairs[index] = kp
-        self._drop_keypair(peer.previous)
+        kp = Keypair(
+            peer, keys, initiator=True, local_index=index, remote_index=msg.sender, now=now
+        )
+        self.index.add_keypair(kp)
+        self.index.drop_keypair(peer.previous)
         if peer.next is not None:
             peer.previous, peer.next = peer.next, None
-            self._drop_keypair(peer.current)
+            self.index.drop_keypair(peer.current)
         else:
             peer.previous = peer.current
         peer.current = kp
-        peer.endpoint = src
+        out.event(EventKind.RESPONSE_RECEIVED, peer)
+        out.event(EventKind.KEYPAIR_CREATED, peer, index)
+        self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         timers = peer.timers
         timers.authenticated_traversal(now, peer.persistent_keepalive)
         timers.authenticated_received()
         timers.session_derived(now)
-        timers.handshake_complete()
-        peer.last_handshake = now + self.wall_offset
+        self._handshake_complete(peer, now, out)
         self._send_keepalive(peer, now, out)  # confirms the session to the responder
 
     def _confirm_next(self, peer: Peer, now: float, out: Output) -> None:
         """The initiator used the session we offered: it becomes current."""
-        self._drop_keypair(peer.previous)
+        self.index.drop_keypair(peer.previous)
         peer.previous, peer.current, peer.next = peer.current, peer.next, None
-        peer.timers.handshake_complete()
-        peer.last_handshake = now + self.wall_offset
+        self._handshake_complete(peer, now, out)
         if peer.staged:
             self._send_staged(peer, now, out)
 
-    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+    def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
+        peer.timers.handshake_complete()
+        peer.last_handshake = now + self.wall_offset
+        out.event(EventKind.HANDSHAKE_COMPLETED, peer)
+
+    def _receive_cookie_reply(self, data: bytes, now: float, out: Output) -> None:
         msg = parse_cookie_reply(data)
-        peer = self._handshakes.get(msg.receiver)
+        peer = self.index.peer_of(msg.receiver)
         if peer is None:
-            kp = self._keypairs.get(msg.receiver)
-            peer = kp.peer if kp is not None else None
-        if peer is not None:
-            peer.cookies.consume_reply(msg, now)
+            out.drops[Drop.UNKNOWN_INDEX] += 1
+        elif not peer.cookies.consume_reply(msg, now):
+            out.drops[Drop.BAD_HANDSHAKE] += 1
+        else:
+            out.event(EventKind.COOKIE_RECEIVED, peer)
 
     # ---- timers --------------------------------------------------------------------
 
@@ -591,50 +565,37 @@ class Device:
     def _on_timer(self, peer: Peer, timer: Timer, now: float, out: Output) -> None:
         timers = peer.timers
         if timer is Timer.RETRANSMIT_HANDSHAKE:
-            if timers.handshake_attempts > MAX_HANDSHAKE_ATTEMPTS:
-                # Give up: forget queued packets, keys go in 3 x REJECT_AFTER_TIME.
-                timers.stop(Timer.SEND_KEEPALIVE)
+            if timers.expired_retransmit_handshake(now):
+                out.event(EventKind.HANDSHAKE_RETRY, peer, "no response")
+                self._initiate(peer, now, out, retry=True)
+            else:  # given up: queued packets go now, keys in 3 x REJECT_AFTER_TIME
                 peer.staged.clear()
-                if not timers.pending(Timer.ZERO_KEYS):
-                    timers.deadlines[Timer.ZERO_KEYS] = now + ZERO_KEYS_AFTER
-                return
-            timers.handshake_attempts += 1
-            self._initiate(peer, now, True, out)
+                out.event(EventKind.HANDSHAKE_GAVE_UP, peer, timers.handshake_attempts + 1)
         elif timer is Timer.SEND_KEEPALIVE:
             self._send_keepalive(peer, now, out)
-            if timers.need_another_keepalive:
-                timers.need_another_keepalive = False
-                timers.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+            timers.expired_send_keepalive(now)
         elif timer is Timer.NEW_HANDSHAKE:
-            self._initiate(peer, now, False, out)
+            out.event(EventKind.HANDSHAKE_RETRY, peer, "no data back")
+            self._initiate(peer, now, out)
         elif timer is Timer.ZERO_KEYS:
             self._zero_keys(peer)
+            peer.staged.clear()  # wireguard-go ZeroAndFlushAll
+            out.event(EventKind.KEYS_ZEROED, peer)
         elif timer is Timer.PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
             self._send_keepalive(peer, now, out)
 
     # ---- indices and key material --------------------------------------------------
 
-    def _new_index(self) -> int:
-        while True:
-            index = int.from_bytes(self.rand(4), "little")
-            if index not in self._handshakes and index not in self._keypairs:
-                return index
-
     def _clear_handshake(self, peer: Peer) -> None:
         hs = peer.handshake
-        if hs.local_index is not None:
-            self._handshakes.pop(hs.local_index, None)
-            hs.local_index = None
+        self.index.drop_handshake(hs.local_index)
+        hs.local_index = None
         hs.clear()
-
-    def _drop_keypair(self, kp: Keypair | None) -> None:
-        if kp is not None:
-            self._keypairs.pop(kp.local_index, None)
 
     def _zero_keys(self, peer: Peer) -> None:
         """Forget every session and the handshake (Python cannot wipe the bytes themselves;
         dropping the last reference is what it can do)."""
         for kp in peer.keypairs():
-            self._drop_keypair(kp)
+            self.index.drop_keypair(kp)
         peer.current = peer.previous = peer.next = None
         self._clear_handshake(peer)

@@ -37,6 +37,7 @@ class Keypair:
         self,
         peer: Peer,
         keys: tuple[bytes, bytes],
+        *,
         initiator: bool,
         local_index: int,
         remote_index: int,
@@ -51,6 +52,10 @@ class Keypair:
         self.initiator = initiator
         self.local_index = local_index
         self.remote_index = remote_index
+
+    def expire(self) -> None:
+        """No more sending on this session (receiving goes on until it is replaced)."""
+        self.send_counter = REJECT_AFTER_MESSAGES
 
     def can_send(self, now: float) -> bool:
         return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
@@ -67,7 +72,7 @@ class Handshake:
     __slots__ = (
         "e_priv",
         "last_initiation_consumed",
-        "last_sent_initiation",
+        "last_sent_handshake",
         "latest_timestamp",
         "local_index",
         "state",
@@ -81,7 +86,7 @@ class Handshake:
         self.local_index: int | None = None
         self.latest_timestamp = bytes(12)  # newest TAI64N accepted from this peer
         self.last_initiation_consumed = float("-inf")
-        self.last_sent_initiation = float("-inf")
+        self.last_sent_handshake = float("-inf")  # an initiation or a response
 
     def clear(self) -> None:
         self.state = HandshakeState.NONE

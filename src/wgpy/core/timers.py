@@ -1,7 +1,9 @@
 """A peer's five timers as a pure state machine (whitepaper 6, wireguard-go timers.go).
 
-Each timer is a deadline (or None). Events from the datapath arm or disarm them; `due`
-says which fired at `now` and disarms those. The device decides what each one does.
+Each timer is a deadline (or absent). Events from the datapath arm or disarm them; `due`
+says which fired at `now` and disarms those. The device decides what a fired timer sends;
+the `expired_*` methods are the timers' own part of it (re-arming, wireguard-go's
+`expired*` functions), so that nothing outside this class writes a deadline.
 """
 
 from __future__ import annotations
@@ -9,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 
-from wgpy.core.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
+from wgpy.core.constants import (
+    KEEPALIVE_TIMEOUT,
+    MAX_HANDSHAKE_ATTEMPTS,
+    REKEY_TIMEOUT,
+    ZERO_KEYS_AFTER,
+)
 
 
 class Timer(Enum):
@@ -41,9 +48,6 @@ class Timers:
 
     def stop(self, timer: Timer) -> None:
         self.deadlines.pop(timer, None)
-
-    def next_deadline(self) -> float | None:
-        return min(self.deadlines.values(), default=None)
 
     def due(self, now: float) -> list[Timer]:
         fired = [t for t, at in self.deadlines.items() if at <= now]
@@ -89,3 +93,27 @@ class Timers:
     def authenticated_traversal(self, now: float, persistent_keepalive: int) -> None:
         if persistent_keepalive:
             self.deadlines[Timer.PERSISTENT_KEEPALIVE] = now + persistent_keepalive
+
+    def handshake_sent(self) -> None:
+        """An initiation or response went out: it counts as an authenticated packet sent
+        (wireguard-go send.go), so no passive keepalive is owed any more."""
+        self.authenticated_sent()
+
+    # What a fired timer means for the timers themselves.
+
+    def expired_retransmit_handshake(self, now: float) -> bool:
+        """True: retry the handshake. False: give up after MAX_HANDSHAKE_ATTEMPTS retries;
+        keys then go in 3 x REJECT_AFTER_TIME unless that is already armed."""
+        if self.handshake_attempts > MAX_HANDSHAKE_ATTEMPTS:
+            self.stop(Timer.SEND_KEEPALIVE)
+            if Timer.ZERO_KEYS not in self.deadlines:
+                self.deadlines[Timer.ZERO_KEYS] = now + ZERO_KEYS_AFTER
+            return False
+        self.handshake_attempts += 1
+        return True
+
+    def expired_send_keepalive(self, now: float) -> None:
+        """A keepalive went out; if more data arrived meanwhile, another is owed."""
+        if self.need_another_keepalive:
+            self.need_another_keepalive = False
+            self.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT

@@ -1,0 +1,49 @@
+"""The few IP header fields the core reads (wireguard-go device/ip.go names the same).
+
+The receive loop inlines the source/length check with these offsets (a call per packet
+costs measurably there); everything else calls the functions.
+"""
+
+from __future__ import annotations
+
+IPV4_HEADER_LEN = 20
+IPV6_HEADER_LEN = 40
+IPV4_TOTAL_LEN = 2  # u16: the whole packet
+IPV6_PAYLOAD_LEN = 4  # u16: what follows the fixed header
+IPV4_SRC, IPV4_DST = slice(12, 16), slice(16, 20)
+IPV6_SRC, IPV6_DST = slice(8, 24), slice(24, 40)
+
+
+def version(packet: bytes | memoryview) -> int:
+    return packet[0] >> 4 if packet else 0
+
+
+def destination(packet: bytes | memoryview) -> bytes | None:
+    """The destination address of an IPv4 or IPv6 packet, or None if it is neither."""
+    n = len(packet)
+    v = version(packet)
+    if v == 4 and n >= IPV4_HEADER_LEN:
+        return bytes(packet[IPV4_DST])
+    if v == 6 and n >= IPV6_HEADER_LEN:
+        return bytes(packet[IPV6_DST])
+    return None
+
+
+def source_and_length(packet: bytes | memoryview) -> tuple[bytes, int] | None:
+    """(source address, length the header claims) of a well-formed packet, else None:
+    the claimed length must fit in what arrived (padding may follow it)."""
+    n = len(packet)
+    v = version(packet)
+    if v == 4 and n >= IPV4_HEADER_LEN:
+        at = IPV4_TOTAL_LEN
+        length = (packet[at] << 8) | packet[at + 1]
+        if length < IPV4_HEADER_LEN:
+            return None
+        addr = packet[IPV4_SRC]
+    elif v == 6 and n >= IPV6_HEADER_LEN:
+        at = IPV6_PAYLOAD_LEN
+        length = IPV6_HEADER_LEN + ((packet[at] << 8) | packet[at + 1])
+        addr = packet[IPV6_SRC]
+    else:
+        return None
+    return (bytes(addr), length) if length <= n else None

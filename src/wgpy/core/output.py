@@ -1,0 +1,86 @@
+"""What a call into the core produced: packets to deliver, datagrams to send, and an
+account of what happened (events) and of what was refused (drops, by reason).
+
+Events are rare by construction (handshakes, key rotations, roaming, timers), never one per
+data packet. Drops are counted on the drop branches only, so the fast path pays nothing;
+the caller sums them (`Counter.update`) for logs and metrics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from enum import Enum
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from wgpy.core.peer import Peer
+
+Endpoint = tuple[str, int]
+
+
+class Drop(Enum):
+    """Why a datagram (from the network) or a packet (from the TUN) went no further."""
+
+    BAD_SIZE = "bad_size"  # shorter or longer than its type allows
+    UNKNOWN_TYPE = "unknown_type"  # a type other than 1-4, or non-zero reserved bytes
+    BAD_MAC1 = "bad_mac1"  # not meant for our public key
+    RATE_LIMITED = "rate_limited"  # handshakes from one source over the limit
+    QUEUE_FULL = "queue_full"  # the handshake queue is full: a flood
+    NO_PRIVATE_KEY = "no_private_key"
+    UNKNOWN_PEER = "unknown_peer"  # a valid initiation from a key we don't know
+    BAD_HANDSHAKE = "bad_handshake"  # does not decrypt, or a low-order point
+    STALE_TIMESTAMP = "stale_timestamp"  # an initiation replayed or older than the last
+    FLOOD = "flood"  # a peer's initiations less than 20 ms apart
+    UNKNOWN_INDEX = "unknown_index"  # no session or handshake of ours has that index
+    UNEXPECTED = "unexpected"  # a response or cookie when we sent no initiation
+    EXPIRED = "expired"  # the session is too old or its counter is spent
+    BAD_TAG = "bad_tag"  # the AEAD tag did not verify
+    REPLAYED = "replayed"  # the counter was seen before or is left of the window
+    BAD_INNER = "bad_inner"  # the decrypted packet is not a well-formed IP packet
+    SOURCE_NOT_ALLOWED = "source_not_allowed"  # inner source not in the peer's allowed IPs
+    NO_ROUTE = "no_route"  # (sending) no peer's allowed IPs cover the destination
+    NO_ENDPOINT = "no_endpoint"  # (sending) the peer has no endpoint yet
+
+
+class EventKind(Enum):
+    INITIATION_SENT = "initiation_sent"  # detail: the attempt number (0: the first)
+    INITIATION_RECEIVED = "initiation_received"
+    RESPONSE_SENT = "response_sent"
+    RESPONSE_RECEIVED = "response_received"
+    COOKIE_SENT = "cookie_sent"  # under load: a cookie instead of a response (peer: None)
+    COOKIE_RECEIVED = "cookie_received"
+    KEYPAIR_CREATED = "keypair_created"  # detail: our index of the new session
+    HANDSHAKE_COMPLETED = "handshake_completed"  # the new session is the current one
+    ENDPOINT_CHANGED = "endpoint_changed"  # detail: the new endpoint
+    KEEPALIVE_SENT = "keepalive_sent"
+    HANDSHAKE_RETRY = "handshake_retry"  # detail: why ("no response", "no data back")
+    HANDSHAKE_GAVE_UP = "handshake_gave_up"  # detail: the number of attempts
+    KEYS_ZEROED = "keys_zeroed"
+
+
+class Event(NamedTuple):
+    kind: EventKind
+    peer: Peer | None
+    detail: object = None
+
+
+class Output:
+    """IP packets for the TUN, datagrams for the UDP socket, events and drops."""
+
+    __slots__ = ("drops", "events", "tun", "udp")
+
+    def __init__(self) -> None:
+        self.tun: list[bytes] = []
+        self.udp: list[tuple[bytes, Endpoint]] = []
+        self.events: list[Event] = []
+        self.drops: Counter[Drop] = Counter()
+
+    def extend(self, other: Output) -> None:
+        self.tun += other.tun
+        self.udp += other.udp
+        self.events += other.events
+        if other.drops:
+            self.drops.update(other.drops)
+
+    def event(self, kind: EventKind, peer: Peer | None, detail: object = None) -> None:
+        self.events.append(Event(kind, peer, detail))
