@@ -12,7 +12,8 @@ import signal
 import sys
 import time
 
-from wgpy.core.device import Device, Output
+from wgpy.core.device import Device
+from wgpy.core.output import Output
 from wgpy.daemon import uapi, uapi_server
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop

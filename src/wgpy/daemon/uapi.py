@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 from wgpy.core.allowedips import format_cidr, parse_cidr
-from wgpy.core.device import Device, Output
+from wgpy.core.device import Device
+from wgpy.core.output import Output
 from wgpy.core.peer import Endpoint
 
 SOCKET_DIR = "/var/run/wireguard"

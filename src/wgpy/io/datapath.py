@@ -1,35 +1,47 @@
-"""The datapath: moves batches between the TUN, the UDP socket and the protocol core.
+"""The datapath: glue between the TUN, the UDP socket and the protocol core.
 
-Each readable event drains up to a batch of packets, hands them to the core in one call
-and writes out what it returns: decrypted TCP segments coalesced into GSO super-packets
-for the TUN, datagrams of one peer sent with UDP GSO.
+Each readable event drains up to a batch of reads, hands them to the core and gives what
+comes back to the TUN and the UDP socket, which do their own offloads (TUN: coalescing
+into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
+`gro_split` -> `Device.receive` -> `Tun.write_batch`, and nothing else in between.
+
+Handshake messages are queued by the core during the reads and worked off once per turn,
+under a budget, after the data: an established tunnel keeps moving during a flood.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 
-from wgpy.core.device import Device, Output
+from wgpy.core.device import Device
+from wgpy.core.output import Drop, Event, Output
 from wgpy.io import offload
 from wgpy.io.tun import Tun, TunGone
-from wgpy.io.udp import UdpSocket
+from wgpy.io.udp import UdpSocket, gro_split
 
-log = logging.getLogger("wgpy.datapath")
 BATCH = 64  # reads per readable event before going back to the loop
+HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 
 
 class Datapath:
-    def __init__(self, device: Device, tun: Tun, udp: UdpSocket) -> None:
+    def __init__(
+        self,
+        device: Device,
+        tun: Tun,
+        udp: UdpSocket,
+        on_events: Callable[[list[Event]], None] | None = None,
+    ) -> None:
         self.device = device
         self.tun = tun
         self.udp = udp
+        self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
+        self.drops: Counter[Drop] = Counter()  # since start, by reason
         self._udp_buf = bytearray(UDP_BUF)
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
-        self.coalesce_udp = True  # until the kernel refuses a USO write
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
@@ -43,28 +55,15 @@ class Datapath:
             if got is None:
                 break
             n, seg, addr = got
-            data = view[:n]
-            step = seg if 0 < seg < n else n or 1  # no GRO: one datagram (an empty one: none)
-            out.extend(receive([(data[i : i + step], addr) for i in range(0, n, step)], now))
+            out.extend(receive([(d, addr) for d in gro_split(view, n, seg)], now, 0))
+        if self.device.queued_handshakes:
+            out.extend(self.device.process_handshakes(now, HANDSHAKES_PER_TURN))
         self.transmit(out)
 
     def on_tun(self) -> bool:
         """Drain the TUN into the core; False once the interface is gone."""
-        view = memoryview(self._tun_buf)
-        packets: list[bytes] = []
-        skip = offload.VNET_HDR_LEN if self.tun.vnet_hdr else 0
-        mtu = self.device.mtu
-        read = self.tun.read_into
         try:
-            for _ in range(BATCH):
-                try:
-                    n = read(view)
-                except BlockingIOError:
-                    break
-                if skip and (view[0] or view[1]):  # a virtio header asking for work
-                    packets += offload.split(view[:n], mtu)
-                else:
-                    packets.append(bytes(view[skip:n]))
+            packets = self.tun.read_batch(memoryview(self._tun_buf), BATCH, self.device.mtu)
         except TunGone:
             return False
         if packets:
@@ -76,49 +75,11 @@ class Datapath:
 
     def transmit(self, out: Output) -> None:
         if out.tun:
-            self._write_tun(out.tun)
+            with contextlib.suppress(TunGone):  # noticed and handled on the next read
+                self.tun.write_batch(out.tun, self.device.mtu)
         if out.udp:
-            self._send_udp(out.udp)
-
-    def _write_tun(self, packets: list[bytes]) -> None:
-        bufs = offload.coalesce(packets, self.coalesce_udp) if self.tun.vnet_hdr else packets
-        write = self.tun.write
-        for buf in bufs:
-            try:
-                write(buf)
-            except TunGone:
-                return  # noticed and handled on the next read
-            except OSError as e:
-                self._refused(buf, e)
-
-    def _refused(self, buf: bytes, error: OSError) -> None:
-        """A write the kernel refused. A USO super-packet on a kernel without USO for TUN
-        writes: stop making them and write its datagrams one by one. Anything else (the
-        interface is down, say): drop that one write, as a NIC would."""
-        if not (self.coalesce_udp and error.errno == errno.EINVAL and buf[1] == offload.GSO_UDP_L4):
-            return
-        self.coalesce_udp = False
-        log.warning("the kernel refuses UDP GSO writes to the TUN (%s): writing datagrams", error)
-        for packet in offload.split(buf, self.device.mtu):
-            with contextlib.suppress(OSError):
-                self.tun.write(offload.plain_header() + packet)
-
-    def _send_udp(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
-        """Runs of datagrams to one endpoint with one size go out in one GSO send."""
-        udp = self.udp
-        i, n = 0, len(datagrams)
-        while i < n:
-            data, addr = datagrams[i]
-            size = len(data)
-            j = i + 1
-            while j < n and datagrams[j][1] == addr and len(datagrams[j][0]) == size:
-                j += 1
-            # a shorter last datagram may join the run
-            if j < n and datagrams[j][1] == addr and len(datagrams[j][0]) < size:
-                j += 1
-            if j - i == 1 or not udp.gso:
-                for k in range(i, j):
-                    udp.send(datagrams[k][0], addr)
-            else:
-                udp.send_segments(memoryview(b"".join(d for d, _ in datagrams[i:j])), size, addr)
-            i = j
+            self.udp.send_batch(out.udp)
+        if out.drops:
+            self.drops.update(out.drops)
+        if out.events and self.on_events is not None:
+            self.on_events(out.events)

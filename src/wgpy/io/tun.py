@@ -1,9 +1,10 @@
 """A Linux TUN interface (IFF_TUN | IFF_NO_PI, optionally IFF_VNET_HDR).
 
 With `vnet_hdr`, every read and write carries a 10-byte virtio_net_hdr: that is what
-lets the datapath write a train of TCP segments as one GSO super-packet. TUNSETOFFLOAD
-says which offloads the kernel may hand us on reads; we take none by default (reads stay
-one complete packet each, see DESIGN.md 4.5), while GSO writes work regardless.
+lets `write_batch` hand the kernel a train of TCP segments as one GSO super-packet (the
+coalescing is the TUN's own business, as in wireguard-go's tun_linux.go). TUNSETOFFLOAD
+says which offloads the kernel may hand us on reads; we take none (reads stay one complete
+packet each: see docs/design.md, "The datapath"), while GSO writes work regardless.
 
 The interface may be moved to another network namespace after start-up; the file
 descriptor stays valid, so nothing here looks the interface up by name in our namespace:
@@ -12,12 +13,18 @@ the MTU is read through a socket made inside whatever namespace the device is in
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import socket
 import struct
+
+from wgpy.io import offload
+
+log = logging.getLogger("wgpy.tun")
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -29,9 +36,6 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 CLONE_NEWNET = 0x40000000
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
 
 _IFREQ = struct.Struct("16sH22x")  # name, flags (or a short/int field), padding to 40
 _IFREQ_INT = struct.Struct("16si20x")
@@ -48,12 +52,13 @@ class Tun:
         self._fd = fd
         self.name = name
         self.vnet_hdr = vnet_hdr
+        self.coalesce_udp = True  # until the kernel refuses a USO write
         self._ns_inode = 0
         self._ctl: socket.socket | None = None  # a socket in the device's namespace
         self.ifindex = self._ifreq_int(SIOCGIFINDEX)
 
     @classmethod
-    def create(cls, name: str, vnet_hdr: bool = False, offload: int = 0) -> Tun:
+    def create(cls, name: str, vnet_hdr: bool = False) -> Tun:
         if not 0 < len(name.encode()) < 16 or "/" in name:
             raise ValueError(f"bad interface name {name!r}")
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -62,7 +67,7 @@ class Tun:
             got = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), flags))
             actual = _IFREQ.unpack(got)[0].rstrip(b"\0").decode()
             if vnet_hdr:
-                fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+                fcntl.ioctl(fd, TUNSETOFFLOAD, 0)  # no offloaded reads: see the docstring
             return cls(fd, actual, vnet_hdr)
         except BaseException:
             os.close(fd)
@@ -81,6 +86,46 @@ class Tun:
             if e.errno in _GONE:
                 raise TunGone(self.name) from e
             raise
+
+    def read_batch(self, buf: memoryview, limit: int, mtu: int) -> list[bytes]:
+        """Up to `limit` packets waiting to be read, as plain IP packets (a read whose
+        virtio header asks for segmentation or a checksum is finished here)."""
+        packets: list[bytes] = []
+        skip = offload.VNET_HDR_LEN if self.vnet_hdr else 0
+        for _ in range(limit):
+            try:
+                n = self.read_into(buf)
+            except BlockingIOError:
+                break
+            if skip and (buf[0] or buf[1]):  # flags or gso_type: work for us
+                packets += offload.split(buf[:n], mtu)
+            else:
+                packets.append(bytes(buf[skip:n]))
+        return packets
+
+    def write_batch(self, packets: list[bytes], mtu: int) -> None:
+        """Deliver decrypted packets; with the virtio header, segments of one TCP flow (and
+        same-size datagrams of one UDP flow) go as one GSO super-packet. A refused write
+        is dropped, as a NIC would drop it. Raises TunGone."""
+        bufs = offload.coalesce(packets, self.coalesce_udp) if self.vnet_hdr else packets
+        for buf in bufs:
+            try:
+                self.write(buf)
+            except TunGone:
+                raise
+            except OSError as e:
+                self._refused(buf, e, mtu)
+
+    def _refused(self, buf: bytes, error: OSError, mtu: int) -> None:
+        """A USO super-packet on a kernel without USO for TUN writes: stop making them and
+        write its datagrams one by one. Any other refusal (say, the link is down): drop."""
+        if not (self.coalesce_udp and error.errno == errno.EINVAL and buf[1] == offload.GSO_UDP_L4):
+            return
+        self.coalesce_udp = False
+        log.warning("the kernel refuses UDP GSO writes to the TUN (%s): writing datagrams", error)
+        for packet in offload.split(buf, mtu):
+            with contextlib.suppress(OSError):
+                self.write(offload.plain_header() + packet)
 
     def write(self, packet: bytes | memoryview) -> None:
         try:

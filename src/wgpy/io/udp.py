@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Iterator
 
 log = logging.getLogger("wgpy.udp")
 
@@ -98,6 +99,18 @@ class UdpSocket:
             for i in range(0, len(chunk), size):
                 self.send(chunk[i : i + size], endpoint)
 
+    def send_batch(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+        """Send datagrams in order; each run to one endpoint of one size (a shorter last
+        may join it) goes out in one GSO send (wireguard-go conn/bind_std.go does the same
+        coalescing in its Send)."""
+        for start, end, size, endpoint in gso_runs(datagrams):
+            if end - start == 1 or not self.gso:
+                for k in range(start, end):
+                    self.send(datagrams[k][0], endpoint)
+            else:
+                joined = b"".join([d for d, _ in datagrams[start:end]])
+                self.send_segments(memoryview(joined), size, endpoint)
+
     def recv_into(self, buf: memoryview) -> tuple[int, int, Endpoint] | None:
         """(bytes, GRO segment size or 0, source) of one read, or None when nothing waits."""
         try:
@@ -143,3 +156,29 @@ def _try_setsockopt(sock: socket.socket, level: int, option: int, value: int) ->
         return True
     except OSError:
         return False
+
+
+def gso_runs(datagrams: list[tuple[bytes, Endpoint]]) -> Iterator[tuple[int, int, int, Endpoint]]:
+    """(start, end, size, endpoint) of each run of consecutive datagrams to one endpoint
+    that share a size, a shorter last one included: what one GSO send can carry."""
+    i, n = 0, len(datagrams)
+    while i < n:
+        data, endpoint = datagrams[i]
+        size = len(data)
+        j = i + 1
+        while j < n and datagrams[j][1] == endpoint and len(datagrams[j][0]) == size:
+            j += 1
+        if j < n and datagrams[j][1] == endpoint and len(datagrams[j][0]) < size:
+            j += 1
+        yield i, j, size, endpoint
+        i = j
+
+
+def gro_split(buf: memoryview, n: int, seg: int) -> list[memoryview]:
+    """The datagrams of a read of `n` bytes into `buf`: `seg` bytes each (the last may be
+    shorter) when GRO merged them, else the read is one datagram; an empty read is none."""
+    if not n:
+        return []
+    view = buf[:n]  # the buffer is larger than the read: never slice past it
+    step = seg if 0 < seg < n else n
+    return [view[i : i + step] for i in range(0, n, step)]

@@ -1,0 +1,169 @@
+"""The datapath in process: two real Devices and Datapaths over in-memory channels
+(tests/io/fakes.py), and the pieces the kernel tests cannot pin down: GRO slicing, GSO
+run grouping, the USO fallback."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.io.fakes import ChannelTun, ChannelUdp
+from tests.io.test_offload import V4, V6, flow, udp
+from wgpy.core.crypto import clamp
+from wgpy.core.device import Device
+from wgpy.core.output import Drop, Event, EventKind
+from wgpy.io import offload
+from wgpy.io.datapath import Datapath
+from wgpy.io.udp import gro_split, gso_runs
+
+A_EP = ("192.0.2.1", 51820)
+B_EP = ("192.0.2.2", 51821)
+
+
+class Site:
+    def __init__(self, ep: tuple[str, int], net: dict[tuple[str, int], ChannelUdp],
+                 seed: int, refuse_uso: bool = False) -> None:  # fmt: skip
+        rng = random.Random(seed)
+        self.device = Device(rng.randbytes)
+        self.device.set_private_key(clamp(rng.randbytes(32)))
+        self.tun = ChannelTun(refuse_uso=refuse_uso)
+        self.udp = ChannelUdp(ep, net)
+        self.events: list[Event] = []
+        self.datapath = Datapath(self.device, self.tun, self.udp, self.events.extend)
+
+
+def pair(refuse_uso: bool = False) -> tuple[Site, Site]:
+    net: dict[tuple[str, int], ChannelUdp] = {}
+    a, b = Site(A_EP, net, 1), Site(B_EP, net, 2, refuse_uso)
+    for here, there, ep, nets in ((a, b, B_EP, ("10.0.0.2/32", "fd00::2/128")),
+                                  (b, a, A_EP, ("10.0.0.1/32", "fd00::1/128"))):  # fmt: skip
+        assert there.device.public_key is not None
+        peer = here.device.add_peer(there.device.public_key)
+        assert peer is not None
+        peer.endpoint = ep
+        for cidr in nets:
+            n = ipaddress.ip_network(cidr)
+            here.device.allowed_ips.insert(n.network_address.packed, n.prefixlen, peer)
+    return a, b
+
+
+def carry(a: Site, b: Site, packets: list[bytes]) -> None:
+    """The host at A sends `packets` into the tunnel; run both datapaths until quiet."""
+    a.tun.inbound.extend(packets)
+    for _ in range(20):
+        a.datapath.on_tun()
+        b.datapath.on_udp()
+        a.datapath.on_udp()
+        b.datapath.on_tun()
+        if not (a.tun.inbound or a.udp.reads or b.udp.reads):
+            return
+    raise AssertionError("the datapaths did not settle")
+
+
+def test_a_tcp_stream_crosses_as_gso_sends_and_one_super_packet_write() -> None:
+    a, b = pair()
+    carry(a, b, flow(1, 100))  # handshake first; the staged packet follows it
+    assert b.tun.delivered() == flow(1, 100)
+    kinds = [e.kind for e in a.events]
+    assert EventKind.INITIATION_SENT in kinds and EventKind.HANDSHAKE_COMPLETED in kinds
+    b.tun.written.clear()
+    a.udp.sent.clear()
+    stream = flow(40, 1360, seq=5000)
+    carry(a, b, stream)
+    assert b.tun.delivered() == stream
+    assert len(b.tun.written) == 1  # 40 segments, one TUN write
+    datagrams, _ = a.udp.sent[0]
+    assert len(a.udp.sent) == 1 and len(datagrams) == 40  # one GSO send
+
+
+def test_ipv6_and_udp_flows_and_a_source_the_peer_does_not_own() -> None:
+    a, b = pair()
+    carry(a, b, flow(1, 10))
+    b.tun.written.clear()
+    datagrams = [udp(bytes([i]) * 700, ip_id=i) for i in range(10)]
+    v6 = flow(5, 1000, addrs=V6)
+    spoofed = flow(1, 10, addrs=(bytes([10, 9, 9, 9]), V4[1]))
+    carry(a, b, [*datagrams, *v6, *spoofed])
+    assert b.tun.delivered() == [*datagrams, *v6]
+    assert len(b.tun.written) == 2  # one USO write, one TCPv6 super-packet
+    assert b.datapath.drops == {Drop.SOURCE_NOT_ALLOWED: 1}
+
+
+def test_a_kernel_refusing_uso_gets_datagrams_one_by_one_from_then_on() -> None:
+    a, b = pair(refuse_uso=True)
+    carry(a, b, flow(1, 10))
+    datagrams = [udp(bytes([i]) * 500, ip_id=i) for i in range(6)]
+    carry(a, b, datagrams)
+    assert not b.tun.coalesce_udp
+    assert b.tun.delivered()[-6:] == datagrams
+    b.tun.written.clear()
+    carry(a, b, [udp(bytes([9]) * 500, ip_id=50 + i) for i in range(4)])
+    assert len(b.tun.written) == 4 and all(w[1] == offload.GSO_NONE for w in b.tun.written)
+
+
+def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:
+    a, b = pair()
+    carry(a, b, flow(1, 10))
+    junk_initiation = bytes([1, 0, 0, 0]) + bytes(144)
+    b.udp.reads.extend([(junk_initiation, 0, ("203.0.113.1", 1))] * 3)
+    carry(a, b, flow(3, 100, seq=9000))
+    assert b.datapath.drops[Drop.BAD_MAC1] == 3
+    assert b.tun.delivered()[-3:] == flow(3, 100, seq=9000)
+
+
+# ---- GRO slicing and GSO runs --------------------------------------------------------
+
+
+def test_gro_split_edges() -> None:
+    view = memoryview(bytes(range(10)))
+    assert gro_split(view, 0, 0) == [] and gro_split(view, 0, 4) == []
+    assert [bytes(v) for v in gro_split(view, 10, 0)] == [bytes(range(10))]
+    assert [bytes(v) for v in gro_split(view, 10, 10)] == [bytes(range(10))]
+    assert [bytes(v) for v in gro_split(view, 10, 12)] == [bytes(range(10))]
+    assert [len(v) for v in gro_split(view, 10, 4)] == [4, 4, 2]
+    assert [len(v) for v in gro_split(view, 8, 4)] == [4, 4]
+    assert [len(v) for v in gro_split(view, 7, 1)] == [1] * 7
+    # a read fills only the start of the (larger) receive buffer: the last datagram ends
+    # where the read ended, not a whole segment further
+    assert [bytes(v) for v in gro_split(view, 7, 3)] == [b"\0\1\2", b"\3\4\5", b"\6"]
+
+
+@given(st.binary(max_size=3000), st.integers(-5, 3100))
+def test_gro_split_covers_the_read_in_order(data: bytes, seg: int) -> None:
+    parts = gro_split(memoryview(data + b"stale bytes past the read"), len(data), seg)
+    assert b"".join(parts) == data
+    if parts:
+        sizes = {len(p) for p in parts[:-1]}
+        assert len(sizes) <= 1 and all(len(parts[-1]) <= s for s in sizes)
+
+
+@given(st.lists(st.tuples(st.sampled_from([100, 200, 300]), st.sampled_from([A_EP, B_EP])),
+                max_size=40))  # fmt: skip
+@settings(max_examples=200)
+def test_gso_runs_are_what_one_send_can_carry(spec: list[tuple[int, tuple[str, int]]]) -> None:
+    datagrams = [(bytes(size), ep) for size, ep in spec]
+    runs = list(gso_runs(datagrams))
+    assert [i for s, e, _, _ in runs for i in range(s, e)] == list(range(len(datagrams)))
+    for start, end, size, ep in runs:
+        run = datagrams[start:end]
+        assert all(e == ep for _, e in run) and len(run[0][0]) == size
+        assert all(len(d) == size for d, _ in run[:-1]) and len(run[-1][0]) <= size
+    # maximal: a run never ends where the next datagram could have joined it
+    for (s1, e1, size, ep), (s2, _, _, _) in zip(runs, runs[1:], strict=False):
+        nxt, nxt_ep = datagrams[s2]
+        last = datagrams[e1 - 1][0]
+        assert not (nxt_ep == ep and len(last) == size and len(nxt) <= size)
+
+
+@pytest.mark.parametrize("sizes", [[1400] * 5, [1400] * 4 + [600], [600, 1400]])
+def test_send_batch_groups_runs(sizes: list[int]) -> None:
+    net: dict[tuple[str, int], ChannelUdp] = {}
+    sock = ChannelUdp(A_EP, net)
+    sock.send_batch([(bytes(n), B_EP) for n in sizes])
+    assert [[len(d) for d in ds] for ds, _ in sock.sent] == (
+        [sizes] if sizes[0] >= sizes[-1] else [[s] for s in sizes]
+    )
