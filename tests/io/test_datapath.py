@@ -5,6 +5,7 @@ run grouping, the USO fallback."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 
 import pytest
@@ -153,7 +154,7 @@ def test_gso_runs_are_what_one_send_can_carry(spec: list[tuple[int, tuple[str, i
         assert all(e == ep for _, e in run) and len(run[0][0]) == size
         assert all(len(d) == size for d, _ in run[:-1]) and len(run[-1][0]) <= size
     # maximal: a run never ends where the next datagram could have joined it
-    for (s1, e1, size, ep), (s2, _, _, _) in zip(runs, runs[1:], strict=False):
+    for (_, e1, size, ep), (s2, _, _, _) in itertools.pairwise(runs):
         nxt, nxt_ep = datagrams[s2]
         last = datagrams[e1 - 1][0]
         assert not (nxt_ep == ep and len(last) == size and len(nxt) <= size)
