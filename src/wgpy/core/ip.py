@@ -12,6 +12,9 @@ IPV4_TOTAL_LEN = 2  # u16: the whole packet
 IPV6_PAYLOAD_LEN = 4  # u16: what follows the fixed header
 IPV4_SRC, IPV4_DST = slice(12, 16), slice(16, 20)
 IPV6_SRC, IPV6_DST = slice(8, 24), slice(24, 40)
+IPV4_ADDRS, IPV6_ADDRS = slice(12, 20), slice(8, 40)  # source and destination together
+# addresses then ports: a flow's key, when the L4 header follows a fixed-size IP header
+IPV4_FLOW, IPV6_FLOW = slice(12, 24), slice(8, 44)
 
 
 def version(packet: bytes | memoryview) -> int:

@@ -4,8 +4,9 @@ Every TUN read and write then starts with a 10-byte `struct virtio_net_hdr` (nat
 order, little-endian on the machines we run on): flags, gso_type, hdr_len, gso_size,
 csum_start, csum_offset.
 
-`coalesce` turns a train of decrypted TCP segments into GSO super-packets (DESIGN.md 4.1:
-one write instead of ~44). The kernel's contract for such a write, and what we put in it:
+`coalesce` turns a train of decrypted TCP segments into GSO super-packets (one write
+instead of ~44: see docs/design.md, "The datapath"). The kernel's contract for such a
+write, and what we put in it:
 
 * flags=NEEDS_CSUM, csum_start=L4 offset, csum_offset=16: the kernel (or NIC) finishes the
   checksum by summing from csum_start to the end and storing the complement, so the TCP
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import struct
 from typing import ClassVar
+
+from wgpy.core.ip import IPV4_ADDRS, IPV4_FLOW, IPV6_ADDRS, IPV6_FLOW
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
@@ -74,7 +77,7 @@ def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
 
 def _pseudo_sum(p: bytes | memoryview, proto: int, length: int) -> int:
     """The TCP/UDP pseudo-header sum: the packet's addresses, protocol and L4 length."""
-    addresses = p[12:20] if p[0] >> 4 == 4 else p[8:40]
+    addresses = p[IPV4_ADDRS] if p[0] >> 4 == 4 else p[IPV6_ADDRS]
     return checksum(addresses, proto + length)
 
 
@@ -157,7 +160,7 @@ class _Run:
             n <= self.hlen
             or p[l4 + 13] not in _MERGEABLE_FLAGS
             or (p[2] << 8 | p[3] if l4 == 20 else (p[4] << 8 | p[5]) + 40) != n
-            or (p[12:24] if l4 == 20 else p[8:44]) != key
+            or (p[IPV4_FLOW] if l4 == 20 else p[IPV6_FLOW]) != key
         ):
             return False
         return self.take(p, self.hlen)
@@ -255,7 +258,7 @@ def _classify(p: bytes) -> tuple[bytes | None, int, int, bool]:
         if p[6] & 0x3F or p[7] or n < l4 + (20 if proto == _PROTO_TCP else 8):
             return b"", 0, 0, False
         # addresses and ports: contiguous unless there are IP options (never merged)
-        key = p[12:24] if l4 == 20 else p[12:20] + p[l4 : l4 + 4]
+        key = p[IPV4_FLOW] if l4 == 20 else p[IPV4_ADDRS] + p[l4 : l4 + 4]
         ok = l4 == 20 and (p[2] << 8 | p[3]) == n
     elif version == 6:
         proto = p[6] if n >= 40 else 0
@@ -264,7 +267,7 @@ def _classify(p: bytes) -> tuple[bytes | None, int, int, bool]:
         l4 = 40
         if n < (60 if proto == _PROTO_TCP else 48):
             return b"", 0, 0, False
-        key = p[8:44]
+        key = p[IPV6_FLOW]
         ok = (p[4] << 8 | p[5]) + 40 == n
     else:
         return None, 0, 0, False
