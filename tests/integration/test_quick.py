@@ -13,6 +13,7 @@ import pytest
 
 from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wg_keypair
+from wgpy.tools.quick import KERNEL_LL
 
 PID = os.getpid() % 100000
 NOISE = ("proto", "kernel", "static")  # words that differ between kernel and userspace
@@ -326,3 +327,55 @@ def test_default_route_rules_and_firewall_as_wg_quick_makes_them(
     with wgpy_and_wg_quick(site, "0.0.0.0/0, ::/0") as (ours, theirs):
         assert normalized(a, ours, *commands) == normalized(b, theirs, *commands)
     assert "wg-quick" not in a.run("nft", "list", "tables")
+
+
+def test_save_writes_the_live_state_as_wg_quick_save_does(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    """Up a config, change the interface behind wgpy's back (an address and the MTU through
+    netlink, a new peer, a moved endpoint and another port through `wg set`), then save:
+    the file must be the one real `wg-quick save` writes for that same state."""
+    a, _, tmp = site
+    _, peer = wg_keypair()
+    _, added = wg_keypair()
+    conf = interface(tmp, "MTU = 1400", "Table = auto", "SaveConfig = true", "PostUp = true",
+                     "PreDown = true", "PostDown = true", "", "[Peer]", f"PublicKey = {peer}",
+                     "Endpoint = 10.200.0.2:51821", "AllowedIPs = 10.201.0.2/32")  # fmt: skip
+    original = conf.read_text()
+    ifname = f"wq{PID}"
+    assert wgpy(a, "up", str(conf)).returncode == 0
+    try:
+        with a.ipr() as ipr:
+            index = ipr.link_lookup(ifname=ifname)[0]
+            ipr.addr("add", index=index, address="10.203.0.1", prefixlen=16)
+            ipr.addr("add", index=index, address="fd03::1", prefixlen=64)
+            ipr.link("set", index=index, mtu=1380)
+        a.run("wg", "set", ifname, "listen-port", "41415", "peer", peer, "endpoint",
+              "10.200.0.9:4444", "peer", added, "allowed-ips", "10.9.0.0/16,fd09::/64",
+              "persistent-keepalive", "25")  # fmt: skip
+        done = wgpy(a, "save", str(conf))
+        assert done.returncode == 0, done.stderr
+        ours = conf.read_text()
+        conf.write_text(original)
+        quick = subprocess.run(a.argv(["wg-quick", "save", str(conf)]), capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        assert quick.returncode == 0, quick.stderr
+        # wg-quick also saves the link-local address the kernel made; wgpy leaves it out
+        with a.ipr() as ipr:
+            kernel_ll = {
+                f"Address = {msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"
+                for msg in ipr.get_addr(index=index)
+                if msg.get_attr("IFA_PROTO") == KERNEL_LL
+            }
+        assert kernel_ll  # the comparison does cover its removal
+        theirs = "".join(line for line in conf.read_text().splitlines(keepends=True)
+                         if line.strip() not in kernel_ll)  # fmt: skip
+        assert ours == theirs
+        wanted = ("Address = 10.203.0.1/16", "Address = fd03::1/64", "MTU = 1380",
+                  "Table = auto", "SaveConfig = true", "PreDown = true", "ListenPort = 41415",
+                  "Endpoint = 10.200.0.9:4444", f"PublicKey = {added}",
+                  "AllowedIPs = 10.9.0.0/16, fd09::/64", "PersistentKeepalive = 25")  # fmt: skip
+        assert all(want in ours for want in wanted), ours
+    finally:
+        conf.write_text(original)
+        assert wgpy(a, "down", str(conf)).returncode == 0

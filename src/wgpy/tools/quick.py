@@ -314,10 +314,34 @@ def down(ifname: str, cfg: Config, path: str) -> None:
     run_hooks(cfg.interface.post_down, ifname)
 
 
+KERNEL_LL = 3  # IFA_PROTO of the link-local address the kernel makes itself (IFAPROT_KERNEL_LL)
+
+
+def live_addresses(ipr: IPRoute, index: int) -> list[config.IPInterface]:
+    """The interface's addresses as `ip -brief address show` lists them (IPv4 first), less
+    the kernel's own IPv6 link-local one: wg-quick saves that too, and every later `up`
+    then adds it back next to a fresh one."""
+    found = []
+    for msg in ipr.get_addr(index=index):
+        if msg.get_attr("IFA_PROTO") == KERNEL_LL:
+            continue
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        found.append(ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"))
+    return found
+
+
 def current_config(ifname: str, cfg: Config) -> Config:
-    """The running interface as a config: its `wg` keys, with the file's wg-quick keys."""
-    dev = uapi_client.get(ifname)
-    return config.from_status(dev, cfg.interface)
+    """What `wg-quick save` writes: the live addresses, the live MTU (only if the file sets
+    an MTU), the file's DNS, Table, SaveConfig and hooks, then the live `wg showconf`."""
+    live = config.from_status(uapi_client.get(ifname), cfg.interface)
+    with netlink() as ipr:
+        index = link_index(ipr, ifname)
+        if index is None:
+            raise QuickError(f"`{ifname}' does not exist")
+        live.interface.addresses = live_addresses(ipr, index)
+        if cfg.interface.mtu:
+            live.interface.mtu = int(ipr.get_links(index)[0].get_attr("IFLA_MTU"))
+    return live
 
 
 def save(ifname: str, cfg: Config, path: str) -> None:
@@ -327,6 +351,8 @@ def save(ifname: str, cfg: Config, path: str) -> None:
     try:
         with open(path + ".tmp", "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     finally:
         os.umask(old_umask)
