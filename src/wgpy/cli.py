@@ -11,6 +11,7 @@ wgpy demo                          a tunnel between two namespaces, with traffic
 from __future__ import annotations
 
 import os
+import platform
 import sys
 
 from wgpy import __version__
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command = args[0]
     if command in ("-v", "--version", "version"):
-        print(f"wgpy {__version__} (a userspace WireGuard in Python)")
+        print(f"wgpy v{__version__}\n\nUserspace WireGuard daemon for {sys.platform}-"
+              f"{platform.machine()}, in Python {platform.python_version()}.\n"
+              "A drop-in for wireguard-go and wg-quick.")  # fmt: skip
         return 0
     simple = {"genkey": genkey, "genpsk": genpsk, "pubkey": pubkey}
     if command in simple:
@@ -75,6 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print(USAGE.strip(), file=sys.stderr)
         return 2
-    from wgpy.daemon.daemon import serve
+    from wgpy.daemon.daemon import FOREGROUND_ENV, serve
 
-    return serve(args[0], foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1")
+    return serve(args[0], foreground or os.environ.get(FOREGROUND_ENV) == "1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 
 from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wg_keypair
+from wgpy.tools.quick import KERNEL_LL
 
 PID = os.getpid() % 100000
 NOISE = ("proto", "kernel", "static")  # words that differ between kernel and userspace
@@ -47,8 +49,11 @@ def site(tmp_path: Path) -> Iterator[tuple[Namespace, Namespace, Path]]:
             socket_path(name).unlink(missing_ok=True)
 
 
-def wgpy(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(ns.argv([*WGPY, *args]), capture_output=True, text=True, timeout=60)
+def wgpy(
+    ns: Namespace, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ns.argv([*WGPY, *args]), capture_output=True, text=True, timeout=60,
+                          env=env)  # fmt: skip
 
 
 def write(path: Path, text: str) -> Path:
@@ -105,10 +110,11 @@ AllowedIPs = 192.168.77.0/24
 
 @contextlib.contextmanager
 def wgpy_and_wg_quick(
-    site: tuple[Namespace, Namespace, Path], allowed_ips: str
+    site: tuple[Namespace, Namespace, Path], allowed_ips: str, path: str | None = None
 ) -> Iterator[tuple[str, str]]:
     """One config brought up by `wgpy up` in namespace A and by `wg-quick up` (with
-    wireguard-go) in B; yields the two interface names, takes both down at the end."""
+    wireguard-go) in B, both with the given PATH if any; yields the two interface names,
+    takes both down at the end."""
     a, b, tmp = site
     _, peer = wg_keypair()
     body = f"""[Interface]
@@ -122,16 +128,20 @@ AllowedIPs = {allowed_ips}
 """
     ours = write(tmp / f"wr{PID}.conf", body)
     theirs = write(tmp / f"wb{PID}.conf", body)
-    assert wgpy(a, "up", str(ours)).returncode == 0
     env = {**os.environ, "WG_QUICK_USERSPACE_IMPLEMENTATION": "wireguard-go"}
+    if path:
+        env["PATH"] = path
+    done = wgpy(a, "up", str(ours), env=env)
+    assert done.returncode == 0, done.stderr
     quick = subprocess.run(b.argv(["wg-quick", "up", str(theirs)]), capture_output=True,
                            text=True, env=env, timeout=60)  # fmt: skip
     try:
         assert quick.returncode == 0, quick.stderr
         yield f"wr{PID}", f"wb{PID}"
     finally:
-        subprocess.run(b.argv(["wg-quick", "down", str(theirs)]), capture_output=True, timeout=60)
-        assert wgpy(a, "down", str(ours)).returncode == 0
+        subprocess.run(b.argv(["wg-quick", "down", str(theirs)]), capture_output=True, timeout=60,
+                       env=env)  # fmt: skip
+        assert wgpy(a, "down", str(ours), env=env).returncode == 0
 
 
 def normalized(ns: Namespace, ifname: str, *commands: list[str]) -> list[str]:
@@ -326,3 +336,98 @@ def test_default_route_rules_and_firewall_as_wg_quick_makes_them(
     with wgpy_and_wg_quick(site, "0.0.0.0/0, ::/0") as (ours, theirs):
         assert normalized(a, ours, *commands) == normalized(b, theirs, *commands)
     assert "wg-quick" not in a.run("nft", "list", "tables")
+
+
+def test_save_writes_the_live_state_as_wg_quick_save_does(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    """Up a config, change the interface behind wgpy's back (an address and the MTU through
+    netlink, a new peer, a moved endpoint and another port through `wg set`), then save:
+    the file must be the one real `wg-quick save` writes for that same state."""
+    a, _, tmp = site
+    _, peer = wg_keypair()
+    _, added = wg_keypair()
+    conf = interface(tmp, "MTU = 1400", "Table = auto", "SaveConfig = true", "PostUp = true",
+                     "PreDown = true", "PostDown = true", "", "[Peer]", f"PublicKey = {peer}",
+                     "Endpoint = 10.200.0.2:51821", "AllowedIPs = 10.201.0.2/32")  # fmt: skip
+    original = conf.read_text()
+    ifname = f"wq{PID}"
+    assert wgpy(a, "up", str(conf)).returncode == 0
+    try:
+        with a.ipr() as ipr:
+            index = ipr.link_lookup(ifname=ifname)[0]
+            ipr.addr("add", index=index, address="10.203.0.1", prefixlen=16)
+            ipr.addr("add", index=index, address="fd03::1", prefixlen=64)
+            ipr.link("set", index=index, mtu=1380)
+        a.run("wg", "set", ifname, "listen-port", "41415", "peer", peer, "endpoint",
+              "10.200.0.9:4444", "peer", added, "allowed-ips", "10.9.0.0/16,fd09::/64",
+              "persistent-keepalive", "25")  # fmt: skip
+        done = wgpy(a, "save", str(conf))
+        assert done.returncode == 0, done.stderr
+        ours = conf.read_text()
+        conf.write_text(original)
+        quick = subprocess.run(a.argv(["wg-quick", "save", str(conf)]), capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        assert quick.returncode == 0, quick.stderr
+        # wg-quick also saves the link-local address the kernel made; wgpy leaves it out
+        with a.ipr() as ipr:
+            kernel_ll = {
+                f"Address = {msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"
+                for msg in ipr.get_addr(index=index)
+                if msg.get_attr("IFA_PROTO") == KERNEL_LL
+            }
+        assert kernel_ll  # the comparison does cover its removal
+        theirs = "".join(line for line in conf.read_text().splitlines(keepends=True)
+                         if line.strip() not in kernel_ll)  # fmt: skip
+        assert ours == theirs
+        wanted = ("Address = 10.203.0.1/16", "Address = fd03::1/64", "MTU = 1380",
+                  "Table = auto", "SaveConfig = true", "PreDown = true", "ListenPort = 41415",
+                  "Endpoint = 10.200.0.9:4444", f"PublicKey = {added}",
+                  "AllowedIPs = 10.9.0.0/16, fd09::/64", "PersistentKeepalive = 25")  # fmt: skip
+        assert all(want in ours for want in wanted), ours
+    finally:
+        conf.write_text(original)
+        assert wgpy(a, "down", str(conf)).returncode == 0
+
+
+def path_without(tmp: Path, hidden: str) -> str:
+    """A PATH of one folder of links to every program in the usual folders but `hidden`."""
+    shim = tmp / f"no-{hidden}"
+    shim.mkdir()
+    for folder in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            link = shim / name
+            if name != hidden and not link.exists() and not link.is_symlink():
+                link.symlink_to(os.path.join(folder, name))
+    return str(shim)
+
+
+def iptables_view(ns: Namespace, ifname: str) -> list[str]:
+    """Both families' iptables-save, without its comments, counters, the interface name and
+    the link-local address (random by nature)."""
+    return [
+        re.sub(r"\[\d+:\d+\]|fe80::[0-9a-f:]+", "", line).replace(ifname, "IF")
+        for tool in ("iptables-save", "ip6tables-save")
+        for line in ns.run(tool).splitlines()
+        if not line.startswith("#")
+    ]
+
+
+@pytest.mark.skipif(shutil.which("iptables-restore") is None, reason="needs iptables")
+def test_without_nft_the_iptables_rules_of_wg_quick(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    """With no `nft` on the PATH, wg-quick falls back to iptables-restore: wgpy must write
+    the same rules, in the same tables and order, and remove them on `down`."""
+    a, b, tmp = site
+    path = path_without(tmp, "nft")
+    with wgpy_and_wg_quick(site, "0.0.0.0/0, ::/0", path) as (ours, theirs):
+        view = iptables_view(a, ours)
+        assert view == iptables_view(b, theirs)
+        assert sum('"wg-quick(8) rule for IF"' in line for line in view) >= 6
+        if shutil.which("nft"):
+            assert "wg-quick" not in a.run("nft", "list", "tables")
+    for ns in (a, b):
+        assert "wg-quick" not in ns.run("iptables-save") + ns.run("ip6tables-save")

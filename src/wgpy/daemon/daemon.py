@@ -2,13 +2,20 @@
 
 Creates the TUN interface and the UAPI socket, detaches (unless foreground), and serves
 until SIGTERM/SIGINT, until the interface is deleted, or until the socket file is removed.
+
+wireguard-go's process conventions hold: WG_PROCESS_FOREGROUND=1 is `-f`; WG_TUN_FD and
+WG_UAPI_FD name an open TUN descriptor and a listening UAPI unix socket that a privileged
+parent made, and the daemon then makes neither (the interface's name is the TUN's own).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 
@@ -17,28 +24,40 @@ from wgpy.core.output import Output
 from wgpy.daemon import uapi, uapi_server
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop
-from wgpy.io.tun import Tun, TunGone
+from wgpy.io.tun import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TUNGETIFF, TUNSETOFFLOAD, Tun, TunGone
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
 LOG_LEVELS = {"verbose": logging.DEBUG, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
 HOUSEKEEPING_EVERY = 1.0  # seconds between checks of the socket file and the MTU
+TUN_FD_ENV = "WG_TUN_FD"
+UAPI_FD_ENV = "WG_UAPI_FD"
+FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
 
 
 class Daemon:
     """Owns the device, the interface, the socket and the loop; the UAPI's `Host`."""
 
-    def __init__(self, ifname: str, socket_dir: str = uapi.SOCKET_DIR) -> None:
+    def __init__(
+        self,
+        ifname: str,
+        socket_dir: str = uapi.SOCKET_DIR,
+        tun: Tun | None = None,
+        listener: uapi_server.UapiListener | HandedListener | None = None,
+    ) -> None:
+        """The TUN and the UAPI listener are made here unless handed over."""
         self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
         # comparisons, and for kernels that refuse them
         self.offload = os.environ.get("WGPY_OFFLOAD", "1") != "0"
-        self.tun = open_tun(ifname, self.offload)
+        self.tun = tun or open_tun(ifname, self.offload)
         try:
             self.udp = UdpSocket(0, offload=self.offload)
-            self.listener = uapi_server.UapiListener(ifname, socket_dir)
+            self.listener = listener or uapi_server.UapiListener(self.tun.name, socket_dir)
         except BaseException:
             self.tun.close()
+            if listener is not None:
+                listener.close()
             raise
         self.fwmark = 0
         self.device.mtu = self.tun.mtu()
@@ -142,6 +161,90 @@ def open_tun(ifname: str, vnet_hdr: bool) -> Tun:
     return Tun.create(ifname, vnet_hdr=False)
 
 
+class HandedListener:
+    """A UAPI socket that a parent bound and listens on (WG_UAPI_FD); like UapiListener, it
+    goes when its file is removed, and removes the file when it goes."""
+
+    def __init__(self, fd: int, ifname: str) -> None:
+        self.sock = socket.socket(fileno=fd)
+        if self.sock.family != socket.AF_UNIX or self.sock.type != socket.SOCK_STREAM:
+            self.sock.detach()
+            raise OSError(f"{UAPI_FD_ENV}={fd} is not a unix stream socket")
+        os.set_inheritable(fd, False)
+        self.sock.setblocking(False)
+        self.path = str(self.sock.getsockname() or uapi.socket_path(ifname))
+        try:
+            self._ino: int | None = os.stat(self.path).st_ino
+        except OSError:
+            self._ino = None  # no file to watch (an abstract socket, or already gone)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> uapi_server.Connection | None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return None
+        conn.setblocking(False)
+        return uapi_server.Connection(conn)
+
+    def still_there(self) -> bool:
+        if self._ino is None:
+            return True
+        try:
+            return os.stat(self.path).st_ino == self._ino
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._ino is not None and self.still_there():
+            os.unlink(self.path)
+
+
+class HandedTun(Tun):
+    """A TUN from WG_TUN_FD. Tun follows its device into other namespaces through
+    TUNGETDEVNETNS, which needs CAP_NET_ADMIN; a daemon without it asks in its own
+    namespace, where its parent made the device."""
+
+    def _control_socket(self) -> socket.socket:
+        try:
+            return super()._control_socket()
+        except PermissionError:
+            if self._ctl is None:
+                self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            return self._ctl
+
+
+def handed_tun(fd: int) -> Tun:
+    """The TUN a parent opened (WG_TUN_FD): its name and virtio header from the descriptor."""
+    got = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    raw_name, flags = struct.unpack_from("16sH", got)
+    if flags & (IFF_TUN | IFF_NO_PI) != IFF_TUN | IFF_NO_PI:
+        raise OSError(f"{TUN_FD_ENV}={fd}: the TUN must be opened with IFF_TUN | IFF_NO_PI")
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)
+    vnet_hdr = bool(flags & IFF_VNET_HDR)
+    if vnet_hdr:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)  # whole packets on reads, as Tun.create asks
+    return HandedTun(fd, raw_name.rstrip(b"\0").decode(), vnet_hdr)
+
+
+def make_daemon(ifname: str) -> Daemon:
+    """The daemon, with the TUN and UAPI socket from WG_TUN_FD / WG_UAPI_FD if set."""
+    tun_fd, uapi_fd = os.environ.get(TUN_FD_ENV), os.environ.get(UAPI_FD_ENV)
+    tun = handed_tun(int(tun_fd)) if tun_fd else None
+    name = tun.name if tun else ifname
+    try:
+        listener = HandedListener(int(uapi_fd), name) if uapi_fd else None
+    except BaseException:
+        if tun:
+            tun.close()
+        raise
+    return Daemon(name, tun=tun, listener=listener)
+
+
 def setup_logging(ifname: str) -> None:
     level = LOG_LEVELS.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
     logging.basicConfig(
@@ -164,8 +267,8 @@ def serve(ifname: str, foreground: bool) -> int:
     os.close(read_fd)
     os.setsid()
     try:
-        daemon = Daemon(ifname)
-    except OSError as e:
+        daemon = make_daemon(ifname)
+    except (OSError, ValueError) as e:
         log.error("cannot start %s: %s", ifname, e)
         sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
         os.write(write_fd, b"0")
@@ -181,8 +284,8 @@ def serve(ifname: str, foreground: bool) -> int:
 
 def _run(ifname: str) -> int:
     try:
-        daemon = Daemon(ifname)
-    except OSError as e:
+        daemon = make_daemon(ifname)
+    except (OSError, ValueError) as e:
         sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
         return 1
     daemon.run()

@@ -203,13 +203,28 @@ def add_default(ipr: IPRoute, ifname: str, index: int, net: IPNetwork) -> None:
 
 
 def add_firewall(ipr: IPRoute, ifname: str, index: int, family: int, mark: int) -> None:
-    """wg-quick's nftables rules next to a default route: drop packets for the tunnel's
-    addresses that arrive from elsewhere, and keep the mark on the tunnel's own UDP flows
-    (connection mark), so that replies to them also bypass the tunnel."""
-    if shutil.which("nft") is None:
-        print(f"wgpy: warning: nft not found; no anti-spoofing rules for {ifname}", file=sys.stderr)
+    """wg-quick's rules next to a default route: drop packets for the tunnel's addresses
+    that arrive from elsewhere, and keep the mark on the tunnel's own UDP flows (connection
+    mark), so that replies to them also bypass the tunnel. nftables if `nft` is there, else
+    wg-quick's iptables-restore fallback, with its comment marker to find them again."""
+    v4 = family == socket.AF_INET
+    addresses = [msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr(index=index, family=family)]
+    if shutil.which("nft"):
+        text = nft_rules(ifname, "ip" if v4 else "ip6", addresses, mark)
+        log(f"nft -f (table {'ip' if v4 else 'ip6'} wg-quick-{ifname})")
+        subprocess.run(["nft", "-f", "-"], input=text, text=True, check=True)
         return
-    pf = "ip" if family == socket.AF_INET else "ip6"
+    restore = "iptables-restore" if v4 else "ip6tables-restore"
+    if shutil.which(restore) is None:
+        print(f"wgpy: warning: neither nft nor {restore} found; no anti-spoofing rules for "
+              f"{ifname}", file=sys.stderr)  # fmt: skip
+        return
+    log(f"{restore} -n")
+    subprocess.run([restore, "-n"], input=iptables_rules(ifname, addresses, mark), text=True,
+                   check=True)  # fmt: skip
+
+
+def nft_rules(ifname: str, pf: str, addresses: list[str], mark: int) -> str:
     table = f"{pf} wg-quick-{ifname}"
     commands = [
         f"add table {table}",
@@ -217,28 +232,62 @@ def add_firewall(ipr: IPRoute, ifname: str, index: int, family: int, mark: int) 
         f"add chain {table} premangle {{ type filter hook prerouting priority -150; }}",
         f"add chain {table} postmangle {{ type filter hook postrouting priority -150; }}",
     ]
-    for msg in ipr.get_addr(index=index, family=family):
-        address = msg.get_attr("IFA_ADDRESS")
-        commands.append(
-            f'add rule {table} preraw iifname != "{ifname}" {pf} daddr {address} '
-            "fib saddr type != local drop"
-        )
+    commands += [
+        f'add rule {table} preraw iifname != "{ifname}" {pf} daddr {address} '
+        "fib saddr type != local drop"
+        for address in addresses
+    ]
     commands += [
         f"add rule {table} postmangle meta l4proto udp mark {mark} ct mark set mark",
         f"add rule {table} premangle meta l4proto udp meta mark set ct mark",
     ]
-    log(f"nft -f (table {table})")
-    subprocess.run(["nft", "-f", "-"], input="\n".join(commands) + "\n", text=True, check=True)
+    return "\n".join(commands) + "\n"
+
+
+def marker(ifname: str) -> str:
+    return f'-m comment --comment "wg-quick(8) rule for {ifname}"'
+
+
+def iptables_rules(ifname: str, addresses: list[str], mark: int) -> str:
+    """The `iptables-restore -n` input of wg-quick's add_default, word for word."""
+    lines = ["*raw"]
+    lines += [
+        f"-I PREROUTING ! -i {ifname} -d {address} -m addrtype ! --src-type LOCAL -j DROP "
+        + marker(ifname)
+        for address in addresses
+    ]
+    lines += [
+        "COMMIT",
+        "*mangle",
+        f"-I POSTROUTING -m mark --mark {mark} -p udp -j CONNMARK --save-mark {marker(ifname)}",
+        f"-I PREROUTING -p udp -j CONNMARK --restore-mark {marker(ifname)}",
+        "COMMIT",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def del_firewall(ifname: str) -> None:
-    if shutil.which("nft") is None:
+    """Both kinds of rules, as wg-quick's remove_firewall: the nftables table by its name,
+    the iptables rules by their comment marker (each `-A` of them turned into a `-D`)."""
+    if shutil.which("nft"):
+        listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        for line in listed.splitlines():
+            if line.endswith(f" wg-quick-{ifname}"):  # "table ip wg-quick-wg0"
+                log(f"nft delete {line}")
+                subprocess.run(["nft", "delete", *line.split()], check=False)
+    if shutil.which("iptables") is None:
         return
-    listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    for line in listed.splitlines():
-        if line.endswith(f" wg-quick-{ifname}"):  # "table ip wg-quick-wg0"
-            log(f"nft delete {line}")
-            subprocess.run(["nft", "delete", *line.split()], check=False)
+    for tool in ("iptables", "ip6tables"):
+        saved = subprocess.run([f"{tool}-save"], capture_output=True, text=True, check=False)
+        ours = [line for line in saved.stdout.splitlines()
+                if line.startswith("-A ") and marker(ifname) in line]  # fmt: skip
+        if not ours:
+            continue
+        kept = [line for line in saved.stdout.splitlines()
+                if line.startswith("*") or line == "COMMIT" or line in ours]  # fmt: skip
+        log(f"{tool}-restore -n")
+        text = "\n".join("-D" + line[2:] if line in ours else line for line in kept) + "\n"
+        subprocess.run([f"{tool}-restore", "-n"], input=text, text=True, check=False)
 
 
 def next_priority(ipr: IPRoute, family: int) -> int:
@@ -314,10 +363,34 @@ def down(ifname: str, cfg: Config, path: str) -> None:
     run_hooks(cfg.interface.post_down, ifname)
 
 
+KERNEL_LL = 3  # IFA_PROTO of the link-local address the kernel makes itself (IFAPROT_KERNEL_LL)
+
+
+def live_addresses(ipr: IPRoute, index: int) -> list[config.IPInterface]:
+    """The interface's addresses as `ip -brief address show` lists them (IPv4 first), less
+    the kernel's own IPv6 link-local one: wg-quick saves that too, and every later `up`
+    then adds it back next to a fresh one."""
+    found = []
+    for msg in ipr.get_addr(index=index):
+        if msg.get_attr("IFA_PROTO") == KERNEL_LL:
+            continue
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        found.append(ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"))
+    return found
+
+
 def current_config(ifname: str, cfg: Config) -> Config:
-    """The running interface as a config: its `wg` keys, with the file's wg-quick keys."""
-    dev = uapi_client.get(ifname)
-    return config.from_status(dev, cfg.interface)
+    """What `wg-quick save` writes: the live addresses, the live MTU (only if the file sets
+    an MTU), the file's DNS, Table, SaveConfig and hooks, then the live `wg showconf`."""
+    live = config.from_status(uapi_client.get(ifname), cfg.interface)
+    with netlink() as ipr:
+        index = link_index(ipr, ifname)
+        if index is None:
+            raise QuickError(f"`{ifname}' does not exist")
+        live.interface.addresses = live_addresses(ipr, index)
+        if cfg.interface.mtu:
+            live.interface.mtu = int(ipr.get_links(index)[0].get_attr("IFLA_MTU"))
+    return live
 
 
 def save(ifname: str, cfg: Config, path: str) -> None:
@@ -327,6 +400,8 @@ def save(ifname: str, cfg: Config, path: str) -> None:
     try:
         with open(path + ".tmp", "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
     finally:
         os.umask(old_umask)
