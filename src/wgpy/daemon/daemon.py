@@ -10,12 +10,10 @@ parent made, and the daemon then makes neither (the interface's name is the TUN'
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 
@@ -24,7 +22,7 @@ from wgpy.core.output import Output
 from wgpy.daemon import uapi, uapi_server
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop
-from wgpy.io.tun import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TUNGETIFF, TUNSETOFFLOAD, Tun, TunGone
+from wgpy.io.tun import Tun, TunGone
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
@@ -203,38 +201,10 @@ class HandedListener:
             os.unlink(self.path)
 
 
-class HandedTun(Tun):
-    """A TUN from WG_TUN_FD. Tun follows its device into other namespaces through
-    TUNGETDEVNETNS, which needs CAP_NET_ADMIN; a daemon without it asks in its own
-    namespace, where its parent made the device."""
-
-    def _control_socket(self) -> socket.socket:
-        try:
-            return super()._control_socket()
-        except PermissionError:
-            if self._ctl is None:
-                self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            return self._ctl
-
-
-def handed_tun(fd: int) -> Tun:
-    """The TUN a parent opened (WG_TUN_FD): its name and virtio header from the descriptor."""
-    got = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
-    raw_name, flags = struct.unpack_from("16sH", got)
-    if flags & (IFF_TUN | IFF_NO_PI) != IFF_TUN | IFF_NO_PI:
-        raise OSError(f"{TUN_FD_ENV}={fd}: the TUN must be opened with IFF_TUN | IFF_NO_PI")
-    os.set_blocking(fd, False)
-    os.set_inheritable(fd, False)
-    vnet_hdr = bool(flags & IFF_VNET_HDR)
-    if vnet_hdr:
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)  # whole packets on reads, as Tun.create asks
-    return HandedTun(fd, raw_name.rstrip(b"\0").decode(), vnet_hdr)
-
-
 def make_daemon(ifname: str) -> Daemon:
     """The daemon, with the TUN and UAPI socket from WG_TUN_FD / WG_UAPI_FD if set."""
     tun_fd, uapi_fd = os.environ.get(TUN_FD_ENV), os.environ.get(UAPI_FD_ENV)
-    tun = handed_tun(int(tun_fd)) if tun_fd else None
+    tun = Tun.adopt(int(tun_fd)) if tun_fd else None
     name = tun.name if tun else ifname
     try:
         listener = HandedListener(int(uapi_fd), name) if uapi_fd else None

@@ -73,6 +73,21 @@ class Tun:
             os.close(fd)
             raise
 
+    @classmethod
+    def adopt(cls, fd: int) -> Tun:
+        """A TUN a parent opened and handed over (wireguard-go's WG_TUN_FD): its name and
+        virtio header are read from the descriptor."""
+        got = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
+        raw_name, flags = _IFREQ.unpack(got)
+        if flags & (IFF_TUN | IFF_NO_PI) != IFF_TUN | IFF_NO_PI:
+            raise OSError(f"TUN fd {fd} must be opened with IFF_TUN | IFF_NO_PI")
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        vnet_hdr = bool(flags & IFF_VNET_HDR)
+        if vnet_hdr:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)  # whole packets on reads, as create() asks
+        return cls(fd, raw_name.rstrip(b"\0").decode(), vnet_hdr)
+
     def fileno(self) -> int:
         return self._fd
 
@@ -162,8 +177,15 @@ class Tun:
         return int(_IFREQ_INT.unpack(got)[1])
 
     def _control_socket(self) -> socket.socket:
-        """A datagram socket in the device's current namespace, made anew if it moved."""
-        ns_fd = fcntl.ioctl(self._fd, TUNGETDEVNETNS)
+        """A datagram socket in the device's current namespace, made anew if it moved.
+        TUNGETDEVNETNS needs CAP_NET_ADMIN: a daemon without it (handed its TUN by a
+        privileged parent) asks in its own namespace, where the parent made the device."""
+        try:
+            ns_fd = fcntl.ioctl(self._fd, TUNGETDEVNETNS)
+        except PermissionError:
+            if self._ctl is None:
+                self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            return self._ctl
         try:
             inode = os.fstat(ns_fd).st_ino
             if self._ctl is None or inode != self._ns_inode:
