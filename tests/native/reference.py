@@ -146,12 +146,19 @@ def inner_packet(rng: random.Random, size: int) -> bytes:
     the inner checks must refuse."""
     roll = rng.random()
     v6 = rng.random() < 0.4
-    src = bytes([10, 0, 0, rng.randrange(1, 4)]) if not v6 else bytes(15) + bytes([rng.randrange(1, 4)])
+    src = (
+        bytes([10, 0, 0, rng.randrange(1, 4)])
+        if not v6
+        else bytes(15) + bytes([rng.randrange(1, 4)])
+    )
     dst = bytes([10, 0, 1, 1]) if not v6 else bytes(15) + b"\x09"
     hdr = 40 if v6 else 20
     body = rng.randbytes(max(0, size - hdr - 20))
     if rng.random() < 0.5:
-        l4 = struct.pack("!HHIIBBHHH", 1000, 80, rng.getrandbits(32), 7, 0x50, 0x10, 512, 0, 0) + body
+        l4 = (
+            struct.pack("!HHIIBBHHH", 1000, 80, rng.getrandbits(32), 7, 0x50, 0x10, 512, 0, 0)
+            + body
+        )
         proto = 6
     else:
         l4 = struct.pack("!HHHH", 53, 5353, 8 + len(body), 0) + body
@@ -172,7 +179,9 @@ def inner_packet(rng: random.Random, size: int) -> bytes:
         del q[rng.randrange(1, hdr) :]  # too short for its header
     elif bad == 4:
         at = 4 if v6 else 2  # shorter than the plaintext: trimmed
-        q[at : at + 2] = struct.pack("!H", max(0, len(q) - rng.randrange(1, 16) - (40 if v6 else 0)))
+        q[at : at + 2] = struct.pack(
+            "!H", max(0, len(q) - rng.randrange(1, 16) - (40 if v6 else 0))
+        )
     return bytes(q)
 
 
@@ -214,7 +223,9 @@ class World:
         if roll < 0.62:
             return rng.choice(self.sent)  # replayed
         if roll < 0.68:  # out of order: behind, far behind, or far ahead
-            c = max(0, kp.send_counter + rng.choice([-1, -5, -100, -8127, -8128, -9000, 8200, 10**6]))
+            c = max(
+                0, kp.send_counter + rng.choice([-1, -5, -100, -8127, -8128, -9000, 8200, 10**6])
+            )
             return self.seal(kp, inner_packet(rng, size), c)
         if roll < 0.70:  # at the end of the counter space
             c = REJECT_AFTER_MESSAGES + rng.choice([-2, -1, 0, 1, 8000])

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.io.test_offload import VNET, V4, V6, flow, tcp, traffic, udp, udp_flow
+from tests.io.test_offload import V4, V6, VNET, flow, tcp, traffic, udp, udp_flow
 from wgpy.core.device import Device
 from wgpy.core.peer import Endpoint, Keypair, Peer
 from wgpy.io import offload
@@ -77,7 +77,13 @@ def test_checksum(data: bytes, initial: int) -> None:
 
 
 def test_checksum_edges() -> None:
-    for data, initial in [(b"", 0), (b"", 0xFFFF), (b"\0\0\0", 0), (b"\xff\xff", 0), (b"", 2**100 * 0xFFFF)]:
+    for data, initial in [
+        (b"", 0),
+        (b"", 0xFFFF),
+        (b"\0\0\0", 0),
+        (b"\xff\xff", 0),
+        (b"", 2**100 * 0xFFFF),
+    ]:
         assert native.checksum(data, initial) == offload.checksum(data, initial)
     with pytest.raises(ValueError):
         native.checksum(b"", -1)
@@ -108,7 +114,9 @@ def mutate(packets: list[bytes], rng: random.Random, n: int) -> list[bytes]:
 def test_coalesce_matches(packets: list[bytes], seed: int, flips: int, use_udp: bool) -> None:
     rng = random.Random(seed)
     packets = mutate(packets, rng, flips)
-    packets += [udp(bytes(rng.randrange(1, 300)), rng.choice([V4, V6])) for _ in range(rng.randrange(3))]
+    packets += [
+        udp(bytes(rng.randrange(1, 300)), rng.choice([V4, V6])) for _ in range(rng.randrange(3))
+    ]
     want = offload.coalesce(packets, use_udp)
     assert native.coalesce(packets, use_udp) == want
     assert native.coalesce([memoryview(p) for p in packets], udp=use_udp) == want
@@ -120,7 +128,9 @@ def test_coalesce_udp_matches(script: list[tuple[int, int]]) -> None:
     counts = [0, 0]
     mixed = []
     for which, size in script:
-        mixed.append(udp(bytes([counts[which] & 0xFF]) * size, (V4, V6)[which], ip_id=counts[which]))
+        mixed.append(
+            udp(bytes([counts[which] & 0xFF]) * size, (V4, V6)[which], ip_id=counts[which])
+        )
         counts[which] += 1
     assert native.coalesce(mixed) == offload.coalesce(mixed)
 

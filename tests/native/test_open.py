@@ -58,7 +58,9 @@ def test_one_session_run_and_results_shape() -> None:
     grams = [world.seal(kp, pkt + bytes(8), c) for c in range(44)]
     buf = b"".join(grams)
     out = bytearray(len(buf))
-    runs, per, others, drops = native.open_batch(buf, len(buf), len(grams[0]), world.native, 5.0, out)
+    runs, per, others, drops = native.open_batch(
+        buf, len(buf), len(grams[0]), world.native, 5.0, out
+    )
     ((s, src, spans),) = runs
     assert s is world.native[index] and src == b"\n\0\0\1"
     # 36-byte plaintexts (padded to 48 on the wire) trimmed to their IP length, 28, and
@@ -71,7 +73,9 @@ def test_one_session_run_and_results_shape() -> None:
     runs, per, others, drops = native.open_batch(buf + hs, len(buf) + 148, 0, world.native, 5.0,
                                                  bytearray(len(buf) + 148))  # fmt: skip
     assert (runs, per, others, drops["bad_tag"]) == ([], [], [], 1)  # one datagram: garbage
-    runs, per, others, drops = native.open_batch(hs + hs, 296, 148, world.native, 5.0, bytearray(296))
+    runs, per, others, drops = native.open_batch(
+        hs + hs, 296, 148, world.native, 5.0, bytearray(296)
+    )
     assert others == [(0, 148), (148, 148)]
 
 
