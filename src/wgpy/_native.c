@@ -621,7 +621,7 @@ static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
     Py_ssize_t nslots = 0;
     const uint8_t *buf = in.buf;
     uint8_t *out = outb.buf;
-    if (nbytes < 0 || nbytes > in.len || nbytes > (Py_ssize_t)UINT32_MAX || outb.len < nbytes) {
+    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX || outb.len < nbytes) {
         PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf), len(out) >= nbytes");
         goto done;
     }
