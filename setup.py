@@ -1,0 +1,19 @@
+"""Build of the optional native extension; the metadata stays in pyproject.toml.
+
+`optional=True`: without a compiler or OpenSSL's headers, setuptools warns and installs
+pure-Python wgpy, which works the same, only slower.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "wgpy._native",
+            ["src/wgpy/_native.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
+            optional=True,
+        )
+    ]
+)

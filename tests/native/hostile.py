@@ -1,0 +1,129 @@
+"""Hostile batches for wgpy._native, run by sanitize.sh under ASan/UBSan.
+
+Every entry point gets garbage, edge-case sizes and forged-but-valid traffic; open_batch
+is also hammered from two threads while a third wipes sessions (the GIL is released while
+decrypting). The answers are checked against the references where they are cheap.
+Usage: python tests/native/hostile.py [seconds]
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tests.native.reference import World, normalize, normalize_ref, open_batch_ref
+from wgpy import _native as native
+from wgpy.io import offload
+
+
+def edge_batches(world: World) -> None:
+    rng = world.rng
+    kp = world.kps[0]
+    index = kp.remote_index
+    good = world.seal(kp, b"\x45" + bytes(19), 0)
+    cases = [
+        b"", b"\x04", b"\x04\0\0\0", struct.pack("<IIQ", 4, index, 0), good[:31], good[:32],
+        good, good + b"\0", struct.pack("<IIQ", 4, index, 2**64 - 1) + bytes(16),
+        struct.pack("<I", 1) + bytes(144), bytes(65536),
+    ]  # fmt: skip
+    for c in cases:
+        for seg in (-5, 0, 1, 3, 4, 16, 31, 32, 33, len(c) - 1, len(c), len(c) + 1, 2**40):
+            out = bytearray(len(c))
+            native.open_batch(c, len(c), seg, world.native, world.now, out)
+            for n in (0, len(c) // 2):
+                native.open_batch(c, n, seg, world.native, world.now, bytearray(n))
+    big = rng.randbytes(65536 + 4096)
+    native.open_batch(big, len(big), 1, world.native, world.now, bytearray(len(big)))
+
+
+def differential(world: World, rounds: int) -> None:
+    for _ in range(rounds):
+        buf, nbytes, seg = world.batch()
+        out = bytearray(nbytes)
+        got = native.open_batch(buf, nbytes, seg, world.native, world.now, out)
+        want = open_batch_ref(buf, nbytes, seg, world.ref, world.now)
+        assert normalize(got, out, world.names) == normalize_ref(want, world.names)
+
+
+def threads(world: World, seconds: float) -> None:
+    """Two readers on the same sessions, a third thread wiping and re-keying them."""
+    batches = [world.batch() for _ in range(20)]
+    stop = time.monotonic() + seconds
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while time.monotonic() < stop:
+                for buf, nbytes, seg in batches:
+                    native.open_batch(
+                        buf, nbytes, seg, dict(world.native), world.now, bytearray(nbytes)
+                    )
+        except BaseException as e:
+            errors.append(e)
+
+    def wiper() -> None:
+        rng = random.Random(5)
+        while time.monotonic() < stop:
+            index = rng.choice(list(world.native))
+            world.native[index].wipe()
+            world.native[index] = native.Session(rng.randbytes(32), 1e9)
+            time.sleep(0.001)
+
+    ts = [threading.Thread(target=f) for f in (reader, reader, wiper)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+
+
+def offload_garbage(rng: random.Random, rounds: int) -> None:
+    for _ in range(rounds):
+        packets = [rng.randbytes(rng.randrange(0, 120)) for _ in range(rng.randrange(0, 10))]
+        for p in list(packets):
+            if p and rng.random() < 0.5:
+                q = bytearray(p)
+                q[0] = rng.choice([0x45, 0x46, 0x4F, 0x60, 0x40])
+                packets.append(bytes(q))
+        assert native.coalesce(packets) == offload.coalesce(packets)
+        assert native.coalesce(packets, False) == offload.coalesce(packets, False)
+        for p in packets:
+            hdr = struct.pack(
+                "<BBHHHH", rng.choice([0, 1]), rng.choice([0, 1, 3, 4, 5, 0x81]), 0,
+                rng.choice([0, 1, 7, 100, 0xFFFF]), rng.randrange(0, 90), rng.randrange(0, 90),
+            )  # fmt: skip
+            native.split(hdr + p, rng.choice([1500, 0, -1, 1]))
+            native.split(p, 1500)
+            native.checksum(p, rng.getrandbits(rng.choice([0, 16, 64, 200])))
+        sealer = native.Sealer(rng.randbytes(32))
+        sealer.seal(packets, rng.getrandbits(32), rng.getrandbits(63), rng.randrange(0, 2000))
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
+    deadline = time.monotonic() + seconds
+    rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+    world = World(rng, 3, 1000.0, native)
+    for s in world.native.values():
+        s.expires = 1e9
+    for s in world.ref.values():
+        s.expires = 1e9
+    edge_batches(world)
+    threads(World(rng, 3, 1000.0, native), min(5.0, seconds / 4))
+    n = 0
+    while time.monotonic() < deadline:
+        world = World(rng, rng.randrange(1, 5), 1000.0, native)
+        differential(world, 5)
+        offload_garbage(rng, 20)
+        n += 1
+    print(f"hostile: {n} rounds clean ({native.__file__})")
+
+
+if __name__ == "__main__":
+    main()

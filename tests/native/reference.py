@@ -1,0 +1,274 @@
+"""The pure-Python reference of `wgpy._native.open_batch`, and traffic to feed both.
+
+`open_batch_ref` is Device.receive's data path (core/device.py) restated for the native
+contract: the same checks in the same order, on core.replay.ReplayWindow and
+cryptography's ChaCha20Poly1305. `World` forges sessions and traffic with the core's own
+sealer (Device._seal) and keeps a native Session and a reference session side by side.
+Shared by the differential tests, the sanitizer corpus and the fuzz target.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from wgpy.core.constants import REJECT_AFTER_MESSAGES
+from wgpy.core.device import Device
+from wgpy.core.messages import DATA_HEADER, MSG_DATA, message_type
+from wgpy.core.peer import Keypair, Peer
+from wgpy.core.replay import ReplayWindow
+
+REASONS = ("bad_size", "unknown_index", "expired", "bad_tag", "replayed", "bad_inner")
+_NONCE = struct.Struct("<4xQ")
+
+
+class RefSession:
+    def __init__(self, key: bytes, expires: float) -> None:
+        self.aead = ChaCha20Poly1305(key)
+        self.expires = expires
+        self.replay = ReplayWindow()
+
+    def wipe(self) -> None:
+        self.expires = float("-inf")
+
+    def window_state(self) -> tuple[int, bytes]:
+        """ReplayWindow's internal state in the form Session.window_state() gives it."""
+        return self.replay.top, b"".join(w.to_bytes(8, "little") for w in self.replay.words)
+
+
+Runs = list[tuple[Any, bytes, list[tuple[int, int]]]]
+
+
+def open_batch_ref(
+    buf: bytes, nbytes: int, seg: int, sessions: dict[int, RefSession], now: float
+) -> tuple[Runs, list[tuple[Any, int, bool]], list[tuple[int, int]], dict[str, int], bytes]:
+    """(runs, per_session, others, drops, the plaintexts as open_batch leaves them in out)."""
+    step = seg if 0 < seg < nbytes else nbytes or 1  # as io/datapath.py
+    out = bytearray()
+    runs: Runs = []
+    stats: dict[RefSession, list[Any]] = {}
+    others: list[tuple[int, int]] = []
+    drops = dict.fromkeys(REASONS, 0)
+    for off in range(0, nbytes, step):
+        data = bytes(buf[off : min(off + step, nbytes)])
+        kind, index, counter = DATA_HEADER.unpack_from(data) if len(data) >= 32 else (0, 0, 0)
+        if kind != MSG_DATA:
+            if message_type(data) in (1, 2, 3):
+                others.append((off, len(data)))
+            else:
+                drops["bad_size"] += 1
+            continue
+        s = sessions.get(index)
+        if s is None:
+            drops["unknown_index"] += 1
+            continue
+        if counter >= REJECT_AFTER_MESSAGES:
+            drops["replayed"] += 1
+            continue
+        if now >= s.expires:
+            drops["expired"] += 1
+            continue
+        try:
+            plain = s.aead.decrypt(_NONCE.pack(counter), data[16:], None)
+        except InvalidTag:
+            drops["bad_tag"] += 1
+            continue
+        if not s.replay.accept(counter):
+            drops["replayed"] += 1
+            continue
+        got = stats.setdefault(s, [0, False])
+        got[0] += len(data)
+        if not plain:
+            continue
+        got[1] = True
+        n = len(plain)
+        version = plain[0] >> 4
+        if version == 4 and n >= 20:
+            src, length = plain[12:16], (plain[2] << 8) | plain[3]
+            if length < 20:
+                drops["bad_inner"] += 1
+                continue
+        elif version == 6 and n >= 40:
+            src, length = plain[8:24], 40 + ((plain[4] << 8) | plain[5])
+        else:
+            drops["bad_inner"] += 1
+            continue
+        if length > n:
+            drops["bad_inner"] += 1
+            continue
+        start = len(out)
+        out += plain[:length]
+        if runs and runs[-1][0] is s and runs[-1][1] == src:
+            runs[-1][2].append((start, length))
+        else:
+            runs.append((s, src, [(start, length)]))
+    per = [(s, nb, data) for s, (nb, data) in stats.items()]
+    return runs, per, others, drops, bytes(out)
+
+
+def normalize(result: Any, out: bytes | bytearray, names: dict[int, int]) -> tuple[Any, ...]:
+    """open_batch's answer in open_batch_ref's shape, sessions replaced by their index."""
+    runs, per, others, drops = result
+    plain = []
+    norm_runs = []
+    for s, src, spans in runs:
+        pairs = list(struct.iter_unpack("<II", spans))
+        norm_runs.append((names[id(s)], src, pairs))
+        plain += [bytes(out[a : a + n]) for a, n in pairs]
+    norm_per = [(names[id(s)], n, d) for s, n, d in per]
+    return norm_runs, norm_per, others, drops, b"".join(plain)
+
+
+def normalize_ref(result: Any, names: dict[int, int]) -> tuple[Any, ...]:
+    runs, per, others, drops, out = result
+    norm_runs = [(names[id(s)], src, spans) for s, src, spans in runs]
+    return norm_runs, [(names[id(s)], n, d) for s, n, d in per], others, drops, out
+
+
+# ---------------------------------------------------------------- traffic
+
+
+def ip4(src: bytes, dst: bytes, proto: int, l4: bytes, ip_id: int = 0) -> bytes:
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ip_id, 0x4000, 64, proto, 0, src, dst)
+    return hdr + l4
+
+
+def ip6(src: bytes, dst: bytes, proto: int, l4: bytes) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst) + l4
+
+
+def inner_packet(rng: random.Random, size: int) -> bytes:
+    """An IPv4/IPv6 TCP/UDP packet of about `size` bytes from a few addresses, or garbage
+    the inner checks must refuse."""
+    roll = rng.random()
+    v6 = rng.random() < 0.4
+    src = (
+        bytes([10, 0, 0, rng.randrange(1, 4)])
+        if not v6
+        else bytes(15) + bytes([rng.randrange(1, 4)])
+    )
+    dst = bytes([10, 0, 1, 1]) if not v6 else bytes(15) + b"\x09"
+    hdr = 40 if v6 else 20
+    body = rng.randbytes(max(0, size - hdr - 20))
+    if rng.random() < 0.5:
+        l4 = (
+            struct.pack("!HHIIBBHHH", 1000, 80, rng.getrandbits(32), 7, 0x50, 0x10, 512, 0, 0)
+            + body
+        )
+        proto = 6
+    else:
+        l4 = struct.pack("!HHHH", 53, 5353, 8 + len(body), 0) + body
+        proto = 17
+    p = ip6(src, dst, proto, l4) if v6 else ip4(src, dst, proto, l4, rng.getrandbits(16))
+    if roll < 0.85:
+        return p
+    q = bytearray(p)
+    bad = rng.randrange(6)
+    if bad == 0:
+        q[0] = (rng.choice([0, 5, 7, 15]) << 4) | (q[0] & 15)  # no such version
+    elif bad == 1 and not v6:
+        q[2:4] = struct.pack("!H", rng.randrange(20))  # total length under 20
+    elif bad == 2:
+        at = 4 if v6 else 2
+        q[at : at + 2] = struct.pack("!H", len(q) + rng.randrange(1, 40))  # past the end
+    elif bad == 3:
+        del q[rng.randrange(1, hdr) :]  # too short for its header
+    elif bad == 4:
+        at = 4 if v6 else 2  # shorter than the plaintext: trimmed
+        q[at : at + 2] = struct.pack(
+            "!H", max(0, len(q) - rng.randrange(1, 16) - (40 if v6 else 0))
+        )
+    return bytes(q)
+
+
+class World:
+    """Sessions known to both implementations, and the core's sealer for each."""
+
+    def __init__(self, rng: random.Random, nsessions: int, now: float, native: Any) -> None:
+        self.rng = rng
+        self.now = now
+        self.native: dict[int, Any] = {}
+        self.ref: dict[int, RefSession] = {}
+        self.kps: list[Keypair] = []
+        self.sent: list[bytes] = []
+        peer = Peer(bytes(32), lambda: 0.0)
+        for _ in range(nsessions):
+            index = rng.getrandbits(32)
+            while index in self.ref:
+                index = rng.getrandbits(32)
+            key = rng.randbytes(32)
+            expires = rng.choice([now + 100.0, now + 100.0, now + 100.0, now, now - 1.0])
+            self.native[index] = native.Session(key, expires)
+            self.ref[index] = RefSession(key, expires)
+            self.kps.append(Keypair(peer, (key, key), True, 0, index, 0.0))
+        self.names = {id(s): i for i, s in self.native.items()}
+        self.names.update({id(s): i for i, s in self.ref.items()})
+
+    def seal(self, kp: Keypair, packet: bytes, counter: int) -> bytes:
+        kp.send_counter = counter % 2**64
+        return Device._seal(kp, packet, 1420)
+
+    def datagram(self, size: int) -> bytes:
+        rng = self.rng
+        kp = rng.choice(self.kps)
+        roll = rng.random()
+        if roll < 0.55 or not self.sent:
+            d = self.seal(kp, inner_packet(rng, size), kp.send_counter)
+            self.sent.append(d)
+            return d
+        if roll < 0.62:
+            return rng.choice(self.sent)  # replayed
+        if roll < 0.68:  # out of order: behind, far behind, or far ahead
+            c = max(
+                0, kp.send_counter + rng.choice([-1, -5, -100, -8127, -8128, -9000, 8200, 10**6])
+            )
+            return self.seal(kp, inner_packet(rng, size), c)
+        if roll < 0.70:  # at the end of the counter space
+            c = REJECT_AFTER_MESSAGES + rng.choice([-2, -1, 0, 1, 8000])
+            return self.seal(kp, inner_packet(rng, size), c)
+        if roll < 0.74:
+            return self.seal(kp, b"", kp.send_counter)  # a keepalive
+        if roll < 0.80:  # a bit flipped anywhere
+            d = bytearray(rng.choice(self.sent))
+            i = rng.randrange(len(d))
+            d[i] ^= 1 << rng.randrange(8)
+            return bytes(d)
+        if roll < 0.84:  # truncated
+            d = rng.choice(self.sent)
+            return d[: rng.randrange(len(d))]
+        if roll < 0.88:  # an index nobody has
+            d = bytearray(rng.choice(self.sent))
+            d[4:8] = rng.randbytes(4)
+            return bytes(d)
+        if roll < 0.94:  # handshake-shaped, or almost
+            kind, n = rng.choice([(1, 148), (2, 92), (3, 64), (1, 92), (2, 148), (5, 148)])
+            n += rng.choice([0, 0, 0, -1, 1])
+            return struct.pack("<I", kind) + rng.randbytes(max(0, n - 4))
+        return rng.randbytes(rng.randrange(0, 48))  # junk
+
+    def batch(self) -> tuple[bytes, int, int]:
+        """One GRO read: (buf, nbytes, seg), with room after nbytes."""
+        rng = self.rng
+        size = rng.choice([20, 40, 60, 100, 576, 1280, 1420, rng.randrange(0, 1500)])
+        grams = [self.datagram(size) for _ in range(rng.randrange(1, 50))]
+        mode = rng.random()
+        if mode < 0.15:  # no GRO: one datagram
+            d = grams[0]
+            return d + rng.randbytes(rng.randrange(8)), len(d), rng.choice([0, -1, len(d)])
+        if mode < 0.25:  # a segment size of its own
+            seg = rng.randrange(1, 200)
+        else:  # the size of most of them: the rest padded or cut to it
+            sizes = [len(g) for g in grams]
+            seg = max(set(sizes), key=sizes.count) or 1
+        parts = []
+        for i, g in enumerate(grams):
+            if i == len(grams) - 1 and len(g) <= seg:
+                parts.append(g)  # a shorter last
+            else:
+                parts.append(g[:seg] + rng.randbytes(max(0, seg - len(g))))
+        buf = b"".join(parts)
+        return buf + rng.randbytes(rng.randrange(8)), len(buf), seg

@@ -1,0 +1,194 @@
+"""Sealer.seal against Device._seal_all; coalesce, checksum and split against io.offload."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.io.test_offload import V4, V6, VNET, flow, tcp, traffic, udp, udp_flow
+from wgpy.core.device import Device
+from wgpy.core.peer import Endpoint, Keypair, Peer
+from wgpy.io import offload
+
+native = pytest.importorskip(
+    "wgpy._native", reason="wgpy._native is not built (python setup.py build_ext --inplace)"
+)
+
+# ---------------------------------------------------------------- seal
+
+
+def python_seal(key: bytes, packets: list[bytes], index: int, counter: int, mtu: int) -> bytes:
+    kp = Keypair(Peer(bytes(32), lambda: 0.0), (key, key), True, 0, index, 0.0)
+    kp.send_counter = counter
+    udp_out: list[tuple[bytes, Endpoint]] = []
+    Device._seal_all(kp, packets, mtu, ("", 0), udp_out)
+    assert kp.send_counter == counter + len(packets)
+    return b"".join(d for d, _ in udp_out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 3000), max_size=50),
+    st.integers(0, 2**32 - 1),
+    st.one_of(st.integers(0, 2**64 - 60), st.integers(2**64 - 60, 2**64 - 50)),
+    st.sampled_from([0, 1, 15, 16, 17, 576, 1280, 1420, 1500, 9000]) | st.integers(0, 4000),
+    st.binary(min_size=32, max_size=32),
+)
+def test_seal_matches_seal_all(
+    sizes: list[int], index: int, counter: int, mtu: int, key: bytes
+) -> None:
+    rng = random.Random(counter ^ index)
+    packets = [rng.randbytes(n) for n in sizes]
+    sealed, count = native.Sealer(key).seal(packets, index, counter, mtu)
+    assert count == len(packets)
+    assert sealed == python_seal(key, packets, index, counter, mtu)
+    # any buffer will do
+    views = [memoryview(bytearray(p)) for p in packets]
+    assert native.Sealer(key).seal(views, index, counter, mtu)[0] == sealed
+
+
+def test_seal_edges() -> None:
+    s = native.Sealer(bytes(32))
+    assert s.seal([], 1, 0, 1420) == (b"", 0)
+    assert s.seal([b""], 1, 2**64 - 1, 1420)[1] == 1
+    with pytest.raises(OverflowError):
+        s.seal([b"", b""], 1, 2**64 - 1, 1420)
+    with pytest.raises(ValueError):
+        s.seal([b""], 2**32, 0, 1420)
+    with pytest.raises(ValueError):
+        s.seal([b""], 1, 0, -1)
+    with pytest.raises(ValueError):
+        native.Sealer(b"short")
+    s.wipe()
+    with pytest.raises(ValueError):
+        s.seal([b"x"], 1, 0, 1420)
+
+
+# ---------------------------------------------------------------- checksum
+
+
+@given(st.binary(max_size=300), st.integers(0, 2**64 - 1) | st.integers(0, 2**200))
+def test_checksum(data: bytes, initial: int) -> None:
+    assert native.checksum(data, initial) == offload.checksum(data, initial)
+    assert native.checksum(memoryview(data)) == offload.checksum(data)
+
+
+def test_checksum_edges() -> None:
+    for data, initial in [
+        (b"", 0),
+        (b"", 0xFFFF),
+        (b"\0\0\0", 0),
+        (b"\xff\xff", 0),
+        (b"", 2**100 * 0xFFFF),
+    ]:
+        assert native.checksum(data, initial) == offload.checksum(data, initial)
+    with pytest.raises(ValueError):
+        native.checksum(b"", -1)
+
+
+# ---------------------------------------------------------------- coalesce
+
+
+def mutate(packets: list[bytes], rng: random.Random, n: int) -> list[bytes]:
+    """Flip header bytes here and there: the odd paths of _classify and take."""
+    out = list(packets)
+    for _ in range(n):
+        if not out:
+            break
+        i = rng.randrange(len(out))
+        p = bytearray(out[i])
+        if rng.random() < 0.2:
+            del p[rng.randrange(len(p) + 1) :]
+        elif p:
+            at = rng.randrange(min(len(p), 80))
+            p[at] = rng.choice([p[at] ^ (1 << rng.randrange(8)), 0, 0xFF, 6, 17, 0x45, 0x60])
+        out[i] = bytes(p)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(traffic(), st.integers(0, 2**32), st.integers(0, 6), st.booleans())
+def test_coalesce_matches(packets: list[bytes], seed: int, flips: int, use_udp: bool) -> None:
+    rng = random.Random(seed)
+    packets = mutate(packets, rng, flips)
+    packets += [
+        udp(bytes(rng.randrange(1, 300)), rng.choice([V4, V6])) for _ in range(rng.randrange(3))
+    ]
+    want = offload.coalesce(packets, use_udp)
+    assert native.coalesce(packets, use_udp) == want
+    assert native.coalesce([memoryview(p) for p in packets], udp=use_udp) == want
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1]), st.integers(1, 600)), min_size=1, max_size=80))
+@settings(max_examples=60, deadline=None)
+def test_coalesce_udp_matches(script: list[tuple[int, int]]) -> None:
+    counts = [0, 0]
+    mixed = []
+    for which, size in script:
+        mixed.append(
+            udp(bytes([counts[which] & 0xFF]) * size, (V4, V6)[which], ip_id=counts[which])
+        )
+        counts[which] += 1
+    assert native.coalesce(mixed) == offload.coalesce(mixed)
+
+
+@given(st.lists(st.binary(max_size=80), max_size=8))
+def test_coalesce_garbage_matches(packets: list[bytes]) -> None:
+    assert native.coalesce(packets) == offload.coalesce(packets)
+
+
+def test_coalesce_cases_from_offload_tests() -> None:
+    cases = [
+        flow(10, 1000, last=300),
+        flow(100, 1400),
+        flow(7, 1200, V6, options=b"\x01\x01\x08\x0a" + bytes(range(8)), seq=0xFFFFF000),
+        flow(4, 500, ip_options=b"\x01\x01\x01\x00"),
+        [*flow(3, 800, last=100), tcp(1000 + 1700, b"b" * 800, ip_id=103)],
+        udp_flow([300] * 5 + [120]) + udp_flow([300, 300, 400, 300], V6) + udp_flow([200] * 70),
+    ]
+    for packets in cases:
+        assert native.coalesce(packets) == offload.coalesce(packets)
+        assert native.coalesce(packets, False) == offload.coalesce(packets, False)
+
+
+# ---------------------------------------------------------------- split
+
+
+def python_split(buf: bytes, mtu: int) -> list[bytes]:
+    """offload.split, where a garbage buffer that makes it raise counts as dropped."""
+    try:
+        return offload.split(buf, mtu)
+    except (ValueError, BufferError):  # struct.error is a ValueError
+        return []
+
+
+@settings(max_examples=100, deadline=None)
+@given(traffic(), st.sampled_from([1500, 1000, 0, -1, 100000]))
+def test_split_of_coalesced_matches(packets: list[bytes], mtu: int) -> None:
+    for buf in offload.coalesce(packets):
+        assert native.split(buf, mtu) == offload.split(buf, mtu)
+
+
+@given(
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 80),
+    st.integers(0, 80),
+    st.binary(max_size=200),
+)
+def test_split_garbage_matches(
+    flags: int, gso: int, size: int, start: int, offset: int, data: bytes
+) -> None:
+    for pkt in (data, tcp(1, data), tcp(1, data, addrs=V6), udp(data)):
+        for b in (VNET.pack(flags, gso, 0, size, start, offset) + pkt, pkt):
+            assert native.split(b, 1500) == python_split(b, 1500)
+
+
+def test_split_where_python_raises() -> None:
+    """A version-4 header cut below 12 bytes makes offload.split raise; native drops it."""
+    buf = VNET.pack(0, offload.GSO_UDP_L4, 0, 100, 0, 0) + b"\x40" + bytes(40)
+    assert python_split(buf, 1500) == [] and native.split(buf, 1500) == []
