@@ -3,7 +3,7 @@
 Per packet, on batches of 44 x 1420-byte IPv4 packets (one UDP GRO read / GSO send):
   open:  Device.receive on one session vs open_batch (+ slicing the packets out, as a
          caller must), GIL released inside
-  seal:  Device._seal_all vs Sealer.seal
+  seal:  seal_all vs Sealer.seal
     PYTHONPATH=src python bench/native.py
 """
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from wgpy import _native as native
-from wgpy.core.device import Device
+from wgpy.core.device import Device, seal_all
 from wgpy.core.peer import Endpoint, Keypair
 
 BATCH = 44
@@ -42,7 +42,7 @@ def main() -> None:
     peer = device.add_peer(os.urandom(32))
     assert peer is not None
     device.allowed_ips.insert(src, 32, peer)
-    kp = Keypair(peer, (key, key), True, 77, 77, 0.0)
+    kp = Keypair(peer, (key, key), initiator=True, local_index=77, remote_index=77, now=0.0)
     device._keypairs[77] = kp
     ep: Endpoint = ("192.0.2.1", 51820)
 
@@ -78,7 +78,7 @@ def main() -> None:
         udp: list[tuple[bytes, Endpoint]] = []
         kp.send_counter = 0
         for _ in range(ROUNDS):
-            Device._seal_all(kp, packets, 1420, ep, udp)
+            seal_all(kp, packets, 1420, ep, udp)
             udp.clear()
 
     def native_seal() -> None:
@@ -90,7 +90,7 @@ def main() -> None:
         ("open: Device.receive (pure)", best_us_per_packet(pure_open, n)),
         ("open: open_batch", best_us_per_packet(native_open(False), n)),
         ("open: open_batch + packets sliced out", best_us_per_packet(native_open(True), n)),
-        ("seal: Device._seal_all (pure)", best_us_per_packet(pure_seal, n)),
+        ("seal: seal_all (pure)", best_us_per_packet(pure_seal, n)),
         ("seal: Sealer.seal", best_us_per_packet(native_seal, n)),
     ]
     print(f"{BATCH} x {SIZE}-byte packets per batch, {ROUNDS} batches, best of 5")

@@ -23,8 +23,8 @@ with atheris.instrument_imports():
         normalize_ref,
         open_batch_ref,
     )
+from tests.core.simnet import seal
 from wgpy import _native as native
-from wgpy.core.device import Device
 from wgpy.core.peer import Keypair, Peer
 
 KEYS = {1: bytes(range(32)), 0xDEADBEEF: bytes(range(32, 64))}
@@ -38,11 +38,11 @@ def _presealed() -> list[bytes]:
     inner = [b"", v4 + bytes(8), v4 + bytes(3), v6 + bytes(8), v6, b"\x45" + bytes(30)]
     out = []
     for index, key in KEYS.items():
-        kp = Keypair(peer, (key, key), True, 0, index, 0.0)
+        kp = Keypair(peer, (key, key), initiator=True, local_index=0, remote_index=index, now=0.0)
         for counter in (0, 1, 2, 3, 64, 8200, 2**64 - 8194):
             for p in inner:
                 kp.send_counter = counter
-                out.append(Device._seal(kp, p, 1420))
+                out.append(seal(kp, p, 1420))
     return out
 
 

@@ -3,7 +3,7 @@
 `open_batch_ref` is Device.receive's data path (core/device.py) restated for the native
 contract: the same checks in the same order, on core.replay.ReplayWindow and
 cryptography's ChaCha20Poly1305. `World` forges sessions and traffic with the core's own
-sealer (Device._seal) and keeps a native Session and a reference session side by side.
+sealer (core.device.seal_all) and keeps a native Session and a reference session side by side.
 Shared by the differential tests, the sanitizer corpus and the fuzz target.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from tests.core.simnet import seal
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
-from wgpy.core.device import Device
 from wgpy.core.messages import DATA_HEADER, MSG_DATA, message_type
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.replay import ReplayWindow
@@ -204,13 +204,17 @@ class World:
             expires = rng.choice([now + 100.0, now + 100.0, now + 100.0, now, now - 1.0])
             self.native[index] = native.Session(key, expires)
             self.ref[index] = RefSession(key, expires)
-            self.kps.append(Keypair(peer, (key, key), True, 0, index, 0.0))
+            self.kps.append(
+                Keypair(
+                    peer, (key, key), initiator=True, local_index=0, remote_index=index, now=0.0
+                )
+            )
         self.names = {id(s): i for i, s in self.native.items()}
         self.names.update({id(s): i for i, s in self.ref.items()})
 
     def seal(self, kp: Keypair, packet: bytes, counter: int) -> bytes:
         kp.send_counter = counter % 2**64
-        return Device._seal(kp, packet, 1420)
+        return seal(kp, packet, 1420)
 
     def datagram(self, size: int) -> bytes:
         rng = self.rng

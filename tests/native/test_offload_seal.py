@@ -1,4 +1,4 @@
-"""Sealer.seal against Device._seal_all; coalesce, checksum and split against io.offload."""
+"""Sealer.seal against seal_all; coalesce, checksum and split against io.offload."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.io.test_offload import V4, V6, VNET, flow, tcp, traffic, udp, udp_flow
-from wgpy.core.device import Device
+from wgpy.core.device import seal_all
 from wgpy.core.peer import Endpoint, Keypair, Peer
 from wgpy.io import offload
 
@@ -21,10 +21,17 @@ native = pytest.importorskip(
 
 
 def python_seal(key: bytes, packets: list[bytes], index: int, counter: int, mtu: int) -> bytes:
-    kp = Keypair(Peer(bytes(32), lambda: 0.0), (key, key), True, 0, index, 0.0)
+    kp = Keypair(
+        Peer(bytes(32), lambda: 0.0),
+        (key, key),
+        initiator=True,
+        local_index=0,
+        remote_index=index,
+        now=0.0,
+    )
     kp.send_counter = counter
     udp_out: list[tuple[bytes, Endpoint]] = []
-    Device._seal_all(kp, packets, mtu, ("", 0), udp_out)
+    seal_all(kp, packets, mtu, ("", 0), udp_out)
     assert kp.send_counter == counter + len(packets)
     return b"".join(d for d, _ in udp_out)
 
