@@ -601,3 +601,12 @@ def test_kernel_cuts_our_uso_write_into_the_datagrams() -> None:
         assert done.stdout.strip() == "True", done.stderr
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_split_refuses_garbage_headers_without_raising() -> None:
+    """Found by fuzzing (and by the native differential test): an IPv4 header length
+    under 20 once resized a buffer in use, and an oversized segment overflowed a u16."""
+    tiny_ihl = VNET.pack(0, offload.GSO_UDP_L4, 0, 100, 0, 0) + b"\x40" + bytes(40)
+    assert split(tiny_ihl, 1420) == []
+    huge = VNET.pack(1, offload.GSO_TCPV4, 0, 65535, 20, 16) + b"\x45" + bytes(70000)
+    assert split(huge, 1420) == []

@@ -375,6 +375,8 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
     version = pkt[0] >> 4
     if version == 4:
         iphl = (pkt[0] & 15) * 4
+        if iphl < 20:
+            return []
     elif version == 6:
         iphl = 40
     else:
@@ -388,6 +390,8 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
         return []
     payload = pkt[hlen:]
     n = len(payload)
+    if hlen + min(mss, n) > _MAX_IP_LEN:  # no segment can be that long: garbage
+        return []
     base = _pseudo_sum(pkt, _PROTO_UDP if udp else _PROTO_TCP, 0)  # the length comes later
     hdr = bytearray(pkt[:hlen])
     hview = memoryview(hdr)
