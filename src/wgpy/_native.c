@@ -407,9 +407,11 @@ static PyTypeObject SealerType = {
 
 /* ------------------------------------------------------------------ open_batch */
 
-enum { D_BAD_SIZE, D_UNKNOWN, D_EXPIRED, D_BAD_TAG, D_REPLAYED, D_BAD_INNER, N_DROPS };
-static const char *const drop_names[N_DROPS] = {"bad_size", "unknown_index", "expired",
-                                                "bad_tag", "replayed", "bad_inner"};
+/* The names are wgpy.core.output.Drop's values. */
+enum { D_BAD_SIZE, D_UNKNOWN_TYPE, D_UNKNOWN, D_EXPIRED, D_BAD_TAG, D_REPLAYED, D_BAD_INNER,
+       N_DROPS };
+static const char *const drop_names[N_DROPS] = {"bad_size", "unknown_type", "unknown_index",
+                                                "expired", "bad_tag", "replayed", "bad_inner"};
 enum { V_PENDING = N_DROPS, V_OTHER, V_KEEPALIVE, V_PACKET };
 
 typedef struct {
@@ -649,7 +651,9 @@ static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
         r->slot = -1;
         const uint8_t *p = buf + r->off;
         if (r->len < DATA_MIN || rd32le(p) != 4) {
-            r->verdict = is_handshake(p, r->len) ? V_OTHER : D_BAD_SIZE;
+            r->verdict = is_handshake(p, r->len) ? V_OTHER
+                         : (r->len < 4 || rd32le(p) - 1 < 4) ? D_BAD_SIZE  /* a known type */
+                                                               : D_UNKNOWN_TYPE;
             continue;
         }
         uint32_t index = rd32le(p + 4);
@@ -682,9 +686,7 @@ static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
         }
         if (last_slot < 0)
             r->verdict = D_UNKNOWN;
-        else if (r->counter >= REJECT_AFTER_MESSAGES)
-            r->verdict = D_REPLAYED;
-        else if (now >= slots[last_slot].s->expires)
+        else if (r->counter >= REJECT_AFTER_MESSAGES || now >= slots[last_slot].s->expires)
             r->verdict = D_EXPIRED;
         else
             r->verdict = V_PENDING, r->slot = last_slot;

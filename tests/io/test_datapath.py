@@ -16,10 +16,11 @@ from tests.io.fakes import ChannelTun, ChannelUdp
 from tests.io.test_offload import V4, V6, flow, udp
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
+from wgpy.core.messages import split_read as gro_split
 from wgpy.core.output import Drop, Event, EventKind
 from wgpy.io import offload
 from wgpy.io.datapath import Datapath
-from wgpy.io.udp import gro_split, gso_runs
+from wgpy.io.udp import gso_runs
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)

@@ -22,7 +22,8 @@ from wgpy.core.messages import DATA_HEADER, MSG_DATA, message_type
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.replay import ReplayWindow
 
-REASONS = ("bad_size", "unknown_index", "expired", "bad_tag", "replayed", "bad_inner")
+REASONS = ("bad_size", "unknown_type", "unknown_index", "expired", "bad_tag", "replayed",
+           "bad_inner")  # fmt: skip
 _NONCE = struct.Struct("<4xQ")
 
 
@@ -59,17 +60,16 @@ def open_batch_ref(
         if kind != MSG_DATA:
             if message_type(data) in (1, 2, 3):
                 others.append((off, len(data)))
-            else:
+            elif len(data) < 4 or (data[0] in (1, 2, 3, 4) and not any(data[1:4])):
                 drops["bad_size"] += 1
+            else:
+                drops["unknown_type"] += 1
             continue
         s = sessions.get(index)
         if s is None:
             drops["unknown_index"] += 1
             continue
-        if counter >= REJECT_AFTER_MESSAGES:
-            drops["replayed"] += 1
-            continue
-        if now >= s.expires:
+        if counter >= REJECT_AFTER_MESSAGES or now >= s.expires:
             drops["expired"] += 1
             continue
         try:

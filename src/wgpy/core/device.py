@@ -19,6 +19,7 @@ import random
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
+from types import ModuleType
 
 from wgpy.core import handshake
 from wgpy.core.allowedips import AllowedIPs
@@ -48,16 +49,18 @@ from wgpy.core.messages import (
     message_type,
     parse_cookie_reply,
     parse_response,
+    split_read,
 )
 from wgpy.core.output import Drop, Endpoint, EventKind, Output
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
 
-__all__ = ["Device", "Output", "inner_destination", "padded_length", "seal_all"]
+__all__ = ["Device", "Output", "inner_destination", "padded_length", "seal_all", "seal_native"]
 
 _NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
+_SPAN = struct.Struct("<II")  # a packet in the native open's output: (start, length)
 _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 _V4_LEN, _V6_LEN = IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
@@ -114,6 +117,26 @@ def seal_all(
     return nbytes, sent_data
 
 
+def seal_native(
+    kp: Keypair,
+    packets: list[bytes],
+    mtu: int,
+    endpoint: Endpoint,
+    udp: list[tuple[bytes, Endpoint]],
+) -> tuple[int, bool]:
+    """`seal_all` in one native call for the whole batch (byte for byte the same)."""
+    sealed, count = kp.native_send.seal(packets, kp.remote_index, kp.send_counter, mtu)
+    kp.send_counter += count
+    at, sent_data = 0, False
+    for packet in packets:
+        length = len(packet)
+        end = at + 32 + padded_length(length, mtu)  # header + padded payload + tag
+        udp.append((sealed[at:end], endpoint))
+        at = end
+        sent_data = sent_data or length > 0
+    return len(sealed), sent_data
+
+
 def _why_refused(data: bytes | memoryview) -> Drop:
     """The drop reason for a datagram `message_type` refused."""
     known = len(data) < 4 or TYPE.unpack_from(data)[0] in _KNOWN_TYPES
@@ -121,8 +144,16 @@ def _why_refused(data: bytes | memoryview) -> Drop:
 
 
 class Device:
-    def __init__(self, rand: Callable[[int], bytes], wall_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        rand: Callable[[int], bytes],
+        wall_offset: float = 0.0,
+        native: ModuleType | None = None,
+    ) -> None:
+        """`native`: the extension module (core/native.py `load()`) to open and seal
+        data messages with, or None for the pure-Python path."""
         self.rand = rand
+        self.native = native
         self._timer_rng = random.Random(rand(16))
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
         self.private_key: bytes | None = None
@@ -210,6 +241,12 @@ class Device:
         up to `handshake_budget` queued ones are worked off at the end (a caller that
         reads many batches per turn passes 0 and calls `process_handshakes` once)."""
         out = Output()
+        if self.native is not None:  # the replay windows live in C: every datagram goes there
+            for data, src in datagrams:
+                self._open_native(data, len(data), 0, src, now, out)
+            if self._queue and handshake_budget:
+                self._process_handshakes(now, handshake_budget, out)
+            return out
         drops = out.drops
         keypairs = self.index.keypairs
         tun = out.tun
@@ -275,6 +312,53 @@ class Device:
         if self._queue and handshake_budget:
             self._process_handshakes(now, handshake_budget, out)
         return out
+
+    def receive_read(
+        self,
+        buf: memoryview,
+        n: int,
+        seg: int,
+        src: Endpoint,
+        now: float,
+        handshake_budget: int = HANDSHAKE_BUDGET,
+    ) -> Output:
+        """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
+        bytes if GRO merged them (see `split_read`). With the native datapath, one call
+        opens them all; the allowed-IPs check is then made once per run of packets of one
+        session and inner source, the bookkeeping once per session."""
+        if self.native is None:
+            return self.receive([(d, src) for d in split_read(buf, n, seg)], now, handshake_budget)
+        out = Output()
+        self._open_native(buf, n, seg, src, now, out)
+        if self._queue and handshake_budget:
+            self._process_handshakes(now, handshake_budget, out)
+        return out
+
+    def _open_native(
+        self, buf: memoryview | bytes, n: int, seg: int, src: Endpoint, now: float, out: Output
+    ) -> None:
+        assert self.native is not None
+        plain = bytearray(n)
+        runs, per_session, others, drops = self.native.open_batch(
+            buf, n, seg, self.index.sessions, now, plain
+        )
+        for reason, count in drops.items():
+            if count:
+                out.drops[Drop(reason)] += count
+        keypairs = self.index.session_keypairs
+        lookup, tun = self.allowed_ips.lookup, out.tun
+        for session, source, spans in runs:
+            if lookup(source) is not keypairs[session].peer:
+                out.drops[Drop.SOURCE_NOT_ALLOWED] += len(spans) // _SPAN.size
+                continue
+            for start, length in _SPAN.iter_unpack(spans):
+                tun.append(bytes(plain[start : start + length]))
+        for session, nbytes, data in per_session:
+            got = _Received()
+            got.src, got.nbytes, got.data = src, nbytes, data
+            self._account_received(keypairs[session], got, now, out)
+        for offset, length in others:
+            self._queue_handshake(buf[offset : offset + length], src, now, out)
 
     def process_handshakes(self, now: float, budget: int = HANDSHAKE_BUDGET) -> Output:
         """Work off up to `budget` queued handshake messages."""
@@ -352,7 +436,10 @@ class Device:
         if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
             self._initiate(peer, now, out)  # the session's counter is spent
             return
-        nbytes, sent_data = seal_all(kp, staged, self.mtu, endpoint, out.udp)
+        if kp.native_send is not None:
+            nbytes, sent_data = seal_native(kp, list(staged), self.mtu, endpoint, out.udp)
+        else:
+            nbytes, sent_data = seal_all(kp, staged, self.mtu, endpoint, out.udp)
         staged.clear()
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
@@ -478,9 +565,8 @@ class Device:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
         msg, keys = made
-        kp = Keypair(
-            peer, keys, initiator=False, local_index=index, remote_index=init.sender, now=now
-        )
+        kp = Keypair(peer, keys, initiator=False, local_index=index, remote_index=init.sender,
+                     now=now, native=self.native)  # fmt: skip
         self.index.add_keypair(kp)
         self.index.drop_keypair(peer.next)
         self.index.drop_keypair(peer.previous)
@@ -510,9 +596,8 @@ class Device:
             return
         index = msg.receiver
         self._clear_handshake(peer)
-        kp = Keypair(
-            peer, keys, initiator=True, local_index=index, remote_index=msg.sender, now=now
-        )
+        kp = Keypair(peer, keys, initiator=True, local_index=index, remote_index=msg.sender,
+                     now=now, native=self.native)  # fmt: skip
         self.index.add_keypair(kp)
         self.index.drop_keypair(peer.previous)
         if peer.next is not None:

@@ -5,6 +5,7 @@ without trying keys. Indices are random, so they say nothing about how many we h
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from wgpy.core.peer import Keypair, Peer
 
@@ -14,6 +15,9 @@ class IndexTable:
         self._rand = rand
         self.handshakes: dict[int, Peer] = {}  # index of a pending initiation -> its peer
         self.keypairs: dict[int, Keypair] = {}  # index of a session -> the session
+        # the same for the native datapath: index -> its C session, and back to the keypair
+        self.sessions: dict[int, Any] = {}
+        self.session_keypairs: dict[Any, Keypair] = {}
 
     def new_index(self) -> int:
         while True:
@@ -32,10 +36,16 @@ class IndexTable:
 
     def add_keypair(self, kp: Keypair) -> None:
         self.keypairs[kp.local_index] = kp
+        if kp.native_recv is not None:
+            self.sessions[kp.local_index] = kp.native_recv
+            self.session_keypairs[kp.native_recv] = kp
 
     def drop_keypair(self, kp: Keypair | None) -> None:
-        if kp is not None:
-            self.keypairs.pop(kp.local_index, None)
+        if kp is not None and self.keypairs.pop(kp.local_index, None) is kp:
+            if kp.native_recv is not None:
+                del self.sessions[kp.local_index]
+                del self.session_keypairs[kp.native_recv]
+            kp.wipe()
 
     def peer_of(self, index: int) -> Peer | None:
         """Whose handshake or session this index is (for cookie replies, which may

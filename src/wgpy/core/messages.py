@@ -90,3 +90,13 @@ def parse_cookie_reply(data: bytes) -> CookieReply:
 
 def pack_cookie_reply(m: CookieReply) -> bytes:
     return COOKIE_REPLY.pack(MSG_COOKIE_REPLY, *m)
+
+
+def split_read(buf: memoryview, n: int, seg: int) -> list[memoryview]:
+    """The datagrams of a read of `n` bytes into `buf`: `seg` bytes each (the last may be
+    shorter) when GRO merged them, else the read is one datagram; an empty read is none."""
+    if not n:
+        return []
+    view = buf[:n]  # the buffer is larger than the read: never slice past it
+    step = seg if 0 < seg < n else n
+    return [view[i : i + step] for i in range(0, n, step)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
+from types import ModuleType
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -25,6 +27,8 @@ class Keypair:
         "created",
         "initiator",
         "local_index",
+        "native_recv",
+        "native_send",
         "peer",
         "recv",
         "remote_index",
@@ -42,16 +46,28 @@ class Keypair:
         local_index: int,
         remote_index: int,
         now: float,
+        native: ModuleType | None = None,
     ) -> None:
         self.peer = peer
         self.send = ChaCha20Poly1305(keys[0])
         self.recv = ChaCha20Poly1305(keys[1])
+        # With the native datapath, C holds copies of the keys (and the replay window),
+        # wiped when the session is dropped.
+        self.native_send: Any = native.Sealer(keys[0]) if native else None
+        self.native_recv: Any = native.Session(keys[1], now + REJECT_AFTER_TIME) if native else None
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.created = now
         self.initiator = initiator
         self.local_index = local_index
         self.remote_index = remote_index
+
+    def wipe(self) -> None:
+        """Zero the key copies C holds (Python's own cannot be wiped: dropping the last
+        reference is what it can do)."""
+        if self.native_send is not None:
+            self.native_send.wipe()
+            self.native_recv.wipe()
 
     def expire(self) -> None:
         """No more sending on this session (receiving goes on until it is replaced)."""

@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 
+from wgpy.core import native
 from wgpy.core.device import Device
 from wgpy.core.output import Output
 from wgpy.daemon import uapi, uapi_server
@@ -44,7 +45,11 @@ class Daemon:
         listener: uapi_server.UapiListener | HandedListener | None = None,
     ) -> None:
         """The TUN and the UAPI listener are made here unless handed over."""
-        self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
+        # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
+        self.native = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+        self.device = Device(
+            os.urandom, wall_offset=time.time() - time.monotonic(), native=self.native
+        )
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
         # comparisons, and for kernels that refuse them
         self.offload = os.environ.get("WGPY_OFFLOAD", "1") != "0"
@@ -57,6 +62,9 @@ class Daemon:
             if listener is not None:
                 listener.close()
             raise
+        self.datapath_kind = "native" if self.native is not None else "python"
+        if self.native is not None:
+            self.tun.coalesce = self.native.coalesce
         self.fwmark = 0
         self.device.mtu = self.tun.mtu()
         self.datapath = Datapath(self.device, self.tun, self.udp)
@@ -134,7 +142,8 @@ class Daemon:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.loop.stop())
-        log.info("%s up: UDP port %d, UAPI %s", self.tun.name, self.udp.port, self.listener.path)
+        log.info("%s up: UDP port %d, UAPI %s, %s datapath", self.tun.name, self.udp.port,
+                 self.listener.path, self.datapath_kind)  # fmt: skip
         try:
             self.loop.run()
         finally:

@@ -3,7 +3,7 @@
 Each readable event drains up to a batch of reads, hands them to the core and gives what
 comes back to the TUN and the UDP socket, which do their own offloads (TUN: coalescing
 into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
-`gro_split` -> `Device.receive` -> `Tun.write_batch`, and nothing else in between.
+`Device.receive_read` -> `Tun.write_batch`, and nothing else in between.
 
 Handshake messages are queued by the core during the reads and worked off once per turn,
 under a budget, after the data: an established tunnel keeps moving during a flood.
@@ -20,7 +20,7 @@ from wgpy.core.device import Device
 from wgpy.core.output import Drop, Event, Output
 from wgpy.io import offload
 from wgpy.io.tun import Tun, TunGone
-from wgpy.io.udp import UdpSocket, gro_split
+from wgpy.io.udp import UdpSocket
 
 BATCH = 64  # reads per readable event before going back to the loop
 HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
@@ -47,7 +47,7 @@ class Datapath:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
         views into the receive buffer (no copies); what comes out is sent once at the end."""
         view = memoryview(self._udp_buf)
-        recv_into, receive = self.udp.recv_into, self.device.receive
+        recv_into, receive = self.udp.recv_into, self.device.receive_read
         out = Output()
         now = time.monotonic()
         for _ in range(BATCH):
@@ -55,7 +55,7 @@ class Datapath:
             if got is None:
                 break
             n, seg, addr = got
-            out.extend(receive([(d, addr) for d in gro_split(view, n, seg)], now, 0))
+            out.extend(receive(view, n, seg, addr, now, 0))
         if self.device.queued_handshakes:
             out.extend(self.device.process_handshakes(now, HANDSHAKES_PER_TURN))
         self.transmit(out)

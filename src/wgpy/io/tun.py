@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from wgpy.io import offload
 
@@ -48,6 +49,10 @@ class TunGone(Exception):
 
 
 class Tun:
+    # how decrypted packets become writes: offload.coalesce, or the native one (the same,
+    # byte for byte), which the daemon sets
+    coalesce: Callable[[list[bytes], bool], list[bytes]] = staticmethod(offload.coalesce)
+
     def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
         self._fd = fd
         self.name = name
@@ -122,7 +127,7 @@ class Tun:
         """Deliver decrypted packets; with the virtio header, segments of one TCP flow (and
         same-size datagrams of one UDP flow) go as one GSO super-packet. A refused write
         is dropped, as a NIC would drop it. Raises TunGone."""
-        bufs = offload.coalesce(packets, self.coalesce_udp) if self.vnet_hdr else packets
+        bufs = self.coalesce(packets, self.coalesce_udp) if self.vnet_hdr else packets
         for buf in bufs:
             try:
                 self.write(buf)

@@ -173,12 +173,3 @@ def gso_runs(datagrams: list[tuple[bytes, Endpoint]]) -> Iterator[tuple[int, int
         yield i, j, size, endpoint
         i = j
 
-
-def gro_split(buf: memoryview, n: int, seg: int) -> list[memoryview]:
-    """The datagrams of a read of `n` bytes into `buf`: `seg` bytes each (the last may be
-    shorter) when GRO merged them, else the read is one datagram; an empty read is none."""
-    if not n:
-        return []
-    view = buf[:n]  # the buffer is larger than the read: never slice past it
-    step = seg if 0 < seg < n else n
-    return [view[i : i + step] for i in range(0, n, step)]
