@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
 from wgpy.core import native
+from wgpy.core.crypto import clamp, public_key
 from wgpy.core.device import Device, Output
 from wgpy.core.peer import Keypair
 
@@ -33,6 +34,9 @@ def world(use_native: bool) -> tuple[SimNet, Device, Device]:
     net.link(a, b, "10.0.0.1/32", "10.0.0.2/32")
     for node, other, ip in ((a, b, "fd00::1"), (b, a, "fd00::2")):
         other.device.allowed_ips.insert(ipaddress.ip_address(ip).packed, 128, net.peer(other, node))
+    third = b.device.add_peer(public_key(clamp(bytes(range(32)))))  # owns 10.7.0.0/16 at b
+    assert third is not None
+    b.device.allowed_ips.insert(bytes([10, 7, 0, 0]), 16, third)
     for node in (a, b):
         node.device.native = module if use_native else None
     net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"hello"))  # the handshake
@@ -46,8 +50,10 @@ def inner(rng: random.Random, i: int) -> bytes:
         return ipv4_packet("10.0.0.1", "10.0.0.2", payload, proto=rng.choice([6, 17]))
     if roll < 0.8:
         return ipv6_packet("fd00::1", "fd00::2", payload)
+    if roll < 0.85:
+        return ipv4_packet("10.9.9.9", "10.0.0.2", payload)  # a source nobody owns
     if roll < 0.9:
-        return ipv4_packet("10.9.9.9", "10.0.0.2", payload)  # a source a does not own
+        return ipv4_packet("10.7.1.1", "10.0.0.2", payload)  # a source another peer owns
     return b""  # a keepalive
 
 
