@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.io.fakes import ChannelTun, ChannelUdp
 from tests.io.test_offload import V4, V6, flow, udp
+from wgpy.core import native
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
 from wgpy.core.messages import split_read as gro_split
@@ -26,13 +28,29 @@ A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)
 
 
+NATIVE = native.load()
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def datapath_kind(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both datapaths (native only where it was built)."""
+    if request.param == "native" and NATIVE is None:
+        pytest.skip("wgpy._native is not built")
+    Site.native = NATIVE if request.param == "native" else None
+    return str(request.param)
+
+
 class Site:
+    native: ModuleType | None = None
+
     def __init__(self, ep: tuple[str, int], net: dict[tuple[str, int], ChannelUdp],
                  seed: int, refuse_uso: bool = False) -> None:  # fmt: skip
         rng = random.Random(seed)
-        self.device = Device(rng.randbytes)
+        self.device = Device(rng.randbytes, native=self.native)
         self.device.set_private_key(clamp(rng.randbytes(32)))
         self.tun = ChannelTun(refuse_uso=refuse_uso)
+        if self.native is not None:
+            self.tun.coalesce = self.native.coalesce
         self.udp = ChannelUdp(ep, net)
         self.events: list[Event] = []
         self.datapath = Datapath(self.device, self.tun, self.udp, self.events.extend)
