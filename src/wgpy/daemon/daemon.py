@@ -23,7 +23,7 @@ from wgpy.core.output import Output
 from wgpy.daemon import uapi, uapi_server
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop
-from wgpy.io.tun import Tun, TunGone
+from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
@@ -53,7 +53,9 @@ class Daemon:
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
         # comparisons, and for kernels that refuse them
         self.offload = os.environ.get("WGPY_OFFLOAD", "1") != "0"
-        self.tun = tun or open_tun(ifname, self.offload)
+        # TSO reads pay only where C splits them (see io/tun.py)
+        tso = TSO if self.native is not None and self.offload else 0
+        self.tun = tun or open_tun(ifname, self.offload, tso)
         try:
             self.udp = UdpSocket(0, offload=self.offload)
             self.listener = listener or uapi_server.UapiListener(self.tun.name, socket_dir)
@@ -64,7 +66,7 @@ class Daemon:
             raise
         self.datapath_kind = "native" if self.native is not None else "python"
         if self.native is not None:
-            self.tun.coalesce = self.native.coalesce
+            self.tun.coalesce, self.tun.split = self.native.coalesce, self.native.split
         self.fwmark = 0
         self.device.mtu = self.tun.mtu()
         self.datapath = Datapath(self.device, self.tun, self.udp)
@@ -158,11 +160,11 @@ class Daemon:
         self.loop.close()
 
 
-def open_tun(ifname: str, vnet_hdr: bool) -> Tun:
-    """The TUN, with the virtio header if wanted and the kernel allows it."""
+def open_tun(ifname: str, vnet_hdr: bool, offloads: int = 0) -> Tun:
+    """The TUN, with the virtio header and read offloads if wanted and allowed."""
     if vnet_hdr:
         try:
-            return Tun.create(ifname, vnet_hdr=True)
+            return Tun.create(ifname, vnet_hdr=True, offloads=offloads)
         except OSError as e:
             log.warning("TUN without virtio header (%s): no coalesced writes", e)
     return Tun.create(ifname, vnet_hdr=False)
