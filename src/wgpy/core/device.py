@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-from wgpy.core import handshake
+from wgpy.core import handshake, icmp
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
@@ -167,6 +167,11 @@ class Device:
         self.rate_limiter = RateLimiter()
         self.load = LoadMeter(HANDSHAKE_QUEUE)
         self._queue: deque[tuple[bytes, Endpoint, int]] = deque()  # (message, source, type)
+        # ICMP unreachable for what cannot be sent (icmp.py); None: send none
+        self.icmp_limit: icmp.TokenBucket | None = icmp.TokenBucket()
+        # Called with each handshake's raw ephemeral private key as it is made (the
+        # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
+        self.keylog: Callable[[Peer, bytes], None] | None = None
 
     # ---- configuration -------------------------------------------------------------
 
@@ -382,6 +387,11 @@ class Device:
                 peer = routes[dst] = lookup(dst)
             if peer is None:
                 out.drops[Drop.NO_ROUTE] += 1
+                self._unreachable(packet, now, out)
+                continue
+            if peer.endpoint is None:  # Linux wg_xmit: no endpoint, no staging
+                out.drops[Drop.NO_ENDPOINT] += 1
+                self._unreachable(packet, now, out)
                 continue
             peer.staged.append(packet)
             touched[peer] = None
@@ -407,6 +417,14 @@ class Device:
     def queued_handshakes(self) -> int:
         return len(self._queue)
 
+    def _unreachable(self, packet: bytes, now: float, out: Output) -> None:
+        """An ICMP error back into the TUN for a packet that cannot go (rate-limited)."""
+        limit = self.icmp_limit
+        if limit is not None and packet:
+            reply = icmp.unreachable(packet)
+            if reply is not None and limit.allow(now):
+                out.tun.append(reply)
+
     # ---- data messages -------------------------------------------------------------
 
     def _account_received(self, kp: Keypair, got: _Received, now: float, out: Output) -> None:
@@ -431,6 +449,8 @@ class Device:
         staged = peer.staged
         if endpoint is None:
             out.drops[Drop.NO_ENDPOINT] += len(staged)
+            for packet in staged:
+                self._unreachable(packet, now, out)
             staged.clear()
             return
         if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
@@ -529,7 +549,7 @@ class Device:
         hs.last_sent_handshake = now
         self._clear_handshake(peer)
         index = self.index.add_handshake(peer)
-        ephemeral = PrivateKey(self.rand(32))
+        ephemeral = self._ephemeral(peer)
         msg = handshake.create_initiation(
             self._static, peer, ephemeral, index, now + self.wall_offset, now
         )
@@ -538,6 +558,12 @@ class Device:
         out.event(EventKind.INITIATION_SENT, peer, peer.timers.handshake_attempts)
         self._emit(peer, msg, out)
         peer.timers.handshake_initiated(now)
+
+    def _ephemeral(self, peer: Peer) -> PrivateKey:
+        raw = self.rand(32)
+        if self.keylog is not None:
+            self.keylog(peer, raw)
+        return PrivateKey(raw)
 
     def _emit(self, peer: Peer, datagram: bytes, out: Output) -> None:
         if peer.endpoint is not None:
@@ -560,7 +586,7 @@ class Device:
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
         index = self.index.new_index()
-        made = handshake.create_response(init, PrivateKey(self.rand(32)), index, now)
+        made = handshake.create_response(init, self._ephemeral(peer), index, now)
         if made is None:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
