@@ -1,10 +1,12 @@
 """The `wgpy` command line.
 
 wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
+     [--metrics [HOST:]PORT]       ... with Prometheus metrics (default host: 127.0.0.1)
+     [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
 wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
                                    /etc/wireguard/NAME.conf)
-wgpy show [IFNAME]                 what `wg show` prints
+wgpy show [IFNAME] [--json]        what `wg show` prints; --json: that and wgpy's counters
 wgpy demo                          a tunnel between two namespaces, with traffic
 """
 
@@ -44,6 +46,10 @@ def _quick(command: str, args: list[str]) -> int:
     from wgpy.tools import quick
 
     if command == "show":
+        if "--json" in args:
+            from wgpy.tools import status
+
+            return status.show_json([a for a in args if a != "--json"])
         return quick.show_command(args)
     if len(args) != 1:
         print(f"usage: wgpy {command} CONFIG_FILE | INTERFACE", file=sys.stderr)
@@ -71,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         from wgpy.demo.run import main as demo
 
         return demo(args[1:])
+    from wgpy.daemon.daemon import FOREGROUND_ENV, parse_options, serve
+
+    try:
+        options, args = parse_options(args)
+    except ValueError as e:
+        print(f"wgpy: {e}", file=sys.stderr)
+        return 2
     foreground = False
     while args and args[0] in ("-f", "--foreground"):
         foreground = True
@@ -78,6 +91,4 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print(USAGE.strip(), file=sys.stderr)
         return 2
-    from wgpy.daemon.daemon import FOREGROUND_ENV, serve
-
-    return serve(args[0], foreground or os.environ.get(FOREGROUND_ENV) == "1")
+    return serve(args[0], foreground or os.environ.get(FOREGROUND_ENV) == "1", options)

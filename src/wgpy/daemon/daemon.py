@@ -10,17 +10,23 @@ parent made, and the daemon then makes neither (the interface's name is the TUN'
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from wgpy.core import native
 from wgpy.core.device import Device
-from wgpy.core.output import Output
-from wgpy.daemon import uapi, uapi_server
+from wgpy.core.output import Event, Output
+from wgpy.daemon import keylog, uapi, uapi_server
+from wgpy.daemon.log import DropSummary, log_events
+from wgpy.daemon.status import Stats, build_status
 from wgpy.io.datapath import Datapath
 from wgpy.io.loop import Loop
 from wgpy.io.tun import TSO, Tun, TunGone
@@ -34,6 +40,38 @@ UAPI_FD_ENV = "WG_UAPI_FD"
 FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
 
 
+@dataclass
+class Options:
+    """What `wgpy IFNAME` takes besides the name. The environment gives the defaults
+    (WGPY_METRICS, WGPY_KEYLOG), so `wgpy up`, which starts the daemon, passes them on."""
+
+    metrics: str | None = None  # PORT, HOST:PORT or [V6]:PORT for the Prometheus endpoint
+    keylog: str | None = None  # a file for Wireshark's wg.keylog_file
+
+    @classmethod
+    def from_env(cls) -> Options:
+        return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None)
+
+
+def parse_options(args: Sequence[str]) -> tuple[Options, list[str]]:
+    """`--metrics ADDR` and `--keylog FILE` (also as --opt=value) out of `args`; the
+    rest is returned. Raises ValueError on a missing value."""
+    opts = Options.from_env()
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        key, eq, value = arg.partition("=")
+        if key in ("--metrics", "--keylog"):
+            if not eq:
+                value = next(it, "")
+            if not value:
+                raise ValueError(f"{key} needs a value")
+            setattr(opts, key[2:], value)
+        else:
+            rest.append(arg)
+    return opts, rest
+
+
 class Daemon:
     """Owns the device, the interface, the socket and the loop; the UAPI's `Host`."""
 
@@ -43,8 +81,18 @@ class Daemon:
         socket_dir: str = uapi.SOCKET_DIR,
         tun: Tun | None = None,
         listener: uapi_server.UapiListener | HandedListener | None = None,
+        options: Options | None = None,
     ) -> None:
         """The TUN and the UAPI listener are made here unless handed over."""
+        options = options or Options()
+        metrics_listen = None
+        if options.metrics:
+            from wgpy.daemon.metrics import parse_listen
+
+            try:
+                metrics_listen = parse_listen(options.metrics)
+            except ValueError as e:
+                raise OSError(f"--metrics {options.metrics}: {e}") from None
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
         self.native = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
         self.device = Device(
@@ -69,13 +117,33 @@ class Daemon:
             self.tun.coalesce, self.tun.split = self.native.coalesce, self.native.split
         self.fwmark = 0
         self.device.mtu = self.tun.mtu()
-        self.datapath = Datapath(self.device, self.tun, self.udp)
+        self.stats = Stats()
+        self.drop_summary = DropSummary()
+        self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
         self.loop = Loop(self._tick)
         self._clients: dict[int, uapi_server.Connection] = {}
         self._next_housekeeping = 0.0
         self.loop.add_reader(self.tun.fileno(), self._on_tun)
         self.loop.add_reader(self.udp.fileno(), self.datapath.on_udp)
         self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        self.keylog: keylog.KeyLog | None = None
+        self.metrics: Any = None  # a metrics.MetricsServer: prometheus-client is optional
+        try:
+            if options.keylog:
+                self.keylog = keylog.KeyLog(options.keylog, self.device)
+                self.device.keylog = self.keylog
+                log.warning(keylog.WARNING.format(path=options.keylog))
+            if metrics_listen is not None:
+                from wgpy.daemon.metrics import MetricsServer, Source
+
+                source = Source(
+                    self.tun.name, self.device, self.datapath, self.stats, self.offload,
+                    self.datapath_kind,
+                )  # fmt: skip
+                self.metrics = MetricsServer(source, metrics_listen)
+        except BaseException:
+            self.close()
+            raise
 
     # ---- uapi.Host ---------------------------------------------------------------
 
@@ -102,6 +170,28 @@ class Daemon:
     def transmit(self, out: Output) -> None:
         self.datapath.transmit(out)
 
+    def wgpy_status(self) -> str:
+        """The answer to `wgpy_status=1` (`wgpy show --json`): one line of JSON."""
+        return json.dumps(self.status(), separators=(",", ":"))
+
+    def status(self) -> dict[str, Any]:
+        self.stats.forget(self.device.peers)
+        return build_status(
+            name=self.tun.name,
+            device=self.device,
+            listen_port=self.udp.port,
+            fwmark=self.fwmark,
+            drops=self.datapath.drops,
+            stats=self.stats,
+            datapath=self.datapath_kind,
+            offload=self.offload,
+            now=time.monotonic(),
+        )
+
+    def _on_events(self, events: list[Event]) -> None:
+        self.stats.count(events)
+        log_events(events)
+
     # ---- the loop ----------------------------------------------------------------
 
     def _on_tun(self) -> None:
@@ -126,6 +216,8 @@ class Daemon:
     def _tick(self) -> None:
         now = time.monotonic()
         self.datapath.tick(now)
+        self.stats.tick(now, self.device)
+        self.drop_summary.log(now, self.datapath.drops)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             if not self.listener.still_there():
@@ -152,6 +244,12 @@ class Daemon:
             self.close()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.keylog is not None:
+            self.keylog.close()
+            self.keylog = None
         for conn in list(self._clients.values()):
             conn.sock.close()
         self.listener.close()
@@ -212,7 +310,7 @@ class HandedListener:
             os.unlink(self.path)
 
 
-def make_daemon(ifname: str) -> Daemon:
+def make_daemon(ifname: str, options: Options | None = None) -> Daemon:
     """The daemon, with the TUN and UAPI socket from WG_TUN_FD / WG_UAPI_FD if set."""
     tun_fd, uapi_fd = os.environ.get(TUN_FD_ENV), os.environ.get(UAPI_FD_ENV)
     tun = Tun.adopt(int(tun_fd)) if tun_fd else None
@@ -223,7 +321,7 @@ def make_daemon(ifname: str) -> Daemon:
         if tun:
             tun.close()
         raise
-    return Daemon(name, tun=tun, listener=listener)
+    return Daemon(name, tun=tun, listener=listener, options=options)
 
 
 def setup_logging(ifname: str) -> None:
@@ -235,11 +333,15 @@ def setup_logging(ifname: str) -> None:
     )
 
 
-def serve(ifname: str, foreground: bool) -> int:
+def serve(ifname: str, foreground: bool, options: Options | None = None) -> int:
     """Start the daemon; in the background, return once it is serving (or failed)."""
     setup_logging(ifname)
+    options = options or Options.from_env()
+    if options.keylog and not log.isEnabledFor(logging.WARNING):
+        # the Daemon logs the warning; say it on stderr also when LOG_LEVEL hides it
+        sys.stderr.write(f"wgpy: warning: {keylog.WARNING.format(path=options.keylog)}\n")
     if foreground:
-        return _run(ifname)
+        return _run(ifname, options)
     read_fd, write_fd = os.pipe()
     if os.fork():
         os.close(write_fd)
@@ -248,7 +350,7 @@ def serve(ifname: str, foreground: bool) -> int:
     os.close(read_fd)
     os.setsid()
     try:
-        daemon = make_daemon(ifname)
+        daemon = make_daemon(ifname, options)
     except (OSError, ValueError) as e:
         log.error("cannot start %s: %s", ifname, e)
         sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
@@ -263,9 +365,9 @@ def serve(ifname: str, foreground: bool) -> int:
         os._exit(0)
 
 
-def _run(ifname: str) -> int:
+def _run(ifname: str, options: Options) -> int:
     try:
-        daemon = make_daemon(ifname)
+        daemon = make_daemon(ifname, options)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
         return 1

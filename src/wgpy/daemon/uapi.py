@@ -280,6 +280,12 @@ def handle(host: Host, request: list[str]) -> str:
         if op == "set=1":
             apply_set(host, parse_set(request[1:]))
             return "errno=0\n\n"
+        status = getattr(host, "wgpy_status", None)
+        if op == "wgpy_status=1" and status is not None:
+            # wgpy's own request (`wgpy show --json`): one line of JSON; `wg` never sends it
+            if len(request) > 1:
+                raise UapiError(errno.EINVAL, "wgpy_status takes no keys")
+            return f"{status()}\nerrno=0\n\n"
         raise UapiError(errno.EPROTO, f"unknown operation {op[:20]!r}")
     except UapiError as e:
         log.error("UAPI %s failed: %s", op or "request", e)

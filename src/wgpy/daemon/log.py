@@ -1,0 +1,115 @@
+"""Log lines for what the core reports, in wireguard-go's words.
+
+With `LOG_LEVEL=verbose` each event becomes one line, as wireguard-go logs it
+(`peer(AbCd…wXyZ) - Sending handshake initiation`). Drops never get a line each (a flood
+would become a log flood): `DropSummary` writes their counts by reason once per interval,
+and only when there were any.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+
+from wgpy.core.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
+from wgpy.core.crypto import encode_key
+from wgpy.core.output import Drop, Event, EventKind
+from wgpy.daemon.uapi import format_endpoint
+
+log = logging.getLogger("wgpy")
+DROP_SUMMARY_EVERY = 10.0  # seconds
+
+
+def peer_name(public_key: bytes) -> str:
+    """As wireguard-go's Peer.String(): the base64 key's first 4 and last 4 characters
+    (before the padding '=')."""
+    b64 = encode_key(public_key)
+    return f"peer({b64[:4]}…{b64[39:43]})"
+
+
+def _endpoint(detail: object) -> str:
+    if isinstance(detail, tuple) and len(detail) == 2:
+        return format_endpoint((str(detail[0]), int(detail[1])))
+    return str(detail)
+
+
+def describe(event: Event) -> str:
+    """The log line of one event."""
+    kind, peer, detail = event
+    name = peer_name(peer.public_key) if peer is not None else "peer(?)"
+    if kind is EventKind.INITIATION_SENT:
+        return f"{name} - Sending handshake initiation"
+    if kind is EventKind.INITIATION_RECEIVED:
+        return f"{name} - Received handshake initiation"
+    if kind is EventKind.RESPONSE_SENT:
+        return f"{name} - Sending handshake response"
+    if kind is EventKind.RESPONSE_RECEIVED:
+        return f"{name} - Received handshake response"
+    if kind is EventKind.COOKIE_SENT:
+        return f"Sending cookie response for denied handshake message for {_endpoint(detail)}"
+    if kind is EventKind.COOKIE_RECEIVED:
+        return f"{name} - Receiving cookie response"
+    if kind is EventKind.KEYPAIR_CREATED:
+        return f"Keypair {detail} created for {name}"
+    if kind is EventKind.HANDSHAKE_COMPLETED:
+        return f"{name} - Handshake completed"
+    if kind is EventKind.ENDPOINT_CHANGED:
+        return f"{name} - Endpoint changed to {_endpoint(detail)}"
+    if kind is EventKind.KEEPALIVE_SENT:
+        return f"{name} - Sending keepalive packet"
+    if kind is EventKind.HANDSHAKE_RETRY:
+        if detail == "no data back":
+            seconds = int(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
+            return (
+                f"{name} - Retrying handshake because we stopped hearing back after "
+                f"{seconds} seconds"
+            )
+        tries = peer.timers.handshake_attempts + 1 if peer is not None else "?"
+        return (
+            f"{name} - Handshake did not complete after {int(REKEY_TIMEOUT)} seconds, "
+            f"retrying (try {tries})"
+        )
+    if kind is EventKind.HANDSHAKE_GAVE_UP:
+        return f"{name} - Handshake did not complete after {detail} attempts, giving up"
+    if kind is EventKind.KEYS_ZEROED:
+        return (
+            f"{name} - Removing all keys, since we haven't received a new one in "
+            f"{int(ZERO_KEYS_AFTER)} seconds"
+        )
+    return f"{name} - {kind.value}"  # pragma: no cover - every kind is named above
+
+
+def log_events(events: Iterable[Event]) -> None:
+    """The Datapath's `on_events` (part of it): one verbose line per event."""
+    if log.isEnabledFor(logging.DEBUG):
+        for event in events:
+            log.debug("%s", describe(event))
+
+
+class DropSummary:
+    """Counts by reason of what was dropped since the last summary, once per interval."""
+
+    def __init__(self, every: float = DROP_SUMMARY_EVERY) -> None:
+        self.every = every
+        self._seen: Counter[Drop] = Counter()
+        self._next: float | None = None
+
+    def tick(self, now: float, drops: Counter[Drop]) -> str | None:
+        """The summary line if one is due and anything was dropped, else None."""
+        if self._next is None:
+            self._next = now + self.every
+        if now < self._next:
+            return None
+        self._next = now + self.every
+        new = drops - self._seen
+        self._seen = drops.copy()
+        if not new:
+            return None
+        parts = ", ".join(f"{n} {d.value}" for d, n in sorted(new.items(), key=lambda x: -x[1]))
+        return f"Dropped in the last {self.every:g} seconds: {parts}"
+
+    def log(self, now: float, drops: Counter[Drop]) -> None:
+        line = self.tick(now, drops)
+        if line is not None:
+            log.debug("%s", line)
