@@ -124,10 +124,16 @@ class Node:
         self.process: subprocess.Popen[bytes] | None = None
         self.private_key, self.public_key = wg_keypair()
         self.port = 0
+        self.log_path: Path | None = None  # the daemon's stderr, when start() was given one
 
-    def start(self, env: dict[str, str] | None = None) -> None:
+    def start(self, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
         full_env = {**os.environ, "LOG_LEVEL": os.environ.get("LOG_LEVEL", "error"), **(env or {})}
-        self.process = self.ns.popen(*self.implementation, "-f", self.ifname, env=full_env)
+        self.log_path = log_path
+        with contextlib.ExitStack() as stack:
+            stderr = stack.enter_context(open(log_path, "ab")) if log_path else None
+            self.process = self.ns.popen(
+                *self.implementation, "-f", self.ifname, env=full_env, stderr=stderr
+            )
         try:
             wait_for_socket(self.ifname)
         except TimeoutError:
@@ -169,7 +175,9 @@ class Tunnel:
         right: list[str] = WGPY,
         mtu: int = 1420,
         env: dict[str, str] | None = None,
+        log_dir: str | None = None,
     ) -> None:
+        """`log_dir`: each daemon's stderr goes to LOG_DIR/IFNAME.log (`Node.log_path`)."""
         suffix = f"{tag}{os.getpid() % 100000}"
         self.namespaces: list[Namespace] = []
         self.ends: list[Node] = []
@@ -184,7 +192,7 @@ class Tunnel:
                 end.ns.add_address(dev, f"{end.outer4}/24")
                 end.ns.add_address(dev, f"{end.outer6}/64")
             for end, port in ((a, 51820), (b, 51821)):
-                end.start(env)
+                end.start(env, Path(log_dir) / f"{end.ifname}.log" if log_dir else None)
                 end.set_private_key(port)
                 end.ns.add_address(end.ifname, f"{end.inner4}/24")
                 end.ns.add_address(end.ifname, f"{end.inner6}/64")
