@@ -51,12 +51,14 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
     _, ghost = wg_keypair()
     a.wg("set", a.ifname, "peer", ghost, "endpoint", "10.200.0.77:51820",
          "allowed-ips", "10.201.0.77/32")  # fmt: skip
+    # b expects a somewhere else: a's first initiation moves it (roaming)
+    b.wg("set", b.ifname, "peer", a.public_key, "endpoint", f"{a.outer4}:1")
     started = time.monotonic()
     a.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", b.inner4, timeout=20)
     a.ns.run("ping", "-c", "1", "-W", "1", "10.201.0.77", check=False, timeout=20)
     # junk from outside: counted by reason, summed up in one line every 10 s
     py(b, f"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-          f"for i in range(50): s.sendto(b'junk', ('{a.outer4}', {a.port}))")  # fmt: skip
+          f"for i in range(50): s.sendto(b'\\x01\\x00\\x00\\x00junk', ('{a.outer4}', {a.port}))")  # fmt: skip
 
     # --json against `wg show dump`, and the extra fields
     status = json.loads(a.ns.run(sys.executable, "-m", "wgpy", "show", a.ifname, "--json"))
@@ -102,7 +104,6 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
     assert samples[("wgpy_handshake_initiations_sent_total", None, None)].value >= 2
     assert samples[("wgpy_handshakes_completed_total", None, None)].value >= 1
     assert samples[("wgpy_drops_total", None, "bad_size")].value == 50
-    assert samples[("wgpy_drops_total", None, "no_route")].value == 0
     assert samples[("wgpy_under_load", None, None)].value == 0
     assert samples[("wgpy_batch_size_count", None, None)].value >= 1
     # off by default, and on loopback only: nothing listens on the outside address
@@ -121,7 +122,6 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
         f"{nb} - Received handshake response",
         f"created for {nb}",
         f"{nb} - Handshake completed",
-        f"{nb} - Endpoint changed to {b.outer4}:{b.port}",
         f"{ng} - Sending handshake initiation",
         f"{ng} - Handshake did not complete after 5 seconds, retrying (try 2)",
         "Dropped in the last 10 seconds: 50 bad_size",
