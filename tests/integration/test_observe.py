@@ -3,11 +3,11 @@ unreachable, and a capture Wireshark (tshark) decrypts with the --keylog file.""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import eventually
 from wgpy.core import icmp
 from wgpy.daemon.log import peer_name
 from wgpy.demo.testbed import WGPY, Node, Tunnel, wg_keypair
 
 
-
 def name_of(node: Node) -> str:
-    import base64
-
     return peer_name(base64.b64decode(node.public_key))
 
 
@@ -57,8 +53,9 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
     a.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", b.inner4, timeout=20)
     a.ns.run("ping", "-c", "1", "-W", "1", "10.201.0.77", check=False, timeout=20)
     # junk from outside: counted by reason, summed up in one line every 10 s
+    junk = "b'\\x01\\x00\\x00\\x00junk'"  # type 1, the wrong size: bad_size
     py(b, f"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-          f"for i in range(50): s.sendto(b'\\x01\\x00\\x00\\x00junk', ('{a.outer4}', {a.port}))")  # fmt: skip
+          f"for i in range(50): s.sendto({junk}, ('{a.outer4}', {a.port}))")  # fmt: skip
 
     # --json against `wg show dump`, and the extra fields
     status = json.loads(a.ns.run(sys.executable, "-m", "wgpy", "show", a.ifname, "--json"))
@@ -111,7 +108,7 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
         py(b, SCRAPE.format(addr=f"{a.outer4}:9586"))
 
     # the log lines, in wireguard-go's words
-    na, nb, ng = name_of(a), name_of(b), peer_name(__import__("base64").b64decode(ghost))
+    na, nb, ng = name_of(a), name_of(b), peer_name(base64.b64decode(ghost))
     wait = 11.5 - (time.monotonic() - started)  # a retry after 5 s, a drop summary after 10
     if wait > 0:
         time.sleep(wait)

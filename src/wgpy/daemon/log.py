@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from wgpy.core.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
 from wgpy.core.crypto import encode_key
@@ -34,8 +34,9 @@ def _endpoint(detail: object) -> str:
     return str(detail)
 
 
-def describe(event: Event) -> str:
-    """The log line of one event."""
+def describe(event: Event, attempt: int | None = None) -> str:
+    """The log line of one event. `attempt`: for a retry, the attempt number of the
+    initiation that follows it (as `describe_all` finds it)."""
     kind, peer, detail = event
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
     if kind is EventKind.INITIATION_SENT:
@@ -65,7 +66,9 @@ def describe(event: Event) -> str:
                 f"{name} - Retrying handshake because we stopped hearing back after "
                 f"{seconds} seconds"
             )
-        tries = peer.timers.handshake_attempts + 1 if peer is not None else "?"
+        if attempt is None:
+            attempt = peer.timers.handshake_attempts if peer is not None else 0
+        tries = attempt + 1  # wireguard-go counts the first initiation as try 1
         return (
             f"{name} - Handshake did not complete after {int(REKEY_TIMEOUT)} seconds, "
             f"retrying (try {tries})"
@@ -80,11 +83,26 @@ def describe(event: Event) -> str:
     return f"{name} - {kind.value}"  # pragma: no cover - every kind is named above
 
 
-def log_events(events: Iterable[Event]) -> None:
+def describe_all(events: Sequence[Event]) -> list[str]:
+    """The lines of a call's events, in order. A retry is numbered by the initiation it
+    caused, which follows it in the same output."""
+    lines = []
+    for i, event in enumerate(events):
+        attempt = None
+        if event.kind is EventKind.HANDSHAKE_RETRY:
+            for later in events[i + 1 :]:
+                if later.kind is EventKind.INITIATION_SENT and later.peer is event.peer:
+                    attempt = later.detail if isinstance(later.detail, int) else None
+                    break
+        lines.append(describe(event, attempt))
+    return lines
+
+
+def log_events(events: Sequence[Event]) -> None:
     """The Datapath's `on_events` (part of it): one verbose line per event."""
     if log.isEnabledFor(logging.DEBUG):
-        for event in events:
-            log.debug("%s", describe(event))
+        for line in describe_all(events):
+            log.debug("%s", line)
 
 
 class DropSummary:
