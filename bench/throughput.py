@@ -43,6 +43,16 @@ IMPLEMENTATIONS: dict[str, list[str]] = {
 }
 if UPSTREAM:
     IMPLEMENTATIONS["upstream"] = [str(UPSTREAM[-1])]
+# --metrics: wgpy with its Prometheus endpoint on, scraped every second while it runs
+METRICS = "127.0.0.1:9586"
+IMPLEMENTATIONS["wgpy-metrics"] = ["env", "WGPY_NATIVE=1", f"WGPY_METRICS={METRICS}", *WGPY]
+SCRAPE_EVERY = 1.0  # seconds; Prometheus' default is 15, so this is pessimistic
+SCRAPER = (
+    "import time,urllib.request\n"
+    "while True:\n"
+    f" urllib.request.urlopen('http://{METRICS}/metrics',timeout=5).read()\n"
+    f" time.sleep({SCRAPE_EVERY})\n"
+)
 DEFAULT_PAIRS = ["wgpy:wgpy", "wgpy-pure:wgpy-pure", "upstream:upstream", "debian:debian",
                  "wgpy:upstream"]  # fmt: skip
 
@@ -75,6 +85,9 @@ def run_once(pair: str, seconds: float, result: Result) -> None:
     left, right = (IMPLEMENTATIONS[n] for n in pair.split(":"))
     with Tunnel("bn", left, right) as t:
         t.a.ns.run("ping", "-c", "1", "-W", "3", t.b.inner4)  # handshake first
+        for end in (t.a, t.b):  # scraped all along, as by a Prometheus (dies with the netns)
+            if f"WGPY_METRICS={METRICS}" in end.implementation:
+                end.ns.popen(sys.executable, "-c", SCRAPER)
         for label, client, server in (("a->b", t.a, t.b), ("b->a", t.b, t.a)):
             pids = [end.process.pid for end in (t.a, t.b) if end.process is not None]
             before = [cpu_seconds(p) for p in pids]
@@ -184,11 +197,15 @@ def main() -> int:
     parser.add_argument("--pair", action="append", help="A:B, implementation names")
     parser.add_argument("--impl", action="append", default=[], help='NAME="COMMAND ARGS"')
     parser.add_argument("--baseline", help="the pairing ratios are against")
+    parser.add_argument("--metrics", action="store_true",
+                        help="add wgpy-metrics:wgpy-metrics (scraped each second)")  # fmt: skip
     args = parser.parse_args()
     for spec in args.impl:
         name, _, command = spec.partition("=")
         IMPLEMENTATIONS[name] = shlex.split(command)
     pairs = [p for p in args.pair or DEFAULT_PAIRS if set(p.split(":")) <= set(IMPLEMENTATIONS)]
+    if args.metrics:
+        pairs.append("wgpy-metrics:wgpy-metrics")
     args.baseline = args.baseline or ("upstream:upstream" if UPSTREAM else "debian:debian")
     if args.baseline not in pairs:
         pairs.append(args.baseline)
