@@ -18,7 +18,7 @@ import pytest
 
 from wgpy.core import icmp
 from wgpy.daemon.log import peer_name
-from wgpy.demo.testbed import WGPY, Node, Tunnel, wg_keypair
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel, wg_keypair
 
 
 def name_of(node: Node) -> str:
@@ -134,6 +134,15 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
     ):
         assert line in log_b, f"{line!r} not in b's log:\n{log_b}"
     assert "junk" not in log_a and log_a.count("bad_size") == 1  # one summary, no line each
+
+
+def test_json_of_wireguard_go_holds_what_get_does(make_tunnel: Callable[..., Tunnel]) -> None:
+    t = make_tunnel("g", WGPY, WIREGUARD_GO)
+    b = t.b
+    status = json.loads(b.ns.run(sys.executable, "-m", "wgpy", "show", b.ifname, "--json"))
+    assert status["implementation"] is None
+    assert status["public_key"] == b.public_key and status["listen_port"] == b.port
+    assert [p["public_key"] for p in status["peers"]] == [t.a.public_key]
 
 
 def unreachable_after(node: Node, addr: str) -> float:
