@@ -171,7 +171,7 @@ def test_metrics_collector_names_and_values() -> None:
     stats = Stats()
     stats.count(a.events)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(Source("wg0", a.device, a.datapath, stats, True)))
+    registry.register(Collector(Source("wg0", a.device, a.datapath, stats, True, "python")))
     text = generate_latest(registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sent,) = families["wireguard_sent_bytes"].samples

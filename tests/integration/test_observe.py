@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.core import icmp
+from wgpy.core import icmp, native
 from wgpy.daemon.log import peer_name
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel, wg_keypair
 
@@ -63,7 +63,9 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
     assert status["interface"] == a.ifname
     assert status["public_key"] == rows[0][1] == a.public_key
     assert status["listen_port"] == int(rows[0][2])
-    assert status["datapath"] == "python" and status["implementation"].startswith("wgpy")
+    native_on = native.load() is not None and os.environ.get("WGPY_NATIVE", "1") != "0"
+    assert status["datapath"] == ("native" if native_on else "python")
+    assert status["implementation"].startswith("wgpy")
     assert status["under_load"] is False and status["queued_handshakes"] == 0
     by_key = {p["public_key"]: p for p in status["peers"]}
     for row in rows[1:]:
@@ -102,6 +104,7 @@ def test_logs_json_and_metrics(make_tunnel: Callable[..., Tunnel], tmp_path: Pat
     assert samples[("wgpy_handshakes_completed_total", None, None)].value >= 1
     assert samples[("wgpy_drops_total", None, "bad_size")].value == 50
     assert samples[("wgpy_under_load", None, None)].value == 0
+    assert samples[("wgpy_info", None, None)].labels["datapath"] == status["datapath"]
     assert samples[("wgpy_batch_size_count", None, None)].value >= 1
     # off by default, and on loopback only: nothing listens on the outside address
     with pytest.raises(RuntimeError):
