@@ -47,10 +47,11 @@ if UPSTREAM:
 METRICS = "127.0.0.1:9586"
 IMPLEMENTATIONS["wgpy-metrics"] = ["env", "WGPY_NATIVE=1", f"WGPY_METRICS={METRICS}", *WGPY]
 SCRAPE_EVERY = 1.0  # seconds; Prometheus' default is 15, so this is pessimistic
-SCRAPER = (
+SCRAPER = (  # quietly: at teardown the daemon goes first and a scrape is refused
     "import time,urllib.request\n"
     "while True:\n"
-    f" urllib.request.urlopen('http://{METRICS}/metrics',timeout=5).read()\n"
+    f" try: urllib.request.urlopen('http://{METRICS}/metrics',timeout=5).read()\n"
+    " except OSError: pass\n"
     f" time.sleep({SCRAPE_EVERY})\n"
 )
 DEFAULT_PAIRS = ["wgpy:wgpy", "wgpy-pure:wgpy-pure", "upstream:upstream", "debian:debian",
