@@ -249,6 +249,44 @@ class BrokenHost(MemoryHost):
 
 def test_an_unexpected_failure_costs_one_request_not_the_daemon() -> None:
     host = BrokenHost()
-    answer = req(host, "set=1", f"public_key={PEER1.hex()}")
+    answer = req(host, "set=1", f"public_key={PEER1.hex()}", "persistent_keepalive_interval=1")
     assert answer == f"errno=-{uapi.IPC_ERROR_UNKNOWN}\n\n"
     assert get(host)[-1] == "errno=0"
+
+
+def test_a_private_key_is_stored_clamped_as_by_wireguard_go() -> None:
+    host = MemoryHost()
+    raw = bytes([0xFF] * 32)  # every bit set: clamping changes the first and last byte
+    assert req(host, "set=1", f"private_key={raw.hex()}") == "errno=0\n\n"
+    assert get(host)[0] == f"private_key={clamp(raw).hex()}"
+    assert host.device.public_key == public_key(clamp(raw))
+
+
+@pytest.mark.parametrize("prefix", ["\u0663", "\u00b2", "\uff13", "1\u0662", " 8", "+8", ""])
+def test_allowed_ip_prefix_lengths_are_ascii_digits_only(prefix: str) -> None:
+    host = MemoryHost()
+    lines = ["set=1", f"public_key={PEER1.hex()}", f"allowed_ip=10.0.0.0/{prefix}"]
+    assert req(host, *lines) == f"errno=-{errno.EINVAL}\n\n"
+    assert host.device.peers == {}
+
+
+def test_sliced_handling_yields_often_and_answers_like_handle() -> None:
+    host = MemoryHost()
+    lines = ["set=1", f"public_key={PEER1.hex()}"]
+    lines += [f"allowed_ip=10.{i >> 8 & 255}.{i & 255}.0/24" for i in range(5000)]
+    steps = uapi.handle_steps(host, uapi.split_lines("\n".join(lines).encode(), piece=999))
+    slices = 0
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(steps)
+            slices += 1
+    assert done.value.value == "errno=0\n\n"
+    assert slices >= 2 * 5000 // uapi.STEP  # parsing and applying both yield
+    assert len(host.device.allowed_ips.entries(host.device.peers[PEER1])) == 5000
+    assert uapi.handle(host, ["get=1"]) == uapi.run(uapi.handle_steps(host, iter(["get=1"])))
+
+
+@given(st.binary(max_size=300), st.integers(1, 50))
+def test_split_lines_is_decode_and_split(data: bytes, piece: int) -> None:
+    expected = data.decode("utf-8", "replace").split("\n")
+    assert list(uapi.split_lines(data, piece)) == expected

@@ -16,6 +16,7 @@ keeps removal by owner and listing proportional to the owner's entries.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -94,6 +95,12 @@ class AllowedIPs(Generic[T]):
             for size, cidr, prefix in self._owned.get(value, {})
         ]
 
+    def iter_entries(self, value: T) -> Iterator[tuple[bytes, int]]:
+        """`entries` one at a time, over a copy of the owner's keys taken at the first step:
+        for callers that list or remove a large set a slice at a time."""
+        for size, cidr, prefix in list(self._owned.get(value, {})):
+            yield (prefix << (size * 8 - cidr)).to_bytes(size, "big"), cidr
+
     def _locate(self, addr: bytes, cidr: int) -> tuple[_Family[T], int]:
         family = self._families.get(len(addr))
         if family is None or not 0 <= cidr <= family.bits:
@@ -115,7 +122,7 @@ def parse_cidr(text: str) -> tuple[bytes, int]:
     addr = ipaddress.ip_address(addr_text)
     if not slash:
         return addr.packed, addr.max_prefixlen
-    if not cidr_text.isdigit() or int(cidr_text) > addr.max_prefixlen:
+    if not (cidr_text.isascii() and cidr_text.isdigit()) or int(cidr_text) > addr.max_prefixlen:
         raise ValueError(f"bad prefix length in {text!r}")
     return addr.packed, int(cidr_text)
 

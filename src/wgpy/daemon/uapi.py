@@ -3,6 +3,16 @@
 A request is `get=1` or `set=1` followed by `key=value` lines and an empty line; the
 answer ends with `errno=N` (0, or a negative errno) and an empty line. A `set` is parsed
 and checked completely before anything is applied, so a bad request changes nothing.
+
+Every step here is also written as a generator that yields every `STEP` lines or entries
+of work (`handle_steps`), so that the daemon's one loop thread can run a 130,000-line
+`set` or `get` a few milliseconds at a time with the datapath served in between (see
+`uapi_server`). `handle` runs the same steps to the end in one go. While the steps of one
+request run, no other request does (the server runs one at a time, like wireguard-go's
+IPC lock), so the configuration a `get` lists cannot change under it; only the live
+counters, handshake times and roaming endpoints do, and each peer's are read at once,
+as wireguard-go reads them peer by peer. Like wireguard-go's, a `set` is applied
+progressively: between slices the datapath may see it partly applied.
 """
 
 from __future__ import annotations
@@ -12,17 +22,31 @@ import errno
 import ipaddress
 import logging
 import re
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from wgpy.core.allowedips import format_cidr, parse_cidr
+from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
 from wgpy.core.output import Output
-from wgpy.core.peer import Endpoint
+from wgpy.core.peer import Endpoint, Peer
 
 SOCKET_DIR = "/var/run/wireguard"
+STEP = 128  # lines (or allowed IPs) of work between two yields: well under a millisecond
 log = logging.getLogger("wgpy.uapi")
+R = TypeVar("R")
+Steps = Generator[None, None, R]
+
+
+def run(steps: Steps[R]) -> R:
+    """Run a sliced operation to its end; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 def socket_path(ifname: str, socket_dir: str = SOCKET_DIR) -> Path:
@@ -128,10 +152,16 @@ IPC_ERROR_UNKNOWN = 55  # wireguard-go's answer to an unexpected failure
 _DEVICE_KEYS = {"private_key", "listen_port", "fwmark", "replace_peers"}
 
 
-def parse_set(lines: list[str]) -> SetRequest:
+def parse_set(lines: Iterable[str]) -> SetRequest:
+    return run(parse_set_steps(lines))
+
+
+def parse_set_steps(lines: Iterable[str]) -> Steps[SetRequest]:
     req = SetRequest()
     peer: PeerChange | None = None
-    for line in lines:
+    for number, line in enumerate(lines, 1):
+        if number % STEP == 0:
+            yield
         key, sep, value = line.removesuffix("\r").partition("=")
         if not sep:
             raise UapiError(errno.EPROTO, f"not a key=value line: {line[:40]!r}")
@@ -149,7 +179,8 @@ def parse_set(lines: list[str]) -> SetRequest:
 
 def _parse_device_key(req: SetRequest, key: str, value: str) -> None:
     if key == "private_key":
-        req.private_key = _key(value)
+        key_bytes = _key(value)  # stored clamped, as wireguard-go does (and shows in a get)
+        req.private_key = clamp(key_bytes) if any(key_bytes) else key_bytes
     elif key == "listen_port":
         req.listen_port = _uint(value, 65535, "listen_port")
     elif key == "fwmark":
@@ -189,6 +220,10 @@ def _parse_peer_key(peer: PeerChange, key: str, value: str) -> None:
 
 
 def apply_set(host: Host, req: SetRequest) -> None:
+    run(apply_set_steps(host, req))
+
+
+def apply_set_steps(host: Host, req: SetRequest) -> Steps[None]:
     """Apply a checked request. Only the socket changes can still fail, so they go first,
     the mark undone if the port then fails: an error leaves everything as it was.
     (wireguard-go answers EADDRINUSE for either, as here.)"""
@@ -208,19 +243,35 @@ def apply_set(host: Host, req: SetRequest) -> None:
         dev.set_private_key(req.private_key)
     if req.replace_peers:
         for pub in list(dev.peers):
-            dev.remove_peer(pub)
-    now = host.now()
+            yield from _remove_peer(dev, pub)
     for change in req.peers:
-        _apply_peer(host, dev, change, now)
+        yield from _apply_peer(host, dev, change)
 
 
-def _apply_peer(host: Host, dev: Device, change: PeerChange, now: float) -> None:
+def _drain(dev: Device, peer: Peer) -> Steps[None]:
+    """Remove a peer's allowed IPs a slice at a time (what `remove_value` does at once)."""
+    for number, (addr, cidr) in enumerate(dev.allowed_ips.iter_entries(peer), 1):
+        dev.allowed_ips.remove(addr, cidr, peer)
+        if number % STEP == 0:
+            yield
+
+
+def _remove_peer(dev: Device, public_key: bytes) -> Steps[None]:
+    peer = dev.peers.get(public_key)
+    if peer is not None:
+        yield from _drain(dev, peer)
+        dev.remove_peer(public_key)
+    yield
+
+
+def _apply_peer(host: Host, dev: Device, change: PeerChange) -> Steps[None]:
     if change.remove:
-        dev.remove_peer(change.public_key)
+        yield from _remove_peer(dev, change.public_key)
         return
     if change.update_only and change.public_key not in dev.peers:
         return
     peer = dev.add_peer(change.public_key)
+    yield
     if peer is None:
         return  # our own public key: ignored, as by wireguard-go
     if change.preshared_key is not None:
@@ -228,20 +279,26 @@ def _apply_peer(host: Host, dev: Device, change: PeerChange, now: float) -> None
     if change.endpoint is not None:
         peer.endpoint = change.endpoint
     if change.replace_allowed_ips:
-        dev.allowed_ips.remove_value(peer)
-    for add, addr, cidr in change.allowed_ips:
+        yield from _drain(dev, peer)
+    for number, (add, addr, cidr) in enumerate(change.allowed_ips, 1):
         if add:
             dev.allowed_ips.insert(addr, cidr, peer)
         else:
             dev.allowed_ips.remove(addr, cidr, peer)
+        if number % STEP == 0:
+            yield
     if change.keepalive is not None:
-        host.transmit(dev.set_persistent_keepalive(peer, change.keepalive, now))
+        host.transmit(dev.set_persistent_keepalive(peer, change.keepalive, host.now()))
 
 
 # ---- get -----------------------------------------------------------------------------
 
 
 def render_get(host: Host) -> str:
+    return run(render_get_steps(host))
+
+
+def render_get_steps(host: Host) -> Steps[str]:
     dev = host.device
     lines = []
     if dev.private_key is not None:
@@ -249,7 +306,7 @@ def render_get(host: Host) -> str:
     lines.append(f"listen_port={host.listen_port}")
     if host.fwmark:
         lines.append(f"fwmark={host.fwmark}")
-    for peer in dev.peers.values():
+    for peer in list(dev.peers.values()):
         lines.append(f"public_key={peer.public_key.hex()}")
         lines.append(f"preshared_key={peer.preshared_key.hex()}")
         lines.append("protocol_version=1")
@@ -264,21 +321,43 @@ def render_get(host: Host) -> str:
         lines.append(f"tx_bytes={peer.tx_bytes}")
         lines.append(f"rx_bytes={peer.rx_bytes}")
         lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
-        lines.extend(f"allowed_ip={format_cidr(a, c)}" for a, c in dev.allowed_ips.entries(peer))
+        for number, (addr, cidr) in enumerate(dev.allowed_ips.iter_entries(peer), 1):
+            lines.append(f"allowed_ip={format_cidr(addr, cidr)}")
+            if number % STEP == 0:
+                yield
+        yield
     lines.append("errno=0")
     return "\n".join(lines) + "\n\n"
 
 
+def split_lines(request: bytes, piece: int = 1 << 16) -> Iterator[str]:
+    """`request.decode("utf-8", "replace").split("\\n")`, decoded a piece at a time."""
+    start = 0
+    while True:
+        cut = request.find(b"\n", start + piece)
+        if cut < 0:
+            yield from request[start:].decode("utf-8", "replace").split("\n")
+            return
+        yield from request[start:cut].decode("utf-8", "replace").split("\n")
+        start = cut + 1
+
+
 def handle(host: Host, request: list[str]) -> str:
     """Answer one request (its lines, without the final empty line)."""
-    op = request[0] if request else ""
+    return run(handle_steps(host, iter(request)))
+
+
+def handle_steps(host: Host, request: Iterator[str]) -> Steps[str]:
+    """`handle`, a slice at a time: yields every `STEP` lines or entries of work."""
+    op = next(request, "")
     try:
         if op == "get=1":
-            if len(request) > 1:
+            if next(request, None) is not None:
                 raise UapiError(errno.EINVAL, "get takes no keys")
-            return render_get(host)
+            return (yield from render_get_steps(host))
         if op == "set=1":
-            apply_set(host, parse_set(request[1:]))
+            req = yield from parse_set_steps(request)
+            yield from apply_set_steps(host, req)
             return "errno=0\n\n"
         status = getattr(host, "wgpy_status", None)
         if op == "wgpy_status=1" and status is not None:
