@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -84,6 +85,7 @@ class Daemon:
         options: Options | None = None,
     ) -> None:
         """The TUN and the UAPI listener are made here unless handed over."""
+        raise_fd_limit()
         options = options or Options()
         metrics_listen = None
         if options.metrics:
@@ -121,11 +123,10 @@ class Daemon:
         self.drop_summary = DropSummary()
         self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
         self.loop = Loop(self._tick)
-        self._clients: dict[int, uapi_server.Connection] = {}
         self._next_housekeeping = 0.0
         self.loop.add_reader(self.tun.fileno(), self._on_tun)
         self.loop.add_reader(self.udp.fileno(), self.datapath.on_udp)
-        self.loop.add_reader(self.listener.fileno(), self._on_accept)
+        self.uapi = uapi_server.UapiServer(self, self.loop, self.listener)
         self.keylog: keylog.KeyLog | None = None
         self.metrics: Any = None  # a metrics.MetricsServer: prometheus-client is optional
         try:
@@ -199,25 +200,12 @@ class Daemon:
             log.info("interface %s is gone; exiting", self.tun.name)
             self.loop.stop()
 
-    def _on_accept(self) -> None:
-        conn = self.listener.accept()
-        if conn is None:
-            return
-        fd = conn.sock.fileno()
-        self._clients[fd] = conn
-
-        def close() -> None:
-            self.loop.remove_reader(fd)
-            self._clients.pop(fd, None)
-            conn.sock.close()
-
-        self.loop.add_reader(fd, lambda: uapi_server.serve_connection(self, conn, close))
-
     def _tick(self) -> None:
         now = time.monotonic()
         self.datapath.tick(now)
         self.stats.tick(now, self.device)
         self.drop_summary.log(now, self.datapath.drops)
+        self.uapi.tick(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
             if not self.listener.still_there():
@@ -228,6 +216,9 @@ class Daemon:
             except TunGone:
                 log.info("interface %s is gone; exiting", self.tun.name)
                 self.loop.stop()
+                return
+            except OSError as e:  # EMFILE: no descriptor for the query; next time
+                log.warning("cannot read the MTU: %s", e)
                 return
             if mtu and mtu != self.device.mtu:
                 log.info("MTU is now %d", mtu)
@@ -250,12 +241,21 @@ class Daemon:
         if self.keylog is not None:
             self.keylog.close()
             self.keylog = None
-        for conn in list(self._clients.values()):
-            conn.sock.close()
-        self.listener.close()
+        self.uapi.close()
         self.udp.close()
         self.tun.close()
         self.loop.close()
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does at start:
+    every UAPI client costs a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:  # an infinite hard limit is refused
+            log.warning("cannot raise the open files limit to %s: %s", hard, e)
 
 
 def open_tun(ifname: str, vnet_hdr: bool, offloads: int = 0) -> Tun:
@@ -288,13 +288,8 @@ class HandedListener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self) -> uapi_server.Connection | None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return None
-        conn.setblocking(False)
-        return uapi_server.Connection(conn)
+    def accept(self) -> socket.socket | None:
+        return uapi_server.accept_client(self.sock)
 
     def still_there(self) -> bool:
         if self._ino is None:

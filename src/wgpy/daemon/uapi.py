@@ -300,6 +300,7 @@ def render_get(host: Host) -> str:
 
 def render_get_steps(host: Host) -> Steps[str]:
     dev = host.device
+    done: list[str] = []  # joined a slice at a time: no long join at the end
     lines = []
     if dev.private_key is not None:
         lines.append(f"private_key={dev.private_key.hex()}")
@@ -324,10 +325,13 @@ def render_get_steps(host: Host) -> Steps[str]:
         for number, (addr, cidr) in enumerate(dev.allowed_ips.iter_entries(peer), 1):
             lines.append(f"allowed_ip={format_cidr(addr, cidr)}")
             if number % STEP == 0:
+                done.append("\n".join(lines) + "\n")
+                lines.clear()
                 yield
         yield
     lines.append("errno=0")
-    return "\n".join(lines) + "\n\n"
+    done.append("\n".join(lines) + "\n\n")
+    return "".join(done)
 
 
 def split_lines(request: bytes, piece: int = 1 << 16) -> Iterator[str]:
@@ -362,7 +366,7 @@ def handle_steps(host: Host, request: Iterator[str]) -> Steps[str]:
         status = getattr(host, "wgpy_status", None)
         if op == "wgpy_status=1" and status is not None:
             # wgpy's own request (`wgpy show --json`): one line of JSON; `wg` never sends it
-            if len(request) > 1:
+            if next(request, None) is not None:
                 raise UapiError(errno.EINVAL, "wgpy_status takes no keys")
             return f"{status()}\nerrno=0\n\n"
         raise UapiError(errno.EPROTO, f"unknown operation {op[:20]!r}")
