@@ -27,6 +27,7 @@ making the datapath wait:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
@@ -63,7 +64,8 @@ class Connection:
         self.out = bytearray()
         self.busy = False  # a request of this client is queued or running
         self.eof = False  # no more requests will come
-        self.too_big = False
+        self.too_big = False  # to be answered EMSGSIZE, then drained
+        self.draining_since = 0.0  # answered EMSGSIZE: its input is read and dropped
         self.closed = False
         self.last_progress = time.monotonic()
 
@@ -239,31 +241,47 @@ class UapiServer:
         if got < 0:  # reset: the client is gone, and takes no answer
             self._close(conn)
             return
+        if conn.draining_since:
+            conn.buffer.clear()
+            if got == 0:
+                self._close(conn)
+            return
         if got == 0:  # the end: answer the complete requests, drop a cut-off one
             conn.eof = True
             self.loop.remove_reader(conn.fd)
         self._advance(conn)
         if len(conn.buffer) > MAX_REQUEST and not conn.closed:
             log.error("UAPI: a request over %d bytes; closing its client", MAX_REQUEST)
-            conn.too_big = conn.eof = True
+            conn.too_big = True
             conn.buffer = bytearray()
-            self.loop.remove_reader(conn.fd)
             self._advance(conn)
 
     def _advance(self, conn: Connection) -> None:
-        """An idle client: queue its next complete request, or finish it once all is said."""
+        """An idle client: queue its next complete request, or finish it once all is said.
+        One whose request was too big is answered EMSGSIZE, then its input is read and
+        dropped until it ends (closing a socket with unread input would reset it, and the
+        answer would be lost) or for at most STALL_TIMEOUT."""
         if conn.busy or conn.closed:
             return
-        request = None if conn.too_big else conn.next_request()
+        if conn.too_big:
+            conn.too_big = False
+            conn.draining_since = time.monotonic()
+            self._send(conn, TOO_BIG)
+        if conn.draining_since:
+            if not conn.out and not conn.closed:
+                if conn.eof:
+                    self._close(conn)
+                else:
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_WR)
+            return
+        request = conn.next_request()
         if request is not None:
             conn.busy = True
             self._waiting.append((conn, request))
             self._schedule()
             return
-        if conn.too_big:
-            conn.too_big = False  # answered once
-            self._send(conn, TOO_BIG)
-        if conn.eof and not conn.out and not conn.closed:
+        if conn.eof and not conn.out:
             self._close(conn)
 
     def _send(self, conn: Connection, data: bytes) -> None:
@@ -358,6 +376,8 @@ class UapiServer:
             if conn.out and now - conn.last_progress > STALL_TIMEOUT:
                 log.error("UAPI: a client has not read its answer for %.0f s; dropping it",
                           STALL_TIMEOUT)  # fmt: skip
+                self._close(conn)
+            elif conn.draining_since and now - conn.draining_since > STALL_TIMEOUT:
                 self._close(conn)
 
     def close(self) -> None:
