@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +100,9 @@ def test_hostname_endpoints_are_resolved() -> None:
         ("[Interface]\nAddress = 10.0.0.300/24\n", 2, "Address"),
         ("[Interface]\nMTU = 12\n", 2, "MTU"),
         ("[Interface]\nTable = main table\n", 2, "Table"),
+        ("[Interface]\nTable = 99999999999\n", 2, "Table"),  # table ids are u32
+        ("[Interface]\nTable = 4294967296\n", 2, "Table"),
+        ("[Interface]\nTable = \u0661\n", 2, "Table"),
         ("[Interface]\nSaveConfig = maybe\n", 2, "SaveConfig"),
         ("[Interface]\nColour = blue\n", 2, "Colour"),
         ("[Interface]\nno equals\n", 2, "no equals"),
@@ -164,3 +170,101 @@ def test_strip_drops_only_wg_quick_keys_of_the_interface() -> None:
 def test_networks_keep_their_host_bits_masked() -> None:
     cfg = parse(f"[Peer]\nPublicKey = {PUB1}\nAllowedIPs = 10.1.2.3/8\n")
     assert cfg.peers[0].allowed_ips == [ipaddress.ip_network("10.0.0.0/8")]
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [("0", "0"), ("4294967295", "4294967295"), ("007", "7"), ("OFF", "off"), ("Auto", "auto")],
+)
+def test_table_takes_off_auto_or_a_u32(value: str, stored: str) -> None:
+    assert parse(f"[Interface]\nTable = {value}\n").interface.table == stored
+
+
+def test_an_unresolvable_endpoint_names_file_line_and_host() -> None:
+    cfg = parse(f"[Interface]\n[Peer]\nPublicKey = {PUB1}\nEndpoint = nowhere.invalid:51820\n",
+                "/etc/wireguard/wg0.conf")  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        config.to_uapi(cfg)
+    assert time.monotonic() - started < 1  # .invalid never resolves: no query, no retries
+    assert str(e.value).startswith("/etc/wireguard/wg0.conf:4: Endpoint: ")
+    assert "nowhere.invalid" in str(e.value)
+
+
+def failing_resolver(
+    monkeypatch: pytest.MonkeyPatch, failures: list[int]
+) -> list[tuple[str, int]]:
+    """getaddrinfo failing with these EAI codes first, then answering 192.0.2.7."""
+    calls: list[tuple[str, int]] = []
+
+    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+        calls.append((host, port))
+        if failures:
+            code = failures.pop(0)
+            raise socket.gaierror(code, os.strerror(errno.EAGAIN) if code else "x")
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.7", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return calls
+
+
+def test_temporary_resolution_failures_are_retried_as_wg_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing_resolver(monkeypatch, [socket.EAI_AGAIN] * 3)
+    pauses: list[float] = []
+    said: list[str] = []
+    got = config.resolve_endpoint("vpn.example:51820", sleep=pauses.append, say=said.append)
+    assert got == "192.0.2.7:51820"
+    assert pauses == pytest.approx([1.0, 1.2, 1.44])  # 1 s, then 1.2 times longer
+    assert len(said) == 3 and "Trying again in 1.00 seconds" in said[0]
+
+
+def test_retries_follow_wg_endpoint_resolution_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = failing_resolver(monkeypatch, [socket.EAI_AGAIN] * 100)
+    pauses: list[float] = []
+    monkeypatch.setenv("WG_ENDPOINT_RESOLUTION_RETRIES", "2")
+    with pytest.raises(config.ResolveError, match=r"vpn\.example"):
+        config.resolve_endpoint("vpn.example:1", sleep=pauses.append, say=lambda _: None)
+    assert len(calls) == 3 and len(pauses) == 2
+    monkeypatch.delenv("WG_ENDPOINT_RESOLUTION_RETRIES")
+    calls.clear()
+    pauses.clear()
+    with pytest.raises(config.ResolveError):
+        config.resolve_endpoint("vpn.example:1", sleep=pauses.append, say=lambda _: None)
+    assert len(calls) == 16  # wg's default: 15 retries
+    monkeypatch.setenv("WG_ENDPOINT_RESOLUTION_RETRIES", "infinity")
+    failing_resolver(monkeypatch, [socket.EAI_AGAIN] * 30)
+    pauses.clear()
+    config.resolve_endpoint("vpn.example:1", sleep=pauses.append, say=lambda _: None)
+    assert len(pauses) == 30 and pauses[-1] == 20.0  # the pause grows up to 20 s
+    assert config.resolution_retries({"WG_ENDPOINT_RESOLUTION_RETRIES": "infinity"}) == -1
+    assert config.resolution_retries({"WG_ENDPOINT_RESOLUTION_RETRIES": "0"}) == 0
+    for bad in ("-1", "x", "1e3", "99999999999"):
+        with pytest.raises(config.ResolveError):
+            config.resolution_retries({"WG_ENDPOINT_RESOLUTION_RETRIES": bad})
+
+
+def test_permanent_resolution_failures_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = failing_resolver(monkeypatch, [socket.EAI_NONAME])
+    cfg = parse(f"[Peer]\nPublicKey = {PUB1}\nEndpoint = gone.example:7\n", "x.conf")
+    with pytest.raises(ConfigError, match=r"^x\.conf:3: Endpoint: .*gone\.example"):
+        config.to_uapi(cfg)
+    assert len(calls) == 1
+
+
+def test_a_bad_byte_in_a_comment_is_accepted_elsewhere_named_by_line(tmp_path: Path) -> None:
+    conf = tmp_path / "wgt8.conf"
+    conf.write_bytes(f"# caf\xe9 \xff\n[Interface]\nPrivateKey = {PRIV} # \xfe\n".encode("latin-1"))
+    _, _, cfg = config.load(str(conf))
+    assert cfg.interface.private_key == bytes(range(32))
+    text = f"[Interface]\n# fine\nPrivateKey = {PRIV}\nListenPort = 5\xff1\n"
+    conf.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"wgt8\.conf:4: file: byte 0xff at column 15 "):
+        config.load(str(conf))
+
+
+def test_lines_are_split_at_newlines_only() -> None:
+    """A form feed or U+2028 inside a line does not end it (line numbers stay right)."""
+    with pytest.raises(ConfigError, match=r":3: ListenPort: "):
+        parse("[Interface]\nFwMark = 1\x0c\nListenPort = x\n")

@@ -4,6 +4,9 @@ The format is wg-quick's: `[Interface]` and `[Peer]` sections of `Key = Value` l
 keys in any case, `#` comments. wg-quick's own keys (Address, DNS, MTU, Table, hooks,
 SaveConfig) and the `wg setconf` keys are both understood and checked here, so that a
 mistake is reported with its file, line and key before anything on the system changes.
+Endpoint names are resolved when the UAPI request is made (`to_uapi`), as `wg` resolves
+them: temporary failures retried with a growing pause, permanent ones at once; a name
+that does not resolve is reported with its file and line too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import re
 import socket
 import stat
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +36,10 @@ QUICK_KEYS = ("address", "dns", "mtu", "table", "preup", "postup", "predown", "p
 class ConfigError(Exception):
     def __init__(self, path: str, line: int, key: str, message: str) -> None:
         super().__init__(f"{path}:{line}: {key}: {message}")
+
+
+class ResolveError(ValueError):
+    """An endpoint's host name that does not resolve."""
 
 
 @dataclass
@@ -57,12 +66,14 @@ class PeerConfig:
     allowed_ips: list[IPNetwork] = field(default_factory=list)
     endpoint: str | None = None
     persistent_keepalive: int | None = None
+    endpoint_line: int = field(default=0, compare=False, repr=False)  # for errors
 
 
 @dataclass
 class Config:
     interface: InterfaceConfig = field(default_factory=InterfaceConfig)
     peers: list[PeerConfig] = field(default_factory=list)
+    path: str = field(default="<config>", compare=False, repr=False)  # for errors
 
 
 # ---- values -------------------------------------------------------------------------------
@@ -103,9 +114,11 @@ def _list(value: str) -> list[str]:
 
 
 def _table(value: str) -> str:
-    if value.lower() in ("off", "auto") or re.fullmatch(r"[0-9]+", value):
+    if value.lower() in ("off", "auto"):
         return value.lower()
-    raise ValueError(f"{value!r}: expected off, auto or a table number")
+    if re.fullmatch(r"[0-9]+", value) and int(value) < 1 << 32:  # a u32, as the kernel's
+        return str(int(value))
+    raise ValueError(f"{value!r}: expected off, auto or a table number from 0 to {(1 << 32) - 1}")
 
 
 # ---- parsing ------------------------------------------------------------------------------
@@ -158,12 +171,12 @@ def _set_peer(peer: PeerConfig, key: str, value: str) -> None:
 
 def parse(text: str, path: str = "<config>") -> Config:
     """The whole file checked; ConfigError names the first bad line and key."""
-    cfg = Config()
+    cfg = Config(path=path)
     section = ""
     seen_interface = False
     peer_line = 0
     keys: set[bytes] = set()
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):  # lines as wg-quick reads them
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -190,6 +203,9 @@ def parse(text: str, path: str = "<config>") -> Config:
                 peer = cfg.peers[-1]
                 if key.lower() == "publickey":
                     peer.public_key = decode_key(value)
+                elif key.lower() == "endpoint":
+                    _set_peer(peer, "endpoint", value)
+                    peer.endpoint_line = number
                 else:
                     _set_peer(peer, key.lower(), value)
             else:
@@ -224,14 +240,33 @@ def resolve_target(target: str) -> tuple[str, str]:
     return base[:-5], os.path.realpath(path)
 
 
+def read(path: str) -> str:
+    """The file as text. Like wg-quick, any bytes may follow a `#`; elsewhere a byte that
+    is not UTF-8 is an error on its line. (A comment's bad bytes read as U+FFFD.)"""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(path, 0, "file", e.strerror or str(e)) from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        code, hash_, comment = raw.partition(b"#")  # a "#" byte is never inside a character
+        try:
+            text = code.decode()
+        except UnicodeDecodeError as e:
+            bad = f"byte 0x{code[e.start]:02x} at column {e.start + 1} is not UTF-8"
+            raise ConfigError(path, number, "file", bad) from None
+        lines.append(text + hash_.decode() + comment.decode("utf-8", "replace"))
+    return "\n".join(lines)
+
+
 def load(target: str) -> tuple[str, str, Config]:
     ifname, path = resolve_target(target)
-    try:
-        with open(path) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(path, 0, "file", str(e)) from None
-    return ifname, path, parse(text, path)
+    return ifname, path, parse(read(path), path)
 
 
 def permission_warning(path: str) -> str | None:
@@ -243,18 +278,72 @@ def permission_warning(path: str) -> str | None:
 # ---- output ------------------------------------------------------------------------------
 
 
-def resolve_endpoint(value: str) -> str:
+RETRIES_VARIABLE = "WG_ENDPOINT_RESOLUTION_RETRIES"
+DEFAULT_RETRIES = 15  # wg's: 16 tries in all, about 70 s of pauses
+# getaddrinfo's permanent failures (glibc's NameResolver notes): not worth another try
+_PERMANENT = {
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_FAIL", "EAI_NODATA")
+    if hasattr(socket, name)
+}
+
+
+def resolution_retries(environ: dict[str, str] | None = None) -> int:
+    """WG_ENDPOINT_RESOLUTION_RETRIES as `wg` reads it: a count, or -1 for `infinity`."""
+    value = (os.environ if environ is None else environ).get(RETRIES_VARIABLE)
+    if value is None:
+        return DEFAULT_RETRIES
+    if value == "infinity":
+        return -1
+    if not re.fullmatch(r"[0-9]+", value) or int(value) > 2**31 - 1:
+        raise ResolveError(f"cannot parse {RETRIES_VARIABLE}: `{value}'")
+    return int(value)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def resolve_endpoint(
+    value: str,
+    retries: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    say: Callable[[str], None] = _say,
+) -> str:
+    """`host:port` with the host resolved, as `wg` does it: a temporary failure is tried
+    again `retries` times (default: WG_ENDPOINT_RESOLUTION_RETRIES, else 15), after 1 s,
+    then 1.2 times longer each time up to 20 s; a permanent one fails at once. Names
+    under `.invalid` fail without a query (RFC 6761: they never resolve)."""
     host, port = split_endpoint(value)
     try:
-        addr = ipaddress.ip_address(host)
+        return format_endpoint((str(ipaddress.ip_address(host)), port))
     except ValueError:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        addr = ipaddress.ip_address(info[0][4][0])
+        pass
+    if host.lower().rstrip(".").rsplit(".", 1)[-1] == "invalid":
+        raise ResolveError(f"cannot resolve `{host}': the .invalid domain never resolves")
+    left = resolution_retries() if retries is None else retries
+    pause = 1.0
+    while True:
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
+            break
+        except UnicodeError as e:  # not even a valid name (an empty label...)
+            raise ResolveError(f"cannot resolve `{host}': {e}") from None
+        except socket.gaierror as e:
+            reason = e.strerror or str(e)
+            if e.errno in _PERMANENT or left == 0:
+                raise ResolveError(f"cannot resolve `{host}': {reason}") from None
+            left -= left > 0
+            say(f"{reason}: `{value}'. Trying again in {pause:.2f} seconds...")
+            sleep(pause)
+            pause = min(20.0, pause * 1.2)
+    addr = ipaddress.ip_address(info[0][4][0])
     return format_endpoint((str(addr), port))
 
 
 def to_uapi(cfg: Config, resolve: Callable[[str], str] = resolve_endpoint) -> str:
-    """The `set=1` body that `wg setconf` would send (without `set=1` and the blank line)."""
+    """The `set=1` body that `wg setconf` would send (without `set=1` and the blank line).
+    Endpoint names are resolved here; one that does not is a ConfigError on its line."""
     iface = cfg.interface
     lines = [f"private_key={(iface.private_key or bytes(32)).hex()}"]
     if iface.listen_port is not None:
@@ -266,7 +355,11 @@ def to_uapi(cfg: Config, resolve: Callable[[str], str] = resolve_endpoint) -> st
         lines.append(f"public_key={peer.public_key.hex()}")
         lines.append(f"preshared_key={(peer.preshared_key or bytes(32)).hex()}")
         if peer.endpoint:
-            lines.append(f"endpoint={resolve(peer.endpoint)}")
+            try:
+                endpoint = resolve(peer.endpoint)
+            except (ValueError, OSError) as e:
+                raise ConfigError(cfg.path, peer.endpoint_line, "Endpoint", str(e)) from None
+            lines.append(f"endpoint={endpoint}")
         if peer.persistent_keepalive is not None:
             lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")

@@ -331,10 +331,11 @@ def up(ifname: str, cfg: Config) -> None:
         if link_index(ipr, ifname) is not None or socket_path(ifname).exists():
             raise QuickError(f"`{ifname}' already exists")
     run_hooks(cfg.interface.pre_up, ifname)
+    body = config.to_uapi(cfg)  # resolves the endpoints: a bad one stops here, on its line
     start_daemon(ifname)
     try:
         log(f"wg setconf {ifname} (through the UAPI)")
-        uapi_client.set_config(ifname, config.to_uapi(cfg))
+        uapi_client.set_config(ifname, body)
         with netlink() as ipr:
             index = link_index(ipr, ifname)
             if index is None:
@@ -429,8 +430,7 @@ def command(action: str, target: str) -> int:
         elif action == "save":
             save(ifname, cfg, path)
         elif action == "strip":
-            with open(path) as f:
-                sys.stdout.write(config.strip(f.read()))
+            sys.stdout.write(config.strip(config.read(path)))
         return 0
     except (ConfigError, QuickError, uapi_client.UapiClientError, OSError) as e:
         print(f"wgpy {action}: {e}", file=sys.stderr)
