@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from wgpy.core.crypto import clamp, public_key
 from wgpy.core.device import Device, Output
+from wgpy.core.peer import Peer
 from wgpy.daemon import uapi
 
 
@@ -290,3 +291,57 @@ def test_sliced_handling_yields_often_and_answers_like_handle() -> None:
 def test_split_lines_is_decode_and_split(data: bytes, piece: int) -> None:
     expected = data.decode("utf-8", "replace").split("\n")
     assert list(uapi.split_lines(data, piece)) == expected
+
+
+ENTRY = st.tuples(st.booleans(), st.integers(0, 7), st.sampled_from([24, 29, 30, 32]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ENTRY, max_size=12), st.lists(ENTRY, max_size=12), st.lists(ENTRY, max_size=4))
+def test_replace_allowed_ips_ends_as_remove_all_first_and_never_drops_a_kept_entry(
+    before: list[tuple[bool, int, int]],
+    changes: list[tuple[bool, int, int]],
+    theirs: list[tuple[bool, int, int]],
+) -> None:
+    def ops(entries: list[tuple[bool, int, int]]) -> list[tuple[bool, bytes, int]]:
+        return [(add, bytes([10, 0, 0, 4 * host]), cidr) for add, host, cidr in entries]
+
+    def setup() -> tuple[Device, Peer]:
+        dev = Device(random.Random(1).randbytes)
+        peer, other = dev.add_peer(PEER1), dev.add_peer(PEER2)
+        assert peer is not None and other is not None
+        for _, addr, cidr in ops(before):
+            dev.allowed_ips.insert(addr, cidr, peer)
+        for _, addr, cidr in ops(theirs):
+            dev.allowed_ips.insert(addr, cidr, other)
+        return dev, peer
+
+    expected_dev, expected_peer = setup()  # what replace_allowed_ips means: all out first
+    expected_dev.allowed_ips.remove_value(expected_peer)
+    for add, addr, cidr in ops(changes):
+        if add:
+            expected_dev.allowed_ips.insert(addr, cidr, expected_peer)
+        else:
+            expected_dev.allowed_ips.remove(addr, cidr, expected_peer)
+    expected = expected_dev.allowed_ips.entries(expected_peer)
+
+    dev, peer = setup()
+    # kept: what stays and is not removed on the way by a "-" line (`wg` never sends those
+    # with replace_allowed_ips, but the UAPI allows them)
+    removed = {uapi._entry_key(addr, cidr) for add, addr, cidr in ops(changes) if not add}
+    kept = {
+        e for e in set(dev.allowed_ips.entries(peer)) & set(expected)
+        if uapi._entry_key(*e) not in removed
+    }  # fmt: skip
+    old_step, uapi.STEP = uapi.STEP, 1
+    try:
+        for _ in uapi._replace_allowed_ips(dev, peer, ops(changes)):
+            owned = set(dev.allowed_ips.entries(peer))
+            assert kept <= owned  # between slices, a kept entry is never missing
+    finally:
+        uapi.STEP = old_step
+    assert dev.allowed_ips.entries(peer) == expected  # the same entries, in the same order
+    other = dev.peers[PEER2]
+    assert dev.allowed_ips.entries(other) == expected_dev.allowed_ips.entries(
+        expected_dev.peers[PEER2]
+    )

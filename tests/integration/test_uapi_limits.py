@@ -3,6 +3,7 @@ clients, a 100,000-line `set`, and a daemon out of file descriptors."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import os
@@ -163,3 +164,22 @@ def test_running_out_of_descriptors_never_kills_the_daemon(starved: Tunnel) -> N
 
     eventually(shows, timeout=5, what="wg show after the descriptors came back")
     assert "latest handshake" in a.wg("show", a.ifname)
+
+
+def test_replacing_a_big_peers_allowed_ips_never_drops_its_traffic(tunnel: Tunnel) -> None:
+    """`wg syncconf` sends replace_allowed_ips with the full list: the routes it keeps
+    stay in place while the request is applied slice by slice."""
+    a, b = tunnel.a, tunnel.b
+    key = base64.b64decode(b.public_key).hex()
+    others = "\n".join(
+        f"allowed_ip=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(60_000)
+    )
+    body = f"public_key={key}\nreplace_allowed_ips=true\n{others}\nallowed_ip={b.inner4}/32"
+    uapi_client.set_config(a.ifname, body)
+    ping = pings(a, b.inner4, 150, "0.01")
+    try:
+        time.sleep(0.2)
+        uapi_client.set_config(a.ifname, body)  # the same list again, the kept route last
+    finally:
+        got = rtts(ping)
+    assert len(got) == 150, f"{150 - len(got)} pings lost"

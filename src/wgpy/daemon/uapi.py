@@ -279,16 +279,59 @@ def _apply_peer(host: Host, dev: Device, change: PeerChange) -> Steps[None]:
     if change.endpoint is not None:
         peer.endpoint = change.endpoint
     if change.replace_allowed_ips:
-        yield from _drain(dev, peer)
-    for number, (add, addr, cidr) in enumerate(change.allowed_ips, 1):
-        if add:
-            dev.allowed_ips.insert(addr, cidr, peer)
-        else:
-            dev.allowed_ips.remove(addr, cidr, peer)
-        if number % STEP == 0:
-            yield
+        yield from _replace_allowed_ips(dev, peer, change.allowed_ips)
+    else:
+        for number, (add, addr, cidr) in enumerate(change.allowed_ips, 1):
+            if add:
+                dev.allowed_ips.insert(addr, cidr, peer)
+            else:
+                dev.allowed_ips.remove(addr, cidr, peer)
+            if number % STEP == 0:
+                yield
     if change.keepalive is not None:
         host.transmit(dev.set_persistent_keepalive(peer, change.keepalive, host.now()))
+
+
+EntryKey = tuple[int, int, int]
+
+
+def _entry_key(addr: bytes, cidr: int) -> EntryKey:
+    """What names an allowed-IPs entry: the address length, the prefix and its bits."""
+    return len(addr), cidr, int.from_bytes(addr, "big") >> (len(addr) * 8 - cidr)
+
+
+def _replace_allowed_ips(
+    dev: Device, peer: Peer, changes: list[tuple[bool, bytes, int]]
+) -> Steps[None]:
+    """`replace_allowed_ips=true` and the changes after it, ending as removing all of the
+    peer's entries first would, but with no moment when the entries the request keeps
+    are gone (applied in slices, a big peer would lose its routes for the length of
+    the request): a kept entry is removed and added back in one step, which also puts
+    it in the request's order, and only the entries the request does not name at all
+    are removed, at the end."""
+    table = dev.allowed_ips
+    old: dict[EntryKey, tuple[bytes, int]] = {}
+    for number, (addr, cidr) in enumerate(table.iter_entries(peer), 1):
+        old[_entry_key(addr, cidr)] = (addr, cidr)
+        if number % STEP == 0:
+            yield
+    named: set[EntryKey] = set()
+    for number, (add, addr, cidr) in enumerate(changes, 1):
+        key = _entry_key(addr, cidr)
+        if add:
+            if key in old and key not in named:
+                table.remove(addr, cidr, peer)
+            table.insert(addr, cidr, peer)
+        else:
+            table.remove(addr, cidr, peer)
+        named.add(key)
+        if number % STEP == 0:
+            yield
+    for number, (key, (addr, cidr)) in enumerate(old.items(), 1):
+        if key not in named:
+            table.remove(addr, cidr, peer)
+        if number % STEP == 0:
+            yield
 
 
 # ---- get -----------------------------------------------------------------------------
