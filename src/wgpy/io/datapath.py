@@ -5,6 +5,11 @@ comes back to the TUN and the UDP socket, which do their own offloads (TUN: coal
 into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
 `Device.receive_read` -> `Tun.write_batch`, and nothing else in between.
 
+A handshake retry forgets the sticky source address of the peer's endpoint before the
+retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
+`wg_socket_clear_peer_endpoint_src`): if our packets from that address got lost, the
+kernel picks one again.
+
 Handshake messages are queued by the core during the reads and worked off once per turn,
 under a budget, after the data: an established tunnel keeps moving during a flood.
 """
@@ -17,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Event, Output
+from wgpy.core.output import Drop, Event, EventKind, Output
 from wgpy.io import offload
 from wgpy.io.tun import Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -102,6 +107,8 @@ class Datapath:
         self.transmit(self.device.tick(now))
 
     def transmit(self, out: Output) -> None:
+        if out.events:
+            self.forget_sources_on_retry(out.events)
         if out.tun:
             with contextlib.suppress(TunGone):  # noticed and handled on the next read
                 self.tun.write_batch(out.tun, self.device.mtu)
@@ -111,3 +118,14 @@ class Datapath:
             self.drops.update(out.drops)
         if out.events and self.on_events is not None:
             self.on_events(out.events)
+
+    def forget_sources_on_retry(self, events: list[Event]) -> None:
+        """A retried handshake goes out from the address the kernel picks (events are
+        rare: this loop costs nothing per packet)."""
+        for kind, peer, detail in events:
+            if peer is None or peer.endpoint is None:
+                continue
+            if kind is EventKind.HANDSHAKE_RETRY or (
+                kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
+            ):
+                self.udp.forget_source(peer.endpoint)

@@ -1,0 +1,154 @@
+"""Sticky source addresses on loopback: a reply leaves from the local address its
+endpoint's packets arrived at (127.0.0.2 here, where the kernel would pick 127.0.0.1),
+plain and GSO sends alike; a source that can't be sent from is dropped and the send goes
+out anyway; a handshake retry makes the datapath forget the peer's source."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.io.test_datapath import B_EP, carry, pair
+from tests.io.test_offload import flow
+from wgpy.core.output import EventKind
+from wgpy.io import udp as udp_module
+from wgpy.io.udp import UdpSocket
+
+
+def recv_all(sock: socket.socket, count: int, timeout: float = 3.0) -> list[tuple[bytes, str]]:
+    """(datagram, source host) of `count` datagrams."""
+    sock.settimeout(timeout)
+    got = []
+    for _ in range(count):
+        data, addr = sock.recvfrom(65536)
+        got.append((data, addr[0]))
+    return got
+
+
+def wait_read(sock: UdpSocket, timeout: float = 3.0) -> tuple[str, int]:
+    buf = memoryview(bytearray(70000))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = sock.recv_into(buf)
+        if r is not None:
+            return r[2]
+        time.sleep(0.002)
+    raise AssertionError("nothing arrived")
+
+
+V4Pair = tuple[UdpSocket, socket.socket]
+
+
+@pytest.fixture
+def pair_v4() -> Iterator[V4Pair]:
+    ours = UdpSocket()
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.bind(("127.0.0.1", 0))
+    try:
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_replies_leave_from_the_address_the_peer_sent_to(pair_v4: V4Pair) -> None:
+    ours, theirs = pair_v4
+    assert ours.sticky
+    theirs.sendto(b"hello", ("127.0.0.2", ours.port))
+    endpoint = wait_read(ours)
+    assert endpoint == theirs.getsockname()
+    assert ours.source(endpoint) == "127.0.0.2"
+    ours.send(b"one", endpoint)
+    ours.send_segments(b"a" * 300 + b"b" * 300 + b"c" * 10, 300, endpoint)  # one GSO send
+    ours.send_batch([(b"x" * 100, endpoint), (b"y" * 100, endpoint), (b"z", endpoint)])
+    got = recv_all(theirs, 7)
+    assert [d for d, _ in got] == [b"one", b"a" * 300, b"b" * 300, b"c" * 10,
+                                   b"x" * 100, b"y" * 100, b"z"]  # fmt: skip
+    assert {host for _, host in got} == {"127.0.0.2"}
+    # without the sticky source the kernel picks 127.0.0.1 (the destination's own address)
+    ours.forget_source(endpoint)
+    assert ours.source(endpoint) is None
+    ours.send(b"two", endpoint)
+    assert recv_all(theirs, 1) == [(b"two", "127.0.0.1")]
+    # the next packet from the peer, to the other address, moves the source along
+    theirs.sendto(b"again", ("127.0.0.3", ours.port))
+    wait_read(ours)
+    assert ours.source(endpoint) == "127.0.0.3"
+    ours.send(b"three", endpoint)
+    assert recv_all(theirs, 1) == [(b"three", "127.0.0.3")]
+
+
+def test_ipv6_on_the_dual_stack_socket() -> None:
+    ours = UdpSocket()
+    theirs = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    theirs.bind(("::1", 0))
+    try:
+        theirs.sendto(b"hello", ("::1", ours.port))
+        endpoint = wait_read(ours)
+        assert ours.source(endpoint) == "::1"
+        ours.send_segments(b"a" * 200 + b"b" * 200, 200, endpoint)
+        assert recv_all(theirs, 2) == [(b"a" * 200, "::1"), (b"b" * 200, "::1")]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def mapped_pktinfo(addr: str, ifindex: int = 1) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, "::ffff:" + addr) + struct.pack("=I", ifindex)
+
+
+def test_a_source_that_is_gone_is_forgotten_and_the_send_still_goes(pair_v4: V4Pair) -> None:
+    """198.51.100.7 is no address of this host (as after `ip addr del`): the kernel
+    refuses the send from it (ENETUNREACH); the socket forgets it and sends again."""
+    ours, theirs = pair_v4
+    endpoint = theirs.getsockname()
+    for send in (
+        lambda: ours.send(b"plain", endpoint),
+        lambda: ours.send_segments(b"g" * 100 + b"h" * 100, 100, endpoint),
+    ):
+        ours._learn_source(endpoint, mapped_pktinfo("198.51.100.7"))
+        assert ours.source(endpoint) == "198.51.100.7"
+        send()
+        assert ours.source(endpoint) is None
+    got = recv_all(theirs, 3)
+    assert got == [(b"plain", "127.0.0.1"), (b"g" * 100, "127.0.0.1"), (b"h" * 100, "127.0.0.1")]
+    assert ours.gso  # a source gone is no reason to give GSO up
+
+
+def test_the_sources_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(udp_module, "MAX_SOURCES", 8)
+    ours = UdpSocket()
+    try:
+        for i in range(20):
+            ours._learn_source(("192.0.2.9", 1000 + i), mapped_pktinfo("127.0.0.2"))
+        assert len(ours._sources) == 8
+        assert ours.source(("192.0.2.9", 1019)) == "127.0.0.2"  # the newest stay
+        assert ours.source(("192.0.2.9", 1000)) is None
+    finally:
+        ours.close()
+
+
+def test_a_handshake_retry_forgets_the_peers_source() -> None:
+    """B never answers: A's retransmitted initiation (attempt 1) goes out after A's
+    datapath told the socket to forget B's sticky source, as wireguard-go does."""
+    a, b = pair()
+    b.udp.close()  # B is gone from the network
+    a.tun.inbound.extend(flow(1, 10))
+    a.datapath.on_tun()
+    assert a.udp.forgotten == []  # the first initiation keeps the source
+    now = time.monotonic()
+    for step in range(1, 80):  # REKEY_TIMEOUT is 5 s, plus jitter
+        a.datapath.tick(now + step * 0.1)
+    retries = [e for e in a.events if e.kind is EventKind.INITIATION_SENT and e.detail]
+    assert retries and a.udp.forgotten and set(a.udp.forgotten) == {B_EP}
+
+
+def test_established_traffic_does_not_forget() -> None:
+    a, b = pair()
+    carry(a, b, flow(1, 10))
+    carry(a, b, flow(10, 500, seq=100))
+    assert a.udp.forgotten == [] and b.udp.forgotten == []
