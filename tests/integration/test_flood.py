@@ -175,7 +175,8 @@ def ping_replies(src: Node, addr: str, count: int, interval: float = 0.2) -> int
 def udp_stats(ns: Namespace) -> dict[str, int]:
     """The namespace's UDP counters (InDatagrams, RcvbufErrors: what the victim's socket
     took in, and what the kernel dropped because the victim read too slowly)."""
-    lines = [ln.split() for ln in ns.run("cat", "/proc/net/snmp").splitlines() if ln.startswith("Udp:")]
+    snmp = ns.run("cat", "/proc/net/snmp").splitlines()
+    lines = [ln.split() for ln in snmp if ln.startswith("Udp:")]
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
 
 
