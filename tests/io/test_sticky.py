@@ -1,10 +1,13 @@
 """Sticky source addresses on loopback: a reply leaves from the local address its
 endpoint's packets arrived at (127.0.0.2 here, where the kernel would pick 127.0.0.1),
 plain and GSO sends alike; a source that can't be sent from is dropped and the send goes
-out anyway; a handshake retry makes the datapath forget the peer's source."""
+out anyway; a handshake retry makes the datapath forget the peer's source. And the
+datapath's handshake work-off under load, which the flood tests (tests/integration/
+test_flood.py) found wanting."""
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
 import time
@@ -14,8 +17,11 @@ import pytest
 
 from tests.io.test_datapath import B_EP, carry, pair
 from tests.io.test_offload import flow
+from wgpy.core.cookie import CookieGenerator
 from wgpy.core.output import EventKind
+from wgpy.io import datapath as datapath_module
 from wgpy.io import udp as udp_module
+from wgpy.io.datapath import HANDSHAKES_PER_TURN
 from wgpy.io.udp import UdpSocket
 
 
@@ -152,3 +158,39 @@ def test_established_traffic_does_not_forget() -> None:
     carry(a, b, flow(1, 10))
     carry(a, b, flow(10, 500, seq=100))
     assert a.udp.forgotten == [] and b.udp.forgotten == []
+
+
+# ---- the handshake work-off under load (datapath) -------------------------------------
+
+
+def flood_initiations(target: bytes, count: int) -> list[tuple[bytes, int, tuple[str, int]]]:
+    """Reads of `count` initiations with a valid mac1 for `target`, each from its own
+    source (so the rate limit lets them all into the queue)."""
+    gen = CookieGenerator(target)
+    reads = []
+    for i in range(count):
+        msg = bytearray(random.Random(i).randbytes(148))
+        msg[0:4] = bytes([1, 0, 0, 0])
+        gen.add_macs(msg, 0.0)
+        reads.append((bytes(msg), 0, (f"198.18.{i // 250}.{i % 250 + 1}", 4000)))
+    return reads
+
+
+@pytest.mark.parametrize(("seconds", "batches"), [(0.0, 1), (5.0, 4)])
+def test_a_turn_works_off_batches_of_handshakes_while_its_time_lasts(
+    monkeypatch: pytest.MonkeyPatch, seconds: float, batches: int
+) -> None:
+    """Under load a queued handshake costs a cookie reply, not a Diffie-Hellman: one turn
+    works off batches of 16 while its time (2 ms; here none, or plenty) lasts, so a flood
+    from many sources does not keep the queue full (where a legitimate handshake is
+    dropped like any other). The first batch always goes."""
+    monkeypatch.setattr(datapath_module, "HANDSHAKE_SECONDS", seconds)
+    a, b = pair()
+    assert b.device.public_key is not None
+    b.device.load.forced = True
+    b.udp.reads.extend(flood_initiations(b.device.public_key, 60))
+    b.datapath.on_udp()
+    cookies = [e for e in b.events if e.kind is EventKind.COOKIE_SENT]
+    assert len(cookies) == min(60, batches * HANDSHAKES_PER_TURN)
+    assert len(cookies) + b.device.queued_handshakes == 60
+    assert len(b.udp.sent) == len(cookies)  # each answered with a cookie reply

@@ -11,7 +11,11 @@ retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
 kernel picks one again.
 
 Handshake messages are queued by the core during the reads and worked off once per turn,
-under a budget, after the data: an established tunnel keeps moving during a flood.
+after the data, 16 at a time for at most 2 ms: an established tunnel keeps moving during a
+flood. A Diffie-Hellman costs ~0.25 ms, so that is one batch of 16; under load most
+messages only cost a cookie reply, and the time bound lets the turn answer several
+batches: with a fixed 16 a flood from many sources kept the queue full, and a legitimate
+handshake was as likely as any to be dropped as "queue full".
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from wgpy.io.udp import UdpSocket
 BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back to the loop
 # (a TUN batch stays under the core's 128 staged packets per peer, a TSO read included)
 HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
+HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 
 
@@ -89,8 +94,15 @@ class Datapath:
         if count:
             self.udp_batches.record(count)
         if self.device.queued_handshakes:
-            out.extend(self.device.process_handshakes(now, HANDSHAKES_PER_TURN))
+            self._work_off_handshakes(now, out)
         self.transmit(out)
+
+    def _work_off_handshakes(self, now: float, out: Output) -> None:
+        device = self.device
+        stop = time.monotonic() + HANDSHAKE_SECONDS
+        out.extend(device.process_handshakes(now, HANDSHAKES_PER_TURN))
+        while device.queued_handshakes and time.monotonic() < stop:
+            out.extend(device.process_handshakes(now, HANDSHAKES_PER_TURN))
 
     def on_tun(self) -> bool:
         """Drain the TUN into the core; False once the interface is gone."""
