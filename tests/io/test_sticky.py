@@ -103,6 +103,32 @@ def test_ipv6_on_the_dual_stack_socket() -> None:
         theirs.close()
 
 
+def test_an_ipv4_only_socket_uses_ip_pktinfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no IPv6, the socket is AF_INET and the packet info IP_PKTINFO."""
+
+    def bind_v4(port: int) -> tuple[socket.socket, bool]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        sock.bind(("0.0.0.0", port))
+        return sock, False
+
+    monkeypatch.setattr(udp_module, "_bind", bind_v4)
+    ours = UdpSocket()
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.bind(("127.0.0.1", 0))
+    try:
+        assert ours.sticky and not ours._v6
+        theirs.sendto(b"hello", ("127.0.0.4", ours.port))
+        endpoint = wait_read(ours)
+        assert ours.source(endpoint) == "127.0.0.4"
+        ours.send(b"one", endpoint)
+        ours.send_segments(b"a" * 100 + b"b" * 50, 100, endpoint)
+        assert recv_all(theirs, 3) == [(b"one", "127.0.0.4"), (b"a" * 100, "127.0.0.4"),
+                                       (b"b" * 50, "127.0.0.4")]  # fmt: skip
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def mapped_pktinfo(addr: str, ifindex: int = 1) -> bytes:
     return socket.inet_pton(socket.AF_INET6, "::ffff:" + addr) + struct.pack("=I", ifindex)
 

@@ -16,6 +16,11 @@ message. It is forgotten when a send from it fails (the address is gone: the sen
 retried at once without it) and when the caller says so (`forget_source`, on a
 handshake retry). Only the address is pinned: the interface index goes along for IPv6
 link-local addresses only, so the kernel still routes by destination.
+
+Unlike Linux and wireguard-go, which take the source from authenticated packets only, the
+socket learns it from any datagram (the core does not tell which ones authenticated): a
+spoofer who knows a peer's address and port can move our packets to that peer onto
+another of our own addresses, until the peer's next packet moves them back.
 """
 
 from __future__ import annotations
