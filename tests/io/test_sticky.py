@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.io.test_datapath import B_EP, carry, pair
+from tests.io.test_datapath import B_EP, NATIVE, Site, carry, pair
 from tests.io.test_offload import flow
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.output import EventKind
@@ -164,7 +164,16 @@ def test_the_sources_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         ours.close()
 
 
-def test_a_handshake_retry_forgets_the_peers_source() -> None:
+@pytest.fixture(params=["python", "native"])
+def both_datapaths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The datapath tests here run on both datapaths, as tests/io/test_datapath.py's."""
+    if request.param == "native" and NATIVE is None:
+        pytest.skip("wgpy._native is not built")
+    monkeypatch.setattr(Site, "native", NATIVE if request.param == "native" else None)
+    return str(request.param)
+
+
+def test_a_handshake_retry_forgets_the_peers_source(both_datapaths: str) -> None:
     """B never answers: A's retransmitted initiation (attempt 1) goes out after A's
     datapath told the socket to forget B's sticky source, as wireguard-go does."""
     a, b = pair()
@@ -179,7 +188,7 @@ def test_a_handshake_retry_forgets_the_peers_source() -> None:
     assert retries and a.udp.forgotten and set(a.udp.forgotten) == {B_EP}
 
 
-def test_established_traffic_does_not_forget() -> None:
+def test_established_traffic_does_not_forget(both_datapaths: str) -> None:
     a, b = pair()
     carry(a, b, flow(1, 10))
     carry(a, b, flow(10, 500, seq=100))
@@ -204,7 +213,7 @@ def flood_initiations(target: bytes, count: int) -> list[tuple[bytes, int, tuple
 
 @pytest.mark.parametrize(("seconds", "batches"), [(0.0, 1), (5.0, 4)])
 def test_a_turn_works_off_batches_of_handshakes_while_its_time_lasts(
-    monkeypatch: pytest.MonkeyPatch, seconds: float, batches: int
+    monkeypatch: pytest.MonkeyPatch, seconds: float, batches: int, both_datapaths: str
 ) -> None:
     """Under load a queued handshake costs a cookie reply, not a Diffie-Hellman: one turn
     works off batches of 16 while its time (2 ms; here none, or plenty) lasts, so a flood
