@@ -223,10 +223,11 @@ class UdpSocket:
             return None  # e.g. an ICMP error queued on the socket: nothing to read
         seg = 0
         info = None
-        for level, kind, data in ancillary:
+        pk_level, pk_kind = self._pktinfo
+        for level, kind, data in ancillary:  # one or two: the packet info, a GRO size
             if level == SOL_UDP and kind == UDP_GRO:
                 seg = _INT.unpack_from(data)[0] if len(data) >= 4 else _U16.unpack_from(data)[0]
-            elif (level, kind) == self._pktinfo:
+            elif kind == pk_kind and level == pk_level:
                 info = data
         host = addr[0]
         if host.startswith("::ffff:") and "." in host:
