@@ -63,7 +63,11 @@ class ChannelUdp(UdpSocket):
         self.net = net
         self.sent: list[tuple[list[bytes], Endpoint]] = []
         self.reads: deque[tuple[bytes, int, Endpoint]] = deque()  # (buffer, seg, source)
+        self.forgotten: list[Endpoint] = []  # forget_source calls (sticky source addresses)
         net[endpoint] = self
+
+    def forget_source(self, endpoint: Endpoint) -> None:
+        self.forgotten.append(endpoint)
 
     def send(self, data: bytes | memoryview, endpoint: Endpoint) -> None:
         self._deliver([bytes(data)], endpoint)

@@ -5,8 +5,17 @@ comes back to the TUN and the UDP socket, which do their own offloads (TUN: coal
 into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
 `Device.receive_read` -> `Tun.write_batch`, and nothing else in between.
 
+A handshake retry forgets the sticky source address of the peer's endpoint before the
+retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
+`wg_socket_clear_peer_endpoint_src`): if our packets from that address got lost, the
+kernel picks one again.
+
 Handshake messages are queued by the core during the reads and worked off once per turn,
-under a budget, after the data: an established tunnel keeps moving during a flood.
+after the data, 16 at a time for at most 2 ms: an established tunnel keeps moving during a
+flood. A Diffie-Hellman costs ~0.25 ms, so that is one batch of 16; under load most
+messages only cost a cookie reply, and the time bound lets the turn answer several
+batches: with a fixed 16 a flood from many sources kept the queue full, and a legitimate
+handshake was as likely as any to be dropped as "queue full".
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Event, Output
+from wgpy.core.output import Drop, Event, EventKind, Output
 from wgpy.io import offload
 from wgpy.io.tun import Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -25,6 +34,7 @@ from wgpy.io.udp import UdpSocket
 BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back to the loop
 # (a TUN batch stays under the core's 128 staged packets per peer, a TSO read included)
 HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
+HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 
 
@@ -84,8 +94,15 @@ class Datapath:
         if count:
             self.udp_batches.record(count)
         if self.device.queued_handshakes:
-            out.extend(self.device.process_handshakes(now, HANDSHAKES_PER_TURN))
+            self._work_off_handshakes(now, out)
         self.transmit(out)
+
+    def _work_off_handshakes(self, now: float, out: Output) -> None:
+        device = self.device
+        stop = time.monotonic() + HANDSHAKE_SECONDS
+        out.extend(device.process_handshakes(now, HANDSHAKES_PER_TURN))
+        while device.queued_handshakes and time.monotonic() < stop:
+            out.extend(device.process_handshakes(now, HANDSHAKES_PER_TURN))
 
     def on_tun(self) -> bool:
         """Drain the TUN into the core; False once the interface is gone."""
@@ -102,6 +119,8 @@ class Datapath:
         self.transmit(self.device.tick(now))
 
     def transmit(self, out: Output) -> None:
+        if out.events:
+            self.forget_sources_on_retry(out.events)
         if out.tun:
             with contextlib.suppress(TunGone):  # noticed and handled on the next read
                 self.tun.write_batch(out.tun, self.device.mtu)
@@ -111,3 +130,14 @@ class Datapath:
             self.drops.update(out.drops)
         if out.events and self.on_events is not None:
             self.on_events(out.events)
+
+    def forget_sources_on_retry(self, events: list[Event]) -> None:
+        """A retried handshake goes out from the address the kernel picks (events are
+        rare: this loop costs nothing per packet)."""
+        for kind, peer, detail in events:
+            if peer is None or peer.endpoint is None:
+                continue
+            if kind is EventKind.HANDSHAKE_RETRY or (
+                kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
+            ):
+                self.udp.forget_source(peer.endpoint)

@@ -5,6 +5,22 @@ family; an IPv4-mapped IPv6 address never leaks out. `UDP_SEGMENT` (GSO) sends a
 equal-size datagrams in one `sendmsg`; `UDP_GRO` returns a run of datagrams in one
 `recvmsg`, with the segment size in a control message. Where the kernel refuses either,
 this socket falls back for good, with one log line.
+
+Sticky source addresses: a reply leaves from the local address its endpoint's packets
+arrived at (what Linux's WireGuard and wireguard-go do), not whatever address the kernel
+would pick for the route; a peer configured with our second address then hears back from
+that address. Each read brings the local address in a packet-info control message (on the
+dual-stack socket `IPV6_PKTINFO`, for IPv4 too, as an IPv4-mapped address); the socket
+keeps it per endpoint and puts it on every send to that endpoint as the same control
+message. It is forgotten when a send from it fails (the address is gone: the send is
+retried at once without it) and when the caller says so (`forget_source`, on a
+handshake retry). Only the address is pinned: the interface index goes along for IPv6
+link-local addresses only, so the kernel still routes by destination.
+
+Unlike Linux and wireguard-go, which take the source from authenticated packets only, the
+socket learns it from any datagram (the core does not tell which ones authenticated): a
+spoofer who knows a peer's address and port can move our packets to that peer onto
+another of our own addresses, until the peer's next packet moves them back.
 """
 
 from __future__ import annotations
@@ -31,8 +47,16 @@ MAX_GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 Endpoint = tuple[str, int]
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
-_CMSG_SPACE = socket.CMSG_SPACE(_INT.size)
 _GSO_REFUSED = {errno.EIO, errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP}
+IP_PKTINFO = 8  # struct in_pktinfo {int ifindex; in_addr spec_dst, addr}: 12 bytes
+IPV6_PKTINFO = 50  # struct in6_pktinfo {in6_addr addr; unsigned ifindex}: 20 bytes
+IPV6_RECVPKTINFO = 49
+_CMSG_SPACE = socket.CMSG_SPACE(_INT.size) + socket.CMSG_SPACE(20)
+# a send from a remembered source failed because the source (or its interface) is gone:
+# IPv4 answers ENETUNREACH, IPv6 EINVAL
+_SOURCE_GONE = {errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.ENODEV, errno.ENXIO}
+MAX_SOURCES = 4096  # remembered endpoints; the oldest goes first
+Cmsg = tuple[int, int, bytes]
 
 
 class UdpSocket:
@@ -46,6 +70,16 @@ class UdpSocket:
             if not _try_setsockopt(self._sock, socket.SOL_SOCKET, force, BUFFER_BYTES):
                 _try_setsockopt(self._sock, socket.SOL_SOCKET, plain, BUFFER_BYTES)
         self._peer_addrs: dict[Endpoint, tuple[str, int]] = {}
+        # sticky sources: endpoint -> the packet info its last read came with, and that
+        # packet info -> the control message a send from it carries
+        self._sources: dict[Endpoint, bytes] = {}
+        self._source_cmsgs: dict[bytes, Cmsg] = {}
+        if self._v6:
+            self._pktinfo = (socket.IPPROTO_IPV6, IPV6_PKTINFO)
+            self.sticky = _try_setsockopt(self._sock, socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        else:
+            self._pktinfo = (socket.IPPROTO_IP, IP_PKTINFO)
+            self.sticky = _try_setsockopt(self._sock, socket.IPPROTO_IP, IP_PKTINFO, 1)
         if fwmark:
             try:
                 self.set_fwmark(fwmark)
@@ -73,10 +107,63 @@ class UdpSocket:
                 self._peer_addrs.clear()
         return addr
 
+    def source(self, endpoint: Endpoint) -> str | None:
+        """The local address sends to `endpoint` leave from, if one is remembered."""
+        info = self._sources.get(endpoint)
+        if info is None:
+            return None
+        if self._v6:
+            host = socket.inet_ntop(socket.AF_INET6, info[:16])
+            return host[7:] if host.startswith("::ffff:") and "." in host else host
+        return socket.inet_ntop(socket.AF_INET, info[4:8])
+
+    def forget_source(self, endpoint: Endpoint) -> None:
+        """Let the kernel pick the source for `endpoint` again, until its next packet."""
+        self._sources.pop(endpoint, None)
+
+    def _source_cmsg(self, endpoint: Endpoint) -> Cmsg | None:
+        info = self._sources.get(endpoint)
+        if info is None:
+            return None
+        cmsg = self._source_cmsgs.get(info)
+        if cmsg is None:
+            cmsg = self._source_cmsgs[info] = self._make_source_cmsg(info)
+            if len(self._source_cmsgs) > MAX_SOURCES:  # local addresses are few; but bound it
+                self._source_cmsgs.clear()
+        return cmsg
+
+    def _make_source_cmsg(self, info: bytes) -> Cmsg:
+        level, kind = self._pktinfo
+        if self._v6:  # in6_pktinfo: the address, and the interface for link-local only
+            link_local = info[0] == 0xFE and info[1] & 0xC0 == 0x80
+            return level, kind, info if link_local else info[:16] + bytes(4)
+        return level, kind, bytes(4) + info[4:8] + bytes(4)  # in_pktinfo: spec_dst only
+
+    def _learn_source(self, endpoint: Endpoint, info: bytes) -> None:
+        sources = self._sources
+        sources[endpoint] = info
+        if len(sources) > MAX_SOURCES:  # a flood of sources: the oldest entry goes
+            del sources[next(iter(sources))]
+
     def send(self, data: bytes | memoryview, endpoint: Endpoint) -> None:
         # unreachable, no route, buffer full: UDP may drop, and WireGuard copes
+        addr = self._sockaddr(endpoint)
+        cmsg = self._source_cmsg(endpoint)
         with contextlib.suppress(OSError):
-            self._sock.sendto(data, self._sockaddr(endpoint))
+            if cmsg is not None:
+                try:
+                    self._sock.sendmsg([data], [cmsg], 0, addr)
+                    return
+                except OSError as e:
+                    if e.errno not in _SOURCE_GONE:
+                        raise
+                    self._source_failed(endpoint, e)
+            self._sock.sendto(data, addr)
+
+    def _source_failed(self, endpoint: Endpoint, e: OSError) -> None:
+        log.debug("sending to %s from %s failed (%s): the kernel picks", endpoint,
+                  self.source(endpoint), e.strerror)  # fmt: skip
+        self._sources.pop(endpoint, None)
 
     def send_segments(self, buf: bytes | memoryview, size: int, endpoint: Endpoint) -> None:
         """Send `buf` as datagrams of `size` bytes (the last may be shorter)."""
@@ -85,19 +172,34 @@ class UdpSocket:
         addr = self._sockaddr(endpoint)
         for start in range(0, len(view), step):
             chunk = view[start : start + step]
-            if self.gso and len(chunk) > size:
-                try:
-                    cmsg = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
-                    self._sock.sendmsg([chunk], cmsg, 0, addr)
-                    continue
-                except OSError as e:
-                    if e.errno in _GSO_REFUSED:  # the kernel can't here: stop asking
-                        self.gso = False
-                        log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
-                    elif e.errno != errno.EMSGSIZE:  # EMSGSIZE: segments above the path
-                        continue  # MTU, sent below one by one (IP fragments them); else drop
+            if self.gso and len(chunk) > size and not self._send_gso(chunk, size, endpoint, addr):
+                continue  # sent, or dropped as UDP may (unreachable, buffer full)
             for i in range(0, len(chunk), size):
                 self.send(chunk[i : i + size], endpoint)
+
+    def _send_gso(
+        self, chunk: memoryview, size: int, endpoint: Endpoint, addr: tuple[str, int]
+    ) -> bool:
+        """One GSO send; True when its datagrams must go one by one instead."""
+        segment = (SOL_UDP, UDP_SEGMENT, _U16.pack(size))
+        source = self._source_cmsg(endpoint)
+        while True:
+            try:
+                cmsg = [segment] if source is None else [segment, source]
+                self._sock.sendmsg([chunk], cmsg, 0, addr)
+                return False
+            except OSError as e:
+                if source is not None and e.errno in _SOURCE_GONE:
+                    self._source_failed(endpoint, e)  # once more, from the kernel's choice
+                    source = None
+                    continue
+                if e.errno in _GSO_REFUSED:  # the kernel can't here: stop asking
+                    self.gso = False
+                    log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
+                    return True
+                # EMSGSIZE: segments above the path MTU, sent one by one (IP fragments
+                # them); anything else: dropped
+                return e.errno == errno.EMSGSIZE
 
     def send_batch(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
         """Send datagrams in order; each run to one endpoint of one size (a shorter last
@@ -120,13 +222,20 @@ class UdpSocket:
         except OSError:
             return None  # e.g. an ICMP error queued on the socket: nothing to read
         seg = 0
-        for level, kind, data in ancillary:
+        info = None
+        pk_level, pk_kind = self._pktinfo
+        for level, kind, data in ancillary:  # one or two: the packet info, a GRO size
             if level == SOL_UDP and kind == UDP_GRO:
                 seg = _INT.unpack_from(data)[0] if len(data) >= 4 else _U16.unpack_from(data)[0]
+            elif kind == pk_kind and level == pk_level:
+                info = data
         host = addr[0]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
-        return n, seg, (host, addr[1])
+        endpoint = (host, addr[1])
+        if info is not None and self._sources.get(endpoint) != info:
+            self._learn_source(endpoint, info)
+        return n, seg, endpoint
 
 
 def _bind(port: int) -> tuple[socket.socket, bool]:

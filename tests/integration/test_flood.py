@@ -1,0 +1,295 @@
+"""Handshake floods against a real wgpy daemon (the victim, namespace A) with a real
+wireguard-go peer (namespace B), and an attacker process in B's namespace sending from
+extra addresses of B's veth: the defences of core/ratelimit.py and core/device.py seen
+from outside.
+
+The attacker precomputes a few hundred initiations (random bytes of the right type and
+size, mac1 valid for the victim's public key, mac2 zero) and resends them paced: the
+victim can't tell them from fresh ones, since each costs it the same Diffie-Hellman
+before it finds an unknown key. What each test shows:
+
+* one source at ~10k/s: the rate limit (20/s, burst 5) drops all but a trickle before
+  the queue, so the device never comes under load: a legitimate FIRST handshake (which
+  carries no cookie, and under load would get a cookie reply and wait for its retry 5 s
+  later) completes in about a second; an established tunnel keeps answering pings; the
+  victim's memory stays put.
+* 200 sources at ~5k/s (each over its rate, most of it admitted): the queue fills past
+  an eighth, the device is under load and answers with cookies (the attacker receives
+  them); the established tunnel keeps answering pings (data goes before handshakes in
+  each loop turn); a fresh handshake of the peer still completes, through a cookie, at
+  its first retry (REKEY_TIMEOUT later: what wireguard-go and Linux do too); memory stays
+  put.
+* junk with a zero mac1 from 200 sources: dropped before the queue, never load: a first
+  handshake completes at once.
+
+Each test prints its figures (run with -s): the attack rate, what the victim read and
+its CPU time per datagram, the kernel's receive-buffer drops, cookies, RSS.
+WGPY_FLOOD_RATE sets the rate (default 10000; the 200-source flood runs at half).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, Tunnel
+
+# datagrams a second from all sources: rate-limited or junk ones cost the victim ~20 us,
+# those from many sources (most admitted, answered with a cookie) ~45 us
+RATE = int(os.environ.get("WGPY_FLOOD_RATE", "10000"))
+RATE_MANY = RATE // 2
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+ATTACKER = """
+import json, os, signal, socket, sys, time
+sys.path.insert(0, {src!r})
+from wgpy.core.cookie import CookieGenerator
+victim, port, rate, seconds, valid = {victim!r}, {port}, {rate}, {seconds}, {valid}
+sources = {sources!r}
+gen = CookieGenerator({pub!r})
+messages = []
+for _ in range(400):
+    msg = bytearray(os.urandom(148))
+    msg[0:4] = bytes([1, 0, 0, 0])
+    msg[116:148] = bytes(32)
+    if valid:
+        gen.add_macs(msg, 0.0)
+    messages.append(bytes(msg))
+socks = []
+for src in sources:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.setblocking(False)
+    socks.append(s)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+print("ready", flush=True)
+dest = (victim, port)
+sent = replies = 0
+start = time.monotonic()
+burst = 50
+while (now := time.monotonic()) - start < seconds and not stop:
+    due = int((now - start) * rate)
+    while sent < due:
+        for _ in range(burst):
+            try:
+                socks[sent % len(socks)].sendto(messages[sent % len(messages)], dest)
+            except OSError:
+                pass
+            sent += 1
+    time.sleep(0.002)
+for s in socks:  # the cookie replies wait in each socket's buffer (a few hundred at most)
+    try:
+        while True:
+            if s.recv(256)[0] == 3:
+                replies += 1
+    except OSError:
+        pass
+print(json.dumps({{"sent": sent, "seconds": time.monotonic() - start, "cookies": replies}}))
+"""
+
+
+class Attacker:
+    def __init__(self, ns: Namespace, victim: Node, sources: list[str], rate: int,
+                 seconds: float, valid_mac1: bool = True) -> None:  # fmt: skip
+        code = ATTACKER.format(
+            src=SRC, victim=victim.outer4, port=victim.port, rate=rate, seconds=seconds,
+            valid=valid_mac1, sources=sources, pub=base64.b64decode(victim.public_key),
+        )  # fmt: skip
+        self.proc = ns.popen(sys.executable, "-c", code, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def result(self, timeout: float = 20) -> dict[str, float]:
+        """Stop the flood (if it still runs) and say what it did."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=timeout)
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def attackers() -> Iterator[Callable[..., Attacker]]:
+    made: list[Attacker] = []
+
+    def make(*args: object, **kwargs: object) -> Attacker:
+        a = Attacker(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(a)
+        return a
+
+    try:
+        yield make
+    finally:
+        for a in made:
+            a.kill()
+
+
+def rss_kib(node: Node) -> int:
+    assert node.process is not None
+    for line in Path(f"/proc/{node.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def cpu_seconds(node: Node) -> float:
+    assert node.process is not None
+    fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def latest_handshake(node: Node) -> int:
+    out = node.wg("show", node.ifname, "latest-handshakes").split()
+    return int(out[1]) if len(out) >= 2 else 0
+
+
+def first_handshake_seconds(victim: Node, peer: Node, limit: float) -> float:
+    """Have `peer` (wireguard-go) send into a tunnel that has no session yet and time
+    its first handshake, seen on the victim's `wg show`; inf past `limit`."""
+    assert latest_handshake(victim) == 0
+    start = time.monotonic()
+    pinger = peer.ns.popen("ping", "-c", "1", "-W", str(int(limit) + 1), victim.inner4,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while time.monotonic() - start < limit:
+            if latest_handshake(victim):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        return float("inf")
+    finally:
+        pinger.kill()
+        pinger.wait()
+
+
+def ping_replies(src: Node, addr: str, count: int, interval: float = 0.2) -> int:
+    out = src.ns.run("ping", "-c", str(count), "-i", str(interval), "-W", "1", addr,
+                     timeout=count * interval + 10, check=False)  # fmt: skip
+    for line in out.splitlines():
+        if "received" in line:
+            return int(line.split(",")[1].split()[0])
+    return 0
+
+
+def udp_stats(ns: Namespace) -> dict[str, int]:
+    """The namespace's UDP counters (InDatagrams, RcvbufErrors: what the victim's socket
+    took in, and what the kernel dropped because the victim read too slowly)."""
+    snmp = ns.run("cat", "/proc/net/snmp").splitlines()
+    lines = [ln.split() for ln in snmp if ln.startswith("Udp:")]
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
+
+
+def add_sources(ns: Namespace, dev: str, hosts: range) -> list[str]:
+    addrs = [f"10.200.0.{h}" for h in hosts]
+    with ns.ipr() as ipr:
+        index = ipr.link_lookup(ifname=dev)[0]
+        for addr in addrs:
+            ipr.addr("add", index=index, address=addr, prefixlen=24)
+    return addrs
+
+
+class Meter:
+    """The victim's memory, CPU time and UDP counters from now on."""
+
+    def __init__(self, victim: Node) -> None:
+        self.victim = victim
+        self.rss, self.cpu, self.udp = rss_kib(victim), cpu_seconds(victim), udp_stats(victim.ns)
+
+    def report(self, what: str, got: dict[str, float], **figures: object) -> int:
+        """Print the figures of a flood; the growth of the victim's RSS in KiB."""
+        rss, cpu, udp = rss_kib(self.victim), cpu_seconds(self.victim), udp_stats(self.victim.ns)
+        taken = udp["InDatagrams"] - self.udp["InDatagrams"]
+        extra = "".join(f", {k} {v}" for k, v in figures.items())
+        print(f"\n{what}: sent {got['sent'] / got['seconds']:.0f}/s for {got['seconds']:.1f} s, "
+              f"victim read {taken} ({(cpu - self.cpu) / max(taken, 1) * 1e6:.0f} us CPU each), "
+              f"buffer drops {udp['RcvbufErrors'] - self.udp['RcvbufErrors']}, "
+              f"cookies {got['cookies']:.0f}, RSS {self.rss} -> {rss} KiB{extra}")  # fmt: skip
+        return rss - self.rss
+
+
+def tunnel(make_tunnel: Callable[..., Tunnel], tag: str) -> tuple[Tunnel, Node, Node, str]:
+    """(tunnel, victim: wgpy in A, peer: wireguard-go in B, B's veth). The peer's endpoint
+    for A is set, and nothing has been sent yet."""
+    t = make_tunnel(tag, WGPY, WIREGUARD_GO)
+    return t, t.a, t.b, f"vb{tag}{os.getpid() % 100000}"[:15]
+
+
+def test_one_source_flood_is_rate_limited_before_the_queue(
+    make_tunnel: Callable[..., Tunnel], attackers: Callable[..., Attacker]
+) -> None:
+    t, victim, peer, dev = tunnel(make_tunnel, "f1")
+    sources = add_sources(peer.ns, dev, range(50, 51))
+    meter = Meter(victim)
+    attacker = attackers(peer.ns, victim, sources, rate=RATE, seconds=6)
+    time.sleep(1.0)  # the flood is on
+    took = first_handshake_seconds(victim, peer, limit=4.0)
+    replies = ping_replies(peer, victim.inner4, count=10)
+    got = attacker.result()
+    grew = meter.report("one source", got, handshake=f"{took:.2f} s", pings=f"{replies}/10")
+    assert got["sent"] / got["seconds"] > RATE / 3, "the attacker did not flood"
+    # under load a first handshake (no cookie yet) would wait for its retry, 5 s later
+    assert took < 2.0, f"a first handshake took {took:.2f} s during a one-source flood"
+    assert got["cookies"] == 0, "the device came under load"
+    assert replies >= 8
+    assert grew < 16_000  # KiB
+
+
+def test_many_sources_put_it_under_load_and_the_tunnel_keeps_going(
+    make_tunnel: Callable[..., Tunnel], attackers: Callable[..., Attacker]
+) -> None:
+    t, victim, peer, dev = tunnel(make_tunnel, "f2")
+    sources = add_sources(peer.ns, dev, range(20, 220))
+    assert ping_replies(peer, victim.inner4, count=2) == 2  # established
+    meter = Meter(victim)
+    attacker = attackers(peer.ns, victim, sources, rate=RATE_MANY, seconds=12)
+    time.sleep(1.0)
+    replies = ping_replies(peer, victim.inner4, count=10)
+    # a fresh handshake: the peer forgets its session and starts over
+    before = latest_handshake(victim)
+    time.sleep(max(0.0, before + 1.05 - time.time()))  # `wg show` counts whole seconds
+    peer.wg("set", peer.ifname, "peer", victim.public_key, "remove")
+    t.connect(peer, victim)
+    start = time.monotonic()
+    pinger = peer.ns.popen("ping", "-c", "1", "-W", "9", victim.inner4, stdout=subprocess.DEVNULL)
+    try:
+        while latest_handshake(victim) == before and time.monotonic() - start < 8.0:
+            time.sleep(0.1)
+        took = time.monotonic() - start
+    finally:
+        pinger.kill()
+        pinger.wait()
+    got = attacker.result()
+    grew = meter.report("200 sources", got, handshake=f"{took:.2f} s", pings=f"{replies}/10")
+    assert got["sent"] / got["seconds"] > RATE_MANY / 3, "the attacker did not flood"
+    assert replies >= 8, f"the established tunnel answered {replies}/10 pings"
+    # under load (cookies sent) the peer's first initiation gets a cookie; its retry,
+    # REKEY_TIMEOUT (5 s) + jitter later, carries mac2 and goes through
+    assert took < 8.0, "no fresh handshake during the flood"
+    assert grew < 16_000  # KiB
+
+
+def test_junk_with_a_bad_mac1_never_puts_it_under_load(
+    make_tunnel: Callable[..., Tunnel], attackers: Callable[..., Attacker]
+) -> None:
+    t, victim, peer, dev = tunnel(make_tunnel, "f3")
+    sources = add_sources(peer.ns, dev, range(20, 220))
+    meter = Meter(victim)
+    attacker = attackers(peer.ns, victim, sources, rate=RATE, seconds=4, valid_mac1=False)
+    time.sleep(1.0)
+    took = first_handshake_seconds(victim, peer, limit=3.0)
+    got = attacker.result()
+    meter.report("junk", got, handshake=f"{took:.2f} s")
+    assert got["sent"] / got["seconds"] > RATE / 3, "the attacker did not flood"
+    assert took < 2.0, f"a first handshake took {took:.2f} s during a junk flood"
+    assert got["cookies"] == 0
