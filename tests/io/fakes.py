@@ -63,6 +63,7 @@ class ChannelUdp(UdpSocket):
         self.net = net
         self.sent: list[tuple[list[bytes], Endpoint]] = []
         self.reads: deque[tuple[bytes, int, Endpoint]] = deque()  # (buffer, seg, source)
+        self.last_info: bytes | None = None  # no packet info: no sticky sources here
         self.forgotten: list[Endpoint] = []  # forget_source calls (sticky source addresses)
         net[endpoint] = self
 

@@ -15,13 +15,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.io.fakes import ChannelTun
 from tests.io.test_datapath import B_EP, NATIVE, Site, carry, pair
 from tests.io.test_offload import flow
 from wgpy.core.cookie import CookieGenerator
+from wgpy.core.crypto import clamp
+from wgpy.core.device import Device
 from wgpy.core.output import EventKind
 from wgpy.io import datapath as datapath_module
 from wgpy.io import udp as udp_module
-from wgpy.io.datapath import HANDSHAKES_PER_TURN
+from wgpy.io.datapath import HANDSHAKES_PER_TURN, Datapath
 from wgpy.io.udp import UdpSocket
 
 
@@ -41,6 +44,8 @@ def wait_read(sock: UdpSocket, timeout: float = 3.0) -> tuple[str, int]:
     while time.monotonic() < deadline:
         r = sock.recv_into(buf)
         if r is not None:
+            if sock.last_info is not None:  # as the datapath does once a read authenticated
+                sock.learn_source(r[2], sock.last_info)
             return r[2]
         time.sleep(0.002)
     raise AssertionError("nothing arrived")
@@ -142,7 +147,7 @@ def test_a_source_that_is_gone_is_forgotten_and_the_send_still_goes(pair_v4: V4P
         lambda: ours.send(b"plain", endpoint),
         lambda: ours.send_segments(b"g" * 100 + b"h" * 100, 100, endpoint),
     ):
-        ours._learn_source(endpoint, mapped_pktinfo("198.51.100.7"))
+        ours.learn_source(endpoint, mapped_pktinfo("198.51.100.7"))
         assert ours.source(endpoint) == "198.51.100.7"
         send()
         assert ours.source(endpoint) is None
@@ -156,7 +161,7 @@ def test_the_sources_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     ours = UdpSocket()
     try:
         for i in range(20):
-            ours._learn_source(("192.0.2.9", 1000 + i), mapped_pktinfo("127.0.0.2"))
+            ours.learn_source(("192.0.2.9", 1000 + i), mapped_pktinfo("127.0.0.2"))
         assert len(ours._sources) == 8
         assert ours.source(("192.0.2.9", 1019)) == "127.0.0.2"  # the newest stay
         assert ours.source(("192.0.2.9", 1000)) is None
@@ -229,3 +234,20 @@ def test_a_turn_works_off_batches_of_handshakes_while_its_time_lasts(
     assert len(cookies) == min(60, batches * HANDSHAKES_PER_TURN)
     assert len(cookies) + b.device.queued_handshakes == 60
     assert len(b.udp.sent) == len(cookies)  # each answered with a cookie reply
+
+
+def test_an_unauthenticated_datagram_moves_no_source(pair_v4: V4Pair) -> None:
+    """Anyone can spoof a peer's address and port: only a read that authenticated may
+    teach the socket where to send from (as only it may move the peer's endpoint)."""
+    ours, theirs = pair_v4
+    device = Device(random.Random(5).randbytes)
+    device.set_private_key(clamp(bytes(range(32))))
+    datapath = Datapath(device, ChannelTun(), ours)
+    theirs.sendto(bytes([4, 0, 0, 0]) + bytes(60), ("127.0.0.2", ours.port))  # junk "data"
+    theirs.sendto(bytes([1, 0, 0, 0]) + bytes(144), ("127.0.0.2", ours.port))  # bad mac1
+    deadline = time.monotonic() + 3
+    while sum(datapath.drops.values()) < 2 and time.monotonic() < deadline:
+        datapath.on_udp()
+        time.sleep(0.005)
+    assert sum(datapath.drops.values()) == 2
+    assert ours.source(theirs.getsockname()) is None

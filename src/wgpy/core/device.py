@@ -429,6 +429,7 @@ class Device:
 
     def _account_received(self, kp: Keypair, got: _Received, now: float, out: Output) -> None:
         """What authenticated data messages of one session do to their peer."""
+        out.authentic = True
         peer = kp.peer
         self._set_endpoint(peer, got.src, out)  # roaming: only authenticated packets
         peer.rx_bytes += got.nbytes

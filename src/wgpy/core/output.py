@@ -67,15 +67,17 @@ class Event(NamedTuple):
 class Output:
     """IP packets for the TUN, datagrams for the UDP socket, events and drops."""
 
-    __slots__ = ("drops", "events", "tun", "udp")
+    __slots__ = ("authentic", "drops", "events", "tun", "udp")
 
     def __init__(self) -> None:
+        self.authentic = False  # a data message (keepalives too) authenticated in this call
         self.tun: list[bytes] = []
         self.udp: list[tuple[bytes, Endpoint]] = []
         self.events: list[Event] = []
         self.drops: Counter[Drop] = Counter()
 
     def extend(self, other: Output) -> None:
+        self.authentic = self.authentic or other.authentic
         self.tun += other.tun
         self.udp += other.udp
         self.events += other.events

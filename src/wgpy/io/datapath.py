@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Event, EventKind, Output
+from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
 from wgpy.io import offload
 from wgpy.io.tun import Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -58,6 +58,9 @@ class BatchSizes:
         self.packets += n
 
 
+_AUTHENTIC_HANDSHAKES = (EventKind.INITIATION_RECEIVED, EventKind.RESPONSE_RECEIVED)
+
+
 class Datapath:
     def __init__(
         self,
@@ -81,21 +84,38 @@ class Datapath:
         views into the receive buffer (no copies); what comes out is sent once at the end."""
         view = memoryview(self._udp_buf)
         recv_into, receive = self.udp.recv_into, self.device.receive_read
+        udp = self.udp
         out = Output()
         now = time.monotonic()
         count = 0
+        pending: dict[Endpoint, bytes] = {}  # packet info of reads not (yet) proved authentic
         for _ in range(BATCH):
             got = recv_into(view)
             if got is None:
                 break
             n, seg, addr = got
-            out.extend(receive(view, n, seg, addr, now, 0))
+            read = receive(view, n, seg, addr, now, 0)
+            info = udp.last_info
+            if info is not None:
+                if read.authentic:
+                    udp.learn_source(addr, info)
+                else:
+                    pending[addr] = info
+            out.extend(read)
             count += (n + seg - 1) // seg if seg else 1
         if count:
             self.udp_batches.record(count)
         if self.device.queued_handshakes:
             self._work_off_handshakes(now, out)
+        if pending:
+            self._learn_from_handshakes(out, pending)
         self.transmit(out)
+
+    def _learn_from_handshakes(self, out: Output, pending: dict[Endpoint, bytes]) -> None:
+        """A handshake message that authenticated moved its peer's endpoint to its source."""
+        for kind, peer, _ in out.events:
+            if kind in _AUTHENTIC_HANDSHAKES and peer is not None and peer.endpoint in pending:
+                self.udp.learn_source(peer.endpoint, pending[peer.endpoint])
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
         device = self.device

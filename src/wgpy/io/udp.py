@@ -73,6 +73,7 @@ class UdpSocket:
         # sticky sources: endpoint -> the packet info its last read came with, and that
         # packet info -> the control message a send from it carries
         self._sources: dict[Endpoint, bytes] = {}
+        self.last_info: bytes | None = None
         self._source_cmsgs: dict[bytes, Cmsg] = {}
         if self._v6:
             self._pktinfo = (socket.IPPROTO_IPV6, IPV6_PKTINFO)
@@ -139,8 +140,13 @@ class UdpSocket:
             return level, kind, info if link_local else info[:16] + bytes(4)
         return level, kind, bytes(4) + info[4:8] + bytes(4)  # in_pktinfo: spec_dst only
 
-    def _learn_source(self, endpoint: Endpoint, info: bytes) -> None:
+    def learn_source(self, endpoint: Endpoint, info: bytes) -> None:
+        """Send to `endpoint` from the address its last authentic packet came to (`info`:
+        the packet info of that read, `last_info`). Only authenticated packets may move
+        it, as only they move a peer's endpoint: anyone can spoof a source."""
         sources = self._sources
+        if sources.get(endpoint) == info:
+            return
         sources[endpoint] = info
         if len(sources) > MAX_SOURCES:  # a flood of sources: the oldest entry goes
             del sources[next(iter(sources))]
@@ -232,10 +238,8 @@ class UdpSocket:
         host = addr[0]
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
-        endpoint = (host, addr[1])
-        if info is not None and self._sources.get(endpoint) != info:
-            self._learn_source(endpoint, info)
-        return n, seg, endpoint
+        self.last_info = info  # learnt by the caller once the read proved authentic
+        return n, seg, (host, addr[1])
 
 
 def _bind(port: int) -> tuple[socket.socket, bool]:
