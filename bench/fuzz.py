@@ -14,57 +14,14 @@ Needs `pip install atheris`.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ("device", "uapi", "config", "offload")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def command(target: str, seconds: float, work: Path, crashes: Path, extra: list[str]) -> list[str]:
-    return [
-        sys.executable, "-m", f"tests.fuzz.fuzz_{target}",
-        str(work), str(ROOT / "tests" / "fuzz" / "corpus" / target),
-        f"-max_total_time={max(1, int(seconds))}",
-        f"-artifact_prefix={crashes}/",
-        "-timeout=20", "-rss_limit_mb=4096", "-max_len=8192", "-print_final_stats=1",
-        *extra,
-    ]  # fmt: skip
-
-
-def run(target: str, seconds: float, crashes: Path, work: Path | None = None,
-        extra: list[str] | None = None, quiet: bool = False) -> tuple[int, str]:  # fmt: skip
-    """Fuzz `target` for `seconds`: (libFuzzer's exit code, its output)."""
-    crashes.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target}-") as scratch:
-        work = work or Path(scratch)
-        work.mkdir(parents=True, exist_ok=True)
-        argv = command(target, seconds, work, crashes, extra or [])
-        done = subprocess.run(
-            argv, cwd=ROOT, env=env, capture_output=True, text=True,
-            timeout=seconds + 120,
-        )  # fmt: skip
-    out = done.stdout + done.stderr
-    if not quiet:
-        print(out[-6000:])
-    return done.returncode, out
-
-
-def summary(out: str) -> str:
-    execs = re.findall(r"stat::number_of_executed_units:\s*(\d+)", out)
-    cov = re.findall(r"#\d+\s+\w+\s+cov: (\d+) ft: (\d+)", out)
-    parts = []
-    if execs:
-        parts.append(f"{execs[-1]} executions")
-    if cov:
-        parts.append(f"coverage {cov[-1][0]} edges, {cov[-1][1]} features")
-    return ", ".join(parts) or "no statistics"
+from tests.fuzz.common import TARGETS
+from tests.fuzz.runner import run, summary
 
 
 def main() -> int:
@@ -82,6 +39,7 @@ def main() -> int:
         extra += ["-fork=1", "-ignore_crashes=1", "-ignore_timeouts=1", "-ignore_ooms=1"]
     started = time.monotonic()
     code, out = run(args.target, args.seconds, crashes, args.work, extra)
+    print(out[-6000:])
     found = sorted(p.name for p in crashes.glob("*") if p.is_file())
     print(f"{args.target}: ran {time.monotonic() - started:.0f} s, {summary(out)}; "
           f"exit {code}; {len(found)} artifacts in {crashes}")  # fmt: skip
