@@ -2,13 +2,15 @@
 
 Input: records of `control (1 byte) | length (2 bytes, big-endian) | datagram`, the last
 one cut short by the end of the input. Control bits: 0-1 pick the source address
-(world.SOURCES), 2 ends the batch after this record, 3 sends the datagram 64 times (a
-flood: the device goes under load and wants mac2), 4-7 = k advance the clock by
-2**(k-1) ms before it (k=0: not at all). Each batch is one `receive` call.
+(world.SOURCES), 2 ends the batch after this record, 3 sends the datagram 64 times (the
+rate limiter and the handshake queue's budget), 4-6 = k advance the clock by 4**(k-1) ms
+before it (k=0: not at all; up to 4 s), 7 puts V under load for the batch (mac2 wanted:
+the rate limiter keeps 4 sources from getting there by themselves). Each batch is one
+`receive` call.
 
 Invariants: nothing raises; a batch made only of garbage (anything but a genuine message
-V has not seen yet, see world.py) changes no peer state, delivers no packet and makes V
-send nothing but cookie replies.
+V has not seen yet, see world.py) changes no peer state, delivers no packet, makes V send
+nothing but cookie replies and report no event but sending them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from tests.fuzz.common import fuzz, instrumented
 
 with instrumented():
     from tests.fuzz import world
-    from wgpy.core.device import Device
     from wgpy.core.messages import COOKIE_REPLY_LEN, MSG_COOKIE_REPLY, message_type
+    from wgpy.core.output import EventKind
 
 MAX_RECORDS = 64
 FLOOD = 64
@@ -54,32 +56,36 @@ def one_input(data: bytes) -> None:
     global _cached
     w = fresh_world()
     genuine = world.genuine_set(w)
-    dev = w.victim
     now = w.now
     batch: list[tuple[bytes, tuple[str, int]]] = []
     clean = True  # may the next fuzz input reuse this world?
+    load = False
     recs = records(data)
     for n, (control, datagram) in enumerate(recs):
-        k = control >> 4
-        now += (1 << (k - 1)) / 1000 if k else 0.0
+        k = (control >> 4) & 7
+        now += 4 ** (k - 1) / 1000 if k else 0.0
+        load = load or bool(control & 0x80)
         src = world.SOURCES[control & 3]
         batch += [(datagram, src)] * (FLOOD if control & 8 else 1)
         clean = (
             clean
+            and not control & 0x80
             and message_type(datagram) not in (1, 2, 3)
-            and world.canonical(datagram) not in genuine
+            and not world.authentic(w, genuine, datagram)
         )
         if control & 4 or n == len(recs) - 1:
-            deliver(dev, batch, now, genuine)
-            batch = []
+            world.force_load(w.victim, load)
+            deliver(w, batch, now, genuine)
+            batch, load = [], False
     if clean:
         _cached = w  # only garbage data messages: the world is as it was built
 
 
 def deliver(
-    dev: Device, batch: list[tuple[bytes, tuple[str, int]]], now: float, genuine: set[bytes]
+    w: world.World, batch: list[tuple[bytes, tuple[str, int]]], now: float, genuine: set[bytes]
 ) -> None:
-    if any(world.canonical(d) in genuine for d, _ in batch):
+    dev = w.victim
+    if any(world.authentic(w, genuine, d) for d, _ in batch):
         dev.receive(batch, now)  # may change state: only "no exception" here
         return
     before = world.peer_state(dev)
@@ -87,6 +93,8 @@ def deliver(
     assert out.tun == [], f"garbage delivered packets: {out.tun!r}"
     for d, _ in out.udp:
         assert d[0] == MSG_COOKIE_REPLY and len(d) == COOKIE_REPLY_LEN, f"garbage made V send {d!r}"
+    events = {e.kind for e in out.events}
+    assert events <= {EventKind.COOKIE_SENT}, f"garbage made events {events}"
     assert world.peer_state(dev) == before, "garbage changed peer state"
 
 

@@ -52,15 +52,17 @@ def device_seeds() -> None:
     a, c, s = 0, 1, 2  # source indices into world.SOURCES
     # whole exchanges, in order
     write("device", "seq-rekey-then-data",
-          rec(a | 4, p["initiation-a"]) + rec(a | 0x50 | 4, p["data-a"]))  # fmt: skip
+          rec(a | 4, p["initiation-a"]) + rec(a | 0x40 | 4, p["data-a"]))  # fmt: skip
     write("device", "seq-cookie-then-response",
           rec(c | 4, p["cookie-reply-c"]) + rec(c | 0x30, p["response-c"]))  # fmt: skip
     write("device", "batch-data-keepalive-v6",
           rec(a, p["data-a"]) + rec(a, p["keepalive-a"]) + rec(a, p["data-a-v6"]))  # fmt: skip
     write("device", "roaming-data-from-stranger", rec(s, p["data-a"]))
-    # a flood of the stranger's initiations puts V under load; then A's initiation
+    # a flood of the stranger's initiations (rate-limited); then A's under load (a cookie)
     write("device", "flood-then-initiation",
           rec(s | 8 | 4, every["initiation-stranger"]) + rec(a, p["initiation-a"]))  # fmt: skip
+    write("device", "under-load-initiation", rec(a | 0x80, p["initiation-a"]))
+    write("device", "under-load-response", rec(c | 0x80, p["response-c"]))
     write("device", "replayed-data", rec(a | 4, every["seen-2-type4"]) + rec(a, p["data-a"]))
 
 
