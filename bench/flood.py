@@ -192,7 +192,8 @@ class Bed:
             self.made += [self.node, self.l1, self.l2]
             for node, port, addr in ((self.node, PORT, V_IN1), (self.l1, PORT + 1, L1_IN),
                                      (self.l2, PORT + 2, L2_IN)):  # fmt: skip
-                node.start()
+                # wgpy from this tree; wireguard-go in the foreground without its banner
+                node.start({"PYTHONPATH": str(ROOT / "src"), "WG_PROCESS_FOREGROUND": "1"})
                 node.set_private_key(port)
                 node.ns.add_address(node.ifname, f"{addr}/24")
                 node.ns.set_link(node.ifname, state="up", mtu=1420)
@@ -328,12 +329,18 @@ def fmt(r: dict[str, object]) -> str:
 
     elapsed = float(r.get("elapsed") or 1)  # type: ignore[arg-type]
     hs = r.get("handshake")
-    handshake = f"> {r['bound']:.1f} s" if hs is None else f"{hs:.2f} s"
+    if hs is None:
+        handshake = f"> {r['bound']:.1f} s"
+    else:
+        handshake = f"{hs * 1000:.0f} ms" if hs < 1 else f"{hs:.2f} s"  # type: ignore[operator]
+    replies = f"{r['cookie_replies']:,}"
+    if r["mode"] == "b":
+        replies += f" ({r['cookies']:,} decrypted)"
     rate = "-" if r["mode"] == "none" else ("max" if not r["rate"] else f"{r['rate']:,}/s")
     sent = "-" if r["mode"] == "none" else f"{int(r['sent']) / elapsed:,.0f}/s"  # type: ignore[call-overload]
     return (
         f"| {r['victim']} | {r['mode']} | {rate} | {sent} | {handshake} | {num(r['cpu'], '.2f')} "
-        f"| {r['cookie_replies']:,} | {num(r['ping'], '.3f')} ({num(r['loss'], '.0f')}%) "
+        f"| {replies} | {num(r['ping'], '.3f')} ({num(r['loss'], '.0f')}%) "
         f"| {num(r['iperf'], ',.0f')} |"
     )
 
