@@ -5,7 +5,7 @@
 TARGET is one of device, uapi, config, offload (tests/fuzz/fuzz_TARGET.py). It starts
 from the checked-in seed corpus tests/fuzz/corpus/TARGET (read only: new inputs go to a
 scratch directory, kept with --work) and writes any crashing input to --crashes
-(default fuzz-crashes/TARGET/). --keep-going runs libFuzzer in fork mode and goes on
+(default $TMPDIR/wgpy-fuzz-crashes/TARGET/). --keep-going runs libFuzzer in fork mode and goes on
 after a crash. Extra libFuzzer flags follow `--`. Exits 1 if a crash was found.
 Reproduce one: PYTHONPATH=src:. python -m tests.fuzz.fuzz_TARGET CRASH_FILE
 Needs `pip install atheris`.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def main() -> int:
     ap.add_argument("--keep-going", action="store_true", help="fork mode: go on after a crash")
     ap.add_argument("flags", nargs="*", help="extra libFuzzer flags (after --)")
     args = ap.parse_args()
-    crashes = (args.crashes or Path("fuzz-crashes") / args.target).resolve()
+    default = Path(tempfile.gettempdir()) / "wgpy-fuzz-crashes" / args.target
+    crashes = (args.crashes or default).resolve()
     extra = list(args.flags)
     if args.keep_going:
         extra += ["-fork=1", "-ignore_crashes=1", "-ignore_timeouts=1", "-ignore_ooms=1"]
