@@ -23,17 +23,6 @@ with instrumented():
 MAX_PACKETS = 128
 
 
-def known_finding(data: bytes) -> str | None:
-    """Inputs that hit a finding already reported (and pinned by an xfail-strict test in
-    test_fuzz.py): skipped here so that fuzzing goes on past it. Remove each entry when
-    the product fix lands (its xfail test then fails as XPASS, as a reminder)."""
-    buf = data[3:]
-    gso_v4 = not data[0] & 1 and len(buf) > 10 and buf[1] & 0x7F and buf[10] >> 4 == 4
-    if gso_v4 and buf[10] & 15 < 5:
-        return "split: a GSO read whose IPv4 header length is below 20 raises BufferError"
-    return None
-
-
 def packets_of(data: bytes) -> list[bytes]:
     out = []
     i = 0
@@ -89,7 +78,7 @@ def check_coalesce(packets: list[bytes], udp: bool) -> None:
 
 
 def one_input(data: bytes) -> None:
-    if not data or known_finding(data):
+    if not data:
         return
     if data[0] & 1:
         check_coalesce(packets_of(data[1:]), bool(data[0] & 2))
