@@ -29,10 +29,12 @@ def run(
     crashes: Path,
     work: Path | None = None,
     extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Fuzz `target` for `seconds`: (libFuzzer's exit code, its output)."""
     crashes.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{target}-") as scratch:
         work = work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,10 @@ def test_device_flood_and_garbage_seeds_change_nothing() -> None:
 # lengths under 20 are refused). The datapath's loop caught it, but the read's whole batch
 # was lost and a traceback logged.
 IHL_ZERO_USO = bytes.fromhex(
-    "6b855858" "0a000000" "00" "6b"  # virtio header: flags, gso_type 0x85 (UDP_L4|ECN), ...
+    "6b855858"
+    "0a000000"
+    "00"
+    "6b"  # virtio header: flags, gso_type 0x85 (UDP_L4|ECN), ...
     "40ffffffffffff07000000000000"  # "IPv4" with IHL 0
     "58585d0a5706400686060606060606060606060606"
 )

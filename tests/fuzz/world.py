@@ -15,11 +15,14 @@ change V's peer state. Everything else, however close to a real message, is garb
 from __future__ import annotations
 
 import enum
+import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
+from wgpy.core import native
 from wgpy.core.constants import REJECT_AFTER_TIME
 from wgpy.core.device import Device
 from wgpy.core.messages import (
@@ -52,9 +55,21 @@ class World:
     other: dict[str, bytes] = field(default_factory=dict)  # seen already, or not genuine
 
 
+def victim_native() -> ModuleType | None:
+    """WGPY_FUZZ_NATIVE=1: V opens and seals data with the native extension (which must be
+    built); else the pure-Python path. (The peers' sides stay pure: the same bytes.)"""
+    if os.environ.get("WGPY_FUZZ_NATIVE") != "1":
+        return None
+    module = native.load()
+    if module is None:
+        raise RuntimeError("WGPY_FUZZ_NATIVE=1 but wgpy._native is not built")
+    return module
+
+
 def build() -> World:
     net = SimNet(seed=12)
     v, a, c, s = (net.add(n, ep) for n, ep in (("v", V_EP), ("a", A_EP), ("c", C_EP), ("s", S_EP)))
+    v.device.native = victim_native()  # before any session exists, as Device(native=...)
     net.link(v, a, f"{V_IP}/32", f"{A_IP}/32")
     net.link(v, c, f"{V_IP}/32", f"{C_IP}/32")
     net.link(s, v, "10.0.0.9/32", f"{V_IP}/32")  # V is S's peer; S is not V's
