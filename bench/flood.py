@@ -287,6 +287,7 @@ def iperf(bed: Bed, seconds: float) -> float | None:
 
 def run_one(bed: Bed, mode: str, rate: int, seconds: float) -> dict[str, object]:
     sources = ",".join(SPOOFED if mode == "c" else [X_ADDR])
+    cpu0, udp0 = cpu_seconds(bed.victim_pid()), udp_received(bed)  # before the first packet
     victim_pub = base64.b64decode(bed.node.public_key).hex()
     attacker = bed.x.popen(
         sys.executable, str(Path(__file__).resolve()), "attack", "--victim-pub", victim_pub,
@@ -299,7 +300,7 @@ def run_one(bed: Bed, mode: str, rate: int, seconds: float) -> dict[str, object]
         assert attacker.stdout is not None
         if attacker.stdout.readline().strip() != "ready":
             raise RuntimeError("the attacker did not start")
-        cpu0, udp0, t0 = cpu_seconds(bed.victim_pid()), udp_received(bed), time.monotonic()
+        t0 = time.monotonic()
         hs = threading.Thread(target=legit_handshake, args=(bed, seconds - 0.5, result))
         time.sleep(0.5)  # the flood has put the victim under load
         hs.start()
