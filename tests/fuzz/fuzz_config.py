@@ -1,15 +1,17 @@
 """Fuzz target: wg-quick config files (`config.parse`, `config.strip`).
 
-Input: a file's bytes, decoded as UTF-8 (with replacement). Invariants: `parse` raises
-nothing but ConfigError; `strip` never raises; a file that parses also parses after
-`strip` with the same wg(8) settings, renders back to itself (`render`), and gives a
-`to_uapi` body that the daemon's `parse_set` accepts.
+Input: a file's bytes, read by `config.read` (any bytes in comments, UTF-8 elsewhere).
+Invariants: `read` and `parse` raise nothing but ConfigError; `strip` never raises; a file
+that parses also parses after `strip` with the same wg(8) settings, renders back to
+itself (`render`), and gives a `to_uapi` body that the daemon's `parse_set` accepts.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
+import tempfile
 
 from tests.fuzz.common import fuzz, instrumented
 
@@ -48,14 +50,29 @@ def shown(cfg: config.Config) -> config.Config:
     return cfg
 
 
+# A finding awaiting its product fix (xfail-strict in test_fuzz.py): config.strip breaks
+# lines at these too, parse and wg-quick at \n only. The strip invariant is not checked on
+# text containing one, so that fuzzing goes on past it; drop this when strip is fixed.
+KNOWN_STRIP_SEPARATORS = "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+_DIR = tempfile.mkdtemp(prefix="wgpy-fuzz-config-")
+_FILE = os.path.join(_DIR, "wgfuzz.conf")
+
+
 def one_input(data: bytes) -> None:
-    text = data.decode("utf-8", "replace")
+    with open(_FILE, "wb") as f:
+        f.write(data)
+    try:
+        text = config.read(_FILE)
+    except config.ConfigError:
+        return
     stripped = config.strip(text)
     try:
         cfg = config.parse(text, "fuzz.conf")
     except config.ConfigError:
         return
-    assert wg_settings(config.parse(stripped, "stripped.conf")) == wg_settings(cfg)
+    if not any(c in text for c in KNOWN_STRIP_SEPARATORS):
+        assert wg_settings(config.parse(stripped, "stripped.conf")) == wg_settings(cfg)
     assert shown(config.parse(config.render(cfg), "rendered.conf")) == shown(cfg)
     parse_set(config.to_uapi(cfg, resolve=no_dns).splitlines())
 
