@@ -50,11 +50,6 @@ def shown(cfg: config.Config) -> config.Config:
     return cfg
 
 
-# A finding awaiting its product fix (xfail-strict in test_fuzz.py): config.strip breaks
-# lines at these too, parse and wg-quick at \n only. The strip invariant is not checked on
-# text containing one, so that fuzzing goes on past it; drop this when strip is fixed.
-KNOWN_STRIP_SEPARATORS = "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
-
 _DIR = tempfile.mkdtemp(prefix="wgpy-fuzz-config-")
 _FILE = os.path.join(_DIR, "wgfuzz.conf")
 
@@ -71,8 +66,7 @@ def one_input(data: bytes) -> None:
         cfg = config.parse(text, "fuzz.conf")
     except config.ConfigError:
         return
-    if not any(c in text for c in KNOWN_STRIP_SEPARATORS):
-        assert wg_settings(config.parse(stripped, "stripped.conf")) == wg_settings(cfg)
+    assert wg_settings(config.parse(stripped, "stripped.conf")) == wg_settings(cfg)
     assert shown(config.parse(config.render(cfg), "rendered.conf")) == shown(cfg)
     parse_set(config.to_uapi(cfg, resolve=no_dns).splitlines())
 

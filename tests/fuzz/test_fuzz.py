@@ -135,21 +135,12 @@ def test_split_drops_gso_read_with_short_ipv4_header() -> None:
     fuzz_offload.one_input(b"\0\x05\x8c" + IHL_ZERO_USO)
 
 
-# config.strip splits lines with str.splitlines(), which also breaks at a lone \r, \v, \f,
-# \x1c-\x1e, \x85, \u2028 and \u2029, while config.parse (since main's 319ff87) and wg-quick's own
-# `strip` (bash `read`) split at \n only. A comment holding such a character comes out of
-# `wgpy strip` as live lines: here a commented-out peer becomes a peer routing everything,
-# which `wg syncconf wg0 <(wgpy strip wg0)` would install. Found by fuzz_config (the
-# strip invariant) within 4 s. The fix is `text.split("\n")` in strip.
-STRIP_SEPARATORS = fuzz_config.KNOWN_STRIP_SEPARATORS
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.strip splits at more line breaks than parse and wg-quick: a comment "
-    "containing \\r, \\v, \\f, \\x1c-\\x1e, \\x85, \\u2028 or \\u2029 becomes live lines",
-)
-@pytest.mark.parametrize("sep", list(STRIP_SEPARATORS))
+# config.strip once split lines with str.splitlines(), which also breaks at a lone \r, \v,
+# \f, \x1c-\x1e, \x85, \u2028 and \u2029, while config.parse and wg-quick's own `strip`
+# (bash `read`) split at \n only: a comment holding such a character came out of
+# `wgpy strip` as live lines (here a commented-out peer routing everything, which
+# `wg syncconf wg0 <(wgpy strip wg0)` would have installed). Found by fuzz_config in 4 s.
+@pytest.mark.parametrize("sep", list("\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"))
 def test_strip_keeps_a_comment_one_line(sep: str) -> None:
     from tests.tools.test_config import PRIV, PUB1
     from wgpy.tools import config

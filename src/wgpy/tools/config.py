@@ -371,7 +371,9 @@ def strip(text: str) -> str:
     """`wg-quick strip`: the file without wg-quick's [Interface] keys, comments kept."""
     kept = []
     in_interface = False
-    for raw in text.splitlines():
+    # lines end at \n only, as `parse` and wg-quick read them (str.splitlines would also
+    # split at \r, \v, \x85, ... and turn a comment's tail into a live line)
+    for raw in text.removesuffix("\n").split("\n"):
         line = raw.strip()
         key = line.split("#", 1)[0].split("=", 1)[0].strip().lower()
         if key.startswith("["):
