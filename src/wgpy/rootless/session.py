@@ -1,0 +1,278 @@
+"""`wgpy run` and `wgpy proxy`: a tunnel as the only network of a namespace of our own.
+
+The order is the point. First everything that can fail without leaving a trace: the
+config is parsed (file:line: key), /dev/net/tun and the namespaces are checked (a forked
+child tries to unshare). Then, still in the caller's network namespace, the UDP socket
+(and the proxy's listening sockets) are opened and the endpoints resolved. Then the
+process unshares user (unless root), network and mount namespaces, maps its own uid and
+gid, creates and configures the TUN, mounts a private /etc/resolv.conf for the config's
+DNS, starts the datapath thread and runs the command (or serves the proxy). Nothing is
+made in the caller's namespace but sockets, and those close with the process; the
+namespaces go with their last process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+from wgpy.embed.interface import Interface, load_config
+from wgpy.rootless import userns
+from wgpy.rootless.socks import ProxyServer
+from wgpy.tools.config import Config, ConfigError
+
+IFNAME = "wg0"
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SI_KERNEL = 0x80  # a signal the terminal sent to the whole foreground process group
+USAGE_RUN = "usage: wgpy run [-c CONFIG] [--] [COMMAND [ARGS...]]   (CONFIG: or $WGPY_CONFIG)"
+USAGE_PROXY = (
+    "usage: wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT]   (CONFIG: or $WGPY_CONFIG)"
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+def fail(message: str) -> int:
+    sys.stderr.write(f"wgpy: {message}\n")
+    return 1
+
+
+# ---- command lines --------------------------------------------------------------------
+
+
+def _options(args: list[str], names: set[str]) -> tuple[dict[str, str], list[str]]:
+    """Leading `--name VALUE` / `--name=VALUE` / `-c VALUE` options, then the rest."""
+    opts: dict[str, str] = {}
+    args = list(args)
+    while args:
+        arg = args[0]
+        if arg == "--":
+            args.pop(0)
+            break
+        name, eq, value = arg.partition("=")
+        if name not in names:
+            if arg.startswith("-") and arg != "-":
+                raise UsageError(f"unknown option {arg}")
+            break
+        args.pop(0)
+        if not eq:
+            if not args:
+                raise UsageError(f"{name} needs a value")
+            value = args.pop(0)
+        opts[{"-c": "--config"}.get(name, name)] = value
+    return opts, args
+
+
+def _config_path(opts: dict[str, str]) -> str:
+    path = opts.get("--config") or os.environ.get("WGPY_CONFIG")
+    if not path:
+        raise UsageError("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG")
+    return path
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """'127.0.0.1:1080', '[::1]:1080', 'localhost:0' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or not host:
+        raise UsageError(f"{value!r} is not ADDRESS:PORT")
+    return host.strip("[]"), int(port)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = info[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# ---- the namespace --------------------------------------------------------------------
+
+
+def prepare(config: Config | str) -> tuple[Config, int]:
+    """The config and the unshare flags, or ConfigError / NamespaceError: nothing made."""
+    cfg = load_config(config)
+    if cfg.interface.private_key is None:
+        where = config if isinstance(config, str) else "<config>"
+        raise ConfigError(where, 0, "PrivateKey", "missing from [Interface]")
+    flags = userns.flags_for(os.geteuid())
+    userns.check(flags)
+    return cfg, flags
+
+
+def enter_namespace(iface: Interface, flags: int) -> None:
+    """Unshare, give the namespace its resolv.conf, create and start the interface."""
+    userns.enter(flags)
+    cfg = iface.config
+    if cfg.interface.dns or cfg.interface.dns_search:
+        text = userns.resolv_conf_text(cfg.interface.dns, cfg.interface.dns_search)
+        userns.bind_resolv_conf(text)
+    iface.open()
+
+
+@contextlib.contextmanager
+def blocked(signals: tuple[int, ...]) -> Iterator[None]:
+    """Block `signals` in this thread (and the threads it starts) to take them with
+    sigtimedwait, which says who sent them."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def spawn(argv: list[str]) -> int:
+    """The command, with a clean signal state: default dispositions, nothing blocked."""
+    defaults = {s for s in signal.valid_signals() if 0 < s < 32} - {signal.SIGKILL, signal.SIGSTOP}
+    return os.posix_spawnp(argv[0], argv, os.environ, setsigmask=(), setsigdef=defaults)
+
+
+def wait_child(pid: int, iface: Interface) -> int:
+    """Forward SIGINT, SIGTERM, SIGHUP, SIGQUIT to the command until it exits (except
+    what the terminal sent its whole process group, which the command got already)."""
+    pgrp = os.getpgrp()
+    while True:
+        info = signal.sigtimedwait((*FORWARDED, signal.SIGCHLD), 0.25)
+        if info is not None and info.si_signo in FORWARDED:
+            from_tty = info.si_code == SI_KERNEL and os.getpgid(pid) == pgrp
+            if not from_tty:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, info.si_signo)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code
+        if not iface.running:
+            sys.stderr.write("wgpy: the tunnel stopped; stopping the command\n")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def run(config_path: Config | str, argv: list[str]) -> int:
+    """`wgpy run`: COMMAND in the tunnel's namespace; its exit status."""
+    try:
+        cfg, flags = prepare(config_path)
+    except (ConfigError, userns.NamespaceError) as e:
+        return fail(str(e))
+    argv = argv or [os.environ.get("SHELL") or "/bin/sh"]
+    try:
+        iface = Interface(cfg, IFNAME)
+    except (OSError, ValueError) as e:
+        return fail(f"cannot open the UDP socket or resolve an endpoint: {e}")
+    with blocked((*FORWARDED, signal.SIGCHLD)):
+        try:
+            enter_namespace(iface, flags)
+        except OSError as e:
+            iface.close()
+            return fail(f"cannot set up the namespace: {e}")
+        try:
+            try:
+                pid = spawn(argv)
+            except OSError as e:
+                return fail(f"cannot run {argv[0]}: {e.strerror}") + 126
+            return wait_child(pid, iface)
+        finally:
+            iface.close()
+
+
+def proxy(
+    config_path: Config | str,
+    socks: socket.socket | None,
+    http: socket.socket | None,
+    ready_fd: int | None = None,
+) -> int:
+    """`wgpy proxy`: serve SOCKS5 (and HTTP CONNECT) from inside the tunnel's namespace
+    until SIGINT, SIGTERM or SIGHUP."""
+    try:
+        cfg, flags = prepare(config_path)
+    except (ConfigError, userns.NamespaceError) as e:
+        return fail(str(e))
+    try:
+        iface = Interface(cfg, IFNAME)
+    except (OSError, ValueError) as e:
+        return fail(f"cannot open the UDP socket or resolve an endpoint: {e}")
+    server = ProxyServer(socks, http)
+    with blocked(FORWARDED):
+        try:
+            enter_namespace(iface, flags)
+            server.start()
+        except OSError as e:
+            server.stop()
+            iface.close()
+            return fail(f"cannot set up the namespace: {e}")
+        try:
+            for name, sock in (("SOCKS5", socks), ("HTTP CONNECT", http)):
+                if sock is not None:
+                    host, port = sock.getsockname()[:2]
+                    sys.stderr.write(f"wgpy: {name} proxy on {host}:{port}\n")
+            if ready_fd is not None:
+                os.write(ready_fd, b"ready\n")
+                os.close(ready_fd)
+            while iface.running:
+                if signal.sigtimedwait(FORWARDED, 0.25) is not None:
+                    break
+            return 0
+        finally:
+            server.stop()
+            iface.close()
+
+
+def run_main(args: list[str]) -> int:
+    try:
+        opts, rest = _options(args, {"-c", "--config"})
+        path = _config_path(opts)
+    except UsageError as e:
+        return fail(f"{e}\n{USAGE_RUN}") + 1
+    return run(path, rest)
+
+
+def proxy_main(args: list[str]) -> int:
+    names = {"-c", "--config", "--socks", "--http", "--socks-fd", "--http-fd", "--ready-fd"}
+    try:
+        opts, rest = _options(args, names)
+        if rest:
+            raise UsageError(f"unexpected {rest[0]!r}")
+        path = _config_path(opts)
+        if not {"--socks", "--http", "--socks-fd", "--http-fd"} & opts.keys():
+            raise UsageError("nothing to serve: give --socks ADDR:PORT (and/or --http)")
+        socks_at = listen_address(opts["--socks"]) if "--socks" in opts else None
+        http_at = listen_address(opts["--http"]) if "--http" in opts else None
+        ready = int(opts["--ready-fd"]) if "--ready-fd" in opts else None
+    except (UsageError, ValueError) as e:
+        return fail(f"{e}\n{USAGE_PROXY}") + 1
+    try:
+        cfg = load_config(path)  # a bad config is reported before any socket is opened
+    except ConfigError as e:
+        return fail(str(e))
+    sockets: list[socket.socket | None] = []
+    try:
+        for fd_opt, at in (("--socks-fd", socks_at), ("--http-fd", http_at)):
+            if fd_opt in opts:
+                sockets.append(socket.socket(fileno=int(opts[fd_opt])))
+            elif at is not None:
+                sockets.append(listening_socket(*at))
+            else:
+                sockets.append(None)
+    except (OSError, ValueError) as e:
+        for s in sockets:
+            if s is not None:
+                s.close()
+        return fail(f"cannot listen: {e}")
+    try:
+        return proxy(cfg, sockets[0], sockets[1], ready)
+    finally:
+        for s in sockets:
+            if s is not None:
+                s.close()
