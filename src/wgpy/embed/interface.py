@@ -306,7 +306,8 @@ class Interface:
             for net in map(_cidr, allowed_ips):
                 dev.allowed_ips.insert(net.network_address.packed, net.prefixlen, peer)
         if persistent_keepalive is not None:
-            self._transmit(dev.set_persistent_keepalive(peer, persistent_keepalive, time.monotonic()))
+            now = time.monotonic()
+            self._transmit(dev.set_persistent_keepalive(peer, persistent_keepalive, now))
 
     def set_peer(
         self,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import socket
 
-from pyroute2 import IPRoute, NetlinkError
-
 from wgpy.tools.config import Config
 
 SCOPE_LINK = 253
@@ -20,6 +18,8 @@ SCOPE_LINK = 253
 
 def configure(index: int, cfg: Config, mtu: int, loopback: bool = False) -> None:
     """Address the interface, set its MTU, bring it up, route its peers' allowed IPs."""
+    from pyroute2 import IPRoute  # imported here: `import wgpy` stays light
+
     with IPRoute() as ipr:
         if loopback:
             lo = ipr.link_lookup(ifname="lo")
@@ -38,6 +38,8 @@ def configure(index: int, cfg: Config, mtu: int, loopback: bool = False) -> None
 
 
 def _ignore_exists(call: object, *args: object, **kwargs: object) -> None:
+    from pyroute2 import NetlinkError
+
     try:
         call(*args, **kwargs)  # type: ignore[operator]
     except NetlinkError as e:
