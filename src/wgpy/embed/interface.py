@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +115,7 @@ class Interface:
         self.configure_network = configure_network
         self.offload = offload
         self._callbacks: list[Callable[[Event], None]] = [on_event] if on_event else []
-        self._endpoints = [
-            parse_endpoint(wgconfig.resolve_endpoint(p.endpoint)) if p.endpoint else None
-            for p in self.config.peers
-        ]
+        self._endpoints = [_resolve(p.endpoint) if p.endpoint else None for p in self.config.peers]
         self.udp = UdpSocket(self.config.interface.listen_port or 0, offload=offload)
         self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
         self.tun: Tun | None = None
@@ -205,10 +202,10 @@ class Interface:
         self.close()
 
     async def __aenter__(self) -> Interface:
-        return self.__enter__()
+        return await asyncio.to_thread(self.__enter__)
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await asyncio.to_thread(self.close)
 
     @property
     def running(self) -> bool:
@@ -391,6 +388,9 @@ class Interface:
             for ev in public:
                 self._seq += 1
                 self._history.append((self._seq, ev))
+                for aloop, q in self._async_queues:
+                    with contextlib.suppress(RuntimeError):  # that asyncio loop is closed
+                        aloop.call_soon_threadsafe(q.put_nowait, ev)
             self._cond.notify_all()
         for ev in public:
             for callback in list(self._callbacks):
@@ -398,9 +398,6 @@ class Interface:
                     callback(ev)
                 except Exception:
                     log.exception("event callback failed")
-            for aloop, q in list(self._async_queues):
-                with contextlib.suppress(RuntimeError):  # that asyncio loop is closed
-                    aloop.call_soon_threadsafe(q.put_nowait, ev)
 
     def wait_for(
         self, kind: EventKind, peer: str | bytes | None = None, timeout: float = 10.0
@@ -419,21 +416,48 @@ class Interface:
                     raise TimeoutError(f"no {kind.value} event within {timeout} s")
                 self._cond.wait(left)
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event from now on, in the calling asyncio loop, until the interface closes."""
-        aloop = asyncio.get_running_loop()
-        q: asyncio.Queue[Event | None] = asyncio.Queue()
-        entry = (aloop, q)
-        self._async_queues.append(entry)
-        try:
-            while not self._closed:
-                ev = await q.get()
-                if ev is None:
-                    return
-                yield ev
-        finally:
-            with contextlib.suppress(ValueError):
-                self._async_queues.remove(entry)
+    def events(self, replay: bool = False) -> EventStream:
+        """Every event from this call on (with `replay`, first those since the interface
+        opened, up to the last 1,024), as an async iterator in the calling asyncio loop
+        (call it from a coroutine); it ends when the interface closes."""
+        return EventStream(self, replay)
+
+
+class EventStream:
+    """An async iterator of an interface's events; registered when made, not when first
+    awaited, so that events between making it and iterating are kept."""
+
+    def __init__(self, iface: Interface, replay: bool) -> None:
+        self._iface = iface
+        self._entry = (asyncio.get_running_loop(), asyncio.Queue[Event | None]())
+        with iface._cond:  # no event between the replayed ones and the new ones is lost
+            if replay:
+                for _, ev in iface._history:
+                    self._entry[1].put_nowait(ev)
+            iface._async_queues.append(self._entry)
+        if iface._closed:
+            self._entry[1].put_nowait(None)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        ev = await self._entry[1].get()
+        if ev is None:
+            self.close()
+            raise StopAsyncIteration
+        return ev
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._iface._async_queues.remove(self._entry)
+
+
+def _resolve(endpoint: str) -> Endpoint:
+    try:
+        return parse_endpoint(wgconfig.resolve_endpoint(endpoint))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot resolve endpoint {endpoint}: {e.strerror or e}") from None
 
 
 def _open_tun(name: str, vnet_hdr: bool) -> Tun:

@@ -8,8 +8,10 @@ in another namespace (or the program routes its endpoints itself).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
+import threading
 
 from wgpy.tools.config import Config
 
@@ -17,7 +19,30 @@ SCOPE_LINK = 253
 
 
 def configure(index: int, cfg: Config, mtu: int, loopback: bool = False) -> None:
-    """Address the interface, set its MTU, bring it up, route its peers' allowed IPs."""
+    """Address the interface, set its MTU, bring it up, route its peers' allowed IPs.
+    pyroute2's synchronous API runs an asyncio loop of its own, which it cannot do in a
+    thread whose loop is running: from there, the work goes to a short-lived thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        _configure(index, cfg, mtu, loopback)
+        return
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _configure(index, cfg, mtu, loopback)
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=work, name="wgpy-netconf")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+
+
+def _configure(index: int, cfg: Config, mtu: int, loopback: bool) -> None:
     from pyroute2 import IPRoute  # imported here: `import wgpy` stays light
 
     with IPRoute() as ipr:

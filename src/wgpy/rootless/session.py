@@ -170,7 +170,7 @@ def run(config_path: Config | str, argv: list[str]) -> int:
     try:
         iface = Interface(cfg, IFNAME)
     except (OSError, ValueError) as e:
-        return fail(f"cannot open the UDP socket or resolve an endpoint: {e}")
+        return fail(str(e))
     with blocked((*FORWARDED, signal.SIGCHLD)):
         try:
             enter_namespace(iface, flags)
@@ -202,7 +202,7 @@ def proxy(
     try:
         iface = Interface(cfg, IFNAME)
     except (OSError, ValueError) as e:
-        return fail(f"cannot open the UDP socket or resolve an endpoint: {e}")
+        return fail(str(e))
     server = ProxyServer(socks, http)
     with blocked(FORWARDED):
         try:
