@@ -25,6 +25,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 PEER_OUTER, CALLER_OUTER = "10.231.0.2", "10.231.0.1"
 PEER_INNER, CALLER_INNER = "10.232.0.1", "10.232.0.2"
+PEER_INNER6, CALLER_INNER6 = "fd32::1", "fd32::2"
 NAME = "tunnel.test"
 PAGE = "hello through the tunnel\n"
 
@@ -145,9 +146,10 @@ class Bed:
             "peer",
             self.public,
             "allowed-ips",
-            f"{CALLER_INNER}/32",
+            f"{CALLER_INNER}/32,{CALLER_INNER6}/128",
         )
         self.peer.add_address(self.ifname, f"{PEER_INNER}/24")
+        self.peer.add_address(self.ifname, f"{PEER_INNER6}/64")
         self.peer.set_link(self.ifname, mtu=1420, state="up")
 
     def _serve(self) -> None:
@@ -181,9 +183,10 @@ class Bed:
                 raise TimeoutError("the peer's servers did not start")
             time.sleep(0.05)
 
-    def client_config(self, allowed: str = "0.0.0.0/0") -> str:
+    def client_config(self, allowed: str = "0.0.0.0/0, ::/0") -> str:
         return (
-            f"[Interface]\nPrivateKey = {self.private}\nAddress = {CALLER_INNER}/24\n"
+            f"[Interface]\nPrivateKey = {self.private}\n"
+            f"Address = {CALLER_INNER}/24, {CALLER_INNER6}/64\n"
             f"DNS = {PEER_INNER}\n\n[Peer]\nPublicKey = {self.peer_public}\n"
             f"Endpoint = {PEER_OUTER}:51820\nAllowedIPs = {allowed}\nPersistentKeepalive = 25\n"
         )

@@ -22,6 +22,7 @@ from tests.integration.rootless_bed import (
     NOBODY,
     PAGE,
     PEER_INNER,
+    PEER_INNER6,
     SRC,
     Bed,
     unprivileged_python,
@@ -97,14 +98,15 @@ def test_nobody_pings_fetches_and_resolves_through_the_tunnel(
     )
     script = (
         f"id -u; ping -c 1 -W 5 {PEER_INNER} >/dev/null && echo pinged; "
+        f"ping -6 -c 1 -W 5 {PEER_INNER6} >/dev/null && echo pinged6; "
         f'getent ahostsv4 {NAME} | head -1; {upy} -c "{fetch}"; exit 42'
     )
     done = run(as_nobody(bed, upy, "run", "-c", str(bed.config), "--", "sh", "-c", script), workdir)
     assert done.returncode == 42, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "65534"  # the command runs as the caller, not as root
-    assert "pinged" in lines
-    assert any(line.startswith(PEER_INNER) for line in lines[2:4])  # getent, via the tunnel
+    assert "pinged" in lines and "pinged6" in lines
+    assert any(line.startswith(PEER_INNER) for line in lines[3:5])  # getent, via the tunnel
     assert PAGE.strip() in done.stdout
     assert bed.snapshot() == before
 
