@@ -128,6 +128,7 @@ class Interface:
         self._seq = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._release_in_thread = False
         self._async_queues: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event | None]]] = []
 
     # ---- life ----------------------------------------------------------------------
@@ -166,11 +167,16 @@ class Interface:
         return self
 
     def close(self) -> None:
-        """Stop the thread; close the TUN (the interface goes with it) and the socket."""
+        """Stop the thread; close the TUN (the interface goes with it) and the socket.
+        From an event callback (the loop thread), the closing ends that loop turn."""
         if self._closed:
             return
         self._closed = True
         if self._thread is not None and self._loop is not None:
+            if threading.current_thread() is self._thread:
+                self._loop.stop()
+                self._release_in_thread = True
+                return
             loop = self._loop
 
             def stop() -> None:
@@ -179,6 +185,9 @@ class Interface:
             with contextlib.suppress(RuntimeError):
                 self.call(stop)
             self._thread.join(5)
+        self._release()
+
+    def _release(self) -> None:
         if self._loop is not None:
             self._loop.close()
         if self.tun is not None:
@@ -248,6 +257,8 @@ class Interface:
                 except queue.Empty:
                     break
                 fut.set_exception(RuntimeError(f"interface {self.name} stopped"))
+            if self._release_in_thread:
+                self._release()
 
     def _tick(self) -> None:
         assert self._datapath is not None
