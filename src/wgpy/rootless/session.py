@@ -109,6 +109,14 @@ def prepare(config: Config | str) -> tuple[Config, int]:
         raise ConfigError(where, 0, "PrivateKey", "missing from [Interface]")
     flags = userns.flags_for(os.geteuid())
     userns.check(flags)
+    i = cfg.interface
+    quick_only = {
+        "Table": i.table, "PreUp": i.pre_up, "PostUp": i.post_up, "PreDown": i.pre_down,
+        "PostDown": i.post_down, "SaveConfig": i.save_config, "FwMark": i.fwmark,
+    }  # fmt: skip
+    ignored = ", ".join(k for k, v in quick_only.items() if v)
+    if ignored:
+        sys.stderr.write(f"wgpy: ignoring {ignored} (meant for a system interface)\n")
     return cfg, flags
 
 
@@ -230,6 +238,9 @@ def proxy(
 
 
 def run_main(args: list[str]) -> int:
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE_RUN)
+        return 0
     try:
         opts, rest = _options(args, {"-c", "--config"})
         path = _config_path(opts)
@@ -239,6 +250,9 @@ def run_main(args: list[str]) -> int:
 
 
 def proxy_main(args: list[str]) -> int:
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE_PROXY)
+        return 0
     names = {"-c", "--config", "--socks", "--http", "--socks-fd", "--http-fd", "--ready-fd"}
     try:
         opts, rest = _options(args, names)
