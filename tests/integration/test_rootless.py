@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,6 +166,47 @@ def test_signals_are_forwarded_and_nothing_stays(wgpy_bed: Bed, upy: Path, workd
     assert "got-term" in out, err
     assert proc.returncode == 7
     assert bed.snapshot() == before
+
+
+def test_the_command_dies_with_a_killed_wgpy(wgpy_bed: Bed, upy: Path, workdir: Path) -> None:
+    bed = wgpy_bed
+    argv = as_nobody(bed, upy, "run", "-c", str(bed.config), "--", "sh", "-c",
+                     "echo started; exec sleep 62")  # fmt: skip
+    env = {**CLEAN_ENV, "HOME": str(workdir)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=workdir)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        proc.kill()  # wgpy itself: no chance to clean up
+        proc.wait(5)
+        readable, _, _ = select.select([proc.stdout], [], [], 5)
+        assert readable and proc.stdout.read() == ""  # EOF: the command holding it is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    deadline = time.monotonic() + 5
+    while subprocess.run(["pgrep", "-u", "65534", "-f", "^sleep 62$"], capture_output=True,
+                         check=False).returncode == 0:  # fmt: skip
+        assert time.monotonic() < deadline, "the command outlived wgpy"
+        time.sleep(0.05)
+
+
+def test_what_the_command_leaves_running_is_ended(wgpy_bed: Bed, upy: Path, workdir: Path) -> None:
+    script = "sleep 60 & echo $!; setsid sleep 61 & exit 3"
+    done = run(
+        as_nobody(wgpy_bed, upy, "run", "-c", str(wgpy_bed.config), "--", "sh", "-c", script),
+        workdir,
+    )
+    assert done.returncode == 3, done.stderr
+    pid = int(done.stdout.split()[0])
+    assert (
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
+    sleepers = subprocess.run(
+        ["pgrep", "-u", "65534", "-f", "^sleep 6[01]$"], capture_output=True, text=True, check=False
+    ).stdout
+    assert sleepers == ""
 
 
 def test_no_command_runs_the_shell(wgpy_bed: Bed, upy: Path, workdir: Path) -> None:

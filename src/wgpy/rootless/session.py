@@ -14,10 +14,13 @@ namespaces go with their last process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 
 from wgpy.embed.interface import Interface, load_config
@@ -27,6 +30,7 @@ from wgpy.tools.config import Config, ConfigError
 
 IFNAME = "wg0"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80  # a signal the terminal sent to the whole foreground process group
 USAGE_RUN = "usage: wgpy run [-c CONFIG] [--] [COMMAND [ARGS...]]   (CONFIG: or $WGPY_CONFIG)"
 USAGE_PROXY = (
@@ -120,9 +124,10 @@ def prepare(config: Config | str) -> tuple[Config, int]:
     return cfg, flags
 
 
-def enter_namespace(iface: Interface, flags: int) -> None:
+def enter_namespace(iface: Interface, flags: int, unshare: bool = True) -> None:
     """Unshare, give the namespace its resolv.conf, create and start the interface."""
-    userns.enter(flags)
+    if unshare:
+        userns.enter(flags)
     cfg = iface.config
     if cfg.interface.dns or cfg.interface.dns_search:
         text = userns.resolv_conf_text(cfg.interface.dns, cfg.interface.dns_search)
@@ -141,10 +146,40 @@ def blocked(signals: tuple[int, ...]) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def spawn(argv: list[str]) -> int:
-    """The command, with a clean signal state: default dispositions, nothing blocked."""
-    defaults = {s for s in signal.valid_signals() if 0 < s < 32} - {signal.SIGKILL, signal.SIGSTOP}
-    return os.posix_spawnp(argv[0], argv, os.environ, setsigmask=(), setsigdef=defaults)
+def fork_waiting(argv: list[str]) -> tuple[int, int]:
+    """Fork the command's process now, while we are single-threaded, and let it wait
+    for the word go (`start`). It gets a clean signal state (default dispositions,
+    nothing blocked) and dies with us even if we are SIGKILLed (PR_SET_PDEATHSIG)."""
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        os.close(read_end)
+        return pid, write_end
+    try:  # the child: only async-signal-safe work, then exec
+        os.close(write_end)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        for sig in range(1, 32):
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if os.read(read_end, 1) != b"g":
+            os._exit(1)  # setting up failed; the parent says why
+        os.close(read_end)
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        os.write(2, f"wgpy: cannot run {argv[0]}: {e.strerror}\n".encode())
+        os._exit(127 if e.errno == errno.ENOENT else 126)
+    finally:
+        os._exit(126)
+
+
+def start(go: int) -> None:
+    os.write(go, b"g")
+    os.close(go)
 
 
 def wait_child(pid: int, iface: Interface) -> int:
@@ -168,6 +203,34 @@ def wait_child(pid: int, iface: Interface) -> int:
                 os.kill(pid, signal.SIGTERM)
 
 
+def namespace_processes() -> list[int]:
+    """Other processes in our network namespace (ours alone: we made it)."""
+    own = os.readlink("/proc/self/ns/net")
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/ns/net") == own:
+                    found.append(int(entry))
+    return found
+
+
+def end_leftovers(grace: float = 1.0) -> None:
+    """What the command left running in the namespace (daemons it started) would live
+    on without a network: SIGTERM, and SIGKILL after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = namespace_processes()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = namespace_processes()
+        if not pids:
+            return
+
+
 def run(config_path: Config | str, argv: list[str]) -> int:
     """`wgpy run`: COMMAND in the tunnel's namespace; its exit status."""
     try:
@@ -180,17 +243,22 @@ def run(config_path: Config | str, argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         return fail(str(e))
     with blocked((*FORWARDED, signal.SIGCHLD)):
+        pid = go = -1
         try:
-            enter_namespace(iface, flags)
+            userns.enter(flags)
+            pid, go = fork_waiting(argv)
+            enter_namespace(iface, flags, unshare=False)
         except OSError as e:
             iface.close()
+            if pid > 0:
+                os.close(go)  # the child reads nothing and leaves
+                os.waitpid(pid, 0)
             return fail(f"cannot set up the namespace: {e}")
         try:
-            try:
-                pid = spawn(argv)
-            except OSError as e:
-                return fail(f"cannot run {argv[0]}: {e.strerror}") + 126
-            return wait_child(pid, iface)
+            start(go)
+            status = wait_child(pid, iface)
+            end_leftovers()
+            return status
         finally:
             iface.close()
 
