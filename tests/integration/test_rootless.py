@@ -229,6 +229,10 @@ def test_a_bad_config_is_named_by_file_line_and_key(
     done = run(as_nobody(wgpy_bed, upy, "run", "-c", str(bad), "--", "true"), workdir)
     assert done.returncode == 1
     assert f"{bad}:8: Endpoint:" in done.stderr
+    bad.write_text(wgpy_bed.client_config().replace("10.231.0.2:", "nowhere.invalid:"))
+    done = run(as_nobody(wgpy_bed, upy, "run", "-c", str(bad), "--", "true"), workdir)
+    assert done.returncode == 1
+    assert f"{bad}:8: Endpoint: cannot resolve `nowhere.invalid'" in done.stderr, done.stderr
     assert wgpy_bed.snapshot() == before
 
 

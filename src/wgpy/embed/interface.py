@@ -115,7 +115,9 @@ class Interface:
         self.configure_network = configure_network
         self.offload = offload
         self._callbacks: list[Callable[[Event], None]] = [on_event] if on_event else []
-        self._endpoints = [_resolve(p.endpoint) if p.endpoint else None for p in self.config.peers]
+        self._endpoints = [
+            _resolve(self.config, p) if p.endpoint else None for p in self.config.peers
+        ]
         self.udp = UdpSocket(self.config.interface.listen_port or 0, offload=offload)
         self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
         self.tun: Tun | None = None
@@ -464,11 +466,13 @@ class EventStream:
             self._iface._async_queues.remove(self._entry)
 
 
-def _resolve(endpoint: str) -> Endpoint:
+def _resolve(cfg: Config, peer: wgconfig.PeerConfig) -> Endpoint:
+    """The peer's endpoint resolved as `wg` does it; a failure is a ConfigError on its line."""
+    assert peer.endpoint is not None
     try:
-        return parse_endpoint(wgconfig.resolve_endpoint(endpoint))
-    except OSError as e:
-        raise OSError(e.errno, f"cannot resolve endpoint {endpoint}: {e.strerror or e}") from None
+        return parse_endpoint(wgconfig.resolve_endpoint(peer.endpoint))
+    except (ValueError, OSError) as e:
+        raise wgconfig.ConfigError(cfg.path, peer.endpoint_line, "Endpoint", str(e)) from None
 
 
 def _open_tun(name: str, vnet_hdr: bool) -> Tun:

@@ -240,7 +240,7 @@ def run(config_path: Config | str, argv: list[str]) -> int:
     argv = argv or [os.environ.get("SHELL") or "/bin/sh"]
     try:
         iface = Interface(cfg, IFNAME)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ConfigError) as e:
         return fail(str(e))
     with blocked((*FORWARDED, signal.SIGCHLD)):
         pid = go = -1
@@ -277,7 +277,7 @@ def proxy(
         return fail(str(e))
     try:
         iface = Interface(cfg, IFNAME)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ConfigError) as e:
         return fail(str(e))
     server = ProxyServer(socks, http)
     with blocked(FORWARDED):
