@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -483,3 +483,65 @@ with wgpy.Proxy(config, socks="127.0.0.1:0") as proxy:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "0"]
+
+
+COUNT_SIGINTS = """
+import signal, sys, time
+n = 0
+def count(*_):
+    global n
+    n += 1
+signal.signal(signal.SIGINT, count)
+print("ready", flush=True)
+time.sleep(2)
+sys.exit(10 + n)
+"""
+
+
+def _on_a_terminal(argv: list[str], then: Callable[[int, int], None]) -> tuple[int, str]:
+    """Run argv on a new pty with LOG_LEVEL=verbose; once it prints "ready", call
+    then(pid, pty); (exit status, everything printed)."""
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.environ.update(PYTHONPATH=str(SRC), LOG_LEVEL="verbose")
+        os.execvp(argv[0], argv)
+    out, sent, status = b"", False, None
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    data = os.read(fd, 1024)
+                except OSError:  # EIO: the terminal's other side closed
+                    break
+                if not data:
+                    break
+                out += data
+            if b"ready" in out and not sent:
+                then(pid, fd)
+                sent = True
+        if time.monotonic() < deadline:
+            _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+        if status is None:  # still running after the deadline
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert sent and status is not None, out
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_ctrl_c_reaches_the_command_once_and_kill_is_forwarded(wgpy_bed: Bed) -> None:
+    """The terminal sends SIGINT to its whole foreground group, wgpy included: wgpy must
+    not send that one again. A SIGINT from elsewhere (kill) it forwards."""
+    bed = wgpy_bed
+    argv = bed.caller.argv([sys.executable, "-m", "wgpy", "run", "-c", str(bed.config), "--",
+                            sys.executable, "-c", COUNT_SIGINTS])  # fmt: skip
+    status, out = _on_a_terminal(argv, lambda pid, fd: os.write(fd, b"\x03"))  # Ctrl-C
+    assert status == 11, out  # one SIGINT, and the command's status back
+    assert "SIGINT from the terminal" in out and "forwarding SIGINT" not in out
+    status, out = _on_a_terminal(argv, lambda pid, fd: os.kill(pid, signal.SIGINT))
+    assert status == 11, out
+    assert "forwarding SIGINT to the command" in out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from wgpy.rootless import userns
 from wgpy.rootless.socks import ProxyServer
 from wgpy.tools.config import Config, ConfigError
 
+log = logging.getLogger("wgpy.run")
 IFNAME = "wg0"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
@@ -190,7 +192,11 @@ def wait_child(pid: int, iface: Interface) -> int:
         info = signal.sigtimedwait((*FORWARDED, signal.SIGCHLD), 0.25)
         if info is not None and info.si_signo in FORWARDED:
             from_tty = info.si_code == SI_KERNEL and os.getpgid(pid) == pgrp
-            if not from_tty:
+            name = signal.Signals(info.si_signo).name
+            if from_tty:
+                log.debug("%s from the terminal: the command has it already", name)
+            else:
+                log.debug("forwarding %s to the command", name)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, info.si_signo)
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -305,7 +311,20 @@ def proxy(
             iface.close()
 
 
+def setup_logging() -> None:
+    """LOG_LEVEL=verbose|error|silent, as for the daemon."""
+    levels = {"verbose": logging.DEBUG, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
+    level = levels.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("wgpy: %(levelname)s: %(message)s"))
+    ours = logging.getLogger("wgpy")  # ours only: pyroute2's debug lines stay out
+    ours.setLevel(level)
+    ours.addHandler(handler)
+    ours.propagate = False
+
+
 def run_main(args: list[str]) -> int:
+    setup_logging()
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE_RUN)
         return 0
@@ -318,6 +337,7 @@ def run_main(args: list[str]) -> int:
 
 
 def proxy_main(args: list[str]) -> int:
+    setup_logging()
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE_PROXY)
         return 0
