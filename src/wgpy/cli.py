@@ -8,6 +8,11 @@ wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME fo
                                    /etc/wireguard/NAME.conf)
 wgpy show [IFNAME] [--json]        what `wg show` prints; --json: that and wgpy's counters
 wgpy demo                          a tunnel between two namespaces, with traffic
+wgpy run [-c CONFIG] [--] [COMMAND...]
+                                   COMMAND (or $SHELL) in a namespace whose only network
+                                   is the tunnel; no root needed (user namespaces)
+wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT]
+                                   a SOCKS5 (and HTTP CONNECT) proxy into the tunnel
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return simple[command]()
     if command in ("up", "down", "strip", "save", "show"):
         return _quick(command, args[1:])
+    if command in ("run", "proxy"):
+        from wgpy.rootless import session
+
+        return session.run_main(args[1:]) if command == "run" else session.proxy_main(args[1:])
     if command == "demo":
         from wgpy.demo.run import main as demo
 

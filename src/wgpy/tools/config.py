@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wgpy.core.crypto import decode_key, encode_key
@@ -68,12 +68,74 @@ class PeerConfig:
     persistent_keepalive: int | None = None
     endpoint_line: int = field(default=0, compare=False, repr=False)  # for errors
 
+    @classmethod
+    def build(
+        cls,
+        public_key: str | bytes,
+        *,
+        allowed_ips: Iterable[str] = (),
+        endpoint: str | None = None,
+        preshared_key: str | bytes | None = None,
+        persistent_keepalive: int | None = None,
+    ) -> PeerConfig:
+        """A [Peer] section from plain values (keys in base64 or raw bytes)."""
+        if endpoint is not None:
+            split_endpoint(endpoint)
+        return cls(
+            _key_value(public_key),
+            _key_value(preshared_key) if preshared_key is not None else None,
+            [ipaddress.ip_network(n, strict=False) for n in allowed_ips],
+            endpoint,
+            persistent_keepalive or None,
+        )
+
 
 @dataclass
 class Config:
     interface: InterfaceConfig = field(default_factory=InterfaceConfig)
     peers: list[PeerConfig] = field(default_factory=list)
     path: str = field(default="<config>", compare=False, repr=False)  # for errors
+
+    @classmethod
+    def from_text(cls, text: str, path: str = "<config>") -> Config:
+        return parse(text, path)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        name = os.fspath(path)
+        try:
+            with open(name) as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(name, 0, "file", str(e)) from None
+        return parse(text, name)
+
+    @classmethod
+    def build(
+        cls,
+        private_key: str | bytes,
+        *,
+        address: Iterable[str] = (),
+        listen_port: int | None = None,
+        dns: Iterable[str] = (),
+        mtu: int | None = None,
+        peers: Iterable[PeerConfig] = (),
+    ) -> Config:
+        """An [Interface] section and its peers from plain values."""
+        iface = InterfaceConfig(private_key=_key_value(private_key), listen_port=listen_port,
+                                mtu=mtu)  # fmt: skip
+        iface.addresses = [ipaddress.ip_interface(a) for a in address]
+        for value in dns:
+            _set_interface(iface, "dns", value)
+        return cls(iface, list(peers))
+
+    def text(self) -> str:
+        """The wg-quick file for this config."""
+        return render(self)
+
+
+def _key_value(key: str | bytes) -> bytes:
+    return decode_key(key) if isinstance(key, str) else bytes(key)
 
 
 # ---- values -------------------------------------------------------------------------------

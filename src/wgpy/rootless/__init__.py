@@ -1,0 +1,5 @@
+"""Without root: a WireGuard tunnel as the only network of a user namespace.
+
+`userns` makes the namespaces (and says clearly why it can't), `netconf` sets the TUN up
+inside, `session` composes it all for `wgpy run` and `wgpy proxy`, `socks` is the proxy.
+"""
