@@ -49,8 +49,6 @@ class Site:
         self.device = Device(rng.randbytes, native=self.native)
         self.device.set_private_key(clamp(rng.randbytes(32)))
         self.tun = ChannelTun(refuse_uso=refuse_uso)
-        if self.native is not None:
-            self.tun.coalesce = self.native.coalesce
         self.udp = ChannelUdp(ep, net)
         self.events: list[Event] = []
         self.datapath = Datapath(self.device, self.tun, self.udp, self.events.extend)

@@ -22,15 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wgpy.core import native
 from wgpy.core.device import Device
 from wgpy.core.output import Event, Output
 from wgpy.daemon import keylog, uapi, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
-from wgpy.io.datapath import Datapath
+from wgpy.io.datapath import Datapath, native_datapath, tun_offloads
 from wgpy.io.loop import Loop
-from wgpy.io.tun import TSO, Tun, TunGone
+from wgpy.io.tun import Tun, TunGone, open_tun
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
@@ -96,7 +95,7 @@ class Daemon:
             except ValueError as e:
                 raise OSError(f"--metrics {options.metrics}: {e}") from None
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
-        self.native = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+        self.native = native_datapath()
         self.device = Device(
             os.urandom, wall_offset=time.time() - time.monotonic(), native=self.native
         )
@@ -104,8 +103,7 @@ class Daemon:
         # comparisons, and for kernels that refuse them
         self.offload = os.environ.get("WGPY_OFFLOAD", "1") != "0"
         # TSO reads pay only where C splits them (see io/tun.py)
-        tso = TSO if self.native is not None and self.offload else 0
-        self.tun = tun or open_tun(ifname, self.offload, tso)
+        self.tun = tun or open_tun(ifname, self.offload, tun_offloads(self.device, self.offload))
         try:
             self.udp = UdpSocket(0, offload=self.offload)
             self.listener = listener or uapi_server.UapiListener(self.tun.name, socket_dir)
@@ -115,8 +113,6 @@ class Daemon:
                 listener.close()
             raise
         self.datapath_kind = "native" if self.native is not None else "python"
-        if self.native is not None:
-            self.tun.coalesce, self.tun.split = self.native.coalesce, self.native.split
         self.fwmark = 0
         self.device.mtu = self.tun.mtu()
         self.stats = Stats()
@@ -256,16 +252,6 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as e:  # an infinite hard limit is refused
             log.warning("cannot raise the open files limit to %s: %s", hard, e)
-
-
-def open_tun(ifname: str, vnet_hdr: bool, offloads: int = 0) -> Tun:
-    """The TUN, with the virtio header and read offloads if wanted and allowed."""
-    if vnet_hdr:
-        try:
-            return Tun.create(ifname, vnet_hdr=True, offloads=offloads)
-        except OSError as e:
-            log.warning("TUN without virtio header (%s): no coalesced writes", e)
-    return Tun.create(ifname, vnet_hdr=False)
 
 
 class HandedListener:

@@ -30,9 +30,9 @@ from wgpy.core.output import Drop, EventKind, Output
 from wgpy.core.output import Event as CoreEvent
 from wgpy.daemon.uapi import parse_endpoint
 from wgpy.embed import netconf
-from wgpy.io.datapath import Datapath
+from wgpy.io.datapath import Datapath, native_datapath, tun_offloads
 from wgpy.io.loop import Loop
-from wgpy.io.tun import Tun
+from wgpy.io.tun import Tun, open_tun
 from wgpy.io.udp import UdpSocket
 from wgpy.tools import config as wgconfig
 from wgpy.tools.config import Config
@@ -119,7 +119,8 @@ class Interface:
             _resolve(self.config, p) if p.endpoint else None for p in self.config.peers
         ]
         self.udp = UdpSocket(self.config.interface.listen_port or 0, offload=offload)
-        self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic())
+        self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic(),
+                             native=native_datapath())  # fmt: skip
         self.tun: Tun | None = None
         self._datapath: Datapath | None = None
         self._loop: Loop | None = None
@@ -147,7 +148,7 @@ class Interface:
     def open(self) -> Interface:
         if self._thread is not None:
             return self
-        self.tun = _open_tun(self.name, self.offload)
+        self.tun = open_tun(self.name, self.offload, tun_offloads(self.device, self.offload))
         try:
             self.name = self.tun.name
             mtu = self.config.interface.mtu or 1420
@@ -473,15 +474,6 @@ def _resolve(cfg: Config, peer: wgconfig.PeerConfig) -> Endpoint:
         return parse_endpoint(wgconfig.resolve_endpoint(peer.endpoint))
     except (ValueError, OSError) as e:
         raise wgconfig.ConfigError(cfg.path, peer.endpoint_line, "Endpoint", str(e)) from None
-
-
-def _open_tun(name: str, vnet_hdr: bool) -> Tun:
-    if vnet_hdr:
-        try:
-            return Tun.create(name, vnet_hdr=True)
-        except OSError as e:
-            log.warning("TUN without virtio header (%s)", e)
-    return Tun.create(name, vnet_hdr=False)
 
 
 def generate_private_key() -> str:

@@ -21,14 +21,17 @@ handshake was as likely as any to be dropped as "queue full".
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from types import ModuleType
 
+from wgpy.core import native
 from wgpy.core.device import Device
 from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
 from wgpy.io import offload
-from wgpy.io.tun import Tun, TunGone
+from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
 
 BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back to the loop
@@ -58,6 +61,17 @@ class BatchSizes:
         self.packets += n
 
 
+def native_datapath() -> ModuleType | None:
+    """The native extension, unless WGPY_NATIVE=0 asks for the pure-Python path (the
+    reference) or it was not built."""
+    return native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+
+
+def tun_offloads(device: Device, vnet_hdr: bool) -> int:
+    """What TUN reads may bring: TSO pays only where C splits it (io/tun.py)."""
+    return TSO if device.native is not None and vnet_hdr else 0
+
+
 _AUTHENTIC_HANDSHAKES = (EventKind.INITIATION_RECEIVED, EventKind.RESPONSE_RECEIVED)
 
 
@@ -72,6 +86,8 @@ class Datapath:
         self.device = device
         self.tun = tun
         self.udp = udp
+        if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
+            tun.coalesce, tun.split = device.native.coalesce, device.native.split
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event

@@ -210,6 +210,17 @@ class Tun:
         return self._ctl
 
 
+def open_tun(name: str, vnet_hdr: bool, offloads: int = 0) -> Tun:
+    """A new TUN, with the virtio header and read offloads if wanted and the kernel allows
+    them, else without (no coalesced writes then)."""
+    if vnet_hdr:
+        try:
+            return Tun.create(name, vnet_hdr=True, offloads=offloads)
+        except OSError as e:
+            log.warning("TUN without virtio header (%s): no coalesced writes", e)
+    return Tun.create(name, vnet_hdr=False)
+
+
 def _setns(fd: int) -> None:
     # os.setns arrives only in Python 3.12
     if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
