@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 
 from wgpy import _native as native
-from wgpy.core.device import Device, seal_all
+from wgpy.core.data import seal_all
+from wgpy.core.device import Device
 from wgpy.core.peer import Endpoint, Keypair
 
 BATCH = 44

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wgpy.core.crypto import clamp
-from wgpy.core.device import Device, Output, seal_all
+from wgpy.core.data import seal_all
+from wgpy.core.device import Device, Output
 from wgpy.core.output import Event
 from wgpy.core.peer import Endpoint, Keypair, Peer
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.io.test_offload import V4, V6, VNET, flow, tcp, traffic, udp, udp_flow
-from wgpy.core.device import seal_all
+from wgpy.core.data import seal_all
 from wgpy.core.peer import Endpoint, Keypair, Peer
 from wgpy.io import offload
 

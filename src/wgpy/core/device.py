@@ -21,12 +21,11 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-from wgpy.core import handshake, icmp
+from wgpy.core import data, handshake, icmp
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
     REJECT_AFTER_MESSAGES,
-    REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
@@ -34,13 +33,10 @@ from wgpy.core.constants import (
     REKEY_TIMEOUT_JITTER_MS,
 )
 from wgpy.core.cookie import CookieChecker
-from wgpy.core.crypto import InvalidTag, PrivateKey, dh, is_zero
+from wgpy.core.crypto import PrivateKey, dh, is_zero
 from wgpy.core.indextable import IndexTable
-from wgpy.core.ip import IPV4_SRC, IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN, IPV6_SRC
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
-    DATA_HEADER,
-    DATA_MIN_LEN,
     MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_INITIATION,
@@ -56,85 +52,12 @@ from wgpy.core.peer import Keypair, Peer
 from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
 
-__all__ = ["Device", "Output", "inner_destination", "padded_length", "seal_all", "seal_native"]
+__all__ = ["Device", "Output", "inner_destination"]
 
-_NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
-_NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
-_SPAN = struct.Struct("<II")  # a packet in the native open's output: (start, length)
 _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
-_V4_LEN, _V6_LEN = IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
 HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
 _KNOWN_TYPES = (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA)
-
-
-class _Received:
-    """What one batch brought for one session: the last source, bytes, and any data."""
-
-    __slots__ = ("data", "nbytes", "src")
-
-    def __init__(self) -> None:
-        self.src: Endpoint = ("", 0)
-        self.nbytes = 0
-        self.data = False
-
-
-def padded_length(length: int, mtu: int) -> int:
-    """Plaintext length after padding to 16 bytes, never past the MTU (wireguard-go rule)."""
-    last = length % mtu if length > mtu and mtu else length
-    padded = (last + 15) & ~15
-    if mtu and padded > mtu:
-        padded = mtu
-    return length + padded - last
-
-
-def seal_all(
-    kp: Keypair,
-    packets: Iterable[bytes],
-    mtu: int,
-    endpoint: Endpoint,
-    udp: list[tuple[bytes, Endpoint]],
-) -> tuple[int, bool]:
-    """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?).
-    The hot loop of sending: one AEAD call per packet and nothing else it can avoid."""
-    seal = kp.send.encrypt
-    index = kp.remote_index
-    counter = kp.send_counter
-    nbytes, sent_data = 0, False
-    for packet in packets:
-        length = len(packet)
-        pad = -length % 16
-        if length + pad > mtu:
-            pad = padded_length(length, mtu) - length
-        header = DATA_HEADER.pack(MSG_DATA, index, counter)
-        plain = packet + bytes(pad) if pad else packet
-        datagram = header + seal(_NONCE.pack(counter), plain, None)
-        counter += 1
-        udp.append((datagram, endpoint))
-        nbytes += len(datagram)
-        sent_data = sent_data or length > 0
-    kp.send_counter = counter
-    return nbytes, sent_data
-
-
-def seal_native(
-    kp: Keypair,
-    packets: list[bytes],
-    mtu: int,
-    endpoint: Endpoint,
-    udp: list[tuple[bytes, Endpoint]],
-) -> tuple[int, bool]:
-    """`seal_all` in one native call for the whole batch (byte for byte the same)."""
-    sealed, count = kp.native_send.seal(packets, kp.remote_index, kp.send_counter, mtu)
-    kp.send_counter += count
-    at, sent_data = 0, False
-    for packet in packets:
-        length = len(packet)
-        end = at + 32 + padded_length(length, mtu)  # header + padded payload + tag
-        udp.append((sealed[at:end], endpoint))
-        at = end
-        sent_data = sent_data or length > 0
-    return len(sealed), sent_data
 
 
 def _why_refused(data: bytes | memoryview) -> Drop:
@@ -239,84 +162,20 @@ class Device:
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
     ) -> Output:
-        """Handle a batch of datagrams. Data messages take the fast path below: per packet
-        only what must be (decrypt, replay check, source filter); the per-peer bookkeeping
-        (endpoint, counters, timers) is done once per session per batch, since every
-        packet of a batch arrives at the same `now`. Handshake messages are queued, and
-        up to `handshake_budget` queued ones are worked off at the end (a caller that
-        reads many batches per turn passes 0 and calls `process_handshakes` once)."""
+        """Handle a batch of datagrams: data messages opened (data.py), the bookkeeping
+        (endpoint, counters, timers) done once per session, handshake messages queued; up
+        to `handshake_budget` queued ones are worked off at the end (a caller that reads
+        many batches per turn passes 0 and calls `process_handshakes` once)."""
         out = Output()
-        if self.native is not None:  # the replay windows live in C: every datagram goes there
-            for data, src in datagrams:
-                self._open_native(data, len(data), 0, src, now, out)
-            if self._queue and handshake_budget:
-                self._process_handshakes(now, handshake_budget, out)
-            return out
-        drops = out.drops
-        keypairs = self.index.keypairs
-        tun = out.tun
-        batch: dict[Keypair, _Received] = {}
-        owners: dict[bytes, Peer | None] = {}  # inner source address -> owner, this batch
-        lookup = self.allowed_ips.lookup
-        unpack = DATA_HEADER.unpack_from
-        for data, src in datagrams:
-            # the type is a little-endian u32: 4 means "data" with the three reserved zeros
-            kind, index, counter = unpack(data) if len(data) >= DATA_MIN_LEN else _NOT_DATA
-            if kind != MSG_DATA:
-                self._queue_handshake(data, src, now, out)
-                continue
-            kp = keypairs.get(index)
-            if kp is None:
-                drops[Drop.UNKNOWN_INDEX] += 1
-                continue
-            if counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
-                drops[Drop.EXPIRED] += 1
-                continue
-            try:
-                plain = kp.recv.decrypt(_NONCE.pack(counter), memoryview(data)[16:], None)
-            except InvalidTag:
-                drops[Drop.BAD_TAG] += 1
-                continue
-            if not kp.replay.accept(counter):
-                drops[Drop.REPLAYED] += 1
-                continue
-            got = batch.get(kp)
-            if got is None:
-                got = batch[kp] = _Received()
-            got.src = src
-            got.nbytes += len(data)
-            if not plain:
-                continue  # a keepalive
-            got.data = True
-            # the inner source address and true length, for the allowed-IPs source filter
-            # (ip.source_and_length, inlined: a call per packet costs here)
-            n = len(plain)
-            version = plain[0] >> 4
-            if version == 4 and n >= 20:
-                addr, length = plain[IPV4_SRC], (plain[_V4_LEN] << 8) | plain[_V4_LEN + 1]
-                if length < 20:
-                    length = n + 1  # refused just below
-            elif version == 6 and n >= 40:
-                addr, length = plain[IPV6_SRC], 40 + ((plain[_V6_LEN] << 8) | plain[_V6_LEN + 1])
-            else:
-                drops[Drop.BAD_INNER] += 1
-                continue
-            if length > n:
-                drops[Drop.BAD_INNER] += 1
-                continue
-            try:
-                owner = owners[addr]
-            except KeyError:
-                owner = owners[addr] = lookup(addr)
-            if owner is kp.peer:
-                tun.append(plain if length == n else plain[:length])
-            else:
-                drops[Drop.SOURCE_NOT_ALLOWED] += 1
-        for kp, got in batch.items():
-            self._account_received(kp, got, now, out)
-        if self._queue and handshake_budget:
-            self._process_handshakes(now, handshake_budget, out)
-        return out
+        received: dict[Keypair, data.Received] = {}
+        others: list[data.Datagram] = []
+        if self.native is None:
+            data.open_python(datagrams, self.index.keypairs, self.allowed_ips.lookup, now, out,
+                             received, others)  # fmt: skip
+        else:  # the replay windows live in C: every datagram goes there
+            for d, src in datagrams:
+                self._open_native(d, len(d), 0, src, now, out, received, others)
+        return self._opened(received, others, now, handshake_budget, out)
 
     def receive_read(
         self,
@@ -328,42 +187,33 @@ class Device:
         handshake_budget: int = HANDSHAKE_BUDGET,
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
-        bytes if GRO merged them (see `split_read`). With the native datapath, one call
-        opens them all; the allowed-IPs check is then made once per run of packets of one
-        session and inner source, the bookkeeping once per session."""
+        bytes if GRO merged them (see `split_read`); with the native datapath, opened
+        all in one call."""
         if self.native is None:
             return self.receive([(d, src) for d in split_read(buf, n, seg)], now, handshake_budget)
         out = Output()
-        self._open_native(buf, n, seg, src, now, out)
+        received: dict[Keypair, data.Received] = {}
+        others: list[data.Datagram] = []
+        self._open_native(buf, n, seg, src, now, out, received, others)
+        return self._opened(received, others, now, handshake_budget, out)
+
+    def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
+                     now: float, out: Output, received: dict[Keypair, data.Received],
+                     others: list[data.Datagram]) -> None:  # fmt: skip
+        assert self.native is not None
+        data.open_native(self.native, read, n, seg, src, self.index, self.allowed_ips.lookup,
+                         now, out, received, others)  # fmt: skip
+
+    def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
+                now: float, handshake_budget: int, out: Output) -> Output:  # fmt: skip
+        """What a batch does once opened: sessions' bookkeeping, then handshakes queued."""
+        for kp, got in received.items():
+            self._account_received(kp, got, now, out)
+        for message, src in others:
+            self._queue_handshake(message, src, now, out)
         if self._queue and handshake_budget:
             self._process_handshakes(now, handshake_budget, out)
         return out
-
-    def _open_native(
-        self, buf: memoryview | bytes, n: int, seg: int, src: Endpoint, now: float, out: Output
-    ) -> None:
-        assert self.native is not None
-        plain = bytearray(n)
-        runs, per_session, others, drops = self.native.open_batch(
-            buf, n, seg, self.index.sessions, now, plain
-        )
-        for reason, count in drops.items():
-            if count:
-                out.drops[Drop(reason)] += count
-        keypairs = self.index.session_keypairs
-        lookup, tun = self.allowed_ips.lookup, out.tun
-        for session, source, spans in runs:
-            if lookup(source) is not keypairs[session].peer:
-                out.drops[Drop.SOURCE_NOT_ALLOWED] += len(spans) // _SPAN.size
-                continue
-            for start, length in _SPAN.iter_unpack(spans):
-                tun.append(bytes(plain[start : start + length]))
-        for session, nbytes, data in per_session:
-            got = _Received()
-            got.src, got.nbytes, got.data = src, nbytes, data
-            self._account_received(keypairs[session], got, now, out)
-        for offset, length in others:
-            self._queue_handshake(buf[offset : offset + length], src, now, out)
 
     def process_handshakes(self, now: float, budget: int = HANDSHAKE_BUDGET) -> Output:
         """Work off up to `budget` queued handshake messages."""
@@ -427,7 +277,7 @@ class Device:
 
     # ---- data messages -------------------------------------------------------------
 
-    def _account_received(self, kp: Keypair, got: _Received, now: float, out: Output) -> None:
+    def _account_received(self, kp: Keypair, got: data.Received, now: float, out: Output) -> None:
         """What authenticated data messages of one session do to their peer."""
         out.authentic = True
         peer = kp.peer
@@ -458,9 +308,9 @@ class Device:
             self._initiate(peer, now, out)  # the session's counter is spent
             return
         if kp.native_send is not None:
-            nbytes, sent_data = seal_native(kp, list(staged), self.mtu, endpoint, out.udp)
+            nbytes, sent_data = data.seal_native(kp, list(staged), self.mtu, endpoint, out.udp)
         else:
-            nbytes, sent_data = seal_all(kp, staged, self.mtu, endpoint, out.udp)
+            nbytes, sent_data = data.seal_all(kp, staged, self.mtu, endpoint, out.udp)
         staged.clear()
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
