@@ -15,7 +15,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -80,7 +79,7 @@ class Daemon:
         ifname: str,
         socket_dir: str = uapi.SOCKET_DIR,
         tun: Tun | None = None,
-        listener: uapi_server.UapiListener | HandedListener | None = None,
+        listener: uapi_server.UapiListener | None = None,
         options: Options | None = None,
     ) -> None:
         """The TUN and the UAPI listener are made here unless handed over."""
@@ -254,50 +253,13 @@ def raise_fd_limit() -> None:
             log.warning("cannot raise the open files limit to %s: %s", hard, e)
 
 
-class HandedListener:
-    """A UAPI socket that a parent bound and listens on (WG_UAPI_FD); like UapiListener, it
-    goes when its file is removed, and removes the file when it goes."""
-
-    def __init__(self, fd: int, ifname: str) -> None:
-        self.sock = socket.socket(fileno=fd)
-        if self.sock.family != socket.AF_UNIX or self.sock.type != socket.SOCK_STREAM:
-            self.sock.detach()
-            raise OSError(f"{UAPI_FD_ENV}={fd} is not a unix stream socket")
-        os.set_inheritable(fd, False)
-        self.sock.setblocking(False)
-        self.path = str(self.sock.getsockname() or uapi.socket_path(ifname))
-        try:
-            self._ino: int | None = os.stat(self.path).st_ino
-        except OSError:
-            self._ino = None  # no file to watch (an abstract socket, or already gone)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def accept(self) -> socket.socket | None:
-        return uapi_server.accept_client(self.sock)
-
-    def still_there(self) -> bool:
-        if self._ino is None:
-            return True
-        try:
-            return os.stat(self.path).st_ino == self._ino
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
-        if self._ino is not None and self.still_there():
-            os.unlink(self.path)
-
-
 def make_daemon(ifname: str, options: Options | None = None) -> Daemon:
     """The daemon, with the TUN and UAPI socket from WG_TUN_FD / WG_UAPI_FD if set."""
     tun_fd, uapi_fd = os.environ.get(TUN_FD_ENV), os.environ.get(UAPI_FD_ENV)
     tun = Tun.adopt(int(tun_fd)) if tun_fd else None
     name = tun.name if tun else ifname
     try:
-        listener = HandedListener(int(uapi_fd), name) if uapi_fd else None
+        listener = uapi_server.UapiListener.adopt(int(uapi_fd), name) if uapi_fd else None
     except BaseException:
         if tun:
             tun.close()

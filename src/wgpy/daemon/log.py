@@ -34,53 +34,45 @@ def _endpoint(detail: object) -> str:
     return str(detail)
 
 
+# wireguard-go's words; {name}: the peer, {detail}: the event's detail
+_LINES = {
+    EventKind.INITIATION_SENT: "{name} - Sending handshake initiation",
+    EventKind.INITIATION_RECEIVED: "{name} - Received handshake initiation",
+    EventKind.RESPONSE_SENT: "{name} - Sending handshake response",
+    EventKind.RESPONSE_RECEIVED: "{name} - Received handshake response",
+    EventKind.COOKIE_SENT: "Sending cookie response for denied handshake message for {detail}",
+    EventKind.COOKIE_RECEIVED: "{name} - Receiving cookie response",
+    EventKind.KEYPAIR_CREATED: "Keypair {detail} created for {name}",
+    EventKind.HANDSHAKE_COMPLETED: "{name} - Handshake completed",
+    EventKind.ENDPOINT_CHANGED: "{name} - Endpoint changed to {detail}",
+    EventKind.KEEPALIVE_SENT: "{name} - Sending keepalive packet",
+    EventKind.HANDSHAKE_GAVE_UP: "{name} - Handshake did not complete after {detail} attempts, "
+    "giving up",
+    EventKind.KEYS_ZEROED: "{name} - Removing all keys, since we haven't received a new one in "
+    f"{int(ZERO_KEYS_AFTER)} seconds",
+}
+
+
 def describe(event: Event, attempt: int | None = None) -> str:
     """The log line of one event. `attempt`: for a retry, the attempt number of the
     initiation that follows it (as `describe_all` finds it)."""
     kind, peer, detail = event
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
-    if kind is EventKind.INITIATION_SENT:
-        return f"{name} - Sending handshake initiation"
-    if kind is EventKind.INITIATION_RECEIVED:
-        return f"{name} - Received handshake initiation"
-    if kind is EventKind.RESPONSE_SENT:
-        return f"{name} - Sending handshake response"
-    if kind is EventKind.RESPONSE_RECEIVED:
-        return f"{name} - Received handshake response"
-    if kind is EventKind.COOKIE_SENT:
-        return f"Sending cookie response for denied handshake message for {_endpoint(detail)}"
-    if kind is EventKind.COOKIE_RECEIVED:
-        return f"{name} - Receiving cookie response"
-    if kind is EventKind.KEYPAIR_CREATED:
-        return f"Keypair {detail} created for {name}"
-    if kind is EventKind.HANDSHAKE_COMPLETED:
-        return f"{name} - Handshake completed"
-    if kind is EventKind.ENDPOINT_CHANGED:
-        return f"{name} - Endpoint changed to {_endpoint(detail)}"
-    if kind is EventKind.KEEPALIVE_SENT:
-        return f"{name} - Sending keepalive packet"
-    if kind is EventKind.HANDSHAKE_RETRY:
-        if detail == "no data back":
-            seconds = int(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
-            return (
-                f"{name} - Retrying handshake because we stopped hearing back after "
-                f"{seconds} seconds"
-            )
-        if attempt is None:
-            attempt = peer.timers.handshake_attempts if peer is not None else 0
-        tries = attempt + 1  # wireguard-go counts the first initiation as try 1
+    if kind is not EventKind.HANDSHAKE_RETRY:
+        return _LINES[kind].format(name=name, detail=_endpoint(detail))
+    if detail == "no data back":
+        seconds = int(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
         return (
-            f"{name} - Handshake did not complete after {int(REKEY_TIMEOUT)} seconds, "
-            f"retrying (try {tries})"
+            f"{name} - Retrying handshake because we stopped hearing back after "
+            f"{seconds} seconds"
         )
-    if kind is EventKind.HANDSHAKE_GAVE_UP:
-        return f"{name} - Handshake did not complete after {detail} attempts, giving up"
-    if kind is EventKind.KEYS_ZEROED:
-        return (
-            f"{name} - Removing all keys, since we haven't received a new one in "
-            f"{int(ZERO_KEYS_AFTER)} seconds"
-        )
-    return f"{name} - {kind.value}"  # pragma: no cover - every kind is named above
+    if attempt is None:
+        attempt = peer.timers.handshake_attempts if peer is not None else 0
+    tries = attempt + 1  # wireguard-go counts the first initiation as try 1
+    return (
+        f"{name} - Handshake did not complete after {int(REKEY_TIMEOUT)} seconds, "
+        f"retrying (try {tries})"
+    )
 
 
 def describe_all(events: Sequence[Event]) -> list[str]:

@@ -122,7 +122,26 @@ class UapiListener:
             os.umask(old)
         self.sock.listen(128)
         self.sock.setblocking(False)
-        self._ino = os.stat(self.path).st_ino
+        self._ino: int | None = os.stat(self.path).st_ino
+
+    @classmethod
+    def adopt(cls, fd: int, ifname: str) -> UapiListener:
+        """A socket a parent bound and listens on, handed over (wireguard-go's WG_UAPI_FD);
+        it too goes when its file is removed, and removes the file when it goes."""
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise OSError(f"UAPI fd {fd} is not a unix stream socket")
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        self = cls.__new__(cls)
+        self.sock = sock
+        self.path = str(sock.getsockname() or socket_path(ifname))
+        try:
+            self._ino = os.stat(self.path).st_ino
+        except OSError:
+            self._ino = None  # no file to watch (an abstract socket, or already gone)
+        return self
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -132,6 +151,8 @@ class UapiListener:
 
     def still_there(self) -> bool:
         """False once someone deleted or replaced our socket file: time to go."""
+        if self._ino is None:
+            return True
         try:
             return os.stat(self.path).st_ino == self._ino
         except OSError:
@@ -139,7 +160,7 @@ class UapiListener:
 
     def close(self) -> None:
         self.sock.close()
-        if self.still_there():
+        if self._ino is not None and self.still_there():
             os.unlink(self.path)
 
 
