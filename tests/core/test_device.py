@@ -674,3 +674,18 @@ def test_sending_an_initiation_cancels_the_passive_keepalive(net: SimNet) -> Non
     peer.handshake.last_sent_handshake = float("-inf")
     b.device.send([ipv4_packet("10.0.0.2", "10.0.0.1")], net.now)  # b must re-handshake
     assert not peer.timers.pending(Timer.SEND_KEEPALIVE)
+
+
+def test_a_source_over_its_rate_costs_no_mac1(net: SimNet) -> None:
+    """Once a source has spent its tokens, its messages are refused before the mac1 is
+    computed (junk included); junk never spends a source's tokens."""
+    _, b = nodes(net)
+    dev = b.device
+    junk = bytes([MSG_INITIATION, 0, 0, 0]) + bytes(INITIATION_LEN - 4)
+    src = ("192.0.2.77", 1)
+    out = dev.receive([(junk, src)] * 50, net.now, 0)
+    assert out.drops == {Drop.BAD_MAC1: 50}  # junk spends nothing
+    valid = [(valid_mac1_junk(net, b, i), src) for i in range(5)]
+    assert not dev.receive(valid, net.now, 0).drops  # the burst
+    out = dev.receive([(junk, src), (valid_mac1_junk(net, b, 9), src)], net.now, 0)
+    assert out.drops == {Drop.RATE_LIMITED: 2}  # no mac1 computed for either

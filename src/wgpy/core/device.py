@@ -362,6 +362,8 @@ class Device:
             self._receive_cookie_reply(data, now, out)
         elif self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
+        elif self.rate_limiter.spent(src, now):
+            out.drops[Drop.RATE_LIMITED] += 1
         elif not self.cookie_checker.check_mac1(data):
             out.drops[Drop.BAD_MAC1] += 1
         elif not self.rate_limiter.allow(src, now):

@@ -43,9 +43,26 @@ class RateLimiter:
         self.rate = rate
         self.burst = float(burst)
         self._buckets: dict[bytes, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._keys: dict[str, bytes] = {}  # host -> its key: parsing costs more than a look
+
+    def _key(self, endpoint: Endpoint) -> bytes:
+        key = self._keys.get(endpoint[0])
+        if key is None:
+            if len(self._keys) >= MAX_SOURCES:
+                self._keys.clear()
+            key = self._keys[endpoint[0]] = source_key(endpoint)
+        return key
+
+    def spent(self, endpoint: Endpoint, now: float) -> bool:
+        """Whether the source has no token now (a look that takes none). Only messages
+        with a valid mac1 take tokens, so junk can never spend a legitimate source's; but
+        once a source is over its rate, its messages can be refused before the mac1 is
+        even computed, which is what a flood from one source costs then."""
+        bucket = self._buckets.get(self._key(endpoint))
+        return bucket is not None and bucket[0] + (now - bucket[1]) * self.rate < 1.0
 
     def allow(self, endpoint: Endpoint, now: float) -> bool:
-        key = source_key(endpoint)
+        key = self._key(endpoint)
         tokens, at = self._buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if tokens < 1.0:
