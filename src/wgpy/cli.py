@@ -5,7 +5,8 @@ wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IF
      [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
 wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
-                                   /etc/wireguard/NAME.conf)
+                                   /etc/wireguard/NAME.conf); `up` also takes the
+                                   daemon's --metrics and --keylog
 wgpy show [IFNAME] [--json]        what `wg show` prints; --json: that and wgpy's counters
 wgpy demo                          a tunnel between two namespaces, with traffic
 wgpy run [-c CONFIG] [--] [COMMAND...]
@@ -56,6 +57,17 @@ def _quick(command: str, args: list[str]) -> int:
 
             return status.show_json([a for a in args if a != "--json"])
         return quick.show_command(args)
+    if command == "up":  # the daemon's options, passed on to the daemon `up` starts
+        from wgpy.daemon.daemon import parse_options
+
+        try:
+            opts, args = parse_options(args)
+        except ValueError as e:
+            print(f"wgpy up: {e}", file=sys.stderr)
+            return 2
+        for name, value in (("WGPY_METRICS", opts.metrics), ("WGPY_KEYLOG", opts.keylog)):
+            if value:
+                os.environ[name] = value
     if len(args) != 1:
         print(f"usage: wgpy {command} CONFIG_FILE | INTERFACE", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -266,6 +267,26 @@ def test_save_config_on_down(site: tuple[Namespace, Namespace, Path]) -> None:
     assert "ListenPort = 41414" in saved and f"PublicKey = {peer}" in saved
     assert "Address = 10.201.0.1/24" in saved and "SaveConfig = true" in saved
     assert conf.stat().st_mode & 0o077 == 0
+
+
+def test_up_passes_metrics_and_keylog_to_the_daemon(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    """`wgpy up CONFIG --metrics ADDR --keylog FILE`: the daemon `up` starts serves the
+    metrics and writes the keylog, as `wgpy IFNAME --metrics ... --keylog ...` would."""
+    a, _, tmp = site
+    conf = interface(tmp)
+    keys = tmp / "keys.log"
+    try:
+        done = wgpy(a, "up", str(conf), "--metrics", "127.0.0.1:9587", "--keylog", str(keys))
+        assert done.returncode == 0, done.stderr
+        fetch = "import urllib.request as u;print(u.urlopen('http://127.0.0.1:9587/metrics').read().decode())"
+        text = a.run(sys.executable, "-c", fetch)
+        assert "wireguard_" in text and f'interface="wq{PID}"' in text
+        assert keys.exists()
+    finally:
+        wgpy(a, "down", str(conf))
+    assert wgpy(a, "up", str(conf), "--metrics").returncode == 2  # a missing value
 
 
 def test_strip_matches_wg_quick_and_world_readable_warns(tmp_path: Path) -> None:
