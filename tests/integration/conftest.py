@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from wgpy.demo.testbed import Tunnel
+from wgpy.demo.testbed import Namespace, Tunnel
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +49,14 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def load_nft(ns: Namespace, rules: str) -> None:
+    """Load an nftables ruleset (text) into namespace `ns`."""
+    path = f"/tmp/wgpy-nft-{os.getpid()}.nft"
+    with open(path, "w") as f:
+        f.write(rules)
+    try:
+        ns.run("nft", "-f", path, timeout=10)
+    finally:
+        os.unlink(path)

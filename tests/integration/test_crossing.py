@@ -12,11 +12,11 @@ handshake messages by type in A's namespace, and both pings getting through.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Callable
 
+from tests.integration.conftest import load_nft
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Tunnel
 
 COUNT = """
@@ -45,16 +45,6 @@ table inet wgpy_hold {{
 """
 
 
-def nft(ns: Namespace, rules: str) -> None:
-    path = f"/tmp/wgpy-crossing-{os.getpid()}.nft"
-    with open(path, "w") as f:
-        f.write(rules)
-    try:
-        ns.run("nft", "-f", path, timeout=10)
-    finally:
-        os.unlink(path)
-
-
 def counters(ns: Namespace) -> dict[str, int]:
     out = json.loads(ns.run("nft", "-j", "list", "counters", "table", "inet", "wgpy_count"))
     found = [o["counter"] for o in out["nftables"] if "counter" in o]
@@ -72,7 +62,7 @@ def received(ping: subprocess.Popen[str]) -> int:
 def test_a_response_holds_off_a_crossing_initiation(make_tunnel: Callable[..., Tunnel]) -> None:
     t = make_tunnel("x", WGPY, WIREGUARD_GO)
     a, b = t.a, t.b  # both know each other's endpoint; neither has sent anything yet
-    nft(a.ns, COUNT.format(port=a.port))
+    load_nft(a.ns, COUNT.format(port=a.port))
     ping_b = b.ns.popen("ping", "-c", "12", "-i", "0.2", "-W", "2", a.inner4,
                         stdout=subprocess.PIPE, text=True)  # fmt: skip
     ping_a = None

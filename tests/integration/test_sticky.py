@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import eventually
+from tests.integration.conftest import eventually, load_nft
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, Tunnel
 
 FAMILIES = {
@@ -43,13 +43,7 @@ def firewall(ns: Namespace, fam: str, drop: str, allow: str, port: int, swapped:
     names = ("from_second", "from_first") if swapped else ("from_first", "from_second")
     rules = RULES.format(fam=fam, drop=drop, allow=allow, port=port,
                          drop_counter=names[0], allow_counter=names[1])  # fmt: skip
-    path = f"/tmp/wgpy-sticky-{os.getpid()}.nft"
-    with open(path, "w") as f:
-        f.write(rules)
-    try:
-        ns.run("nft", "-f", path, timeout=10)
-    finally:
-        os.unlink(path)
+    load_nft(ns, rules)
 
 
 def counter(ns: Namespace, name: str) -> int:
