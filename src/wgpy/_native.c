@@ -289,14 +289,16 @@ static int aead_seal(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, i
     return 1;
 }
 
-/* Py_buffers for every item of a sequence (one allocation); NULL with an exception. */
-static Py_buffer *get_buffers(PyObject *fast, Py_ssize_t n)
+/* Py_buffers for every item of a tuple (one allocation); NULL with an exception. A tuple,
+ * not PySequence_Fast's list: since Python 3.12 PyObject_GetBuffer may run Python code
+ * (`__buffer__`) that empties a list under us, whereas a tuple holds its items. */
+static Py_buffer *get_buffers(PyObject *tuple, Py_ssize_t n)
 {
     Py_buffer *views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
     if (views == NULL)
         return (Py_buffer *)PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &views[i], PyBUF_SIMPLE) < 0) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(tuple, i), &views[i], PyBUF_SIMPLE) < 0) {
             while (i-- > 0)
                 PyBuffer_Release(&views[i]);
             PyMem_Free(views);
@@ -329,12 +331,12 @@ static PyObject *Sealer_seal(Sealer *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "receiver_index is a u32 and mtu >= 0");
         return NULL;
     }
-    PyObject *fast = PySequence_Fast(packets, "packets must be a sequence");
-    if (fast == NULL)
+    PyObject *items_tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (items_tuple == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(items_tuple);
     PyObject *result = NULL;
-    Py_buffer *views = get_buffers(fast, n);
+    Py_buffer *views = get_buffers(items_tuple, n);
     if (views == NULL)
         goto done;
     if (n > 0 && counter > UINT64_MAX - (uint64_t)(n - 1)) {
@@ -380,7 +382,7 @@ static PyObject *Sealer_seal(Sealer *self, PyObject *args)
 done:
     if (views)
         release_buffers(views, n);
-    Py_DECREF(fast);
+    Py_DECREF(items_tuple);
     if (result == NULL)
         return NULL;
     return Py_BuildValue("(Nn)", result, n);
@@ -970,12 +972,12 @@ static PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject 
     int udp = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:coalesce", kwlist, &packets, &udp))
         return NULL;
-    PyObject *fast = PySequence_Fast(packets, "packets must be a sequence");
-    if (fast == NULL)
+    PyObject *items_tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (items_tuple == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), nruns = 0, nitems = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(items_tuple), nruns = 0, nitems = 0;
     PyObject *result = NULL;
-    Py_buffer *views = get_buffers(fast, n);
+    Py_buffer *views = get_buffers(items_tuple, n);
     size_t cap = 16;
     while (cap < 2 * (size_t)n)
         cap *= 2;
@@ -1047,7 +1049,7 @@ done:
     PyMem_Free(next);
     PyMem_Free(items);
     PyMem_Free(table);
-    Py_DECREF(fast);
+    Py_DECREF(items_tuple);
     return result;
 }
 

@@ -105,6 +105,29 @@ def offload_garbage(rng: random.Random, rounds: int) -> None:
         sealer.seal(packets, rng.getrandbits(32), rng.getrandbits(63), rng.randrange(0, 2000))
 
 
+class Shrinker:
+    """A packet whose buffer export (Python 3.12's `__buffer__`) empties its list."""
+
+    def __init__(self, victim: list[object]) -> None:
+        self.victim = victim
+
+    def __buffer__(self, flags: int) -> memoryview:
+        self.victim.clear()
+        return memoryview(b"\x45" + bytes(63))
+
+
+def shrinking_lists(rng: random.Random) -> None:
+    """Lists emptied by their own items while seal and coalesce take their buffers."""
+    for _ in range(20):
+        victim: list[object] = []
+        victim += [bytes([0x45]) + rng.randbytes(99) for _ in range(rng.randrange(0, 20))]
+        victim.insert(rng.randrange(0, len(victim) + 1), Shrinker(victim))
+        native.Sealer(rng.randbytes(32)).seal(list(victim), 1, 0, 1420)
+        native.Sealer(rng.randbytes(32)).seal(victim, 1, 0, 1420)
+        victim += [Shrinker(victim), bytearray(100)]
+        native.coalesce(victim)
+
+
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
     deadline = time.monotonic() + seconds
@@ -115,6 +138,7 @@ def main() -> None:
     for s in world.ref.values():
         s.expires = 1e9
     edge_batches(world)
+    shrinking_lists(rng)
     threads(World(rng, 3, 1000.0, native), min(5.0, seconds / 4))
     n = 0
     while time.monotonic() < deadline:

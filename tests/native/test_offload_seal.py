@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -72,6 +73,32 @@ def test_seal_edges() -> None:
     s.wipe()
     with pytest.raises(ValueError):
         s.seal([b"x"], 1, 0, 1420)
+
+
+class _Shrinker:
+    """A packet whose buffer export (3.12's `__buffer__`) empties the list it is in."""
+
+    def __init__(self, victim: list[object]) -> None:
+        self.victim = victim
+
+    def __buffer__(self, flags: int) -> memoryview:
+        self.victim.clear()
+        return memoryview(b"x" * 64)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="__buffer__ is Python 3.12+")
+def test_a_list_emptied_while_its_buffers_are_taken_is_read_as_it_was() -> None:
+    """Seal and coalesce read the list once: items emptied from it by an item's own
+    `__buffer__` stay alive until the call ends (it used to be a use-after-free)."""
+    rest = [bytes([0x45]) + bytes(99) for _ in range(50)]
+    for call in (
+        lambda packets: native.Sealer(bytes(32)).seal(packets, 1, 0, 1420),
+        native.coalesce,
+    ):
+        victim: list[object] = []
+        victim += [_Shrinker(victim), *(bytearray(p) for p in rest)]
+        assert call(victim) == call([b"x" * 64, *rest])
+        assert victim == []
 
 
 # ---------------------------------------------------------------- checksum
