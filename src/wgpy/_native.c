@@ -1063,13 +1063,13 @@ static int append_bytes(PyObject *list, const uint8_t *p, size_t n)
     return rc;
 }
 
-/* offload._segment. Where it raises (an IPv4 header cut below 12 bytes, a length past
- * 65535: garbage no kernel hands over), this drops the buffer: it appends nothing. */
+/* offload._segment: a buffer it refuses (an IPv4 header under 20 bytes, a segment whose
+ * IP length field would pass 65535, ...) appends nothing. */
 static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4)
 {
     unsigned version = pkt[0] >> 4;
     size_t iphl;
-    if (version == 4)
+    if (version == 4 && (pkt[0] & 15) >= 5)
         iphl = (size_t)(pkt[0] & 15) * 4;
     else if (version == 6)
         iphl = 40;
@@ -1082,8 +1082,7 @@ static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_s
     if (mss <= 0 || thl < (udp ? 8u : 20u) || hlen > len)
         return 0;
     size_t n = len - hlen, most = n < (size_t)mss ? n : (size_t)mss;
-    if ((version == 4 ? hlen < 12 || hlen + most > 0xFFFF : hlen + most - 40 > 0xFFFF)
-        || (udp && thl + most > 0xFFFF))
+    if (hlen + most - (version == 6 ? 40 : 0) > 0xFFFF) /* the IP length field */
         return 0;
     const uint8_t *payload = pkt + hlen;
     unsigned base = pseudo_sum(pkt, udp ? 17 : 6, 0), ip_id = rd16be(pkt + 4);

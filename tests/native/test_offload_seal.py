@@ -222,7 +222,46 @@ def test_split_garbage_matches(
             assert native.split(b, 1500) == python_split(b, 1500)
 
 
-def test_split_where_python_raises() -> None:
-    """A version-4 header cut below 12 bytes makes offload.split raise; native drops it."""
-    buf = VNET.pack(0, offload.GSO_UDP_L4, 0, 100, 0, 0) + b"\x40" + bytes(40)
-    assert python_split(buf, 1500) == [] and native.split(buf, 1500) == []
+@st.composite
+def super_packets(draw: st.DrawFn) -> bytes:
+    """TSO/USO buffers at the edges that matter: any IPv4 header length (IHL 0-15, so
+    also below 20 bytes), and IPv6 segments around the 64 KiB payload-length limit."""
+    gso = draw(st.sampled_from([offload.GSO_TCPV4, offload.GSO_TCPV6, offload.GSO_UDP_L4]))
+    v6 = gso == offload.GSO_TCPV6 or (gso == offload.GSO_UDP_L4 and draw(st.booleans()))
+    is_udp = gso == offload.GSO_UDP_L4
+    size = draw(st.integers(0, 300) | st.integers(65535 - 80, 65535 + 40))
+    addrs = V6 if v6 else V4
+    # the headers of an empty packet, then the payload: a super-packet's own length
+    # fields are not read (split writes each segment's), so they may stay wrong
+    pkt = bytearray(udp(b"", addrs) if is_udp else tcp(1, b"", addrs=addrs))
+    pkt += bytes(range(256)) * (size // 256) + bytes(size % 256)
+    if not v6:
+        pkt[0] = 0x40 | draw(st.integers(0, 15))
+    gso_size = draw(st.sampled_from([0, 1, 1000, 1400]) | st.integers(size - 8, size + 8))
+    flags = draw(st.sampled_from([0, offload.NEEDS_CSUM]))
+    start = draw(st.sampled_from([0, 20, 24, 40, 48]))
+    return VNET.pack(flags, gso, 0, max(0, min(gso_size, 0xFFFF)), start, 16) + bytes(pkt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(super_packets())
+def test_split_of_edge_super_packets_matches(buf: bytes) -> None:
+    assert native.split(buf, 1500) == python_split(buf, 1500)
+
+
+def test_split_edges_agree() -> None:
+    """An IPv4 header under 20 bytes: both drop the buffer. An IPv6 segment whose payload
+    length is 65,535 (the field's limit, so the packet is just over 64 KiB): both cut it."""
+    for ihl in (0, 2, 4):
+        pkt = bytearray(tcp(1, bytes(3000)))
+        pkt[0] = 0x40 | ihl
+        buf = VNET.pack(0, offload.GSO_TCPV4, 0, 1000, 0, 0) + bytes(pkt)
+        assert python_split(buf, 1500) == [] and native.split(buf, 1500) == []
+    payload = bytes(65535 - 20)  # one segment: 40 + 20 + 65515 bytes, payload length 65535
+    header = tcp(1, b"", addrs=V6)
+    buf = VNET.pack(0, offload.GSO_TCPV6, 0, len(payload), 0, 0) + header + payload
+    (segment,) = offload.split(buf, 1500)
+    assert len(segment) == 40 + 65535 and segment[4:6] == b"\xff\xff"
+    assert native.split(buf, 1500) == [segment]
+    over = VNET.pack(0, offload.GSO_TCPV6, 0, 65535, 0, 0) + header + payload + b"x"
+    assert offload.split(over, 1500) == native.split(over, 1500) == []
