@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.core.simnet import Node, SimNet, ipv4_packet, ipv6_packet, seal
+from wgpy.core.backend import padded_length
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
-from wgpy.core.data import padded_length
 from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,

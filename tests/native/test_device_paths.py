@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
 from wgpy.core import native
+from wgpy.core.backend import Backend
 from wgpy.core.crypto import clamp, public_key
 from wgpy.core.device import Device, Output
 from wgpy.core.peer import Keypair
@@ -38,7 +39,7 @@ def world(use_native: bool) -> tuple[SimNet, Device, Device]:
     assert third is not None
     b.device.allowed_ips.insert(bytes([10, 7, 0, 0]), 16, third)
     for node in (a, b):
-        node.device.native = module if use_native else None
+        node.device.backend = Backend(module if use_native else None)
     net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"hello"))  # the handshake
     return net, a.device, b.device
 

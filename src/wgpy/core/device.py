@@ -23,9 +23,9 @@ from types import ModuleType
 
 from wgpy.core import data, handshake, icmp
 from wgpy.core.allowedips import AllowedIPs
+from wgpy.core.backend import Backend
 from wgpy.core.constants import (
     DEFAULT_MTU,
-    REJECT_AFTER_MESSAGES,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
@@ -71,12 +71,12 @@ class Device:
         self,
         rand: Callable[[int], bytes],
         wall_offset: float = 0.0,
-        native: ModuleType | None = None,
+        backend: Backend | None = None,
     ) -> None:
-        """`native`: the extension module (core/native.py `load()`) to open and seal
-        data messages with, or None for the pure-Python path."""
+        """`backend`: where data messages are opened and sealed (core/backend.py), by
+        default the pure-Python one for a single thread."""
         self.rand = rand
-        self.native = native
+        self.backend = backend or Backend()
         self._timer_rng = random.Random(rand(16))
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
         self.private_key: bytes | None = None
@@ -95,6 +95,11 @@ class Device:
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
+
+    @property
+    def native(self) -> ModuleType | None:
+        """The extension module if the backend is the native one."""
+        return self.backend.native
 
     # ---- configuration -------------------------------------------------------------
 
@@ -304,13 +309,11 @@ class Device:
                 self._unreachable(packet, now, out)
             staged.clear()
             return
-        if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
+        sent = data.seal(kp, staged, self.mtu, endpoint, out.udp)
+        if sent is None:
             self._initiate(peer, now, out)  # the session's counter is spent
             return
-        if kp.native_send is not None:
-            nbytes, sent_data = data.seal_native(kp, list(staged), self.mtu, endpoint, out.udp)
-        else:
-            nbytes, sent_data = data.seal_all(kp, staged, self.mtu, endpoint, out.udp)
+        nbytes, sent_data = sent
         staged.clear()
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
@@ -445,7 +448,7 @@ class Device:
             return
         msg, keys = made
         kp = Keypair(peer, keys, initiator=False, local_index=index, remote_index=init.sender,
-                     now=now, native=self.native)  # fmt: skip
+                     now=now, backend=self.backend)  # fmt: skip
         self.index.add_keypair(kp)
         self.index.drop_keypair(peer.next)
         self.index.drop_keypair(peer.previous)
@@ -476,7 +479,7 @@ class Device:
         index = msg.receiver
         self._clear_handshake(peer)
         kp = Keypair(peer, keys, initiator=True, local_index=index, remote_index=msg.sender,
-                     now=now, native=self.native)  # fmt: skip
+                     now=now, backend=self.backend)  # fmt: skip
         self.index.add_keypair(kp)
         self.index.drop_keypair(peer.previous)
         if peer.next is not None:
