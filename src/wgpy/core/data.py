@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 
-from wgpy.core.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.core.crypto import InvalidTag
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import IPV4_SRC, IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN, IPV6_SRC
@@ -82,7 +82,7 @@ def open_python(
         if kp is None:
             drops[Drop.UNKNOWN_INDEX] += 1
             continue
-        if counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
+        if counter >= REJECT_AFTER_MESSAGES or now >= kp.expires:  # as C and can_send
             drops[Drop.EXPIRED] += 1
             continue
         try:

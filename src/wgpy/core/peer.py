@@ -25,6 +25,7 @@ class Keypair:
 
     __slots__ = (
         "created",
+        "expires",
         "initiator",
         "local_index",
         "native_recv",
@@ -54,7 +55,11 @@ class Keypair:
         self.recv = ChaCha20Poly1305(keys[1])
         # With the native datapath, C holds copies of the keys (and the replay window),
         # wiped when the session is dropped.
-        self.native_recv: Any = native.Session(keys[1], now + REJECT_AFTER_TIME) if native else None
+        # One instant ends the session on both paths, compared one way (now >= expires)
+        # by the C open, the pure open and can_send: never `now - created` against 180 in
+        # one place and `created + 180` in another, which differ by an ulp.
+        self.expires = now + REJECT_AFTER_TIME
+        self.native_recv: Any = native.Session(keys[1], self.expires) if native else None
         self.replay = ReplayWindow()
         self.created = now
         self.initiator = initiator
@@ -78,7 +83,7 @@ class Keypair:
         self.sealer.expire()
 
     def can_send(self, now: float) -> bool:
-        return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
+        return self.send_counter < REJECT_AFTER_MESSAGES and now < self.expires
 
 
 class HandshakeState(Enum):
