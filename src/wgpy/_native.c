@@ -1,17 +1,19 @@
 /* wgpy._native: the per-packet loops of wgpy's datapath in C, over OpenSSL's libcrypto.
  *
- * Optional: wgpy works without it (the pure-Python code is the reference, and the tests
- * in tests/native prove that this file computes byte for byte the same thing).
+ * Optional: wgpy works without it. It is one of the data path's two backends behind one
+ * contract (wgpy/core/backend.py); the pure-Python one there is the reference, and the
+ * tests in tests/native prove that this file computes byte for byte the same thing.
  *
- *   Session(key, expires)   a receiving session: ChaCha20-Poly1305 key + replay window
- *   Sealer(key, index)      a sending key and its counter: seal(packets, mtu)
- *   open_batch(...)         decrypt and check one UDP GRO read (see its docstring)
- *   coalesce, checksum, split   as wgpy.io.offload
+ *   Session(key, expires)              a receiving session: key + replay window
+ *   Sealer(key, index, counter=0)      a sending key and its counter: seal(packets, mtu)
+ *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
+ *   coalesce, checksum, split          as wgpy.io.offload
  *
- * Every read of packet data is bounds-checked against the length it came with. Nothing
- * is allocated per packet: one scratch block per call. The GIL is released while
- * decrypting and encrypting; each Session and Sealer has a lock so that two threads
- * (or a wipe) never use one EVP context at once.
+ * Every read of packet data is bounds-checked against the length it came with. The
+ * crypto loops allocate nothing per packet (one scratch block per call; the bytes handed
+ * back are made with the GIL). The GIL is released while decrypting and encrypting; each
+ * Session and Sealer has a lock so that two threads (or a wipe) never use one EVP context
+ * at once, and a Sealer reserves its counters under that lock.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -491,7 +493,7 @@ static int aead_open(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, i
     return 1;
 }
 
-/* The inner packet's true length (Device.receive's checks), or 0 if it is malformed. */
+/* The inner packet's true length (backend.open_batch's checks), or 0 if it is malformed. */
 static uint32_t inner_length(const uint8_t *p, uint32_t n)
 {
     uint32_t length;
@@ -568,15 +570,33 @@ static int is_handshake(const uint8_t *p, uint32_t len)
     return (t == 1 && len == 148) || (t == 2 && len == 92) || (t == 3 && len == 64);
 }
 
+/* A run's packets as bytes, from out (its records are run_begin..i-1 of recs, V_PACKET). */
+static PyObject *run_packets(const uint8_t *out, const Rec *recs, Py_ssize_t begin,
+                             Py_ssize_t end, Py_ssize_t count)
+{
+    PyObject *list = PyList_New(count);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = begin; list && i < end; i++) {
+        if (recs[i].verdict != V_PACKET)
+            continue;
+        PyObject *b = PyBytes_FromStringAndSize((const char *)out + recs[i].start, recs[i].plen);
+        if (b == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, k++, b);
+    }
+    return list;
+}
+
 /* Phase 3, with the GIL: the Python result. */
 static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots,
-                             Py_ssize_t nslots, uint8_t *spans)
+                             Py_ssize_t nslots)
 {
     Py_ssize_t drops[N_DROPS] = {0}, naccounted = 0;
     PyObject *runs = PyList_New(0), *per = NULL, *others = PyList_New(0), *dd = PyDict_New();
     if (runs == NULL || others == NULL || dd == NULL)
         goto fail;
-    Py_ssize_t run_begin = 0, nspans = 0, run_slot = -1;
+    Py_ssize_t run_first = 0, run_count = 0, run_slot = -1;
     const uint8_t *run_src = NULL;
     uint32_t run_srclen = 0;
     for (Py_ssize_t i = 0; i <= nrecs; i++) {
@@ -589,26 +609,24 @@ static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Sl
             srclen = p[0] >> 4 == 4 ? 4 : 16;
         }
         /* a run ends at the end, or at a packet of another session or inner source */
-        if (nspans > run_begin && (r == NULL || (src && (r->slot != run_slot || srclen != run_srclen
-                                                         || memcmp(src, run_src, srclen))))) {
-            PyObject *t = Py_BuildValue("(Oy#y#)", (PyObject *)slots[run_slot].s, run_src,
-                                        (Py_ssize_t)run_srclen, spans + 8 * run_begin,
-                                        (Py_ssize_t)(8 * (nspans - run_begin)));
+        if (run_count && (r == NULL || (src && (r->slot != run_slot || srclen != run_srclen
+                                                || memcmp(src, run_src, srclen))))) {
+            PyObject *t = Py_BuildValue("(Oy#N)", (PyObject *)slots[run_slot].s, run_src,
+                                        (Py_ssize_t)run_srclen,
+                                        run_packets(out, recs, run_first, i, run_count));
             if (t == NULL || PyList_Append(runs, t) < 0) {
                 Py_XDECREF(t);
                 goto fail;
             }
             Py_DECREF(t);
-            run_begin = nspans;
+            run_count = 0;
         }
         if (r == NULL)
             break;
         if (src) {
-            if (nspans == run_begin)
-                run_slot = r->slot, run_src = src, run_srclen = srclen;
-            wr32le(spans + 8 * nspans, r->start);
-            wr32le(spans + 8 * nspans + 4, r->plen);
-            nspans++;
+            if (run_count == 0)
+                run_first = i, run_slot = r->slot, run_src = src, run_srclen = srclen;
+            run_count++;
         } else if (r->verdict == V_OTHER) {
             PyObject *t = Py_BuildValue("(II)", (unsigned)r->off, (unsigned)r->len);
             if (t == NULL || PyList_Append(others, t) < 0) {
@@ -654,35 +672,30 @@ fail:
 
 static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    Py_buffer in, outb;
+    Py_buffer in;
     Py_ssize_t nbytes, seg;
     PyObject *sessions;
     double now;
-    if (!PyArg_ParseTuple(args, "y*nnO!dw*:open_batch", &in, &nbytes, &seg, &PyDict_Type,
-                          &sessions, &now, &outb))
+    if (!PyArg_ParseTuple(args, "y*nnO!d:open_batch", &in, &nbytes, &seg, &PyDict_Type,
+                          &sessions, &now))
         return NULL;
     PyObject *result = NULL;
     Rec *recs = NULL;
     Slot *slots = NULL;
-    uint8_t *spans = NULL;
+    uint8_t *out = NULL; /* the plaintexts: one scratch block per call */
     Py_ssize_t nslots = 0;
     const uint8_t *buf = in.buf;
-    uint8_t *out = outb.buf;
-    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX || outb.len < nbytes) {
-        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf), len(out) >= nbytes");
-        goto done;
-    }
-    if (out < buf + nbytes && buf < out + outb.len) {
-        PyErr_SetString(PyExc_ValueError, "out must not overlap buf");
+    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf)");
         goto done;
     }
     Py_ssize_t step = seg > 0 && seg < nbytes ? seg : nbytes;
-    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 0;
-    size_t n1 = nrecs ? (size_t)nrecs : 1;
+    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 1; /* 0: one empty datagram */
+    size_t n1 = (size_t)nrecs;
     recs = PyMem_Malloc(n1 * sizeof(Rec));
     slots = PyMem_Malloc(n1 * sizeof(Slot));
-    spans = PyMem_Malloc(n1 * 8);
-    if (recs == NULL || slots == NULL || spans == NULL) {
+    out = PyMem_Malloc(nbytes ? (size_t)nbytes : 1);
+    if (recs == NULL || slots == NULL || out == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -739,15 +752,14 @@ static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     open_records(buf, out, recs, nrecs, slots);
     Py_END_ALLOW_THREADS
-    result = open_result(out, recs, nrecs, slots, nslots, spans);
+    result = open_result(out, recs, nrecs, slots, nslots);
 done:
     for (Py_ssize_t i = 0; i < nslots; i++)
         Py_DECREF(slots[i].s);
     PyMem_Free(recs);
     PyMem_Free(slots);
-    PyMem_Free(spans);
+    PyMem_Free(out);
     PyBuffer_Release(&in);
-    PyBuffer_Release(&outb);
     return result;
 }
 
@@ -1210,15 +1222,11 @@ done:
 
 static PyMethodDef module_methods[] = {
     {"open_batch", open_batch, METH_VARARGS,
-     "open_batch(buf, nbytes, seg, sessions, now, out) -> (runs, per_session, others, drops)\n\n"
-     "buf[:nbytes] is one UDP (GRO) read of datagrams of seg bytes (the last may be shorter;\n"
-     "seg <= 0 or >= nbytes: one datagram). Data messages are looked up in sessions (receiver\n"
-     "index -> Session), decrypted into out (len(out) >= nbytes, not overlapping buf),\n"
-     "replay-checked and inner-checked as Device.receive does. runs: [(session, source, spans)]\n"
-     "for consecutive accepted packets of one session and inner source address; spans packs\n"
-     "each packet as two u32 LE (start, length) in out. per_session: [(session, nbytes, data)]\n"
-     "for sessions with authenticated messages, in first-seen order. others: [(offset, length)]\n"
-     "of handshake-shaped datagrams. drops: reason -> count."},
+     "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
+     "wgpy.core.backend.open_batch, byte for byte (that is the reference): one UDP (GRO)\n"
+     "read opened, decrypted without the GIL. runs: [(session, source, packets)];\n"
+     "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
+     "count (every reason, zeros included)."},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
      "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce."},
     {"checksum", checksum, METH_VARARGS,

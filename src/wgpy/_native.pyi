@@ -30,9 +30,8 @@ def open_batch(
     seg: int,
     sessions: dict[int, Session],
     now: float,
-    out: Buffer,
 ) -> tuple[
-    list[tuple[Session, bytes, bytes]],
+    list[tuple[Session, bytes, list[bytes]]],
     list[tuple[Session, int, bool]],
     list[tuple[int, int]],
     dict[str, int],
