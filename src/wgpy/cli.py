@@ -3,10 +3,12 @@
 wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
      [--metrics [HOST:]PORT]       ... with Prometheus metrics (default host: 127.0.0.1)
      [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE)
+     [--threads N]                 ... sealing and opening on N threads (default: one
+                                   per core; WGPY_THREADS; the native datapath only)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
 wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
                                    /etc/wireguard/NAME.conf); `up` also takes the
-                                   daemon's --metrics and --keylog
+                                   daemon's --metrics, --keylog and --threads
 wgpy show [IFNAME] [--json]        what `wg show` prints; --json: that and wgpy's counters
 wgpy demo                          a tunnel between two namespaces, with traffic
 wgpy run [-c CONFIG] [--] [COMMAND...]
@@ -65,7 +67,8 @@ def _quick(command: str, args: list[str]) -> int:
         except ValueError as e:
             print(f"wgpy up: {e}", file=sys.stderr)
             return 2
-        for name, value in (("WGPY_METRICS", opts.metrics), ("WGPY_KEYLOG", opts.keylog)):
+        for name, value in (("WGPY_METRICS", opts.metrics), ("WGPY_KEYLOG", opts.keylog),
+                            ("WGPY_THREADS", opts.threads)):  # fmt: skip
             if value:
                 os.environ[name] = value
     if len(args) != 1:

@@ -1,8 +1,8 @@
 """Hostile batches for wgpy._native, run by sanitize.sh under ASan/UBSan.
 
-Every entry point gets garbage, edge-case sizes and forged-but-valid traffic; open_batch
-is also hammered from two threads while a third wipes sessions (the GIL is released while
-decrypting). The answers are checked against the references where they are cheap.
+Every entry point gets garbage, edge-case sizes and forged-but-valid traffic, on 0, 1 and
+2 crypto worker threads; open_batch is also hammered from two threads while a third wipes
+sessions (the GIL is released while decrypting). The answers are checked against the references where they are cheap.
 Usage: python tests/native/hostile.py [seconds]
 """
 
@@ -136,13 +136,16 @@ def main() -> None:
     edge_batches(world)
     if sys.version_info >= (3, 12):  # before, buffers are taken without running Python
         shrinking_lists(rng)
+    native.set_threads(2)
     threads(World(rng, 3, 1000.0, native), min(5.0, seconds / 4))
     n = 0
     while time.monotonic() < deadline:
+        native.set_threads(n % 3)  # rounds on 0, 1 and 2 crypto workers
         world = World(rng, rng.randrange(1, 5), 1000.0, native)
         differential(world, 5)
         offload_garbage(rng, 20)
         n += 1
+    native.set_threads(0)
     print(f"hostile: {n} rounds clean ({native.__file__})")
 
 

@@ -237,9 +237,12 @@ class Backend:
     `lock` makes the locks of the pure path's sealers; pass `threading.Lock` wherever
     more than one thread may seal (io/datapath.py `backend()` does)."""
 
-    def __init__(self, native: ModuleType | None = None, lock: LockFactory = nullcontext) -> None:
+    def __init__(
+        self, native: ModuleType | None = None, lock: LockFactory = nullcontext, threads: int = 1
+    ) -> None:
         self.native = native
         self.name = "native" if native is not None else "python"
+        self.threads = threads if native is not None else 1  # that seal and open
         self._lock = lock
         self.open_batch: Callable[..., Opened] = native.open_batch if native else open_batch
 

@@ -46,21 +46,23 @@ class Options:
 
     metrics: str | None = None  # PORT, HOST:PORT or [V6]:PORT for the Prometheus endpoint
     keylog: str | None = None  # a file for Wireshark's wg.keylog_file
+    threads: str | None = None  # crypto threads (native datapath); None: WGPY_THREADS or cores
 
     @classmethod
     def from_env(cls) -> Options:
-        return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None)
+        return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None,
+                   os.environ.get("WGPY_THREADS") or None)  # fmt: skip
 
 
 def parse_options(args: Sequence[str]) -> tuple[Options, list[str]]:
-    """`--metrics ADDR` and `--keylog FILE` (also as --opt=value) out of `args`; the
-    rest is returned. Raises ValueError on a missing value."""
+    """`--metrics ADDR`, `--keylog FILE` and `--threads N` (also as --opt=value) out of
+    `args`; the rest is returned. Raises ValueError on a missing or bad value."""
     opts = Options.from_env()
     rest: list[str] = []
     it = iter(args)
     for arg in it:
         key, eq, value = arg.partition("=")
-        if key in ("--metrics", "--keylog"):
+        if key in ("--metrics", "--keylog", "--threads"):
             if not eq:
                 value = next(it, "")
             if not value:
@@ -68,6 +70,8 @@ def parse_options(args: Sequence[str]) -> tuple[Options, list[str]]:
             setattr(opts, key[2:], value)
         else:
             rest.append(arg)
+    if opts.threads is not None and not (opts.threads.isascii() and opts.threads.isdigit()):
+        raise ValueError(f"--threads {opts.threads}: not a number")
     return opts, rest
 
 
@@ -94,7 +98,7 @@ class Daemon:
             except ValueError as e:
                 raise OSError(f"--metrics {options.metrics}: {e}") from None
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
-        self.backend = backend()
+        self.backend = backend(int(options.threads) if options.threads else None)
         self.device = Device(
             os.urandom, wall_offset=time.time() - time.monotonic(), backend=self.backend
         )
@@ -222,8 +226,9 @@ class Daemon:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.loop.stop())
-        log.info("%s up: UDP port %d, UAPI %s, %s datapath", self.tun.name, self.udp.port,
-                 self.listener.path, self.datapath_kind)  # fmt: skip
+        log.info("%s up: UDP port %d, UAPI %s, %s datapath on %d thread(s)", self.tun.name,
+                 self.udp.port, self.listener.path, self.datapath_kind,
+                 self.backend.threads)  # fmt: skip
         try:
             self.loop.run()
         finally:
