@@ -2,7 +2,8 @@
 
 Every entry point gets garbage, edge-case sizes and forged-but-valid traffic, on 0, 1 and
 2 crypto worker threads; open_batch is also hammered from two threads while a third wipes
-sessions (the GIL is released while decrypting). The answers are checked against the references where they are cheap.
+sessions (the GIL is released while decrypting). The answers are checked against the
+references where they are cheap.
 Usage: python tests/native/hostile.py [seconds]
 """
 
