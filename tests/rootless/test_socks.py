@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from wgpy.rootless import socks
+from wgpy.rootless import serve, socks
 from wgpy.rootless.session import UsageError, _options, listen_address
 
 
@@ -55,7 +55,13 @@ def echo() -> Iterator[int]:
 @pytest.fixture
 def proxy() -> Iterator[tuple[int, int]]:
     s, h = _listener(), _listener()
-    server = socks.ProxyServer(s, h)
+    opts = socks.Options()
+    server = serve.Server(
+        [
+            serve.Service(s, socks.socks_handler(opts), "SOCKS5"),
+            serve.Service(h, socks.http_handler(opts), "HTTP"),
+        ]
+    )
     server.start()
     try:
         yield s.getsockname()[1], h.getsockname()[1]

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterator
 
 from wgpy.embed.interface import Interface, load_config
-from wgpy.rootless import userns
-from wgpy.rootless.socks import ProxyServer
+from wgpy.rootless import serve, userns
+from wgpy.rootless.socks import Options, http_handler, socks_handler
 from wgpy.tools.config import Config, ConfigError
 
 log = logging.getLogger("wgpy.run")
@@ -36,7 +36,8 @@ PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80  # a signal the terminal sent to the whole foreground process group
 USAGE_RUN = "usage: wgpy run [-c CONFIG] [--] [COMMAND [ARGS...]]   (CONFIG: or $WGPY_CONFIG)"
 USAGE_PROXY = (
-    "usage: wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT]   (CONFIG: or $WGPY_CONFIG)"
+    "usage: wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT] [--max-clients N]\n"
+    "                  [--idle-timeout SECONDS]   (CONFIG: or $WGPY_CONFIG)"
 )
 
 
@@ -274,6 +275,8 @@ def proxy(
     socks: socket.socket | None,
     http: socket.socket | None,
     ready_fd: int | None = None,
+    options: Options | None = None,
+    max_clients: int = serve.MAX_CLIENTS,
 ) -> int:
     """`wgpy proxy`: serve SOCKS5 (and HTTP CONNECT) from inside the tunnel's namespace
     until SIGINT, SIGTERM or SIGHUP."""
@@ -285,7 +288,17 @@ def proxy(
         iface = Interface(cfg, IFNAME)
     except (OSError, ValueError, ConfigError) as e:
         return fail(str(e))
-    server = ProxyServer(socks, http)
+    options = options or Options()
+    services = [
+        serve.Service(sock, handler, name)
+        for sock, handler, name in (
+            (socks, socks_handler(options), "SOCKS5"),
+            (http, http_handler(options), "HTTP CONNECT"),
+        )
+        if sock is not None
+    ]
+    cap = serve.client_cap(max_clients, serve.raise_fd_limit())
+    server = serve.Server(services, cap)
     with blocked(FORWARDED):
         try:
             enter_namespace(iface, flags)
@@ -295,10 +308,7 @@ def proxy(
             iface.close()
             return fail(f"cannot set up the namespace: {e}")
         try:
-            for name, sock in (("SOCKS5", socks), ("HTTP CONNECT", http)):
-                if sock is not None:
-                    host, port = sock.getsockname()[:2]
-                    sys.stderr.write(f"wgpy: {name} proxy on {host}:{port}\n")
+            announce(services)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
@@ -309,6 +319,19 @@ def proxy(
         finally:
             server.stop()
             iface.close()
+
+
+def announce(services: list[serve.Service]) -> None:
+    """Say where each service listens, and warn of one that other machines reach."""
+    for service in services:
+        host, port = service.sock.getsockname()[:2]
+        sys.stderr.write(f"wgpy: {service.name} proxy on {host}:{port}\n")
+        if not serve.is_loopback(host):
+            sys.stderr.write(
+                f"wgpy: warning: {host}:{port} is not a loopback address: other machines "
+                f"can use this proxy into the tunnel; bind 127.0.0.1 or ::1 unless "
+                f"that is what you want\n"
+            )
 
 
 def setup_logging() -> None:
@@ -341,7 +364,8 @@ def proxy_main(args: list[str]) -> int:
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE_PROXY)
         return 0
-    names = {"-c", "--config", "--socks", "--http", "--socks-fd", "--http-fd", "--ready-fd"}
+    names = {"-c", "--config", "--socks", "--http", "--socks-fd", "--http-fd", "--ready-fd",
+             "--max-clients", "--idle-timeout"}  # fmt: skip
     try:
         opts, rest = _options(args, names)
         if rest:
@@ -352,6 +376,10 @@ def proxy_main(args: list[str]) -> int:
         socks_at = listen_address(opts["--socks"]) if "--socks" in opts else None
         http_at = listen_address(opts["--http"]) if "--http" in opts else None
         ready = int(opts["--ready-fd"]) if "--ready-fd" in opts else None
+        max_clients = int(opts.get("--max-clients", serve.MAX_CLIENTS))
+        idle = float(opts.get("--idle-timeout", serve.IDLE_TIMEOUT))
+        if max_clients < 1 or not idle > 0:
+            raise UsageError("--max-clients and --idle-timeout must be above 0")
     except (UsageError, ValueError) as e:
         return fail(f"{e}\n{USAGE_PROXY}") + 1
     try:
@@ -373,7 +401,7 @@ def proxy_main(args: list[str]) -> int:
                 s.close()
         return fail(f"cannot listen: {e}")
     try:
-        return proxy(cfg, sockets[0], sockets[1], ready)
+        return proxy(cfg, sockets[0], sockets[1], ready, Options(idle), max_clients)
     finally:
         for s in sockets:
             if s is not None:

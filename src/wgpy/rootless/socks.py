@@ -19,7 +19,9 @@ import ipaddress
 import logging
 import socket
 import struct
-import threading
+from dataclasses import dataclass
+
+from wgpy.rootless.serve import IDLE_TIMEOUT, Handler, Stream, connect, relay
 
 log = logging.getLogger("wgpy.socks")
 
@@ -36,7 +38,6 @@ COMMAND_NOT_SUPPORTED = 0x07
 ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 CONNECT_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 30.0
-BUFFER = 65536
 
 
 class Refused(Exception):
@@ -86,28 +87,34 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[int, int, str, in
     return cmd, atyp, host, port
 
 
-async def _relay(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+@dataclass(frozen=True)
+class Options:
+    """What every proxy connection is served with."""
+
+    idle_timeout: float = IDLE_TIMEOUT
+
+
+async def _connect(host: str, port: int) -> Stream:
+    return await connect(host, port, CONNECT_TIMEOUT)
+
+
+def socks_handler(opts: Options) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handle_socks(reader, writer, opts)
+
+    return handle
+
+
+def http_handler(opts: Options) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handle_http(reader, writer, opts)
+
+    return handle
+
+
+async def handle_socks(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, opts: Options
 ) -> None:
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(BUFFER):
-                dst.write(data)
-                await dst.drain()
-            if dst.can_write_eof():
-                dst.write_eof()
-        except (ConnectionError, OSError):
-            pass
-
-    await asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))
-
-
-async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-
-
-async def handle_socks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             ver, n = await reader.readexactly(2)
@@ -134,7 +141,7 @@ async def handle_socks(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 return
             writer.write(reply(SUCCEEDED, remote[1].get_extra_info("sockname")[:2]))
             await writer.drain()
-        await _relay((reader, writer), remote)
+        await relay((reader, writer), remote, opts.idle_timeout)
     except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, OSError):
         pass
     finally:
@@ -143,7 +150,9 @@ async def handle_socks(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def handle_http(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, opts: Options
+) -> None:
     """HTTP CONNECT only (what browsers and curl use for https through a proxy)."""
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -161,7 +170,7 @@ async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 return
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
-        await _relay((reader, writer), remote)
+        await relay((reader, writer), remote, opts.idle_timeout)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
             TimeoutError, OSError):  # fmt: skip
         pass
@@ -169,48 +178,3 @@ async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         with contextlib.suppress(Exception):
             await writer.drain()
         writer.close()
-
-
-class ProxyServer:
-    """Serves SOCKS5 (and HTTP CONNECT) on listening sockets made by the caller, from a
-    thread of its own so the datapath's loop never waits for it."""
-
-    def __init__(self, socks: socket.socket | None, http: socket.socket | None = None) -> None:
-        self.sockets = [(s, h) for s, h in ((socks, handle_socks), (http, handle_http)) if s]
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="wgpy-proxy", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as e:
-            self.error = e
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        servers = [await asyncio.start_server(h, sock=s) for s, h in self.sockets]
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            for server in servers:
-                server.close()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(5)
