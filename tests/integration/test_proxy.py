@@ -10,6 +10,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.rootless_bed import (
+    CALLER_INNER,
     NAME,
     NOBODY,
     PAGE,
@@ -63,7 +65,7 @@ class ProxyProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + 20
-        while sum("proxy on" in line for line in self.lines) < services:
+        while sum(" on " in line for line in self.lines) < services:  # where each serves
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise AssertionError(f"the proxy did not start: {self.lines}")
@@ -148,7 +150,7 @@ def test_a_cap_below_the_fd_limit_refuses_extra_clients_quietly(
             time.sleep(2)
             elapsed = time.monotonic() - start
             assert refused == 100 - 32, p.lines
-            logged = [line for line in p.lines if "proxy on" not in line]
+            logged = p.lines[1:]
             assert 1 <= len(logged) <= elapsed + 2, logged[:5]
             assert "32 clients already" in logged[0]
         finally:
@@ -200,3 +202,95 @@ def test_a_listener_off_loopback_is_warned_about(bed: Bed, upy: Path, workdir: P
     with proxy_process(bed, upy, workdir, "--socks", f"127.0.0.1:{port}") as p:
         pass
     assert not any("warning" in line for line in p.lines)
+
+
+# ---- forwards, UDP, the wireproxy file, auth (issue 20) -------------------------------
+
+SUMMING = r"""
+import socket, sys, threading
+def serve(c):
+    with c:
+        n = 0
+        while data := c.recv(65536):
+            n += len(data)
+        c.sendall(b"got %d" % n)  # after our side's end: the half-close came through
+s = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=64)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+SUM_PORT = 7001
+
+
+@pytest.fixture(scope="module")
+def servers(bed: Bed) -> Iterator[int]:
+    """A summing server on the peer's tunnel address (port 7001) and one on the caller's
+    loopback (the port yielded); a 4 MB file on the peer's web server."""
+    (bed.workdir / "www" / "big.bin").write_bytes(bytes(4 << 20))
+    port = free_port(bed.caller.name)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        bed.peer.popen(sys.executable, "-c", SUMMING, PEER_INNER, str(SUM_PORT), **quiet),
+        bed.caller.popen(sys.executable, "-c", SUMMING, "127.0.0.1", str(port), **quiet),
+    ]
+    try:
+        for ns, at in ((bed.peer, f"{PEER_INNER}:{SUM_PORT}"), (bed.caller, f"127.0.0.1:{port}")):
+            deadline = time.monotonic() + 10
+            while at not in ns.run("ss", "-ltn", check=False):
+                assert time.monotonic() < deadline, f"the summing server at {at} did not start"
+                time.sleep(0.05)
+        yield port
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+
+
+def summed(ns: str, address: tuple[str, int], size: int) -> bytes:
+    """Send `size` bytes, half-close, read the answer."""
+    with in_namespace(ns):
+        s = socket.create_connection(address, timeout=15)
+    with s:
+        s.sendall(bytes(size))
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(100):
+            answer += chunk
+    return answer
+
+
+def test_tcp_forwards_both_ways_keep_half_closes_and_run_side_by_side(
+    bed: Bed, upy: Path, workdir: Path, servers: int
+) -> None:
+    ns = bed.caller.name
+    fwd, page = free_port(ns), free_port(ns)
+    args = ("--forward", f"127.0.0.1:{fwd}={PEER_INNER}:{SUM_PORT}",
+            "--forward", f"127.0.0.1:{page}={PEER_INNER}:8000",
+            "--expose", f"9000=127.0.0.1:{servers}")  # fmt: skip
+    with proxy_process(bed, upy, workdir, *args, services=3) as p:
+        assert summed(ns, ("127.0.0.1", fwd), 100_000) == b"got 100000"
+        with in_namespace(ns):
+            s = socket.create_connection(("127.0.0.1", page), timeout=15)
+        with s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            body = b""
+            while chunk := s.recv(65536):
+                body += chunk
+        assert body.endswith(PAGE.encode())
+        # from the peer's side of the tunnel to a server on this side: --expose
+        assert summed(bed.peer.name, (CALLER_INNER, 9000), 300_000) == b"got 300000"
+        results: list[bytes] = []
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.append(
+                    summed(ns, ("127.0.0.1", fwd), 1000 * i) if i % 2 else
+                    summed(bed.peer.name, (CALLER_INNER, 9000), 1000 * i)
+                )
+            )
+            for i in range(1, 25)
+        ]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(results) == sorted(b"got %d" % (1000 * i) for i in range(1, 25))
+    assert p.proc.returncode == 0 and not any("rror" in line for line in p.lines), p.lines

@@ -13,6 +13,7 @@ namespaces go with their last process.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import errno
@@ -25,8 +26,8 @@ import time
 from collections.abc import Iterator
 
 from wgpy.embed.interface import Interface, load_config
-from wgpy.rootless import serve, userns
-from wgpy.rootless.socks import Options, http_handler, socks_handler
+from wgpy.rootless import userns
+from wgpy.rootless.spec import listen_address as listen_address  # launch.py's import
 from wgpy.tools.config import Config, ConfigError
 
 log = logging.getLogger("wgpy.run")
@@ -34,61 +35,12 @@ IFNAME = "wg0"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80  # a signal the terminal sent to the whole foreground process group
-USAGE_RUN = "usage: wgpy run [-c CONFIG] [--] [COMMAND [ARGS...]]   (CONFIG: or $WGPY_CONFIG)"
-USAGE_PROXY = (
-    "usage: wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT] [--max-clients N]\n"
-    "                  [--idle-timeout SECONDS]   (CONFIG: or $WGPY_CONFIG)"
-)
-
-
-class UsageError(Exception):
-    pass
-
-
 def fail(message: str) -> int:
     sys.stderr.write(f"wgpy: {message}\n")
     return 1
 
 
-# ---- command lines --------------------------------------------------------------------
-
-
-def _options(args: list[str], names: set[str]) -> tuple[dict[str, str], list[str]]:
-    """Leading `--name VALUE` / `--name=VALUE` / `-c VALUE` options, then the rest."""
-    opts: dict[str, str] = {}
-    args = list(args)
-    while args:
-        arg = args[0]
-        if arg == "--":
-            args.pop(0)
-            break
-        name, eq, value = arg.partition("=")
-        if name not in names:
-            if arg.startswith("-") and arg != "-":
-                raise UsageError(f"unknown option {arg}")
-            break
-        args.pop(0)
-        if not eq:
-            if not args:
-                raise UsageError(f"{name} needs a value")
-            value = args.pop(0)
-        opts[{"-c": "--config"}.get(name, name)] = value
-    return opts, args
-
-
-def _config_path(opts: dict[str, str]) -> str:
-    path = opts.get("--config") or os.environ.get("WGPY_CONFIG")
-    if not path:
-        raise UsageError("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG")
-    return path
-
-
-def listen_address(value: str) -> tuple[str, int]:
-    """'127.0.0.1:1080', '[::1]:1080', 'localhost:0' -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535 or not host:
-        raise UsageError(f"{value!r} is not ADDRESS:PORT")
-    return host.strip("[]"), int(port)
+# ---- sockets on this side -------------------------------------------------------------
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -270,74 +222,11 @@ def run(config_path: Config | str, argv: list[str]) -> int:
             iface.close()
 
 
-def proxy(
-    config_path: Config | str,
-    socks: socket.socket | None,
-    http: socket.socket | None,
-    ready_fd: int | None = None,
-    options: Options | None = None,
-    max_clients: int = serve.MAX_CLIENTS,
-) -> int:
-    """`wgpy proxy`: serve SOCKS5 (and HTTP CONNECT) from inside the tunnel's namespace
-    until SIGINT, SIGTERM or SIGHUP."""
-    try:
-        cfg, flags = prepare(config_path)
-    except (ConfigError, userns.NamespaceError) as e:
-        return fail(str(e))
-    try:
-        iface = Interface(cfg, IFNAME)
-    except (OSError, ValueError, ConfigError) as e:
-        return fail(str(e))
-    options = options or Options()
-    services = [
-        serve.Service(sock, handler, name)
-        for sock, handler, name in (
-            (socks, socks_handler(options), "SOCKS5"),
-            (http, http_handler(options), "HTTP CONNECT"),
-        )
-        if sock is not None
-    ]
-    cap = serve.client_cap(max_clients, serve.raise_fd_limit())
-    server = serve.Server(services, cap)
-    with blocked(FORWARDED):
-        try:
-            enter_namespace(iface, flags)
-            server.start()
-        except OSError as e:
-            server.stop()
-            iface.close()
-            return fail(f"cannot set up the namespace: {e}")
-        try:
-            announce(services)
-            if ready_fd is not None:
-                os.write(ready_fd, b"ready\n")
-                os.close(ready_fd)
-            while iface.running:
-                if signal.sigtimedwait(FORWARDED, 0.25) is not None:
-                    break
-            return 0
-        finally:
-            server.stop()
-            iface.close()
-
-
-def announce(services: list[serve.Service]) -> None:
-    """Say where each service listens, and warn of one that other machines reach."""
-    for service in services:
-        host, port = service.sock.getsockname()[:2]
-        sys.stderr.write(f"wgpy: {service.name} proxy on {host}:{port}\n")
-        if not serve.is_loopback(host):
-            sys.stderr.write(
-                f"wgpy: warning: {host}:{port} is not a loopback address: other machines "
-                f"can use this proxy into the tunnel; bind 127.0.0.1 or ::1 unless "
-                f"that is what you want\n"
-            )
-
-
-def setup_logging() -> None:
-    """LOG_LEVEL=verbose|error|silent, as for the daemon."""
+def setup_logging(name: str | None = None) -> None:
+    """LOG_LEVEL=verbose|error|silent, as for the daemon (`name` overrides it)."""
     levels = {"verbose": logging.DEBUG, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
-    level = levels.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
+    name = name or os.environ.get("LOG_LEVEL", "error")
+    level = levels.get(name.lower(), logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("wgpy: %(levelname)s: %(message)s"))
     ours = logging.getLogger("wgpy")  # ours only: pyroute2's debug lines stay out
@@ -346,63 +235,29 @@ def setup_logging() -> None:
     ours.propagate = False
 
 
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wgpy run",
+        description="Run COMMAND (default: your shell) with a WireGuard tunnel as its only "
+        "network, without root: a user, network and mount namespace of its own.",
+    )
+    p.add_argument("-c", "--config", help="a wg-quick file (default: $WGPY_CONFIG)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]",
+                   help="what to run in the tunnel's namespace")  # fmt: skip
+    return p
+
+
 def run_main(args: list[str]) -> int:
+    ns = run_parser().parse_args(args)
     setup_logging()
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE_RUN)
-        return 0
-    try:
-        opts, rest = _options(args, {"-c", "--config"})
-        path = _config_path(opts)
-    except UsageError as e:
-        return fail(f"{e}\n{USAGE_RUN}") + 1
-    return run(path, rest)
+    path = ns.config or os.environ.get("WGPY_CONFIG")
+    if not path:
+        return fail("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG") + 1
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    return run(path, command)
 
 
 def proxy_main(args: list[str]) -> int:
-    setup_logging()
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE_PROXY)
-        return 0
-    names = {"-c", "--config", "--socks", "--http", "--socks-fd", "--http-fd", "--ready-fd",
-             "--max-clients", "--idle-timeout"}  # fmt: skip
-    try:
-        opts, rest = _options(args, names)
-        if rest:
-            raise UsageError(f"unexpected {rest[0]!r}")
-        path = _config_path(opts)
-        if not {"--socks", "--http", "--socks-fd", "--http-fd"} & opts.keys():
-            raise UsageError("nothing to serve: give --socks ADDR:PORT (and/or --http)")
-        socks_at = listen_address(opts["--socks"]) if "--socks" in opts else None
-        http_at = listen_address(opts["--http"]) if "--http" in opts else None
-        ready = int(opts["--ready-fd"]) if "--ready-fd" in opts else None
-        max_clients = int(opts.get("--max-clients", serve.MAX_CLIENTS))
-        idle = float(opts.get("--idle-timeout", serve.IDLE_TIMEOUT))
-        if max_clients < 1 or not idle > 0:
-            raise UsageError("--max-clients and --idle-timeout must be above 0")
-    except (UsageError, ValueError) as e:
-        return fail(f"{e}\n{USAGE_PROXY}") + 1
-    try:
-        cfg = load_config(path)  # a bad config is reported before any socket is opened
-    except ConfigError as e:
-        return fail(str(e))
-    sockets: list[socket.socket | None] = []
-    try:
-        for fd_opt, at in (("--socks-fd", socks_at), ("--http-fd", http_at)):
-            if fd_opt in opts:
-                sockets.append(socket.socket(fileno=int(opts[fd_opt])))
-            elif at is not None:
-                sockets.append(listening_socket(*at))
-            else:
-                sockets.append(None)
-    except (OSError, ValueError) as e:
-        for s in sockets:
-            if s is not None:
-                s.close()
-        return fail(f"cannot listen: {e}")
-    try:
-        return proxy(cfg, sockets[0], sockets[1], ready, Options(idle), max_clients)
-    finally:
-        for s in sockets:
-            if s is not None:
-                s.close()
+    from wgpy.rootless.proxy import main  # it builds on this module
+
+    return main(args)
