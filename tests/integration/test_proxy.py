@@ -6,9 +6,12 @@ proxy process on them."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +27,7 @@ from tests.integration.rootless_bed import (
     NOBODY,
     PAGE,
     PEER_INNER,
+    PEER_OUTER,
     Bed,
     connect_domain,
     connect_ipv4,
@@ -50,12 +54,12 @@ class ProxyProcess:
 
     def __init__(
         self, bed: Bed, upy: Path, workdir: Path, *args: str, nofile: int | None = None,
-        services: int = 1,
+        services: int = 1, config: Path | None = None,
     ) -> None:  # fmt: skip
         limit = f"ulimit -n {nofile} && " if nofile else ""
         argv = bed.caller.argv(
             [*NOBODY, "sh", "-c", f'{limit}exec "$0" "$@"', str(upy), "-m", "wgpy", "proxy",
-             "-c", str(bed.config), *args]
+             "-c", str(config or bed.config), *args]
         )  # fmt: skip
         self.proc = subprocess.Popen(
             argv, stderr=subprocess.PIPE, text=True, cwd=workdir,
@@ -294,3 +298,210 @@ def test_tcp_forwards_both_ways_keep_half_closes_and_run_side_by_side(
             t.join(30)
         assert sorted(results) == sorted(b"got %d" % (1000 * i) for i in range(1, 25))
     assert p.proc.returncode == 0 and not any("rror" in line for line in p.lines), p.lines
+
+
+def dns_query(name: str, qid: int = 0x1234) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\x01\0\x01"
+
+
+def answered_address(reply: bytes) -> str:
+    assert reply[:2] == b"\x12\x34" and reply[7] == 1, reply  # our id, one answer
+    return socket.inet_ntoa(reply[-4:])
+
+
+def test_udp_forward_and_socks5_udp_associate_carry_dns(
+    bed: Bed, upy: Path, workdir: Path
+) -> None:
+    """An application that speaks only UDP (a DNS query) through --udp-forward, and one
+    through SOCKS5 UDP ASSOCIATE, to the peer's DNS responder inside the tunnel."""
+    ns = bed.caller.name
+    udp_port, socks_port = free_port(ns), free_port(ns)
+    args = ("--udp-forward", f"127.0.0.1:{udp_port}={PEER_INNER}:53",
+            "--socks", f"127.0.0.1:{socks_port}")  # fmt: skip
+    with proxy_process(bed, upy, workdir, *args, services=2):
+        with in_namespace(ns):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with u:
+            u.settimeout(10)
+            u.sendto(dns_query(NAME), ("127.0.0.1", udp_port))
+            assert answered_address(u.recv(512)) == PEER_INNER
+        control, relay = udp_associate(ns, socks_port)
+        with in_namespace(ns):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with control, u:
+            u.settimeout(10)
+            to = b"\0\0\0\x01" + socket.inet_aton(PEER_INNER) + struct.pack(">H", 53)
+            u.sendto(to + dns_query(NAME), relay)
+            reply = u.recv(512)
+            assert reply[:10] == to  # the header names who answered
+            assert answered_address(reply[10:]) == PEER_INNER
+            by_name = b"\0\0\0\x03" + bytes([len(NAME)]) + NAME.encode()  # a name: looked up
+            u.sendto(by_name + b"\0\x35" + dns_query(NAME), relay)  # inside the tunnel
+            assert answered_address(u.recv(512)[10:]) == PEER_INNER
+
+
+def udp_associate(ns: str, port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """A SOCKS5 UDP ASSOCIATE; (the control connection, the relay's address)."""
+    with in_namespace(ns):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    s.sendall(bytes([5, 3, 0, 1, 0, 0, 0, 0, 0, 0]))
+    head = s.recv(10)
+    assert head[:4] == b"\x05\x00\x00\x01", head
+    return s, (socket.inet_ntoa(head[4:8]), struct.unpack(">H", head[8:10])[0])
+
+
+WIREPROXY_SAMPLE = """\
+# laid out as the sample in wireproxy's README
+[Interface]
+Address = {address}/32 # The subnet should be /32 and /128 for IPv4 and v6 respectively
+# MTU = 1420 (optional)
+PrivateKey = {private}
+DNS = {dns}
+
+[Peer]
+PublicKey = {public}
+# PresharedKey = UItQuvLsyh50ucXHfjF0bbR4IIpVBd74lwKc8uIPXXs= (optional)
+Endpoint = {endpoint}
+PersistentKeepalive = 25
+
+[TCPClientTunnel]
+BindAddress = 127.0.0.1:{forward}
+Target = {name}:8000
+
+[TCPServerTunnel]
+ListenPort = 9001
+Target = 127.0.0.1:{exposed}
+
+[Socks5]
+BindAddress = 127.0.0.1:{socks}
+Username = alice
+Password = s3cret
+
+[http]
+BindAddress = 127.0.0.1:{http}
+Username = alice
+Password = s3cret
+"""
+
+
+def http_get(ns: str, port: int, request: bytes) -> bytes:
+    with in_namespace(ns):
+        s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    with s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def socks_login(ns: str, port: int, user: bytes, password: bytes) -> tuple[socket.socket, bytes]:
+    with in_namespace(ns):
+        s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    s.sendall(b"\x05\x01\x02")
+    assert s.recv(2) == b"\x05\x02"
+    s.sendall(bytes([1, len(user)]) + user + bytes([len(password)]) + password)
+    return s, s.recv(2)
+
+
+@pytest.mark.parametrize("bed", ["wgpy"], indirect=True)
+def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
+    bed: Bed, upy: Path, workdir: Path, servers: int
+) -> None:
+    ns = bed.caller.name
+    ports = {k: free_port(ns) for k in ("forward", "socks", "http")}
+    conf = workdir / "wireproxy.conf"
+    conf.write_text(WIREPROXY_SAMPLE.format(
+        address=CALLER_INNER, private=bed.private, dns=PEER_INNER, public=bed.peer_public,
+        endpoint=f"{PEER_OUTER}:51820", name=NAME, exposed=servers, **ports))  # fmt: skip
+    conf.chmod(0o644)
+    argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-n", "-c", str(conf)])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0 and "configuration OK" in done.stdout, done.stderr
+    with proxy_process(bed, upy, workdir, services=4, config=conf):
+        got = http_get(ns, ports["forward"], f"GET / HTTP/1.0\r\nHost: {NAME}\r\n\r\n".encode())
+        assert got.endswith(PAGE.encode())
+        assert summed(bed.peer.name, (CALLER_INNER, 9001), 5000) == b"got 5000"
+        s, status = socks_login(ns, ports["socks"], b"alice", b"s3cret")
+        with s:
+            assert status == b"\x01\x00"
+            s.sendall(connect_domain(NAME, 8000))
+            assert s.recv(10)[:2] == b"\x05\x00"
+        s, status = socks_login(ns, ports["socks"], b"alice", b"wrong")
+        with s:
+            assert status == b"\x01\x01" and s.recv(10) == b""
+        s, head = socks_connect(ns, ports["socks"], b"", methods=b"\x00")  # no auth offered
+        with s:
+            assert head == b"\x05\xff"
+        plain = f"GET http://{NAME}:8000/ HTTP/1.1\r\nHost: {NAME}:8000\r\n".encode()
+        good = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:s3cret") + b"\r\n"
+        bad = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:nope") + b"\r\n"
+        answer = http_get(ns, ports["http"], plain + good + b"\r\n")
+        assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(PAGE.encode()), answer
+        for wrong in (b"", bad):
+            answer = http_get(ns, ports["http"], plain + wrong + b"\r\n")
+            assert answer.startswith(b"HTTP/1.1 407") and b"Proxy-Authenticate: Basic" in answer
+        connect = f"CONNECT {PEER_INNER}:8000 HTTP/1.1\r\n".encode() + good + b"\r\n"
+        with in_namespace(ns):
+            s = socket.create_connection(("127.0.0.1", ports["http"]), timeout=15)
+        with s:
+            s.sendall(connect)
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert s.recv(12).startswith(b"HTTP/1.0 200")
+
+
+@pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
+def test_a_slow_or_vanishing_client_costs_the_others_nothing(
+    bed: Bed, upy: Path, workdir: Path, servers: int
+) -> None:
+    """One client downloads 4 MB and never reads; another vanishes mid-greeting with a
+    reset; a third opens a connection and says nothing. A fourth is served at once."""
+    ns = bed.caller.name
+    port = free_port(ns)
+    with proxy_process(bed, upy, workdir, "--socks", f"127.0.0.1:{port}"):
+        slow, head = socks_connect(ns, port, connect_domain(NAME, 8000))
+        assert head[:2] == b"\x05\x00"
+        slow.sendall(f"GET /big.bin HTTP/1.0\r\nHost: {NAME}\r\n\r\n".encode())
+        with in_namespace(ns):
+            gone = socket.create_connection(("127.0.0.1", port), timeout=5)
+            mute = socket.create_connection(("127.0.0.1", port), timeout=5)
+        gone.sendall(b"\x05")
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()  # a reset
+        try:
+            time.sleep(1)  # the slow one's buffers fill
+            start = time.monotonic()
+            for _ in range(5):
+                assert fetch_via_socks(ns, port).endswith(PAGE.encode())
+            assert time.monotonic() - start < 3
+        finally:
+            slow.close()
+            mute.close()
+
+
+@pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
+def test_daemon_mode_returns_once_serving(bed: Bed, upy: Path, workdir: Path) -> None:
+    ns = bed.caller.name
+    port = free_port(ns)
+    argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-d", "-c",
+                            str(bed.config), "--socks", f"127.0.0.1:{port}"])  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
+                          env={**CLEAN_ENV, "HOME": str(workdir)}, cwd=workdir)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"SOCKS5 proxy on 127.0.0.1:{port}" in done.stderr
+    pid = int(done.stdout.split()[-1])
+    try:
+        assert fetch_via_socks(ns, port).endswith(PAGE.encode())
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and "Z" not in Path(f"/proc/{pid}/stat").read_text():
+            assert time.monotonic() < deadline, "the daemon did not stop"
+            time.sleep(0.1)
+    bad = subprocess.run([*argv[:-2], "--socks", "127.0.0.1:1"], capture_output=True,
+                         text=True, timeout=30, check=False)  # fmt: skip
+    assert bad.returncode == 1 and "cannot listen" in bad.stderr  # the child's error, passed on

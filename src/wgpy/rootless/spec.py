@@ -116,10 +116,13 @@ def _split_lines(text: str) -> list[tuple[int, str]]:
 
 def is_wireproxy(text: str) -> bool:
     """A wireproxy file: a key before any section, or a section wg-quick lacks."""
+    in_section = False
     for _, line in _split_lines(text):
-        if not line.startswith("["):
-            return True
-        if line.lower() not in ("[interface]", "[peer]"):
+        if line.startswith("["):
+            if line.lower() not in ("[interface]", "[peer]"):
+                return True
+            in_section = True
+        elif not in_section:
             return True
     return False
 

@@ -1,0 +1,113 @@
+"""What `wgpy proxy` serves: its command line and wireproxy's config file."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from wgpy.core.crypto import encode_key
+from wgpy.rootless import proxy, spec
+from wgpy.tools.config import ConfigError
+
+KEY = encode_key(bytes(range(32)))
+WG = f"""[Interface]
+PrivateKey = {KEY}
+Address = 10.0.0.2/32 # a comment, as wireproxy's sample has
+
+[peer]
+PublicKey = {KEY}
+Endpoint = 192.0.2.1:51820
+"""
+
+
+def parsed(text: str, tmp_path: Path) -> spec.ProxySpec:
+    path = tmp_path / "w.conf"
+    path.write_text(text)
+    return spec.load(str(path))
+
+
+def test_a_wireproxy_file_gives_the_tunnel_and_its_listeners(tmp_path: Path) -> None:
+    p = parsed(WG + """
+[TCPClientTunnel]
+BindAddress = 127.0.0.1:25565
+Target = play.example:25565
+
+[TCPServerTunnel]
+listenport = 3422
+Target = localhost:25545
+
+[tcpservertunnel]
+ListenPort = 3423
+Target = [::1]:80
+
+[Socks5]
+BindAddress = 127.0.0.1:25344
+Username = alice
+Password = pw
+
+[http]
+BindAddress = [::1]:25345
+""", tmp_path)  # fmt: skip
+    assert [(x.kind, x.host, x.port, x.target) for x in p.listens] == [
+        ("forward", "127.0.0.1", 25565, ("play.example", 25565)),
+        ("expose", "::", 3422, ("localhost", 25545)),
+        ("expose", "::", 3423, ("::1", 80)),
+        ("socks", "127.0.0.1", 25344, None),
+        ("http", "::1", 25345, None),
+    ]
+    assert p.listens[3].credentials == spec.Credentials("alice", "pw")
+    assert p.listens[4].credentials is None
+    peer = p.config.peers[0]  # no AllowedIPs: everything, as wireproxy routes it
+    assert peer.allowed_ips == [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    assert p.config.interface.mtu == 1420  # wireproxy's default
+
+
+def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
+    (tmp_path / "wg.conf").write_text(WG + "AllowedIPs = 10.0.0.0/24\n")
+    p = parsed(f"WGConfig = {tmp_path / 'wg.conf'}\n\n[Socks5]\nBindAddress = 127.0.0.1:1080\n",
+               tmp_path)  # fmt: skip
+    assert p.config.peers[0].allowed_ips == [ipaddress.ip_network("10.0.0.0/24")]
+    assert p.listens[0].kind == "socks"
+
+
+@pytest.mark.parametrize(
+    ("tail", "where"),
+    [
+        ("[STDIOTunnel]\nTarget = ssh.example:22\n", ":9: [STDIOTunnel]: not supported by wgpy"),
+        ("[Socks5]\nBindAddress = 127.0.0.1:1080\nColour = red\n",
+         ":11: Colour: unknown key in [Socks5]"),
+        ("[Socks5]\nUsername = a\n", ":9: bindaddress: missing"),
+        ("[TCPClientTunnel]\nBindAddress = 127.0.0.1:1\nTarget = nohost\n",
+         ":11: target: 'nohost' is not"),
+        ("[TCPServerTunnel]\nListenPort = 70000\nTarget = a:1\n",
+         ":10: listenport: '70000' is not a port"),
+        ("[Nonsense]\n", ":9: [Nonsense]: unknown section"),
+    ],
+)  # fmt: skip
+def test_what_we_lack_or_cannot_read_is_named_by_line(
+    tmp_path: Path, tail: str, where: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parsed(WG + "\n" + tail, tmp_path)
+    assert where in str(e.value)
+
+
+def test_a_wg_quick_file_serves_nothing_by_itself(tmp_path: Path) -> None:
+    assert parsed(WG, tmp_path).listens == []
+    assert not spec.is_wireproxy(WG)
+
+
+def test_command_line_mappings_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert spec.mapping("forward", "127.0.0.1:5353=10.0.0.1:53").target == ("10.0.0.1", 53)
+    exposed = spec.mapping("expose", "8080=localhost:80")
+    assert (exposed.port, exposed.target) == (8080, ("localhost", 80))
+    for bad in ("8080", "x=localhost:80", "8080=localhost", "0=a:1"):
+        with pytest.raises(ValueError):
+            spec.mapping("expose", bad)
+    with pytest.raises(SystemExit) as done:
+        proxy.parser().parse_args(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--forward" in out and "--expose" in out and "--socks-fd" not in out
