@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -505,3 +506,39 @@ def test_daemon_mode_returns_once_serving(bed: Bed, upy: Path, workdir: Path) ->
     bad = subprocess.run([*argv[:-2], "--socks", "127.0.0.1:1"], capture_output=True,
                          text=True, timeout=30, check=False)  # fmt: skip
     assert bad.returncode == 1 and "cannot listen" in bad.stderr  # the child's error, passed on
+
+
+@pytest.mark.parametrize("bed", ["wgpy"], indirect=True)
+def test_info_serves_readyz_and_metrics(bed: Bed, upy: Path, workdir: Path) -> None:
+    ns = bed.caller.name
+    socks, info = free_port(ns), free_port(ns)
+    args = ("--socks", f"127.0.0.1:{socks}", "--info", f"127.0.0.1:{info}")
+    with proxy_process(bed, upy, workdir, *args, services=2):
+        assert fetch_via_socks(ns, socks).endswith(PAGE.encode())  # a handshake, traffic
+        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"application/json" in head
+        assert json.loads(body)[bed.peer_public] > time.time() - 60
+        answer = http_get(ns, info, b"GET /metrics HTTP/1.1\r\n\r\n")
+        sent = [line for line in answer.decode().splitlines()
+                if line.startswith("wireguard_sent_bytes_total{")]  # fmt: skip
+        assert len(sent) == 1 and bed.peer_public in sent[0] and int(sent[0].split()[-1]) > 0
+        assert b"\nwgpy_proxy_clients " in answer
+        assert http_get(ns, info, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+
+
+@pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
+def test_mtu_unset_comes_from_the_route_to_the_endpoint(bed: Bed, upy: Path, workdir: Path) -> None:
+    """As wg-quick: the way to the endpoint has MTU 1400, so the tunnel gets 1320."""
+    links = bed.caller.run("ip", "-o", "link").splitlines()
+    veth = next(line.split(":")[1].strip().split("@")[0] for line in links if ": rc" in line)
+    bed.caller.run("ip", "link", "set", "dev", veth, "mtu", "1400")
+    try:
+        argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "run", "-c", str(bed.config),
+                                "--", "ip", "-o", "link", "show", "wg0"])  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
+                              env={**CLEAN_ENV, "HOME": str(workdir)}, cwd=workdir)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert " mtu 1320 " in done.stdout, done.stdout
+    finally:
+        bed.caller.run("ip", "link", "set", "dev", veth, "mtu", "1500")

@@ -18,12 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from wgpy.embed.interface import Interface
 from wgpy.rootless import serve, userns
 from wgpy.rootless.forward import UdpForward, expose_handler, forward_handler, resolve_outside
 from wgpy.rootless.http import http_handler
+from wgpy.rootless.info import info_handler
 from wgpy.rootless.outside import Outside
 from wgpy.rootless.session import (
     FORWARDED,
@@ -33,6 +35,7 @@ from wgpy.rootless.session import (
     fail,
     listening_socket,
     prepare,
+    set_route_mtu,
     setup_logging,
 )
 from wgpy.rootless.socks import Options, socks_handler
@@ -40,7 +43,7 @@ from wgpy.rootless.spec import Listen, ProxySpec, listen_address, load, mapping
 from wgpy.tools.config import ConfigError
 
 NAMES = {"socks": "SOCKS5 proxy", "http": "HTTP proxy", "forward": "TCP forward",
-         "expose": "TCP exposed", "udp": "UDP forward"}  # fmt: skip
+         "expose": "TCP exposed", "udp": "UDP forward", "info": "health endpoint"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
         help="TCP on PORT of the tunnel's addresses to HOST:PORT on this side")
     add("--udp-forward", action="append", default=[], metavar="ADDR:PORT=HOST:PORT",
         help="UDP on ADDR:PORT here to HOST:PORT through the tunnel")
+    add("-i", "--info", metavar="ADDR:PORT",
+        help="serve /readyz and /metrics (Prometheus) here")
     add("--max-clients", type=int, default=serve.MAX_CLIENTS, metavar="N",
         help="clients served at once (default %(default)s; fewer under a low fd limit)")
     add("--idle-timeout", type=float, default=serve.IDLE_TIMEOUT, metavar="SECONDS",
@@ -94,6 +99,8 @@ def plan(ns: argparse.Namespace) -> Plan:
         spec.listens += [Listen(kind, *listen_address(v)) for v in values]
     for kind, values in (("forward", ns.forward), ("expose", ns.expose), ("udp", ns.udp_forward)):
         spec.listens += [mapping(kind, v) for v in values]
+    if ns.info:
+        spec.listens.append(Listen("info", *listen_address(ns.info)))
     for kind, fd in (("socks", ns.socks_fd), ("http", ns.http_fd)):
         if fd is not None:
             spec.listens.append(Listen(kind, "", 0, fd=fd))
@@ -179,11 +186,12 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
     """Unshare, open the tunnel, serve until a signal; the exit status."""
     try:
         cfg, flags = prepare(p.spec.config)
-        iface = Interface(cfg, IFNAME)
         targets = {i: resolve_outside(lst.target) for i, lst in enumerate(p.spec.listens)
                    if lst.kind == "expose" and lst.target}  # fmt: skip
+        iface = Interface(cfg, IFNAME)
     except (ConfigError, userns.NamespaceError, OSError, ValueError) as e:
         return fail(str(e))
+    set_route_mtu(cfg)
     outside = Outside()
     cap = serve.client_cap(p.max_clients, serve.raise_fd_limit())
     with blocked(FORWARDED):
@@ -194,7 +202,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
             enter_namespace(iface, flags)
             for i in targets:
                 sockets[i] = exposed_socket(p.spec.listens[i].port)
-            server = build_server(p, sockets, targets, outside, cap)
+            server = build_server(p, sockets, targets, outside, cap, iface)
             server.start()
         except OSError as e:
             if server is not None:
@@ -223,9 +231,12 @@ def build_server(
     targets: dict[int, list[tuple[int, tuple[str, int]]]],
     outside: Outside,
     cap: int,
+    iface: Interface,
 ) -> serve.Server:
-    services, jobs = [], []
+    services: list[serve.Service] = []
+    jobs: list[Callable[[], Coroutine[None, None, None]]] = []
     idle = p.idle_timeout
+    server = serve.Server(services, cap, jobs)
     for i, listen in enumerate(p.spec.listens):
         sock = sockets[i]
         opts = Options(idle, listen.credentials, outside)
@@ -240,10 +251,12 @@ def build_server(
         elif listen.kind == "forward":
             assert listen.target is not None
             handler = forward_handler(listen.target, idle)
+        elif listen.kind == "info":
+            handler = info_handler(iface, lambda: (server.active, server.refused))
         else:
             handler = expose_handler(targets[i], outside, idle)
         services.append(serve.Service(sock, handler, NAMES[listen.kind]))
-    return serve.Server(services, cap, jobs)
+    return server
 
 
 def announce(listens: list[Listen], sockets: dict[int, socket.socket]) -> None:

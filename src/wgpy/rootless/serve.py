@@ -154,6 +154,7 @@ class Server:
         self.max_clients = max_clients
         self.udp = udp or []
         self.active = 0
+        self.refused = 0
         self._clients: set[asyncio.Task[None]] = set()
         self._left = asyncio.Event()  # set when a client leaves: accepting may resume
         self._refused = Throttled(logging.ERROR)
@@ -209,6 +210,7 @@ class Server:
                 continue
             if self.active >= self.max_clients:
                 conn.close()
+                self.refused += 1
                 self._refused(f"{service.name}: {self.max_clients} clients already; refusing one")
                 continue
             self.active += 1

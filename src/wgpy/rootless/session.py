@@ -6,7 +6,8 @@ child tries to unshare). Then, still in the caller's network namespace, the UDP 
 (and the proxy's listening sockets) are opened and the endpoints resolved. Then the
 process unshares user (unless root), network and mount namespaces, maps its own uid and
 gid, creates and configures the TUN, mounts a private /etc/resolv.conf for the config's
-DNS, starts the datapath thread and runs the command (or serves the proxy). Nothing is
+DNS, starts the datapath thread and runs the command (or serves the proxy). A config
+without MTU gets wg-quick's: from the route to its endpoints, looked up before leaving. Nothing is
 made in the caller's namespace but sockets, and those close with the process; the
 namespaces go with their last process.
 """
@@ -25,10 +26,14 @@ import sys
 import time
 from collections.abc import Iterator
 
+from pyroute2 import IPRoute
+
+from wgpy.daemon.uapi import split_endpoint
 from wgpy.embed.interface import Interface, load_config
 from wgpy.rootless import userns
 from wgpy.rootless.spec import listen_address as listen_address  # launch.py's import
-from wgpy.tools.config import Config, ConfigError
+from wgpy.tools.config import Config, ConfigError, resolve_endpoint
+from wgpy.tools.quick import auto_mtu
 
 log = logging.getLogger("wgpy.run")
 IFNAME = "wg0"
@@ -77,6 +82,23 @@ def prepare(config: Config | str) -> tuple[Config, int]:
     if ignored:
         sys.stderr.write(f"wgpy: ignoring {ignored} (meant for a system interface)\n")
     return cfg, flags
+
+
+def set_route_mtu(cfg: Config) -> None:
+    """wg-quick's MTU for a config that sets none, from the routes to its endpoints here,
+    in the caller's namespace (inside ours, the only route is the tunnel)."""
+    if cfg.interface.mtu is not None:
+        return
+    hosts = []
+    for peer in cfg.peers:
+        if peer.endpoint:  # resolved once already, by the Interface: retries needless
+            with contextlib.suppress(ValueError, OSError):
+                hosts.append(split_endpoint(resolve_endpoint(peer.endpoint, retries=0))[0])
+    try:
+        with IPRoute() as ipr:
+            cfg.interface.mtu = auto_mtu(ipr, hosts)
+    except OSError as e:  # netlink refused: the Interface's default stands
+        log.info("no MTU from the routes: %s", e)
 
 
 def enter_namespace(iface: Interface, flags: int, unshare: bool = True) -> None:
@@ -201,6 +223,7 @@ def run(config_path: Config | str, argv: list[str]) -> int:
         iface = Interface(cfg, IFNAME)
     except (OSError, ValueError, ConfigError) as e:
         return fail(str(e))
+    set_route_mtu(cfg)
     with blocked((*FORWARDED, signal.SIGCHLD)):
         pid = go = -1
         try:

@@ -6,7 +6,8 @@ Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
 - `forward`: TCP on this side to a fixed target inside the tunnel (wireproxy's
   `[TCPClientTunnel]`); `udp`: the same for UDP datagrams;
 - `expose`: TCP on a port of the tunnel's addresses to a target on this side
-  (wireproxy's `[TCPServerTunnel]`).
+  (wireproxy's `[TCPServerTunnel]`);
+- `info`: the health endpoint (`--info`).
 
 The wireproxy file is a wg-quick file with more sections, read as wireproxy reads it:
 sections and keys in any case, several sections of a kind, `WGConfig = PATH` before the
@@ -23,7 +24,7 @@ from wgpy.daemon.uapi import split_endpoint
 from wgpy.tools import config as wgconfig
 from wgpy.tools.config import Config, ConfigError
 
-KINDS = ("socks", "http", "forward", "expose", "udp")
+KINDS = ("socks", "http", "forward", "expose", "udp", "info")
 SECTIONS = {  # wireproxy's section -> our kind
     "[socks5]": "socks",
     "[http]": "http",
