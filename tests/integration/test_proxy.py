@@ -542,3 +542,25 @@ def test_mtu_unset_comes_from_the_route_to_the_endpoint(bed: Bed, upy: Path, wor
         assert " mtu 1320 " in done.stdout, done.stdout
     finally:
         bed.caller.run("ip", "link", "set", "dev", veth, "mtu", "1500")
+
+
+@pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
+def test_wg_show_works_on_a_rootless_tunnel(bed: Bed, upy: Path, workdir: Path) -> None:
+    """The command of `wgpy run` runs `wg show`; for `wgpy proxy`, nsenter gets there."""
+    script = (f"ping -c 1 -W 5 {PEER_INNER} >/dev/null; wg show wg0; "
+              f"wg set wg0 listen-port 1 2>&1; ls -l /var/run/wireguard")  # fmt: skip
+    argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "run", "-c", str(bed.config),
+                            "--", "sh", "-c", script])  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
+                          env={**CLEAN_ENV, "HOME": str(workdir)}, cwd=workdir)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"peer: {bed.peer_public}" in done.stdout and "latest handshake" in done.stdout
+    assert "Operation not permitted" in done.stdout  # read-only
+    assert "srwx------ 1 nobody" in done.stdout  # the user's own socket
+    port = free_port(bed.caller.name)
+    with proxy_process(bed, upy, workdir, "--socks", f"127.0.0.1:{port}") as p:
+        show = [*NOBODY, "nsenter", "-t", str(p.proc.pid), "-U", "-m", "-n",
+                "--preserve-credentials", "wg", "show", "wg0", "public-key"]  # fmt: skip
+        out = subprocess.run(show, capture_output=True, text=True, timeout=10, check=False)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == bed.public

@@ -35,6 +35,7 @@ from wgpy.rootless.session import (
     fail,
     listening_socket,
     prepare,
+    serve_uapi,
     set_route_mtu,
     setup_logging,
 )
@@ -195,7 +196,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
     outside = Outside()
     cap = serve.client_cap(p.max_clients, serve.raise_fd_limit())
     with blocked(FORWARDED):
-        server = None
+        server = uapi = None
         try:
             if targets or any(lst.kind == "socks" for lst in p.spec.listens):
                 outside.start()
@@ -204,6 +205,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
                 sockets[i] = exposed_socket(p.spec.listens[i].port)
             server = build_server(p, sockets, targets, outside, cap, iface)
             server.start()
+            uapi = serve_uapi(iface)
         except OSError as e:
             if server is not None:
                 server.stop()
@@ -220,7 +222,9 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
                     break
             return 0
         finally:
-            server.stop()
+            for running in (server, uapi):
+                if running is not None:
+                    running.stop()
             iface.close()
             outside.close()
 
@@ -236,7 +240,6 @@ def build_server(
     services: list[serve.Service] = []
     jobs: list[Callable[[], Coroutine[None, None, None]]] = []
     idle = p.idle_timeout
-    server = serve.Server(services, cap, jobs)
     for i, listen in enumerate(p.spec.listens):
         sock = sockets[i]
         opts = Options(idle, listen.credentials, outside)
@@ -252,10 +255,11 @@ def build_server(
             assert listen.target is not None
             handler = forward_handler(listen.target, idle)
         elif listen.kind == "info":
-            handler = info_handler(iface, lambda: (server.active, server.refused))
+            handler = info_handler(iface, lambda: (server.active, server.refused))  # late-bound
         else:
             handler = expose_handler(targets[i], outside, idle)
         services.append(serve.Service(sock, handler, NAMES[listen.kind]))
+    server = serve.Server(services, cap, jobs)
     return server
 
 

@@ -30,7 +30,7 @@ from pyroute2 import IPRoute
 
 from wgpy.daemon.uapi import split_endpoint
 from wgpy.embed.interface import Interface, load_config
-from wgpy.rootless import userns
+from wgpy.rootless import serve, uapi_socket, userns
 from wgpy.rootless.spec import listen_address as listen_address  # launch.py's import
 from wgpy.tools.config import Config, ConfigError, resolve_endpoint
 from wgpy.tools.quick import auto_mtu
@@ -110,6 +110,21 @@ def enter_namespace(iface: Interface, flags: int, unshare: bool = True) -> None:
         text = userns.resolv_conf_text(cfg.interface.dns, cfg.interface.dns_search)
         userns.bind_resolv_conf(text)
     iface.open()
+
+
+def serve_uapi(iface: Interface) -> serve.Server | None:
+    """A read-only UAPI socket where `wg` looks, in our mount namespace (`uapi_socket`)."""
+    sock = uapi_socket.listen(iface.name)
+    if sock is None:
+        return None
+    server = serve.Server([serve.Service(sock, uapi_socket.uapi_handler(iface), "UAPI")], 16)
+    try:
+        server.start()
+    except OSError as e:
+        log.info("no UAPI socket for `wg show`: %s", e)
+        sock.close()
+        return None
+    return server
 
 
 @contextlib.contextmanager
@@ -236,12 +251,15 @@ def run(config_path: Config | str, argv: list[str]) -> int:
                 os.close(go)  # the child reads nothing and leaves
                 os.waitpid(pid, 0)
             return fail(f"cannot set up the namespace: {e}")
+        uapi = serve_uapi(iface)
         try:
             start(go)
             status = wait_child(pid, iface)
             end_leftovers()
             return status
         finally:
+            if uapi is not None:
+                uapi.stop()
             iface.close()
 
 
