@@ -1,14 +1,18 @@
-"""What `wgpy proxy` serves: its command line and wireproxy's config file."""
+"""What `wgpy proxy` serves: its command line and wireproxy's config file; the parsers of
+what clients send (SOCKS5 UDP headers, HTTP heads) on any input."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wgpy.core.crypto import encode_key
-from wgpy.rootless import proxy, spec
+from wgpy.rootless import http, proxy, spec, udp
 from wgpy.tools.config import ConfigError
 
 KEY = encode_key(bytes(range(32)))
@@ -111,3 +115,30 @@ def test_command_line_mappings_and_help(capsys: pytest.CaptureFixture[str]) -> N
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--forward" in out and "--expose" in out and "--socks-fd" not in out
+
+
+@given(st.text(alphabet=st.sampled_from("[]=#:. \nabcSocks5httpTCPClientTunnelInterfacePeer0123"),
+               max_size=300))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_any_text_is_read_or_refused_with_a_config_error(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        spec.parse_wireproxy(text, "f")
+
+
+@given(st.binary(max_size=80))
+def test_any_datagram_header_parses_or_is_dropped(data: bytes) -> None:
+    parsed = udp.parse_header(data)
+    if parsed is not None:
+        host, port, _, payload = parsed
+        assert 0 <= port < 65536 and len(payload) <= len(data)
+
+
+@given(st.ip_addresses(), st.integers(0, 65535), st.binary(max_size=20))
+def test_a_header_we_write_reads_back(addr: object, port: int, payload: bytes) -> None:
+    assert udp.parse_header(udp.header(str(addr), port) + payload)[::3] == (str(addr), payload)
+
+
+@given(st.binary(max_size=200))
+def test_any_http_head_parses_or_is_a_bad_request(head: bytes) -> None:
+    with contextlib.suppress(http.BadRequest):
+        http.parse_head(head)
