@@ -385,6 +385,11 @@ Password = s3cret
 BindAddress = 127.0.0.1:{http}
 Username = alice
 Password = s3cret
+
+[UDPProxyTunnel]
+BindAddress = 127.0.0.1:{udp}
+Target = {dns}:53
+InactivityTimeout = 30
 """
 
 
@@ -413,7 +418,7 @@ def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
     bed: Bed, upy: Path, workdir: Path, servers: int
 ) -> None:
     ns = bed.caller.name
-    ports = {k: free_port(ns) for k in ("forward", "socks", "http")}
+    ports = {k: free_port(ns) for k in ("forward", "socks", "http", "udp")}
     conf = workdir / "wireproxy.conf"
     conf.write_text(WIREPROXY_SAMPLE.format(
         address=CALLER_INNER, private=bed.private, dns=PEER_INNER, public=bed.peer_public,
@@ -422,7 +427,13 @@ def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
     argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-n", "-c", str(conf)])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0 and "configuration OK" in done.stdout, done.stderr
-    with proxy_process(bed, upy, workdir, services=4, config=conf):
+    with proxy_process(bed, upy, workdir, services=5, config=conf):
+        with in_namespace(ns):
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with u:
+            u.settimeout(10)
+            u.sendto(dns_query(NAME), ("127.0.0.1", ports["udp"]))
+            assert answered_address(u.recv(512)) == PEER_INNER
         got = http_get(ns, ports["forward"], f"GET / HTTP/1.0\r\nHost: {NAME}\r\n\r\n".encode())
         assert got.endswith(PAGE.encode())
         assert summed(bed.peer.name, (CALLER_INNER, 9001), 5000) == b"got 5000"

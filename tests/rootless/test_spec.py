@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,11 @@ Password = pw
 
 [http]
 BindAddress = [::1]:25345
+
+[UDPProxyTunnel]
+BindAddress = 127.0.0.1:5353
+Target = 1.1.1.1:53
+InactivityTimeout = 0 # never
 """, tmp_path)  # fmt: skip
     assert [(x.kind, x.host, x.port, x.target) for x in p.listens] == [
         ("forward", "127.0.0.1", 25565, ("play.example", 25565)),
@@ -60,12 +66,19 @@ BindAddress = [::1]:25345
         ("expose", "::", 3423, ("::1", 80)),
         ("socks", "127.0.0.1", 25344, None),
         ("http", "::1", 25345, None),
+        ("udp", "127.0.0.1", 5353, ("1.1.1.1", 53)),
     ]
+    assert p.listens[5].timeout == math.inf
     assert p.listens[3].credentials == spec.Credentials("alice", "pw")
     assert p.listens[4].credentials is None
     peer = p.config.peers[0]  # no AllowedIPs: everything, as wireproxy routes it
     assert peer.allowed_ips == [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
     assert p.config.interface.mtu == 1420  # wireproxy's default
+
+
+def test_checkalive_is_named_as_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r":5: CheckAlive: not supported by wgpy: CheckAlive"):
+        parsed(WG.replace("[peer]", "CheckAlive = 1.1.1.1\n[peer]") + "[Socks5]\n", tmp_path)
 
 
 def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
@@ -88,6 +101,8 @@ def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
         ("[TCPServerTunnel]\nListenPort = 70000\nTarget = a:1\n",
          ":10: listenport: '70000' is not a port"),
         ("[Nonsense]\n", ":9: [Nonsense]: unknown section"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n", ":11: CertFile: not supported"),
+        ("[SNI]\nBindAddress = 0.0.0.0:443\n", ":9: [SNI]: not supported by wgpy"),
     ],
 )  # fmt: skip
 def test_what_we_lack_or_cannot_read_is_named_by_line(

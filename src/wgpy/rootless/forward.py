@@ -5,7 +5,7 @@ A TCP forward relays like the proxy does (both ways, half-closes passed on, idle
 closed). An exposed port listens on the tunnel's addresses and connects on this side
 through sockets the `Outside` helper makes. A UDP forward keeps one socket inside the
 tunnel per client address, connected to the target, so that the answers find their
-way back; a client silent for `UDP_TIMEOUT` seconds loses its socket.
+way back; a client silent for `timeout` seconds (60 unless set) loses its socket.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from wgpy.rootless.outside import Outside
 from wgpy.rootless.serve import Handler, Throttled, connect, relay
+from wgpy.rootless.spec import UDP_TIMEOUT
 
 log = logging.getLogger("wgpy.proxy")
 CONNECT_TIMEOUT = 15.0
-UDP_TIMEOUT = 60.0
 UDP_CLIENTS = 1024
 DATAGRAM = 65535
 
@@ -81,9 +81,12 @@ class UdpForward:
     """Datagrams from clients at `sock` (on this side) to `target` (in the tunnel), and
     the answers back to each client."""
 
-    def __init__(self, sock: socket.socket, target: tuple[str, int]) -> None:
+    def __init__(
+        self, sock: socket.socket, target: tuple[str, int], timeout: float = UDP_TIMEOUT
+    ) -> None:
         self.sock = sock
         self.target = target
+        self.timeout = timeout
         self.clients: dict[tuple[str, int], _UdpClient] = {}
         self._full = Throttled(logging.ERROR)
 
@@ -142,8 +145,8 @@ class UdpForward:
 
     async def _reap(self) -> None:
         while True:
-            await asyncio.sleep(UDP_TIMEOUT / 4)
+            await asyncio.sleep(min(self.timeout / 4, 3600))
             now = time.monotonic()
             for source, client in list(self.clients.items()):
-                if now - client.last > UDP_TIMEOUT:
+                if now - client.last > self.timeout:
                     self._drop(source)

@@ -245,7 +245,7 @@ def build_server(
         opts = Options(idle, listen.credentials, outside)
         if listen.kind == "udp":
             assert listen.target is not None
-            jobs.append(UdpForward(sock, listen.target).run)
+            jobs.append(UdpForward(sock, listen.target, listen.timeout).run)
             continue
         if listen.kind == "socks":
             handler = socks_handler(opts)

@@ -18,31 +18,42 @@ AllowedIPs routing everything. What wireproxy has and we lack is refused by name
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 
 from wgpy.daemon.uapi import split_endpoint
 from wgpy.tools import config as wgconfig
 from wgpy.tools.config import Config, ConfigError
 
+UDP_TIMEOUT = 60.0  # seconds
 KINDS = ("socks", "http", "forward", "expose", "udp", "info")
 SECTIONS = {  # wireproxy's section -> our kind
     "[socks5]": "socks",
     "[http]": "http",
     "[tcpclienttunnel]": "forward",
     "[tcpservertunnel]": "expose",
+    "[udpproxytunnel]": "udp",
 }
 NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPClientTunnel]",
-         "[tcpservertunnel]": "[TCPServerTunnel]"}  # fmt: skip
-UNSUPPORTED = {
+         "[tcpservertunnel]": "[TCPServerTunnel]",
+         "[udpproxytunnel]": "[UDPProxyTunnel]"}  # fmt: skip
+UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
     "[stdiotunnel]": "a tunnel on standard input and output",
-    "[udpproxytunnel]": "UDP tunnels from a wireproxy file (use --udp-forward)",
+    "[sni]": "a TLS proxy routed by SNI",
+    "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
+    "checkalive": "CheckAlive pings (--info serves /readyz without them)",
+    "checkaliveinterval": "CheckAlive pings (--info serves /readyz without them)",
+    "certfile": "an HTTPS proxy (CertFile, KeyFile)",
+    "keyfile": "an HTTPS proxy (CertFile, KeyFile)",
+    "tunneldomains": "TunnelDomains (everything goes through the tunnel)",
+    "logdomains": "LogDomains",
 }
-WIREPROXY_INTERFACE_KEYS = ("checkalive", "checkaliveinterval")
 SECTION_KEYS = {
     "socks": ("bindaddress", "username", "password"),
     "http": ("bindaddress", "username", "password"),
     "forward": ("bindaddress", "target"),
     "expose": ("listenport", "target"),
+    "udp": ("bindaddress", "target", "inactivitytimeout"),
 }
 
 
@@ -63,6 +74,7 @@ class Listen:
     target: tuple[str, int] | None = None
     credentials: Credentials | None = None
     fd: int | None = None  # a listening socket handed in (wgpy.Proxy)
+    timeout: float = UDP_TIMEOUT  # a UDP forward's: a client silent this long is forgotten
 
     def describe(self) -> str:
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -162,12 +174,12 @@ def parse_wireproxy(text: str, path: str) -> ProxySpec:
             if low != "wgconfig":
                 raise ConfigError(path, number, key, "unknown key before any section")
             include = (number, value)
+        elif low in UNSUPPORTED:
+            raise ConfigError(path, number, key, f"not supported by wgpy: {UNSUPPORTED[low]}")
         elif section in SECTIONS:
             if low not in SECTION_KEYS[sections[-1].kind]:
                 raise ConfigError(path, number, key, f"unknown key in {NAMES[section]}")
             sections[-1].keys[low] = (value, number)
-        elif section == "[interface]" and low in WIREPROXY_INTERFACE_KEYS:
-            raise ConfigError(path, number, key, "not supported by wgpy (--info serves /readyz)")
         else:
             wg_lines[number - 1] = line
     listens = [_listen(s, path) for s in sections]
@@ -188,9 +200,15 @@ def _listen(section: _Section, path: str) -> Listen:
             key = "target"
             return Listen(kind, "::", port, split_endpoint(need(key)[0]))
         listen = Listen(kind, *listen_address(need(key)[0]))
-        if kind == "forward":
+        if kind in ("forward", "udp"):
             key = "target"
             listen.target = split_endpoint(need(key)[0])
+        if kind == "udp" and "inactivitytimeout" in section.keys:
+            key = "inactivitytimeout"
+            value = section.keys[key][0]
+            if not value.isascii() or not value.isdigit():
+                raise ValueError(f"{value!r} is not a number of seconds")
+            listen.timeout = float(value) or math.inf  # 0: never, as wireproxy
         user = section.keys.get("username", ("", 0))[0]
         if user:  # as wireproxy: a Username turns authentication on
             listen.credentials = Credentials(user, section.keys.get("password", ("", 0))[0])
