@@ -575,3 +575,21 @@ def test_wg_show_works_on_a_rootless_tunnel(bed: Bed, upy: Path, workdir: Path) 
         out = subprocess.run(show, capture_output=True, text=True, timeout=10, check=False)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == bed.public
+
+
+@pytest.mark.parametrize("bed", ["wgpy"], indirect=True)
+def test_stdio_tunnel_is_an_ssh_proxycommand(
+    bed: Bed, upy: Path, workdir: Path, servers: int
+) -> None:
+    """Standard input to a server in the tunnel, its answer on standard output, then
+    exit 0 quietly; a target that refuses (ECONNREFUSED) makes it exit 1 and say why."""
+    def stdio(target: str) -> subprocess.CompletedProcess[bytes]:
+        argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-c",
+                                str(bed.config), "--stdio", target])  # fmt: skip
+        return subprocess.run(argv, input=bytes(70_000), capture_output=True, timeout=30,
+                              check=False, env={**CLEAN_ENV, "HOME": str(workdir)})  # fmt: skip
+
+    done = stdio(f"{PEER_INNER}:{SUM_PORT}")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"got 70000", b"")
+    done = stdio(f"{PEER_INNER}:7999")
+    assert done.returncode == 1 and b"[Errno 111] Connect call failed" in done.stderr

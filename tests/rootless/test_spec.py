@@ -59,6 +59,9 @@ BindAddress = [::1]:25345
 BindAddress = 127.0.0.1:5353
 Target = 1.1.1.1:53
 InactivityTimeout = 0 # never
+
+[STDIOTunnel]
+Target = ssh.example:22
 """, tmp_path)  # fmt: skip
     assert [(x.kind, x.host, x.port, x.target) for x in p.listens] == [
         ("forward", "127.0.0.1", 25565, ("play.example", 25565)),
@@ -67,6 +70,7 @@ InactivityTimeout = 0 # never
         ("socks", "127.0.0.1", 25344, None),
         ("http", "::1", 25345, None),
         ("udp", "127.0.0.1", 5353, ("1.1.1.1", 53)),
+        ("stdio", "", 0, ("ssh.example", 22)),
     ]
     assert p.listens[5].timeout == math.inf
     assert p.listens[3].credentials == spec.Credentials("alice", "pw")
@@ -92,7 +96,7 @@ def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tail", "where"),
     [
-        ("[STDIOTunnel]\nTarget = ssh.example:22\n", ":9: [STDIOTunnel]: not supported by wgpy"),
+        ("[STDIOTunnel]\nTarget = nohost\n", ":10: target: 'nohost' is not"),
         ("[Socks5]\nBindAddress = 127.0.0.1:1080\nColour = red\n",
          ":11: Colour: unknown key in [Socks5]"),
         ("[Socks5]\nUsername = a\n", ":9: bindaddress: missing"),

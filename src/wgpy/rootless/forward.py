@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wgpy.rootless.outside import Outside
@@ -39,6 +41,29 @@ def forward_handler(target: tuple[str, int], idle_timeout: float) -> Handler:
         await relay((reader, writer), remote, idle_timeout)
 
     return handle
+
+
+async def stdio_tunnel(
+    target: tuple[str, int], idle_timeout: float, end: Callable[[int], None]
+) -> None:
+    """Standard input to `target` (inside the tunnel), its answers to standard output;
+    then `end(status)` ends the whole proxy, as ssh expects of a ProxyCommand."""
+    loop = asyncio.get_running_loop()
+    status = 1
+    try:
+        remote = await connect(*target, CONNECT_TIMEOUT)
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), sys.stdout
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        await relay((reader, writer), remote, idle_timeout)
+        status = 0
+    except (OSError, TimeoutError, ValueError) as e:
+        log.error("standard input and output to %s:%d: %s", *target, e)
+    finally:
+        end(status)
 
 
 def resolve_outside(target: tuple[str, int]) -> list[tuple[int, tuple[str, int]]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -21,9 +22,16 @@ import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
+from wgpy.daemon.uapi import split_endpoint
 from wgpy.embed.interface import Interface
 from wgpy.rootless import serve, userns
-from wgpy.rootless.forward import UdpForward, expose_handler, forward_handler, resolve_outside
+from wgpy.rootless.forward import (
+    UdpForward,
+    expose_handler,
+    forward_handler,
+    resolve_outside,
+    stdio_tunnel,
+)
 from wgpy.rootless.http import http_handler
 from wgpy.rootless.info import info_handler
 from wgpy.rootless.outside import Outside
@@ -44,7 +52,8 @@ from wgpy.rootless.spec import Listen, ProxySpec, listen_address, load, mapping
 from wgpy.tools.config import ConfigError
 
 NAMES = {"socks": "SOCKS5 proxy", "http": "HTTP proxy", "forward": "TCP forward",
-         "expose": "TCP exposed", "udp": "UDP forward", "info": "health endpoint"}  # fmt: skip
+         "expose": "TCP exposed", "udp": "UDP forward", "info": "health endpoint",
+         "stdio": "standard input and output"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +62,9 @@ def parser() -> argparse.ArgumentParser:
         description="Proxies and port forwards into a WireGuard tunnel of your own, "
         "without root: the tunnel lives in a namespace only this process uses.",
         epilog="CONFIG is a wg-quick file, or a wireproxy file ([Socks5], [http], "
-        "[TCPClientTunnel], [TCPServerTunnel], WGConfig = PATH). Listen on loopback: "
+        "[TCPClientTunnel], [TCPServerTunnel], [UDPProxyTunnel], [STDIOTunnel], "
+        "WGConfig = PATH). "
+        "LOG_LEVEL=verbose|error|silent sets what is logged. Listen on loopback: "
         "whoever reaches a port uses your tunnel.",
     )
     add = p.add_argument
@@ -68,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
         help="TCP on PORT of the tunnel's addresses to HOST:PORT on this side")
     add("--udp-forward", action="append", default=[], metavar="ADDR:PORT=HOST:PORT",
         help="UDP on ADDR:PORT here to HOST:PORT through the tunnel")
+    add("--stdio", metavar="HOST:PORT",
+        help="standard input and output to HOST:PORT through the tunnel, then exit "
+        "(ssh -o ProxyCommand='wgpy proxy -c CONFIG --stdio %%h:%%p')")
     add("-i", "--info", metavar="ADDR:PORT",
         help="serve /readyz and /metrics (Prometheus) here")
     add("--max-clients", type=int, default=serve.MAX_CLIENTS, metavar="N",
@@ -77,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     add("-n", "--configtest", action="store_true",
         help="check the config and the addresses, then exit")
     add("-d", "--daemon", action="store_true", help="serve in the background")
-    add("-s", "--silent", action="store_true", help="log nothing")
+    add("-s", "--silent", action="store_true", help="log nothing (LOG_LEVEL=silent)")
     for hidden in ("--socks-fd", "--http-fd", "--ready-fd"):  # wgpy.Proxy's
         add(hidden, type=int, help=argparse.SUPPRESS)
     return p  # fmt: skip
@@ -88,6 +102,7 @@ class Plan:
     spec: ProxySpec
     max_clients: int
     idle_timeout: float
+    silent: bool = False
 
 
 def plan(ns: argparse.Namespace) -> Plan:
@@ -102,6 +117,10 @@ def plan(ns: argparse.Namespace) -> Plan:
         spec.listens += [mapping(kind, v) for v in values]
     if ns.info:
         spec.listens.append(Listen("info", *listen_address(ns.info)))
+    if ns.stdio:
+        spec.listens.append(Listen("stdio", "", 0, split_endpoint(ns.stdio)))
+    if sum(lst.kind == "stdio" for lst in spec.listens) > 1:
+        raise ValueError("one standard input and output: one --stdio or [STDIOTunnel]")
     for kind, fd in (("socks", ns.socks_fd), ("http", ns.http_fd)):
         if fd is not None:
             spec.listens.append(Listen(kind, "", 0, fd=fd))
@@ -110,7 +129,7 @@ def plan(ns: argparse.Namespace) -> Plan:
                          "--expose or --udp-forward (or sections in a wireproxy file)")  # fmt: skip
     if ns.max_clients < 1 or not ns.idle_timeout > 0:
         raise ValueError("--max-clients and --idle-timeout must be above 0")
-    return Plan(spec, ns.max_clients, ns.idle_timeout)
+    return Plan(spec, ns.max_clients, ns.idle_timeout, ns.silent)
 
 
 def main(args: list[str]) -> int:
@@ -149,7 +168,7 @@ def open_here(listens: list[Listen]) -> dict[int, socket.socket]:
                 made[i] = socket.socket(fileno=listen.fd)
             elif listen.kind == "udp":
                 made[i] = udp_socket(listen.host, listen.port)
-            elif listen.kind != "expose":
+            elif listen.kind not in ("expose", "stdio"):
                 made[i] = listening_socket(listen.host, listen.port)
     except BaseException:
         for sock in made.values():
@@ -194,6 +213,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
         return fail(str(e))
     set_route_mtu(cfg)
     outside = Outside()
+    ending = Ending()
     cap = serve.client_cap(p.max_clients, serve.raise_fd_limit())
     with blocked(FORWARDED):
         server = uapi = None
@@ -203,7 +223,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
             enter_namespace(iface, flags)
             for i in targets:
                 sockets[i] = exposed_socket(p.spec.listens[i].port)
-            server = build_server(p, sockets, targets, outside, cap, iface)
+            server = build_server(p, sockets, targets, outside, cap, iface, ending.end)
             server.start()
             uapi = serve_uapi(iface)
         except OSError as e:
@@ -213,20 +233,33 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
             outside.close()
             return fail(f"cannot set up the namespace: {e}")
         try:
-            announce(p.spec.listens, sockets)
+            if not p.silent:
+                announce(p.spec.listens, sockets)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
             while iface.running:
                 if signal.sigtimedwait(FORWARDED, 0.25) is not None:
                     break
-            return 0
+            return ending.status
         finally:
             for running in (server, uapi):
                 if running is not None:
                     running.stop()
             iface.close()
             outside.close()
+
+
+class Ending:
+    """How the serving thread ends the proxy (the stdio tunnel does, when its connection
+    ends): a status, and SIGTERM to ourselves, which the main thread waits for."""
+
+    def __init__(self) -> None:
+        self.status = 0
+
+    def end(self, status: int) -> None:
+        self.status = status
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def build_server(
@@ -236,11 +269,16 @@ def build_server(
     outside: Outside,
     cap: int,
     iface: Interface,
+    end: Callable[[int], None],
 ) -> serve.Server:
     services: list[serve.Service] = []
     jobs: list[Callable[[], Coroutine[None, None, None]]] = []
     idle = p.idle_timeout
     for i, listen in enumerate(p.spec.listens):
+        if listen.kind == "stdio":
+            assert listen.target is not None
+            jobs.append(functools.partial(stdio_tunnel, listen.target, idle, end))
+            continue
         sock = sockets[i]
         opts = Options(idle, listen.credentials, outside)
         if listen.kind == "udp":
@@ -266,6 +304,8 @@ def build_server(
 def announce(listens: list[Listen], sockets: dict[int, socket.socket]) -> None:
     """Say where each service listens, and warn of one that other machines reach."""
     for i, listen in enumerate(listens):
+        if listen.kind == "stdio":
+            continue  # ssh shows our stderr: a ProxyCommand says nothing when all is well
         host, port = sockets[i].getsockname()[:2]
         to = f" -> {listen.target[0]}:{listen.target[1]}" if listen.target else ""
         where = f"port {port} of the tunnel" if listen.kind == "expose" else f"{host}:{port}"

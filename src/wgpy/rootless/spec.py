@@ -7,7 +7,9 @@ Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
   `[TCPClientTunnel]`); `udp`: the same for UDP datagrams;
 - `expose`: TCP on a port of the tunnel's addresses to a target on this side
   (wireproxy's `[TCPServerTunnel]`);
-- `info`: the health endpoint (`--info`).
+- `info`: the health endpoint (`--info`);
+- `stdio`: standard input and output to a target inside the tunnel (wireproxy's
+  `[STDIOTunnel]`, for ssh's ProxyCommand); the proxy ends when that connection does.
 
 The wireproxy file is a wg-quick file with more sections, read as wireproxy reads it:
 sections and keys in any case, several sections of a kind, `WGConfig = PATH` before the
@@ -26,19 +28,19 @@ from wgpy.tools import config as wgconfig
 from wgpy.tools.config import Config, ConfigError
 
 UDP_TIMEOUT = 60.0  # seconds
-KINDS = ("socks", "http", "forward", "expose", "udp", "info")
+KINDS = ("socks", "http", "forward", "expose", "udp", "info", "stdio")
 SECTIONS = {  # wireproxy's section -> our kind
     "[socks5]": "socks",
     "[http]": "http",
     "[tcpclienttunnel]": "forward",
     "[tcpservertunnel]": "expose",
     "[udpproxytunnel]": "udp",
+    "[stdiotunnel]": "stdio",
 }
 NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPClientTunnel]",
          "[tcpservertunnel]": "[TCPServerTunnel]",
-         "[udpproxytunnel]": "[UDPProxyTunnel]"}  # fmt: skip
+         "[udpproxytunnel]": "[UDPProxyTunnel]", "[stdiotunnel]": "[STDIOTunnel]"}  # fmt: skip
 UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
-    "[stdiotunnel]": "a tunnel on standard input and output",
     "[sni]": "a TLS proxy routed by SNI",
     "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
     "checkalive": "CheckAlive pings (--info serves /readyz without them)",
@@ -54,6 +56,7 @@ SECTION_KEYS = {
     "forward": ("bindaddress", "target"),
     "expose": ("listenport", "target"),
     "udp": ("bindaddress", "target", "inactivitytimeout"),
+    "stdio": ("target",),
 }
 
 
@@ -194,6 +197,9 @@ def _listen(section: _Section, path: str) -> Listen:
 
     kind, key = section.kind, "bindaddress"
     try:
+        if kind == "stdio":
+            key = "target"
+            return Listen(kind, "", 0, split_endpoint(need(key)[0]))
         if kind == "expose":
             key = "listenport"
             port = port_number(need(key)[0])
