@@ -117,6 +117,7 @@ async def relay(a: Stream, b: Stream, idle_timeout: float = IDLE_TIMEOUT) -> Non
             await asyncio.wait([work], timeout=left)
 
     work = asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))
+    work.add_done_callback(_retrieved)
     try:
         await watch(work)
         with contextlib.suppress(asyncio.CancelledError):
@@ -125,6 +126,12 @@ async def relay(a: Stream, b: Stream, idle_timeout: float = IDLE_TIMEOUT) -> Non
         work.cancel()
         for _, writer in (a, b):
             writer.close()
+
+
+def _retrieved(future: asyncio.Future[tuple[None, None]]) -> None:
+    """Mark a relay's outcome seen (cancelled when the server stops, or timed out)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def connect(host: str, port: int, timeout: float) -> Stream:
@@ -209,8 +216,8 @@ class Server:
                     await asyncio.wait_for(self._left.wait(), ACCEPT_RETRY)
                 continue
             if self.active >= self.max_clients:
-                conn.close()
                 self.refused += 1
+                conn.close()
                 self._refused(f"{service.name}: {self.max_clients} clients already; refusing one")
                 continue
             self.active += 1
