@@ -139,25 +139,49 @@ def hold(ns: str, port: int, count: int) -> tuple[list[socket.socket], int]:
 # ---- limits (issue 22, item 4) -------------------------------------------------------
 
 
+FETCH = """
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+s.sendall(b"\\x05\\x01\\x00")
+assert s.recv(2) == b"\\x05\\x00"
+s.sendall(b"\\x05\\x01\\x00\\x01" + socket.inet_aton(sys.argv[2]) + struct.pack(">H", 8000))
+assert s.recv(10)[:2] == b"\\x05\\x00"
+s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+body = b""
+while chunk := s.recv(65536):
+    body += chunk
+print(body.decode().splitlines()[-1])
+"""
+
+
+def fetch_as_nobody(bed: Bed, upy: Path, port: int) -> str:
+    argv = bed.caller.argv([*NOBODY, str(upy), "-c", FETCH, str(port), PEER_INNER])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 @pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
-def test_a_cap_below_the_fd_limit_refuses_extra_clients_quietly(
+def test_one_user_cannot_exhaust_the_proxy_nor_flood_its_log(
     bed: Bed, upy: Path, workdir: Path
 ) -> None:
-    """Under a 128-descriptor limit, 100 idle clients: the proxy serves what fits
-    (128 - 64 reserved, two each: 32), closes the rest at once, logs a line a second
-    at most, and serves a new client as soon as the held ones leave."""
+    """Under a 128-descriptor limit the proxy has 32 places ((128 - 64 reserved) / 2 per
+    client). One user (root here) opens 100 idle connections: it gets half the places,
+    the rest are closed at once with a log line a second at most, and another user
+    (nobody) is still served meanwhile."""
     ns = bed.caller.name
     port = free_port(ns)
     with proxy_process(bed, upy, workdir, "--socks", f"127.0.0.1:{port}", nofile=128) as p:
         start = time.monotonic()
         held, refused = hold(ns, port, 100)
         try:
-            time.sleep(2)
+            assert refused == 100 - 16, p.lines
+            assert fetch_as_nobody(bed, upy, port) == PAGE.strip()
+            time.sleep(1)
             elapsed = time.monotonic() - start
-            assert refused == 100 - 32, p.lines
             logged = p.lines[1:]
             assert 1 <= len(logged) <= elapsed + 2, logged[:5]
-            assert "32 clients already" in logged[0]
+            assert "uid 0 holds 16 of 32 places" in logged[0]
         finally:
             for s in held:
                 s.close()
@@ -176,13 +200,13 @@ def test_a_cap_below_the_fd_limit_refuses_extra_clients_quietly(
 def test_idle_connections_time_out_and_free_their_places(
     bed: Bed, upy: Path, workdir: Path
 ) -> None:
-    """One client takes every place and sits on them; another is refused until the idle
-    ones time out, then served."""
+    """One user takes all the places it may (half) and sits on them; its next connection
+    is refused until the idle ones time out, then served."""
     ns = bed.caller.name
     port = free_port(ns)
     args = ("--socks", f"127.0.0.1:{port}", "--max-clients", "8", "--idle-timeout", "2")
     with proxy_process(bed, upy, workdir, *args) as p:
-        held, refused = hold(ns, port, 8)
+        held, refused = hold(ns, port, 4)
         try:
             assert refused == 0
             _, refused = hold(ns, port, 1)

@@ -1,11 +1,12 @@
 """The proxy's server on loopback (no namespaces): the client cap, the quiet log, idle
-timeouts, half-closes through a forward, plain HTTP and Basic auth."""
+timeouts, half-closes through a forward, plain HTTP and Basic auth, who holds a place."""
 
 from __future__ import annotations
 
 import base64
 import http.server
 import logging
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from wgpy.rootless import serve, socks
 from wgpy.rootless.forward import forward_handler
 from wgpy.rootless.http import http_handler
+from wgpy.rootless.owners import Owners, _hex
 from wgpy.rootless.spec import Credentials
 
 
@@ -143,3 +145,22 @@ def test_plain_http_with_basic_auth() -> None:
     finally:
         server.stop()
         web.shutdown()
+
+
+def test_owners_finds_the_uid_and_count_of_local_clients() -> None:
+    srv = _listener()
+    clients = [socket.create_connection(srv.getsockname(), timeout=5) for _ in range(3)]
+    conn, peer = srv.accept()
+    owners = Owners()
+    try:
+        assert owners.held(peer, conn.getsockname()) == (os.getuid(), 3)
+        assert owners.held(("192.0.2.9", 4000), conn.getsockname()) == (None, 0)
+    finally:
+        owners.close()
+        conn.close()
+        for c in clients:
+            c.close()
+        srv.close()
+    assert _hex(("127.0.0.1", 1080)) == ("0100007F:0438", "tcp")
+    assert _hex(("::ffff:127.0.0.1", 1080)) == ("0100007F:0438", "tcp")
+    assert _hex(("::1", 80)) == ("00000000000000000000000001000000:0050", "tcp6")

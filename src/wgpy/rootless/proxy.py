@@ -35,6 +35,7 @@ from wgpy.rootless.forward import (
 from wgpy.rootless.http import http_handler
 from wgpy.rootless.info import info_handler
 from wgpy.rootless.outside import Outside
+from wgpy.rootless.owners import Owners
 from wgpy.rootless.session import (
     FORWARDED,
     IFNAME,
@@ -213,6 +214,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
         return fail(str(e))
     set_route_mtu(cfg)
     outside = Outside()
+    owners = Owners()  # the caller's socket tables, opened while we are still there
     ending = Ending()
     cap = serve.client_cap(p.max_clients, serve.raise_fd_limit())
     with blocked(FORWARDED):
@@ -223,7 +225,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
             enter_namespace(iface, flags)
             for i in targets:
                 sockets[i] = exposed_socket(p.spec.listens[i].port)
-            server = build_server(p, sockets, targets, outside, cap, iface, ending.end)
+            server = build_server(p, sockets, targets, outside, cap, iface, ending.end, owners)
             server.start()
             uapi = serve_uapi(iface)
         except OSError as e:
@@ -231,6 +233,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
                 server.stop()
             iface.close()
             outside.close()
+            owners.close()
             return fail(f"cannot set up the namespace: {e}")
         try:
             if not p.silent:
@@ -248,6 +251,7 @@ def proxy(p: Plan, sockets: dict[int, socket.socket], ready_fd: int | None) -> i
                     running.stop()
             iface.close()
             outside.close()
+            owners.close()
 
 
 class Ending:
@@ -270,6 +274,7 @@ def build_server(
     cap: int,
     iface: Interface,
     end: Callable[[int], None],
+    owners: Owners,
 ) -> serve.Server:
     services: list[serve.Service] = []
     jobs: list[Callable[[], Coroutine[None, None, None]]] = []
@@ -297,7 +302,7 @@ def build_server(
         else:
             handler = expose_handler(targets[i], outside, idle)
         services.append(serve.Service(sock, handler, NAMES[listen.kind]))
-    server = serve.Server(services, cap, jobs)
+    server = serve.Server(services, cap, jobs, owners)
     return server
 
 

@@ -7,7 +7,9 @@ tunnel), and a local user can open connections for free. So:
   daemon (and Go's runtime) do.
 - At most `client_cap()` clients are served at once: below what the limit allows, with
   `FD_RESERVE` descriptors left for the datapath, name lookups and logging. A client past
-  the cap is accepted and closed at once, so it learns at once; accept() itself failing
+  the cap is accepted and closed at once, so it learns at once. Once half the places are
+  taken, a local user who holds half already gets no more (`owners.py`), so one user
+  cannot lock the others out by opening connections. accept() itself failing
   for want of a descriptor (EMFILE) pauses accepting until a client leaves or
   `ACCEPT_RETRY` passes, instead of retrying in a loop.
 - Each refusal is logged at most once per `LOG_EVERY` seconds, with the count since the
@@ -30,6 +32,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+
+from wgpy.rootless.owners import Owners
 
 log = logging.getLogger("wgpy.proxy")
 
@@ -156,8 +160,10 @@ class Server:
         services: list[Service],
         max_clients: int = MAX_CLIENTS,
         udp: list[Callable[[], Coroutine[None, None, None]]] | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self.services = services
+        self.owners = owners
         self.max_clients = max_clients
         self.udp = udp or []
         self.active = 0
@@ -215,15 +221,30 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._left.wait(), ACCEPT_RETRY)
                 continue
-            if self.active >= self.max_clients:
+            why = self._refusal(conn)
+            if why:
                 self.refused += 1
                 conn.close()
-                self._refused(f"{service.name}: {self.max_clients} clients already; refusing one")
+                self._refused(f"{service.name}: {why}; refusing one")
                 continue
             self.active += 1
             task = asyncio.create_task(self._serve(conn, service.handler))
             self._clients.add(task)  # the loop keeps only weak references
             task.add_done_callback(self._clients.discard)
+
+    def _refusal(self, conn: socket.socket) -> str:
+        """Why `conn` gets no place, or "": the places are all taken, or more than half
+        are taken and its user holds half already (`owners`)."""
+        if self.active >= self.max_clients:
+            return f"{self.max_clients} clients already"
+        share = self.max_clients // 2
+        if self.owners is None or self.active < share:
+            return ""
+        try:
+            uid, held = self.owners.held(conn.getpeername(), conn.getsockname())
+        except OSError:
+            return ""
+        return f"uid {uid} holds {held - 1} of {self.max_clients} places" if held > share else ""
 
     async def _serve(self, conn: socket.socket, handler: Handler) -> None:
         try:
