@@ -81,7 +81,11 @@ def expose_handler(
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         for family, address in addresses:
-            sock = outside.socket(family)
+            try:
+                sock = outside.socket(family)
+            except OSError as e:  # the helper is gone: nothing on this side is reachable
+                log.error("exposed port: no socket on this side: %s", e)
+                return
             sock.setblocking(False)
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT)
