@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 
-from wgpy import __version__
+from wgpy._version import __version__
 from wgpy.core.crypto import clamp, decode_key, encode_key, public_key
 
 USAGE = __doc__ or ""

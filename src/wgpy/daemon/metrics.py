@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from wgpy import __version__
+from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device

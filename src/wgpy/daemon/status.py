@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from wgpy import __version__
+from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
