@@ -17,7 +17,8 @@ from collections.abc import Callable
 from wgpy import _native as native
 from wgpy.core.data import seal_all
 from wgpy.core.device import Device
-from wgpy.core.peer import Endpoint, Keypair
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.peer import Keypair
 
 BATCH = 44
 SIZE = 1420

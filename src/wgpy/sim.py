@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from wgpy.core.crypto import clamp
 from wgpy.core.data import seal_all
 from wgpy.core.device import Device, Output
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.output import Event
-from wgpy.core.peer import Endpoint, Keypair, Peer
+from wgpy.core.peer import Keypair, Peer
 
 __all__ = [
     "WALL",

@@ -197,3 +197,6 @@ def test_metrics_collector_names_and_values() -> None:
     assert parse_listen("[::1]:9") == ("::1", 9)
     with pytest.raises(ValueError):
         parse_listen("localhost:9586")
+    for bad in ["\u0669\u0660\u0669\u0660", "9\u00b2", "0", "65536"]:  # Arabic-Indic 9090, ...
+        with pytest.raises(ValueError):
+            parse_listen(bad)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from wgpy import __version__
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wait_for_socket
+from wgpy.io.uapi_path import socket_path
 
 from .conftest import eventually
 

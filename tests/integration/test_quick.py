@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wg_keypair
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools.quick import KERNEL_LL
 
 PID = os.getpid() % 100000

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.conftest import eventually
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, Namespace, Node, Tunnel
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools import uapi_client
 
 PEER = "77" * 32

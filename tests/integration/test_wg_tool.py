@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, Namespace, Node, wg_keypair
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools.uapi_client import set_config
 
 HOLD_PORT = (

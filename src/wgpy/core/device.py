@@ -34,6 +34,7 @@ from wgpy.core.constants import (
 )
 from wgpy.core.cookie import CookieChecker
 from wgpy.core.crypto import PrivateKey, dh, is_zero
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
@@ -47,10 +48,11 @@ from wgpy.core.messages import (
     parse_response,
     split_read,
 )
-from wgpy.core.output import Drop, Endpoint, EventKind, Output
+from wgpy.core.output import Drop, EventKind, Output
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
+from wgpy.core.tokenbucket import TokenBucket
 
 __all__ = ["Device", "Output", "inner_destination"]
 
@@ -91,7 +93,7 @@ class Device:
         self.load = LoadMeter(HANDSHAKE_QUEUE)
         self._queue: deque[tuple[bytes, Endpoint, int]] = deque()  # (message, source, type)
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
-        self.icmp_limit: icmp.TokenBucket | None = icmp.TokenBucket()
+        self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None

@@ -12,10 +12,10 @@ from collections import Counter
 from enum import Enum
 from typing import TYPE_CHECKING, NamedTuple
 
+from wgpy.core.endpoint import Endpoint
+
 if TYPE_CHECKING:
     from wgpy.core.peer import Peer
-
-Endpoint = tuple[str, int]
 
 
 class Drop(Enum):

@@ -23,12 +23,13 @@ from typing import Any
 
 from wgpy.core.device import Device
 from wgpy.core.output import Event, Output
-from wgpy.daemon import keylog, uapi, uapi_server
+from wgpy.daemon import keylog, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
 from wgpy.io.datapath import Datapath, native_datapath, tun_offloads
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, TunGone, open_tun
+from wgpy.io.uapi_path import SOCKET_DIR
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
@@ -77,7 +78,7 @@ class Daemon:
     def __init__(
         self,
         ifname: str,
-        socket_dir: str = uapi.SOCKET_DIR,
+        socket_dir: str = SOCKET_DIR,
         tun: Tun | None = None,
         listener: uapi_server.UapiListener | None = None,
         options: Options | None = None,

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from wgpy.core.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
 from wgpy.core.crypto import encode_key
+from wgpy.core.endpoint import format_endpoint
 from wgpy.core.output import Drop, Event, EventKind
-from wgpy.daemon.uapi import format_endpoint
 
 log = logging.getLogger("wgpy")
 DROP_SUMMARY_EVERY = 10.0  # seconds

@@ -28,9 +28,9 @@ from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
+from wgpy.core.endpoint import Endpoint, format_endpoint, parse_port, split_endpoint
 from wgpy.core.output import Drop, EventKind
 from wgpy.daemon.status import Stats
-from wgpy.daemon.uapi import split_endpoint
 from wgpy.io.datapath import BatchSizes, Datapath
 
 if TYPE_CHECKING:
@@ -41,16 +41,12 @@ DEFAULT_PORT = 9586  # prometheus_wireguard_exporter's
 SNAPSHOT_TRIES = 5
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """`PORT`, `HOST:PORT` or `[V6]:PORT`; a bare port binds to loopback only."""
+def parse_listen(value: str) -> Endpoint:
+    """`PORT`, `HOST:PORT` or `[V6]:PORT` (ASCII digits); a bare port binds to loopback
+    only."""
     value = value.strip()
-    if value.isdigit():
-        host, port = "127.0.0.1", int(value)
-    else:
-        host, port = split_endpoint(value)
+    host, port = split_endpoint(value) if ":" in value else ("127.0.0.1", parse_port(value))
     ipaddress.ip_address(host)  # an address, not a name: no resolver surprises
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port in {value!r}")
     return host, port
 
 
@@ -211,7 +207,7 @@ class Collector:
 class MetricsServer:
     """The HTTP endpoint on its own thread; `close` stops it."""
 
-    def __init__(self, source: Source, listen: tuple[str, int]) -> None:
+    def __init__(self, source: Source, listen: Endpoint) -> None:
         try:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError as e:
@@ -223,13 +219,9 @@ class MetricsServer:
         host, port = listen
         self.server, self.thread = start_http_server(port, host, registry=self.registry)
         self.address = (host, self.server.server_port)
-        log.info("metrics on http://%s/metrics", _hostport(self.address))
+        log.info("metrics on http://%s/metrics", format_endpoint(self.address))
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
-
-def _hostport(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

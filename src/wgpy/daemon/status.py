@@ -18,9 +18,9 @@ from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
+from wgpy.core.endpoint import format_endpoint
 from wgpy.core.output import Drop, Event, EventKind
 from wgpy.core.peer import Keypair, Peer
-from wgpy.daemon.uapi import format_endpoint
 
 STATUS_VERSION = 1  # bumped only if a field changes meaning or goes away
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
-from wgpy.daemon.uapi import socket_path
+from wgpy.io.uapi_path import socket_path
 
 WGPY = [sys.executable, "-m", "wgpy"]
 WIREGUARD_GO = ["wireguard-go"]

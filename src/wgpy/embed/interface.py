@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from wgpy.core.crypto import clamp, decode_key, encode_key
 from wgpy.core.device import Device
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.output import Drop, EventKind, Output
 from wgpy.core.output import Event as CoreEvent
 from wgpy.daemon.uapi import parse_endpoint
@@ -39,7 +40,6 @@ from wgpy.tools.config import Config
 
 log = logging.getLogger("wgpy.interface")
 T = TypeVar("T")
-Endpoint = tuple[str, int]
 HISTORY = 1024  # events kept for wait_for
 
 

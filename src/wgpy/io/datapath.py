@@ -29,7 +29,8 @@ from types import ModuleType
 
 from wgpy.core import native
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.output import Drop, Event, EventKind, Output
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
-from wgpy.daemon.uapi import socket_path
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools import config, uapi_client
 from wgpy.tools.config import Config, ConfigError, IPNetwork
 
