@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.core.simnet import Node, SimNet, ipv4_packet, ipv6_packet, seal
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
@@ -27,6 +26,7 @@ from wgpy.core.messages import (
 from wgpy.core.output import Drop, EventKind
 from wgpy.core.ratelimit import MAX_SOURCES, RateLimiter
 from wgpy.core.timers import Timer
+from wgpy.sim import Node, SimNet, ipv4_packet, ipv6_packet, seal
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)

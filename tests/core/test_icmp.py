@@ -5,13 +5,13 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from tests.core.simnet import ipv4_packet
 from wgpy.core import icmp
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
 from wgpy.core.ip import checksum
 from wgpy.core.output import Drop
 from wgpy.core.tokenbucket import TokenBucket
+from wgpy.sim import ipv4_packet
 
 
 def v4(src: str, dst: str, payload: bytes = b"x" * 20, proto: int = 17, frag: int = 0) -> bytes:

@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 
-from tests.core.simnet import SimNet, ipv4_packet
 from tests.daemon.test_uapi import MemoryHost, req
 from wgpy.core.output import Drop, Event, EventKind
 from wgpy.daemon import log as wlog
 from wgpy.daemon.status import Stats, build_status
+from wgpy.sim import SimNet, ipv4_packet
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
 from wgpy.core import native
 from wgpy.core.constants import REJECT_AFTER_TIME
 from wgpy.core.device import Device
@@ -35,6 +34,7 @@ from wgpy.core.messages import (
     RESPONSE_LEN,
     message_type,
 )
+from wgpy.sim import SimNet, ipv4_packet, ipv6_packet
 
 V_EP = ("192.0.2.10", 51820)
 A_EP = ("192.0.2.1", 51820)

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
 from wgpy.core import native
 from wgpy.core.crypto import clamp, public_key
 from wgpy.core.device import Device, Output
 from wgpy.core.peer import Keypair
+from wgpy.sim import SimNet, ipv4_packet, ipv6_packet
 
 module = native.load()
 pytestmark = pytest.mark.skipif(module is None, reason="wgpy._native is not built")

@@ -145,7 +145,7 @@ def open_python(
             continue  # a keepalive
         got.data = True
         # the inner source address and true length, for the allowed-IPs source filter
-        # (ip.source_and_length, inlined: a call per packet costs here)
+        # (read inline with the offsets of core/ip.py: a call per packet costs here)
         n = len(plain)
         version = plain[0] >> 4
         if version == 4 and n >= 20:

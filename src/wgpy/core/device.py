@@ -54,7 +54,7 @@ from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
 from wgpy.core.tokenbucket import TokenBucket
 
-__all__ = ["Device", "Output", "inner_destination"]
+__all__ = ["Device", "Output"]
 
 _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8

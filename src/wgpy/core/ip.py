@@ -1,8 +1,8 @@
 """The few IP header fields the core reads (wireguard-go device/ip.go names the same),
 and the Internet checksum that the core (ICMP errors) and the I/O (offloads) share.
 
-The receive loop inlines the source/length check with these offsets (a call per packet
-costs measurably there); everything else calls the functions.
+The receive loop (core/data.py) reads the source and length with these offsets inline (a
+call per packet costs measurably there); everything else calls the functions.
 """
 
 from __future__ import annotations
@@ -31,26 +31,6 @@ def destination(packet: bytes | memoryview) -> bytes | None:
     if v == 6 and n >= IPV6_HEADER_LEN:
         return bytes(packet[IPV6_DST])
     return None
-
-
-def source_and_length(packet: bytes | memoryview) -> tuple[bytes, int] | None:
-    """(source address, length the header claims) of a well-formed packet, else None:
-    the claimed length must fit in what arrived (padding may follow it)."""
-    n = len(packet)
-    v = version(packet)
-    if v == 4 and n >= IPV4_HEADER_LEN:
-        at = IPV4_TOTAL_LEN
-        length = (packet[at] << 8) | packet[at + 1]
-        if length < IPV4_HEADER_LEN:
-            return None
-        addr = packet[IPV4_SRC]
-    elif v == 6 and n >= IPV6_HEADER_LEN:
-        at = IPV6_PAYLOAD_LEN
-        length = IPV6_HEADER_LEN + ((packet[at] << 8) | packet[at + 1])
-        addr = packet[IPV6_SRC]
-    else:
-        return None
-    return (bytes(addr), length) if length <= n else None
 
 
 def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("wgpy.metrics")
-DEFAULT_PORT = 9586  # prometheus_wireguard_exporter's
 SNAPSHOT_TRIES = 5
 
 

@@ -199,10 +199,6 @@ def _parse_peer_key(peer: PeerChange, key: str, value: str) -> None:
 # ---- applying ------------------------------------------------------------------------
 
 
-def apply_set(host: Host, req: SetRequest) -> None:
-    run(apply_set_steps(host, req))
-
-
 def apply_set_steps(host: Host, req: SetRequest) -> Steps[None]:
     """Apply a checked request. Only the socket changes can still fail, so they go first,
     the mark undone if the port then fails: an error leaves everything as it was.
