@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from wgpy._version import __version__
 
 if TYPE_CHECKING:
-    from wgpy.core.output import Drop, EventKind
+    from wgpy.core.events import EventKind
+    from wgpy.core.output import Drop
     from wgpy.embed.interface import (
         Event,
         Interface,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 # Each public name, and the module that defines it.
 _WHERE = {
     "Drop": "wgpy.core.output",
-    "EventKind": "wgpy.core.output",
+    "EventKind": "wgpy.core.events",
     "Event": "wgpy.embed.interface",
     "Interface": "wgpy.embed.interface",
     "PeerState": "wgpy.embed.interface",

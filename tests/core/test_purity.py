@@ -91,6 +91,9 @@ ALLOWED = {
     "_operator", "operator", "itertools", "keyword", "reprlib", "copyreg", "contextlib",
     "_sre", "re", "ipaddress", "math", "_random", "random", "_bisect", "bisect", "warnings",
     "importlib", "os", "stat", "_stat", "posixpath", "genericpath",
+    # dataclasses (the events), and what it loads
+    "dataclasses", "inspect", "ast", "_ast", "dis", "opcode", "_opcode", "tokenize", "token",
+    "linecache", "copy", "weakref", "_weakrefset",
 }  # fmt: skip
 NEVER = {"asyncio", "socket", "_socket", "select", "selectors", "threading", "subprocess",
          "signal", "logging", "ctypes", "fcntl", "ssl", "queue", "concurrent"}  # fmt: skip

@@ -21,7 +21,7 @@ from tests.io.test_offload import flow
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
-from wgpy.core.output import EventKind
+from wgpy.core.events import EventKind, InitiationSent
 from wgpy.io import datapath as datapath_module
 from wgpy.io import udp as udp_module
 from wgpy.io.datapath import HANDSHAKES_PER_TURN, Datapath
@@ -189,7 +189,7 @@ def test_a_handshake_retry_forgets_the_peers_source(both_datapaths: str) -> None
     now = time.monotonic()
     for step in range(1, 80):  # REKEY_TIMEOUT is 5 s, plus jitter
         a.datapath.tick(now + step * 0.1)
-    retries = [e for e in a.events if e.kind is EventKind.INITIATION_SENT and e.detail]
+    retries = [e for e in a.events if isinstance(e, InitiationSent) and e.attempt]
     assert retries and a.udp.forgotten and set(a.udp.forgotten) == {B_EP}
 
 

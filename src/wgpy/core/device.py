@@ -35,6 +35,21 @@ from wgpy.core.constants import (
 from wgpy.core.cookie import CookieChecker
 from wgpy.core.crypto import PrivateKey, dh, is_zero
 from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import (
+    CookieReceived,
+    CookieSent,
+    EndpointChanged,
+    HandshakeCompleted,
+    HandshakeGaveUp,
+    HandshakeRetry,
+    InitiationReceived,
+    InitiationSent,
+    KeepaliveSent,
+    KeypairCreated,
+    KeysZeroed,
+    ResponseReceived,
+    ResponseSent,
+)
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
@@ -48,7 +63,7 @@ from wgpy.core.messages import (
     parse_response,
     split_read,
 )
-from wgpy.core.output import Drop, EventKind, Output
+from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
@@ -328,7 +343,7 @@ class Device:
         if not peer.staged:
             kp = peer.current
             if kp is not None and kp.can_send(now) and peer.endpoint is not None:
-                out.event(EventKind.KEEPALIVE_SENT, peer)
+                out.events.append(KeepaliveSent(peer))
             peer.staged.append(b"")
         self._send_staged(peer, now, out)
 
@@ -346,7 +361,7 @@ class Device:
     def _set_endpoint(self, peer: Peer, src: Endpoint, out: Output) -> None:
         if peer.endpoint != src:
             peer.endpoint = src
-            out.event(EventKind.ENDPOINT_CHANGED, peer, src)
+            out.events.append(EndpointChanged(peer, src))
 
     # ---- handshake messages --------------------------------------------------------
 
@@ -387,7 +402,7 @@ class Device:
             if under_load and not checker.check_mac2(data, src, now):
                 sender = _SENDER.unpack_from(data)[0]
                 out.udp.append((checker.make_reply(data, sender, src, now), src))
-                out.event(EventKind.COOKIE_SENT, None, src)
+                out.events.append(CookieSent(src))
             elif kind == MSG_INITIATION:
                 self._receive_initiation(data, src, now, out)
             else:
@@ -410,7 +425,7 @@ class Device:
         )
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.event(EventKind.INITIATION_SENT, peer, peer.timers.handshake_attempts)
+        out.events.append(InitiationSent(peer, peer.timers.handshake_attempts))
         self._emit(peer, msg, out)
         peer.timers.handshake_initiated(now)
 
@@ -434,7 +449,7 @@ class Device:
             out.drops[init] += 1
             return
         peer = init.peer
-        out.event(EventKind.INITIATION_RECEIVED, peer)
+        out.events.append(InitiationReceived(peer))
         self._clear_handshake(peer)
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
@@ -458,8 +473,8 @@ class Device:
         peer.timers.session_derived(now)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.event(EventKind.KEYPAIR_CREATED, peer, index)
-        out.event(EventKind.RESPONSE_SENT, peer)
+        out.events.append(KeypairCreated(peer, index))
+        out.events.append(ResponseSent(peer))
         self._emit(peer, msg, out)
 
     def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
@@ -487,8 +502,8 @@ class Device:
         else:
             peer.previous = peer.current
         peer.current = kp
-        out.event(EventKind.RESPONSE_RECEIVED, peer)
-        out.event(EventKind.KEYPAIR_CREATED, peer, index)
+        out.events.append(ResponseReceived(peer))
+        out.events.append(KeypairCreated(peer, index))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         timers = peer.timers
@@ -509,7 +524,7 @@ class Device:
     def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
         peer.timers.handshake_complete()
         peer.last_handshake = now + self.wall_offset
-        out.event(EventKind.HANDSHAKE_COMPLETED, peer)
+        out.events.append(HandshakeCompleted(peer))
 
     def _receive_cookie_reply(self, data: bytes, now: float, out: Output) -> None:
         msg = parse_cookie_reply(data)
@@ -519,7 +534,7 @@ class Device:
         elif not peer.cookies.consume_reply(msg, now):
             out.drops[Drop.BAD_HANDSHAKE] += 1
         else:
-            out.event(EventKind.COOKIE_RECEIVED, peer)
+            out.events.append(CookieReceived(peer))
 
     # ---- timers --------------------------------------------------------------------
 
@@ -532,21 +547,21 @@ class Device:
         timers = peer.timers
         if timer is Timer.RETRANSMIT_HANDSHAKE:
             if timers.expired_retransmit_handshake(now):
-                out.event(EventKind.HANDSHAKE_RETRY, peer, "no response")
+                out.events.append(HandshakeRetry(peer, "no response"))
                 self._initiate(peer, now, out, retry=True)
             else:  # given up: queued packets go now, keys in 3 x REJECT_AFTER_TIME
                 peer.staged.clear()
-                out.event(EventKind.HANDSHAKE_GAVE_UP, peer, timers.handshake_attempts + 1)
+                out.events.append(HandshakeGaveUp(peer, timers.handshake_attempts + 1))
         elif timer is Timer.SEND_KEEPALIVE:
             self._send_keepalive(peer, now, out)
             timers.expired_send_keepalive(now)
         elif timer is Timer.NEW_HANDSHAKE:
-            out.event(EventKind.HANDSHAKE_RETRY, peer, "no data back")
+            out.events.append(HandshakeRetry(peer, "no data back"))
             self._initiate(peer, now, out)
         elif timer is Timer.ZERO_KEYS:
             self._zero_keys(peer)
             peer.staged.clear()  # wireguard-go ZeroAndFlushAll
-            out.event(EventKind.KEYS_ZEROED, peer)
+            out.events.append(KeysZeroed(peer))
         elif timer is Timer.PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
             self._send_keepalive(peer, now, out)
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from wgpy.core.device import Device
-from wgpy.core.output import Event, Output
+from wgpy.core.events import ProtocolEvent
+from wgpy.core.output import Output
 from wgpy.daemon import keylog, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
@@ -185,7 +186,7 @@ class Daemon:
             now=time.monotonic(),
         )
 
-    def _on_events(self, events: list[Event]) -> None:
+    def _on_events(self, events: list[ProtocolEvent]) -> None:
         self.stats.count(events)
         log_events(events)
 

@@ -29,7 +29,8 @@ from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
 from wgpy.core.endpoint import Endpoint, format_endpoint, parse_port, split_endpoint
-from wgpy.core.output import Drop, EventKind
+from wgpy.core.events import EventKind
+from wgpy.core.output import Drop
 from wgpy.daemon.status import Stats
 from wgpy.io.datapath import BatchSizes, Datapath
 
