@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wgpy.core.device import Device
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
 from wgpy.core.output import Output
 from wgpy.daemon import keylog, uapi_server
@@ -73,6 +74,19 @@ def parse_options(args: Sequence[str]) -> tuple[Options, list[str]]:
     return opts, rest
 
 
+def metrics_address(options: Options) -> Endpoint | None:
+    """Where `--metrics` asks the endpoint to listen, or None; OSError if it is not an
+    address (a name would need a resolver) or a port."""
+    if not options.metrics:
+        return None
+    from wgpy.daemon.metrics import parse_listen
+
+    try:
+        return parse_listen(options.metrics)
+    except ValueError as e:
+        raise OSError(f"--metrics {options.metrics}: {e}") from None
+
+
 class Daemon:
     """Owns the device, the interface, the socket and the loop; the UAPI's `Host`."""
 
@@ -87,14 +101,7 @@ class Daemon:
         """The TUN and the UAPI listener are made here unless handed over."""
         raise_fd_limit()
         options = options or Options()
-        metrics_listen = None
-        if options.metrics:
-            from wgpy.daemon.metrics import parse_listen
-
-            try:
-                metrics_listen = parse_listen(options.metrics)
-            except ValueError as e:
-                raise OSError(f"--metrics {options.metrics}: {e}") from None
+        metrics_listen = metrics_address(options)  # checked before anything is opened
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
         self.native = native_datapath()
         self.device = Device(
@@ -127,21 +134,25 @@ class Daemon:
         self.keylog: keylog.KeyLog | None = None
         self.metrics: Any = None  # a metrics.MetricsServer: prometheus-client is optional
         try:
-            if options.keylog:
-                self.keylog = keylog.KeyLog(options.keylog, self.device)
-                self.device.keylog = self.keylog
-                log.warning(keylog.WARNING.format(path=options.keylog))
-            if metrics_listen is not None:
-                from wgpy.daemon.metrics import MetricsServer, Source
-
-                source = Source(
-                    self.tun.name, self.device, self.datapath, self.stats, self.offload,
-                    self.datapath_kind,
-                )  # fmt: skip
-                self.metrics = MetricsServer(source, metrics_listen)
+            self._start_extras(options.keylog, metrics_listen)
         except BaseException:
             self.close()
             raise
+
+    def _start_extras(self, keylog_path: str | None, metrics_listen: Endpoint | None) -> None:
+        """The opt-in extras: the key log (`--keylog`) and the metrics endpoint."""
+        if keylog_path:
+            self.keylog = keylog.KeyLog(keylog_path, self.device)
+            self.device.keylog = self.keylog
+            log.warning(keylog.WARNING.format(path=keylog_path))
+        if metrics_listen is not None:
+            from wgpy.daemon.metrics import MetricsServer, Source
+
+            source = Source(
+                self.tun.name, self.device, self.datapath, self.stats, self.offload,
+                self.datapath_kind,
+            )  # fmt: skip
+            self.metrics = MetricsServer(source, metrics_listen)
 
     # ---- uapi.Host ---------------------------------------------------------------
 
