@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-from wgpy.core import data, handshake, icmp
+from wgpy.core import data, handshake, icmp, sessions
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
@@ -128,7 +128,7 @@ class Device:
             self.remove_peer(self.public_key)
         for peer in self.peers.values():
             self._precompute(peer)
-            self._expire_sessions(peer)
+            sessions.expire(self.index, peer)
 
     def add_peer(self, public_key: bytes) -> Peer | None:
         """The peer with that key, created if new; None for our own key (ignored)."""
@@ -144,7 +144,7 @@ class Device:
         peer = self.peers.pop(public_key, None)
         if peer is not None:
             self.allowed_ips.remove_value(peer)
-            self._zero_keys(peer)
+            sessions.zero_keys(self.index, peer)
             peer.timers.clear()
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> Output:
@@ -161,15 +161,6 @@ class Device:
             # A low-order public key raises: such a peer can never complete a handshake.
             with contextlib.suppress(ValueError):
                 peer.static_static = dh(self._static, peer.public_key)
-
-    def _expire_sessions(self, peer: Peer) -> None:
-        """After a key change: no more sending on old sessions, no half-done handshake,
-        and no hold-off on the next initiation (wireguard-go ExpireCurrentKeypairs)."""
-        self._clear_handshake(peer)
-        peer.handshake.last_sent_handshake = float("-inf")
-        for kp in (peer.current, peer.next):
-            if kp is not None:
-                kp.expire()
 
     # ---- the batch API -------------------------------------------------------------
 
@@ -417,12 +408,8 @@ class Device:
         if self._static is None or peer.static_static is None:
             return
         hs.last_sent_handshake = now
-        self._clear_handshake(peer)
-        index = self.index.add_handshake(peer)
-        ephemeral = self._ephemeral(peer)
-        msg = handshake.create_initiation(
-            self._static, peer, ephemeral, index, now + self.wall_offset, now
-        )
+        msg = sessions.initiate(self._static, peer, self.index, self._ephemeral,
+                                now + self.wall_offset, now)  # fmt: skip
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
         out.events.append(InitiationSent(peer, peer.timers.handshake_attempts))
@@ -450,30 +437,22 @@ class Device:
             return
         peer = init.peer
         out.events.append(InitiationReceived(peer))
-        self._clear_handshake(peer)
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        index = self.index.new_index()
-        made = handshake.create_response(init, self._ephemeral(peer), index, now)
+        made = sessions.respond(init, self.index, self._ephemeral, self.native, now)
         if made is None:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
-        msg, keys = made
-        kp = Keypair(peer, keys, initiator=False, local_index=index, remote_index=init.sender,
-                     now=now, native=self.native)  # fmt: skip
-        self.index.add_keypair(kp)
-        self.index.drop_keypair(peer.next)
-        self.index.drop_keypair(peer.previous)
-        peer.next, peer.previous = kp, None
+        msg, kp = made
         # A response counts as a handshake sent: no crossing initiation of our own for
         # REKEY_TIMEOUT (wireguard-go SendHandshakeResponse sets lastSentHandshake).
         peer.handshake.last_sent_handshake = now
         peer.timers.session_derived(now)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.events.append(KeypairCreated(peer, index))
+        out.events.append(KeypairCreated(peer, kp.local_index))
         out.events.append(ResponseSent(peer))
         self._emit(peer, msg, out)
 
@@ -486,24 +465,12 @@ class Device:
         if self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        keys = handshake.consume_response(self._static, peer, msg)
-        if isinstance(keys, Drop):
-            out.drops[keys] += 1
+        kp = sessions.complete(self._static, peer, msg, self.index, self.native, now)
+        if isinstance(kp, Drop):
+            out.drops[kp] += 1
             return
-        index = msg.receiver
-        self._clear_handshake(peer)
-        kp = Keypair(peer, keys, initiator=True, local_index=index, remote_index=msg.sender,
-                     now=now, native=self.native)  # fmt: skip
-        self.index.add_keypair(kp)
-        self.index.drop_keypair(peer.previous)
-        if peer.next is not None:
-            peer.previous, peer.next = peer.next, None
-            self.index.drop_keypair(peer.current)
-        else:
-            peer.previous = peer.current
-        peer.current = kp
         out.events.append(ResponseReceived(peer))
-        out.events.append(KeypairCreated(peer, index))
+        out.events.append(KeypairCreated(peer, kp.local_index))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         timers = peer.timers
@@ -515,8 +482,7 @@ class Device:
 
     def _confirm_next(self, peer: Peer, now: float, out: Output) -> None:
         """The initiator used the session we offered: it becomes current."""
-        self.index.drop_keypair(peer.previous)
-        peer.previous, peer.current, peer.next = peer.current, peer.next, None
+        sessions.confirm_next(self.index, peer)
         self._handshake_complete(peer, now, out)
         if peer.staged:
             self._send_staged(peer, now, out)
@@ -559,24 +525,8 @@ class Device:
             out.events.append(HandshakeRetry(peer, "no data back"))
             self._initiate(peer, now, out)
         elif timer is Timer.ZERO_KEYS:
-            self._zero_keys(peer)
+            sessions.zero_keys(self.index, peer)
             peer.staged.clear()  # wireguard-go ZeroAndFlushAll
             out.events.append(KeysZeroed(peer))
         elif timer is Timer.PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
             self._send_keepalive(peer, now, out)
-
-    # ---- indices and key material --------------------------------------------------
-
-    def _clear_handshake(self, peer: Peer) -> None:
-        hs = peer.handshake
-        self.index.drop_handshake(hs.local_index)
-        hs.local_index = None
-        hs.clear()
-
-    def _zero_keys(self, peer: Peer) -> None:
-        """Forget every session and the handshake (Python cannot wipe the bytes themselves;
-        dropping the last reference is what it can do)."""
-        for kp in peer.keypairs():
-            self.index.drop_keypair(kp)
-        peer.current = peer.previous = peer.next = None
-        self._clear_handshake(peer)
