@@ -10,6 +10,7 @@ parent made, and the daemon then makes neither (the interface's name is the TUN'
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,23 +55,20 @@ class Options:
         return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None)
 
 
-def parse_options(args: Sequence[str]) -> tuple[Options, list[str]]:
-    """`--metrics ADDR` and `--keylog FILE` (also as --opt=value) out of `args`; the
-    rest is returned. Raises ValueError on a missing value."""
-    opts = Options.from_env()
-    rest: list[str] = []
-    it = iter(args)
-    for arg in it:
-        key, eq, value = arg.partition("=")
-        if key in ("--metrics", "--keylog"):
-            if not eq:
-                value = next(it, "")
-            if not value:
-                raise ValueError(f"{key} needs a value")
-            setattr(opts, key[2:], value)
-        else:
-            rest.append(arg)
-    return opts, rest
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The daemon's own options, for `wgpy IFNAME` and for `wgpy up`, which passes them
+    on to the daemon it starts (through the environment: `Options.from_env`)."""
+    env = Options.from_env()
+    parser.add_argument("--metrics", metavar="[HOST:]PORT", default=env.metrics,
+                        help="serve Prometheus metrics there (default host 127.0.0.1; "
+                        "env WGPY_METRICS)")  # fmt: skip
+    parser.add_argument("--keylog", metavar="FILE", default=env.keylog,
+                        help="append each handshake's keys to FILE for Wireshark: INSECURE "
+                        "(env WGPY_KEYLOG)")  # fmt: skip
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(args.metrics or None, args.keylog or None)
 
 
 def metrics_address(options: Options) -> Endpoint | None:

@@ -437,9 +437,9 @@ def command(action: str, target: str) -> int:
         return 1
 
 
-def show_command(args: list[str]) -> int:
-    """`wg show` for wgpy interfaces: all of them, or the one named."""
-    names = args or uapi_client.interfaces()
+def show_command(names: list[str]) -> int:
+    """`wg show` for wgpy interfaces: all of them, or those named."""
+    names = names or uapi_client.interfaces()
     blocks = []
     for name in names:
         try:
