@@ -9,7 +9,8 @@ come from the caller.
 Everything a packet can do to state happens only after it authenticated. Handshake
 messages with a valid mac1 wait in a bounded queue and are worked off after the data
 messages of the same batch (see ratelimit.py); the messages themselves are built and
-checked in handshake.py, the indices kept in indextable.py.
+checked in handshake.py, the sessions they make are rotated in sessions.py, the indices
+kept in indextable.py, and data messages sealed and opened in data.py.
 """
 
 from __future__ import annotations
