@@ -6,7 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wgpy.core.endpoint import format_endpoint, parse_port, split_endpoint
+from wgpy.core.endpoint import (
+    format_endpoint,
+    parse_address_endpoint,
+    parse_port,
+    split_endpoint,
+)
 
 # "²" and "\u0665" (Arabic-Indic five) are digits to str.isdigit(); int("\u0665") is 5.
 NOT_ASCII = ["\u00b2", "5\u00b2", "\u0665", "51\u0668\u0662\u0660", "\uff15"]
@@ -44,3 +49,12 @@ def test_split_and_format() -> None:
 def test_format_then_split_is_the_identity(addr: object, port: int) -> None:
     ep = (str(addr), port)
     assert split_endpoint(format_endpoint(ep)) == ep
+
+
+def test_address_endpoints() -> None:
+    assert parse_address_endpoint("[::ffff:192.0.2.1]:7") == ("192.0.2.1", 7)
+    assert parse_address_endpoint("[fe80::1%eth0]:7") == ("fe80::1%eth0", 7)
+    assert parse_address_endpoint("[2001:0db8::0001]:7") == ("2001:db8::1", 7)
+    for bad in ["example.com:7", "192.0.2.1:\u0665", "300.0.0.1:7"]:
+        with pytest.raises(ValueError):
+            parse_address_endpoint(bad)

@@ -8,6 +8,7 @@ also takes "²" and the Arabic-Indic "\u0665", and `int("\u0665")` is 5.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 Endpoint = tuple[str, int]
@@ -30,6 +31,17 @@ def split_endpoint(value: str) -> Endpoint:
     if not m or not 0 < port < 65536:
         raise ValueError(f"{value!r} is not host:port or [address]:port")
     return m.group(1) or m.group(3), port
+
+
+def parse_address_endpoint(value: str) -> Endpoint:
+    """`1.2.3.4:51820` or `[fd00::1]:51820`, the host an address, not a name (as `wg`
+    sends it: already resolved); a link-local address keeps its %scope, an IPv4-mapped
+    one becomes the IPv4 address. ValueError otherwise."""
+    host, port = split_endpoint(value)
+    addr = ipaddress.ip_address(host)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return (str(addr), port)
 
 
 def format_endpoint(ep: Endpoint) -> str:

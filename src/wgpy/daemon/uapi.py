@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import re
 from collections.abc import Generator, Iterable, Iterator
@@ -29,7 +28,7 @@ from typing import Protocol, TypeVar
 from wgpy.core.allowedips import format_cidr, parse_cidr
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
-from wgpy.core.endpoint import Endpoint, format_endpoint, split_endpoint
+from wgpy.core.endpoint import Endpoint, format_endpoint, parse_address_endpoint
 from wgpy.core.output import Output
 from wgpy.core.peer import Peer
 
@@ -95,15 +94,10 @@ def _true(value: str, what: str) -> bool:
 
 
 def parse_endpoint(value: str) -> Endpoint:
-    """`1.2.3.4:51820` or `[fd00::1]:51820` (as `wg` sends it: already resolved)."""
     try:
-        host, port = split_endpoint(value)
-        addr = ipaddress.ip_address(host)  # a link-local address keeps its %scope
+        return parse_address_endpoint(value)
     except ValueError:
         raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}") from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return (str(addr), port)
 
 
 @dataclass

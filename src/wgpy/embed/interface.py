@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from wgpy.core.crypto import clamp, decode_key, encode_key
 from wgpy.core.device import Device
-from wgpy.core.endpoint import Endpoint
+from wgpy.core.endpoint import Endpoint, parse_address_endpoint
 from wgpy.core.events import (
     CookieSent,
     EndpointChanged,
@@ -38,7 +38,6 @@ from wgpy.core.events import (
     ProtocolEvent,
 )
 from wgpy.core.output import Drop, Output
-from wgpy.daemon.uapi import parse_endpoint
 from wgpy.embed import netconf
 from wgpy.io.datapath import Datapath, native_datapath, tun_offloads
 from wgpy.io.loop import Loop
@@ -361,7 +360,7 @@ class Interface:
         pub = key_bytes(public_key)
         ep: Endpoint | None = None
         if isinstance(endpoint, str):
-            ep = parse_endpoint(wgconfig.resolve_endpoint(endpoint))
+            ep = parse_address_endpoint(wgconfig.resolve_endpoint(endpoint))
         elif endpoint is not None:
             ep = (str(endpoint[0]), int(endpoint[1]))
         psk = key_bytes(preshared_key) if preshared_key is not None else None
@@ -497,7 +496,7 @@ def _resolve(cfg: Config, peer: wgconfig.PeerConfig) -> Endpoint:
     """The peer's endpoint resolved as `wg` does it; a failure is a ConfigError on its line."""
     assert peer.endpoint is not None
     try:
-        return parse_endpoint(wgconfig.resolve_endpoint(peer.endpoint))
+        return parse_address_endpoint(wgconfig.resolve_endpoint(peer.endpoint))
     except (ValueError, OSError) as e:
         raise wgconfig.ConfigError(cfg.path, peer.endpoint_line, "Endpoint", str(e)) from None
 
