@@ -94,6 +94,7 @@ ALLOWED = {
     # dataclasses (the events), and what it loads
     "dataclasses", "inspect", "ast", "_ast", "dis", "opcode", "_opcode", "tokenize", "token",
     "linecache", "copy", "weakref", "_weakrefset",
+    "_sha2", "_tokenize", "_opcode_metadata",  # the same basics, as Python 3.12 and 3.13 split them
 }  # fmt: skip
 NEVER = {"asyncio", "socket", "_socket", "select", "selectors", "threading", "subprocess",
          "signal", "logging", "ctypes", "fcntl", "ssl", "queue", "concurrent"}  # fmt: skip
