@@ -24,8 +24,10 @@ import ipaddress
 
 from wgpy.core.output import Endpoint
 
-PACKETS_PER_SECOND = 20
-BURST = 5
+PACKETS_PER_SECOND = 50  # handshakes a second from one address that need no cookie
+BURST = 50  # a NAT's peers rekey at their own times: 50 may come within a second
+COOKIE_PACKETS_PER_SECOND = 20  # with a valid mac2, when one is needed: Linux's numbers
+COOKIE_BURST = 5
 MAX_SOURCES = 16384  # table bound: past it, sources that are full again are forgotten
 UNDER_LOAD_HOLD = 1.0
 
@@ -54,10 +56,7 @@ class RateLimiter:
         return key
 
     def spent(self, endpoint: Endpoint, now: float) -> bool:
-        """Whether the source has no token now (a look that takes none). Only messages
-        with a valid mac1 take tokens, so junk can never spend a legitimate source's; but
-        once a source is over its rate, its messages can be refused before the mac1 is
-        even computed, which is what a flood from one source costs then."""
+        """Whether the source has no token now (a look that takes none)."""
         bucket = self._buckets.get(self._key(endpoint))
         return bucket is not None and bucket[0] + (now - bucket[1]) * self.rate < 1.0
 
