@@ -237,3 +237,25 @@ def test_early_refusal_stays_cheap() -> None:
     junk[0:4] = bytes([MSG_INITIATION, 0, 0, 0])
     out = dev.receive([(bytes(junk), src)], net.now, 0)
     assert out.drops == {Drop.RATE_LIMITED: 1}  # refused before its mac1
+
+
+def test_every_cookie_reply_has_its_own_nonce() -> None:
+    """Replies are sealed under a subkey drawn once per cookie secret, so what keeps them
+    apart is the nonce's last 8 bytes, which count; a new secret draws a new subkey. Each
+    still opens as XChaCha20-Poly1305 under the public cookie key (the initiator's side)."""
+    net = SimNet(seed=5)
+    server = net.add("server", SERVER)
+    dev = server.device
+    assert dev.public_key is not None
+    pool = spoofed_pool(server, 4)
+    checker = dev.cookie_checker
+    nonces = set()
+    for at in (0.0, 1.0, 200.0):  # the secret is renewed after COOKIE_REFRESH_TIME
+        for m in pool:
+            gen = CookieGenerator(dev.public_key)
+            msg = bytearray(m)
+            gen.add_macs(msg, net.now + at)
+            reply = parse_cookie_reply(checker.make_reply(bytes(msg), 1, LEGIT, net.now + at))
+            assert gen.consume_reply(reply, net.now + at)
+            nonces.add(reply.nonce)
+    assert len(nonces) == 12 and len({n[:16] for n in nonces}) == 2
