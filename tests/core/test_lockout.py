@@ -151,6 +151,25 @@ def test_owner_gets_through_within_one_cookie_round_trip(rate: int, owners_port:
     assert net.peer(net.nodes[SERVER], net.nodes[LEGIT]).current is not None
 
 
+def test_a_response_from_a_spoofed_address_gets_through_on_the_retry() -> None:
+    """The other direction: the server initiates, the peer's response comes from the
+    spoofed address and gets a cookie reply; the server's retry (REKEY_TIMEOUT later) is
+    answered with a response that carries mac2, counted apart from the spoofer's."""
+    net = SimNet(seed=3)
+    net.keep_wire = False
+    server, peer = net.add("server", SERVER), net.add("legit", LEGIT)
+    net.link(server, peer, "10.0.0.1/32", "10.0.0.2/32")
+    spoofer = Spoofer(net, server, 1_000, owners_port=False)
+    run(net, spoofer, 1.0)
+    start = net.now
+    net.send(server, ipv4_packet("10.0.0.1", "10.0.0.2", b"hello"))
+    run(net, spoofer, REKEY_TIMEOUT + 0.5)
+    done = completed_at(net, "server")
+    assert done and REKEY_TIMEOUT <= done[0] - start < REKEY_TIMEOUT + 0.5
+    got = [e for _, who, e in net.events if who == "legit" and e.kind is EventKind.COOKIE_RECEIVED]
+    assert len(got) == 1
+
+
 def absorbed_per_second() -> float:
     """How many spoofed initiations a second this device absorbs in real time (a first
     look, on this machine now): the 'machine's maximum' a spoofer can usefully send."""
