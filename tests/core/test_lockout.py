@@ -16,6 +16,8 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.core.simnet import Node, SimNet, ipv4_packet
 from wgpy.core.constants import REKEY_TIMEOUT
@@ -279,3 +281,55 @@ def test_every_cookie_reply_has_its_own_nonce() -> None:
             assert gen.consume_reply(reply, net.now + at)
             nonces.add(reply.nonce)
     assert len(nonces) == 12 and len({n[:16] for n in nonces}) == 2
+
+
+_SOURCES = [(HOST, 51820), (HOST, 40000), (HOST, 40001), ("203.0.113.9", 7)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=120),
+            st.floats(0.0, 0.5),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_no_reflection_whatever_arrives(
+    batches: list[tuple[list[tuple[int, int]], float, bool]],
+) -> None:
+    """Any mix of initiations and responses with a valid mac1 (or junk), from sources on
+    one address and another, under load or not: the server never sends an address more
+    datagrams than it received from it, nor a reply larger than the largest it received."""
+    net = SimNet(seed=9)
+    server = net.add("server", SERVER)
+    dev = server.device
+    assert dev.public_key is not None
+    gen = CookieGenerator(dev.public_key)
+    rng = random.Random(4)
+    got: Counter[tuple[str, int]] = Counter()
+    largest: dict[tuple[str, int], int] = {}
+    sent: Counter[tuple[str, int]] = Counter()
+    for msgs, dt, load in batches:
+        net.now += dt
+        dev.load.forced = load
+        batch = []
+        for what, who in msgs:
+            kind, size = (MSG_INITIATION, INITIATION_LEN) if what < 2 else (2, 92)
+            msg = bytearray([kind, 0, 0, 0]) + rng.randbytes(size - 4)
+            msg[-16:] = bytes(16)
+            if what != 3:  # 3: junk, a random mac1
+                gen.add_macs(msg, net.now)
+            src = _SOURCES[who]
+            batch.append((bytes(msg), src))
+            got[src] += 1
+            largest[src] = max(largest.get(src, 0), size)
+        out = dev.receive(batch, net.now)
+        out.extend(dev.process_handshakes(net.now, 1 << 20))
+        for reply, dst in out.udp:
+            sent[dst] += 1
+            assert len(reply) <= largest[dst]
+    assert all(sent[dst] <= got[dst] for dst in sent)
