@@ -17,7 +17,7 @@ before it finds an unknown key. What each test shows:
   or ~10k/s, from other ports or from the peer's own: the peer still completes its first
   handshake, at once at 25/s, and within one cookie round trip (its retry, 5 s later)
   when the address is over its rate (issue 21: before, 25/s locked the peer out).
-* 200 sources at ~5k/s (each over its rate, most of it admitted): the queue fills past
+* 200 sources at ~5k/s (25/s each, within its rate: all admitted): the queue fills past
   an eighth, the device is under load and answers with cookies (the attacker receives
   them); the established tunnel keeps answering pings (data goes before handshakes in
   each loop turn); a fresh handshake of the peer still completes, through a cookie, at
