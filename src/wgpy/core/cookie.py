@@ -52,7 +52,7 @@ class CookieChecker:
     then ChaCha20-Poly1305 under that subkey with the last 8 as its nonce. HChaCha20
     costs ~17 us here (an OpenSSL cipher set up for one block), the rest ~3 us; so the
     first 16 bytes are drawn once per cookie secret and the last 8 count up from a
-    random start: every reply still has its own nonce, and the reply costs ~5 us, not 33.
+    random start: every reply still has its own nonce, and a reply costs ~3 us, not 33.
     """
 
     def __init__(self, rand: Callable[[int], bytes]) -> None:
