@@ -28,7 +28,7 @@ receive.go for the rule it extends):
   at any rate the device can read, from any port, the owner's included. The replies are
   bounded by what caused them: one per message with a valid mac1, 64 bytes for 148 (an
   initiation) or 92 (a response), to the address it came from; a reflector that returns
-  less than half of what it is sent amplifies nothing. Such a message costs ~5.6 us
+  less than it is sent (0.43 or 0.70 of it) amplifies nothing. Such a message costs ~5.6 us
   (its mac1, and the reply: cookie.py), against ~1 us for the silent refusal it replaced.
 * The only refusal before the mac1 is computed: a message with a mac2 from a source whose
   two buckets are both spent. Only a sender that receives at that address can spend the
