@@ -89,7 +89,8 @@ class Device:
         self.index = IndexTable(rand)
         self.rate_limiter = RateLimiter()
         self.load = LoadMeter(HANDSHAKE_QUEUE)
-        self._queue: deque[tuple[bytes, Endpoint, int]] = deque()  # (message, source, type)
+        # (message, source, type, the caller's tag for the read it came in)
+        self._queue: deque[tuple[bytes, Endpoint, int, object]] = deque()
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
         self.icmp_limit: icmp.TokenBucket | None = icmp.TokenBucket()
         # Called with each handshake's raw ephemeral private key as it is made (the
@@ -161,11 +162,14 @@ class Device:
         datagrams: Iterable[tuple[bytes | memoryview, Endpoint]],
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
+        tag: object = None,
     ) -> Output:
         """Handle a batch of datagrams: data messages opened (data.py), the bookkeeping
         (endpoint, counters, timers) done once per session, handshake messages queued; up
         to `handshake_budget` queued ones are worked off at the end (a caller that reads
-        many batches per turn passes 0 and calls `process_handshakes` once)."""
+        many batches per turn passes 0 and calls `process_handshakes` once). `tag` comes
+        back as the detail of the handshake events these datagrams cause, whenever they are
+        worked off (the datapath's: the local address they came to)."""
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
@@ -175,7 +179,7 @@ class Device:
         else:  # the replay windows live in C: every datagram goes there
             for d, src in datagrams:
                 self._open_native(d, len(d), 0, src, now, out, received, others)
-        return self._opened(received, others, now, handshake_budget, out)
+        return self._opened(received, others, now, handshake_budget, out, tag)
 
     def receive_read(
         self,
@@ -185,17 +189,19 @@ class Device:
         src: Endpoint,
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
+        tag: object = None,
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
         bytes if GRO merged them (see `split_read`); with the native datapath, opened
         all in one call."""
         if self.native is None:
-            return self.receive([(d, src) for d in split_read(buf, n, seg)], now, handshake_budget)
+            datagrams = [(d, src) for d in split_read(buf, n, seg)]
+            return self.receive(datagrams, now, handshake_budget, tag)
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
         self._open_native(buf, n, seg, src, now, out, received, others)
-        return self._opened(received, others, now, handshake_budget, out)
+        return self._opened(received, others, now, handshake_budget, out, tag)
 
     def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
                      now: float, out: Output, received: dict[Keypair, data.Received],
@@ -205,12 +211,12 @@ class Device:
                          now, out, received, others)  # fmt: skip
 
     def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
-                now: float, handshake_budget: int, out: Output) -> Output:  # fmt: skip
+                now: float, handshake_budget: int, out: Output, tag: object) -> Output:  # fmt: skip
         """What a batch does once opened: sessions' bookkeeping, then handshakes queued."""
         for kp, got in received.items():
             self._account_received(kp, got, now, out)
         for message, src in others:
-            self._queue_handshake(message, src, now, out)
+            self._queue_handshake(message, src, now, out, tag)
         if self._queue and handshake_budget:
             self._process_handshakes(now, handshake_budget, out)
         return out
@@ -349,7 +355,7 @@ class Device:
     # ---- handshake messages --------------------------------------------------------
 
     def _queue_handshake(
-        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output
+        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output, tag: object
     ) -> None:
         """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
         (junk, a bad mac1, a source over its rate) counts toward load."""
@@ -371,7 +377,7 @@ class Device:
         elif len(self._queue) >= HANDSHAKE_QUEUE:
             out.drops[Drop.QUEUE_FULL] += 1
         else:
-            self._queue.append((data, src, kind))
+            self._queue.append((data, src, kind, tag))
             self.load.update(len(self._queue), now)
 
     def _process_handshakes(self, now: float, budget: int, out: Output) -> None:
@@ -381,15 +387,15 @@ class Device:
         checker = self.cookie_checker
         under_load = self.load.under_load(now)
         for _ in range(min(budget, len(queue))):
-            data, src, kind = queue.popleft()
+            data, src, kind, tag = queue.popleft()
             if under_load and not checker.check_mac2(data, src, now):
                 sender = _SENDER.unpack_from(data)[0]
                 out.udp.append((checker.make_reply(data, sender, src, now), src))
                 out.event(EventKind.COOKIE_SENT, None, src)
             elif kind == MSG_INITIATION:
-                self._receive_initiation(data, src, now, out)
+                self._receive_initiation(data, src, now, out, tag)
             else:
-                self._receive_response(data, src, now, out)
+                self._receive_response(data, src, now, out, tag)
 
     def _initiate(self, peer: Peer, now: float, out: Output, *, retry: bool = False) -> None:
         if not retry:
@@ -423,7 +429,9 @@ class Device:
             out.udp.append((datagram, peer.endpoint))
             peer.tx_bytes += len(datagram)
 
-    def _receive_initiation(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+    def _receive_initiation(
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+    ) -> None:
         if self._static is None or self.public_key is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
@@ -432,7 +440,7 @@ class Device:
             out.drops[init] += 1
             return
         peer = init.peer
-        out.event(EventKind.INITIATION_RECEIVED, peer)
+        out.event(EventKind.INITIATION_RECEIVED, peer, tag)
         self._clear_handshake(peer)
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
@@ -460,7 +468,9 @@ class Device:
         out.event(EventKind.RESPONSE_SENT, peer)
         self._emit(peer, msg, out)
 
-    def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+    def _receive_response(
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+    ) -> None:
         msg = parse_response(data)
         peer = self.index.handshakes.get(msg.receiver)
         if peer is None:
@@ -485,7 +495,7 @@ class Device:
         else:
             peer.previous = peer.current
         peer.current = kp
-        out.event(EventKind.RESPONSE_RECEIVED, peer)
+        out.event(EventKind.RESPONSE_RECEIVED, peer, tag)
         out.event(EventKind.KEYPAIR_CREATED, peer, index)
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)

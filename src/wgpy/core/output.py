@@ -44,9 +44,9 @@ class Drop(Enum):
 
 class EventKind(Enum):
     INITIATION_SENT = "initiation_sent"  # detail: the attempt number (0: the first)
-    INITIATION_RECEIVED = "initiation_received"
+    INITIATION_RECEIVED = "initiation_received"  # detail: the tag given with the datagram
     RESPONSE_SENT = "response_sent"
-    RESPONSE_RECEIVED = "response_received"
+    RESPONSE_RECEIVED = "response_received"  # detail: the tag given with the datagram
     COOKIE_SENT = "cookie_sent"  # under load: a cookie instead of a response (peer: None)
     COOKIE_RECEIVED = "cookie_received"
     KEYPAIR_CREATED = "keypair_created"  # detail: our index of the new session
