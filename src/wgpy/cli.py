@@ -2,7 +2,9 @@
 
 wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
      [--metrics [HOST:]PORT]       ... with Prometheus metrics (default host: 127.0.0.1)
-     [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE)
+     [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE:
+                                   FILE holds the private key and all session keys; made
+                                   0600, refused if a symlink or others may read it)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
 wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
                                    /etc/wireguard/NAME.conf); `up` also takes the
