@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 import sys
 
 from wgpy import __version__
@@ -31,13 +32,29 @@ USAGE = __doc__ or ""
 
 
 def genkey() -> int:
+    _warn_if_world_accessible()
     print(encode_key(clamp(os.urandom(32))))
     return 0
 
 
 def genpsk() -> int:
+    _warn_if_world_accessible()
     print(encode_key(os.urandom(32)))
     return 0
+
+
+def _warn_if_world_accessible() -> None:
+    """`wgpy genkey > file` into a file others may access: wg genkey's warning (and
+    its test: a regular file with any permission for others). The key is still written."""
+    try:
+        st = os.fstat(1)
+    except OSError:  # no stdout at all: nothing to warn about
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IRWXO:
+        sys.stderr.write(
+            "Warning: writing to world accessible file.\n"
+            "Consider setting the umask to 077 and trying again.\n"
+        )
 
 
 def pubkey() -> int:
