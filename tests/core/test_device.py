@@ -383,6 +383,25 @@ def test_valid_initiation_is_answered(net: SimNet) -> None:
     assert len(out.udp) == 1 and out.udp[0][0][0] == MSG_RESPONSE
 
 
+def test_a_handshake_event_brings_back_the_tag_of_its_datagram(net: SimNet) -> None:
+    """The caller tags each read (the datapath: the local address it came to); the event
+    of the handshake message that authenticated carries that read's tag, also when the
+    queue is worked off later, after other reads from the same source."""
+    a, b = nodes(net)
+    out = b.device.receive([(_initiation(net), A_EP)], net.now, 0, "its read")
+    out.extend(b.device.receive([(b"\x01", A_EP)], net.now, 0, "a spoofed read"))
+    assert not out.events and b.device.queued_handshakes == 1
+    out = b.device.process_handshakes(net.now)
+    assert [e.detail for e in out.events if e.kind is EventKind.INITIATION_RECEIVED] == [
+        "its read"
+    ]
+    response = out.udp[0][0]
+    got = a.device.receive([(response, B_EP)], net.now, 1, "the response's read")
+    assert [e.detail for e in got.events if e.kind is EventKind.RESPONSE_RECEIVED] == [
+        "the response's read"
+    ]
+
+
 @pytest.mark.parametrize("size", [0, 3, 4, 147, 149, 31, 91, 93, 63, 65])
 def test_drop_wrong_sizes(net: SimNet, size: int) -> None:
     _, b = nodes(net)
