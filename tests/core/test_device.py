@@ -392,14 +392,11 @@ def test_a_handshake_event_brings_back_the_tag_of_its_datagram(net: SimNet) -> N
     out.extend(b.device.receive([(b"\x01", A_EP)], net.now, 0, "a spoofed read"))
     assert not out.events and b.device.queued_handshakes == 1
     out = b.device.process_handshakes(net.now)
-    assert [e.detail for e in out.events if e.kind is EventKind.INITIATION_RECEIVED] == [
-        "its read"
-    ]
-    response = out.udp[0][0]
-    got = a.device.receive([(response, B_EP)], net.now, 1, "the response's read")
-    assert [e.detail for e in got.events if e.kind is EventKind.RESPONSE_RECEIVED] == [
-        "the response's read"
-    ]
+    initiation = EventKind.INITIATION_RECEIVED
+    assert [e.detail for e in out.events if e.kind is initiation] == ["its read"]
+    got = a.device.receive([(out.udp[0][0], B_EP)], net.now, 1, "the response's read")
+    response = EventKind.RESPONSE_RECEIVED
+    assert [e.detail for e in got.events if e.kind is response] == ["the response's read"]
 
 
 @pytest.mark.parametrize("size", [0, 3, 4, 147, 149, 31, 91, 93, 63, 65])
