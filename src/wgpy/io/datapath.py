@@ -162,14 +162,17 @@ class Datapath:
         """A handshake message that authenticated moved its peer's endpoint to its source:
         replies leave from the local address that message came to (the event's detail, the
         packet info its read was tagged with), not that of any other datagram from there.
+        The packet info is ours: the event goes on to listeners with no detail, as before.
         A retried handshake goes out from the address the kernel picks. (Events are rare:
         this loop costs nothing per packet.)"""
-        for kind, peer, detail in events:
+        for i, (kind, peer, detail) in enumerate(events):
             if peer is None or peer.endpoint is None:
                 continue
             if kind in _AUTHENTIC_HANDSHAKES:
-                if isinstance(detail, bytes):
-                    self.udp.learn_source(peer.endpoint, detail)
+                if detail is not None:
+                    events[i] = Event(kind, peer)
+                    if isinstance(detail, bytes):
+                        self.udp.learn_source(peer.endpoint, detail)
             elif kind is EventKind.HANDSHAKE_RETRY or (
                 kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
             ):
