@@ -221,7 +221,7 @@ class Bed:
         for ns in self.namespaces:
             ns.close()
         with contextlib.suppress(FileNotFoundError):
-            from wgpy.daemon.uapi import socket_path
+            from wgpy.io.uapi_path import socket_path
 
             socket_path(self.ifname).unlink()
 

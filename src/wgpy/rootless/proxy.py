@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from wgpy.daemon.uapi import split_endpoint
+from wgpy.core.endpoint import split_endpoint
 from wgpy.embed.interface import Interface
 from wgpy.rootless import serve, userns
 from wgpy.rootless.forward import (
@@ -40,6 +40,7 @@ from wgpy.rootless.session import (
     FORWARDED,
     IFNAME,
     blocked,
+    close_config_fd,
     enter_namespace,
     fail,
     listening_socket,
@@ -149,6 +150,7 @@ def main(args: list[str]) -> int:
         return 0
     if ns.daemon:
         return daemonize(args)
+    close_config_fd(ns.config or os.environ.get("WGPY_CONFIG", ""))  # read: the key stays here
     try:
         sockets = open_here(p.spec.listens)
     except OSError as e:

@@ -7,9 +7,9 @@ child tries to unshare). Then, still in the caller's network namespace, the UDP 
 process unshares user (unless root), network and mount namespaces, maps its own uid and
 gid, creates and configures the TUN, mounts a private /etc/resolv.conf for the config's
 DNS, starts the datapath thread and runs the command (or serves the proxy). A config
-without MTU gets wg-quick's: from the route to its endpoints, looked up before leaving. Nothing is
-made in the caller's namespace but sockets, and those close with the process; the
-namespaces go with their last process.
+without MTU gets wg-quick's: from the route to its endpoints, looked up before leaving.
+Nothing is made in the caller's namespace but sockets, and those close with the process;
+the namespaces go with their last process.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 
 from pyroute2 import IPRoute
 
-from wgpy.daemon.uapi import split_endpoint
+from wgpy.core.endpoint import split_endpoint
 from wgpy.embed.interface import Interface, load_config
 from wgpy.rootless import serve, uapi_socket, userns
 from wgpy.rootless.spec import listen_address as listen_address  # launch.py's import
@@ -40,12 +41,27 @@ IFNAME = "wg0"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80  # a signal the terminal sent to the whole foreground process group
+
+
 def fail(message: str) -> int:
     sys.stderr.write(f"wgpy: {message}\n")
     return 1
 
 
-# ---- sockets on this side -------------------------------------------------------------
+# ---- the config's descriptor, sockets on this side ------------------------------------
+
+
+_FD_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
+
+
+def close_config_fd(path: Config | str) -> None:
+    """A config read from /dev/fd/N (wgpy.run's memfd, or `-c <(...)`) holds the private
+    key: N is closed once read, so that the command does not inherit it (0-2 stay: they
+    are the command's stdio)."""
+    found = _FD_PATH.fullmatch(path) if isinstance(path, str) else None
+    if found and int(found.group(1)) > 2:
+        with contextlib.suppress(OSError):
+            os.close(int(found.group(1)))
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -233,6 +249,7 @@ def run(config_path: Config | str, argv: list[str]) -> int:
         cfg, flags = prepare(config_path)
     except (ConfigError, userns.NamespaceError) as e:
         return fail(str(e))
+    close_config_fd(config_path)
     argv = argv or [os.environ.get("SHELL") or "/bin/sh"]
     try:
         iface = Interface(cfg, IFNAME)

@@ -23,7 +23,7 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 
-from wgpy.daemon.uapi import split_endpoint
+from wgpy.core.endpoint import split_endpoint
 from wgpy.tools import config as wgconfig
 from wgpy.tools.config import Config, ConfigError
 

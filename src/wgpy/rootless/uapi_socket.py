@@ -22,8 +22,8 @@ import time
 
 from wgpy.core.output import Output
 from wgpy.daemon import uapi
-from wgpy.daemon.uapi import SOCKET_DIR
 from wgpy.embed.interface import Interface
+from wgpy.io.uapi_path import SOCKET_DIR
 from wgpy.rootless import userns
 from wgpy.rootless.serve import Handler
 
