@@ -385,6 +385,8 @@ Address = {address}/32 # The subnet should be /32 and /128 for IPv4 and v6 respe
 # MTU = 1420 (optional)
 PrivateKey = {private}
 DNS = {dns}
+CheckAlive = {dns}
+CheckAliveInterval = 1
 
 [Peer]
 PublicKey = {public}
@@ -442,16 +444,18 @@ def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
     bed: Bed, upy: Path, workdir: Path, servers: int
 ) -> None:
     ns = bed.caller.name
-    ports = {k: free_port(ns) for k in ("forward", "socks", "http", "udp")}
+    ports = {k: free_port(ns) for k in ("forward", "socks", "http", "udp", "info")}
     conf = workdir / "wireproxy.conf"
     conf.write_text(WIREPROXY_SAMPLE.format(
         address=CALLER_INNER, private=bed.private, dns=PEER_INNER, public=bed.peer_public,
-        endpoint=f"{PEER_OUTER}:51820", name=NAME, exposed=servers, **ports))  # fmt: skip
+        endpoint=f"{PEER_OUTER}:51820", name=NAME, exposed=servers,
+        **{k: v for k, v in ports.items() if k != "info"}))  # fmt: skip
     conf.chmod(0o644)
     argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-n", "-c", str(conf)])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0 and "configuration OK" in done.stdout, done.stderr
-    with proxy_process(bed, upy, workdir, services=5, config=conf):
+    info = ("-i", f"127.0.0.1:{ports['info']}")
+    with proxy_process(bed, upy, workdir, *info, services=6, config=conf):
         with in_namespace(ns):
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with u:
@@ -488,6 +492,12 @@ def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
             assert s.recv(100).startswith(b"HTTP/1.1 200")
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             assert s.recv(12).startswith(b"HTTP/1.0 200")
+        deadline = time.monotonic() + 10  # CheckAlive: the peer answers its pings
+        while not (ready := http_get(ns, ports["info"], b"GET /readyz HTTP/1.0\r\n\r\n"))\
+                .startswith(b"HTTP/1.1 200"):  # fmt: skip
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.3)
+        assert json.loads(ready.partition(b"\r\n\r\n")[2])[PEER_INNER] > time.time() - 5
 
 
 @pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
@@ -560,6 +570,15 @@ def test_info_serves_readyz_and_metrics(bed: Bed, upy: Path, workdir: Path) -> N
         assert len(sent) == 1 and bed.peer_public in sent[0] and int(sent[0].split()[-1]) > 0
         assert b"\nwgpy_proxy_clients " in answer
         assert http_get(ns, info, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    args += ("--check-alive", PEER_INNER, "--check-alive", "10.232.0.99",
+             "--check-alive-interval", "1")  # fmt: skip
+    with proxy_process(bed, upy, workdir, *args, services=2):  # one address never answers
+        time.sleep(2)
+        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        pongs = json.loads(body)
+        assert pongs["10.232.0.99"] == 0 and pongs[PEER_INNER] > time.time() - 5
 
 
 @pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)

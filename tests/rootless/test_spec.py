@@ -80,9 +80,12 @@ Target = ssh.example:22
     assert p.config.interface.mtu == 1420  # wireproxy's default
 
 
-def test_checkalive_is_named_as_missing(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r":5: CheckAlive: not supported by wgpy: CheckAlive"):
-        parsed(WG.replace("[peer]", "CheckAlive = 1.1.1.1\n[peer]") + "[Socks5]\n", tmp_path)
+def test_checkalive_is_read_from_the_interface(tmp_path: Path) -> None:
+    text = WG.replace("[peer]", "CheckAlive = 10.0.0.1, fd00::1\nCheckAliveInterval = 3\n[peer]")
+    p = parsed(text + "[Socks5]\nBindAddress = 127.0.0.1:1\n", tmp_path)
+    assert (p.check_alive, p.check_interval) == (["10.0.0.1", "fd00::1"], 3.0)
+    with pytest.raises(ConfigError, match=r":5: CheckAlive: .*does not appear to be an IP"):
+        parsed(WG.replace("[peer]", "CheckAlive = nohost\n[peer]") + "[http]\n", tmp_path)
 
 
 def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
 """`wgpy proxy --info ADDR`: a health endpoint, as wireproxy's `--info`.
 
-- `GET /readyz`: 200 while the tunnel's datapath runs, with a JSON object of each peer's
-  latest handshake (Unix seconds, 0 for never); 503 once it stopped. (wireproxy's
-  `CheckAlive` pings are not implemented: readiness here is the process's, not the
-  far end's; the handshake times say how fresh the tunnel is.)
+- `GET /readyz`: with wireproxy's `CheckAlive` (`alive.py`), its answer: a JSON object of
+  each address's last pong (Unix seconds, 0 for never), 503 if one is later than
+  CheckAliveInterval + 2 s. Without: 200 while the tunnel's datapath runs, with each
+  peer's latest handshake; 503 once it stopped.
 - `GET /metrics`: Prometheus text: per peer the names of prometheus_wireguard_exporter
   (`wireguard_sent_bytes_total`, `wireguard_received_bytes_total`,
   `wireguard_latest_handshake_seconds`), and the proxy's clients now and refused so far.
@@ -15,15 +15,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 
 from wgpy.embed.interface import Interface, PeerState
+from wgpy.rootless.alive import Alive
 from wgpy.rootless.serve import Handler
 
 REQUEST_TIMEOUT = 10.0
 
 
-def readyz(running: bool, peers: list[PeerState]) -> tuple[int, str]:
+def readyz(running: bool, peers: list[PeerState], alive: Alive | None) -> tuple[int, str]:
+    """With CheckAlive: wireproxy's answer (each address's last pong; 503 if one is late).
+    Without: each peer's latest handshake, 200 while the datapath runs."""
+    if alive is not None:
+        late = not alive.ready(time.time())
+        return (503 if late or not running else 200), json.dumps(
+            {a: int(t) for a, t in alive.last.items()})  # fmt: skip
     body = {p.public_key: int(p.last_handshake or 0) for p in peers}
     return (200 if running else 503), json.dumps(body)
 
@@ -46,7 +54,9 @@ def metrics(name: str, peers: list[PeerState], clients: int, refused: int) -> st
     return "\n".join(lines) + "\n"
 
 
-def info_handler(iface: Interface, counts: Callable[[], tuple[int, int]]) -> Handler:
+def info_handler(
+    iface: Interface, counts: Callable[[], tuple[int, int]], alive: Alive | None = None
+) -> Handler:
     """Answers one request per connection; `counts` gives (clients now, refused)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -61,7 +71,7 @@ def info_handler(iface: Interface, counts: Callable[[], tuple[int, int]]) -> Han
                 if method != "GET":
                     status, body, kind = 405, "GET only\n", "text/plain"
                 elif path == "/readyz":
-                    status, body = readyz(running, peers)
+                    status, body = readyz(running, peers, alive)
                     kind = "application/json"
                 elif path == "/metrics":
                     status, kind = 200, "text/plain; version=0.0.4"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import functools
+import ipaddress
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from wgpy.core.endpoint import split_endpoint
 from wgpy.embed.interface import Interface
 from wgpy.rootless import serve, userns
+from wgpy.rootless.alive import Alive
 from wgpy.rootless.forward import (
     UdpForward,
     expose_handler,
@@ -86,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
         "(ssh -o ProxyCommand='wgpy proxy -c CONFIG --stdio %%h:%%p')")
     add("-i", "--info", metavar="ADDR:PORT",
         help="serve /readyz and /metrics (Prometheus) here")
+    add("--check-alive", action="append", default=[], metavar="ADDRESS",
+        help="ping ADDRESS through the tunnel for /readyz (wireproxy's CheckAlive)")
+    add("--check-alive-interval", type=int, default=None, metavar="SECONDS",
+        help="how often (default 5)")
     add("--max-clients", type=int, default=serve.MAX_CLIENTS, metavar="N",
         help="clients served at once (default %(default)s; fewer under a low fd limit)")
     add("--idle-timeout", type=float, default=serve.IDLE_TIMEOUT, metavar="SECONDS",
@@ -119,6 +125,11 @@ def plan(ns: argparse.Namespace) -> Plan:
         spec.listens += [mapping(kind, v) for v in values]
     if ns.info:
         spec.listens.append(Listen("info", *listen_address(ns.info)))
+    spec.check_alive += [str(ipaddress.ip_address(a)) for a in ns.check_alive]
+    if ns.check_alive_interval is not None:
+        if ns.check_alive_interval < 1:
+            raise ValueError("--check-alive-interval must be at least 1")
+        spec.check_interval = float(ns.check_alive_interval)
     if ns.stdio:
         spec.listens.append(Listen("stdio", "", 0, split_endpoint(ns.stdio)))
     if sum(lst.kind == "stdio" for lst in spec.listens) > 1:
@@ -281,6 +292,10 @@ def build_server(
     services: list[serve.Service] = []
     jobs: list[Callable[[], Coroutine[None, None, None]]] = []
     idle = p.idle_timeout
+    alive = None
+    if p.spec.check_alive:
+        alive = Alive(p.spec.check_alive, p.spec.check_interval)
+        jobs.append(alive.run)
     for i, listen in enumerate(p.spec.listens):
         if listen.kind == "stdio":
             assert listen.target is not None
@@ -300,7 +315,7 @@ def build_server(
             assert listen.target is not None
             handler = forward_handler(listen.target, idle)
         elif listen.kind == "info":
-            handler = info_handler(iface, lambda: (server.active, server.refused))  # late-bound
+            handler = info_handler(iface, lambda: (server.active, server.refused), alive)
         else:
             handler = expose_handler(targets[i], outside, idle)
         services.append(serve.Service(sock, handler, NAMES[listen.kind]))

@@ -28,6 +28,7 @@ from wgpy.tools import config as wgconfig
 from wgpy.tools.config import Config, ConfigError
 
 UDP_TIMEOUT = 60.0  # seconds
+CHECK_INTERVAL = 5.0  # wireproxy's CheckAliveInterval default
 KINDS = ("socks", "http", "forward", "expose", "udp", "info", "stdio")
 SECTIONS = {  # wireproxy's section -> our kind
     "[socks5]": "socks",
@@ -43,8 +44,6 @@ NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPC
 UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
     "[sni]": "a TLS proxy routed by SNI",
     "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
-    "checkalive": "CheckAlive pings (--info serves /readyz without them)",
-    "checkaliveinterval": "CheckAlive pings (--info serves /readyz without them)",
     "certfile": "an HTTPS proxy (CertFile, KeyFile)",
     "keyfile": "an HTTPS proxy (CertFile, KeyFile)",
     "tunneldomains": "TunnelDomains (everything goes through the tunnel)",
@@ -91,6 +90,8 @@ class Listen:
 class ProxySpec:
     config: Config
     listens: list[Listen] = field(default_factory=list)
+    check_alive: list[str] = field(default_factory=list)  # addresses pinged for /readyz
+    check_interval: float = CHECK_INTERVAL
 
 
 def listen_address(value: str) -> tuple[str, int]:
@@ -185,8 +186,9 @@ def parse_wireproxy(text: str, path: str) -> ProxySpec:
             sections[-1].keys[low] = (value, number)
         else:
             wg_lines[number - 1] = line
-    listens = [_listen(s, path) for s in sections]
-    return ProxySpec(_wg_config("\n".join(wg_lines), include, path), listens)
+    spec = _wg_config("\n".join(wg_lines), include, path)
+    spec.listens = [_listen(s, path) for s in sections]
+    return spec
 
 
 def _listen(section: _Section, path: str) -> Listen:
@@ -224,9 +226,10 @@ def _listen(section: _Section, path: str) -> Listen:
         raise ConfigError(path, line, key, str(e)) from None
 
 
-def _wg_config(text: str, include: tuple[int, str] | None, path: str) -> Config:
+def _wg_config(text: str, include: tuple[int, str] | None, path: str) -> ProxySpec:
     """[Interface] and [Peer] from this file, or from the one WGConfig names (relative to
-    the working directory, as wireproxy opens it). Peers without AllowedIPs route all."""
+    the working directory, as wireproxy opens it), with wireproxy's CheckAlive keys taken
+    out of [Interface]. Peers without AllowedIPs route all."""
     if include is not None:
         number, name = include
         try:
@@ -234,13 +237,41 @@ def _wg_config(text: str, include: tuple[int, str] | None, path: str) -> Config:
                 text, path = f.read(), name
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(path, number, "WGConfig", str(e)) from None
+    text, alive, interval = _check_alive(text, path)
     cfg = wgconfig.parse(text, path)
     for peer in cfg.peers:
         if not peer.allowed_ips:
             peer.allowed_ips = [ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0")]
     if cfg.interface.mtu is None:
         cfg.interface.mtu = WIREPROXY_MTU
-    return cfg
+    return ProxySpec(cfg, [], alive, interval)
+
+
+def _check_alive(text: str, path: str) -> tuple[str, list[str], float]:
+    """(the text without them, CheckAlive's addresses, CheckAliveInterval)."""
+    lines = text.split("\n")
+    alive: list[str] = []
+    interval = CHECK_INTERVAL
+    section = ""
+    for i, raw in enumerate(lines):
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("["):
+            section = line.lower()
+            continue
+        key, _, value = (part.strip() for part in line.partition("="))
+        if section != "[interface]" or key.lower() not in ("checkalive", "checkaliveinterval"):
+            continue
+        lines[i] = ""
+        try:
+            if key.lower() == "checkalive":
+                alive += [str(ipaddress.ip_address(a.strip())) for a in value.split(",")]
+            elif not value.isascii() or not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{value!r} is not a number of seconds")
+            else:
+                interval = float(value)
+        except ValueError as e:
+            raise ConfigError(path, i + 1, key, str(e)) from None
+    return "\n".join(lines), alive, interval
 
 
 WIREPROXY_MTU = 1420  # wireproxy's default when MTU is not set
