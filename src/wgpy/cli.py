@@ -14,6 +14,9 @@ wgpy run [-c CONFIG] [--] [COMMAND...]
                                    is the tunnel; no root needed (user namespaces)
 wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT]
                                    a SOCKS5 (and HTTP CONNECT) proxy into the tunnel
+wgpy server init|run|passwd ...    a VPN server with a registry of clients and a web page
+wgpy client add|list|show|disable|enable|remove|passwd ...
+                                   its clients (docs/server.md)
 """
 
 from __future__ import annotations
@@ -94,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from wgpy.rootless import session
 
         return session.run_main(args[1:]) if command == "run" else session.proxy_main(args[1:])
+    if command in ("server", "client"):
+        from wgpy.server import cli as server_cli
+
+        return (server_cli.server_main if command == "server" else server_cli.client_main)(args[1:])
     if command == "demo":
         from wgpy.demo.run import main as demo
 

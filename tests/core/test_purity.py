@@ -11,7 +11,7 @@ import wgpy
 BANNED_MODULES = {"socket", "select", "selectors", "threading", "asyncio", "time", "secrets"}
 PACKAGE = Path(wgpy.__file__).parent
 # Each floor may import those below it, never those above.
-FLOORS = ["core", "io", "daemon", "tools", "embed", "rootless", "demo"]
+FLOORS = ["core", "io", "daemon", "tools", "embed", "rootless", "demo", "server"]
 
 
 def imports(path: Path) -> Iterator[tuple[ast.AST, set[str]]]:
