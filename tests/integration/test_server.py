@@ -1,0 +1,268 @@
+"""`wgpy server` for real: the server in a namespace, NAT to an "internet" namespace, a
+client added through the command line (wireguard-go, set up by `wgpy up`) and one through
+the web API (`wgpy run` as nobody, with the config from a one-time link), pings and HTTP
+through the server, disable/remove/expiry cutting a client off, a restart keeping every
+client, and the page in Debian's chromium (QR code read back with zbar, screenshots).
+
+            10.201.N.0/24                      10.202.0.0/24
+ client N  --------------  server (wgsvPID)  ----------------  internet (HTTP :8000)
+ (wca/wcd: wireguard-go;     10.8.0.1, NAT      no route back to 10.8.0.0/24: only
+  bob: wgpy run)                                masquerading lets replies through
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns as pyroute2_netns
+
+from tests.integration.conftest import eventually
+from tests.integration.rootless_bed import NOBODY, unprivileged_python
+from tests.server.webclient import PASSWORD, Browser
+from wgpy.daemon.uapi import socket_path
+from wgpy.demo.testbed import Namespace, veth
+from wgpy.tools import uapi_client
+
+pytest.importorskip("fastapi")
+
+PID = os.getpid() % 10000
+WGPY = [sys.executable, "-m", "wgpy"]
+INTERNET = "10.202.0.2"
+WEB = "127.0.0.1:51821"
+
+
+@contextlib.contextmanager
+def inside(ns: Namespace) -> Iterator[None]:
+    """This thread in namespace `ns`: sockets it opens and programs it starts live there."""
+    pyroute2_netns.pushns(ns.name)
+    try:
+        yield
+    finally:
+        pyroute2_netns.popns()
+
+
+class World:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.dir = workdir / "registry"
+        self.ifname = f"wgsv{PID}"
+        self.namespaces: list[Namespace] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.clients: dict[str, Namespace] = {}
+        self.logs = 0
+        self.server = self._ns("s")
+        self.net = self._ns("i")
+        veth(self.server, self.net, f"svi{PID}", f"ins{PID}")
+        self.server.add_address(f"svi{PID}", "10.202.0.1/24")
+        self.net.add_address(f"ins{PID}", f"{INTERNET}/24")
+        (workdir / "www").mkdir()
+        (workdir / "www" / "index.html").write_text("hello from the internet\n")
+        self.http = self.net.popen("python3", "-m", "http.server", "--bind", INTERNET,
+                                   "--directory", str(workdir / "www"), "8000",
+                                   stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        self.client_ns(1)  # the endpoint, 10.201.1.1, lives on its veth
+        self.cli("server", "init", "--endpoint", "10.201.1.1:51820", "--interface",
+                 self.ifname, "--subnet", "10.8.0.0/24,fd42:42::/64")  # fmt: skip
+        self.cli("client", "passwd", input=PASSWORD + "\n")
+
+    def _ns(self, tag: str) -> Namespace:
+        ns = Namespace(f"wgpysv-{PID}-{tag}")
+        self.namespaces.append(ns)
+        return ns
+
+    def client_ns(self, n: int) -> Namespace:
+        """Namespace cN, joined to the server by veth on 10.201.N.0/24, routed through it."""
+        ns = self._ns(f"c{n}")
+        veth(self.server, ns, f"svc{n}-{PID}", f"cl{n}-{PID}")
+        self.server.add_address(f"svc{n}-{PID}", f"10.201.{n}.1/24")
+        ns.add_address(f"cl{n}-{PID}", f"10.201.{n}.2/24")
+        ns.run("ip", "route", "add", "default", "via", f"10.201.{n}.1")
+        return ns
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        done = subprocess.run([*WGPY, *args, "--dir", str(self.dir)], input=input,
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        if check and done.returncode != 0:
+            raise AssertionError(f"wgpy {' '.join(args)}: {done.stderr}")
+        return done.stdout + done.stderr
+
+    def start(self) -> None:
+        self.logs += 1
+        with open(self.log_path(), "wb") as log:
+            proc = self.server.popen(*WGPY, "server", "run", "--dir", str(self.dir),
+                                     "--web", WEB, stdout=log, stderr=log)  # fmt: skip
+        self.proc = proc
+        eventually(lambda: b" up, listening" in self.log_path().read_bytes()
+                   or proc.poll() is not None, 15, "the server")  # fmt: skip
+        assert proc.poll() is None, self.log()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(15)
+        self.proc = None
+        return code
+
+    def log_path(self) -> Path:
+        return self.workdir / f"server-{self.logs}.log"
+
+    def log(self) -> str:
+        return self.log_path().read_text(errors="replace")
+
+    def peers(self) -> dict[bytes, uapi_client.PeerStatus]:
+        return {p.public_key: p for p in uapi_client.get(self.ifname).peers}
+
+    def browser(self) -> Browser:
+        b = Browser(f"http://{WEB}")
+        with inside(self.server):
+            eventually(lambda: b.login() == 200, 10, "the web page")
+        return b
+
+    def up_wireguard_go(self, n: int, name: str, config: str) -> Namespace:
+        """Client `name` in namespace cN: wireguard-go, set up by `wgpy up` as wg-quick."""
+        ns = self.clients[name] = self.client_ns(n) if n != 1 else self.namespaces[2]
+        path = self.workdir / f"wc{name[0]}{PID}.conf"
+        path.write_text(config)
+        path.chmod(0o600)
+        ns.run("env", "WGPY_USERSPACE_IMPLEMENTATION=wireguard-go", *WGPY, "up", str(path))
+        return ns
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.http.kill()
+        self.http.wait()
+        for ns in self.namespaces:
+            ns.close()
+        for name in ("a", "d"):
+            with contextlib.suppress(OSError):
+                socket_path(f"wc{name}{PID}").unlink()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    workdir = Path(tempfile.mkdtemp(prefix="wgpy-server-", dir="/tmp"))
+    workdir.chmod(0o755)
+    w = None
+    try:
+        w = World(workdir)
+        w.start()
+        yield w
+    finally:
+        if w is not None:
+            w.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ping(ns: Namespace, target: str, count: int = 1, interval: str = "0.2",
+         timeout: float = 3) -> bool:  # fmt: skip
+    done = subprocess.run(ns.argv(["ping", "-n", "-q", "-c", str(count), "-i", interval,
+                                   "-W", "1", target]),
+                          capture_output=True, timeout=timeout + count, check=False)  # fmt: skip
+    return done.returncode == 0
+
+
+def test_a_cli_client_on_wireguard_go_reaches_the_server_and_the_internet(world: World) -> None:
+    config = world.cli("client", "add", "alice")
+    assert "PrivateKey = " in config and "Endpoint = 10.201.1.1:51820" in config
+    c1 = world.up_wireguard_go(1, "alice", config)
+    eventually(lambda: ping(c1, "10.8.0.1"), 10, "ping to the server")
+    assert ping(c1, "fd42:42::1")
+    assert ping(c1, INTERNET)  # only NAT lets the reply find its way back
+    page = c1.run("curl", "-sS", "-m", "5", f"http://{INTERNET}:8000/")
+    assert page == "hello from the internet\n"
+    listing = world.cli("client", "list")
+    assert "alice" in listing and "online" in listing.split("alice", 1)[1].split("\n")[0]
+
+
+def test_a_web_client_runs_as_nobody_with_the_downloaded_config(world: World) -> None:
+    b = world.browser()
+    with inside(world.server):
+        bob = b.json("POST", "/api/clients", {"name": "bob"}, 201)
+        link = b.json("POST", f"/api/clients/{bob['id']}/link", expect=201)
+        status, _, config = Browser(f"http://{WEB}").call("GET", link["url"])
+    assert status == 200
+    path = world.workdir / "bob.conf"
+    path.write_bytes(config)
+    path.chmod(0o644)  # nobody reads it
+    upy = unprivileged_python(world.workdir)
+    c2 = world.clients["bob"] = world.client_ns(2)
+    fetch = f"import urllib.request; print(urllib.request.urlopen('http://{INTERNET}:8000/', " \
+            "timeout=10).read().decode(), end='')"
+    done = subprocess.run(c2.argv([*NOBODY, str(upy), "-m", "wgpy", "run", "-c", str(path),
+                                   "--", str(upy), "-c", fetch]),
+                          capture_output=True, text=True, timeout=60, cwd=world.workdir,
+                          env={"PATH": os.environ["PATH"], "HOME": str(world.workdir)},
+                          check=False)  # fmt: skip
+    assert done.stdout == "hello from the internet\n", done.stderr
+    with inside(world.server):
+        seen = b.json("GET", f"/api/clients/{bob['id']}")
+    assert seen["online"] and seen["rx_bytes"] > 0 and seen["tx_bytes"] > 0
+
+
+def test_changes_lose_no_packet_of_other_clients_and_disable_cuts_off(world: World) -> None:
+    c1 = world.clients["alice"]
+    assert ping(c1, "10.8.0.1")
+    flood = subprocess.Popen(c1.argv(["ping", "-n", "-q", "-c", "60", "-i", "0.05", "10.8.0.1"]),
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for name in ("carol", "erin"):
+            world.cli("client", "add", name)
+        world.cli("client", "disable", "carol")
+        world.cli("client", "remove", "erin")
+        eventually(lambda: len(world.peers()) == 2, 5, "two peers left")  # alice, bob
+        out, _ = flood.communicate(timeout=15)
+    finally:
+        flood.kill()
+    assert " 0% packet loss" in out, out
+
+    alice = world.cli("client", "show", "alice")
+    world.cli("client", "disable", "alice")
+    t0 = time.monotonic()
+    eventually(lambda: not ping(c1, "10.8.0.1", timeout=1), 5, "alice cut off")
+    assert time.monotonic() - t0 < 3
+    assert "disabled" in world.cli("client", "list")
+    world.cli("client", "enable", "alice")
+    eventually(lambda: len(world.peers()) == 2, 5, "alice back")
+    assert world.cli("client", "show", "alice") == alice  # same keys, same addresses
+    world.cli("client", "remove", "bob")
+    eventually(lambda: len(world.peers()) == 1, 5, "bob removed")
+
+
+def test_expiry_cuts_a_client_off(world: World) -> None:
+    expires = (datetime.now(UTC) + timedelta(seconds=6)).isoformat(timespec="seconds")
+    config = world.cli("client", "add", "dave", "--expires", expires)
+    c3 = world.up_wireguard_go(3, "dave", config)
+    eventually(lambda: ping(c3, "10.8.0.1"), 5, "dave online")
+    eventually(lambda: not ping(c3, "10.8.0.1", timeout=1), 10, "dave expired")
+    assert "expired" in world.cli("client", "list")
+    assert datetime.now(UTC) >= datetime.fromisoformat(expires)
+
+
+def test_a_restart_keeps_every_client_and_undoes_its_changes(world: World) -> None:
+    before = world.cli("client", "list")
+    keys = set(world.peers())
+    assert world.stop() == 0
+    assert not world.server.has_link(world.ifname)
+    assert "wgpy-server" not in world.server.run("nft", "list", "tables")
+    world.start()
+    assert set(world.peers()) == keys
+    assert world.cli("client", "list").split("\n")[1:] and "alice" in before
+    c1 = world.clients["alice"]
+    path = world.workdir / f"wca{PID}.conf"  # the client restarts too: the server's
+    c1.run(*WGPY, "down", str(path))  # sessions went with its process
+    c1.run("env", "WGPY_USERSPACE_IMPLEMENTATION=wireguard-go", *WGPY, "up", str(path))
+    eventually(lambda: ping(c1, INTERNET), 10, "alice through the restarted server")
