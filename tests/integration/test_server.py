@@ -30,9 +30,11 @@ from pyroute2 import netns as pyroute2_netns
 from tests.integration.conftest import eventually
 from tests.integration.rootless_bed import NOBODY, unprivileged_python
 from tests.server.webclient import PASSWORD, Browser
+from wgpy.core.crypto import public_key
 from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import Namespace, veth
 from wgpy.tools import uapi_client
+from wgpy.tools.config import Config
 
 pytest.importorskip("fastapi")
 
@@ -124,6 +126,14 @@ class World:
     def peers(self) -> dict[bytes, uapi_client.PeerStatus]:
         return {p.public_key: p for p in uapi_client.get(self.ifname).peers}
 
+    def wait_for_peer(self, config: str) -> None:
+        """Until the server carries the client: a first handshake that arrives before it
+        does is retried only after 5 s (REKEY_TIMEOUT)."""
+        private = Config.from_text(config).interface.private_key
+        assert private is not None
+        key = public_key(private)
+        eventually(lambda: key in self.peers(), 5, "the server to add the client")
+
     def browser(self) -> Browser:
         b = Browser(f"http://{WEB}")
         with inside(self.server):
@@ -133,6 +143,7 @@ class World:
     def up_wireguard_go(self, n: int, name: str, config: str) -> Namespace:
         """Client `name` in namespace cN: wireguard-go, set up by `wgpy up` as wg-quick."""
         ns = self.clients[name] = self.client_ns(n) if n != 1 else self.namespaces[2]
+        self.wait_for_peer(config)
         path = self.workdir / f"wc{name[0]}{PID}.conf"
         path.write_text(config)
         path.chmod(0o600)
@@ -195,6 +206,7 @@ def test_a_web_client_runs_as_nobody_with_the_downloaded_config(world: World) ->
         link = b.json("POST", f"/api/clients/{bob['id']}/link", expect=201)
         status, _, config = Browser(f"http://{WEB}").call("GET", link["url"])
     assert status == 200
+    world.wait_for_peer(config.decode())
     path = world.workdir / "bob.conf"
     path.write_bytes(config)
     path.chmod(0o644)  # nobody reads it
@@ -243,7 +255,7 @@ def test_changes_lose_no_packet_of_other_clients_and_disable_cuts_off(world: Wor
 
 
 def test_expiry_cuts_a_client_off(world: World) -> None:
-    expires = (datetime.now(UTC) + timedelta(seconds=6)).isoformat(timespec="seconds")
+    expires = (datetime.now(UTC) + timedelta(seconds=8)).isoformat(timespec="seconds")
     config = world.cli("client", "add", "dave", "--expires", expires)
     c3 = world.up_wireguard_go(3, "dave", config)
     eventually(lambda: ping(c3, "10.8.0.1"), 5, "dave online")
@@ -266,3 +278,95 @@ def test_a_restart_keeps_every_client_and_undoes_its_changes(world: World) -> No
     c1.run(*WGPY, "down", str(path))  # sessions went with its process
     c1.run("env", "WGPY_USERSPACE_IMPLEMENTATION=wireguard-go", *WGPY, "up", str(path))
     eventually(lambda: ping(c1, INTERNET), 10, "alice through the restarted server")
+
+
+def chromium() -> tuple[str, str] | None:
+    for browser in ("chromium", "chromium-browser"):
+        if shutil.which(browser) and shutil.which("chromedriver"):
+            return str(shutil.which(browser)), str(shutil.which("chromedriver"))
+    return None
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium and chromium-driver")
+@pytest.mark.skipif(shutil.which("zbarimg") is None, reason="needs zbarimg (zbar-tools)")
+def test_the_page_in_a_real_browser(world: World) -> None:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium() or ("", "")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1100,1400", f"--user-data-dir={world.workdir / 'chromium'}"):
+        options.add_argument(arg)
+    shots = Path(os.environ.get("WGPY_SCREENSHOTS", world.workdir))
+    with inside(world.server):  # chromedriver and chromium run in the server's namespace
+        service = webdriver.ChromeService(executable_path=driver_path)
+        driver = webdriver.Chrome(options=options, service=service)
+    try:
+        with inside(world.server):
+            wait = WebDriverWait(driver, 15)
+            driver.get(f"http://{WEB}/")
+            wait.until(lambda d: d.find_element(By.ID, "password").is_displayed())
+            driver.find_element(By.ID, "password").send_keys(PASSWORD)
+            driver.find_element(By.CSS_SELECTOR, "#login button").click()
+            wait.until(lambda d: d.find_element(By.ID, "new-name").is_displayed())
+            driver.find_element(By.ID, "new-name").send_keys("frank")
+            driver.find_element(By.CSS_SELECTOR, "#add button").click()
+            card = wait.until(lambda d: _card(d, "frank"))
+            card.find_element(By.CLASS_NAME, "show-qr").click()
+            qr = card.find_element(By.CLASS_NAME, "qr")
+            wait.until(lambda d: qr.is_displayed() and d.execute_script(
+                "return arguments[0].complete && arguments[0].naturalWidth > 0", qr))
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", qr)
+            png = qr.screenshot_as_png
+        (world.workdir / "qr.png").write_bytes(png)
+        config = world.cli("client", "show", "frank")
+        decoded = subprocess.run(["zbarimg", "--raw", "-q", "-"], input=png,
+                                 capture_output=True, timeout=20, check=True).stdout  # fmt: skip
+        assert decoded.decode().rstrip("\n") == config.rstrip("\n")
+
+        c4 = world.up_wireguard_go(4, "frank", config)
+        traffic = subprocess.Popen(c4.argv(["ping", "-q", "-c", "80", "-i", "0.1", "-s", "1200",
+                                            INTERNET]), stdout=subprocess.DEVNULL)  # fmt: skip
+        try:
+            with inside(world.server):
+                wait.until(lambda d: "online" in _card(d, "frank").find_element(
+                    By.CLASS_NAME, "dot").get_attribute("class"))
+                first = _rx(_card(driver, "frank"))
+                WebDriverWait(driver, 10).until(lambda d: _rx(_card(d, "frank")) > first)
+                time.sleep(3)  # a few seconds of chart
+                card = _card(driver, "frank")
+                card.find_element(By.CLASS_NAME, "show-qr").click()  # hide it again
+                driver.execute_script("window.scrollTo(0, 0)")
+                driver.save_screenshot(str(shots / "server-light.png"))
+                driver.find_element(By.ID, "theme").click()
+                assert driver.execute_script("return document.documentElement.dataset.theme") \
+                    == "dark"
+                time.sleep(0.5)
+                driver.save_screenshot(str(shots / "server-dark.png"))
+        finally:
+            traffic.kill()
+            traffic.wait()
+    finally:
+        with inside(world.server):
+            driver.quit()
+    assert (shots / "server-light.png").stat().st_size > 10000
+
+
+def _card(driver: object, name: str) -> object:
+    from selenium.webdriver.common.by import By
+
+    for card in driver.find_elements(By.CSS_SELECTOR, ".client"):  # type: ignore[attr-defined]
+        if card.find_element(By.CLASS_NAME, "name").text == name:
+            return card
+    return None
+
+
+def _rx(card: object) -> float:
+    """The card's received bytes, from its text ("↓ 1.50 KiB")."""
+    from selenium.webdriver.common.by import By
+
+    number, _, unit = card.find_element(By.CLASS_NAME, "rx").text[2:].partition(" ")  # type: ignore[attr-defined]
+    return float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]

@@ -122,7 +122,7 @@ def test_config_qr_and_one_time_link(site: tuple[SqliteRegistry, str]) -> None:
     assert headers["content-disposition"] == 'attachment; filename="laptop.conf"'
     status, headers, data = b.call("GET", f"/api/clients/{cid}/qrcode.svg")
     assert status == 200 and headers["content-type"].startswith("image/svg+xml")
-    assert data.startswith(b"<svg")
+    assert data.startswith(b"<svg") and b'xmlns="http://www.w3.org/2000/svg"' in data
 
     link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
     stranger = Browser(base)  # no session: the link is the credential

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import io
 import secrets
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -232,8 +233,9 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
     @app.get("/api/clients/{client_id}/qrcode.svg", tags=["clients"])
     def qrcode(client_id: int, s: Reader) -> Response:
         text = manage.client_config(registry.settings(), registry.client(client_id))
-        svg = manage.qr(text).svg_inline(scale=4, border=2)
-        return Response(svg, media_type="image/svg+xml")
+        out = io.BytesIO()  # a standalone file (xmlns): an <img> shows nothing without it
+        manage.qr(text).save(out, kind="svg", scale=4, border=2, xmldecl=False)
+        return Response(out.getvalue(), media_type="image/svg+xml")
 
     @app.post("/api/clients/{client_id}/link", tags=["clients"], status_code=201)
     def link(client_id: int, s: Changer) -> LinkOut:

@@ -86,10 +86,13 @@ function makeChart(el) {
   const css = getComputedStyle(document.documentElement);
   const color = name => css.getPropertyValue(name).trim();
   const opts = {
-    width: Math.max(200, el.clientWidth), height: 110, legend: {show: true},
+    width: Math.max(200, el.clientWidth), height: 130, legend: {live: false},
     cursor: {show: false},
-    series: [{}, {label: "Rx/s", stroke: () => color("--rx"), value: (u, v) => v == null ? "-" : bytes(v)},
-                 {label: "Tx/s", stroke: () => color("--tx"), value: (u, v) => v == null ? "-" : bytes(v)}],
+    // always the last minute, so that the first seconds do not stretch over the width
+    scales: {x: {time: true, range: (u, min, max) => max == null ? [0, 1] : [max - HISTORY, max]}},
+    series: [{}, {label: "received/s", stroke: () => color("--rx"), width: 2, points: {show: false}},
+                 {label: "sent/s", stroke: () => color("--tx"), width: 2, points: {show: false},
+                  dash: [6, 4]}],
     axes: [{stroke: () => color("--muted"), grid: {stroke: () => color("--line")}},
            {stroke: () => color("--muted"), grid: {stroke: () => color("--line")}, size: 70,
             values: (u, vals) => vals.map(v => bytes(v))}],
@@ -176,7 +179,7 @@ async function refresh() {
 window.addEventListener("resize", () => {
   for (const [id, c] of charts) {
     const el = $(`#client-${id} .chart`);
-    if (el) c.plot.setSize({width: Math.max(200, el.clientWidth), height: 110});
+    if (el) c.plot.setSize({width: Math.max(200, el.clientWidth), height: 130});
   }
 });
 setInterval(refresh, 1000);
