@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import netns as pyroute2_netns
@@ -294,16 +295,8 @@ def test_the_page_in_a_real_browser(world: World) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = chromium() or ("", "")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1100,1400", f"--user-data-dir={world.workdir / 'chromium'}"):
-        options.add_argument(arg)
     shots = Path(os.environ.get("WGPY_SCREENSHOTS", world.workdir))
-    with inside(world.server):  # chromedriver and chromium run in the server's namespace
-        service = webdriver.ChromeService(executable_path=driver_path)
-        driver = webdriver.Chrome(options=options, service=service)
+    driver = _open_chromium(world, webdriver)
     try:
         with inside(world.server):
             wait = WebDriverWait(driver, 15)
@@ -353,6 +346,18 @@ def test_the_page_in_a_real_browser(world: World) -> None:
         with inside(world.server):
             driver.quit()
     assert (shots / "server-light.png").stat().st_size > 10000
+
+
+def _open_chromium(world: World, webdriver: Any) -> Any:
+    browser, driver_path = chromium() or ("", "")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1100,1400", f"--user-data-dir={world.workdir / 'chromium'}"):
+        options.add_argument(arg)
+    with inside(world.server):  # chromedriver and chromium run in the server's namespace
+        service = webdriver.ChromeService(executable_path=driver_path)
+        return webdriver.Chrome(options=options, service=service)
 
 
 def _card(driver: object, name: str) -> object:

@@ -103,8 +103,8 @@ async def sync_loop(syncer: Syncer, daemon: subprocess.Popen[bytes], stop: async
     while not stop.is_set():
         if daemon.poll() is not None:
             raise ServerError(f"the daemon exited ({daemon.returncode})")
-        try:
-            syncer.step()
+        try:  # in a thread: the web page's requests go on while the daemon answers
+            await asyncio.to_thread(syncer.step)
         except uapi_client.UapiClientError as e:
             log.error("sync failed: %s", e)
         with contextlib.suppress(TimeoutError):

@@ -183,6 +183,7 @@ def create_app(registry: Registry) -> FastAPI:
         response.delete_cookie(COOKIE, path="/")
 
     _client_routes(app, registry)
+    _file_routes(app, registry)
     return app
 
 
@@ -224,6 +225,11 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
     @app.delete("/api/clients/{client_id}", tags=["clients"], status_code=204)
     def remove(client_id: int, s: Changer) -> None:
         registry.remove_client(client_id)
+
+
+
+def _file_routes(app: FastAPI, registry: Registry) -> None:
+    """What carries a private key: the config, its QR code, and one-time links to it."""
 
     @app.get("/api/clients/{client_id}/configuration", tags=["clients"],
              response_class=PlainTextResponse)  # fmt: skip
