@@ -1,0 +1,87 @@
+"""`wgpy server` and `wgpy client` without a running server: the registry's commands."""
+
+from __future__ import annotations
+
+import io
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wgpy.cli import main
+from wgpy.server import auth
+from wgpy.server.store import SqliteRegistry
+from wgpy.tools.config import Config
+
+
+def wgpy(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_init_add_show_list_and_the_rest(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    d = str(tmp_path / "reg")
+    code, out, _ = wgpy(capsys, "server", "init", "--dir", d, "--endpoint", "[2001:db8::1]:443",
+                        "--dns", "10.8.0.1", "--port", "51999", "--interface", "wgx")  # fmt: skip
+    assert code == 0 and "port 51999" in out
+    code, config, _ = wgpy(capsys, "client", "--dir", d, "add", "phone", "--expires", "2999-12-31")
+    cfg = Config.from_text(config)
+    assert code == 0 and cfg.peers[0].endpoint == "[2001:db8::1]:443"
+    assert wgpy(capsys, "client", "show", "phone", "--dir", d)[1] == config
+    code, out, _ = wgpy(capsys, "client", "show", "phone", "--dir", d, "--qr")
+    assert out.startswith(config) and "█" in out
+
+    target = tmp_path / "phone.conf"
+    assert wgpy(capsys, "client", "show", "phone", "--dir", d, "--out", str(target))[0] == 0
+    assert target.read_text() == config and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+    code, out, err = wgpy(capsys, "client", "list", "--dir", d)
+    assert "(wgx is not running)" in err
+    assert out.split("\n")[1].split() == ["phone", "10.8.0.2,fd42:42::2", "offline", "never",
+                                          "0", "B", "0", "B", "2999-12-31", "23:59"]  # fmt: skip
+    assert wgpy(capsys, "client", "disable", "phone", "--dir", d)[0] == 0
+    assert "disabled" in wgpy(capsys, "client", "list", "--dir", d)[1]
+    assert wgpy(capsys, "client", "enable", "phone", "--dir", d)[0] == 0
+    assert "offline" in wgpy(capsys, "client", "list", "--dir", d)[1]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a good password\n"))
+    assert wgpy(capsys, "client", "passwd", "--dir", d)[0] == 0
+    assert auth.verify_password("a good password", SqliteRegistry(d).password_hash())
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    code, _, err = wgpy(capsys, "server", "passwd", "--dir", d)
+    assert code == 1 and "at least 8 characters" in err
+
+    assert wgpy(capsys, "client", "remove", "phone", "--dir", d)[0] == 0
+    code, _, err = wgpy(capsys, "client", "show", "phone", "--dir", d)
+    assert code == 1 and err == "wgpy client: no client 'phone'\n"
+
+
+def test_errors_are_one_line_and_change_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(tmp_path)
+    code, _, err = wgpy(capsys, "client", "list", "--dir", d)
+    assert code == 1 and "run `wgpy server init`" in err
+    code, _, err = wgpy(capsys, "server", "init", "--dir", d, "--endpoint", "nohost")
+    assert code == 1 and "bad endpoint 'nohost'" in err
+    assert not (tmp_path / "wgpy.db").exists()
+    wgpy(capsys, "server", "init", "--dir", d, "--endpoint", "h.example:1",
+         "--subnet", "10.0.0.0/30")  # fmt: skip
+    assert wgpy(capsys, "client", "add", "a", "--dir", d)[0] == 0
+    code, _, err = wgpy(capsys, "client", "add", "b", "--dir", d)
+    assert code == 1 and err == "wgpy client: the pool 10.0.0.0/30 is full\n"
+    code, _, err = wgpy(capsys, "server", "run", "--dir", d, "--web", "nonsense")
+    assert code == 1 and "bad --web 'nonsense'" in err
+
+
+def test_the_server_needs_a_web_password_before_it_starts(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    main(["server", "init", "--dir", d, "--endpoint", "h.example:1"])
+    done = subprocess.run([sys.executable, "-m", "wgpy", "server", "run", "--web", "--dir", d],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == "wgpy server: no web password yet: set one with `wgpy client passwd`\n"
