@@ -121,7 +121,10 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
         syncer = Syncer(registry)
         syncer.step()  # keys, port and peers before the link comes up
         configure_link(settings)
-        firewall.up()
+        try:
+            firewall.up()
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            raise ServerError(f"cannot set up forwarding and NAT: {e}") from e
         print(f"wgpy server: {settings.interface} up, listening on {settings.listen_port}",
               file=sys.stderr, flush=True)  # fmt: skip
         asyncio.run(_serve(syncer, daemon, registry, web))
