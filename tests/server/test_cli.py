@@ -85,3 +85,13 @@ def test_the_server_needs_a_web_password_before_it_starts(tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert done.returncode == 1
     assert done.stderr == "wgpy server: no web password yet: set one with `wgpy client passwd`\n"
+
+
+def test_the_registry_commands_need_no_web_libraries() -> None:
+    """Without the `wgpy[server]` extra only --qr and --web are missing."""
+    code = ("import sys; from wgpy.server import cli, runner; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'segno', 'jinja2') "
+            "if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=True)  # fmt: skip
+    assert done.stdout == "[]\n"

@@ -20,7 +20,14 @@ from typing import Any
 
 from wgpy.core.crypto import encode_key
 from wgpy.server import auth, manage
-from wgpy.server.model import DEFAULT_INTERFACE, DEFAULT_SUBNETS, Client, Invalid, parse_expiry
+from wgpy.server.model import (
+    DEFAULT_INTERFACE,
+    DEFAULT_SUBNETS,
+    ONLINE,
+    Client,
+    Invalid,
+    parse_expiry,
+)
 from wgpy.server.store import NotInitialized, Registry, SqliteRegistry
 from wgpy.tools import uapi_client
 
@@ -146,8 +153,6 @@ def cmd_show(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
-    from wgpy.server.web import ONLINE
-
     settings = registry.settings()
     try:
         peers = {p.public_key: p for p in uapi_client.get(settings.interface).peers}

@@ -18,6 +18,7 @@ DEFAULT_SUBNETS = "10.8.0.0/24,fd42:42::/64"
 DEFAULT_PORT = 51820
 DEFAULT_INTERFACE = "wg0"
 DEFAULT_ALLOWED_IPS = ("0.0.0.0/0", "::/0")
+ONLINE = 180.0  # seconds since a client's last handshake: no session lives longer
 KEEPALIVE = 25  # clients behind NAT (phones) keep their mapping open, as PiVPN sets it
 # A name is what a person calls a device: letters, digits and a few separators, so that it
 # is also a safe file name ("laptop.conf") and needs no escaping anywhere.

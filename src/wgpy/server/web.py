@@ -31,13 +31,12 @@ from wgpy import __version__
 from wgpy.core.crypto import encode_key
 from wgpy.server import manage
 from wgpy.server.auth import LoginLimit, Session, Sessions, verify_password
-from wgpy.server.model import Client, Invalid, parse_expiry
+from wgpy.server.model import ONLINE, Client, Invalid, parse_expiry
 from wgpy.server.store import UNSET, NotFound, Registry, Unset
 from wgpy.tools import uapi_client
 
 HERE = Path(__file__).parent
 COOKIE = "wgpy_session"
-ONLINE = 180.0  # seconds since the last handshake: a session is at most this old
 LINK_LIFETIME = timedelta(hours=1)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
