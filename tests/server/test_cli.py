@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import stat
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from wgpy.cli import main
 from wgpy.server import auth
 from wgpy.server.store import SqliteRegistry
 from wgpy.tools.config import Config
+
+UNIT = Path(__file__).resolve().parents[2] / "contrib" / "wgpy-server.service"
 
 
 def wgpy(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -95,3 +98,17 @@ def test_the_registry_commands_need_no_web_libraries() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30, check=True)  # fmt: skip
     assert done.stdout == "[]\n"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_analyze_verify_accepts_the_server_unit(tmp_path: Path) -> None:
+    shim = tmp_path / "wgpy"  # systemd's own PATH may not hold this checkout's wgpy
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m wgpy "$@"\n')
+    shim.chmod(0o755)
+    text = UNIT.read_text()
+    assert "ExecStart=wgpy server run --web\n" in text
+    unit = tmp_path / "wgpy-server.service"
+    unit.write_text(text.replace("ExecStart=wgpy ", f"ExecStart={shim} "))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0 and "wgpy-server" not in done.stdout + done.stderr, done.stderr

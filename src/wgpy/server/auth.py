@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,11 +19,17 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 MIN_PASSWORD = 8
 SESSION_IDLE = 12 * 3600.0
 FAILURES, WINDOW = 5, 60.0  # five failed logins a minute from one address, then a pause
+# scrypt's 32 MiB per try, at most two at once: logins from many addresses queue here
+# instead of filling the memory
+_HASHING = threading.BoundedSemaphore(2)
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=128 * n * r * 2,
-                          dklen=32)  # fmt: skip
+    if n > 1 << 20 or r > 32 or p > 16:  # a hash someone wrote into the registry by hand
+        raise ValueError("scrypt parameters out of range")
+    with _HASHING:
+        return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                              maxmem=128 * n * r * 2, dklen=32)  # fmt: skip
 
 
 def hash_password(password: str) -> str:
