@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -112,3 +113,18 @@ def test_systemd_analyze_verify_accepts_the_server_unit(tmp_path: Path) -> None:
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0 and "wgpy-server" not in done.stdout + done.stderr, done.stderr
+
+
+def test_a_web_port_in_use_stops_the_server_before_it_starts_anything(tmp_path: Path) -> None:
+    d = str(tmp_path)
+    main(["server", "init", "--dir", d, "--endpoint", "h.example:1", "--interface", "wgnever"])
+    SqliteRegistry(d).set_password_hash(auth.hash_password("a good password"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        web = f"127.0.0.1:{busy.getsockname()[1]}"
+        done = subprocess.run([sys.executable, "-m", "wgpy", "server", "run", "--web", web,
+                               "--dir", d], capture_output=True, text=True, timeout=30,
+                              check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == f"wgpy server: cannot listen on {web}: Address already in use\n"

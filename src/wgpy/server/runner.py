@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,11 +112,42 @@ async def sync_loop(syncer: Syncer, daemon: subprocess.Popen[bytes], stop: async
             await asyncio.wait_for(stop.wait(), POLL)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The web page's listening socket, opened before anything else starts: a port in use
+    is a one-line error, not a half-started server."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ServerError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ServerError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # through the `finally` that undoes what was made
+
+
 def run(registry: Registry, web: tuple[str, int] | None) -> int:
     settings = registry.settings()
     if web is not None and not registry.password_hash():
         raise ServerError("no web password yet: set one with `wgpy client passwd`")
-    daemon = start_daemon(settings.interface)
+    sock = listen(*web) if web is not None else None
+    for signum in (signal.SIGTERM, signal.SIGINT):  # until the loop takes them over
+        signal.signal(signum, _exit_on_signal)
+    try:
+        daemon = start_daemon(settings.interface)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    firewall = Firewall(settings.interface, settings.listen_port, settings.pools)
     firewall = Firewall(settings.interface, settings.listen_port, settings.pools)
     try:
         syncer = Syncer(registry)
@@ -127,8 +159,10 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
             raise ServerError(f"cannot set up forwarding and NAT: {e}") from e
         print(f"wgpy server: {settings.interface} up, listening on {settings.listen_port}",
               file=sys.stderr, flush=True)  # fmt: skip
-        asyncio.run(_serve(syncer, daemon, registry, web))
+        asyncio.run(_serve(syncer, daemon, registry, sock))
     finally:
+        if sock is not None:
+            sock.close()
         firewall.down()
         delete_link(settings.interface)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -140,7 +174,7 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
 
 
 async def _serve(syncer: Syncer, daemon: subprocess.Popen[bytes], registry: Registry,
-                 web: tuple[str, int] | None) -> None:  # fmt: skip
+                 web: socket.socket | None) -> None:  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -149,7 +183,7 @@ async def _serve(syncer: Syncer, daemon: subprocess.Popen[bytes], registry: Regi
     if web is not None:
         from wgpy.server import web as webapp
 
-        tasks.append(webapp.serve(registry, web[0], web[1], stop))
+        tasks.append(webapp.serve(registry, web, stop))
     running = [asyncio.ensure_future(t) for t in tasks]
     stopper = asyncio.ensure_future(_wait(stop))
     done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import io
 import secrets
+import socket
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -273,9 +274,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(registry: Registry, host: str, port: int, stop: asyncio.Event) -> None:
-    config = uvicorn.Config(create_app(registry), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="off")  # fmt: skip
+async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event) -> None:
+    """The page on a listening socket, until `stop` is set."""
+    config = uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
+                            lifespan="off")  # fmt: skip
     server = _Server(config)
 
     async def stopper() -> None:
@@ -284,6 +286,6 @@ async def serve(registry: Registry, host: str, port: int, stop: asyncio.Event) -
 
     watcher = asyncio.ensure_future(stopper())
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         watcher.cancel()
