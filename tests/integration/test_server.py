@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
 
 from tests.integration.conftest import eventually
+from tests.integration.netns import inside
 from tests.integration.rootless_bed import NOBODY, unprivileged_python
 from tests.server.webclient import PASSWORD, Browser
 from wgpy.core.crypto import public_key
@@ -43,16 +43,6 @@ PID = os.getpid() % 10000
 WGPY = [sys.executable, "-m", "wgpy"]
 INTERNET, INTERNET6 = "10.202.0.2", "fd99::2"
 WEB = "127.0.0.1:51821"
-
-
-@contextlib.contextmanager
-def inside(ns: Namespace) -> Iterator[None]:
-    """This thread in namespace `ns`: sockets it opens and programs it starts live there."""
-    pyroute2_netns.pushns(ns.name)
-    try:
-        yield
-    finally:
-        pyroute2_netns.popns()
 
 
 class World:

@@ -8,7 +8,6 @@ undone, the forwarding sysctl back as it was.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import shutil
@@ -17,21 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
 
+from tests.integration.netns import inside
 from wgpy.demo.testbed import Namespace, veth
 from wgpy.server.netfilter import Firewall
 
 PID = os.getpid() % 10000
-
-
-@contextlib.contextmanager
-def inside(ns: Namespace) -> Iterator[None]:
-    pyroute2_netns.pushns(ns.name)
-    try:
-        yield
-    finally:
-        pyroute2_netns.popns()
 
 
 @pytest.fixture
