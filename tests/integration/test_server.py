@@ -336,10 +336,32 @@ def test_the_page_in_a_real_browser(world: World) -> None:
         finally:
             traffic.kill()
             traffic.wait()
+        _disable_and_delete_in_the_page(world, driver, c4)
     finally:
         with inside(world.server):
             driver.quit()
     assert (shots / "server-light.png").stat().st_size > 10000
+
+
+def _disable_and_delete_in_the_page(world: World, driver: Any, client: Namespace) -> None:
+    """The page's Disable cuts frank off at once; its Delete (after the confirm dialog)
+    removes him from the page, the registry and the device."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert ping(client, INTERNET)
+    with inside(world.server):
+        _card(driver, "frank").find_element(By.CLASS_NAME, "toggle").click()
+        WebDriverWait(driver, 5).until(
+            lambda d: _card(d, "frank").find_element(By.CLASS_NAME, "toggle").text == "Enable")
+    eventually(lambda: len(world.peers()) == 1, 3, "frank off the device")  # alice stays
+    assert not ping(client, INTERNET)
+    with inside(world.server):
+        _card(driver, "frank").find_element(By.CLASS_NAME, "delete").click()
+        driver.switch_to.alert.accept()
+        names = "return [...document.querySelectorAll('.client .name')].map(e => e.textContent)"
+        WebDriverWait(driver, 5).until(lambda d: "frank" not in d.execute_script(names))
+    assert "frank" not in world.cli("client", "list")
 
 
 def _open_chromium(world: World, webdriver: Any) -> Any:
