@@ -258,3 +258,39 @@ def test_files_are_written_whole_and_private(tmp_path: Path) -> None:
         manage.write_atomic(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"new"  # a failed write leaves the old file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["phone.conf"]  # and no temporary
+
+
+@given(st.sets(st.integers(2, 14), max_size=12), st.integers(0, 4))
+def test_allocation_never_hands_out_a_taken_or_reserved_address(taken: set[int], n: int) -> None:
+    pool = ipaddress.ip_network("10.8.0.0/28")
+    used = {str(pool[i]) for i in taken}
+    for _ in range(n):
+        try:
+            addr = model.next_address(pool, used)
+        except Invalid:
+            assert len(used) == 13  # .2 to .14: every client address is in use
+            return
+        assert addr.ip in pool and addr.network == pool
+        assert addr.ip not in (pool[0], pool[1], pool[-1]) and str(addr.ip) not in used
+        used.add(str(addr.ip))
+
+
+def test_concurrent_adds_get_distinct_addresses(registry: SqliteRegistry) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def add(name: str) -> None:
+        try:
+            manage.add_client(registry, name, None)
+        except BaseException as e:  # collected for the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=add, args=(f"c{i}",)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    addresses = [str(c.addresses[0].ip) for c in registry.clients()]
+    assert sorted(addresses) == [f"10.8.0.{i}" for i in range(2, 7)]
