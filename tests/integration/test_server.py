@@ -391,3 +391,16 @@ def _rx(card: object) -> float:
 
     number, _, unit = card.find_element(By.CLASS_NAME, "rx").text[2:].partition(" ")  # type: ignore[attr-defined]
     return float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
+
+
+def test_a_killed_server_takes_its_interface_with_it(world: World) -> None:
+    assert world.proc is not None and world.server.has_link(world.ifname)
+    world.proc.kill()  # SIGKILL: no clean-up of its own
+    world.proc.wait()
+    world.proc = None
+    eventually(lambda: not world.server.has_link(world.ifname), 5, "the daemon to follow")
+    eventually(lambda: not socket_path(world.ifname).exists(), 5, "the socket to go")
+    world.start()  # the table it left is replaced, and every client is back
+    assert {c.split()[0] for c in world.cli("client", "list").split("\n")[1:] if c} == {
+        "alice", "carol", "dave"}
+    assert len(world.peers()) == 1  # alice: carol is disabled, dave expired

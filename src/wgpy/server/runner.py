@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
 import socket
@@ -35,16 +36,25 @@ log = logging.getLogger("wgpy.server")
 MTU = 1420
 POLL = 0.5  # seconds between looks at the registry: how soon a change takes effect
 FULL_SYNC = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 class ServerError(Exception):
     pass
 
 
+def _die_with_parent() -> None:
+    """In the daemon's process before exec: a SIGTERM when the server dies, even by
+    SIGKILL, so the interface does not outlive it. (Forked from the main thread, which
+    lives as long as the server.)"""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_daemon(ifname: str) -> subprocess.Popen[bytes]:
     if socket_path(ifname).exists():
         raise ServerError(f"{ifname} is already served ({socket_path(ifname)} exists)")
-    proc = subprocess.Popen([sys.executable, "-m", "wgpy", "-f", ifname])
+    proc = subprocess.Popen([sys.executable, "-m", "wgpy", "-f", ifname],
+                            preexec_fn=_die_with_parent)  # fmt: skip
     deadline = time.monotonic() + 10
     while not socket_path(ifname).exists():
         if proc.poll() is not None or time.monotonic() > deadline:
