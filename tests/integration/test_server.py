@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -145,15 +146,19 @@ class World:
 
     def close(self) -> None:
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
+            try:
+                self.stop()  # SIGTERM: the server undoes what it made
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.http.kill()
         self.http.wait()
         for ns in self.namespaces:
             ns.close()
-        for name in ("a", "d"):
+        # daemons killed with their namespace leave their sockets (one folder for all)
+        for name in [self.ifname, *(f"wc{n[0]}{PID}" for n in self.clients)]:
             with contextlib.suppress(OSError):
-                socket_path(f"wc{name}{PID}").unlink()
+                socket_path(name).unlink()
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +405,9 @@ def test_a_killed_server_takes_its_interface_with_it(world: World) -> None:
     world.proc = None
     eventually(lambda: not world.server.has_link(world.ifname), 5, "the daemon to follow")
     eventually(lambda: not socket_path(world.ifname).exists(), 5, "the socket to go")
-    world.start()  # the table it left is replaced, and every client is back
+    with socket.socket(socket.AF_UNIX) as stale:  # as a daemon killed with -9 leaves it
+        stale.bind(str(socket_path(world.ifname)))
+    world.start()  # the stale socket and the table left are replaced; every client is back
     assert {c.split()[0] for c in world.cli("client", "list").split("\n")[1:] if c} == {
         "alice", "carol", "dave"}
     assert len(world.peers()) == 1  # alice: carol is disabled, dave expired

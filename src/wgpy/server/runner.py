@@ -50,13 +50,24 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def served(ifname: str) -> bool:
+    """Whether a daemon answers on the interface's socket (a stale file, left by a
+    daemon that was killed, is not one: the new daemon replaces it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(socket_path(ifname)))
+        except OSError:
+            return False
+    return True
+
+
 def start_daemon(ifname: str) -> subprocess.Popen[bytes]:
-    if socket_path(ifname).exists():
-        raise ServerError(f"{ifname} is already served ({socket_path(ifname)} exists)")
+    if served(ifname):
+        raise ServerError(f"{ifname} is already served ({socket_path(ifname)})")
     proc = subprocess.Popen([sys.executable, "-m", "wgpy", "-f", ifname],
                             preexec_fn=_die_with_parent)  # fmt: skip
     deadline = time.monotonic() + 10
-    while not socket_path(ifname).exists():
+    while not served(ifname):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
