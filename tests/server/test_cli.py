@@ -128,3 +128,26 @@ def test_a_web_port_in_use_stops_the_server_before_it_starts_anything(tmp_path: 
                               check=False)  # fmt: skip
     assert done.returncode == 1
     assert done.stderr == f"wgpy server: cannot listen on {web}: Address already in use\n"
+
+
+def test_server_set_changes_what_new_files_say(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(tmp_path)
+    wgpy(capsys, "server", "init", "--dir", d, "--endpoint", "old.example:51820")
+    old = wgpy(capsys, "client", "add", "a", "--dir", d)[1]
+    code, out, _ = wgpy(capsys, "server", "set", "--dir", d, "--endpoint", "new.example:443",
+                        "--dns", "1.1.1.1,2606:4700:4700::1111")  # fmt: skip
+    assert code == 0 and "endpoint new.example:443, port 51820" in out
+    new = wgpy(capsys, "client", "show", "a", "--dir", d)[1]
+    assert "Endpoint = old.example:51820" in old and "DNS" not in old
+    assert "Endpoint = new.example:443" in new and "DNS = 1.1.1.1" in new
+    assert SqliteRegistry(d).settings().dns == ("1.1.1.1", "2606:4700:4700::1111")
+    assert wgpy(capsys, "server", "set", "--dir", d, "--port", "4500")[0] == 0
+    assert SqliteRegistry(d).settings().listen_port == 4500
+    bad_values = [(["--port", "70000"], "bad port 70000"), (["--endpoint", "x"], "bad endpoint"),
+                  (["--dns", "x"], "bad DNS")]  # fmt: skip
+    for bad, words in bad_values:
+        code, _, err = wgpy(capsys, "server", "set", "--dir", d, *bad)
+        assert code == 1 and words in err
+    assert SqliteRegistry(d).settings().listen_port == 4500

@@ -2,6 +2,7 @@
 
 wgpy server init --endpoint HOST:PORT [--subnet 10.8.0.0/24,fd42:42::/64] [--dns IP,...]
                  [--port PORT] [--interface wg0]
+wgpy server set [--endpoint HOST:PORT] [--port PORT] [--dns IP,...]
 wgpy server run [--web [ADDR:PORT]]       (default address 127.0.0.1:51821)
 wgpy client add NAME [--expires DATE] [--allowed-ips NETS] [--qr] [--out FILE]
 wgpy client list | show NAME [--qr] [--out FILE] | disable NAME | enable NAME
@@ -26,6 +27,9 @@ from wgpy.server.model import (
     ONLINE,
     Client,
     Invalid,
+    check_port,
+    parse_dns,
+    parse_endpoint,
     parse_expiry,
 )
 from wgpy.server.store import NotInitialized, Registry, SqliteRegistry
@@ -59,6 +63,11 @@ def server_parser() -> argparse.ArgumentParser:
     init.add_argument("--port", type=int, help="UDP port to listen on (default: the endpoint's)")
     init.add_argument("--interface", default=DEFAULT_INTERFACE)
     init.set_defaults(handler=cmd_init)
+    change = sub("set", help="change the endpoint, the port or the DNS servers")
+    change.add_argument("--endpoint", help="HOST:PORT as clients will dial it")
+    change.add_argument("--port", type=int, help="UDP port to listen on")
+    change.add_argument("--dns", help="DNS servers for the clients ('' for none)")
+    change.set_defaults(handler=cmd_set)
     run = sub("run", help="serve the interface (and the web page)")
     run.add_argument("--web", nargs="?", const=DEFAULT_WEB, metavar="ADDR:PORT",
                      help=f"serve the web page (default {DEFAULT_WEB})")  # fmt: skip
@@ -96,6 +105,19 @@ def cmd_init(registry: Registry, args: argparse.Namespace) -> int:
     print(f"server {s.interface}: public key {encode_key(s.public_key)}, "
           f"port {s.listen_port}, pools {', '.join(map(str, s.pools))}")  # fmt: skip
     print("next: `wgpy client add NAME`, then `wgpy server run`")
+    return 0
+
+
+def cmd_set(registry: Registry, args: argparse.Namespace) -> int:
+    if args.endpoint is not None:
+        parse_endpoint(args.endpoint)
+    s = registry.update_settings(
+        endpoint=args.endpoint.strip() if args.endpoint else None,
+        listen_port=None if args.port is None else check_port(args.port),
+        dns=None if args.dns is None else parse_dns(args.dns),
+    )  # fmt: skip
+    print(f"endpoint {s.endpoint}, port {s.listen_port}, DNS {', '.join(s.dns) or 'none'}; "
+          "clients' files made before keep the old values")  # fmt: skip
     return 0
 
 

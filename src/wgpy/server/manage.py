@@ -17,6 +17,7 @@ from wgpy.server.model import (
     Client,
     Settings,
     check_interface,
+    check_port,
     parse_allowed_ips,
     parse_dns,
     parse_endpoint,
@@ -45,7 +46,8 @@ def init(registry: Registry, endpoint: str, subnets: str, dns: str, port: int | 
     private, public = keypair()
     settings = Settings(
         private_key=private, public_key=public, endpoint=endpoint.strip(),
-        listen_port=endpoint_port if port is None else port, pools=parse_subnets(subnets),
+        listen_port=endpoint_port if port is None else check_port(port),
+        pools=parse_subnets(subnets),
         dns=parse_dns(dns), interface=check_interface(interface),
     )  # fmt: skip
     registry.initialize(settings)

@@ -85,6 +85,12 @@ def check_interface(name: str) -> str:
     return name
 
 
+def check_port(port: int) -> int:
+    if not 0 < port < 65536:
+        raise Invalid(f"bad port {port}: 1-65535")
+    return port
+
+
 def parse_expiry(text: str, now: datetime) -> datetime | None:
     """A date (YYYY-MM-DD: the end of that day, UTC) or an ISO 8601 time; '' or 'never'
     for none. It must lie in the future: an already expired client is a mistake."""

@@ -86,6 +86,8 @@ UNSET = Unset()
 class Registry(Protocol):
     def initialize(self, settings: Settings) -> None: ...
     def settings(self) -> Settings: ...
+    def update_settings(self, *, endpoint: str | None = None, listen_port: int | None = None,
+                        dns: tuple[str, ...] | None = None) -> Settings: ...  # fmt: skip
     def revision(self) -> int: ...
     def clients(self) -> list[Client]: ...
     def client(self, ref: str | int) -> Client: ...  # a name or an id
@@ -205,6 +207,16 @@ class SqliteRegistry:
             pools=tuple(ipaddress.ip_network(p) for p in row["pools"].split(",") if p),
             dns=tuple(d for d in row["dns"].split(",") if d), interface=row["interface"],
         )  # fmt: skip
+
+    def update_settings(self, *, endpoint: str | None = None, listen_port: int | None = None,
+                        dns: tuple[str, ...] | None = None) -> Settings:  # fmt: skip
+        with self._db(write=True) as db:
+            self._settings(db)
+            for column, value in (("endpoint", endpoint), ("listen_port", listen_port),
+                                  ("dns", None if dns is None else _join(dns))):  # fmt: skip
+                if value is not None:
+                    db.execute(f"UPDATE settings SET {column} = ?", (value,))
+            return self._settings(db)
 
     def revision(self) -> int:
         with self._db() as db:
