@@ -149,6 +149,7 @@ function update(c, now) {
   $(".handshake", el).textContent = "last handshake: " + ago(c.last_handshake);
   $(".rx", el).textContent = "↓ " + bytes(c.rx_bytes);
   $(".tx", el).textContent = "↑ " + bytes(c.tx_bytes);
+  $(".endpoint", el).textContent = c.endpoint ? "from " + c.endpoint : "";
   $(".toggle", el).textContent = c.enabled ? "Disable" : "Enable";
   $(".expiry", el).textContent = c.expired ? "expired" :
     c.expires ? "expires " + c.expires.slice(0, 10) : "";
