@@ -33,8 +33,8 @@ from tests.integration.netns import inside
 from tests.integration.rootless_bed import NOBODY, unprivileged_python
 from tests.server.webclient import PASSWORD, Browser
 from wgpy.core.crypto import public_key
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import Namespace, veth
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools import uapi_client
 from wgpy.tools.config import Config
 

@@ -29,7 +29,9 @@ from types import ModuleType
 
 from wgpy.core import native
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import EventKind, HandshakeRetry, InitiationSent, ProtocolEvent
+from wgpy.core.output import Drop, Output
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -81,7 +83,7 @@ class Datapath:
         device: Device,
         tun: Tun,
         udp: UdpSocket,
-        on_events: Callable[[list[Event]], None] | None = None,
+        on_events: Callable[[list[ProtocolEvent]], None] | None = None,
     ) -> None:
         self.device = device
         self.tun = tun
@@ -129,8 +131,9 @@ class Datapath:
 
     def _learn_from_handshakes(self, out: Output, pending: dict[Endpoint, bytes]) -> None:
         """A handshake message that authenticated moved its peer's endpoint to its source."""
-        for kind, peer, _ in out.events:
-            if kind in _AUTHENTIC_HANDSHAKES and peer is not None and peer.endpoint in pending:
+        for event in out.events:
+            peer, authentic = event.peer, event.kind in _AUTHENTIC_HANDSHAKES
+            if authentic and peer is not None and peer.endpoint in pending:
                 self.udp.learn_source(peer.endpoint, pending[peer.endpoint])
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
@@ -167,13 +170,14 @@ class Datapath:
         if out.events and self.on_events is not None:
             self.on_events(out.events)
 
-    def forget_sources_on_retry(self, events: list[Event]) -> None:
+    def forget_sources_on_retry(self, events: list[ProtocolEvent]) -> None:
         """A retried handshake goes out from the address the kernel picks (events are
         rare: this loop costs nothing per packet)."""
-        for kind, peer, detail in events:
+        for event in events:
+            peer = event.peer
             if peer is None or peer.endpoint is None:
                 continue
-            if kind is EventKind.HANDSHAKE_RETRY or (
-                kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
+            if isinstance(event, HandshakeRetry) or (
+                isinstance(event, InitiationSent) and event.attempt > 0
             ):
                 self.udp.forget_source(peer.endpoint)

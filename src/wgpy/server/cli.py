@@ -43,7 +43,8 @@ Handler = Callable[[Registry, argparse.Namespace], int]
 def _parser(prog: str) -> tuple[argparse.ArgumentParser, Callable[..., argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--dir", default=DEFAULT_DIR, help=f"the registry's folder ({DEFAULT_DIR})")
-    subs = parser.add_subparsers(dest="command", required=True)
+    # not required=True: argparse would then name the missing command before a bad option
+    subs = parser.add_subparsers(dest="command")
 
     def sub(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         # --dir also after the subcommand, without a default that would hide one before it
@@ -221,6 +222,8 @@ def cmd_remove(registry: Registry, args: argparse.Namespace) -> int:
 
 def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("a command is needed")
     handler: Handler = args.handler
     try:
         return handler(SqliteRegistry(args.dir), args)

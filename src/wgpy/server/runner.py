@@ -25,7 +25,7 @@ from datetime import datetime
 
 from pyroute2 import IPRoute
 
-from wgpy.daemon.uapi import socket_path
+from wgpy.io.uapi_path import socket_path
 from wgpy.server import manage, sync
 from wgpy.server.model import Settings
 from wgpy.server.netfilter import Firewall

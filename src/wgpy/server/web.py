@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
-from wgpy import __version__
+from wgpy._version import __version__
 from wgpy.core.crypto import encode_key
 from wgpy.server import manage
 from wgpy.server.auth import LoginLimit, Session, Sessions, verify_password
