@@ -341,6 +341,7 @@ def test_the_page_in_a_real_browser(world: World) -> None:
         finally:
             traffic.kill()
             traffic.wait()
+        _rename_expire_and_link_in_the_page(world, driver)
         _disable_and_delete_in_the_page(world, driver, c4)
     finally:
         with inside(world.server):
@@ -348,24 +349,51 @@ def test_the_page_in_a_real_browser(world: World) -> None:
     assert (shots / "server-light.png").stat().st_size > 10000
 
 
+def _rename_expire_and_link_in_the_page(world: World, driver: Any) -> None:
+    """Rename (its prompt), Set expiry (the date input) and One-time link, as a person
+    would; the link then works once, without a session."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 5)
+    with inside(world.server):
+        _card(driver, "frank").find_element(By.CLASS_NAME, "rename").click()
+        prompt = driver.switch_to.alert
+        prompt.send_keys("frankie")
+        prompt.accept()
+        wait.until(lambda d: _card(d, "frankie") is not None)
+        card = _card(driver, "frankie")
+        card.find_element(By.CLASS_NAME, "expires").send_keys("12312099")
+        card.find_element(By.CLASS_NAME, "set-expiry").click()
+        wait.until(lambda d: _card(d, "frankie").find_element(By.CLASS_NAME, "expiry").text
+                   == "expires 2099-12-31")  # fmt: skip
+        card.find_element(By.CLASS_NAME, "link").click()
+        wait.until(lambda d: "/download/" in _card(d, "frankie").find_element(
+            By.CLASS_NAME, "link-out").text)
+        url = _card(driver, "frankie").find_element(By.CLASS_NAME, "link-out").text.split()[-1]
+        status, _, config = Browser("").call("GET", url)
+        assert (status, Browser("").call("GET", url)[0]) == (200, 404)
+    assert config.decode() == world.cli("client", "show", "frankie")
+
+
 def _disable_and_delete_in_the_page(world: World, driver: Any, client: Namespace) -> None:
-    """The page's Disable cuts frank off at once; its Delete (after the confirm dialog)
-    removes him from the page, the registry and the device."""
+    """The page's Disable cuts the client off at once; its Delete (after the confirm
+    dialog) removes it from the page, the registry and the device."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     assert ping(client, INTERNET)
     with inside(world.server):
-        _card(driver, "frank").find_element(By.CLASS_NAME, "toggle").click()
+        _card(driver, "frankie").find_element(By.CLASS_NAME, "toggle").click()
         WebDriverWait(driver, 5).until(
-            lambda d: _card(d, "frank").find_element(By.CLASS_NAME, "toggle").text == "Enable")
-    eventually(lambda: len(world.peers()) == 1, 3, "frank off the device")  # alice stays
+            lambda d: _card(d, "frankie").find_element(By.CLASS_NAME, "toggle").text == "Enable")
+    eventually(lambda: len(world.peers()) == 1, 3, "frankie off the device")  # alice stays
     assert not ping(client, INTERNET)
     with inside(world.server):
-        _card(driver, "frank").find_element(By.CLASS_NAME, "delete").click()
+        _card(driver, "frankie").find_element(By.CLASS_NAME, "delete").click()
         driver.switch_to.alert.accept()
         names = "return [...document.querySelectorAll('.client .name')].map(e => e.textContent)"
-        WebDriverWait(driver, 5).until(lambda d: "frank" not in d.execute_script(names))
+        WebDriverWait(driver, 5).until(lambda d: "frankie" not in d.execute_script(names))
     assert "frank" not in world.cli("client", "list")
 
 
