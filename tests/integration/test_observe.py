@@ -19,19 +19,19 @@ import pytest
 
 from wgpy.core import icmp, native
 from wgpy.daemon.log import peer_name
-from wgpy.daemon.uapi import socket_path
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, Tunnel, wg_keypair
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Tunnel, TunnelEnd, wg_keypair
+from wgpy.io.uapi_path import socket_path
 
 
-def name_of(node: Node) -> str:
+def name_of(node: TunnelEnd) -> str:
     return peer_name(base64.b64decode(node.public_key))
 
 
-def dump(node: Node) -> list[list[str]]:
+def dump(node: TunnelEnd) -> list[list[str]]:
     return [line.split("\t") for line in node.wg("show", node.ifname, "dump").splitlines()]
 
 
-def py(node: Node, code: str, timeout: float = 30) -> str:
+def py(node: TunnelEnd, code: str, timeout: float = 30) -> str:
     return node.ns.run(sys.executable, "-c", code, timeout=timeout)
 
 
@@ -150,7 +150,7 @@ def test_json_of_wireguard_go_holds_what_get_does(make_tunnel: Callable[..., Tun
     assert [p["public_key"] for p in status["peers"]] == [t.a.public_key]
 
 
-def unreachable_after(node: Node, addr: str) -> float:
+def unreachable_after(node: TunnelEnd, addr: str) -> float:
     """Seconds from a UDP send to `addr` to the EHOSTUNREACH the ICMP error causes."""
     # host/address unreachable is a soft error: a UDP socket hears of it with RECVERR
     family, level, recverr = (

@@ -20,13 +20,13 @@ from wgpy.core.crypto import (
     xaead_decrypt,
     xaead_encrypt,
 )
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.messages import CookieReply, pack_cookie_reply
 
 LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
 MAC_LEN = 16
 
-Endpoint = tuple[str, int]
 
 
 def _mac_offsets(msg: bytes | bytearray) -> tuple[int, int]:

@@ -9,7 +9,8 @@ come from the caller.
 Everything a packet can do to state happens only after it authenticated. Handshake
 messages with a valid mac1 wait in a bounded queue and are worked off after the data
 messages of the same batch (see ratelimit.py); the messages themselves are built and
-checked in handshake.py, the indices kept in indextable.py.
+checked in handshake.py, the sessions they make are rotated in sessions.py, the indices
+kept in indextable.py, and data messages sealed and opened in data.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-from wgpy.core import data, handshake, icmp
+from wgpy.core import data, handshake, icmp, sessions
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
@@ -34,6 +35,22 @@ from wgpy.core.constants import (
 )
 from wgpy.core.cookie import CookieChecker
 from wgpy.core.crypto import PrivateKey, dh, is_zero
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import (
+    CookieReceived,
+    CookieSent,
+    EndpointChanged,
+    HandshakeCompleted,
+    HandshakeGaveUp,
+    HandshakeRetry,
+    InitiationReceived,
+    InitiationSent,
+    KeepaliveSent,
+    KeypairCreated,
+    KeysZeroed,
+    ResponseReceived,
+    ResponseSent,
+)
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
@@ -47,12 +64,13 @@ from wgpy.core.messages import (
     parse_response,
     split_read,
 )
-from wgpy.core.output import Drop, Endpoint, EventKind, Output
+from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.ratelimit import LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
+from wgpy.core.tokenbucket import TokenBucket
 
-__all__ = ["Device", "Output", "inner_destination"]
+__all__ = ["Device", "Output"]
 
 _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
@@ -92,7 +110,7 @@ class Device:
         # (message, source, type, the caller's tag for the read it came in)
         self._queue: deque[tuple[bytes, Endpoint, int, object]] = deque()
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
-        self.icmp_limit: icmp.TokenBucket | None = icmp.TokenBucket()
+        self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
@@ -112,7 +130,7 @@ class Device:
             self.remove_peer(self.public_key)
         for peer in self.peers.values():
             self._precompute(peer)
-            self._expire_sessions(peer)
+            sessions.expire(self.index, peer)
 
     def add_peer(self, public_key: bytes) -> Peer | None:
         """The peer with that key, created if new; None for our own key (ignored)."""
@@ -128,7 +146,7 @@ class Device:
         peer = self.peers.pop(public_key, None)
         if peer is not None:
             self.allowed_ips.remove_value(peer)
-            self._zero_keys(peer)
+            sessions.zero_keys(self.index, peer)
             peer.timers.clear()
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> Output:
@@ -146,15 +164,6 @@ class Device:
             with contextlib.suppress(ValueError):
                 peer.static_static = dh(self._static, peer.public_key)
 
-    def _expire_sessions(self, peer: Peer) -> None:
-        """After a key change: no more sending on old sessions, no half-done handshake,
-        and no hold-off on the next initiation (wireguard-go ExpireCurrentKeypairs)."""
-        self._clear_handshake(peer)
-        peer.handshake.last_sent_handshake = float("-inf")
-        for kp in (peer.current, peer.next):
-            if kp is not None:
-                kp.expire()
-
     # ---- the batch API -------------------------------------------------------------
 
     def receive(
@@ -168,7 +177,7 @@ class Device:
         (endpoint, counters, timers) done once per session, handshake messages queued; up
         to `handshake_budget` queued ones are worked off at the end (a caller that reads
         many batches per turn passes 0 and calls `process_handshakes` once). `tag` comes
-        back as the detail of the handshake events these datagrams cause, whenever they are
+        back as the `tag` of the handshake events these datagrams cause, whenever they are
         worked off (the datapath's: the local address they came to)."""
         out = Output()
         received: dict[Keypair, data.Received] = {}
@@ -332,7 +341,7 @@ class Device:
         if not peer.staged:
             kp = peer.current
             if kp is not None and kp.can_send(now) and peer.endpoint is not None:
-                out.event(EventKind.KEEPALIVE_SENT, peer)
+                out.events.append(KeepaliveSent(peer))
             peer.staged.append(b"")
         self._send_staged(peer, now, out)
 
@@ -350,7 +359,7 @@ class Device:
     def _set_endpoint(self, peer: Peer, src: Endpoint, out: Output) -> None:
         if peer.endpoint != src:
             peer.endpoint = src
-            out.event(EventKind.ENDPOINT_CHANGED, peer, src)
+            out.events.append(EndpointChanged(peer, src))
 
     # ---- handshake messages --------------------------------------------------------
 
@@ -391,7 +400,7 @@ class Device:
             if under_load and not checker.check_mac2(data, src, now):
                 sender = _SENDER.unpack_from(data)[0]
                 out.udp.append((checker.make_reply(data, sender, src, now), src))
-                out.event(EventKind.COOKIE_SENT, None, src)
+                out.events.append(CookieSent(src))
             elif kind == MSG_INITIATION:
                 self._receive_initiation(data, src, now, out, tag)
             else:
@@ -406,15 +415,11 @@ class Device:
         if self._static is None or peer.static_static is None:
             return
         hs.last_sent_handshake = now
-        self._clear_handshake(peer)
-        index = self.index.add_handshake(peer)
-        ephemeral = self._ephemeral(peer)
-        msg = handshake.create_initiation(
-            self._static, peer, ephemeral, index, now + self.wall_offset, now
-        )
+        msg = sessions.initiate(self._static, peer, self.index, self._ephemeral,
+                                now + self.wall_offset, now)  # fmt: skip
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.event(EventKind.INITIATION_SENT, peer, peer.timers.handshake_attempts)
+        out.events.append(InitiationSent(peer, peer.timers.handshake_attempts))
         self._emit(peer, msg, out)
         peer.timers.handshake_initiated(now)
 
@@ -440,32 +445,24 @@ class Device:
             out.drops[init] += 1
             return
         peer = init.peer
-        out.event(EventKind.INITIATION_RECEIVED, peer, tag)
-        self._clear_handshake(peer)
+        out.events.append(InitiationReceived(peer, tag))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        index = self.index.new_index()
-        made = handshake.create_response(init, self._ephemeral(peer), index, now)
+        made = sessions.respond(init, self.index, self._ephemeral, self.native, now)
         if made is None:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
-        msg, keys = made
-        kp = Keypair(peer, keys, initiator=False, local_index=index, remote_index=init.sender,
-                     now=now, native=self.native)  # fmt: skip
-        self.index.add_keypair(kp)
-        self.index.drop_keypair(peer.next)
-        self.index.drop_keypair(peer.previous)
-        peer.next, peer.previous = kp, None
+        msg, kp = made
         # A response counts as a handshake sent: no crossing initiation of our own for
         # REKEY_TIMEOUT (wireguard-go SendHandshakeResponse sets lastSentHandshake).
         peer.handshake.last_sent_handshake = now
         peer.timers.session_derived(now)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.event(EventKind.KEYPAIR_CREATED, peer, index)
-        out.event(EventKind.RESPONSE_SENT, peer)
+        out.events.append(KeypairCreated(peer, kp.local_index))
+        out.events.append(ResponseSent(peer))
         self._emit(peer, msg, out)
 
     def _receive_response(
@@ -479,24 +476,12 @@ class Device:
         if self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        keys = handshake.consume_response(self._static, peer, msg)
-        if isinstance(keys, Drop):
-            out.drops[keys] += 1
+        kp = sessions.complete(self._static, peer, msg, self.index, self.native, now)
+        if isinstance(kp, Drop):
+            out.drops[kp] += 1
             return
-        index = msg.receiver
-        self._clear_handshake(peer)
-        kp = Keypair(peer, keys, initiator=True, local_index=index, remote_index=msg.sender,
-                     now=now, native=self.native)  # fmt: skip
-        self.index.add_keypair(kp)
-        self.index.drop_keypair(peer.previous)
-        if peer.next is not None:
-            peer.previous, peer.next = peer.next, None
-            self.index.drop_keypair(peer.current)
-        else:
-            peer.previous = peer.current
-        peer.current = kp
-        out.event(EventKind.RESPONSE_RECEIVED, peer, tag)
-        out.event(EventKind.KEYPAIR_CREATED, peer, index)
+        out.events.append(ResponseReceived(peer, tag))
+        out.events.append(KeypairCreated(peer, kp.local_index))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         timers = peer.timers
@@ -508,8 +493,7 @@ class Device:
 
     def _confirm_next(self, peer: Peer, now: float, out: Output) -> None:
         """The initiator used the session we offered: it becomes current."""
-        self.index.drop_keypair(peer.previous)
-        peer.previous, peer.current, peer.next = peer.current, peer.next, None
+        sessions.confirm_next(self.index, peer)
         self._handshake_complete(peer, now, out)
         if peer.staged:
             self._send_staged(peer, now, out)
@@ -517,7 +501,7 @@ class Device:
     def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
         peer.timers.handshake_complete()
         peer.last_handshake = now + self.wall_offset
-        out.event(EventKind.HANDSHAKE_COMPLETED, peer)
+        out.events.append(HandshakeCompleted(peer))
 
     def _receive_cookie_reply(self, data: bytes, now: float, out: Output) -> None:
         msg = parse_cookie_reply(data)
@@ -527,7 +511,7 @@ class Device:
         elif not peer.cookies.consume_reply(msg, now):
             out.drops[Drop.BAD_HANDSHAKE] += 1
         else:
-            out.event(EventKind.COOKIE_RECEIVED, peer)
+            out.events.append(CookieReceived(peer))
 
     # ---- timers --------------------------------------------------------------------
 
@@ -540,36 +524,20 @@ class Device:
         timers = peer.timers
         if timer is Timer.RETRANSMIT_HANDSHAKE:
             if timers.expired_retransmit_handshake(now):
-                out.event(EventKind.HANDSHAKE_RETRY, peer, "no response")
+                out.events.append(HandshakeRetry(peer, "no response"))
                 self._initiate(peer, now, out, retry=True)
             else:  # given up: queued packets go now, keys in 3 x REJECT_AFTER_TIME
                 peer.staged.clear()
-                out.event(EventKind.HANDSHAKE_GAVE_UP, peer, timers.handshake_attempts + 1)
+                out.events.append(HandshakeGaveUp(peer, timers.handshake_attempts + 1))
         elif timer is Timer.SEND_KEEPALIVE:
             self._send_keepalive(peer, now, out)
             timers.expired_send_keepalive(now)
         elif timer is Timer.NEW_HANDSHAKE:
-            out.event(EventKind.HANDSHAKE_RETRY, peer, "no data back")
+            out.events.append(HandshakeRetry(peer, "no data back"))
             self._initiate(peer, now, out)
         elif timer is Timer.ZERO_KEYS:
-            self._zero_keys(peer)
+            sessions.zero_keys(self.index, peer)
             peer.staged.clear()  # wireguard-go ZeroAndFlushAll
-            out.event(EventKind.KEYS_ZEROED, peer)
+            out.events.append(KeysZeroed(peer))
         elif timer is Timer.PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
             self._send_keepalive(peer, now, out)
-
-    # ---- indices and key material --------------------------------------------------
-
-    def _clear_handshake(self, peer: Peer) -> None:
-        hs = peer.handshake
-        self.index.drop_handshake(hs.local_index)
-        hs.local_index = None
-        hs.clear()
-
-    def _zero_keys(self, peer: Peer) -> None:
-        """Forget every session and the handshake (Python cannot wipe the bytes themselves;
-        dropping the last reference is what it can do)."""
-        for kp in peer.keypairs():
-            self.index.drop_keypair(kp)
-        peer.current = peer.previous = peer.next = None
-        self._clear_handshake(peer)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from wgpy.core.output import Endpoint
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.tokenbucket import TokenBucket
 
 PACKETS_PER_SECOND = 20
 BURST = 5
@@ -42,7 +43,7 @@ class RateLimiter:
     def __init__(self, rate: float = PACKETS_PER_SECOND, burst: int = BURST) -> None:
         self.rate = rate
         self.burst = float(burst)
-        self._buckets: dict[bytes, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._buckets: dict[bytes, TokenBucket] = {}
         self._keys: dict[str, bytes] = {}  # host -> its key: parsing costs more than a look
 
     def _key(self, endpoint: Endpoint) -> bytes:
@@ -59,25 +60,22 @@ class RateLimiter:
         once a source is over its rate, its messages can be refused before the mac1 is
         even computed, which is what a flood from one source costs then."""
         bucket = self._buckets.get(self._key(endpoint))
-        return bucket is not None and bucket[0] + (now - bucket[1]) * self.rate < 1.0
+        return bucket is not None and bucket.level(now) < 1.0
 
     def allow(self, endpoint: Endpoint, now: float) -> bool:
         key = self._key(endpoint)
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return False
-        if len(self._buckets) >= MAX_SOURCES and key not in self._buckets:
-            self.collect(now)
-        self._buckets[key] = (tokens - 1.0, now)
-        return True
+        bucket = self._buckets.get(key)
+        if bucket is None:  # a new source: its bucket is full
+            if len(self._buckets) >= MAX_SOURCES:
+                self.collect(now)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.allow(now)
 
     def collect(self, now: float) -> None:
         """Forget the sources whose buckets are full again (they lose nothing by it);
         if all are still busy, forget all: a bounded table beats a perfect one."""
         full = (self.burst - 1.0) / self.rate
-        stale = [k for k, (tokens, at) in self._buckets.items() if now - at >= full]
+        stale = [k for k, b in self._buckets.items() if b.at is None or now - b.at >= full]
         for key in stale:
             del self._buckets[key]
         if len(self._buckets) >= MAX_SOURCES:

@@ -32,7 +32,14 @@ from types import ModuleType
 
 from wgpy.core import native
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Event, EventKind, Output
+from wgpy.core.events import (
+    HandshakeRetry,
+    InitiationReceived,
+    InitiationSent,
+    ProtocolEvent,
+    ResponseReceived,
+)
+from wgpy.core.output import Drop, Output
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -75,16 +82,13 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     return TSO if device.native is not None and vnet_hdr else 0
 
 
-_AUTHENTIC_HANDSHAKES = (EventKind.INITIATION_RECEIVED, EventKind.RESPONSE_RECEIVED)
-
-
 class Datapath:
     def __init__(
         self,
         device: Device,
         tun: Tun,
         udp: UdpSocket,
-        on_events: Callable[[list[Event]], None] | None = None,
+        on_events: Callable[[list[ProtocolEvent]], None] | None = None,
     ) -> None:
         self.device = device
         self.tun = tun
@@ -158,22 +162,20 @@ class Datapath:
         if out.events and self.on_events is not None:
             self.on_events(out.events)
 
-    def sources_from_events(self, events: list[Event]) -> None:
+    def sources_from_events(self, events: list[ProtocolEvent]) -> None:
         """A handshake message that authenticated moved its peer's endpoint to its source:
-        replies leave from the local address that message came to (the event's detail, the
+        replies leave from the local address that message came to (the event's `tag`, the
         packet info its read was tagged with), not that of any other datagram from there.
-        The packet info is ours: the event goes on to listeners with no detail, as before.
         A retried handshake goes out from the address the kernel picks. (Events are rare:
         this loop costs nothing per packet.)"""
-        for i, (kind, peer, detail) in enumerate(events):
+        for event in events:
+            peer = event.peer
             if peer is None or peer.endpoint is None:
                 continue
-            if kind in _AUTHENTIC_HANDSHAKES:
-                if detail is not None:
-                    events[i] = Event(kind, peer)
-                    if isinstance(detail, bytes):
-                        self.udp.learn_source(peer.endpoint, detail)
-            elif kind is EventKind.HANDSHAKE_RETRY or (
-                kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
+            if isinstance(event, InitiationReceived | ResponseReceived):
+                if isinstance(event.tag, bytes):
+                    self.udp.learn_source(peer.endpoint, event.tag)
+            elif isinstance(event, HandshakeRetry) or (
+                isinstance(event, InitiationSent) and event.attempt > 0
             ):
                 self.udp.forget_source(peer.endpoint)

@@ -33,6 +33,8 @@ import socket
 import struct
 from collections.abc import Iterator
 
+from wgpy.core.endpoint import Endpoint
+
 log = logging.getLogger("wgpy.udp")
 
 SOL_UDP = 17
@@ -45,7 +47,6 @@ BUFFER_BYTES = 8 << 20
 MAX_GSO_BYTES = 65000  # below the 64 KiB an IP datagram can carry, with headers
 MAX_GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 
-Endpoint = tuple[str, int]
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 _GSO_REFUSED = {errno.EIO, errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wgpy.core.crypto import decode_key, encode_key
-from wgpy.daemon.uapi import format_endpoint, split_endpoint
+from wgpy.core.endpoint import format_endpoint, split_endpoint
 from wgpy.tools.uapi_client import DeviceStatus
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface

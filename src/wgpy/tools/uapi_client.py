@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wgpy.core.crypto import encode_key
-from wgpy.daemon.uapi import SOCKET_DIR, socket_path
+from wgpy.io.uapi_path import SOCKET_DIR, socket_path
 
 
 class UapiClientError(Exception):
