@@ -33,7 +33,7 @@ from wgpy.core.constants import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MS,
 )
-from wgpy.core.cookie import CookieChecker
+from wgpy.core.cookie import CookieChecker, has_mac2
 from wgpy.core.crypto import PrivateKey, dh, is_zero
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import (
@@ -66,7 +66,7 @@ from wgpy.core.messages import (
 )
 from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
-from wgpy.core.ratelimit import LoadMeter, RateLimiter
+from wgpy.core.ratelimit import COOKIE_BURST, COOKIE_PACKETS_PER_SECOND, LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
 from wgpy.core.tokenbucket import TokenBucket
 
@@ -105,10 +105,12 @@ class Device:
         self.mtu = DEFAULT_MTU
         self.cookie_checker = CookieChecker(rand)
         self.index = IndexTable(rand)
-        self.rate_limiter = RateLimiter()
+        self.rate_limiter = RateLimiter()  # handshakes that need no cookie, by source
+        self.cookie_limiter = RateLimiter(COOKIE_PACKETS_PER_SECOND, COOKIE_BURST)  # with mac2
         self.load = LoadMeter(HANDSHAKE_QUEUE)
-        # (message, source, type, the caller's tag for the read it came in)
-        self._queue: deque[tuple[bytes, Endpoint, int, object]] = deque()
+        # (message, source, type, whether it came with a valid mac2, the caller's tag
+        # for the read it came in)
+        self._queue: deque[tuple[bytes, Endpoint, int, bool, object]] = deque()
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
         self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
@@ -377,30 +379,58 @@ class Device:
             self._receive_cookie_reply(data, now, out)
         elif self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
-        elif self.rate_limiter.spent(src, now):
+        else:
+            self._admit(data, src, kind, now, out, tag)
+
+    def _admit(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output,
+               tag: object) -> None:  # fmt: skip
+        """The rule of ratelimit.py: a message needs a cookie when the device is under
+        load or its source is over its rate; then a valid mac2 is counted in the source's
+        cookie bucket, and one without gets a cookie reply (never silence: the owner of a
+        spoofed address must get its cookie). The only refusal before the mac1 is for a
+        message with a mac2 from a source whose cookie bucket is spent as well."""
+        checker = self.cookie_checker
+        needs_cookie = self.load.under_load(now) or self.rate_limiter.spent(src, now)
+        mac2 = has_mac2(data)
+        if needs_cookie and mac2 and self.cookie_limiter.spent(src, now):
             out.drops[Drop.RATE_LIMITED] += 1
-        elif not self.cookie_checker.check_mac1(data):
+        elif not checker.check_mac1(data):
             out.drops[Drop.BAD_MAC1] += 1
-        elif not self.rate_limiter.allow(src, now):
+        elif not needs_cookie:
+            self.rate_limiter.allow(src, now)  # not spent: this takes a token
+            self._enqueue((data, src, kind, False, tag), now, out)
+        elif not (mac2 and checker.check_mac2(data, src, now)):
+            self._send_cookie(data, src, now, out)
+        elif self.cookie_limiter.allow(src, now):
+            self._enqueue((data, src, kind, True, tag), now, out)
+        else:
             out.drops[Drop.RATE_LIMITED] += 1
-        elif len(self._queue) >= HANDSHAKE_QUEUE:
+
+    def _enqueue(self, entry: tuple[bytes, Endpoint, int, bool, object], now: float,
+                 out: Output) -> None:  # fmt: skip
+        if len(self._queue) >= HANDSHAKE_QUEUE:
             out.drops[Drop.QUEUE_FULL] += 1
         else:
-            self._queue.append((data, src, kind, tag))
+            self._queue.append(entry)
             self.load.update(len(self._queue), now)
 
+    def _send_cookie(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+        """A cookie reply (64 bytes) instead of the work: smaller than any handshake
+        message, one per message, to the address the message came from."""
+        sender = _SENDER.unpack_from(data)[0]
+        out.udp.append((self.cookie_checker.make_reply(data, sender, src, now), src))
+        out.events.append(CookieSent(src))
+
     def _process_handshakes(self, now: float, budget: int, out: Output) -> None:
-        """Under load a message must carry a valid mac2 (a cookie bound to its source);
-        one without gets a cookie reply instead of the Diffie-Hellman work."""
+        """A message admitted without a cookie while the device was not under load, and
+        worked off once it is, gets a cookie reply instead of the Diffie-Hellman work
+        (Linux and wireguard-go check load when they work a message off, too)."""
         queue = self._queue
-        checker = self.cookie_checker
         under_load = self.load.under_load(now)
         for _ in range(min(budget, len(queue))):
-            data, src, kind, tag = queue.popleft()
-            if under_load and not checker.check_mac2(data, src, now):
-                sender = _SENDER.unpack_from(data)[0]
-                out.udp.append((checker.make_reply(data, sender, src, now), src))
-                out.events.append(CookieSent(src))
+            data, src, kind, cookie, tag = queue.popleft()
+            if under_load and not cookie:
+                self._send_cookie(data, src, now, out)
             elif kind == MSG_INITIATION:
                 self._receive_initiation(data, src, now, out, tag)
             else:

@@ -12,7 +12,7 @@ are each kind's own. Read them with `match` or `isinstance`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -57,9 +57,7 @@ class InitiationSent(ProtocolEvent):
 class InitiationReceived(ProtocolEvent):
     kind: ClassVar[EventKind] = EventKind.INITIATION_RECEIVED
     peer: Peer
-    # what the caller passed with the datagram (Device.receive's `tag`; the datapath's:
-    # the local address it came to, so replies leave from there)
-    tag: object = field(default=None, repr=False, compare=False)
+    tag: object = None  # what the caller passed with the read it came in (receive's tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +70,7 @@ class ResponseSent(ProtocolEvent):
 class ResponseReceived(ProtocolEvent):
     kind: ClassVar[EventKind] = EventKind.RESPONSE_RECEIVED
     peer: Peer
-    tag: object = field(default=None, repr=False, compare=False)  # as InitiationReceived's
+    tag: object = None  # what the caller passed with the read it came in (receive's tag)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ class Drop(Enum):
     BAD_SIZE = "bad_size"  # shorter or longer than its type allows
     UNKNOWN_TYPE = "unknown_type"  # a type other than 1-4, or non-zero reserved bytes
     BAD_MAC1 = "bad_mac1"  # not meant for our public key
-    RATE_LIMITED = "rate_limited"  # handshakes from one source over the limit
+    RATE_LIMITED = "rate_limited"  # with a mac2, from a source over both its limits
     QUEUE_FULL = "queue_full"  # the handshake queue is full: a flood
     NO_PRIVATE_KEY = "no_private_key"
     UNKNOWN_PEER = "unknown_peer"  # a valid initiation from a key we don't know

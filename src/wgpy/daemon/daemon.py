@@ -64,9 +64,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         "env WGPY_METRICS)")  # fmt: skip
     parser.add_argument("--keylog", metavar="FILE", default=env.keylog,
                         help="append each handshake's keys to FILE for Wireshark: INSECURE, "
-                        "FILE holds the interface's private key and all session keys; made "
-                        "0600, refused if a symlink or others may read it (env WGPY_KEYLOG)"
-                        )  # fmt: skip
+                        "FILE holds the interface's private key and every session key "
+                        "(made 0600; refused if a symlink or others may read it; "
+                        "env WGPY_KEYLOG)")  # fmt: skip
 
 
 def options_from(args: argparse.Namespace) -> Options:

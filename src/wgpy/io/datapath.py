@@ -164,17 +164,20 @@ class Datapath:
 
     def sources_from_events(self, events: list[ProtocolEvent]) -> None:
         """A handshake message that authenticated moved its peer's endpoint to its source:
-        replies leave from the local address that message came to (the event's `tag`, the
+        replies leave from the local address that message came to (the event's tag, the
         packet info its read was tagged with), not that of any other datagram from there.
-        A retried handshake goes out from the address the kernel picks. (Events are rare:
-        this loop costs nothing per packet.)"""
-        for event in events:
+        The packet info is ours: the event goes on to listeners without it. A retried
+        handshake goes out from the address the kernel picks. (Events are rare: this loop
+        costs nothing per packet.)"""
+        for i, event in enumerate(events):
             peer = event.peer
             if peer is None or peer.endpoint is None:
                 continue
             if isinstance(event, InitiationReceived | ResponseReceived):
-                if isinstance(event.tag, bytes):
-                    self.udp.learn_source(peer.endpoint, event.tag)
+                if event.tag is not None:
+                    events[i] = type(event)(peer)
+                    if isinstance(event.tag, bytes):
+                        self.udp.learn_source(peer.endpoint, event.tag)
             elif isinstance(event, HandshakeRetry) or (
                 isinstance(event, InitiationSent) and event.attempt > 0
             ):
