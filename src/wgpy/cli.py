@@ -2,7 +2,9 @@
 
 wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IFNAME`)
      [--metrics [HOST:]PORT]       ... with Prometheus metrics (default host: 127.0.0.1)
-     [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE)
+     [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE:
+                                   FILE holds the private key and all session keys; made
+                                   0600, refused if a symlink or others may read it)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
 wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
                                    /etc/wireguard/NAME.conf); `up` also takes the
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import stat
 import sys
 from collections.abc import Callable
 
@@ -46,14 +49,30 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
 
 def genkey(args: list[str]) -> int:
     _parser("genkey", "Print a new private key (base64), as `wg genkey`.").parse_args(args)
+    _warn_if_world_accessible()
     print(encode_key(clamp(os.urandom(32))))
     return 0
 
 
 def genpsk(args: list[str]) -> int:
     _parser("genpsk", "Print a new preshared key (base64), as `wg genpsk`.").parse_args(args)
+    _warn_if_world_accessible()
     print(encode_key(os.urandom(32)))
     return 0
+
+
+def _warn_if_world_accessible() -> None:
+    """`wgpy genkey > file` into a file others may access: wg genkey's warning (and
+    its test: a regular file with any permission for others). The key is still written."""
+    try:
+        st = os.fstat(1)
+    except OSError:  # no stdout at all: nothing to warn about
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IRWXO:
+        sys.stderr.write(
+            "Warning: writing to world accessible file.\n"
+            "Consider setting the umask to 077 and trying again.\n"
+        )
 
 
 def pubkey(args: list[str]) -> int:

@@ -14,7 +14,7 @@ from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.data import padded_length
 from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
-from wgpy.core.events import EndpointChanged, EventKind
+from wgpy.core.events import EndpointChanged, EventKind, InitiationReceived, ResponseReceived
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -411,6 +411,21 @@ def test_valid_initiation_is_answered(net: SimNet) -> None:
     _, b = nodes(net)
     out = b.device.receive([(_initiation(net), A_EP)], net.now)
     assert len(out.udp) == 1 and out.udp[0][0][0] == MSG_RESPONSE
+
+
+def test_a_handshake_event_brings_back_the_tag_of_its_datagram(net: SimNet) -> None:
+    """The caller tags each read (the datapath: the local address it came to); the event
+    of the handshake message that authenticated carries that read's tag, also when the
+    queue is worked off later, after other reads from the same source."""
+    a, b = nodes(net)
+    out = b.device.receive([(_initiation(net), A_EP)], net.now, 0, "its read")
+    out.extend(b.device.receive([(b"\x01", A_EP)], net.now, 0, "a spoofed read"))
+    assert not out.events and b.device.queued_handshakes == 1
+    out = b.device.process_handshakes(net.now)
+    assert [e.tag for e in out.events if isinstance(e, InitiationReceived)] == ["its read"]
+    got = a.device.receive([(out.udp[0][0], B_EP)], net.now, 1, "the response's read")
+    tags = [e.tag for e in got.events if isinstance(e, ResponseReceived)]
+    assert tags == ["the response's read"]
 
 
 @pytest.mark.parametrize("size", [0, 3, 4, 147, 149, 31, 91, 93, 63, 65])

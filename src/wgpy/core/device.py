@@ -108,8 +108,9 @@ class Device:
         self.rate_limiter = RateLimiter()  # handshakes that need no cookie, by source
         self.cookie_limiter = RateLimiter(COOKIE_PACKETS_PER_SECOND, COOKIE_BURST)  # with mac2
         self.load = LoadMeter(HANDSHAKE_QUEUE)
-        # (message, source, type, whether it came with a valid mac2)
-        self._queue: deque[tuple[bytes, Endpoint, int, bool]] = deque()
+        # (message, source, type, whether it came with a valid mac2, the caller's tag
+        # for the read it came in)
+        self._queue: deque[tuple[bytes, Endpoint, int, bool, object]] = deque()
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
         self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
@@ -172,11 +173,14 @@ class Device:
         datagrams: Iterable[tuple[bytes | memoryview, Endpoint]],
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
+        tag: object = None,
     ) -> Output:
         """Handle a batch of datagrams: data messages opened (data.py), the bookkeeping
         (endpoint, counters, timers) done once per session, handshake messages queued; up
         to `handshake_budget` queued ones are worked off at the end (a caller that reads
-        many batches per turn passes 0 and calls `process_handshakes` once)."""
+        many batches per turn passes 0 and calls `process_handshakes` once). `tag` comes
+        back as the `tag` of the handshake events these datagrams cause, whenever they are
+        worked off (the datapath's: the local address they came to)."""
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
@@ -186,7 +190,7 @@ class Device:
         else:  # the replay windows live in C: every datagram goes there
             for d, src in datagrams:
                 self._open_native(d, len(d), 0, src, now, out, received, others)
-        return self._opened(received, others, now, handshake_budget, out)
+        return self._opened(received, others, now, handshake_budget, out, tag)
 
     def receive_read(
         self,
@@ -196,17 +200,19 @@ class Device:
         src: Endpoint,
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
+        tag: object = None,
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
         bytes if GRO merged them (see `split_read`); with the native datapath, opened
         all in one call."""
         if self.native is None:
-            return self.receive([(d, src) for d in split_read(buf, n, seg)], now, handshake_budget)
+            datagrams = [(d, src) for d in split_read(buf, n, seg)]
+            return self.receive(datagrams, now, handshake_budget, tag)
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
         self._open_native(buf, n, seg, src, now, out, received, others)
-        return self._opened(received, others, now, handshake_budget, out)
+        return self._opened(received, others, now, handshake_budget, out, tag)
 
     def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
                      now: float, out: Output, received: dict[Keypair, data.Received],
@@ -216,12 +222,12 @@ class Device:
                          now, out, received, others)  # fmt: skip
 
     def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
-                now: float, handshake_budget: int, out: Output) -> Output:  # fmt: skip
+                now: float, handshake_budget: int, out: Output, tag: object) -> Output:  # fmt: skip
         """What a batch does once opened: sessions' bookkeeping, then handshakes queued."""
         for kp, got in received.items():
             self._account_received(kp, got, now, out)
         for message, src in others:
-            self._queue_handshake(message, src, now, out)
+            self._queue_handshake(message, src, now, out, tag)
         if self._queue and handshake_budget:
             self._process_handshakes(now, handshake_budget, out)
         return out
@@ -360,7 +366,7 @@ class Device:
     # ---- handshake messages --------------------------------------------------------
 
     def _queue_handshake(
-        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output
+        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output, tag: object
     ) -> None:
         """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
         (junk, a bad mac1, a source over its rate) counts toward load."""
@@ -374,9 +380,10 @@ class Device:
         elif self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
         else:
-            self._admit(data, src, kind, now, out)
+            self._admit(data, src, kind, now, out, tag)
 
-    def _admit(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output) -> None:
+    def _admit(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output,
+               tag: object) -> None:  # fmt: skip
         """The rule of ratelimit.py: a message needs a cookie when the device is under
         load or its source is over its rate; then a valid mac2 is counted in the source's
         cookie bucket, and one without gets a cookie reply (never silence: the owner of a
@@ -391,20 +398,20 @@ class Device:
             out.drops[Drop.BAD_MAC1] += 1
         elif not needs_cookie:
             self.rate_limiter.allow(src, now)  # not spent: this takes a token
-            self._enqueue(data, src, kind, now, out, cookie=False)
+            self._enqueue((data, src, kind, False, tag), now, out)
         elif not (mac2 and checker.check_mac2(data, src, now)):
             self._send_cookie(data, src, now, out)
         elif self.cookie_limiter.allow(src, now):
-            self._enqueue(data, src, kind, now, out, cookie=True)
+            self._enqueue((data, src, kind, True, tag), now, out)
         else:
             out.drops[Drop.RATE_LIMITED] += 1
 
-    def _enqueue(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output, *,
-                 cookie: bool) -> None:  # fmt: skip
+    def _enqueue(self, entry: tuple[bytes, Endpoint, int, bool, object], now: float,
+                 out: Output) -> None:  # fmt: skip
         if len(self._queue) >= HANDSHAKE_QUEUE:
             out.drops[Drop.QUEUE_FULL] += 1
         else:
-            self._queue.append((data, src, kind, cookie))
+            self._queue.append(entry)
             self.load.update(len(self._queue), now)
 
     def _send_cookie(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
@@ -421,13 +428,13 @@ class Device:
         queue = self._queue
         under_load = self.load.under_load(now)
         for _ in range(min(budget, len(queue))):
-            data, src, kind, cookie = queue.popleft()
+            data, src, kind, cookie, tag = queue.popleft()
             if under_load and not cookie:
                 self._send_cookie(data, src, now, out)
             elif kind == MSG_INITIATION:
-                self._receive_initiation(data, src, now, out)
+                self._receive_initiation(data, src, now, out, tag)
             else:
-                self._receive_response(data, src, now, out)
+                self._receive_response(data, src, now, out, tag)
 
     def _initiate(self, peer: Peer, now: float, out: Output, *, retry: bool = False) -> None:
         if not retry:
@@ -457,7 +464,9 @@ class Device:
             out.udp.append((datagram, peer.endpoint))
             peer.tx_bytes += len(datagram)
 
-    def _receive_initiation(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+    def _receive_initiation(
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+    ) -> None:
         if self._static is None or self.public_key is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
@@ -466,7 +475,7 @@ class Device:
             out.drops[init] += 1
             return
         peer = init.peer
-        out.events.append(InitiationReceived(peer))
+        out.events.append(InitiationReceived(peer, tag))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
@@ -486,7 +495,9 @@ class Device:
         out.events.append(ResponseSent(peer))
         self._emit(peer, msg, out)
 
-    def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+    def _receive_response(
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+    ) -> None:
         msg = parse_response(data)
         peer = self.index.handshakes.get(msg.receiver)
         if peer is None:
@@ -499,7 +510,7 @@ class Device:
         if isinstance(kp, Drop):
             out.drops[kp] += 1
             return
-        out.events.append(ResponseReceived(peer))
+        out.events.append(ResponseReceived(peer, tag))
         out.events.append(KeypairCreated(peer, kp.local_index))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)

@@ -57,6 +57,7 @@ class InitiationSent(ProtocolEvent):
 class InitiationReceived(ProtocolEvent):
     kind: ClassVar[EventKind] = EventKind.INITIATION_RECEIVED
     peer: Peer
+    tag: object = None  # what the caller passed with the read it came in (receive's tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class ResponseSent(ProtocolEvent):
 class ResponseReceived(ProtocolEvent):
     kind: ClassVar[EventKind] = EventKind.RESPONSE_RECEIVED
     peer: Peer
+    tag: object = None  # what the caller passed with the read it came in (receive's tag)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,8 +63,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics there (default host 127.0.0.1; "
                         "env WGPY_METRICS)")  # fmt: skip
     parser.add_argument("--keylog", metavar="FILE", default=env.keylog,
-                        help="append each handshake's keys to FILE for Wireshark: INSECURE "
-                        "(env WGPY_KEYLOG)")  # fmt: skip
+                        help="append each handshake's keys to FILE for Wireshark: INSECURE, "
+                        "FILE holds the interface's private key and every session key "
+                        "(made 0600; refused if a symlink or others may read it; "
+                        "env WGPY_KEYLOG)")  # fmt: skip
 
 
 def options_from(args: argparse.Namespace) -> Options:

@@ -105,7 +105,7 @@ class PeerChange:
     public_key: bytes
     remove: bool = False
     update_only: bool = False
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)  # no keys in logs
     endpoint: Endpoint | None = None
     keepalive: int | None = None
     replace_allowed_ips: bool = False
@@ -114,7 +114,7 @@ class PeerChange:
 
 @dataclass
 class SetRequest:
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)  # no keys in logs
     listen_port: int | None = None
     fwmark: int | None = None
     replace_peers: bool = False
