@@ -179,7 +179,7 @@ class Device:
         (endpoint, counters, timers) done once per session, handshake messages queued; up
         to `handshake_budget` queued ones are worked off at the end (a caller that reads
         many batches per turn passes 0 and calls `process_handshakes` once). `tag` comes
-        back as the detail of the handshake events these datagrams cause, whenever they are
+        back as the `tag` of the handshake events these datagrams cause, whenever they are
         worked off (the datapath's: the local address they came to)."""
         out = Output()
         received: dict[Keypair, data.Received] = {}
