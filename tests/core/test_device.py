@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.core.simnet import Node, SimNet, ipv4_packet, ipv6_packet, seal
 from wgpy.core.backend import padded_length
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
+from wgpy.core.events import EndpointChanged, EventKind, InitiationReceived, ResponseReceived
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -23,10 +23,12 @@ from wgpy.core.messages import (
     MSG_INITIATION,
     MSG_RESPONSE,
     RESPONSE_LEN,
+    parse_cookie_reply,
 )
-from wgpy.core.output import Drop, EventKind
+from wgpy.core.output import Drop
 from wgpy.core.ratelimit import MAX_SOURCES, RateLimiter
 from wgpy.core.timers import Timer
+from wgpy.sim import SimNet, SimNode, ipv4_packet, ipv6_packet, seal
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)
@@ -238,7 +240,7 @@ def test_cookie_path_under_load(net: SimNet) -> None:
     assert len(b.delivered) == 1
 
 
-def valid_mac1_junk(net: SimNet, target: Node, seed: int) -> bytes:
+def valid_mac1_junk(net: SimNet, target: SimNode, seed: int) -> bytes:
     """An initiation with random keys but a valid mac1 for `target`: it costs the target a
     Diffie-Hellman before it turns out to be nobody's (the flood of issue 12)."""
     rng = random.Random(seed)
@@ -258,7 +260,9 @@ def test_junk_with_a_bad_mac1_never_counts_toward_load(net: SimNet) -> None:
 
 def test_a_deep_handshake_queue_puts_the_device_under_load(net: SimNet) -> None:
     """Under load while more than 1/8 of the queue waits, and for a second after; the
-    queue is worked off after the data of the same batch, and is bounded."""
+    queue is worked off after the data of the same batch. Under load, what comes without
+    a valid mac2 gets a cookie reply at once and takes no place in the queue; what waited
+    in it from before gets one when worked off."""
     a, b = nodes(net)
     handshake(net)
     dev = b.device
@@ -268,28 +272,54 @@ def test_a_deep_handshake_queue_puts_the_device_under_load(net: SimNet) -> None:
     assert len(out.tun) == 1 and not dev.is_under_load(net.now)
     out = dev.receive(flood[HANDSHAKE_QUEUE // 8 :], net.now, 0)
     assert dev.is_under_load(net.now)
-    assert out.drops == {Drop.QUEUE_FULL: 1100 - HANDSHAKE_QUEUE}
+    queued = HANDSHAKE_QUEUE // 8 + 1
+    assert dev.queued_handshakes == queued and not out.drops
+    assert len(out.udp) == 1100 - queued and {d[0] for d, _ in out.udp} == {MSG_COOKIE_REPLY}
     # worked off: under load, each costs a cookie reply, not a Diffie-Hellman
     out = dev.process_handshakes(net.now, budget=HANDSHAKE_QUEUE)
-    assert len(out.udp) == HANDSHAKE_QUEUE and {d[0] for d, _ in out.udp} == {MSG_COOKIE_REPLY}
+    assert len(out.udp) == queued and {d[0] for d, _ in out.udp} == {MSG_COOKIE_REPLY}
     assert dev.queued_handshakes == 0
     assert dev.is_under_load(net.now + 0.9) and not dev.is_under_load(net.now + 1.1)
 
 
-def test_handshakes_from_one_source_are_rate_limited(net: SimNet) -> None:
-    """20 a second with a burst of 5 per source address (an IPv6 source by its /64)."""
+def test_the_queue_is_bounded(net: SimNet) -> None:
+    """Messages with a valid mac2 from many sources, under load: the queue stops at its
+    bound (each source within its cookie bucket)."""
+    _, b = nodes(net)
+    dev = b.device
+    assert dev.public_key is not None
+    dev.load.forced = True
+    flood = []
+    for i in range(HANDSHAKE_QUEUE + 50):
+        src = (f"10.9.{i // 250}.{i % 250}", 9)
+        gen = CookieGenerator(dev.public_key)
+        msg = bytearray(valid_mac1_junk(net, b, i))
+        gen.add_macs(msg, net.now)
+        reply = dev.receive([(bytes(msg), src)], net.now, 0).udp[0][0]
+        assert gen.consume_reply(parse_cookie_reply(reply), net.now)
+        gen.add_macs(msg, net.now)
+        flood.append((bytes(msg), src))
+    out = dev.receive(flood, net.now, 0)
+    assert out.drops == {Drop.QUEUE_FULL: 50} and dev.queued_handshakes == HANDSHAKE_QUEUE
+
+
+def test_handshakes_from_one_source_over_its_rate_get_cookies(net: SimNet) -> None:
+    """50 a second with a burst of 50 per source address (an IPv6 source by its /64);
+    past that, a cookie reply for each message instead of the queue, and no drop."""
     _, b = nodes(net)
     dev = b.device
     for src in ("192.0.2.77", "2001:db8:1:2::5"):
-        msgs = [(valid_mac1_junk(net, b, i), (src, 1000 + i)) for i in range(10)]
+        msgs = [(valid_mac1_junk(net, b, i), (src, 1000 + i)) for i in range(60)]
         out = dev.receive(msgs, net.now, 0)
-        assert out.drops[Drop.RATE_LIMITED] == 5 and dev.queued_handshakes % 5 == 0
+        assert not out.drops and dev.queued_handshakes % 50 == 0
+        assert [dst for _, dst in out.udp] == [m[1] for m in msgs[50:]]
+        assert {d[0] for d, _ in out.udp} == {MSG_COOKIE_REPLY}
     other = dev.receive([(valid_mac1_junk(net, b, 99), ("2001:db8:1:3::5", 1))], net.now, 0)
-    assert not other.drops  # another /64
-    later = [(valid_mac1_junk(net, b, 50 + i), ("192.0.2.77", 1)) for i in range(3)]
-    assert dev.receive(later, net.now + 0.1, 0).drops[Drop.RATE_LIMITED] == 1  # 2 new tokens
-    out = dev.process_handshakes(net.now + 0.1, budget=100)
-    assert out.drops == {Drop.BAD_HANDSHAKE: 13}
+    assert not other.udp and dev.queued_handshakes == 101  # another /64
+    later = [(valid_mac1_junk(net, b, 70 + i), ("192.0.2.77", 1)) for i in range(8)]
+    assert len(dev.receive(later, net.now + 0.1, 0).udp) == 3  # 5 new tokens
+    out = dev.process_handshakes(net.now + 0.1, budget=200)
+    assert out.drops == {Drop.BAD_HANDSHAKE: 106}
 
 
 def test_rate_limiter_table_is_bounded() -> None:
@@ -381,6 +411,21 @@ def test_valid_initiation_is_answered(net: SimNet) -> None:
     _, b = nodes(net)
     out = b.device.receive([(_initiation(net), A_EP)], net.now)
     assert len(out.udp) == 1 and out.udp[0][0][0] == MSG_RESPONSE
+
+
+def test_a_handshake_event_brings_back_the_tag_of_its_datagram(net: SimNet) -> None:
+    """The caller tags each read (the datapath: the local address it came to); the event
+    of the handshake message that authenticated carries that read's tag, also when the
+    queue is worked off later, after other reads from the same source."""
+    a, b = nodes(net)
+    out = b.device.receive([(_initiation(net), A_EP)], net.now, 0, "its read")
+    out.extend(b.device.receive([(b"\x01", A_EP)], net.now, 0, "a spoofed read"))
+    assert not out.events and b.device.queued_handshakes == 1
+    out = b.device.process_handshakes(net.now)
+    assert [e.tag for e in out.events if isinstance(e, InitiationReceived)] == ["its read"]
+    got = a.device.receive([(out.udp[0][0], B_EP)], net.now, 1, "the response's read")
+    tags = [e.tag for e in got.events if isinstance(e, ResponseReceived)]
+    assert tags == ["the response's read"]
 
 
 @pytest.mark.parametrize("size", [0, 3, 4, 147, 149, 31, 91, 93, 63, 65])
@@ -590,7 +635,8 @@ def test_events_of_a_handshake_and_roaming(net: SimNet) -> None:
     kinds_b = [e.kind for e in out_b.events]
     assert kinds_b == [EventKind.INITIATION_RECEIVED, EventKind.ENDPOINT_CHANGED,
                        EventKind.KEYPAIR_CREATED, EventKind.RESPONSE_SENT]  # fmt: skip
-    assert out_b.events[1].detail == ("198.51.100.1", 7)
+    changed = out_b.events[1]
+    assert isinstance(changed, EndpointChanged) and changed.endpoint == ("198.51.100.1", 7)
     out_a2 = a.device.receive([(out_b.udp[0][0], B_EP)], net.now)
     assert [e.kind for e in out_a2.events] == [
         EventKind.RESPONSE_RECEIVED, EventKind.KEYPAIR_CREATED, EventKind.HANDSHAKE_COMPLETED]
@@ -676,16 +722,14 @@ def test_sending_an_initiation_cancels_the_passive_keepalive(net: SimNet) -> Non
     assert not peer.timers.pending(Timer.SEND_KEEPALIVE)
 
 
-def test_a_source_over_its_rate_costs_no_mac1(net: SimNet) -> None:
-    """Once a source has spent its tokens, its messages are refused before the mac1 is
-    computed (junk included); junk never spends a source's tokens."""
+def test_junk_spends_no_tokens(net: SimNet) -> None:
+    """Only a valid mac1 takes a source's token: junk can't spend a legitimate one's."""
     _, b = nodes(net)
     dev = b.device
     junk = bytes([MSG_INITIATION, 0, 0, 0]) + bytes(INITIATION_LEN - 4)
     src = ("192.0.2.77", 1)
-    out = dev.receive([(junk, src)] * 50, net.now, 0)
-    assert out.drops == {Drop.BAD_MAC1: 50}  # junk spends nothing
-    valid = [(valid_mac1_junk(net, b, i), src) for i in range(5)]
-    assert not dev.receive(valid, net.now, 0).drops  # the burst
-    out = dev.receive([(junk, src), (valid_mac1_junk(net, b, 9), src)], net.now, 0)
-    assert out.drops == {Drop.RATE_LIMITED: 2}  # no mac1 computed for either
+    out = dev.receive([(junk, src)] * 500, net.now, 0)
+    assert out.drops == {Drop.BAD_MAC1: 500}  # junk spends nothing
+    valid = [(valid_mac1_junk(net, b, i), src) for i in range(50)]
+    out = dev.receive(valid, net.now, 0)
+    assert not out.drops and not out.udp and dev.queued_handshakes == 50  # the burst

@@ -3,6 +3,7 @@ answers (and each peer's order) exactly those of one thread: the pure backend's.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import subprocess
@@ -18,7 +19,7 @@ from tests.native.reference import World, ip4, normalize, open_batch_ref
 from tests.native.test_open import both
 from wgpy.core.backend import Sealer
 from wgpy.core.messages import DATA_HEADER
-from wgpy.daemon.daemon import parse_options
+from wgpy.daemon.daemon import add_options, options_from
 from wgpy.io.datapath import crypto_threads
 
 native = pytest.importorskip(
@@ -133,9 +134,13 @@ def test_how_many_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert crypto_threads() == 3 and crypto_threads(2) == 2
     with pytest.raises(ValueError):
         crypto_threads(0)
-    assert parse_options(["--threads", "4", "wg0"])[0].threads == "4"
-    with pytest.raises(ValueError):
-        parse_options(["--threads=four", "wg0"])
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    assert options_from(parser.parse_args(["--threads", "4"])).threads == 4
+    assert options_from(parser.parse_args([])).threads == 3  # WGPY_THREADS
+    for bad in ("four", "0", "-1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([f"--threads={bad}"])
 
 
 SINGLE_CORE = """

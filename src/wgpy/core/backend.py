@@ -155,13 +155,8 @@ def _not_data(data: memoryview, off: int, others: list[tuple[int, int]],
         _count(drops, "bad_size" if len(data) < 4 or 1 <= kind <= 4 else "unknown_type")
 
 
-def open_batch(
-    buf: bytes | bytearray | memoryview,
-    nbytes: int,
-    seg: int,
-    sessions: dict[int, Session],
-    now: float,
-) -> Opened:
+def open_batch(buf: Packet, nbytes: int, seg: int, sessions: dict[int, Session],
+               now: float) -> Opened:  # fmt: skip
     """Open one UDP (GRO) read: `buf[:nbytes]` in datagrams of `seg` bytes (the last may
     be shorter; seg <= 0 or >= nbytes: one datagram, an empty one if nbytes is 0). The hot
     loop of receiving: per packet only what must be. What it returns: `OPEN_RESULT`."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from wgpy.core.backend import Opened
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.indextable import IndexTable
-from wgpy.core.output import Drop, Endpoint, Output
+from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
 
 Lookup = Callable[[bytes], Peer | None]  # allowed IPs: inner source -> its owner

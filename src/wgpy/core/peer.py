@@ -10,10 +10,9 @@ from wgpy.core.backend import Backend
 from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import ZERO_KEY, PrivateKey
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.noise import SymmetricState
 from wgpy.core.timers import Timers
-
-Endpoint = tuple[str, int]
 
 
 class Keypair:

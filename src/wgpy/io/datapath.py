@@ -8,7 +8,10 @@ into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into
 A handshake retry forgets the sticky source address of the peer's endpoint before the
 retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
 `wg_socket_clear_peer_endpoint_src`): if our packets from that address got lost, the
-kernel picks one again.
+kernel picks one again. The source is learnt from authenticated datagrams only: a data
+read that opened, or the read of a handshake message, whose packet info the core hands
+back with the handshake's event (the `tag` of `Device.receive_read`) however late the
+queue works it off.
 
 Handshake messages are queued by the core during the reads and worked off once per turn,
 after the data, 16 at a time for at most 2 ms: an established tunnel keeps moving during a
@@ -30,7 +33,14 @@ from collections.abc import Callable
 from wgpy.core import native
 from wgpy.core.backend import Backend
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
+from wgpy.core.events import (
+    HandshakeRetry,
+    InitiationReceived,
+    InitiationSent,
+    ProtocolEvent,
+    ResponseReceived,
+)
+from wgpy.core.output import Drop, Output
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -91,16 +101,13 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     return TSO if device.native is not None and vnet_hdr else 0
 
 
-_AUTHENTIC_HANDSHAKES = (EventKind.INITIATION_RECEIVED, EventKind.RESPONSE_RECEIVED)
-
-
 class Datapath:
     def __init__(
         self,
         device: Device,
         tun: Tun,
         udp: UdpSocket,
-        on_events: Callable[[list[Event]], None] | None = None,
+        on_events: Callable[[list[ProtocolEvent]], None] | None = None,
     ) -> None:
         self.device = device
         self.tun = tun
@@ -123,34 +130,22 @@ class Datapath:
         out = Output()
         now = time.monotonic()
         count = 0
-        pending: dict[Endpoint, bytes] = {}  # packet info of reads not (yet) proved authentic
         for _ in range(BATCH):
             got = recv_into(view)
             if got is None:
                 break
             n, seg, addr = got
-            read = receive(view, n, seg, addr, now, 0)
-            info = udp.last_info
-            if info is not None:
-                if read.authentic:
-                    udp.learn_source(addr, info)
-                else:
-                    pending[addr] = info
+            info = udp.last_info  # back with the handshake events of this read (transmit)
+            read = receive(view, n, seg, addr, now, 0, info)
+            if read.authentic and info is not None:
+                udp.learn_source(addr, info)
             out.extend(read)
             count += (n + seg - 1) // seg if seg else 1
         if count:
             self.udp_batches.record(count)
         if self.device.queued_handshakes:
             self._work_off_handshakes(now, out)
-        if pending:
-            self._learn_from_handshakes(out, pending)
         self.transmit(out)
-
-    def _learn_from_handshakes(self, out: Output, pending: dict[Endpoint, bytes]) -> None:
-        """A handshake message that authenticated moved its peer's endpoint to its source."""
-        for kind, peer, _ in out.events:
-            if kind in _AUTHENTIC_HANDSHAKES and peer is not None and peer.endpoint in pending:
-                self.udp.learn_source(peer.endpoint, pending[peer.endpoint])
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
         device = self.device
@@ -175,7 +170,7 @@ class Datapath:
 
     def transmit(self, out: Output) -> None:
         if out.events:
-            self.forget_sources_on_retry(out.events)
+            self.sources_from_events(out.events)
         if out.tun:
             with contextlib.suppress(TunGone):  # noticed and handled on the next read
                 self.tun.write_batch(out.tun, self.device.mtu)
@@ -186,13 +181,23 @@ class Datapath:
         if out.events and self.on_events is not None:
             self.on_events(out.events)
 
-    def forget_sources_on_retry(self, events: list[Event]) -> None:
-        """A retried handshake goes out from the address the kernel picks (events are
-        rare: this loop costs nothing per packet)."""
-        for kind, peer, detail in events:
+    def sources_from_events(self, events: list[ProtocolEvent]) -> None:
+        """A handshake message that authenticated moved its peer's endpoint to its source:
+        replies leave from the local address that message came to (the event's tag, the
+        packet info its read was tagged with), not that of any other datagram from there.
+        The packet info is ours: the event goes on to listeners without it. A retried
+        handshake goes out from the address the kernel picks. (Events are rare: this loop
+        costs nothing per packet.)"""
+        for i, event in enumerate(events):
+            peer = event.peer
             if peer is None or peer.endpoint is None:
                 continue
-            if kind is EventKind.HANDSHAKE_RETRY or (
-                kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
+            if isinstance(event, InitiationReceived | ResponseReceived):
+                if event.tag is not None:
+                    events[i] = type(event)(peer)
+                    if isinstance(event.tag, bytes):
+                        self.udp.learn_source(peer.endpoint, event.tag)
+            elif isinstance(event, HandshakeRetry) or (
+                isinstance(event, InitiationSent) and event.attempt > 0
             ):
                 self.udp.forget_source(peer.endpoint)
