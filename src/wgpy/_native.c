@@ -171,6 +171,7 @@ static void *worker_main(void *unused)
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the Python main thread's */
+    pthread_setname_np(pthread_self(), "wgpy-crypto"); /* as top and /proc name it */
     pthread_mutex_lock(&pool.mu);
     uint64_t seen = pool.gen;
     for (;;) {
