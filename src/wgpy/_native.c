@@ -158,6 +158,8 @@ static struct {
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
           NULL, 0, 0, 0, NULL};
 
+static pthread_mutex_t pool_config = PTHREAD_MUTEX_INITIALIZER;
+
 static void run_chunks(Job *job)
 {
     long c;
@@ -251,6 +253,7 @@ static void stop_workers(void)
 /* In a child of fork only the forking thread lives on: no workers there. */
 static void pool_after_fork(void)
 {
+    pthread_mutex_init(&pool_config, NULL);
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work, NULL);
     pthread_cond_init(&pool.idle, NULL);
@@ -270,20 +273,23 @@ static PyObject *set_threads(PyObject *Py_UNUSED(module), PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "0 <= workers <= 1024");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    stop_workers();
-    Py_END_ALLOW_THREADS
-    pthread_t *tids = calloc(n ? (size_t)n : 1, sizeof(pthread_t));
-    if (tids == NULL)
-        return PyErr_NoMemory();
     long started = 0;
+    pthread_t *tids = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&pool_config); /* one set_threads at a time: the old workers joined */
+    stop_workers();                   /* before the new start */
+    tids = calloc(n ? (size_t)n : 1, sizeof(pthread_t));
     pthread_mutex_lock(&pool.mu);
-    for (; started < n; started++)
+    for (; tids != NULL && started < n; started++)
         if (pthread_create(&tids[started], NULL, worker_main, NULL) != 0)
             break;
     pool.tids = tids;
     pool.nworkers = (int)started;
     pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool_config);
+    Py_END_ALLOW_THREADS
+    if (tids == NULL)
+        return PyErr_NoMemory();
     if (started < n)
         return PyErr_Format(PyExc_OSError, "started %ld of %ld crypto threads", started, n);
     Py_RETURN_NONE;

@@ -124,6 +124,16 @@ def test_set_threads() -> None:
     assert native.threads() == 0
     with pytest.raises(ValueError):
         native.set_threads(-1)
+    tasks = len(os.listdir("/proc/self/task"))
+    # several at once (each joins the old workers before it starts new ones): none leak
+    callers = [threading.Thread(target=lambda k=k: [native.set_threads(k) for _ in range(30)])
+               for k in range(4)]  # fmt: skip
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    native.set_threads(0)
+    assert len(os.listdir("/proc/self/task")) == tasks
 
 
 def test_how_many_threads(monkeypatch: pytest.MonkeyPatch) -> None:

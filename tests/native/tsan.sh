@@ -8,12 +8,13 @@ cd "$(dirname "$0")/../.."
 SECONDS_TO_RUN=${1:-20}
 tsan="$(gcc -print-file-name=libtsan.so)"
 # Not every python3 starts with TSan preloaded (pyenv's shims, shell scripts, crash): take
-# the first that does and has wgpy's cryptography, of $TSAN_PYTHON, $PYTHON, python3 and
-# the system's (exit 77, "skipped", if none).
+# the first that does and has wgpy's cryptography, of $TSAN_PYTHON, $PYTHON, the binary
+# behind python3, python3 and the system's (exit 77, "skipped", if none).
 probe='from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey as K
 K.generate().public_key().public_bytes_raw()'
 PY=
-for candidate in "${TSAN_PYTHON:-}" "${PYTHON:-}" python3 /usr/bin/python3; do
+real=$(python3 -c 'import sys; print(sys.executable)' 2>/dev/null || true)  # behind a shim
+for candidate in "${TSAN_PYTHON:-}" "${PYTHON:-}" "$real" python3 /usr/bin/python3; do
   if [ -n "$candidate" ] && LD_PRELOAD="$tsan" "$candidate" -c "$probe" 2>/dev/null; then
     PY=$candidate
     break
