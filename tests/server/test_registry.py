@@ -8,6 +8,7 @@ import sqlite3
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -128,6 +129,34 @@ def test_addresses_given_by_hand_must_be_free_and_inside_a_pool() -> None:
             model.check_address(addr, pools, set())
     with pytest.raises(Invalid, match="another client's"):
         model.check_address("10.8.0.3", pools, {"10.8.0.3"})
+
+
+INJECTED = "\nPostUp = touch pwned"  # a line that wg-quick would run on the client
+
+
+@pytest.mark.parametrize(("parse", "text"), [
+    (model.parse_endpoint, f"[fe80::1%x{INJECTED}]:51820"),
+    (model.parse_dns, f"fe80::53%x{INJECTED}"),
+    (model.parse_allowed_ips, f"fe80::%x{INJECTED}/64"),
+    (model.parse_subnets, f"10.8.0.0/24,fd42::%x{INJECTED}/64"),
+    (lambda text: model.check_address(text, model.parse_subnets("fe80::/64"), set()),
+     f"fe80::5%x{INJECTED}"),
+])  # fmt: skip
+def test_no_value_smuggles_a_line_into_the_client_config(parse: Any, text: str) -> None:
+    # Python's ipaddress keeps an IPv6 %scope verbatim, newlines included
+    with pytest.raises(Invalid, match="scope"):
+        parse(text)
+
+
+@given(st.text(alphabet="fe80:1%x\n =[]5/,.", max_size=24))
+def test_what_the_parsers_accept_is_one_printable_word(text: str) -> None:
+    for parse in (model.parse_endpoint, model.parse_dns, model.parse_allowed_ips):
+        try:
+            values = parse(text)
+        except Invalid:
+            continue
+        for value in map(str, values):
+            assert value.isprintable() and " " not in value and "%" not in value
 
 
 # ---- the store -------------------------------------------------------------------------------
