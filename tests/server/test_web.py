@@ -29,8 +29,7 @@ def site(tmp_path: Path) -> Iterator[tuple[SqliteRegistry, str]]:
     registry.set_password_hash(auth.hash_password(PASSWORD))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(web.create_app(registry), log_level="warning",
-                                           lifespan="off"))  # fmt: skip
+    server = uvicorn.Server(web.server_config(registry))  # what `server run` serves
     thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
     thread.start()
     try:
@@ -67,6 +66,22 @@ def test_failed_logins_are_rate_limited(site: tuple[SqliteRegistry, str]) -> Non
         assert b.login("guess") == 401
     status, headers, _ = b.call("POST", "/api/session", {"password": PASSWORD})
     assert status == 429 and 0 < int(headers["retry-after"]) <= 61  # even the right one
+
+
+def test_a_forwarded_for_header_does_not_reset_the_login_limit(
+    site: tuple[SqliteRegistry, str],
+) -> None:
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default, and any local user (or
+    # a page's fetch()) can send one: each guess would come "from" a new address
+    _, base = site
+    b = Browser(base)  # behind an HTTPS proxy the cookie is still Secure
+    b.headers["X-Forwarded-Proto"] = "https"
+    status, headers, _ = b.call("POST", "/api/session", {"password": PASSWORD})
+    assert status == 200 and "secure" in headers["set-cookie"].lower()
+    for i in range(auth.FAILURES + 1):
+        b.headers["X-Forwarded-For"] = f"192.0.2.{i}"
+        status = b.login("guess")
+    assert status == 429
 
 
 def test_changes_need_the_csrf_token(site: tuple[SqliteRegistry, str]) -> None:

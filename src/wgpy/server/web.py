@@ -169,8 +169,10 @@ def create_app(registry: Registry) -> FastAPI:
             raise HTTPException(401, "wrong password")
         limit.succeeded(address)
         token, s = sessions.create()
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")  # fmt: skip
+        # Secure also behind an HTTPS proxy (a forged header only makes it stricter)
+        https = "https" in (request.url.scheme, request.headers.get("x-forwarded-proto"))
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=https,
+                            path="/")  # fmt: skip
         return SessionOut(csrf=s.csrf)
 
     @app.get("/api/session", tags=["session"])
@@ -274,11 +276,16 @@ class _Server(uvicorn.Server):
         yield
 
 
+def server_config(registry: Registry) -> uvicorn.Config:
+    # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any local
+    # process as the client's address, and the login limit would count nothing
+    return uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
+                          lifespan="off", proxy_headers=False)  # fmt: skip
+
+
 async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event) -> None:
     """The page on a listening socket, until `stop` is set."""
-    config = uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
-                            lifespan="off")  # fmt: skip
-    server = _Server(config)
+    server = _Server(server_config(registry))
 
     async def stopper() -> None:
         await stop.wait()
