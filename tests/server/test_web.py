@@ -68,6 +68,21 @@ def test_failed_logins_are_rate_limited(site: tuple[SqliteRegistry, str]) -> Non
     assert status == 429 and 0 < int(headers["retry-after"]) <= 61  # even the right one
 
 
+def test_concurrent_guesses_do_not_slip_past_the_login_limit(
+    site: tuple[SqliteRegistry, str],
+) -> None:
+    # every guess that starts before the first failure is counted must count too
+    _, base = site
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda: answers.append(Browser(base).login("guess")))
+               for _ in range(3 * auth.FAILURES)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(answers) == [401] * auth.FAILURES + [429] * (2 * auth.FAILURES)
+
+
 def test_a_forwarded_for_header_does_not_reset_the_login_limit(
     site: tuple[SqliteRegistry, str],
 ) -> None:

@@ -160,12 +160,11 @@ def create_app(registry: Registry) -> FastAPI:
     @app.post("/api/session", tags=["session"])
     def login(body: Login, request: Request, response: Response) -> SessionOut:
         address = request.client.host if request.client else "?"
-        wait = limit.retry_after(address)
+        wait = limit.attempt(address)  # counted as a failure until the password checks
         if wait:
             raise HTTPException(429, "too many failed logins: wait a minute",
                                 headers={"Retry-After": str(int(wait) + 1)})  # fmt: skip
         if not verify_password(body.password, registry.password_hash()):
-            limit.failed(address)
             raise HTTPException(401, "wrong password")
         limit.succeeded(address)
         token, s = sessions.create()
