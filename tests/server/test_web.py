@@ -59,6 +59,17 @@ def test_login_cookie_and_logout(site: tuple[SqliteRegistry, str]) -> None:
     assert b.call("GET", "/api/clients")[0] == 401
 
 
+def test_a_new_password_ends_every_session(site: tuple[SqliteRegistry, str]) -> None:
+    # `wgpy client passwd` is what one runs after a leak: whoever was in must be out
+    registry, base = site
+    b = Browser(base)
+    b.login()
+    registry.set_password_hash(auth.hash_password("a new password"))
+    assert b.call("GET", "/api/clients")[0] == 401
+    assert b.login() == 401 and b.login("a new password") == 200
+    assert b.call("GET", "/api/clients")[0] == 200
+
+
 def test_failed_logins_are_rate_limited(site: tuple[SqliteRegistry, str]) -> None:
     _, base = site
     b = Browser(base)

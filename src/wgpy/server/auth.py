@@ -58,6 +58,7 @@ def verify_password(password: str, stored: str | None) -> bool:
 class Session:
     csrf: str
     seen: float
+    password: str = ""  # the hash it logged in with: a new password ends the session
 
 
 @dataclass
@@ -67,9 +68,9 @@ class Sessions:
     idle: float = SESSION_IDLE
     _by_token: dict[str, Session] = field(default_factory=dict)
 
-    def create(self) -> tuple[str, Session]:
+    def create(self, password: str = "") -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
-        session = Session(secrets.token_urlsafe(32), time.monotonic())
+        session = Session(secrets.token_urlsafe(32), time.monotonic(), password)
         self._by_token[token] = session
         return token, session
 

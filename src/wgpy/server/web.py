@@ -113,10 +113,15 @@ def live_peers(ifname: str) -> dict[bytes, uapi_client.PeerStatus]:
 
 
 def _session(request: Request) -> Session:
-    found = request.app.state.sessions.get(request.cookies.get(COOKIE))
+    token = request.cookies.get(COOKIE)
+    found: Session | None = request.app.state.sessions.get(token)
     if found is None:
         raise HTTPException(401, "log in first")
-    return found  # type: ignore[no-any-return]
+    current = request.app.state.registry.password_hash() or ""
+    if not hmac.compare_digest(found.password.encode(), current.encode()):
+        request.app.state.sessions.drop(token)  # the password changed since this login
+        raise HTTPException(401, "log in first")
+    return found
 
 
 def _change(s: Annotated[Session, Depends(_session)],
@@ -134,6 +139,7 @@ def create_app(registry: Registry) -> FastAPI:
     app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.state.sessions = sessions = Sessions()
+    app.state.registry = registry
     limit = LoginLimit()
     templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -164,10 +170,11 @@ def create_app(registry: Registry) -> FastAPI:
         if wait:
             raise HTTPException(429, "too many failed logins: wait a minute",
                                 headers={"Retry-After": str(int(wait) + 1)})  # fmt: skip
-        if not verify_password(body.password, registry.password_hash()):
+        stored = registry.password_hash()
+        if not verify_password(body.password, stored):
             raise HTTPException(401, "wrong password")
         limit.succeeded(address)
-        token, s = sessions.create()
+        token, s = sessions.create(stored or "")
         # Secure also behind an HTTPS proxy (a forged header only makes it stricter)
         https = "https" in (request.url.scheme, request.headers.get("x-forwarded-proto"))
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=https,
