@@ -173,6 +173,22 @@ def test_config_qr_and_one_time_link(site: tuple[SqliteRegistry, str]) -> None:
     assert stranger.call("GET", f"/api/clients/{cid}/configuration")[0] == 401
 
 
+def test_a_disabled_clients_link_gives_nothing(site: tuple[SqliteRegistry, str]) -> None:
+    # disabling a client is how its owner's access is withdrawn: a link made before must
+    # not hand its keys out after; the admin's own download still works (as `client show`)
+    registry, base = site
+    b = Browser(base)
+    b.login()
+    cid = b.json("POST", "/api/clients", {"name": "lost-phone"}, 201)["id"]
+    link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
+    b.json("PATCH", f"/api/clients/{cid}", {"enabled": False})
+    status, _, data = Browser(base).call("GET", link["url"])
+    assert status == 404 and b"PrivateKey" not in data
+    status, _, data = b.call("POST", f"/api/clients/{cid}/link")
+    assert status == 422 and b"disabled" in data
+    assert b.call("GET", f"/api/clients/{cid}/configuration")[0] == 200
+
+
 def test_the_page_and_its_headers(site: tuple[SqliteRegistry, str]) -> None:
     _, base = site
     status, headers, data = Browser(base).call("GET", "/")

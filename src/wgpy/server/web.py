@@ -253,6 +253,7 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
 
     @app.post("/api/clients/{client_id}/link", tags=["clients"], status_code=201)
     def link(client_id: int, s: Changer) -> LinkOut:
+        _active(registry.client(client_id))
         token = secrets.token_urlsafe(32)
         expires = manage.now() + LINK_LIFETIME
         registry.add_link(client_id, hashlib.sha256(token.encode()).digest(), expires)
@@ -264,7 +265,17 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
         client = registry.take_link(hashlib.sha256(token.encode()).digest(), manage.now())
         if client is None:
             raise HTTPException(404, "this link was used already or has expired")
+        if not client.active(manage.now()):  # disabling a client withdraws its links
+            raise HTTPException(404, "this link's client is disabled or expired")
         return _config_file(registry, client)
+
+
+def _active(client: Client) -> None:
+    """A one-time link goes to someone else: only for a client that works now."""
+    if not client.enabled:
+        raise Invalid(f"{client.name} is disabled: enable it first")
+    if client.expired(manage.now()):
+        raise Invalid(f"{client.name} has expired: set a new expiry first")
 
 
 def _config_file(registry: Registry, client: Client) -> Response:
