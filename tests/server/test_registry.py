@@ -169,6 +169,19 @@ def test_the_registry_file_is_private(registry: SqliteRegistry) -> None:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
+def test_a_folder_others_can_write_to_is_refused(tmp_path: Path) -> None:
+    # there, another user could put a symlink where wgpy.db (or its -wal) goes, or keep
+    # the file open to read the keys written into it later
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = tmp_path / "elsewhere"
+    (shared / "wgpy.db").symlink_to(target)
+    with pytest.raises(Invalid, match="writable by others"):
+        manage.init(SqliteRegistry(shared), "vpn.example.com:51820", "10.8.0.0/24", "", None)
+    assert not target.exists()
+
+
 def test_an_empty_folder_says_how_to_start(tmp_path: Path) -> None:
     with pytest.raises(NotInitialized, match="wgpy server init"):
         SqliteRegistry(tmp_path).clients()

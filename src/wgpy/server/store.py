@@ -133,13 +133,27 @@ class SqliteRegistry:
 
     def _create(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # create the file 0600 before SQLite does (it would honour the umask); the WAL
-        # and shared-memory files SQLite makes beside it copy the database's mode
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(self.path, 0o600)
+        self._check_directory()
+        # create the file 0600 before SQLite does (it would honour the umask), and never
+        # through a symlink; the WAL and shared-memory files SQLite makes beside it copy
+        # the database's mode
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        os.close(os.open(self.path, flags, 0o600))
+
+    def _check_directory(self) -> None:
+        """The folder must be ours alone: where others can write, they can put a symlink
+        where the database or its journal goes, or open the file before keys go in."""
+        try:
+            st = self.directory.stat()
+        except FileNotFoundError:
+            return
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise Invalid(f"{self.directory} is writable by others or not owned by this "
+                          "user: the registry needs a private folder (chmod 700)")  # fmt: skip
 
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        self._check_directory()
         if not self.path.exists():
             if not write:
                 raise NotInitialized(f"no server in {self.directory} (run `wgpy server init`)")
