@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -262,6 +263,25 @@ def test_expiry_cuts_a_client_off(world: World) -> None:
     eventually(lambda: not ping(c3, "10.8.0.1", timeout=1), 10, "dave expired")
     assert "expired" in world.cli("client", "list")
     assert datetime.now(UTC) >= datetime.fromisoformat(expires)
+
+
+def test_a_damaged_registry_row_takes_neither_the_server_nor_other_clients_down(
+    world: World,
+) -> None:
+    # a row this program cannot read (a hand edit, a newer wgpy's value): the sync must
+    # go on failing loudly, not end the server and with it every client's tunnel
+    world.cli("client", "add", "gus")
+    eventually(lambda: len(world.peers()) == 2, 5, "gus on the device")  # and alice
+    with contextlib.closing(sqlite3.connect(world.dir / "wgpy.db")) as db, db:
+        db.execute("UPDATE clients SET addresses = 'garbage' WHERE name = 'gus'")
+        db.execute("UPDATE settings SET revision = revision + 1")
+    time.sleep(1.5)  # three looks at the registry
+    assert world.proc is not None and world.proc.poll() is None, world.log()
+    assert len(world.peers()) == 2 and ping(world.clients["alice"], INTERNET)
+    assert "damaged" in world.cli("client", "list", check=False)
+    world.cli("client", "remove", "gus")  # the way out the error names
+    eventually(lambda: len(world.peers()) == 1, 5, "gus off the device")
+    assert "damaged" in world.log()
 
 
 def test_a_restart_keeps_every_client_and_undoes_its_changes(world: World) -> None:

@@ -230,6 +230,18 @@ def test_update_and_remove(registry: SqliteRegistry) -> None:
         registry.remove_client("ghost")
 
 
+def test_a_damaged_row_is_named_and_can_be_removed(registry: SqliteRegistry) -> None:
+    manage.add_client(registry, "phone", None)
+    with sqlite3.connect(registry.path) as db:
+        db.execute("UPDATE clients SET allowed_ips = 'nonsense' WHERE name = 'phone'")
+    with pytest.raises(Invalid, match=r"'phone' \(row 1\) is damaged.*client remove phone"):
+        registry.clients()
+    registry.remove_client("phone")
+    assert registry.clients() == []
+    with pytest.raises(NotFound):
+        registry.remove_client("phone")
+
+
 def test_every_change_moves_the_revision(registry: SqliteRegistry) -> None:
     r0 = registry.revision()
     manage.add_client(registry, "phone", None)

@@ -122,13 +122,20 @@ class Syncer:
 
 
 async def sync_loop(syncer: Syncer, daemon: subprocess.Popen[bytes], stop: asyncio.Event) -> None:
+    last_error = ""
     while not stop.is_set():
         if daemon.poll() is not None:
             raise ServerError(f"the daemon exited ({daemon.returncode})")
         try:  # in a thread: the web page's requests go on while the daemon answers
             await asyncio.to_thread(syncer.step)
-        except uapi_client.UapiClientError as e:
-            log.error("sync failed: %s", e)
+            last_error = ""
+        except Exception as e:
+            # a damaged row, a busy database, the UAPI: the device keeps what it has (no
+            # client is dropped, the server stays up) and the next look retries
+            if str(e) != last_error:
+                log.error("sync failed (the device is left as it was): %s", e)
+            last_error = str(e)
+            syncer.revision = -1  # try again at the next look, not only on a new change
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), POLL)
 

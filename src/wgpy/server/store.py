@@ -65,6 +65,10 @@ class NotFound(Invalid):
     pass
 
 
+class Damaged(Invalid):
+    """A row this program cannot read (edited by hand, or written by a newer wgpy)."""
+
+
 @dataclass(frozen=True)
 class NewClient:
     name: str
@@ -108,6 +112,14 @@ def _join(items: tuple[object, ...]) -> str:
 
 
 def _client(row: sqlite3.Row) -> Client:
+    try:
+        return _parse_client(row)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise Damaged(f"client {row['name']!r} (row {row['id']}) is damaged in the registry: "
+                      f"{e}; `wgpy client remove {row['name']}` deletes it") from None
+
+
+def _parse_client(row: sqlite3.Row) -> Client:
     return Client(
         id=row["id"], name=row["name"], private_key=row["private_key"],
         public_key=row["public_key"], preshared_key=row["preshared_key"],
@@ -305,8 +317,10 @@ class SqliteRegistry:
             return self._find(db, client.id)
 
     def remove_client(self, ref: str | int) -> None:
-        with self._db(write=True) as db:
-            db.execute("DELETE FROM clients WHERE id = ?", (self._find(db, ref).id,))
+        with self._db(write=True) as db:  # without reading the row: a damaged one goes too
+            column = "id" if isinstance(ref, int) else "name"
+            if not db.execute(f"DELETE FROM clients WHERE {column} = ?", (ref,)).rowcount:
+                raise NotFound(f"no client {ref!r}")
 
     def password_hash(self) -> str | None:
         with self._db() as db:
