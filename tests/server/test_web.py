@@ -146,6 +146,7 @@ def test_clients_through_the_api(site: tuple[SqliteRegistry, str]) -> None:
         status, _, data = b.call("POST", "/api/clients", body)
         assert status == 422 and words in json.loads(data)["detail"], data
     assert b.call("PATCH", "/api/clients/999", {"enabled": True})[0] == 404
+    assert b.call("GET", f"/api/clients/{1 << 64}")[0] == 422  # not SQLite's OverflowError
 
     b.json("DELETE", f"/api/clients/{cid}", expect=204)
     assert b.call("GET", f"/api/clients/{cid}")[0] == 404

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -131,6 +132,7 @@ def _change(s: Annotated[Session, Depends(_session)],
     return s
 
 
+ClientId = Annotated[int, PathParam(ge=1, le=(1 << 63) - 1)]  # SQLite's INTEGER range
 Reader = Annotated[Session, Depends(_session)]  # logged in
 Changer = Annotated[Session, Depends(_change)]  # logged in, and the CSRF token sent
 
@@ -218,11 +220,11 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
         return one(manage.add_client(registry, body.name, expires).id)
 
     @app.get("/api/clients/{client_id}", tags=["clients"])
-    def get(client_id: int, s: Reader) -> ClientOut:
+    def get(client_id: ClientId, s: Reader) -> ClientOut:
         return one(client_id)
 
     @app.patch("/api/clients/{client_id}", tags=["clients"])
-    def update(client_id: int, body: ClientChange, s: Changer) -> ClientOut:
+    def update(client_id: ClientId, body: ClientChange, s: Changer) -> ClientOut:
         expires: datetime | Unset | None = UNSET
         if body.expires is not None:
             expires = parse_expiry(body.expires, manage.now())
@@ -231,7 +233,7 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
         return one(client_id)
 
     @app.delete("/api/clients/{client_id}", tags=["clients"], status_code=204)
-    def remove(client_id: int, s: Changer) -> None:
+    def remove(client_id: ClientId, s: Changer) -> None:
         registry.remove_client(client_id)
 
 
@@ -241,18 +243,18 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
 
     @app.get("/api/clients/{client_id}/configuration", tags=["clients"],
              response_class=PlainTextResponse)  # fmt: skip
-    def configuration(client_id: int, s: Reader) -> Response:
+    def configuration(client_id: ClientId, s: Reader) -> Response:
         return _config_file(registry, registry.client(client_id))
 
     @app.get("/api/clients/{client_id}/qrcode.svg", tags=["clients"])
-    def qrcode(client_id: int, s: Reader) -> Response:
+    def qrcode(client_id: ClientId, s: Reader) -> Response:
         text = manage.client_config(registry.settings(), registry.client(client_id))
         out = io.BytesIO()  # a standalone file (xmlns): an <img> shows nothing without it
         manage.qr(text).save(out, kind="svg", scale=4, border=2, xmldecl=False)
         return Response(out.getvalue(), media_type="image/svg+xml")
 
     @app.post("/api/clients/{client_id}/link", tags=["clients"], status_code=201)
-    def link(client_id: int, s: Changer) -> LinkOut:
+    def link(client_id: ClientId, s: Changer) -> LinkOut:
         _active(registry.client(client_id))
         token = secrets.token_urlsafe(32)
         expires = manage.now() + LINK_LIFETIME
