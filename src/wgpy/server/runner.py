@@ -176,7 +176,6 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
             sock.close()
         raise
     firewall = Firewall(settings.interface, settings.listen_port, settings.pools)
-    firewall = Firewall(settings.interface, settings.listen_port, settings.pools)
     try:
         syncer = Syncer(registry)
         syncer.step()  # keys, port and peers before the link comes up
