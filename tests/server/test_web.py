@@ -4,6 +4,7 @@ rate limit, cookies, CSRF, every client operation, errors, downloads and one-tim
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import threading
@@ -57,6 +58,23 @@ def test_login_cookie_and_logout(site: tuple[SqliteRegistry, str]) -> None:
     assert b.call("DELETE", "/api/session", csrf=False)[0] == 403  # a change: needs the token
     b.json("DELETE", "/api/session", expect=204)
     assert b.call("GET", "/api/clients")[0] == 401
+
+
+def test_big_or_unsized_bodies_are_refused_before_they_are_read(
+    site: tuple[SqliteRegistry, str],
+) -> None:
+    # anyone may post to the login: a gigabyte there must not become a gigabyte of memory
+    _, base = site
+    status, _, _ = Browser(base).call("POST", "/api/session", {"password": "x" * (1 << 20)})
+    assert status == 413
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:  # chunked: no length to check first
+        conn.request("POST", "/api/session", body=iter([b'{"password": "', b'x"}']),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)  # fmt: skip
+        assert conn.getresponse().status == 411
+    finally:
+        conn.close()
+    assert Browser(base).login() == 200
 
 
 def test_a_new_password_ends_every_session(site: tuple[SqliteRegistry, str]) -> None:

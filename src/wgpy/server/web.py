@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wgpy._version import __version__
 from wgpy.core.crypto import encode_key
@@ -47,6 +48,35 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+
+
+MAX_BODY = 64 * 1024  # every body here is a small JSON object
+
+
+class BodyLimit:
+    """Refuses a request body over MAX_BODY, or one without a length (chunked), before
+    anything reads it: the login is open to anyone, and FastAPI reads a whole body into
+    memory before it checks a field's length. (uvicorn delivers no more than the
+    Content-Length it was given.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refusal(dict(scope["headers"])) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @staticmethod
+    def refusal(headers: dict[bytes, bytes]) -> Response | None:
+        if b"transfer-encoding" in headers:
+            return PlainTextResponse("a body needs a Content-Length", 411)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            return PlainTextResponse("request body too large", 413)
+        return None
 
 
 class Login(BaseModel):
@@ -145,6 +175,7 @@ def create_app(registry: Registry) -> FastAPI:
     limit = LoginLimit()
     templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(BodyLimit)  # inside the one below: its answers get the headers too
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
