@@ -258,13 +258,25 @@ def test_every_change_moves_the_revision(registry: SqliteRegistry) -> None:
 def test_one_time_links_work_once_and_not_after_expiry(registry: SqliteRegistry) -> None:
     c = manage.add_client(registry, "phone", None)
     registry.add_link(c.id, b"t1", NOW + timedelta(hours=1))
-    registry.add_link(c.id, b"t2", NOW + timedelta(hours=1))
     assert registry.take_link(b"t1", NOW) == c
     assert registry.take_link(b"t1", NOW) is None
+    registry.add_link(c.id, b"t2", NOW + timedelta(hours=1))
     assert registry.take_link(b"t2", NOW + timedelta(hours=2)) is None
     registry.add_link(c.id, b"t3", NOW + timedelta(hours=1))
     registry.remove_client(c.id)
     assert registry.take_link(b"t3", NOW) is None  # the link went with its client
+
+
+def test_a_new_link_replaces_the_clients_older_ones(registry: SqliteRegistry) -> None:
+    # as wg-easy's one link per client: a link sent and forgotten stops working
+    c = manage.add_client(registry, "phone", None)
+    other = manage.add_client(registry, "laptop", None)
+    registry.add_link(c.id, b"old", NOW + timedelta(hours=1))
+    registry.add_link(other.id, b"other", NOW + timedelta(hours=1))
+    registry.add_link(c.id, b"new", NOW + timedelta(hours=1))
+    assert registry.take_link(b"old", NOW) is None
+    assert registry.take_link(b"new", NOW) == c
+    assert registry.take_link(b"other", NOW) == other
 
 
 def test_a_version_1_registry_is_migrated(tmp_path: Path) -> None:

@@ -335,6 +335,8 @@ class SqliteRegistry:
     def add_link(self, ref: str | int, token_hash: bytes, expires: datetime) -> None:
         with self._db(write=True) as db:
             client = self._find(db, ref)
+            # one link per client, as wg-easy: a link sent and forgotten stops working
+            db.execute("DELETE FROM links WHERE client_id = ?", (client.id,))
             db.execute("INSERT INTO links VALUES (?, ?, ?)",
                        (token_hash, client.id, expires.isoformat()))  # fmt: skip
 
