@@ -159,9 +159,9 @@ class SqliteRegistry:
             st = self.directory.stat()
         except FileNotFoundError:
             return
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise Invalid(f"{self.directory} is writable by others or not owned by this "
-                          "user: the registry needs a private folder (chmod 700)")  # fmt: skip
+        if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+            raise Invalid(f"{self.directory} is writable by others or owned by another user: "
+                          "the registry needs a private folder (chmod 700)")  # fmt: skip
 
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
