@@ -448,6 +448,21 @@ def _rx(card: object) -> float:
     return float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
 
 
+def test_signals_during_the_clean_up_do_not_cut_it_short(world: World) -> None:
+    # an impatient second Ctrl-C, or a supervisor that repeats its SIGTERM: once the
+    # server is undoing what it made, it finishes (SIGKILL remains for the impatient)
+    proc = world.proc
+    assert proc is not None
+    world.proc = None
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    assert proc.returncode == 0, world.log()
+    assert not world.server.has_link(world.ifname)
+    assert "wgpy-server" not in world.server.run("nft", "list", "tables")
+    world.start()
+
+
 def test_a_killed_server_takes_its_interface_with_it(world: World) -> None:
     assert world.proc is not None and world.server.has_link(world.ifname)
     world.proc.kill()  # SIGKILL: no clean-up of its own

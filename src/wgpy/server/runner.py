@@ -162,6 +162,13 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # through the `finally` that undoes what was made
 
 
+def _ignore_signals() -> None:
+    """Once the server is undoing what it made, a second SIGTERM or Ctrl-C must not cut
+    that short (and leave the rules and sysctls behind); SIGKILL still ends it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def run(registry: Registry, web: tuple[str, int] | None) -> int:
     settings = registry.settings()
     if web is not None and not registry.password_hash():
@@ -188,6 +195,7 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
         asyncio.run(_serve(syncer, daemon, registry, sock))
     finally:
+        _ignore_signals()
         if sock is not None:
             sock.close()
         firewall.down()
@@ -215,6 +223,9 @@ async def _serve(syncer: Syncer, daemon: subprocess.Popen[bytes], registry: Regi
     stopper = asyncio.ensure_future(_wait(stop))
     done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # else the loop's close puts back the
+        loop.remove_signal_handler(signum)  # defaults, which would kill the clean-up
+    _ignore_signals()
     for task in running:
         if task not in done:
             await _finish(task)
