@@ -69,6 +69,22 @@ class CookieChecker:
         self.cookie_key = hash_(LABEL_COOKIE, pub) if pub else b""
         self._prefix = b""
 
+    @property
+    def secret(self) -> tuple[bytes, float]:
+        """The cookie secret and when it was drawn (core/intake.py checks mac2 with it)."""
+        return self._secret, self._secret_born
+
+    def reply_state(self, now: float) -> tuple[bytes, bytes, int] | None:
+        """(nonce prefix, subkey, counter) while the next reply draws nothing new (the
+        secret is fresh and the prefix drawn), else None: core/intake.py makes replies
+        in C with it, and hands the counter back with `replies_made`."""
+        if not self._prefix or now - self._secret_born > COOKIE_REFRESH_TIME:
+            return None
+        return self._prefix, self._subkey, self._counter
+
+    def replies_made(self, counter: int) -> None:
+        self._counter = counter
+
     def check_mac1(self, msg: bytes) -> bool:
         if not self.mac1_key:
             return False

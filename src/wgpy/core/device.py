@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-from wgpy.core import data, handshake, icmp
+from wgpy.core import data, handshake, icmp, intake
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
@@ -37,10 +37,13 @@ from wgpy.core.crypto import PrivateKey, dh, is_zero
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
+    COOKIE_REPLY_LEN,
+    INITIATION_LEN,
     MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_INITIATION,
     MSG_RESPONSE,
+    RESPONSE_LEN,
     TYPE,
     message_type,
     parse_cookie_reply,
@@ -58,6 +61,8 @@ _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
 HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
 _KNOWN_TYPES = (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA)
+_SIZES = {MSG_INITIATION: INITIATION_LEN, MSG_RESPONSE: RESPONSE_LEN,
+          MSG_COOKIE_REPLY: COOKIE_REPLY_LEN}  # fmt: skip
 
 
 def _why_refused(data: bytes | memoryview) -> Drop:
@@ -72,12 +77,16 @@ class Device:
         rand: Callable[[int], bytes],
         wall_offset: float = 0.0,
         native: ModuleType | None = None,
+        *,
+        classify: bool = False,
     ) -> None:
         """`native`: the extension module (core/native.py `load()`) to open and seal
-        data messages with, or None for the pure-Python path."""
+        data messages with, or None for the pure-Python path. `classify`: the handshake
+        intake in C (core/intake.py; the extension must be there)."""
         self.rand = rand
         self.native = native
-        self._timer_rng = random.Random(rand(16))
+        seed = rand(16)
+        self._timer_rng = random.Random(seed)
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
         self.private_key: bytes | None = None
         self._static: PrivateKey | None = None  # the same key, loaded for X25519
@@ -90,6 +99,9 @@ class Device:
         self.rate_limiter = RateLimiter()  # handshakes that need no cookie, by source
         self.cookie_limiter = RateLimiter(COOKIE_PACKETS_PER_SECOND, COOKIE_BURST)  # with mac2
         self.load = LoadMeter(HANDSHAKE_QUEUE)
+        # the same rules in C over whole reads; then the two limiters above go unused
+        self.intake = intake.classifier(seed, HANDSHAKE_QUEUE) if classify else None
+        self._intake_born = float("-inf")  # the cookie secret the classifier has
         # (message, source, type, whether it came with a valid mac2)
         self._queue: deque[tuple[bytes, Endpoint, int, bool]] = deque()
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
@@ -109,6 +121,8 @@ class Device:
         self._static = PrivateKey(key) if key else None
         self.public_key = self._static.public if self._static else None
         self.cookie_checker.set_public_key(self.public_key)
+        if self.intake is not None:
+            self.intake.set_mac1_key(self.cookie_checker.mac1_key)
         if self.public_key in self.peers:
             self.remove_peer(self.public_key)
         for peer in self.peers.values():
@@ -191,6 +205,8 @@ class Device:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
         bytes if GRO merged them (see `split_read`); with the native datapath, opened
         all in one call."""
+        if self.intake is not None:
+            return self._receive_classified(buf, n, seg, src, now, handshake_budget)
         if self.native is None:
             return self.receive([(d, src) for d in split_read(buf, n, seg)], now, handshake_budget)
         out = Output()
@@ -198,6 +214,57 @@ class Device:
         others: list[data.Datagram] = []
         self._open_native(buf, n, seg, src, now, out, received, others)
         return self._opened(received, others, now, handshake_budget, out)
+
+    def _receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                            handshake_budget: int) -> Output:  # fmt: skip
+        """`receive_read` with the intake in C: the handshake messages of the read are
+        taken (or refused) first, and the open path runs only if data messages came."""
+        out = Output()
+        received: dict[Keypair, data.Received] = {}
+        if self._classify(buf, n, seg, src, now, out):
+            taken: list[data.Datagram] = []  # the classifier took these already
+            if self.native is None:
+                data.open_python([(d, src) for d in split_read(buf, n, seg)],
+                                 self.index.keypairs, self.allowed_ips.lookup, now, out,
+                                 received, taken)  # fmt: skip
+            else:
+                self._open_native(buf, n, seg, src, now, out, received, taken)
+        return self._opened(received, [], now, handshake_budget, out)
+
+    def _classify(self, buf: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
+                  out: Output) -> int:  # fmt: skip
+        """The C intake of one read: what passed taken as `_admit` would, refusals
+        counted; returns how many data messages the read holds."""
+        assert self.intake is not None
+        secret, born = self.cookie_checker.secret
+        if born != self._intake_born:  # a cookie reply drew a new secret since
+            self.intake.set_cookie_secret(secret, born)
+            self._intake_born = born
+        load, checker = self.load, self.cookie_checker
+        passed, ndata, load.until, drops, replies, counter = self.intake.classify(
+            buf, n, seg, src[0], src[1], now, load.until, len(self._queue), load.forced,
+            checker.reply_state(now),
+        )
+        for reason, count in drops.items():
+            out.drops[Drop(reason)] += count
+        if replies is not None:
+            checker.replies_made(counter)
+        for offset, verdict in passed:
+            if verdict == intake.COOKIE_MADE:
+                assert replies is not None
+                out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
+                out.event(EventKind.COOKIE_SENT, None, src)
+                continue
+            kind = buf[offset]
+            size = _SIZES[kind]
+            message = bytes(buf[offset : offset + size])
+            if verdict == intake.COOKIE_REPLY:
+                self._receive_cookie_reply(message, now, out)
+            elif verdict == intake.SEND_COOKIE:
+                self._send_cookie(message, src, now, out)
+            else:  # the classifier counted it against the bound and moved the load
+                self._queue.append((message, src, kind, verdict == intake.ENQUEUE_COOKIE))
+        return ndata
 
     def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
                      now: float, out: Output, received: dict[Keypair, data.Received],
@@ -355,6 +422,9 @@ class Device:
     ) -> None:
         """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
         (junk, a bad mac1, a source over its rate) counts toward load."""
+        if self.intake is not None and data:  # (an empty read is no datagram to C)
+            self._classify(data, len(data), 0, src, now, out)
+            return
         kind = message_type(data)
         if not kind:
             out.drops[_why_refused(data)] += 1

@@ -26,7 +26,7 @@ from wgpy.core.output import Event, Output
 from wgpy.daemon import keylog, uapi, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
-from wgpy.io.datapath import Datapath, native_datapath, tun_offloads
+from wgpy.io.datapath import Datapath, native_datapath, native_intake, tun_offloads
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, TunGone, open_tun
 from wgpy.io.udp import UdpSocket
@@ -96,7 +96,8 @@ class Daemon:
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
         self.native = native_datapath()
         self.device = Device(
-            os.urandom, wall_offset=time.time() - time.monotonic(), native=self.native
+            os.urandom, wall_offset=time.time() - time.monotonic(), native=self.native,
+            classify=native_intake(),
         )
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
         # comparisons, and for kernels that refuse them

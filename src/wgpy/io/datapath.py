@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from types import ModuleType
 
-from wgpy.core import native
+from wgpy.core import intake, native
 from wgpy.core.device import Device
 from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
 from wgpy.io import offload
@@ -65,6 +65,12 @@ def native_datapath() -> ModuleType | None:
     """The native extension, unless WGPY_NATIVE=0 asks for the pure-Python path (the
     reference) or it was not built."""
     return native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+
+
+def native_intake() -> bool:
+    """Whether the handshake intake runs in C (core/intake.py): where it was built, unless
+    WGPY_NATIVE=0 asks for the pure-Python path."""
+    return intake.available() and os.environ.get("WGPY_NATIVE", "1") != "0"
 
 
 def tun_offloads(device: Device, vnet_hdr: bool) -> int:

@@ -1,0 +1,622 @@
+/* wgpy._classify: the handshake intake of core/device.py for a whole read, in C.
+ *
+ * A flood is junk, handshake messages for a key we don't have, or valid ones from a source
+ * over its rate; in Python each cost ~6 us before it was refused. Here one call walks the
+ * datagrams of a GRO read and gives each the verdict Device._admit would: message type and
+ * size, mac1 (keyed BLAKE2s-128 through libcrypto's BLAKE2SMAC), the two token buckets of
+ * core/ratelimit.py (no cookie: 50/s burst 50; valid mac2: 20/s burst 5), the queue bound
+ * and the under-load state (LoadMeter). Only what passes comes back to Python, as (offset,
+ * verdict) pairs; refusals come back as counts by Drop reason. Data messages are only
+ * counted: the open path takes them. The Python path is the reference, and
+ * tests/native/test_classify.py holds the two to identical verdicts and counts.
+ *
+ * Floating point is done in the same order as the Python (and built with
+ * -ffp-contract=off): a bucket's tokens are the same doubles on both paths.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <arpa/inet.h>
+#include <math.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAC_LEN 16
+#define KEY_LEN 32
+#define INITIATION_LEN 148
+#define RESPONSE_LEN 92
+#define COOKIE_REPLY_LEN 64
+#define DATA_MIN_LEN 32
+
+/* verdicts of what passes, as in Device._admit's branches */
+enum { ENQUEUE = 1, ENQUEUE_COOKIE = 2, SEND_COOKIE = 3, COOKIE_REPLY = 4, COOKIE_MADE = 5 };
+/* refusals, named as core/output.py's Drop values */
+enum { BAD_SIZE, UNKNOWN_TYPE, BAD_MAC1, RATE_LIMITED, QUEUE_FULL, NO_PRIVATE_KEY, N_DROPS };
+static const char *const drop_names[N_DROPS] = {"bad_size",     "unknown_type", "bad_mac1",
+                                                "rate_limited", "queue_full",   "no_private_key"};
+
+/* ---- token buckets: RateLimiter of core/ratelimit.py ------------------------------------ */
+
+typedef struct {
+    uint8_t used, len; /* len 4: an IPv4 address; 8: the /64 of an IPv6 one */
+    uint8_t key[8];
+    double tokens, at;
+} Bucket;
+
+typedef struct {
+    double rate, burst;
+    Py_ssize_t count, max, mask; /* mask + 1 slots, at least twice max: probes stay short */
+    uint64_t seed;
+    Bucket *slots;
+} Limiter;
+
+typedef struct {
+    uint8_t len;
+    uint8_t key[8];
+} SourceKey;
+
+static uint64_t hash_key(const Limiter *l, const SourceKey *k) {
+    uint64_t x = l->seed ^ k->len;
+    for (int i = 0; i < 8; i++) { /* a seeded mix: sources are the attacker's to choose */
+        x ^= k->key[i];
+        x *= 0x100000001b3ULL;
+        x ^= x >> 29;
+    }
+    return x;
+}
+
+static Bucket *find(Limiter *l, const SourceKey *k, int *found) {
+    Py_ssize_t i = (Py_ssize_t)(hash_key(l, k) & (uint64_t)l->mask);
+    for (;; i = (i + 1) & l->mask) {
+        Bucket *b = &l->slots[i];
+        if (!b->used) {
+            *found = 0;
+            return b;
+        }
+        if (b->len == k->len && memcmp(b->key, k->key, 8) == 0) {
+            *found = 1;
+            return b;
+        }
+    }
+}
+
+static int limiter_init(Limiter *l, double rate, double burst, Py_ssize_t max, uint64_t seed) {
+    Py_ssize_t size = 1;
+    while (size < 2 * max)
+        size <<= 1;
+    l->slots = PyMem_Calloc((size_t)size, sizeof(Bucket));
+    if (l->slots == NULL)
+        return -1;
+    l->rate = rate, l->burst = burst, l->max = max, l->mask = size - 1, l->count = 0;
+    l->seed = seed;
+    return 0;
+}
+
+static int spent(Limiter *l, const SourceKey *k, double now) {
+    int found;
+    Bucket *b = find(l, k, &found);
+    return found && b->tokens + (now - b->at) * l->rate < 1.0;
+}
+
+/* RateLimiter.collect: forget full buckets (all, if none is), by rebuilding the table. */
+static void collect(Limiter *l, double now) {
+    Py_ssize_t size = l->mask + 1, kept = 0;
+    double full = (l->burst - 1.0) / l->rate;
+    Bucket *old = PyMem_Malloc((size_t)size * sizeof(Bucket));
+    if (old == NULL) { /* no memory for the copy: forget all, as when none is full */
+        memset(l->slots, 0, (size_t)size * sizeof(Bucket));
+        l->count = 0;
+        return;
+    }
+    memcpy(old, l->slots, (size_t)size * sizeof(Bucket));
+    memset(l->slots, 0, (size_t)size * sizeof(Bucket));
+    l->count = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (old[i].used && !(now - old[i].at >= full)) {
+            SourceKey k = {old[i].len, {0}};
+            int found;
+            memcpy(k.key, old[i].key, 8);
+            *find(l, &k, &found) = old[i];
+            kept++;
+        }
+    }
+    l->count = kept;
+    PyMem_Free(old);
+    if (l->count >= l->max) {
+        memset(l->slots, 0, (size_t)size * sizeof(Bucket));
+        l->count = 0;
+    }
+}
+
+static int allow(Limiter *l, const SourceKey *k, double now) {
+    int found;
+    Bucket *b = find(l, k, &found);
+    double tokens = found ? b->tokens : l->burst, at = found ? b->at : now;
+    double t = tokens + (now - at) * l->rate;
+    tokens = t < l->burst ? t : l->burst; /* Python's min(burst, t) */
+    if (tokens < 1.0) {
+        b->tokens = tokens, b->at = now; /* found: a new bucket is never short */
+        return 0;
+    }
+    if (!found && l->count >= l->max) {
+        collect(l, now);
+        b = find(l, k, &found);
+    }
+    if (!found) {
+        b->used = 1, b->len = k->len;
+        memcpy(b->key, k->key, 8);
+        l->count++;
+    }
+    b->tokens = tokens - 1.0, b->at = now;
+    return 1;
+}
+
+/* ---- the classifier ---------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Limiter plain, cookie;   /* no cookie needed; with a valid mac2 */
+    EVP_MAC_CTX *mac1;       /* keyed with the mac1 key once; re-initialised per message */
+    EVP_MAC_CTX *mac;        /* for the cookie and mac2: keys change per source */
+    EVP_CIPHER_CTX *aead;    /* ChaCha20-Poly1305 for cookie replies */
+    int has_key;             /* a private key is set (mac1 key known) */
+    uint8_t secret[KEY_LEN]; /* CookieChecker's cookie secret, pushed from Python */
+    double secret_born, refresh;
+    Py_ssize_t queue_size, threshold;
+    double hold;
+} Classifier;
+
+static EVP_MAC *blake2smac;
+
+static EVP_MAC_CTX *new_mac(void) {
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(blake2smac);
+    size_t size = MAC_LEN;
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_size_t(OSSL_MAC_PARAM_SIZE, &size),
+                           OSSL_PARAM_construct_end()};
+    if (ctx != NULL && !EVP_MAC_CTX_set_params(ctx, params)) {
+        EVP_MAC_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+/* MAC(key, data): BLAKE2s-128; key NULL: the key the context was last given. */
+static int mac(EVP_MAC_CTX *ctx, const uint8_t *key, const uint8_t *data, size_t n,
+               uint8_t out[MAC_LEN]) {
+    size_t len;
+    return EVP_MAC_init(ctx, key, key ? KEY_LEN : 0, NULL) && EVP_MAC_update(ctx, data, n) &&
+           EVP_MAC_final(ctx, out, &len, MAC_LEN) && len == MAC_LEN;
+}
+
+static void Classifier_dealloc(Classifier *self) {
+    PyMem_Free(self->plain.slots);
+    PyMem_Free(self->cookie.slots);
+    EVP_MAC_CTX_free(self->mac1);
+    EVP_MAC_CTX_free(self->mac);
+    EVP_CIPHER_CTX_free(self->aead);
+    OPENSSL_cleanse(self->secret, KEY_LEN);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Classifier_init(Classifier *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"seed", "rate", "burst", "cookie_rate", "cookie_burst",
+                             "max_sources", "queue_size", "hold", "refresh", NULL};
+    Py_buffer seed;
+    double rate, burst, crate, cburst;
+    Py_ssize_t max;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*ddddnndd", kwlist, &seed, &rate, &burst,
+                                     &crate, &cburst, &max, &self->queue_size, &self->hold,
+                                     &self->refresh))
+        return -1;
+    uint64_t s = 0;
+    memcpy(&s, seed.buf, seed.len < 8 ? (size_t)seed.len : 8);
+    PyBuffer_Release(&seed);
+    if (max < 1 || rate <= 0 || crate <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rates and max_sources must be positive");
+        return -1;
+    }
+    if (self->plain.slots || self->mac1) {
+        PyErr_SetString(PyExc_RuntimeError, "already initialised");
+        return -1;
+    }
+    self->threshold = self->queue_size / 8;
+    self->secret_born = -INFINITY;
+    self->mac1 = new_mac();
+    self->mac = new_mac();
+    self->aead = EVP_CIPHER_CTX_new();
+    if (self->mac1 == NULL || self->mac == NULL || self->aead == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "BLAKE2SMAC unavailable");
+        return -1;
+    }
+    if (limiter_init(&self->plain, rate, burst, max, s) < 0 ||
+        limiter_init(&self->cookie, crate, cburst, max, s * 0x9e3779b97f4a7c15ULL + 1) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Classifier_set_mac1_key(Classifier *self, PyObject *arg) {
+    Py_buffer key;
+    if (PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int ok = key.len == 0 || key.len == KEY_LEN;
+    if (ok && key.len)
+        ok = EVP_MAC_init(self->mac1, key.buf, KEY_LEN, NULL);
+    self->has_key = ok && key.len;
+    PyBuffer_Release(&key);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "a mac1 key is 32 bytes, or empty for none");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Classifier_set_cookie_secret(Classifier *self, PyObject *args) {
+    Py_buffer secret;
+    double born;
+    if (!PyArg_ParseTuple(args, "y*d", &secret, &born))
+        return NULL;
+    if (secret.len != KEY_LEN && secret.len != 0) {
+        PyBuffer_Release(&secret);
+        PyErr_SetString(PyExc_ValueError, "a cookie secret is 32 bytes");
+        return NULL;
+    }
+    memset(self->secret, 0, KEY_LEN);
+    memcpy(self->secret, secret.buf, (size_t)secret.len);
+    self->secret_born = secret.len ? born : -INFINITY;
+    PyBuffer_Release(&secret);
+    Py_RETURN_NONE;
+}
+
+/* A read's source: the rate limiter's key and the bytes the cookie is made of (the
+ * address packed, then the port big-endian), as core/ratelimit.py and core/cookie.py. */
+typedef struct {
+    SourceKey key;
+    uint8_t host[18];
+    size_t host_len;
+} Source;
+
+static int parse_source(const char *host, Py_ssize_t n, int port, Source *s) {
+    char text[INET6_ADDRSTRLEN + 1];
+    const char *scope = memchr(host, '%', (size_t)n);
+    if (scope != NULL)
+        n = scope - host;
+    if (n <= 0 || n >= (Py_ssize_t)sizeof(text))
+        return -1;
+    memcpy(text, host, (size_t)n);
+    text[n] = 0;
+    memset(s, 0, sizeof(*s));
+    if (inet_pton(AF_INET, text, s->host) == 1) {
+        s->host_len = 4, s->key.len = 4;
+    } else if (inet_pton(AF_INET6, text, s->host) == 1) {
+        s->host_len = 16, s->key.len = 8;
+    } else {
+        return -1;
+    }
+    memcpy(s->key.key, s->host, s->key.len);
+    s->host[s->host_len] = (uint8_t)(port >> 8);
+    s->host[s->host_len + 1] = (uint8_t)port;
+    s->host_len += 2;
+    return 0;
+}
+
+/* CookieChecker's reply state (nonce prefix, HChaCha20 subkey, counter), given when a
+ * reply would draw nothing new: then replies are made here, byte for byte as make_reply. */
+typedef struct {
+    uint8_t prefix[16], subkey[KEY_LEN];
+    unsigned long long counter;
+    PyObject *out; /* bytes, 64 per reply; NULL until the first */
+    Py_ssize_t made, room;
+} Replies;
+
+/* One batch's running state: the queue's length and the under-load deadline move as
+ * messages are admitted, exactly as the deque and LoadMeter do in Python. */
+typedef struct {
+    const Source *src;
+    double now, until;
+    Py_ssize_t queued;
+    int forced;
+    Py_ssize_t drops[N_DROPS];
+    Replies *replies; /* NULL: cookie replies are Python's to make */
+} Batch;
+
+static int check_mac1(Classifier *self, const uint8_t *m, size_t n) {
+    uint8_t want[MAC_LEN];
+    return mac(self->mac1, NULL, m, n - 2 * MAC_LEN, want) &&
+           CRYPTO_memcmp(want, m + n - 2 * MAC_LEN, MAC_LEN) == 0;
+}
+
+static int check_mac2(Classifier *self, const Batch *b, const uint8_t *m, size_t n) {
+    uint8_t cookie[MAC_LEN], want[MAC_LEN];
+    if (b->now - self->secret_born > self->refresh)
+        return 0; /* no cookie handed out under the current secret */
+    if (!mac(self->mac, self->secret, b->src->host, b->src->host_len, cookie))
+        return 0;
+    size_t len; /* the cookie (16 bytes) keys mac2 */
+    int ok = EVP_MAC_init(self->mac, cookie, MAC_LEN, NULL) &&
+             EVP_MAC_update(self->mac, m, n - MAC_LEN) &&
+             EVP_MAC_final(self->mac, want, &len, MAC_LEN) && len == MAC_LEN &&
+             CRYPTO_memcmp(want, m + n - MAC_LEN, MAC_LEN) == 0;
+    OPENSSL_cleanse(cookie, MAC_LEN);
+    return ok;
+}
+
+/* CookieChecker.make_reply: type 3, the message's sender, the nonce (prefix, counter),
+ * the cookie sealed under the subkey with the message's mac1 as associated data. */
+static int make_reply(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
+    Replies *r = b->replies;
+    if (r->out == NULL && (r->out = PyBytes_FromStringAndSize(NULL, r->room * 64)) == NULL)
+        return -1;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(r->out) + r->made * 64, cookie[MAC_LEN];
+    uint8_t iv[12] = {0};
+    int len, ok = mac(self->mac, self->secret, b->src->host, b->src->host_len, cookie);
+    r->counter++;
+    memcpy(p, "\x03\0\0\0", 4);
+    memcpy(p + 4, m + 4, 4);
+    memcpy(p + 8, r->prefix, 16);
+    for (int i = 0; i < 8; i++)
+        p[24 + i] = iv[4 + i] = (uint8_t)(r->counter >> (8 * i));
+    ok = ok && EVP_EncryptInit_ex(self->aead, EVP_chacha20_poly1305(), NULL, r->subkey, iv) &&
+         EVP_EncryptUpdate(self->aead, NULL, &len, m + n - 2 * MAC_LEN, MAC_LEN) &&
+         EVP_EncryptUpdate(self->aead, p + 32, &len, cookie, MAC_LEN) && len == MAC_LEN &&
+         EVP_EncryptFinal_ex(self->aead, p + 48, &len) &&
+         EVP_CIPHER_CTX_ctrl(self->aead, EVP_CTRL_AEAD_GET_TAG, 16, p + 48);
+    OPENSSL_cleanse(cookie, MAC_LEN);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "cookie reply: libcrypto failed");
+        return -1;
+    }
+    return (int)(r->made++);
+}
+
+static int enqueue(Classifier *self, Batch *b, int verdict) {
+    if (b->queued >= self->queue_size) {
+        b->drops[QUEUE_FULL]++;
+        return 0;
+    }
+    if (++b->queued > self->threshold)
+        b->until = b->now + self->hold;
+    return verdict;
+}
+
+/* Device._admit for one initiation or response: a verdict, or 0 with a drop counted. */
+static int admit(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
+    static const uint8_t zero[MAC_LEN];
+    const SourceKey *k = &b->src->key;
+    int needs_cookie = b->forced || b->now < b->until || spent(&self->plain, k, b->now);
+    int has_mac2 = memcmp(m + n - MAC_LEN, zero, MAC_LEN) != 0;
+    if (needs_cookie && has_mac2 && spent(&self->cookie, k, b->now)) {
+        b->drops[RATE_LIMITED]++;
+        return 0;
+    }
+    if (!check_mac1(self, m, n)) {
+        b->drops[BAD_MAC1]++;
+        return 0;
+    }
+    if (!needs_cookie) {
+        allow(&self->plain, k, b->now);
+        return enqueue(self, b, ENQUEUE);
+    }
+    if (!(has_mac2 && check_mac2(self, b, m, n)))
+        return SEND_COOKIE;
+    if (allow(&self->cookie, k, b->now))
+        return enqueue(self, b, ENQUEUE_COOKIE);
+    b->drops[RATE_LIMITED]++;
+    return 0;
+}
+
+/* The verdict for one datagram that is not a data message (Device._queue_handshake). */
+static int classify_one(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
+    uint32_t t = n >= 4 ? (uint32_t)m[0] | (uint32_t)m[1] << 8 | (uint32_t)m[2] << 16 |
+                              (uint32_t)m[3] << 24
+                        : 0;
+    int exact = (t == 1 && n == INITIATION_LEN) || (t == 2 && n == RESPONSE_LEN) ||
+                (t == 3 && n == COOKIE_REPLY_LEN);
+    if (!exact) {
+        b->drops[n < 4 || (t >= 1 && t <= 4) ? BAD_SIZE : UNKNOWN_TYPE]++;
+        return 0;
+    }
+    if (t == 3)
+        return COOKIE_REPLY;
+    if (!self->has_key) {
+        b->drops[NO_PRIVATE_KEY]++;
+        return 0;
+    }
+    return admit(self, b, m, n);
+}
+
+static int append_pass(PyObject *passed, Py_ssize_t offset, int verdict) {
+    PyObject *t = Py_BuildValue("(ni)", offset, verdict);
+    int rc = t == NULL ? -1 : PyList_Append(passed, t);
+    Py_XDECREF(t);
+    return rc;
+}
+
+static PyObject *drops_dict(const Batch *b) {
+    PyObject *d = PyDict_New();
+    for (int i = 0; d != NULL && i < N_DROPS; i++) {
+        if (!b->drops[i])
+            continue;
+        PyObject *v = PyLong_FromSsize_t(b->drops[i]);
+        if (v == NULL || PyDict_SetItemString(d, drop_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(d);
+            break;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyObject *Classifier_classify(Classifier *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t n, seg, host_len;
+    const char *host;
+    int port, forced;
+    Source src;
+    Batch b = {0};
+    Replies r = {0};
+    PyObject *state, *passed = NULL, *drops = NULL;
+    if (!PyArg_ParseTuple(args, "y*nns#iddnpO", &buf, &n, &seg, &host, &host_len, &port, &b.now,
+                          &b.until, &b.queued, &forced, &state))
+        return NULL;
+    b.forced = forced, b.src = &src;
+    if (n < 0 || n > buf.len || seg < 0) {
+        PyErr_SetString(PyExc_ValueError, "n or seg out of range");
+        goto done;
+    }
+    if (state != Py_None) {
+        const char *prefix, *subkey;
+        Py_ssize_t plen, slen;
+        if (!PyArg_ParseTuple(state, "y#y#K", &prefix, &plen, &subkey, &slen, &r.counter))
+            goto done;
+        if (plen != 16 || slen != KEY_LEN) {
+            PyErr_SetString(PyExc_ValueError, "reply state: a 16-byte prefix, a 32-byte key");
+            goto done;
+        }
+        memcpy(r.prefix, prefix, 16);
+        memcpy(r.subkey, subkey, KEY_LEN);
+        r.room = seg > 0 && seg < n ? (n + seg - 1) / seg : 1;
+        b.replies = &r;
+    }
+    if (parse_source(host, host_len, port, &src) < 0) {
+        PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
+        goto done;
+    }
+    passed = PyList_New(0);
+    if (passed == NULL)
+        goto done;
+    Py_ssize_t data = 0, step = seg > 0 && seg < n ? seg : n;
+    const uint8_t *p = buf.buf;
+    for (Py_ssize_t at = 0; at < n; at += step) {
+        size_t len = (size_t)(at + step <= n ? step : n - at);
+        const uint8_t *m = p + at;
+        if (len >= DATA_MIN_LEN && m[0] == 4 && !m[1] && !m[2] && !m[3]) {
+            data++;
+            continue;
+        }
+        int verdict = classify_one(self, &b, m, len);
+        Py_ssize_t where = at;
+        if (verdict == SEND_COOKIE && b.replies != NULL) {
+            int made = make_reply(self, &b, m, len);
+            if (made < 0)
+                goto fail;
+            where = (Py_ssize_t)made * 64, verdict = COOKIE_MADE;
+        }
+        if (verdict && append_pass(passed, where, verdict) < 0)
+            goto fail;
+    }
+    drops = drops_dict(&b);
+    if (drops == NULL)
+        goto fail;
+    if (r.out != NULL && _PyBytes_Resize(&r.out, r.made * 64) < 0)
+        goto fail;
+    OPENSSL_cleanse(r.subkey, KEY_LEN);
+    PyBuffer_Release(&buf);
+    if (r.out == NULL) {
+        r.out = Py_None;
+        Py_INCREF(Py_None);
+    }
+    return Py_BuildValue("(NndNNK)", passed, data, b.until, drops, r.out, r.counter);
+fail:
+    Py_CLEAR(passed);
+    Py_CLEAR(drops);
+    Py_CLEAR(r.out);
+done:
+    OPENSSL_cleanse(r.subkey, KEY_LEN);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+static PyObject *Classifier_sources(Classifier *self, PyObject *Py_UNUSED(ignored)) {
+    return Py_BuildValue("(nn)", self->plain.count, self->cookie.count);
+}
+
+static PyMethodDef Classifier_methods[] = {
+    {"classify", (PyCFunction)Classifier_classify, METH_VARARGS,
+     "classify(buf, n, seg, host, port, now, until, queued, forced, reply_state)\n"
+     "-> (passed, data, until, drops, replies, counter)\n\n"
+     "The intake of one read of n bytes (datagrams of seg bytes if GRO merged them) from\n"
+     "(host, port): passed: [(offset, verdict)] in order, verdict 1 queue it, 2 queue it\n"
+     "(it came with a valid mac2), 3 answer it with a cookie reply, 4 a cookie reply for\n"
+     "us, 5 answered: the reply is at `offset` in `replies` (64 bytes each; None if\n"
+     "none). reply_state: (nonce prefix, subkey, counter) of CookieChecker when a reply\n"
+     "draws nothing new, else None (then no 5, only 3s); counter: after the replies made.\n"
+     "data: the data messages, left for the open path; until: the under-load deadline\n"
+     "after the batch (LoadMeter); drops: {Drop value: count}."},
+    {"set_mac1_key", (PyCFunction)Classifier_set_mac1_key, METH_O,
+     "The mac1 key (HASH(label || our public key)), or b'' without a private key."},
+    {"set_cookie_secret", (PyCFunction)Classifier_set_cookie_secret, METH_VARARGS,
+     "set_cookie_secret(secret, born): the cookie secret CookieChecker drew at `born`."},
+    {"sources", (PyCFunction)Classifier_sources, METH_NOARGS,
+     "(sources in the plain table, in the cookie table)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ClassifierType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "wgpy._classify.Classifier",
+    .tp_basicsize = sizeof(Classifier),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Classifier(seed, rate, burst, cookie_rate, cookie_burst, max_sources, "
+              "queue_size, hold, refresh): Device's handshake intake in C.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Classifier_init,
+    .tp_dealloc = (destructor)Classifier_dealloc,
+    .tp_methods = Classifier_methods,
+};
+
+static PyObject *mac_fn(PyObject *Py_UNUSED(module), PyObject *args) {
+    Py_buffer key, data;
+    if (!PyArg_ParseTuple(args, "y*y*", &key, &data))
+        return NULL;
+    uint8_t out[MAC_LEN];
+    EVP_MAC_CTX *ctx = key.len == KEY_LEN ? new_mac() : NULL;
+    int ok = ctx != NULL && mac(ctx, key.buf, data.buf, (size_t)data.len, out);
+    EVP_MAC_CTX_free(ctx);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&data);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "mac: a 32-byte key");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)out, MAC_LEN);
+}
+
+static PyMethodDef module_methods[] = {
+    {"mac", mac_fn, METH_VARARGS, "mac(key, data): keyed BLAKE2s-128, as core.crypto.mac."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef classify_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "wgpy._classify",
+    .m_doc = "Device's handshake intake for a whole read, in C (see core/intake.py).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__classify(void) {
+    blake2smac = EVP_MAC_fetch(NULL, "BLAKE2SMAC", NULL);
+    if (blake2smac == NULL) {
+        PyErr_SetString(PyExc_ImportError, "libcrypto has no BLAKE2SMAC");
+        return NULL;
+    }
+    if (PyType_Ready(&ClassifierType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&classify_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ClassifierType);
+    if (PyModule_AddObject(m, "Classifier", (PyObject *)&ClassifierType) < 0) {
+        Py_DECREF(&ClassifierType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,187 @@
+"""The handshake intake in C (src/wgpy/_classify.c) against the Python one (Device._admit
+and core/ratelimit.py): two devices from the same seed and key, one classifying in C, fed
+the same reads (valid and invalid mac1, with and without mac2, valid mac2 for the cookie
+the device handed out, responses, cookie replies, data, bad sizes and types; IPv4 and IPv6
+sources, several in one /64; GRO-packed runs or one by one; a clock that stands or jumps;
+load forced or not; the queue worked off or left to fill). Everything must be the same:
+drops by reason, cookie replies byte for byte, events, the queue, the load deadline, the
+number of sources the buckets hold."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wgpy.core import intake
+from wgpy.core.cookie import CookieGenerator
+from wgpy.core.crypto import clamp, mac
+from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
+from wgpy.core.messages import INITIATION_LEN, RESPONSE_LEN
+from wgpy.core.output import Drop
+from wgpy.core.ratelimit import MAX_SOURCES
+
+pytestmark = pytest.mark.skipif(not intake.available(), reason="wgpy._classify is not built")
+
+KEY = clamp(bytes(range(1, 33)))
+SOURCES = [("192.0.2.1", 51820), ("192.0.2.1", 4000), ("192.0.2.7", 1), ("2001:db8::1", 9),
+           ("2001:db8::2", 9), ("2001:db8:0:1::1", 7), ("fe80::1%lo", 5)]  # fmt: skip
+
+
+def pair(has_key: bool = True) -> tuple[Device, Device]:
+    devices = []
+    for classify in (False, True):
+        rng = random.Random(5)
+        device = Device(rng.randbytes, classify=classify)
+        if has_key:
+            device.set_private_key(KEY)
+        devices.append(device)
+    return devices[0], devices[1]
+
+
+# what a datagram is; built against the device once it exists
+SHAPES = st.sampled_from(
+    ["init", "init_mac2", "init_cookie", "resp", "resp_cookie", "bad_mac1", "cookie_reply",
+     "data", "short", "long", "unknown"]
+)  # fmt: skip
+
+
+def build(shape: str, device: Device, src: tuple[str, int], rng: random.Random) -> bytes:
+    """One datagram of a shape, made for `device` (its mac1 key, its cookie secret)."""
+    if shape in ("short", "long", "unknown", "data", "cookie_reply"):
+        size = {"short": rng.randrange(0, 148), "long": 149, "unknown": 148, "data": 48,
+                "cookie_reply": 64}[shape]  # fmt: skip
+        kind = {"short": rng.randrange(0, 6), "long": 1, "unknown": rng.choice([0, 5, 257]),
+                "data": 4, "cookie_reply": 3}[shape]  # fmt: skip
+        head = kind.to_bytes(4, "little")
+        return (head + rng.randbytes(max(0, size - 4)))[:size]
+    size = RESPONSE_LEN if shape.startswith("resp") else INITIATION_LEN
+    msg = bytearray((1 if size == INITIATION_LEN else 2).to_bytes(4, "little"))
+    msg += rng.randbytes(size - 36) + bytes(32)
+    assert device.public_key is not None
+    CookieGenerator(device.public_key).add_macs(msg, 0.0)
+    if shape == "bad_mac1":
+        msg[-32] ^= 1
+    elif shape == "init_mac2":
+        msg[-16:] = rng.randbytes(16)  # a mac2 from no cookie of ours
+    elif shape.endswith("_cookie"):
+        secret, _ = device.cookie_checker.secret
+        if secret:
+            from ipaddress import ip_address
+
+            host = ip_address(src[0]).packed + src[1].to_bytes(2, "big")
+            msg[-16:] = mac(mac(secret, host), bytes(msg[:-16]))
+    return bytes(msg)
+
+
+READS = st.lists(
+    st.tuples(
+        st.integers(0, len(SOURCES) - 1),  # source
+        st.lists(SHAPES, min_size=1, max_size=6),  # the datagrams, GRO-packed if one size
+        st.sampled_from([0.0, 0.0, 0.001, 0.02, 0.3, 1.5, 130.0]),  # clock step before it
+        st.sampled_from([0, 0, 0, 16, 64]),  # handshakes worked off after it
+        st.booleans(),  # as one read (receive_read) or as a list (receive)
+        st.integers(1, 24),  # how many times the read comes
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def same(a: Output, b: Output) -> None:
+    assert a.drops == b.drops
+    assert a.udp == b.udp
+    assert [(e.kind, e.detail) for e in a.events] == [(e.kind, e.detail) for e in b.events]
+    assert a.tun == b.tun
+
+
+def check_state(py: Device, c: Device) -> None:
+    assert list(py._queue) == list(c._queue)
+    assert py.load.until == c.load.until
+    assert c.intake is not None
+    assert (len(py.rate_limiter), len(py.cookie_limiter)) == c.intake.sources()
+
+
+@settings(max_examples=40, deadline=None)
+@given(READS, st.integers(0, 2**32), st.booleans(), st.booleans())
+def test_same_verdicts_and_counts(reads: list, seed: int, forced: bool, has_key: bool) -> None:
+    py, c = pair(has_key)
+    rng = random.Random(seed)
+    now = 1000.0
+    for i, (source, shapes, step, budget, as_read, repeat) in enumerate(reads):
+        now += step
+        src = SOURCES[source]
+        for device in (py, c):
+            device.load.forced = forced and i % 3 == 0
+        for _ in range(repeat):
+            if not has_key:
+                datagrams = [os.urandom(148)]
+                datagrams[0] = b"\x01\0\0\0" + datagrams[0][4:]
+            else:
+                state = rng.getstate()
+                datagrams = [build(s, py, src, rng) for s in shapes]
+                rng.setstate(state)  # the C device gets the same bytes
+                assert datagrams == [build(s, c, src, rng) for s in shapes]
+            sizes = {len(d) for d in datagrams}
+            if as_read and len(sizes) == 1 and datagrams[0]:
+                buf = memoryview(b"".join(datagrams))
+                seg = len(datagrams[0]) if len(datagrams) > 1 else 0
+                outs = [d.receive_read(buf, len(buf), seg, src, now, budget) for d in (py, c)]
+            else:
+                outs = [d.receive([(x, src) for x in datagrams], now, budget) for d in (py, c)]
+            same(*outs)
+            check_state(py, c)
+
+
+def test_bucket_table_bound_and_collect() -> None:
+    """Past MAX_SOURCES sources the tables forget what is full again, or all (responses:
+    worked off without Diffie-Hellman, so the queue never holds the load up)."""
+    py, c = pair()
+    assert py.public_key is not None
+    gen = CookieGenerator(py.public_key)
+    msg = bytearray(b"\x02\0\0\0" + bytes(RESPONSE_LEN - 4))
+    gen.add_macs(msg, 0.0)
+    now = 50.0
+    for i in range(MAX_SOURCES + 300):
+        src = (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1)
+        if i % 2000 == 0:
+            now += 0.5  # some buckets full again by the time the table is full
+        outs = [d.receive_read(memoryview(msg), len(msg), 0, src, now, 64) for d in (py, c)]
+        same(*outs)
+    check_state(py, c)
+    assert len(py.rate_limiter) < MAX_SOURCES
+
+
+def test_flood_from_one_source_is_refused_in_c() -> None:
+    """A GRO read of 64 valid initiations from one source: 50 taken (the burst), the rest
+    answered with cookies, as in Python; a bad mac1 in the same shape: all refused, counted."""
+    py, c = pair()
+    assert py.public_key is not None
+    gen = CookieGenerator(py.public_key)
+    msgs = []
+    for i in range(64):
+        msg = bytearray(b"\x01\0\0\0" + i.to_bytes(4, "little") + bytes(INITIATION_LEN - 8))
+        gen.add_macs(msg, 0.0)
+        msgs.append(bytes(msg))
+    buf = memoryview(b"".join(msgs))
+    outs = [d.receive_read(buf, len(buf), INITIATION_LEN, SOURCES[0], 10.0, 0) for d in (py, c)]
+    same(*outs)
+    assert c.queued_handshakes == 50 and len(outs[1].udp) == 14
+    junk = memoryview(b"".join(b"\x01\0\0\0" + bytes(INITIATION_LEN - 4) for _ in range(64)))
+    outs = [d.receive_read(junk, len(junk), INITIATION_LEN, SOURCES[0], 10.0, 0) for d in (py, c)]
+    same(*outs)
+    assert outs[1].drops == {Drop.BAD_MAC1: 64}
+    assert HANDSHAKE_QUEUE > 50
+
+
+def test_mac_matches_python() -> None:
+    """Known answers: libcrypto's BLAKE2SMAC with a 16-byte output is core.crypto.mac."""
+    from wgpy import _classify
+
+    assert _classify.mac(bytes(32), b"abc").hex() == mac(bytes(32), b"abc").hex()
+    for n in (0, 1, 63, 64, 65, 116, 132, 1000):
+        key, data = os.urandom(32), os.urandom(n)
+        assert _classify.mac(key, data) == mac(key, data)
