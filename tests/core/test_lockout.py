@@ -123,10 +123,11 @@ def legit_handshake(rate: float, before: float = 1.0, after: float = REKEY_TIMEO
 
 
 def test_the_issue_reproduction_25_a_second_locks_nobody_out() -> None:
-    """The issue's numbers: 25 spoofed initiations a second from the peer's address."""
-    net, spoofer, took = legit_handshake(25)
+    """The issue's numbers: 25 spoofed initiations a second from the peer's address for
+    ten seconds before the peer's first initiation (before: refused, and its retries)."""
+    net, spoofer, took = legit_handshake(25, before=10.0)
     assert took is not None and took < 1.0, f"the peer took {took} s"
-    assert spoofer is not None and spoofer.sent >= 150
+    assert spoofer is not None and spoofer.sent >= 375
 
 
 def test_nobody_spoofing_completes_at_once() -> None:
@@ -148,6 +149,25 @@ def test_owner_gets_through_within_one_cookie_round_trip(rate: int, owners_port:
     assert spoofer.replies <= spoofer.sent  # bounded: at most one reply per message
     assert spoofer.reply_bytes <= spoofer.sent_bytes * COOKIE_REPLY_LEN / INITIATION_LEN
     assert net.peer(net.nodes[SERVER], net.nodes[LEGIT]).current is not None
+
+
+def test_a_response_from_a_spoofed_address_gets_through_on_the_retry() -> None:
+    """The other direction: the server initiates, the peer's response comes from the
+    spoofed address and gets a cookie reply; the server's retry (REKEY_TIMEOUT later) is
+    answered with a response that carries mac2, counted apart from the spoofer's."""
+    net = SimNet(seed=3)
+    net.keep_wire = False
+    server, peer = net.add("server", SERVER), net.add("legit", LEGIT)
+    net.link(server, peer, "10.0.0.1/32", "10.0.0.2/32")
+    spoofer = Spoofer(net, server, 1_000, owners_port=False)
+    run(net, spoofer, 1.0)
+    start = net.now
+    net.send(server, ipv4_packet("10.0.0.1", "10.0.0.2", b"hello"))
+    run(net, spoofer, REKEY_TIMEOUT + 0.5)
+    done = completed_at(net, "server")
+    assert done and REKEY_TIMEOUT <= done[0] - start < REKEY_TIMEOUT + 0.5
+    got = [e for _, who, e in net.events if who == "legit" and e.kind is EventKind.COOKIE_RECEIVED]
+    assert len(got) == 1
 
 
 def absorbed_per_second() -> float:
@@ -237,3 +257,25 @@ def test_early_refusal_stays_cheap() -> None:
     junk[0:4] = bytes([MSG_INITIATION, 0, 0, 0])
     out = dev.receive([(bytes(junk), src)], net.now, 0)
     assert out.drops == {Drop.RATE_LIMITED: 1}  # refused before its mac1
+
+
+def test_every_cookie_reply_has_its_own_nonce() -> None:
+    """Replies are sealed under a subkey drawn once per cookie secret, so what keeps them
+    apart is the nonce's last 8 bytes, which count; a new secret draws a new subkey. Each
+    still opens as XChaCha20-Poly1305 under the public cookie key (the initiator's side)."""
+    net = SimNet(seed=5)
+    server = net.add("server", SERVER)
+    dev = server.device
+    assert dev.public_key is not None
+    pool = spoofed_pool(server, 4)
+    checker = dev.cookie_checker
+    nonces = set()
+    for at in (0.0, 1.0, 200.0):  # the secret is renewed after COOKIE_REFRESH_TIME
+        for m in pool:
+            gen = CookieGenerator(dev.public_key)
+            msg = bytearray(m)
+            gen.add_macs(msg, net.now + at)
+            reply = parse_cookie_reply(checker.make_reply(bytes(msg), 1, LEGIT, net.now + at))
+            assert gen.consume_reply(reply, net.now + at)
+            nonces.add(reply.nonce)
+    assert len(nonces) == 12 and len({n[:16] for n in nonces}) == 2

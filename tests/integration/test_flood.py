@@ -8,11 +8,15 @@ size, mac1 valid for the victim's public key, mac2 zero) and resends them paced:
 victim can't tell them from fresh ones, since each costs it the same Diffie-Hellman
 before it finds an unknown key. What each test shows:
 
-* one source at ~10k/s: the rate limit (20/s, burst 5) drops all but a trickle before
-  the queue, so the device never comes under load: a legitimate FIRST handshake (which
-  carries no cookie, and under load would get a cookie reply and wait for its retry 5 s
-  later) completes in about a second; an established tunnel keeps answering pings; the
-  victim's memory stays put.
+* one source at ~10k/s: past its rate (50/s, burst 50) each message gets a cookie reply
+  instead of a place in the queue, so the device never comes under load: a legitimate
+  FIRST handshake (which carries no cookie, and under load would get a cookie reply and
+  wait for its retry 5 s later) completes in about a second; an established tunnel keeps
+  answering pings; the victim's memory stays put.
+* a spoofer with the peer's own address (a raw socket; it never sees a reply), at 25/s
+  or ~10k/s, from other ports or from the peer's own: the peer still completes its first
+  handshake, at once at 25/s, and within one cookie round trip (its retry, 5 s later)
+  when the address is over its rate (issue 21: before, 25/s locked the peer out).
 * 200 sources at ~5k/s (each over its rate, most of it admitted): the queue fills past
   an eighth, the device is under load and answers with cookies (the attacker receives
   them); the established tunnel keeps answering pings (data goes before handshakes in
@@ -42,8 +46,8 @@ import pytest
 
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, Tunnel
 
-# datagrams a second from all sources: rate-limited or junk ones cost the victim ~20 us,
-# those from many sources (most admitted, answered with a cookie) ~45 us
+# datagrams a second from all sources: junk costs the victim ~12 us, one source over its
+# rate (each answered with a cookie reply) ~23 us, many sources ~35 us
 RATE = int(os.environ.get("WGPY_FLOOD_RATE", "10000"))
 RATE_MANY = RATE // 2
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -97,13 +101,59 @@ print(json.dumps({{"sent": sent, "seconds": time.monotonic() - start, "cookies":
 """
 
 
+SPOOFER = """
+import json, os, signal, socket, struct, sys, time
+sys.path.insert(0, {src!r})
+from wgpy.core.cookie import CookieGenerator
+victim, port, rate, seconds = {victim!r}, {port}, {rate}, {seconds}
+spoofed, ports = {spoofed!r}, {ports!r}
+gen = CookieGenerator({pub!r})
+src, dst = socket.inet_aton(spoofed), socket.inet_aton(victim)
+packets = []
+for i in range(len(ports)):
+    msg = bytearray(os.urandom(148))
+    msg[0:4] = bytes([1, 0, 0, 0])
+    msg[116:148] = bytes(32)
+    gen.add_macs(msg, 0.0)
+    udp = struct.pack("!HHHH", ports[i], port, 8 + len(msg), 0) + bytes(msg)  # no checksum
+    # the kernel fills in the total length, the id and the header checksum
+    packets.append(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 17, 0, src, dst) + udp)
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+print("ready", flush=True)
+sent = 0
+start = time.monotonic()
+while (now := time.monotonic()) - start < seconds and not stop:
+    due = int((now - start) * rate)
+    while sent < due:
+        try:
+            s.sendto(packets[sent % len(packets)], (victim, 0))
+        except OSError:
+            pass
+        sent += 1
+    time.sleep(0.002)
+print(json.dumps({{"sent": sent, "seconds": time.monotonic() - start, "cookies": 0}}))
+"""
+
+
 class Attacker:
     def __init__(self, ns: Namespace, victim: Node, sources: list[str], rate: int,
-                 seconds: float, valid_mac1: bool = True) -> None:  # fmt: skip
-        code = ATTACKER.format(
-            src=SRC, victim=victim.outer4, port=victim.port, rate=rate, seconds=seconds,
-            valid=valid_mac1, sources=sources, pub=base64.b64decode(victim.public_key),
-        )  # fmt: skip
+                 seconds: float, valid_mac1: bool = True, spoof_ports: list[int] | None = None
+                 ) -> None:  # fmt: skip
+        """From `sources` (its own addresses); or, given `spoof_ports`, a spoofer that
+        writes the first of `sources` and those ports into raw IP packets."""
+        pub = base64.b64decode(victim.public_key)
+        if spoof_ports:
+            code = SPOOFER.format(
+                src=SRC, victim=victim.outer4, port=victim.port, rate=rate, seconds=seconds,
+                spoofed=sources[0], ports=spoof_ports, pub=pub,
+            )  # fmt: skip
+        else:
+            code = ATTACKER.format(
+                src=SRC, victim=victim.outer4, port=victim.port, rate=rate, seconds=seconds,
+                valid=valid_mac1, sources=sources, pub=pub,
+            )  # fmt: skip
         self.proc = ns.popen(sys.executable, "-c", code, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == "ready\n"
@@ -240,9 +290,39 @@ def test_one_source_flood_is_rate_limited_before_the_queue(
     assert got["sent"] / got["seconds"] > RATE / 3, "the attacker did not flood"
     # under load a first handshake (no cookie yet) would wait for its retry, 5 s later
     assert took < 2.0, f"a first handshake took {took:.2f} s during a one-source flood"
-    assert got["cookies"] == 0, "the device came under load"
+    assert got["cookies"] > 0, "the source over its rate got no cookie replies"
     assert replies >= 8
     assert grew < 16_000  # KiB
+
+
+@pytest.mark.parametrize(
+    ("rate", "from_ports", "limit"),
+    [(25, "others", 2.0), (RATE, "others", 8.0), (RATE, "the peer's", 8.0)],
+)
+def test_a_spoofer_of_the_peers_address_locks_nobody_out(
+    make_tunnel: Callable[..., Tunnel], attackers: Callable[..., Attacker], rate: int,
+    from_ports: str, limit: float,
+) -> None:  # fmt: skip
+    """Issue 21: an off-path sender with the peer's address (and other ports, or the
+    peer's own) and initiations with a valid mac1. At 25/s the address stays within its
+    rate and the peer's first handshake completes at once; at ~10k/s its first
+    initiation gets a cookie reply, and its retry (5 s later, with mac2) goes through."""
+    t, victim, peer, _ = tunnel(make_tunnel, "f4")
+    ports = [peer.port] if from_ports == "the peer's" else list(range(40000, 44000))
+    meter = Meter(victim)
+    closed = udp_stats(peer.ns)["NoPorts"]
+    spoofer = attackers(peer.ns, victim, [peer.outer4], rate=rate, seconds=limit + 4,
+                        spoof_ports=ports)  # fmt: skip
+    time.sleep(3.0)  # the spoofing is on (at 25/s, the old limit ran dry after a second)
+    took = first_handshake_seconds(victim, peer, limit=limit)
+    got = spoofer.result()
+    answered = udp_stats(peer.ns)["NoPorts"] - closed  # cookie replies to closed ports
+    meter.report(f"spoofing the peer at {rate}/s from {from_ports} ports", got,
+                 handshake=f"{took:.2f} s", cookies_to_closed_ports=answered)  # fmt: skip
+    assert got["sent"] / got["seconds"] > rate / 3, "the spoofer did not send"
+    assert took < limit, f"the peer's first handshake took {took:.2f} s"
+    if rate > 1000 and from_ports == "others":
+        assert answered > 0, "the address over its rate got no cookie replies"
 
 
 def test_many_sources_put_it_under_load_and_the_tunnel_keeps_going(

@@ -11,10 +11,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
 from wgpy.core.constants import COOKIE_REFRESH_TIME, REKEY_TIMEOUT
 from wgpy.core.crypto import (
     InvalidTag,
-    aead_encrypt,
     constant_time_eq,
     hash_,
     hchacha20,
@@ -27,6 +28,7 @@ LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
 MAC_LEN = 16
 _NO_MAC = bytes(MAC_LEN)
+_ZERO4 = bytes(4)  # XChaCha20-Poly1305's inner nonce: 4 zero bytes, the last 8 of its own
 _MAX_HOSTS = 16384  # addresses whose bytes are remembered (parsing one costs ~2 us)
 
 Endpoint = tuple[str, int]
@@ -60,7 +62,7 @@ class CookieChecker:
         self._secret = b""
         self._secret_born = float("-inf")
         self._prefix = b""  # the first 16 nonce bytes while this secret lasts
-        self._subkey = b""  # HChaCha20(cookie_key, prefix)
+        self._sealer: ChaCha20Poly1305 | None = None  # under HChaCha20(cookie_key, prefix)
         self._counter = 0  # the last 8 nonce bytes, little-endian
         self._hosts: dict[str, bytes] = {}  # address -> its bytes
 
@@ -115,11 +117,13 @@ class CookieChecker:
         cookie = self._cookie(src, now)
         if not self._prefix:
             self._prefix = self._rand(16)
-            self._subkey = hchacha20(self.cookie_key, self._prefix)
+            self._sealer = ChaCha20Poly1305(hchacha20(self.cookie_key, self._prefix))
             self._counter = int.from_bytes(self._rand(8), "little")
+        assert self._sealer is not None
         self._counter = (self._counter + 1) & 0xFFFF_FFFF_FFFF_FFFF
-        nonce = self._prefix + self._counter.to_bytes(8, "little")
-        sealed = aead_encrypt(self._subkey, self._counter, cookie, msg[at:end])
+        tail = self._counter.to_bytes(8, "little")
+        sealed = self._sealer.encrypt(_ZERO4 + tail, cookie, msg[at:end])
+        nonce = self._prefix + tail
         return pack_cookie_reply(CookieReply(sender, nonce, sealed))
 
 

@@ -24,7 +24,7 @@ class Drop(Enum):
     BAD_SIZE = "bad_size"  # shorter or longer than its type allows
     UNKNOWN_TYPE = "unknown_type"  # a type other than 1-4, or non-zero reserved bytes
     BAD_MAC1 = "bad_mac1"  # not meant for our public key
-    RATE_LIMITED = "rate_limited"  # handshakes from one source over the limit
+    RATE_LIMITED = "rate_limited"  # with a mac2, from a source over both its limits
     QUEUE_FULL = "queue_full"  # the handshake queue is full: a flood
     NO_PRIVATE_KEY = "no_private_key"
     UNKNOWN_PEER = "unknown_peer"  # a valid initiation from a key we don't know
@@ -47,7 +47,7 @@ class EventKind(Enum):
     INITIATION_RECEIVED = "initiation_received"
     RESPONSE_SENT = "response_sent"
     RESPONSE_RECEIVED = "response_received"
-    COOKIE_SENT = "cookie_sent"  # under load: a cookie instead of a response (peer: None)
+    COOKIE_SENT = "cookie_sent"  # under load or over its source's rate: a cookie, not the work
     COOKIE_RECEIVED = "cookie_received"
     KEYPAIR_CREATED = "keypair_created"  # detail: our index of the new session
     HANDSHAKE_COMPLETED = "handshake_completed"  # the new session is the current one

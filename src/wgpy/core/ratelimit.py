@@ -1,21 +1,44 @@
-"""Defences against handshake floods: a per-source token bucket and the load meter.
+"""Defences against handshake floods: token buckets by source, and the load meter.
 
 A handshake costs Diffie-Hellman work (tens of microseconds here), a data packet a
 microsecond: so handshakes wait in a bounded queue and are worked off after the data of the
-same read, and two things keep a flood from crowding out established peers:
+same read. What may enter the queue (device.py `_admit`; Linux receive.c and wireguard-go
+receive.go for the rule it extends):
 
-* `RateLimiter` (Linux ratelimiter.c, wireguard-go ratelimiter/): a token bucket per source
-  address, 20 handshakes a second with a burst of 5; IPv6 sources are keyed by their /64,
-  since one host owns a whole /64. Linux and wireguard-go apply it only under load, to
-  messages that carry a valid cookie. wgpy applies it to every handshake message with a
-  valid mac1, before it is queued: one Python thread absorbs far fewer handshakes per second
-  than Go's goroutines or the kernel's workers, and a flood from one source must not put
-  the device under load for everyone else. A legitimate peer sends a handshake at most
-  every 5 seconds, far below the limit.
-* `LoadMeter`: the device is "under load" while its handshake queue is more than an eighth
-  full, and for a second after (wireguard-go device.IsUnderLoad). Under load, handshakes
-  must carry mac2 (a cookie bound to their source address), so a spoofed flood costs one
-  cookie reply per message instead of a Diffie-Hellman.
+* A message **needs a cookie** when the device is under load (`LoadMeter`), or when its
+  source (an IPv4 address, or the /64 of an IPv6 one, since one host owns a whole /64) is
+  over its rate: 50 handshake messages a second, a burst of 50 (`RateLimiter`). Linux and
+  wireguard-go apply no per-source limit until the whole device is under load; wgpy must,
+  since one Python thread absorbs far fewer handshakes than Go's goroutines or the
+  kernel's workers, and a flood from one source must not put the device under load for
+  everyone. The numbers are a NAT's: a thousand laptops behind one address, rekeying
+  every two minutes at their own times, send 8 a second and bursts of 50, and need no
+  cookie; one source at 50 a second costs the device a few milliseconds a second.
+* A message that needs a cookie and carries a valid mac2 (a cookie bound to its source
+  address and port, which only who receives at that address can have) is counted in a
+  second bucket, Linux's 20 a second with a burst of 5, and queued or dropped.
+* One without gets a **cookie reply**, 64 bytes, one per message: never silence. That is
+  what keeps the limit from being a weapon (issue 21). mac1 needs only our public key, so
+  an off-path sender can spend an address's tokens with initiations from that address; if
+  the address were then refused, or answered only within a budget, its owner would be
+  locked out for as long as the spoofer sends faster than the budget (25 a second did it,
+  when the bucket was 20/s and refused). Answered message by message, the owner's own
+  initiation gets its own reply, its retry carries mac2, and that bucket is one the
+  spoofer cannot touch: the owner is through within one cookie round trip (REKEY_TIMEOUT),
+  at any rate the device can read, from any port, the owner's included. The replies are
+  bounded by what caused them: one per message with a valid mac1, 64 bytes for 148 (an
+  initiation) or 92 (a response), to the address it came from; a reflector that returns
+  less than half of what it is sent amplifies nothing. Such a reply costs ~5 us
+  (cookie.py), against ~1 us for the silent refusal it replaced.
+* The only refusal before the mac1 is computed: a message with a mac2 from a source whose
+  two buckets are both spent. Only a sender that receives at that address can spend the
+  second, so this is cheap against a flood that echoes its cookies (bench/flood.py mode b)
+  and harmless to others.
+
+`LoadMeter`: the device is "under load" while its handshake queue is more than an eighth
+full, and for a second after (wireguard-go device.IsUnderLoad); then every message needs a
+cookie, as in Linux and wireguard-go, and what was queued without one before gets a
+cookie reply when it is worked off.
 """
 
 from __future__ import annotations

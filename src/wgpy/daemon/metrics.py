@@ -149,7 +149,8 @@ class Collector:
              "Valid handshake responses received"),
             ("handshakes_completed", EventKind.HANDSHAKE_COMPLETED,
              "Handshakes completed (a new session in use)"),
-            ("cookie_replies_sent", EventKind.COOKIE_SENT, "Cookie replies sent under load"),
+            ("cookie_replies_sent", EventKind.COOKIE_SENT,
+             "Cookie replies sent (under load, or to a source over its rate)"),
             ("cookie_replies_received", EventKind.COOKIE_RECEIVED, "Cookie replies accepted"),
             ("keepalives_sent", EventKind.KEEPALIVE_SENT, "Keepalives sent"),
             ("handshake_retries", EventKind.HANDSHAKE_RETRY, "Handshakes retried"),
@@ -161,7 +162,8 @@ class Collector:
             yield family
         drops: Counter[Drop] = snap["drops"]
         limited = CounterMetricFamily(
-            "wgpy_handshakes_rate_limited", "Handshake messages over a source's rate",
+            "wgpy_handshakes_rate_limited",
+            "Handshake messages with a cookie dropped over their source's cookie rate",
             labels=["interface"],
         )  # fmt: skip
         limited.add_metric([name], drops[Drop.RATE_LIMITED])
