@@ -62,7 +62,8 @@ class CookieChecker:
         self._secret = b""
         self._secret_born = float("-inf")
         self._prefix = b""  # the first 16 nonce bytes while this secret lasts
-        self._sealer: ChaCha20Poly1305 | None = None  # under HChaCha20(cookie_key, prefix)
+        self._subkey = b""  # HChaCha20(cookie_key, prefix)
+        self._sealer: ChaCha20Poly1305 | None = None  # under the subkey
         self._counter = 0  # the last 8 nonce bytes, little-endian
         self._hosts: dict[str, bytes] = {}  # address -> its bytes
 
@@ -117,7 +118,8 @@ class CookieChecker:
         cookie = self._cookie(src, now)
         if not self._prefix:
             self._prefix = self._rand(16)
-            self._sealer = ChaCha20Poly1305(hchacha20(self.cookie_key, self._prefix))
+            self._subkey = hchacha20(self.cookie_key, self._prefix)
+            self._sealer = ChaCha20Poly1305(self._subkey)
             self._counter = int.from_bytes(self._rand(8), "little")
         assert self._sealer is not None
         self._counter = (self._counter + 1) & 0xFFFF_FFFF_FFFF_FFFF
