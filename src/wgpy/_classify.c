@@ -18,7 +18,11 @@
 #include <structmember.h>
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -311,9 +315,31 @@ static int parse_source(const char *host, Py_ssize_t n, int port, Source *s) {
 typedef struct {
     uint8_t prefix[16], subkey[KEY_LEN];
     unsigned long long counter;
-    PyObject *out; /* bytes, 64 per reply; NULL until the first */
+    uint8_t *out;    /* 64 bytes per reply */
+    uint16_t *reads; /* drain: the read each reply answers */
     Py_ssize_t made, room;
 } Replies;
+
+static void replies_free(Replies *r) {
+    OPENSSL_cleanse(r->subkey, KEY_LEN);
+    PyMem_Free(r->out);
+    PyMem_Free(r->reads);
+    r->out = NULL, r->reads = NULL;
+}
+
+static int parse_reply_state(PyObject *state, Replies *r) {
+    const char *prefix, *subkey;
+    Py_ssize_t plen, slen;
+    if (!PyArg_ParseTuple(state, "y#y#K", &prefix, &plen, &subkey, &slen, &r->counter))
+        return -1;
+    if (plen != 16 || slen != KEY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "reply state: a 16-byte prefix, a 32-byte key");
+        return -1;
+    }
+    memcpy(r->prefix, prefix, 16);
+    memcpy(r->subkey, subkey, KEY_LEN);
+    return 0;
+}
 
 /* One batch's running state: the queue's length and the under-load deadline move as
  * messages are admitted, exactly as the deque and LoadMeter do in Python. */
@@ -324,6 +350,8 @@ typedef struct {
     int forced;
     Py_ssize_t drops[N_DROPS];
     Replies *replies; /* NULL: cookie replies are Python's to make */
+    uint16_t read;    /* drain: the read at hand */
+    int sends;        /* drain: the replies made are sent in C, not handed to Python */
 } Batch;
 
 static int check_mac1(Classifier *self, const uint8_t *m, size_t n) {
@@ -351,9 +379,20 @@ static int check_mac2(Classifier *self, const Batch *b, const uint8_t *m, size_t
  * the cookie sealed under the subkey with the message's mac1 as associated data. */
 static int make_reply(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
     Replies *r = b->replies;
-    if (r->out == NULL && (r->out = PyBytes_FromStringAndSize(NULL, r->room * 64)) == NULL)
-        return -1;
-    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(r->out) + r->made * 64, cookie[MAC_LEN];
+    if (r->made == r->room) {
+        Py_ssize_t room = r->room ? 2 * r->room : 64;
+        uint8_t *out = PyMem_Realloc(r->out, (size_t)room * 64);
+        if (out != NULL)
+            r->out = out;
+        uint16_t *reads = out ? PyMem_Realloc(r->reads, (size_t)room * sizeof(uint16_t)) : NULL;
+        if (reads == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->reads = reads, r->room = room;
+    }
+    r->reads[r->made] = b->read;
+    uint8_t *p = r->out + r->made * 64, cookie[MAC_LEN];
     uint8_t iv[12] = {0};
     int len, ok = mac(self->mac, self->secret, b->src->host, b->src->host_len, cookie);
     r->counter++;
@@ -454,82 +493,292 @@ static PyObject *drops_dict(const Batch *b) {
     return d;
 }
 
+/* The datagrams of one read: data messages counted, the rest classified; what passes is
+ * appended to *passed (made on the first), as (offset, verdict). */
+static int classify_read(Classifier *self, Batch *b, const uint8_t *p, Py_ssize_t n,
+                         Py_ssize_t seg, PyObject **passed, Py_ssize_t *data) {
+    Py_ssize_t step = seg > 0 && seg < n ? seg : n;
+    for (Py_ssize_t at = 0; at < n; at += step) {
+        size_t len = (size_t)(at + step <= n ? step : n - at);
+        const uint8_t *m = p + at;
+        if (len >= DATA_MIN_LEN && m[0] == 4 && !m[1] && !m[2] && !m[3]) {
+            ++*data;
+            continue;
+        }
+        int verdict = classify_one(self, b, m, len);
+        Py_ssize_t where = at;
+        if (verdict == SEND_COOKIE && b->replies != NULL) {
+            int made = make_reply(self, b, m, len);
+            if (made < 0)
+                return -1;
+            where = (Py_ssize_t)made * 64, verdict = COOKIE_MADE;
+            if (b->sends)
+                continue;
+        }
+        if (!verdict)
+            continue;
+        if (*passed == NULL && (*passed = PyList_New(0)) == NULL)
+            return -1;
+        if (append_pass(*passed, where, verdict) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 static PyObject *Classifier_classify(Classifier *self, PyObject *args) {
     Py_buffer buf;
-    Py_ssize_t n, seg, host_len;
+    Py_ssize_t n, seg, host_len, data = 0;
     const char *host;
     int port, forced;
     Source src;
     Batch b = {0};
     Replies r = {0};
-    PyObject *state, *passed = NULL, *drops = NULL;
+    PyObject *state, *passed = NULL, *drops = NULL, *replies = NULL;
     if (!PyArg_ParseTuple(args, "y*nns#iddnpO", &buf, &n, &seg, &host, &host_len, &port, &b.now,
                           &b.until, &b.queued, &forced, &state))
         return NULL;
     b.forced = forced, b.src = &src;
     if (n < 0 || n > buf.len || seg < 0) {
         PyErr_SetString(PyExc_ValueError, "n or seg out of range");
-        goto done;
+        goto fail;
     }
     if (state != Py_None) {
-        const char *prefix, *subkey;
-        Py_ssize_t plen, slen;
-        if (!PyArg_ParseTuple(state, "y#y#K", &prefix, &plen, &subkey, &slen, &r.counter))
-            goto done;
-        if (plen != 16 || slen != KEY_LEN) {
-            PyErr_SetString(PyExc_ValueError, "reply state: a 16-byte prefix, a 32-byte key");
-            goto done;
-        }
-        memcpy(r.prefix, prefix, 16);
-        memcpy(r.subkey, subkey, KEY_LEN);
-        r.room = seg > 0 && seg < n ? (n + seg - 1) / seg : 1;
+        if (parse_reply_state(state, &r) < 0)
+            goto fail;
         b.replies = &r;
     }
     if (parse_source(host, host_len, port, &src) < 0) {
         PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
-        goto done;
+        goto fail;
     }
-    passed = PyList_New(0);
-    if (passed == NULL)
-        goto done;
-    Py_ssize_t data = 0, step = seg > 0 && seg < n ? seg : n;
-    const uint8_t *p = buf.buf;
-    for (Py_ssize_t at = 0; at < n; at += step) {
-        size_t len = (size_t)(at + step <= n ? step : n - at);
-        const uint8_t *m = p + at;
-        if (len >= DATA_MIN_LEN && m[0] == 4 && !m[1] && !m[2] && !m[3]) {
-            data++;
-            continue;
-        }
-        int verdict = classify_one(self, &b, m, len);
-        Py_ssize_t where = at;
-        if (verdict == SEND_COOKIE && b.replies != NULL) {
-            int made = make_reply(self, &b, m, len);
-            if (made < 0)
-                goto fail;
-            where = (Py_ssize_t)made * 64, verdict = COOKIE_MADE;
-        }
-        if (verdict && append_pass(passed, where, verdict) < 0)
+    if (classify_read(self, &b, buf.buf, n, seg, &passed, &data) < 0)
+        goto fail;
+    if (passed == NULL && (passed = PyList_New(0)) == NULL)
+        goto fail;
+    if ((drops = drops_dict(&b)) == NULL)
+        goto fail;
+    if (r.made) {
+        replies = PyBytes_FromStringAndSize((const char *)r.out, r.made * 64);
+        if (replies == NULL)
             goto fail;
-    }
-    drops = drops_dict(&b);
-    if (drops == NULL)
-        goto fail;
-    if (r.out != NULL && _PyBytes_Resize(&r.out, r.made * 64) < 0)
-        goto fail;
-    OPENSSL_cleanse(r.subkey, KEY_LEN);
-    PyBuffer_Release(&buf);
-    if (r.out == NULL) {
-        r.out = Py_None;
+    } else {
+        replies = Py_None;
         Py_INCREF(Py_None);
     }
-    return Py_BuildValue("(NndNNK)", passed, data, b.until, drops, r.out, r.counter);
+    replies_free(&r);
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(NndNNK)", passed, data, b.until, drops, replies, r.counter);
 fail:
-    Py_CLEAR(passed);
-    Py_CLEAR(drops);
-    Py_CLEAR(r.out);
-done:
-    OPENSSL_cleanse(r.subkey, KEY_LEN);
+    Py_XDECREF(passed);
+    Py_XDECREF(drops);
+    replies_free(&r);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+
+/* ---- drain: the socket read here, in batches (recvmmsg) ------------------------------- */
+
+#define MAX_READS 256
+#define SOL_UDP_ 17
+#define UDP_GRO_ 104
+#define CMSG_ROOM 64 /* a GRO size and a packet info fit */
+
+typedef struct {
+    struct mmsghdr msgs[MAX_READS];
+    struct iovec iov[MAX_READS];
+    struct sockaddr_in6 names[MAX_READS];
+    uint8_t cmsgs[MAX_READS][CMSG_ROOM];
+} Reads;
+
+/* The source of a read as UdpSocket.recv_into gives it (an IPv4-mapped address as
+ * IPv4), for the buckets and the cookie; -1 for an address family we never read. */
+static int source_of(const struct sockaddr_in6 *sa, Source *s) {
+    memset(s, 0, sizeof(*s));
+    const uint8_t *a;
+    size_t len;
+    if (sa->sin6_family == AF_INET) {
+        a = (const uint8_t *)&((const struct sockaddr_in *)sa)->sin_addr, len = 4;
+    } else if (sa->sin6_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&sa->sin6_addr)) {
+        a = sa->sin6_addr.s6_addr + 12, len = 4;
+    } else if (sa->sin6_family == AF_INET6) {
+        a = sa->sin6_addr.s6_addr, len = 16;
+    } else {
+        return -1;
+    }
+    uint16_t port = ntohs(sa->sin6_port); /* same place in sockaddr_in */
+    memcpy(s->host, a, len);
+    s->host[len] = (uint8_t)(port >> 8), s->host[len + 1] = (uint8_t)port;
+    s->host_len = len + 2;
+    s->key.len = len == 4 ? 4 : 8;
+    memcpy(s->key.key, a, s->key.len);
+    return 0;
+}
+
+/* (host, port) as Python's socket module writes it (getnameinfo: a scope as %name). */
+static PyObject *endpoint_of(const struct sockaddr_in6 *sa) {
+    char host[NI_MAXHOST];
+    struct sockaddr_in v4;
+    const struct sockaddr *name = (const struct sockaddr *)sa;
+    socklen_t len = sa->sin6_family == AF_INET ? sizeof(v4) : sizeof(*sa);
+    if (sa->sin6_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&sa->sin6_addr)) {
+        memset(&v4, 0, sizeof(v4));
+        v4.sin_family = AF_INET, v4.sin_port = sa->sin6_port;
+        memcpy(&v4.sin_addr, sa->sin6_addr.s6_addr + 12, 4);
+        name = (const struct sockaddr *)&v4, len = sizeof(v4);
+    }
+    if (getnameinfo(name, len, host, sizeof(host), NULL, 0, NI_NUMERICHOST) != 0)
+        return NULL;
+    return Py_BuildValue("(si)", host, ntohs(sa->sin6_port));
+}
+
+/* The GRO segment size and the packet info of a read. */
+static Py_ssize_t read_cmsgs(struct msghdr *h, PyObject **info) {
+    Py_ssize_t seg = 0;
+    *info = NULL;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+        size_t len = c->cmsg_len - CMSG_LEN(0);
+        if (c->cmsg_level == SOL_UDP_ && c->cmsg_type == UDP_GRO_) {
+            if (len >= sizeof(int)) {
+                int v;
+                memcpy(&v, CMSG_DATA(c), sizeof(v));
+                seg = v;
+            } else if (len >= 2) {
+                uint16_t v;
+                memcpy(&v, CMSG_DATA(c), 2);
+                seg = v;
+            }
+        } else if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+                   (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)) {
+            Py_XDECREF(*info);
+            *info = PyBytes_FromStringAndSize((const char *)CMSG_DATA(c), (Py_ssize_t)len);
+        }
+    }
+    return seg;
+}
+
+/* The cookie replies made, each to the source of the read it answers; what the socket
+ * refuses (a full buffer) is lost, as a datagram on the wire may be. */
+static Py_ssize_t send_replies(int fd, Reads *rd, const Replies *r) {
+    struct mmsghdr msgs[64];
+    struct iovec iov[64];
+    Py_ssize_t sent = 0;
+    for (Py_ssize_t at = 0; at < r->made; at += 64) {
+        unsigned k = (unsigned)(r->made - at < 64 ? r->made - at : 64);
+        for (unsigned i = 0; i < k; i++) {
+            const struct msghdr *from = &rd->msgs[r->reads[at + i]].msg_hdr;
+            memset(&msgs[i], 0, sizeof(msgs[i]));
+            iov[i].iov_base = r->out + (at + i) * 64, iov[i].iov_len = 64;
+            msgs[i].msg_hdr.msg_name = from->msg_name;
+            msgs[i].msg_hdr.msg_namelen = from->msg_namelen;
+            msgs[i].msg_hdr.msg_iov = &iov[i], msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int done = sendmmsg(fd, msgs, k, MSG_DONTWAIT);
+        if (done > 0)
+            sent += done;
+    }
+    return sent;
+}
+
+static void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned count) {
+    for (unsigned i = 0; i < count; i++) {
+        struct msghdr *h = &rd->msgs[i].msg_hdr;
+        memset(h, 0, sizeof(*h));
+        rd->iov[i].iov_base = buf + (Py_ssize_t)i * slot, rd->iov[i].iov_len = (size_t)slot;
+        h->msg_name = &rd->names[i], h->msg_namelen = sizeof(rd->names[i]);
+        h->msg_iov = &rd->iov[i], h->msg_iovlen = 1;
+        h->msg_control = rd->cmsgs[i], h->msg_controllen = CMSG_ROOM;
+    }
+}
+
+/* A read that brought something for Python: (offset, n, seg, (host, port), info, passed,
+ * data messages). */
+static int keep_read(PyObject *kept, Reads *rd, unsigned i, Py_ssize_t slot, PyObject *passed,
+                     Py_ssize_t data) {
+    PyObject *info, *ep = endpoint_of(&rd->names[i]);
+    Py_ssize_t seg = read_cmsgs(&rd->msgs[i].msg_hdr, &info);
+    if (ep == NULL) {
+        Py_XDECREF(info);
+        return 0; /* no name for it: as if never read */
+    }
+    if (info == NULL) {
+        info = Py_None;
+        Py_INCREF(info);
+    }
+    if (passed == NULL) {
+        passed = Py_None;
+    }
+    PyObject *t = Py_BuildValue("(nInNNOn)", (Py_ssize_t)i * slot, rd->msgs[i].msg_len, seg, ep,
+                                info, passed, data);
+    int rc = t == NULL ? -1 : PyList_Append(kept, t);
+    Py_XDECREF(t);
+    return rc;
+}
+
+static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
+    int fd, forced;
+    Py_buffer buf;
+    Py_ssize_t slot, count;
+    Batch b = {0};
+    Replies r = {0};
+    PyObject *state, *kept = NULL, *drops = NULL;
+    if (!PyArg_ParseTuple(args, "iw*nnddnpO", &fd, &buf, &slot, &count, &b.now, &b.until,
+                          &b.queued, &forced, &state))
+        return NULL;
+    b.forced = forced, b.sends = 1;
+    Reads *rd = PyMem_Malloc(sizeof(Reads)); /* per call: recvmmsg runs without the GIL */
+    if (rd == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    if (count < 1 || count > MAX_READS || slot < 1 || slot * count > buf.len) {
+        PyErr_SetString(PyExc_ValueError, "count (1-256) x slot must fit in buf");
+        goto fail;
+    }
+    if (state != Py_None) {
+        if (parse_reply_state(state, &r) < 0)
+            goto fail;
+        b.replies = &r;
+    }
+    setup_reads(rd, buf.buf, slot, (unsigned)count);
+    int got;
+    Py_BEGIN_ALLOW_THREADS
+    got = recvmmsg(fd, rd->msgs, (unsigned)count, MSG_DONTWAIT, NULL);
+    Py_END_ALLOW_THREADS
+    if (got < 0)
+        got = 0; /* nothing waits, or an ICMP error queued on the socket: nothing read */
+    if ((kept = PyList_New(0)) == NULL)
+        goto fail;
+    for (int i = 0; i < got; i++) {
+        Source src;
+        PyObject *passed = NULL;
+        Py_ssize_t data = 0, n = (Py_ssize_t)rd->msgs[i].msg_len;
+        if (n == 0 || source_of(&rd->names[i], &src) < 0)
+            continue;
+        struct msghdr *h = &rd->msgs[i].msg_hdr;
+        PyObject *unused;
+        Py_ssize_t seg = read_cmsgs(h, &unused);
+        Py_XDECREF(unused);
+        b.src = &src, b.read = (uint16_t)i;
+        int rc = classify_read(self, &b, (const uint8_t *)buf.buf + i * slot, n, seg, &passed,
+                               &data);
+        if (rc == 0 && (passed != NULL || data))
+            rc = keep_read(kept, rd, (unsigned)i, slot, passed, data);
+        Py_XDECREF(passed);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_ssize_t sent = r.made ? send_replies(fd, rd, &r) : 0;
+    if ((drops = drops_dict(&b)) == NULL)
+        goto fail;
+    replies_free(&r);
+    PyMem_Free(rd);
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("(NidNnK)", kept, got, b.until, drops, sent, r.counter);
+fail:
+    Py_XDECREF(kept);
+    replies_free(&r);
+    PyMem_Free(rd);
     PyBuffer_Release(&buf);
     return NULL;
 }
@@ -550,6 +799,14 @@ static PyMethodDef Classifier_methods[] = {
      "draws nothing new, else None (then no 5, only 3s); counter: after the replies made.\n"
      "data: the data messages, left for the open path; until: the under-load deadline\n"
      "after the batch (LoadMeter); drops: {Drop value: count}."},
+    {"drain", (PyCFunction)Classifier_drain, METH_VARARGS,
+     "drain(fd, buf, slot, count, now, until, queued, forced, reply_state)\n"
+     "-> (reads, count_read, until, drops, cookies_sent, counter)\n\n"
+     "Up to `count` reads of the UDP socket `fd` (recvmmsg, each into `slot` bytes of buf),\n"
+     "classified as `classify` does, the state carried from read to read; the cookie\n"
+     "replies made are sent here (sendmmsg, each to the source of its read). reads: those\n"
+     "with something for Python, as (offset, n, seg, (host, port), packet info or None,\n"
+     "passed or None, data messages); passed as `classify` gives it, without verdict 5."},
     {"set_mac1_key", (PyCFunction)Classifier_set_mac1_key, METH_O,
      "The mac1 key (HASH(label || our public key)), or b'' without a private key."},
     {"set_cookie_secret", (PyCFunction)Classifier_set_cookie_secret, METH_VARARGS,

@@ -185,3 +185,63 @@ def test_mac_matches_python() -> None:
     for n in (0, 1, 63, 64, 65, 116, 132, 1000):
         key, data = os.urandom(32), os.urandom(n)
         assert _classify.mac(key, data) == mac(key, data)
+
+
+def test_drain_reads_the_socket_as_receive_read_would() -> None:
+    """`Classifier.drain` on a real socket (recvmmsg, replies sent with sendmmsg) against
+    the Python intake fed the same datagrams read by read: the same drops, queue and load,
+    and each sender receives, byte for byte, the cookie replies the Python device made."""
+    import socket
+
+    py, c = pair()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # 300 fit in it
+        rx.bind(("127.0.0.1", 0))
+        for s in senders:
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(2)
+        rng = random.Random(7)
+        shapes = ["init", "init", "resp", "bad_mac1", "short", "unknown", "data", "init_mac2"]
+        sent = []
+        for i in range(300):  # 100 from each: the first 50 within the rate, then cookies
+            s = senders[i % 3]
+            src = s.getsockname()
+            datagram = build(rng.choice(shapes), py, src, rng) or b"\x01"
+            s.sendto(datagram, rx.getsockname())
+            sent.append((datagram, src))
+        expected = Output()
+        for datagram, src in sent:
+            expected.extend(py.receive_read(memoryview(datagram), len(datagram), 0, src, 10.0, 0))
+        got = Output()
+        buf = bytearray(2048 * 64)
+        reads = c_sent = 0
+        assert c.intake is not None
+        while reads < len(sent):
+            until, queued, forced, state = c.intake_state(10.0)
+            kept, n, until, drops, made, counter = c.intake.drain(
+                rx.fileno(), buf, 2048, 64, 10.0, until, queued, forced, state
+            )
+            c.intake_done(until, drops, state is not None, counter, got)
+            c_sent += made
+            view = memoryview(buf)
+            for offset, size, seg, src, _, passed, ndata in kept:
+                got.extend(c.receive_classified(view[offset : offset + size], size, seg, src,
+                                                10.0, passed, ndata))  # fmt: skip
+            for datagram, dst in got.udp:  # replies the Python part made (Datapath.transmit)
+                rx.sendto(datagram, dst)
+            got.udp.clear()
+            assert n > 0
+            reads += n
+        assert got.drops == expected.drops
+        assert c_sent > 0, "no reply made and sent in C"
+        assert list(c._queue) == list(py._queue) and c.load.until == py.load.until
+        for s in senders:
+            want = [d for d, dst in expected.udp if dst == s.getsockname()]
+            assert want, "no cookie replies to compare"
+            assert [s.recv(100) for _ in want] == want
+    finally:
+        rx.close()
+        for s in senders:
+            s.close()

@@ -220,8 +220,23 @@ class Device:
         """`receive_read` with the intake in C: the handshake messages of the read are
         taken (or refused) first, and the open path runs only if data messages came."""
         out = Output()
+        ndata = self._classify(buf, n, seg, src, now, out)
+        return self._classified_data(buf, n, seg, src, now, ndata, handshake_budget, out)
+
+    def receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                           passed: list[tuple[int, int]] | None, ndata: int) -> Output:  # fmt: skip
+        """A read the C intake drained from the socket itself (io/datapath.py) and found
+        something in: `passed` and `ndata` as `Classifier.drain` gives them; the
+        handshakes that passed are taken, the data messages opened."""
+        out = Output()
+        if passed:
+            self._take(buf, passed, src, None, now, out)
+        return self._classified_data(buf, n, seg, src, now, ndata, 0, out)
+
+    def _classified_data(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                         ndata: int, handshake_budget: int, out: Output) -> Output:  # fmt: skip
         received: dict[Keypair, data.Received] = {}
-        if self._classify(buf, n, seg, src, now, out):
+        if ndata:
             taken: list[data.Datagram] = []  # the classifier took these already
             if self.native is None:
                 data.open_python([(d, src) for d in split_read(buf, n, seg)],
@@ -231,24 +246,45 @@ class Device:
                 self._open_native(buf, n, seg, src, now, out, received, taken)
         return self._opened(received, [], now, handshake_budget, out)
 
+    def intake_state(self, now: float) -> tuple[float, int, bool, tuple[bytes, bytes, int] | None]:
+        """What the C intake needs to go on from where the device stands: the under-load
+        deadline, the queue's length, whether load is forced, the cookie reply state (and
+        the cookie secret, given to it when a reply drew a new one)."""
+        assert self.intake is not None
+        checker = self.cookie_checker
+        secret, born = checker.secret
+        if born != self._intake_born:
+            self.intake.set_cookie_secret(secret, born)
+            self._intake_born = born
+        load = self.load
+        return load.until, len(self._queue), load.forced, checker.reply_state(now)
+
+    def intake_done(self, until: float, drops: dict[str, int], made: bool, counter: int,
+                    out: Output) -> None:  # fmt: skip
+        """The C intake's batch is over: the load deadline it moved, the refusals it
+        counted, the cookie replies it made (`counter`: the nonce counter after them)."""
+        self.load.until = until
+        for reason, count in drops.items():
+            out.drops[Drop(reason)] += count
+        if made:
+            self.cookie_checker.replies_made(counter)
+
     def _classify(self, buf: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
                   out: Output) -> int:  # fmt: skip
         """The C intake of one read: what passed taken as `_admit` would, refusals
         counted; returns how many data messages the read holds."""
         assert self.intake is not None
-        secret, born = self.cookie_checker.secret
-        if born != self._intake_born:  # a cookie reply drew a new secret since
-            self.intake.set_cookie_secret(secret, born)
-            self._intake_born = born
-        load, checker = self.load, self.cookie_checker
-        passed, ndata, load.until, drops, replies, counter = self.intake.classify(
-            buf, n, seg, src[0], src[1], now, load.until, len(self._queue), load.forced,
-            checker.reply_state(now),
+        until, queued, forced, state = self.intake_state(now)
+        passed, ndata, until, drops, replies, counter = self.intake.classify(
+            buf, n, seg, src[0], src[1], now, until, queued, forced, state
         )
-        for reason, count in drops.items():
-            out.drops[Drop(reason)] += count
-        if replies is not None:
-            checker.replies_made(counter)
+        self.intake_done(until, drops, replies is not None, counter, out)
+        self._take(buf, passed, src, replies, now, out)
+        return ndata
+
+    def _take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
+              replies: bytes | None, now: float, out: Output) -> None:  # fmt: skip
+        """What passed the C intake, in order, as `_admit` would have taken it."""
         for offset, verdict in passed:
             if verdict == intake.COOKIE_MADE:
                 assert replies is not None
@@ -256,15 +292,13 @@ class Device:
                 out.event(EventKind.COOKIE_SENT, None, src)
                 continue
             kind = buf[offset]
-            size = _SIZES[kind]
-            message = bytes(buf[offset : offset + size])
+            message = bytes(buf[offset : offset + _SIZES[kind]])
             if verdict == intake.COOKIE_REPLY:
                 self._receive_cookie_reply(message, now, out)
             elif verdict == intake.SEND_COOKIE:
                 self._send_cookie(message, src, now, out)
             else:  # the classifier counted it against the bound and moved the load
                 self._queue.append((message, src, kind, verdict == intake.ENQUEUE_COOKIE))
-        return ndata
 
     def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
                      now: float, out: Output, received: dict[Keypair, data.Received],

@@ -58,6 +58,8 @@ def describe(event: Event, attempt: int | None = None) -> str:
     initiation that follows it (as `describe_all` finds it)."""
     kind, peer, detail = event
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
+    if kind is EventKind.COOKIE_SENT and detail is None:  # sent by the C intake, unnamed
+        return "Sending cookie response for denied handshake message"
     if kind is not EventKind.HANDSHAKE_RETRY:
         return _LINES[kind].format(name=name, detail=_endpoint(detail))
     if detail == "no data back":

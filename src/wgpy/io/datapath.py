@@ -39,6 +39,7 @@ BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back 
 HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
 HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
+DRAIN = 64  # reads per recvmmsg of the C intake; BATCH reads in all per readable event
 
 
 class BatchSizes:
@@ -79,6 +80,7 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
 
 
 _AUTHENTIC_HANDSHAKES = (EventKind.INITIATION_RECEIVED, EventKind.RESPONSE_RECEIVED)
+_COOKIE_SENT = Event(EventKind.COOKIE_SENT, None, None)  # one the C intake sent
 
 
 class Datapath:
@@ -99,18 +101,35 @@ class Datapath:
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
         self.tun_batches = BatchSizes()  # packets per readable TUN event
         self._udp_buf = bytearray(UDP_BUF)
+        # the C intake reads the socket itself, DRAIN reads of up to UDP_BUF each at once
+        in_c = device.intake is not None and udp.reads_are_its_own()
+        self._drain_buf = bytearray(UDP_BUF * DRAIN) if in_c else None
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
         views into the receive buffer (no copies); what comes out is sent once at the end."""
+        out = Output()
+        now = time.monotonic()
+        pending: dict[Endpoint, bytes] = {}  # packet info of reads not (yet) proved authentic
+        if self._drain_buf is not None:
+            count = self._drain(now, out, pending)
+        else:
+            count = self._read(now, out, pending)
+        if count:
+            self.udp_batches.record(count)
+        if self.device.queued_handshakes:
+            self._work_off_handshakes(now, out)
+        if pending:
+            self._learn_from_handshakes(out, pending)
+        self.transmit(out)
+
+    def _read(self, now: float, out: Output, pending: dict[Endpoint, bytes]) -> int:
+        """Up to BATCH reads, one by one, each handed to the core as it comes."""
         view = memoryview(self._udp_buf)
         recv_into, receive = self.udp.recv_into, self.device.receive_read
         udp = self.udp
-        out = Output()
-        now = time.monotonic()
         count = 0
-        pending: dict[Endpoint, bytes] = {}  # packet info of reads not (yet) proved authentic
         for _ in range(BATCH):
             got = recv_into(view)
             if got is None:
@@ -125,13 +144,40 @@ class Datapath:
                     pending[addr] = info
             out.extend(read)
             count += (n + seg - 1) // seg if seg else 1
-        if count:
-            self.udp_batches.record(count)
-        if self.device.queued_handshakes:
-            self._work_off_handshakes(now, out)
-        if pending:
-            self._learn_from_handshakes(out, pending)
-        self.transmit(out)
+        return count
+
+    def _drain(self, now: float, out: Output, pending: dict[Endpoint, bytes]) -> int:
+        """Up to BATCH reads, DRAIN at a time, read and classified in C (core/intake.py):
+        refused datagrams and the cookie replies to them never become Python objects;
+        the reads that brought data or a handshake that passed go to the core. Returns
+        the reads (a refused GRO read counts one)."""
+        device, udp = self.device, self.udp
+        drain, fd = device.intake.drain, udp.fileno()  # type: ignore[union-attr]
+        buf = self._drain_buf
+        assert buf is not None
+        view = memoryview(buf)
+        count = 0
+        while count < BATCH:
+            until, queued, forced, state = device.intake_state(now)
+            kept, got, until, drops, sent, counter = drain(
+                fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
+            )
+            device.intake_done(until, drops, state is not None, counter, out)
+            if sent:
+                out.events += [_COOKIE_SENT] * sent  # to many sources: not named one by one
+            for offset, n, seg, src, info, passed, ndata in kept:
+                read = device.receive_classified(view[offset : offset + n], n, seg, src, now,
+                                                 passed, ndata)  # fmt: skip
+                if info is not None:
+                    if read.authentic:
+                        udp.learn_source(src, info)
+                    else:
+                        pending[src] = info
+                out.extend(read)
+            count += got
+            if got < DRAIN:
+                break
+        return count
 
     def _learn_from_handshakes(self, out: Output, pending: dict[Endpoint, bytes]) -> None:
         """A handshake message that authenticated moved its peer's endpoint to its source."""
