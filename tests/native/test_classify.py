@@ -245,3 +245,16 @@ def test_drain_reads_the_socket_as_receive_read_would() -> None:
         rx.close()
         for s in senders:
             s.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=700), st.integers(0, 300), st.integers(0, 700), st.booleans())
+def test_any_read_any_cut(raw: bytes, seg: int, n: int, handshake_head: bool) -> None:
+    """Arbitrary bytes cut at any segment size, part of the buffer or all of it (with a
+    handshake type in front, or not): the C intake and the Python one agree."""
+    py, c = pair()
+    data = (b"\x01\0\0\0" if handshake_head else b"") + raw
+    n = min(n, len(data))
+    outs = [d.receive_read(memoryview(data), n, seg, SOURCES[3], 5.0, 0) for d in (py, c)]
+    same(*outs)
+    check_state(py, c)
