@@ -5,7 +5,7 @@
 
 A device with a key reads its UDP socket on loopback as `Datapath.on_udp` does, the C
 intake draining it (`Classifier.drain`) or, with --python, the Python intake one read at a
-time, while bench/flood_send.c floods it from 200 source addresses for --seconds: valid-mac1
+time, while bench/flood_send.c floods it from --sources addresses for --seconds: valid-mac1
 initiations (every one answered with a cookie reply: the device is over its rate for each
 source) or junk (a bad mac1). Prints reads a second and the process's CPU time per read
 (user + system: the cookie replies' sends count). The queue is emptied after each call (no
@@ -79,13 +79,13 @@ def drain_python(device: Device, udp: UdpSocket, buf: bytearray, reads: int, now
     return got
 
 
-def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int) -> str:
+def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int, nsrc: int) -> str:
     device = Device(os.urandom, native=native.load(), classify=not python)
     device.set_private_key(clamp(bytes(range(1, 33))))
     assert device.public_key is not None
     udp = UdpSocket(0)
     udp._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-    sources = ",".join(f"127.0.{i // 200}.{1 + i % 200}" for i in range(200))
+    sources = ",".join(f"127.0.{i // 200}.{1 + i % 200}" for i in range(nsrc))
     buf = bytearray(UDP_BUF * reads)
     drain = drain_python if python else drain_c
     with tempfile.NamedTemporaryFile() as f:
@@ -105,7 +105,8 @@ def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int) -> s
         sent = sender.communicate(timeout=10)[0].strip()
     udp.close()
     kind = "python" if python else "C"
-    return (f"| {kind} | {'valid mac1' if valid else 'junk'} | {reads} | {rcvbuf >> 10} KiB "
+    flood = "valid mac1" if valid else "junk"
+    return (f"| {kind} | {flood} | {nsrc} | {reads} | {rcvbuf >> 10} KiB "
             f"| {total / seconds:,.0f} | {cpu / max(total, 1) * 1e6:.2f} | {sent} |")
 
 
@@ -115,13 +116,15 @@ def main() -> int:
     ap.add_argument("--python", action="store_true", help="the Python intake as well")
     ap.add_argument("--seconds", type=float, default=2.5)
     ap.add_argument("--rcvbuf", type=int, default=8 << 20)
+    ap.add_argument("--sources", default="200", help="source addresses, comma-separated runs")
     args = ap.parse_args()
-    print("| intake | flood | reads a call | rcvbuf | reads/s | CPU us a read | sender |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| intake | flood | sources | reads a call | rcvbuf | reads/s | CPU us a read | sender |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for python in [False, True] if args.python else [False]:
-        for valid in (True, False):
-            for reads in map(int, args.reads.split(",")):
-                print(run(python, valid, reads, args.seconds, args.rcvbuf), flush=True)
+        for nsrc in map(int, args.sources.split(",")):
+            for valid in (True, False):
+                for reads in map(int, args.reads.split(",")):
+                    print(run(python, valid, reads, args.seconds, args.rcvbuf, nsrc), flush=True)
     return 0
 
 

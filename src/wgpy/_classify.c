@@ -169,6 +169,7 @@ typedef struct {
     EVP_MAC_CTX *mac;        /* for the cookie and mac2: keys change per source */
     EVP_CIPHER_CTX *aead;    /* ChaCha20-Poly1305 for cookie replies */
     int has_key;             /* a private key is set (mac1 key known) */
+    int gso;                 /* cookie replies to one address go as one GSO send */
     uint8_t secret[KEY_LEN]; /* CookieChecker's cookie secret, pushed from Python */
     double secret_born, refresh;
     Py_ssize_t queue_size, threshold;
@@ -229,6 +230,7 @@ static int Classifier_init(Classifier *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     self->threshold = self->queue_size / 8;
+    self->gso = 1;
     self->secret_born = -INFINITY;
     self->mac1 = new_mac();
     self->mac = new_mac();
@@ -658,24 +660,64 @@ static Py_ssize_t read_cmsgs(struct msghdr *h, PyObject **info) {
 }
 
 /* The cookie replies made, each to the source of the read it answers; what the socket
- * refuses (a full buffer) is lost, as a datagram on the wire may be. */
-static Py_ssize_t send_replies(int fd, Reads *rd, const Replies *r) {
+ * refuses (a full buffer) is lost, as a datagram on the wire may be. Replies in a row to
+ * one address (a flood from one source) go as one GSO send of 64-byte segments: the
+ * kernel's cost per reply is most of what such a flood costs. */
+#define UDP_SEGMENT_ 103
+#define GSO_RUN 64
+
+static int same_name(const struct msghdr *a, const struct msghdr *b) {
+    return a->msg_namelen == b->msg_namelen && memcmp(a->msg_name, b->msg_name, a->msg_namelen) == 0;
+}
+
+/* One sendmmsg of up to 64 messages from reply `at` on; *next: the first reply after. */
+static int send_some(int fd, Reads *rd, const Replies *r, Py_ssize_t at, int gso,
+                     Py_ssize_t *next, Py_ssize_t *sent) {
     struct mmsghdr msgs[64];
     struct iovec iov[64];
-    Py_ssize_t sent = 0;
-    for (Py_ssize_t at = 0; at < r->made; at += 64) {
-        unsigned k = (unsigned)(r->made - at < 64 ? r->made - at : 64);
-        for (unsigned i = 0; i < k; i++) {
-            const struct msghdr *from = &rd->msgs[r->reads[at + i]].msg_hdr;
-            memset(&msgs[i], 0, sizeof(msgs[i]));
-            iov[i].iov_base = r->out + (at + i) * 64, iov[i].iov_len = 64;
-            msgs[i].msg_hdr.msg_name = from->msg_name;
-            msgs[i].msg_hdr.msg_namelen = from->msg_namelen;
-            msgs[i].msg_hdr.msg_iov = &iov[i], msgs[i].msg_hdr.msg_iovlen = 1;
+    union {
+        struct cmsghdr align;
+        uint8_t buf[CMSG_SPACE(sizeof(uint16_t))];
+    } cmsgs[64];
+    Py_ssize_t runs[64];
+    unsigned k = 0;
+    for (; k < 64 && at < r->made; k++) {
+        const struct msghdr *from = &rd->msgs[r->reads[at]].msg_hdr;
+        Py_ssize_t run = 1;
+        while (gso && run < GSO_RUN && at + run < r->made &&
+               same_name(from, &rd->msgs[r->reads[at + run]].msg_hdr))
+            run++;
+        struct msghdr *h = &msgs[k].msg_hdr;
+        memset(h, 0, sizeof(*h));
+        iov[k].iov_base = r->out + at * 64, iov[k].iov_len = (size_t)run * 64;
+        h->msg_name = from->msg_name, h->msg_namelen = from->msg_namelen;
+        h->msg_iov = &iov[k], h->msg_iovlen = 1;
+        if (run > 1) {
+            h->msg_control = cmsgs[k].buf, h->msg_controllen = sizeof(cmsgs[k].buf);
+            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            c->cmsg_level = SOL_UDP_, c->cmsg_type = UDP_SEGMENT_;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t size = 64;
+            memcpy(CMSG_DATA(c), &size, sizeof(size));
         }
-        int done = sendmmsg(fd, msgs, k, MSG_DONTWAIT);
-        if (done > 0)
-            sent += done;
+        runs[k] = run, at += run;
+    }
+    *next = at;
+    int done = sendmmsg(fd, msgs, k, MSG_DONTWAIT);
+    for (int i = 0; i < done; i++)
+        *sent += runs[i];
+    return done < 0 ? -1 : 0;
+}
+
+static Py_ssize_t send_replies(Classifier *self, int fd, Reads *rd, const Replies *r) {
+    Py_ssize_t sent = 0, at = 0, next;
+    while (at < r->made) {
+        if (send_some(fd, rd, r, at, self->gso, &next, &sent) < 0 && self->gso &&
+            (errno == EIO || errno == EINVAL || errno == EOPNOTSUPP || errno == ENOPROTOOPT)) {
+            self->gso = 0; /* no UDP GSO here: one datagram a message from now on */
+            continue;
+        }
+        at = next;
     }
     return sent;
 }
@@ -768,7 +810,7 @@ static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
         if (rc < 0)
             goto fail;
     }
-    Py_ssize_t sent = r.made ? send_replies(fd, rd, &r) : 0;
+    Py_ssize_t sent = r.made ? send_replies(self, fd, rd, &r) : 0;
     if ((drops = drops_dict(&b)) == NULL)
         goto fail;
     replies_free(&r);
