@@ -208,7 +208,7 @@ class Bed:
     made: list[object] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from wgpy.demo.testbed import Namespace, Node, veth
+        from wgpy.demo.testbed import Namespace, TunnelEnd, veth
 
         tag = f"{os.getpid() % 100000}"
         try:
@@ -222,9 +222,9 @@ class Bed:
             for addr in [X_ADDR, *SPOOFED]:
                 self.x.add_address(f"fx{tag}v", f"{addr}/24")
             go = ["wireguard-go"]
-            self.node = Node(self.v, f"wfv{tag}", 1, self.command)
-            self.l1 = Node(self.l, f"wfa{tag}", 2, go)
-            self.l2 = Node(self.l, f"wfb{tag}", 3, go)
+            self.node = TunnelEnd(self.v, f"wfv{tag}", 1, self.command)
+            self.l1 = TunnelEnd(self.l, f"wfa{tag}", 2, go)
+            self.l2 = TunnelEnd(self.l, f"wfb{tag}", 3, go)
             self.made += [self.node, self.l1, self.l2]
             for node, port, addr in ((self.node, PORT, V_IN1), (self.l1, PORT + 1, L1_IN),
                                      (self.l2, PORT + 2, L2_IN)):  # fmt: skip

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from wgpy import _native as native
 from wgpy.core.data import seal_all
 from wgpy.core.device import Device
-from wgpy.core.peer import Endpoint, Keypair
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.peer import Keypair
 
 BATCH = 44
 SIZE = 1420
@@ -44,7 +45,7 @@ def main() -> None:
     assert peer is not None
     device.allowed_ips.insert(src, 32, peer)
     kp = Keypair(peer, (key, key), initiator=True, local_index=77, remote_index=77, now=0.0)
-    device._keypairs[77] = kp
+    device.index.add_keypair(kp)
     ep: Endpoint = ("192.0.2.1", 51820)
 
     # ROUNDS batches with fresh counters, so that every packet is accepted

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from sections import write_section  # noqa: E402
 
 from wgpy.demo.run import iperf3  # noqa: E402
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel  # noqa: E402
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Tunnel, TunnelEnd  # noqa: E402
 
 UPSTREAM = sorted((ROOT.parent / "shared" / "bin").glob("wireguard-go-*"))
 IMPLEMENTATIONS: dict[str, list[str]] = {
@@ -77,7 +77,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rtt(src: Node, dst: Node) -> float:
+def rtt(src: TunnelEnd, dst: TunnelEnd) -> float:
     out = src.ns.run("ping", "-c", "20", "-i", "0.05", "-q", dst.inner4, timeout=30)
     return float(out.strip().splitlines()[-1].split("=")[1].split("/")[1])
 

@@ -10,21 +10,50 @@ The library (see docs/api.md):
 - `run(config, command)`: a command whose only network is the tunnel, without root;
   `Proxy(config, socks=...)`: a SOCKS5 proxy into the tunnel, without root.
 - `wgpy.sim`: an in-memory network of core devices with a fake clock.
+
+The names are loaded when first used (PEP 562), so that `import wgpy.core.device` (which
+imports this package first) loads the core and nothing above it: no threads, sockets or
+asyncio until a program asks for `wgpy.Interface`. tests/core/test_purity.py checks it.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from wgpy.core.output import Drop, EventKind
-from wgpy.embed.interface import (
-    Event,
-    Interface,
-    PeerState,
-    generate_private_key,
-    public_key_of,
-)
-from wgpy.rootless.launch import Proxy, run
-from wgpy.rootless.userns import NamespaceError
-from wgpy.tools.config import Config, ConfigError, InterfaceConfig, PeerConfig
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from wgpy._version import __version__
+
+if TYPE_CHECKING:
+    from wgpy.core.events import EventKind
+    from wgpy.core.output import Drop
+    from wgpy.embed.interface import (
+        Event,
+        Interface,
+        PeerState,
+        generate_private_key,
+        public_key_of,
+    )
+    from wgpy.rootless.launch import Proxy, run
+    from wgpy.rootless.userns import NamespaceError
+    from wgpy.tools.config import Config, ConfigError, InterfaceConfig, PeerConfig
+
+# Each public name, and the module that defines it.
+_WHERE = {
+    "Drop": "wgpy.core.output",
+    "EventKind": "wgpy.core.events",
+    "Event": "wgpy.embed.interface",
+    "Interface": "wgpy.embed.interface",
+    "PeerState": "wgpy.embed.interface",
+    "generate_private_key": "wgpy.embed.interface",
+    "public_key_of": "wgpy.embed.interface",
+    "Proxy": "wgpy.rootless.launch",
+    "run": "wgpy.rootless.launch",
+    "NamespaceError": "wgpy.rootless.userns",
+    "Config": "wgpy.tools.config",
+    "ConfigError": "wgpy.tools.config",
+    "InterfaceConfig": "wgpy.tools.config",
+    "PeerConfig": "wgpy.tools.config",
+}
 
 __all__ = [
     "Config",
@@ -43,3 +72,17 @@ __all__ = [
     "public_key_of",
     "run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name on first use (PEP 562); later reads find it in the module."""
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'wgpy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

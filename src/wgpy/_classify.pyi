@@ -30,6 +30,27 @@ class Classifier:
         forced: bool,
         reply_state: tuple[bytes, bytes, int] | None,
     ) -> tuple[list[tuple[int, int]], int, float, dict[str, int], bytes | None, int]: ...
+    def drain(
+        self,
+        fd: int,
+        buf: bytearray,
+        slot: int,
+        count: int,
+        now: float,
+        until: float,
+        queued: int,
+        forced: bool,
+        reply_state: tuple[bytes, bytes, int] | None,
+    ) -> tuple[
+        list[
+            tuple[int, int, int, tuple[str, int], bytes | None, list[tuple[int, int]] | None, int]
+        ],
+        int,
+        float,
+        dict[str, int],
+        int,
+        int,
+    ]: ...
     def set_mac1_key(self, key: Buffer) -> None: ...
     def set_cookie_secret(self, secret: Buffer, born: float) -> None: ...
     def sources(self) -> tuple[int, int]: ...

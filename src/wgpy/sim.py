@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 from wgpy.core.crypto import clamp
 from wgpy.core.data import seal_all
 from wgpy.core.device import Device, Output
-from wgpy.core.output import Event
-from wgpy.core.peer import Endpoint, Keypair, Peer
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import ProtocolEvent
+from wgpy.core.peer import Keypair, Peer
 
 __all__ = [
     "WALL",
     "Conditions",
-    "Node",
     "SimNet",
+    "SimNode",
     "ipv4_packet",
     "ipv6_packet",
     "seal",
@@ -86,7 +87,7 @@ class Conditions:
 
 
 @dataclass
-class Node:
+class SimNode:
     name: str
     device: Device
     endpoint: Endpoint
@@ -102,10 +103,10 @@ class SimNet:
     def __init__(self, seed: int = 1, conditions: Conditions | None = None) -> None:
         self.now = 1000.0
         self.rng = random.Random(seed)
-        self.nodes: dict[Endpoint, Node] = {}
+        self.nodes: dict[Endpoint, SimNode] = {}
         self.wire: list[tuple[bytes, Endpoint, Endpoint]] = []  # everything sent: (data, src, dst)
         self.keep_wire = True  # turn off for big runs
-        self.events: list[tuple[float, str, Event]] = []  # (time, node name, event)
+        self.events: list[tuple[float, str, ProtocolEvent]] = []  # (time, node name, event)
         self.drop: Callable[[bytes, Endpoint, Endpoint], bool] = lambda d, s, t: False
         self.conditions = conditions or Conditions()
         self._pair: dict[tuple[str, str], Conditions] = {}
@@ -114,14 +115,14 @@ class SimNet:
 
     # ---- building -----------------------------------------------------------------------
 
-    def add(self, name: str, endpoint: Endpoint) -> Node:
+    def add(self, name: str, endpoint: Endpoint) -> SimNode:
         device = Device(self.rng.randbytes, wall_offset=WALL, classify=self.classify)
         device.set_private_key(clamp(self.rng.randbytes(32)))
-        node = Node(name, device, endpoint)
+        node = SimNode(name, device, endpoint)
         self.nodes[endpoint] = node
         return node
 
-    def link(self, a: Node, b: Node, a_ip: str, b_ip: str, psk: bytes | None = None) -> None:
+    def link(self, a: SimNode, b: SimNode, a_ip: str, b_ip: str, psk: bytes | None = None) -> None:
         """Make each node a peer of the other; b_ip is routed to b at a, and vice versa."""
         for here, there, ip in ((a, b, b_ip), (b, a, a_ip)):
             assert there.device.public_key is not None
@@ -133,18 +134,18 @@ class SimNet:
             addr = ipaddress.ip_network(ip)
             here.device.allowed_ips.insert(addr.network_address.packed, addr.prefixlen, peer)
 
-    def set_conditions(self, a: Node, b: Node, conditions: Conditions) -> None:
+    def set_conditions(self, a: SimNode, b: SimNode, conditions: Conditions) -> None:
         """Conditions for datagrams between a and b (both ways)."""
         self._pair[(a.name, b.name)] = self._pair[(b.name, a.name)] = conditions
 
-    def roam(self, node: Node, endpoint: Endpoint) -> None:
+    def roam(self, node: SimNode, endpoint: Endpoint) -> None:
         """Move `node` to a new address; its peers learn it from its next authenticated
         datagram (what reaches the old address from now on is lost)."""
         del self.nodes[node.endpoint]
         node.endpoint = endpoint
         self.nodes[endpoint] = node
 
-    def peer(self, here: Node, there: Node) -> Peer:
+    def peer(self, here: SimNode, there: SimNode) -> Peer:
         assert there.device.public_key is not None
         return here.device.peers[there.device.public_key]
 
@@ -172,12 +173,12 @@ class SimNet:
                 at += self.rng.uniform(0, c.jitter)
             heapq.heappush(self._in_flight, (at, next(self._order), data, src, dst))
 
-    def _record(self, node: Node, out: Output) -> None:
+    def _record(self, node: SimNode, out: Output) -> None:
         node.delivered += out.tun
         if out.events:
             self.events += [(self.now, node.name, e) for e in out.events]
 
-    def pump(self, node: Node, out: Output, limit: int = 1_000_000) -> None:
+    def pump(self, node: SimNode, out: Output, limit: int = 1_000_000) -> None:
         """Carry `out` (produced by `node`) and every answer it provokes."""
         self._record(node, out)
         queue: deque[tuple[bytes, Endpoint, Endpoint]] = deque()
@@ -200,7 +201,7 @@ class SimNet:
             for d, to in result.udp:
                 self._route(d, target.endpoint, to, queue)
 
-    def send(self, node: Node, *packets: bytes) -> None:
+    def send(self, node: SimNode, *packets: bytes) -> None:
         """Packets `node`'s TUN would read: sealed (after a handshake) and carried."""
         self.pump(node, node.device.send(list(packets), self.now))
 

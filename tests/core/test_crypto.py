@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -203,3 +204,29 @@ def test_our_keys_match_the_wg_tool() -> None:
     assert len(base64.b64decode(run(*wgpy, "genpsk"))) == 32
     bad = subprocess.run([*wgpy, "pubkey"], input="nope", capture_output=True, text=True)
     assert bad.returncode == 1 and "key" in bad.stderr
+
+
+@pytest.mark.parametrize("command", ["genkey", "genpsk"])
+def test_a_key_into_a_world_accessible_file_warns_as_wg_does(command: str, tmp_path: Path) -> None:
+    """`wgpy genkey > file` where others may read the file: the key is written, and stderr
+    says so in wg's words; a private file (group access included) or a pipe: no warning."""
+    tools = [[sys.executable, "-m", "wgpy"]] + ([["wg"]] if shutil.which("wg") else [])
+    for tool in tools:
+        for mode, warns in ((0o644, True), (0o604, True), (0o601, True), (0o640, False),
+                            (0o600, False)):  # fmt: skip
+            path = tmp_path / f"{tool[0].rsplit('/', 1)[-1]}-{mode:o}"
+            path.touch(mode)
+            path.chmod(mode)
+            with path.open("w") as out:
+                done = subprocess.run([*tool, command], stdout=out, stderr=subprocess.PIPE,
+                                      text=True, check=True, timeout=30)  # fmt: skip
+            assert len(base64.b64decode(path.read_text())) == 32
+            assert done.stderr == (WORLD_ACCESSIBLE if warns else ""), (tool, mode)
+        piped = subprocess.run([*tool, command], capture_output=True, text=True, timeout=30)
+        assert piped.returncode == 0 and piped.stderr == ""
+
+
+WORLD_ACCESSIBLE = (
+    "Warning: writing to world accessible file.\n"
+    "Consider setting the umask to 077 and trying again.\n"
+)

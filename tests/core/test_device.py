@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.core.simnet import Node, SimNet, ipv4_packet, ipv6_packet, seal
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.data import padded_length
 from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
+from wgpy.core.events import EndpointChanged, EventKind, InitiationReceived, ResponseReceived
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -25,9 +25,10 @@ from wgpy.core.messages import (
     RESPONSE_LEN,
     parse_cookie_reply,
 )
-from wgpy.core.output import Drop, EventKind
+from wgpy.core.output import Drop
 from wgpy.core.ratelimit import MAX_SOURCES, RateLimiter
 from wgpy.core.timers import Timer
+from wgpy.sim import SimNet, SimNode, ipv4_packet, ipv6_packet, seal
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)
@@ -239,7 +240,7 @@ def test_cookie_path_under_load(net: SimNet) -> None:
     assert len(b.delivered) == 1
 
 
-def valid_mac1_junk(net: SimNet, target: Node, seed: int) -> bytes:
+def valid_mac1_junk(net: SimNet, target: SimNode, seed: int) -> bytes:
     """An initiation with random keys but a valid mac1 for `target`: it costs the target a
     Diffie-Hellman before it turns out to be nobody's (the flood of issue 12)."""
     rng = random.Random(seed)
@@ -410,6 +411,21 @@ def test_valid_initiation_is_answered(net: SimNet) -> None:
     _, b = nodes(net)
     out = b.device.receive([(_initiation(net), A_EP)], net.now)
     assert len(out.udp) == 1 and out.udp[0][0][0] == MSG_RESPONSE
+
+
+def test_a_handshake_event_brings_back_the_tag_of_its_datagram(net: SimNet) -> None:
+    """The caller tags each read (the datapath: the local address it came to); the event
+    of the handshake message that authenticated carries that read's tag, also when the
+    queue is worked off later, after other reads from the same source."""
+    a, b = nodes(net)
+    out = b.device.receive([(_initiation(net), A_EP)], net.now, 0, "its read")
+    out.extend(b.device.receive([(b"\x01", A_EP)], net.now, 0, "a spoofed read"))
+    assert not out.events and b.device.queued_handshakes == 1
+    out = b.device.process_handshakes(net.now)
+    assert [e.tag for e in out.events if isinstance(e, InitiationReceived)] == ["its read"]
+    got = a.device.receive([(out.udp[0][0], B_EP)], net.now, 1, "the response's read")
+    tags = [e.tag for e in got.events if isinstance(e, ResponseReceived)]
+    assert tags == ["the response's read"]
 
 
 @pytest.mark.parametrize("size", [0, 3, 4, 147, 149, 31, 91, 93, 63, 65])
@@ -619,7 +635,8 @@ def test_events_of_a_handshake_and_roaming(net: SimNet) -> None:
     kinds_b = [e.kind for e in out_b.events]
     assert kinds_b == [EventKind.INITIATION_RECEIVED, EventKind.ENDPOINT_CHANGED,
                        EventKind.KEYPAIR_CREATED, EventKind.RESPONSE_SENT]  # fmt: skip
-    assert out_b.events[1].detail == ("198.51.100.1", 7)
+    changed = out_b.events[1]
+    assert isinstance(changed, EndpointChanged) and changed.endpoint == ("198.51.100.1", 7)
     out_a2 = a.device.receive([(out_b.udp[0][0], B_EP)], net.now)
     assert [e.kind for e in out_a2.events] == [
         EventKind.RESPONSE_RECEIVED, EventKind.KEYPAIR_CREATED, EventKind.HANDSHAKE_COMPLETED]

@@ -5,18 +5,20 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from tests.core.simnet import ipv4_packet
 from wgpy.core import icmp
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
+from wgpy.core.ip import checksum
 from wgpy.core.output import Drop
+from wgpy.core.tokenbucket import TokenBucket
+from wgpy.sim import ipv4_packet
 
 
 def v4(src: str, dst: str, payload: bytes = b"x" * 20, proto: int = 17, frag: int = 0) -> bytes:
     p = bytearray(ipv4_packet(src, dst, payload, proto))
     struct.pack_into(">H", p, 6, frag)
     struct.pack_into(">H", p, 10, 0)
-    struct.pack_into(">H", p, 10, icmp.checksum(p[:20]))
+    struct.pack_into(">H", p, 10, ~checksum(p[:20]) & 0xFFFF)
     return bytes(p)
 
 
@@ -36,8 +38,8 @@ def echo_request(n: int = 56) -> bytes:
 def test_checksum_rfc1071_example() -> None:
     # RFC 1071's worked example: the sum of these words is 0xddf2, its complement 0x220d
     data = bytes.fromhex("0001f203f4f5f6f7")
-    assert icmp.checksum(data) == 0x220D
-    assert icmp.checksum(data + struct.pack(">H", 0x220D)) == 0
+    assert checksum(data) == 0xDDF2 and ~checksum(data) & 0xFFFF == 0x220D
+    assert checksum(data + struct.pack(">H", 0x220D)) == 0xFFFF  # it verifies
 
 
 def test_v4_host_unreachable_swaps_addresses_and_checksums() -> None:
@@ -47,9 +49,9 @@ def test_v4_host_unreachable_swaps_addresses_and_checksums() -> None:
     assert reply[0] == 0x45 and reply[9] == 1
     assert struct.unpack_from(">H", reply, 2)[0] == len(reply)
     assert reply[12:16] == packet[16:20] and reply[16:20] == packet[12:16]
-    assert icmp.checksum(reply[:20]) == 0  # the IP header
+    assert checksum(reply[:20]) == 0xFFFF  # the IP header
     assert reply[20:22] == bytes((3, 1))  # destination unreachable, host unreachable
-    assert icmp.checksum(reply[20:]) == 0  # the ICMP message
+    assert checksum(reply[20:]) == 0xFFFF  # the ICMP message
     assert reply[28:] == packet  # a short packet is quoted whole
 
 
@@ -58,7 +60,7 @@ def test_v4_quotes_up_to_576_bytes() -> None:
     reply = icmp.unreachable(packet)
     assert reply is not None and len(reply) == 576
     assert reply[28:] == packet[:548]
-    assert icmp.checksum(reply[20:]) == 0
+    assert checksum(reply[20:]) == 0xFFFF
 
 
 def test_v6_address_unreachable_with_pseudo_header_checksum() -> None:
@@ -71,7 +73,7 @@ def test_v6_address_unreachable_with_pseudo_header_checksum() -> None:
     assert reply[8:24] == packet[24:40] and reply[24:40] == packet[8:24]
     assert reply[40:42] == bytes((1, 3))  # destination unreachable, address unreachable
     pseudo = reply[8:40] + struct.pack(">I3xB", len(reply) - 40, 58)
-    assert icmp.checksum(pseudo + reply[40:]) == 0
+    assert checksum(pseudo + reply[40:]) == 0xFFFF
     assert reply[48:] == packet
 
 
@@ -120,11 +122,13 @@ def test_no_reply_to_multicast_broadcast_or_no_source() -> None:
 
 
 def test_token_bucket_burst_then_rate() -> None:
-    bucket = icmp.TokenBucket(rate=1000, burst=50)
+    bucket = TokenBucket(rate=1000, burst=50)
     assert sum(bucket.allow(10.0) for _ in range(200)) == 50
     assert not bucket.allow(10.0)
     assert sum(bucket.allow(10.015625) for _ in range(200)) == 15  # 15.6 ms: 15 more
     assert sum(bucket.allow(20.0) for _ in range(200)) == 50  # refilled to the burst only
+    assert bucket.level(20.0) == 0.0 and bucket.level(20.00390625) == 3.90625  # a look takes none
+    assert not bucket.allow(19.0) and bucket.level(20.00390625) == 3.90625  # a clock gone back
 
 
 def device() -> Device:

@@ -16,10 +16,12 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.core.simnet import Node, SimNet, ipv4_packet
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
+from wgpy.core.events import EventKind
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -27,7 +29,8 @@ from wgpy.core.messages import (
     MSG_INITIATION,
     parse_cookie_reply,
 )
-from wgpy.core.output import Drop, EventKind
+from wgpy.core.output import Drop
+from wgpy.sim import SimNet, SimNode, ipv4_packet
 
 SERVER = ("192.0.2.1", 51820)
 HOST = "198.51.100.7"  # the legitimate peer's address, which the spoofer borrows
@@ -35,7 +38,7 @@ LEGIT = (HOST, 51820)
 STEP = 0.01  # seconds of fake time between batches from the spoofer
 
 
-def spoofed_pool(server: Node, n: int = 64) -> list[bytes]:
+def spoofed_pool(server: SimNode, n: int = 64) -> list[bytes]:
     """Initiations from random keys with a valid mac1 for the server (complete messages
     a spoofer can make at will: mac1 needs only the server's public key)."""
     assert server.device.public_key is not None
@@ -60,7 +63,7 @@ class Spoofer:
     batch, and checks every batch for reflection: each reply goes to a source that sent
     a message in that batch, at most one per message, never larger than the message."""
 
-    def __init__(self, net: SimNet, server: Node, rate: float, *, owners_port: bool) -> None:
+    def __init__(self, net: SimNet, server: SimNode, rate: float, *, owners_port: bool) -> None:
         self.net, self.server, self.rate = net, server, rate
         self.ports = 1 if owners_port else 20000  # from LEGIT itself, or 40000+i
         self.pool = spoofed_pool(server)
@@ -205,7 +208,7 @@ def test_a_thousand_peers_behind_one_address_need_no_cookie() -> None:
     net.keep_wire = False
     server = net.add("server", SERVER)
     rng = random.Random(2)
-    starts: list[tuple[float, Node, str]] = []
+    starts: list[tuple[float, SimNode, str]] = []
     for i in range(1000):
         node = net.add(f"c{i}", ("203.0.113.5", 1024 + i))
         inner = f"10.1.{i // 250}.{i % 250 + 1}"
@@ -279,3 +282,55 @@ def test_every_cookie_reply_has_its_own_nonce() -> None:
             assert gen.consume_reply(reply, net.now + at)
             nonces.add(reply.nonce)
     assert len(nonces) == 12 and len({n[:16] for n in nonces}) == 2
+
+
+_SOURCES = [(HOST, 51820), (HOST, 40000), (HOST, 40001), ("203.0.113.9", 7)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=120),
+            st.floats(0.0, 0.5),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_no_reflection_whatever_arrives(
+    batches: list[tuple[list[tuple[int, int]], float, bool]],
+) -> None:
+    """Any mix of initiations and responses with a valid mac1 (or junk), from sources on
+    one address and another, under load or not: the server never sends an address more
+    datagrams than it received from it, nor a reply larger than the largest it received."""
+    net = SimNet(seed=9)
+    server = net.add("server", SERVER)
+    dev = server.device
+    assert dev.public_key is not None
+    gen = CookieGenerator(dev.public_key)
+    rng = random.Random(4)
+    got: Counter[tuple[str, int]] = Counter()
+    largest: dict[tuple[str, int], int] = {}
+    sent: Counter[tuple[str, int]] = Counter()
+    for msgs, dt, load in batches:
+        net.now += dt
+        dev.load.forced = load
+        batch = []
+        for what, who in msgs:
+            kind, size = (MSG_INITIATION, INITIATION_LEN) if what < 2 else (2, 92)
+            msg = bytearray([kind, 0, 0, 0]) + rng.randbytes(size - 4)
+            msg[-16:] = bytes(16)
+            if what != 3:  # 3: junk, a random mac1
+                gen.add_macs(msg, net.now)
+            src = _SOURCES[who]
+            batch.append((bytes(msg), src))
+            got[src] += 1
+            largest[src] = max(largest.get(src, 0), size)
+        out = dev.receive(batch, net.now)
+        out.extend(dev.process_handshakes(net.now, 1 << 20))
+        for reply, dst in out.udp:
+            sent[dst] += 1
+            assert len(reply) <= largest[dst]
+    assert all(sent[dst] <= got[dst] for dst in sent)

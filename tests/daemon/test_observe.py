@@ -9,19 +9,21 @@ from collections import Counter
 
 import pytest
 
-from tests.core.simnet import SimNet, ipv4_packet
 from tests.daemon.test_uapi import MemoryHost, req
-from wgpy.core.output import Drop, Event, EventKind
+from wgpy.core import events as ev
+from wgpy.core.events import EventKind, ProtocolEvent
+from wgpy.core.output import Drop
 from wgpy.daemon import log as wlog
 from wgpy.daemon.status import Stats, build_status
+from wgpy.sim import SimNet, ipv4_packet
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)
 
 
-def recorded(net: SimNet) -> list[Event]:
+def recorded(net: SimNet) -> list[ProtocolEvent]:
     """Every event the nodes' outputs carry, as the daemon's on_events would get them."""
-    events: list[Event] = []
+    events: list[ProtocolEvent] = []
     for node in net.nodes.values():
         dev = node.device
         for name in ("receive", "send", "tick", "process_handshakes"):
@@ -43,13 +45,29 @@ def test_peer_name_as_wireguard_go() -> None:
     assert wlog.peer_name(key) == "peer(AAEC…Hh8)".replace("Hh8", b64[39:43])
 
 
+def test_one_event_class_per_kind() -> None:
+    # (slots=True makes a second class per dataclass: count them by name)
+    kinds = {c.__name__: c.kind for c in ProtocolEvent.__subclasses__()}
+    assert sorted(k.value for k in kinds.values()) == sorted(k.value for k in EventKind)
+
+
 def test_every_event_kind_has_a_line() -> None:
     net = SimNet()
     a = net.add("a", A_EP)
     peer = a.device.add_peer(bytes(range(32)))
-    for kind in EventKind:
-        line = wlog.describe(Event(kind, peer, 1))
-        assert kind.value not in line, f"{kind} has no line of its own"
+    assert peer is not None
+    samples: list[ProtocolEvent] = [
+        ev.InitiationSent(peer, 1), ev.InitiationReceived(peer), ev.ResponseSent(peer),
+        ev.ResponseReceived(peer), ev.CookieSent(("192.0.2.9", 7)), ev.CookieReceived(peer),
+        ev.KeypairCreated(peer, 1), ev.HandshakeCompleted(peer),
+        ev.EndpointChanged(peer, ("192.0.2.1", 1)), ev.KeepaliveSent(peer),
+        ev.HandshakeRetry(peer, "no response"), ev.HandshakeRetry(peer, "no data back"),
+        ev.HandshakeGaveUp(peer, 1), ev.KeysZeroed(peer),
+    ]  # fmt: skip
+    assert {e.kind for e in samples} == set(EventKind)
+    for event in samples:
+        line = wlog.describe(event)
+        assert event.kind.value not in line, f"{event.kind} has no line of its own"
 
 
 def test_lines_for_a_handshake_retries_giving_up_and_zeroing() -> None:
@@ -94,10 +112,11 @@ def test_lines_for_a_handshake_retries_giving_up_and_zeroing() -> None:
 def test_roaming_and_cookie_lines() -> None:
     peer = SimNet().add("a", A_EP).device.add_peer(bytes(range(32)))
     name = wlog.peer_name(bytes(range(32)))
-    assert wlog.describe(Event(EventKind.ENDPOINT_CHANGED, peer, ("fd00::1", 5))) == (
+    assert peer is not None
+    assert wlog.describe(ev.EndpointChanged(peer, ("fd00::1", 5))) == (
         f"{name} - Endpoint changed to [fd00::1]:5"
     )
-    assert wlog.describe(Event(EventKind.COOKIE_SENT, None, ("192.0.2.9", 7))) == (
+    assert wlog.describe(ev.CookieSent(("192.0.2.9", 7))) == (
         "Sending cookie response for denied handshake message for 192.0.2.9:7"
     )
 
@@ -197,3 +216,20 @@ def test_metrics_collector_names_and_values() -> None:
     assert parse_listen("[::1]:9") == ("::1", 9)
     with pytest.raises(ValueError):
         parse_listen("localhost:9586")
+    for bad in ["\u0669\u0660\u0669\u0660", "9\u00b2", "0", "65536"]:  # Arabic-Indic 9090, ...
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_interface_events_carry_each_kinds_detail() -> None:
+    from wgpy.embed.interface import detail_of
+
+    peer = SimNet().add("a", A_EP).device.add_peer(bytes(range(32)))
+    assert peer is not None
+    assert detail_of(ev.InitiationSent(peer, 3)) == 3
+    assert detail_of(ev.KeypairCreated(peer, 77)) == 77
+    assert detail_of(ev.EndpointChanged(peer, ("fd00::1", 5))) == ("fd00::1", 5)
+    assert detail_of(ev.CookieSent(("192.0.2.9", 7))) == ("192.0.2.9", 7)
+    assert detail_of(ev.HandshakeRetry(peer, "no data back")) == "no data back"
+    assert detail_of(ev.HandshakeGaveUp(peer, 20)) == 20
+    assert detail_of(ev.KeysZeroed(peer)) is None

@@ -16,7 +16,8 @@ import tempfile
 from tests.fuzz.common import fuzz, instrumented
 
 with instrumented():
-    from wgpy.daemon.uapi import parse_set, split_endpoint
+    from wgpy.core.endpoint import split_endpoint
+    from wgpy.daemon.uapi import parse_set
     from wgpy.tools import config
 
 

@@ -23,8 +23,9 @@ from tests.fuzz.common import fuzz, instrumented
 
 with instrumented():
     from tests.fuzz import world
+    from wgpy.core.events import EventKind
     from wgpy.core.messages import COOKIE_REPLY_LEN, MSG_COOKIE_REPLY, message_type
-    from wgpy.core.output import EventKind, Output
+    from wgpy.core.output import Output
 
 MAX_RECORDS = 64
 FLOOD = 64

@@ -30,6 +30,7 @@ from tests.fuzz import fuzz_device, fuzz_offload, world
 from tests.fuzz.common import CORPUS
 from tests.fuzz.fuzz_uapi import configured_host
 from wgpy.daemon import uapi
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools import config
 
 
@@ -74,7 +75,7 @@ class Recorder:
     in-memory device)."""
 
     def __init__(self, ifname: str) -> None:
-        self.path = uapi.socket_path(ifname)
+        self.path = socket_path(ifname)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

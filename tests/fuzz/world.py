@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from tests.core.simnet import SimNet, ipv4_packet, ipv6_packet
 from wgpy.core import native
 from wgpy.core.constants import REJECT_AFTER_TIME
 from wgpy.core.device import Device
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -34,7 +34,7 @@ from wgpy.core.messages import (
     RESPONSE_LEN,
     message_type,
 )
-from wgpy.core.peer import Endpoint
+from wgpy.sim import SimNet, ipv4_packet, ipv6_packet
 
 V_EP = ("192.0.2.10", 51820)
 A_EP = ("192.0.2.1", 51820)

@@ -217,6 +217,6 @@ class Bed:
         for ns in self.namespaces:
             ns.close()
         with contextlib.suppress(FileNotFoundError):
-            from wgpy.daemon.uapi import socket_path
+            from wgpy.io.uapi_path import socket_path
 
             socket_path(self.ifname).unlink()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from wgpy.daemon.uapi import SOCKET_DIR
+from wgpy.io.uapi_path import SOCKET_DIR
 
 
 @pytest.mark.parametrize("peer", ["wgpy", "wireguard-go"])

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 from tests.integration.conftest import eventually
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import WGPY, Namespace, Tunnel, wait_for_socket
+from wgpy.io.uapi_path import socket_path
 
 
 def pids_of(ifname: str) -> list[int]:

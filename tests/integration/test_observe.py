@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +19,19 @@ import pytest
 
 from wgpy.core import icmp, native
 from wgpy.daemon.log import peer_name
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel, wg_keypair
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Tunnel, TunnelEnd, wg_keypair
+from wgpy.io.uapi_path import socket_path
 
 
-def name_of(node: Node) -> str:
+def name_of(node: TunnelEnd) -> str:
     return peer_name(base64.b64decode(node.public_key))
 
 
-def dump(node: Node) -> list[list[str]]:
+def dump(node: TunnelEnd) -> list[list[str]]:
     return [line.split("\t") for line in node.wg("show", node.ifname, "dump").splitlines()]
 
 
-def py(node: Node, code: str, timeout: float = 30) -> str:
+def py(node: TunnelEnd, code: str, timeout: float = 30) -> str:
     return node.ns.run(sys.executable, "-c", code, timeout=timeout)
 
 
@@ -148,7 +150,7 @@ def test_json_of_wireguard_go_holds_what_get_does(make_tunnel: Callable[..., Tun
     assert [p["public_key"] for p in status["peers"]] == [t.a.public_key]
 
 
-def unreachable_after(node: Node, addr: str) -> float:
+def unreachable_after(node: TunnelEnd, addr: str) -> float:
     """Seconds from a UDP send to `addr` to the EHOSTUNREACH the ICMP error causes."""
     # host/address unreachable is a soft error: a UDP socket hears of it with RECVERR
     family, level, recverr = (
@@ -246,3 +248,40 @@ def test_wireshark_decrypts_with_keylog(make_tunnel: Callable[..., Tunnel], tmp_
     decrypted = tshark("-o", f"wg.keylog_file:{keys}")
     assert f"{a.inner4} → {b.inner4}" in decrypted or f"{a.inner4} -> {b.inner4}" in decrypted
     assert "Echo (ping) request" in decrypted and "Echo (ping) reply" in decrypted
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.parametrize("plant", ["readable file", "symlink"])
+def test_keylog_refuses_what_another_user_planted(plant: str) -> None:
+    """The administrator names a --keylog path in a directory `nobody` can write to (here
+    nobody's own; /tmp where fs.protected_regular=0). Nobody plants a 0666 file there, to
+    read the keys later, or a symlink, to have root append them to a file of nobody's
+    choosing: the daemon (root) refuses to start, says why, and writes nothing anywhere."""
+    top = Path(tempfile.mkdtemp(prefix="wgpy-keylog-", dir="/tmp"))
+    top.chmod(0o755)
+    theirs, path, victim = top / "nobody", top / "nobody" / "wg.keys", top / "victim"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    ns = Namespace(f"wgpy-kl{os.getpid() % 100000}")
+    ifname = f"wkl{os.getpid() % 100000}"
+    try:
+        sh = f"umask 0 && : > {path}" if plant == "readable file" else f"ln -s {victim} {path}"
+        subprocess.run([*NOBODY, "sh", "-c", sh], check=True, timeout=10)
+        done = subprocess.run(ns.argv([*WGPY, ifname, "--keylog", str(path)]),
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert f"--keylog {path}: " in done.stderr and "refused" in done.stderr
+        assert not ns.has_link(ifname) and not socket_path(ifname).exists()
+        read = subprocess.run([*NOBODY, "cat", str(path)], capture_output=True, text=True,
+                              timeout=10)  # fmt: skip
+        assert read.stdout == ""  # nobody reads no key (of the symlink: root's file is 0600)
+        assert victim.read_text() == "precious\n"
+    finally:
+        ns.close()
+        socket_path(ifname).unlink(missing_ok=True)
+        shutil.rmtree(top, ignore_errors=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from wgpy import __version__
-from wgpy.daemon.uapi import socket_path
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wait_for_socket
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, TunnelEnd, veth, wait_for_socket
+from wgpy.io.uapi_path import socket_path
 
 from .conftest import eventually
 
@@ -102,8 +102,8 @@ def test_handed_tun_and_uapi_socket_serve_a_tunnel_without_privileges(
     pair: tuple[Namespace, Namespace], tmp_path: Path
 ) -> None:
     a, b = pair
-    ours = Node(a, f"wpa{PID}", 1, WGPY)
-    theirs = Node(b, f"wpb{PID}", 2, WIREGUARD_GO)
+    ours = TunnelEnd(a, f"wpa{PID}", 1, WGPY)
+    theirs = TunnelEnd(b, f"wpb{PID}", 2, WIREGUARD_GO)
     log = (tmp_path / "daemon.log").open("w")
     ours.process = a.popen(sys.executable, "-c", PARENT, ours.ifname, stdout=log, stderr=log,
                            env={**os.environ, "LOG_LEVEL": "error"})  # fmt: skip

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.daemon.uapi import socket_path
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, veth, wg_keypair
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, TunnelEnd, veth, wg_keypair
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools.quick import KERNEL_LL
 
 PID = os.getpid() % 100000
@@ -178,7 +178,7 @@ def test_default_route_keeps_the_endpoint_reachable(
     a, b, tmp = site
     priv_a, pub_a = wg_keypair()
     priv_b, pub_b = wg_keypair()
-    peer_b = Node(b, f"wb{PID}", 2, WIREGUARD_GO)
+    peer_b = TunnelEnd(b, f"wb{PID}", 2, WIREGUARD_GO)
     peer_b.private_key, peer_b.public_key = priv_b, pub_b
     peer_b.start()
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_quick import snapshot, wgpy, write
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import Namespace, wg_keypair
+from wgpy.io.uapi_path import socket_path
 
 PID = os.getpid() % 100000
 NAME = f"we{PID}"

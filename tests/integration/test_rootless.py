@@ -485,6 +485,44 @@ with wgpy.Proxy(config, socks="127.0.0.1:0") as proxy:
     assert done.stdout.split() == ["0", "0"]
 
 
+# Run by wgpy.run as the command: every descriptor it has, and whether any reads the key.
+LIST_FDS = """
+import os, sys
+key = sys.argv[1].encode()
+for fd in sorted(int(n) for n in os.listdir("/proc/self/fd")):
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        continue  # listdir's own, closed by now
+    try:
+        data = os.pread(fd, 65536, 0)
+    except OSError:
+        data = b""
+    print(fd, where, "KEY" if key in data else "-")
+"""
+
+
+def test_the_command_gets_no_descriptor_of_the_config(wgpy_bed: Bed, workdir: Path) -> None:
+    """wgpy.run hands the config (private key included) to `wgpy run` in a memfd: closed
+    there once read, so the command cannot read the key from it (nor the caller's other
+    children: it is close-on-exec here)."""
+    bed = wgpy_bed
+    key = next(line.split("=", 1)[1].strip() for line in bed.config.read_text().splitlines()
+               if line.startswith("PrivateKey"))  # fmt: skip
+    program = f"""
+import subprocess, sys, wgpy
+config = wgpy.Config.from_file({str(bed.config)!r})
+sys.exit(wgpy.run(config, [sys.executable, "-c", {LIST_FDS!r}, {key!r}]))
+"""
+    done = run(
+        bed.caller.argv([sys.executable, "-c", program]), workdir, env={"PYTHONPATH": str(SRC)}
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()  # "FD WHERE KEY-or--"
+    assert [line.split(" ")[0] for line in lines][:3] == ["0", "1", "2"], done.stdout
+    assert not [line for line in lines if "wgpy-config" in line or line.endswith("KEY")], lines
+
+
 COUNT_SIGINTS = """
 import signal, sys, time
 n = 0

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.daemon.uapi import socket_path
 from wgpy.demo.testbed import Namespace, wg_keypair
+from wgpy.io.uapi_path import socket_path
 
 UNIT = Path(__file__).resolve().parents[2] / "contrib" / "wgpy@.service"
 PID = os.getpid() % 100000

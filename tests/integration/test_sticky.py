@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.integration.conftest import eventually, load_nft
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Node, Tunnel
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Tunnel, TunnelEnd
 
 FAMILIES = {
     # family: (nft family keyword, first address, second address, endpoint format)
@@ -51,7 +51,7 @@ def counter(ns: Namespace, name: str) -> int:
     return int(next(o["counter"]["packets"] for o in out["nftables"] if "counter" in o))
 
 
-def ping(src: Node, addr: str, count: int = 2) -> None:
+def ping(src: TunnelEnd, addr: str, count: int = 2) -> None:
     src.ns.run("ping", "-c", str(count), "-i", "0.2", "-W", "2", addr, timeout=15)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Tunnel, TunnelEnd
 
 PAIRS = {
     "wgpy-wgpy": (WGPY, WGPY),
@@ -34,11 +34,11 @@ RECEIVER = (
 )
 
 
-def ping(src: Node, addr: str) -> None:
+def ping(src: TunnelEnd, addr: str) -> None:
     src.ns.run("ping", "-c", "2", "-i", "0.2", "-W", "3", addr, timeout=20)
 
 
-def transfer(src: Node, dst: Node, addr: str, n: int) -> None:
+def transfer(src: TunnelEnd, dst: TunnelEnd, addr: str, n: int) -> None:
     rx = dst.ns.popen(
         sys.executable, "-c", RECEIVER.format(addr=addr), stdout=subprocess.PIPE, text=True
     )
@@ -59,7 +59,7 @@ def transfer(src: Node, dst: Node, addr: str, n: int) -> None:
     assert out.split() == [str(n), h.hexdigest()]
 
 
-def counters(end: Node) -> tuple[int, int, int]:
+def counters(end: TunnelEnd) -> tuple[int, int, int]:
     """(latest handshake, rx, tx) from `wg show dump` for the only peer."""
     fields = end.wg("show", end.ifname, "dump").splitlines()[1].split("\t")
     return int(fields[4]), int(fields[5]), int(fields[6])

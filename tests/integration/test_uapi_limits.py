@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.conftest import eventually
-from wgpy.daemon.uapi import socket_path
-from wgpy.demo.testbed import WGPY, Namespace, Node, Tunnel
+from wgpy.demo.testbed import WGPY, Namespace, Tunnel, TunnelEnd
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools import uapi_client
 
 PEER = "77" * 32
@@ -36,7 +36,7 @@ def connect(ifname: str, timeout: float = 5.0) -> socket.socket:
     return s
 
 
-def pings(node: Node, addr: str, count: int, interval: str) -> subprocess.Popen[str]:
+def pings(node: TunnelEnd, addr: str, count: int, interval: str) -> subprocess.Popen[str]:
     argv = node.ns.argv(["ping", "-c", str(count), "-i", interval, "-W", "1", addr])
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
 
@@ -92,7 +92,7 @@ def test_oversized_requests_are_cut_off_and_memory_stays_bounded() -> None:
     answered EMSGSIZE at the 32 MiB cap and closed; the daemon's memory stays bounded
     (it kept all of it, and searched it all again on every read: minutes of CPU)."""
     ns = Namespace(f"wgpy-big{os.getpid()}")
-    node = Node(ns, f"wgbig{os.getpid() % 100000}", 1, WGPY)
+    node = TunnelEnd(ns, f"wgbig{os.getpid() % 100000}", 1, WGPY)
     try:
         node.start()
         assert node.process is not None

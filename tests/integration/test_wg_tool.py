@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from wgpy.daemon.uapi import socket_path
-from wgpy.demo.testbed import WGPY, Namespace, Node, wg_keypair
+from wgpy.demo.testbed import WGPY, Namespace, TunnelEnd, wg_keypair
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools.uapi_client import set_config
 
 HOLD_PORT = (
@@ -26,9 +26,9 @@ HOLD_PORT = (
 
 
 @pytest.fixture
-def dev() -> Iterator[Node]:
+def dev() -> Iterator[TunnelEnd]:
     ns = Namespace(f"wgpy-wgtool{os.getpid()}")
-    end = Node(ns, f"wgt{os.getpid() % 100000}", 1, WGPY)
+    end = TunnelEnd(ns, f"wgt{os.getpid() % 100000}", 1, WGPY)
     try:
         end.start()
         yield end
@@ -43,7 +43,7 @@ def conf_file(text: str) -> str:
         return f.name
 
 
-def wg_file(dev: Node, command: str, text: str) -> str:
+def wg_file(dev: TunnelEnd, command: str, text: str) -> str:
     path = conf_file(text)
     try:
         return dev.wg(command, dev.ifname, path)
@@ -51,7 +51,7 @@ def wg_file(dev: Node, command: str, text: str) -> str:
         os.unlink(path)
 
 
-def test_set_show_and_remove(dev: Node) -> None:
+def test_set_show_and_remove(dev: TunnelEnd) -> None:
     priv, pub = wg_keypair()
     _, p1 = wg_keypair()
     _, p2 = wg_keypair()
@@ -102,7 +102,7 @@ def test_set_show_and_remove(dev: Node) -> None:
     assert dev.wg("show", dev.ifname, "dump") == before
 
 
-def test_setconf_addconf_syncconf_showconf(dev: Node) -> None:
+def test_setconf_addconf_syncconf_showconf(dev: TunnelEnd) -> None:
     priv, _ = wg_keypair()
     _, p1 = wg_keypair()
     _, p2 = wg_keypair()
@@ -124,7 +124,7 @@ def test_setconf_addconf_syncconf_showconf(dev: Node) -> None:
     assert dev.wg("show", dev.ifname, "peers").strip() == ""
 
 
-def test_130k_allowed_ips_round_trip(dev: Node) -> None:
+def test_130k_allowed_ips_round_trip(dev: TunnelEnd) -> None:
     priv, _ = wg_keypair()
     _, p1 = wg_keypair()
     nets = [str(ipaddress.IPv4Network(((10 << 24) + (i << 8), 24))) for i in range(65000)]
@@ -138,7 +138,7 @@ def test_130k_allowed_ips_round_trip(dev: Node) -> None:
     assert elapsed < 30, elapsed  # "a few seconds" on an idle machine; bounded for CI
 
 
-def test_many_clients_and_garbage(dev: Node) -> None:
+def test_many_clients_and_garbage(dev: TunnelEnd) -> None:
     """Malformed requests get an errno or a closed connection; the daemon serves on."""
     for payload in [b"get=1\nbogus=1\n\n", b"set=1\nlisten_port=x\n\n", b"\xff\xfe\n\n",
                     b"hello\n\n", b"set=1\npublic_key=zz\n\n", b"get=1\n"]:  # fmt: skip

@@ -8,11 +8,10 @@ from __future__ import annotations
 import errno
 from collections import deque
 
+from wgpy.core.endpoint import Endpoint
 from wgpy.io import offload
 from wgpy.io.tun import Tun
 from wgpy.io.udp import UdpSocket
-
-Endpoint = tuple[str, int]
 
 
 class ChannelTun(Tun):

@@ -18,8 +18,9 @@ from tests.io.test_offload import V4, V6, flow, udp
 from wgpy.core import native
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
+from wgpy.core.events import EventKind, ProtocolEvent
 from wgpy.core.messages import split_read as gro_split
-from wgpy.core.output import Drop, Event, EventKind
+from wgpy.core.output import Drop
 from wgpy.io import offload
 from wgpy.io.datapath import Datapath
 from wgpy.io.udp import gso_runs
@@ -50,7 +51,7 @@ class Site:
         self.device.set_private_key(clamp(rng.randbytes(32)))
         self.tun = ChannelTun(refuse_uso=refuse_uso)
         self.udp = ChannelUdp(ep, net)
-        self.events: list[Event] = []
+        self.events: list[ProtocolEvent] = []
         self.datapath = Datapath(self.device, self.tun, self.udp, self.events.extend)
 
 

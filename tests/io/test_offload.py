@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wgpy.core.ip import checksum
 from wgpy.io import offload
-from wgpy.io.offload import VNET_HDR_LEN, checksum, coalesce, plain_header, split
+from wgpy.io.offload import VNET_HDR_LEN, coalesce, plain_header, split
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 1, 2, 4, 8, 16, 32, 64, 128
 V4 = (bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))

@@ -17,11 +17,12 @@ import pytest
 
 from tests.io.fakes import ChannelTun
 from tests.io.test_datapath import B_EP, NATIVE, Site, carry, pair
-from tests.io.test_offload import flow
+from tests.io.test_offload import V4, flow
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, EventKind
+from wgpy.core.events import InitiationReceived, InitiationSent, ProtocolEvent
+from wgpy.core.output import Drop
 from wgpy.io import datapath as datapath_module
 from wgpy.io import udp as udp_module
 from wgpy.io.datapath import HANDSHAKES_PER_TURN, Datapath
@@ -189,7 +190,7 @@ def test_a_handshake_retry_forgets_the_peers_source(both_datapaths: str) -> None
     now = time.monotonic()
     for step in range(1, 80):  # REKEY_TIMEOUT is 5 s, plus jitter
         a.datapath.tick(now + step * 0.1)
-    retries = [e for e in a.events if e.kind is EventKind.INITIATION_SENT and e.detail]
+    retries = [e for e in a.events if isinstance(e, InitiationSent) and e.attempt]
     assert retries and a.udp.forgotten and set(a.udp.forgotten) == {B_EP}
 
 
@@ -251,3 +252,37 @@ def test_an_unauthenticated_datagram_moves_no_source(pair_v4: V4Pair) -> None:
         time.sleep(0.005)
     assert sum(datapath.drops.values()) == 2
     assert ours.source(theirs.getsockname()) is None
+
+
+def test_the_source_is_that_of_the_handshake_that_authenticated(
+    pair_v4: V4Pair, both_datapaths: str
+) -> None:
+    """The peer's initiation comes to 127.0.0.2; right behind it, in the same drain, a
+    spoofed one-byte datagram from the peer's address and port comes to 127.0.0.3. Only
+    the initiation authenticated: the response leaves from 127.0.0.2, and so does what
+    follows (Linux and wireguard-go take the source from the authenticated datagram)."""
+    ours, theirs = pair_v4
+    native = datapath_module.native_datapath() if both_datapaths == "native" else None
+    rng = random.Random(11)
+    responder = Device(rng.randbytes, native=native)
+    responder.set_private_key(clamp(rng.randbytes(32)))
+    initiator = Device(rng.randbytes)
+    initiator.set_private_key(clamp(rng.randbytes(32)))
+    assert responder.public_key is not None and initiator.public_key is not None
+    assert responder.add_peer(initiator.public_key) is not None
+    peer = initiator.add_peer(responder.public_key)
+    assert peer is not None
+    peer.endpoint = ("127.0.0.2", ours.port)
+    initiator.allowed_ips.insert(V4[1], 32, peer)
+    events: list[ProtocolEvent] = []
+    datapath = Datapath(responder, ChannelTun(), ours, events.extend)
+    [(initiation, _)] = initiator.send(flow(1, 10), time.monotonic()).udp
+    theirs.sendto(initiation, ("127.0.0.2", ours.port))
+    theirs.sendto(b"\x01", ("127.0.0.3", ours.port))  # same source: as a spoofer would
+    time.sleep(0.2)  # both wait in the socket: one drain reads them
+    datapath.on_udp()
+    [(response, host)] = recv_all(theirs, 1)
+    assert response[0] == 2 and host == "127.0.0.2"
+    assert ours.source(theirs.getsockname()) == "127.0.0.2"
+    # the packet info was the datapath's: listeners see the event as before, no detail
+    assert [e.tag for e in events if isinstance(e, InitiationReceived)] == [None]

@@ -23,9 +23,9 @@ with atheris.instrument_imports():
         normalize_ref,
         open_batch_ref,
     )
-from tests.core.simnet import seal
 from wgpy import _native as native
 from wgpy.core.peer import Keypair, Peer
+from wgpy.sim import seal
 
 KEYS = {1: bytes(range(32)), 0xDEADBEEF: bytes(range(32, 64))}
 EXPIRES = 2.0

@@ -16,11 +16,11 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from tests.core.simnet import seal
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.core.messages import DATA_HEADER, MSG_DATA, message_type
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.replay import ReplayWindow
+from wgpy.sim import seal
 
 REASONS = ("bad_size", "unknown_type", "unknown_index", "expired", "bad_tag", "replayed",
            "bad_inner")  # fmt: skip

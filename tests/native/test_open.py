@@ -88,8 +88,8 @@ def test_replay_window_is_the_linux_one() -> None:
     s, ref = native.Session(key, 1e9), RefSession(key, 1e9)
     world.native, world.ref = {7: s}, {7: ref}
     world.names = {id(s): 7, id(ref): 7}
-    from tests.core.simnet import seal
     from wgpy.core.peer import Keypair, Peer
+    from wgpy.sim import seal
 
     peer = Peer(bytes(32), lambda: 0.0)
     kp = Keypair(peer, (key, key), initiator=True, local_index=0, remote_index=7, now=0.0)

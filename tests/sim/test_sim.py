@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from wgpy.core.constants import REKEY_AFTER_TIME
-from wgpy.core.output import EventKind
+from wgpy.core.events import EndpointChanged, EventKind
 from wgpy.sim import Conditions, SimNet, ipv4_packet
 
 
@@ -69,5 +69,5 @@ def test_roaming_peer_is_followed() -> None:
     assert net.peer(a, b).endpoint == ("203.0.113.9", 4444)
     net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"back" * 5))
     assert b.delivered[-1].endswith(b"back" * 5)
-    changed = [e for _, n, e in net.events if n == "a" and e.kind is EventKind.ENDPOINT_CHANGED]
-    assert changed and changed[-1].detail == ("203.0.113.9", 4444)
+    changed = [e for _, n, e in net.events if n == "a" and isinstance(e, EndpointChanged)]
+    assert changed and changed[-1].endpoint == ("203.0.113.9", 4444)

@@ -268,3 +268,46 @@ def test_lines_are_split_at_newlines_only() -> None:
     """A form feed or U+2028 inside a line does not end it (line numbers stay right)."""
     with pytest.raises(ConfigError, match=r":3: ListenPort: "):
         parse("[Interface]\nFwMark = 1\x0c\nListenPort = x\n")
+
+
+def test_no_key_material_in_repr_str_or_format() -> None:
+    """An application's `log.debug("%s", cfg)` must not log the private key or the
+    preshared key: not the config model's, nor any other object that holds one."""
+    import random
+
+    import wgpy
+    from wgpy.core.crypto import PrivateKey
+    from wgpy.core.device import Device
+    from wgpy.core.peer import Keypair
+    from wgpy.daemon.uapi import PeerChange, SetRequest
+    from wgpy.tools.uapi_client import DeviceStatus, PeerStatus
+
+    rng = random.Random(22)
+    private, psk, send, recv = (rng.randbytes(32) for _ in range(4))
+    public = rng.randbytes(32)
+    cfg = wgpy.Config.build(encode_key(private), address=["10.0.0.1/24"],
+                            peers=[wgpy.PeerConfig.build(public, preshared_key=psk)])  # fmt: skip
+    parsed = parse(cfg.text())
+    assert parsed.interface.private_key == private and parsed.peers[0].preshared_key == psk
+    device = Device(rng.randbytes)
+    device.set_private_key(private)
+    peer = device.add_peer(public)
+    assert peer is not None
+    peer.preshared_key = psk
+    keypair = Keypair(peer, (send, recv), initiator=True, local_index=1, remote_index=2, now=0)
+    holders: list[object] = [
+        cfg, cfg.interface, cfg.peers[0], parsed, parsed.interface, parsed.peers[0],
+        SetRequest(private_key=private, peers=[PeerChange(public, preshared_key=psk)]),
+        DeviceStatus("wg0", private, peers=[PeerStatus(public, psk)]),
+        device, peer, keypair, PrivateKey(private),
+    ]  # fmt: skip
+    secrets = [private, psk, send, recv]
+    fragments = [f(k) for k in secrets for f in (
+        lambda k: encode_key(k)[:12], lambda k: k.hex()[:16], lambda k: k.hex()[:16].upper(),
+        lambda k: repr(k[:8])[2:-1],
+    )]  # fmt: skip
+    for holder in holders:
+        for text in (repr(holder), str(holder), f"{holder}", f"{[holder]}"):  # as %s, %r
+            leaked = [f for f in fragments if f in text]
+            assert not leaked, (type(holder).__name__, text)
+    assert "allowed_ips" in repr(cfg.peers[0])  # the rest is still shown

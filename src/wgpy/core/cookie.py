@@ -22,6 +22,7 @@ from wgpy.core.crypto import (
     mac,
     xaead_decrypt,
 )
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.messages import CookieReply, pack_cookie_reply
 
 LABEL_MAC1 = b"mac1----"
@@ -31,7 +32,6 @@ _NO_MAC = bytes(MAC_LEN)
 _ZERO4 = bytes(4)  # XChaCha20-Poly1305's inner nonce: 4 zero bytes, the last 8 of its own
 _MAX_HOSTS = 16384  # addresses whose bytes are remembered (parsing one costs ~2 us)
 
-Endpoint = tuple[str, int]
 
 
 def _mac_offsets(msg: bytes | bytearray) -> tuple[int, int]:
@@ -52,7 +52,7 @@ class CookieChecker:
     then ChaCha20-Poly1305 under that subkey with the last 8 as its nonce. HChaCha20
     costs ~17 us here (an OpenSSL cipher set up for one block), the rest ~3 us; so the
     first 16 bytes are drawn once per cookie secret and the last 8 count up from a
-    random start: every reply still has its own nonce, and the reply costs ~5 us, not 33.
+    random start: every reply still has its own nonce, and a reply costs ~3 us, not 33.
     """
 
     def __init__(self, rand: Callable[[int], bytes]) -> None:

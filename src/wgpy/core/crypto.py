@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 __all__ = [
     "KEY_LEN",
-    "TAG_LEN",
     "InvalidTag",
     "aead_decrypt",
     "aead_encrypt",
@@ -40,7 +39,6 @@ __all__ = [
 ]
 
 KEY_LEN = 32
-TAG_LEN = 16
 ZERO_KEY = bytes(KEY_LEN)
 _ZERO_NONCE4 = bytes(4)
 

@@ -16,10 +16,11 @@ from types import ModuleType
 
 from wgpy.core.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from wgpy.core.crypto import InvalidTag
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import IPV4_SRC, IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN, IPV6_SRC
 from wgpy.core.messages import DATA_HEADER, DATA_MIN_LEN, MSG_DATA
-from wgpy.core.output import Drop, Endpoint, Output
+from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
 
 _NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
@@ -144,7 +145,7 @@ def open_python(
             continue  # a keepalive
         got.data = True
         # the inner source address and true length, for the allowed-IPs source filter
-        # (ip.source_and_length, inlined: a call per packet costs here)
+        # (read inline with the offsets of core/ip.py: a call per packet costs here)
         n = len(plain)
         version = plain[0] >> 4
         if version == 4 and n >= 20:

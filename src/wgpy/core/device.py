@@ -9,7 +9,8 @@ come from the caller.
 Everything a packet can do to state happens only after it authenticated. Handshake
 messages with a valid mac1 wait in a bounded queue and are worked off after the data
 messages of the same batch (see ratelimit.py); the messages themselves are built and
-checked in handshake.py, the indices kept in indextable.py.
+checked in handshake.py, the sessions they make are rotated in sessions.py, the indices
+kept in indextable.py, and data messages sealed and opened in data.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from types import ModuleType
 
-from wgpy.core import data, handshake, icmp, intake
+from wgpy.core import data, handshake, icmp, intake, sessions
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import (
     DEFAULT_MTU,
@@ -34,6 +35,22 @@ from wgpy.core.constants import (
 )
 from wgpy.core.cookie import CookieChecker, has_mac2
 from wgpy.core.crypto import PrivateKey, dh, is_zero
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import (
+    CookieReceived,
+    CookieSent,
+    EndpointChanged,
+    HandshakeCompleted,
+    HandshakeGaveUp,
+    HandshakeRetry,
+    InitiationReceived,
+    InitiationSent,
+    KeepaliveSent,
+    KeypairCreated,
+    KeysZeroed,
+    ResponseReceived,
+    ResponseSent,
+)
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
@@ -50,12 +67,13 @@ from wgpy.core.messages import (
     parse_response,
     split_read,
 )
-from wgpy.core.output import Drop, Endpoint, EventKind, Output
+from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
 from wgpy.core.ratelimit import COOKIE_BURST, COOKIE_PACKETS_PER_SECOND, LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
+from wgpy.core.tokenbucket import TokenBucket
 
-__all__ = ["Device", "Output", "inner_destination"]
+__all__ = ["Device", "Output"]
 
 _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
@@ -102,10 +120,11 @@ class Device:
         # the same rules in C over whole reads; then the two limiters above go unused
         self.intake = intake.classifier(seed, HANDSHAKE_QUEUE) if classify else None
         self._intake_born = float("-inf")  # the cookie secret the classifier has
-        # (message, source, type, whether it came with a valid mac2)
-        self._queue: deque[tuple[bytes, Endpoint, int, bool]] = deque()
+        # (message, source, type, whether it came with a valid mac2, the caller's tag
+        # for the read it came in)
+        self._queue: deque[tuple[bytes, Endpoint, int, bool, object]] = deque()
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
-        self.icmp_limit: icmp.TokenBucket | None = icmp.TokenBucket()
+        self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
@@ -127,7 +146,7 @@ class Device:
             self.remove_peer(self.public_key)
         for peer in self.peers.values():
             self._precompute(peer)
-            self._expire_sessions(peer)
+            sessions.expire(self.index, peer)
 
     def add_peer(self, public_key: bytes) -> Peer | None:
         """The peer with that key, created if new; None for our own key (ignored)."""
@@ -143,7 +162,7 @@ class Device:
         peer = self.peers.pop(public_key, None)
         if peer is not None:
             self.allowed_ips.remove_value(peer)
-            self._zero_keys(peer)
+            sessions.zero_keys(self.index, peer)
             peer.timers.clear()
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> Output:
@@ -161,15 +180,6 @@ class Device:
             with contextlib.suppress(ValueError):
                 peer.static_static = dh(self._static, peer.public_key)
 
-    def _expire_sessions(self, peer: Peer) -> None:
-        """After a key change: no more sending on old sessions, no half-done handshake,
-        and no hold-off on the next initiation (wireguard-go ExpireCurrentKeypairs)."""
-        self._clear_handshake(peer)
-        peer.handshake.last_sent_handshake = float("-inf")
-        for kp in (peer.current, peer.next):
-            if kp is not None:
-                kp.expire()
-
     # ---- the batch API -------------------------------------------------------------
 
     def receive(
@@ -177,11 +187,14 @@ class Device:
         datagrams: Iterable[tuple[bytes | memoryview, Endpoint]],
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
+        tag: object = None,
     ) -> Output:
         """Handle a batch of datagrams: data messages opened (data.py), the bookkeeping
         (endpoint, counters, timers) done once per session, handshake messages queued; up
         to `handshake_budget` queued ones are worked off at the end (a caller that reads
-        many batches per turn passes 0 and calls `process_handshakes` once)."""
+        many batches per turn passes 0 and calls `process_handshakes` once). `tag` comes
+        back as the `tag` of the handshake events these datagrams cause, whenever they are
+        worked off (the datapath's: the local address they came to)."""
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
@@ -191,7 +204,7 @@ class Device:
         else:  # the replay windows live in C: every datagram goes there
             for d, src in datagrams:
                 self._open_native(d, len(d), 0, src, now, out, received, others)
-        return self._opened(received, others, now, handshake_budget, out)
+        return self._opened(received, others, now, handshake_budget, out, tag)
 
     def receive_read(
         self,
@@ -201,40 +214,44 @@ class Device:
         src: Endpoint,
         now: float,
         handshake_budget: int = HANDSHAKE_BUDGET,
+        tag: object = None,
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
         bytes if GRO merged them (see `split_read`); with the native datapath, opened
         all in one call."""
         if self.intake is not None:
-            return self._receive_classified(buf, n, seg, src, now, handshake_budget)
+            return self._receive_classified(buf, n, seg, src, now, handshake_budget, tag)
         if self.native is None:
-            return self.receive([(d, src) for d in split_read(buf, n, seg)], now, handshake_budget)
+            datagrams = [(d, src) for d in split_read(buf, n, seg)]
+            return self.receive(datagrams, now, handshake_budget, tag)
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
         self._open_native(buf, n, seg, src, now, out, received, others)
-        return self._opened(received, others, now, handshake_budget, out)
+        return self._opened(received, others, now, handshake_budget, out, tag)
 
     def _receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
-                            handshake_budget: int) -> Output:  # fmt: skip
+                            handshake_budget: int, tag: object) -> Output:  # fmt: skip
         """`receive_read` with the intake in C: the handshake messages of the read are
         taken (or refused) first, and the open path runs only if data messages came."""
         out = Output()
-        ndata = self._classify(buf, n, seg, src, now, out)
-        return self._classified_data(buf, n, seg, src, now, ndata, handshake_budget, out)
+        ndata = self._classify(buf, n, seg, src, now, out, tag)
+        return self._classified_data(buf, n, seg, src, now, ndata, handshake_budget, out, tag)
 
     def receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
-                           passed: list[tuple[int, int]] | None, ndata: int) -> Output:  # fmt: skip
+                           passed: list[tuple[int, int]] | None, ndata: int,
+                           tag: object = None) -> Output:  # fmt: skip
         """A read the C intake drained from the socket itself (io/datapath.py) and found
         something in: `passed` and `ndata` as `Classifier.drain` gives them; the
         handshakes that passed are taken, the data messages opened."""
         out = Output()
         if passed:
-            self._take(buf, passed, src, None, now, out)
-        return self._classified_data(buf, n, seg, src, now, ndata, 0, out)
+            self._take(buf, passed, src, None, now, out, tag)
+        return self._classified_data(buf, n, seg, src, now, ndata, 0, out, tag)
 
     def _classified_data(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
-                         ndata: int, handshake_budget: int, out: Output) -> Output:  # fmt: skip
+                         ndata: int, handshake_budget: int, out: Output,
+                         tag: object) -> Output:  # fmt: skip
         received: dict[Keypair, data.Received] = {}
         if ndata:
             taken: list[data.Datagram] = []  # the classifier took these already
@@ -244,7 +261,7 @@ class Device:
                                  received, taken)  # fmt: skip
             else:
                 self._open_native(buf, n, seg, src, now, out, received, taken)
-        return self._opened(received, [], now, handshake_budget, out)
+        return self._opened(received, [], now, handshake_budget, out, tag)
 
     def intake_state(self, now: float) -> tuple[float, int, bool, tuple[bytes, bytes, int] | None]:
         """What the C intake needs to go on from where the device stands: the under-load
@@ -270,7 +287,7 @@ class Device:
             self.cookie_checker.replies_made(counter)
 
     def _classify(self, buf: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
-                  out: Output) -> int:  # fmt: skip
+                  out: Output, tag: object) -> int:  # fmt: skip
         """The C intake of one read: what passed taken as `_admit` would, refusals
         counted; returns how many data messages the read holds."""
         assert self.intake is not None
@@ -279,17 +296,17 @@ class Device:
             buf, n, seg, src[0], src[1], now, until, queued, forced, state
         )
         self.intake_done(until, drops, replies is not None, counter, out)
-        self._take(buf, passed, src, replies, now, out)
+        self._take(buf, passed, src, replies, now, out, tag)
         return ndata
 
     def _take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
-              replies: bytes | None, now: float, out: Output) -> None:  # fmt: skip
+              replies: bytes | None, now: float, out: Output, tag: object) -> None:  # fmt: skip
         """What passed the C intake, in order, as `_admit` would have taken it."""
         for offset, verdict in passed:
             if verdict == intake.COOKIE_MADE:
                 assert replies is not None
                 out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
-                out.event(EventKind.COOKIE_SENT, None, src)
+                out.events.append(CookieSent(src))
                 continue
             kind = buf[offset]
             message = bytes(buf[offset : offset + _SIZES[kind]])
@@ -298,7 +315,8 @@ class Device:
             elif verdict == intake.SEND_COOKIE:
                 self._send_cookie(message, src, now, out)
             else:  # the classifier counted it against the bound and moved the load
-                self._queue.append((message, src, kind, verdict == intake.ENQUEUE_COOKIE))
+                cookie = verdict == intake.ENQUEUE_COOKIE
+                self._queue.append((message, src, kind, cookie, tag))
 
     def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
                      now: float, out: Output, received: dict[Keypair, data.Received],
@@ -308,12 +326,12 @@ class Device:
                          now, out, received, others)  # fmt: skip
 
     def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
-                now: float, handshake_budget: int, out: Output) -> Output:  # fmt: skip
+                now: float, handshake_budget: int, out: Output, tag: object) -> Output:  # fmt: skip
         """What a batch does once opened: sessions' bookkeeping, then handshakes queued."""
         for kp, got in received.items():
             self._account_received(kp, got, now, out)
         for message, src in others:
-            self._queue_handshake(message, src, now, out)
+            self._queue_handshake(message, src, now, out, tag)
         if self._queue and handshake_budget:
             self._process_handshakes(now, handshake_budget, out)
         return out
@@ -429,7 +447,7 @@ class Device:
         if not peer.staged:
             kp = peer.current
             if kp is not None and kp.can_send(now) and peer.endpoint is not None:
-                out.event(EventKind.KEEPALIVE_SENT, peer)
+                out.events.append(KeepaliveSent(peer))
             peer.staged.append(b"")
         self._send_staged(peer, now, out)
 
@@ -447,17 +465,17 @@ class Device:
     def _set_endpoint(self, peer: Peer, src: Endpoint, out: Output) -> None:
         if peer.endpoint != src:
             peer.endpoint = src
-            out.event(EventKind.ENDPOINT_CHANGED, peer, src)
+            out.events.append(EndpointChanged(peer, src))
 
     # ---- handshake messages --------------------------------------------------------
 
     def _queue_handshake(
-        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output
+        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output, tag: object
     ) -> None:
         """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
         (junk, a bad mac1, a source over its rate) counts toward load."""
         if self.intake is not None and data:  # (an empty read is no datagram to C)
-            self._classify(data, len(data), 0, src, now, out)
+            self._classify(data, len(data), 0, src, now, out, tag)
             return
         kind = message_type(data)
         if not kind:
@@ -469,9 +487,10 @@ class Device:
         elif self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
         else:
-            self._admit(data, src, kind, now, out)
+            self._admit(data, src, kind, now, out, tag)
 
-    def _admit(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output) -> None:
+    def _admit(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output,
+               tag: object) -> None:  # fmt: skip
         """The rule of ratelimit.py: a message needs a cookie when the device is under
         load or its source is over its rate; then a valid mac2 is counted in the source's
         cookie bucket, and one without gets a cookie reply (never silence: the owner of a
@@ -486,20 +505,20 @@ class Device:
             out.drops[Drop.BAD_MAC1] += 1
         elif not needs_cookie:
             self.rate_limiter.allow(src, now)  # not spent: this takes a token
-            self._enqueue(data, src, kind, now, out, cookie=False)
+            self._enqueue((data, src, kind, False, tag), now, out)
         elif not (mac2 and checker.check_mac2(data, src, now)):
             self._send_cookie(data, src, now, out)
         elif self.cookie_limiter.allow(src, now):
-            self._enqueue(data, src, kind, now, out, cookie=True)
+            self._enqueue((data, src, kind, True, tag), now, out)
         else:
             out.drops[Drop.RATE_LIMITED] += 1
 
-    def _enqueue(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output, *,
-                 cookie: bool) -> None:  # fmt: skip
+    def _enqueue(self, entry: tuple[bytes, Endpoint, int, bool, object], now: float,
+                 out: Output) -> None:  # fmt: skip
         if len(self._queue) >= HANDSHAKE_QUEUE:
             out.drops[Drop.QUEUE_FULL] += 1
         else:
-            self._queue.append((data, src, kind, cookie))
+            self._queue.append(entry)
             self.load.update(len(self._queue), now)
 
     def _send_cookie(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
@@ -507,7 +526,7 @@ class Device:
         message, one per message, to the address the message came from."""
         sender = _SENDER.unpack_from(data)[0]
         out.udp.append((self.cookie_checker.make_reply(data, sender, src, now), src))
-        out.event(EventKind.COOKIE_SENT, None, src)
+        out.events.append(CookieSent(src))
 
     def _process_handshakes(self, now: float, budget: int, out: Output) -> None:
         """A message admitted without a cookie while the device was not under load, and
@@ -516,13 +535,13 @@ class Device:
         queue = self._queue
         under_load = self.load.under_load(now)
         for _ in range(min(budget, len(queue))):
-            data, src, kind, cookie = queue.popleft()
+            data, src, kind, cookie, tag = queue.popleft()
             if under_load and not cookie:
                 self._send_cookie(data, src, now, out)
             elif kind == MSG_INITIATION:
-                self._receive_initiation(data, src, now, out)
+                self._receive_initiation(data, src, now, out, tag)
             else:
-                self._receive_response(data, src, now, out)
+                self._receive_response(data, src, now, out, tag)
 
     def _initiate(self, peer: Peer, now: float, out: Output, *, retry: bool = False) -> None:
         if not retry:
@@ -533,15 +552,11 @@ class Device:
         if self._static is None or peer.static_static is None:
             return
         hs.last_sent_handshake = now
-        self._clear_handshake(peer)
-        index = self.index.add_handshake(peer)
-        ephemeral = self._ephemeral(peer)
-        msg = handshake.create_initiation(
-            self._static, peer, ephemeral, index, now + self.wall_offset, now
-        )
+        msg = sessions.initiate(self._static, peer, self.index, self._ephemeral,
+                                now + self.wall_offset, now)  # fmt: skip
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.event(EventKind.INITIATION_SENT, peer, peer.timers.handshake_attempts)
+        out.events.append(InitiationSent(peer, peer.timers.handshake_attempts))
         self._emit(peer, msg, out)
         peer.timers.handshake_initiated(now)
 
@@ -556,7 +571,9 @@ class Device:
             out.udp.append((datagram, peer.endpoint))
             peer.tx_bytes += len(datagram)
 
-    def _receive_initiation(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+    def _receive_initiation(
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+    ) -> None:
         if self._static is None or self.public_key is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
@@ -565,35 +582,29 @@ class Device:
             out.drops[init] += 1
             return
         peer = init.peer
-        out.event(EventKind.INITIATION_RECEIVED, peer)
-        self._clear_handshake(peer)
+        out.events.append(InitiationReceived(peer, tag))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        index = self.index.new_index()
-        made = handshake.create_response(init, self._ephemeral(peer), index, now)
+        made = sessions.respond(init, self.index, self._ephemeral, self.native, now)
         if made is None:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
-        msg, keys = made
-        kp = Keypair(peer, keys, initiator=False, local_index=index, remote_index=init.sender,
-                     now=now, native=self.native)  # fmt: skip
-        self.index.add_keypair(kp)
-        self.index.drop_keypair(peer.next)
-        self.index.drop_keypair(peer.previous)
-        peer.next, peer.previous = kp, None
+        msg, kp = made
         # A response counts as a handshake sent: no crossing initiation of our own for
         # REKEY_TIMEOUT (wireguard-go SendHandshakeResponse sets lastSentHandshake).
         peer.handshake.last_sent_handshake = now
         peer.timers.session_derived(now)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.handshake_sent()
-        out.event(EventKind.KEYPAIR_CREATED, peer, index)
-        out.event(EventKind.RESPONSE_SENT, peer)
+        out.events.append(KeypairCreated(peer, kp.local_index))
+        out.events.append(ResponseSent(peer))
         self._emit(peer, msg, out)
 
-    def _receive_response(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
+    def _receive_response(
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+    ) -> None:
         msg = parse_response(data)
         peer = self.index.handshakes.get(msg.receiver)
         if peer is None:
@@ -602,24 +613,12 @@ class Device:
         if self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        keys = handshake.consume_response(self._static, peer, msg)
-        if isinstance(keys, Drop):
-            out.drops[keys] += 1
+        kp = sessions.complete(self._static, peer, msg, self.index, self.native, now)
+        if isinstance(kp, Drop):
+            out.drops[kp] += 1
             return
-        index = msg.receiver
-        self._clear_handshake(peer)
-        kp = Keypair(peer, keys, initiator=True, local_index=index, remote_index=msg.sender,
-                     now=now, native=self.native)  # fmt: skip
-        self.index.add_keypair(kp)
-        self.index.drop_keypair(peer.previous)
-        if peer.next is not None:
-            peer.previous, peer.next = peer.next, None
-            self.index.drop_keypair(peer.current)
-        else:
-            peer.previous = peer.current
-        peer.current = kp
-        out.event(EventKind.RESPONSE_RECEIVED, peer)
-        out.event(EventKind.KEYPAIR_CREATED, peer, index)
+        out.events.append(ResponseReceived(peer, tag))
+        out.events.append(KeypairCreated(peer, kp.local_index))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         timers = peer.timers
@@ -631,8 +630,7 @@ class Device:
 
     def _confirm_next(self, peer: Peer, now: float, out: Output) -> None:
         """The initiator used the session we offered: it becomes current."""
-        self.index.drop_keypair(peer.previous)
-        peer.previous, peer.current, peer.next = peer.current, peer.next, None
+        sessions.confirm_next(self.index, peer)
         self._handshake_complete(peer, now, out)
         if peer.staged:
             self._send_staged(peer, now, out)
@@ -640,7 +638,7 @@ class Device:
     def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
         peer.timers.handshake_complete()
         peer.last_handshake = now + self.wall_offset
-        out.event(EventKind.HANDSHAKE_COMPLETED, peer)
+        out.events.append(HandshakeCompleted(peer))
 
     def _receive_cookie_reply(self, data: bytes, now: float, out: Output) -> None:
         msg = parse_cookie_reply(data)
@@ -650,7 +648,7 @@ class Device:
         elif not peer.cookies.consume_reply(msg, now):
             out.drops[Drop.BAD_HANDSHAKE] += 1
         else:
-            out.event(EventKind.COOKIE_RECEIVED, peer)
+            out.events.append(CookieReceived(peer))
 
     # ---- timers --------------------------------------------------------------------
 
@@ -663,36 +661,20 @@ class Device:
         timers = peer.timers
         if timer is Timer.RETRANSMIT_HANDSHAKE:
             if timers.expired_retransmit_handshake(now):
-                out.event(EventKind.HANDSHAKE_RETRY, peer, "no response")
+                out.events.append(HandshakeRetry(peer, "no response"))
                 self._initiate(peer, now, out, retry=True)
             else:  # given up: queued packets go now, keys in 3 x REJECT_AFTER_TIME
                 peer.staged.clear()
-                out.event(EventKind.HANDSHAKE_GAVE_UP, peer, timers.handshake_attempts + 1)
+                out.events.append(HandshakeGaveUp(peer, timers.handshake_attempts + 1))
         elif timer is Timer.SEND_KEEPALIVE:
             self._send_keepalive(peer, now, out)
             timers.expired_send_keepalive(now)
         elif timer is Timer.NEW_HANDSHAKE:
-            out.event(EventKind.HANDSHAKE_RETRY, peer, "no data back")
+            out.events.append(HandshakeRetry(peer, "no data back"))
             self._initiate(peer, now, out)
         elif timer is Timer.ZERO_KEYS:
-            self._zero_keys(peer)
+            sessions.zero_keys(self.index, peer)
             peer.staged.clear()  # wireguard-go ZeroAndFlushAll
-            out.event(EventKind.KEYS_ZEROED, peer)
+            out.events.append(KeysZeroed(peer))
         elif timer is Timer.PERSISTENT_KEEPALIVE and peer.persistent_keepalive:
             self._send_keepalive(peer, now, out)
-
-    # ---- indices and key material --------------------------------------------------
-
-    def _clear_handshake(self, peer: Peer) -> None:
-        hs = peer.handshake
-        self.index.drop_handshake(hs.local_index)
-        hs.local_index = None
-        hs.clear()
-
-    def _zero_keys(self, peer: Peer) -> None:
-        """Forget every session and the handshake (Python cannot wipe the bytes themselves;
-        dropping the last reference is what it can do)."""
-        for kp in peer.keypairs():
-            self.index.drop_keypair(kp)
-        peer.current = peer.previous = peer.next = None
-        self._clear_handshake(peer)

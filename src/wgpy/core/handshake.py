@@ -20,7 +20,7 @@ from wgpy.core.messages import (
     MSG_INITIATION,
     MSG_RESPONSE,
     RESPONSE,
-    Response,
+    ResponseMessage,
     parse_initiation,
 )
 from wgpy.core.output import Drop
@@ -29,7 +29,7 @@ from wgpy.core.peer import HandshakeState, Peer
 _NO_MAC = bytes(16)  # mac1/mac2 placeholders, filled in by add_macs
 
 
-class Initiation(NamedTuple):
+class ConsumedInitiation(NamedTuple):
     """A consumed initiation: who sent it and what the response needs."""
 
     peer: Peer
@@ -60,7 +60,7 @@ def create_initiation(
 
 def consume_initiation(
     static: PrivateKey, public_key: bytes, data: bytes, peers: Mapping[bytes, Peer], now: float
-) -> Initiation | Drop:
+) -> ConsumedInitiation | Drop:
     """The peer behind an initiation (macs already checked), or why it is refused. Only a
     fully authenticated, fresh initiation updates the peer's replay and flood state."""
     msg = parse_initiation(data)
@@ -82,11 +82,11 @@ def consume_initiation(
     if now - hs.last_initiation_consumed < INITIATION_MIN_INTERVAL:
         return Drop.FLOOD
     hs.latest_timestamp, hs.last_initiation_consumed = timestamp, now
-    return Initiation(peer, sym, msg.ephemeral, msg.sender)
+    return ConsumedInitiation(peer, sym, msg.ephemeral, msg.sender)
 
 
 def create_response(
-    init: Initiation, ephemeral: PrivateKey, index: int, now: float
+    init: ConsumedInitiation, ephemeral: PrivateKey, index: int, now: float
 ) -> tuple[bytes, tuple[bytes, bytes]] | None:
     """Message 2 answering `init` under our `index`, and the session keys (sending,
     receiving); None if the initiator's ephemeral is a low-order point."""
@@ -104,7 +104,9 @@ def create_response(
     return bytes(msg), init.sym.split(initiator=False)
 
 
-def consume_response(static: PrivateKey, peer: Peer, msg: Response) -> tuple[bytes, bytes] | Drop:
+def consume_response(
+    static: PrivateKey, peer: Peer, msg: ResponseMessage
+) -> tuple[bytes, bytes] | Drop:
     """The session keys (sending, receiving) from a response to our pending initiation."""
     hs = peer.handshake
     if hs.state is not HandshakeState.INITIATION_SENT or hs.sym is None or hs.e_priv is None:

@@ -20,12 +20,15 @@ myself arriving on wg0"). wgpy uses the original *destination*: it passes revers
 filtering (the host routes that address into this very interface), and `ping` names the
 address it could not reach ("From 10.0.0.9 icmp_seq=1 Destination Host Unreachable").
 
-Pure functions and a bucket with time injected: the core stays sans-I/O.
+Pure functions; the device sends the errors under a `TokenBucket(RATE, BURST)` (time
+injected): the core stays sans-I/O.
 """
 
 from __future__ import annotations
 
 import struct
+
+from wgpy.core.ip import checksum
 
 IPV4_MAX = 576  # an ICMPv4 error is at most this long (Linux: 576 - headers of quote)
 IPV6_MAX = 1280  # an ICMPv6 error is at most the IPv6 minimum MTU
@@ -41,39 +44,6 @@ _V6_EXT_HEADERS = frozenset((0, 43, 60))  # hop-by-hop, routing, destination opt
 _V6_FRAGMENT = 44
 _TTL = 64
 _IPV4 = struct.Struct(">BBHHHBBH4s4s")
-
-
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    """The Internet checksum (RFC 1071): one's complement of the one's-complement sum."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total: int = sum(struct.unpack(f">{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-class TokenBucket:
-    """`rate` tokens a second up to `burst`; `allow(now)` takes one if there is one."""
-
-    __slots__ = ("_last", "_tokens", "burst", "rate")
-
-    def __init__(self, rate: float = RATE, burst: int = BURST) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._last: float | None = None
-
-    def allow(self, now: float) -> bool:
-        last = self._last
-        if last is None or now > last:
-            if last is not None:
-                self._tokens = min(float(self.burst), self._tokens + (now - last) * self.rate)
-            self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 def unreachable(packet: bytes | memoryview) -> bytes | None:
@@ -103,10 +73,10 @@ def _unreachable_v4(packet: bytes) -> bytes | None:
             return None
     quote = packet[: IPV4_MAX - 20 - 8]
     body = bytearray(struct.pack(">BBHI", ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, 0, 0) + quote)
-    struct.pack_into(">H", body, 2, checksum(body))
+    struct.pack_into(">H", body, 2, ~checksum(body) & 0xFFFF)
     tos = (packet[1] & 0x1E) | 0xC0  # IPTOS_TOS_MASK | IPTOS_PREC_INTERNETCONTROL
     header = bytearray(_IPV4.pack(0x45, tos, 20 + len(body), 0, 0, _TTL, _PROTO_ICMP, 0, dst, src))
-    struct.pack_into(">H", header, 10, checksum(header))
+    struct.pack_into(">H", header, 10, ~checksum(header) & 0xFFFF)
     return bytes(header + body)
 
 
@@ -134,6 +104,6 @@ def _unreachable_v6(packet: bytes) -> bytes | None:
     body = bytearray(struct.pack(">BBHI", ICMPV6_DEST_UNREACH, ICMPV6_ADDR_UNREACH, 0, 0) + quote)
     # the pseudo-header: source, destination, upper-layer length, next header
     pseudo = dst + src + struct.pack(">I3xB", len(body), _PROTO_ICMPV6)
-    struct.pack_into(">H", body, 2, checksum(pseudo + body))
+    struct.pack_into(">H", body, 2, ~checksum(pseudo + body) & 0xFFFF)
     header = struct.pack(">IHBB", 6 << 28, len(body), _PROTO_ICMPV6, _TTL) + dst + src
     return header + bytes(body)

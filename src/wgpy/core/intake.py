@@ -39,7 +39,7 @@ COOKIE_MADE = 5  # as SEND_COOKIE, and the classifier made the reply
 def available() -> bool:
     """Whether the extension was built."""
     try:
-        from wgpy import _classify  # noqa: F401
+        import wgpy._classify  # noqa: F401
     except ImportError:
         return False
     return True

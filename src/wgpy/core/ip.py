@@ -1,7 +1,8 @@
-"""The few IP header fields the core reads (wireguard-go device/ip.go names the same).
+"""The few IP header fields the core reads (wireguard-go device/ip.go names the same),
+and the Internet checksum that the core (ICMP errors) and the I/O (offloads) share.
 
-The receive loop inlines the source/length check with these offsets (a call per packet
-costs measurably there); everything else calls the functions.
+The receive loop (core/data.py) reads the source and length with these offsets inline (a
+call per packet costs measurably there); everything else calls the functions.
 """
 
 from __future__ import annotations
@@ -32,21 +33,20 @@ def destination(packet: bytes | memoryview) -> bytes | None:
     return None
 
 
-def source_and_length(packet: bytes | memoryview) -> tuple[bytes, int] | None:
-    """(source address, length the header claims) of a well-formed packet, else None:
-    the claimed length must fit in what arrived (padding may follow it)."""
-    n = len(packet)
-    v = version(packet)
-    if v == 4 and n >= IPV4_HEADER_LEN:
-        at = IPV4_TOTAL_LEN
-        length = (packet[at] << 8) | packet[at + 1]
-        if length < IPV4_HEADER_LEN:
-            return None
-        addr = packet[IPV4_SRC]
-    elif v == 6 and n >= IPV6_HEADER_LEN:
-        at = IPV6_PAYLOAD_LEN
-        length = IPV6_HEADER_LEN + ((packet[at] << 8) | packet[at + 1])
-        addr = packet[IPV6_SRC]
-    else:
-        return None
-    return (bytes(addr), length) if length <= n else None
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """One's-complement sum of 16-bit big-endian words, folded to 16 bits, not inverted.
+
+    An odd length is padded with a zero byte. `initial` is any earlier sum (it may be
+    unfolded). Fast because it never loops in Python: 2**16 = 1 (mod 0xFFFF), so the whole
+    buffer read as one big integer is congruent to the sum of its words modulo 0xFFFF; only
+    zero versus 0xFFFF needs care (a non-zero sum folds to 0xFFFF, never to 0).
+    A checksum field holds `~checksum(...) & 0xFFFF`; a packet verifies when the sum over
+    it (field included) is 0xFFFF.
+    """
+    s = int.from_bytes(data, "big")
+    if len(data) & 1:
+        s <<= 8
+    s += initial
+    if not s:
+        return 0
+    return s % 0xFFFF or 0xFFFF

@@ -35,7 +35,7 @@ assert RESPONSE.size == RESPONSE_LEN
 assert COOKIE_REPLY.size == COOKIE_REPLY_LEN
 
 
-class Initiation(NamedTuple):
+class InitiationMessage(NamedTuple):
     sender: int
     ephemeral: bytes
     static: bytes
@@ -44,7 +44,7 @@ class Initiation(NamedTuple):
     mac2: bytes
 
 
-class Response(NamedTuple):
+class ResponseMessage(NamedTuple):
     sender: int
     receiver: int
     ephemeral: bytes
@@ -76,12 +76,12 @@ def message_type(data: bytes | memoryview) -> int:
     return 0
 
 
-def parse_initiation(data: bytes) -> Initiation:
-    return Initiation(*INITIATION.unpack(data)[1:])
+def parse_initiation(data: bytes) -> InitiationMessage:
+    return InitiationMessage(*INITIATION.unpack(data)[1:])
 
 
-def parse_response(data: bytes) -> Response:
-    return Response(*RESPONSE.unpack(data)[1:])
+def parse_response(data: bytes) -> ResponseMessage:
+    return ResponseMessage(*RESPONSE.unpack(data)[1:])
 
 
 def parse_cookie_reply(data: bytes) -> CookieReply:

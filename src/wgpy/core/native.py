@@ -15,7 +15,7 @@ from types import ModuleType
 def load() -> ModuleType | None:
     """The extension if it was built, else None."""
     try:
-        from wgpy import _native
+        import wgpy._native as _native
     except ImportError:
         return None
     return _native

@@ -1,5 +1,6 @@
 """What a call into the core produced: packets to deliver, datagrams to send, and an
-account of what happened (events) and of what was refused (drops, by reason).
+account of what happened (events: core/events.py) and of what was refused (drops, by
+reason).
 
 Events are rare by construction (handshakes, key rotations, roaming, timers), never one per
 data packet. Drops are counted on the drop branches only, so the fast path pays nothing;
@@ -10,12 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 from enum import Enum
-from typing import TYPE_CHECKING, NamedTuple
 
-if TYPE_CHECKING:
-    from wgpy.core.peer import Peer
-
-Endpoint = tuple[str, int]
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import ProtocolEvent
 
 
 class Drop(Enum):
@@ -42,28 +40,6 @@ class Drop(Enum):
     NO_ENDPOINT = "no_endpoint"  # (sending) the peer has no endpoint yet
 
 
-class EventKind(Enum):
-    INITIATION_SENT = "initiation_sent"  # detail: the attempt number (0: the first)
-    INITIATION_RECEIVED = "initiation_received"
-    RESPONSE_SENT = "response_sent"
-    RESPONSE_RECEIVED = "response_received"
-    COOKIE_SENT = "cookie_sent"  # under load or over its source's rate: a cookie, not the work
-    COOKIE_RECEIVED = "cookie_received"
-    KEYPAIR_CREATED = "keypair_created"  # detail: our index of the new session
-    HANDSHAKE_COMPLETED = "handshake_completed"  # the new session is the current one
-    ENDPOINT_CHANGED = "endpoint_changed"  # detail: the new endpoint
-    KEEPALIVE_SENT = "keepalive_sent"
-    HANDSHAKE_RETRY = "handshake_retry"  # detail: why ("no response", "no data back")
-    HANDSHAKE_GAVE_UP = "handshake_gave_up"  # detail: the number of attempts
-    KEYS_ZEROED = "keys_zeroed"
-
-
-class Event(NamedTuple):
-    kind: EventKind
-    peer: Peer | None
-    detail: object = None
-
-
 class Output:
     """IP packets for the TUN, datagrams for the UDP socket, events and drops."""
 
@@ -73,7 +49,7 @@ class Output:
         self.authentic = False  # a data message (keepalives too) authenticated in this call
         self.tun: list[bytes] = []
         self.udp: list[tuple[bytes, Endpoint]] = []
-        self.events: list[Event] = []
+        self.events: list[ProtocolEvent] = []
         self.drops: Counter[Drop] = Counter()
 
     def extend(self, other: Output) -> None:
@@ -83,6 +59,3 @@ class Output:
         self.events += other.events
         if other.drops:
             self.drops.update(other.drops)
-
-    def event(self, kind: EventKind, peer: Peer | None, detail: object = None) -> None:
-        self.events.append(Event(kind, peer, detail))

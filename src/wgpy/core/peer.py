@@ -13,11 +13,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import ZERO_KEY, PrivateKey
+from wgpy.core.endpoint import Endpoint
 from wgpy.core.noise import SymmetricState
 from wgpy.core.replay import ReplayWindow
 from wgpy.core.timers import Timers
-
-Endpoint = tuple[str, int]
 
 
 class Keypair:

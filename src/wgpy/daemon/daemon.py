@@ -10,6 +10,7 @@ parent made, and the daemon then makes neither (the interface's name is the TUN'
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -17,18 +18,20 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from wgpy.core.device import Device
-from wgpy.core.output import Event, Output
-from wgpy.daemon import keylog, uapi, uapi_server
+from wgpy.core.endpoint import Endpoint
+from wgpy.core.events import ProtocolEvent
+from wgpy.core.output import Output
+from wgpy.daemon import keylog, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
 from wgpy.io.datapath import Datapath, native_datapath, native_intake, tun_offloads
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, TunGone, open_tun
+from wgpy.io.uapi_path import SOCKET_DIR
 from wgpy.io.udp import UdpSocket
 
 log = logging.getLogger("wgpy")
@@ -52,23 +55,35 @@ class Options:
         return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None)
 
 
-def parse_options(args: Sequence[str]) -> tuple[Options, list[str]]:
-    """`--metrics ADDR` and `--keylog FILE` (also as --opt=value) out of `args`; the
-    rest is returned. Raises ValueError on a missing value."""
-    opts = Options.from_env()
-    rest: list[str] = []
-    it = iter(args)
-    for arg in it:
-        key, eq, value = arg.partition("=")
-        if key in ("--metrics", "--keylog"):
-            if not eq:
-                value = next(it, "")
-            if not value:
-                raise ValueError(f"{key} needs a value")
-            setattr(opts, key[2:], value)
-        else:
-            rest.append(arg)
-    return opts, rest
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The daemon's own options, for `wgpy IFNAME` and for `wgpy up`, which passes them
+    on to the daemon it starts (through the environment: `Options.from_env`)."""
+    env = Options.from_env()
+    parser.add_argument("--metrics", metavar="[HOST:]PORT", default=env.metrics,
+                        help="serve Prometheus metrics there (default host 127.0.0.1; "
+                        "env WGPY_METRICS)")  # fmt: skip
+    parser.add_argument("--keylog", metavar="FILE", default=env.keylog,
+                        help="append each handshake's keys to FILE for Wireshark: INSECURE, "
+                        "FILE holds the interface's private key and every session key "
+                        "(made 0600; refused if a symlink or others may read it; "
+                        "env WGPY_KEYLOG)")  # fmt: skip
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(args.metrics or None, args.keylog or None)
+
+
+def metrics_address(options: Options) -> Endpoint | None:
+    """Where `--metrics` asks the endpoint to listen, or None; OSError if it is not an
+    address (a name would need a resolver) or a port."""
+    if not options.metrics:
+        return None
+    from wgpy.daemon.metrics import parse_listen
+
+    try:
+        return parse_listen(options.metrics)
+    except ValueError as e:
+        raise OSError(f"--metrics {options.metrics}: {e}") from None
 
 
 class Daemon:
@@ -77,7 +92,7 @@ class Daemon:
     def __init__(
         self,
         ifname: str,
-        socket_dir: str = uapi.SOCKET_DIR,
+        socket_dir: str = SOCKET_DIR,
         tun: Tun | None = None,
         listener: uapi_server.UapiListener | None = None,
         options: Options | None = None,
@@ -85,14 +100,7 @@ class Daemon:
         """The TUN and the UAPI listener are made here unless handed over."""
         raise_fd_limit()
         options = options or Options()
-        metrics_listen = None
-        if options.metrics:
-            from wgpy.daemon.metrics import parse_listen
-
-            try:
-                metrics_listen = parse_listen(options.metrics)
-            except ValueError as e:
-                raise OSError(f"--metrics {options.metrics}: {e}") from None
+        metrics_listen = metrics_address(options)  # checked before anything is opened
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
         self.native = native_datapath()
         self.device = Device(
@@ -126,21 +134,25 @@ class Daemon:
         self.keylog: keylog.KeyLog | None = None
         self.metrics: Any = None  # a metrics.MetricsServer: prometheus-client is optional
         try:
-            if options.keylog:
-                self.keylog = keylog.KeyLog(options.keylog, self.device)
-                self.device.keylog = self.keylog
-                log.warning(keylog.WARNING.format(path=options.keylog))
-            if metrics_listen is not None:
-                from wgpy.daemon.metrics import MetricsServer, Source
-
-                source = Source(
-                    self.tun.name, self.device, self.datapath, self.stats, self.offload,
-                    self.datapath_kind,
-                )  # fmt: skip
-                self.metrics = MetricsServer(source, metrics_listen)
+            self._start_extras(options.keylog, metrics_listen)
         except BaseException:
             self.close()
             raise
+
+    def _start_extras(self, keylog_path: str | None, metrics_listen: Endpoint | None) -> None:
+        """The opt-in extras: the key log (`--keylog`) and the metrics endpoint."""
+        if keylog_path:
+            self.keylog = keylog.KeyLog(keylog_path, self.device)
+            self.device.keylog = self.keylog
+            log.warning(keylog.WARNING.format(path=keylog_path))
+        if metrics_listen is not None:
+            from wgpy.daemon.metrics import MetricsServer, Source
+
+            source = Source(
+                self.tun.name, self.device, self.datapath, self.stats, self.offload,
+                self.datapath_kind,
+            )  # fmt: skip
+            self.metrics = MetricsServer(source, metrics_listen)
 
     # ---- uapi.Host ---------------------------------------------------------------
 
@@ -185,7 +197,7 @@ class Daemon:
             now=time.monotonic(),
         )
 
-    def _on_events(self, events: list[Event]) -> None:
+    def _on_events(self, events: list[ProtocolEvent]) -> None:
         self.stats.count(events)
         log_events(events)
 

@@ -7,14 +7,20 @@ contrib/extract-handshakes). With our static and ephemeral private keys it can r
 handshake and derive the session keys. One block is appended per handshake message we
 create (initiation or response), as the ephemeral key is made.
 
-Anyone who reads the file can decrypt every session it covers: it undoes forward secrecy.
-It is off by default, made 0600, and the daemon warns at every start that it is on.
+The file holds the interface's private key and every session's keys: anyone who reads it
+can decrypt every session it covers, and it undoes forward secrecy. It is off by default
+and the daemon warns at every start that it is on. It is made 0600; a file already there
+is used only if it is a regular file of the daemon's own user that no one else may read or
+write, with no other name. A symlink is never followed: someone who could plant one (or
+a readable file) at the path would get the keys, or have root append them where they like.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 
 from wgpy.core.crypto import clamp, encode_key
 from wgpy.core.device import Device
@@ -22,9 +28,47 @@ from wgpy.core.peer import Peer
 
 log = logging.getLogger("wgpy")
 WARNING = (
-    "--keylog {path}: the keys of every handshake are written there; whoever reads it can "
-    "decrypt this tunnel's traffic (no forward secrecy). For debugging only."
+    "--keylog {path}: the interface's private key and the keys of every handshake are "
+    "written there; whoever reads it can decrypt this tunnel's traffic (no forward "
+    "secrecy). For debugging only."
 )
+# O_NONBLOCK: a FIFO planted at the path must not hang the daemon in open(); it is refused
+# by fstat like anything else that is not a regular file
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_private(path: str) -> int:
+    """`path` opened for appending, only if no one but us can read what we write there;
+    OSError (its message says why) otherwise."""
+    try:
+        fd = os.open(path, _FLAGS, 0o600)
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise OSError(f"--keylog {path}: {why}; refused: it would hold the private key") from None
+    try:
+        problem = _not_private(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    if problem:
+        os.close(fd)
+        raise OSError(
+            f"--keylog {path}: {problem}; refused: it would hold the interface's private "
+            "key (remove it, or name a new file)"
+        )
+    return fd
+
+
+def _not_private(st: os.stat_result) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by the daemon's ({os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"mode {stat.S_IMODE(st.st_mode):04o} lets others at it (0600 only)"
+    if st.st_nlink != 1:
+        return "it has another name (a hard link)"
+    return None
 
 
 class KeyLog:
@@ -33,7 +77,7 @@ class KeyLog:
     def __init__(self, path: str, device: Device) -> None:
         self.path = path
         self.device = device
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = open_private(path)
 
     def __call__(self, peer: Peer, ephemeral: bytes) -> None:
         if self.device.private_key is None:

@@ -14,8 +14,18 @@ from collections.abc import Sequence
 
 from wgpy.core.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
 from wgpy.core.crypto import encode_key
-from wgpy.core.output import Drop, Event, EventKind
-from wgpy.daemon.uapi import format_endpoint
+from wgpy.core.endpoint import format_endpoint
+from wgpy.core.events import (
+    CookieSent,
+    EndpointChanged,
+    EventKind,
+    HandshakeGaveUp,
+    HandshakeRetry,
+    InitiationSent,
+    KeypairCreated,
+    ProtocolEvent,
+)
+from wgpy.core.output import Drop
 
 log = logging.getLogger("wgpy")
 DROP_SUMMARY_EVERY = 10.0  # seconds
@@ -28,71 +38,68 @@ def peer_name(public_key: bytes) -> str:
     return f"peer({b64[:4]}…{b64[39:43]})"
 
 
-def _endpoint(detail: object) -> str:
-    if isinstance(detail, tuple) and len(detail) == 2:
-        return format_endpoint((str(detail[0]), int(detail[1])))
-    return str(detail)
-
-
-# wireguard-go's words; {name}: the peer, {detail}: the event's detail
+# wireguard-go's words for the events that carry nothing but their peer ({name})
 _LINES = {
     EventKind.INITIATION_SENT: "{name} - Sending handshake initiation",
     EventKind.INITIATION_RECEIVED: "{name} - Received handshake initiation",
     EventKind.RESPONSE_SENT: "{name} - Sending handshake response",
     EventKind.RESPONSE_RECEIVED: "{name} - Received handshake response",
-    EventKind.COOKIE_SENT: "Sending cookie response for denied handshake message for {detail}",
     EventKind.COOKIE_RECEIVED: "{name} - Receiving cookie response",
-    EventKind.KEYPAIR_CREATED: "Keypair {detail} created for {name}",
     EventKind.HANDSHAKE_COMPLETED: "{name} - Handshake completed",
-    EventKind.ENDPOINT_CHANGED: "{name} - Endpoint changed to {detail}",
     EventKind.KEEPALIVE_SENT: "{name} - Sending keepalive packet",
-    EventKind.HANDSHAKE_GAVE_UP: "{name} - Handshake did not complete after {detail} attempts, "
-    "giving up",
     EventKind.KEYS_ZEROED: "{name} - Removing all keys, since we haven't received a new one in "
     f"{int(ZERO_KEYS_AFTER)} seconds",
 }
 
 
-def describe(event: Event, attempt: int | None = None) -> str:
+def describe(event: ProtocolEvent, attempt: int | None = None) -> str:
     """The log line of one event. `attempt`: for a retry, the attempt number of the
     initiation that follows it (as `describe_all` finds it)."""
-    kind, peer, detail = event
+    peer = event.peer
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
-    if kind is EventKind.COOKIE_SENT and detail is None:  # sent by the C intake, unnamed
-        return "Sending cookie response for denied handshake message"
-    if kind is not EventKind.HANDSHAKE_RETRY:
-        return _LINES[kind].format(name=name, detail=_endpoint(detail))
-    if detail == "no data back":
-        seconds = int(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
-        return (
-            f"{name} - Retrying handshake because we stopped hearing back after "
-            f"{seconds} seconds"
-        )
-    if attempt is None:
-        attempt = peer.timers.handshake_attempts if peer is not None else 0
-    tries = attempt + 1  # wireguard-go counts the first initiation as try 1
-    return (
-        f"{name} - Handshake did not complete after {int(REKEY_TIMEOUT)} seconds, "
-        f"retrying (try {tries})"
-    )
+    match event:
+        case CookieSent(source=source):
+            if source is None:  # one of many the C intake sent (core/intake.py)
+                return "Sending cookie response for denied handshake message"
+            source_text = format_endpoint(source)
+            return f"Sending cookie response for denied handshake message for {source_text}"
+        case KeypairCreated(index=index):
+            return f"Keypair {index} created for {name}"
+        case EndpointChanged(endpoint=endpoint):
+            return f"{name} - Endpoint changed to {format_endpoint(endpoint)}"
+        case HandshakeGaveUp(attempts=attempts):
+            return f"{name} - Handshake did not complete after {attempts} attempts, giving up"
+        case HandshakeRetry(reason="no data back"):
+            seconds = int(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)
+            return (
+                f"{name} - Retrying handshake because we stopped hearing back after "
+                f"{seconds} seconds"
+            )
+        case HandshakeRetry(peer=peer):
+            tries = (attempt if attempt is not None else peer.timers.handshake_attempts) + 1
+            return (  # wireguard-go counts the first initiation as try 1
+                f"{name} - Handshake did not complete after {int(REKEY_TIMEOUT)} seconds, "
+                f"retrying (try {tries})"
+            )
+    return _LINES[event.kind].format(name=name)
 
 
-def describe_all(events: Sequence[Event]) -> list[str]:
+def describe_all(events: Sequence[ProtocolEvent]) -> list[str]:
     """The lines of a call's events, in order. A retry is numbered by the initiation it
     caused, which follows it in the same output."""
     lines = []
     for i, event in enumerate(events):
         attempt = None
-        if event.kind is EventKind.HANDSHAKE_RETRY:
+        if isinstance(event, HandshakeRetry):
             for later in events[i + 1 :]:
-                if later.kind is EventKind.INITIATION_SENT and later.peer is event.peer:
-                    attempt = later.detail if isinstance(later.detail, int) else None
+                if isinstance(later, InitiationSent) and later.peer is event.peer:
+                    attempt = later.attempt
                     break
         lines.append(describe(event, attempt))
     return lines
 
 
-def log_events(events: Sequence[Event]) -> None:
+def log_events(events: Sequence[ProtocolEvent]) -> None:
     """The Datapath's `on_events` (part of it): one verbose line per event."""
     if log.isEnabledFor(logging.DEBUG):
         for line in describe_all(events):

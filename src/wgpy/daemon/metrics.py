@@ -24,33 +24,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from wgpy import __version__
+from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, EventKind
+from wgpy.core.endpoint import Endpoint, format_endpoint, parse_port, split_endpoint
+from wgpy.core.events import EventKind
+from wgpy.core.output import Drop
 from wgpy.daemon.status import Stats
-from wgpy.daemon.uapi import split_endpoint
 from wgpy.io.datapath import BatchSizes, Datapath
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("wgpy.metrics")
-DEFAULT_PORT = 9586  # prometheus_wireguard_exporter's
 SNAPSHOT_TRIES = 5
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """`PORT`, `HOST:PORT` or `[V6]:PORT`; a bare port binds to loopback only."""
+def parse_listen(value: str) -> Endpoint:
+    """`PORT`, `HOST:PORT` or `[V6]:PORT` (ASCII digits); a bare port binds to loopback
+    only."""
     value = value.strip()
-    if value.isdigit():
-        host, port = "127.0.0.1", int(value)
-    else:
-        host, port = split_endpoint(value)
+    host, port = split_endpoint(value) if ":" in value else ("127.0.0.1", parse_port(value))
     ipaddress.ip_address(host)  # an address, not a name: no resolver surprises
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port in {value!r}")
     return host, port
 
 
@@ -106,114 +102,145 @@ class Collector:
         return _snapshot(self.source)
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-
         snap = self.snapshot()
         name = self.source.name
-        labels = ["interface", "public_key", "allowed_ips"]
-        sent = CounterMetricFamily("wireguard_sent_bytes", "Bytes sent to the peer", labels=labels)
-        received = CounterMetricFamily(
-            "wireguard_received_bytes", "Bytes received from the peer", labels=labels
-        )
-        latest = GaugeMetricFamily(
-            "wireguard_latest_handshake_seconds",
-            "Seconds from the last handshake (Unix time; 0: never)",
-            labels=labels,
-        )
-        delay = GaugeMetricFamily(
-            "wireguard_latest_handshake_delay_seconds",
-            "Seconds since the last handshake (absent: never)",
-            labels=labels,
-        )
-        wall = time.time()
-        for key, allowed, tx, rx, last in snap["peers"]:
-            values = [name, key, allowed]
-            sent.add_metric(values, tx)
-            received.add_metric(values, rx)
-            latest.add_metric(values, int(last) if last is not None else 0)
-            if last is not None:
-                delay.add_metric(values, max(0.0, wall - last))
-        yield from (sent, received, latest, delay)
+        yield from _peer_families(name, snap["peers"])
+        yield from _event_families(name, snap["events"])
+        yield from _drop_families(name, snap["drops"])
+        yield from _load_families(name, snap)
+        yield _batch_family(name, snap["batches"])
+        yield _info_family(name, snap["kind"], self.source.offload)
 
-        events: Counter[EventKind] = snap["events"]
-        own = [
-            ("handshake_initiations_sent", EventKind.INITIATION_SENT, "Handshake initiations sent"),
-            ("handshake_initiations_received", EventKind.INITIATION_RECEIVED,
-             "Valid handshake initiations received"),
-            ("handshake_responses_sent", EventKind.RESPONSE_SENT, "Handshake responses sent"),
-            ("handshake_responses_received", EventKind.RESPONSE_RECEIVED,
-             "Valid handshake responses received"),
-            ("handshakes_completed", EventKind.HANDSHAKE_COMPLETED,
-             "Handshakes completed (a new session in use)"),
-            ("cookie_replies_sent", EventKind.COOKIE_SENT,
-             "Cookie replies sent (under load, or to a source over its rate)"),
-            ("cookie_replies_received", EventKind.COOKIE_RECEIVED, "Cookie replies accepted"),
-            ("keepalives_sent", EventKind.KEEPALIVE_SENT, "Keepalives sent"),
-            ("handshake_retries", EventKind.HANDSHAKE_RETRY, "Handshakes retried"),
-            ("endpoint_changes", EventKind.ENDPOINT_CHANGED, "Peer endpoints changed (roaming)"),
-        ]  # fmt: skip
-        for metric, kind, text in own:
-            family = CounterMetricFamily(f"wgpy_{metric}", text, labels=["interface"])
-            family.add_metric([name], events[kind])
-            yield family
-        drops: Counter[Drop] = snap["drops"]
-        limited = CounterMetricFamily(
-            "wgpy_handshakes_rate_limited",
-            "Handshake messages with a cookie dropped over their source's cookie rate",
-            labels=["interface"],
-        )  # fmt: skip
-        limited.add_metric([name], drops[Drop.RATE_LIMITED])
-        yield limited
-        by_reason = CounterMetricFamily(
-            "wgpy_drops", "Datagrams and packets dropped, by reason",
-            labels=["interface", "reason"],
-        )  # fmt: skip
-        for reason in Drop:
-            by_reason.add_metric([name, reason.value], drops[reason])
-        yield by_reason
-        under = GaugeMetricFamily(
-            "wgpy_under_load", "1 while the device is under load (cookies)", labels=["interface"]
-        )
-        under.add_metric([name], 1 if snap["under_load"] else 0)
-        yield under
-        seconds = CounterMetricFamily(
-            "wgpy_under_load_seconds", "Seconds spent under load", labels=["interface"]
-        )
-        seconds.add_metric([name], snap["under_load_seconds"])
-        yield seconds
-        queued = GaugeMetricFamily(
-            "wgpy_queued_handshakes", "Handshake messages waiting", labels=["interface"]
-        )
-        queued.add_metric([name], snap["queued"])
-        yield queued
-        batch = HistogramMetricFamily(
-            "wgpy_batch_size", "Packets per readable event of the datapath",
-            labels=["interface", "direction"],
-        )  # fmt: skip
-        for direction, (counts, _, packets) in snap["batches"].items():
-            buckets, total = [], 0
-            for k, n in enumerate(counts):
-                total += n
-                bound = "+Inf" if k == len(counts) - 1 else str(float(1 << k))
-                buckets.append((bound, total))
-            batch.add_metric([name, direction], buckets, float(packets))
-        yield batch
-        info = GaugeMetricFamily(
-            "wgpy_info", "The daemon: version and datapath",
-            labels=["interface", "version", "datapath", "offload"],
-        )  # fmt: skip
-        info.add_metric([name, __version__, snap["kind"], str(self.source.offload).lower()], 1)
-        yield info
+
+# wgpy's own event counters: (metric, the event kind it counts, help)
+_EVENT_COUNTERS = [
+    ("handshake_initiations_sent", EventKind.INITIATION_SENT, "Handshake initiations sent"),
+    ("handshake_initiations_received", EventKind.INITIATION_RECEIVED,
+     "Valid handshake initiations received"),
+    ("handshake_responses_sent", EventKind.RESPONSE_SENT, "Handshake responses sent"),
+    ("handshake_responses_received", EventKind.RESPONSE_RECEIVED,
+     "Valid handshake responses received"),
+    ("handshakes_completed", EventKind.HANDSHAKE_COMPLETED,
+     "Handshakes completed (a new session in use)"),
+    ("cookie_replies_sent", EventKind.COOKIE_SENT,
+     "Cookie replies sent (under load, or to a source over its rate)"),
+    ("cookie_replies_received", EventKind.COOKIE_RECEIVED, "Cookie replies accepted"),
+    ("keepalives_sent", EventKind.KEEPALIVE_SENT, "Keepalives sent"),
+    ("handshake_retries", EventKind.HANDSHAKE_RETRY, "Handshakes retried"),
+    ("endpoint_changes", EventKind.ENDPOINT_CHANGED, "Peer endpoints changed (roaming)"),
+]  # fmt: skip
+
+
+def _peer_families(name: str, peers: list[tuple[Any, ...]]) -> Iterator[Metric]:
+    """The prometheus_wireguard_exporter's per-peer metrics, under its names."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["interface", "public_key", "allowed_ips"]
+    sent = CounterMetricFamily("wireguard_sent_bytes", "Bytes sent to the peer", labels=labels)
+    received = CounterMetricFamily(
+        "wireguard_received_bytes", "Bytes received from the peer", labels=labels
+    )
+    latest = GaugeMetricFamily(
+        "wireguard_latest_handshake_seconds",
+        "Seconds from the last handshake (Unix time; 0: never)",
+        labels=labels,
+    )
+    delay = GaugeMetricFamily(
+        "wireguard_latest_handshake_delay_seconds",
+        "Seconds since the last handshake (absent: never)",
+        labels=labels,
+    )
+    wall = time.time()
+    for key, allowed, tx, rx, last in peers:
+        values = [name, key, allowed]
+        sent.add_metric(values, tx)
+        received.add_metric(values, rx)
+        latest.add_metric(values, int(last) if last is not None else 0)
+        if last is not None:
+            delay.add_metric(values, max(0.0, wall - last))
+    yield from (sent, received, latest, delay)
+
+
+def _event_families(name: str, events: Counter[EventKind]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    for metric, kind, text in _EVENT_COUNTERS:
+        family = CounterMetricFamily(f"wgpy_{metric}", text, labels=["interface"])
+        family.add_metric([name], events[kind])
+        yield family
+
+
+def _drop_families(name: str, drops: Counter[Drop]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    limited = CounterMetricFamily(
+        "wgpy_handshakes_rate_limited",
+        "Handshake messages with a cookie dropped over their source's cookie rate",
+        labels=["interface"],
+    )  # fmt: skip
+    limited.add_metric([name], drops[Drop.RATE_LIMITED])
+    yield limited
+    by_reason = CounterMetricFamily(
+        "wgpy_drops", "Datagrams and packets dropped, by reason",
+        labels=["interface", "reason"],
+    )  # fmt: skip
+    for reason in Drop:
+        by_reason.add_metric([name, reason.value], drops[reason])
+    yield by_reason
+
+
+def _load_families(name: str, snap: dict[str, Any]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    under = GaugeMetricFamily(
+        "wgpy_under_load", "1 while the device is under load (cookies)", labels=["interface"]
+    )
+    under.add_metric([name], 1 if snap["under_load"] else 0)
+    yield under
+    seconds = CounterMetricFamily(
+        "wgpy_under_load_seconds", "Seconds spent under load", labels=["interface"]
+    )
+    seconds.add_metric([name], snap["under_load_seconds"])
+    yield seconds
+    queued = GaugeMetricFamily(
+        "wgpy_queued_handshakes", "Handshake messages waiting", labels=["interface"]
+    )
+    queued.add_metric([name], snap["queued"])
+    yield queued
+
+
+def _batch_family(name: str, batches: dict[str, tuple[list[int], int, int]]) -> Metric:
+    from prometheus_client.core import HistogramMetricFamily
+
+    batch = HistogramMetricFamily(
+        "wgpy_batch_size", "Packets per readable event of the datapath",
+        labels=["interface", "direction"],
+    )  # fmt: skip
+    for direction, (counts, _, packets) in batches.items():
+        buckets, total = [], 0
+        for k, n in enumerate(counts):
+            total += n
+            bound = "+Inf" if k == len(counts) - 1 else str(float(1 << k))
+            buckets.append((bound, total))
+        batch.add_metric([name, direction], buckets, float(packets))
+    return batch
+
+
+def _info_family(name: str, kind: str, offload: bool) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily
+
+    info = GaugeMetricFamily(
+        "wgpy_info", "The daemon: version and datapath",
+        labels=["interface", "version", "datapath", "offload"],
+    )  # fmt: skip
+    info.add_metric([name, __version__, kind, str(offload).lower()], 1)
+    return info
 
 
 class MetricsServer:
     """The HTTP endpoint on its own thread; `close` stops it."""
 
-    def __init__(self, source: Source, listen: tuple[str, int]) -> None:
+    def __init__(self, source: Source, listen: Endpoint) -> None:
         try:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError as e:
@@ -225,13 +252,9 @@ class MetricsServer:
         host, port = listen
         self.server, self.thread = start_http_server(port, host, registry=self.registry)
         self.address = (host, self.server.server_port)
-        log.info("metrics on http://%s/metrics", _hostport(self.address))
+        log.info("metrics on http://%s/metrics", format_endpoint(self.address))
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
-
-def _hostport(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

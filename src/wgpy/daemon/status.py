@@ -14,13 +14,14 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from wgpy import __version__
+from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Event, EventKind
+from wgpy.core.endpoint import format_endpoint
+from wgpy.core.events import EventKind, ProtocolEvent
+from wgpy.core.output import Drop
 from wgpy.core.peer import Keypair, Peer
-from wgpy.daemon.uapi import format_endpoint
 
 STATUS_VERSION = 1  # bumped only if a field changes meaning or goes away
 
@@ -35,8 +36,9 @@ class Stats:
         self.under_load_seconds = 0.0
         self._last_tick: float | None = None
 
-    def count(self, events: Iterable[Event]) -> None:
-        for kind, peer, _ in events:
+    def count(self, events: Iterable[ProtocolEvent]) -> None:
+        for event in events:
+            kind, peer = event.kind, event.peer
             self.events[kind] += 1
             if peer is not None:
                 per = self.peer_events.get(peer.public_key)

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import re
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from wgpy.core.allowedips import format_cidr, parse_cidr
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
+from wgpy.core.endpoint import Endpoint, format_endpoint, parse_address_endpoint
 from wgpy.core.output import Output
-from wgpy.core.peer import Endpoint, Peer
+from wgpy.core.peer import Peer
 
-SOCKET_DIR = "/var/run/wireguard"
 STEP = 128  # lines (or allowed IPs) of work between two yields: well under a millisecond
 log = logging.getLogger("wgpy.uapi")
 R = TypeVar("R")
@@ -47,25 +45,6 @@ def run(steps: Steps[R]) -> R:
             next(steps)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-
-
-def socket_path(ifname: str, socket_dir: str = SOCKET_DIR) -> Path:
-    """Where the daemon of `ifname` listens (one directory for all namespaces)."""
-    return Path(socket_dir) / f"{ifname}.sock"
-
-
-def split_endpoint(value: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); the host may still be a name."""
-    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value)
-    port = int(m.group(2) or m.group(4)) if m else 0
-    if not m or not 0 < port < 65536:
-        raise ValueError(f"{value!r} is not host:port or [address]:port")
-    return m.group(1) or m.group(3), port
-
-
-def format_endpoint(ep: Endpoint) -> str:
-    """The inverse of `split_endpoint`: brackets around IPv6 hosts."""
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
 class UapiError(Exception):
@@ -115,15 +94,10 @@ def _true(value: str, what: str) -> bool:
 
 
 def parse_endpoint(value: str) -> Endpoint:
-    """`1.2.3.4:51820` or `[fd00::1]:51820` (as `wg` sends it: already resolved)."""
     try:
-        host, port = split_endpoint(value)
-        addr = ipaddress.ip_address(host)  # a link-local address keeps its %scope
+        return parse_address_endpoint(value)
     except ValueError:
         raise UapiError(errno.EINVAL, f"invalid endpoint: {value!r}") from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return (str(addr), port)
 
 
 @dataclass
@@ -131,7 +105,7 @@ class PeerChange:
     public_key: bytes
     remove: bool = False
     update_only: bool = False
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)  # no keys in logs
     endpoint: Endpoint | None = None
     keepalive: int | None = None
     replace_allowed_ips: bool = False
@@ -140,7 +114,7 @@ class PeerChange:
 
 @dataclass
 class SetRequest:
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)  # no keys in logs
     listen_port: int | None = None
     fwmark: int | None = None
     replace_peers: bool = False
@@ -217,10 +191,6 @@ def _parse_peer_key(peer: PeerChange, key: str, value: str) -> None:
 
 
 # ---- applying ------------------------------------------------------------------------
-
-
-def apply_set(host: Host, req: SetRequest) -> None:
-    run(apply_set_steps(host, req))
 
 
 def apply_set_steps(host: Host, req: SetRequest) -> Steps[None]:

@@ -39,8 +39,9 @@ from collections import deque
 from typing import Protocol
 
 from wgpy.daemon import uapi
-from wgpy.daemon.uapi import SOCKET_DIR, Host, socket_path
+from wgpy.daemon.uapi import Host
 from wgpy.io.loop import Loop
+from wgpy.io.uapi_path import SOCKET_DIR, socket_path
 
 MAX_REQUEST = 32 << 20  # bytes of one pending request; a 130k allowed-IPs setconf is ~5 MB
 MAX_OUTPUT = 16 << 20  # bytes of unsent answers; a 130k allowed-IPs get is ~4 MB

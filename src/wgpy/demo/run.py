@@ -17,7 +17,7 @@ import sys
 import time
 
 from wgpy.core.crypto import decode_key, public_key
-from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Node, Tunnel
+from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Tunnel, TunnelEnd
 from wgpy.tools import uapi_client
 
 # A receiver and a sender for when iperf3 is absent: bytes over TCP, timed by the sender.
@@ -33,12 +33,12 @@ _SOURCE = (
 )
 
 
-def ping(src: Node, dst_addr: str) -> str:
+def ping(src: TunnelEnd, dst_addr: str) -> str:
     out = src.ns.run("ping", "-c", "3", "-i", "0.2", "-W", "2", dst_addr, timeout=20)
     return out.strip().splitlines()[-1]  # rtt min/avg/max/mdev
 
 
-def iperf3(client: Node, server: Node, seconds: float) -> float:
+def iperf3(client: TunnelEnd, server: TunnelEnd, seconds: float) -> float:
     """Bits per second of an iperf3 TCP transfer from client to server, in the tunnel."""
     srv = server.ns.popen("iperf3", "-s", "-1", "-B", server.inner4, stdout=subprocess.DEVNULL)
     try:
@@ -52,7 +52,7 @@ def iperf3(client: Node, server: Node, seconds: float) -> float:
         srv.wait()
 
 
-def throughput(client: Node, server: Node, seconds: float) -> tuple[str, float]:
+def throughput(client: TunnelEnd, server: TunnelEnd, seconds: float) -> tuple[str, float]:
     """(tool, bits per second) of a TCP transfer from client to server, inside the tunnel."""
     if shutil.which("iperf3"):
         return "iperf3", iperf3(client, server, seconds)
@@ -66,7 +66,7 @@ def throughput(client: Node, server: Node, seconds: float) -> tuple[str, float]:
         sink.wait()
 
 
-def status(end: Node) -> str:
+def status(end: TunnelEnd) -> str:
     return uapi_client.render(uapi_client.get(end.ifname), public_key(decode_key(end.private_key)))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
-from wgpy.daemon.uapi import socket_path
+from wgpy.io.uapi_path import socket_path
 
 WGPY = [sys.executable, "-m", "wgpy"]
 WIREGUARD_GO = ["wireguard-go"]
@@ -110,7 +110,7 @@ def wait_for_socket(ifname: str, timeout: float = 10.0) -> Path:
     return path
 
 
-class Node:
+class TunnelEnd:
     """One end of a tunnel: a namespace, its WireGuard process and its addresses."""
 
     def __init__(self, ns: Namespace, ifname: str, index: int, implementation: list[str]):
@@ -177,15 +177,15 @@ class Tunnel:
         env: dict[str, str] | None = None,
         log_dir: str | None = None,
     ) -> None:
-        """`log_dir`: each daemon's stderr goes to LOG_DIR/IFNAME.log (`Node.log_path`)."""
+        """`log_dir`: each daemon's stderr goes to LOG_DIR/IFNAME.log (`TunnelEnd.log_path`)."""
         suffix = f"{tag}{os.getpid() % 100000}"
         self.namespaces: list[Namespace] = []
-        self.ends: list[Node] = []
+        self.ends: list[TunnelEnd] = []
         try:
             for side, impl in (("a", left), ("b", right)):
                 ns = Namespace(f"wgpy-{suffix}-{side}")
                 self.namespaces.append(ns)
-                self.ends.append(Node(ns, f"wg{side}{suffix}"[:15], len(self.ends) + 1, impl))
+                self.ends.append(TunnelEnd(ns, f"wg{side}{suffix}"[:15], len(self.ends) + 1, impl))
             a, b = self.ends
             veth(a.ns, b.ns, f"va{suffix}"[:15], f"vb{suffix}"[:15])
             for end, dev in ((a, f"va{suffix}"[:15]), (b, f"vb{suffix}"[:15])):
@@ -204,14 +204,14 @@ class Tunnel:
             raise
 
     @property
-    def a(self) -> Node:
+    def a(self) -> TunnelEnd:
         return self.ends[0]
 
     @property
-    def b(self) -> Node:
+    def b(self) -> TunnelEnd:
         return self.ends[1]
 
-    def connect(self, here: Node, there: Node, *extra: str) -> None:
+    def connect(self, here: TunnelEnd, there: TunnelEnd, *extra: str) -> None:
         here.wg(
             "set", here.ifname, "peer", there.public_key,
             "endpoint", f"{there.outer4}:{there.port}",

@@ -26,9 +26,18 @@ from typing import Any, TypeVar
 
 from wgpy.core.crypto import clamp, decode_key, encode_key
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, EventKind, Output
-from wgpy.core.output import Event as CoreEvent
-from wgpy.daemon.uapi import parse_endpoint
+from wgpy.core.endpoint import Endpoint, parse_address_endpoint
+from wgpy.core.events import (
+    CookieSent,
+    EndpointChanged,
+    EventKind,
+    HandshakeGaveUp,
+    HandshakeRetry,
+    InitiationSent,
+    KeypairCreated,
+    ProtocolEvent,
+)
+from wgpy.core.output import Drop, Output
 from wgpy.embed import netconf
 from wgpy.io.datapath import Datapath, native_datapath, native_intake, tun_offloads
 from wgpy.io.loop import Loop
@@ -39,19 +48,35 @@ from wgpy.tools.config import Config
 
 log = logging.getLogger("wgpy.interface")
 T = TypeVar("T")
-Endpoint = tuple[str, int]
 HISTORY = 1024  # events kept for wait_for
 
 
 @dataclass(frozen=True)
 class Event:
-    """Something the protocol did: `kind`, the peer's public key (base64) or None,
-    a detail (see `EventKind`), and when (time.monotonic())."""
+    """Something the protocol did: `kind`, the peer's public key (base64) or None, the
+    kind's detail (`detail_of`), and when (time.monotonic()). The core's events
+    (core/events.py) hold the peer itself, which belongs to the loop thread: this one
+    holds only values, safe in any thread."""
 
     kind: EventKind
     peer: str | None
     detail: object
     time: float
+
+
+def detail_of(event: ProtocolEvent) -> object:
+    """The one field an event kind has beyond its peer: the attempt number of an
+    initiation (0: the first), the index of a new keypair, the new endpoint, the source
+    a cookie went to, why a handshake is retried, how many attempts were given up on;
+    None for the others."""
+    match event:
+        case InitiationSent(attempt=n) | KeypairCreated(index=n) | HandshakeGaveUp(attempts=n):
+            return n
+        case EndpointChanged(endpoint=endpoint) | CookieSent(source=endpoint):
+            return endpoint
+        case HandshakeRetry(reason=reason):
+            return reason
+    return None
 
 
 @dataclass(frozen=True)
@@ -335,7 +360,7 @@ class Interface:
         pub = key_bytes(public_key)
         ep: Endpoint | None = None
         if isinstance(endpoint, str):
-            ep = parse_endpoint(wgconfig.resolve_endpoint(endpoint))
+            ep = parse_address_endpoint(wgconfig.resolve_endpoint(endpoint))
         elif endpoint is not None:
             ep = (str(endpoint[0]), int(endpoint[1]))
         psk = key_bytes(preshared_key) if preshared_key is not None else None
@@ -391,11 +416,11 @@ class Interface:
         """Call `callback(event)` for every event, in the loop thread: keep it short."""
         self._callbacks.append(callback)
 
-    def _on_events(self, events: list[CoreEvent]) -> None:
+    def _on_events(self, events: list[ProtocolEvent]) -> None:
         now = time.monotonic()
         public = [
             Event(e.kind, encode_key(e.peer.public_key) if e.peer is not None else None,
-                  e.detail, now)
+                  detail_of(e), now)
             for e in events
         ]  # fmt: skip
         with self._cond:
@@ -471,7 +496,7 @@ def _resolve(cfg: Config, peer: wgconfig.PeerConfig) -> Endpoint:
     """The peer's endpoint resolved as `wg` does it; a failure is a ConfigError on its line."""
     assert peer.endpoint is not None
     try:
-        return parse_endpoint(wgconfig.resolve_endpoint(peer.endpoint))
+        return parse_address_endpoint(wgconfig.resolve_endpoint(peer.endpoint))
     except (ValueError, OSError) as e:
         raise wgconfig.ConfigError(cfg.path, peer.endpoint_line, "Endpoint", str(e)) from None
 

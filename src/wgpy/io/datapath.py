@@ -11,7 +11,10 @@ something go on, by `Device.receive_classified`.
 A handshake retry forgets the sticky source address of the peer's endpoint before the
 retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
 `wg_socket_clear_peer_endpoint_src`): if our packets from that address got lost, the
-kernel picks one again.
+kernel picks one again. The source is learnt from authenticated datagrams only: a data
+read that opened, or the read of a handshake message, whose packet info the core hands
+back with the handshake's event (the `tag` of `Device.receive_read`) however late the
+queue works it off.
 
 Handshake messages are queued by the core during the reads and worked off once per turn,
 after the data, 16 at a time for at most 2 ms: an established tunnel keeps moving during a
@@ -32,7 +35,15 @@ from types import ModuleType
 
 from wgpy.core import intake, native
 from wgpy.core.device import Device
-from wgpy.core.output import Drop, Endpoint, Event, EventKind, Output
+from wgpy.core.events import (
+    CookieSent,
+    HandshakeRetry,
+    InitiationReceived,
+    InitiationSent,
+    ProtocolEvent,
+    ResponseReceived,
+)
+from wgpy.core.output import Drop, Output
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -43,6 +54,7 @@ HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
 HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 DRAIN = 64  # reads per recvmmsg of the C intake; BATCH reads in all per readable event
+_COOKIE_SENT = CookieSent(None)  # one the C intake sent (to many sources: not named)
 
 
 class BatchSizes:
@@ -82,17 +94,13 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     return TSO if device.native is not None and vnet_hdr else 0
 
 
-_AUTHENTIC_HANDSHAKES = (EventKind.INITIATION_RECEIVED, EventKind.RESPONSE_RECEIVED)
-_COOKIE_SENT = Event(EventKind.COOKIE_SENT, None, None)  # one the C intake sent
-
-
 class Datapath:
     def __init__(
         self,
         device: Device,
         tun: Tun,
         udp: UdpSocket,
-        on_events: Callable[[list[Event]], None] | None = None,
+        on_events: Callable[[list[ProtocolEvent]], None] | None = None,
     ) -> None:
         self.device = device
         self.tun = tun
@@ -114,20 +122,14 @@ class Datapath:
         views into the receive buffer (no copies); what comes out is sent once at the end."""
         out = Output()
         now = time.monotonic()
-        pending: dict[Endpoint, bytes] = {}  # packet info of reads not (yet) proved authentic
-        if self._drain_buf is not None:
-            count = self._drain(now, out, pending)
-        else:
-            count = self._read(now, out, pending)
+        count = self._drain(now, out) if self._drain_buf is not None else self._read(now, out)
         if count:
             self.udp_batches.record(count)
         if self.device.queued_handshakes:
             self._work_off_handshakes(now, out)
-        if pending:
-            self._learn_from_handshakes(out, pending)
         self.transmit(out)
 
-    def _read(self, now: float, out: Output, pending: dict[Endpoint, bytes]) -> int:
+    def _read(self, now: float, out: Output) -> int:
         """Up to BATCH reads, one by one, each handed to the core as it comes."""
         view = memoryview(self._udp_buf)
         recv_into, receive = self.udp.recv_into, self.device.receive_read
@@ -138,55 +140,43 @@ class Datapath:
             if got is None:
                 break
             n, seg, addr = got
-            read = receive(view, n, seg, addr, now, 0)
-            info = udp.last_info
-            if info is not None:
-                if read.authentic:
-                    udp.learn_source(addr, info)
-                else:
-                    pending[addr] = info
+            info = udp.last_info  # back with the handshake events of this read (transmit)
+            read = receive(view, n, seg, addr, now, 0, info)
+            if read.authentic and info is not None:
+                udp.learn_source(addr, info)
             out.extend(read)
             count += (n + seg - 1) // seg if seg else 1
         return count
 
-    def _drain(self, now: float, out: Output, pending: dict[Endpoint, bytes]) -> int:
+    def _drain(self, now: float, out: Output) -> int:
         """Up to BATCH reads, DRAIN at a time, read and classified in C (core/intake.py):
         refused datagrams and the cookie replies to them never become Python objects;
-        the reads that brought data or a handshake that passed go to the core. Returns
-        the reads (a refused GRO read counts one)."""
-        device, udp = self.device, self.udp
-        drain, fd = device.intake.drain, udp.fileno()  # type: ignore[union-attr]
+        the reads that brought data or a handshake that passed go to the core, tagged
+        with their packet info as in `_read`. Returns the reads (a refused GRO read
+        counts one)."""
+        device, udp, classifier = self.device, self.udp, self.device.intake
         buf = self._drain_buf
-        assert buf is not None
-        view = memoryview(buf)
+        assert buf is not None and classifier is not None
+        fd, view = udp.fileno(), memoryview(buf)
         count = 0
         while count < BATCH:
             until, queued, forced, state = device.intake_state(now)
-            kept, got, until, drops, sent, counter = drain(
+            kept, got, until, drops, sent, counter = classifier.drain(
                 fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
             )
             device.intake_done(until, drops, state is not None, counter, out)
             if sent:
-                out.events += [_COOKIE_SENT] * sent  # to many sources: not named one by one
+                out.events += [_COOKIE_SENT] * sent
             for offset, n, seg, src, info, passed, ndata in kept:
                 read = device.receive_classified(view[offset : offset + n], n, seg, src, now,
-                                                 passed, ndata)  # fmt: skip
-                if info is not None:
-                    if read.authentic:
-                        udp.learn_source(src, info)
-                    else:
-                        pending[src] = info
+                                                 passed, ndata, info)  # fmt: skip
+                if read.authentic and info is not None:
+                    udp.learn_source(src, info)
                 out.extend(read)
             count += got
             if got < DRAIN:
                 break
         return count
-
-    def _learn_from_handshakes(self, out: Output, pending: dict[Endpoint, bytes]) -> None:
-        """A handshake message that authenticated moved its peer's endpoint to its source."""
-        for kind, peer, _ in out.events:
-            if kind in _AUTHENTIC_HANDSHAKES and peer is not None and peer.endpoint in pending:
-                self.udp.learn_source(peer.endpoint, pending[peer.endpoint])
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
         device = self.device
@@ -211,7 +201,7 @@ class Datapath:
 
     def transmit(self, out: Output) -> None:
         if out.events:
-            self.forget_sources_on_retry(out.events)
+            self.sources_from_events(out.events)
         if out.tun:
             with contextlib.suppress(TunGone):  # noticed and handled on the next read
                 self.tun.write_batch(out.tun, self.device.mtu)
@@ -222,13 +212,23 @@ class Datapath:
         if out.events and self.on_events is not None:
             self.on_events(out.events)
 
-    def forget_sources_on_retry(self, events: list[Event]) -> None:
-        """A retried handshake goes out from the address the kernel picks (events are
-        rare: this loop costs nothing per packet)."""
-        for kind, peer, detail in events:
+    def sources_from_events(self, events: list[ProtocolEvent]) -> None:
+        """A handshake message that authenticated moved its peer's endpoint to its source:
+        replies leave from the local address that message came to (the event's tag, the
+        packet info its read was tagged with), not that of any other datagram from there.
+        The packet info is ours: the event goes on to listeners without it. A retried
+        handshake goes out from the address the kernel picks. (Events are rare: this loop
+        costs nothing per packet.)"""
+        for i, event in enumerate(events):
+            peer = event.peer
             if peer is None or peer.endpoint is None:
                 continue
-            if kind is EventKind.HANDSHAKE_RETRY or (
-                kind is EventKind.INITIATION_SENT and isinstance(detail, int) and detail > 0
+            if isinstance(event, InitiationReceived | ResponseReceived):
+                if event.tag is not None:
+                    events[i] = type(event)(peer)
+                    if isinstance(event.tag, bytes):
+                        self.udp.learn_source(peer.endpoint, event.tag)
+            elif isinstance(event, HandshakeRetry) or (
+                isinstance(event, InitiationSent) and event.attempt > 0
             ):
                 self.udp.forget_source(peer.endpoint)

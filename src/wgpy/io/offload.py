@@ -17,7 +17,7 @@ write, and what we put in it:
 
 `split` is the inverse for reads when TSO/USO was offered with TUNSETOFFLOAD.
 
-`checksum` returns the folded one's-complement sum, NOT inverted; a checksum field is
+`checksum` (core/ip.py) returns the folded one's-complement sum, NOT inverted; a checksum field is
 `~checksum(...) & 0xFFFF`, and a packet verifies when the sum over it is 0xFFFF.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 from typing import ClassVar
 
-from wgpy.core.ip import IPV4_ADDRS, IPV4_FLOW, IPV6_ADDRS, IPV6_FLOW
+from wgpy.core.ip import IPV4_ADDRS, IPV4_FLOW, IPV6_ADDRS, IPV6_FLOW, checksum
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
@@ -56,23 +56,6 @@ _ZERO16 = b"\0\0"
 def plain_header() -> bytes:
     """The virtio header of a packet written or read without any offload."""
     return _PLAIN
-
-
-def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
-    """One's-complement sum of 16-bit big-endian words, folded to 16 bits, not inverted.
-
-    An odd length is padded with a zero byte. `initial` is any earlier sum (it may be
-    unfolded). Fast because it never loops in Python: 2**16 = 1 (mod 0xFFFF), so the whole
-    buffer read as one big integer is congruent to the sum of its words modulo 0xFFFF; only
-    zero versus 0xFFFF needs care (a non-zero sum folds to 0xFFFF, never to 0).
-    """
-    s = int.from_bytes(data, "big")
-    if len(data) & 1:
-        s <<= 8
-    s += initial
-    if not s:
-        return 0
-    return s % 0xFFFF or 0xFFFF
 
 
 def _pseudo_sum(p: bytes | memoryview, proto: int, length: int) -> int:

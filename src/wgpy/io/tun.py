@@ -54,7 +54,7 @@ class TunGone(Exception):
 
 class Tun:
     # how decrypted packets become writes: offload.coalesce, or the native one (the same,
-    # byte for byte), which the daemon sets
+    # byte for byte), which the Datapath sets when the device has the native module
     coalesce: Callable[[list[bytes], bool], list[bytes]] = staticmethod(offload.coalesce)
     split: Callable[[memoryview, int], list[bytes]] = staticmethod(offload.split)
 

@@ -17,10 +17,11 @@ retried at once without it) and when the caller says so (`forget_source`, on a
 handshake retry). Only the address is pinned: the interface index goes along for IPv6
 link-local addresses only, so the kernel still routes by destination.
 
-Unlike Linux and wireguard-go, which take the source from authenticated packets only, the
-socket learns it from any datagram (the core does not tell which ones authenticated): a
-spoofer who knows a peer's address and port can move our packets to that peer onto
-another of our own addresses, until the peer's next packet moves them back.
+As in Linux and wireguard-go, only an authenticated datagram sets the source: the socket
+keeps each read's packet info in `last_info`, and the caller (the datapath) passes it to
+`learn_source` once that datagram proved authentic, a handshake message's when the core
+worked it off. A spoofed datagram, which anyone who knows a peer's address and port can
+send to another of our addresses, moves nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import logging
 import socket
 import struct
 from collections.abc import Iterator
+
+from wgpy.core.endpoint import Endpoint
 
 log = logging.getLogger("wgpy.udp")
 
@@ -44,7 +47,6 @@ BUFFER_BYTES = 8 << 20
 MAX_GSO_BYTES = 65000  # below the 64 KiB an IP datagram can carry, with headers
 MAX_GSO_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 
-Endpoint = tuple[str, int]
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
 _GSO_REFUSED = {errno.EIO, errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP}

@@ -2,8 +2,9 @@
 
 Unsharing changes the calling process for good (and needs it single-threaded), so the
 namespace is made by a fresh `wgpy run` / `wgpy proxy` process; the config goes to it
-through a memfd (no file on disk), the proxy's listening sockets are opened here and
-handed over, so their addresses are known before the child even starts.
+through a memfd (no file on disk; closed once read, so the command `wgpy run` starts never
+has it), the proxy's listening sockets are opened here and handed over, so their
+addresses are known before the child even starts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ WGPY = [sys.executable, "-m", "wgpy"]
 
 
 def _config_fd(config: Config | str | os.PathLike[str]) -> int:
-    fd = os.memfd_create("wgpy-config", 0)  # close-on-exec off: passed on explicitly
+    # close-on-exec: only the `wgpy` child gets it (pass_fds), none of the caller's other
+    # children; that child closes it once read (session.close_config_fd)
+    fd = os.memfd_create("wgpy-config", os.MFD_CLOEXEC)
     os.write(fd, load_config(config).text().encode())
     os.lseek(fd, 0, os.SEEK_SET)
     return fd

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -80,6 +81,19 @@ def _config_path(opts: dict[str, str]) -> str:
     if not path:
         raise UsageError("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG")
     return path
+
+
+_FD_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
+
+
+def close_config_fd(path: Config | str) -> None:
+    """A config read from /dev/fd/N (wgpy.run's memfd, or `-c <(...)`) holds the private
+    key: N is closed once read, so that the command does not inherit it (0-2 stay: they
+    are the command's stdio)."""
+    found = _FD_PATH.fullmatch(path) if isinstance(path, str) else None
+    if found and int(found.group(1)) > 2:
+        with contextlib.suppress(OSError):
+            os.close(int(found.group(1)))
 
 
 def listen_address(value: str) -> tuple[str, int]:
@@ -243,6 +257,7 @@ def run(config_path: Config | str, argv: list[str]) -> int:
         cfg, flags = prepare(config_path)
     except (ConfigError, userns.NamespaceError) as e:
         return fail(str(e))
+    close_config_fd(config_path)
     argv = argv or [os.environ.get("SHELL") or "/bin/sh"]
     try:
         iface = Interface(cfg, IFNAME)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from wgpy.core.crypto import decode_key, encode_key
-from wgpy.daemon.uapi import format_endpoint, split_endpoint
+from wgpy.core.endpoint import format_endpoint, split_endpoint
 from wgpy.tools.uapi_client import DeviceStatus
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -42,9 +42,11 @@ class ResolveError(ValueError):
     """An endpoint's host name that does not resolve."""
 
 
+# Keys are kept out of repr (and so of str and format): `log.debug("%s", cfg)` in an
+# application must not log them. `render` (Config.text()) writes them, as it must.
 @dataclass
 class InterfaceConfig:
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
     listen_port: int | None = None
     fwmark: int | None = None
     addresses: list[IPInterface] = field(default_factory=list)
@@ -62,7 +64,7 @@ class InterfaceConfig:
 @dataclass
 class PeerConfig:
     public_key: bytes
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)
     allowed_ips: list[IPNetwork] = field(default_factory=list)
     endpoint: str | None = None
     persistent_keepalive: int | None = None

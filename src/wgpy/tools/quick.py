@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from pyroute2 import IPRoute, NetlinkError
 
-from wgpy.daemon.uapi import socket_path
+from wgpy.io.uapi_path import socket_path
 from wgpy.tools import config, uapi_client
 from wgpy.tools.config import Config, ConfigError, IPNetwork
 
@@ -437,9 +437,9 @@ def command(action: str, target: str) -> int:
         return 1
 
 
-def show_command(args: list[str]) -> int:
-    """`wg show` for wgpy interfaces: all of them, or the one named."""
-    names = args or uapi_client.interfaces()
+def show_command(names: list[str]) -> int:
+    """`wg show` for wgpy interfaces: all of them, or those named."""
+    names = names or uapi_client.interfaces()
     blocks = []
     for name in names:
         try:

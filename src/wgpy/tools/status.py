@@ -54,14 +54,11 @@ def _from_get(ifname: str) -> dict[str, Any]:
     }
 
 
-def show_json(args: list[str]) -> int:
+def show_json(ifname: str | None) -> int:
     """One interface: its status object. None named: a list, one object per interface."""
-    if len(args) > 1:
-        print("usage: wgpy show [IFNAME] --json", file=sys.stderr)
-        return 2
     try:
-        if args:
-            result: Any = fetch(args[0])
+        if ifname is not None:
+            result: Any = fetch(ifname)
         else:
             result = [fetch(name) for name in uapi_client.interfaces()]
     except (uapi_client.UapiClientError, ValueError) as e:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wgpy.core.crypto import encode_key
-from wgpy.daemon.uapi import SOCKET_DIR, socket_path
+from wgpy.io.uapi_path import SOCKET_DIR, socket_path
 
 
 class UapiClientError(Exception):
@@ -51,7 +51,7 @@ def set_config(ifname: str, body: str) -> None:
 @dataclass
 class PeerStatus:
     public_key: bytes
-    preshared_key: bytes | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)  # no keys in logs
     endpoint: str | None = None
     allowed_ips: list[str] = field(default_factory=list)
     last_handshake: float = 0.0
@@ -63,7 +63,7 @@ class PeerStatus:
 @dataclass
 class DeviceStatus:
     name: str
-    private_key: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)  # no keys in logs
     listen_port: int = 0
     fwmark: int = 0
     peers: list[PeerStatus] = field(default_factory=list)
