@@ -634,29 +634,35 @@ static PyObject *endpoint_of(const struct sockaddr_in6 *sa) {
     return Py_BuildValue("(si)", host, ntohs(sa->sin6_port));
 }
 
-/* The GRO segment size and the packet info of a read. */
-static Py_ssize_t read_cmsgs(struct msghdr *h, PyObject **info) {
-    Py_ssize_t seg = 0;
-    *info = NULL;
+/* The GRO segment size of a read (0: one datagram). */
+static Py_ssize_t gro_size(struct msghdr *h) {
     for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
         size_t len = c->cmsg_len - CMSG_LEN(0);
-        if (c->cmsg_level == SOL_UDP_ && c->cmsg_type == UDP_GRO_) {
-            if (len >= sizeof(int)) {
-                int v;
-                memcpy(&v, CMSG_DATA(c), sizeof(v));
-                seg = v;
-            } else if (len >= 2) {
-                uint16_t v;
-                memcpy(&v, CMSG_DATA(c), 2);
-                seg = v;
-            }
-        } else if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
-                   (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)) {
-            Py_XDECREF(*info);
-            *info = PyBytes_FromStringAndSize((const char *)CMSG_DATA(c), (Py_ssize_t)len);
+        if (c->cmsg_level != SOL_UDP_ || c->cmsg_type != UDP_GRO_)
+            continue;
+        if (len >= sizeof(int)) {
+            int v;
+            memcpy(&v, CMSG_DATA(c), sizeof(v));
+            return v;
+        }
+        if (len >= 2) {
+            uint16_t v;
+            memcpy(&v, CMSG_DATA(c), 2);
+            return v;
         }
     }
-    return seg;
+    return 0;
+}
+
+/* The packet info of a read as bytes (UdpSocket.last_info), or None. */
+static PyObject *packet_info(struct msghdr *h) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+        if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+            (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO))
+            return PyBytes_FromStringAndSize((const char *)CMSG_DATA(c),
+                                             (Py_ssize_t)(c->cmsg_len - CMSG_LEN(0)));
+    }
+    Py_RETURN_NONE;
 }
 
 /* The cookie replies made, each to the source of the read it answers; what the socket
@@ -667,7 +673,8 @@ static Py_ssize_t read_cmsgs(struct msghdr *h, PyObject **info) {
 #define GSO_RUN 64
 
 static int same_name(const struct msghdr *a, const struct msghdr *b) {
-    return a->msg_namelen == b->msg_namelen && memcmp(a->msg_name, b->msg_name, a->msg_namelen) == 0;
+    return a->msg_namelen == b->msg_namelen &&
+           memcmp(a->msg_name, b->msg_name, a->msg_namelen) == 0;
 }
 
 /* One sendmmsg of up to 64 messages from reply `at` on; *next: the first reply after. */
@@ -735,26 +742,44 @@ static void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned count
 
 /* A read that brought something for Python: (offset, n, seg, (host, port), info, passed,
  * data messages). */
-static int keep_read(PyObject *kept, Reads *rd, unsigned i, Py_ssize_t slot, PyObject *passed,
-                     Py_ssize_t data) {
-    PyObject *info, *ep = endpoint_of(&rd->names[i]);
-    Py_ssize_t seg = read_cmsgs(&rd->msgs[i].msg_hdr, &info);
-    if (ep == NULL) {
-        Py_XDECREF(info);
+static int keep_read(PyObject *kept, Reads *rd, unsigned i, Py_ssize_t slot, Py_ssize_t seg,
+                     PyObject *passed, Py_ssize_t data) {
+    PyObject *ep = endpoint_of(&rd->names[i]);
+    if (ep == NULL)
         return 0; /* no name for it: as if never read */
-    }
+    PyObject *info = packet_info(&rd->msgs[i].msg_hdr);
     if (info == NULL) {
-        info = Py_None;
-        Py_INCREF(info);
+        Py_DECREF(ep);
+        return -1;
     }
-    if (passed == NULL) {
+    if (passed == NULL)
         passed = Py_None;
-    }
     PyObject *t = Py_BuildValue("(nInNNOn)", (Py_ssize_t)i * slot, rd->msgs[i].msg_len, seg, ep,
                                 info, passed, data);
     int rc = t == NULL ? -1 : PyList_Append(kept, t);
     Py_XDECREF(t);
     return rc;
+}
+
+/* Every read of a drain classified; those with something for Python kept. */
+static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_t *buf,
+                          Py_ssize_t slot, PyObject *kept) {
+    for (int i = 0; i < got; i++) {
+        Source src;
+        PyObject *passed = NULL;
+        Py_ssize_t data = 0, n = (Py_ssize_t)rd->msgs[i].msg_len;
+        if (n == 0 || source_of(&rd->names[i], &src) < 0)
+            continue;
+        Py_ssize_t seg = gro_size(&rd->msgs[i].msg_hdr);
+        b->src = &src, b->read = (uint16_t)i;
+        int rc = classify_read(self, b, buf + i * slot, n, seg, &passed, &data);
+        if (rc == 0 && (passed != NULL || data))
+            rc = keep_read(kept, rd, (unsigned)i, slot, seg, passed, data);
+        Py_XDECREF(passed);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
 }
 
 static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
@@ -789,27 +814,9 @@ static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (got < 0)
         got = 0; /* nothing waits, or an ICMP error queued on the socket: nothing read */
-    if ((kept = PyList_New(0)) == NULL)
+    kept = PyList_New(0);
+    if (kept == NULL || classify_reads(self, &b, rd, got, buf.buf, slot, kept) < 0)
         goto fail;
-    for (int i = 0; i < got; i++) {
-        Source src;
-        PyObject *passed = NULL;
-        Py_ssize_t data = 0, n = (Py_ssize_t)rd->msgs[i].msg_len;
-        if (n == 0 || source_of(&rd->names[i], &src) < 0)
-            continue;
-        struct msghdr *h = &rd->msgs[i].msg_hdr;
-        PyObject *unused;
-        Py_ssize_t seg = read_cmsgs(h, &unused);
-        Py_XDECREF(unused);
-        b.src = &src, b.read = (uint16_t)i;
-        int rc = classify_read(self, &b, (const uint8_t *)buf.buf + i * slot, n, seg, &passed,
-                               &data);
-        if (rc == 0 && (passed != NULL || data))
-            rc = keep_read(kept, rd, (unsigned)i, slot, passed, data);
-        Py_XDECREF(passed);
-        if (rc < 0)
-            goto fail;
-    }
     Py_ssize_t sent = r.made ? send_replies(self, fd, rd, &r) : 0;
     if ((drops = drops_dict(&b)) == NULL)
         goto fail;
