@@ -672,9 +672,49 @@ static PyObject *packet_info(struct msghdr *h) {
 #define UDP_SEGMENT_ 103
 #define GSO_RUN 64
 
-static int same_name(const struct msghdr *a, const struct msghdr *b) {
-    return a->msg_namelen == b->msg_namelen &&
-           memcmp(a->msg_name, b->msg_name, a->msg_namelen) == 0;
+/* The packet info control message of a read, or NULL. */
+static struct cmsghdr *pktinfo_of(struct msghdr *h) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c))
+        if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+            (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO))
+            return c;
+    return NULL;
+}
+
+/* Two reads from one address to one of ours: their replies may go as one GSO send. */
+static int same_way(struct msghdr *a, struct msghdr *b) {
+    if (a->msg_namelen != b->msg_namelen || memcmp(a->msg_name, b->msg_name, a->msg_namelen))
+        return 0;
+    struct cmsghdr *x = pktinfo_of(a), *y = pktinfo_of(b);
+    return x == NULL ? y == NULL
+                     : y != NULL && x->cmsg_len == y->cmsg_len &&
+                           memcmp(CMSG_DATA(x), CMSG_DATA(y), x->cmsg_len - CMSG_LEN(0)) == 0;
+}
+
+/* The reply leaves from the local address the message came to (as Linux's WireGuard
+ * answers from the skb's destination), written as io/udp.py writes a sticky source:
+ * IPv4 the spec_dst alone, IPv6 the address, and the interface for link-local only. */
+static size_t put_source(struct msghdr *from, struct cmsghdr *c) {
+    struct cmsghdr *got = pktinfo_of(from);
+    if (got == NULL)
+        return 0;
+    c->cmsg_level = got->cmsg_level, c->cmsg_type = got->cmsg_type;
+    if (got->cmsg_level == IPPROTO_IP) {
+        struct in_pktinfo in, out = {0};
+        memcpy(&in, CMSG_DATA(got), sizeof(in));
+        out.ipi_spec_dst = in.ipi_spec_dst;
+        c->cmsg_len = CMSG_LEN(sizeof(out));
+        memcpy(CMSG_DATA(c), &out, sizeof(out));
+        return CMSG_SPACE(sizeof(out));
+    }
+    struct in6_pktinfo in6, out6 = {0};
+    memcpy(&in6, CMSG_DATA(got), sizeof(in6));
+    out6.ipi6_addr = in6.ipi6_addr;
+    if (IN6_IS_ADDR_LINKLOCAL(&in6.ipi6_addr))
+        out6.ipi6_ifindex = in6.ipi6_ifindex;
+    c->cmsg_len = CMSG_LEN(sizeof(out6));
+    memcpy(CMSG_DATA(c), &out6, sizeof(out6));
+    return CMSG_SPACE(sizeof(out6));
 }
 
 /* One sendmmsg of up to 64 messages from reply `at` on; *next: the first reply after. */
@@ -684,29 +724,35 @@ static int send_some(int fd, Reads *rd, const Replies *r, Py_ssize_t at, int gso
     struct iovec iov[64];
     union {
         struct cmsghdr align;
-        uint8_t buf[CMSG_SPACE(sizeof(uint16_t))];
+        uint8_t buf[CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(struct in6_pktinfo))];
     } cmsgs[64];
     Py_ssize_t runs[64];
     unsigned k = 0;
     for (; k < 64 && at < r->made; k++) {
-        const struct msghdr *from = &rd->msgs[r->reads[at]].msg_hdr;
+        struct msghdr *from = &rd->msgs[r->reads[at]].msg_hdr;
         Py_ssize_t run = 1;
         while (gso && run < GSO_RUN && at + run < r->made &&
-               same_name(from, &rd->msgs[r->reads[at + run]].msg_hdr))
+               same_way(from, &rd->msgs[r->reads[at + run]].msg_hdr))
             run++;
         struct msghdr *h = &msgs[k].msg_hdr;
         memset(h, 0, sizeof(*h));
         iov[k].iov_base = r->out + at * 64, iov[k].iov_len = (size_t)run * 64;
         h->msg_name = from->msg_name, h->msg_namelen = from->msg_namelen;
         h->msg_iov = &iov[k], h->msg_iovlen = 1;
+        uint8_t *control = cmsgs[k].buf;
+        size_t used = 0;
+        memset(control, 0, sizeof(cmsgs[k].buf));
         if (run > 1) {
-            h->msg_control = cmsgs[k].buf, h->msg_controllen = sizeof(cmsgs[k].buf);
-            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            struct cmsghdr *c = (struct cmsghdr *)control;
             c->cmsg_level = SOL_UDP_, c->cmsg_type = UDP_SEGMENT_;
             c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
             uint16_t size = 64;
             memcpy(CMSG_DATA(c), &size, sizeof(size));
+            used = CMSG_SPACE(sizeof(uint16_t));
         }
+        used += put_source(from, (struct cmsghdr *)(control + used));
+        if (used)
+            h->msg_control = control, h->msg_controllen = used;
         runs[k] = run, at += run;
     }
     *next = at;

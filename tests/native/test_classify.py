@@ -258,3 +258,65 @@ def test_any_read_any_cut(raw: bytes, seg: int, n: int, handshake_head: bool) ->
     outs = [d.receive_read(memoryview(data), n, seg, SOURCES[3], 5.0, 0) for d in (py, c)]
     same(*outs)
     check_state(py, c)
+
+
+SOURCE_CHECK = """
+import random, socket, subprocess, sys
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+sys.path.insert(0, {src!r})
+from wgpy.core.cookie import CookieGenerator
+from wgpy.core.crypto import clamp
+from wgpy.core.device import Device
+from wgpy.core.output import Output
+d = Device(random.Random(1).randbytes, classify=True)
+d.set_private_key(clamp(bytes(range(1, 33))))
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO
+rx.bind(("0.0.0.0", 0))  # in a network namespace of its own: loopback only
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.bind(("127.0.0.9", 0))
+tx.settimeout(2)
+msg = bytearray(b"\\x01\\0\\0\\0" + bytes(144))
+CookieGenerator(d.public_key).add_macs(msg, 0.0)
+buf = bytearray(2048 * 64)
+
+def drain(count):
+    for _ in range(count):
+        tx.sendto(msg, ("127.0.0.2", rx.getsockname()[1]))
+    out = Output()
+    until, queued, forced, state = d.intake_state(1.0)
+    kept, got, until, drops, sent, counter = d.intake.drain(
+        rx.fileno(), buf, 2048, 64, 1.0, until, queued, forced, state)
+    d.intake_done(until, drops, state is not None, counter, out)
+    assert got == count, got
+    view = memoryview(buf)
+    for offset, n, seg, src, info, passed, ndata in kept:
+        out.extend(d.receive_classified(view[offset:offset + n], n, seg, src, 1.0, passed,
+                                        ndata, info))
+    for datagram, dst in out.udp:
+        rx.sendto(datagram, dst)
+    return sent + len(out.udp)
+
+assert drain(51) == 1  # 50 within the rate; the first reply draws the nonce prefix
+tx.recvfrom(100)
+assert drain(3) == 3  # made and sent in C, as one GSO send
+print(sorted({{tx.recvfrom(100)[1][0] for _ in range(3)}}))
+"""
+
+
+def test_cookie_replies_leave_from_the_address_the_flood_came_to() -> None:
+    """In a network namespace of its own, messages to 127.0.0.2 on a socket bound to
+    every address: the cookie replies made in C come from 127.0.0.2 (the packet info of
+    the read), as a sticky source would (io/udp.py), not from whatever the kernel picks."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a network namespace")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    run = subprocess.run(["unshare", "-n", sys.executable, "-c", SOURCE_CHECK.format(src=src)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['127.0.0.2']"
