@@ -1,7 +1,10 @@
 """Build of the optional native extension; the metadata stays in pyproject.toml.
 
 `optional=True`: without a compiler or OpenSSL's headers, setuptools warns and installs
-pure-Python wgpy, which works the same, only slower.
+pure-Python wgpy, which works the same, only slower. No -Werror here: with optional=True a
+new compiler's new warning would drop the module without a word. Warnings fail the tests
+instead (tests/native/test_build.py, which also fails if the module did not build on a
+machine that has gcc and libssl-dev).
 """
 
 from setuptools import Extension, setup
@@ -12,7 +15,7 @@ setup(
             "wgpy._native",
             ["src/wgpy/_native.c"],
             libraries=["crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,
         ),
         Extension(  # the handshake intake (issue 18); -ffp-contract=off: the token buckets

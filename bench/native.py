@@ -3,7 +3,7 @@
 Per packet, on batches of 44 x 1420-byte IPv4 packets (one UDP GRO read / GSO send):
   open:  Device.receive on one session vs open_batch (+ slicing the packets out, as a
          caller must), GIL released inside
-  seal:  seal_all vs Sealer.seal
+  seal:  the pure Sealer.seal vs the native one
     PYTHONPATH=src python bench/native.py
 """
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from wgpy import _native as native
-from wgpy.core.data import seal_all
+from wgpy.core.backend import Sealer, SealerLike
 from wgpy.core.device import Device
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.peer import Keypair
@@ -49,8 +49,8 @@ def main() -> None:
     ep: Endpoint = ("192.0.2.1", 51820)
 
     # ROUNDS batches with fresh counters, so that every packet is accepted
-    sealer = native.Sealer(key)
-    reads = [sealer.seal(packets, 77, r * BATCH, 1420)[0] for r in range(ROUNDS)]
+    sealer = native.Sealer(key, 77)
+    reads = [b"".join(sealer.seal(packets, 1420)) for _ in range(ROUNDS)]
     seg = len(reads[0]) // BATCH
 
     def pure_open() -> None:
@@ -76,24 +76,21 @@ def main() -> None:
 
         return run
 
-    def pure_seal() -> None:
-        udp: list[tuple[bytes, Endpoint]] = []
-        kp.send_counter = 0
-        for _ in range(ROUNDS):
-            seal_all(kp, packets, 1420, ep, udp)
-            udp.clear()
+    def seal_with(make: Callable[[bytes, int], SealerLike]) -> Callable[[], None]:
+        def run() -> None:
+            sealer = make(key, 77)
+            for _ in range(ROUNDS):
+                sealer.seal(packets, 1420)
 
-    def native_seal() -> None:
-        for r in range(ROUNDS):
-            sealer.seal(packets, 77, r * BATCH, 1420)
+        return run
 
     n = ROUNDS * BATCH
     rows = [
         ("open: Device.receive (pure)", best_us_per_packet(pure_open, n)),
         ("open: open_batch", best_us_per_packet(native_open(False), n)),
         ("open: open_batch + packets sliced out", best_us_per_packet(native_open(True), n)),
-        ("seal: seal_all (pure)", best_us_per_packet(pure_seal, n)),
-        ("seal: Sealer.seal", best_us_per_packet(native_seal, n)),
+        ("seal: Sealer.seal (pure)", best_us_per_packet(seal_with(Sealer), n)),
+        ("seal: Sealer.seal (native)", best_us_per_packet(seal_with(native.Sealer), n)),
     ]
     print(f"{BATCH} x {SIZE}-byte packets per batch, {ROUNDS} batches, best of 5")
     for name, us in rows:

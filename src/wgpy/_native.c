@@ -4,7 +4,7 @@
  * in tests/native prove that this file computes byte for byte the same thing).
  *
  *   Session(key, expires)   a receiving session: ChaCha20-Poly1305 key + replay window
- *   Sealer(key)             a sending key: seal(packets, index, counter, mtu)
+ *   Sealer(key, index)      a sending key and its counter: seal(packets, mtu)
  *   open_batch(...)         decrypt and check one UDP GRO read (see its docstring)
  *   coalesce, checksum, split   as wgpy.io.offload
  *
@@ -217,15 +217,24 @@ static PyTypeObject SessionType = {
 typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *ctx;
-    PyThread_type_lock lock;
+    PyThread_type_lock lock; /* guards ctx and counter */
+    uint32_t index;          /* the peer's receiver index, in every header */
+    uint64_t counter;        /* the next nonce; REJECT_AFTER_MESSAGES: spent */
 } Sealer;
 
 static PyObject *Sealer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"key", NULL};
+    static char *kwlist[] = {"key", "receiver_index", "counter", NULL};
     Py_buffer key;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*:Sealer", kwlist, &key))
+    unsigned long index;
+    unsigned long long counter = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*k|K:Sealer", kwlist, &key, &index, &counter))
         return NULL;
+    if (index > 0xFFFFFFFFUL || counter > REJECT_AFTER_MESSAGES) {
+        PyBuffer_Release(&key);
+        PyErr_SetString(PyExc_ValueError, "receiver_index is a u32, counter <= 2**64 - 2**13 - 1");
+        return NULL;
+    }
     EVP_CIPHER_CTX *ctx = new_ctx(&key, 1);
     PyBuffer_Release(&key);
     if (ctx == NULL)
@@ -237,6 +246,8 @@ static PyObject *Sealer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return PyErr_NoMemory();
     }
     self->ctx = ctx;
+    self->index = (uint32_t)index;
+    self->counter = counter;
     return (PyObject *)self;
 }
 
@@ -249,6 +260,22 @@ static PyObject *Sealer_wipe(Sealer *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+static PyObject *Sealer_expire(Sealer *self, PyObject *Py_UNUSED(ignored))
+{
+    lock_gil_held(self->lock);
+    self->counter = REJECT_AFTER_MESSAGES;
+    PyThread_release_lock(self->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Sealer_get_counter(Sealer *self, void *Py_UNUSED(closure))
+{
+    lock_gil_held(self->lock);
+    uint64_t counter = self->counter;
+    PyThread_release_lock(self->lock);
+    return PyLong_FromUnsignedLongLong(counter);
+}
+
 static void Sealer_dealloc(Sealer *self)
 {
     EVP_CIPHER_CTX_free(self->ctx);
@@ -257,7 +284,7 @@ static void Sealer_dealloc(Sealer *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* core/device.py: padded_length(length, mtu) - length, as _seal_all uses it */
+/* core/backend.py: padded_length(length, mtu) - length */
 static size_t padding(size_t length, size_t mtu)
 {
     size_t pad = (16 - (length & 15)) & 15;
@@ -289,14 +316,16 @@ static int aead_seal(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, i
     return 1;
 }
 
-/* Py_buffers for every item of a sequence (one allocation); NULL with an exception. */
-static Py_buffer *get_buffers(PyObject *fast, Py_ssize_t n)
+/* Py_buffers for every item of a tuple (one allocation); NULL with an exception. A tuple,
+ * not PySequence_Fast's list: since Python 3.12 PyObject_GetBuffer may run Python code
+ * (`__buffer__`) that empties a list under us, whereas a tuple holds its items. */
+static Py_buffer *get_buffers(PyObject *tuple, Py_ssize_t n)
 {
     Py_buffer *views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
     if (views == NULL)
         return (Py_buffer *)PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &views[i], PyBUF_SIMPLE) < 0) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(tuple, i), &views[i], PyBUF_SIMPLE) < 0) {
             while (i-- > 0)
                 PyBuffer_Release(&views[i]);
             PyMem_Free(views);
@@ -313,96 +342,112 @@ static void release_buffers(Py_buffer *views, Py_ssize_t n)
     PyMem_Free(views);
 }
 
-static PyObject *Sealer_seal(Sealer *self, PyObject *args)
+/* Phase 2 of seal, without the GIL: reserve the counters under the lock, so that two
+ * threads sealing for one session never share a nonce, then encrypt into the datagrams.
+ * 1: sealed; 0: the session is spent (nothing sealed); -1: wiped, or OpenSSL failed. */
+static int seal_locked(Sealer *self, const Py_buffer *views, PyObject *const *out, Py_ssize_t n,
+                       size_t mtu)
 {
-    PyObject *packets, *index_obj, *counter_obj;
-    Py_ssize_t mtu;
-    if (!PyArg_ParseTuple(args, "OOOn:seal", &packets, &index_obj, &counter_obj, &mtu))
-        return NULL;
-    unsigned long index = PyLong_AsUnsignedLong(index_obj);
-    if (index == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long counter = PyLong_AsUnsignedLongLong(counter_obj);
-    if (counter == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if (index > 0xFFFFFFFFUL || mtu < 0) {
-        PyErr_SetString(PyExc_ValueError, "receiver_index is a u32 and mtu >= 0");
-        return NULL;
-    }
-    PyObject *fast = PySequence_Fast(packets, "packets must be a sequence");
-    if (fast == NULL)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject *result = NULL;
-    Py_buffer *views = get_buffers(fast, n);
-    if (views == NULL)
-        goto done;
-    if (n > 0 && counter > UINT64_MAX - (uint64_t)(n - 1)) {
-        PyErr_SetString(PyExc_OverflowError, "the counters would pass 2**64 - 1");
-        goto done;
-    }
-    size_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        size_t len = (size_t)views[i].len;
-        if (len > 0xFFFFFF) {
-            PyErr_SetString(PyExc_ValueError, "a packet is at most 16 MiB");
-            goto done;
-        }
-        total += HEADER_LEN + len + padding(len, (size_t)mtu) + TAG_LEN;
-    }
-    if (total > PY_SSIZE_T_MAX) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-    if (result == NULL)
-        goto done;
-    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(result);
     int ok = 1;
-    Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    ok = self->ctx != NULL;
-    for (Py_ssize_t i = 0; ok && i < n; i++) {
-        size_t len = (size_t)views[i].len, pad = padding(len, (size_t)mtu);
+    if (self->ctx == NULL)
+        ok = -1;
+    else if ((uint64_t)n > REJECT_AFTER_MESSAGES - self->counter)
+        ok = 0;
+    uint64_t counter = self->counter;
+    if (ok == 1)
+        self->counter += (uint64_t)n;
+    for (Py_ssize_t i = 0; ok == 1 && i < n; i++, counter++) {
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out[i]);
+        size_t len = (size_t)views[i].len;
         wr32le(dst, 4);
-        wr32le(dst + 4, (uint32_t)index);
-        wr64le(dst + 8, counter + (uint64_t)i);
-        ok = aead_seal(self->ctx, counter + (uint64_t)i, views[i].buf, (int)len, (int)pad,
-                       dst + HEADER_LEN);
-        dst += HEADER_LEN + len + pad + TAG_LEN;
+        wr32le(dst + 4, self->index);
+        wr64le(dst + 8, counter);
+        if (!aead_seal(self->ctx, counter, views[i].buf, (int)len, (int)padding(len, mtu),
+                       dst + HEADER_LEN))
+            ok = -1;
     }
     PyThread_release_lock(self->lock);
+    return ok;
+}
+
+static PyObject *Sealer_seal(Sealer *self, PyObject *args)
+{
+    PyObject *packets;
+    Py_ssize_t mtu;
+    if (!PyArg_ParseTuple(args, "On:seal", &packets, &mtu))
+        return NULL;
+    if (mtu < 0) {
+        PyErr_SetString(PyExc_ValueError, "mtu >= 0");
+        return NULL;
+    }
+    PyObject *items_tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (items_tuple == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items_tuple);
+    PyObject *result = NULL;
+    Py_buffer *views = get_buffers(items_tuple, n);
+    if (views == NULL)
+        goto done;
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        size_t len = (size_t)views[i].len;
+        PyObject *d = len > 0xFFFFFF ? NULL
+                      : PyBytes_FromStringAndSize(
+                          NULL, (Py_ssize_t)(HEADER_LEN + len + padding(len, (size_t)mtu) + TAG_LEN));
+        if (d == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a packet is at most 16 MiB");
+            Py_CLEAR(result);
+        } else {
+            PyList_SET_ITEM(result, i, d);
+        }
+    }
+    if (result == NULL)
+        goto done;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = seal_locked(self, views, PySequence_Fast_ITEMS(result), n, (size_t)mtu);
     Py_END_ALLOW_THREADS
-    if (!ok) {
+    if (ok < 0) {
         Py_CLEAR(result);
         PyErr_SetString(PyExc_ValueError, "the key is wiped (or OpenSSL failed)");
+    } else if (ok == 0) {
+        Py_SETREF(result, PyList_New(0));
     }
 done:
     if (views)
         release_buffers(views, n);
-    Py_DECREF(fast);
-    if (result == NULL)
-        return NULL;
-    return Py_BuildValue("(Nn)", result, n);
+    Py_DECREF(items_tuple);
+    return result;
 }
 
 static PyMethodDef Sealer_methods[] = {
     {"seal", (PyCFunction)Sealer_seal, METH_VARARGS,
-     "seal(packets, receiver_index, counter, mtu) -> (datagrams, count): data messages\n"
-     "for counters counter, counter+1, ..., concatenated (as Device._seal_all)."},
+     "seal(packets, mtu) -> list[bytes]: a data message for each packet, padded as\n"
+     "data.padded_length says, with the next counters, reserved under the sealer's lock.\n"
+     "[] if the counters would pass REJECT_AFTER_MESSAGES (the session is spent)."},
+    {"expire", (PyCFunction)Sealer_expire, METH_NOARGS, "Spend the session: seal seals no more."},
     {"wipe", (PyCFunction)Sealer_wipe, METH_NOARGS, "Forget the key; seal raises after."},
     {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Sealer_getset[] = {
+    {"counter", (getter)Sealer_get_counter, NULL, "the next counter (messages sealed so far)",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject SealerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "wgpy._native.Sealer",
-    .tp_doc = "Sealer(key): a sending key.",
+    .tp_doc = "Sealer(key, receiver_index, counter=0): a sending key and its counter.",
     .tp_basicsize = sizeof(Sealer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Sealer_new,
     .tp_dealloc = (destructor)Sealer_dealloc,
     .tp_methods = Sealer_methods,
+    .tp_getset = Sealer_getset,
 };
 
 /* ------------------------------------------------------------------ open_batch */
@@ -970,12 +1015,12 @@ static PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject 
     int udp = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:coalesce", kwlist, &packets, &udp))
         return NULL;
-    PyObject *fast = PySequence_Fast(packets, "packets must be a sequence");
-    if (fast == NULL)
+    PyObject *items_tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (items_tuple == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), nruns = 0, nitems = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(items_tuple), nruns = 0, nitems = 0;
     PyObject *result = NULL;
-    Py_buffer *views = get_buffers(fast, n);
+    Py_buffer *views = get_buffers(items_tuple, n);
     size_t cap = 16;
     while (cap < 2 * (size_t)n)
         cap *= 2;
@@ -1047,7 +1092,7 @@ done:
     PyMem_Free(next);
     PyMem_Free(items);
     PyMem_Free(table);
-    Py_DECREF(fast);
+    Py_DECREF(items_tuple);
     return result;
 }
 
@@ -1061,13 +1106,13 @@ static int append_bytes(PyObject *list, const uint8_t *p, size_t n)
     return rc;
 }
 
-/* offload._segment. Where it raises (an IPv4 header cut below 12 bytes, a length past
- * 65535: garbage no kernel hands over), this drops the buffer: it appends nothing. */
+/* offload._segment: a buffer it refuses (an IPv4 header under 20 bytes, a segment whose
+ * IP length field would pass 65535, ...) appends nothing. */
 static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4)
 {
     unsigned version = pkt[0] >> 4;
     size_t iphl;
-    if (version == 4)
+    if (version == 4 && (pkt[0] & 15) >= 5)
         iphl = (size_t)(pkt[0] & 15) * 4;
     else if (version == 6)
         iphl = 40;
@@ -1080,8 +1125,7 @@ static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_s
     if (mss <= 0 || thl < (udp ? 8u : 20u) || hlen > len)
         return 0;
     size_t n = len - hlen, most = n < (size_t)mss ? n : (size_t)mss;
-    if ((version == 4 ? hlen < 12 || hlen + most > 0xFFFF : hlen + most - 40 > 0xFFFF)
-        || (udp && thl + most > 0xFFFF))
+    if (hlen + most - (version == 6 ? 40 : 0) > 0xFFFF) /* the IP length field */
         return 0;
     const uint8_t *payload = pkt + hlen;
     unsigned base = pseudo_sum(pkt, udp ? 17 : 6, 0), ip_id = rd16be(pkt + 4);

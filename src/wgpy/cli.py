@@ -16,6 +16,10 @@ wgpy run [-c CONFIG] [--] [COMMAND...]
                                    is the tunnel; no root needed (user namespaces)
 wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT]
                                    a SOCKS5 (and HTTP CONNECT) proxy into the tunnel
+wgpy server init|set|run|passwd ...
+                                   a VPN server with a registry of clients and a web page
+wgpy client add|list|show|disable|enable|remove|passwd ...
+                                   its clients (docs/server.md)
 wgpy COMMAND --help                that command's options
 
 Each command parses its arguments with argparse: `--help` prints them, a usage error
@@ -171,6 +175,15 @@ def _rootless(command: str) -> Callable[[list[str]], int]:
     return run
 
 
+def _server(command: str) -> Callable[[list[str]], int]:
+    def run(args: list[str]) -> int:
+        from wgpy.server import cli
+
+        return cli.server_main(args) if command == "server" else cli.client_main(args)
+
+    return run
+
+
 def _demo(args: list[str]) -> int:
     from wgpy.demo.run import main as demo
 
@@ -189,6 +202,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "run": _rootless("run"),
     "proxy": _rootless("proxy"),
+    "server": _server("server"),
+    "client": _server("client"),
 }
 
 

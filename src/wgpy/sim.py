@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wgpy.core.crypto import clamp
-from wgpy.core.data import seal_all
 from wgpy.core.device import Device, Output
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
@@ -64,9 +63,7 @@ def ipv6_packet(src: str, dst: str, payload: bytes = b"y" * 20) -> bytes:
 
 def seal(kp: Keypair, packet: bytes, mtu: int = 1420) -> bytes:
     """One data message on session `kp` (to forge traffic on a given session)."""
-    udp: list[tuple[bytes, Endpoint]] = []
-    seal_all(kp, [packet], mtu, ("", 0), udp)
-    return udp[0][0]
+    return kp.sealer.seal([packet], mtu)[0]
 
 
 @dataclass

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wgpy.core.backend import padded_length
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
-from wgpy.core.data import padded_length
 from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
 from wgpy.core.events import EndpointChanged, EventKind, InitiationReceived, ResponseReceived
 from wgpy.core.messages import (

@@ -14,7 +14,7 @@ import wgpy
 BANNED_MODULES = {"socket", "select", "selectors", "threading", "asyncio", "time", "secrets"}
 PACKAGE = Path(wgpy.__file__).parent
 # Each floor may import those below it, never those above.
-FLOORS = ["core", "io", "daemon", "tools", "embed", "rootless", "demo"]
+FLOORS = ["core", "io", "daemon", "tools", "embed", "rootless", "demo", "server"]
 # The rooms above every floor: they may import any floor, and no floor may import them.
 TOP = ["cli.py", "sim.py", "__init__.py", "__main__.py"]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from wgpy.core import native
+from wgpy.core.backend import Backend
 from wgpy.core.constants import REJECT_AFTER_TIME
 from wgpy.core.device import Device
 from wgpy.core.endpoint import Endpoint
@@ -69,7 +70,7 @@ def victim_native() -> ModuleType | None:
 def build() -> World:
     net = SimNet(seed=12)
     v, a, c, s = (net.add(n, ep) for n, ep in (("v", V_EP), ("a", A_EP), ("c", C_EP), ("s", S_EP)))
-    v.device.native = victim_native()  # before any session exists, as Device(native=...)
+    v.device.backend = Backend(victim_native())  # before any session exists
     net.link(v, a, f"{V_IP}/32", f"{A_IP}/32")
     net.link(v, c, f"{V_IP}/32", f"{C_IP}/32")
     net.link(s, v, "10.0.0.9/32", f"{V_IP}/32")  # V is S's peer; S is not V's

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.integration.rootless_bed import unprivileged_python
 from wgpy.demo.testbed import Namespace, Tunnel
 
 pytestmark = pytest.mark.integration
@@ -60,3 +63,22 @@ def load_nft(ns: Namespace, rules: str) -> None:
         ns.run("nft", "-f", path, timeout=10)
     finally:
         os.unlink(path)
+
+
+# ---- the rootless tests' unprivileged interpreter (test_rootless, test_proxy) ----
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="wgpy-rootless-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def upy(workdir: Path) -> Path:
+    """The interpreter nobody runs (built once per session)."""
+    return unprivileged_python(workdir)

@@ -47,6 +47,12 @@ os.execvpe("setpriv", ["setpriv", "--bounding-set=-all", "--inh-caps=-all",
 """
 
 
+def is_the_daemon(pid: int) -> bool:
+    """Whether process `pid` runs `python -m wgpy` now (not the parent, not setpriv)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return argv[1:3] == [b"-m", b"wgpy"]
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[Namespace, Namespace]]:
     a = Namespace(f"wgpy-p{PID}-a")
@@ -112,6 +118,9 @@ def test_handed_tun_and_uapi_socket_serve_a_tunnel_without_privileges(
         eventually(lambda: a.has_link(ours.ifname), what="the parent's TUN")
         wait_for_socket(ours.ifname)
         pid = ours.process.pid
+        # the socket is the parent's, bound before it execs setpriv, which execs the
+        # daemon: the capabilities to read are the daemon's, once the pid is the daemon
+        eventually(lambda: is_the_daemon(pid), what="setpriv to exec the daemon")
         status = Path(f"/proc/{pid}/status").read_text()
         assert re.search(r"CapEff:\s+0+\n", status), status  # no privileges at all
         for node, port in ((ours, 51820), (theirs, 51821)):

@@ -3,16 +3,12 @@ wireguard-go peers; the clear errors; nothing left behind."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,28 +23,14 @@ from tests.integration.rootless_bed import (
     PEER_INNER6,
     SRC,
     Bed,
-    unprivileged_python,
+    connect_domain,
+    connect_ipv4,
+    free_port,
+    socks_connect,
 )
-from wgpy.io.tun import _setns
 from wgpy.rootless import userns
 
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8"}
-
-
-@pytest.fixture(scope="session")
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="wgpy-rootless-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def upy(workdir: Path) -> Path:
-    """The interpreter nobody runs (built once per session)."""
-    return unprivileged_python(workdir)
 
 
 @pytest.fixture(params=["wgpy", "wireguard-go"])
@@ -292,63 +274,6 @@ def test_sysctl_report_names_only_what_exists() -> None:
 
 
 # ---- the proxy ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def in_namespace(name: str) -> Iterator[None]:
-    """Make sockets inside network namespace `name` (they stay there)."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(target)
-        yield
-    finally:
-        _setns(own)
-        os.close(own)
-        os.close(target)
-
-
-def socks_connect(
-    ns: str, port: int, request: bytes, methods: bytes = b"\x00"
-) -> tuple[socket.socket, bytes]:
-    """Greeting and one request; (the socket, the reply's first bytes)."""
-    with in_namespace(ns):
-        s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    s.sendall(bytes([5, len(methods)]) + methods)
-    choice = s.recv(2)
-    if choice != b"\x05\x00":
-        return s, choice
-    s.sendall(request)
-    head = _recv_exactly(s, 4)
-    if head[1] == 0:  # the bound address follows
-        _recv_exactly(s, (4 if head[3] == 1 else 16) + 2)
-    return s, head
-
-
-def _recv_exactly(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def connect_domain(name: str, port: int) -> bytes:
-    return b"\x05\x01\x00\x03" + bytes([len(name)]) + name.encode() + struct.pack(">H", port)
-
-
-def connect_ipv4(ip: str, port: int, cmd: int = 1) -> bytes:
-    return bytes([5, cmd, 0, 1]) + socket.inet_aton(ip) + struct.pack(">H", port)
-
-
-def free_port(ns: str) -> int:
-    with in_namespace(ns):
-        s = socket.socket()
-    with s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

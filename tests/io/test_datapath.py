@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+import threading
 from types import ModuleType
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from tests.io.fakes import ChannelTun, ChannelUdp
 from tests.io.test_offload import V4, V6, flow, udp
 from wgpy.core import native
+from wgpy.core.backend import Backend
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
 from wgpy.core.events import EventKind, ProtocolEvent
@@ -47,7 +49,7 @@ class Site:
     def __init__(self, ep: tuple[str, int], net: dict[tuple[str, int], ChannelUdp],
                  seed: int, refuse_uso: bool = False) -> None:  # fmt: skip
         rng = random.Random(seed)
-        self.device = Device(rng.randbytes, native=self.native)
+        self.device = Device(rng.randbytes, backend=Backend(self.native, threading.Lock))
         self.device.set_private_key(clamp(rng.randbytes(32)))
         self.tun = ChannelTun(refuse_uso=refuse_uso)
         self.udp = ChannelUdp(ep, net)

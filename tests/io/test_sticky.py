@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ import pytest
 from tests.io.fakes import ChannelTun
 from tests.io.test_datapath import B_EP, NATIVE, Site, carry, pair
 from tests.io.test_offload import V4, flow
+from wgpy.core.backend import Backend
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
@@ -262,9 +264,8 @@ def test_the_source_is_that_of_the_handshake_that_authenticated(
     the initiation authenticated: the response leaves from 127.0.0.2, and so does what
     follows (Linux and wireguard-go take the source from the authenticated datagram)."""
     ours, theirs = pair_v4
-    native = datapath_module.native_datapath() if both_datapaths == "native" else None
     rng = random.Random(11)
-    responder = Device(rng.randbytes, native=native)
+    responder = Device(rng.randbytes, backend=Backend(Site.native, threading.Lock))
     responder.set_private_key(clamp(rng.randbytes(32)))
     initiator = Device(rng.randbytes)
     initiator.set_private_key(clamp(rng.randbytes(32)))

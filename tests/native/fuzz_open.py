@@ -19,30 +19,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 with atheris.instrument_imports():
     from tests.native.reference import (
         RefSession,
+        forge,
         normalize,
         normalize_ref,
         open_batch_ref,
     )
 from wgpy import _native as native
-from wgpy.core.peer import Keypair, Peer
-from wgpy.sim import seal
 
 KEYS = {1: bytes(range(32)), 0xDEADBEEF: bytes(range(32, 64))}
 EXPIRES = 2.0
 
 
 def _presealed() -> list[bytes]:
-    peer = Peer(bytes(32), lambda: 0.0)
     v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, b"\n\0\0\1", b"\n\0\0\2")
     v6 = struct.pack("!IHBB16s16s", 6 << 28, 8, 17, 64, bytes(15) + b"\1", bytes(16))
     inner = [b"", v4 + bytes(8), v4 + bytes(3), v6 + bytes(8), v6, b"\x45" + bytes(30)]
     out = []
     for index, key in KEYS.items():
-        kp = Keypair(peer, (key, key), initiator=True, local_index=0, remote_index=index, now=0.0)
         for counter in (0, 1, 2, 3, 64, 8200, 2**64 - 8194):
             for p in inner:
-                kp.send_counter = counter
-                out.append(seal(kp, p, 1420))
+                out.append(forge(key, index, counter, p))
     return out
 
 

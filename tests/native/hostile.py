@@ -101,8 +101,31 @@ def offload_garbage(rng: random.Random, rounds: int) -> None:
             native.split(hdr + p, rng.choice([1500, 0, -1, 1]))
             native.split(p, 1500)
             native.checksum(p, rng.getrandbits(rng.choice([0, 16, 64, 200])))
-        sealer = native.Sealer(rng.randbytes(32))
-        sealer.seal(packets, rng.getrandbits(32), rng.getrandbits(63), rng.randrange(0, 2000))
+        sealer = native.Sealer(rng.randbytes(32), rng.getrandbits(32), rng.getrandbits(63))
+        sealer.seal(packets, rng.randrange(0, 2000))
+
+
+class Shrinker:
+    """A packet whose buffer export (Python 3.12's `__buffer__`) empties its list."""
+
+    def __init__(self, victim: list[object]) -> None:
+        self.victim = victim
+
+    def __buffer__(self, flags: int) -> memoryview:
+        self.victim.clear()
+        return memoryview(b"\x45" + bytes(63))
+
+
+def shrinking_lists(rng: random.Random) -> None:
+    """Lists emptied by their own items while seal and coalesce take their buffers."""
+    for _ in range(20):
+        victim: list[object] = []
+        victim += [bytes([0x45]) + rng.randbytes(99) for _ in range(rng.randrange(0, 20))]
+        victim.insert(rng.randrange(0, len(victim) + 1), Shrinker(victim))
+        native.Sealer(rng.randbytes(32), 1).seal(list(victim), 1420)
+        native.Sealer(rng.randbytes(32), 1).seal(victim, 1420)
+        victim += [Shrinker(victim), bytearray(100)]
+        native.coalesce(victim)
 
 
 def main() -> None:
@@ -115,6 +138,8 @@ def main() -> None:
     for s in world.ref.values():
         s.expires = 1e9
     edge_batches(world)
+    if sys.version_info >= (3, 12):  # before, buffers are taken without running Python
+        shrinking_lists(rng)
     threads(World(rng, 3, 1000.0, native), min(5.0, seconds / 4))
     n = 0
     while time.monotonic() < deadline:

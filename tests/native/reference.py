@@ -1,9 +1,10 @@
 """The pure-Python reference of `wgpy._native.open_batch`, and traffic to feed both.
 
-`open_batch_ref` is Device.receive's data path (core/device.py) restated for the native
-contract: the same checks in the same order, on core.replay.ReplayWindow and
-cryptography's ChaCha20Poly1305. `World` forges sessions and traffic with the core's own
-sealer (core.device.seal_all) and keeps a native Session and a reference session side by side.
+`open_batch_ref` is the pure path's receive (core/data.py open_python) restated for the
+native contract: the same checks in the same order, on core.replay.ReplayWindow and
+cryptography's ChaCha20Poly1305. `World` forges sessions and traffic (`forge`: a data
+message for any counter, even one no sealer would use) and keeps a native Session and a
+reference session side by side.
 Shared by the differential tests, the sanitizer corpus and the fuzz target.
 """
 
@@ -16,15 +17,30 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgpy.core.backend import padded_length
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.core.messages import DATA_HEADER, MSG_DATA, message_type
-from wgpy.core.peer import Keypair, Peer
 from wgpy.core.replay import ReplayWindow
-from wgpy.sim import seal
 
 REASONS = ("bad_size", "unknown_type", "unknown_index", "expired", "bad_tag", "replayed",
            "bad_inner")  # fmt: skip
 _NONCE = struct.Struct("<4xQ")
+
+
+def forge(key: bytes, index: int, counter: int, packet: bytes, mtu: int = 1420) -> bytes:
+    """A data message on key `key` for receiver `index` with any u64 counter."""
+    plain = packet + bytes(padded_length(len(packet), mtu) - len(packet))
+    header = DATA_HEADER.pack(MSG_DATA, index, counter)
+    return header + ChaCha20Poly1305(key).encrypt(_NONCE.pack(counter), plain, None)
+
+
+class Forger:
+    """One session's sending side, as a test drives it: the key, the index, a counter."""
+
+    def __init__(self, key: bytes, remote_index: int) -> None:
+        self.key = key
+        self.remote_index = remote_index
+        self.send_counter = 0
 
 
 class RefSession:
@@ -193,9 +209,8 @@ class World:
         self.now = now
         self.native: dict[int, Any] = {}
         self.ref: dict[int, RefSession] = {}
-        self.kps: list[Keypair] = []
+        self.kps: list[Forger] = []
         self.sent: list[bytes] = []
-        peer = Peer(bytes(32), lambda: 0.0)
         for _ in range(nsessions):
             index = rng.getrandbits(32)
             while index in self.ref:
@@ -204,17 +219,13 @@ class World:
             expires = rng.choice([now + 100.0, now + 100.0, now + 100.0, now, now - 1.0])
             self.native[index] = native.Session(key, expires)
             self.ref[index] = RefSession(key, expires)
-            self.kps.append(
-                Keypair(
-                    peer, (key, key), initiator=True, local_index=0, remote_index=index, now=0.0
-                )
-            )
+            self.kps.append(Forger(key, index))
         self.names = {id(s): i for i, s in self.native.items()}
         self.names.update({id(s): i for i, s in self.ref.items()})
 
-    def seal(self, kp: Keypair, packet: bytes, counter: int) -> bytes:
-        kp.send_counter = counter % 2**64
-        return seal(kp, packet, 1420)
+    def seal(self, kp: Forger, packet: bytes, counter: int) -> bytes:
+        kp.send_counter = (counter + 1) % 2**64
+        return forge(kp.key, kp.remote_index, counter % 2**64, packet)
 
     def datagram(self, size: int) -> bytes:
         rng = self.rng

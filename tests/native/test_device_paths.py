@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import random
 import struct
 
@@ -16,11 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.native.reference import forge
 from wgpy.core import native
+from wgpy.core.backend import Backend
+from wgpy.core.constants import REJECT_AFTER_TIME
 from wgpy.core.crypto import clamp, public_key
 from wgpy.core.device import Device, Output
 from wgpy.core.events import ProtocolEvent
-from wgpy.core.peer import Keypair
+from wgpy.core.output import Drop
+from wgpy.core.peer import Keypair, Peer
 from wgpy.sim import SimNet, ipv4_packet, ipv6_packet
 
 module = native.load()
@@ -40,7 +45,7 @@ def world(use_native: bool) -> tuple[SimNet, Device, Device]:
     assert third is not None
     b.device.allowed_ips.insert(bytes([10, 7, 0, 0]), 16, third)
     for node in (a, b):
-        node.device.native = module if use_native else None
+        node.device.backend = Backend(module if use_native else None)
     net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2", b"hello"))  # the handshake
     return net, a.device, b.device
 
@@ -154,3 +159,33 @@ def test_a_dropped_session_wipes_what_c_holds() -> None:
     assert session.expires == float("-inf")  # wiped: every packet now counts as expired
     assert b.index.sessions == {} and b.index.session_keypairs == {}
     assert struct.calcsize("<II") == 8
+
+
+# a session start where created + 180 rounds up: `now - created >= 180` and
+# `now >= created + 180` disagree at now = created + 180 (one ulp)
+ULP_CREATED = 4002.353689016469
+
+
+@pytest.mark.parametrize("use_native", [False, True])
+def test_expiry_is_one_comparison_to_the_ulp(use_native: bool) -> None:
+    """Receiving and sending end at the same instant on both paths: now >= kp.expires."""
+    if use_native and module is None:
+        pytest.skip("wgpy._native is not built")
+    backend = Backend(module if use_native else None)
+    peer = Peer(bytes(32), lambda: 0.0)
+    key = bytes(range(32))
+    kp = Keypair(peer, (key, key), initiator=True, local_index=9, remote_index=9,
+                 now=ULP_CREATED, backend=backend)  # fmt: skip
+    assert kp.expires == ULP_CREATED + REJECT_AFTER_TIME
+    assert (kp.expires - ULP_CREATED < REJECT_AFTER_TIME) is True  # the ulp case
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", b"x")
+    before = math.nextafter(kp.expires, -math.inf)
+    for now, alive in ((before, True), (kp.expires, False)):
+        device = Device(random.Random(1).randbytes, backend=backend)
+        device.allowed_ips.insert(bytes([10, 0, 0, 1]), 32, peer)
+        device.index.add_keypair(kp)
+        datagram = forge(key, 9, int(now * 1000) % 2**32, packet)
+        out = device.receive([(datagram, ("192.0.2.1", 1))], now)
+        assert (out.tun == [packet]) is alive
+        assert (out.drops[Drop.EXPIRED] == 1) is not alive
+        assert kp.can_send(now) is alive

@@ -1,16 +1,22 @@
-"""Sealer.seal against seal_all; coalesce, checksum and split against io.offload."""
+"""Both backends' Sealer.seal against each other and reference.forge; coalesce, checksum
+and split against io.offload."""
 
 from __future__ import annotations
 
 import random
+import sys
+import threading
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.io.test_offload import V4, V6, VNET, flow, tcp, traffic, udp, udp_flow
-from wgpy.core.data import seal_all
-from wgpy.core.peer import Endpoint, Keypair, Peer
+from tests.native.reference import forge
+from wgpy.core.backend import Sealer
+from wgpy.core.constants import REJECT_AFTER_MESSAGES
+from wgpy.core.messages import DATA_HEADER
 from wgpy.io import offload
 
 native = pytest.importorskip(
@@ -20,58 +26,106 @@ native = pytest.importorskip(
 # ---------------------------------------------------------------- seal
 
 
-def python_seal(key: bytes, packets: list[bytes], index: int, counter: int, mtu: int) -> bytes:
-    kp = Keypair(
-        Peer(bytes(32), lambda: 0.0),
-        (key, key),
-        initiator=True,
-        local_index=0,
-        remote_index=index,
-        now=0.0,
-    )
-    kp.send_counter = counter
-    udp_out: list[tuple[bytes, Endpoint]] = []
-    seal_all(kp, packets, mtu, ("", 0), udp_out)
-    assert kp.send_counter == counter + len(packets)
-    return b"".join(d for d, _ in udp_out)
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.integers(0, 3000), max_size=50),
     st.integers(0, 2**32 - 1),
-    st.one_of(st.integers(0, 2**64 - 60), st.integers(2**64 - 60, 2**64 - 50)),
+    st.one_of(st.integers(0, 2**64 - 9000), st.integers(2**64 - 8250, 2**64 - 8193)),
     st.sampled_from([0, 1, 15, 16, 17, 576, 1280, 1420, 1500, 9000]) | st.integers(0, 4000),
     st.binary(min_size=32, max_size=32),
 )
-def test_seal_matches_seal_all(
+def test_seal_matches_pure_sealer_and_forge(
     sizes: list[int], index: int, counter: int, mtu: int, key: bytes
 ) -> None:
+    """Both backends' sealers, byte for byte, and an independent sealer (reference.forge)."""
     rng = random.Random(counter ^ index)
     packets = [rng.randbytes(n) for n in sizes]
-    sealed, count = native.Sealer(key).seal(packets, index, counter, mtu)
-    assert count == len(packets)
-    assert sealed == python_seal(key, packets, index, counter, mtu)
+    c_sealer, py_sealer = native.Sealer(key, index, counter), Sealer(key, index, counter)
+    sealed = c_sealer.seal(packets, mtu)
+    assert sealed == py_sealer.seal(packets, mtu)
+    if counter + len(packets) > REJECT_AFTER_MESSAGES:  # spent: nothing sealed, no counter used
+        assert sealed == [] and c_sealer.counter == py_sealer.counter == counter
+        return
+    assert sealed == [forge(key, index, counter + i, p, mtu) for i, p in enumerate(packets)]
+    assert c_sealer.counter == py_sealer.counter == counter + len(packets)
     # any buffer will do
     views = [memoryview(bytearray(p)) for p in packets]
-    assert native.Sealer(key).seal(views, index, counter, mtu)[0] == sealed
+    for make in (native.Sealer, Sealer):
+        assert make(key, index, counter).seal(views, mtu) == sealed
 
 
-def test_seal_edges() -> None:
-    s = native.Sealer(bytes(32))
-    assert s.seal([], 1, 0, 1420) == (b"", 0)
-    assert s.seal([b""], 1, 2**64 - 1, 1420)[1] == 1
-    with pytest.raises(OverflowError):
-        s.seal([b"", b""], 1, 2**64 - 1, 1420)
+@pytest.mark.parametrize("make", [native.Sealer, Sealer])
+def test_seal_edges(make: Any) -> None:
+    s = make(bytes(32), 1)
+    assert s.seal([], 1420) == [] and s.counter == 0
+    last = make(bytes(32), 1, REJECT_AFTER_MESSAGES - 1)
+    assert len(last.seal([b""], 1420)) == 1 and last.counter == REJECT_AFTER_MESSAGES
+    assert last.seal([b""], 1420) == []
+    s.expire()
+    assert s.counter == REJECT_AFTER_MESSAGES and s.seal([b"x"], 1420) == []
+    for bad in ((bytes(32), 2**32), (bytes(32), -1), (bytes(32), 1, REJECT_AFTER_MESSAGES + 1)):
+        with pytest.raises((ValueError, OverflowError)):
+            make(*bad)
     with pytest.raises(ValueError):
-        s.seal([b""], 2**32, 0, 1420)
+        make(b"short", 1)
+    s = make(bytes(32), 1)
     with pytest.raises(ValueError):
-        s.seal([b""], 1, 0, -1)
-    with pytest.raises(ValueError):
-        native.Sealer(b"short")
+        s.seal([b""], -1)
     s.wipe()
     with pytest.raises(ValueError):
-        s.seal([b"x"], 1, 0, 1420)
+        s.seal([b"x"], 1420)
+
+
+@pytest.mark.parametrize("make", [native.Sealer, Sealer])
+def test_threads_sealing_for_one_session_never_share_a_counter(make: Any) -> None:
+    """Counters are reserved inside seal, under the sealer's lock (they used to be read
+    before and added after, so two threads could seal with the same nonce)."""
+    lock = threading.Lock() if make is Sealer else None
+    sealer = make(bytes(32), 7, **({"lock": lock} if lock else {}))
+    batches: list[list[bytes]] = []
+    packets = [bytes(1400)] * 16
+
+    def work() -> None:
+        got = [sealer.seal(packets, 1420) for _ in range(200)]
+        batches.extend(got)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counters = [DATA_HEADER.unpack_from(d)[2] for batch in batches for d in batch]
+    assert len(counters) == 4 * 200 * 16 and len(set(counters)) == len(counters)
+    assert sealer.counter == len(counters)
+    for batch in batches:  # a batch's counters are consecutive: reserved at once
+        first = DATA_HEADER.unpack_from(batch[0])[2]
+        assert [DATA_HEADER.unpack_from(d)[2] for d in batch] == list(range(first, first + 16))
+
+
+class _Shrinker:
+    """A packet whose buffer export (3.12's `__buffer__`) empties the list it is in."""
+
+    def __init__(self, victim: list[object]) -> None:
+        self.victim = victim
+
+    def __buffer__(self, flags: int) -> memoryview:
+        self.victim.clear()
+        return memoryview(b"x" * 64)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="__buffer__ is Python 3.12+")
+def test_a_list_emptied_while_its_buffers_are_taken_is_read_as_it_was() -> None:
+    """Seal and coalesce read the list once: items emptied from it by an item's own
+    `__buffer__` stay alive until the call ends (it used to be a use-after-free)."""
+    rest = [bytes([0x45]) + bytes(99) for _ in range(50)]
+    for call in (
+        lambda packets: native.Sealer(bytes(32), 1).seal(packets, 1420),
+        native.coalesce,
+    ):
+        victim: list[object] = []
+        victim += [_Shrinker(victim), *(bytearray(p) for p in rest)]
+        assert call(victim) == call([b"x" * 64, *rest])
+        assert victim == []
 
 
 # ---------------------------------------------------------------- checksum
@@ -195,7 +249,46 @@ def test_split_garbage_matches(
             assert native.split(b, 1500) == python_split(b, 1500)
 
 
-def test_split_where_python_raises() -> None:
-    """A version-4 header cut below 12 bytes makes offload.split raise; native drops it."""
-    buf = VNET.pack(0, offload.GSO_UDP_L4, 0, 100, 0, 0) + b"\x40" + bytes(40)
-    assert python_split(buf, 1500) == [] and native.split(buf, 1500) == []
+@st.composite
+def super_packets(draw: st.DrawFn) -> bytes:
+    """TSO/USO buffers at the edges that matter: any IPv4 header length (IHL 0-15, so
+    also below 20 bytes), and IPv6 segments around the 64 KiB payload-length limit."""
+    gso = draw(st.sampled_from([offload.GSO_TCPV4, offload.GSO_TCPV6, offload.GSO_UDP_L4]))
+    v6 = gso == offload.GSO_TCPV6 or (gso == offload.GSO_UDP_L4 and draw(st.booleans()))
+    is_udp = gso == offload.GSO_UDP_L4
+    size = draw(st.integers(0, 300) | st.integers(65535 - 80, 65535 + 40))
+    addrs = V6 if v6 else V4
+    # the headers of an empty packet, then the payload: a super-packet's own length
+    # fields are not read (split writes each segment's), so they may stay wrong
+    pkt = bytearray(udp(b"", addrs) if is_udp else tcp(1, b"", addrs=addrs))
+    pkt += bytes(range(256)) * (size // 256) + bytes(size % 256)
+    if not v6:
+        pkt[0] = 0x40 | draw(st.integers(0, 15))
+    gso_size = draw(st.sampled_from([0, 1, 1000, 1400]) | st.integers(size - 8, size + 8))
+    flags = draw(st.sampled_from([0, offload.NEEDS_CSUM]))
+    start = draw(st.sampled_from([0, 20, 24, 40, 48]))
+    return VNET.pack(flags, gso, 0, max(0, min(gso_size, 0xFFFF)), start, 16) + bytes(pkt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(super_packets())
+def test_split_of_edge_super_packets_matches(buf: bytes) -> None:
+    assert native.split(buf, 1500) == python_split(buf, 1500)
+
+
+def test_split_edges_agree() -> None:
+    """An IPv4 header under 20 bytes: both drop the buffer. An IPv6 segment whose payload
+    length is 65,535 (the field's limit, so the packet is just over 64 KiB): both cut it."""
+    for ihl in (0, 2, 4):
+        pkt = bytearray(tcp(1, bytes(3000)))
+        pkt[0] = 0x40 | ihl
+        buf = VNET.pack(0, offload.GSO_TCPV4, 0, 1000, 0, 0) + bytes(pkt)
+        assert python_split(buf, 1500) == [] and native.split(buf, 1500) == []
+    payload = bytes(65535 - 20)  # one segment: 40 + 20 + 65515 bytes, payload length 65535
+    header = tcp(1, b"", addrs=V6)
+    buf = VNET.pack(0, offload.GSO_TCPV6, 0, len(payload), 0, 0) + header + payload
+    (segment,) = offload.split(buf, 1500)
+    assert len(segment) == 40 + 65535 and segment[4:6] == b"\xff\xff"
+    assert native.split(buf, 1500) == [segment]
+    over = VNET.pack(0, offload.GSO_TCPV6, 0, 65535, 0, 0) + header + payload + b"x"
+    assert offload.split(over, 1500) == native.split(over, 1500) == []

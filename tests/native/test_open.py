@@ -14,6 +14,7 @@ from tests.native.reference import (
     REASONS,
     RefSession,
     World,
+    forge,
     normalize,
     normalize_ref,
     open_batch_ref,
@@ -88,14 +89,8 @@ def test_replay_window_is_the_linux_one() -> None:
     s, ref = native.Session(key, 1e9), RefSession(key, 1e9)
     world.native, world.ref = {7: s}, {7: ref}
     world.names = {id(s): 7, id(ref): 7}
-    from wgpy.core.peer import Keypair, Peer
-    from wgpy.sim import seal
-
-    peer = Peer(bytes(32), lambda: 0.0)
-    kp = Keypair(peer, (key, key), initiator=True, local_index=0, remote_index=7, now=0.0)
     for counter, accepted in SEQUENCE:
-        kp.send_counter = counter
-        d = seal(kp, b"", 0)
+        d = forge(key, 7, counter, b"", 0)
         runs, per, _, drops = native.open_batch(d, len(d), 0, {7: s}, 1.0, bytearray(32))
         assert bool(per) == accepted
         assert ref.replay.accept(counter) == accepted

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from wgpy.rootless import socks
-from wgpy.rootless.session import UsageError, _options, listen_address
+from wgpy.rootless import http, serve, socks
+from wgpy.rootless.outside import Outside
+from wgpy.rootless.spec import listen_address
 
 
 def _listener(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:
@@ -55,7 +56,13 @@ def echo() -> Iterator[int]:
 @pytest.fixture
 def proxy() -> Iterator[tuple[int, int]]:
     s, h = _listener(), _listener()
-    server = socks.ProxyServer(s, h)
+    opts = socks.Options()
+    server = serve.Server(
+        [
+            serve.Service(s, socks.socks_handler(opts), "SOCKS5"),
+            serve.Service(h, http.http_handler(opts), "HTTP"),
+        ]
+    )
     server.start()
     try:
         yield s.getsockname()[1], h.getsockname()[1]
@@ -151,20 +158,71 @@ def test_http_connect(proxy: tuple[int, int], echo: int) -> None:
         c.sendall(b"hello")
         assert c.recv(5) == b"hello"
     with socket.create_connection(("127.0.0.1", proxy[1]), timeout=10) as c:
-        c.sendall(b"GET http://example/ HTTP/1.1\r\n\r\n")
-        assert c.recv(100).startswith(b"HTTP/1.1 501")
+        c.sendall(b"GET https://example/ HTTP/1.1\r\n\r\n")
+        assert c.recv(100).startswith(b"HTTP/1.1 400")
 
 
-def test_command_line_options() -> None:
-    opts, rest = _options(["-c", "a.conf", "--", "-x", "y"], {"-c", "--config"})
-    assert opts == {"--config": "a.conf"} and rest == ["-x", "y"]
-    opts, rest = _options(["--config=b.conf", "ls", "-l"], {"-c", "--config"})
-    assert opts == {"--config": "b.conf"} and rest == ["ls", "-l"]
-    with pytest.raises(UsageError):
-        _options(["--bogus", "ls"], {"-c"})
-    with pytest.raises(UsageError):
-        _options(["-c"], {"-c"})
+def test_listen_addresses() -> None:
     assert listen_address("[::1]:1080") == ("::1", 1080)
     assert listen_address("127.0.0.1:0") == ("127.0.0.1", 0)
-    with pytest.raises(UsageError):
-        listen_address("1080")
+    assert listen_address("localhost:8080") == ("localhost", 8080)
+    for bad in ("1080", "127.0.0.1:99999", "::1:1080", "127.0.0.1:-1", "127.0.0.1:1e3"):
+        with pytest.raises(ValueError):
+            listen_address(bad)
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[int]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                data, src = s.recvfrom(65535)
+            except OSError:
+                return
+            s.sendto(data.upper(), src)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.fixture
+def udp_proxy() -> Iterator[int]:
+    listener = _listener()
+    opts = socks.Options(outside=Outside())  # never started: sockets made here
+    server = serve.Server([serve.Service(listener, socks.socks_handler(opts), "SOCKS5")])
+    server.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        server.stop()
+        listener.close()
+
+
+def test_udp_associate_relays_both_ways_for_its_client_only(udp_proxy: int, udp_echo: int) -> None:
+    c, head = ask(udp_proxy, connect(1, bytes(4), 0, cmd=3))
+    with c:
+        assert head[:2] == b"\x05\x00"
+    c = socket.create_connection(("127.0.0.1", udp_proxy), timeout=10)
+    c.sendall(b"\x05\x01\x00")
+    assert c.recv(2) == b"\x05\x00"
+    c.sendall(connect(1, bytes(4), 0, cmd=3))
+    head = c.recv(10)
+    relay = (socket.inet_ntoa(head[4:8]), struct.unpack(">H", head[8:10])[0])
+    with c, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(5)
+        to = b"\0\0\0\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", udp_echo)
+        u.sendto(to + b"hello", relay)
+        assert u.recv(100) == to + b"HELLO"
+        u.sendto(b"\0\0\x01" + to[3:] + b"fragment", relay)  # FRAG 1: dropped
+        by_name = b"\0\0\0\x03\x09localhost" + struct.pack(">H", udp_echo)
+        u.sendto(by_name + b"named", relay)
+        assert u.recv(100) == to + b"NAMED"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:  # not the client
+            other.settimeout(0.5)
+            other.sendto(to + b"stranger", relay)
+            with pytest.raises(TimeoutError):
+                other.recv(100)

@@ -11,10 +11,10 @@ datagrams that were no data messages, in order, for the handshake queue.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 
-from wgpy.core.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.core.crypto import InvalidTag
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.indextable import IndexTable
@@ -43,62 +43,20 @@ class Received:
         self.data = data
 
 
-def padded_length(length: int, mtu: int) -> int:
-    """Plaintext length after padding to 16 bytes, never past the MTU (wireguard-go rule)."""
-    last = length % mtu if length > mtu and mtu else length
-    padded = (last + 15) & ~15
-    if mtu and padded > mtu:
-        padded = mtu
-    return length + padded - last
-
-
-def seal_all(
+def seal(
     kp: Keypair,
-    packets: Iterable[bytes],
+    packets: Sequence[bytes],
     mtu: int,
     endpoint: Endpoint,
     udp: list[tuple[bytes, Endpoint]],
-) -> tuple[int, bool]:
-    """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?).
-    The hot loop of sending: one AEAD call per packet and nothing else it can avoid."""
-    seal = kp.send.encrypt
-    index = kp.remote_index
-    counter = kp.send_counter
-    nbytes, sent_data = 0, False
-    for packet in packets:
-        length = len(packet)
-        pad = -length % 16
-        if length + pad > mtu:
-            pad = padded_length(length, mtu) - length
-        header = DATA_HEADER.pack(MSG_DATA, index, counter)
-        plain = packet + bytes(pad) if pad else packet
-        datagram = header + seal(_NONCE.pack(counter), plain, None)
-        counter += 1
-        udp.append((datagram, endpoint))
-        nbytes += len(datagram)
-        sent_data = sent_data or length > 0
-    kp.send_counter = counter
-    return nbytes, sent_data
-
-
-def seal_native(
-    kp: Keypair,
-    packets: list[bytes],
-    mtu: int,
-    endpoint: Endpoint,
-    udp: list[tuple[bytes, Endpoint]],
-) -> tuple[int, bool]:
-    """`seal_all` in one native call for the whole batch (byte for byte the same)."""
-    sealed, count = kp.native_send.seal(packets, kp.remote_index, kp.send_counter, mtu)
-    kp.send_counter += count
-    at, sent_data = 0, False
-    for packet in packets:
-        length = len(packet)
-        end = at + 32 + padded_length(length, mtu)  # header + padded payload + tag
-        udp.append((sealed[at:end], endpoint))
-        at = end
-        sent_data = sent_data or length > 0
-    return len(sealed), sent_data
+) -> tuple[int, bool] | None:
+    """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?), or
+    None if the session's counters are spent (nothing sealed)."""
+    sealed = kp.sealer.seal(packets, mtu)
+    if len(sealed) < len(packets):
+        return None
+    udp += [(datagram, endpoint) for datagram in sealed]
+    return sum(map(len, sealed)), any(packets)
 
 
 def open_python(
@@ -125,7 +83,7 @@ def open_python(
         if kp is None:
             drops[Drop.UNKNOWN_INDEX] += 1
             continue
-        if counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
+        if counter >= REJECT_AFTER_MESSAGES or now >= kp.expires:  # as C and can_send
             drops[Drop.EXPIRED] += 1
             continue
         try:

@@ -24,9 +24,9 @@ from types import ModuleType
 
 from wgpy.core import data, handshake, icmp, intake, sessions
 from wgpy.core.allowedips import AllowedIPs
+from wgpy.core.backend import Backend
 from wgpy.core.constants import (
     DEFAULT_MTU,
-    REJECT_AFTER_MESSAGES,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
@@ -94,15 +94,15 @@ class Device:
         self,
         rand: Callable[[int], bytes],
         wall_offset: float = 0.0,
-        native: ModuleType | None = None,
+        backend: Backend | None = None,
         *,
         classify: bool = False,
     ) -> None:
-        """`native`: the extension module (core/native.py `load()`) to open and seal
-        data messages with, or None for the pure-Python path. `classify`: the handshake
-        intake in C (core/intake.py; the extension must be there)."""
+        """`backend`: where data messages are opened and sealed (core/backend.py), by
+        default the pure-Python one for a single thread. `classify`: the handshake intake
+        in C (core/intake.py; the extension must be there)."""
         self.rand = rand
-        self.native = native
+        self.backend = backend or Backend()
         seed = rand(16)
         self._timer_rng = random.Random(seed)
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
@@ -128,6 +128,11 @@ class Device:
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
+
+    @property
+    def native(self) -> ModuleType | None:
+        """The extension module if the backend is the native one."""
+        return self.backend.native
 
     # ---- configuration -------------------------------------------------------------
 
@@ -425,13 +430,11 @@ class Device:
                 self._unreachable(packet, now, out)
             staged.clear()
             return
-        if kp.send_counter + len(staged) > REJECT_AFTER_MESSAGES:
+        sent = data.seal(kp, staged, self.mtu, endpoint, out.udp)
+        if sent is None:
             self._initiate(peer, now, out)  # the session's counter is spent
             return
-        if kp.native_send is not None:
-            nbytes, sent_data = data.seal_native(kp, list(staged), self.mtu, endpoint, out.udp)
-        else:
-            nbytes, sent_data = data.seal_all(kp, staged, self.mtu, endpoint, out.udp)
+        nbytes, sent_data = sent
         staged.clear()
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
@@ -587,7 +590,7 @@ class Device:
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        made = sessions.respond(init, self.index, self._ephemeral, self.native, now)
+        made = sessions.respond(init, self.index, self._ephemeral, self.backend, now)
         if made is None:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
@@ -613,7 +616,7 @@ class Device:
         if self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        kp = sessions.complete(self._static, peer, msg, self.index, self.native, now)
+        kp = sessions.complete(self._static, peer, msg, self.index, self.backend, now)
         if isinstance(kp, Drop):
             out.drops[kp] += 1
             return

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
-from types import ModuleType
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgpy.core.backend import Backend
 from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import ZERO_KEY, PrivateKey
@@ -24,16 +24,15 @@ class Keypair:
 
     __slots__ = (
         "created",
+        "expires",
         "initiator",
         "local_index",
         "native_recv",
-        "native_send",
         "peer",
         "recv",
         "remote_index",
         "replay",
-        "send",
-        "send_counter",
+        "sealer",
     )
 
     def __init__(
@@ -45,35 +44,45 @@ class Keypair:
         local_index: int,
         remote_index: int,
         now: float,
-        native: ModuleType | None = None,
+        backend: Backend | None = None,
     ) -> None:
+        backend = backend or Backend()
+        native = backend.native
         self.peer = peer
-        self.send = ChaCha20Poly1305(keys[0])
+        # the sending key and the send counter: the sealer owns both (core/backend.py)
+        self.sealer = backend.sealer(keys[0], remote_index)
         self.recv = ChaCha20Poly1305(keys[1])
         # With the native datapath, C holds copies of the keys (and the replay window),
         # wiped when the session is dropped.
-        self.native_send: Any = native.Sealer(keys[0]) if native else None
-        self.native_recv: Any = native.Session(keys[1], now + REJECT_AFTER_TIME) if native else None
-        self.send_counter = 0
+        # One instant ends the session on both paths, compared one way (now >= expires)
+        # by the C open, the pure open and can_send: never `now - created` against 180 in
+        # one place and `created + 180` in another, which differ by an ulp.
+        self.expires = now + REJECT_AFTER_TIME
+        self.native_recv: Any = native.Session(keys[1], self.expires) if native else None
         self.replay = ReplayWindow()
         self.created = now
         self.initiator = initiator
         self.local_index = local_index
         self.remote_index = remote_index
 
+    @property
+    def send_counter(self) -> int:
+        """Data messages sealed so far (REJECT_AFTER_MESSAGES once expired)."""
+        return self.sealer.counter
+
     def wipe(self) -> None:
         """Zero the key copies C holds (Python's own cannot be wiped: dropping the last
         reference is what it can do)."""
-        if self.native_send is not None:
-            self.native_send.wipe()
+        self.sealer.wipe()
+        if self.native_recv is not None:
             self.native_recv.wipe()
 
     def expire(self) -> None:
         """No more sending on this session (receiving goes on until it is replaced)."""
-        self.send_counter = REJECT_AFTER_MESSAGES
+        self.sealer.expire()
 
     def can_send(self, now: float) -> bool:
-        return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
+        return self.send_counter < REJECT_AFTER_MESSAGES and now < self.expires
 
 
 class HandshakeState(Enum):

@@ -15,9 +15,9 @@ table and its keys wiped.
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
 
 from wgpy.core import handshake
+from wgpy.core.backend import Backend
 from wgpy.core.crypto import PrivateKey
 from wgpy.core.handshake import ConsumedInitiation
 from wgpy.core.indextable import IndexTable
@@ -44,7 +44,7 @@ def initiate(
 
 def respond(
     init: ConsumedInitiation, index: IndexTable, ephemeral: Ephemeral,
-    native: ModuleType | None, now: float,
+    backend: Backend, now: float,
 ) -> tuple[bytes, Keypair] | None:  # fmt: skip
     """Message 2 answering a consumed initiation, and the new session (`next` until
     confirmed); None if the initiator's ephemeral is a low-order point."""
@@ -56,14 +56,14 @@ def respond(
         return None
     msg, keys = made
     kp = Keypair(peer, keys, initiator=False, local_index=local, remote_index=init.sender,
-                 now=now, native=native)  # fmt: skip
+                 now=now, backend=backend)  # fmt: skip
     begin_as_responder(index, peer, kp)
     return msg, kp
 
 
 def complete(
     static: PrivateKey, peer: Peer, msg: ResponseMessage, index: IndexTable,
-    native: ModuleType | None, now: float,
+    backend: Backend, now: float,
 ) -> Keypair | Drop:  # fmt: skip
     """The session a response to our initiation makes (current at once), or why the
     response is refused."""
@@ -72,7 +72,7 @@ def complete(
         return keys
     clear_handshake(index, peer)
     kp = Keypair(peer, keys, initiator=True, local_index=msg.receiver, remote_index=msg.sender,
-                 now=now, native=native)  # fmt: skip
+                 now=now, backend=backend)  # fmt: skip
     begin_as_initiator(index, peer, kp)
     return kp
 

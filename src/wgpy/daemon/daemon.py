@@ -28,7 +28,7 @@ from wgpy.core.output import Output
 from wgpy.daemon import keylog, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
-from wgpy.io.datapath import Datapath, native_datapath, native_intake, tun_offloads
+from wgpy.io.datapath import Datapath, backend, native_intake, tun_offloads
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, TunGone, open_tun
 from wgpy.io.uapi_path import SOCKET_DIR
@@ -102,9 +102,9 @@ class Daemon:
         options = options or Options()
         metrics_listen = metrics_address(options)  # checked before anything is opened
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
-        self.native = native_datapath()
+        self.backend = backend()
         self.device = Device(
-            os.urandom, wall_offset=time.time() - time.monotonic(), native=self.native,
+            os.urandom, wall_offset=time.time() - time.monotonic(), backend=self.backend,
             classify=native_intake(),
         )
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
@@ -120,7 +120,7 @@ class Daemon:
             if listener is not None:
                 listener.close()
             raise
-        self.datapath_kind = "native" if self.native is not None else "python"
+        self.datapath_kind = self.backend.name
         self.fwmark = 0
         self.device.mtu = self.tun.mtu()
         self.stats = Stats()

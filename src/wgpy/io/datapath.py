@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from types import ModuleType
 
 from wgpy.core import intake, native
+from wgpy.core.backend import Backend
 from wgpy.core.device import Device
 from wgpy.core.events import (
     CookieSent,
@@ -77,10 +78,12 @@ class BatchSizes:
         self.packets += n
 
 
-def native_datapath() -> ModuleType | None:
-    """The native extension, unless WGPY_NATIVE=0 asks for the pure-Python path (the
-    reference) or it was not built."""
-    return native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+def backend() -> Backend:
+    """The data path's backend, chosen once for the daemon and wgpy.Interface alike: the
+    native extension, unless WGPY_NATIVE=0 asks for the pure-Python one (the reference)
+    or it was not built; the pure one's sealers take threading locks."""
+    module = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+    return Backend(module, threading.Lock)
 
 
 def native_intake() -> bool:

@@ -373,7 +373,8 @@ def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
         return []
     payload = pkt[hlen:]
     n = len(payload)
-    if hlen + min(mss, n) > _MAX_IP_LEN:  # no segment can be that long: garbage
+    # the longest segment's IP length field: IPv4's counts the header, IPv6's does not
+    if hlen + min(mss, n) - (40 if version == 6 else 0) > _MAX_IP_LEN:  # garbage
         return []
     base = _pseudo_sum(pkt, _PROTO_UDP if udp else _PROTO_TCP, 0)  # the length comes later
     hdr = bytearray(pkt[:hlen])

@@ -6,13 +6,15 @@ child tries to unshare). Then, still in the caller's network namespace, the UDP 
 (and the proxy's listening sockets) are opened and the endpoints resolved. Then the
 process unshares user (unless root), network and mount namespaces, maps its own uid and
 gid, creates and configures the TUN, mounts a private /etc/resolv.conf for the config's
-DNS, starts the datapath thread and runs the command (or serves the proxy). Nothing is
-made in the caller's namespace but sockets, and those close with the process; the
-namespaces go with their last process.
+DNS, starts the datapath thread and runs the command (or serves the proxy). A config
+without MTU gets wg-quick's: from the route to its endpoints, looked up before leaving.
+Nothing is made in the caller's namespace but sockets, and those close with the process;
+the namespaces go with their last process.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import errno
@@ -25,24 +27,20 @@ import sys
 import time
 from collections.abc import Iterator
 
+from pyroute2 import IPRoute
+
+from wgpy.core.endpoint import split_endpoint
 from wgpy.embed.interface import Interface, load_config
-from wgpy.rootless import userns
-from wgpy.rootless.socks import ProxyServer
-from wgpy.tools.config import Config, ConfigError
+from wgpy.rootless import serve, uapi_socket, userns
+from wgpy.rootless.spec import listen_address as listen_address  # launch.py's import
+from wgpy.tools.config import Config, ConfigError, resolve_endpoint
+from wgpy.tools.quick import auto_mtu
 
 log = logging.getLogger("wgpy.run")
 IFNAME = "wg0"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80  # a signal the terminal sent to the whole foreground process group
-USAGE_RUN = "usage: wgpy run [-c CONFIG] [--] [COMMAND [ARGS...]]   (CONFIG: or $WGPY_CONFIG)"
-USAGE_PROXY = (
-    "usage: wgpy proxy [-c CONFIG] --socks ADDR:PORT [--http ADDR:PORT]   (CONFIG: or $WGPY_CONFIG)"
-)
-
-
-class UsageError(Exception):
-    pass
 
 
 def fail(message: str) -> int:
@@ -50,37 +48,7 @@ def fail(message: str) -> int:
     return 1
 
 
-# ---- command lines --------------------------------------------------------------------
-
-
-def _options(args: list[str], names: set[str]) -> tuple[dict[str, str], list[str]]:
-    """Leading `--name VALUE` / `--name=VALUE` / `-c VALUE` options, then the rest."""
-    opts: dict[str, str] = {}
-    args = list(args)
-    while args:
-        arg = args[0]
-        if arg == "--":
-            args.pop(0)
-            break
-        name, eq, value = arg.partition("=")
-        if name not in names:
-            if arg.startswith("-") and arg != "-":
-                raise UsageError(f"unknown option {arg}")
-            break
-        args.pop(0)
-        if not eq:
-            if not args:
-                raise UsageError(f"{name} needs a value")
-            value = args.pop(0)
-        opts[{"-c": "--config"}.get(name, name)] = value
-    return opts, args
-
-
-def _config_path(opts: dict[str, str]) -> str:
-    path = opts.get("--config") or os.environ.get("WGPY_CONFIG")
-    if not path:
-        raise UsageError("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG")
-    return path
+# ---- the config's descriptor, sockets on this side ------------------------------------
 
 
 _FD_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
@@ -94,14 +62,6 @@ def close_config_fd(path: Config | str) -> None:
     if found and int(found.group(1)) > 2:
         with contextlib.suppress(OSError):
             os.close(int(found.group(1)))
-
-
-def listen_address(value: str) -> tuple[str, int]:
-    """'127.0.0.1:1080', '[::1]:1080', 'localhost:0' -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535 or not host:
-        raise UsageError(f"{value!r} is not ADDRESS:PORT")
-    return host.strip("[]"), int(port)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -140,6 +100,23 @@ def prepare(config: Config | str) -> tuple[Config, int]:
     return cfg, flags
 
 
+def set_route_mtu(cfg: Config) -> None:
+    """wg-quick's MTU for a config that sets none, from the routes to its endpoints here,
+    in the caller's namespace (inside ours, the only route is the tunnel)."""
+    if cfg.interface.mtu is not None:
+        return
+    hosts = []
+    for peer in cfg.peers:
+        if peer.endpoint:  # resolved once already, by the Interface: retries needless
+            with contextlib.suppress(ValueError, OSError):
+                hosts.append(split_endpoint(resolve_endpoint(peer.endpoint, retries=0))[0])
+    try:
+        with IPRoute() as ipr:
+            cfg.interface.mtu = auto_mtu(ipr, hosts)
+    except OSError as e:  # netlink refused: the Interface's default stands
+        log.info("no MTU from the routes: %s", e)
+
+
 def enter_namespace(iface: Interface, flags: int, unshare: bool = True) -> None:
     """Unshare, give the namespace its resolv.conf, create and start the interface."""
     if unshare:
@@ -149,6 +126,21 @@ def enter_namespace(iface: Interface, flags: int, unshare: bool = True) -> None:
         text = userns.resolv_conf_text(cfg.interface.dns, cfg.interface.dns_search)
         userns.bind_resolv_conf(text)
     iface.open()
+
+
+def serve_uapi(iface: Interface) -> serve.Server | None:
+    """A read-only UAPI socket where `wg` looks, in our mount namespace (`uapi_socket`)."""
+    sock = uapi_socket.listen(iface.name)
+    if sock is None:
+        return None
+    server = serve.Server([serve.Service(sock, uapi_socket.uapi_handler(iface), "UAPI")], 16)
+    try:
+        server.start()
+    except OSError as e:
+        log.info("no UAPI socket for `wg show`: %s", e)
+        sock.close()
+        return None
+    return server
 
 
 @contextlib.contextmanager
@@ -263,6 +255,7 @@ def run(config_path: Config | str, argv: list[str]) -> int:
         iface = Interface(cfg, IFNAME)
     except (OSError, ValueError, ConfigError) as e:
         return fail(str(e))
+    set_route_mtu(cfg)
     with blocked((*FORWARDED, signal.SIGCHLD)):
         pid = go = -1
         try:
@@ -275,61 +268,23 @@ def run(config_path: Config | str, argv: list[str]) -> int:
                 os.close(go)  # the child reads nothing and leaves
                 os.waitpid(pid, 0)
             return fail(f"cannot set up the namespace: {e}")
+        uapi = serve_uapi(iface)
         try:
             start(go)
             status = wait_child(pid, iface)
             end_leftovers()
             return status
         finally:
+            if uapi is not None:
+                uapi.stop()
             iface.close()
 
 
-def proxy(
-    config_path: Config | str,
-    socks: socket.socket | None,
-    http: socket.socket | None,
-    ready_fd: int | None = None,
-) -> int:
-    """`wgpy proxy`: serve SOCKS5 (and HTTP CONNECT) from inside the tunnel's namespace
-    until SIGINT, SIGTERM or SIGHUP."""
-    try:
-        cfg, flags = prepare(config_path)
-    except (ConfigError, userns.NamespaceError) as e:
-        return fail(str(e))
-    try:
-        iface = Interface(cfg, IFNAME)
-    except (OSError, ValueError, ConfigError) as e:
-        return fail(str(e))
-    server = ProxyServer(socks, http)
-    with blocked(FORWARDED):
-        try:
-            enter_namespace(iface, flags)
-            server.start()
-        except OSError as e:
-            server.stop()
-            iface.close()
-            return fail(f"cannot set up the namespace: {e}")
-        try:
-            for name, sock in (("SOCKS5", socks), ("HTTP CONNECT", http)):
-                if sock is not None:
-                    host, port = sock.getsockname()[:2]
-                    sys.stderr.write(f"wgpy: {name} proxy on {host}:{port}\n")
-            if ready_fd is not None:
-                os.write(ready_fd, b"ready\n")
-                os.close(ready_fd)
-            while iface.running:
-                if signal.sigtimedwait(FORWARDED, 0.25) is not None:
-                    break
-            return 0
-        finally:
-            server.stop()
-            iface.close()
-
-
-def setup_logging() -> None:
-    """LOG_LEVEL=verbose|error|silent, as for the daemon."""
+def setup_logging(name: str | None = None) -> None:
+    """LOG_LEVEL=verbose|error|silent, as for the daemon (`name` overrides it)."""
     levels = {"verbose": logging.DEBUG, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
-    level = levels.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
+    name = name or os.environ.get("LOG_LEVEL", "error")
+    level = levels.get(name.lower(), logging.ERROR)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("wgpy: %(levelname)s: %(message)s"))
     ours = logging.getLogger("wgpy")  # ours only: pyroute2's debug lines stay out
@@ -338,58 +293,29 @@ def setup_logging() -> None:
     ours.propagate = False
 
 
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wgpy run",
+        description="Run COMMAND (default: your shell) with a WireGuard tunnel as its only "
+        "network, without root: a user, network and mount namespace of its own.",
+    )
+    p.add_argument("-c", "--config", help="a wg-quick file (default: $WGPY_CONFIG)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]",
+                   help="what to run in the tunnel's namespace")  # fmt: skip
+    return p
+
+
 def run_main(args: list[str]) -> int:
+    ns = run_parser().parse_args(args)
     setup_logging()
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE_RUN)
-        return 0
-    try:
-        opts, rest = _options(args, {"-c", "--config"})
-        path = _config_path(opts)
-    except UsageError as e:
-        return fail(f"{e}\n{USAGE_RUN}") + 1
-    return run(path, rest)
+    path = ns.config or os.environ.get("WGPY_CONFIG")
+    if not path:
+        return fail("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG") + 1
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    return run(path, command)
 
 
 def proxy_main(args: list[str]) -> int:
-    setup_logging()
-    if args[:1] in (["-h"], ["--help"]):
-        print(USAGE_PROXY)
-        return 0
-    names = {"-c", "--config", "--socks", "--http", "--socks-fd", "--http-fd", "--ready-fd"}
-    try:
-        opts, rest = _options(args, names)
-        if rest:
-            raise UsageError(f"unexpected {rest[0]!r}")
-        path = _config_path(opts)
-        if not {"--socks", "--http", "--socks-fd", "--http-fd"} & opts.keys():
-            raise UsageError("nothing to serve: give --socks ADDR:PORT (and/or --http)")
-        socks_at = listen_address(opts["--socks"]) if "--socks" in opts else None
-        http_at = listen_address(opts["--http"]) if "--http" in opts else None
-        ready = int(opts["--ready-fd"]) if "--ready-fd" in opts else None
-    except (UsageError, ValueError) as e:
-        return fail(f"{e}\n{USAGE_PROXY}") + 1
-    try:
-        cfg = load_config(path)  # a bad config is reported before any socket is opened
-    except ConfigError as e:
-        return fail(str(e))
-    sockets: list[socket.socket | None] = []
-    try:
-        for fd_opt, at in (("--socks-fd", socks_at), ("--http-fd", http_at)):
-            if fd_opt in opts:
-                sockets.append(socket.socket(fileno=int(opts[fd_opt])))
-            elif at is not None:
-                sockets.append(listening_socket(*at))
-            else:
-                sockets.append(None)
-    except (OSError, ValueError) as e:
-        for s in sockets:
-            if s is not None:
-                s.close()
-        return fail(f"cannot listen: {e}")
-    try:
-        return proxy(cfg, sockets[0], sockets[1], ready)
-    finally:
-        for s in sockets:
-            if s is not None:
-                s.close()
+    from wgpy.rootless.proxy import main  # it builds on this module
+
+    return main(args)

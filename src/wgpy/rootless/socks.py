@@ -1,13 +1,14 @@
-"""A small SOCKS5 (RFC 1928) and HTTP CONNECT proxy, on asyncio in a thread of its own.
+"""SOCKS5 (RFC 1928), for `serve.Server`.
 
 The listening sockets are handed in ready-made (`wgpy proxy` opens them in the caller's
 network namespace before it unshares); the outgoing connections, and the name lookups of
 domain-name requests, happen wherever this process lives: inside the tunnel's namespace.
 
-SOCKS5: no authentication, CONNECT for IPv4, IPv6 and domain names. Anything else gets
-the RFC's reply: command not supported (0x07), address type not supported (0x08); a
-connection that fails gets connection refused (0x05), network (0x03) or host (0x04)
-unreachable, or general failure (0x01).
+SOCKS5: no authentication, or username/password (RFC 1929) when the listener has
+credentials (then only that); CONNECT and UDP ASSOCIATE (`udp.py`) for IPv4, IPv6 and
+domain names. Anything else gets the RFC's reply: command not supported (0x07), address
+type not supported (0x08); a connection that fails gets connection refused (0x05),
+network (0x03) or host (0x04) unreachable, or general failure (0x01).
 """
 
 from __future__ import annotations
@@ -15,17 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import ipaddress
 import logging
 import socket
 import struct
-import threading
+from dataclasses import dataclass
+
+from wgpy.rootless import udp
+from wgpy.rootless.outside import Outside
+from wgpy.rootless.serve import IDLE_TIMEOUT, Handler, Stream, connect, relay
+from wgpy.rootless.spec import Credentials
 
 log = logging.getLogger("wgpy.socks")
 
 VERSION = 5
-NO_AUTH, NO_ACCEPTABLE = 0x00, 0xFF
-CMD_CONNECT = 0x01
+NO_AUTH, USER_PASSWORD, NO_ACCEPTABLE = 0x00, 0x02, 0xFF
+AUTH_VERSION = 0x01  # RFC 1929's subnegotiation
+CMD_CONNECT, CMD_UDP_ASSOCIATE = 0x01, 0x03
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 0x01, 0x03, 0x04
 SUCCEEDED = 0x00
 GENERAL_FAILURE = 0x01
@@ -36,7 +44,6 @@ COMMAND_NOT_SUPPORTED = 0x07
 ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 CONNECT_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 30.0
-BUFFER = 65536
 
 
 class Refused(Exception):
@@ -86,131 +93,99 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[int, int, str, in
     return cmd, atyp, host, port
 
 
-async def _relay(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+@dataclass(frozen=True)
+class Options:
+    """What every connection of one listener is served with."""
+
+    idle_timeout: float = IDLE_TIMEOUT
+    credentials: Credentials | None = None
+    outside: Outside | None = None  # makes UDP relay sockets where the client is
+
+
+async def _connect(host: str, port: int) -> Stream:
+    return await connect(host, port, CONNECT_TIMEOUT)
+
+
+def socks_handler(opts: Options) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handle_socks(reader, writer, opts)
+
+    return handle
+
+
+def matches(creds: Credentials, username: bytes, password: bytes) -> bool:
+    """Both compared in constant time, both always compared."""
+    user_ok = hmac.compare_digest(creds.username.encode(), username)
+    return hmac.compare_digest(creds.password.encode(), password) and user_ok
+
+
+async def _negotiate(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, creds: Credentials | None
+) -> bool:
+    """The method selection, and RFC 1929's username/password when `creds` is set."""
+    ver, n = await reader.readexactly(2)
+    methods = await reader.readexactly(n)
+    if ver != VERSION:
+        return False
+    wanted = NO_AUTH if creds is None else USER_PASSWORD
+    if wanted not in methods:
+        writer.write(bytes([VERSION, NO_ACCEPTABLE]))
+        return False
+    writer.write(bytes([VERSION, wanted]))
+    if creds is None:
+        return True
+    ver, ulen = await reader.readexactly(2)
+    username = await reader.readexactly(ulen)
+    (plen,) = await reader.readexactly(1)
+    password = await reader.readexactly(plen)
+    ok = ver == AUTH_VERSION and matches(creds, username, password)
+    writer.write(bytes([AUTH_VERSION, 0 if ok else 1]))
+    if not ok:
+        log.info("SOCKS5: a client gave a wrong username or password")
+    return ok
+
+
+async def handle_socks(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, opts: Options
 ) -> None:
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(BUFFER):
-                dst.write(data)
-                await dst.drain()
-            if dst.can_write_eof():
-                dst.write_eof()
-        except (ConnectionError, OSError):
-            pass
-
-    await asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))
-
-
-async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-
-
-async def handle_socks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
-            ver, n = await reader.readexactly(2)
-            methods = await reader.readexactly(n)
-            if ver != VERSION:
+            if not await _negotiate(reader, writer, opts.credentials):
                 return
-            if NO_AUTH not in methods:
-                writer.write(bytes([VERSION, NO_ACCEPTABLE]))
-                return
-            writer.write(bytes([VERSION, NO_AUTH]))
             await writer.drain()
             try:
                 cmd, _, host, port = await _read_request(reader)
-                if cmd != CMD_CONNECT:
+                if cmd not in (CMD_CONNECT, CMD_UDP_ASSOCIATE) or (
+                    cmd == CMD_UDP_ASSOCIATE and opts.outside is None
+                ):
                     raise Refused(COMMAND_NOT_SUPPORTED)
             except (Refused, UnicodeError) as e:
                 writer.write(reply(e.code if isinstance(e, Refused) else GENERAL_FAILURE))
                 return
-            try:
-                remote = await _connect(host, port)
-            except (OSError, TimeoutError) as e:
-                log.info("SOCKS CONNECT %s:%d failed: %s", host, port, e)
-                writer.write(reply(reply_code(e)))
-                return
-            writer.write(reply(SUCCEEDED, remote[1].get_extra_info("sockname")[:2]))
+            assoc = None
+            if cmd == CMD_UDP_ASSOCIATE:
+                assert opts.outside is not None
+                assoc = await udp.associate(writer, opts.outside, port)
+                if assoc is None:
+                    writer.write(reply(GENERAL_FAILURE))
+                    return
+                writer.write(reply(SUCCEEDED, assoc.bound))
+            else:
+                try:
+                    remote = await _connect(host, port)
+                except (OSError, TimeoutError) as e:
+                    log.info("SOCKS CONNECT %s:%d failed: %s", host, port, e)
+                    writer.write(reply(reply_code(e)))
+                    return
+                writer.write(reply(SUCCEEDED, remote[1].get_extra_info("sockname")[:2]))
             await writer.drain()
-        await _relay((reader, writer), remote)
+        if cmd == CMD_UDP_ASSOCIATE and assoc is not None:
+            await assoc.serve(reader, opts.idle_timeout)
+        else:
+            await relay((reader, writer), remote, opts.idle_timeout)
     except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, OSError):
         pass
     finally:
         with contextlib.suppress(Exception):
             await writer.drain()
         writer.close()
-
-
-async def handle_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """HTTP CONNECT only (what browsers and curl use for https through a proxy)."""
-    try:
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            head = await reader.readuntil(b"\r\n\r\n")
-            method, _, rest = head.decode("latin-1").partition(" ")
-            target = rest.split(" ", 1)[0]
-            if method != "CONNECT":
-                writer.write(b"HTTP/1.1 501 Not Implemented\r\nConnection: close\r\n\r\n")
-                return
-            host, _, port = target.rpartition(":")
-            try:
-                remote = await _connect(host.strip("[]"), int(port))
-            except (OSError, TimeoutError, ValueError) as e:
-                writer.write(f"HTTP/1.1 502 Bad Gateway\r\n\r\n{e}\r\n".encode())
-                return
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-        await _relay((reader, writer), remote)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
-            TimeoutError, OSError):  # fmt: skip
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await writer.drain()
-        writer.close()
-
-
-class ProxyServer:
-    """Serves SOCKS5 (and HTTP CONNECT) on listening sockets made by the caller, from a
-    thread of its own so the datapath's loop never waits for it."""
-
-    def __init__(self, socks: socket.socket | None, http: socket.socket | None = None) -> None:
-        self.sockets = [(s, h) for s, h in ((socks, handle_socks), (http, handle_http)) if s]
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="wgpy-proxy", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as e:
-            self.error = e
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        servers = [await asyncio.start_server(h, sock=s) for s, h in self.sockets]
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            for server in servers:
-                server.close()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(5)

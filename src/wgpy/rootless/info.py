@@ -1,0 +1,90 @@
+"""`wgpy proxy --info ADDR`: a health endpoint, as wireproxy's `--info`.
+
+- `GET /readyz`: with wireproxy's `CheckAlive` (`alive.py`), its answer: a JSON object of
+  each address's last pong (Unix seconds, 0 for never), 503 if one is later than
+  CheckAliveInterval + 2 s. Without: 200 while the tunnel's datapath runs, with each
+  peer's latest handshake; 503 once it stopped.
+- `GET /metrics`: Prometheus text: per peer the names of prometheus_wireguard_exporter
+  (`wireguard_sent_bytes_total`, `wireguard_received_bytes_total`,
+  `wireguard_latest_handshake_seconds`), and the proxy's clients now and refused so far.
+Private and preshared keys are never shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+
+from wgpy.embed.interface import Interface, PeerState
+from wgpy.rootless.alive import Alive
+from wgpy.rootless.serve import Handler
+
+REQUEST_TIMEOUT = 10.0
+
+
+def readyz(running: bool, peers: list[PeerState], alive: Alive | None) -> tuple[int, str]:
+    """With CheckAlive: wireproxy's answer (each address's last pong; 503 if one is late).
+    Without: each peer's latest handshake, 200 while the datapath runs."""
+    if alive is not None:
+        late = not alive.ready(time.time())
+        return (503 if late or not running else 200), json.dumps(
+            {a: int(t) for a, t in alive.last.items()})  # fmt: skip
+    body = {p.public_key: int(p.last_handshake or 0) for p in peers}
+    return (200 if running else 503), json.dumps(body)
+
+
+def metrics(name: str, peers: list[PeerState], clients: int, refused: int) -> str:
+    lines = []
+    for metric, kind, value in (
+        ("wireguard_sent_bytes_total", "counter", lambda p: p.tx_bytes),
+        ("wireguard_received_bytes_total", "counter", lambda p: p.rx_bytes),
+        ("wireguard_latest_handshake_seconds", "gauge", lambda p: int(p.last_handshake or 0)),
+    ):
+        lines.append(f"# TYPE {metric} {kind}")
+        for p in peers:
+            labels = (f'interface="{name}",public_key="{p.public_key}",'
+                      f'allowed_ips="{",".join(p.allowed_ips)}"')  # fmt: skip
+            lines.append(f"{metric}{{{labels}}} {value(p)}")
+    lines += ["# TYPE wgpy_proxy_clients gauge", f"wgpy_proxy_clients {clients}",
+              "# TYPE wgpy_proxy_refused_total counter",
+              f"wgpy_proxy_refused_total {refused}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def info_handler(
+    iface: Interface, counts: Callable[[], tuple[int, int]], alive: Alive | None = None
+) -> Handler:
+    """Answers one request per connection; `counts` gives (clients now, refused)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError,
+                                 asyncio.LimitOverrunError):  # fmt: skip
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, _, rest = head.decode("latin-1").partition(" ")
+                path = rest.split(" ", 1)[0].split("?", 1)[0]
+                running = iface.running
+                peers = await asyncio.to_thread(iface.peers) if running else []
+                if method != "GET":
+                    status, body, kind = 405, "GET only\n", "text/plain"
+                elif path == "/readyz":
+                    status, body = readyz(running, peers, alive)
+                    kind = "application/json"
+                elif path == "/metrics":
+                    status, kind = 200, "text/plain; version=0.0.4"
+                    body = metrics(iface.name, peers, *counts())
+                else:
+                    status, body, kind = 404, "/readyz or /metrics\n", "text/plain"
+                data = body.encode()
+                writer.write(f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {kind}\r\n"
+                             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                             .encode() + data)  # fmt: skip
+                await writer.drain()
+
+    return handle
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}

@@ -1,0 +1,271 @@
+"""Serving many proxy clients from a few file descriptors, without falling over.
+
+Every relayed connection costs two descriptors (the client's and the one into the
+tunnel), and a local user can open connections for free. So:
+
+- `raise_fd_limit()` lifts the soft limit on open files to the hard one at start, as the
+  daemon (and Go's runtime) do.
+- At most `client_cap()` clients are served at once: below what the limit allows, with
+  `FD_RESERVE` descriptors left for the datapath, name lookups and logging. A client past
+  the cap is accepted and closed at once, so it learns at once. Once half the places are
+  taken, a local user who holds half already gets no more (`owners.py`), so one user
+  cannot lock the others out by opening connections. accept() itself failing
+  for want of a descriptor (EMFILE) pauses accepting until a client leaves or
+  `ACCEPT_RETRY` passes, instead of retrying in a loop.
+- Each refusal is logged at most once per `LOG_EVERY` seconds, with the count since the
+  last line: asyncio's own accept loop logged a traceback per failed accept, ~1,000 lines
+  a second, for as long as the descriptors stayed taken.
+- `relay()` ends a connection on which nothing moved either way for `idle_timeout`
+  seconds, so forgotten connections give their descriptors back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import resource
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+
+from wgpy.rootless.owners import Owners
+
+log = logging.getLogger("wgpy.proxy")
+
+MAX_CLIENTS = 1024  # a browser keeps tens to hundreds of connections open
+FD_RESERVE = 64  # descriptors kept for the datapath, lookups, logging
+IDLE_TIMEOUT = 600.0  # seconds without a byte either way before a relay is closed
+ACCEPT_RETRY = 1.0
+LOG_EVERY = 1.0
+BUFFER = 65536
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; the soft limit after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:  # an infinite hard limit is refused
+            log.warning("cannot raise the open files limit to %s: %s", hard, e)
+    return soft
+
+
+def client_cap(wanted: int, fd_limit: int) -> int:
+    """How many clients to serve at once: `wanted`, but two descriptors each must fit
+    under `fd_limit` after the reserve."""
+    return max(1, min(wanted, (fd_limit - FD_RESERVE) // 2))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address reaches only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Throttled:
+    """A log line at most once per `every` seconds, saying how many it stands for."""
+
+    def __init__(self, level: int, every: float = LOG_EVERY) -> None:
+        self.level = level
+        self.every = every
+        self._last = -every
+        self._count = 0
+
+    def __call__(self, message: str) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            times = f" ({self._count} times)" if self._count > 1 else ""
+            log.log(self.level, "%s%s", message, times)
+            self._last, self._count = now, 0
+
+
+async def relay(a: Stream, b: Stream, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    """Copy both ways until both ends closed; a half-close is passed on as one (the
+    other direction goes on). Nothing moving either way for `idle_timeout` ends both."""
+    loop = asyncio.get_running_loop()
+    last = [loop.time()]
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(BUFFER):
+                last[0] = loop.time()
+                dst.write(data)
+                await dst.drain()
+            if dst.can_write_eof():
+                dst.write_eof()
+        except (ConnectionError, OSError):
+            dst.close()  # a reset on one side resets the other
+
+    async def watch(work: asyncio.Future[tuple[None, None]]) -> None:
+        while not work.done():
+            left = last[0] + idle_timeout - loop.time()
+            if left <= 0:
+                work.cancel()
+                return
+            await asyncio.wait([work], timeout=left)
+
+    work = asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))
+    work.add_done_callback(_retrieved)
+    try:
+        await watch(work)
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+    finally:
+        work.cancel()
+        for _, writer in (a, b):
+            writer.close()
+
+
+def _retrieved(future: asyncio.Future[tuple[None, None]]) -> None:
+    """Mark a relay's outcome seen (cancelled when the server stops, or timed out)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def connect(host: str, port: int, timeout: float) -> Stream:
+    return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+
+
+@dataclass
+class Service:
+    """A listening socket and the handler of each client it accepts."""
+
+    sock: socket.socket
+    handler: Handler
+    name: str
+
+
+class Server:
+    """Serves `services` from a thread of its own (so the datapath's loop never waits for
+    it), at most `max_clients` clients at once over all of them."""
+
+    def __init__(
+        self,
+        services: list[Service],
+        max_clients: int = MAX_CLIENTS,
+        udp: list[Callable[[], Coroutine[None, None, None]]] | None = None,
+        owners: Owners | None = None,
+    ) -> None:
+        self.services = services
+        self.owners = owners
+        self.max_clients = max_clients
+        self.udp = udp or []
+        self.active = 0
+        self.refused = 0
+        self._clients: set[asyncio.Task[None]] = set()
+        self._left = asyncio.Event()  # set when a client leaves: accepting may resume
+        self._refused = Throttled(logging.ERROR)
+        self._starved = Throttled(logging.ERROR)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="wgpy-proxy", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:
+            self.error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._left = asyncio.Event()
+        tasks = [asyncio.create_task(self._accept(s)) for s in self.services]
+        tasks += [asyncio.create_task(job()) for job in self.udp]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            for task in [*tasks, *self._clients]:
+                task.cancel()
+
+    async def _accept(self, service: Service) -> None:
+        loop = asyncio.get_running_loop()
+        service.sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(service.sock)
+            except OSError as e:
+                if e.errno not in _NO_DESCRIPTORS:
+                    log.error("%s: accept failed: %s", service.name, e)
+                    await asyncio.sleep(ACCEPT_RETRY)
+                    continue
+                self._starved(f"{service.name}: no descriptor left to accept a client")
+                self._left.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._left.wait(), ACCEPT_RETRY)
+                continue
+            why = self._refusal(conn)
+            if why:
+                self.refused += 1
+                conn.close()
+                self._refused(f"{service.name}: {why}; refusing one")
+                continue
+            self.active += 1
+            task = asyncio.create_task(self._serve(conn, service.handler))
+            self._clients.add(task)  # the loop keeps only weak references
+            task.add_done_callback(self._clients.discard)
+
+    def _refusal(self, conn: socket.socket) -> str:
+        """Why `conn` gets no place, or "": the places are all taken, or more than half
+        are taken and its user holds half already (`owners`)."""
+        if self.active >= self.max_clients:
+            return f"{self.max_clients} clients already"
+        share = self.max_clients // 2
+        if self.owners is None or self.active < share:
+            return ""
+        try:
+            uid, held = self.owners.held(conn.getpeername(), conn.getsockname())
+        except OSError:
+            return ""
+        return f"uid {uid} holds {held - 1} of {self.max_clients} places" if held > share else ""
+
+    async def _serve(self, conn: socket.socket, handler: Handler) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                await handler(reader, writer)
+            finally:
+                writer.close()
+        except Exception:  # a handler's bug must not end the server
+            log.exception("a proxy client failed")
+        finally:
+            self.active -= 1
+            self._left.set()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(5)

@@ -1,0 +1,1 @@
+"""`wgpy server` and `wgpy client`: a VPN server for phones and laptops (docs/server.md)."""

@@ -1,0 +1,166 @@
+"""What `wgpy proxy` serves: its command line and wireproxy's config file; the parsers of
+what clients send (SOCKS5 UDP headers, HTTP heads) on any input."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wgpy.core.crypto import encode_key
+from wgpy.rootless import http, proxy, spec, udp
+from wgpy.tools.config import ConfigError
+
+KEY = encode_key(bytes(range(32)))
+WG = f"""[Interface]
+PrivateKey = {KEY}
+Address = 10.0.0.2/32 # a comment, as wireproxy's sample has
+
+[peer]
+PublicKey = {KEY}
+Endpoint = 192.0.2.1:51820
+"""
+
+
+def parsed(text: str, tmp_path: Path) -> spec.ProxySpec:
+    path = tmp_path / "w.conf"
+    path.write_text(text)
+    return spec.load(str(path))
+
+
+def test_a_wireproxy_file_gives_the_tunnel_and_its_listeners(tmp_path: Path) -> None:
+    p = parsed(WG + """
+[TCPClientTunnel]
+BindAddress = 127.0.0.1:25565
+Target = play.example:25565
+
+[TCPServerTunnel]
+listenport = 3422
+Target = localhost:25545
+
+[tcpservertunnel]
+ListenPort = 3423
+Target = [::1]:80
+
+[Socks5]
+BindAddress = 127.0.0.1:25344
+Username = alice
+Password = pw
+
+[http]
+BindAddress = [::1]:25345
+
+[UDPProxyTunnel]
+BindAddress = 127.0.0.1:5353
+Target = 1.1.1.1:53
+InactivityTimeout = 0 # never
+
+[STDIOTunnel]
+Target = ssh.example:22
+""", tmp_path)  # fmt: skip
+    assert [(x.kind, x.host, x.port, x.target) for x in p.listens] == [
+        ("forward", "127.0.0.1", 25565, ("play.example", 25565)),
+        ("expose", "::", 3422, ("localhost", 25545)),
+        ("expose", "::", 3423, ("::1", 80)),
+        ("socks", "127.0.0.1", 25344, None),
+        ("http", "::1", 25345, None),
+        ("udp", "127.0.0.1", 5353, ("1.1.1.1", 53)),
+        ("stdio", "", 0, ("ssh.example", 22)),
+    ]
+    assert p.listens[5].timeout == math.inf
+    assert p.listens[3].credentials == spec.Credentials("alice", "pw")
+    assert p.listens[4].credentials is None
+    peer = p.config.peers[0]  # no AllowedIPs: everything, as wireproxy routes it
+    assert peer.allowed_ips == [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    assert p.config.interface.mtu == 1420  # wireproxy's default
+
+
+def test_checkalive_is_read_from_the_interface(tmp_path: Path) -> None:
+    text = WG.replace("[peer]", "CheckAlive = 10.0.0.1, fd00::1\nCheckAliveInterval = 3\n[peer]")
+    p = parsed(text + "[Socks5]\nBindAddress = 127.0.0.1:1\n", tmp_path)
+    assert (p.check_alive, p.check_interval) == (["10.0.0.1", "fd00::1"], 3.0)
+    with pytest.raises(ConfigError, match=r":5: CheckAlive: .*does not appear to be an IP"):
+        parsed(WG.replace("[peer]", "CheckAlive = nohost\n[peer]") + "[http]\n", tmp_path)
+
+
+def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
+    (tmp_path / "wg.conf").write_text(WG + "AllowedIPs = 10.0.0.0/24\n")
+    p = parsed(f"WGConfig = {tmp_path / 'wg.conf'}\n\n[Socks5]\nBindAddress = 127.0.0.1:1080\n",
+               tmp_path)  # fmt: skip
+    assert p.config.peers[0].allowed_ips == [ipaddress.ip_network("10.0.0.0/24")]
+    assert p.listens[0].kind == "socks"
+
+
+@pytest.mark.parametrize(
+    ("tail", "where"),
+    [
+        ("[STDIOTunnel]\nTarget = nohost\n", ":10: target: 'nohost' is not"),
+        ("[Socks5]\nBindAddress = 127.0.0.1:1080\nColour = red\n",
+         ":11: Colour: unknown key in [Socks5]"),
+        ("[Socks5]\nUsername = a\n", ":9: bindaddress: missing"),
+        ("[TCPClientTunnel]\nBindAddress = 127.0.0.1:1\nTarget = nohost\n",
+         ":11: target: 'nohost' is not"),
+        ("[TCPServerTunnel]\nListenPort = 70000\nTarget = a:1\n",
+         ":10: listenport: '70000' is not a port"),
+        ("[Nonsense]\n", ":9: [Nonsense]: unknown section"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n", ":11: CertFile: not supported"),
+        ("[SNI]\nBindAddress = 0.0.0.0:443\n", ":9: [SNI]: not supported by wgpy"),
+    ],
+)  # fmt: skip
+def test_what_we_lack_or_cannot_read_is_named_by_line(
+    tmp_path: Path, tail: str, where: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parsed(WG + "\n" + tail, tmp_path)
+    assert where in str(e.value)
+
+
+def test_a_wg_quick_file_serves_nothing_by_itself(tmp_path: Path) -> None:
+    assert parsed(WG, tmp_path).listens == []
+    assert not spec.is_wireproxy(WG)
+
+
+def test_command_line_mappings_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert spec.mapping("forward", "127.0.0.1:5353=10.0.0.1:53").target == ("10.0.0.1", 53)
+    exposed = spec.mapping("expose", "8080=localhost:80")
+    assert (exposed.port, exposed.target) == (8080, ("localhost", 80))
+    for bad in ("8080", "x=localhost:80", "8080=localhost", "0=a:1"):
+        with pytest.raises(ValueError):
+            spec.mapping("expose", bad)
+    with pytest.raises(SystemExit) as done:
+        proxy.parser().parse_args(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--forward" in out and "--expose" in out and "--socks-fd" not in out
+
+
+@given(st.text(alphabet=st.sampled_from("[]=#:. \nabcSocks5httpTCPClientTunnelInterfacePeer0123"),
+               max_size=300))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_any_text_is_read_or_refused_with_a_config_error(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        spec.parse_wireproxy(text, "f")
+
+
+@given(st.binary(max_size=80))
+def test_any_datagram_header_parses_or_is_dropped(data: bytes) -> None:
+    parsed = udp.parse_header(data)
+    if parsed is not None:
+        host, port, _, payload = parsed
+        assert 0 <= port < 65536 and len(payload) <= len(data)
+
+
+@given(st.ip_addresses(), st.integers(0, 65535), st.binary(max_size=20))
+def test_a_header_we_write_reads_back(addr: object, port: int, payload: bytes) -> None:
+    assert udp.parse_header(udp.header(str(addr), port) + payload)[::3] == (str(addr), payload)
+
+
+@given(st.binary(max_size=200))
+def test_any_http_head_parses_or_is_a_bad_request(head: bytes) -> None:
+    with contextlib.suppress(http.BadRequest):
+        http.parse_head(head)
