@@ -88,8 +88,10 @@ def backend() -> Backend:
 
 def native_intake() -> bool:
     """Whether the handshake intake runs in C (core/intake.py): where it was built, unless
-    WGPY_NATIVE=0 asks for the pure-Python path."""
-    return intake.available() and os.environ.get("WGPY_NATIVE", "1") != "0"
+    WGPY_NATIVE=0 asks for the pure-Python path, or WGPY_INTAKE=0 for the Python intake
+    alone (beside the native data path: what a comparison of the two intakes wants)."""
+    off = os.environ.get("WGPY_NATIVE", "1") == "0" or os.environ.get("WGPY_INTAKE", "1") == "0"
+    return intake.available() and not off
 
 
 def tun_offloads(device: Device, vnet_hdr: bool) -> int:
