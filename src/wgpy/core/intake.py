@@ -1,13 +1,16 @@
 """The handshake intake in C: `wgpy._classify` (src/wgpy/_classify.c), optional.
 
-In Python every datagram of a flood became a memoryview, a `bytes`, a mac1 computed in
-`hashlib` and two dict looks before it was refused: ~6 us, and one Python thread reads
-~170k datagrams a second at best. The classifier gives a whole read its verdicts in one
-call, with what `Device._admit` decides (type and size, mac1, the token buckets of
-ratelimit.py, the queue bound and the under-load deadline): only the messages that pass
-become Python objects, and the refused ones are counted by their `Drop` reason. The Python
-intake stays the reference (tests/native/test_classify.py holds the two to identical
-verdicts and counts) and what runs without the extension or with WGPY_NATIVE=0.
+In Python every datagram of a flood became a read's tuple, a memoryview, a `bytes`, a mac1
+computed in `hashlib` and two dict looks before it was refused: 6-16 us of one Python
+thread, and the kernel dropped what it could not read, a tunnel's datagrams among them.
+The classifier gives a whole read its verdicts in one call (`classify`), or reads the
+socket itself, 64 reads a `recvmmsg` (`drain`, used by io/datapath.py), with what
+`Device._admit` decides: type and size, mac1, the token buckets of ratelimit.py, the
+queue bound and the under-load deadline. It makes the cookie replies a flood is owed
+(and `drain` sends them), so only the messages that pass become Python objects; the
+refused ones are counted by their `Drop` reason. The Python intake stays the reference
+(tests/native/test_classify.py holds the two to identical verdicts, counts and reply
+bytes) and what runs without the extension, with WGPY_NATIVE=0, or with WGPY_INTAKE=0.
 """
 
 from __future__ import annotations
