@@ -1,14 +1,18 @@
-/* wgpy._classify: the handshake intake of core/device.py for a whole read, in C.
+/* wgpy._classify: the handshake intake of core/device.py for whole reads, in C.
  *
  * A flood is junk, handshake messages for a key we don't have, or valid ones from a source
- * over its rate; in Python each cost ~6 us before it was refused. Here one call walks the
- * datagrams of a GRO read and gives each the verdict Device._admit would: message type and
- * size, mac1 (keyed BLAKE2s-128 through libcrypto's BLAKE2SMAC), the two token buckets of
- * core/ratelimit.py (no cookie: 50/s burst 50; valid mac2: 20/s burst 5), the queue bound
- * and the under-load state (LoadMeter). Only what passes comes back to Python, as (offset,
- * verdict) pairs; refusals come back as counts by Drop reason. Data messages are only
- * counted: the open path takes them. The Python path is the reference, and
- * tests/native/test_classify.py holds the two to identical verdicts and counts.
+ * over its rate; in Python each cost 6-16 us before it was refused or answered. Here one
+ * call walks the datagrams of a GRO read (`classify`), or reads the socket itself, 64
+ * reads a recvmmsg (`drain`), and gives each datagram the verdict Device._admit would:
+ * message type and size, mac1 (keyed BLAKE2s-128 through libcrypto's BLAKE2SMAC), the two
+ * token buckets of core/ratelimit.py (no cookie: 50/s burst 50; valid mac2: 20/s burst 5),
+ * the queue bound and the under-load state (LoadMeter). The cookie replies a flood is owed
+ * are made here, byte for byte as CookieChecker.make_reply, and `drain` sends them
+ * (sendmmsg, GSO for runs to one address, from the address each message came to). Only
+ * what passes comes back to Python, as (offset, verdict) pairs; refusals come back as
+ * counts by Drop reason; data messages are only counted: the open path takes them. The
+ * Python path is the reference, and tests/native/test_classify.py holds the two to
+ * identical verdicts, counts and reply bytes.
  *
  * Floating point is done in the same order as the Python (and built with
  * -ffp-contract=off): a bucket's tokens are the same doubles on both paths.
