@@ -29,12 +29,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from flood import build_sender  # noqa: E402
 
-from wgpy.core import native  # noqa: E402
 from wgpy.core.cookie import CookieGenerator  # noqa: E402
 from wgpy.core.crypto import clamp  # noqa: E402
 from wgpy.core.device import Device  # noqa: E402
 from wgpy.core.output import Output  # noqa: E402
-from wgpy.io.datapath import UDP_BUF  # noqa: E402
+from wgpy.io.datapath import UDP_BUF, backend  # noqa: E402
 from wgpy.io.udp import SO_RCVBUFFORCE, UdpSocket  # noqa: E402
 
 
@@ -80,7 +79,7 @@ def drain_python(device: Device, udp: UdpSocket, buf: bytearray, reads: int, now
 
 
 def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int, nsrc: int) -> str:
-    device = Device(os.urandom, native=native.load(), classify=not python)
+    device = Device(os.urandom, backend=backend(), classify=not python)
     device.set_private_key(clamp(bytes(range(1, 33))))
     assert device.public_key is not None
     udp = UdpSocket(0)
