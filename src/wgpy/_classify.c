@@ -324,6 +324,7 @@ typedef struct {
     uint8_t *out;    /* 64 bytes per reply */
     uint16_t *reads; /* drain: the read each reply answers */
     Py_ssize_t made, room;
+    int keyed; /* the AEAD context has the subkey (this call): each reply sets its nonce */
 } Replies;
 
 static void replies_free(Replies *r) {
@@ -407,7 +408,10 @@ static int make_reply(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
     memcpy(p + 8, r->prefix, 16);
     for (int i = 0; i < 8; i++)
         p[24 + i] = iv[4 + i] = (uint8_t)(r->counter >> (8 * i));
-    ok = ok && EVP_EncryptInit_ex(self->aead, EVP_chacha20_poly1305(), NULL, r->subkey, iv) &&
+    const EVP_CIPHER *cipher = r->keyed ? NULL : EVP_chacha20_poly1305();
+    ok = ok && EVP_EncryptInit_ex(self->aead, cipher, NULL, r->keyed ? NULL : r->subkey, iv);
+    r->keyed = ok;
+    ok = ok &&
          EVP_EncryptUpdate(self->aead, NULL, &len, m + n - 2 * MAC_LEN, MAC_LEN) &&
          EVP_EncryptUpdate(self->aead, p + 32, &len, cookie, MAC_LEN) && len == MAC_LEN &&
          EVP_EncryptFinal_ex(self->aead, p + 48, &len) &&
