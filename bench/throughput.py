@@ -62,6 +62,10 @@ DEFAULT_PAIRS = ["wgpy:wgpy", "wgpy-pure:wgpy-pure", "upstream:upstream", "debia
 class Result:
     gbits: dict[str, list[float]] = field(default_factory=lambda: {"a->b": [], "b->a": []})
     cpu_per_gb: dict[str, list[float]] = field(default_factory=lambda: {"a": [], "b": []})
+    # the busiest thread's CPU seconds per GB (the serial part: the loop's thread), and
+    # every thread's share of its daemon's CPU, by thread name
+    serial_per_gb: dict[str, list[float]] = field(default_factory=lambda: {"a": [], "b": []})
+    shares: dict[str, list[str]] = field(default_factory=lambda: {"a": [], "b": []})
     rtt_ms: list[float] = field(default_factory=list)
 
     def median_gbits(self) -> float:
@@ -72,9 +76,38 @@ class Result:
         return sum(statistics.median(self.cpu_per_gb[s]) for s in "ab")
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of `pid`: (its name, CPU seconds so far)."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return threads
+
+
+def thread_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                  gigabytes: float) -> tuple[float, str]:  # fmt: skip
+    """(the busiest thread's s/GB, "name share%, ..." over the threads that ran)."""
+    used = {tid: (name, cpu - before.get(tid, (name, 0.0))[1])
+            for tid, (name, cpu) in after.items()}  # fmt: skip
+    total = sum(cpu for _, cpu in used.values()) or 1.0
+    busiest = max((cpu for _, cpu in used.values()), default=0.0)
+    ranked = sorted(used.values(), key=lambda t: -t[1])
+    share = ", ".join(f"{name} {100 * cpu / total:.0f}%" for name, cpu in ranked if cpu > 0)
+    return (busiest / gigabytes if gigabytes else 0.0), share
 
 
 def rtt(src: TunnelEnd, dst: TunnelEnd) -> float:
@@ -92,12 +125,18 @@ def run_once(pair: str, seconds: float, result: Result) -> None:
         for label, client, server in (("a->b", t.a, t.b), ("b->a", t.b, t.a)):
             pids = [end.process.pid for end in (t.a, t.b) if end.process is not None]
             before = [cpu_seconds(p) for p in pids]
+            threads_before = [thread_cpu(p) for p in pids]
             gbits = iperf3(client, server, seconds) / 1e9
             after = [cpu_seconds(p) for p in pids]
+            threads_after = [thread_cpu(p) for p in pids]
             result.gbits[label].append(gbits)
             gigabytes = gbits * seconds / 8
             for side, b0, b1 in zip("ab", before, after, strict=True):
                 result.cpu_per_gb[side].append((b1 - b0) / gigabytes if gigabytes else 0.0)
+            for side, t0, t1 in zip("ab", threads_before, threads_after, strict=True):
+                serial, share = thread_shares(t0, t1, gigabytes)
+                result.serial_per_gb[side].append(serial)
+                result.shares[side].append(f"{label}: {share}")
         result.rtt_ms.append(rtt(t.a, t.b))
 
 
@@ -150,6 +189,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
             f"{r.median_gbits() / base.median_gbits():.2f}x | {cpu_a:.1f} | {cpu_b:.1f} "
             f"| {statistics.median(r.rtt_ms):.3f} |"
         )
+    lines += threads_table(results)
     lines += targets(results)
     lines += [
         "",
@@ -163,6 +203,23 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def threads_table(results: dict[str, Result]) -> list[str]:
+    """Per pairing: the serial (busiest) thread's CPU s/GB at each end, the throughput that
+    predicts once every other thread has a core of its own (8 / s/GB of the slower end),
+    and each thread's share of its daemon's CPU in the last repetition."""
+    lines = ["", "| pairing | serial thread s/GB a / b | predicts Gbit/s on enough cores "
+             "| thread shares (last rep, a; b) |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for name, r in results.items():
+        if not r.serial_per_gb["a"]:
+            continue
+        sa, sb = (statistics.median(r.serial_per_gb[s]) for s in "ab")
+        predicted = 8 / max(sa, sb) if max(sa, sb) else 0.0
+        shares = "; ".join(r.shares[s][-1] for s in "ab")
+        lines.append(f"| {name.replace(':', ' <-> ')} | {sa:.1f} / {sb:.1f} | "
+                     f"{predicted:.2f} | {shares} |")  # fmt: skip
+    return lines
 
 
 def targets(results: dict[str, Result]) -> list[str]:

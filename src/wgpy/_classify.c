@@ -507,6 +507,10 @@ static PyObject *drops_dict(const Batch *b) {
  * appended to *passed (made on the first), as (offset, verdict). */
 static int classify_read(Classifier *self, Batch *b, const uint8_t *p, Py_ssize_t n,
                          Py_ssize_t seg, PyObject **passed, Py_ssize_t *data) {
+    if (n == 0) { /* an empty datagram: too short for any type (as the open path counts it) */
+        b->drops[BAD_SIZE]++;
+        return 0;
+    }
     Py_ssize_t step = seg > 0 && seg < n ? seg : n;
     for (Py_ssize_t at = 0; at < n; at += step) {
         size_t len = (size_t)(at + step <= n ? step : n - at);
@@ -822,7 +826,7 @@ static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_
         Source src;
         PyObject *passed = NULL;
         Py_ssize_t data = 0, n = (Py_ssize_t)rd->msgs[i].msg_len;
-        if (n == 0 || source_of(&rd->names[i], &src) < 0)
+        if (source_of(&rd->names[i], &src) < 0)
             continue;
         Py_ssize_t seg = gro_size(&rd->msgs[i].msg_hdr);
         b->src = &src, b->read = (uint16_t)i;

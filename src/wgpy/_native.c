@@ -1,17 +1,19 @@
 /* wgpy._native: the per-packet loops of wgpy's datapath in C, over OpenSSL's libcrypto.
  *
- * Optional: wgpy works without it (the pure-Python code is the reference, and the tests
- * in tests/native prove that this file computes byte for byte the same thing).
+ * Optional: wgpy works without it. It is one of the data path's two backends behind one
+ * contract (wgpy/core/backend.py); the pure-Python one there is the reference, and the
+ * tests in tests/native prove that this file computes byte for byte the same thing.
  *
- *   Session(key, expires)   a receiving session: ChaCha20-Poly1305 key + replay window
- *   Sealer(key, index)      a sending key and its counter: seal(packets, mtu)
- *   open_batch(...)         decrypt and check one UDP GRO read (see its docstring)
- *   coalesce, checksum, split   as wgpy.io.offload
+ *   Session(key, expires)              a receiving session: key + replay window
+ *   Sealer(key, index, counter=0)      a sending key and its counter: seal(packets, mtu)
+ *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
+ *   coalesce, checksum, split          as wgpy.io.offload
  *
- * Every read of packet data is bounds-checked against the length it came with. Nothing
- * is allocated per packet: one scratch block per call. The GIL is released while
- * decrypting and encrypting; each Session and Sealer has a lock so that two threads
- * (or a wipe) never use one EVP context at once.
+ * Every read of packet data is bounds-checked against the length it came with. The
+ * crypto loops allocate nothing per packet (one scratch block per call; the bytes handed
+ * back are made with the GIL). The GIL is released while decrypting and encrypting; each
+ * Session and Sealer has a lock so that two threads (or a wipe) never use one EVP context
+ * at once, and a Sealer reserves its counters under that lock.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,7 +25,11 @@
 #include <openssl/evp.h>
 
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KEY_LEN 32
@@ -72,29 +78,232 @@ static void lock_gil_held(PyThread_type_lock lock)
     }
 }
 
-static EVP_CIPHER_CTX *new_ctx(const Py_buffer *key, int encrypt)
+static int check_key(const Py_buffer *key)
 {
     if (key->len != KEY_LEN) {
         PyErr_SetString(PyExc_ValueError, "a key is 32 bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ crypto threads
+ *
+ * Sessions and sealers hold their key, not an OpenSSL context: every thread that seals or
+ * opens has a context per direction of its own (made on first use, freed when the thread
+ * ends), given the key with each packet's nonce (ChaCha20's key setup is a copy). So a
+ * batch can be cut into chunks that several threads encrypt or decrypt at once.
+ *
+ * The pool: `set_threads(n)` starts n workers. `pool_run` posts a job (chunks 0..n-1 of
+ * one call), works on it itself and returns when all its chunks are done; idle workers
+ * join in. One job at a time: a caller that finds the pool busy does its chunks alone.
+ * The workers never touch Python objects and never take the GIL; every call that uses
+ * them has released it. A worker that never wakes (after fork, say) costs speed only:
+ * the caller runs whatever chunks are left. */
+
+static pthread_key_t ctx_key;
+
+typedef struct {
+    EVP_CIPHER_CTX *enc, *dec;
+} ThreadCtx;
+
+static void free_thread_ctx(void *p)
+{
+    ThreadCtx *t = p;
+    EVP_CIPHER_CTX_free(t->enc);
+    EVP_CIPHER_CTX_free(t->dec);
+    free(t);
+}
+
+/* This thread's context for encrypting (1) or decrypting (0); NULL if OpenSSL failed. */
+static EVP_CIPHER_CTX *thread_ctx(int encrypt)
+{
+    ThreadCtx *t = pthread_getspecific(ctx_key);
+    if (t == NULL) {
+        t = calloc(1, sizeof *t);
+        if (t == NULL)
+            return NULL;
+        t->enc = EVP_CIPHER_CTX_new();
+        t->dec = EVP_CIPHER_CTX_new();
+        if (t->enc == NULL || t->dec == NULL
+            || EVP_CipherInit_ex(t->enc, EVP_chacha20_poly1305(), NULL, NULL, NULL, 1) != 1
+            || EVP_CipherInit_ex(t->dec, EVP_chacha20_poly1305(), NULL, NULL, NULL, 0) != 1
+            || pthread_setspecific(ctx_key, t) != 0) {
+            ERR_clear_error();
+            free_thread_ctx(t);
+            return NULL;
+        }
+    }
+    return encrypt ? t->enc : t->dec;
+}
+
+typedef void (*ChunkFn)(void *arg, long chunk);
+
+typedef struct {
+    ChunkFn fn;
+    void *arg;
+    long nchunks;
+    atomic_long next; /* the next chunk to take */
+    int active;       /* workers in the job (under pool.mu) */
+} Job;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t work, idle;
+    Job *job;      /* the job open to workers, or NULL */
+    uint64_t gen;  /* counts jobs posted, so a worker joins each at most once */
+    int nworkers;  /* started and not told to stop */
+    int stopping;
+    pthread_t *tids;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          NULL, 0, 0, 0, NULL};
+
+static void run_chunks(Job *job)
+{
+    long c;
+    while ((c = atomic_fetch_add(&job->next, 1)) < job->nchunks)
+        job->fn(job->arg, c);
+}
+
+static void *worker_main(void *unused)
+{
+    (void)unused;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the Python main thread's */
+    pthread_setname_np(pthread_self(), "wgpy-crypto"); /* as top and /proc name it */
+    pthread_mutex_lock(&pool.mu);
+    uint64_t seen = pool.gen;
+    for (;;) {
+        while (!pool.stopping && (pool.job == NULL || pool.gen == seen))
+            pthread_cond_wait(&pool.work, &pool.mu);
+        if (pool.stopping)
+            break;
+        Job *job = pool.job;
+        seen = pool.gen;
+        job->active++;
+        pthread_mutex_unlock(&pool.mu);
+        run_chunks(job);
+        pthread_mutex_lock(&pool.mu);
+        if (--job->active == 0)
+            pthread_cond_broadcast(&pool.idle);
+    }
+    pthread_mutex_unlock(&pool.mu);
+    return NULL;
+}
+
+/* fn(arg, c) for c in 0..nchunks-1, here and on idle workers; without the GIL. */
+static void pool_run(ChunkFn fn, void *arg, long nchunks)
+{
+    Job job = {fn, arg, nchunks, 0, 0};
+    int shared = 0;
+    if (nchunks > 1) {
+        pthread_mutex_lock(&pool.mu);
+        if (pool.job == NULL && pool.nworkers > 0) {
+            pool.job = &job;
+            pool.gen++;
+            shared = 1;
+            pthread_cond_broadcast(&pool.work);
+        }
+        pthread_mutex_unlock(&pool.mu);
+    }
+    run_chunks(&job);
+    if (shared) {
+        pthread_mutex_lock(&pool.mu);
+        pool.job = NULL; /* no worker joins any more; wait for those in it */
+        while (job.active > 0)
+            pthread_cond_wait(&pool.idle, &pool.mu);
+        pthread_mutex_unlock(&pool.mu);
+    }
+}
+
+/* How many chunks a batch of n items is cut into: 8 items each, taken one at a time by
+ * whichever thread is free, so that a worker that wakes late still takes its share; one
+ * chunk if there are no workers. A lone packet is never worth a wake-up: it is done on
+ * the calling thread at once. */
+#define CHUNK 8
+static long chunks_for(Py_ssize_t n)
+{
+    pthread_mutex_lock(&pool.mu);
+    int workers = pool.nworkers;
+    pthread_mutex_unlock(&pool.mu);
+    return workers && n > CHUNK ? (long)((n + CHUNK - 1) / CHUNK) : 1;
+}
+
+static void stop_workers(void)
+{
+    pthread_mutex_lock(&pool.mu);
+    pool.stopping = 1;
+    pthread_cond_broadcast(&pool.work);
+    int n = pool.nworkers;
+    pthread_t *tids = pool.tids;
+    pool.nworkers = 0;
+    pool.tids = NULL;
+    pthread_mutex_unlock(&pool.mu);
+    for (int i = 0; i < n; i++)
+        pthread_join(tids[i], NULL);
+    free(tids);
+    pthread_mutex_lock(&pool.mu);
+    pool.stopping = 0;
+    pthread_mutex_unlock(&pool.mu);
+}
+
+/* In a child of fork only the forking thread lives on: no workers there. */
+static void pool_after_fork(void)
+{
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.job = NULL;
+    pool.nworkers = 0;
+    pool.stopping = 0;
+    free(pool.tids);
+    pool.tids = NULL;
+}
+
+static PyObject *set_threads(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > 1024) {
+        PyErr_SetString(PyExc_ValueError, "0 <= workers <= 1024");
         return NULL;
     }
-    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
-    if (ctx == NULL || EVP_CipherInit_ex(ctx, EVP_chacha20_poly1305(), NULL,
-                                         (const unsigned char *)key->buf, NULL, encrypt) != 1) {
-        EVP_CIPHER_CTX_free(ctx);
-        ERR_clear_error();
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL refused ChaCha20-Poly1305");
-        return NULL;
-    }
-    return ctx;
+    Py_BEGIN_ALLOW_THREADS
+    stop_workers();
+    Py_END_ALLOW_THREADS
+    pthread_t *tids = calloc(n ? (size_t)n : 1, sizeof(pthread_t));
+    if (tids == NULL)
+        return PyErr_NoMemory();
+    long started = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (; started < n; started++)
+        if (pthread_create(&tids[started], NULL, worker_main, NULL) != 0)
+            break;
+    pool.tids = tids;
+    pool.nworkers = (int)started;
+    pthread_mutex_unlock(&pool.mu);
+    if (started < n)
+        return PyErr_Format(PyExc_OSError, "started %ld of %ld crypto threads", started, n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    pthread_mutex_lock(&pool.mu);
+    int n = pool.nworkers;
+    pthread_mutex_unlock(&pool.mu);
+    return PyLong_FromLong(n);
 }
 
 /* ------------------------------------------------------------------ Session */
 
 typedef struct {
     PyObject_HEAD
-    EVP_CIPHER_CTX *ctx; /* NULL once wiped */
-    PyThread_type_lock lock;
+    uint8_t key[KEY_LEN];
+    int wiped;               /* the key is zeroed */
+    PyThread_type_lock lock; /* guards key, wiped and the window */
     double expires;
     uint64_t top; /* greatest counter accepted, plus one (0: none yet) */
     uint64_t words[WORDS];
@@ -137,25 +346,28 @@ static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     double expires;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*d:Session", kwlist, &key, &expires))
         return NULL;
-    EVP_CIPHER_CTX *ctx = new_ctx(&key, 0);
-    PyBuffer_Release(&key);
-    if (ctx == NULL)
-        return NULL;
-    Session *self = (Session *)type->tp_alloc(type, 0);
-    if (self == NULL || (self->lock = PyThread_allocate_lock()) == NULL) {
-        EVP_CIPHER_CTX_free(ctx);
-        Py_XDECREF(self);
-        return PyErr_NoMemory();
+    Session *self = NULL;
+    if (check_key(&key) == 0) {
+        self = (Session *)type->tp_alloc(type, 0);
+        if (self != NULL && (self->lock = PyThread_allocate_lock()) == NULL)
+            Py_CLEAR(self);
+        if (self != NULL) {
+            memcpy(self->key, key.buf, KEY_LEN);
+            self->expires = expires;
+        } else if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
     }
-    self->ctx = ctx;
-    self->expires = expires;
+    PyBuffer_Release(&key);
+    if (self == NULL)
+        return NULL;
     return (PyObject *)self;
 }
 
 static void session_wipe(Session *self)
 {
-    EVP_CIPHER_CTX_free(self->ctx); /* OpenSSL cleanses the key schedule it frees */
-    self->ctx = NULL;
+    OPENSSL_cleanse(self->key, KEY_LEN);
+    self->wiped = 1;
     self->expires = -INFINITY;
 }
 
@@ -216,8 +428,9 @@ static PyTypeObject SessionType = {
 
 typedef struct {
     PyObject_HEAD
-    EVP_CIPHER_CTX *ctx;
-    PyThread_type_lock lock; /* guards ctx and counter */
+    uint8_t key[KEY_LEN];
+    int wiped;
+    PyThread_type_lock lock; /* guards key, wiped and counter */
     uint32_t index;          /* the peer's receiver index, in every header */
     uint64_t counter;        /* the next nonce; REJECT_AFTER_MESSAGES: spent */
 } Sealer;
@@ -235,17 +448,19 @@ static PyObject *Sealer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "receiver_index is a u32, counter <= 2**64 - 2**13 - 1");
         return NULL;
     }
-    EVP_CIPHER_CTX *ctx = new_ctx(&key, 1);
-    PyBuffer_Release(&key);
-    if (ctx == NULL)
+    if (check_key(&key) < 0) {
+        PyBuffer_Release(&key);
         return NULL;
-    Sealer *self = (Sealer *)type->tp_alloc(type, 0);
-    if (self == NULL || (self->lock = PyThread_allocate_lock()) == NULL) {
-        EVP_CIPHER_CTX_free(ctx);
-        Py_XDECREF(self);
-        return PyErr_NoMemory();
     }
-    self->ctx = ctx;
+    Sealer *self = (Sealer *)type->tp_alloc(type, 0);
+    if (self != NULL && (self->lock = PyThread_allocate_lock()) == NULL)
+        Py_CLEAR(self);
+    if (self == NULL) {
+        PyBuffer_Release(&key);
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+    }
+    memcpy(self->key, key.buf, KEY_LEN);
+    PyBuffer_Release(&key);
     self->index = (uint32_t)index;
     self->counter = counter;
     return (PyObject *)self;
@@ -254,8 +469,8 @@ static PyObject *Sealer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static PyObject *Sealer_wipe(Sealer *self, PyObject *Py_UNUSED(ignored))
 {
     lock_gil_held(self->lock);
-    EVP_CIPHER_CTX_free(self->ctx);
-    self->ctx = NULL;
+    OPENSSL_cleanse(self->key, KEY_LEN);
+    self->wiped = 1;
     PyThread_release_lock(self->lock);
     Py_RETURN_NONE;
 }
@@ -278,7 +493,7 @@ static PyObject *Sealer_get_counter(Sealer *self, void *Py_UNUSED(closure))
 
 static void Sealer_dealloc(Sealer *self)
 {
-    EVP_CIPHER_CTX_free(self->ctx);
+    OPENSSL_cleanse(self->key, KEY_LEN);
     if (self->lock)
         PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -298,14 +513,14 @@ static size_t padding(size_t length, size_t mtu)
     return pad;
 }
 
-static int aead_seal(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, int len, int pad,
-                     uint8_t *out)
+static int aead_seal(EVP_CIPHER_CTX *ctx, const uint8_t *key, uint64_t counter, const uint8_t *in,
+                     int len, int pad, uint8_t *out)
 {
     static const uint8_t zeros[16];
     uint8_t nonce[12] = {0};
     int n = 0;
     wr64le(nonce + 4, counter);
-    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+    if (ctx == NULL || EVP_EncryptInit_ex(ctx, NULL, NULL, key, nonce) != 1
         || (len > 0 && EVP_EncryptUpdate(ctx, out, &n, in, len) != 1)
         || (pad > 0 && EVP_EncryptUpdate(ctx, out + len, &n, zeros, pad) != 1)
         || EVP_EncryptFinal_ex(ctx, out + len + pad, &n) != 1
@@ -342,32 +557,62 @@ static void release_buffers(Py_buffer *views, Py_ssize_t n)
     PyMem_Free(views);
 }
 
-/* Phase 2 of seal, without the GIL: reserve the counters under the lock, so that two
- * threads sealing for one session never share a nonce, then encrypt into the datagrams.
- * 1: sealed; 0: the session is spent (nothing sealed); -1: wiped, or OpenSSL failed. */
-static int seal_locked(Sealer *self, const Py_buffer *views, PyObject *const *out, Py_ssize_t n,
-                       size_t mtu)
+typedef struct {
+    uint8_t key[KEY_LEN]; /* a copy, taken under the sealer's lock */
+    uint32_t index;
+    uint64_t counter;     /* the first of the batch's counters */
+    const Py_buffer *views;
+    PyObject *const *out;
+    Py_ssize_t n;
+    size_t mtu;
+    long nchunks;
+    atomic_int failed;
+} SealJob;
+
+static void seal_chunk(void *arg, long chunk)
 {
+    SealJob *j = arg;
+    EVP_CIPHER_CTX *ctx = thread_ctx(1);
+    Py_ssize_t lo = j->n * chunk / j->nchunks, hi = j->n * (chunk + 1) / j->nchunks;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(j->out[i]);
+        size_t len = (size_t)j->views[i].len;
+        uint64_t counter = j->counter + (uint64_t)i;
+        wr32le(dst, 4);
+        wr32le(dst + 4, j->index);
+        wr64le(dst + 8, counter);
+        if (!aead_seal(ctx, j->key, counter, j->views[i].buf, (int)len, (int)padding(len, j->mtu),
+                       dst + HEADER_LEN))
+            atomic_store(&j->failed, 1);
+    }
+}
+
+/* Phase 2 of seal, without the GIL: reserve the counters under the lock, so that two
+ * threads sealing for one session never share a nonce, then encrypt into the datagrams,
+ * in chunks on the crypto threads. 1: sealed; 0: the session is spent (nothing sealed);
+ * -1: wiped, or OpenSSL failed. */
+static int seal_batch(Sealer *self, const Py_buffer *views, PyObject *const *out, Py_ssize_t n,
+                      size_t mtu)
+{
+    SealJob j = {.index = self->index, .views = views, .out = out, .n = n, .mtu = mtu};
     int ok = 1;
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    if (self->ctx == NULL)
+    if (self->wiped)
         ok = -1;
     else if ((uint64_t)n > REJECT_AFTER_MESSAGES - self->counter)
         ok = 0;
-    uint64_t counter = self->counter;
-    if (ok == 1)
+    if (ok == 1) {
+        j.counter = self->counter;
         self->counter += (uint64_t)n;
-    for (Py_ssize_t i = 0; ok == 1 && i < n; i++, counter++) {
-        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out[i]);
-        size_t len = (size_t)views[i].len;
-        wr32le(dst, 4);
-        wr32le(dst + 4, self->index);
-        wr64le(dst + 8, counter);
-        if (!aead_seal(self->ctx, counter, views[i].buf, (int)len, (int)padding(len, mtu),
-                       dst + HEADER_LEN))
-            ok = -1;
+        memcpy(j.key, self->key, KEY_LEN);
     }
     PyThread_release_lock(self->lock);
+    if (ok == 1 && n > 0) {
+        j.nchunks = chunks_for(n);
+        pool_run(seal_chunk, &j, j.nchunks);
+        ok = atomic_load(&j.failed) ? -1 : 1;
+    }
+    OPENSSL_cleanse(j.key, KEY_LEN);
     return ok;
 }
 
@@ -407,7 +652,7 @@ static PyObject *Sealer_seal(Sealer *self, PyObject *args)
         goto done;
     int ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = seal_locked(self, views, PySequence_Fast_ITEMS(result), n, (size_t)mtu);
+    ok = seal_batch(self, views, PySequence_Fast_ITEMS(result), n, (size_t)mtu);
     Py_END_ALLOW_THREADS
     if (ok < 0) {
         Py_CLEAR(result);
@@ -457,10 +702,10 @@ enum { D_BAD_SIZE, D_UNKNOWN_TYPE, D_UNKNOWN, D_EXPIRED, D_BAD_TAG, D_REPLAYED, 
        N_DROPS };
 static const char *const drop_names[N_DROPS] = {"bad_size", "unknown_type", "unknown_index",
                                                 "expired", "bad_tag", "replayed", "bad_inner"};
-enum { V_PENDING = N_DROPS, V_OTHER, V_KEEPALIVE, V_PACKET };
+enum { V_PENDING = N_DROPS, V_OTHER, V_KEEPALIVE, V_PACKET, V_OPENED };
 
 typedef struct {
-    uint32_t off, len;     /* the datagram in buf */
+    uint32_t off, len;     /* the datagram in buf; its plaintext goes to out + off */
     uint32_t start, plen;  /* V_PACKET: the IP packet in out */
     uint64_t counter;
     Py_ssize_t slot;
@@ -469,6 +714,7 @@ typedef struct {
 
 typedef struct {
     Session *s; /* a strong reference while the call runs */
+    uint8_t key[KEY_LEN]; /* its key when the call began (cleansed at the end) */
     uint64_t nbytes;
     Py_ssize_t order; /* position in per_session, -1 until a packet authenticated */
     int data;
@@ -476,12 +722,13 @@ typedef struct {
 
 static uint64_t batch_serial;
 
-static int aead_open(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, int len, uint8_t *out)
+static int aead_open(EVP_CIPHER_CTX *ctx, const uint8_t *key, uint64_t counter, const uint8_t *in,
+                     int len, uint8_t *out)
 {
     uint8_t nonce[12] = {0};
     int n = 0;
     wr64le(nonce + 4, counter);
-    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+    if (ctx == NULL || EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce) != 1
         || (len > 0 && EVP_DecryptUpdate(ctx, out, &n, in, len) != 1)
         || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, (void *)(in + len)) != 1
         || EVP_DecryptFinal_ex(ctx, out + len, &n) != 1) {
@@ -491,7 +738,7 @@ static int aead_open(EVP_CIPHER_CTX *ctx, uint64_t counter, const uint8_t *in, i
     return 1;
 }
 
-/* The inner packet's true length (Device.receive's checks), or 0 if it is malformed. */
+/* The inner packet's true length (backend.open_batch's checks), or 0 if it is malformed. */
 static uint32_t inner_length(const uint8_t *p, uint32_t n)
 {
     uint32_t length;
@@ -507,15 +754,41 @@ static uint32_t inner_length(const uint8_t *p, uint32_t n)
     return length <= n ? length : 0;
 }
 
-/* Phase 2, without the GIL: decrypt, replay-check and inner-check every pending record. */
-static void open_records(const uint8_t *buf, uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots)
+typedef struct {
+    const uint8_t *buf;
+    uint8_t *out;
+    Rec *recs;
+    Py_ssize_t nrecs;
+    const Slot *slots;
+    long nchunks;
+} OpenJob;
+
+/* Phase 2, without the GIL, on the crypto threads: decrypt a chunk of the records (each
+ * into out at its own offset, so chunks never overlap); V_OPENED if the tag verified. */
+static void open_chunk(void *arg, long chunk)
+{
+    OpenJob *j = arg;
+    EVP_CIPHER_CTX *ctx = thread_ctx(0);
+    Py_ssize_t lo = j->nrecs * chunk / j->nchunks, hi = j->nrecs * (chunk + 1) / j->nchunks;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        Rec *r = &j->recs[i];
+        if (r->verdict != V_PENDING)
+            continue;
+        r->verdict = aead_open(ctx, j->slots[r->slot].key, r->counter,
+                               j->buf + r->off + HEADER_LEN, (int)(r->len - DATA_MIN),
+                               j->out + r->off) ? V_OPENED : D_BAD_TAG;
+    }
+}
+
+/* Phase 3, without the GIL, on one thread, in the order the datagrams came: the replay
+ * windows (under each session's lock) and the inner checks of the opened records. */
+static void check_opened(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots)
 {
     Session *locked = NULL;
-    uint32_t pos = 0;
     Py_ssize_t order = 0;
     for (Py_ssize_t i = 0; i < nrecs; i++) {
         Rec *r = &recs[i];
-        if (r->verdict != V_PENDING)
+        if (r->verdict != V_OPENED)
             continue;
         Slot *sl = &slots[r->slot];
         if (sl->s != locked) {
@@ -524,36 +797,27 @@ static void open_records(const uint8_t *buf, uint8_t *out, Rec *recs, Py_ssize_t
             locked = sl->s;
             PyThread_acquire_lock(locked->lock, WAIT_LOCK);
         }
-        if (locked->ctx == NULL) { /* wiped since phase 1 */
+        if (locked->wiped) { /* wiped since phase 1 */
             r->verdict = D_EXPIRED;
             continue;
         }
-        uint32_t clen = r->len - DATA_MIN;
-        if (!aead_open(locked->ctx, r->counter, buf + r->off + HEADER_LEN, (int)clen, out + pos)) {
-            r->verdict = D_BAD_TAG;
-            continue;
-        }
-        if (!replay_accept(locked, r->counter)) {
+        if (!replay_accept(locked, r->counter)) { /* the window moves only after the tag */
             r->verdict = D_REPLAYED;
             continue;
         }
         sl->nbytes += r->len;
         if (sl->order < 0)
             sl->order = order++;
+        uint32_t clen = r->len - DATA_MIN;
         if (clen == 0) {
             r->verdict = V_KEEPALIVE;
             continue;
         }
         sl->data = 1;
-        uint32_t length = inner_length(out + pos, clen);
-        if (length == 0) {
-            r->verdict = D_BAD_INNER;
-            continue;
-        }
-        r->verdict = V_PACKET;
-        r->start = pos;
+        uint32_t length = inner_length(out + r->off, clen);
+        r->verdict = length ? V_PACKET : D_BAD_INNER;
+        r->start = r->off;
         r->plen = length;
-        pos += length;
     }
     if (locked)
         PyThread_release_lock(locked->lock);
@@ -568,15 +832,33 @@ static int is_handshake(const uint8_t *p, uint32_t len)
     return (t == 1 && len == 148) || (t == 2 && len == 92) || (t == 3 && len == 64);
 }
 
+/* A run's packets as bytes, from out (its records are run_begin..i-1 of recs, V_PACKET). */
+static PyObject *run_packets(const uint8_t *out, const Rec *recs, Py_ssize_t begin,
+                             Py_ssize_t end, Py_ssize_t count)
+{
+    PyObject *list = PyList_New(count);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = begin; list && i < end; i++) {
+        if (recs[i].verdict != V_PACKET)
+            continue;
+        PyObject *b = PyBytes_FromStringAndSize((const char *)out + recs[i].start, recs[i].plen);
+        if (b == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, k++, b);
+    }
+    return list;
+}
+
 /* Phase 3, with the GIL: the Python result. */
 static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots,
-                             Py_ssize_t nslots, uint8_t *spans)
+                             Py_ssize_t nslots)
 {
     Py_ssize_t drops[N_DROPS] = {0}, naccounted = 0;
     PyObject *runs = PyList_New(0), *per = NULL, *others = PyList_New(0), *dd = PyDict_New();
     if (runs == NULL || others == NULL || dd == NULL)
         goto fail;
-    Py_ssize_t run_begin = 0, nspans = 0, run_slot = -1;
+    Py_ssize_t run_first = 0, run_count = 0, run_slot = -1;
     const uint8_t *run_src = NULL;
     uint32_t run_srclen = 0;
     for (Py_ssize_t i = 0; i <= nrecs; i++) {
@@ -589,26 +871,24 @@ static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Sl
             srclen = p[0] >> 4 == 4 ? 4 : 16;
         }
         /* a run ends at the end, or at a packet of another session or inner source */
-        if (nspans > run_begin && (r == NULL || (src && (r->slot != run_slot || srclen != run_srclen
-                                                         || memcmp(src, run_src, srclen))))) {
-            PyObject *t = Py_BuildValue("(Oy#y#)", (PyObject *)slots[run_slot].s, run_src,
-                                        (Py_ssize_t)run_srclen, spans + 8 * run_begin,
-                                        (Py_ssize_t)(8 * (nspans - run_begin)));
+        if (run_count && (r == NULL || (src && (r->slot != run_slot || srclen != run_srclen
+                                                || memcmp(src, run_src, srclen))))) {
+            PyObject *t = Py_BuildValue("(Oy#N)", (PyObject *)slots[run_slot].s, run_src,
+                                        (Py_ssize_t)run_srclen,
+                                        run_packets(out, recs, run_first, i, run_count));
             if (t == NULL || PyList_Append(runs, t) < 0) {
                 Py_XDECREF(t);
                 goto fail;
             }
             Py_DECREF(t);
-            run_begin = nspans;
+            run_count = 0;
         }
         if (r == NULL)
             break;
         if (src) {
-            if (nspans == run_begin)
-                run_slot = r->slot, run_src = src, run_srclen = srclen;
-            wr32le(spans + 8 * nspans, r->start);
-            wr32le(spans + 8 * nspans + 4, r->plen);
-            nspans++;
+            if (run_count == 0)
+                run_first = i, run_slot = r->slot, run_src = src, run_srclen = srclen;
+            run_count++;
         } else if (r->verdict == V_OTHER) {
             PyObject *t = Py_BuildValue("(II)", (unsigned)r->off, (unsigned)r->len);
             if (t == NULL || PyList_Append(others, t) < 0) {
@@ -654,35 +934,30 @@ fail:
 
 static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    Py_buffer in, outb;
+    Py_buffer in;
     Py_ssize_t nbytes, seg;
     PyObject *sessions;
     double now;
-    if (!PyArg_ParseTuple(args, "y*nnO!dw*:open_batch", &in, &nbytes, &seg, &PyDict_Type,
-                          &sessions, &now, &outb))
+    if (!PyArg_ParseTuple(args, "y*nnO!d:open_batch", &in, &nbytes, &seg, &PyDict_Type,
+                          &sessions, &now))
         return NULL;
     PyObject *result = NULL;
     Rec *recs = NULL;
     Slot *slots = NULL;
-    uint8_t *spans = NULL;
+    uint8_t *out = NULL; /* the plaintexts: one scratch block per call */
     Py_ssize_t nslots = 0;
     const uint8_t *buf = in.buf;
-    uint8_t *out = outb.buf;
-    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX || outb.len < nbytes) {
-        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf), len(out) >= nbytes");
-        goto done;
-    }
-    if (out < buf + nbytes && buf < out + outb.len) {
-        PyErr_SetString(PyExc_ValueError, "out must not overlap buf");
+    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf)");
         goto done;
     }
     Py_ssize_t step = seg > 0 && seg < nbytes ? seg : nbytes;
-    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 0;
-    size_t n1 = nrecs ? (size_t)nrecs : 1;
+    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 1; /* 0: one empty datagram */
+    size_t n1 = (size_t)nrecs;
     recs = PyMem_Malloc(n1 * sizeof(Rec));
     slots = PyMem_Malloc(n1 * sizeof(Slot));
-    spans = PyMem_Malloc(n1 * 8);
-    if (recs == NULL || slots == NULL || spans == NULL) {
+    out = PyMem_Malloc(nbytes ? (size_t)nbytes : 1);
+    if (recs == NULL || slots == NULL || out == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -723,7 +998,10 @@ static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
                     last_slot = s->slot;
                 } else {
                     Py_INCREF(v);
-                    slots[nslots] = (Slot){s, 0, -1, 0};
+                    slots[nslots] = (Slot){.s = s, .order = -1};
+                    lock_gil_held(s->lock); /* the key, as it is now */
+                    memcpy(slots[nslots].key, s->key, KEY_LEN);
+                    PyThread_release_lock(s->lock);
                     s->batch = serial;
                     s->slot = last_slot = nslots++;
                 }
@@ -736,18 +1014,22 @@ static PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
         else
             r->verdict = V_PENDING, r->slot = last_slot;
     }
+    OpenJob job = {buf, out, recs, nrecs, slots, 1};
     Py_BEGIN_ALLOW_THREADS
-    open_records(buf, out, recs, nrecs, slots);
+    job.nchunks = chunks_for(nrecs);
+    pool_run(open_chunk, &job, job.nchunks);
+    check_opened(out, recs, nrecs, slots);
     Py_END_ALLOW_THREADS
-    result = open_result(out, recs, nrecs, slots, nslots, spans);
+    result = open_result(out, recs, nrecs, slots, nslots);
 done:
-    for (Py_ssize_t i = 0; i < nslots; i++)
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        OPENSSL_cleanse(slots[i].key, KEY_LEN);
         Py_DECREF(slots[i].s);
+    }
     PyMem_Free(recs);
     PyMem_Free(slots);
-    PyMem_Free(spans);
+    PyMem_Free(out);
     PyBuffer_Release(&in);
-    PyBuffer_Release(&outb);
     return result;
 }
 
@@ -1209,16 +1491,16 @@ done:
 /* ------------------------------------------------------------------ the module */
 
 static PyMethodDef module_methods[] = {
+    {"set_threads", set_threads, METH_O,
+     "set_threads(n): n crypto worker threads beside each caller (0: none, the default);\n"
+     "seal and open_batch cut a batch into one chunk per thread."},
+    {"threads", get_threads, METH_NOARGS, "threads() -> the number of crypto worker threads."},
     {"open_batch", open_batch, METH_VARARGS,
-     "open_batch(buf, nbytes, seg, sessions, now, out) -> (runs, per_session, others, drops)\n\n"
-     "buf[:nbytes] is one UDP (GRO) read of datagrams of seg bytes (the last may be shorter;\n"
-     "seg <= 0 or >= nbytes: one datagram). Data messages are looked up in sessions (receiver\n"
-     "index -> Session), decrypted into out (len(out) >= nbytes, not overlapping buf),\n"
-     "replay-checked and inner-checked as Device.receive does. runs: [(session, source, spans)]\n"
-     "for consecutive accepted packets of one session and inner source address; spans packs\n"
-     "each packet as two u32 LE (start, length) in out. per_session: [(session, nbytes, data)]\n"
-     "for sessions with authenticated messages, in first-seen order. others: [(offset, length)]\n"
-     "of handshake-shaped datagrams. drops: reason -> count."},
+     "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
+     "wgpy.core.backend.open_batch, byte for byte (that is the reference): one UDP (GRO)\n"
+     "read opened, decrypted without the GIL. runs: [(session, source, packets)];\n"
+     "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
+     "count (every reason, zeros included)."},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
      "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce."},
     {"checksum", checksum, METH_VARARGS,
@@ -1237,6 +1519,15 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0)
         return NULL;
+    static int once;
+    if (!once) {
+        if (pthread_key_create(&ctx_key, free_thread_ctx) != 0
+            || pthread_atfork(NULL, NULL, pool_after_fork) != 0) {
+            PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
+            return NULL;
+        }
+        once = 1;
+    }
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;

@@ -30,9 +30,8 @@ def open_batch(
     seg: int,
     sessions: dict[int, Session],
     now: float,
-    out: Buffer,
 ) -> tuple[
-    list[tuple[Session, bytes, bytes]],
+    list[tuple[Session, bytes, list[bytes]]],
     list[tuple[Session, int, bool]],
     list[tuple[int, int]],
     dict[str, int],
@@ -40,3 +39,5 @@ def open_batch(
 def coalesce(packets: Sequence[Buffer], udp: bool = True) -> list[bytes]: ...
 def checksum(data: Buffer, initial: int = 0) -> int: ...
 def split(buf: Buffer, mtu: int) -> list[bytes]: ...
+def set_threads(n: int) -> None: ...
+def threads() -> int: ...

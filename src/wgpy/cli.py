@@ -5,10 +5,12 @@ wgpy [-f|--foreground] IFNAME      serve interface IFNAME (like `wireguard-go IF
      [--keylog FILE]               ... appending handshake keys for Wireshark (INSECURE:
                                    FILE holds the private key and all session keys; made
                                    0600, refused if a symlink or others may read it)
+     [--threads N]                 ... sealing and opening on N threads (default: one
+                                   per core; WGPY_THREADS; the native datapath only)
 wgpy genkey | pubkey | genpsk      keys, as `wg genkey` etc.
 wgpy up|down|strip|save CONFIG     wg-quick for wgpy (CONFIG: a path, or NAME for
                                    /etc/wireguard/NAME.conf); `up` also takes the
-                                   daemon's --metrics and --keylog
+                                   daemon's --metrics, --keylog and --threads
 wgpy show [IFNAME] [--json]        what `wg show` prints; --json: that and wgpy's counters
 wgpy demo                          a tunnel between two namespaces, with traffic
 wgpy run [-c CONFIG] [--] [COMMAND...]
@@ -109,7 +111,9 @@ def quick_command(command: str, args: list[str]) -> int:
     parsed = parser.parse_args(args)
     if command == "up":
         opts = options_from(parsed)
-        for name, value in (("WGPY_METRICS", opts.metrics), ("WGPY_KEYLOG", opts.keylog)):
+        threads = str(opts.threads) if opts.threads else None
+        for name, value in (("WGPY_METRICS", opts.metrics), ("WGPY_KEYLOG", opts.keylog),
+                            ("WGPY_THREADS", threads)):  # fmt: skip
             if value:
                 os.environ[name] = value
     from wgpy.tools import quick
@@ -145,11 +149,13 @@ def version() -> int:
 
 
 def daemon(args: list[str]) -> int:
-    """`wgpy [-f] IFNAME [--metrics ADDR] [--keylog FILE]`: wireguard-go's syntax."""
+    """`wgpy [-f] IFNAME [--metrics ADDR] [--keylog FILE] [--threads N]`: wireguard-go's
+    syntax."""
     from wgpy.daemon.daemon import FOREGROUND_ENV, add_options, options_from, serve
 
     parser = argparse.ArgumentParser(
-        prog="wgpy", usage="wgpy [-f] IFNAME [--metrics [HOST:]PORT] [--keylog FILE]\n"
+        prog="wgpy",
+        usage="wgpy [-f] IFNAME [--metrics [HOST:]PORT] [--keylog FILE] [--threads N]\n"
         "       wgpy COMMAND ... (wgpy --help lists them)",
         description="Serve interface IFNAME, as `wireguard-go IFNAME`.", allow_abbrev=False,
     )  # fmt: skip

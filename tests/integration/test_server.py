@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -264,6 +265,27 @@ def test_expiry_cuts_a_client_off(world: World) -> None:
     assert datetime.now(UTC) >= datetime.fromisoformat(expires)
 
 
+def test_a_damaged_registry_row_takes_neither_the_server_nor_other_clients_down(
+    world: World,
+) -> None:
+    # a row this program cannot read (a hand edit, a newer wgpy's value): the sync must
+    # go on failing loudly, not end the server and with it every client's tunnel
+    c1 = world.clients["alice"]  # re-enabled above: her next handshake brings her back
+    eventually(lambda: ping(c1, INTERNET, timeout=1), 25, "alice through the server")
+    world.cli("client", "add", "gus")
+    eventually(lambda: len(world.peers()) == 2, 5, "gus on the device")  # and alice
+    with contextlib.closing(sqlite3.connect(world.dir / "wgpy.db")) as db, db:
+        db.execute("UPDATE clients SET addresses = 'garbage' WHERE name = 'gus'")
+        db.execute("UPDATE settings SET revision = revision + 1")
+    time.sleep(1.5)  # three looks at the registry
+    assert world.proc is not None and world.proc.poll() is None, world.log()
+    assert len(world.peers()) == 2 and ping(c1, INTERNET)
+    assert "damaged" in world.cli("client", "list", check=False)
+    world.cli("client", "remove", "gus")  # the way out the error names
+    eventually(lambda: len(world.peers()) == 1, 5, "gus off the device")
+    assert "damaged" in world.log()
+
+
 def test_a_restart_keeps_every_client_and_undoes_its_changes(world: World) -> None:
     before = world.cli("client", "list")
     keys = set(world.peers())
@@ -424,6 +446,21 @@ def _rx(card: object) -> float:
 
     number, _, unit = card.find_element(By.CLASS_NAME, "rx").text[2:].partition(" ")  # type: ignore[attr-defined]
     return float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit]
+
+
+def test_signals_during_the_clean_up_do_not_cut_it_short(world: World) -> None:
+    # an impatient second Ctrl-C, or a supervisor that repeats its SIGTERM: once the
+    # server is undoing what it made, it finishes (SIGKILL remains for the impatient)
+    proc = world.proc
+    assert proc is not None
+    world.proc = None
+    while proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    assert proc.returncode == 0, world.log()
+    assert not world.server.has_link(world.ifname)
+    assert "wgpy-server" not in world.server.run("nft", "list", "tables")
+    world.start()
 
 
 def test_a_killed_server_takes_its_interface_with_it(world: World) -> None:

@@ -1,11 +1,10 @@
-"""The pure-Python reference of `wgpy._native.open_batch`, and traffic to feed both.
+"""Traffic and sessions to feed both backends' open_batch, and their answers compared.
 
-`open_batch_ref` is the pure path's receive (core/data.py open_python) restated for the
-native contract: the same checks in the same order, on core.replay.ReplayWindow and
-cryptography's ChaCha20Poly1305. `World` forges sessions and traffic (`forge`: a data
-message for any counter, even one no sealer would use) and keeps a native Session and a
-reference session side by side.
-Shared by the differential tests, the sanitizer corpus and the fuzz target.
+The reference is the pure-Python backend itself (wgpy.core.backend: `Session`,
+`open_batch`), the one path the pure datapath runs: no third copy of the receive logic.
+`World` forges sessions and traffic (`forge`: a data message for any counter, even one no
+sealer would use) and keeps a native Session and a pure one side by side. Shared by the
+differential tests, the sanitizer corpus and the fuzz target.
 """
 
 from __future__ import annotations
@@ -14,17 +13,18 @@ import random
 import struct
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgpy.core import backend
 from wgpy.core.backend import padded_length
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
-from wgpy.core.messages import DATA_HEADER, MSG_DATA, message_type
-from wgpy.core.replay import ReplayWindow
+from wgpy.core.messages import DATA_HEADER, MSG_DATA
 
 REASONS = ("bad_size", "unknown_type", "unknown_index", "expired", "bad_tag", "replayed",
            "bad_inner")  # fmt: skip
 _NONCE = struct.Struct("<4xQ")
+RefSession = backend.Session  # the pure backend's: the reference
+open_batch_ref = backend.open_batch
 
 
 def forge(key: bytes, index: int, counter: int, packet: bytes, mtu: int = 1420) -> bytes:
@@ -43,106 +43,17 @@ class Forger:
         self.send_counter = 0
 
 
-class RefSession:
-    def __init__(self, key: bytes, expires: float) -> None:
-        self.aead = ChaCha20Poly1305(key)
-        self.expires = expires
-        self.replay = ReplayWindow()
-
-    def wipe(self) -> None:
-        self.expires = float("-inf")
-
-    def window_state(self) -> tuple[int, bytes]:
-        """ReplayWindow's internal state in the form Session.window_state() gives it."""
-        return self.replay.top, b"".join(w.to_bytes(8, "little") for w in self.replay.words)
-
-
-Runs = list[tuple[Any, bytes, list[tuple[int, int]]]]
-
-
-def open_batch_ref(
-    buf: bytes, nbytes: int, seg: int, sessions: dict[int, RefSession], now: float
-) -> tuple[Runs, list[tuple[Any, int, bool]], list[tuple[int, int]], dict[str, int], bytes]:
-    """(runs, per_session, others, drops, the plaintexts as open_batch leaves them in out)."""
-    step = seg if 0 < seg < nbytes else nbytes or 1  # as io/datapath.py
-    out = bytearray()
-    runs: Runs = []
-    stats: dict[RefSession, list[Any]] = {}
-    others: list[tuple[int, int]] = []
-    drops = dict.fromkeys(REASONS, 0)
-    for off in range(0, nbytes, step):
-        data = bytes(buf[off : min(off + step, nbytes)])
-        kind, index, counter = DATA_HEADER.unpack_from(data) if len(data) >= 32 else (0, 0, 0)
-        if kind != MSG_DATA:
-            if message_type(data) in (1, 2, 3):
-                others.append((off, len(data)))
-            elif len(data) < 4 or (data[0] in (1, 2, 3, 4) and not any(data[1:4])):
-                drops["bad_size"] += 1
-            else:
-                drops["unknown_type"] += 1
-            continue
-        s = sessions.get(index)
-        if s is None:
-            drops["unknown_index"] += 1
-            continue
-        if counter >= REJECT_AFTER_MESSAGES or now >= s.expires:
-            drops["expired"] += 1
-            continue
-        try:
-            plain = s.aead.decrypt(_NONCE.pack(counter), data[16:], None)
-        except InvalidTag:
-            drops["bad_tag"] += 1
-            continue
-        if not s.replay.accept(counter):
-            drops["replayed"] += 1
-            continue
-        got = stats.setdefault(s, [0, False])
-        got[0] += len(data)
-        if not plain:
-            continue
-        got[1] = True
-        n = len(plain)
-        version = plain[0] >> 4
-        if version == 4 and n >= 20:
-            src, length = plain[12:16], (plain[2] << 8) | plain[3]
-            if length < 20:
-                drops["bad_inner"] += 1
-                continue
-        elif version == 6 and n >= 40:
-            src, length = plain[8:24], 40 + ((plain[4] << 8) | plain[5])
-        else:
-            drops["bad_inner"] += 1
-            continue
-        if length > n:
-            drops["bad_inner"] += 1
-            continue
-        start = len(out)
-        out += plain[:length]
-        if runs and runs[-1][0] is s and runs[-1][1] == src:
-            runs[-1][2].append((start, length))
-        else:
-            runs.append((s, src, [(start, length)]))
-    per = [(s, nb, data) for s, (nb, data) in stats.items()]
-    return runs, per, others, drops, bytes(out)
-
-
-def normalize(result: Any, out: bytes | bytearray, names: dict[int, int]) -> tuple[Any, ...]:
-    """open_batch's answer in open_batch_ref's shape, sessions replaced by their index."""
+def normalize(result: Any, names: dict[int, int]) -> tuple[Any, ...]:
+    """An open_batch answer (either backend's) with sessions replaced by their index and
+    the drops without zeros (C lists every reason, the pure one only those that happened)."""
     runs, per, others, drops = result
-    plain = []
-    norm_runs = []
-    for s, src, spans in runs:
-        pairs = list(struct.iter_unpack("<II", spans))
-        norm_runs.append((names[id(s)], src, pairs))
-        plain += [bytes(out[a : a + n]) for a, n in pairs]
-    norm_per = [(names[id(s)], n, d) for s, n, d in per]
-    return norm_runs, norm_per, others, drops, b"".join(plain)
-
-
-def normalize_ref(result: Any, names: dict[int, int]) -> tuple[Any, ...]:
-    runs, per, others, drops, out = result
-    norm_runs = [(names[id(s)], src, spans) for s, src, spans in runs]
-    return norm_runs, [(names[id(s)], n, d) for s, n, d in per], others, drops, out
+    assert set(drops) <= set(REASONS), drops
+    return (
+        [(names[id(s)], src, packets) for s, src, packets in runs],
+        [(names[id(s)], n, d) for s, n, d in per],
+        others,
+        {reason: n for reason, n in drops.items() if n},
+    )
 
 
 # ---------------------------------------------------------------- traffic

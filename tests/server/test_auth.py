@@ -49,3 +49,12 @@ def test_sessions_expire_when_idle_and_on_logout() -> None:
     token, _ = sessions.create()
     sessions.drop(token)
     assert sessions.get(token) is None
+
+
+def test_an_ipv6_guesser_is_limited_per_64_not_per_address() -> None:
+    limit = auth.LoginLimit(failures=3, window=60)
+    for i in range(3):  # a host has a whole /64 to pick its source from
+        assert limit.attempt(f"2001:db8:1:2::{i + 1}") == 0
+    assert limit.attempt("2001:db8:1:2:ffff::9") > 0
+    assert limit.attempt("2001:db8:1:3::1") == 0  # the next /64 is another network
+    assert limit.attempt("192.0.2.1") == 0

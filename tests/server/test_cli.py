@@ -82,6 +82,16 @@ def test_errors_are_one_line_and_change_nothing(
     assert code == 1 and "bad --web 'nonsense'" in err
 
 
+def test_a_registry_that_cannot_be_opened_is_one_line_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # as a user who may not read /var/lib/wgpy/wgpy.db gets it (here: the name is a folder)
+    (tmp_path / "wgpy.db").mkdir()
+    code, _, err = wgpy(capsys, "client", "list", "--dir", str(tmp_path))
+    assert code == 1 and err.startswith("wgpy client: cannot open the registry ")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
 def test_the_server_needs_a_web_password_before_it_starts(tmp_path: Path) -> None:
     d = str(tmp_path)
     main(["server", "init", "--dir", d, "--endpoint", "h.example:1"])

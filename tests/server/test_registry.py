@@ -8,6 +8,7 @@ import sqlite3
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -130,6 +131,36 @@ def test_addresses_given_by_hand_must_be_free_and_inside_a_pool() -> None:
         model.check_address("10.8.0.3", pools, {"10.8.0.3"})
 
 
+INJECTED = "\nPostUp = touch pwned"  # a line that wg-quick would run on the client
+
+
+@pytest.mark.parametrize(("parse", "text"), [
+    (model.parse_endpoint, f"[fe80::1%x{INJECTED}]:51820"),
+    (model.parse_dns, f"fe80::53%x{INJECTED}"),
+    (model.parse_allowed_ips, f"fe80::%x{INJECTED}/64"),
+    (model.parse_subnets, f"10.8.0.0/24,fd42::%x{INJECTED}/64"),
+    (lambda text: model.check_address(text, model.parse_subnets("fe80::/64"), set()),
+     f"fe80::5%x{INJECTED}"),
+])  # fmt: skip
+def test_no_value_smuggles_a_line_into_the_client_config(parse: Any, text: str) -> None:
+    # Python's ipaddress keeps an IPv6 %scope verbatim, newlines included
+    with pytest.raises(Invalid, match="scope"):
+        parse(text)
+
+
+@given(st.tuples(st.sampled_from(["fe80::1", "[fe80::1", "fe80::", "10.0.0.1", ""]),
+                 st.sampled_from(["", "%x", "%eth0", "%x\nPostUp = id", " ", "\n"]),
+                 st.sampled_from(["", "]:51820", "/64", ",10.0.0.1", ":5"])).map("".join))
+def test_what_the_parsers_accept_is_one_printable_word(text: str) -> None:
+    for parse in (model.parse_endpoint, model.parse_dns, model.parse_allowed_ips):
+        try:
+            values = parse(text)
+        except Invalid:
+            continue
+        for value in map(str, values):
+            assert value.isprintable() and " " not in value and "%" not in value
+
+
 # ---- the store -------------------------------------------------------------------------------
 
 
@@ -138,6 +169,19 @@ def test_the_registry_file_is_private(registry: SqliteRegistry) -> None:
     assert stat.S_IMODE(registry.directory.stat().st_mode) == 0o700
     with sqlite3.connect(registry.path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_a_folder_others_can_write_to_is_refused(tmp_path: Path) -> None:
+    # there, another user could put a symlink where wgpy.db (or its -wal) goes, or keep
+    # the file open to read the keys written into it later
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = tmp_path / "elsewhere"
+    (shared / "wgpy.db").symlink_to(target)
+    with pytest.raises(Invalid, match="writable by others"):
+        manage.init(SqliteRegistry(shared), "vpn.example.com:51820", "10.8.0.0/24", "", None)
+    assert not target.exists()
 
 
 def test_an_empty_folder_says_how_to_start(tmp_path: Path) -> None:
@@ -188,6 +232,18 @@ def test_update_and_remove(registry: SqliteRegistry) -> None:
         registry.remove_client("ghost")
 
 
+def test_a_damaged_row_is_named_and_can_be_removed(registry: SqliteRegistry) -> None:
+    manage.add_client(registry, "phone", None)
+    with sqlite3.connect(registry.path) as db:
+        db.execute("UPDATE clients SET allowed_ips = 'nonsense' WHERE name = 'phone'")
+    with pytest.raises(Invalid, match=r"'phone' \(row 1\) is damaged.*client remove phone"):
+        registry.clients()
+    registry.remove_client("phone")
+    assert registry.clients() == []
+    with pytest.raises(NotFound):
+        registry.remove_client("phone")
+
+
 def test_every_change_moves_the_revision(registry: SqliteRegistry) -> None:
     r0 = registry.revision()
     manage.add_client(registry, "phone", None)
@@ -202,13 +258,25 @@ def test_every_change_moves_the_revision(registry: SqliteRegistry) -> None:
 def test_one_time_links_work_once_and_not_after_expiry(registry: SqliteRegistry) -> None:
     c = manage.add_client(registry, "phone", None)
     registry.add_link(c.id, b"t1", NOW + timedelta(hours=1))
-    registry.add_link(c.id, b"t2", NOW + timedelta(hours=1))
     assert registry.take_link(b"t1", NOW) == c
     assert registry.take_link(b"t1", NOW) is None
+    registry.add_link(c.id, b"t2", NOW + timedelta(hours=1))
     assert registry.take_link(b"t2", NOW + timedelta(hours=2)) is None
     registry.add_link(c.id, b"t3", NOW + timedelta(hours=1))
     registry.remove_client(c.id)
     assert registry.take_link(b"t3", NOW) is None  # the link went with its client
+
+
+def test_a_new_link_replaces_the_clients_older_ones(registry: SqliteRegistry) -> None:
+    # as wg-easy's one link per client: a link sent and forgotten stops working
+    c = manage.add_client(registry, "phone", None)
+    other = manage.add_client(registry, "laptop", None)
+    registry.add_link(c.id, b"old", NOW + timedelta(hours=1))
+    registry.add_link(other.id, b"other", NOW + timedelta(hours=1))
+    registry.add_link(c.id, b"new", NOW + timedelta(hours=1))
+    assert registry.take_link(b"old", NOW) is None
+    assert registry.take_link(b"new", NOW) == c
+    assert registry.take_link(b"other", NOW) == other
 
 
 def test_a_version_1_registry_is_migrated(tmp_path: Path) -> None:

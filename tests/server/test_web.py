@@ -4,6 +4,7 @@ rate limit, cookies, CSRF, every client operation, errors, downloads and one-tim
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import threading
@@ -29,8 +30,7 @@ def site(tmp_path: Path) -> Iterator[tuple[SqliteRegistry, str]]:
     registry.set_password_hash(auth.hash_password(PASSWORD))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(web.create_app(registry), log_level="warning",
-                                           lifespan="off"))  # fmt: skip
+    server = uvicorn.Server(web.server_config(registry))  # what `server run` serves
     thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
     thread.start()
     try:
@@ -60,6 +60,34 @@ def test_login_cookie_and_logout(site: tuple[SqliteRegistry, str]) -> None:
     assert b.call("GET", "/api/clients")[0] == 401
 
 
+def test_big_or_unsized_bodies_are_refused_before_they_are_read(
+    site: tuple[SqliteRegistry, str],
+) -> None:
+    # anyone may post to the login: a gigabyte there must not become a gigabyte of memory
+    _, base = site
+    status, _, _ = Browser(base).call("POST", "/api/session", {"password": "x" * (1 << 20)})
+    assert status == 413
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:  # chunked: no length to check first
+        conn.request("POST", "/api/session", body=iter([b'{"password": "', b'x"}']),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)  # fmt: skip
+        assert conn.getresponse().status == 411
+    finally:
+        conn.close()
+    assert Browser(base).login() == 200
+
+
+def test_a_new_password_ends_every_session(site: tuple[SqliteRegistry, str]) -> None:
+    # `wgpy client passwd` is what one runs after a leak: whoever was in must be out
+    registry, base = site
+    b = Browser(base)
+    b.login()
+    registry.set_password_hash(auth.hash_password("a new password"))
+    assert b.call("GET", "/api/clients")[0] == 401
+    assert b.login() == 401 and b.login("a new password") == 200
+    assert b.call("GET", "/api/clients")[0] == 200
+
+
 def test_failed_logins_are_rate_limited(site: tuple[SqliteRegistry, str]) -> None:
     _, base = site
     b = Browser(base)
@@ -67,6 +95,37 @@ def test_failed_logins_are_rate_limited(site: tuple[SqliteRegistry, str]) -> Non
         assert b.login("guess") == 401
     status, headers, _ = b.call("POST", "/api/session", {"password": PASSWORD})
     assert status == 429 and 0 < int(headers["retry-after"]) <= 61  # even the right one
+
+
+def test_concurrent_guesses_do_not_slip_past_the_login_limit(
+    site: tuple[SqliteRegistry, str],
+) -> None:
+    # every guess that starts before the first failure is counted must count too
+    _, base = site
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda: answers.append(Browser(base).login("guess")))
+               for _ in range(3 * auth.FAILURES)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(answers) == [401] * auth.FAILURES + [429] * (2 * auth.FAILURES)
+
+
+def test_a_forwarded_for_header_does_not_reset_the_login_limit(
+    site: tuple[SqliteRegistry, str],
+) -> None:
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default, and any local user (or
+    # a page's fetch()) can send one: each guess would come "from" a new address
+    _, base = site
+    b = Browser(base)  # behind an HTTPS proxy the cookie is still Secure
+    b.headers["X-Forwarded-Proto"] = "https"
+    status, headers, _ = b.call("POST", "/api/session", {"password": PASSWORD})
+    assert status == 200 and "secure" in headers["set-cookie"].lower()
+    for i in range(auth.FAILURES + 1):
+        b.headers["X-Forwarded-For"] = f"192.0.2.{i}"
+        status = b.login("guess")
+    assert status == 429
 
 
 def test_changes_need_the_csrf_token(site: tuple[SqliteRegistry, str]) -> None:
@@ -105,6 +164,7 @@ def test_clients_through_the_api(site: tuple[SqliteRegistry, str]) -> None:
         status, _, data = b.call("POST", "/api/clients", body)
         assert status == 422 and words in json.loads(data)["detail"], data
     assert b.call("PATCH", "/api/clients/999", {"enabled": True})[0] == 404
+    assert b.call("GET", f"/api/clients/{1 << 64}")[0] == 422  # not SQLite's OverflowError
 
     b.json("DELETE", f"/api/clients/{cid}", expect=204)
     assert b.call("GET", f"/api/clients/{cid}")[0] == 404
@@ -130,6 +190,22 @@ def test_config_qr_and_one_time_link(site: tuple[SqliteRegistry, str]) -> None:
     assert status == 200 and data.decode() == expected
     assert stranger.call("GET", link["url"])[0] == 404  # once only
     assert stranger.call("GET", f"/api/clients/{cid}/configuration")[0] == 401
+
+
+def test_a_disabled_clients_link_gives_nothing(site: tuple[SqliteRegistry, str]) -> None:
+    # disabling a client is how its owner's access is withdrawn: a link made before must
+    # not hand its keys out after; the admin's own download still works (as `client show`)
+    registry, base = site
+    b = Browser(base)
+    b.login()
+    cid = b.json("POST", "/api/clients", {"name": "lost-phone"}, 201)["id"]
+    link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
+    b.json("PATCH", f"/api/clients/{cid}", {"enabled": False})
+    status, _, data = Browser(base).call("GET", link["url"])
+    assert status == 404 and b"PrivateKey" not in data
+    status, _, data = b.call("POST", f"/api/clients/{cid}/link")
+    assert status == 422 and b"disabled" in data
+    assert b.call("GET", f"/api/clients/{cid}/configuration")[0] == 200
 
 
 def test_the_page_and_its_headers(site: tuple[SqliteRegistry, str]) -> None:

@@ -19,11 +19,13 @@ class Browser:
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
         self.csrf = ""
+        self.headers: dict[str, str] = {}  # sent with every request
 
     def call(self, method: str, path: str, body: Any = None,
              csrf: bool = True) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers=self.headers)  # fmt: skip
         if data is not None:
             req.add_header("Content-Type", "application/json")
         if csrf and self.csrf:

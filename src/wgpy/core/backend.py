@@ -1,10 +1,17 @@
 """The data path's two backends behind one contract: the native module (wgpy._native, C
-over OpenSSL) or pure Python, chosen once, when the `Device` is made.
+over OpenSSL) or pure Python (this module), chosen once, when the `Device` is made.
 
-Both give a `Sealer` with the same calls: `Sealer(key, receiver_index)`, `.seal(packets,
-mtu) -> list[bytes]`, `.counter`, `.expire()`, `.wipe()`. A sealer owns its session's
-send counter and reserves the counters of a batch inside `seal`, under its lock, so two
-threads sealing for one session never use a nonce twice.
+Both give the same calls, and the pure ones are the reference the native ones are tested
+against, byte for byte (tests/native):
+
+- `Sealer(key, receiver_index, counter=0)`: `.seal(packets, mtu) -> list[bytes]`,
+  `.counter`, `.expire()`, `.wipe()`. A sealer owns its session's send counter and
+  reserves the counters of a batch inside `seal`, under its lock, so two threads sealing
+  for one session never use a nonce twice.
+- `Session(key, expires)`: a receiving key and its replay window; `.expires`, `.wipe()`,
+  `.window_state()`.
+- `open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)`:
+  one UDP (GRO) read opened: see `open_batch` below.
 
 The core starts no threads and so needs no lock of its own: the lock is the caller's to
 give (`lock`, a factory of context managers, as `rand` is for randomness); the default,
@@ -22,9 +29,15 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
-from wgpy.core.messages import DATA_HEADER, MSG_DATA
+from wgpy.core.crypto import InvalidTag
+from wgpy.core.ip import IPV4_SRC, IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN, IPV6_SRC
+from wgpy.core.messages import DATA_HEADER, DATA_MIN_LEN, MSG_DATA
+from wgpy.core.replay import WORDS, ReplayWindow
 
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
+_NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
+_HANDSHAKE_SIZES = {1: 148, 2: 92, 3: 64}  # initiation, response, cookie reply
+_V4_LEN, _V6_LEN = IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN
 LockFactory = Callable[[], AbstractContextManager[Any]]
 Packet = bytes | bytearray | memoryview
 
@@ -102,19 +115,138 @@ class Sealer:
             self._aead = None
 
 
+class Session:
+    """The pure-Python receiving session: the key and the replay window."""
+
+    __slots__ = ("_aead", "expires", "replay")
+
+    def __init__(self, key: bytes, expires: float) -> None:
+        self._aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(key)
+        self.expires = expires  # packets drop when now >= expires
+        self.replay = ReplayWindow()
+
+    def wipe(self) -> None:
+        """Forget the key; all later packets drop (as expired)."""
+        self._aead = None
+        self.expires = float("-inf")
+
+    def window_state(self) -> tuple[int, bytes]:
+        """(top, the 128 window words as 8 bytes little-endian each), as C gives it."""
+        words = self.replay.words
+        return self.replay.top, b"".join(w.to_bytes(8, "little") for w in words[:WORDS])
+
+
+Runs = list[tuple[Any, bytes, list[bytes]]]
+Opened = tuple[Runs, list[tuple[Any, int, bool]], list[tuple[int, int]], dict[str, int]]
+
+
+def _count(drops: dict[str, int], why: str) -> None:
+    drops[why] = drops.get(why, 0) + 1
+
+
+def _not_data(data: memoryview, off: int, others: list[tuple[int, int]],
+              drops: dict[str, int]) -> None:  # fmt: skip
+    """A datagram that is no data message: handshake-shaped ones are handed back (as C's
+    is_handshake), the rest drop."""
+    kind = int.from_bytes(data[:4], "little") if len(data) >= 4 else 0
+    if _HANDSHAKE_SIZES.get(kind) == len(data):
+        others.append((off, len(data)))
+    else:
+        _count(drops, "bad_size" if len(data) < 4 or 1 <= kind <= 4 else "unknown_type")
+
+
+def open_batch(buf: Packet, nbytes: int, seg: int, sessions: dict[int, Session],
+               now: float) -> Opened:  # fmt: skip
+    """Open one UDP (GRO) read: `buf[:nbytes]` in datagrams of `seg` bytes (the last may
+    be shorter; seg <= 0 or >= nbytes: one datagram, an empty one if nbytes is 0). The hot
+    loop of receiving: per packet only what must be. What it returns: `OPEN_RESULT`."""
+    if not 0 <= nbytes <= len(buf):
+        raise ValueError("need 0 <= nbytes <= len(buf)")
+    view = memoryview(buf)[:nbytes]
+    step = seg if 0 < seg < nbytes else nbytes or 1
+    runs: Runs = []
+    per: dict[Session, list[Any]] = {}  # session -> [bytes, any data?], first-seen order
+    others: list[tuple[int, int]] = []
+    drops: dict[str, int] = {}
+    unpack, nonce = DATA_HEADER.unpack_from, _NONCE.pack
+    run_session, run_src, run = None, b"", []
+    got_for, got = None, [0, False]
+    for off in range(0, nbytes or 1, step):  # nbytes 0: one empty datagram (bad_size)
+        n = step if off + step <= nbytes else nbytes - off
+        # the type is a little-endian u32: 4 means "data" with the three reserved zeros
+        kind, index, counter = unpack(view, off) if n >= DATA_MIN_LEN else _NOT_DATA
+        if kind != MSG_DATA:
+            _not_data(view[off : off + n], off, others, drops)
+            continue
+        s = sessions.get(index)
+        if s is None or counter >= REJECT_AFTER_MESSAGES or now >= s.expires or not s._aead:
+            _count(drops, "unknown_index" if s is None else "expired")
+            continue
+        try:
+            plain = s._aead.decrypt(nonce(counter), view[off + 16 : off + n], None)
+        except InvalidTag:
+            _count(drops, "bad_tag")
+            continue
+        if not s.replay.accept(counter):  # the window moves only after the tag verified
+            _count(drops, "replayed")
+            continue
+        if s is not got_for:  # the session's tally, looked up once per run of it
+            got_for, got = s, per.get(s) or per.setdefault(s, [0, False])
+        got[0] += n
+        if not plain:
+            continue  # a keepalive
+        got[1] = True
+        # the inner source address and true length, for the allowed-IPs source filter
+        length, version = len(plain), plain[0] >> 4
+        if version == 4 and length >= 20:
+            addr, length = plain[IPV4_SRC], (plain[_V4_LEN] << 8) | plain[_V4_LEN + 1]
+            length = length if length >= 20 else n  # < 20: refused just below (n > len)
+        elif version == 6 and length >= 40:
+            addr, length = plain[IPV6_SRC], 40 + ((plain[_V6_LEN] << 8) | plain[_V6_LEN + 1])
+        else:
+            addr, length = b"", n  # refused just below (n > len(plain))
+        if length > len(plain):
+            _count(drops, "bad_inner")
+            continue
+        packet = plain if length == len(plain) else plain[:length]
+        if s is run_session and addr == run_src:
+            run.append(packet)
+        else:
+            run_session, run_src, run = s, addr, [packet]
+            runs.append((s, addr, run))
+    return runs, [(s, got[0], got[1]) for s, got in per.items()], others, drops
+
+
+OPEN_RESULT = """open_batch's answer, on both backends: (runs, per_session, others, drops).
+runs: [(session, inner source address, packets)] for consecutive accepted packets of one
+session and source (the caller checks the source against the allowed IPs once per run);
+per_session: [(session, bytes, any data?)] for sessions with authenticated messages, in
+first-seen order; others: [(offset, length)] of handshake-shaped datagrams; drops: reason
+(core.output.Drop's values) -> count (the native one lists every reason, zeros too)."""
+
+
 class Backend:
     """Where the per-packet work runs: `native` (the extension module) or pure Python.
+    Every caller gets its sessions, sealers, open and offloads from here.
 
     `lock` makes the locks of the pure path's sealers; pass `threading.Lock` wherever
     more than one thread may seal (io/datapath.py `backend()` does)."""
 
-    def __init__(self, native: ModuleType | None = None, lock: LockFactory = nullcontext) -> None:
+    def __init__(
+        self, native: ModuleType | None = None, lock: LockFactory = nullcontext, threads: int = 1
+    ) -> None:
         self.native = native
         self.name = "native" if native is not None else "python"
+        self.threads = threads if native is not None else 1  # that seal and open
         self._lock = lock
+        self.open_batch: Callable[..., Opened] = native.open_batch if native else open_batch
 
     def sealer(self, key: bytes, receiver_index: int) -> SealerLike:
         if self.native is not None:
             sealer: SealerLike = self.native.Sealer(key, receiver_index)
             return sealer
         return Sealer(key, receiver_index, lock=self._lock())
+
+    def session(self, key: bytes, expires: float) -> Any:
+        """A receiving session (this backend's `Session`)."""
+        return (self.native.Session if self.native is not None else Session)(key, expires)

@@ -19,7 +19,7 @@ import contextlib
 import random
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 
 from wgpy.core import data, handshake, icmp, intake, sessions
@@ -65,7 +65,6 @@ from wgpy.core.messages import (
     message_type,
     parse_cookie_reply,
     parse_response,
-    split_read,
 )
 from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
@@ -87,6 +86,31 @@ def _why_refused(data: bytes | memoryview) -> Drop:
     """The drop reason for a datagram `message_type` refused."""
     known = len(data) < 4 or TYPE.unpack_from(data)[0] in _KNOWN_TYPES
     return Drop.BAD_SIZE if known else Drop.UNKNOWN_TYPE
+
+
+def as_reads(
+    datagrams: Iterable[tuple[bytes | memoryview, Endpoint]],
+) -> Iterator[tuple[bytes | memoryview, int, int, Endpoint]]:
+    """Datagrams as the reads GRO would have made of them: (buf, n, seg, source), runs of
+    one source with equal sizes (the last may be shorter) joined, for one open call."""
+    group: list[bytes | memoryview] = []
+    source: Endpoint | None = None
+    for d, src in datagrams:
+        if group and (src != source or len(d) > len(group[0]) or len(group[-1]) < len(group[0])):
+            yield _joined(group, source)
+            group = []
+        group.append(d)
+        source = src
+    if group:
+        yield _joined(group, source)
+
+
+def _joined(
+    group: list[bytes | memoryview], src: Endpoint | None
+) -> tuple[bytes | memoryview, int, int, Endpoint]:
+    assert src is not None
+    read = group[0] if len(group) == 1 else b"".join(group)
+    return read, len(read), len(group[0]), src
 
 
 class Device:
@@ -203,12 +227,8 @@ class Device:
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
-        if self.native is None:
-            data.open_python(datagrams, self.index.keypairs, self.allowed_ips.lookup, now, out,
-                             received, others)  # fmt: skip
-        else:  # the replay windows live in C: every datagram goes there
-            for d, src in datagrams:
-                self._open_native(d, len(d), 0, src, now, out, received, others)
+        for read, n, seg, src in as_reads(datagrams):
+            self._open(read, n, seg, src, now, out, received, others)
         return self._opened(received, others, now, handshake_budget, out, tag)
 
     def receive_read(
@@ -222,17 +242,13 @@ class Device:
         tag: object = None,
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
-        bytes if GRO merged them (see `split_read`); with the native datapath, opened
-        all in one call."""
+        bytes if GRO merged them (see `split_read`), opened all in one call."""
         if self.intake is not None:
             return self._receive_classified(buf, n, seg, src, now, handshake_budget, tag)
-        if self.native is None:
-            datagrams = [(d, src) for d in split_read(buf, n, seg)]
-            return self.receive(datagrams, now, handshake_budget, tag)
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
-        self._open_native(buf, n, seg, src, now, out, received, others)
+        self._open(buf, n, seg, src, now, out, received, others)
         return self._opened(received, others, now, handshake_budget, out, tag)
 
     def _receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
@@ -260,12 +276,7 @@ class Device:
         received: dict[Keypair, data.Received] = {}
         if ndata:
             taken: list[data.Datagram] = []  # the classifier took these already
-            if self.native is None:
-                data.open_python([(d, src) for d in split_read(buf, n, seg)],
-                                 self.index.keypairs, self.allowed_ips.lookup, now, out,
-                                 received, taken)  # fmt: skip
-            else:
-                self._open_native(buf, n, seg, src, now, out, received, taken)
+            self._open(buf, n, seg, src, now, out, received, taken)
         return self._opened(received, [], now, handshake_budget, out, tag)
 
     def intake_state(self, now: float) -> tuple[float, int, bool, tuple[bytes, bytes, int] | None]:
@@ -323,12 +334,11 @@ class Device:
                 cookie = verdict == intake.ENQUEUE_COOKIE
                 self._queue.append((message, src, kind, cookie, tag))
 
-    def _open_native(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint,
-                     now: float, out: Output, received: dict[Keypair, data.Received],
-                     others: list[data.Datagram]) -> None:  # fmt: skip
-        assert self.native is not None
-        data.open_native(self.native, read, n, seg, src, self.index, self.allowed_ips.lookup,
-                         now, out, received, others)  # fmt: skip
+    def _open(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
+              out: Output, received: dict[Keypair, data.Received],
+              others: list[data.Datagram]) -> None:  # fmt: skip
+        data.open_read(self.backend.open_batch, read, n, seg, src, self.index,
+                       self.allowed_ips.lookup, now, out, received, others)  # fmt: skip
 
     def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
                 now: float, handshake_budget: int, out: Output, tag: object) -> Output:  # fmt: skip
@@ -477,7 +487,7 @@ class Device:
     ) -> None:
         """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
         (junk, a bad mac1, a source over its rate) counts toward load."""
-        if self.intake is not None and data:  # (an empty read is no datagram to C)
+        if self.intake is not None:
             self._classify(data, len(data), 0, src, now, out, tag)
             return
         kind = message_type(data)

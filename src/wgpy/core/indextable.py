@@ -15,7 +15,7 @@ class IndexTable:
         self._rand = rand
         self.handshakes: dict[int, Peer] = {}  # index of a pending initiation -> its peer
         self.keypairs: dict[int, Keypair] = {}  # index of a session -> the session
-        # the same for the native datapath: index -> its C session, and back to the keypair
+        # the same for the backend's open_batch: index -> the receiving session, and back
         self.sessions: dict[int, Any] = {}
         self.session_keypairs: dict[Any, Keypair] = {}
 
@@ -36,15 +36,13 @@ class IndexTable:
 
     def add_keypair(self, kp: Keypair) -> None:
         self.keypairs[kp.local_index] = kp
-        if kp.native_recv is not None:
-            self.sessions[kp.local_index] = kp.native_recv
-            self.session_keypairs[kp.native_recv] = kp
+        self.sessions[kp.local_index] = kp.session
+        self.session_keypairs[kp.session] = kp
 
     def drop_keypair(self, kp: Keypair | None) -> None:
         if kp is not None and self.keypairs.pop(kp.local_index, None) is kp:
-            if kp.native_recv is not None:
-                del self.sessions[kp.local_index]
-                del self.session_keypairs[kp.native_recv]
+            del self.sessions[kp.local_index]
+            del self.session_keypairs[kp.session]
             kp.wipe()
 
     def peer_of(self, index: int) -> Peer | None:

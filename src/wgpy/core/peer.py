@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
-
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wgpy.core.backend import Backend
 from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
@@ -15,7 +12,6 @@ from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import ZERO_KEY, PrivateKey
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.noise import SymmetricState
-from wgpy.core.replay import ReplayWindow
 from wgpy.core.timers import Timers
 
 
@@ -27,12 +23,10 @@ class Keypair:
         "expires",
         "initiator",
         "local_index",
-        "native_recv",
         "peer",
-        "recv",
         "remote_index",
-        "replay",
         "sealer",
+        "session",
     )
 
     def __init__(
@@ -47,19 +41,16 @@ class Keypair:
         backend: Backend | None = None,
     ) -> None:
         backend = backend or Backend()
-        native = backend.native
         self.peer = peer
-        # the sending key and the send counter: the sealer owns both (core/backend.py)
-        self.sealer = backend.sealer(keys[0], remote_index)
-        self.recv = ChaCha20Poly1305(keys[1])
-        # With the native datapath, C holds copies of the keys (and the replay window),
-        # wiped when the session is dropped.
         # One instant ends the session on both paths, compared one way (now >= expires)
-        # by the C open, the pure open and can_send: never `now - created` against 180 in
+        # by the open (either backend) and can_send: never `now - created` against 180 in
         # one place and `created + 180` in another, which differ by an ulp.
         self.expires = now + REJECT_AFTER_TIME
-        self.native_recv: Any = native.Session(keys[1], self.expires) if native else None
-        self.replay = ReplayWindow()
+        # the backend's (core/backend.py): the sending key with the send counter, and the
+        # receiving key with the replay window; with the native one, C holds the keys,
+        # wiped when the session is dropped
+        self.sealer = backend.sealer(keys[0], remote_index)
+        self.session = backend.session(keys[1], self.expires)
         self.created = now
         self.initiator = initiator
         self.local_index = local_index
@@ -74,8 +65,7 @@ class Keypair:
         """Zero the key copies C holds (Python's own cannot be wiped: dropping the last
         reference is what it can do)."""
         self.sealer.wipe()
-        if self.native_recv is not None:
-            self.native_recv.wipe()
+        self.session.wipe()
 
     def expire(self) -> None:
         """No more sending on this session (receiving goes on until it is replaced)."""

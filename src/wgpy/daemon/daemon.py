@@ -45,14 +45,18 @@ FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
 @dataclass
 class Options:
     """What `wgpy IFNAME` takes besides the name. The environment gives the defaults
-    (WGPY_METRICS, WGPY_KEYLOG), so `wgpy up`, which starts the daemon, passes them on."""
+    (WGPY_METRICS, WGPY_KEYLOG, WGPY_THREADS), so `wgpy up`, which starts the daemon,
+    passes them on."""
 
     metrics: str | None = None  # PORT, HOST:PORT or [V6]:PORT for the Prometheus endpoint
     keylog: str | None = None  # a file for Wireshark's wg.keylog_file
+    threads: int | None = None  # crypto threads (native datapath); None: WGPY_THREADS or cores
 
     @classmethod
     def from_env(cls) -> Options:
-        return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None)
+        threads = os.environ.get("WGPY_THREADS", "")
+        return cls(os.environ.get("WGPY_METRICS") or None, os.environ.get("WGPY_KEYLOG") or None,
+                   int(threads) if threads.isascii() and threads.isdigit() else None)  # fmt: skip
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +71,19 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         "FILE holds the interface's private key and every session key "
                         "(made 0600; refused if a symlink or others may read it; "
                         "env WGPY_KEYLOG)")  # fmt: skip
+    parser.add_argument("--threads", metavar="N", type=_positive, default=env.threads,
+                        help="seal and open data messages on N threads (the native "
+                        "datapath; default one per core; env WGPY_THREADS)")  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return int(text)
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    return Options(args.metrics or None, args.keylog or None)
+    return Options(args.metrics or None, args.keylog or None, args.threads)
 
 
 def metrics_address(options: Options) -> Endpoint | None:
@@ -102,7 +115,7 @@ class Daemon:
         options = options or Options()
         metrics_listen = metrics_address(options)  # checked before anything is opened
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
-        self.backend = backend()
+        self.backend = backend(options.threads)
         self.device = Device(
             os.urandom, wall_offset=time.time() - time.monotonic(), backend=self.backend,
             classify=native_intake(),
@@ -235,8 +248,9 @@ class Daemon:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.loop.stop())
-        log.info("%s up: UDP port %d, UAPI %s, %s datapath", self.tun.name, self.udp.port,
-                 self.listener.path, self.datapath_kind)  # fmt: skip
+        log.info("%s up: UDP port %d, UAPI %s, %s datapath on %d thread(s)", self.tun.name,
+                 self.udp.port, self.listener.path, self.datapath_kind,
+                 self.backend.threads)  # fmt: skip
         try:
             self.loop.run()
         finally:

@@ -78,12 +78,28 @@ class BatchSizes:
         self.packets += n
 
 
-def backend() -> Backend:
+def crypto_threads(asked: int | None = None) -> int:
+    """How many threads seal and open data messages (the native backend): `asked` (the
+    daemon's --threads), else WGPY_THREADS, else one per core this process may run on."""
+    if asked is None:
+        env = os.environ.get("WGPY_THREADS", "")
+        asked = int(env) if env.strip() else len(os.sched_getaffinity(0))
+    if asked < 1:
+        raise ValueError(f"threads must be at least 1, not {asked}")
+    return asked
+
+
+def backend(threads: int | None = None) -> Backend:
     """The data path's backend, chosen once for the daemon and wgpy.Interface alike: the
     native extension, unless WGPY_NATIVE=0 asks for the pure-Python one (the reference)
-    or it was not built; the pure one's sealers take threading locks."""
+    or it was not built; the pure one's sealers take threading locks. The native one
+    gets its crypto workers here: `crypto_threads(threads)` in all, the caller's thread
+    being one of them, so a single core runs no extra thread."""
     module = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
-    return Backend(module, threading.Lock)
+    threads = crypto_threads(threads) if module is not None else 1
+    if module is not None:
+        module.set_threads(threads - 1)
+    return Backend(module, threading.Lock, threads)
 
 
 def native_intake() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import threading
@@ -57,6 +58,7 @@ def verify_password(password: str, stored: str | None) -> bool:
 class Session:
     csrf: str
     seen: float
+    password: str = ""  # the hash it logged in with: a new password ends the session
 
 
 @dataclass
@@ -66,9 +68,9 @@ class Sessions:
     idle: float = SESSION_IDLE
     _by_token: dict[str, Session] = field(default_factory=dict)
 
-    def create(self) -> tuple[str, Session]:
+    def create(self, password: str = "") -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
-        session = Session(secrets.token_urlsafe(32), time.monotonic())
+        session = Session(secrets.token_urlsafe(32), time.monotonic(), password)
         self._by_token[token] = session
         return token, session
 
@@ -85,6 +87,18 @@ class Sessions:
         self._by_token.pop(token or "", None)
 
 
+def _source(address: str) -> str:
+    """Whom a limit counts: an IPv4 address, or an IPv6 address's /64 (one host has a
+    whole /64 to pick source addresses from)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return address
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
 @dataclass
 class LoginLimit:
     """At most FAILURES failed logins per WINDOW seconds from one address."""
@@ -92,9 +106,21 @@ class LoginLimit:
     failures: int = FAILURES
     window: float = WINDOW
     _seen: dict[str, deque[float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def attempt(self, address: str) -> float:
+        """Before a password is checked: 0 and the try counted as a failure (until
+        `succeeded`), or the seconds to wait. Counting before the slow hash means guesses
+        sent all at once cannot all pass before the first failure is known."""
+        with self._lock:
+            wait = self.retry_after(address)
+            if not wait:
+                self.failed(address)
+            return wait
 
     def retry_after(self, address: str) -> float:
         """0 when a login may be tried now; else the seconds to wait."""
+        address = _source(address)
         recent = self._seen.get(address)
         if not recent:
             return 0.0
@@ -106,9 +132,9 @@ class LoginLimit:
         return self.window - (now - recent[0])
 
     def failed(self, address: str) -> None:
-        self._seen.setdefault(address, deque()).append(time.monotonic())
+        self._seen.setdefault(_source(address), deque()).append(time.monotonic())
         if len(self._seen) > 10000:  # bound the memory an address-hopping guesser costs
             self._seen.pop(next(iter(self._seen)))
 
     def succeeded(self, address: str) -> None:
-        self._seen.pop(address, None)
+        self._seen.pop(_source(address), None)

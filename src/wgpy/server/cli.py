@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -229,6 +230,9 @@ def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         return handler(SqliteRegistry(args.dir), args)
     except (Invalid, NotInitialized) as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
+    except sqlite3.Error as e:  # typically: run by a user who may not read the folder
+        print(f"{parser.prog}: cannot open the registry in {args.dir}: {e} "
+              "(run as root?)", file=sys.stderr)  # fmt: skip
     except ImportError as e:
         print(f"{parser.prog}: {e.name} is missing: pip install 'wgpy[server]'", file=sys.stderr)
     return 1

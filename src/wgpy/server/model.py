@@ -32,6 +32,14 @@ class Invalid(ValueError):
     """A value the registry refuses, with the reason in words."""
 
 
+def _no_scope(text: str, what: str) -> None:
+    """Python's ipaddress takes an IPv6 `%scope` verbatim, newlines included, and every
+    value here ends up on a line of the client's wg-quick file (where a smuggled `PostUp`
+    line would run as root on the client); a scope also means nothing off this host."""
+    if "%" in text:
+        raise Invalid(f"bad {what} {text!r}: no %scope (a link-local zone) allowed here")
+
+
 @dataclass(frozen=True)
 class Settings:
     """The server: its keys, where clients reach it, and what it hands out."""
@@ -116,6 +124,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise Invalid(f"bad endpoint {text!r}: use HOST:PORT (port 1-65535)")
     if host.startswith("[") and host.endswith("]"):
+        _no_scope(host, "endpoint")
         try:
             ipaddress.IPv6Address(host[1:-1])
         except ValueError:
@@ -129,6 +138,7 @@ def parse_subnets(text: str) -> tuple[IPNetwork, ...]:
     """One IPv4 and/or one IPv6 network, comma-separated, with room for a few clients."""
     pools: list[IPNetwork] = []
     for part in (p.strip() for p in text.split(",")):
+        _no_scope(part, "subnet")
         try:
             net = ipaddress.ip_network(part)
         except ValueError:
@@ -145,6 +155,7 @@ def parse_dns(text: str) -> tuple[str, ...]:
     """DNS servers for the clients: IP addresses, comma-separated ('' for none)."""
     servers = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
+        _no_scope(part, "DNS server")
         try:
             servers.append(str(ipaddress.ip_address(part)))
         except ValueError:
@@ -156,6 +167,7 @@ def parse_allowed_ips(text: str) -> tuple[IPNetwork, ...]:
     """What a client routes through the tunnel (its AllowedIPs), comma-separated."""
     nets = []
     for part in (p.strip() for p in text.split(",")):
+        _no_scope(part, "allowed IP")
         try:
             nets.append(ipaddress.ip_network(part))
         except ValueError:
@@ -166,6 +178,7 @@ def parse_allowed_ips(text: str) -> tuple[IPNetwork, ...]:
 def check_address(addr: str, pools: tuple[IPNetwork, ...], taken: set[str]) -> IPInterface:
     """A client address given by hand: inside a pool, not the network, broadcast or the
     server's own address, not another client's."""
+    _no_scope(addr, "address")
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:

@@ -122,13 +122,20 @@ class Syncer:
 
 
 async def sync_loop(syncer: Syncer, daemon: subprocess.Popen[bytes], stop: asyncio.Event) -> None:
+    last_error = ""
     while not stop.is_set():
         if daemon.poll() is not None:
             raise ServerError(f"the daemon exited ({daemon.returncode})")
         try:  # in a thread: the web page's requests go on while the daemon answers
             await asyncio.to_thread(syncer.step)
-        except uapi_client.UapiClientError as e:
-            log.error("sync failed: %s", e)
+            last_error = ""
+        except Exception as e:
+            # a damaged row, a busy database, the UAPI: the device keeps what it has (no
+            # client is dropped, the server stays up) and the next look retries
+            if str(e) != last_error:
+                log.error("sync failed (the device is left as it was): %s", e)
+            last_error = str(e)
+            syncer.revision = -1  # try again at the next look, not only on a new change
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), POLL)
 
@@ -155,6 +162,13 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # through the `finally` that undoes what was made
 
 
+def _ignore_signals() -> None:
+    """Once the server is undoing what it made, a second SIGTERM or Ctrl-C must not cut
+    that short (and leave the rules and sysctls behind); SIGKILL still ends it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def run(registry: Registry, web: tuple[str, int] | None) -> int:
     settings = registry.settings()
     if web is not None and not registry.password_hash():
@@ -169,7 +183,6 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
             sock.close()
         raise
     firewall = Firewall(settings.interface, settings.listen_port, settings.pools)
-    firewall = Firewall(settings.interface, settings.listen_port, settings.pools)
     try:
         syncer = Syncer(registry)
         syncer.step()  # keys, port and peers before the link comes up
@@ -182,6 +195,7 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
               file=sys.stderr, flush=True)  # fmt: skip
         asyncio.run(_serve(syncer, daemon, registry, sock))
     finally:
+        _ignore_signals()
         if sock is not None:
             sock.close()
         firewall.down()
@@ -209,6 +223,9 @@ async def _serve(syncer: Syncer, daemon: subprocess.Popen[bytes], registry: Regi
     stopper = asyncio.ensure_future(_wait(stop))
     done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # else the loop's close puts back the
+        loop.remove_signal_handler(signum)  # defaults, which would kill the clean-up
+    _ignore_signals()
     for task in running:
         if task not in done:
             await _finish(task)

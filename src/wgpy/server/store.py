@@ -65,6 +65,10 @@ class NotFound(Invalid):
     pass
 
 
+class Damaged(Invalid):
+    """A row this program cannot read (edited by hand, or written by a newer wgpy)."""
+
+
 @dataclass(frozen=True)
 class NewClient:
     name: str
@@ -108,6 +112,14 @@ def _join(items: tuple[object, ...]) -> str:
 
 
 def _client(row: sqlite3.Row) -> Client:
+    try:
+        return _parse_client(row)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise Damaged(f"client {row['name']!r} (row {row['id']}) is damaged in the registry: "
+                      f"{e}; `wgpy client remove {row['name']}` deletes it") from None
+
+
+def _parse_client(row: sqlite3.Row) -> Client:
     return Client(
         id=row["id"], name=row["name"], private_key=row["private_key"],
         public_key=row["public_key"], preshared_key=row["preshared_key"],
@@ -133,13 +145,27 @@ class SqliteRegistry:
 
     def _create(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # create the file 0600 before SQLite does (it would honour the umask); the WAL
-        # and shared-memory files SQLite makes beside it copy the database's mode
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(self.path, 0o600)
+        self._check_directory()
+        # create the file 0600 before SQLite does (it would honour the umask), and never
+        # through a symlink; the WAL and shared-memory files SQLite makes beside it copy
+        # the database's mode
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        os.close(os.open(self.path, flags, 0o600))
+
+    def _check_directory(self) -> None:
+        """The folder must be ours alone: where others can write, they can put a symlink
+        where the database or its journal goes, or open the file before keys go in."""
+        try:
+            st = self.directory.stat()
+        except FileNotFoundError:
+            return
+        if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+            raise Invalid(f"{self.directory} is writable by others or owned by another user: "
+                          "the registry needs a private folder (chmod 700)")  # fmt: skip
 
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        self._check_directory()
         if not self.path.exists():
             if not write:
                 raise NotInitialized(f"no server in {self.directory} (run `wgpy server init`)")
@@ -291,8 +317,10 @@ class SqliteRegistry:
             return self._find(db, client.id)
 
     def remove_client(self, ref: str | int) -> None:
-        with self._db(write=True) as db:
-            db.execute("DELETE FROM clients WHERE id = ?", (self._find(db, ref).id,))
+        with self._db(write=True) as db:  # without reading the row: a damaged one goes too
+            column = "id" if isinstance(ref, int) else "name"
+            if not db.execute(f"DELETE FROM clients WHERE {column} = ?", (ref,)).rowcount:
+                raise NotFound(f"no client {ref!r}")
 
     def password_hash(self) -> str | None:
         with self._db() as db:
@@ -307,6 +335,8 @@ class SqliteRegistry:
     def add_link(self, ref: str | int, token_hash: bytes, expires: datetime) -> None:
         with self._db(write=True) as db:
             client = self._find(db, ref)
+            # one link per client, as wg-easy: a link sent and forgotten stops working
+            db.execute("DELETE FROM links WHERE client_id = ?", (client.id,))
             db.execute("INSERT INTO links VALUES (?, ?, ?)",
                        (token_hash, client.id, expires.isoformat()))  # fmt: skip
 

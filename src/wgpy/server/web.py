@@ -23,10 +23,12 @@ from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wgpy._version import __version__
 from wgpy.core.crypto import encode_key
@@ -46,6 +48,35 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+
+
+MAX_BODY = 64 * 1024  # every body here is a small JSON object
+
+
+class BodyLimit:
+    """Refuses a request body over MAX_BODY, or one without a length (chunked), before
+    anything reads it: the login is open to anyone, and FastAPI reads a whole body into
+    memory before it checks a field's length. (uvicorn delivers no more than the
+    Content-Length it was given.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refusal(dict(scope["headers"])) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @staticmethod
+    def refusal(headers: dict[bytes, bytes]) -> Response | None:
+        if b"transfer-encoding" in headers:
+            return PlainTextResponse("a body needs a Content-Length", 411)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            return PlainTextResponse("request body too large", 413)
+        return None
 
 
 class Login(BaseModel):
@@ -113,10 +144,15 @@ def live_peers(ifname: str) -> dict[bytes, uapi_client.PeerStatus]:
 
 
 def _session(request: Request) -> Session:
-    found = request.app.state.sessions.get(request.cookies.get(COOKIE))
+    token = request.cookies.get(COOKIE)
+    found: Session | None = request.app.state.sessions.get(token)
     if found is None:
         raise HTTPException(401, "log in first")
-    return found  # type: ignore[no-any-return]
+    current = request.app.state.registry.password_hash() or ""
+    if not hmac.compare_digest(found.password.encode(), current.encode()):
+        request.app.state.sessions.drop(token)  # the password changed since this login
+        raise HTTPException(401, "log in first")
+    return found
 
 
 def _change(s: Annotated[Session, Depends(_session)],
@@ -126,6 +162,7 @@ def _change(s: Annotated[Session, Depends(_session)],
     return s
 
 
+ClientId = Annotated[int, PathParam(ge=1, le=(1 << 63) - 1)]  # SQLite's INTEGER range
 Reader = Annotated[Session, Depends(_session)]  # logged in
 Changer = Annotated[Session, Depends(_change)]  # logged in, and the CSRF token sent
 
@@ -134,9 +171,11 @@ def create_app(registry: Registry) -> FastAPI:
     app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.state.sessions = sessions = Sessions()
+    app.state.registry = registry
     limit = LoginLimit()
     templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(BodyLimit)  # inside the one below: its answers get the headers too
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
@@ -160,17 +199,19 @@ def create_app(registry: Registry) -> FastAPI:
     @app.post("/api/session", tags=["session"])
     def login(body: Login, request: Request, response: Response) -> SessionOut:
         address = request.client.host if request.client else "?"
-        wait = limit.retry_after(address)
+        wait = limit.attempt(address)  # counted as a failure until the password checks
         if wait:
             raise HTTPException(429, "too many failed logins: wait a minute",
                                 headers={"Retry-After": str(int(wait) + 1)})  # fmt: skip
-        if not verify_password(body.password, registry.password_hash()):
-            limit.failed(address)
+        stored = registry.password_hash()
+        if not verify_password(body.password, stored):
             raise HTTPException(401, "wrong password")
         limit.succeeded(address)
-        token, s = sessions.create()
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")  # fmt: skip
+        token, s = sessions.create(stored or "")
+        # Secure also behind an HTTPS proxy (a forged header only makes it stricter)
+        https = "https" in (request.url.scheme, request.headers.get("x-forwarded-proto"))
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=https,
+                            path="/")  # fmt: skip
         return SessionOut(csrf=s.csrf)
 
     @app.get("/api/session", tags=["session"])
@@ -210,11 +251,11 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
         return one(manage.add_client(registry, body.name, expires).id)
 
     @app.get("/api/clients/{client_id}", tags=["clients"])
-    def get(client_id: int, s: Reader) -> ClientOut:
+    def get(client_id: ClientId, s: Reader) -> ClientOut:
         return one(client_id)
 
     @app.patch("/api/clients/{client_id}", tags=["clients"])
-    def update(client_id: int, body: ClientChange, s: Changer) -> ClientOut:
+    def update(client_id: ClientId, body: ClientChange, s: Changer) -> ClientOut:
         expires: datetime | Unset | None = UNSET
         if body.expires is not None:
             expires = parse_expiry(body.expires, manage.now())
@@ -223,7 +264,7 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
         return one(client_id)
 
     @app.delete("/api/clients/{client_id}", tags=["clients"], status_code=204)
-    def remove(client_id: int, s: Changer) -> None:
+    def remove(client_id: ClientId, s: Changer) -> None:
         registry.remove_client(client_id)
 
 
@@ -233,18 +274,19 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
 
     @app.get("/api/clients/{client_id}/configuration", tags=["clients"],
              response_class=PlainTextResponse)  # fmt: skip
-    def configuration(client_id: int, s: Reader) -> Response:
+    def configuration(client_id: ClientId, s: Reader) -> Response:
         return _config_file(registry, registry.client(client_id))
 
     @app.get("/api/clients/{client_id}/qrcode.svg", tags=["clients"])
-    def qrcode(client_id: int, s: Reader) -> Response:
+    def qrcode(client_id: ClientId, s: Reader) -> Response:
         text = manage.client_config(registry.settings(), registry.client(client_id))
         out = io.BytesIO()  # a standalone file (xmlns): an <img> shows nothing without it
         manage.qr(text).save(out, kind="svg", scale=4, border=2, xmldecl=False)
         return Response(out.getvalue(), media_type="image/svg+xml")
 
     @app.post("/api/clients/{client_id}/link", tags=["clients"], status_code=201)
-    def link(client_id: int, s: Changer) -> LinkOut:
+    def link(client_id: ClientId, s: Changer) -> LinkOut:
+        _active(registry.client(client_id))
         token = secrets.token_urlsafe(32)
         expires = manage.now() + LINK_LIFETIME
         registry.add_link(client_id, hashlib.sha256(token.encode()).digest(), expires)
@@ -256,7 +298,17 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
         client = registry.take_link(hashlib.sha256(token.encode()).digest(), manage.now())
         if client is None:
             raise HTTPException(404, "this link was used already or has expired")
+        if not client.active(manage.now()):  # disabling a client withdraws its links
+            raise HTTPException(404, "this link's client is disabled or expired")
         return _config_file(registry, client)
+
+
+def _active(client: Client) -> None:
+    """A one-time link goes to someone else: only for a client that works now."""
+    if not client.enabled:
+        raise Invalid(f"{client.name} is disabled: enable it first")
+    if client.expired(manage.now()):
+        raise Invalid(f"{client.name} has expired: set a new expiry first")
 
 
 def _config_file(registry: Registry, client: Client) -> Response:
@@ -274,11 +326,16 @@ class _Server(uvicorn.Server):
         yield
 
 
+def server_config(registry: Registry) -> uvicorn.Config:
+    # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any local
+    # process as the client's address, and the login limit would count nothing
+    return uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
+                          lifespan="off", proxy_headers=False)  # fmt: skip
+
+
 async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event) -> None:
     """The page on a listening socket, until `stop` is set."""
-    config = uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
-                            lifespan="off")  # fmt: skip
-    server = _Server(config)
+    server = _Server(server_config(registry))
 
     async def stopper() -> None:
         await stop.wait()

@@ -1,0 +1,269 @@
+"""A stress run of the data path on either backend: traffic in full batches (one GRO read
+per sender, so the native backend cuts them across its crypto threads) while peers rekey,
+are removed and added back (`wg set`), lose and regain allowed IPs, roam, and rotate keys.
+
+What must hold, checked as it runs:
+- no (receiver index, counter) on the wire twice: no nonce used twice;
+- the server delivers no packet whose inner source its configuration of that moment does
+  not give to the sending peer (a removed peer, a moved IP, a spoofed source);
+- each client's packets reach the server in the order they were sent (the network here
+  neither loses nor reorders, so any reordering would be the data path's), none twice;
+- nothing raises.
+
+Usage: python tests/native/stress.py [seconds] [native|python] [harnesses]: the run the
+ThreadSanitizer build (tests/native/tsan.sh) makes, several harnesses on as many threads.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import ModuleType
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from wgpy.core.backend import Backend
+from wgpy.core.crypto import clamp
+from wgpy.core.device import Device
+from wgpy.core.messages import DATA_HEADER, MSG_DATA
+from wgpy.core.output import Endpoint, Output
+
+SERVER_EP: Endpoint = ("192.0.2.1", 51820)
+SERVER_IP = bytes([10, 9, 0, 1])
+TAG = struct.Struct("!HIB")  # payload: client number, sequence number, spoofed?
+Wire = list[tuple[bytes, Endpoint, Endpoint]]
+
+
+def packet(src: bytes, dst: bytes, client: int, seq: int, spoofed: bool, size: int) -> bytes:
+    body = TAG.pack(client, seq, spoofed) + bytes(size)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, 17, 0, src, dst)
+    return header + body
+
+
+@dataclass
+class Client:
+    number: int
+    device: Device
+    endpoint: Endpoint
+    ip: bytes
+    seq: int = 0
+    delivered: int = -1  # the last sequence number the server delivered
+
+
+@dataclass
+class Stress:
+    backend: Backend
+    seed: int
+    rng: random.Random = field(init=False)
+    now: float = 1000.0
+    counters: set[tuple[Endpoint, int, int]] = field(default_factory=set)
+    owner: dict[bytes, int] = field(default_factory=dict)  # server's allowed IPs: ip -> client
+    delivered: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.server = self._device()
+        self.clients = [self._client(i) for i in range(4)]
+
+    def _device(self) -> Device:
+        device = Device(self.rng.randbytes, backend=self.backend)
+        device.set_private_key(clamp(self.rng.randbytes(32)))
+        return device
+
+    def _client(self, i: int) -> Client:
+        c = Client(i, self._device(), ("192.0.2.100", 40000 + i), bytes([10, 9, 1, i]))
+        assert self.server.public_key is not None
+        peer = c.device.add_peer(self.server.public_key)
+        assert peer is not None
+        peer.endpoint = SERVER_EP
+        c.device.allowed_ips.insert(bytes(4), 0, peer)
+        self._configure(c)
+        return c
+
+    def _configure(self, c: Client) -> None:
+        """The server's peer for client c (`wg set peer ... allowed-ips`)."""
+        assert c.device.public_key is not None
+        peer = self.server.add_peer(c.device.public_key)
+        assert peer is not None
+        self.server.allowed_ips.insert(c.ip, 32, peer)
+        self.owner[c.ip] = c.number
+
+    # ---- moving datagrams ---------------------------------------------------------------
+
+    def _device_at(self, ep: Endpoint) -> Device | None:
+        if ep == SERVER_EP:
+            return self.server
+        return next((c.device for c in self.clients if c.endpoint == ep), None)
+
+    def carry(self, wire: Wire) -> None:
+        """Deliver datagrams (and all they provoke), each sender's as GRO reads."""
+        while wire:
+            reads: dict[tuple[Endpoint, Endpoint], list[bytes]] = defaultdict(list)
+            for data, src, dst in wire:
+                self._note(data, dst)
+                reads[(src, dst)].append(data)
+            wire = []
+            for (src, dst), grams in reads.items():
+                device = self._device_at(dst)
+                if device is None:
+                    continue
+                for read, seg in gro_reads(grams):
+                    out = device.receive_read(memoryview(read), len(read), seg, src, self.now)
+                    if device is self.server:
+                        self._check_delivered(out.tun)
+                    wire += self._outputs(device, out)
+
+    def _outputs(self, device: Device, out: Output) -> Wire:
+        ep = SERVER_EP if device is self.server else self._client_of(device).endpoint
+        return [(d, ep, dst) for d, dst in out.udp]
+
+    def _client_of(self, device: Device) -> Client:
+        return next(c for c in self.clients if c.device is device)
+
+    def _note(self, data: bytes, dst: Endpoint) -> None:
+        """No nonce twice: every data message's (receiver, index, counter) is new."""
+        if len(data) >= 32 and DATA_HEADER.unpack_from(data)[0] == MSG_DATA:
+            _, index, counter = DATA_HEADER.unpack_from(data)
+            key = (dst, index, counter)
+            assert key not in self.counters, f"counter {counter} used twice on index {index}"
+            self.counters.add(key)
+
+    def _check_delivered(self, packets: list[bytes]) -> None:
+        for p in packets:
+            if p[16:20] != SERVER_IP:
+                continue  # not the test's traffic
+            number, seq, spoofed = TAG.unpack_from(p, 20)
+            assert not spoofed, f"a spoofed packet of client {number} was delivered"
+            assert self.owner.get(p[12:16]) == number, "a source the server does not allow"
+            c = self.clients[number]
+            assert seq > c.delivered, f"client {number}: {seq} after {c.delivered}"
+            c.delivered = seq
+            self.delivered += 1
+
+    # ---- what happens -------------------------------------------------------------------
+
+    def traffic(self) -> None:
+        wire: Wire = []
+        for c in self.clients:
+            batch = []
+            for _ in range(self.rng.choice([1, 7, 30, 64])):
+                spoofed = self.rng.random() < 0.05
+                src = bytes([10, 9, 2, self.rng.randrange(256)]) if spoofed else c.ip
+                size = self.rng.choice([0, 100, 1300])
+                batch.append(packet(src, SERVER_IP, c.number, c.seq, spoofed, size))
+                c.seq += 1
+            out = c.device.send(batch, self.now)
+            wire += [(d, c.endpoint, dst) for d, dst in out.udp]
+        replies = [packet(SERVER_IP, c.ip, 0, 0, False, 500) for c in self.clients] * 8
+        wire += self._outputs(self.server, self.server.send(replies, self.now))
+        self.carry(wire)
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        for device in [self.server, *(c.device for c in self.clients)]:
+            out = device.tick(self.now)
+            ep = SERVER_EP if device is self.server else self._client_of(device).endpoint
+            self.carry([(d, ep, dst) for d, dst in out.udp])
+
+    def remove_and_readd(self, c: Client) -> None:
+        assert c.device.public_key is not None
+        self.server.remove_peer(c.device.public_key)
+        self.owner = {ip: n for ip, n in self.owner.items() if n != c.number}
+        self.traffic()  # in the gap: nothing of c's may be delivered
+        self._configure(c)
+
+    def move_ip(self, c: Client, to: Client) -> None:
+        """c's address to another client at the server (`wg set ... allowed-ips`)."""
+        assert to.device.public_key is not None
+        self.server.allowed_ips.insert(c.ip, 32, self.server.peers[to.device.public_key])
+        self.owner[c.ip] = to.number
+        self.traffic()
+        self._configure(c)  # and back
+
+    def roam(self, c: Client) -> None:
+        c.endpoint = (c.endpoint[0], c.endpoint[1] + 100)
+
+    def rotate_key(self, c: Client) -> None:
+        assert c.device.public_key is not None
+        self.server.remove_peer(c.device.public_key)
+        c.device.set_private_key(clamp(self.rng.randbytes(32)))
+        self._configure(c)
+
+    def step(self) -> None:
+        roll = self.rng.random()
+        c = self.rng.choice(self.clients)
+        if roll < 0.6:
+            self.traffic()
+        elif roll < 0.75:
+            self.tick(self.rng.choice([0.5, 5.0, 30.0, 125.0]))  # 125: past a rekey
+        elif roll < 0.82:
+            self.remove_and_readd(c)
+        elif roll < 0.89:
+            self.move_ip(c, self.rng.choice(self.clients))
+        elif roll < 0.95:
+            self.roam(c)
+        else:
+            self.rotate_key(c)
+
+
+def gro_reads(grams: list[bytes]) -> list[tuple[bytes, int]]:
+    """Datagrams as GRO would merge them: runs of one size, the last may be shorter."""
+    reads: list[tuple[bytes, int]] = []
+    run: list[bytes] = []
+    for g in grams:
+        if run and (len(g) > len(run[0]) or len(run[-1]) < len(run[0])):
+            reads.append((b"".join(run), len(run[0])))
+            run = []
+        run.append(g)
+    if run:
+        reads.append((b"".join(run), len(run[0])))
+    return reads
+
+
+def run(backend: Backend, seed: int, steps: int) -> Stress:
+    s = Stress(backend, seed)
+    for _ in range(steps):
+        s.step()
+    return s
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
+    kind = sys.argv[2] if len(sys.argv) > 2 else "native"
+    harnesses = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    module: ModuleType | None = None
+    if kind == "native":
+        from wgpy import _native as module
+
+        module.set_threads(3)
+    deadline = time.monotonic() + seconds
+    errors: list[BaseException] = []
+    totals: list[int] = []
+
+    def harness(seed: int) -> None:
+        try:
+            s = Stress(Backend(module, threading.Lock), seed)
+            while time.monotonic() < deadline:
+                s.step()
+            totals.append(s.delivered)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=harness, args=(seed,)) for seed in range(harnesses)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    print(f"stress: {sum(totals)} packets delivered, every check held ({kind})")
+
+
+if __name__ == "__main__":
+    main()
