@@ -134,8 +134,8 @@ class Datapath:
         self.tun_batches = BatchSizes()  # packets per readable TUN event
         self._udp_buf = bytearray(UDP_BUF)
         # the C intake reads the socket itself, DRAIN reads of up to UDP_BUF each at once
-        in_c = device.intake is not None and udp.reads_are_its_own()
-        self._drain_buf = bytearray(UDP_BUF * DRAIN) if in_c else None
+        self._drains = device.intake is not None and udp.reads_are_its_own()
+        self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
 
     def on_udp(self) -> None:
@@ -143,7 +143,7 @@ class Datapath:
         views into the receive buffer (no copies); what comes out is sent once at the end."""
         out = Output()
         now = time.monotonic()
-        count = self._drain(now, out) if self._drain_buf is not None else self._read(now, out)
+        count = self._drain(now, out) if self._drains else self._read(now, out)
         if count:
             self.udp_batches.record(count)
         if self.device.queued_handshakes:
@@ -177,7 +177,9 @@ class Datapath:
         counts one)."""
         device, udp, classifier = self.device, self.udp, self.device.intake
         buf = self._drain_buf
-        assert buf is not None and classifier is not None
+        if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
+            buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
+        assert classifier is not None
         fd, view = udp.fileno(), memoryview(buf)
         count = 0
         while count < BATCH:
