@@ -17,6 +17,13 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        Extension(  # the handshake intake (issue 18); -ffp-contract=off: the token buckets
+            "wgpy._classify",  # must round as the Python ones do (no fused multiply-add)
+            ["src/wgpy/_classify.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-ffp-contract=off"],
+            optional=True,
+        ),
     ]
 )

@@ -15,13 +15,16 @@ shared/bin (when present). Flood modes, real WireGuard initiations built with wg
   b     the same from one source that echoes cookies: it decrypts V's cookie replies (it
         knows each mac1 it sent) and puts a valid mac2 on every later initiation;
   c     as a, rotating over 200 source addresses on X's veth (spoofed sources).
-Rates: 20,000/s and 0 = as fast as one Python sender goes. Measured per victim x mode x
-rate, during the flood: how long L2 (reset to no session at the flood's start) takes to
-complete a handshake ("> N s" if not within the flood), V's CPU seconds over the run
-(/proc/PID/stat; includes carrying L1's ping and iperf3, see the "none" row), cookie
-replies that reached X (its UDP counters), ping RTT and loss over L1's tunnel, then
-iperf3 throughput over it. Every run is bounded in time; everything is removed in a
-`finally`. Needs root, wg, wireguard-go, iperf3 and ping. Markdown to stdout and --out.
+Rates: 20,000/s and 0 = as fast as the sender goes. Modes a and c are sent by
+bench/flood_send.c (sendmmsg, compiled with gcc at run time: `build_sender`), mode b by
+Python (it must read the cookie replies); --sender python sends a and c from Python too.
+Measured per victim x mode x rate, during the flood: how long L2 (reset to no session at
+the flood's start) takes to complete a handshake ("> N s" if not within the flood), V's
+CPU seconds over the run (/proc/PID/stat; includes carrying L1's ping and iperf3, see the
+"none" row), cookie replies that reached X (its UDP counters), ping RTT and loss over
+L1's tunnel, then iperf3 throughput over it. Every run is bounded in time; everything is
+removed in a `finally`. Needs root, wg, wireguard-go, iperf3 and ping. Markdown to stdout
+and --out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -96,12 +100,71 @@ def build_pool(victim_pub: bytes, n: int) -> tuple[list[bytearray], dict[int, by
     return pool, mac1s
 
 
-def attack(args: argparse.Namespace) -> None:
-    import socket
+SENDER_C = Path(__file__).resolve().parent / "flood_send.c"
 
+
+def build_sender(cache: Path = Path("/tmp")) -> Path:
+    """bench/flood_send.c compiled (once per version of the source): the line-rate sender."""
+    import hashlib
+
+    digest = hashlib.sha256(SENDER_C.read_bytes()).hexdigest()[:12]
+    exe = cache / f"wgpy-flood-send-{digest}"
+    if not exe.exists():
+        tmp = exe.with_suffix(f".{os.getpid()}")
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp),
+                        str(SENDER_C)], check=True)  # fmt: skip
+        tmp.replace(exe)
+    return exe
+
+
+def attack_c(args: argparse.Namespace, pool: list[bytearray]) -> None:
+    """Modes a and c from the C sender (its "ready" and its figures go to our stdout)."""
+    import tempfile
+
+    exe = build_sender()
+    with tempfile.NamedTemporaryFile(prefix="wgpy-pool-") as f:
+        f.write(b"".join(pool))
+        f.flush()
+        command = [str(exe), args.target, str(PORT), str(args.rate), str(args.seconds),
+                   f.name, str(len(pool[0])), args.sources]  # fmt: skip
+        subprocess.run(command, check=True, timeout=args.seconds + 30)
+
+
+def echo_cookies(sock: socket.socket, cookie_key: bytes, pool: list[bytearray],
+                 mac1s: dict[int, bytes], stats: dict[str, int]) -> bool:  # fmt: skip
+    """Mode b: read V's cookie replies; with one decrypted, a valid mac2 on every message
+    of the pool from now on (the cookie lasts 120 s). Whether a cookie was set."""
+    cookie_set = False
+    for _ in range(64):
+        try:
+            reply = sock.recv(2048)
+        except BlockingIOError:
+            break
+        stats["replies_read"] += 1
+        if len(reply) != COOKIE_REPLY_LEN or reply[0] != MSG_COOKIE_REPLY:
+            continue
+        m = parse_cookie_reply(reply)
+        mac1 = mac1s.get(m.receiver)
+        if mac1 is None:
+            continue
+        try:
+            cookie = xaead_decrypt(cookie_key, m.nonce, m.cookie, mac1)
+        except InvalidTag:
+            continue
+        stats["cookies"] += 1
+        for msg in pool:
+            msg[-16:] = mac(cookie, bytes(msg[:-16]))
+        cookie_set = True
+    return cookie_set
+
+
+def attack(args: argparse.Namespace) -> None:
     victim_pub = bytes.fromhex(args.victim_pub)
     target = (args.target, PORT)
     pool, mac1s = build_pool(victim_pub, args.pool)
+    if args.mode in ("a", "c") and args.sender == "c":
+        attack_c(args, pool)
+        return
     cookie_key = hash_(LABEL_COOKIE, victim_pub)
     sources = args.sources.split(",")
     socks = []
@@ -138,26 +201,7 @@ def attack(args: argparse.Namespace) -> None:
         if cookie_set:
             stats["mac2_sent"] += n
         if args.mode == "b":  # read the cookie replies; put mac2 on what follows
-            for _ in range(64):
-                try:
-                    reply = socks[0].recv(2048)
-                except BlockingIOError:
-                    break
-                stats["replies_read"] += 1
-                if len(reply) != COOKIE_REPLY_LEN or reply[0] != MSG_COOKIE_REPLY:
-                    continue
-                m = parse_cookie_reply(reply)
-                mac1 = mac1s.get(m.receiver)
-                if mac1 is None:
-                    continue
-                try:
-                    cookie = xaead_decrypt(cookie_key, m.nonce, m.cookie, mac1)
-                except InvalidTag:
-                    continue
-                stats["cookies"] += 1
-                for msg in pool:  # a valid mac2 from now on (the cookie lasts 120 s)
-                    msg[-16:] = mac(cookie, bytes(msg[:-16]))
-                cookie_set = True
+            cookie_set = echo_cookies(socks[0], cookie_key, pool, mac1s, stats) or cookie_set
     stats["elapsed"] = time.monotonic() - start  # type: ignore[assignment]
     print(json.dumps(stats), flush=True)
 
@@ -285,7 +329,7 @@ def iperf(bed: Bed, seconds: float) -> float | None:
         return None
 
 
-def run_one(bed: Bed, mode: str, rate: int, seconds: float) -> dict[str, object]:
+def run_one(bed: Bed, mode: str, rate: int, seconds: float, sender: str) -> dict[str, object]:
     sources = ",".join(SPOOFED if mode == "c" else [X_ADDR])
     cpu0, udp0 = cpu_seconds(bed.victim_pid()), udp_received(bed)  # before the first packet
     victim_pub = base64.b64decode(bed.node.public_key).hex()
@@ -293,7 +337,7 @@ def run_one(bed: Bed, mode: str, rate: int, seconds: float) -> dict[str, object]
         sys.executable, str(Path(__file__).resolve()), "attack", "--victim-pub", victim_pub,
         "--target", V_ATTACK, "--mode", mode, "--rate", str(rate),
         "--seconds", str(seconds), "--sources", sources, "--pool", str(POOL),
-        stdout=subprocess.PIPE, text=True,
+        "--sender", sender, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     result: dict[str, object] = {"victim": bed.victim, "mode": mode, "rate": rate}
     try:
@@ -374,6 +418,7 @@ def main() -> int:
         ap.add_argument("--rate", type=int, default=0)
         ap.add_argument("--seconds", type=float, default=5)
         ap.add_argument("--pool", type=int, default=POOL)
+        ap.add_argument("--sender", choices=("c", "python"), default="c")
         attack(ap.parse_args())
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -382,6 +427,8 @@ def main() -> int:
     ap.add_argument("--modes", default="none,a,b,c")
     ap.add_argument("--rates", default="20000,0", help="initiations/s; 0 = as fast as it goes")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each flood")
+    ap.add_argument("--sender", choices=("c", "python"), default="c",
+                    help="what sends modes a and c (b is always Python)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -399,7 +446,7 @@ def main() -> int:
         try:
             for mode in modes:
                 for rate in [0] if mode == "none" else rates:
-                    r = run_one(bed, mode, rate, seconds)
+                    r = run_one(bed, mode, rate, seconds, args.sender)
                     rows.append(fmt(r))
                     print(rows[-1], file=sys.stderr, flush=True)
                     time.sleep(1.5)  # the victim leaves its under-load state

@@ -95,6 +95,8 @@ class SimNet:
     """Routes datagrams between devices by endpoint, through `conditions` (per pair of
     nodes via `set_conditions`); `drop(data, src, dst)` can also refuse any datagram."""
 
+    classify = False  # the nodes' devices take handshakes through the C intake (intake.py)
+
     def __init__(self, seed: int = 1, conditions: Conditions | None = None) -> None:
         self.now = 1000.0
         self.rng = random.Random(seed)
@@ -111,7 +113,7 @@ class SimNet:
     # ---- building -----------------------------------------------------------------------
 
     def add(self, name: str, endpoint: Endpoint) -> SimNode:
-        device = Device(self.rng.randbytes, wall_offset=WALL)
+        device = Device(self.rng.randbytes, wall_offset=WALL, classify=self.classify)
         device.set_private_key(clamp(self.rng.randbytes(32)))
         node = SimNode(name, device, endpoint)
         self.nodes[endpoint] = node

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Build wgpy._native with AddressSanitizer + UndefinedBehaviorSanitizer into a temporary
-# copy of the package and run the hostile corpus (tests/native/hostile.py) through it.
+# Build wgpy._native and wgpy._classify with AddressSanitizer + UndefinedBehaviorSanitizer
+# into a temporary copy of the package and run the hostile corpus (tests/native/hostile.py)
+# and the C intake's tests (tests/native/test_classify.py: hypothesis batches, a real
+# socket drained) through them.
 # Usage: tests/native/sanitize.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,14 +11,20 @@ SECONDS_TO_RUN=${1:-20}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r src/wgpy "$tmp/wgpy"
-rm -f "$tmp"/wgpy/_native*.so
+rm -f "$tmp"/wgpy/_native*.so "$tmp"/wgpy/_classify*.so
+mkdir "$tmp/tests"
+cp -r tests/__init__.py tests/core tests/native "$tmp/tests/"
 suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
   -fno-omit-frame-pointer -Wall -Wextra -Werror -I"$include" \
   src/wgpy/_native.c -lcrypto -o "$tmp/wgpy/_native$suffix"
-LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
-ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-PYTHONPATH="$tmp" PYTHONMALLOC=malloc \
-  "$PY" tests/native/hostile.py "$SECONDS_TO_RUN"
+gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+  -fno-omit-frame-pointer -ffp-contract=off -Wall -Wextra -Werror -I"$include" \
+  src/wgpy/_classify.c -lcrypto -o "$tmp/wgpy/_classify$suffix"
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
+"$PY" tests/native/hostile.py "$SECONDS_TO_RUN"
+(cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py)

@@ -31,11 +31,12 @@ def test_hostile_corpus_under_asan_and_ubsan() -> None:
         [os.path.join(HERE, "sanitize.sh"), "30"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,  # 30 s of corpus, then the C intake's tests (~10-60 s under ASan)
         env=env,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rounds clean" in done.stdout
+    assert " passed" in done.stdout  # tests/native/test_classify.py ran too
 
 
 def test_fuzz_open_briefly() -> None:

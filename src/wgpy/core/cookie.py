@@ -62,7 +62,8 @@ class CookieChecker:
         self._secret = b""
         self._secret_born = float("-inf")
         self._prefix = b""  # the first 16 nonce bytes while this secret lasts
-        self._sealer: ChaCha20Poly1305 | None = None  # under HChaCha20(cookie_key, prefix)
+        self._subkey = b""  # HChaCha20(cookie_key, prefix)
+        self._sealer: ChaCha20Poly1305 | None = None  # under the subkey
         self._counter = 0  # the last 8 nonce bytes, little-endian
         self._hosts: dict[str, bytes] = {}  # address -> its bytes
 
@@ -70,6 +71,22 @@ class CookieChecker:
         self.mac1_key = hash_(LABEL_MAC1, pub) if pub else b""
         self.cookie_key = hash_(LABEL_COOKIE, pub) if pub else b""
         self._prefix = b""
+
+    @property
+    def secret(self) -> tuple[bytes, float]:
+        """The cookie secret and when it was drawn (core/intake.py checks mac2 with it)."""
+        return self._secret, self._secret_born
+
+    def reply_state(self, now: float) -> tuple[bytes, bytes, int] | None:
+        """(nonce prefix, subkey, counter) while the next reply draws nothing new (the
+        secret is fresh and the prefix drawn), else None: core/intake.py makes replies
+        in C with it, and hands the counter back with `replies_made`."""
+        if not self._prefix or now - self._secret_born > COOKIE_REFRESH_TIME:
+            return None
+        return self._prefix, self._subkey, self._counter
+
+    def replies_made(self, counter: int) -> None:
+        self._counter = counter
 
     def check_mac1(self, msg: bytes) -> bool:
         if not self.mac1_key:
@@ -101,7 +118,8 @@ class CookieChecker:
         cookie = self._cookie(src, now)
         if not self._prefix:
             self._prefix = self._rand(16)
-            self._sealer = ChaCha20Poly1305(hchacha20(self.cookie_key, self._prefix))
+            self._subkey = hchacha20(self.cookie_key, self._prefix)
+            self._sealer = ChaCha20Poly1305(self._subkey)
             self._counter = int.from_bytes(self._rand(8), "little")
         assert self._sealer is not None
         self._counter = (self._counter + 1) & 0xFFFF_FFFF_FFFF_FFFF

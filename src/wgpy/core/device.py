@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 
-from wgpy.core import data, handshake, icmp, sessions
+from wgpy.core import data, handshake, icmp, intake, sessions
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.backend import Backend
 from wgpy.core.constants import (
@@ -54,10 +54,13 @@ from wgpy.core.events import (
 from wgpy.core.indextable import IndexTable
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import (
+    COOKIE_REPLY_LEN,
+    INITIATION_LEN,
     MSG_COOKIE_REPLY,
     MSG_DATA,
     MSG_INITIATION,
     MSG_RESPONSE,
+    RESPONSE_LEN,
     TYPE,
     message_type,
     parse_cookie_reply,
@@ -75,6 +78,8 @@ _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
 HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
 _KNOWN_TYPES = (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA)
+_SIZES = {MSG_INITIATION: INITIATION_LEN, MSG_RESPONSE: RESPONSE_LEN,
+          MSG_COOKIE_REPLY: COOKIE_REPLY_LEN}  # fmt: skip
 
 
 def _why_refused(data: bytes | memoryview) -> Drop:
@@ -114,12 +119,16 @@ class Device:
         rand: Callable[[int], bytes],
         wall_offset: float = 0.0,
         backend: Backend | None = None,
+        *,
+        classify: bool = False,
     ) -> None:
         """`backend`: where data messages are opened and sealed (core/backend.py), by
-        default the pure-Python one for a single thread."""
+        default the pure-Python one for a single thread. `classify`: the handshake intake
+        in C (core/intake.py; the extension must be there)."""
         self.rand = rand
         self.backend = backend or Backend()
-        self._timer_rng = random.Random(rand(16))
+        seed = rand(16)
+        self._timer_rng = random.Random(seed)
         self.wall_offset = wall_offset  # wall-clock time = now + wall_offset
         self.private_key: bytes | None = None
         self._static: PrivateKey | None = None  # the same key, loaded for X25519
@@ -132,6 +141,9 @@ class Device:
         self.rate_limiter = RateLimiter()  # handshakes that need no cookie, by source
         self.cookie_limiter = RateLimiter(COOKIE_PACKETS_PER_SECOND, COOKIE_BURST)  # with mac2
         self.load = LoadMeter(HANDSHAKE_QUEUE)
+        # the same rules in C over whole reads; then the two limiters above go unused
+        self.intake = intake.classifier(seed, HANDSHAKE_QUEUE) if classify else None
+        self._intake_born = float("-inf")  # the cookie secret the classifier has
         # (message, source, type, whether it came with a valid mac2, the caller's tag
         # for the read it came in)
         self._queue: deque[tuple[bytes, Endpoint, int, bool, object]] = deque()
@@ -157,6 +169,8 @@ class Device:
         self._static = PrivateKey(key) if key else None
         self.public_key = self._static.public if self._static else None
         self.cookie_checker.set_public_key(self.public_key)
+        if self.intake is not None:
+            self.intake.set_mac1_key(self.cookie_checker.mac1_key)
         if self.public_key in self.peers:
             self.remove_peer(self.public_key)
         for peer in self.peers.values():
@@ -229,11 +243,96 @@ class Device:
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
         bytes if GRO merged them (see `split_read`), opened all in one call."""
+        if self.intake is not None:
+            return self._receive_classified(buf, n, seg, src, now, handshake_budget, tag)
         out = Output()
         received: dict[Keypair, data.Received] = {}
         others: list[data.Datagram] = []
         self._open(buf, n, seg, src, now, out, received, others)
         return self._opened(received, others, now, handshake_budget, out, tag)
+
+    def _receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                            handshake_budget: int, tag: object) -> Output:  # fmt: skip
+        """`receive_read` with the intake in C: the handshake messages of the read are
+        taken (or refused) first, and the open path runs only if data messages came."""
+        out = Output()
+        ndata = self._classify(buf, n, seg, src, now, out, tag)
+        return self._classified_data(buf, n, seg, src, now, ndata, handshake_budget, out, tag)
+
+    def receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                           passed: list[tuple[int, int]] | None, ndata: int,
+                           tag: object = None) -> Output:  # fmt: skip
+        """A read the C intake drained from the socket itself (io/datapath.py) and found
+        something in: `passed` and `ndata` as `Classifier.drain` gives them; the
+        handshakes that passed are taken, the data messages opened."""
+        out = Output()
+        if passed:
+            self._take(buf, passed, src, None, now, out, tag)
+        return self._classified_data(buf, n, seg, src, now, ndata, 0, out, tag)
+
+    def _classified_data(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                         ndata: int, handshake_budget: int, out: Output,
+                         tag: object) -> Output:  # fmt: skip
+        received: dict[Keypair, data.Received] = {}
+        if ndata:
+            taken: list[data.Datagram] = []  # the classifier took these already
+            self._open(buf, n, seg, src, now, out, received, taken)
+        return self._opened(received, [], now, handshake_budget, out, tag)
+
+    def intake_state(self, now: float) -> tuple[float, int, bool, tuple[bytes, bytes, int] | None]:
+        """What the C intake needs to go on from where the device stands: the under-load
+        deadline, the queue's length, whether load is forced, the cookie reply state (and
+        the cookie secret, given to it when a reply drew a new one)."""
+        assert self.intake is not None
+        checker = self.cookie_checker
+        secret, born = checker.secret
+        if born != self._intake_born:
+            self.intake.set_cookie_secret(secret, born)
+            self._intake_born = born
+        load = self.load
+        return load.until, len(self._queue), load.forced, checker.reply_state(now)
+
+    def intake_done(self, until: float, drops: dict[str, int], made: bool, counter: int,
+                    out: Output) -> None:  # fmt: skip
+        """The C intake's batch is over: the load deadline it moved, the refusals it
+        counted, the cookie replies it made (`counter`: the nonce counter after them)."""
+        self.load.until = until
+        for reason, count in drops.items():
+            out.drops[Drop(reason)] += count
+        if made:
+            self.cookie_checker.replies_made(counter)
+
+    def _classify(self, buf: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
+                  out: Output, tag: object) -> int:  # fmt: skip
+        """The C intake of one read: what passed taken as `_admit` would, refusals
+        counted; returns how many data messages the read holds."""
+        assert self.intake is not None
+        until, queued, forced, state = self.intake_state(now)
+        passed, ndata, until, drops, replies, counter = self.intake.classify(
+            buf, n, seg, src[0], src[1], now, until, queued, forced, state
+        )
+        self.intake_done(until, drops, replies is not None, counter, out)
+        self._take(buf, passed, src, replies, now, out, tag)
+        return ndata
+
+    def _take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
+              replies: bytes | None, now: float, out: Output, tag: object) -> None:  # fmt: skip
+        """What passed the C intake, in order, as `_admit` would have taken it."""
+        for offset, verdict in passed:
+            if verdict == intake.COOKIE_MADE:
+                assert replies is not None
+                out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
+                out.events.append(CookieSent(src))
+                continue
+            kind = buf[offset]
+            message = bytes(buf[offset : offset + _SIZES[kind]])
+            if verdict == intake.COOKIE_REPLY:
+                self._receive_cookie_reply(message, now, out)
+            elif verdict == intake.SEND_COOKIE:
+                self._send_cookie(message, src, now, out)
+            else:  # the classifier counted it against the bound and moved the load
+                cookie = verdict == intake.ENQUEUE_COOKIE
+                self._queue.append((message, src, kind, cookie, tag))
 
     def _open(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
               out: Output, received: dict[Keypair, data.Received],
@@ -388,6 +487,9 @@ class Device:
     ) -> None:
         """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
         (junk, a bad mac1, a source over its rate) counts toward load."""
+        if self.intake is not None:
+            self._classify(data, len(data), 0, src, now, out, tag)
+            return
         kind = message_type(data)
         if not kind:
             out.drops[_why_refused(data)] += 1

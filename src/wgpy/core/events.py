@@ -75,10 +75,11 @@ class ResponseReceived(ProtocolEvent):
 
 @dataclass(frozen=True, slots=True)
 class CookieSent(ProtocolEvent):
-    """Under load: a cookie reply instead of a response, to whoever sent from `source`."""
+    """Under load: a cookie reply instead of a response, to whoever sent from `source`
+    (None: one of the replies the C intake sent itself, core/intake.py)."""
 
     kind: ClassVar[EventKind] = EventKind.COOKIE_SENT
-    source: Endpoint
+    source: Endpoint | None
     peer: None = None
 
 

@@ -113,11 +113,11 @@ class LoadMeter:
     def __init__(self, queue_size: int) -> None:
         self.threshold = queue_size // 8
         self.forced = False  # a test or the caller may force it on
-        self._until = float("-inf")
+        self.until = float("-inf")  # under load before this (core/intake.py moves it too)
 
     def update(self, queued: int, now: float) -> None:
         if queued > self.threshold:
-            self._until = now + UNDER_LOAD_HOLD
+            self.until = now + UNDER_LOAD_HOLD
 
     def under_load(self, now: float) -> bool:
-        return self.forced or now < self._until
+        return self.forced or now < self.until

@@ -28,7 +28,7 @@ from wgpy.core.output import Output
 from wgpy.daemon import keylog, uapi_server
 from wgpy.daemon.log import DropSummary, log_events
 from wgpy.daemon.status import Stats, build_status
-from wgpy.io.datapath import Datapath, backend, tun_offloads
+from wgpy.io.datapath import Datapath, backend, native_intake, tun_offloads
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, TunGone, open_tun
 from wgpy.io.uapi_path import SOCKET_DIR
@@ -117,7 +117,8 @@ class Daemon:
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
         self.backend = backend(options.threads)
         self.device = Device(
-            os.urandom, wall_offset=time.time() - time.monotonic(), backend=self.backend
+            os.urandom, wall_offset=time.time() - time.monotonic(), backend=self.backend,
+            classify=native_intake(),
         )
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for
         # comparisons, and for kernels that refuse them

@@ -59,6 +59,8 @@ def describe(event: ProtocolEvent, attempt: int | None = None) -> str:
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
     match event:
         case CookieSent(source=source):
+            if source is None:  # one of many the C intake sent (core/intake.py)
+                return "Sending cookie response for denied handshake message"
             source_text = format_endpoint(source)
             return f"Sending cookie response for denied handshake message for {source_text}"
         case KeypairCreated(index=index):

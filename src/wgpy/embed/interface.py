@@ -39,7 +39,7 @@ from wgpy.core.events import (
 )
 from wgpy.core.output import Drop, Output
 from wgpy.embed import netconf
-from wgpy.io.datapath import Datapath, backend, tun_offloads
+from wgpy.io.datapath import Datapath, backend, native_intake, tun_offloads
 from wgpy.io.loop import Loop
 from wgpy.io.tun import Tun, open_tun
 from wgpy.io.udp import UdpSocket
@@ -145,7 +145,7 @@ class Interface:
         ]
         self.udp = UdpSocket(self.config.interface.listen_port or 0, offload=offload)
         self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic(),
-                             backend=backend())  # fmt: skip
+                             backend=backend(), classify=native_intake())  # fmt: skip
         self.tun: Tun | None = None
         self._datapath: Datapath | None = None
         self._loop: Loop | None = None

@@ -3,7 +3,10 @@
 Each readable event drains up to a batch of reads, hands them to the core and gives what
 comes back to the TUN and the UDP socket, which do their own offloads (TUN: coalescing
 into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
-`Device.receive_read` -> `Tun.write_batch`, and nothing else in between.
+`Device.receive_read` -> `Tun.write_batch`, and nothing else in between; with the C
+intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time, refuses
+junk and sends the cookie replies a flood is owed itself, and only the reads that brought
+something go on, by `Device.receive_classified`.
 
 A handshake retry forgets the sticky source address of the peer's endpoint before the
 retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
@@ -30,10 +33,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from wgpy.core import native
+from wgpy.core import intake, native
 from wgpy.core.backend import Backend
 from wgpy.core.device import Device
 from wgpy.core.events import (
+    CookieSent,
     HandshakeRetry,
     InitiationReceived,
     InitiationSent,
@@ -50,6 +54,8 @@ BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back 
 HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
 HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
+DRAIN = 64  # reads per recvmmsg of the C intake; BATCH reads in all per readable event
+_COOKIE_SENT = CookieSent(None)  # one the C intake sent (to many sources: not named)
 
 
 class BatchSizes:
@@ -96,6 +102,14 @@ def backend(threads: int | None = None) -> Backend:
     return Backend(module, threading.Lock, threads)
 
 
+def native_intake() -> bool:
+    """Whether the handshake intake runs in C (core/intake.py): where it was built, unless
+    WGPY_NATIVE=0 asks for the pure-Python path, or WGPY_INTAKE=0 for the Python intake
+    alone (beside the native data path: what a comparison of the two intakes wants)."""
+    off = os.environ.get("WGPY_NATIVE", "1") == "0" or os.environ.get("WGPY_INTAKE", "1") == "0"
+    return intake.available() and not off
+
+
 def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     """What TUN reads may bring: TSO pays only where C splits it (io/tun.py)."""
     return TSO if device.native is not None and vnet_hdr else 0
@@ -119,16 +133,28 @@ class Datapath:
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
         self.tun_batches = BatchSizes()  # packets per readable TUN event
         self._udp_buf = bytearray(UDP_BUF)
+        # the C intake reads the socket itself, DRAIN reads of up to UDP_BUF each at once
+        self._drains = device.intake is not None and udp.reads_are_its_own()
+        self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
         views into the receive buffer (no copies); what comes out is sent once at the end."""
+        out = Output()
+        now = time.monotonic()
+        count = self._drain(now, out) if self._drains else self._read(now, out)
+        if count:
+            self.udp_batches.record(count)
+        if self.device.queued_handshakes:
+            self._work_off_handshakes(now, out)
+        self.transmit(out)
+
+    def _read(self, now: float, out: Output) -> int:
+        """Up to BATCH reads, one by one, each handed to the core as it comes."""
         view = memoryview(self._udp_buf)
         recv_into, receive = self.udp.recv_into, self.device.receive_read
         udp = self.udp
-        out = Output()
-        now = time.monotonic()
         count = 0
         for _ in range(BATCH):
             got = recv_into(view)
@@ -141,11 +167,39 @@ class Datapath:
                 udp.learn_source(addr, info)
             out.extend(read)
             count += (n + seg - 1) // seg if seg else 1
-        if count:
-            self.udp_batches.record(count)
-        if self.device.queued_handshakes:
-            self._work_off_handshakes(now, out)
-        self.transmit(out)
+        return count
+
+    def _drain(self, now: float, out: Output) -> int:
+        """Up to BATCH reads, DRAIN at a time, read and classified in C (core/intake.py):
+        refused datagrams and the cookie replies to them never become Python objects;
+        the reads that brought data or a handshake that passed go to the core, tagged
+        with their packet info as in `_read`. Returns the reads (a refused GRO read
+        counts one)."""
+        device, udp, classifier = self.device, self.udp, self.device.intake
+        buf = self._drain_buf
+        if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
+            buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
+        assert classifier is not None
+        fd, view = udp.fileno(), memoryview(buf)
+        count = 0
+        while count < BATCH:
+            until, queued, forced, state = device.intake_state(now)
+            kept, got, until, drops, sent, counter = classifier.drain(
+                fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
+            )
+            device.intake_done(until, drops, state is not None, counter, out)
+            if sent:
+                out.events += [_COOKIE_SENT] * sent
+            for offset, n, seg, src, info, passed, ndata in kept:
+                read = device.receive_classified(view[offset : offset + n], n, seg, src, now,
+                                                 passed, ndata, info)  # fmt: skip
+                if read.authentic and info is not None:
+                    udp.learn_source(src, info)
+                out.extend(read)
+            count += got
+            if got < DRAIN:
+                break
+        return count
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
         device = self.device

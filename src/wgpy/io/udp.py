@@ -221,6 +221,11 @@ class UdpSocket:
                 joined = b"".join([d for d, _ in datagrams[start:end]])
                 self.send_segments(memoryview(joined), size, endpoint)
 
+    def reads_are_its_own(self) -> bool:
+        """Whether reads come from the socket itself (not a subclass's): then the C intake
+        may read it directly (io/datapath.py `Datapath.on_udp`)."""
+        return type(self).recv_into is UdpSocket.recv_into
+
     def recv_into(self, buf: memoryview) -> tuple[int, int, Endpoint] | None:
         """(bytes, GRO segment size or 0, source) of one read, or None when nothing waits."""
         try:

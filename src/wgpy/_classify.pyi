@@ -1,0 +1,58 @@
+"""Type stubs of the optional C extension src/wgpy/_classify.c (core/intake.py)."""
+
+from typing_extensions import Buffer
+
+class Classifier:
+    """Device's handshake intake for a whole read: token buckets, mac1, the queue bound."""
+
+    def __init__(
+        self,
+        seed: Buffer,
+        rate: float,
+        burst: float,
+        cookie_rate: float,
+        cookie_burst: float,
+        max_sources: int,
+        queue_size: int,
+        hold: float,
+        refresh: float,
+    ) -> None: ...
+    def classify(
+        self,
+        buf: Buffer,
+        n: int,
+        seg: int,
+        host: str,
+        port: int,
+        now: float,
+        until: float,
+        queued: int,
+        forced: bool,
+        reply_state: tuple[bytes, bytes, int] | None,
+    ) -> tuple[list[tuple[int, int]], int, float, dict[str, int], bytes | None, int]: ...
+    def drain(
+        self,
+        fd: int,
+        buf: bytearray,
+        slot: int,
+        count: int,
+        now: float,
+        until: float,
+        queued: int,
+        forced: bool,
+        reply_state: tuple[bytes, bytes, int] | None,
+    ) -> tuple[
+        list[
+            tuple[int, int, int, tuple[str, int], bytes | None, list[tuple[int, int]] | None, int]
+        ],
+        int,
+        float,
+        dict[str, int],
+        int,
+        int,
+    ]: ...
+    def set_mac1_key(self, key: Buffer) -> None: ...
+    def set_cookie_secret(self, secret: Buffer, born: float) -> None: ...
+    def sources(self) -> tuple[int, int]: ...
+
+def mac(key: Buffer, data: Buffer) -> bytes: ...
