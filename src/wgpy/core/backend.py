@@ -241,6 +241,11 @@ class Backend:
         self._lock = lock
         self.open_batch: Callable[..., Opened] = native.open_batch if native else open_batch
 
+    def start_workers(self) -> None:
+        """Start the native crypto workers (`threads` - 1 of them; none on the pure path)."""
+        if self.native is not None:
+            self.native.set_threads(self.threads - 1)
+
     def sealer(self, key: bytes, receiver_index: int) -> SealerLike:
         if self.native is not None:
             sealer: SealerLike = self.native.Sealer(key, receiver_index)

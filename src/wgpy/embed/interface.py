@@ -145,7 +145,7 @@ class Interface:
         ]
         self.udp = UdpSocket(self.config.interface.listen_port or 0, offload=offload)
         self.device = Device(os.urandom, wall_offset=time.time() - time.monotonic(),
-                             backend=backend(), classify=native_intake())  # fmt: skip
+                             backend=backend(start=False), classify=native_intake())  # fmt: skip
         self.tun: Tun | None = None
         self._datapath: Datapath | None = None
         self._loop: Loop | None = None
@@ -173,6 +173,9 @@ class Interface:
     def open(self) -> Interface:
         if self._thread is not None:
             return self
+        # the crypto workers start with the interface, not before: wgpy run and wgpy
+        # proxy make an Interface, then unshare, which a threaded process cannot do
+        self.device.backend.start_workers()
         self.tun = open_tun(self.name, self.offload, tun_offloads(self.device, self.offload))
         try:
             self.name = self.tun.name

@@ -89,17 +89,20 @@ def crypto_threads(asked: int | None = None) -> int:
     return asked
 
 
-def backend(threads: int | None = None) -> Backend:
+def backend(threads: int | None = None, *, start: bool = True) -> Backend:
     """The data path's backend, chosen once for the daemon and wgpy.Interface alike: the
     native extension, unless WGPY_NATIVE=0 asks for the pure-Python one (the reference)
     or it was not built; the pure one's sealers take threading locks. The native one
-    gets its crypto workers here: `crypto_threads(threads)` in all, the caller's thread
-    being one of them, so a single core runs no extra thread."""
+    gets its crypto workers: `crypto_threads(threads)` in all, the caller's thread
+    being one of them, so a single core runs no extra thread. `start=False` leaves them
+    to `Backend.start_workers()`: a process that will still unshare a user namespace
+    (wgpy run, wgpy proxy) must be single-threaded until then (unshare(2): EINVAL)."""
     module = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
     threads = crypto_threads(threads) if module is not None else 1
-    if module is not None:
-        module.set_threads(threads - 1)
-    return Backend(module, threading.Lock, threads)
+    chosen = Backend(module, threading.Lock, threads)
+    if start:
+        chosen.start_workers()
+    return chosen
 
 
 def native_intake() -> bool:
