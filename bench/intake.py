@@ -48,13 +48,13 @@ def pool(device_pub: bytes, valid: bool, path: Path) -> None:
 
 
 def drain_c(device: Device, udp: UdpSocket, buf: bytearray, reads: int, now: float) -> int:
-    assert device.intake is not None
+    assert device.intake.classifier is not None
     out = Output()
-    until, queued, forced, state = device.intake_state(now)
-    kept, got, until, drops, _, counter = device.intake.drain(
+    until, queued, forced, state = device.intake.state(now)
+    kept, got, until, drops, _, counter = device.intake.classifier.drain(
         udp.fileno(), buf, UDP_BUF, reads, now, until, queued, forced, state
     )
-    device.intake_done(until, drops, state is not None, counter, out)
+    device.intake.done(until, drops, state is not None, counter, out)
     view = memoryview(buf)
     for offset, n, seg, src, _, passed, ndata in kept:
         out.extend(device.receive_classified(view[offset : offset + n], n, seg, src, now,
@@ -96,7 +96,7 @@ def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int, nsrc
         start, cpu0, total = time.monotonic(), time.process_time(), 0
         while (now := time.monotonic()) - start < seconds:
             got = drain(device, udp, buf, reads, now)
-            device._queue.clear()  # only the intake is measured
+            device.intake.queue.clear()  # only the intake is measured
             total += got
             if not got:
                 time.sleep(0.0001)

@@ -1,9 +1,9 @@
-/* wgpy._classify: the handshake intake of core/device.py for whole reads, in C.
+/* wgpy._classify: the handshake intake of core/intake.py for whole reads, in C.
  *
  * A flood is junk, handshake messages for a key we don't have, or valid ones from a source
  * over its rate; in Python each cost 6-16 us before it was refused or answered. Here one
  * call walks the datagrams of a GRO read (`classify`), or reads the socket itself, 64
- * reads a recvmmsg (`drain`), and gives each datagram the verdict Device._admit would:
+ * reads a recvmmsg (`drain`), and gives each datagram the verdict intake.py's `admit` would:
  * message type and size, mac1 (keyed BLAKE2s-128 through libcrypto's BLAKE2SMAC), the two
  * token buckets of core/ratelimit.py (no cookie: 50/s burst 50; valid mac2: 20/s burst 5),
  * the queue bound and the under-load state (LoadMeter). The cookie replies a flood is owed
@@ -41,7 +41,7 @@
 #define COOKIE_REPLY_LEN 64
 #define DATA_MIN_LEN 32
 
-/* verdicts of what passes, as in Device._admit's branches */
+/* verdicts of what passes, as in HandshakeIntake.admit's branches */
 enum { ENQUEUE = 1, ENQUEUE_COOKIE = 2, SEND_COOKIE = 3, COOKIE_REPLY = 4, COOKIE_MADE = 5 };
 /* refusals, named as core/output.py's Drop values */
 enum { BAD_SIZE, UNKNOWN_TYPE, BAD_MAC1, RATE_LIMITED, QUEUE_FULL, NO_PRIVATE_KEY, N_DROPS };
@@ -434,7 +434,7 @@ static int enqueue(Classifier *self, Batch *b, int verdict) {
     return verdict;
 }
 
-/* Device._admit for one initiation or response: a verdict, or 0 with a drop counted. */
+/* intake.py's `admit` for one initiation or response: a verdict, or 0 with a drop counted. */
 static int admit(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
     static const uint8_t zero[MAC_LEN];
     const SourceKey *k = &b->src->key;
@@ -460,7 +460,7 @@ static int admit(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
     return 0;
 }
 
-/* The verdict for one datagram that is not a data message (Device._queue_handshake). */
+/* The verdict for one datagram that is not a data message (HandshakeIntake.offer). */
 static int classify_one(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
     uint32_t t = n >= 4 ? (uint32_t)m[0] | (uint32_t)m[1] << 8 | (uint32_t)m[2] << 16 |
                               (uint32_t)m[3] << 24

@@ -13,8 +13,9 @@ from wgpy.core.backend import padded_length
 from wgpy.core.constants import REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
-from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
+from wgpy.core.device import Device, Output
 from wgpy.core.events import EndpointChanged, EventKind, InitiationReceived, ResponseReceived
+from wgpy.core.intake import HANDSHAKE_QUEUE
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -228,7 +229,7 @@ def test_roaming_follows_authenticated_packets_only(net: SimNet) -> None:
 
 def test_cookie_path_under_load(net: SimNet) -> None:
     a, b = nodes(net)
-    b.device.load.forced = True
+    b.device.intake.load.forced = True
     net.send(a, ipv4_packet("10.0.0.1", "10.0.0.2"))
     assert kinds(net.wire) == [MSG_INITIATION, MSG_COOKIE_REPLY]
     assert len(net.wire[1][0]) == COOKIE_REPLY_LEN
@@ -288,7 +289,7 @@ def test_the_queue_is_bounded(net: SimNet) -> None:
     _, b = nodes(net)
     dev = b.device
     assert dev.public_key is not None
-    dev.load.forced = True
+    dev.intake.load.forced = True
     flood = []
     for i in range(HANDSHAKE_QUEUE + 50):
         src = (f"10.9.{i // 250}.{i % 250}", 9)
@@ -563,7 +564,7 @@ def test_drop_malformed_inner_packet(net: SimNet) -> None:
 def test_drop_cookie_reply_for_unknown_index_or_forged(net: SimNet) -> None:
     a, b = nodes(net)
     init = _initiation(net)
-    b.device.load.forced = True
+    b.device.intake.load.forced = True
     reply = b.device.receive([(init, A_EP)], net.now).udp[0][0]
     forged = reply[:40] + bytes([reply[40] ^ 1]) + reply[41:]
     a.device.receive([(forged, B_EP)], net.now)

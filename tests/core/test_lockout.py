@@ -316,7 +316,7 @@ def test_no_reflection_whatever_arrives(
     sent: Counter[tuple[str, int]] = Counter()
     for msgs, dt, load in batches:
         net.now += dt
-        dev.load.forced = load
+        dev.intake.load.forced = load
         batch = []
         for what, who in msgs:
             kind, size = (MSG_INITIATION, INITIATION_LEN) if what < 2 else (2, 92)

@@ -116,7 +116,7 @@ def build() -> World:
 
 def force_load(device: Device, on: bool) -> None:
     """Put the device under load (or not) as a test may: mac2 is then required."""
-    device.load.forced = on
+    device.intake.load.forced = on
 
 
 def canonical(data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""The handshake intake in C (src/wgpy/_classify.c) against the Python one (Device._admit
+"""The handshake intake in C (src/wgpy/_classify.c) against the Python one (core/intake.py
 and core/ratelimit.py): two devices from the same seed and key, one classifying in C, fed
 the same reads (valid and invalid mac1, with and without mac2, valid mac2 for the cookie
 the device handed out, responses, cookie replies, data, bad sizes and types; IPv4 and IPv6
@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from wgpy.core import intake
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp, mac
-from wgpy.core.device import HANDSHAKE_QUEUE, Device, Output
+from wgpy.core.device import Device, Output
+from wgpy.core.intake import HANDSHAKE_QUEUE
 from wgpy.core.messages import INITIATION_LEN, RESPONSE_LEN
 from wgpy.core.output import Drop
 from wgpy.core.ratelimit import MAX_SOURCES
@@ -99,10 +100,11 @@ def same(a: Output, b: Output) -> None:
 
 
 def check_state(py: Device, c: Device) -> None:
-    assert list(py._queue) == list(c._queue)
-    assert py.load.until == c.load.until
-    assert c.intake is not None
-    assert (len(py.rate_limiter), len(py.cookie_limiter)) == c.intake.sources()
+    assert list(py.intake.queue) == list(c.intake.queue)
+    assert py.intake.load.until == c.intake.load.until
+    assert c.intake.classifier is not None
+    limiters = py.intake.rate_limiter, py.intake.cookie_limiter
+    assert tuple(map(len, limiters)) == c.intake.classifier.sources()
 
 
 @settings(max_examples=40, deadline=None)
@@ -115,7 +117,7 @@ def test_same_verdicts_and_counts(reads: list, seed: int, forced: bool, has_key:
         now += step
         src = SOURCES[source]
         for device in (py, c):
-            device.load.forced = forced and i % 3 == 0
+            device.intake.load.forced = forced and i % 3 == 0
         for _ in range(repeat):
             if not has_key:
                 datagrams = [os.urandom(148)]
@@ -152,7 +154,7 @@ def test_bucket_table_bound_and_collect() -> None:
         outs = [d.receive_read(memoryview(msg), len(msg), 0, src, now, 64) for d in (py, c)]
         same(*outs)
     check_state(py, c)
-    assert len(py.rate_limiter) < MAX_SOURCES
+    assert len(py.intake.rate_limiter) < MAX_SOURCES
 
 
 def test_flood_from_one_source_is_refused_in_c() -> None:
@@ -217,13 +219,13 @@ def test_drain_reads_the_socket_as_receive_read_would() -> None:
         got = Output()
         buf = bytearray(2048 * 64)
         reads = c_sent = 0
-        assert c.intake is not None
+        assert c.intake.classifier is not None
         while reads < len(sent):
-            until, queued, forced, state = c.intake_state(10.0)
-            kept, n, until, drops, made, counter = c.intake.drain(
+            until, queued, forced, state = c.intake.state(10.0)
+            kept, n, until, drops, made, counter = c.intake.classifier.drain(
                 rx.fileno(), buf, 2048, 64, 10.0, until, queued, forced, state
             )
-            c.intake_done(until, drops, state is not None, counter, got)
+            c.intake.done(until, drops, state is not None, counter, got)
             c_sent += made
             view = memoryview(buf)
             for offset, size, seg, src, _, passed, ndata in kept:
@@ -236,7 +238,8 @@ def test_drain_reads_the_socket_as_receive_read_would() -> None:
             reads += n
         assert got.drops == expected.drops
         assert c_sent > 0, "no reply made and sent in C"
-        assert list(c._queue) == list(py._queue) and c.load.until == py.load.until
+        assert list(c.intake.queue) == list(py.intake.queue)
+        assert c.intake.load.until == py.intake.load.until
         for s in senders:
             want = [d for d, dst in expected.udp if dst == s.getsockname()]
             assert want, "no cookie replies to compare"
@@ -284,10 +287,10 @@ def drain(count):
     for _ in range(count):
         tx.sendto(msg, ("127.0.0.2", rx.getsockname()[1]))
     out = Output()
-    until, queued, forced, state = d.intake_state(1.0)
-    kept, got, until, drops, sent, counter = d.intake.drain(
+    until, queued, forced, state = d.intake.state(1.0)
+    kept, got, until, drops, sent, counter = d.intake.classifier.drain(
         rx.fileno(), buf, 2048, 64, 1.0, until, queued, forced, state)
-    d.intake_done(until, drops, state is not None, counter, out)
+    d.intake.done(until, drops, state is not None, counter, out)
     assert got == count, got
     view = memoryview(buf)
     for offset, n, seg, src, info, passed, ndata in kept:

@@ -43,5 +43,6 @@ def test_lockout_with_c_intake(name: str, args: tuple[Any, ...]) -> None:
     scenario: Callable[..., None] = getattr(test_lockout, name)
     net = SimNet()
     net.add("probe", ("192.0.2.99", 1))
-    assert net.nodes[("192.0.2.99", 1)].device.intake is not None  # the C intake is in use
+    device = net.nodes[("192.0.2.99", 1)].device
+    assert device.intake.classifier is not None  # the C intake is in use
     scenario(*args)

@@ -7,8 +7,9 @@ IP packets to deliver, the datagrams to send, what happened (events) and what wa
 come from the caller.
 
 Everything a packet can do to state happens only after it authenticated. Handshake
-messages with a valid mac1 wait in a bounded queue and are worked off after the data
-messages of the same batch (see ratelimit.py); the messages themselves are built and
+messages go through the intake (intake.py: mac1, rate limits, cookies) into a bounded
+queue and are worked off after the data messages of the same batch (see ratelimit.py); the
+Diffie-Hellman work on them is done here; the messages themselves are built and
 checked in handshake.py, the sessions they make are rotated in sessions.py, the indices
 kept in indextable.py, and data messages sealed and opened in data.py.
 """
@@ -17,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import random
-import struct
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 
-from wgpy.core import data, handshake, icmp, intake, sessions
+from wgpy.core import data, handshake, icmp, sessions
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.backend import Backend
 from wgpy.core.constants import (
@@ -33,12 +32,11 @@ from wgpy.core.constants import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MS,
 )
-from wgpy.core.cookie import CookieChecker, has_mac2
+from wgpy.core.cookie import CookieChecker
 from wgpy.core.crypto import PrivateKey, dh, is_zero
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import (
     CookieReceived,
-    CookieSent,
     EndpointChanged,
     HandshakeCompleted,
     HandshakeGaveUp,
@@ -52,40 +50,17 @@ from wgpy.core.events import (
     ResponseSent,
 )
 from wgpy.core.indextable import IndexTable
+from wgpy.core.intake import HandshakeIntake
 from wgpy.core.ip import destination as inner_destination
-from wgpy.core.messages import (
-    COOKIE_REPLY_LEN,
-    INITIATION_LEN,
-    MSG_COOKIE_REPLY,
-    MSG_DATA,
-    MSG_INITIATION,
-    MSG_RESPONSE,
-    RESPONSE_LEN,
-    TYPE,
-    message_type,
-    parse_cookie_reply,
-    parse_response,
-)
+from wgpy.core.messages import MSG_INITIATION, parse_cookie_reply, parse_response
 from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
-from wgpy.core.ratelimit import COOKIE_BURST, COOKIE_PACKETS_PER_SECOND, LoadMeter, RateLimiter
 from wgpy.core.timers import Timer
 from wgpy.core.tokenbucket import TokenBucket
 
 __all__ = ["Device", "Output"]
 
-_SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
-HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
 HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
-_KNOWN_TYPES = (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA)
-_SIZES = {MSG_INITIATION: INITIATION_LEN, MSG_RESPONSE: RESPONSE_LEN,
-          MSG_COOKIE_REPLY: COOKIE_REPLY_LEN}  # fmt: skip
-
-
-def _why_refused(data: bytes | memoryview) -> Drop:
-    """The drop reason for a datagram `message_type` refused."""
-    known = len(data) < 4 or TYPE.unpack_from(data)[0] in _KNOWN_TYPES
-    return Drop.BAD_SIZE if known else Drop.UNKNOWN_TYPE
 
 
 def as_reads(
@@ -138,15 +113,9 @@ class Device:
         self.mtu = DEFAULT_MTU
         self.cookie_checker = CookieChecker(rand)
         self.index = IndexTable(rand)
-        self.rate_limiter = RateLimiter()  # handshakes that need no cookie, by source
-        self.cookie_limiter = RateLimiter(COOKIE_PACKETS_PER_SECOND, COOKIE_BURST)  # with mac2
-        self.load = LoadMeter(HANDSHAKE_QUEUE)
-        # the same rules in C over whole reads; then the two limiters above go unused
-        self.intake = intake.classifier(seed, HANDSHAKE_QUEUE) if classify else None
-        self._intake_born = float("-inf")  # the cookie secret the classifier has
-        # (message, source, type, whether it came with a valid mac2, the caller's tag
-        # for the read it came in)
-        self._queue: deque[tuple[bytes, Endpoint, int, bool, object]] = deque()
+        # mac1, rate limits and cookies before any Diffie-Hellman, and the queue after
+        self.intake = HandshakeIntake(self.cookie_checker, self._receive_cookie_reply, seed,
+                                      classify=classify)  # fmt: skip
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
         self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
@@ -169,8 +138,7 @@ class Device:
         self._static = PrivateKey(key) if key else None
         self.public_key = self._static.public if self._static else None
         self.cookie_checker.set_public_key(self.public_key)
-        if self.intake is not None:
-            self.intake.set_mac1_key(self.cookie_checker.mac1_key)
+        self.intake.key_changed()
         if self.public_key in self.peers:
             self.remove_peer(self.public_key)
         for peer in self.peers.values():
@@ -243,7 +211,7 @@ class Device:
     ) -> Output:
         """One read from the UDP socket: `n` bytes in `buf` from `src`, datagrams of `seg`
         bytes if GRO merged them (see `split_read`), opened all in one call."""
-        if self.intake is not None:
+        if self.intake.classifier is not None:
             return self._receive_classified(buf, n, seg, src, now, handshake_budget, tag)
         out = Output()
         received: dict[Keypair, data.Received] = {}
@@ -256,7 +224,7 @@ class Device:
         """`receive_read` with the intake in C: the handshake messages of the read are
         taken (or refused) first, and the open path runs only if data messages came."""
         out = Output()
-        ndata = self._classify(buf, n, seg, src, now, out, tag)
+        ndata = self.intake.classify(buf, n, seg, src, now, out, tag)
         return self._classified_data(buf, n, seg, src, now, ndata, handshake_budget, out, tag)
 
     def receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
@@ -267,7 +235,7 @@ class Device:
         handshakes that passed are taken, the data messages opened."""
         out = Output()
         if passed:
-            self._take(buf, passed, src, None, now, out, tag)
+            self.intake.take(buf, passed, src, None, now, out, tag)
         return self._classified_data(buf, n, seg, src, now, ndata, 0, out, tag)
 
     def _classified_data(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
@@ -278,61 +246,6 @@ class Device:
             taken: list[data.Datagram] = []  # the classifier took these already
             self._open(buf, n, seg, src, now, out, received, taken)
         return self._opened(received, [], now, handshake_budget, out, tag)
-
-    def intake_state(self, now: float) -> tuple[float, int, bool, tuple[bytes, bytes, int] | None]:
-        """What the C intake needs to go on from where the device stands: the under-load
-        deadline, the queue's length, whether load is forced, the cookie reply state (and
-        the cookie secret, given to it when a reply drew a new one)."""
-        assert self.intake is not None
-        checker = self.cookie_checker
-        secret, born = checker.secret
-        if born != self._intake_born:
-            self.intake.set_cookie_secret(secret, born)
-            self._intake_born = born
-        load = self.load
-        return load.until, len(self._queue), load.forced, checker.reply_state(now)
-
-    def intake_done(self, until: float, drops: dict[str, int], made: bool, counter: int,
-                    out: Output) -> None:  # fmt: skip
-        """The C intake's batch is over: the load deadline it moved, the refusals it
-        counted, the cookie replies it made (`counter`: the nonce counter after them)."""
-        self.load.until = until
-        for reason, count in drops.items():
-            out.drops[Drop(reason)] += count
-        if made:
-            self.cookie_checker.replies_made(counter)
-
-    def _classify(self, buf: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
-                  out: Output, tag: object) -> int:  # fmt: skip
-        """The C intake of one read: what passed taken as `_admit` would, refusals
-        counted; returns how many data messages the read holds."""
-        assert self.intake is not None
-        until, queued, forced, state = self.intake_state(now)
-        passed, ndata, until, drops, replies, counter = self.intake.classify(
-            buf, n, seg, src[0], src[1], now, until, queued, forced, state
-        )
-        self.intake_done(until, drops, replies is not None, counter, out)
-        self._take(buf, passed, src, replies, now, out, tag)
-        return ndata
-
-    def _take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
-              replies: bytes | None, now: float, out: Output, tag: object) -> None:  # fmt: skip
-        """What passed the C intake, in order, as `_admit` would have taken it."""
-        for offset, verdict in passed:
-            if verdict == intake.COOKIE_MADE:
-                assert replies is not None
-                out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
-                out.events.append(CookieSent(src))
-                continue
-            kind = buf[offset]
-            message = bytes(buf[offset : offset + _SIZES[kind]])
-            if verdict == intake.COOKIE_REPLY:
-                self._receive_cookie_reply(message, now, out)
-            elif verdict == intake.SEND_COOKIE:
-                self._send_cookie(message, src, now, out)
-            else:  # the classifier counted it against the bound and moved the load
-                cookie = verdict == intake.ENQUEUE_COOKIE
-                self._queue.append((message, src, kind, cookie, tag))
 
     def _open(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
               out: Output, received: dict[Keypair, data.Received],
@@ -345,9 +258,10 @@ class Device:
         """What a batch does once opened: sessions' bookkeeping, then handshakes queued."""
         for kp, got in received.items():
             self._account_received(kp, got, now, out)
+        keyed = self._static is not None
         for message, src in others:
-            self._queue_handshake(message, src, now, out, tag)
-        if self._queue and handshake_budget:
+            self.intake.offer(message, src, now, out, tag, keyed)
+        if self.intake.queue and handshake_budget:
             self._process_handshakes(now, handshake_budget, out)
         return out
 
@@ -392,16 +306,16 @@ class Device:
                 continue
             for timer in peer.timers.due(now):
                 self._on_timer(peer, timer, now, out)
-        if self._queue:
+        if self.intake.queue:
             self._process_handshakes(now, HANDSHAKE_BUDGET, out)
         return out
 
     def is_under_load(self, now: float) -> bool:
-        return self.load.under_load(now)
+        return self.intake.load.under_load(now)
 
     @property
     def queued_handshakes(self) -> int:
-        return len(self._queue)
+        return len(self.intake.queue)
 
     def _unreachable(self, packet: bytes, now: float, out: Output) -> None:
         """An ICMP error back into the TUN for a packet that cannot go (rate-limited)."""
@@ -482,75 +396,17 @@ class Device:
 
     # ---- handshake messages --------------------------------------------------------
 
-    def _queue_handshake(
-        self, data: bytes | memoryview, src: Endpoint, now: float, out: Output, tag: object
-    ) -> None:
-        """Checks that cost no Diffie-Hellman, then the queue. Nothing that fails them
-        (junk, a bad mac1, a source over its rate) counts toward load."""
-        if self.intake is not None:
-            self._classify(data, len(data), 0, src, now, out, tag)
-            return
-        kind = message_type(data)
-        if not kind:
-            out.drops[_why_refused(data)] += 1
-            return
-        data = bytes(data)
-        if kind == MSG_COOKIE_REPLY:
-            self._receive_cookie_reply(data, now, out)
-        elif self._static is None:
-            out.drops[Drop.NO_PRIVATE_KEY] += 1
-        else:
-            self._admit(data, src, kind, now, out, tag)
-
-    def _admit(self, data: bytes, src: Endpoint, kind: int, now: float, out: Output,
-               tag: object) -> None:  # fmt: skip
-        """The rule of ratelimit.py: a message needs a cookie when the device is under
-        load or its source is over its rate; then a valid mac2 is counted in the source's
-        cookie bucket, and one without gets a cookie reply (never silence: the owner of a
-        spoofed address must get its cookie). The only refusal before the mac1 is for a
-        message with a mac2 from a source whose cookie bucket is spent as well."""
-        checker = self.cookie_checker
-        needs_cookie = self.load.under_load(now) or self.rate_limiter.spent(src, now)
-        mac2 = has_mac2(data)
-        if needs_cookie and mac2 and self.cookie_limiter.spent(src, now):
-            out.drops[Drop.RATE_LIMITED] += 1
-        elif not checker.check_mac1(data):
-            out.drops[Drop.BAD_MAC1] += 1
-        elif not needs_cookie:
-            self.rate_limiter.allow(src, now)  # not spent: this takes a token
-            self._enqueue((data, src, kind, False, tag), now, out)
-        elif not (mac2 and checker.check_mac2(data, src, now)):
-            self._send_cookie(data, src, now, out)
-        elif self.cookie_limiter.allow(src, now):
-            self._enqueue((data, src, kind, True, tag), now, out)
-        else:
-            out.drops[Drop.RATE_LIMITED] += 1
-
-    def _enqueue(self, entry: tuple[bytes, Endpoint, int, bool, object], now: float,
-                 out: Output) -> None:  # fmt: skip
-        if len(self._queue) >= HANDSHAKE_QUEUE:
-            out.drops[Drop.QUEUE_FULL] += 1
-        else:
-            self._queue.append(entry)
-            self.load.update(len(self._queue), now)
-
-    def _send_cookie(self, data: bytes, src: Endpoint, now: float, out: Output) -> None:
-        """A cookie reply (64 bytes) instead of the work: smaller than any handshake
-        message, one per message, to the address the message came from."""
-        sender = _SENDER.unpack_from(data)[0]
-        out.udp.append((self.cookie_checker.make_reply(data, sender, src, now), src))
-        out.events.append(CookieSent(src))
-
     def _process_handshakes(self, now: float, budget: int, out: Output) -> None:
         """A message admitted without a cookie while the device was not under load, and
         worked off once it is, gets a cookie reply instead of the Diffie-Hellman work
         (Linux and wireguard-go check load when they work a message off, too)."""
-        queue = self._queue
-        under_load = self.load.under_load(now)
+        intake = self.intake
+        queue = intake.queue
+        under_load = intake.load.under_load(now)
         for _ in range(min(budget, len(queue))):
             data, src, kind, cookie, tag = queue.popleft()
             if under_load and not cookie:
-                self._send_cookie(data, src, now, out)
+                intake.send_cookie(data, src, now, out)
             elif kind == MSG_INITIATION:
                 self._receive_initiation(data, src, now, out, tag)
             else:

@@ -2,8 +2,8 @@
 
 A handshake costs Diffie-Hellman work (tens of microseconds here), a data packet a
 microsecond: so handshakes wait in a bounded queue and are worked off after the data of the
-same read. What may enter the queue (device.py `_admit`; Linux receive.c and wireguard-go
-receive.go for the rule it extends):
+same read. What may enter the queue (intake.py `HandshakeIntake.admit`; Linux receive.c and
+wireguard-go receive.go for the rule it extends):
 
 * A message **needs a cookie** when the device is under load (`LoadMeter`), or when its
   source (an IPv4 address, or the /64 of an IPv6 one, since one host owns a whole /64) is

@@ -137,7 +137,7 @@ class Datapath:
         self.tun_batches = BatchSizes()  # packets per readable TUN event
         self._udp_buf = bytearray(UDP_BUF)
         # the C intake reads the socket itself, DRAIN reads of up to UDP_BUF each at once
-        self._drains = device.intake is not None and udp.reads_are_its_own()
+        self._drains = device.intake.classifier is not None and udp.reads_are_its_own()
         self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
 
@@ -178,7 +178,7 @@ class Datapath:
         the reads that brought data or a handshake that passed go to the core, tagged
         with their packet info as in `_read`. Returns the reads (a refused GRO read
         counts one)."""
-        device, udp, classifier = self.device, self.udp, self.device.intake
+        device, udp, classifier = self.device, self.udp, self.device.intake.classifier
         buf = self._drain_buf
         if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
             buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
@@ -186,11 +186,11 @@ class Datapath:
         fd, view = udp.fileno(), memoryview(buf)
         count = 0
         while count < BATCH:
-            until, queued, forced, state = device.intake_state(now)
+            until, queued, forced, state = device.intake.state(now)
             kept, got, until, drops, sent, counter = classifier.drain(
                 fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
             )
-            device.intake_done(until, drops, state is not None, counter, out)
+            device.intake.done(until, drops, state is not None, counter, out)
             if sent:
                 out.events += [_COOKIE_SENT] * sent
             for offset, n, seg, src, info, passed, ndata in kept:
