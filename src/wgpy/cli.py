@@ -174,9 +174,13 @@ def _quick(command: str) -> Callable[[list[str]], int]:
 
 def _rootless(command: str) -> Callable[[list[str]], int]:
     def run(args: list[str]) -> int:
-        from wgpy.rootless import session
+        if command == "run":
+            from wgpy.rootless import session
 
-        return session.run_main(args) if command == "run" else session.proxy_main(args)
+            return session.run_main(args)
+        from wgpy.rootless import proxy
+
+        return proxy.main(args)
 
     return run
 

@@ -313,9 +313,3 @@ def run_main(args: list[str]) -> int:
         return fail("no config: give -c CONFIG (a wg-quick file) or set WGPY_CONFIG") + 1
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     return run(path, command)
-
-
-def proxy_main(args: list[str]) -> int:
-    from wgpy.rootless.proxy import main  # it builds on this module
-
-    return main(args)
