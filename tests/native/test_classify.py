@@ -1,4 +1,4 @@
-"""The handshake intake in C (src/wgpy/_classify.c) against the Python one (core/intake.py
+"""The handshake intake in C (src/native/classify.c) against the Python one (core/intake.py
 and core/ratelimit.py): two devices from the same seed and key, one classifying in C, fed
 the same reads (valid and invalid mac1, with and without mac2, valid mac2 for the cookie
 the device handed out, responses, cookie replies, data, bad sizes and types; IPv4 and IPv6

@@ -7,7 +7,7 @@ that passed. The device (device.py) hands it the handshake messages of each batc
 works its queue off; the Diffie-Hellman work and the cookie replies *for us* stay there.
 
 The same rule runs in C when the extension is built: `wgpy._classify`
-(src/wgpy/_classify.c), optional. In Python every datagram of a flood became a read's
+(src/native/classify.c), optional. In Python every datagram of a flood became a read's
 tuple, a memoryview, a `bytes`, a mac1 computed in `hashlib` and two dict looks before it
 was refused: 6-16 us of one Python thread, and the kernel dropped what it could not read,
 a tunnel's datagrams among them. The classifier gives a whole read its verdicts in one
