@@ -1,6 +1,6 @@
 """In-memory benchmarks of the protocol core alone (no sockets, no TUN).
 
-    python bench/core.py [--seconds 3]
+    python bench/core.py [--seconds 3] [--backend python|native]
 
 - handshakes: initiations one responder answers per second (fresh initiators; MAC1 check,
   two DH + the response's three, the AEADs);
@@ -17,17 +17,20 @@ import struct
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.environ.get("WGPY_SRC") or os.path.join(os.path.dirname(__file__), "../src"))
 
+from wgpy.core.backend import Backend
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
+
+BACKEND = Backend()  # --backend native: the extension module's
 
 A_EP = ("192.0.2.1", 1)
 B_EP = ("192.0.2.2", 2)
 
 
 def make_pair() -> tuple[Device, Device]:
-    a, b = Device(os.urandom), Device(os.urandom)
+    a, b = Device(os.urandom, backend=BACKEND), Device(os.urandom, backend=BACKEND)
     a.set_private_key(clamp(os.urandom(32)))
     b.set_private_key(clamp(os.urandom(32)))
     for here, there, net, ep in (
@@ -110,7 +113,13 @@ def bench_datapath(seconds: float, size: int = 1420, batch: int = 64) -> tuple[f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--backend", choices=("python", "native"), default="python")
     args = p.parse_args()
+    if args.backend == "native":
+        global BACKEND
+        from wgpy import _native
+
+        BACKEND = Backend(_native)
     hps = bench_handshakes(args.seconds)
     send_us, recv_us, read_us = bench_datapath(args.seconds)
     print(f"handshake responses per second (one core): {hps:,.0f}")

@@ -5,9 +5,12 @@
  * tests in tests/native prove that these files compute byte for byte the same thing.
  *
  *   Session(key, expires)              a receiving session: key + replay window
- *   Sealer(key, index, counter=0)      a sending key and its counter: seal(packets, mtu)
+ *   Sealer(key, index, counter=0)      a sending key and its counter: seal(packets, mtu),
+ *                                      seal_runs(items, mtu) (GSO runs, super-packets cut)
+ *   by_destination(items)              packets from the TUN grouped by inner destination
  *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
  *   coalesce, checksum, split          as wgpy.io.offload
+ *   segments(super_packet)             as wgpy.core.ip.segments
  *
  * Every read of packet data is bounds-checked against the length it came with. The
  * crypto loops allocate nothing per packet (one scratch block per call; the bytes handed
@@ -81,6 +84,11 @@ static PyMethodDef module_methods[] = {
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
+    {"segments", segments, METH_O,
+     "segments(super_packet) -> list[bytes], as wgpy.core.ip.segments."},
+    {"by_destination", by_destination, METH_O,
+     "by_destination(items) -> [(destination or None, items)], as\n"
+     "wgpy.core.backend.by_destination: packets grouped by inner destination."},
     {NULL, NULL, 0, NULL},
 };
 

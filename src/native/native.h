@@ -3,8 +3,9 @@
  *   module.c    the module's table and init, and the helpers every job uses
  *   pool.c      the crypto worker threads and each thread's OpenSSL contexts
  *   open.c      receiving: Session (key + replay window) and open_batch
- *   seal.c      sending: Sealer (key + counter) and seal
- *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO)
+ *   seal.c      sending: Sealer (key + counter), seal and seal_runs, by_destination
+ *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO), cutting
+ *               super-packets (for split, segments and seal_runs)
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
  */
@@ -85,8 +86,21 @@ PyObject *open_batch(PyObject *module, PyObject *args);
 
 /* seal.c */
 extern PyTypeObject SealerType;
+PyObject *by_destination(PyObject *module, PyObject *items);
 
 /* offload.c */
+typedef struct { /* a super-packet planned for cutting (core/ip.py segment) */
+    const uint8_t *pkt;
+    size_t iphl, l4, thl, hlen, n, mss, count; /* n: payload bytes; count: segments */
+    int udp, v4;
+    unsigned base, ip_id, flags; /* pseudo-header sum, first IPv4 id, TCP flags */
+    uint32_t seq;
+} Cut;
+int cut_plan(Cut *c, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4);
+size_t cut_length(const Cut *c, size_t i);
+void cut_write(const Cut *c, size_t i, uint8_t *o);
+int super_packet_args(PyObject *sp, Py_buffer *v, Py_ssize_t *mss, size_t *l4, int *udp);
+PyObject *segments(PyObject *module, PyObject *sp);
 PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);

@@ -357,20 +357,20 @@ static int append_bytes(PyObject *list, const uint8_t *p, size_t n)
     return rc;
 }
 
-/* offload._segment: a buffer it refuses (an IPv4 header under 20 bytes, a segment whose
- * IP length field would pass 65535, ...) appends nothing. */
-static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4)
+/* core/ip.py _layout: where a super-packet's headers end and how many segments of `mss`
+ * payload bytes it makes; 0 for one it refuses (an IPv4 header under 20 bytes, a segment
+ * whose IP length field would pass 65535, ...). */
+int cut_plan(Cut *c, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4)
 {
-    unsigned version = pkt[0] >> 4;
-    size_t iphl;
+    unsigned version = len ? pkt[0] >> 4 : 0;
     if (version == 4 && (pkt[0] & 15) >= 5)
-        iphl = (size_t)(pkt[0] & 15) * 4;
+        c->iphl = (size_t)(pkt[0] & 15) * 4;
     else if (version == 6)
-        iphl = 40;
+        c->iphl = 40;
     else
         return 0;
-    l4 = l4 ? l4 : iphl;
-    if (l4 < iphl || l4 + (udp ? 8 : 20) > len)
+    l4 = l4 ? l4 : c->iphl;
+    if (l4 < c->iphl || l4 + (udp ? 8 : 20) > len)
         return 0;
     size_t thl = udp ? 8 : (size_t)(pkt[l4 + 12] >> 4) * 4, hlen = l4 + thl;
     if (mss <= 0 || thl < (udp ? 8u : 20u) || hlen > len)
@@ -378,42 +378,99 @@ static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_s
     size_t n = len - hlen, most = n < (size_t)mss ? n : (size_t)mss;
     if (hlen + most - (version == 6 ? 40 : 0) > 0xFFFF) /* the IP length field */
         return 0;
-    const uint8_t *payload = pkt + hlen;
-    unsigned base = pseudo_sum(pkt, udp ? 17 : 6, 0), ip_id = rd16be(pkt + 4);
-    uint32_t seq = rd32be(pkt + l4 + 4);
-    unsigned flags = udp ? 0 : pkt[l4 + 13];
-    size_t csum_at = l4 + (udp ? 6 : 16);
-    uint8_t *o = PyMem_Malloc(hlen + most);
+    c->pkt = pkt, c->udp = udp, c->v4 = version == 4;
+    c->l4 = l4, c->thl = thl, c->hlen = hlen, c->n = n, c->mss = (size_t)mss;
+    c->count = n ? (n + (size_t)mss - 1) / (size_t)mss : 1;
+    c->base = pseudo_sum(pkt, udp ? 17 : 6, 0), c->ip_id = rd16be(pkt + 4);
+    c->seq = rd32be(pkt + l4 + 4);
+    c->flags = udp ? 0 : pkt[l4 + 13];
+    return 1;
+}
+
+/* The length of segment i (< c->count) of a planned super-packet. */
+size_t cut_length(const Cut *c, size_t i)
+{
+    size_t off = i * c->mss;
+    return c->hlen + (c->n - off < c->mss ? c->n - off : c->mss);
+}
+
+/* Write segment i of a planned super-packet to o (cut_length bytes): the headers with
+ * their lengths, IPv4 id, sequence number, flags and checksums, then its payload
+ * (core/ip.py segment, byte for byte). Touches no Python object: any thread may. */
+void cut_write(const Cut *c, size_t i, uint8_t *o)
+{
+    size_t off = i * c->mss, l4 = c->l4, hlen = c->hlen;
+    size_t chunk = c->n - off < c->mss ? c->n - off : c->mss, l4len = c->thl + chunk;
+    size_t csum_at = l4 + (c->udp ? 6 : 16);
+    memcpy(o, c->pkt, hlen);
+    memcpy(o + hlen, c->pkt + hlen + off, chunk);
+    if (c->v4)
+        wr16be(o + 4, (c->ip_id + (unsigned)i) & 0xFFFF);
+    set_ip_length(o, c->iphl, (unsigned)(l4 + l4len));
+    if (c->udp) {
+        wr16be(o + l4 + 4, (unsigned)l4len);
+    } else {
+        wr32be(o + l4 + 4, c->seq + (uint32_t)off);
+        unsigned f = i == 0 ? c->flags : c->flags & ~0x80u;
+        o[l4 + 13] = (uint8_t)(off + c->mss >= c->n ? f : f & ~(PSH | 0x01u));
+    }
+    o[csum_at] = o[csum_at + 1] = 0;
+    unsigned s = ~csum(o + hlen, chunk, csum(o + l4, c->thl, c->base + l4len)) & 0xFFFF;
+    wr16be(o + csum_at, c->udp && !s ? 0xFFFF : s);
+}
+
+/* Every segment of a super-packet appended to list (none if it is refused). */
+static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4)
+{
+    Cut c;
+    if (!cut_plan(&c, pkt, len, udp, mss, l4))
+        return 0;
+    uint8_t *o = PyMem_Malloc(cut_length(&c, 0));
     if (o == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    size_t i = 0, off = 0;
-    do {
-        size_t chunk = n - off < (size_t)mss ? n - off : (size_t)mss, l4len = thl + chunk;
-        memcpy(o, pkt, hlen);
-        memcpy(o + hlen, payload + off, chunk);
-        if (version == 4)
-            wr16be(o + 4, (ip_id + i) & 0xFFFF);
-        set_ip_length(o, iphl, (unsigned)(l4 + l4len));
-        if (udp) {
-            wr16be(o + l4 + 4, (unsigned)l4len);
-        } else {
-            wr32be(o + l4 + 4, seq + (uint32_t)off);
-            unsigned f = i == 0 ? flags : flags & ~0x80u;
-            o[l4 + 13] = (uint8_t)(off + (size_t)mss >= n ? f : f & ~(PSH | 0x01u));
-        }
-        o[csum_at] = o[csum_at + 1] = 0;
-        unsigned c = ~csum(o + hlen, chunk, csum(o + l4, thl, base + l4len)) & 0xFFFF;
-        wr16be(o + csum_at, udp && !c ? 0xFFFF : c);
-        if (append_bytes(list, o, hlen + chunk) < 0) {
+    for (size_t i = 0; i < c.count; i++) {
+        cut_write(&c, i, o);
+        if (append_bytes(list, o, cut_length(&c, i)) < 0) {
             PyMem_Free(o);
             return -1;
         }
-        i++, off += (size_t)mss;
-    } while (off < n);
+    }
     PyMem_Free(o);
     return 0;
+}
+
+/* A super-packet (core/ip.py SuperPacket: packet, mss, l4, udp, ...) parsed; its packet's
+ * buffer in *v (to release). 0, or -1 with an exception. */
+int super_packet_args(PyObject *sp, Py_buffer *v, Py_ssize_t *mss, size_t *l4, int *udp)
+{
+    if (!PyTuple_Check(sp) || PyTuple_GET_SIZE(sp) < 4) {
+        PyErr_SetString(PyExc_TypeError, "a super-packet is (packet, mss, l4, udp, ...)");
+        return -1;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(PyTuple_GET_ITEM(sp, 2));
+    *mss = PyLong_AsSsize_t(PyTuple_GET_ITEM(sp, 1));
+    *udp = PyObject_IsTrue(PyTuple_GET_ITEM(sp, 3));
+    if (PyErr_Occurred() || *udp < 0)
+        return -1;
+    *l4 = at < 0 ? 0xFFFFFF : (size_t)at; /* a negative offset: refused by cut_plan */
+    return PyObject_GetBuffer(PyTuple_GET_ITEM(sp, 0), v, PyBUF_SIMPLE);
+}
+
+PyObject *segments(PyObject *Py_UNUSED(module), PyObject *sp)
+{
+    Py_buffer v;
+    Py_ssize_t mss;
+    size_t l4;
+    int udp;
+    if (super_packet_args(sp, &v, &mss, &l4, &udp) < 0)
+        return NULL;
+    PyObject *list = PyList_New(0);
+    if (list != NULL && segment(list, v.buf, (size_t)v.len, udp, mss, l4) < 0)
+        Py_CLEAR(list);
+    PyBuffer_Release(&v);
+    return list;
 }
 
 PyObject *split(PyObject *Py_UNUSED(module), PyObject *args)

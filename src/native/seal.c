@@ -109,14 +109,22 @@ static int aead_seal(EVP_CIPHER_CTX *ctx, const uint8_t *key, uint64_t counter, 
 }
 
 
+/* One datagram to seal: where its plaintext is (a packet, or segment `seg` of a
+ * super-packet, cut straight into the datagram and encrypted in place) and where it goes. */
+typedef struct {
+    const uint8_t *src; /* the packet (NULL for a segment) */
+    const Cut *cut;     /* the segment's super-packet, or NULL */
+    uint8_t *dst;       /* the datagram: header, ciphertext, tag */
+    uint32_t len, pad;  /* plaintext bytes, zero bytes of padding after them */
+    uint32_t seg;
+} Datagram;
+
 typedef struct {
     uint8_t key[KEY_LEN]; /* a copy, taken under the sealer's lock */
     uint32_t index;
     uint64_t counter;     /* the first of the batch's counters */
-    const Py_buffer *views;
-    PyObject *const *out;
+    const Datagram *d;
     Py_ssize_t n;
-    size_t mtu;
     long nchunks;
     atomic_int failed;
 } SealJob;
@@ -127,26 +135,29 @@ static void seal_chunk(void *arg, long chunk)
     EVP_CIPHER_CTX *ctx = thread_ctx(1);
     Py_ssize_t lo = j->n * chunk / j->nchunks, hi = j->n * (chunk + 1) / j->nchunks;
     for (Py_ssize_t i = lo; i < hi; i++) {
-        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(j->out[i]);
-        size_t len = (size_t)j->views[i].len;
+        const Datagram *d = &j->d[i];
+        uint8_t *dst = d->dst;
         uint64_t counter = j->counter + (uint64_t)i;
         wr32le(dst, 4);
         wr32le(dst + 4, j->index);
         wr64le(dst + 8, counter);
-        if (!aead_seal(ctx, j->key, counter, j->views[i].buf, (int)len, (int)padding(len, j->mtu),
-                       dst + HEADER_LEN))
+        const uint8_t *src = d->src;
+        if (d->cut != NULL) { /* in place: OpenSSL's ChaCha20-Poly1305 allows in == out */
+            cut_write(d->cut, d->seg, dst + HEADER_LEN);
+            src = dst + HEADER_LEN;
+        }
+        if (!aead_seal(ctx, j->key, counter, src, (int)d->len, (int)d->pad, dst + HEADER_LEN))
             atomic_store(&j->failed, 1);
     }
 }
 
-/* Phase 2 of seal, without the GIL: reserve the counters under the lock, so that two
- * threads sealing for one session never share a nonce, then encrypt into the datagrams,
- * in chunks on the crypto threads. 1: sealed; 0: the session is spent (nothing sealed);
- * -1: wiped, or OpenSSL failed. */
-static int seal_batch(Sealer *self, const Py_buffer *views, PyObject *const *out, Py_ssize_t n,
-                      size_t mtu)
+/* Without the GIL: reserve the counters under the lock, so that two threads sealing for
+ * one session never share a nonce, then encrypt into the datagrams, in chunks on the
+ * crypto threads. 1: sealed; 0: the session is spent (nothing sealed); -1: wiped, or
+ * OpenSSL failed. */
+static int seal_batch(Sealer *self, const Datagram *d, Py_ssize_t n)
 {
-    SealJob j = {.index = self->index, .views = views, .out = out, .n = n, .mtu = mtu};
+    SealJob j = {.index = self->index, .d = d, .n = n};
     int ok = 1;
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
     if (self->wiped)
@@ -168,6 +179,30 @@ static int seal_batch(Sealer *self, const Py_buffer *views, PyObject *const *out
     return ok;
 }
 
+/* seal_batch with the GIL released; the exception for -1. */
+static int seal_released(Sealer *self, const Datagram *d, Py_ssize_t n)
+{
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = seal_batch(self, d, n);
+    Py_END_ALLOW_THREADS
+    if (ok < 0)
+        PyErr_SetString(PyExc_ValueError, "the key is wiped (or OpenSSL failed)");
+    return ok;
+}
+
+/* A datagram for a plaintext of `len` bytes; 0 with an exception if too long. */
+static size_t datagram_size(Datagram *d, size_t len, size_t mtu)
+{
+    if (len > 0xFFFFFF) {
+        PyErr_SetString(PyExc_ValueError, "a packet is at most 16 MiB");
+        return 0;
+    }
+    d->len = (uint32_t)len;
+    d->pad = (uint32_t)padding(len, mtu);
+    return HEADER_LEN + len + d->pad + TAG_LEN;
+}
+
 static PyObject *Sealer_seal(Sealer *self, PyObject *args)
 {
     PyObject *packets;
@@ -184,38 +219,250 @@ static PyObject *Sealer_seal(Sealer *self, PyObject *args)
     Py_ssize_t n = PyTuple_GET_SIZE(items_tuple);
     PyObject *result = NULL;
     Py_buffer *views = get_buffers(items_tuple, n);
-    if (views == NULL)
+    Datagram *d = views ? PyMem_Calloc(n ? (size_t)n : 1, sizeof(Datagram)) : NULL;
+    if (d == NULL)
         goto done;
     result = PyList_New(n);
     for (Py_ssize_t i = 0; result && i < n; i++) {
-        size_t len = (size_t)views[i].len;
-        PyObject *d = len > 0xFFFFFF ? NULL
-                      : PyBytes_FromStringAndSize(
-                          NULL, (Py_ssize_t)(HEADER_LEN + len + padding(len, (size_t)mtu) + TAG_LEN));
-        if (d == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "a packet is at most 16 MiB");
+        size_t size = datagram_size(&d[i], (size_t)views[i].len, (size_t)mtu);
+        PyObject *b = size ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size) : NULL;
+        if (b == NULL) {
             Py_CLEAR(result);
-        } else {
-            PyList_SET_ITEM(result, i, d);
+            break;
         }
+        PyList_SET_ITEM(result, i, b);
+        d[i].src = views[i].buf, d[i].dst = (uint8_t *)PyBytes_AS_STRING(b);
     }
-    if (result == NULL)
-        goto done;
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = seal_batch(self, views, PySequence_Fast_ITEMS(result), n, (size_t)mtu);
-    Py_END_ALLOW_THREADS
-    if (ok < 0) {
+    int ok = result ? seal_released(self, d, n) : -1;
+    if (ok < 0)
         Py_CLEAR(result);
-        PyErr_SetString(PyExc_ValueError, "the key is wiped (or OpenSSL failed)");
-    } else if (ok == 0) {
+    else if (ok == 0)
         Py_SETREF(result, PyList_New(0));
-    }
 done:
+    if (views && d == NULL)
+        PyErr_NoMemory();
+    PyMem_Free(d);
     if (views)
         release_buffers(views, n);
     Py_DECREF(items_tuple);
+    return result;
+}
+
+/* ---------------------------------------------------------------- seal_runs */
+
+/* What seal_runs holds while it works: the items' buffers, the plans of the super-packets
+ * among them, and a Datagram for each datagram to be. */
+typedef struct {
+    PyObject *items; /* a tuple */
+    Py_ssize_t n, ndgrams;
+    Py_buffer *views;
+    Cut *cuts;
+    int *is_cut;
+    Datagram *d;
+} Batch;
+
+static void batch_free(Batch *b)
+{
+    for (Py_ssize_t i = 0; b->views && i < b->n; i++)
+        if (b->views[i].obj != NULL)
+            PyBuffer_Release(&b->views[i]);
+    PyMem_Free(b->views), PyMem_Free(b->cuts), PyMem_Free(b->is_cut), PyMem_Free(b->d);
+    Py_XDECREF(b->items);
+}
+
+/* The items' buffers and plans, and the number of datagrams they make. -1: an exception. */
+static int batch_plan(Batch *b)
+{
+    size_t m = b->n ? (size_t)b->n : 1;
+    b->views = PyMem_Calloc(m, sizeof(Py_buffer));
+    b->cuts = PyMem_Calloc(m, sizeof(Cut));
+    b->is_cut = PyMem_Calloc(m, sizeof(int));
+    if (!b->views || !b->cuts || !b->is_cut) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(b->items, i);
+        if (!PyTuple_Check(item)) {
+            if (PyObject_GetBuffer(item, &b->views[i], PyBUF_SIMPLE) < 0)
+                return -1;
+            b->ndgrams++;
+            continue;
+        }
+        Py_ssize_t mss;
+        size_t l4;
+        int udp;
+        if (super_packet_args(item, &b->views[i], &mss, &l4, &udp) < 0)
+            return -1;
+        b->is_cut[i] = 1;
+        if (cut_plan(&b->cuts[i], b->views[i].buf, (size_t)b->views[i].len, udp, mss, l4))
+            b->ndgrams += (Py_ssize_t)b->cuts[i].count;
+        else
+            b->is_cut[i] = 0, b->cuts[i].count = 0; /* refused: makes nothing */
+    }
+    return 0;
+}
+
+/* A Datagram (source and size) for each datagram, in order; their `dst` come later. */
+static int batch_datagrams(Batch *b, size_t mtu)
+{
+    b->d = PyMem_Calloc(b->ndgrams ? (size_t)b->ndgrams : 1, sizeof(Datagram));
+    if (b->d == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        if (!PyTuple_Check(PyTuple_GET_ITEM(b->items, i))) {
+            b->d[k].src = b->views[i].buf;
+            if (!datagram_size(&b->d[k++], (size_t)b->views[i].len, mtu))
+                return -1;
+            continue;
+        }
+        for (size_t s = 0; b->is_cut[i] && s < b->cuts[i].count; s++, k++) {
+            b->d[k].cut = &b->cuts[i], b->d[k].seg = (uint32_t)s;
+            datagram_size(&b->d[k], cut_length(&b->cuts[i], s), mtu);
+        }
+    }
+    return 0;
+}
+
+static size_t sealed_size(const Datagram *d) { return HEADER_LEN + d->len + d->pad + TAG_LEN; }
+
+/* The runs one GSO send carries (core/backend.py gso_runs): consecutive datagrams of one
+ * size, a shorter last one joining; a bytes object for each, and each datagram's dst. */
+static PyObject *batch_runs(Batch *b)
+{
+    PyObject *runs = PyList_New(0);
+    for (Py_ssize_t i = 0, j; runs && i < b->ndgrams; i = j) {
+        size_t size = sealed_size(&b->d[i]), total = size;
+        for (j = i + 1; j < b->ndgrams && sealed_size(&b->d[j]) == size; j++)
+            total += size;
+        if (j < b->ndgrams && sealed_size(&b->d[j]) < size)
+            total += sealed_size(&b->d[j++]);
+        PyObject *buf = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        PyObject *run = buf ? Py_BuildValue("(Nn)", buf, (Py_ssize_t)size) : NULL;
+        if (run == NULL || PyList_Append(runs, run) < 0)
+            Py_CLEAR(runs);
+        Py_XDECREF(run);
+        uint8_t *at = buf ? (uint8_t *)PyBytes_AS_STRING(buf) : NULL;
+        for (Py_ssize_t k = i; runs && k < j; k++)
+            b->d[k].dst = at, at += sealed_size(&b->d[k]);
+    }
+    return runs;
+}
+
+static PyObject *Sealer_seal_runs(Sealer *self, PyObject *args)
+{
+    PyObject *items, *runs = NULL;
+    Py_ssize_t mtu;
+    if (!PyArg_ParseTuple(args, "On:seal_runs", &items, &mtu))
+        return NULL;
+    if (mtu < 0) {
+        PyErr_SetString(PyExc_ValueError, "mtu >= 0");
+        return NULL;
+    }
+    Batch b = {.items = PySequence_Tuple(items)}; /* a tuple: see get_buffers */
+    if (b.items == NULL)
+        return NULL;
+    b.n = PyTuple_GET_SIZE(b.items);
+    if (batch_plan(&b) < 0 || batch_datagrams(&b, (size_t)mtu) < 0 || !(runs = batch_runs(&b)))
+        goto done;
+    int ok = seal_released(self, b.d, b.ndgrams);
+    if (ok < 0)
+        Py_CLEAR(runs);
+    else if (ok == 0)
+        Py_SETREF(runs, Py_NewRef(Py_None));
+done:
+    batch_free(&b);
+    return runs;
+}
+
+/* ---------------------------------------------------------------- by_destination */
+
+/* The destination address of an IPv4 or IPv6 packet (core/ip.py destination) copied to
+ * key: its length (4 or 16), or 0 if the packet is neither. -1: an exception. */
+static int destination(PyObject *item, uint8_t key[16])
+{
+    PyObject *obj = PyTuple_Check(item) && PyTuple_GET_SIZE(item) ? PyTuple_GET_ITEM(item, 0) : item;
+    Py_buffer v = {0};
+    const uint8_t *p;
+    size_t n;
+    if (PyBytes_Check(obj)) {
+        p = (const uint8_t *)PyBytes_AS_STRING(obj), n = (size_t)PyBytes_GET_SIZE(obj);
+    } else if (PyObject_GetBuffer(obj, &v, PyBUF_SIMPLE) == 0) {
+        p = v.buf, n = (size_t)v.len;
+    } else {
+        return -1;
+    }
+    unsigned version = n ? p[0] >> 4 : 0;
+    int len = version == 4 && n >= 20 ? 4 : version == 6 && n >= 40 ? 16 : 0;
+    memcpy(key, p + (len == 4 ? 16 : 24), (size_t)len);
+    if (v.obj != NULL)
+        PyBuffer_Release(&v);
+    return len;
+}
+
+typedef struct {
+    uint8_t key[16];
+    int len;          /* 0: not IP (None); -1: the slot is free */
+    PyObject *group;  /* borrowed: the result list holds it */
+} Slot;
+
+/* The slot of `key` in an open-addressing table of `cap` (a power of two) slots. */
+static Slot *slot_for(Slot *slots, size_t cap, const uint8_t *key, int len)
+{
+    uint32_t h = 2166136261u ^ (uint32_t)len; /* FNV-1a */
+    for (int i = 0; i < len; i++)
+        h = (h ^ key[i]) * 16777619u;
+    for (size_t at = h & (cap - 1);; at = (at + 1) & (cap - 1)) {
+        Slot *s = &slots[at];
+        if (s->len < 0 || (s->len == len && memcmp(s->key, key, (size_t)len) == 0))
+            return s;
+    }
+}
+
+/* A new group for `item` in its slot, appended to the result. */
+static int new_group(PyObject *result, Slot *s, const uint8_t *key, int len, PyObject *item)
+{
+    PyObject *dst = len ? PyBytes_FromStringAndSize((const char *)key, len) : Py_NewRef(Py_None);
+    PyObject *group = dst ? PyList_New(1) : NULL;
+    PyObject *pair = group ? PyTuple_Pack(2, dst, group) : NULL;
+    int rc = pair ? PyList_Append(result, pair) : -1;
+    if (group != NULL)
+        PyList_SET_ITEM(group, 0, Py_NewRef(item));
+    Py_XDECREF(dst), Py_XDECREF(group), Py_XDECREF(pair);
+    if (rc == 0)
+        memcpy(s->key, key, (size_t)len), s->len = len, s->group = group;
+    return rc;
+}
+
+PyObject *by_destination(PyObject *Py_UNUSED(module), PyObject *items)
+{
+    PyObject *tuple = PySequence_Tuple(items);
+    if (tuple == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+    size_t cap = 8;
+    while (cap < 2 * (size_t)n)
+        cap <<= 1;
+    Slot *slots = PyMem_Malloc(cap * sizeof(Slot));
+    PyObject *result = slots ? PyList_New(0) : PyErr_NoMemory();
+    for (size_t i = 0; result && i < cap; i++)
+        slots[i].len = -1;
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(tuple, i);
+        uint8_t key[16];
+        int len = destination(item, key);
+        Slot *s = len < 0 ? NULL : slot_for(slots, cap, key, len);
+        int rc = s == NULL ? -1
+                 : s->len < 0 ? new_group(result, s, key, len, item)
+                              : PyList_Append(s->group, item);
+        if (rc < 0)
+            Py_CLEAR(result);
+    }
+    PyMem_Free(slots);
+    Py_DECREF(tuple);
     return result;
 }
 
@@ -224,6 +471,10 @@ static PyMethodDef Sealer_methods[] = {
      "seal(packets, mtu) -> list[bytes]: a data message for each packet, padded as\n"
      "data.padded_length says, with the next counters, reserved under the sealer's lock.\n"
      "[] if the counters would pass REJECT_AFTER_MESSAGES (the session is spent)."},
+    {"seal_runs", (PyCFunction)Sealer_seal_runs, METH_VARARGS,
+     "seal_runs(items, mtu) -> list[(bytes, size)] | None: wgpy.core.backend.Sealer.seal_runs\n"
+     "(the reference): packets and super-packets (cut here, on the crypto threads) sealed\n"
+     "into GSO runs; None if the session is spent (nothing sealed)."},
     {"expire", (PyCFunction)Sealer_expire, METH_NOARGS, "Spend the session: seal seals no more."},
     {"wipe", (PyCFunction)Sealer_wipe, METH_NOARGS, "Forget the key; seal raises after."},
     {NULL, NULL, 0, NULL},

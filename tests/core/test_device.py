@@ -10,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wgpy.core.backend import padded_length
-from wgpy.core.constants import REKEY_TIMEOUT
+from wgpy.core.constants import MAX_STAGED_PACKETS, REKEY_TIMEOUT
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device, Output
 from wgpy.core.events import EndpointChanged, EventKind, InitiationReceived, ResponseReceived
 from wgpy.core.intake import HANDSHAKE_QUEUE
+from wgpy.core.ip import SuperPacket, segments, super_packet
 from wgpy.core.messages import (
     COOKIE_REPLY_LEN,
     INITIATION_LEN,
@@ -734,3 +735,73 @@ def test_junk_spends_no_tokens(net: SimNet) -> None:
     valid = [(valid_mac1_junk(net, b, i), src) for i in range(50)]
     out = dev.receive(valid, net.now, 0)
     assert not out.drops and not out.udp and dev.queued_handshakes == 50  # the burst
+
+
+# ---- super-packets (a TSO read kept whole: core/ip.py) ------------------------------
+
+
+def tcp_super(dst: str, payload: int, mss: int = 1000, seq: int = 1) -> SuperPacket:
+    header = struct.pack(">HHIIBBHHH", 1, 2, seq, 0, 0x50, 0x10, 1000, 0, 0)
+    packet = ipv4_packet("10.0.0.1", dst, header + bytes(range(256)) * (payload // 256), proto=6)
+    sp = super_packet(packet, mss, 0, False)
+    assert sp is not None
+    return sp
+
+
+def test_a_super_packet_goes_out_as_its_segments_in_one_run(net: SimNet) -> None:
+    """Routed once, sealed into one GSO run (all datagrams one size but a shorter last),
+    delivered as the packets `segments` cuts, in order, between packets around it."""
+    a, b = nodes(net)
+    handshake(net)
+    sp = tcp_super("10.0.0.2", 5120)
+    before, after = ipv4_packet("10.0.0.1", "10.0.0.2", b"a"), ipv4_packet("10.0.0.1", "10.0.0.2")
+    tx = net.peer(a, b).tx_bytes
+    out = a.device.send([before, sp, after], net.now)
+    assert [(len(buf) // size, size) for buf, size, _ in out.udp.runs()][1] == (5, 32 + 1040)
+    assert len(out.udp) == 2 + sp.nsegments == 8
+    b.delivered.clear()
+    net.pump(a, out)
+    assert b.delivered == [before, *segments(sp), after]
+    assert net.peer(a, b).tx_bytes - tx == sum(len(d) for d, _ in out.udp)
+
+
+def test_super_packets_wait_for_a_session_as_packets(net: SimNet) -> None:
+    """Staged while there is no session, a super-packet is cut: the staged queue holds the
+    last MAX_STAGED_PACKETS packets, as if the TUN had handed the segments one by one."""
+    a, b = nodes(net)
+    net.drop = lambda data, src, dst: True  # type: ignore[method-assign]  # no handshake
+    sps = [tcp_super("10.0.0.2", 40 * 1000 + 256, seq=i) for i in range(4)]
+    out = a.device.send(sps, net.now)
+    assert kinds([(d, A_EP, B_EP) for d, _ in out.udp]) == [MSG_INITIATION]
+    peer = net.peer(a, b)
+    cut = [p for sp in sps for p in segments(sp)]
+    assert len(cut) == 4 * 41 and list(peer.staged) == cut[-MAX_STAGED_PACKETS:]
+
+
+def test_super_packets_without_a_route_count_every_segment(net: SimNet) -> None:
+    a, _ = nodes(net)
+    sp = tcp_super("10.9.9.9", 3000)
+    out = a.device.send([sp, b"\x45"], net.now)
+    assert out.drops == {Drop.NO_ROUTE: sp.nsegments, Drop.BAD_INNER: 1}
+    assert len(out.tun) == 1 and out.tun[0][9] == 1  # one ICMP error for the super-packet
+
+
+def test_packets_are_routed_once_per_destination(net: SimNet) -> None:
+    """A batch is grouped by destination; each destination keeps its order, and the
+    allowed IPs are asked once per destination."""
+    a, b = nodes(net)
+    handshake(net)
+    asked: list[bytes] = []
+    lookup = a.device.allowed_ips.lookup
+
+    def counting(addr: bytes) -> object:
+        asked.append(bytes(addr))
+        return lookup(addr)
+
+    a.device.allowed_ips.lookup = counting  # type: ignore[method-assign,assignment]
+    packets = [ipv4_packet("10.0.0.1", dst, bytes([i])) for i in range(30)
+               for dst in ("10.0.0.2", "10.9.9.9")]  # fmt: skip
+    b.delivered.clear()
+    net.send(a, *packets)
+    assert sorted(asked) == sorted([bytes([10, 0, 0, 2]), bytes([10, 9, 9, 9])])
+    assert b.delivered == packets[::2]

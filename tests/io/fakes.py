@@ -26,9 +26,14 @@ class ChannelTun(Tun):
         self.coalesce_udp = True
         self.refuse_uso = refuse_uso
         self.inbound: deque[bytes] = deque()
+        self.reads: deque[bytes] = deque()  # whole reads, virtio header included (TSO)
         self.written: list[bytes] = []
 
     def read_into(self, buf: memoryview) -> int:
+        if self.reads:
+            data = self.reads.popleft()
+            buf[: len(data)] = data
+            return len(data)
         if not self.inbound:
             raise BlockingIOError
         packet = self.inbound.popleft()

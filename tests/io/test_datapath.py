@@ -21,6 +21,7 @@ from wgpy.core.backend import Backend
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
 from wgpy.core.events import EventKind, ProtocolEvent
+from wgpy.core.ip import SuperPacket
 from wgpy.core.messages import split_read as gro_split
 from wgpy.core.output import Drop
 from wgpy.io import offload
@@ -80,7 +81,7 @@ def carry(a: Site, b: Site, packets: list[bytes]) -> None:
         b.datapath.on_udp()
         a.datapath.on_udp()
         b.datapath.on_tun()
-        if not (a.tun.inbound or a.udp.reads or b.udp.reads):
+        if not (a.tun.inbound or a.tun.reads or a.udp.reads or b.udp.reads):
             return
     raise AssertionError("the datapaths did not settle")
 
@@ -99,6 +100,38 @@ def test_a_tcp_stream_crosses_as_gso_sends_and_one_super_packet_write() -> None:
     assert len(b.tun.written) == 1  # 40 segments, one TUN write
     datagrams, _ = a.udp.sent[0]
     assert len(a.udp.sent) == 1 and len(datagrams) == 40  # one GSO send
+
+
+def test_a_tso_read_stays_whole_until_sealed_and_goes_out_in_gso_sends() -> None:
+    """A TSO read (what the kernel hands a TUN with TUNSETOFFLOAD) is one super-packet from
+    the read to the sealer, whichever backend: the peer's host gets exactly the segments
+    `split` cuts, the sender makes one GSO send per 64 KiB, and the batch counts them."""
+    a, b = pair()
+    carry(a, b, flow(1, 100))
+    for addrs, n in ((V4, 44), (V6, 30)):
+        b.tun.written.clear()
+        a.udp.sent.clear()
+        (read,) = offload.coalesce(flow(n, 1380, seq=9000, addrs=addrs))
+        assert read[1] in (offload.GSO_TCPV4, offload.GSO_TCPV6)
+        a.tun.reads.append(read)
+        packets = a.datapath.tun_batches.packets
+        carry(a, b, [])
+        assert a.datapath.tun_batches.packets - packets == n
+        assert b.tun.delivered() == offload.split(read, 1420) == flow(n, 1380, addrs, 9000)
+        ((datagrams, _),) = a.udp.sent  # under 64 KiB sealed: one GSO send
+        assert len(datagrams) == n and len(set(map(len, datagrams))) == 1
+
+
+def test_read_batch_keeps_a_tso_read_whole() -> None:
+    tun = ChannelTun()
+    (read,) = offload.coalesce(flow(10, 1000))
+    tun.reads += [read, read[:20]]  # a super-packet, then one too short to cut
+    tun.inbound.append(flow(1, 10)[0])
+    items, count = tun.read_batch(memoryview(bytearray(70000)), 64, 1420)
+    assert count == 11 and len(items) == 2
+    whole, plain = items
+    assert isinstance(whole, SuperPacket) and whole.nsegments == 10
+    assert whole.packet == read[offload.VNET_HDR_LEN :] and plain == flow(1, 10)[0]
 
 
 def test_ipv6_and_udp_flows_and_a_source_the_peer_does_not_own() -> None:

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from tests.native.reference import World, normalize, open_batch_ref
 from wgpy import _native as native
+from wgpy.core import backend, ip
+from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.io import offload
 
 
@@ -100,6 +102,26 @@ def offload_garbage(rng: random.Random, rounds: int) -> None:
             native.checksum(p, rng.getrandbits(rng.choice([0, 16, 64, 200])))
         sealer = native.Sealer(rng.randbytes(32), rng.getrandbits(32), rng.getrandbits(63))
         sealer.seal(packets, rng.randrange(0, 2000))
+        sending_garbage(rng, packets)
+
+
+def sending_garbage(rng: random.Random, packets: list[bytes]) -> None:
+    """Super-packets with any fields, cut and sealed on the crypto threads, and grouping
+    by destination, against the pure backend."""
+    items: list[object] = list(packets)
+    for p in packets:
+        mss = rng.choice([0, 1, 7, 100, 1380, 1 << 20, -5])
+        items.append(ip.SuperPacket(p, mss, rng.choice([0, 20, 24, 40, 200, -1]),
+                                    rng.random() < 0.5, 1))  # fmt: skip
+    rng.shuffle(items)
+    key, index, mtu = rng.randbytes(32), rng.getrandbits(32), rng.randrange(0, 2000)
+    counter = rng.choice([0, REJECT_AFTER_MESSAGES - rng.randrange(0, 60)])
+    runs = native.Sealer(key, index, counter).seal_runs(items, mtu)
+    assert runs == backend.Sealer(key, index, counter).seal_runs(items, mtu)  # type: ignore[arg-type]
+    assert native.by_destination(items) == backend.by_destination(items)  # type: ignore[arg-type]
+    for item in items:
+        if isinstance(item, ip.SuperPacket):
+            assert native.segments(item) == ip.segments(item)
 
 
 class Shrinker:

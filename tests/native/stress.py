@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from wgpy.core.backend import Backend
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
+from wgpy.core.ip import SuperPacket, super_packet
 from wgpy.core.messages import DATA_HEADER, MSG_DATA
 from wgpy.core.output import Endpoint, Output
 
@@ -44,6 +45,14 @@ def packet(src: bytes, dst: bytes, client: int, seq: int, spoofed: bool, size: i
     body = TAG.pack(client, seq, spoofed) + bytes(size)
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, 17, 0, src, dst)
     return header + body
+
+
+def tso_read(src: bytes, dst: bytes, size: int) -> SuperPacket | None:
+    """A TCP super-packet as a TSO read brings it: the sealer cuts it (on the crypto
+    threads, natively) into segments of 1000 payload bytes."""
+    tcp = struct.pack("!HHIIBBHHH", 1, 2, 0, 0, 0x50, 0x10, 1000, 0, 0) + bytes(size)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, src, dst)
+    return super_packet(header + tcp, 1000, 0, False)
 
 
 @dataclass
@@ -160,8 +169,12 @@ class Stress:
                 c.seq += 1
             out = c.device.send(batch, self.now)
             wire += [(d, c.endpoint, dst) for d, dst in out.udp]
-        replies = [packet(SERVER_IP, c.ip, 0, 0, False, 500) for c in self.clients] * 8
-        wire += self._outputs(self.server, self.server.send(replies, self.now))
+        replies: list[bytes | SuperPacket | None] = [
+            packet(SERVER_IP, c.ip, 0, 0, False, 500) for c in self.clients
+        ] * 8
+        sizes = [0, 999, 9000]
+        replies += [tso_read(SERVER_IP, c.ip, self.rng.choice(sizes)) for c in self.clients]
+        wire += self._outputs(self.server, self.server.send([r for r in replies if r], self.now))
         self.carry(wire)
 
     def tick(self, seconds: float) -> None:

@@ -5,13 +5,17 @@ Both give the same calls, and the pure ones are the reference the native ones ar
 against, byte for byte (tests/native):
 
 - `Sealer(key, receiver_index, counter=0)`: `.seal(packets, mtu) -> list[bytes]`,
-  `.counter`, `.expire()`, `.wipe()`. A sealer owns its session's send counter and
-  reserves the counters of a batch inside `seal`, under its lock, so two threads sealing
-  for one session never use a nonce twice.
+  `.seal_runs(items, mtu) -> list[(buf, size)] | None` (what the device sends: see
+  `Sealer.seal_runs`), `.counter`, `.expire()`, `.wipe()`. A sealer owns its session's
+  send counter and reserves the counters of a batch inside the call, under its lock, so
+  two threads sealing for one session never use a nonce twice.
 - `Session(key, expires)`: a receiving key and its replay window; `.expires`, `.wipe()`,
   `.window_state()`.
 - `open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)`:
   one UDP (GRO) read opened: see `open_batch` below.
+- `by_destination(items) -> [(destination or None, items)]`: packets read from the TUN
+  grouped by inner destination, so that routing looks each up once; `segments(sp)`: a
+  super-packet (core/ip.py) cut into its packets.
 
 The core starts no threads and so needs no lock of its own: the lock is the caller's to
 give (`lock`, a factory of context managers, as `rand` is for randomness); the default,
@@ -30,7 +34,15 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.core.crypto import InvalidTag
-from wgpy.core.ip import IPV4_SRC, IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN, IPV6_SRC
+from wgpy.core.ip import (
+    IPV4_SRC,
+    IPV4_TOTAL_LEN,
+    IPV6_PAYLOAD_LEN,
+    IPV6_SRC,
+    SuperPacket,
+    destination,
+    segments,
+)
 from wgpy.core.messages import DATA_HEADER, DATA_MIN_LEN, MSG_DATA
 from wgpy.core.replay import WORDS, ReplayWindow
 
@@ -40,6 +52,7 @@ _HANDSHAKE_SIZES = {1: 148, 2: 92, 3: 64}  # initiation, response, cookie reply
 _V4_LEN, _V6_LEN = IPV4_TOTAL_LEN, IPV6_PAYLOAD_LEN
 LockFactory = Callable[[], AbstractContextManager[Any]]
 Packet = bytes | bytearray | memoryview
+Item = Packet | SuperPacket  # what the device stages and seals: a packet, or one to cut
 
 
 class SealerLike(Protocol):
@@ -48,6 +61,7 @@ class SealerLike(Protocol):
     @property
     def counter(self) -> int: ...
     def seal(self, packets: Sequence[Packet], mtu: int) -> list[bytes]: ...
+    def seal_runs(self, items: Sequence[Item], mtu: int) -> list[tuple[bytes, int]] | None: ...
     def expire(self) -> None: ...
     def wipe(self) -> None: ...
 
@@ -105,6 +119,20 @@ class Sealer:
             counter += 1
         return out
 
+    def seal_runs(self, items: Sequence[Item], mtu: int) -> list[tuple[bytes, int]] | None:
+        """Seal packets and super-packets (each cut into its segments first; one that
+        cannot be cut makes nothing) into what UDP GSO sends: runs of (datagrams back to
+        back, size), every datagram of a run `size` bytes but the last, which may be
+        shorter; the counters and bytes those of `seal` on the packets cut out, in order.
+        None if the counters would pass REJECT_AFTER_MESSAGES (nothing sealed)."""
+        packets: Sequence[Packet] = items  # type: ignore[assignment]
+        if SuperPacket in map(type, items):
+            packets = [q for p in items for q in _cut(p)]
+        sealed = self.seal(packets, mtu)
+        if len(sealed) < len(packets):
+            return None
+        return gso_runs(sealed)
+
     def expire(self) -> None:
         with self._lock:
             self.counter = REJECT_AFTER_MESSAGES
@@ -113,6 +141,41 @@ class Sealer:
         """Drop the key (Python cannot zero it: dropping the reference is what it can do)."""
         with self._lock:
             self._aead = None
+
+
+def _cut(item: Item) -> Sequence[Packet]:
+    return segments(item) if isinstance(item, SuperPacket) else (item,)
+
+
+def gso_runs(datagrams: list[bytes]) -> list[tuple[bytes, int]]:
+    """Consecutive datagrams of one size (a shorter last one may join) joined: (buf, size),
+    what one UDP GSO send carries (wireguard-go conn/bind_std.go groups its sends so)."""
+    runs = []
+    i, n = 0, len(datagrams)
+    while i < n:
+        size = len(datagrams[i])
+        j = i + 1
+        while j < n and len(datagrams[j]) == size:
+            j += 1
+        if j < n and len(datagrams[j]) < size:
+            j += 1
+        runs.append((datagrams[i] if j == i + 1 else b"".join(datagrams[i:j]), size))
+        i = j
+    return runs
+
+
+def by_destination(items: Sequence[Item]) -> list[tuple[bytes | None, list[Item]]]:
+    """Packets (and super-packets) grouped by inner destination, groups in the order of
+    their first packet, packets in order within a group; None: not an IP packet."""
+    groups: dict[bytes | None, list[Item]] = {}
+    for item in items:
+        dst = destination(item if item.__class__ is not SuperPacket else item[0])  # type: ignore[arg-type]
+        group = groups.get(dst)
+        if group is None:
+            groups[dst] = [item]
+        else:
+            group.append(item)
+    return list(groups.items())
 
 
 class Session:
@@ -240,6 +303,11 @@ class Backend:
         self.threads = threads if native is not None else 1  # that seal and open
         self._lock = lock
         self.open_batch: Callable[..., Opened] = native.open_batch if native else open_batch
+        self.by_destination: Callable[[Sequence[Item]], list[tuple[bytes | None, list[Item]]]]
+        self.by_destination = native.by_destination if native else by_destination
+        self.segments: Callable[[SuperPacket], list[bytes]] = (
+            native.segments if native else segments
+        )
 
     def start_workers(self) -> None:
         """Start the native crypto workers (`threads` - 1 of them; none on the pure path)."""

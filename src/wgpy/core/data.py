@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from wgpy.core.backend import Opened
+from wgpy.core.backend import Item, Opened
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.indextable import IndexTable
-from wgpy.core.output import Drop, Output
+from wgpy.core.output import Datagrams, Drop, Output
 from wgpy.core.peer import Keypair, Peer
 
 Lookup = Callable[[bytes], Peer | None]  # allowed IPs: inner source -> its owner
@@ -37,19 +37,20 @@ class Received:
 
 
 def seal(
-    kp: Keypair,
-    packets: Sequence[bytes],
-    mtu: int,
-    endpoint: Endpoint,
-    udp: list[tuple[bytes, Endpoint]],
+    kp: Keypair, items: Sequence[Item], mtu: int, endpoint: Endpoint, udp: Datagrams
 ) -> tuple[int, bool] | None:
-    """Encrypt `packets` into data messages appended to `udp`: (bytes, any data?), or
-    None if the session's counters are spent (nothing sealed)."""
-    sealed = kp.sealer.seal(packets, mtu)
-    if len(sealed) < len(packets):
+    """Encrypt packets and super-packets into data messages added to `udp` as the GSO
+    runs the sealer made: (bytes, any data?), or None if the session's counters are spent
+    (nothing sealed). Python's work is per run, not per datagram."""
+    runs = kp.sealer.seal_runs(items, mtu)
+    if runs is None:
         return None
-    udp += [(datagram, endpoint) for datagram in sealed]
-    return sum(map(len, sealed)), any(packets)
+    count = nbytes = 0
+    for buf, size in runs:
+        nbytes += len(buf)
+        count += -(-len(buf) // size)
+    udp.add_runs(runs, count, endpoint)
+    return nbytes, any(items)
 
 
 def open_read(

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
 
 from wgpy.core import data, handshake, icmp, sessions
 from wgpy.core.allowedips import AllowedIPs
-from wgpy.core.backend import Backend
+from wgpy.core.backend import Backend, Item, Packet
 from wgpy.core.constants import (
     DEFAULT_MTU,
     REKEY_AFTER_MESSAGES,
@@ -51,7 +51,7 @@ from wgpy.core.events import (
 )
 from wgpy.core.indextable import IndexTable
 from wgpy.core.intake import HandshakeIntake
-from wgpy.core.ip import destination as inner_destination
+from wgpy.core.ip import SuperPacket
 from wgpy.core.messages import MSG_INITIATION, parse_cookie_reply, parse_response
 from wgpy.core.output import Drop, Output
 from wgpy.core.peer import Keypair, Peer
@@ -271,33 +271,33 @@ class Device:
         self._process_handshakes(now, budget, out)
         return out
 
-    def send(self, packets: Iterable[bytes], now: float) -> Output:
+    def send(self, packets: Sequence[Item], now: float) -> Output:
+        """IP packets read from the TUN (and super-packets: core/ip.py), routed to their
+        peers by inner destination, looked up once per destination of the batch (the
+        backend groups them), and sealed, or staged until a session is up."""
         out = Output()
         touched: dict[Peer, None] = {}
         lookup = self.allowed_ips.lookup
-        routes: dict[bytes, Peer | None] = {}  # destination -> peer, for this batch
-        for packet in packets:
-            dst = inner_destination(packet)
-            if dst is None:
-                out.drops[Drop.BAD_INNER] += 1
+        for dst, group in self.backend.by_destination(packets):
+            peer = None if dst is None else lookup(dst)
+            if peer is None or peer.endpoint is None:  # Linux wg_xmit: no endpoint, no staging
+                self._refuse(dst is None, peer, group, now, out)
                 continue
-            try:
-                peer = routes[dst]
-            except KeyError:
-                peer = routes[dst] = lookup(dst)
-            if peer is None:
-                out.drops[Drop.NO_ROUTE] += 1
-                self._unreachable(packet, now, out)
-                continue
-            if peer.endpoint is None:  # Linux wg_xmit: no endpoint, no staging
-                out.drops[Drop.NO_ENDPOINT] += 1
-                self._unreachable(packet, now, out)
-                continue
-            peer.staged.append(packet)
+            peer.staged += group
             touched[peer] = None
         for peer in touched:
             self._send_staged(peer, now, out)
         return out
+
+    def _refuse(self, bad: bool, peer: Peer | None, items: Iterable[Item], now: float,
+                out: Output) -> None:  # fmt: skip
+        """Packets that cannot go: not IP, no route, or a peer without an endpoint."""
+        reason = Drop.BAD_INNER if bad else Drop.NO_ROUTE if peer is None else Drop.NO_ENDPOINT
+        for item in items:
+            packet = item.packet if isinstance(item, SuperPacket) else item
+            out.drops[reason] += item.nsegments if isinstance(item, SuperPacket) else 1
+            if not bad:
+                self._unreachable(packet, now, out)
 
     def tick(self, now: float) -> Output:
         out = Output()
@@ -317,7 +317,7 @@ class Device:
     def queued_handshakes(self) -> int:
         return len(self.intake.queue)
 
-    def _unreachable(self, packet: bytes, now: float, out: Output) -> None:
+    def _unreachable(self, packet: Packet, now: float, out: Output) -> None:
         """An ICMP error back into the TUN for a packet that cannot go (rate-limited)."""
         limit = self.icmp_limit
         if limit is not None and packet:
@@ -344,18 +344,18 @@ class Device:
     def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
         kp = peer.current
         if kp is None or not kp.can_send(now):
+            self._wait(peer)
             self._initiate(peer, now, out)
             return
         endpoint = peer.endpoint
         staged = peer.staged
         if endpoint is None:
-            out.drops[Drop.NO_ENDPOINT] += len(staged)
-            for packet in staged:
-                self._unreachable(packet, now, out)
+            self._refuse(False, peer, staged, now, out)
             staged.clear()
             return
         sent = data.seal(kp, staged, self.mtu, endpoint, out.udp)
         if sent is None:
+            self._wait(peer)
             self._initiate(peer, now, out)  # the session's counter is spent
             return
         nbytes, sent_data = sent
@@ -369,6 +369,20 @@ class Device:
             kp.initiator and now - kp.created > REKEY_AFTER_TIME
         ):
             self._initiate(peer, now, out)
+
+    def _wait(self, peer: Peer) -> None:
+        """Staged packets wait for a session as packets: a super-packet is cut now, so that
+        the staged queue holds (and drops beyond) MAX_STAGED_PACKETS packets, as Linux's."""
+        staged = peer.staged
+        if SuperPacket in map(type, staged):
+            items = list(staged)
+            staged.clear()
+            cut = self.backend.segments
+            for item in items:
+                if isinstance(item, SuperPacket):
+                    staged += cut(item)
+                else:
+                    staged.append(item)
 
     def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
         if not peer.staged:

@@ -46,7 +46,7 @@ _TTL = 64
 _IPV4 = struct.Struct(">BBHHHBBH4s4s")
 
 
-def unreachable(packet: bytes | memoryview) -> bytes | None:
+def unreachable(packet: bytes | bytearray | memoryview) -> bytes | None:
     """The ICMP error answering `packet` (an IP packet from the host), or None when Linux
     would not send one."""
     if len(packet) >= 20 and packet[0] >> 4 == 4:

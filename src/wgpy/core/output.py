@@ -10,7 +10,9 @@ the caller sums them (`Counter.update`) for logs and metrics.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from enum import Enum
+from typing import overload
 
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
@@ -40,6 +42,80 @@ class Drop(Enum):
     NO_ENDPOINT = "no_endpoint"  # (sending) the peer has no endpoint yet
 
 
+Run = tuple[bytes, int, Endpoint]  # datagrams of `size` bytes back to back, the last may be shorter
+
+
+class Datagrams:
+    """Datagrams to send, kept as the runs one UDP GSO send carries: (buf, size, endpoint),
+    `buf` holding datagrams of `size` bytes back to back, the last of them possibly
+    shorter (a lone datagram: size == len(buf)). The sealer makes the runs (one per
+    super-packet, say), and the UDP socket sends each as it is (`runs`), so no datagram
+    becomes an object of its own on the way. Read one by one (iteration, indexing: the
+    tests, the simulator), it is the list of (datagram, endpoint) it stands for."""
+
+    __slots__ = ("_count", "_runs")
+
+    def __init__(self, datagrams: Iterable[tuple[bytes, Endpoint]] = ()) -> None:
+        self._runs: list[Run] = [(d, len(d), ep) for d, ep in datagrams]
+        self._count = len(self._runs)
+
+    def append(self, datagram: tuple[bytes, Endpoint]) -> None:
+        data, endpoint = datagram
+        self._runs.append((data, len(data), endpoint))
+        self._count += 1
+
+    def add_runs(self, runs: list[tuple[bytes, int]], count: int, endpoint: Endpoint) -> None:
+        """`count` datagrams to `endpoint`, as runs of (buf, size)."""
+        self._runs += [(buf, size, endpoint) for buf, size in runs]
+        self._count += count
+
+    def runs(self) -> list[Run]:
+        return self._runs
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self._count = 0
+
+    def __iadd__(self, other: Iterable[tuple[bytes, Endpoint]]) -> Datagrams:
+        if isinstance(other, Datagrams):
+            self._runs += other._runs
+            self._count += other._count
+        else:
+            for datagram in other:
+                self.append(datagram)
+        return self
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[bytes, Endpoint]]:
+        for buf, size, endpoint in self._runs:
+            if len(buf) <= size:
+                yield buf, endpoint
+            else:
+                for i in range(0, len(buf), size):
+                    yield buf[i : i + size], endpoint
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[bytes, Endpoint]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[bytes, Endpoint]]: ...
+    def __getitem__(
+        self, i: int | slice
+    ) -> tuple[bytes, Endpoint] | list[tuple[bytes, Endpoint]]:
+        return list(self)[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Datagrams | list):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Datagrams({list(self)!r})"
+
+
 class Output:
     """IP packets for the TUN, datagrams for the UDP socket, events and drops."""
 
@@ -48,7 +124,7 @@ class Output:
     def __init__(self) -> None:
         self.authentic = False  # a data message (keepalives too) authenticated in this call
         self.tun: list[bytes] = []
-        self.udp: list[tuple[bytes, Endpoint]] = []
+        self.udp = Datagrams()
         self.events: list[ProtocolEvent] = []
         self.drops: Counter[Drop] = Counter()
 

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
-from wgpy.core.backend import Backend
+from wgpy.core.backend import Backend, Item
 from wgpy.core.constants import MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import ZERO_KEY, PrivateKey
@@ -139,7 +139,7 @@ class Peer:
         self.current: Keypair | None = None
         self.previous: Keypair | None = None
         self.next: Keypair | None = None  # responder's, until the initiator uses it
-        self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
+        self.staged: deque[Item] = deque(maxlen=MAX_STAGED_PACKETS)  # packets, super-packets
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.last_handshake: float | None = None  # wall-clock seconds

@@ -214,11 +214,11 @@ class Datapath:
     def on_tun(self) -> bool:
         """Drain the TUN into the core; False once the interface is gone."""
         try:
-            packets = self.tun.read_batch(memoryview(self._tun_buf), BATCH, self.device.mtu)
+            packets, count = self.tun.read_batch(memoryview(self._tun_buf), BATCH, self.device.mtu)
         except TunGone:
             return False
         if packets:
-            self.tun_batches.record(len(packets))
+            self.tun_batches.record(count)
             self.transmit(self.device.send(packets, time.monotonic()))
         return True
 
@@ -232,7 +232,7 @@ class Datapath:
             with contextlib.suppress(TunGone):  # noticed and handled on the next read
                 self.tun.write_batch(out.tun, self.device.mtu)
         if out.udp:
-            self.udp.send_batch(out.udp)
+            self.udp.send_runs(out.udp.runs())
         if out.drops:
             self.drops.update(out.drops)
         if out.events and self.on_events is not None:

@@ -15,7 +15,9 @@ write, and what we put in it:
 * gso_type=TCPV4/TCPV6, gso_size=payload bytes per segment (the last may be shorter),
   hdr_len=IP+TCP header length. IPv4 segments get ids counting up from the first one's.
 
-`split` is the inverse for reads when TSO/USO was offered with TUNSETOFFLOAD.
+`split` is the inverse for reads when TSO/USO was offered with TUNSETOFFLOAD;
+`super_packet` keeps such a read whole for the sealer to cut (core/ip.py), so that a 64 KB
+read stays one object until it is sealed.
 
 `checksum` (core/ip.py) returns the folded one's-complement sum, NOT inverted; a checksum field is
 `~checksum(...) & 0xFFFF`, and a packet verifies when the sum over it is 0xFFFF.
@@ -26,7 +28,10 @@ from __future__ import annotations
 import struct
 from typing import ClassVar
 
-from wgpy.core.ip import IPV4_ADDRS, IPV4_FLOW, IPV6_ADDRS, IPV6_FLOW, checksum
+from wgpy.core.ip import IPV4_ADDRS, IPV4_FLOW, IPV6_FLOW, SuperPacket, checksum, segment
+from wgpy.core.ip import pseudo_sum as _pseudo_sum
+from wgpy.core.ip import set_ip_length as _set_ip_length
+from wgpy.core.ip import super_packet as make_super_packet
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
@@ -39,7 +44,7 @@ GSO_ECN = 0x80
 
 _PROTO_TCP = 6
 _PROTO_UDP = 17
-_FIN, _PSH, _ACK, _CWR = 0x01, 0x08, 0x10, 0x80  # TCP flags
+_PSH, _ACK = 0x08, 0x10  # TCP flags
 _MAX_IP_LEN = 0xFFFF
 _MERGEABLE_FLAGS = frozenset((_ACK, _ACK | _PSH))
 _MAX_UDP_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
@@ -48,31 +53,12 @@ _V6_EXT = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254})
 
 _VNET = struct.Struct("<BBHHHH")
 _U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
 _PLAIN = bytes(VNET_HDR_LEN)
-_ZERO16 = b"\0\0"
 
 
 def plain_header() -> bytes:
     """The virtio header of a packet written or read without any offload."""
     return _PLAIN
-
-
-def _pseudo_sum(p: bytes | memoryview, proto: int, length: int) -> int:
-    """The TCP/UDP pseudo-header sum: the packet's addresses, protocol and L4 length."""
-    addresses = p[IPV4_ADDRS] if p[0] >> 4 == 4 else p[IPV6_ADDRS]
-    return checksum(addresses, proto + length)
-
-
-def _set_ip_length(hdr: bytearray, iphl: int, total: int) -> None:
-    """Give the IP header at the start of `hdr` a new total length (and, for IPv4, the
-    header checksum that goes with it)."""
-    if hdr[0] >> 4 == 4:
-        _U16.pack_into(hdr, 2, total)
-        hdr[10:12] = _ZERO16
-        _U16.pack_into(hdr, 10, ~checksum(hdr[:iphl]) & 0xFFFF)
-    else:
-        _U16.pack_into(hdr, 4, total - 40)
 
 
 # ---------------------------------------------------------------- coalescing (TUN writes)
@@ -338,8 +324,23 @@ def split(buf: bytes | bytearray | memoryview, mtu: int) -> list[bytes]:
         return [bytes(pkt)]
     if gso in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4) and len(pkt) >= 28:  # IPv4 + UDP at least
         l4 = csum_start if flags & NEEDS_CSUM else 0
-        return _segment(pkt, gso == GSO_UDP_L4, gso_size or mtu, l4)
+        return segment(pkt, gso == GSO_UDP_L4, gso_size or mtu, l4)
     return []
+
+
+def super_packet(buf: bytes | bytearray | memoryview, mtu: int) -> SuperPacket | None:
+    """A TSO/USO read (virtio header + packet) kept whole, for the sealer to cut (core/ip.py
+    SuperPacket): what `split` would make of it, but segmented only once sealed. None if
+    the header asks for no segmentation, or for a kind we never offered (UFO), or if the
+    packet cannot be cut: `split` for those."""
+    if len(buf) < VNET_HDR_LEN + 28:  # IPv4 + UDP at least
+        return None
+    flags, gso_type, _, gso_size, csum_start, _ = _VNET.unpack_from(buf)
+    gso = gso_type & ~GSO_ECN
+    if gso != GSO_TCPV4 and gso != GSO_TCPV6 and gso != GSO_UDP_L4:
+        return None
+    l4 = csum_start if flags & NEEDS_CSUM else 0
+    return make_super_packet(bytes(buf[VNET_HDR_LEN:]), gso_size or mtu, l4, gso == GSO_UDP_L4)
 
 
 def _complete(pkt: memoryview, start: int, offset: int) -> list[bytes]:
@@ -351,56 +352,3 @@ def _complete(pkt: memoryview, start: int, offset: int) -> list[bytes]:
     # 0 is "no checksum" for UDP; 0xFFFF is the same value in one's complement (as Linux).
     _U16.pack_into(out, at, ~checksum(pkt[start:]) & 0xFFFF or 0xFFFF)
     return [bytes(out)]
-
-
-def _segment(pkt: memoryview, udp: bool, mss: int, l4: int) -> list[bytes]:
-    """Cut a TSO/USO super-packet into segments of `mss` payload bytes each."""
-    version = pkt[0] >> 4
-    if version == 4:
-        iphl = (pkt[0] & 15) * 4
-        if iphl < 20:
-            return []
-    elif version == 6:
-        iphl = 40
-    else:
-        return []
-    l4 = l4 or iphl
-    if l4 < iphl or l4 + (8 if udp else 20) > len(pkt):  # L4 inside the IP header: garbage
-        return []
-    thl = 8 if udp else (pkt[l4 + 12] >> 4) * 4
-    hlen = l4 + thl
-    if mss <= 0 or thl < (8 if udp else 20) or hlen > len(pkt):
-        return []
-    payload = pkt[hlen:]
-    n = len(payload)
-    # the longest segment's IP length field: IPv4's counts the header, IPv6's does not
-    if hlen + min(mss, n) - (40 if version == 6 else 0) > _MAX_IP_LEN:  # garbage
-        return []
-    base = _pseudo_sum(pkt, _PROTO_UDP if udp else _PROTO_TCP, 0)  # the length comes later
-    hdr = bytearray(pkt[:hlen])
-    hview = memoryview(hdr)
-    seq = _U32.unpack_from(pkt, l4 + 4)[0]
-    ip_id = _U16.unpack_from(pkt, 4)[0]
-    tcp_flags = 0 if udp else pkt[l4 + 13]
-    csum_at = l4 + (6 if udp else 16)
-    out = []
-    for i, off in enumerate(range(0, n or 1, mss)):
-        chunk = payload[off : off + mss]
-        l4len = thl + len(chunk)
-        if version == 4:
-            _U16.pack_into(hdr, 4, (ip_id + i) & 0xFFFF)
-        _set_ip_length(hdr, iphl, l4 + l4len)
-        if udp:
-            _U16.pack_into(hdr, l4 + 4, l4len)
-        else:
-            _U32.pack_into(hdr, l4 + 4, (seq + off) & 0xFFFFFFFF)
-            f = tcp_flags if i == 0 else tcp_flags & ~_CWR
-            hdr[l4 + 13] = f if off + mss >= n else f & ~(_PSH | _FIN)
-        hdr[csum_at : csum_at + 2] = _ZERO16
-        s = checksum(chunk, checksum(hview[l4:], base + l4len))  # header length is even
-        c = ~s & 0xFFFF
-        if udp and not c:
-            c = 0xFFFF  # 0 would mean "no checksum"
-        _U16.pack_into(hdr, csum_at, c)
-        out.append(b"".join((hdr, chunk)))
-    return out

@@ -4,8 +4,9 @@ With `vnet_hdr`, every read and write carries a 10-byte virtio_net_hdr: that is 
 lets `write_batch` hand the kernel a train of TCP segments as one GSO super-packet (the
 coalescing is the TUN's own business, as in wireguard-go's tun_linux.go). TUNSETOFFLOAD
 says which offloads the kernel may hand us on reads: with the native datapath, TSO (one
-read of up to 64 KiB instead of ~45, split in C); without it none, since splitting costs a
-checksum per segment that pure Python pays dearly for (docs/design.md, "The datapath").
+read of up to 64 KiB instead of ~45, kept whole as a super-packet that C's sealer cuts
+into segments); without it none, since cutting costs a checksum per segment that pure
+Python pays dearly for (docs/design.md, "The datapath").
 GSO writes work either way.
 
 The interface may be moved to another network namespace after start-up; the file
@@ -25,6 +26,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+from wgpy.core.backend import Item
 from wgpy.io import offload
 
 log = logging.getLogger("wgpy.tun")
@@ -113,22 +115,31 @@ class Tun:
                 raise TunGone(self.name) from e
             raise
 
-    def read_batch(self, buf: memoryview, limit: int, mtu: int) -> list[bytes]:
-        """The packets waiting to be read, as plain IP packets (a read whose virtio header
-        asks for segmentation or a checksum is finished here); reading stops once `limit`
-        packets are in (a TSO read brings up to ~45 at once)."""
-        packets: list[bytes] = []
+    def read_batch(self, buf: memoryview, limit: int, mtu: int) -> tuple[list[Item], int]:
+        """The packets waiting to be read, and how many: plain IP packets (a read whose
+        virtio header asks for a checksum is finished here), and each TSO read whole, as
+        a super-packet (offload.super_packet) that the sealer cuts, so that nothing here
+        is done per segment. Reading stops once `limit` packets are in (a TSO read brings
+        up to ~45 at once)."""
+        items: list[Item] = []
+        count = 0
         skip = offload.VNET_HDR_LEN if self.vnet_hdr else 0
-        while len(packets) < limit:
+        while count < limit:
             try:
                 n = self.read_into(buf)
             except BlockingIOError:
                 break
-            if skip and (buf[0] or buf[1]):  # flags or gso_type: work for us
-                packets += self.split(buf[:n], mtu)
+            if not skip or not (buf[0] or buf[1]):  # flags or gso_type: work for us
+                items.append(bytes(buf[skip:n]))
+                count += 1
+            elif buf[1] and (whole := offload.super_packet(buf[:n], mtu)) is not None:
+                items.append(whole)
+                count += whole.nsegments
             else:
-                packets.append(bytes(buf[skip:n]))
-        return packets
+                got = self.split(buf[:n], mtu)
+                items += got
+                count += len(got)
+        return items, count
 
     def write_batch(self, packets: list[bytes], mtu: int) -> None:
         """Deliver decrypted packets; with the virtio header, segments of one TCP flow (and

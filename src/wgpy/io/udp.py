@@ -31,9 +31,10 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from wgpy.core.endpoint import Endpoint
+from wgpy.core.output import Run
 
 log = logging.getLogger("wgpy.udp")
 
@@ -220,6 +221,16 @@ class UdpSocket:
             else:
                 joined = b"".join([d for d, _ in datagrams[start:end]])
                 self.send_segments(memoryview(joined), size, endpoint)
+
+    def send_runs(self, runs: Iterable[Run]) -> None:
+        """Send what the core sealed (core/output.py `Datagrams.runs`): each run of
+        datagrams of one size (but a shorter last) in one GSO send, or more where it
+        passes 64 segments or 64 KiB."""
+        for buf, size, endpoint in runs:
+            if len(buf) <= size:
+                self.send(buf, endpoint)
+            else:
+                self.send_segments(buf, size, endpoint)
 
     def reads_are_its_own(self) -> bool:
         """Whether reads come from the socket itself (not a subclass's): then the C intake
