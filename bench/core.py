@@ -6,7 +6,9 @@
   two DH + the response's three, the AEADs);
 - datapath: µs per 1420-byte packet through Device.send and Device.receive in batches of
   64, the per-packet interpreter cost that the UDP/TUN batching cannot remove; and through
-  Device.receive_read, the daemon's way in: the 64 datagrams as one UDP GRO read.
+  Device.receive_read, the daemon's way in: the 64 datagrams as one UDP GRO read;
+- TSO send: µs per packet of one TSO read of 44 segments (a super-packet, as the native
+  datapath's TUN hands it over) through Device.send into its GSO runs.
 """
 
 from __future__ import annotations
@@ -110,6 +112,29 @@ def bench_datapath(seconds: float, size: int = 1420, batch: int = 64) -> tuple[f
     return t_send / n * 1e6, t_recv / n * 1e6, t_read / n * 1e6
 
 
+def bench_tso_send(seconds: float, segments: int = 44) -> float:
+    """µs per segment: one TSO read kept whole (core/ip.py), routed once, cut and sealed."""
+    from wgpy.core.ip import super_packet
+
+    a, b = make_pair()
+    out = a.send([tcp_like(100)], 0.0)
+    resp = b.receive([(out.udp[0][0], A_EP)], 0.0)
+    a.receive([(resp.udp[0][0], B_EP)], 0.0)
+    payload = 1380 * segments
+    tcp = struct.pack(">HHIIBBHHH", 1, 2, 0, 0, 0x50, 0x10, 1000, 0, 0) + bytes(payload)
+    sp = super_packet(tcp_like(20)[:20] + tcp, 1380, 0, False)
+    assert sp is not None and sp.nsegments == segments
+    n, spent = 0, 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        sent = a.send([sp], 1.0)
+        spent += time.perf_counter() - t0
+        assert len(sent.udp) == segments
+        n += segments
+    return spent / n * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0)
@@ -122,8 +147,10 @@ def main() -> None:
         BACKEND = Backend(_native)
     hps = bench_handshakes(args.seconds)
     send_us, recv_us, read_us = bench_datapath(args.seconds)
+    tso_us = bench_tso_send(args.seconds)
     print(f"handshake responses per second (one core): {hps:,.0f}")
     print(f"core send:    {send_us:.2f} µs per 1420-byte packet")
+    print(f"core send (TSO read, 44 segments): {tso_us:.2f} µs per packet")
     print(f"core receive: {recv_us:.2f} µs per 1420-byte packet")
     print(f"core receive_read (GRO): {read_us:.2f} µs per 1420-byte packet")
 

@@ -96,6 +96,8 @@ typedef struct { /* a super-packet planned for cutting (core/ip.py segment) */
     unsigned base, ip_id, flags; /* pseudo-header sum, first IPv4 id, TCP flags */
     uint32_t seq;
 } Cut;
+/* the longest segment cut_plan allows: an IPv6 payload length of 65535 after 40 bytes */
+#define CUT_MAX (0xFFFF + 40)
 int cut_plan(Cut *c, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4);
 size_t cut_length(const Cut *c, size_t i);
 void cut_write(const Cut *c, size_t i, uint8_t *o);

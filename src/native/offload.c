@@ -5,7 +5,7 @@
 /* ------------------------------------------------------------------ checksum */
 
 /* One's-complement sum of big-endian 16-bit words (an odd byte padded), plus `acc`, folded:
- * never 0 unless everything was 0 (as offload.checksum). Up to 2**47 bytes at a time. */
+ * never 0 unless everything was 0 (as offload.checksum). */
 static uint64_t fold(uint64_t s)
 {
     while (s >> 16)
@@ -15,8 +15,19 @@ static uint64_t fold(uint64_t s)
 
 static unsigned csum(const uint8_t *p, size_t n, uint64_t acc)
 {
-    acc = fold(acc);
+    uint64_t s = 0;
     size_t i = 0;
+    for (; i + 8 <= n; i += 8) { /* 8 bytes at a time: a third of the time of 2 */
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        s += w;
+        s += s < w; /* the end-around carry: exact modulo 2**64 - 1, which 0xFFFF divides */
+    }
+    unsigned r = (unsigned)fold(s);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    r = (r >> 8 | r << 8) & 0xFFFF; /* little-endian words summed: swap the sum (RFC 1071) */
+#endif
+    acc = fold(acc) + r;
     for (; i + 1 < n; i += 2)
         acc += rd16be(p + i);
     if (n & 1)

@@ -134,6 +134,7 @@ static void seal_chunk(void *arg, long chunk)
     SealJob *j = arg;
     EVP_CIPHER_CTX *ctx = thread_ctx(1);
     Py_ssize_t lo = j->n * chunk / j->nchunks, hi = j->n * (chunk + 1) / j->nchunks;
+    uint8_t *scratch = NULL; /* segments are cut here, then encrypted into their datagram */
     for (Py_ssize_t i = lo; i < hi; i++) {
         const Datagram *d = &j->d[i];
         uint8_t *dst = d->dst;
@@ -142,13 +143,18 @@ static void seal_chunk(void *arg, long chunk)
         wr32le(dst + 4, j->index);
         wr64le(dst + 8, counter);
         const uint8_t *src = d->src;
-        if (d->cut != NULL) { /* in place: OpenSSL's ChaCha20-Poly1305 allows in == out */
-            cut_write(d->cut, d->seg, dst + HEADER_LEN);
-            src = dst + HEADER_LEN;
+        if (d->cut != NULL) {
+            if (scratch == NULL && (scratch = malloc(CUT_MAX)) == NULL) {
+                atomic_store(&j->failed, 1);
+                break;
+            }
+            cut_write(d->cut, d->seg, scratch);
+            src = scratch;
         }
         if (!aead_seal(ctx, j->key, counter, src, (int)d->len, (int)d->pad, dst + HEADER_LEN))
             atomic_store(&j->failed, 1);
     }
+    free(scratch);
 }
 
 /* Without the GIL: reserve the counters under the lock, so that two threads sealing for

@@ -2,7 +2,8 @@
 # Build wgpy._native and wgpy._classify with AddressSanitizer + UndefinedBehaviorSanitizer
 # into a temporary copy of the package and run the hostile corpus (tests/native/hostile.py)
 # and the C intake's tests (tests/native/test_classify.py: hypothesis batches, a real
-# socket drained) through them.
+# socket drained) and the sending calls' (tests/native/test_send.py: super-packets cut and
+# sealed, the longest segment there is) through them.
 # Usage: tests/native/sanitize.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,7 +14,7 @@ trap 'rm -rf "$tmp"' EXIT
 cp -r src/wgpy "$tmp/wgpy"
 rm -f "$tmp"/wgpy/_native*.so "$tmp"/wgpy/_classify*.so
 mkdir "$tmp/tests"
-cp -r tests/__init__.py tests/core tests/native "$tmp/tests/"
+cp -r tests/__init__.py tests/core tests/native tests/io "$tmp/tests/"
 suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
@@ -27,4 +28,5 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
 "$PY" tests/native/hostile.py "$SECONDS_TO_RUN"
-(cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py)
+(cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py \
+  tests/native/test_send.py)

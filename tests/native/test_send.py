@@ -200,3 +200,16 @@ def test_by_destination_edges() -> None:
     many = [tcp(1, b"", addrs=(V4[0], i.to_bytes(4, "big"))) for i in range(5000)]
     assert native.by_destination(many) == backend.by_destination(many)
     assert len(native.by_destination(many)) == 5000
+
+
+def test_the_longest_segment_there_is_seals_alike() -> None:
+    """An IPv6 segment of 40 + 65,535 bytes (the payload length field's limit): cut into
+    the crypto threads' scratch whole (ASan: tests/native/sanitize.sh)."""
+    payload = bytes(range(256)) * 256
+    packet = tcp(1, payload[: 65535 - 20], addrs=V6)
+    sp = ip.super_packet(packet, 65535 - 20, 0, False)
+    assert sp is not None and sp.nsegments == 1
+    key = bytes(range(32))
+    runs = native.Sealer(key, 1).seal_runs([sp, sp], 0)
+    assert runs == Sealer(key, 1).seal_runs([sp, sp], 0)
+    assert runs is not None and [len(d) for d in flat(runs)] == [32 + 65584] * 2  # padded
