@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from wgpy.core.crypto import decode_key, encode_key
+from wgpy.core.crypto import decode_key, encode_key, hide_keys
 from wgpy.core.endpoint import format_endpoint, split_endpoint
 from wgpy.tools.uapi_client import DeviceStatus
 
@@ -34,8 +34,12 @@ QUICK_KEYS = ("address", "dns", "mtu", "table", "preup", "postup", "predown", "p
 
 
 class ConfigError(Exception):
+    """`path:line: key: message`. What the file said is quoted only through `hide_keys`:
+    a bad line may hold a private key (one that lost its "=", or went in the wrong field)."""
+
     def __init__(self, path: str, line: int, key: str, message: str) -> None:
-        super().__init__(f"{path}:{line}: {key}: {message}")
+        said = f"{key}: {message}" if key else message
+        super().__init__(f"{path}:{line}: {hide_keys(said)}")
 
 
 class ResolveError(ValueError):
@@ -258,8 +262,8 @@ def parse(text: str, path: str = "<config>") -> Config:
                 raise ConfigError(path, number, line, "unknown section")
             continue
         key, eq, value = (part.strip() for part in line.partition("="))
-        if not eq:
-            raise ConfigError(path, number, key, "expected Key = Value")
+        if not eq:  # not quoted: the line may be a key that lost its "="
+            raise ConfigError(path, number, "", "expected Key = Value")
         try:
             if section == "[interface]":
                 _set_interface(cfg.interface, key.lower(), value)
