@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -341,3 +342,15 @@ def test_a_line_without_its_equals_sign_is_named_by_its_line() -> None:
     with pytest.raises(ConfigError) as e:
         parse("[Interface]\nListenPort 51820\n", "wg0.conf")
     assert str(e.value) == "wg0.conf:2: expected Key = Value"
+
+
+def test_files_are_written_whole_and_private(tmp_path: Path) -> None:
+    target = tmp_path / "phone.conf"
+    target.write_text("old")
+    config.write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+    with pytest.raises(TypeError):
+        config.write_atomic(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"new"  # a failed write leaves the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phone.conf"]  # and no temporary

@@ -34,6 +34,7 @@ from wgpy.server.model import (
     parse_expiry,
 )
 from wgpy.server.store import NotInitialized, Registry, SqliteRegistry
+from wgpy.tools import config as wgconfig
 from wgpy.tools import uapi_client
 
 DEFAULT_DIR = "/var/lib/wgpy"
@@ -157,7 +158,7 @@ def cmd_passwd(registry: Registry, args: argparse.Namespace) -> int:
 def _emit(registry: Registry, client: Client, args: argparse.Namespace) -> None:
     text = manage.client_config(registry.settings(), client)
     if args.out:
-        manage.write_atomic(args.out, text.encode())
+        wgconfig.write_atomic(args.out, text.encode())
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text, end="")

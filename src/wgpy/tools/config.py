@@ -17,9 +17,11 @@ import re
 import socket
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wgpy.core.crypto import decode_key, encode_key, hide_keys
 from wgpy.core.endpoint import format_endpoint, split_endpoint
@@ -503,3 +505,28 @@ def render(cfg: Config) -> str:
         if p.persistent_keepalive:
             lines.append(f"PersistentKeepalive = {p.persistent_keepalive}")
     return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Write a file so that it is either the old one or the whole new one: a temporary
+    file beside it, flushed to the disk, then renamed over it (and the folder synced).
+    The temporary file is made new (O_EXCL, O_NOFOLLOW, a random name, mode 0600 until
+    `mode` is set on it): nothing planted beside the target (a symlink, a file readable
+    by others) is ever written through or renamed over the target."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:  # closed also when fchmod fails
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dirfd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
