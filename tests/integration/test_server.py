@@ -99,7 +99,8 @@ class World:
         self.logs += 1
         with open(self.log_path(), "wb") as log:
             proc = self.server.popen(*WGPY, "server", "run", "--dir", str(self.dir),
-                                     "--web", WEB, stdout=log, stderr=log)  # fmt: skip
+                                     "--web", WEB, "--allowed-host", "vpn.test",
+                                     stdout=log, stderr=log)  # fmt: skip
         self.proc = proc
         eventually(lambda: b" up, listening" in self.log_path().read_bytes()
                    or proc.poll() is not None, 15, "the server")  # fmt: skip
@@ -197,6 +198,17 @@ def test_a_cli_client_on_wireguard_go_reaches_the_server_and_the_internet(world:
     assert page == "hello from the internet\n"
     listing = world.cli("client", "list")
     assert "alice" in listing and "online" in listing.split("alice", 1)[1].split("\n")[0]
+
+
+def test_the_page_answers_its_own_names_only(world: World) -> None:
+    """`--allowed-host vpn.test`: that name, the addresses and localhost reach the page;
+    any other name (a rebound one) gets 400."""
+    for host, status in (("vpn.test", 200), ("localhost:51821", 200), (WEB, 200),
+                         ("evil.example:51821", 400)):  # fmt: skip
+        b = Browser(f"http://{WEB}")
+        b.headers["Host"] = host
+        with inside(world.server):
+            assert b.login() == status, host
 
 
 def test_a_web_client_runs_as_nobody_with_the_downloaded_config(world: World) -> None:

@@ -4,6 +4,7 @@ rate limit, cookies, CSRF, every client operation, errors, downloads and one-tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
@@ -22,26 +23,38 @@ from wgpy.server import auth, manage, web
 from wgpy.server.store import SqliteRegistry
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[SqliteRegistry, str]]:
-    registry = SqliteRegistry(tmp_path)
-    manage.init(registry, "vpn.example.com:51820", "10.8.0.0/24", "", None,
-                interface=f"wgt{id(tmp_path) % 10**8}")  # fmt: skip
-    registry.set_password_hash(auth.hash_password(PASSWORD))
+@contextlib.contextmanager
+def serving(registry: SqliteRegistry, allowed_hosts: tuple[str, ...] = ()) -> Iterator[str]:
+    """The page on a loopback port, as `server run --web` serves it; its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(web.server_config(registry))  # what `server run` serves
+    server = uvicorn.Server(web.server_config(registry, allowed_hosts))
     thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
     thread.start()
     try:
         while not server.started:
             assert thread.is_alive()
             threading.Event().wait(0.02)
-        yield registry, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> SqliteRegistry:
+    registry = SqliteRegistry(tmp_path)
+    manage.init(registry, "vpn.example.com:51820", "10.8.0.0/24", "", None,
+                interface=f"wgt{id(tmp_path) % 10**8}")  # fmt: skip
+    registry.set_password_hash(auth.hash_password(PASSWORD))
+    return registry
+
+
+@pytest.fixture
+def site(registry: SqliteRegistry) -> Iterator[tuple[SqliteRegistry, str]]:
+    with serving(registry) as base:
+        yield registry, base
 
 
 def test_login_cookie_and_logout(site: tuple[SqliteRegistry, str]) -> None:
@@ -225,3 +238,45 @@ def test_the_page_and_its_headers(site: tuple[SqliteRegistry, str]) -> None:
     spec = Browser(base).json("GET", "/api/openapi.json")
     assert {"/api/session", "/api/clients", "/api/clients/{client_id}/link"} <= set(spec["paths"])
     assert Browser(base).call("GET", "/static/uPlot.iife.min.js")[0] == 200
+
+
+def with_host(base: str, host: str) -> Browser:
+    b = Browser(base)
+    b.headers["Host"] = host
+    return b
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:51821", "127.0.0.1.evil.example",
+                                  "localhost.evil.example", "", "[::1"])  # fmt: skip
+def test_a_foreign_host_header_is_refused(site: tuple[SqliteRegistry, str], host: str) -> None:
+    """DNS rebinding: a site whose name now resolves to 127.0.0.1 makes the visitor's
+    browser send requests here with its own name as the Host. They get 400: not the page,
+    not the login (where they would try passwords and use up the owner's limit)."""
+    _, base = site
+    b = with_host(base, host)
+    status, headers, _ = b.call("GET", "/")
+    assert status == 400 and headers["x-frame-options"] == "DENY"
+    assert b.login() == 400
+    assert b.call("GET", "/download/x")[0] == 400
+
+
+ALWAYS = ["127.0.0.1", "127.0.0.1:51821", "localhost:51821", "LOCALHOST.", "[::1]:51821",
+          "192.0.2.7", "[2001:db8::7]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", ALWAYS)
+def test_addresses_and_localhost_are_always_allowed(
+    site: tuple[SqliteRegistry, str], host: str
+) -> None:
+    """An address cannot be rebound, so any address literal is fine (a server on
+    0.0.0.0 is reached by its LAN address); of the names, localhost."""
+    _, base = site
+    assert with_host(base, host).login() == 200
+
+
+def test_allowed_host_names_are_configurable(registry: SqliteRegistry) -> None:
+    with serving(registry, ("vpn.example.com",)) as base:
+        assert with_host(base, "VPN.example.com:443").login() == 200
+        assert with_host(base, "vpn.example.com.evil").login() == 400
+    with serving(registry, ("*",)) as base:  # behind a proxy that checks names itself
+        assert with_host(base, "anything.example").login() == 200

@@ -14,9 +14,11 @@ import contextlib
 import hashlib
 import hmac
 import io
+import ipaddress
+import re
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,6 +79,50 @@ class BodyLimit:
         if not length.isdigit() or int(length) > MAX_BODY:
             return PlainTextResponse("request body too large", 413)
         return None
+
+
+_HOST = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name or [v6], then a port
+
+
+def host_name(header: str) -> str:
+    """The name or address in a Host header (lower case, no port, no final dot); "" for
+    one that is neither."""
+    found = _HOST.fullmatch(header)
+    return found.group(1).lower().rstrip(".") if found else ""
+
+
+class HostCheck:
+    """Answers 400 to a request whose Host header is not one of ours, before anything
+    else sees it: against DNS rebinding, where a web site turns its own name into
+    127.0.0.1 and the visitor's browser, sending that name as the Host, reaches the
+    page and its login from the site's script. An address literal cannot be rebound,
+    so any is allowed (a page on 0.0.0.0 is reached by its LAN address); of the names,
+    `localhost` and those given (`--allowed-host`; `*` for any, behind a proxy that
+    checks the name itself)."""
+
+    def __init__(self, app: ASGIApp, names: Iterable[str] = ()) -> None:
+        self.app = app
+        self.names = {host_name(n) for n in names} | {"localhost"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.allowed(dict(scope["headers"]).get(b"host")):
+            await PlainTextResponse("unknown Host header", 400)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def allowed(self, header: bytes | None) -> bool:
+        if "*" in self.names:
+            return True
+        name = host_name(header.decode("latin-1")) if header else ""
+        if name in self.names:
+            return True
+        with contextlib.suppress(ValueError):
+            if name.startswith("["):
+                ipaddress.IPv6Address(name[1:-1])  # a scope (%eth0) is refused
+            else:
+                ipaddress.IPv4Address(name)
+            return True
+        return False
 
 
 class Login(BaseModel):
@@ -167,7 +213,7 @@ Reader = Annotated[Session, Depends(_session)]  # logged in
 Changer = Annotated[Session, Depends(_change)]  # logged in, and the CSRF token sent
 
 
-def create_app(registry: Registry) -> FastAPI:
+def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI:
     app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.state.sessions = sessions = Sessions()
@@ -175,7 +221,8 @@ def create_app(registry: Registry) -> FastAPI:
     limit = LoginLimit()
     templates = Jinja2Templates(directory=HERE / "templates")
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(BodyLimit)  # inside the one below: its answers get the headers too
+    app.add_middleware(BodyLimit)  # inside the ones below: its answers get the headers too
+    app.add_middleware(HostCheck, names=allowed_hosts)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
@@ -326,16 +373,18 @@ class _Server(uvicorn.Server):
         yield
 
 
-def server_config(registry: Registry) -> uvicorn.Config:
+def server_config(registry: Registry, allowed_hosts: Iterable[str] = ()) -> uvicorn.Config:
     # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any local
     # process as the client's address, and the login limit would count nothing
-    return uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
+    app = create_app(registry, allowed_hosts)
+    return uvicorn.Config(app, log_level="warning", access_log=False,
                           lifespan="off", proxy_headers=False)  # fmt: skip
 
 
-async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event) -> None:
+async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event,
+                allowed_hosts: Iterable[str] = ()) -> None:  # fmt: skip
     """The page on a listening socket, until `stop` is set."""
-    server = _Server(server_config(registry))
+    server = _Server(server_config(registry, allowed_hosts))
 
     async def stopper() -> None:
         await stop.wait()
