@@ -216,7 +216,7 @@ def test_a_web_client_runs_as_nobody_with_the_downloaded_config(world: World) ->
     with inside(world.server):
         bob = b.json("POST", "/api/clients", {"name": "bob"}, 201)
         link = b.json("POST", f"/api/clients/{bob['id']}/link", expect=201)
-        status, _, config = Browser(f"http://{WEB}").call("GET", link["url"])
+        status, _, config = Browser(f"http://{WEB}").call("POST", link["url"])
     assert status == 200
     world.wait_for_peer(config.decode())
     path = world.workdir / "bob.conf"
@@ -405,8 +405,15 @@ def _rename_expire_and_link_in_the_page(world: World, driver: Any) -> None:
         wait.until(lambda d: "/download/" in _card(d, "frankie").find_element(
             By.CLASS_NAME, "link-out").text)
         url = _card(driver, "frankie").find_element(By.CLASS_NAME, "link-out").text.split()[-1]
-        status, _, config = Browser("").call("GET", url)
-        assert (status, Browser("").call("GET", url)[0]) == (200, 404)
+        page = driver.current_window_handle
+        driver.switch_to.new_window("tab")  # opening the link spends nothing: a page
+        driver.get(url)  # with the button whose POST gets the file
+        button = driver.find_element(By.CSS_SELECTOR, "form[method=post] button")
+        assert button.text == "Download the configuration"
+        driver.close()
+        driver.switch_to.window(page)
+        status, _, config = Browser("").call("POST", url)
+        assert (status, Browser("").call("POST", url)[0]) == (200, 404)
     assert config.decode() == world.cli("client", "show", "frankie")
 
 

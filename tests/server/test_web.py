@@ -207,9 +207,9 @@ def test_config_qr_and_one_time_link(site: tuple[SqliteRegistry, str]) -> None:
 
     link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
     stranger = Browser(base)  # no session: the link is the credential
-    status, _, data = stranger.call("GET", link["url"])
+    status, _, data = stranger.call("POST", link["url"])  # the button on the link's page
     assert status == 200 and data.decode() == expected
-    assert stranger.call("GET", link["url"])[0] == 404  # once only
+    assert stranger.call("POST", link["url"])[0] == 404  # once only
     assert stranger.call("GET", f"/api/clients/{cid}/configuration")[0] == 401
 
 
@@ -222,7 +222,7 @@ def test_a_disabled_clients_link_gives_nothing(site: tuple[SqliteRegistry, str])
     cid = b.json("POST", "/api/clients", {"name": "lost-phone"}, 201)["id"]
     link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
     b.json("PATCH", f"/api/clients/{cid}", {"enabled": False})
-    status, _, data = Browser(base).call("GET", link["url"])
+    status, _, data = Browser(base).call("POST", link["url"])
     assert status == 404 and b"PrivateKey" not in data
     status, _, data = b.call("POST", f"/api/clients/{cid}/link")
     assert status == 422 and b"disabled" in data
@@ -280,3 +280,25 @@ def test_allowed_host_names_are_configurable(registry: SqliteRegistry) -> None:
         assert with_host(base, "vpn.example.com.evil").login() == 400
     with serving(registry, ("*",)) as base:  # behind a proxy that checks names itself
         assert with_host(base, "anything.example").login() == 200
+
+
+def test_opening_a_one_time_link_does_not_spend_it(site: tuple[SqliteRegistry, str]) -> None:
+    """Chat apps fetch a link to preview it (GET, HEAD): that must neither spend it nor
+    show the keys. The GET is a page with a button; its POST hands out the file, once."""
+    registry, base = site
+    b = Browser(base)
+    b.login()
+    cid = b.json("POST", "/api/clients", {"name": "phone"}, 201)["id"]
+    expected = manage.client_config(registry.settings(), registry.client(cid))
+    url = b.json("POST", f"/api/clients/{cid}/link", expect=201)["url"]
+    previewer = Browser(base)
+    for method in ("GET", "HEAD", "GET"):
+        status, headers, data = previewer.call(method, url)
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b"PrivateKey" not in data and "content-disposition" not in headers
+    status, _, page = previewer.call("GET", url)
+    assert b'<form method="post"' in page and b"<button" in page
+    status, headers, data = Browser(base).call("POST", url)
+    assert status == 200 and data.decode() == expected
+    assert headers["content-disposition"] == 'attachment; filename="phone.conf"'
+    assert Browser(base).call("POST", url)[0] == 404  # once only

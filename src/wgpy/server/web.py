@@ -272,6 +272,14 @@ def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI
 
     _client_routes(app, registry)
     _file_routes(app, registry)
+
+    @app.api_route("/download/{token}", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)  # fmt: skip
+    def download_page(request: Request) -> Response:
+        """A one-time link opened: a page whose button POSTs for the file. Opening it
+        spends nothing, so a chat app's preview (a GET or a HEAD) leaves it working."""
+        return templates.TemplateResponse(request, "download.html", {})
+
     return app
 
 
@@ -339,9 +347,10 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
         registry.add_link(client_id, hashlib.sha256(token.encode()).digest(), expires)
         return LinkOut(url=f"/download/{token}", expires=expires)
 
-    @app.get("/download/{token}", tags=["clients"], response_class=PlainTextResponse)
+    @app.post("/download/{token}", tags=["clients"], response_class=PlainTextResponse)
     def download(token: str) -> Response:
-        """A one-time link: no login needed, and it works once, within the hour."""
+        """A one-time link's file: no login needed, and it works once, within the hour.
+        (A GET of the link is the page with the button that sends this POST.)"""
         client = registry.take_link(hashlib.sha256(token.encode()).digest(), manage.now())
         if client is None:
             raise HTTPException(404, "this link was used already or has expired")
