@@ -213,15 +213,10 @@ Reader = Annotated[Session, Depends(_session)]  # logged in
 Changer = Annotated[Session, Depends(_change)]  # logged in, and the CSRF token sent
 
 
-def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI:
-    app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url="/api/openapi.json")  # fmt: skip
-    app.state.sessions = sessions = Sessions()
-    app.state.registry = registry
-    limit = LoginLimit()
-    templates = Jinja2Templates(directory=HERE / "templates")
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(BodyLimit)  # inside the ones below: its answers get the headers too
+def _middleware(app: FastAPI, allowed_hosts: Iterable[str]) -> None:
+    """Each added one runs outside those before it: the security headers go on every
+    answer, also the refusals of the Host check and the body limit."""
+    app.add_middleware(BodyLimit)
     app.add_middleware(HostCheck, names=allowed_hosts)
 
     @app.middleware("http")
@@ -230,6 +225,17 @@ def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI
         response.headers.update(SECURITY_HEADERS)
         response.headers.setdefault("Cache-Control", "no-store")
         return response
+
+
+def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")  # fmt: skip
+    app.state.sessions = sessions = Sessions()
+    app.state.registry = registry
+    limit = LoginLimit()
+    templates = Jinja2Templates(directory=HERE / "templates")
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _middleware(app, allowed_hosts)
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, exc: Invalid) -> JSONResponse:
@@ -271,14 +277,7 @@ def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI
         response.delete_cookie(COOKIE, path="/")
 
     _client_routes(app, registry)
-    _file_routes(app, registry)
-
-    @app.api_route("/download/{token}", methods=["GET", "HEAD"], response_class=HTMLResponse,
-                   include_in_schema=False)  # fmt: skip
-    def download_page(request: Request) -> Response:
-        """A one-time link opened: a page whose button POSTs for the file. Opening it
-        spends nothing, so a chat app's preview (a GET or a HEAD) leaves it working."""
-        return templates.TemplateResponse(request, "download.html", {})
+    _file_routes(app, registry, templates)
 
     return app
 
@@ -324,7 +323,7 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
 
 
 
-def _file_routes(app: FastAPI, registry: Registry) -> None:
+def _file_routes(app: FastAPI, registry: Registry, templates: Jinja2Templates) -> None:
     """What carries a private key: the config, its QR code, and one-time links to it."""
 
     @app.get("/api/clients/{client_id}/configuration", tags=["clients"],
@@ -346,6 +345,13 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
         expires = manage.now() + LINK_LIFETIME
         registry.add_link(client_id, hashlib.sha256(token.encode()).digest(), expires)
         return LinkOut(url=f"/download/{token}", expires=expires)
+
+    @app.api_route("/download/{token}", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)  # fmt: skip
+    def download_page(request: Request) -> Response:
+        """A one-time link opened: a page whose button POSTs for the file. Opening it
+        spends nothing, so a chat app's preview (a GET or a HEAD) leaves it working."""
+        return templates.TemplateResponse(request, "download.html", {})
 
     @app.post("/download/{token}", tags=["clients"], response_class=PlainTextResponse)
     def download(token: str) -> Response:
