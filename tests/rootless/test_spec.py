@@ -198,3 +198,15 @@ def test_the_library_proxy_checks_its_arguments_before_starting(
     config = Config.build(encode_key(bytes(range(32))), address=["10.0.0.2/24"])
     with pytest.raises(ValueError):
         Proxy(config, socks=None, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("line", [f"PrivateKey {KEY[:-1]}", f"PrivateKey: {bytes(range(32)).hex()}",
+                                  f"PrivateKey {KEY}", f"ListenPort = {KEY}"])  # fmt: skip
+def test_a_bad_line_holding_a_key_is_not_quoted(tmp_path: Path, line: str) -> None:
+    """As in wg-quick files (tools/config.py): the error names the file and line only."""
+    text = WG.replace(f"PrivateKey = {KEY}", line) + "[Socks5]\nBindAddress = 127.0.0.1:1\n"
+    with pytest.raises(ConfigError, match=r"w\.conf:2: ") as e:
+        parsed(text, tmp_path)
+    secret = {KEY, bytes(range(32)).hex()}
+    pieces = {p[i : i + 8] for p in secret for i in range(0, len(p) - 8, 4)}
+    assert not [p for p in pieces if p in str(e.value)], str(e.value)
