@@ -229,12 +229,14 @@ class HandshakeIntake:
 
     def take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
              replies: bytes | None, now: float, out: Output, tag: object) -> None:  # fmt: skip
-        """What passed the C intake, in order, as `admit` would have taken it."""
+        """What passed the C intake, in order, as `admit` would have taken it; the cookie
+        replies made in C (all to `src`) are told as one event."""
+        made = 0
         for offset, verdict in passed:
             if verdict == COOKIE_MADE:
                 assert replies is not None
                 out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
-                out.events.append(CookieSent(src))
+                made += 1
                 continue
             kind = buf[offset]
             message = bytes(buf[offset : offset + _SIZES[kind]])
@@ -244,3 +246,5 @@ class HandshakeIntake:
                 self.send_cookie(message, src, now, out)
             else:  # the classifier counted it against the bound and moved the load
                 self.queue.append((message, src, kind, verdict == ENQUEUE_COOKIE, tag))
+        if made:
+            out.events.append(CookieSent(src, count=made))
