@@ -118,7 +118,7 @@ class HostCheck:
             return True
         with contextlib.suppress(ValueError):
             if name.startswith("["):
-                ipaddress.IPv6Address(name[1:-1])  # a scope (%eth0) is refused
+                ipaddress.IPv6Address(name[1:-1])  # with a %zone too: still an address
             else:
                 ipaddress.IPv4Address(name)
             return True
