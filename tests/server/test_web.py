@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import ipaddress
 import json
 import socket
 import threading
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 import uvicorn
@@ -302,3 +305,13 @@ def test_opening_a_one_time_link_does_not_spend_it(site: tuple[SqliteRegistry, s
     assert status == 200 and data.decode() == expected
     assert headers["content-disposition"] == 'attachment; filename="phone.conf"'
     assert Browser(base).call("POST", url)[0] == 404  # once only
+
+
+@given(st.binary(max_size=60))
+def test_the_host_check_takes_any_header(header: bytes) -> None:
+    """Any bytes as the Host: no exception, and allowed only for localhost, a name given,
+    or an address literal (the port, if any, cut off)."""
+    check = web.HostCheck(lambda *_: None, ["vpn.example.com"])  # type: ignore[arg-type]
+    if check.allowed(header):
+        name = web.host_name(header.decode("latin-1"))
+        assert name in ("localhost", "vpn.example.com") or ipaddress.ip_address(name.strip("[]"))
