@@ -728,30 +728,30 @@ static Py_ssize_t gro_size(struct msghdr *h) {
     return 0;
 }
 
-/* The count of datagrams the kernel dropped at the socket (SO_MEMINFO), or -1. */
+/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize),
+ * and how many datagrams the kernel dropped at it. */
 #define SO_MEMINFO_ 55
-#define SK_MEMINFO_DROPS_ 8
-static int64_t socket_drops(int fd) {
-    uint32_t info[16] = {0};
-    socklen_t len = sizeof(info);
-    if (getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) < 0 ||
-        len < (SK_MEMINFO_DROPS_ + 1) * sizeof(uint32_t))
-        return -1;
-    return info[SK_MEMINFO_DROPS_];
-}
+enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_DROPS = 8, MEMINFO_N = 9 };
 
 /* Whether this drain sheds the cookie replies to strangers: for `hold` seconds after a
- * full drain (a backlog) found that the kernel dropped datagrams at the socket since the
- * last look. The socket cannot be read as fast as they come, so the reads go to the
- * peers we have rather than to answering the flood (a reply costs a send, 5-8 us here).
- * The first drain only takes the count (drops from before are no flood of now); after it,
- * only a full drain looks, so a socket that keeps up costs no extra system call. */
+ * full drain (a backlog) found the socket's receive queue more than half full, or the
+ * kernel's drop count grown since the last look. The socket is not read as fast as the
+ * datagrams come, so the reads go to the peers we have rather than to answering the flood
+ * (a reply costs a send, 5-8 us here, reading and refusing ~1.5 us). Half full, not only
+ * dropped: shedding from before the first drop keeps the peers' datagrams from being
+ * dropped at all. The first drain takes the drop count only (drops from before are no
+ * flood of now); after it only a full drain looks, so a socket that keeps up costs no
+ * extra system call. */
 static int shedding(Classifier *self, int fd, int full, double now) {
-    int64_t drops = full || !self->looked ? socket_drops(fd) : -1;
-    if (drops >= 0 && (!self->looked || (uint32_t)drops != self->overflows)) {
-        if (self->looked)
+    uint32_t info[16] = {0};
+    socklen_t len = sizeof(info);
+    if ((full || !self->looked) && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
+        len >= MEMINFO_N * sizeof(uint32_t)) {
+        int grew = self->looked && info[MEMINFO_DROPS] != self->overflows;
+        int backlog = full && info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2;
+        if (grew || backlog)
             self->shed_until = now + self->hold;
-        self->overflows = (uint32_t)drops, self->looked = 1;
+        self->overflows = info[MEMINFO_DROPS], self->looked = 1;
     }
     return now < self->shed_until;
 }
@@ -1006,8 +1006,8 @@ static PyMethodDef Classifier_methods[] = {
      "replies made are sent here (sendmmsg, each to the source of its read). reads: those\n"
      "with something for Python, as (offset, n, seg, (host, port), packet info or None,\n"
      "passed or None, data messages); passed as `classify` gives it, without verdict 5.\n"
-     "It sheds (classify's shed) for `hold` seconds after a full drain found that the\n"
-     "kernel dropped datagrams at the socket since the last look (SO_MEMINFO)."},
+     "It sheds (classify's shed) for `hold` seconds after a full drain found the socket's\n"
+     "queue over half full or its drop count grown (SO_MEMINFO)."},
     {"set_known", (PyCFunction)Classifier_set_known, METH_O,
      "set_known(endpoints): the peers' (host, port) endpoints: while the socket overflows,\n"
      "only they get cookie replies."},

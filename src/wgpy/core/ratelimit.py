@@ -30,15 +30,15 @@ wireguard-go receive.go for the rule it extends):
   initiation) or 92 (a response), to the address it came from; a reflector that returns
   less than it is sent (0.43 or 0.70 of it) amplifies nothing. Such a message costs ~5.6 us
   (its mac1, and the reply: cookie.py), against ~1 us for the silent refusal it replaced.
-* **Shedding**, the one exception: while the socket overflows (the kernel drops datagrams
-  before we can read them: for a second after a drain found its drop count grown), a
-  message owed a cookie reply gets one only if it came from a peer's endpoint; a
-  stranger's is dropped (`reply_shed`). Past that point the flood, not the rule, decides
+* **Shedding**, the one exception: while the socket is not read as fast as datagrams come
+  (for a second after a full drain found its queue over half full, or datagrams dropped
+  by the kernel), a message owed a cookie reply gets one only if it came from a peer's
+  endpoint; a stranger's is dropped (`reply_shed`). Past that point the flood, not the rule, decides
   who is read: every reply costs a send (5-8 us here, against ~1.5 us to read and refuse),
   and on 2 cores answering a 250k/s flood from 200 spoofed sources left 35% of the
   datagrams read, the peers' pings and handshakes among the rest (65% ping loss, no
-  handshake within 9.5 s). Shed, the reads keep up: 0-6% loss, the peer through in one
-  cookie round trip (bench/flood.py mode c, BENCHMARKS.md). Below the overflow nothing
+  handshake within 9.5 s). Shed, the reads keep up: no ping lost, the peer through in
+  one cookie round trip (bench/flood.py mode c, BENCHMARKS.md). Below the overflow nothing
   changes, so the owner of a spoofed address still gets its reply at any rate the device
   can read; above it, a peer's endpoint still does (the peers the device has keep their
   tunnels, as the brief asks), and a stranger is no worse off than a datagram the kernel
