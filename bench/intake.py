@@ -60,7 +60,7 @@ def drain_c(device: Device, udp: UdpSocket, buf: bytearray, reads: int, now: flo
         out.extend(device.receive_classified(view[offset : offset + n], n, seg, src, now,
                                              passed, ndata))  # fmt: skip
     if out.udp:
-        udp.send_batch(out.udp)
+        udp.send_runs(out.udp.runs())
     return int(got)
 
 
@@ -74,7 +74,7 @@ def drain_python(device: Device, udp: UdpSocket, buf: bytearray, reads: int, now
         out.extend(device.receive_read(view, r[0], r[1], r[2], now, 0))
         got += 1
     if out.udp:
-        udp.send_batch(out.udp)
+        udp.send_runs(out.udp.runs())
     return got
 
 
