@@ -284,7 +284,9 @@ class Device:
         for dst, group in self.backend.by_destination(packets):
             peer = None if dst is None else lookup(dst)
             if peer is None or peer.endpoint is None:  # Linux wg_xmit: no endpoint, no staging
-                self._refuse(dst is None, peer, group, now, out)
+                why = Drop.BAD_INNER if dst is None else Drop.NO_ROUTE if peer is None else \
+                    Drop.NO_ENDPOINT  # fmt: skip
+                self._refuse(why, group, now, out)
                 continue
             peer.staged += group
             touched[peer] = None
@@ -292,14 +294,13 @@ class Device:
             self._send_staged(peer, now, out)
         return out
 
-    def _refuse(self, bad: bool, peer: Peer | None, items: Iterable[Item], now: float,
-                out: Output) -> None:  # fmt: skip
-        """Packets that cannot go: not IP, no route, or a peer without an endpoint."""
-        reason = Drop.BAD_INNER if bad else Drop.NO_ROUTE if peer is None else Drop.NO_ENDPOINT
+    def _refuse(self, why: Drop, items: Iterable[Item], now: float, out: Output) -> None:
+        """Packets that cannot go (not IP, no route, a peer without an endpoint), counted
+        as packets (a super-packet as its segments); an ICMP error for each IP one."""
         for item in items:
             packet = item.packet if isinstance(item, SuperPacket) else item
-            out.drops[reason] += item.nsegments if isinstance(item, SuperPacket) else 1
-            if not bad:
+            out.drops[why] += item.nsegments if isinstance(item, SuperPacket) else 1
+            if why is not Drop.BAD_INNER:
                 self._unreachable(packet, now, out)
 
     def tick(self, now: float) -> Output:
@@ -353,7 +354,7 @@ class Device:
         endpoint = peer.endpoint
         staged = peer.staged
         if endpoint is None:
-            self._refuse(False, peer, staged, now, out)
+            self._refuse(Drop.NO_ENDPOINT, staged, now, out)
             staged.clear()
             return
         sent = data.seal(kp, staged, self.mtu, endpoint, out.udp)
