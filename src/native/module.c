@@ -7,7 +7,7 @@
  *   Session(key, expires)              a receiving session: key + replay window
  *   Sealer(key, index, counter=0)      a sending key and its counter: seal(packets, mtu),
  *                                      seal_runs(items, mtu) (GSO runs, super-packets cut)
- *   by_destination(items)              packets from the TUN grouped by inner destination
+ *   Routes(), route(items, routes)     the allowed IPs mirrored; a batch grouped by peer
  *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
  *   coalesce, checksum, split          as wgpy.io.offload
  *   segments(super_packet)             as wgpy.core.ip.segments
@@ -86,9 +86,9 @@ static PyMethodDef module_methods[] = {
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
     {"segments", segments, METH_O,
      "segments(super_packet) -> list[bytes], as wgpy.core.ip.segments."},
-    {"by_destination", by_destination, METH_O,
-     "by_destination(items) -> [(destination or None, items)], as\n"
-     "wgpy.core.backend.by_destination: packets grouped by inner destination."},
+    {"route", route, METH_VARARGS,
+     "route(items, routes) -> (groups, bad): wgpy.core.backend.route (the reference):\n"
+     "packets grouped by the owner of their destination in a Routes."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -100,7 +100,8 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0)
+    if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0
+        || PyType_Ready(&RoutesType) < 0)
         return NULL;
     if (pool_init() < 0) {
         PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
@@ -111,8 +112,10 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     Py_INCREF(&SessionType);
     Py_INCREF(&SealerType);
+    Py_INCREF(&RoutesType);
     if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
         || PyModule_AddObject(m, "Sealer", (PyObject *)&SealerType) < 0
+        || PyModule_AddObject(m, "Routes", (PyObject *)&RoutesType) < 0
         || PyModule_AddIntConstant(m, "WINDOW", WINDOW) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -3,7 +3,8 @@
  *   module.c    the module's table and init, and the helpers every job uses
  *   pool.c      the crypto worker threads and each thread's OpenSSL contexts
  *   open.c      receiving: Session (key + replay window) and open_batch
- *   seal.c      sending: Sealer (key + counter), seal and seal_runs, by_destination
+ *   seal.c      sending: Sealer (key + counter), seal and seal_runs
+ *   route.c     Routes (a mirror of the allowed IPs) and route: packets grouped by peer
  *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO), cutting
  *               super-packets (for split, segments and seal_runs)
  *
@@ -86,7 +87,10 @@ PyObject *open_batch(PyObject *module, PyObject *args);
 
 /* seal.c */
 extern PyTypeObject SealerType;
-PyObject *by_destination(PyObject *module, PyObject *items);
+
+/* route.c */
+extern PyTypeObject RoutesType;
+PyObject *route(PyObject *module, PyObject *args);
 
 /* offload.c */
 typedef struct { /* a super-packet planned for cutting (core/ip.py segment) */

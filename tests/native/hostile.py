@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from tests.native.reference import World, normalize, open_batch_ref
 from wgpy import _native as native
 from wgpy.core import backend, ip
+from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.io import offload
 
@@ -106,8 +107,8 @@ def offload_garbage(rng: random.Random, rounds: int) -> None:
 
 
 def sending_garbage(rng: random.Random, packets: list[bytes]) -> None:
-    """Super-packets with any fields, cut and sealed on the crypto threads, and grouping
-    by destination, against the pure backend."""
+    """Super-packets with any fields, cut and sealed on the crypto threads, and routing,
+    against the pure backend."""
     items: list[object] = list(packets)
     for p in packets:
         mss = rng.choice([0, 1, 7, 100, 1380, 1 << 20, -5])
@@ -118,7 +119,14 @@ def sending_garbage(rng: random.Random, packets: list[bytes]) -> None:
     counter = rng.choice([0, REJECT_AFTER_MESSAGES - rng.randrange(0, 60)])
     runs = native.Sealer(key, index, counter).seal_runs(items, mtu)
     assert runs == backend.Sealer(key, index, counter).seal_runs(items, mtu)  # type: ignore[arg-type]
-    assert native.by_destination(items) == backend.by_destination(items)  # type: ignore[arg-type]
+    table: AllowedIPs[object] = AllowedIPs()
+    for p in packets[:8]:
+        if len(p) >= 4:
+            table.insert(p[:4], rng.randrange(33), rng.choice([1, 2, 3]))
+    routes = native.Routes()
+    table.publish(routes)
+    groups, bad = native.route(items, routes)
+    assert (groups, bad) == backend.route(items, table)  # type: ignore[arg-type]
     for item in items:
         if isinstance(item, ip.SuperPacket):
             assert native.segments(item) == ip.segments(item)

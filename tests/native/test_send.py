@@ -1,6 +1,6 @@
 """The sending calls of both backends against each other, byte for byte: super-packets
 (core/ip.py) cut as `split` cuts a TSO read, `Sealer.seal_runs` (GSO runs, super-packets
-cut inside) against `seal` and reference.forge, and `by_destination`."""
+cut inside) against `seal` and reference.forge. (`route`: test_route.py.)"""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_threads_sealing_runs_for_one_session_never_share_a_counter() -> None:
 
 
 @st.composite
-def routed(draw: st.DrawFn) -> list[Any]:
+def routed(draw: st.DrawFn) -> list[Any]:  # for test_route.py
     """Packets to a few destinations (v4, v6, with the headers cut short or not IP at all),
     some of them super-packets, as bytes, bytearrays or memoryviews."""
     rng = random.Random(draw(st.integers(0, 2**32)))
@@ -177,29 +177,6 @@ def routed(draw: st.DrawFn) -> list[Any]:
             continue
         items.append(rng.choice([bytes, bytearray, memoryview])(p))
     return items
-
-
-@settings(max_examples=300, deadline=None)
-@given(routed())
-def test_by_destination_matches(items: list[Any]) -> None:
-    got = native.by_destination(items)
-    assert got == backend.by_destination(items)
-    want: dict[bytes | None, list[Any]] = {}  # an independent grouping: first-seen order
-    for p in items:
-        want.setdefault(ip.destination(p.packet if isinstance(p, SuperPacket) else p), []).append(p)
-    assert [dst for dst, _ in got] == list(want)
-    for dst, group in got:
-        assert list(map(id, group)) == list(map(id, want[dst]))
-
-
-def test_by_destination_edges() -> None:
-    assert native.by_destination([]) == backend.by_destination([]) == []
-    for bad in ([1], [None], [(1, 2)]):
-        with pytest.raises(TypeError):
-            native.by_destination(bad)
-    many = [tcp(1, b"", addrs=(V4[0], i.to_bytes(4, "big"))) for i in range(5000)]
-    assert native.by_destination(many) == backend.by_destination(many)
-    assert len(native.by_destination(many)) == 5000
 
 
 def test_the_longest_segment_there_is_seals_alike() -> None:

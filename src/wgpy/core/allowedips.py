@@ -11,15 +11,28 @@ first, so it costs one C-level dict probe per distinct prefix length in use (typ
 to three) instead of walking up to 128 Python-level nodes of a bitwise trie. Path
 compression buys nothing here: the "path" is a single integer shift. A per-owner index
 keeps removal by owner and listing proportional to the owner's entries.
+
+A `Mirror` (the native backend's `Routes`, published by the device at its first send) is
+told every change as this table makes it, so that C can route a batch read from the TUN
+without asking Python per packet, and never by a table older than this one.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Mirror(Protocol):
+    """A copy of the table kept elsewhere (the native backend's `Routes`, which routes a
+    batch in C): told every change as it is made, so the two never disagree."""
+
+    def insert(self, addr: bytes, cidr: int, owner: Any) -> None: ...
+    def remove(self, addr: bytes, cidr: int) -> bool: ...
+    def clear(self) -> None: ...
 
 
 class _Family(Generic[T]):
@@ -41,6 +54,16 @@ class AllowedIPs(Generic[T]):
         self._families: dict[int, _Family[T]] = {4: _Family(4), 16: _Family(16)}
         # owner -> {(family size, cidr, prefix): None}, in insertion order
         self._owned: dict[T, dict[tuple[int, int, int], None]] = {}
+        self.mirror: Mirror | None = None
+
+    def publish(self, mirror: Mirror) -> None:
+        """From now on, keep `mirror` a copy of this table (filled with it now)."""
+        mirror.clear()
+        for size, family in self._families.items():
+            for cidr, level in family.levels.items():
+                for prefix, owner in level.items():
+                    mirror.insert(_address(size, cidr, prefix), cidr, owner)
+        self.mirror = mirror
 
     def __len__(self) -> int:
         return sum(len(level) for f in self._families.values() for level in f.levels.values())
@@ -57,6 +80,8 @@ class AllowedIPs(Generic[T]):
             del self._owned[old][key]
         level[prefix] = value
         self._owned.setdefault(value, {})[key] = None
+        if self.mirror is not None:
+            self.mirror.insert(addr, cidr, value)
 
     def remove(self, addr: bytes, cidr: int, value: T) -> bool:
         """Remove one entry if `value` owns it; True if something was removed."""
@@ -66,14 +91,22 @@ class AllowedIPs(Generic[T]):
             return False
         self._drop(family, cidr, prefix)
         del self._owned[value][(len(addr), cidr, prefix)]
+        if self.mirror is not None:
+            self.mirror.remove(addr, cidr)
         return True
 
     def remove_value(self, value: T) -> None:
         for size, cidr, prefix in self._owned.pop(value, {}):
             self._drop(self._families[size], cidr, prefix)
+            if self.mirror is not None:
+                self.mirror.remove(_address(size, cidr, prefix), cidr)
 
     def clear(self) -> None:
+        mirror = self.mirror
         self.__init__()  # type: ignore[misc]
+        if mirror is not None:
+            mirror.clear()
+            self.mirror = mirror
 
     def lookup(self, addr: bytes | memoryview) -> T | None:
         """The owner of the longest prefix containing `addr` (4 or 16 bytes), or None."""
@@ -90,16 +123,14 @@ class AllowedIPs(Generic[T]):
 
     def entries(self, value: T) -> list[tuple[bytes, int]]:
         """The (masked address, cidr) entries owned by `value`, in insertion order."""
-        return [
-            ((prefix << (size * 8 - cidr)).to_bytes(size, "big"), cidr)
-            for size, cidr, prefix in self._owned.get(value, {})
-        ]
+        owned = self._owned.get(value, {})
+        return [(_address(size, cidr, prefix), cidr) for size, cidr, prefix in owned]
 
     def iter_entries(self, value: T) -> Iterator[tuple[bytes, int]]:
         """`entries` one at a time, over a copy of the owner's keys taken at the first step:
         for callers that list or remove a large set a slice at a time."""
         for size, cidr, prefix in list(self._owned.get(value, {})):
-            yield (prefix << (size * 8 - cidr)).to_bytes(size, "big"), cidr
+            yield _address(size, cidr, prefix), cidr
 
     def _locate(self, addr: bytes, cidr: int) -> tuple[_Family[T], int]:
         family = self._families.get(len(addr))
@@ -114,6 +145,11 @@ class AllowedIPs(Generic[T]):
         if not level:
             del family.levels[cidr]
             family.reorder()
+
+
+def _address(size: int, cidr: int, prefix: int) -> bytes:
+    """The masked address of a prefix of `cidr` bits in a `size`-byte family."""
+    return (prefix << (size * 8 - cidr)).to_bytes(size, "big")
 
 
 def parse_cidr(text: str) -> tuple[bytes, int]:

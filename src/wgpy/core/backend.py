@@ -13,9 +13,10 @@ against, byte for byte (tests/native):
   `.window_state()`.
 - `open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)`:
   one UDP (GRO) read opened: see `open_batch` below.
-- `by_destination(items) -> [(destination or None, items)]`: packets read from the TUN
-  grouped by inner destination, so that routing looks each up once; `segments(sp)`: a
-  super-packet (core/ip.py) cut into its packets.
+- `route(items, table) -> (groups, bad)`: packets read from the TUN grouped by the peer
+  that owns their destination (`table`: the allowed IPs, or the native `Routes` that
+  mirrors them, `Backend.routes`); `segments(sp)`: a super-packet (core/ip.py) cut into
+  its packets.
 
 The core starts no threads and so needs no lock of its own: the lock is the caller's to
 give (`lock`, a factory of context managers, as `rand` is for randomness); the default,
@@ -164,18 +165,36 @@ def gso_runs(datagrams: list[bytes]) -> list[tuple[bytes, int]]:
     return runs
 
 
-def by_destination(items: Sequence[Item]) -> list[tuple[bytes | None, list[Item]]]:
-    """Packets (and super-packets) grouped by inner destination, groups in the order of
-    their first packet, packets in order within a group; None: not an IP packet."""
-    groups: dict[bytes | None, list[Item]] = {}
+class Table(Protocol):
+    """What `route` looks destinations up in: core/allowedips.py's AllowedIPs."""
+
+    def lookup(self, addr: bytes) -> Any: ...
+
+
+def route(items: Sequence[Item], table: Table) -> tuple[list[tuple[Any, list[Item]]], list[Item]]:
+    """(groups, bad): packets (and super-packets) grouped by the owner of their inner
+    destination in `table` (None: no route), groups in the order of their first packet,
+    packets in order within a group; `bad`: what is not an IP packet. Each destination is
+    looked up once."""
+    groups: dict[Any, list[Item]] = {}
+    owners: dict[bytes, Any] = {}  # destination -> owner, for this batch
+    bad: list[Item] = []
+    lookup = table.lookup
     for item in items:
         dst = destination(item if item.__class__ is not SuperPacket else item[0])  # type: ignore[arg-type]
-        group = groups.get(dst)
+        if dst is None:
+            bad.append(item)
+            continue
+        try:
+            owner = owners[dst]
+        except KeyError:
+            owner = owners[dst] = lookup(dst)
+        group = groups.get(owner)
         if group is None:
-            groups[dst] = [item]
+            groups[owner] = [item]
         else:
             group.append(item)
-    return list(groups.items())
+    return list(groups.items()), bad
 
 
 class Session:
@@ -303,11 +322,14 @@ class Backend:
         self.threads = threads if native is not None else 1  # that seal and open
         self._lock = lock
         self.open_batch: Callable[..., Opened] = native.open_batch if native else open_batch
-        self.by_destination: Callable[[Sequence[Item]], list[tuple[bytes | None, list[Item]]]]
-        self.by_destination = native.by_destination if native else by_destination
         self.segments: Callable[[SuperPacket], list[bytes]] = (
             native.segments if native else segments
         )
+        self.route: Callable[..., tuple[list[tuple[Any, list[Item]]], list[Item]]] = (
+            native.route if native else route
+        )
+        # the native `route` looks up in a Routes, which the allowed IPs keep a mirror of
+        self.routes: Callable[[], Any] | None = native.Routes if native else None
 
     def start_workers(self) -> None:
         """Start the native crypto workers (`threads` - 1 of them; none on the pure path)."""
