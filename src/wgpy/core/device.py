@@ -8,10 +8,11 @@ come from the caller.
 
 Everything a packet can do to state happens only after it authenticated. Handshake
 messages go through the intake (intake.py: mac1, rate limits, cookies) into a bounded
-queue and are worked off after the data messages of the same batch (see ratelimit.py); the
-Diffie-Hellman work on them is done here; the messages themselves are built and
-checked in handshake.py, the sessions they make are rotated in sessions.py, the indices
-kept in indextable.py, and data messages sealed and opened in data.py.
+queue and are worked off after the data messages of the same batch (see ratelimit.py), 16
+at a time, their Diffie-Hellman work in one backend call per phase (`_work_off`,
+exchanges.py); the messages themselves are built and checked in handshake.py, the
+sessions they make are rotated in sessions.py, the indices kept in indextable.py, and
+data messages sealed and opened in data.py.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from wgpy.core.backend import X25519Batch
 from wgpy.core.crypto import PrivateKey, dh
+from wgpy.core.noise import DH
 
 _MISSING = b""  # not worked out ahead: computed when asked for
 
@@ -22,12 +23,14 @@ _MISSING = b""  # not worked out ahead: computed when asked for
 class Exchanges:
     """Exchanges wanted, then worked out by `batch` (None: none ahead of time)."""
 
-    __slots__ = ("_batch", "_done", "_wanted")
+    __slots__ = ("_batch", "_done", "_wanted", "dh")
 
     def __init__(self, batch: X25519Batch | None) -> None:
         self._batch = batch
         self._wanted: dict[PrivateKey, dict[bytes, None]] = {}  # private -> peers, in order
         self._done: dict[tuple[PrivateKey, bytes], bytes | None] = {}
+        # crypto.dh's answer: the shared secret; ValueError where it is all zeros
+        self.dh: DH = dh if batch is None else self._found
 
     def want(self, private: PrivateKey, peer: bytes) -> None:
         """DH(private, peer) will be asked for (and, unless known, private's public key)."""
@@ -48,8 +51,8 @@ class Exchanges:
             for peer, secret in zip(peers, shared, strict=True):
                 self._done[private, peer] = secret
 
-    def dh(self, private: bytes | PrivateKey, peer: bytes) -> bytes:
-        """crypto.dh's answer: the shared secret; ValueError where it is all zeros."""
+    def _found(self, private: bytes | PrivateKey, peer: bytes) -> bytes:
+        """The answer worked out ahead, or worked out now."""
         if not isinstance(private, PrivateKey):
             return dh(private, peer)
         secret = self._done.get((private, peer), _MISSING)
