@@ -25,9 +25,9 @@ def test_native_batches_leave_what_pure_one_by_one_leaves(
 ) -> None:
     assert module is not None
     want = worked_off(world(seed), chosen, 11.0, 1, loaded)
-    module.set_threads(workers)
+    module.set_threads(workers)  # 0: the batches on the caller alone
     try:
-        got = worked_off(world(seed, Backend(module)), chosen, 11.0, batch, loaded)
+        got = worked_off(world(seed, Backend(module, threads=3)), chosen, 11.0, batch, loaded)
     finally:
         module.set_threads(0)
     assert got == want

@@ -106,6 +106,14 @@ def test_native_batch_shape_is_checked(jobs: Any) -> None:
         module.x25519(jobs)
 
 
+@needs_native
+def test_the_device_batches_only_where_threads_can_share_the_work() -> None:
+    """On one thread the exchanges go through `cryptography`, whose OpenSSL is quicker."""
+    assert backend.Backend(module, threads=1).x25519 is None
+    assert backend.Backend(None, threads=4).x25519 is None
+    assert module is not None and backend.Backend(module, threads=2).x25519 is module.x25519
+
+
 keys = st.binary(min_size=32, max_size=32)
 peers = st.one_of(keys, st.sampled_from(LOW_ORDER))
 job = st.tuples(keys, st.booleans(), st.lists(peers, max_size=4).map(tuple))

@@ -274,9 +274,12 @@ class Backend:
         self.threads = threads if native is not None else 1  # that seal and open
         self._lock = lock
         self.open_batch: Callable[..., Opened] = native.open_batch if native else open_batch
-        # the handshakes' X25519 in batches, on the crypto threads; None on the pure path,
-        # where the device works each out where it is needed (the same work, in order)
-        self.x25519: X25519Batch | None = native.x25519 if native else None
+        # The handshakes' X25519 in batches, on the crypto threads. None on the pure path
+        # and on one thread, where the device works each out where it is needed through
+        # `cryptography`: its OpenSSL (4.0 in its wheel) is ~10% quicker at X25519 than
+        # the system's libcrypto (3.0) that the extension links, so C pays only where
+        # the exchanges can run side by side.
+        self.x25519: X25519Batch | None = native.x25519 if native and self.threads > 1 else None
 
     def start_workers(self) -> None:
         """Start the native crypto workers (`threads` - 1 of them; none on the pure path)."""

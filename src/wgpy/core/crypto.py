@@ -102,7 +102,7 @@ class PrivateKey:
     def __init__(self, private: bytes) -> None:
         if len(private) != KEY_LEN:
             raise ValueError("an X25519 private key is 32 bytes")
-        self.raw = private
+        self.raw = bytes(private)
         self._key: X25519PrivateKey | None = None
         self._public: bytes | None = None
 
