@@ -184,6 +184,7 @@ PyObject *x25519(PyObject *Py_UNUSED(module), PyObject *jobs)
         return NULL;
     }
     Py_ssize_t njobs = PyTuple_GET_SIZE(jobs), nops = count_ops(jobs), o = 0;
+    int loaded = 1;
     if (nops < 0)
         return NULL;
     DhBatch b = {PyMem_Calloc(njobs ? (size_t)njobs : 1, sizeof(DhKey)),
@@ -196,7 +197,6 @@ PyObject *x25519(PyObject *Py_UNUSED(module), PyObject *jobs)
     for (Py_ssize_t j = 0; j < njobs; j++)
         if (copy_job(PyTuple_GET_ITEM(jobs, j), j, &b, &o) < 0)
             goto done;
-    int loaded = 1;
     Py_BEGIN_ALLOW_THREADS
     pool_run(load_key, &b, (long)njobs);
     for (Py_ssize_t j = 0; j < njobs; j++)
