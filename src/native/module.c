@@ -69,7 +69,7 @@ void release_buffers(Py_buffer *views, Py_ssize_t n)
 static PyMethodDef module_methods[] = {
     {"set_threads", set_threads, METH_O,
      "set_threads(n): n crypto worker threads beside each caller (0: none, the default);\n"
-     "seal and open_batch cut a batch into one chunk per thread."},
+     "seal and open_batch cut a batch into chunks, x25519 into exchanges, for them all."},
     {"threads", get_threads, METH_NOARGS, "threads() -> the number of crypto worker threads."},
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
