@@ -79,8 +79,8 @@ class BatchSizes:
 
 def crypto_threads(asked: int | None = None) -> int:
     """How many threads seal and open data messages and work out the handshakes' X25519
-    (the native backend; core/device.py `_work_off`): `asked` (the
-    daemon's --threads), else WGPY_THREADS, else one per core this process may run on."""
+    (the native backend; core/device.py `_work_off`): `asked` (the daemon's --threads),
+    else WGPY_THREADS, else one per core this process may run on."""
     if asked is None:
         env = os.environ.get("WGPY_THREADS", "")
         asked = int(env) if env.strip() else len(os.sched_getaffinity(0))
