@@ -7,6 +7,7 @@
  *   route.c     Routes (a mirror of the allowed IPs) and route: packets grouped by peer
  *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO), cutting
  *               super-packets (for split, segments and seal_runs)
+ *   dh.c        X25519 in batches for the handshakes: x25519
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
  */
@@ -91,6 +92,9 @@ extern PyTypeObject SealerType;
 /* route.c */
 extern PyTypeObject RoutesType;
 PyObject *route(PyObject *module, PyObject *args);
+
+/* dh.c */
+PyObject *x25519(PyObject *module, PyObject *jobs);
 
 /* offload.c */
 typedef struct { /* a super-packet planned for cutting (core/ip.py segment) */
