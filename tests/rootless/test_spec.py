@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,7 +111,12 @@ def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
         ("[TCPServerTunnel]\nListenPort = 70000\nTarget = a:1\n",
          ":10: listenport: '70000' is not a port"),
         ("[Nonsense]\n", ":9: [Nonsense]: unknown section"),
-        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n", ":11: CertFile: not supported"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n", ":9: keyfile: missing"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nKeyFile = k.pem\n", ":9: certfile: missing"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = /nonexistent/c\nKeyFile = k\n",
+         ":11: certfile: cannot load the certificate '/nonexistent/c'"),
+        ("[Socks5]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n",
+         ":11: CertFile: unknown key in [Socks5]"),
         ("[SNI]\nBindAddress = 0.0.0.0:443\n", ":9: [SNI]: not supported by wgpy"),
     ],
 )  # fmt: skip
@@ -119,6 +126,32 @@ def test_what_we_lack_or_cannot_read_is_named_by_line(
     with pytest.raises(ConfigError) as e:
         parsed(WG + "\n" + tail, tmp_path)
     assert where in str(e.value)
+
+
+def self_signed(tmp_path: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A certificate for `name` and its key, made by openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_certfile_and_keyfile_serve_the_http_proxy_over_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    p = parsed(WG + f"\n[http]\nBindAddress = 127.0.0.1:1\nCertFile = {cert}\nKeyFile = {key}\n",
+               tmp_path)  # fmt: skip
+    assert isinstance(p.listens[0].tls, ssl.SSLContext)
+    assert p.listens[0].describe() == "http over TLS 127.0.0.1:1"
+    (tmp_path / "other").mkdir()
+    other, _ = self_signed(tmp_path / "other")  # a key that is not this certificate's
+    with pytest.raises(ConfigError, match=r":11: certfile: cannot load .*KEY_VALUES_MISMATCH"):
+        parsed(WG + f"\n[http]\nBindAddress = 127.0.0.1:1\nCertFile = {other}\n"
+               f"KeyFile = {key}\n", tmp_path)  # fmt: skip
 
 
 def test_a_wg_quick_file_serves_nothing_by_itself(tmp_path: Path) -> None:

@@ -329,9 +329,13 @@ def build_server(
             handler = info_handler(iface, lambda: (server.active, server.refused), alive)
         else:
             handler = expose_handler(targets[i], outside, idle)
-        services.append(serve.Service(sock, handler, NAMES[listen.kind]))
+        services.append(serve.Service(sock, handler, service_name(listen), listen.tls))
     server = serve.Server(services, cap, jobs, owners)
     return server
+
+
+def service_name(listen: Listen) -> str:
+    return "HTTPS proxy" if listen.kind == "http" and listen.tls else NAMES[listen.kind]
 
 
 def announce(listens: list[Listen], sockets: dict[int, socket.socket]) -> None:
@@ -342,7 +346,7 @@ def announce(listens: list[Listen], sockets: dict[int, socket.socket]) -> None:
         host, port = sockets[i].getsockname()[:2]
         to = f" -> {listen.target[0]}:{listen.target[1]}" if listen.target else ""
         where = f"port {port} of the tunnel" if listen.kind == "expose" else f"{host}:{port}"
-        sys.stderr.write(f"wgpy: {NAMES[listen.kind]} on {where}{to}\n")
+        sys.stderr.write(f"wgpy: {service_name(listen)} on {where}{to}\n")
         if listen.kind != "expose" and not serve.is_loopback(host):
             sys.stderr.write(
                 f"wgpy: warning: {host}:{port} is not a loopback address: other machines "

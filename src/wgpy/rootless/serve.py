@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import resource
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -41,6 +42,7 @@ MAX_CLIENTS = 1024  # a browser keeps tens to hundreds of connections open
 FD_RESERVE = 64  # descriptors kept for the datapath, lookups, logging
 IDLE_TIMEOUT = 600.0  # seconds without a byte either way before a relay is closed
 ACCEPT_RETRY = 1.0
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a client of a TLS service has to finish its hello
 LOG_EVERY = 1.0
 BUFFER = 65536
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -109,6 +111,8 @@ async def relay(a: Stream, b: Stream, idle_timeout: float = IDLE_TIMEOUT) -> Non
                 await dst.drain()
             if dst.can_write_eof():
                 dst.write_eof()
+            else:  # TLS has no half-close: its end (close_notify) ends both ways
+                dst.close()
         except (ConnectionError, OSError):
             dst.close()  # a reset on one side resets the other
 
@@ -138,6 +142,19 @@ def _retrieved(future: asyncio.Future[tuple[None, None]]) -> None:
         future.exception()
 
 
+async def accepted(conn: socket.socket, tls: ssl.SSLContext | None) -> Stream:
+    """Streams over an accepted client's socket, over TLS (the server's side) with `tls`:
+    what asyncio.start_server makes of each client, for a socket accepted by us."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    timeout = TLS_HANDSHAKE_TIMEOUT if tls else None
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=timeout
+    )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
 async def connect(host: str, port: int, timeout: float) -> Stream:
     return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
 
@@ -149,6 +166,7 @@ class Service:
     sock: socket.socket
     handler: Handler
     name: str
+    tls: ssl.SSLContext | None = None  # served over TLS (the HTTPS proxy)
 
 
 class Server:
@@ -172,6 +190,7 @@ class Server:
         self._left = asyncio.Event()  # set when a client leaves: accepting may resume
         self._refused = Throttled(logging.ERROR)
         self._starved = Throttled(logging.ERROR)
+        self._handshakes = Throttled(logging.INFO)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -228,7 +247,7 @@ class Server:
                 self._refused(f"{service.name}: {why}; refusing one")
                 continue
             self.active += 1
-            task = asyncio.create_task(self._serve(conn, service.handler))
+            task = asyncio.create_task(self._serve(conn, service))
             self._clients.add(task)  # the loop keeps only weak references
             task.add_done_callback(self._clients.discard)
 
@@ -246,15 +265,19 @@ class Server:
             return ""
         return f"uid {uid} holds {held - 1} of {self.max_clients} places" if held > share else ""
 
-    async def _serve(self, conn: socket.socket, handler: Handler) -> None:
+    async def _serve(self, conn: socket.socket, service: Service) -> None:
         try:
             try:
-                reader, writer = await asyncio.open_connection(sock=conn)
+                reader, writer = await accepted(conn, service.tls)
+            except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+                conn.close()
+                self._handshakes(f"{service.name}: a client's TLS handshake failed: {e}")
+                return
             except BaseException:
                 conn.close()
                 raise
             try:
-                await handler(reader, writer)
+                await service.handler(reader, writer)
             finally:
                 writer.close()
         except Exception:  # a handler's bug must not end the server

@@ -3,6 +3,7 @@
 Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
 
 - `socks` / `http`: a proxy listening on this side, connecting from inside the tunnel;
+  `http` over TLS when wireproxy's `CertFile` and `KeyFile` name a certificate and key;
 - `forward`: TCP on this side to a fixed target inside the tunnel (wireproxy's
   `[TCPClientTunnel]`); `udp`: the same for UDP datagrams;
 - `expose`: TCP on a port of the tunnel's addresses to a target on this side
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import ssl
 from dataclasses import dataclass, field
 
 from wgpy.core.endpoint import split_endpoint
@@ -44,14 +46,12 @@ NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPC
 UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
     "[sni]": "a TLS proxy routed by SNI",
     "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
-    "certfile": "an HTTPS proxy (CertFile, KeyFile)",
-    "keyfile": "an HTTPS proxy (CertFile, KeyFile)",
     "tunneldomains": "TunnelDomains (everything goes through the tunnel)",
     "logdomains": "LogDomains",
 }
 SECTION_KEYS = {
     "socks": ("bindaddress", "username", "password"),
-    "http": ("bindaddress", "username", "password"),
+    "http": ("bindaddress", "username", "password", "certfile", "keyfile"),
     "forward": ("bindaddress", "target"),
     "expose": ("listenport", "target"),
     "udp": ("bindaddress", "target", "inactivitytimeout"),
@@ -77,13 +77,15 @@ class Listen:
     credentials: Credentials | None = None
     fd: int | None = None  # a listening socket handed in (wgpy.Proxy)
     timeout: float = UDP_TIMEOUT  # a UDP forward's: a client silent this long is forgotten
+    tls: ssl.SSLContext | None = None  # an HTTP proxy's, served over TLS (CertFile, KeyFile)
 
     def describe(self) -> str:
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         if self.kind == "expose":
             where = f"port {self.port} of the tunnel"
         to = f" -> {self.target[0]}:{self.target[1]}" if self.target else ""
-        return f"{self.kind} {where}{to}"
+        tls = " over TLS" if self.tls else ""
+        return f"{self.kind}{tls} {where}{to}"
 
 
 @dataclass
@@ -217,6 +219,9 @@ def _listen(section: _Section, path: str) -> Listen:
             if not value.isascii() or not value.isdigit():
                 raise ValueError(f"{value!r} is not a number of seconds")
             listen.timeout = float(value) or math.inf  # 0: never, as wireproxy
+        if kind == "http" and ("certfile" in section.keys or "keyfile" in section.keys):
+            key = "certfile" if "certfile" in section.keys else "keyfile"
+            listen.tls = tls_context(need("certfile")[0], need("keyfile")[0])
         user = section.keys.get("username", ("", 0))[0]
         if user:  # as wireproxy: a Username turns authentication on
             listen.credentials = Credentials(user, section.keys.get("password", ("", 0))[0])
@@ -224,6 +229,17 @@ def _listen(section: _Section, path: str) -> Listen:
     except ValueError as e:
         line = section.keys.get(key, ("", section.line))[1]
         raise ConfigError(path, line, key, str(e)) from None
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server's TLS context from a PEM certificate (chain) and its key, relative to the
+    working directory as wireproxy opens them; ValueError says why not."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as e:  # ssl.SSLError is one: a key that is not the certificate's
+        raise ValueError(f"cannot load the certificate {cert!r} and key {key!r}: {e}") from None
+    return context
 
 
 def _wg_config(text: str, include: tuple[int, str] | None, path: str) -> ProxySpec:
