@@ -4,9 +4,12 @@ over TLS (wireproxy's `CertFile`/`KeyFile`) and the SNI proxy (wireproxy's `[SNI
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import ssl
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from tests.integration.rootless_bed import (
     PAGE,
     PEER_INNER,
     PEER_OUTER,
+    SRC,
     Bed,
     free_port,
     in_namespace,
@@ -97,3 +101,91 @@ def test_the_http_proxy_serves_over_tls_with_certfile_and_keyfile(
         assert curl.stdout == PAGE, curl.stderr
         assert p.proc.poll() is None
     assert not any("Traceback" in line for line in p.lines), p.lines
+
+
+TLS_SERVER = r"""
+import socket, ssl, sys, threading
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[2], sys.argv[3])
+listener = socket.create_server((sys.argv[1], 443))
+def serve(c):
+    with context.wrap_socket(c, server_side=True) as t:
+        t.recv(1000)
+        t.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + sys.argv[4].encode())
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_server(bed: Bed, workdir: Path) -> Iterator[Path]:
+    """An HTTPS server for NAME on port 443 of the peer's tunnel address; its certificate."""
+    (workdir / "sni").mkdir(exist_ok=True)
+    cert, key = self_signed(workdir / "sni", NAME)
+    proc = bed.peer.popen(sys.executable, "-c", TLS_SERVER, PEER_INNER, str(cert), str(key),
+                          PAGE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while f"{PEER_INNER}:443" not in bed.peer.run("ss", "-ltn", check=False):
+            assert time.monotonic() < deadline, "the TLS server did not start"
+            time.sleep(0.05)
+        yield cert
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_the_sni_proxy_routes_tls_by_its_server_name_without_ending_it(
+    bed: Bed, upy: Path, workdir: Path, tls_server: Path
+) -> None:
+    ns = bed.caller.name
+    port = free_port(ns)
+    conf = wireproxy_file(bed, workdir, f"[SNI]\nBindAddress = 127.0.0.1:{port}\n")
+    with proxy_process(bed, upy, workdir, config=conf) as p:
+        assert any(f"SNI proxy on 127.0.0.1:{port}" in line for line in p.lines), p.lines
+        with tls_client(ns, port, tls_server, NAME) as s:  # the peer's certificate, end to end
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_all(s).endswith(PAGE.encode())
+        with in_namespace(ns):
+            plain = socket.create_connection(("127.0.0.1", port), timeout=15)
+        with plain:  # not TLS: closed at its first byte
+            plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_all(plain) == b""
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # a name the tunnel lacks
+            tls_client(ns, port, tls_server, "nowhere.test").close()
+        with in_namespace(ns):
+            silent = socket.create_connection(("127.0.0.1", port), timeout=15)
+        with silent:  # half a record, then nothing: closed after HELLO_TIMEOUT
+            silent.sendall(b"\x16\x03\x01\x02")
+            start = time.monotonic()
+            assert read_all(silent) == b""
+            assert 4 < time.monotonic() - start < 10
+        with tls_client(ns, port, tls_server, NAME) as s:  # and it serves on
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_all(s).endswith(PAGE.encode())
+        assert p.proc.poll() is None
+    assert not any("Traceback" in line for line in p.lines), p.lines
+
+
+def test_library_proxy_serves_sni_at_a_port_it_picked(
+    bed: Bed, workdir: Path, tls_server: Path
+) -> None:
+    program = f"""
+import socket, ssl, wgpy
+context = ssl.create_default_context(cafile={str(tls_server)!r})
+with wgpy.Proxy({str(bed.config)!r}, socks=None, sni="127.0.0.1:0") as proxy:
+    s = socket.create_connection(proxy.sni_address, timeout=15)
+    with context.wrap_socket(s, server_hostname={NAME!r}) as t:
+        t.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        answer = b""
+        while chunk := t.recv(4096):
+            answer += chunk
+    print(answer.decode().splitlines()[-1])
+"""
+    done = subprocess.run(
+        bed.caller.argv([sys.executable, "-c", program]), capture_output=True, text=True,
+        timeout=60, cwd=workdir, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(SRC)},
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == PAGE.strip()

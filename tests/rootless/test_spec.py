@@ -65,6 +65,9 @@ InactivityTimeout = 0 # never
 
 [STDIOTunnel]
 Target = ssh.example:22
+
+[SNI]
+BindAddress = 127.0.0.1:8443
 """, tmp_path)  # fmt: skip
     assert [(x.kind, x.host, x.port, x.target) for x in p.listens] == [
         ("forward", "127.0.0.1", 25565, ("play.example", 25565)),
@@ -74,6 +77,7 @@ Target = ssh.example:22
         ("http", "::1", 25345, None),
         ("udp", "127.0.0.1", 5353, ("1.1.1.1", 53)),
         ("stdio", "", 0, ("ssh.example", 22)),
+        ("sni", "127.0.0.1", 8443, None),
     ]
     assert p.listens[5].timeout == math.inf
     assert p.listens[3].credentials == spec.Credentials("alice", "pw")
@@ -117,7 +121,9 @@ def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
          ":11: certfile: cannot load the certificate '/nonexistent/c'"),
         ("[Socks5]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n",
          ":11: CertFile: unknown key in [Socks5]"),
-        ("[SNI]\nBindAddress = 0.0.0.0:443\n", ":9: [SNI]: not supported by wgpy"),
+        ("[SNI]\nBindAddress = 127.0.0.1:443\nTarget = a:1\n", ":11: Target: unknown key in [SNI]"),
+        ("[SNI]\n", ":9: bindaddress: missing"),
+        ("[Resolve]\nResolveStrategy = ipv4\n", ":9: [Resolve]: not supported by wgpy"),
     ],
 )  # fmt: skip
 def test_what_we_lack_or_cannot_read_is_named_by_line(
@@ -243,3 +249,14 @@ def test_a_bad_line_holding_a_key_is_not_quoted(tmp_path: Path, line: str) -> No
     secret = {KEY, bytes(range(32)).hex()}
     pieces = {p[i : i + 8] for p in secret for i in range(0, len(p) - 8, 4)}
     assert not [p for p in pieces if p in str(e.value)], str(e.value)
+
+
+def test_sni_on_the_command_line_and_from_a_handed_socket(tmp_path: Path) -> None:
+    path = tmp_path / "wg.conf"
+    path.write_text(WG)
+    ns = proxy.parser().parse_args(["-c", str(path), "--sni", "127.0.0.1:8443"])
+    listens = proxy.plan(ns).spec.listens
+    assert [(x.kind, x.host, x.port) for x in listens] == [("sni", "127.0.0.1", 8443)]
+    assert proxy.handed_over("sni:7").fd == 7
+    with pytest.raises(ValueError):
+        proxy.handed_over("sni:7=a.example:443")  # no target: the hello names it

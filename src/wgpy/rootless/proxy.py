@@ -51,13 +51,14 @@ from wgpy.rootless.session import (
     set_route_mtu,
     setup_logging,
 )
+from wgpy.rootless.sni import sni_handler
 from wgpy.rootless.socks import Options, socks_handler
 from wgpy.rootless.spec import Listen, ProxySpec, listen_address, load, mapping
 from wgpy.tools.config import ConfigError
 
 NAMES = {"socks": "SOCKS5 proxy", "http": "HTTP proxy", "forward": "TCP forward",
          "expose": "TCP exposed", "udp": "UDP forward", "info": "health endpoint",
-         "stdio": "standard input and output"}  # fmt: skip
+         "stdio": "standard input and output", "sni": "SNI proxy"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
         description="Proxies and port forwards into a WireGuard tunnel of your own, "
         "without root: the tunnel lives in a namespace only this process uses.",
         epilog="CONFIG is a wg-quick file, or a wireproxy file ([Socks5], [http], "
-        "[TCPClientTunnel], [TCPServerTunnel], [UDPProxyTunnel], [STDIOTunnel], "
+        "[TCPClientTunnel], [TCPServerTunnel], [UDPProxyTunnel], [STDIOTunnel], [SNI], "
         "WGConfig = PATH). "
         "LOG_LEVEL=verbose|error|silent sets what is logged. Listen on loopback: "
         "whoever reaches a port uses your tunnel.",
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
         help="serve SOCKS5 (CONNECT, UDP ASSOCIATE) here")
     add("--http", action="append", default=[], metavar="ADDR:PORT",
         help="serve an HTTP proxy (CONNECT and plain http:// requests) here")
+    add("--sni", action="append", default=[], metavar="ADDR:PORT",
+        help="serve an SNI proxy here: TLS to port 443 of the host its hello names")
     add("--forward", action="append", default=[], metavar="ADDR:PORT=HOST:PORT",
         help="TCP on ADDR:PORT here to HOST:PORT through the tunnel")
     add("--expose", action="append", default=[], metavar="PORT=HOST:PORT",
@@ -119,7 +122,7 @@ def plan(ns: argparse.Namespace) -> Plan:
     if not path:
         raise ValueError("no config: give -c CONFIG (wg-quick or wireproxy) or set WGPY_CONFIG")
     spec = load(path)
-    for kind, values in (("socks", ns.socks), ("http", ns.http)):
+    for kind, values in (("socks", ns.socks), ("http", ns.http), ("sni", ns.sni)):
         spec.listens += [Listen(kind, *listen_address(v)) for v in values]
     for kind, values in (("forward", ns.forward), ("expose", ns.expose), ("udp", ns.udp_forward)):
         spec.listens += [mapping(kind, v) for v in values]
@@ -136,14 +139,14 @@ def plan(ns: argparse.Namespace) -> Plan:
         raise ValueError("one standard input and output: one --stdio or [STDIOTunnel]")
     spec.listens += [handed_over(value) for value in ns.listen_fd]
     if not spec.listens:
-        raise ValueError("nothing to serve: give --socks ADDR:PORT, --http, --forward, "
+        raise ValueError("nothing to serve: give --socks ADDR:PORT, --http, --sni, --forward, "
                          "--expose or --udp-forward (or sections in a wireproxy file)")  # fmt: skip
     if ns.max_clients < 1 or not ns.idle_timeout > 0:
         raise ValueError("--max-clients and --idle-timeout must be above 0")
     return Plan(spec, ns.max_clients, ns.idle_timeout, ns.silent)
 
 
-HANDED_OVER = ("socks", "http", "info", "forward", "udp")
+HANDED_OVER = ("socks", "http", "info", "forward", "udp", "sni")
 
 
 def handed_over(value: str) -> Listen:
@@ -322,6 +325,8 @@ def build_server(
             handler = socks_handler(opts)
         elif listen.kind == "http":
             handler = http_handler(opts)
+        elif listen.kind == "sni":
+            handler = sni_handler(idle)
         elif listen.kind == "forward":
             assert listen.target is not None
             handler = forward_handler(listen.target, idle)

@@ -8,6 +8,8 @@ Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
   `[TCPClientTunnel]`); `udp`: the same for UDP datagrams;
 - `expose`: TCP on a port of the tunnel's addresses to a target on this side
   (wireproxy's `[TCPServerTunnel]`);
+- `sni`: TLS on this side to port 443 of the host its ClientHello names, inside the
+  tunnel (wireproxy's `[SNI]`);
 - `info`: the health endpoint (`--info`);
 - `stdio`: standard input and output to a target inside the tunnel (wireproxy's
   `[STDIOTunnel]`, for ssh's ProxyCommand); the proxy ends when that connection does.
@@ -31,7 +33,7 @@ from wgpy.tools.config import Config, ConfigError
 
 UDP_TIMEOUT = 60.0  # seconds
 CHECK_INTERVAL = 5.0  # wireproxy's CheckAliveInterval default
-KINDS = ("socks", "http", "forward", "expose", "udp", "info", "stdio")
+KINDS = ("socks", "http", "forward", "expose", "udp", "info", "stdio", "sni")
 SECTIONS = {  # wireproxy's section -> our kind
     "[socks5]": "socks",
     "[http]": "http",
@@ -39,12 +41,13 @@ SECTIONS = {  # wireproxy's section -> our kind
     "[tcpservertunnel]": "expose",
     "[udpproxytunnel]": "udp",
     "[stdiotunnel]": "stdio",
+    "[sni]": "sni",
 }
 NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPClientTunnel]",
          "[tcpservertunnel]": "[TCPServerTunnel]",
-         "[udpproxytunnel]": "[UDPProxyTunnel]", "[stdiotunnel]": "[STDIOTunnel]"}  # fmt: skip
+         "[udpproxytunnel]": "[UDPProxyTunnel]", "[stdiotunnel]": "[STDIOTunnel]",
+         "[sni]": "[SNI]"}  # fmt: skip
 UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
-    "[sni]": "a TLS proxy routed by SNI",
     "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
     "tunneldomains": "TunnelDomains (everything goes through the tunnel)",
     "logdomains": "LogDomains",
@@ -56,6 +59,7 @@ SECTION_KEYS = {
     "expose": ("listenport", "target"),
     "udp": ("bindaddress", "target", "inactivitytimeout"),
     "stdio": ("target",),
+    "sni": ("bindaddress",),
 }
 
 
