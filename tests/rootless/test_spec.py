@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -123,7 +124,8 @@ def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
          ":11: CertFile: unknown key in [Socks5]"),
         ("[SNI]\nBindAddress = 127.0.0.1:443\nTarget = a:1\n", ":11: Target: unknown key in [SNI]"),
         ("[SNI]\n", ":9: bindaddress: missing"),
-        ("[Resolve]\nResolveStrategy = ipv4\n", ":9: [Resolve]: not supported by wgpy"),
+        ("[Resolve]\nResolveStrategy = ipv5\n", ":10: ResolveStrategy: 'ipv5' is not one of"),
+        ("[Resolve]\nTunnelDomains = a\n", ":10: TunnelDomains: not supported by wgpy"),
     ],
 )  # fmt: skip
 def test_what_we_lack_or_cannot_read_is_named_by_line(
@@ -260,3 +262,16 @@ def test_sni_on_the_command_line_and_from_a_handed_socket(tmp_path: Path) -> Non
     assert proxy.handed_over("sni:7").fd == 7
     with pytest.raises(ValueError):
         proxy.handed_over("sni:7=a.example:443")  # no target: the hello names it
+
+
+def test_resolve_strategy_names_the_family_tried_first(tmp_path: Path) -> None:
+    def family(text: str) -> int | None:
+        return proxy.preferred_family(parsed(text + "[http]\nBindAddress = 127.0.0.1:1\n",
+                                             tmp_path))  # fmt: skip
+
+    v6 = WG.replace("10.0.0.2/32", "10.0.0.2/32, fd00::2/128")
+    assert family(WG) is None  # no [Resolve]: getaddrinfo's order
+    assert family(WG + "[Resolve]\nResolveStrategy = IPv6\n") == socket.AF_INET6
+    assert family(v6 + "[Resolve]\nResolveStrategy = ipv4\n") == socket.AF_INET
+    assert family(WG + "[Resolve]\n") == socket.AF_INET  # auto, IPv4 addresses only
+    assert family(v6 + "[Resolve]\nResolveStrategy = auto\n") == socket.AF_INET6

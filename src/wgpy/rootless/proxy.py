@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
         "without root: the tunnel lives in a namespace only this process uses.",
         epilog="CONFIG is a wg-quick file, or a wireproxy file ([Socks5], [http], "
         "[TCPClientTunnel], [TCPServerTunnel], [UDPProxyTunnel], [STDIOTunnel], [SNI], "
-        "WGConfig = PATH). "
+        "[Resolve], WGConfig = PATH). "
         "LOG_LEVEL=verbose|error|silent sets what is logged. Listen on loopback: "
         "whoever reaches a port uses your tunnel.",
     )
@@ -335,8 +335,19 @@ def build_server(
         else:
             handler = expose_handler(targets[i], outside, idle)
         services.append(serve.Service(sock, handler, service_name(listen), listen.tls))
-    server = serve.Server(services, cap, jobs, owners)
+    server = serve.Server(services, cap, jobs, owners, preferred_family(p.spec))
     return server
+
+
+def preferred_family(spec: ProxySpec) -> int | None:
+    """ResolveStrategy's family: auto is IPv4 for a tunnel with IPv4 addresses only,
+    else IPv6, as wireproxy decides; None (the system's order) without [Resolve]."""
+    if spec.resolve is None:
+        return None
+    if spec.resolve == "auto":
+        v6 = any(a.version == 6 for a in spec.config.interface.addresses)
+        return int(socket.AF_INET6 if v6 else socket.AF_INET)
+    return int(socket.AF_INET6 if spec.resolve == "ipv6" else socket.AF_INET)
 
 
 def service_name(listen: Listen) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import ipaddress
 import logging
@@ -48,6 +49,9 @@ BUFFER = 65536
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# The address family tried first by connect() (wireproxy's ResolveStrategy), or None for
+# getaddrinfo's own order (glibc's puts IPv6 first, ULA or not): a Server's `prefer`.
+PREFERRED: contextvars.ContextVar[int | None] = contextvars.ContextVar("prefer", default=None)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -156,7 +160,22 @@ async def accepted(conn: socket.socket, tls: ssl.SSLContext | None) -> Stream:
 
 
 async def connect(host: str, port: int, timeout: float) -> Stream:
-    return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    """A connection to `host` (inside the tunnel's namespace: its DNS); with a PREFERRED
+    family, that family's addresses are tried first, then the others, one at a time."""
+    family = PREFERRED.get()
+    if family is None:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    async with asyncio.timeout(timeout):
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos.sort(key=lambda info: info[0] != family)  # stable: the system's order within
+        error: OSError = OSError(f"no address for {host}")
+        for *_, address in infos:
+            try:
+                return await asyncio.open_connection(str(address[0]), port)
+            except OSError as e:
+                error = e
+        raise error
 
 
 @dataclass
@@ -179,8 +198,10 @@ class Server:
         max_clients: int = MAX_CLIENTS,
         udp: list[Callable[[], Coroutine[None, None, None]]] | None = None,
         owners: Owners | None = None,
+        prefer: int | None = None,
     ) -> None:
         self.services = services
+        self.prefer = prefer  # the family connect() tries first (PREFERRED)
         self.owners = owners
         self.max_clients = max_clients
         self.udp = udp or []
@@ -215,6 +236,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._left = asyncio.Event()
+        PREFERRED.set(self.prefer)  # the tasks made from here on see it
         tasks = [asyncio.create_task(self._accept(s)) for s in self.services]
         tasks += [asyncio.create_task(job()) for job in self.udp]
         self._ready.set()

@@ -17,7 +17,8 @@ Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
 The wireproxy file is a wg-quick file with more sections, read as wireproxy reads it:
 sections and keys in any case, several sections of a kind, `WGConfig = PATH` before the
 first section to take [Interface] and [Peer] from another file, a [Peer] without
-AllowedIPs routing everything. What wireproxy has and we lack is refused by name.
+AllowedIPs routing everything; `[Resolve]`'s ResolveStrategy says which address family
+the proxy's connections try first. What wireproxy has and we lack is refused by name.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ SECTIONS = {  # wireproxy's section -> our kind
     "[udpproxytunnel]": "udp",
     "[stdiotunnel]": "stdio",
     "[sni]": "sni",
+    "[resolve]": "resolve",  # not a listener: how names resolve (ProxySpec.resolve)
 }
 NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPClientTunnel]",
          "[tcpservertunnel]": "[TCPServerTunnel]",
          "[udpproxytunnel]": "[UDPProxyTunnel]", "[stdiotunnel]": "[STDIOTunnel]",
-         "[sni]": "[SNI]"}  # fmt: skip
+         "[sni]": "[SNI]", "[resolve]": "[Resolve]"}  # fmt: skip
 UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
-    "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
     "tunneldomains": "TunnelDomains (everything goes through the tunnel)",
     "logdomains": "LogDomains",
 }
@@ -60,7 +61,9 @@ SECTION_KEYS = {
     "udp": ("bindaddress", "target", "inactivitytimeout"),
     "stdio": ("target",),
     "sni": ("bindaddress",),
+    "resolve": ("resolvestrategy",),
 }
+STRATEGIES = ("auto", "ipv4", "ipv6")  # ResolveStrategy's
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class ProxySpec:
     listens: list[Listen] = field(default_factory=list)
     check_alive: list[str] = field(default_factory=list)  # addresses pinged for /readyz
     check_interval: float = CHECK_INTERVAL
+    resolve: str | None = None  # ResolveStrategy: which family's addresses to try first
 
 
 def listen_address(value: str) -> tuple[str, int]:
@@ -193,8 +197,20 @@ def parse_wireproxy(text: str, path: str) -> ProxySpec:
         else:
             wg_lines[number - 1] = line
     spec = _wg_config("\n".join(wg_lines), include, path)
-    spec.listens = [_listen(s, path) for s in sections]
+    spec.listens = [_listen(s, path) for s in sections if s.kind != "resolve"]
+    for s in sections:
+        if s.kind == "resolve":
+            spec.resolve = _strategy(s, path)
     return spec
+
+
+def _strategy(section: _Section, path: str) -> str:
+    """[Resolve]'s ResolveStrategy; wireproxy's default, auto, when it is not set."""
+    value, line = section.keys.get("resolvestrategy", ("auto", section.line))
+    value = value.lower()
+    if value not in STRATEGIES:
+        raise ConfigError(path, line, "ResolveStrategy", f"{value!r} is not one of {STRATEGIES}")
+    return value
 
 
 def _listen(section: _Section, path: str) -> Listen:

@@ -1,5 +1,6 @@
-"""`wgpy proxy`'s TLS services, as nobody against a wireguard-go peer: the HTTP proxy
-over TLS (wireproxy's `CertFile`/`KeyFile`) and the SNI proxy (wireproxy's `[SNI]`)."""
+"""What `wgpy proxy` reads from wireproxy's file beyond the basics, as nobody against a
+wireguard-go peer: the HTTP proxy over TLS (`CertFile`/`KeyFile`), the SNI proxy
+(`[SNI]`), and `[Resolve]`'s ResolveStrategy."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import pytest
 
 from tests.integration.rootless_bed import (
     CALLER_INNER,
+    CALLER_INNER6,
     NAME,
     PAGE,
     PEER_INNER,
+    PEER_INNER6,
     PEER_OUTER,
     SRC,
     Bed,
@@ -41,11 +44,11 @@ def bed(workdir: Path) -> Iterator[Bed]:
         b.close()
 
 
-def wireproxy_file(bed: Bed, workdir: Path, sections: str) -> Path:
-    conf = workdir / "tls.conf"
+def wireproxy_file(bed: Bed, workdir: Path, sections: str, dns: str = PEER_INNER) -> Path:
+    conf = workdir / "wireproxy.conf"
     conf.write_text(
-        f"[Interface]\nAddress = {CALLER_INNER}/32\nPrivateKey = {bed.private}\n"
-        f"DNS = {PEER_INNER}\n\n[Peer]\nPublicKey = {bed.peer_public}\n"
+        f"[Interface]\nAddress = {CALLER_INNER}/32, {CALLER_INNER6}/128\n"
+        f"PrivateKey = {bed.private}\nDNS = {dns}\n\n[Peer]\nPublicKey = {bed.peer_public}\n"
         f"Endpoint = {PEER_OUTER}:51820\n\n{sections}"
     )
     conf.chmod(0o644)
@@ -189,3 +192,78 @@ with wgpy.Proxy({str(bed.config)!r}, socks=None, sni="127.0.0.1:0") as proxy:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == PAGE.strip()
+
+
+DUAL_DNS = r"""
+import socket, struct, sys
+answers = {1: socket.inet_aton(sys.argv[2]), 28: socket.inet_pton(socket.AF_INET6, sys.argv[3])}
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, src = s.recvfrom(512)
+    i = 12
+    while q[i]:
+        i += q[i] + 1
+    qtype = struct.unpack(">H", q[i + 1 : i + 3])[0]
+    data = answers.get(qtype, b"")
+    ans = b"\xc0\x0c" + struct.pack(">HHIH", qtype, 1, 60, len(data)) + data if data else b""
+    head = struct.pack(">HHHHHH", q[0] << 8 | q[1], 0x8180, 1, 1 if ans else 0, 0, 0)
+    s.sendto(head + q[12 : i + 5] + ans, src)
+"""
+WHO = r"""
+import socket, sys, threading
+def serve(listener):
+    while True:
+        c = listener.accept()[0]
+        with c:
+            c.sendall(c.getsockname()[0].encode())
+for host, port in ((sys.argv[1], 7002), (sys.argv[2], 7002), (sys.argv[1], 7003)):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family)
+    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+@pytest.fixture(scope="module")
+def dual(bed: Bed) -> Iterator[None]:
+    """A name server on the peer's IPv6 address answering any name with both its
+    addresses, and a server on port 7002 of both (7003 of the IPv4 one) that says which
+    one it was reached at."""
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [
+        bed.peer.popen(sys.executable, "-c", DUAL_DNS, PEER_INNER6, PEER_INNER, PEER_INNER6,
+                       **quiet),
+        bed.peer.popen(sys.executable, "-c", WHO, PEER_INNER, PEER_INNER6, **quiet),
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while f"[{PEER_INNER6}]:53" not in bed.peer.run("ss", "-lun", check=False) or \
+                f"{PEER_INNER}:7003" not in bed.peer.run("ss", "-ltn", check=False):  # fmt: skip
+            assert time.monotonic() < deadline, "the name server did not start"
+            time.sleep(0.05)
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "port", "reached"),
+    [("ipv6", 7002, PEER_INNER6), ("ipv4", 7002, PEER_INNER), ("auto", 7002, PEER_INNER6),
+     ("ipv6", 7003, PEER_INNER)],  # nothing on the IPv6 address: the IPv4 one next
+)  # fmt: skip
+def test_resolve_strategy_picks_the_family_tried_first(
+    bed: Bed, upy: Path, workdir: Path, dual: None, strategy: str, port: int, reached: str
+) -> None:
+    ns = bed.caller.name
+    here = free_port(ns)
+    sections = (f"[TCPClientTunnel]\nBindAddress = 127.0.0.1:{here}\nTarget = dual.test:{port}\n"
+                f"\n[Resolve]\nResolveStrategy = {strategy}\n")  # fmt: skip
+    conf = wireproxy_file(bed, workdir, sections, dns=PEER_INNER6)
+    with proxy_process(bed, upy, workdir, config=conf):
+        with in_namespace(ns):
+            s = socket.create_connection(("127.0.0.1", here), timeout=15)
+        with s:
+            assert read_all(s).decode() == reached
