@@ -217,10 +217,16 @@ def serve(listener):
         c = listener.accept()[0]
         with c:
             c.sendall(c.getsockname()[0].encode())
+def answer(u):
+    while True:
+        u.sendto(u.getsockname()[0].encode(), u.recvfrom(100)[1])
 for host, port in ((sys.argv[1], 7002), (sys.argv[2], 7002), (sys.argv[1], 7003)):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.create_server((host, port), family=family)
     threading.Thread(target=serve, args=(listener,), daemon=True).start()
+    u = socket.socket(family, socket.SOCK_DGRAM)
+    u.bind((host, port))
+    threading.Thread(target=answer, args=(u,), daemon=True).start()
 threading.Event().wait()
 """
 
@@ -228,8 +234,8 @@ threading.Event().wait()
 @pytest.fixture(scope="module")
 def dual(bed: Bed) -> Iterator[None]:
     """A name server on the peer's IPv6 address answering any name with both its
-    addresses, and a server on port 7002 of both (7003 of the IPv4 one) that says which
-    one it was reached at."""
+    addresses, and a server on port 7002 of both (7003 of the IPv4 one), TCP and UDP, that
+    says which one it was reached at."""
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = [
         bed.peer.popen(sys.executable, "-c", DUAL_DNS, PEER_INNER6, PEER_INNER, PEER_INNER6,
@@ -258,12 +264,18 @@ def test_resolve_strategy_picks_the_family_tried_first(
     bed: Bed, upy: Path, workdir: Path, dual: None, strategy: str, port: int, reached: str
 ) -> None:
     ns = bed.caller.name
-    here = free_port(ns)
+    here, udp = free_port(ns), free_port(ns)
     sections = (f"[TCPClientTunnel]\nBindAddress = 127.0.0.1:{here}\nTarget = dual.test:{port}\n"
+                f"\n[UDPProxyTunnel]\nBindAddress = 127.0.0.1:{udp}\nTarget = dual.test:7002\n"
                 f"\n[Resolve]\nResolveStrategy = {strategy}\n")  # fmt: skip
     conf = wireproxy_file(bed, workdir, sections, dns=PEER_INNER6)
-    with proxy_process(bed, upy, workdir, config=conf):
+    with proxy_process(bed, upy, workdir, config=conf, services=2):
         with in_namespace(ns):
             s = socket.create_connection(("127.0.0.1", here), timeout=15)
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with s:
             assert read_all(s).decode() == reached
+        with u:  # UDP takes the first address: the preferred family's
+            u.settimeout(10)
+            u.sendto(b"who", ("127.0.0.1", udp))
+            assert u.recv(100).decode() == (PEER_INNER if strategy == "ipv4" else PEER_INNER6)

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from wgpy.rootless.owners import Owners
 
@@ -159,6 +160,18 @@ async def accepted(conn: socket.socket, tls: ssl.SSLContext | None) -> Stream:
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
+AddrInfo = TypeVar("AddrInfo", bound=tuple[Any, ...])  # one of getaddrinfo's answers
+
+
+def preferred(infos: list[AddrInfo]) -> list[AddrInfo]:
+    """getaddrinfo's answers, the PREFERRED family's first (stable: in getaddrinfo's
+    order within each family)."""
+    family = PREFERRED.get()
+    if family is None:
+        return infos
+    return sorted(infos, key=lambda info: info[0] != family)
+
+
 async def connect(host: str, port: int, timeout: float) -> Stream:
     """A connection to `host` (inside the tunnel's namespace: its DNS); with a PREFERRED
     family, that family's addresses are tried first, then the others, one at a time."""
@@ -167,8 +180,7 @@ async def connect(host: str, port: int, timeout: float) -> Stream:
         return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     async with asyncio.timeout(timeout):
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        infos.sort(key=lambda info: info[0] != family)  # stable: the system's order within
+        infos = preferred(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         error: OSError = OSError(f"no address for {host}")
         for *_, address in infos:
             try:
