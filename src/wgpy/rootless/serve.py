@@ -17,6 +17,9 @@ tunnel), and a local user can open connections for free. So:
   a second, for as long as the descriptors stayed taken.
 - `relay()` ends a connection on which nothing moved either way for `idle_timeout`
   seconds, so forgotten connections give their descriptors back.
+- A service may be served over TLS (`Service.tls`: the HTTPS proxy): a client has
+  `TLS_HANDSHAKE_TIMEOUT` seconds for its handshake, and a failed one is a throttled
+  log line. TLS has no half-close, so `relay()` passes an end on to a TLS side as a close.
 """
 
 from __future__ import annotations
@@ -305,7 +308,8 @@ class Server:
                 reader, writer = await accepted(conn, service.tls)
             except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
                 conn.close()
-                self._handshakes(f"{service.name}: a client's TLS handshake failed: {e}")
+                what = "TLS handshake" if service.tls else "connection"
+                self._handshakes(f"{service.name}: a client's {what} failed: {e}")
                 return
             except BaseException:
                 conn.close()
