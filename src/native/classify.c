@@ -183,9 +183,7 @@ typedef struct {
     double hold;
     uint8_t (*known)[KNOWN_LEN]; /* the peers' endpoints (address, port), sorted: set_known */
     Py_ssize_t nknown;
-    uint32_t overflows; /* drain: the socket's drop count at the last look (shedding) */
-    int looked;         /* ... once there was a look */
-    double shed_until;  /* drain: replies to strangers are shed until then */
+    double shed_until; /* drain: replies to strangers are shed until then */
 } Classifier;
 
 static EVP_MAC *blake2smac;
@@ -728,31 +726,26 @@ static Py_ssize_t gro_size(struct msghdr *h) {
     return 0;
 }
 
-/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize),
- * and how many datagrams the kernel dropped at it. */
+/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize). */
 #define SO_MEMINFO_ 55
-enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_DROPS = 8, MEMINFO_N = 9 };
+enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_N = 2 };
 
 /* Whether this drain sheds the cookie replies to strangers: for `hold` seconds after a
- * full drain (a backlog) found the socket's receive queue more than half full, or the
- * kernel's drop count grown since the last look. The socket is not read as fast as the
- * datagrams come, so the reads go to the peers we have rather than to answering the flood
- * (a reply costs a send, 5-8 us here, reading and refusing ~1.5 us). Half full, not only
- * dropped: shedding from before the first drop keeps the peers' datagrams from being
- * dropped at all. The first drain takes the drop count only (drops from before are no
- * flood of now); after it only a full drain looks, so a socket that keeps up costs no
- * extra system call. */
+ * full drain (a backlog) found the socket's receive queue more than half full. The socket
+ * is not read as fast as the datagrams come, so the reads go to the peers we have rather
+ * than to answering the flood (a reply costs a send, 5-8 us here, reading and refusing
+ * ~1.5 us). Half full: shedding from before the first drop keeps the peers' datagrams
+ * from being dropped at all. Not the kernel's drop count: a datagram with a bad UDP
+ * checksum, which anyone can send, counts as a drop when it is read, and one a second
+ * would keep the device shedding. Only a full drain looks, so a socket that keeps up
+ * costs no extra system call. */
 static int shedding(Classifier *self, int fd, int full, double now) {
     uint32_t info[16] = {0};
     socklen_t len = sizeof(info);
-    if ((full || !self->looked) && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
-        len >= MEMINFO_N * sizeof(uint32_t)) {
-        int grew = self->looked && info[MEMINFO_DROPS] != self->overflows;
-        int backlog = full && info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2;
-        if (grew || backlog)
-            self->shed_until = now + self->hold;
-        self->overflows = info[MEMINFO_DROPS], self->looked = 1;
-    }
+    if (full && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
+        len >= MEMINFO_N * sizeof(uint32_t) &&
+        info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2)
+        self->shed_until = now + self->hold;
     return now < self->shed_until;
 }
 
@@ -1007,7 +1000,7 @@ static PyMethodDef Classifier_methods[] = {
      "with something for Python, as (offset, n, seg, (host, port), packet info or None,\n"
      "passed or None, data messages); passed as `classify` gives it, without verdict 5.\n"
      "It sheds (classify's shed) for `hold` seconds after a full drain found the socket's\n"
-     "queue over half full or its drop count grown (SO_MEMINFO)."},
+     "queue over half full (SO_MEMINFO)."},
     {"set_known", (PyCFunction)Classifier_set_known, METH_O,
      "set_known(endpoints): the peers' (host, port) endpoints: while the socket overflows,\n"
      "only they get cookie replies."},
