@@ -122,6 +122,9 @@ def test_roaming_and_cookie_lines() -> None:
     assert wlog.describe(ev.CookieSent(None, count=40)) == (
         "Sending 40 cookie responses for denied handshake messages"
     )
+    assert wlog.describe(ev.CookieSent(("192.0.2.9", 7), count=3)) == (  # one read's, in C
+        "Sending 3 cookie responses for denied handshake messages for 192.0.2.9:7"
+    )
 
 
 def test_a_drains_cookie_replies_count_one_by_one() -> None:
