@@ -147,6 +147,7 @@ class HandshakeIntake:
         self._endpoints = endpoints
         self._known: set[tuple[bytes, int]] = set()
         self._known_at = float("-inf")
+        self._key_of: dict[Endpoint, tuple[bytes, int] | None] = {}  # the last refresh's
 
     def key_changed(self) -> None:
         """The device's key (so the mac1 key) changed."""
@@ -203,15 +204,23 @@ class HandshakeIntake:
     def known(self, now: float) -> set[tuple[bytes, int]]:
         """The peers' endpoints (as `_known_key` gives them), read again once they are
         KNOWN_REFRESH old (O(peers) once a second at most, not per message), and pushed to
-        the C intake then."""
+        the C intake when they changed. It runs on the datapath's thread whether or not
+        anything is shed: an endpoint is parsed when it is new only (ipaddress, ~14 us:
+        at 10,000 peers, 280 ms of every second)."""
         if not self._known_at <= now < self._known_at + KNOWN_REFRESH:
-            found = (_known_key(e) for e in self._endpoints() if e is not None)
-            self._known = {key for key in found if key is not None}
             self._known_at = now
-            if self.classifier is not None:
-                self.classifier.set_known(
-                    [(str(ipaddress.ip_address(host)), port) for host, port in self._known]
-                )
+            old, key_of = self._key_of, {}
+            for e in self._endpoints():
+                if e is not None:
+                    key_of[e] = old[e] if e in old else _known_key(e)
+            self._key_of = key_of
+            known = {key for key in key_of.values() if key is not None}
+            if known != self._known:
+                self._known = known
+                if self.classifier is not None:
+                    self.classifier.set_known(
+                        [(str(ipaddress.ip_address(host)), port) for host, port in known]
+                    )
         return self._known
 
     def _enqueue(self, entry: Entry, now: float, out: Output) -> None:
