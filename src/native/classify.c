@@ -167,6 +167,30 @@ static int allow(Limiter *l, const SourceKey *k, double now) {
     return 1;
 }
 
+/* ---- one bucket: core/tokenbucket.py's TokenBucket, for the replies strangers still get
+ * while shedding (a peer that roamed, one with no endpoint yet, core/ratelimit.py) ---- */
+
+typedef struct {
+    double rate, burst, tokens, at;
+    int started; /* `at` set: TokenBucket's at is not None */
+} Spare;
+
+static int spare_allow(Spare *s, double now) {
+    double tokens = s->tokens;
+    if (s->started && now > s->at) {
+        double t = tokens + (now - s->at) * s->rate;
+        tokens = s->burst < t ? s->burst : t; /* Python's min(burst, t) */
+    }
+    if (!s->started || now > s->at)
+        s->at = now, s->started = 1;
+    if (tokens < 1.0) {
+        s->tokens = tokens;
+        return 0;
+    }
+    s->tokens = tokens - 1.0;
+    return 1;
+}
+
 /* ---- the classifier ---------------------------------------------------------------- */
 
 typedef struct {
@@ -184,6 +208,7 @@ typedef struct {
     uint8_t (*known)[KNOWN_LEN]; /* the peers' endpoints (address, port), sorted: set_known */
     Py_ssize_t nknown;
     double shed_until; /* drain: replies to strangers are shed until then */
+    Spare spare;       /* while shedding, the replies strangers still get */
 } Classifier;
 
 static EVP_MAC *blake2smac;
@@ -221,14 +246,17 @@ static void Classifier_dealloc(Classifier *self) {
 
 static int Classifier_init(Classifier *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"seed", "rate", "burst", "cookie_rate", "cookie_burst",
-                             "max_sources", "queue_size", "hold", "refresh", NULL};
+                             "max_sources", "queue_size", "hold", "refresh", "shed_rate",
+                             "shed_burst", NULL};
     Py_buffer seed;
     double rate, burst, crate, cburst;
     Py_ssize_t max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*ddddnndd", kwlist, &seed, &rate, &burst,
+    double srate = 0, sburst = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*ddddnndd|dd", kwlist, &seed, &rate, &burst,
                                      &crate, &cburst, &max, &self->queue_size, &self->hold,
-                                     &self->refresh))
+                                     &self->refresh, &srate, &sburst))
         return -1;
+    self->spare = (Spare){srate, sburst, sburst, 0.0, 0};
     uint64_t s = 0;
     memcpy(&s, seed.buf, seed.len < 8 ? (size_t)seed.len : 8);
     PyBuffer_Release(&seed);
@@ -509,7 +537,7 @@ static int admit(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
         return enqueue(self, b, ENQUEUE);
     }
     if (!(has_mac2 && check_mac2(self, b, m, n))) {
-        if (!b->shed || is_known(self, b->src))
+        if (!b->shed || is_known(self, b->src) || spare_allow(&self->spare, b->now))
             return SEND_COOKIE;
         b->drops[REPLY_SHED]++;
         return 0;
@@ -990,7 +1018,8 @@ static PyMethodDef Classifier_methods[] = {
      "draws nothing new, else None (then no 5, only 3s); counter: after the replies made.\n"
      "data: the data messages, left for the open path; until: the under-load deadline\n"
      "after the batch (LoadMeter); drops: {Drop value: count}. shed: the socket overflowed:\n"
-     "a cookie reply only to a source set_known named (else dropped as reply_shed)."},
+     "a cookie reply only to a source set_known named, or while the bucket of shed_rate and\n"
+     "shed_burst has a token (else dropped as reply_shed)."},
     {"drain", (PyCFunction)Classifier_drain, METH_VARARGS,
      "drain(fd, buf, slot, count, now, until, queued, forced, reply_state)\n"
      "-> (reads, count_read, until, drops, cookies_sent, counter)\n\n"
@@ -1018,7 +1047,8 @@ static PyTypeObject ClassifierType = {
     .tp_basicsize = sizeof(Classifier),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Classifier(seed, rate, burst, cookie_rate, cookie_burst, max_sources, "
-              "queue_size, hold, refresh): Device's handshake intake in C.",
+              "queue_size, hold, refresh, shed_rate=0, shed_burst=0): Device's handshake "
+              "intake in C; shed_*: the bucket of replies strangers get while shedding.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Classifier_init,
     .tp_dealloc = (destructor)Classifier_dealloc,

@@ -51,10 +51,13 @@ from wgpy.core.ratelimit import (
     COOKIE_PACKETS_PER_SECOND,
     MAX_SOURCES,
     PACKETS_PER_SECOND,
+    SHED_BURST,
+    SHED_REPLIES,
     UNDER_LOAD_HOLD,
     LoadMeter,
     RateLimiter,
 )
+from wgpy.core.tokenbucket import TokenBucket
 
 if TYPE_CHECKING:
     from wgpy._classify import Classifier
@@ -95,7 +98,7 @@ def classifier(seed: bytes, queue_size: int) -> Classifier:
 
     return Classifier(hash_(b"wgpy intake", seed)[:8], PACKETS_PER_SECOND, BURST,
                       COOKIE_PACKETS_PER_SECOND, COOKIE_BURST, MAX_SOURCES, queue_size,
-                      UNDER_LOAD_HOLD, COOKIE_REFRESH_TIME)  # fmt: skip
+                      UNDER_LOAD_HOLD, COOKIE_REFRESH_TIME, SHED_REPLIES, SHED_BURST)  # fmt: skip
 
 
 def _known_key(endpoint: Endpoint) -> tuple[bytes, int] | None:
@@ -144,6 +147,7 @@ class HandshakeIntake:
         # while the socket overflows (its reader says so; the C drain sees it itself), a
         # cookie reply goes only to a peer's endpoint, as of at most KNOWN_REFRESH ago
         self.shedding = False
+        self.spare = TokenBucket(SHED_REPLIES, SHED_BURST)  # what strangers still get then
         self._endpoints = endpoints
         self._known: set[tuple[bytes, int]] = set()
         self._known_at = float("-inf")
@@ -192,7 +196,8 @@ class HandshakeIntake:
             self.rate_limiter.allow(src, now)  # not spent: this takes a token
             self._enqueue((data, src, kind, False, tag), now, out)
         elif not (mac2 and checker.check_mac2(data, src, now)):
-            if self.shedding and _known_key(src) not in self.known(now):
+            if (self.shedding and _known_key(src) not in self.known(now)
+                    and not self.spare.allow(now)):  # fmt: skip
                 out.drops[Drop.REPLY_SHED] += 1
             else:
                 self.send_cookie(data, src, now, out)
