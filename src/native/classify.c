@@ -353,10 +353,14 @@ static int parse_source(const char *host, Py_ssize_t n, int port, Source *s) {
 
 /* ---- the peers' endpoints: who still gets a cookie reply while replies are shed ---- */
 
+/* An endpoint as set_known keeps it: its address and port (an IPv4-mapped address as the
+ * IPv4 one, as intake.py's _known_key: a source given as ::ffff:a.b.c.d is that peer). */
 static void known_key(const Source *s, uint8_t key[KNOWN_LEN]) {
+    static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    size_t skip = s->host_len == 18 && memcmp(s->host, v4mapped, 12) == 0 ? 12 : 0;
     memset(key, 0, KNOWN_LEN);
-    memcpy(key, s->host, s->host_len);
-    key[KNOWN_LEN - 1] = (uint8_t)s->host_len;
+    memcpy(key, s->host + skip, s->host_len - skip);
+    key[KNOWN_LEN - 1] = (uint8_t)(s->host_len - skip);
 }
 
 static int cmp_known(const void *a, const void *b) { return memcmp(a, b, KNOWN_LEN); }

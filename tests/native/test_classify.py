@@ -369,7 +369,9 @@ def test_shedding_spares_the_peers_endpoints_and_a_few_strangers() -> None:
     for device in (py, c):
         device.intake.load.forced = True
         device.intake.shedding = True
-    sent = ((KNOWN[0], True), (stranger, True), (stranger, False), (KNOWN[1], True))
+    mapped = ("::ffff:" + KNOWN[0][0], KNOWN[0][1])  # the peer's address, as IPv6 writes it
+    sent = ((KNOWN[0], True), (stranger, True), (stranger, False), (KNOWN[1], True),
+            (mapped, True))  # fmt: skip
     for src, replied in sent:  # the stranger's first: the bucket's one token
         msg = bytearray(b"\x01\0\0\0" + rng.randbytes(INITIATION_LEN - 36) + bytes(32))
         gen.add_macs(msg, now)
