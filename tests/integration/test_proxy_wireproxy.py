@@ -95,6 +95,12 @@ def test_the_http_proxy_serves_over_tls_with_certfile_and_keyfile(
         with plain:
             plain.sendall(f"GET http://{NAME}:8000/ HTTP/1.0\r\n".encode() + AUTH + b"\r\n")
             assert b"HTTP/1.1" not in read_all(plain)
+        with in_namespace(ns):  # silent: closed after TLS_HANDSHAKE_TIMEOUT
+            silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with silent:
+            start = time.monotonic()
+            assert read_all(silent) == b""
+            assert 9 < time.monotonic() - start < 20
         curl = subprocess.run(
             bed.caller.argv(["curl", "-sS", "--max-time", "20", "--proxy",
                              f"https://127.0.0.1:{port}", "--proxy-cacert", str(cert),
