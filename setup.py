@@ -7,20 +7,25 @@ instead (tests/native/test_build.py, which also fails if the module did not buil
 machine that has gcc and libssl-dev).
 """
 
+from glob import glob
+
 from setuptools import Extension, setup
+
+NATIVE = sorted(set(glob("src/native/*.c")) - {"src/native/classify.c"})  # a file per job
 
 setup(
     ext_modules=[
         Extension(
             "wgpy._native",
-            ["src/wgpy/_native.c"],
+            NATIVE,
+            depends=["src/native/native.h"],
             libraries=["crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
             optional=True,
         ),
         Extension(  # the handshake intake (issue 18); -ffp-contract=off: the token buckets
             "wgpy._classify",  # must round as the Python ones do (no fused multiply-add)
-            ["src/wgpy/_classify.c"],
+            ["src/native/classify.c"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-ffp-contract=off"],
             optional=True,

@@ -1,4 +1,4 @@
-"""Type stubs of the optional C extension src/wgpy/_classify.c (core/intake.py)."""
+"""Type stubs of the optional C extension src/native/classify.c (core/intake.py)."""
 
 from typing_extensions import Buffer
 

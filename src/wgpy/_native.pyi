@@ -1,4 +1,4 @@
-"""Type stubs of the optional C extension (src/wgpy/_native.c)."""
+"""Type stubs of the optional C extension (src/native/*.c)."""
 
 from collections.abc import Sequence
 

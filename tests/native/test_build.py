@@ -8,6 +8,7 @@ headers and OpenSSL's (libssl-dev): unless WGPY_NATIVE=0 asks for the pure path.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import shutil
@@ -17,9 +18,10 @@ import sysconfig
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCE = os.path.join(ROOT, "src", "wgpy", "_native.c")
-CLASSIFY = os.path.join(ROOT, "src", "wgpy", "_classify.c")  # the handshake intake
-MODULES = {"wgpy._native": SOURCE, "wgpy._classify": CLASSIFY}
+NATIVE_DIR = os.path.join(ROOT, "src", "native")  # the C, a file per job
+PACKAGE = os.path.join(ROOT, "src", "wgpy")
+MODULES = ("wgpy._native", "wgpy._classify")  # _classify: the handshake intake
+SOURCES = sorted(glob.glob(os.path.join(NATIVE_DIR, "*.c")))
 PROBE = "#include <Python.h>\n#include <openssl/evp.h>\n"
 
 
@@ -57,10 +59,10 @@ def test_the_native_module_is_built(name: str) -> None:
     except ImportError as e:
         pytest.fail(f"{name} did not build: {e} (python3 setup.py build_ext --inplace)")
     assert module.__file__ is not None
-    assert os.path.dirname(module.__file__) == os.path.dirname(SOURCE), module.__file__
+    assert os.path.dirname(module.__file__) == PACKAGE, module.__file__
 
 
-@pytest.mark.parametrize("source", MODULES.values())
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
 def test_the_native_source_compiles_without_warnings(source: str) -> None:
     """setup.py builds without -Werror (a new compiler's new warning must not drop the
     module); here a warning is an error, so it is seen and fixed."""

@@ -7,7 +7,7 @@ that passed. The device (device.py) hands it the handshake messages of each batc
 works its queue off; the Diffie-Hellman work and the cookie replies *for us* stay there.
 
 The same rule runs in C when the extension is built: `wgpy._classify`
-(src/wgpy/_classify.c), optional. In Python every datagram of a flood became a read's
+(src/native/classify.c), optional. In Python every datagram of a flood became a read's
 tuple, a memoryview, a `bytes`, a mac1 computed in `hashlib` and two dict looks before it
 was refused: 6-16 us of one Python thread, and the kernel dropped what it could not read,
 a tunnel's datagrams among them. The classifier gives a whole read its verdicts in one
@@ -229,12 +229,14 @@ class HandshakeIntake:
 
     def take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
              replies: bytes | None, now: float, out: Output, tag: object) -> None:  # fmt: skip
-        """What passed the C intake, in order, as `admit` would have taken it."""
+        """What passed the C intake, in order, as `admit` would have taken it; the cookie
+        replies made in C (all to `src`) are told as one event."""
+        made = 0
         for offset, verdict in passed:
             if verdict == COOKIE_MADE:
                 assert replies is not None
                 out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
-                out.events.append(CookieSent(src))
+                made += 1
                 continue
             kind = buf[offset]
             message = bytes(buf[offset : offset + _SIZES[kind]])
@@ -244,3 +246,5 @@ class HandshakeIntake:
                 self.send_cookie(message, src, now, out)
             else:  # the classifier counted it against the bound and moved the load
                 self.queue.append((message, src, kind, verdict == ENQUEUE_COOKIE, tag))
+        if made:
+            out.events.append(CookieSent(src, count=made))

@@ -1,4 +1,4 @@
-"""The optional native datapath: `wgpy._native` (src/wgpy/_native.c), C over OpenSSL's
+"""The optional native datapath: `wgpy._native` (src/native/*.c), C over OpenSSL's
 libcrypto for the per-packet loops, as aioquic's `_crypto.c` does for QUIC.
 
 It does in one call for a whole batch what the Python code does per packet: open a GRO read

@@ -1,0 +1,113 @@
+/* wgpy._native: the per-packet loops of wgpy's datapath in C, over OpenSSL's libcrypto.
+ *
+ * Optional: wgpy works without it. It is one of the data path's two backends behind one
+ * contract (wgpy/core/backend.py); the pure-Python one there is the reference, and the
+ * tests in tests/native prove that these files compute byte for byte the same thing.
+ *
+ *   Session(key, expires)              a receiving session: key + replay window
+ *   Sealer(key, index, counter=0)      a sending key and its counter: seal(packets, mtu)
+ *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
+ *   coalesce, checksum, split          as wgpy.io.offload
+ *
+ * Every read of packet data is bounds-checked against the length it came with. The
+ * crypto loops allocate nothing per packet (one scratch block per call; the bytes handed
+ * back are made with the GIL). The GIL is released while decrypting and encrypting; each
+ * Session and Sealer has a lock so that two threads (or a wipe) never use one EVP context
+ * at once, and a Sealer reserves its counters under that lock.
+ */
+
+#include "native.h"
+
+/* Take a per-object lock while holding the GIL: wait, if we must, without it. */
+void lock_gil_held(PyThread_type_lock lock)
+{
+    if (!PyThread_acquire_lock(lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+int check_key(const Py_buffer *key)
+{
+    if (key->len != KEY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "a key is 32 bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* Py_buffers for every item of a tuple (one allocation); NULL with an exception. A tuple,
+ * not PySequence_Fast's list: since Python 3.12 PyObject_GetBuffer may run Python code
+ * (`__buffer__`) that empties a list under us, whereas a tuple holds its items. */
+Py_buffer *get_buffers(PyObject *tuple, Py_ssize_t n)
+{
+    Py_buffer *views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    if (views == NULL)
+        return (Py_buffer *)PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(tuple, i), &views[i], PyBUF_SIMPLE) < 0) {
+            while (i-- > 0)
+                PyBuffer_Release(&views[i]);
+            PyMem_Free(views);
+            return NULL;
+        }
+    }
+    return views;
+}
+
+void release_buffers(Py_buffer *views, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+}
+
+/* ------------------------------------------------------------------ the module */
+
+static PyMethodDef module_methods[] = {
+    {"set_threads", set_threads, METH_O,
+     "set_threads(n): n crypto worker threads beside each caller (0: none, the default);\n"
+     "seal and open_batch cut a batch into one chunk per thread."},
+    {"threads", get_threads, METH_NOARGS, "threads() -> the number of crypto worker threads."},
+    {"open_batch", open_batch, METH_VARARGS,
+     "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
+     "wgpy.core.backend.open_batch, byte for byte (that is the reference): one UDP (GRO)\n"
+     "read opened, decrypted without the GIL. runs: [(session, source, packets)];\n"
+     "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
+     "count (every reason, zeros included)."},
+    {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
+     "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce."},
+    {"checksum", checksum, METH_VARARGS,
+     "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
+    {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "wgpy._native",
+    "wgpy's datapath loops in C over OpenSSL (optional; the Python code is the reference).",
+    -1, module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0)
+        return NULL;
+    if (pool_init() < 0) {
+        PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&SessionType);
+    Py_INCREF(&SealerType);
+    if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
+        || PyModule_AddObject(m, "Sealer", (PyObject *)&SealerType) < 0
+        || PyModule_AddIntConstant(m, "WINDOW", WINDOW) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,94 @@
+/* The declarations the files of wgpy._native share (src/native/: one file per job).
+ *
+ *   module.c    the module's table and init, and the helpers every job uses
+ *   pool.c      the crypto worker threads and each thread's OpenSSL contexts
+ *   open.c      receiving: Session (key + replay window) and open_batch
+ *   seal.c      sending: Sealer (key + counter) and seal
+ *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO)
+ *
+ * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
+ */
+#ifndef WGPY_NATIVE_H
+#define WGPY_NATIVE_H
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#include <structmember.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KEY_LEN 32
+#define TAG_LEN 16
+#define HEADER_LEN 16
+#define DATA_MIN (HEADER_LEN + TAG_LEN)
+#define REJECT_AFTER_MESSAGES (UINT64_MAX - 8192) /* 2**64 - 2**13 - 1 */
+#define WORDS 128
+#define WINDOW (WORDS * 64 - 64)
+#define VNET_LEN 10
+
+static inline uint32_t rd32le(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t rd64le(const uint8_t *p)
+{
+    return (uint64_t)rd32le(p) | (uint64_t)rd32le(p + 4) << 32;
+}
+static inline void wr32le(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
+}
+static inline void wr64le(uint8_t *p, uint64_t v)
+{
+    wr32le(p, (uint32_t)v);
+    wr32le(p + 4, (uint32_t)(v >> 32));
+}
+static inline void wr16le(uint8_t *p, unsigned v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static inline unsigned rd16be(const uint8_t *p) { return (unsigned)p[0] << 8 | p[1]; }
+static inline void wr16be(uint8_t *p, unsigned v) { p[0] = (uint8_t)(v >> 8), p[1] = (uint8_t)v; }
+static inline uint32_t rd32be(const uint8_t *p) { return (uint32_t)rd16be(p) << 16 | rd16be(p + 2); }
+static inline void wr32be(uint8_t *p, uint32_t v)
+{
+    wr16be(p, v >> 16);
+    wr16be(p + 2, v & 0xFFFF);
+}
+
+
+/* module.c */
+void lock_gil_held(PyThread_type_lock lock);
+int check_key(const Py_buffer *key);
+Py_buffer *get_buffers(PyObject *tuple, Py_ssize_t n);
+void release_buffers(Py_buffer *views, Py_ssize_t n);
+
+/* pool.c */
+typedef void (*ChunkFn)(void *arg, long chunk);
+int pool_init(void);
+EVP_CIPHER_CTX *thread_ctx(int encrypt);
+void pool_run(ChunkFn fn, void *arg, long nchunks);
+long chunks_for(Py_ssize_t n);
+PyObject *set_threads(PyObject *module, PyObject *arg);
+PyObject *get_threads(PyObject *module, PyObject *ignored);
+
+/* open.c */
+extern PyTypeObject SessionType;
+PyObject *open_batch(PyObject *module, PyObject *args);
+
+/* seal.c */
+extern PyTypeObject SealerType;
+
+/* offload.c */
+PyObject *checksum(PyObject *module, PyObject *args);
+PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
+PyObject *split(PyObject *module, PyObject *args);
+
+#endif

@@ -1,0 +1,458 @@
+/* wgpy._native: the TUN's offloads, as wgpy.io.offload computes them (the reference). */
+
+#include "native.h"
+
+/* ------------------------------------------------------------------ checksum */
+
+/* One's-complement sum of big-endian 16-bit words (an odd byte padded), plus `acc`, folded:
+ * never 0 unless everything was 0 (as offload.checksum). Up to 2**47 bytes at a time. */
+static uint64_t fold(uint64_t s)
+{
+    while (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16);
+    return s;
+}
+
+static unsigned csum(const uint8_t *p, size_t n, uint64_t acc)
+{
+    acc = fold(acc);
+    size_t i = 0;
+    for (; i + 1 < n; i += 2)
+        acc += rd16be(p + i);
+    if (n & 1)
+        acc += (uint64_t)p[n - 1] << 8;
+    return (unsigned)fold(acc);
+}
+
+PyObject *checksum(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer data;
+    PyObject *initial = NULL;
+    if (!PyArg_ParseTuple(args, "y*|O!:checksum", &data, &PyLong_Type, &initial))
+        return NULL;
+    uint64_t acc = 0;
+    if (initial != NULL) {
+        acc = PyLong_AsUnsignedLongLong(initial);
+        if (acc == (uint64_t)-1 && PyErr_Occurred()) {
+            /* a huge initial sum: only its residue modulo 0xFFFF (and that it is not 0) count */
+            PyObject *m = NULL, *r = NULL;
+            if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                m = PyLong_FromLong(0xFFFF);
+                int negative = m ? PyObject_RichCompareBool(initial, m, Py_LT) : -1;
+                if (negative == 1)
+                    PyErr_SetString(PyExc_ValueError, "initial must be >= 0");
+                else if (negative == 0)
+                    r = PyNumber_Remainder(initial, m);
+            }
+            acc = r ? PyLong_AsUnsignedLongLong(r) : 0;
+            Py_XDECREF(m);
+            Py_XDECREF(r);
+            if (r == NULL) {
+                PyBuffer_Release(&data);
+                return NULL;
+            }
+            acc = acc ? acc : 0xFFFF;
+        }
+    }
+    unsigned s = csum(data.buf, (size_t)data.len, acc);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLong(s);
+}
+
+/* sum over the IP addresses of the packet at p plus proto and length (offload._pseudo_sum) */
+static unsigned pseudo_sum(const uint8_t *p, unsigned proto, uint64_t length)
+{
+    return p[0] >> 4 == 4 ? csum(p + 12, 8, proto + length) : csum(p + 8, 32, proto + length);
+}
+
+/* offload._set_ip_length on a header of at least 12 (v4) or 40 (v6) bytes */
+static void set_ip_length(uint8_t *hdr, size_t iphl, unsigned total)
+{
+    if (hdr[0] >> 4 == 4) {
+        wr16be(hdr + 2, total);
+        hdr[10] = hdr[11] = 0;
+        wr16be(hdr + 10, ~csum(hdr, iphl, 0) & 0xFFFF);
+    } else {
+        wr16be(hdr + 4, total - 40);
+    }
+}
+
+static void vnet(uint8_t *p, unsigned flags, unsigned type, unsigned hlen, unsigned gso,
+                 unsigned start, unsigned offset)
+{
+    p[0] = (uint8_t)flags, p[1] = (uint8_t)type;
+    wr16le(p + 2, hlen), wr16le(p + 4, gso), wr16le(p + 6, start), wr16le(p + 8, offset);
+}
+
+/* ------------------------------------------------------------------ coalesce */
+
+enum { C_NONE, C_UNPLACEABLE, C_FLOW };
+#define ACK 0x10
+#define PSH 0x08
+
+typedef struct {
+    uint8_t key[37];
+    uint8_t klen;
+    size_t l4, hlen; /* hlen 0: may not be merged */
+    int udp;
+} Class;
+
+static int v6_ext(unsigned h)
+{
+    return h == 0 || h == 43 || h == 44 || h == 50 || h == 51 || h == 60 || h == 135 || h == 139
+           || h == 140 || h == 253 || h == 254;
+}
+
+/* offload._classify: C_NONE (key None), C_UNPLACEABLE (key b""), or C_FLOW. */
+static int classify(const uint8_t *p, size_t n, Class *c)
+{
+    unsigned proto;
+    int ok;
+    c->hlen = 0, c->udp = 0;
+    if (n < 20)
+        return C_NONE;
+    if (p[0] >> 4 == 4) {
+        proto = p[9];
+        if (proto != 6 && proto != 17)
+            return C_NONE;
+        c->l4 = (size_t)(p[0] & 15) * 4;
+        if ((p[6] & 0x3F) || p[7] || n < c->l4 + (proto == 6 ? 20 : 8))
+            return C_UNPLACEABLE;
+        memcpy(c->key, p + 12, 8); /* addresses, then ports: p[12:24] when l4 is 20 */
+        memcpy(c->key + 8, p + c->l4, 4);
+        c->klen = 12;
+        ok = c->l4 == 20 && rd16be(p + 2) == n;
+    } else if (p[0] >> 4 == 6) {
+        proto = n >= 40 ? p[6] : 0;
+        if (proto != 6 && proto != 17)
+            return n >= 40 && v6_ext(proto) ? C_UNPLACEABLE : C_NONE;
+        c->l4 = 40;
+        if (n < (proto == 6 ? 60u : 48u))
+            return C_UNPLACEABLE;
+        memcpy(c->key, p + 8, 36);
+        c->klen = 36;
+        ok = rd16be(p + 4) + 40u == n;
+    } else {
+        return C_NONE;
+    }
+    size_t l4 = c->l4;
+    if (proto == 17) {
+        c->key[c->klen++] = 0x11;
+        c->udp = 1;
+        if (ok && rd16be(p + l4 + 4) == n - l4 && n - l4 > 8 && (p[l4 + 6] | p[l4 + 7]))
+            c->hlen = l4 + 8;
+        return C_FLOW;
+    }
+    size_t hlen = l4 + (size_t)(p[l4 + 12] >> 4) * 4;
+    unsigned flags = p[l4 + 13];
+    if (ok && l4 + 20 <= hlen && hlen < n && (flags == ACK || flags == (ACK | PSH)))
+        c->hlen = hlen;
+    return C_FLOW;
+}
+
+typedef struct {
+    Py_ssize_t first, last, count;
+    size_t l4, hlen, gso, total;
+    int udp;
+    uint32_t next_seq;
+    unsigned next_id;
+} Run;
+
+typedef struct {
+    uint8_t key[37];
+    uint8_t klen; /* 0: an empty entry */
+    Py_ssize_t run; /* the key's open run, -1 if none (or if gen is old) */
+    uint64_t gen;
+} Entry;
+
+static Entry *lookup(Entry *table, size_t mask, const Class *c)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < c->klen; i++)
+        h = (h ^ c->key[i]) * 16777619u;
+    size_t i = h & mask;
+    while (table[i].klen && (table[i].klen != c->klen || memcmp(table[i].key, c->key, c->klen)))
+        i = (i + 1) & mask;
+    return &table[i];
+}
+
+/* The header bytes a run's members must share (the _shape / SHAPES fields marked fixed). */
+static int same_fixed(const Run *run, const uint8_t *a, const uint8_t *b)
+{
+    size_t l4 = run->l4;
+    if (l4 == 20 ? memcmp(a, b, 2) || memcmp(a + 6, b + 6, 4) : memcmp(a, b, 4) || memcmp(a + 6, b + 6, 2))
+        return 0;
+    if (run->udp)
+        return 1;
+    return !memcmp(a + l4 + 8, b + l4 + 8, 5) && !memcmp(a + l4 + 14, b + l4 + 14, 2)
+           && !memcmp(a + l4 + 18, b + l4 + 18, run->hlen - l4 - 18);
+}
+
+static void run_start(Run *run, Py_ssize_t i, const uint8_t *p, size_t n, const Class *c)
+{
+    run->first = run->last = i, run->count = 1;
+    run->l4 = c->l4, run->hlen = c->hlen, run->udp = c->udp;
+    run->gso = n - c->hlen, run->total = n;
+    run->next_id = c->l4 == 20 || c->udp ? (rd16be(p + 4) + 1) & 0xFFFF : 0;
+    run->next_seq = c->udp ? 0 : rd32be(p + c->l4 + 4) + (uint32_t)run->gso;
+}
+
+/* _Run.take / _UdpRun.take */
+static int run_take(Run *run, const uint8_t *first, const uint8_t *p, size_t n, size_t hlen)
+{
+    size_t size = n - hlen;
+    if (hlen != run->hlen || size > run->gso || run->total + size > 0xFFFF
+        || (run->udp && run->count >= 64))
+        return 0;
+    if ((!run->udp && rd32be(p + run->l4 + 4) != run->next_seq) || !same_fixed(run, first, p)
+        || (run->l4 == 20 && rd16be(p + 4) != run->next_id))
+        return 0;
+    run->total += size;
+    run->next_seq += (uint32_t)size;
+    run->next_id = (run->next_id + 1) & 0xFFFF;
+    run->count++;
+    return 1;
+}
+
+static int run_closed_by(const Run *run, const uint8_t *p, size_t n)
+{
+    return n - run->hlen < run->gso || (!run->udp && (p[run->l4 + 13] & PSH));
+}
+
+static PyObject *plain(const Py_buffer *v)
+{
+    PyObject *b = PyBytes_FromStringAndSize(NULL, VNET_LEN + v->len);
+    if (b) {
+        memset(PyBytes_AS_STRING(b), 0, VNET_LEN);
+        memcpy(PyBytes_AS_STRING(b) + VNET_LEN, v->buf, (size_t)v->len);
+    }
+    return b;
+}
+
+/* _Run.build / _UdpRun.build for a run of two or more */
+static PyObject *run_build(const Run *run, const Py_buffer *views, const Py_ssize_t *next)
+{
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(VNET_LEN + run->total));
+    if (b == NULL)
+        return NULL;
+    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b), *h = o + VNET_LEN;
+    const uint8_t *first = views[run->first].buf;
+    size_t l4 = run->l4, hlen = run->hlen, total = run->total;
+    memcpy(h, first, hlen);
+    set_ip_length(h, l4, (unsigned)total);
+    if (run->udp) {
+        wr16be(h + l4 + 4, (unsigned)(total - l4));
+        wr16be(h + l4 + 6, pseudo_sum(first, 17, total - l4));
+        vnet(o, 1, 5, (unsigned)hlen, (unsigned)run->gso, (unsigned)l4, 6);
+    } else {
+        wr16be(h + l4 + 16, pseudo_sum(first, 6, total - l4));
+        h[l4 + 13] = ((const uint8_t *)views[run->last].buf)[l4 + 13];
+        vnet(o, 1, l4 == 20 ? 1 : 4, (unsigned)hlen, (unsigned)run->gso, (unsigned)l4, 16);
+    }
+    uint8_t *at = h + hlen;
+    for (Py_ssize_t i = run->first; i >= 0; i = next[i]) {
+        size_t len = (size_t)views[i].len - hlen;
+        memcpy(at, (const uint8_t *)views[i].buf + hlen, len);
+        at += len;
+    }
+    return b;
+}
+
+PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"packets", "udp", NULL};
+    PyObject *packets;
+    int udp = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:coalesce", kwlist, &packets, &udp))
+        return NULL;
+    PyObject *items_tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (items_tuple == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items_tuple), nruns = 0, nitems = 0;
+    PyObject *result = NULL;
+    Py_buffer *views = get_buffers(items_tuple, n);
+    size_t cap = 16;
+    while (cap < 2 * (size_t)n)
+        cap *= 2;
+    Run *runs = PyMem_Calloc((size_t)n + 1, sizeof(Run));
+    Py_ssize_t *next = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
+    Py_ssize_t *items = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
+    Entry *table = PyMem_Calloc(cap, sizeof(Entry));
+    if (views == NULL || runs == NULL || next == NULL || items == NULL || table == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t gen = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *p = views[i].buf;
+        size_t len = (size_t)views[i].len;
+        Class c;
+        int kind = classify(p, len, &c);
+        next[i] = -1;
+        if (kind == C_NONE || (c.udp && !udp)) {
+            items[nitems++] = i;
+            continue;
+        }
+        if (kind == C_UNPLACEABLE) { /* every open run ends */
+            gen++;
+            items[nitems++] = i;
+            continue;
+        }
+        Entry *e = lookup(table, cap - 1, &c);
+        Py_ssize_t r = e->klen && e->gen == gen ? e->run : -1;
+        if (!c.hlen) {
+            e->run = -1;
+            items[nitems++] = i;
+            continue;
+        }
+        if (r >= 0 && run_take(&runs[r], views[runs[r].first].buf, p, len, c.hlen)) {
+            next[runs[r].last] = i;
+            runs[r].last = i;
+        } else {
+            r = nruns++;
+            run_start(&runs[r], i, p, len, &c);
+            items[nitems++] = -1 - r;
+        }
+        if (run_closed_by(&runs[r], p, len)) {
+            e->run = -1;
+        } else {
+            memcpy(e->key, c.key, c.klen);
+            e->klen = c.klen;
+            e->run = r;
+            e->gen = gen;
+        }
+    }
+    result = PyList_New(nitems);
+    for (Py_ssize_t k = 0; result && k < nitems; k++) {
+        Py_ssize_t it = items[k];
+        const Run *run = it < 0 ? &runs[-1 - it] : NULL;
+        PyObject *b = run == NULL ? plain(&views[it])
+                      : run->count == 1 ? plain(&views[run->first])
+                                         : run_build(run, views, next);
+        if (b == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, k, b);
+    }
+done:
+    if (views)
+        release_buffers(views, n);
+    PyMem_Free(runs);
+    PyMem_Free(next);
+    PyMem_Free(items);
+    PyMem_Free(table);
+    Py_DECREF(items_tuple);
+    return result;
+}
+
+/* ------------------------------------------------------------------ split */
+
+static int append_bytes(PyObject *list, const uint8_t *p, size_t n)
+{
+    PyObject *b = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
+    int rc = b ? PyList_Append(list, b) : -1;
+    Py_XDECREF(b);
+    return rc;
+}
+
+/* offload._segment: a buffer it refuses (an IPv4 header under 20 bytes, a segment whose
+ * IP length field would pass 65535, ...) appends nothing. */
+static int segment(PyObject *list, const uint8_t *pkt, size_t len, int udp, Py_ssize_t mss, size_t l4)
+{
+    unsigned version = pkt[0] >> 4;
+    size_t iphl;
+    if (version == 4 && (pkt[0] & 15) >= 5)
+        iphl = (size_t)(pkt[0] & 15) * 4;
+    else if (version == 6)
+        iphl = 40;
+    else
+        return 0;
+    l4 = l4 ? l4 : iphl;
+    if (l4 < iphl || l4 + (udp ? 8 : 20) > len)
+        return 0;
+    size_t thl = udp ? 8 : (size_t)(pkt[l4 + 12] >> 4) * 4, hlen = l4 + thl;
+    if (mss <= 0 || thl < (udp ? 8u : 20u) || hlen > len)
+        return 0;
+    size_t n = len - hlen, most = n < (size_t)mss ? n : (size_t)mss;
+    if (hlen + most - (version == 6 ? 40 : 0) > 0xFFFF) /* the IP length field */
+        return 0;
+    const uint8_t *payload = pkt + hlen;
+    unsigned base = pseudo_sum(pkt, udp ? 17 : 6, 0), ip_id = rd16be(pkt + 4);
+    uint32_t seq = rd32be(pkt + l4 + 4);
+    unsigned flags = udp ? 0 : pkt[l4 + 13];
+    size_t csum_at = l4 + (udp ? 6 : 16);
+    uint8_t *o = PyMem_Malloc(hlen + most);
+    if (o == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t i = 0, off = 0;
+    do {
+        size_t chunk = n - off < (size_t)mss ? n - off : (size_t)mss, l4len = thl + chunk;
+        memcpy(o, pkt, hlen);
+        memcpy(o + hlen, payload + off, chunk);
+        if (version == 4)
+            wr16be(o + 4, (ip_id + i) & 0xFFFF);
+        set_ip_length(o, iphl, (unsigned)(l4 + l4len));
+        if (udp) {
+            wr16be(o + l4 + 4, (unsigned)l4len);
+        } else {
+            wr32be(o + l4 + 4, seq + (uint32_t)off);
+            unsigned f = i == 0 ? flags : flags & ~0x80u;
+            o[l4 + 13] = (uint8_t)(off + (size_t)mss >= n ? f : f & ~(PSH | 0x01u));
+        }
+        o[csum_at] = o[csum_at + 1] = 0;
+        unsigned c = ~csum(o + hlen, chunk, csum(o + l4, thl, base + l4len)) & 0xFFFF;
+        wr16be(o + csum_at, udp && !c ? 0xFFFF : c);
+        if (append_bytes(list, o, hlen + chunk) < 0) {
+            PyMem_Free(o);
+            return -1;
+        }
+        i++, off += (size_t)mss;
+    } while (off < n);
+    PyMem_Free(o);
+    return 0;
+}
+
+PyObject *split(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer v;
+    Py_ssize_t mtu;
+    if (!PyArg_ParseTuple(args, "y*n:split", &v, &mtu))
+        return NULL;
+    PyObject *list = PyList_New(0);
+    if (list == NULL || v.len < VNET_LEN)
+        goto done;
+    const uint8_t *b = v.buf, *pkt = b + VNET_LEN;
+    size_t len = (size_t)v.len - VNET_LEN;
+    unsigned flags = b[0], gso = b[1] & ~0x80u, gso_size = b[4] | b[5] << 8;
+    size_t start = (size_t)(b[6] | b[7] << 8), at = start + (size_t)(b[8] | b[9] << 8);
+    int rc = 0;
+    if (gso == 0 && !(flags & 1)) {
+        rc = append_bytes(list, pkt, len);
+    } else if (gso == 0) { /* finish a partial checksum; 0 means "none" for UDP: 0xFFFF */
+        if (at + 2 <= len) {
+            uint8_t *o = PyMem_Malloc(len);
+            if (o == NULL) {
+                PyErr_NoMemory();
+                rc = -1;
+            } else {
+                memcpy(o, pkt, len);
+                unsigned c = ~csum(pkt + start, len - start, 0) & 0xFFFF;
+                wr16be(o + at, c ? c : 0xFFFF);
+                rc = append_bytes(list, o, len);
+                PyMem_Free(o);
+            }
+        }
+    } else if ((gso == 1 || gso == 4 || gso == 5) && len >= 28) {
+        rc = segment(list, pkt, len, gso == 5, gso_size ? (Py_ssize_t)gso_size : mtu,
+                     flags & 1 ? start : 0);
+    }
+    if (rc < 0)
+        Py_CLEAR(list);
+done:
+    PyBuffer_Release(&v);
+    return list;
+}

@@ -1,0 +1,468 @@
+/* wgpy._native: receiving. A Session is a receiving key and its replay window;
+ * open_batch opens one UDP (GRO) read of data messages, the crypto on the pool. */
+
+#include "native.h"
+
+/* ------------------------------------------------------------------ Session */
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t key[KEY_LEN];
+    int wiped;               /* the key is zeroed */
+    PyThread_type_lock lock; /* guards key, wiped and the window */
+    double expires;
+    uint64_t top; /* greatest counter accepted, plus one (0: none yet) */
+    uint64_t words[WORDS];
+    uint64_t batch;  /* the open_batch call that last gave this session a slot */
+    Py_ssize_t slot; /* ... and that slot */
+} Session;
+
+/* core/replay.py ReplayWindow.accept, word for word. */
+static int replay_accept(Session *s, uint64_t counter)
+{
+    if (counter >= REJECT_AFTER_MESSAGES || s->top > REJECT_AFTER_MESSAGES)
+        return 0;
+    counter += 1;
+    uint64_t top = s->top;
+    if (counter + WINDOW < top)
+        return 0;
+    uint64_t index = counter >> 6;
+    if (counter > top) {
+        uint64_t current = top >> 6, n = index - current;
+        if (n > WORDS)
+            n = WORDS;
+        for (uint64_t i = 1; i <= n; i++)
+            s->words[(current + i) & (WORDS - 1)] = 0;
+        s->top = counter;
+    }
+    uint64_t bit = (uint64_t)1 << (counter & 63);
+    index &= WORDS - 1;
+    if (s->words[index] & bit)
+        return 0;
+    s->words[index] |= bit;
+    return 1;
+}
+
+static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"key", "expires", NULL};
+    Py_buffer key;
+    double expires;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*d:Session", kwlist, &key, &expires))
+        return NULL;
+    Session *self = NULL;
+    if (check_key(&key) == 0) {
+        self = (Session *)type->tp_alloc(type, 0);
+        if (self != NULL && (self->lock = PyThread_allocate_lock()) == NULL)
+            Py_CLEAR(self);
+        if (self != NULL) {
+            memcpy(self->key, key.buf, KEY_LEN);
+            self->expires = expires;
+        } else if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+    }
+    PyBuffer_Release(&key);
+    if (self == NULL)
+        return NULL;
+    return (PyObject *)self;
+}
+
+static void session_wipe(Session *self)
+{
+    OPENSSL_cleanse(self->key, KEY_LEN);
+    self->wiped = 1;
+    self->expires = -INFINITY;
+}
+
+static PyObject *Session_wipe(Session *self, PyObject *Py_UNUSED(ignored))
+{
+    lock_gil_held(self->lock);
+    session_wipe(self);
+    PyThread_release_lock(self->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_window_state(Session *self, PyObject *Py_UNUSED(ignored))
+{
+    uint8_t bitmap[WORDS * 8];
+    lock_gil_held(self->lock);
+    uint64_t top = self->top;
+    for (int i = 0; i < WORDS; i++)
+        wr64le(bitmap + 8 * i, self->words[i]);
+    PyThread_release_lock(self->lock);
+    return Py_BuildValue("(Ky#)", (unsigned long long)top, (const char *)bitmap,
+                         (Py_ssize_t)sizeof bitmap);
+}
+
+static void Session_dealloc(Session *self)
+{
+    session_wipe(self);
+    if (self->lock)
+        PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Session_methods[] = {
+    {"wipe", (PyCFunction)Session_wipe, METH_NOARGS, "Forget the key; all later packets drop."},
+    {"window_state", (PyCFunction)Session_window_state, METH_NOARGS,
+     "(top, bitmap): top is the greatest accepted counter plus one (0: none); bitmap is the\n"
+     "128 window words, each 8 bytes little-endian (ReplayWindow.top and .words)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Session_members[] = {
+    {"expires", T_DOUBLE, offsetof(Session, expires), 0, "packets drop when now >= expires"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wgpy._native.Session",
+    .tp_doc = "Session(key, expires): a receiving session (key and replay window).",
+    .tp_basicsize = sizeof(Session),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Session_new,
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_methods = Session_methods,
+    .tp_members = Session_members,
+};
+
+
+/* ------------------------------------------------------------------ open_batch */
+
+/* The names are wgpy.core.output.Drop's values. */
+enum { D_BAD_SIZE, D_UNKNOWN_TYPE, D_UNKNOWN, D_EXPIRED, D_BAD_TAG, D_REPLAYED, D_BAD_INNER,
+       N_DROPS };
+static const char *const drop_names[N_DROPS] = {"bad_size", "unknown_type", "unknown_index",
+                                                "expired", "bad_tag", "replayed", "bad_inner"};
+enum { V_PENDING = N_DROPS, V_OTHER, V_KEEPALIVE, V_PACKET, V_OPENED };
+
+typedef struct {
+    uint32_t off, len;     /* the datagram in buf; its plaintext goes to out + off */
+    uint32_t start, plen;  /* V_PACKET: the IP packet in out */
+    uint64_t counter;
+    Py_ssize_t slot;
+    int verdict;
+} Rec;
+
+typedef struct {
+    Session *s; /* a strong reference while the call runs */
+    uint8_t key[KEY_LEN]; /* its key when the call began (cleansed at the end) */
+    uint64_t nbytes;
+    Py_ssize_t order; /* position in per_session, -1 until a packet authenticated */
+    int data;
+} Slot;
+
+static uint64_t batch_serial;
+
+static int aead_open(EVP_CIPHER_CTX *ctx, const uint8_t *key, uint64_t counter, const uint8_t *in,
+                     int len, uint8_t *out)
+{
+    uint8_t nonce[12] = {0};
+    int n = 0;
+    wr64le(nonce + 4, counter);
+    if (ctx == NULL || EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce) != 1
+        || (len > 0 && EVP_DecryptUpdate(ctx, out, &n, in, len) != 1)
+        || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, (void *)(in + len)) != 1
+        || EVP_DecryptFinal_ex(ctx, out + len, &n) != 1) {
+        ERR_clear_error();
+        return 0;
+    }
+    return 1;
+}
+
+/* The inner packet's true length (backend.open_batch's checks), or 0 if it is malformed. */
+static uint32_t inner_length(const uint8_t *p, uint32_t n)
+{
+    uint32_t length;
+    if (n >= 20 && p[0] >> 4 == 4) {
+        length = rd16be(p + 2);
+        if (length < 20)
+            return 0;
+    } else if (n >= 40 && p[0] >> 4 == 6) {
+        length = 40 + rd16be(p + 4);
+    } else {
+        return 0;
+    }
+    return length <= n ? length : 0;
+}
+
+typedef struct {
+    const uint8_t *buf;
+    uint8_t *out;
+    Rec *recs;
+    Py_ssize_t nrecs;
+    const Slot *slots;
+    long nchunks;
+} OpenJob;
+
+/* Phase 2, without the GIL, on the crypto threads: decrypt a chunk of the records (each
+ * into out at its own offset, so chunks never overlap); V_OPENED if the tag verified. */
+static void open_chunk(void *arg, long chunk)
+{
+    OpenJob *j = arg;
+    EVP_CIPHER_CTX *ctx = thread_ctx(0);
+    Py_ssize_t lo = j->nrecs * chunk / j->nchunks, hi = j->nrecs * (chunk + 1) / j->nchunks;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        Rec *r = &j->recs[i];
+        if (r->verdict != V_PENDING)
+            continue;
+        r->verdict = aead_open(ctx, j->slots[r->slot].key, r->counter,
+                               j->buf + r->off + HEADER_LEN, (int)(r->len - DATA_MIN),
+                               j->out + r->off) ? V_OPENED : D_BAD_TAG;
+    }
+}
+
+/* Phase 3, without the GIL, on one thread, in the order the datagrams came: the replay
+ * windows (under each session's lock) and the inner checks of the opened records. */
+static void check_opened(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots)
+{
+    Session *locked = NULL;
+    Py_ssize_t order = 0;
+    for (Py_ssize_t i = 0; i < nrecs; i++) {
+        Rec *r = &recs[i];
+        if (r->verdict != V_OPENED)
+            continue;
+        Slot *sl = &slots[r->slot];
+        if (sl->s != locked) {
+            if (locked)
+                PyThread_release_lock(locked->lock);
+            locked = sl->s;
+            PyThread_acquire_lock(locked->lock, WAIT_LOCK);
+        }
+        if (locked->wiped) { /* wiped since phase 1 */
+            r->verdict = D_EXPIRED;
+            continue;
+        }
+        if (!replay_accept(locked, r->counter)) { /* the window moves only after the tag */
+            r->verdict = D_REPLAYED;
+            continue;
+        }
+        sl->nbytes += r->len;
+        if (sl->order < 0)
+            sl->order = order++;
+        uint32_t clen = r->len - DATA_MIN;
+        if (clen == 0) {
+            r->verdict = V_KEEPALIVE;
+            continue;
+        }
+        sl->data = 1;
+        uint32_t length = inner_length(out + r->off, clen);
+        r->verdict = length ? V_PACKET : D_BAD_INNER;
+        r->start = r->off;
+        r->plen = length;
+    }
+    if (locked)
+        PyThread_release_lock(locked->lock);
+}
+
+/* Whether WireGuard's message_type() would call this datagram a handshake message. */
+static int is_handshake(const uint8_t *p, uint32_t len)
+{
+    if (len < 4)
+        return 0;
+    uint32_t t = rd32le(p);
+    return (t == 1 && len == 148) || (t == 2 && len == 92) || (t == 3 && len == 64);
+}
+
+/* A run's packets as bytes, from out (its records are run_begin..i-1 of recs, V_PACKET). */
+static PyObject *run_packets(const uint8_t *out, const Rec *recs, Py_ssize_t begin,
+                             Py_ssize_t end, Py_ssize_t count)
+{
+    PyObject *list = PyList_New(count);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = begin; list && i < end; i++) {
+        if (recs[i].verdict != V_PACKET)
+            continue;
+        PyObject *b = PyBytes_FromStringAndSize((const char *)out + recs[i].start, recs[i].plen);
+        if (b == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, k++, b);
+    }
+    return list;
+}
+
+/* Phase 3, with the GIL: the Python result. */
+static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots,
+                             Py_ssize_t nslots)
+{
+    Py_ssize_t drops[N_DROPS] = {0}, naccounted = 0;
+    PyObject *runs = PyList_New(0), *per = NULL, *others = PyList_New(0), *dd = PyDict_New();
+    if (runs == NULL || others == NULL || dd == NULL)
+        goto fail;
+    Py_ssize_t run_first = 0, run_count = 0, run_slot = -1;
+    const uint8_t *run_src = NULL;
+    uint32_t run_srclen = 0;
+    for (Py_ssize_t i = 0; i <= nrecs; i++) {
+        Rec *r = i < nrecs ? &recs[i] : NULL;
+        const uint8_t *src = NULL;
+        uint32_t srclen = 0;
+        if (r && r->verdict == V_PACKET) {
+            const uint8_t *p = out + r->start;
+            src = p[0] >> 4 == 4 ? p + 12 : p + 8;
+            srclen = p[0] >> 4 == 4 ? 4 : 16;
+        }
+        /* a run ends at the end, or at a packet of another session or inner source */
+        if (run_count && (r == NULL || (src && (r->slot != run_slot || srclen != run_srclen
+                                                || memcmp(src, run_src, srclen))))) {
+            PyObject *t = Py_BuildValue("(Oy#N)", (PyObject *)slots[run_slot].s, run_src,
+                                        (Py_ssize_t)run_srclen,
+                                        run_packets(out, recs, run_first, i, run_count));
+            if (t == NULL || PyList_Append(runs, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+            run_count = 0;
+        }
+        if (r == NULL)
+            break;
+        if (src) {
+            if (run_count == 0)
+                run_first = i, run_slot = r->slot, run_src = src, run_srclen = srclen;
+            run_count++;
+        } else if (r->verdict == V_OTHER) {
+            PyObject *t = Py_BuildValue("(II)", (unsigned)r->off, (unsigned)r->len);
+            if (t == NULL || PyList_Append(others, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        } else if (r->verdict < N_DROPS) {
+            drops[r->verdict]++;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nslots; i++)
+        naccounted += slots[i].order >= 0;
+    per = PyList_New(naccounted);
+    if (per == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        if (slots[i].order < 0)
+            continue;
+        PyObject *t = Py_BuildValue("(OKO)", (PyObject *)slots[i].s,
+                                    (unsigned long long)slots[i].nbytes,
+                                    slots[i].data ? Py_True : Py_False);
+        if (t == NULL)
+            goto fail;
+        PyList_SET_ITEM(per, slots[i].order, t);
+    }
+    for (int k = 0; k < N_DROPS; k++) {
+        PyObject *v = PyLong_FromSsize_t(drops[k]);
+        if (v == NULL || PyDict_SetItemString(dd, drop_names[k], v) < 0) {
+            Py_XDECREF(v);
+            goto fail;
+        }
+        Py_DECREF(v);
+    }
+    return Py_BuildValue("(NNNN)", runs, per, others, dd);
+fail:
+    Py_XDECREF(runs);
+    Py_XDECREF(per);
+    Py_XDECREF(others);
+    Py_XDECREF(dd);
+    return NULL;
+}
+
+PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer in;
+    Py_ssize_t nbytes, seg;
+    PyObject *sessions;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*nnO!d:open_batch", &in, &nbytes, &seg, &PyDict_Type,
+                          &sessions, &now))
+        return NULL;
+    PyObject *result = NULL;
+    Rec *recs = NULL;
+    Slot *slots = NULL;
+    uint8_t *out = NULL; /* the plaintexts: one scratch block per call */
+    Py_ssize_t nslots = 0;
+    const uint8_t *buf = in.buf;
+    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf)");
+        goto done;
+    }
+    Py_ssize_t step = seg > 0 && seg < nbytes ? seg : nbytes;
+    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 1; /* 0: one empty datagram */
+    size_t n1 = (size_t)nrecs;
+    recs = PyMem_Malloc(n1 * sizeof(Rec));
+    slots = PyMem_Malloc(n1 * sizeof(Slot));
+    out = PyMem_Malloc(nbytes ? (size_t)nbytes : 1);
+    if (recs == NULL || slots == NULL || out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Phase 1, with the GIL: split, classify, find each data message's session. */
+    uint64_t serial = ++batch_serial, last_index = UINT64_MAX;
+    Py_ssize_t last_slot = -1;
+    for (Py_ssize_t i = 0; i < nrecs; i++) {
+        Rec *r = &recs[i];
+        r->off = (uint32_t)(i * step);
+        r->len = (uint32_t)(nbytes - i * step < step ? nbytes - i * step : step);
+        r->slot = -1;
+        const uint8_t *p = buf + r->off;
+        if (r->len < DATA_MIN || rd32le(p) != 4) {
+            r->verdict = is_handshake(p, r->len) ? V_OTHER
+                         : (r->len < 4 || rd32le(p) - 1 < 4) ? D_BAD_SIZE  /* a known type */
+                                                               : D_UNKNOWN_TYPE;
+            continue;
+        }
+        uint32_t index = rd32le(p + 4);
+        r->counter = rd64le(p + 8);
+        if (index != last_index) {
+            PyObject *key = PyLong_FromUnsignedLong(index);
+            if (key == NULL)
+                goto done;
+            PyObject *v = PyDict_GetItemWithError(sessions, key); /* borrowed */
+            Py_DECREF(key);
+            if (v == NULL && PyErr_Occurred())
+                goto done;
+            if (v != NULL && !PyObject_TypeCheck(v, &SessionType)) {
+                PyErr_SetString(PyExc_TypeError, "sessions maps an index to a Session");
+                goto done;
+            }
+            last_index = index;
+            last_slot = -1;
+            if (v != NULL) {
+                Session *s = (Session *)v;
+                if (s->batch == serial && s->slot < nslots && slots[s->slot].s == s) {
+                    last_slot = s->slot;
+                } else {
+                    Py_INCREF(v);
+                    slots[nslots] = (Slot){.s = s, .order = -1};
+                    lock_gil_held(s->lock); /* the key, as it is now */
+                    memcpy(slots[nslots].key, s->key, KEY_LEN);
+                    PyThread_release_lock(s->lock);
+                    s->batch = serial;
+                    s->slot = last_slot = nslots++;
+                }
+            }
+        }
+        if (last_slot < 0)
+            r->verdict = D_UNKNOWN;
+        else if (r->counter >= REJECT_AFTER_MESSAGES || now >= slots[last_slot].s->expires)
+            r->verdict = D_EXPIRED;
+        else
+            r->verdict = V_PENDING, r->slot = last_slot;
+    }
+    OpenJob job = {buf, out, recs, nrecs, slots, 1};
+    Py_BEGIN_ALLOW_THREADS
+    job.nchunks = chunks_for(nrecs);
+    pool_run(open_chunk, &job, job.nchunks);
+    check_opened(out, recs, nrecs, slots);
+    Py_END_ALLOW_THREADS
+    result = open_result(out, recs, nrecs, slots, nslots);
+done:
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        OPENSSL_cleanse(slots[i].key, KEY_LEN);
+        Py_DECREF(slots[i].s);
+    }
+    PyMem_Free(recs);
+    PyMem_Free(slots);
+    PyMem_Free(out);
+    PyBuffer_Release(&in);
+    return result;
+}
