@@ -524,7 +524,8 @@ class Device:
     def _jitter(self) -> float:
         # Timer jitter needs no secrecy (wireguard-go uses a fast PRNG too): a generator
         # seeded once from `rand` spares a getrandom() per batch of sent packets.
-        return self._timer_rng.randrange(REKEY_TIMEOUT_JITTER_MS) / 1000
+        # random() is one C call; randrange() two Python frames, on every packet sent
+        return int(self._timer_rng.random() * REKEY_TIMEOUT_JITTER_MS) / 1000
 
     def _on_timer(self, peer: Peer, timer: Timer, now: float, out: Output) -> None:
         timers = peer.timers
