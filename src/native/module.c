@@ -81,6 +81,8 @@ static PyMethodDef module_methods[] = {
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
+    {"read_nowait", read_nowait, METH_VARARGS,
+     "read_nowait(fd, buf) -> bytes read, or -1 when nothing waits (EAGAIN: no exception)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -90,5 +90,6 @@ extern PyTypeObject SealerType;
 PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
+PyObject *read_nowait(PyObject *module, PyObject *args);
 
 #endif

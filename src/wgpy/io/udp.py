@@ -215,6 +215,9 @@ class UdpSocket:
         """Send datagrams in order; each run to one endpoint of one size (a shorter last
         may join it) goes out in one GSO send (wireguard-go conn/bind_std.go does the same
         coalescing in its Send)."""
+        if len(datagrams) == 1:  # a lone packet (a ping): no generator to start and run
+            self.send(*datagrams[0])
+            return
         for start, end, size, endpoint in gso_runs(datagrams):
             if end - start == 1 or not self.gso:
                 for k in range(start, end):
