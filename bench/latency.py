@@ -71,7 +71,7 @@ def report(results: dict[str, Samples], baseline: str, command: str) -> str:
         "",
         f"Produced by `{command}`. Round trips of `ping` from a to b through the tunnel, "
         f"all samples of all repetitions; ratios against `{baseline}`; `veth` is the bare "
-        "link without a tunnel, and \"added\" what the tunnel adds to its median.",
+        'link without a tunnel, and "added" what the tunnel adds to its median.',
         "",
         "| pairing (a <-> b) | samples | median ms | p90 ms | ratio | added ms |",
         "| --- | --- | --- | --- | --- | --- |",
