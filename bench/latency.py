@@ -17,10 +17,12 @@ the tunnel adds over the floor. `--out` writes the table into a section of that 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +71,12 @@ def report(results: dict[str, Samples], baseline: str, command: str) -> str:
     lines = [
         "## Latency",
         "",
-        f"Produced by `{command}`. Round trips of `ping` from a to b through the tunnel, "
-        f"all samples of all repetitions; ratios against `{baseline}`; `veth` is the bare "
-        'link without a tunnel, and "added" what the tunnel adds to its median.',
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        f"kernel {os.uname().release}, the machine shared. Round trips of `ping` from a to "
+        f"b through the tunnel, all samples of all repetitions; ratios against `{baseline}`;"
+        ' `veth` is the bare link without a tunnel, and "added" what the tunnel adds to its '
+        "median. Where the time goes: docs/design.md (Latency: a lone packet); "
+        "`bench/hops.py` times one hop in-process.",
         "",
         "| pairing (a <-> b) | samples | median ms | p90 ms | ratio | added ms |",
         "| --- | --- | --- | --- | --- | --- |",
