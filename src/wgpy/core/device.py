@@ -50,7 +50,7 @@ from wgpy.core.events import (
     ResponseSent,
 )
 from wgpy.core.indextable import IndexTable
-from wgpy.core.intake import HandshakeIntake
+from wgpy.core.intake import KNOWN_EARLY, HandshakeIntake
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import MSG_INITIATION, parse_cookie_reply, parse_response
 from wgpy.core.output import Drop, Output
@@ -311,6 +311,7 @@ class Device:
                 self._on_timer(peer, timer, now, out)
         if self.intake.queue:
             self._process_handshakes(now, HANDSHAKE_BUDGET, out)
+        self.intake.known(now, KNOWN_EARLY)  # here, not on a datagram's way in
         return out
 
     def is_under_load(self, now: float) -> bool:
