@@ -394,3 +394,15 @@ def test_tick_reads_the_endpoints_before_a_datagram_must() -> None:
         assert intake._known_key(stranger) not in device.intake.known(now + 0.5)  # not yet
         device.tick(now + 0.95)
         assert intake._known_key(stranger) in device.intake.known(now + 0.95)
+
+
+def test_endpoints_not_parsed_again_while_unchanged() -> None:
+    """The once-a-second read of the peers' endpoints parses and pushes them to C only
+    when one changed: with 10,000 peers a rebuild took ~100 ms of the loop's thread."""
+    for device in pair():
+        now = 1000.0
+        first = device.intake.known(now)
+        assert device.intake.known(now + 1.0) is first  # the same, not made again
+        peer = next(p for p in device.peers.values() if p.endpoint == KNOWN[0])
+        peer.endpoint = ("192.0.2.1", 4001)  # roams
+        assert intake._known_key(peer.endpoint) in device.intake.known(now + 2.0)

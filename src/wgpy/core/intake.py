@@ -150,6 +150,7 @@ class HandshakeIntake:
         self._endpoints = endpoints
         self._known: set[tuple[bytes, int]] = set()
         self._known_at = float("-inf")
+        self._known_from: tuple[Endpoint | None, ...] | None = None  # what _known was made of
 
     def key_changed(self) -> None:
         """The device's key (so the mac1 key) changed."""
@@ -208,9 +209,13 @@ class HandshakeIntake:
         KNOWN_REFRESH (less `early`) old (O(peers) once a second at most, not per
         message), and pushed to the C intake then."""
         if not self._known_at <= now < self._known_at + KNOWN_REFRESH - early:
-            found = (_known_key(e) for e in self._endpoints() if e is not None)
-            self._known = {key for key in found if key is not None}
             self._known_at = now
+            endpoints = tuple(self._endpoints())
+            if endpoints == self._known_from:  # the usual case: nothing to parse or push
+                return self._known
+            self._known_from = endpoints
+            found = (_known_key(e) for e in endpoints if e is not None)
+            self._known = {key for key in found if key is not None}
             if self.classifier is not None:
                 self.classifier.set_known(
                     [(str(ipaddress.ip_address(host)), port) for host, port in self._known]
