@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -40,7 +41,8 @@ def idle_as_the_loop(seconds: float, paths: list[Any]) -> None:
         time.sleep(min(left, TICK))
         if left > TICK:
             for path in paths:
-                path.on_udp()
+                if select.select([path.udp.fileno()], [], [], 0)[0]:  # as the loop: if readable
+                    path.on_udp()
                 path.tick(time.monotonic())
 
 
