@@ -393,7 +393,7 @@ def test_shedding_spares_the_peers_endpoints_and_a_few_strangers() -> None:
 def test_tick_reads_the_endpoints_before_a_datagram_must() -> None:
     """The peers' endpoints (for shedding) are read again on the tick a little before a
     datagram would have to (a second after the last time): a ping after a second idle
-    does not pay that O(peers) rebuild on its way in (~50 µs with cold caches)."""
+    does not pay that O(peers) read on its way in (~15 µs with cold caches, one peer)."""
     stranger = ("192.0.2.1", 4001)
     for device in pair():
         now = 1000.0
