@@ -95,6 +95,8 @@ static PyMethodDef module_methods[] = {
     {"route", route, METH_VARARGS,
      "route(items, routes) -> (groups, bad): wgpy.core.backend.route (the reference):\n"
      "packets grouped by the owner of their destination in a Routes."},
+    {"read_nowait", read_nowait, METH_VARARGS,
+     "read_nowait(fd, buf) -> bytes read, or -1 when nothing waits (EAGAIN: no exception)."},
     {NULL, NULL, 0, NULL},
 };
 

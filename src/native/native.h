@@ -114,5 +114,6 @@ PyObject *segments(PyObject *module, PyObject *sp);
 PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
+PyObject *read_nowait(PyObject *module, PyObject *args);
 
 #endif

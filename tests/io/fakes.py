@@ -35,7 +35,7 @@ class ChannelTun(Tun):
             buf[: len(data)] = data
             return len(data)
         if not self.inbound:
-            raise BlockingIOError
+            return -1
         packet = self.inbound.popleft()
         data = offload.plain_header() + packet if self.vnet_hdr else packet
         buf[: len(data)] = data

@@ -44,6 +44,14 @@ class Drop(Enum):
     NO_ENDPOINT = "no_endpoint"  # (sending) the peer has no endpoint yet
 
 
+class Drops(Counter[Drop]):
+    """A Counter made by dict's own __init__: every call into the core makes one, and
+    Counter's __init__ (two Python frames in collections) cost a lone packet ~20 us when
+    the caches are cold (an idle tunnel's ping: docs/design.md, "Latency")."""
+
+    __init__ = dict.__init__  # the C slot: no Python frame
+
+
 Run = tuple[bytes, int, Endpoint]  # datagrams of `size` bytes back to back, the last may be shorter
 
 
@@ -57,9 +65,9 @@ class Datagrams:
 
     __slots__ = ("_count", "_runs")
 
-    def __init__(self, datagrams: Iterable[tuple[bytes, Endpoint]] = ()) -> None:
-        self._runs: list[Run] = [(d, len(d), ep) for d, ep in datagrams]
-        self._count = len(self._runs)
+    def __init__(self) -> None:  # one frame, no more: every call into the core makes one
+        self._runs: list[Run] = []
+        self._count = 0
 
     def append(self, datagram: tuple[bytes, Endpoint]) -> None:
         data, endpoint = datagram
@@ -68,7 +76,9 @@ class Datagrams:
 
     def add_runs(self, runs: list[tuple[bytes, int]], count: int, endpoint: Endpoint) -> None:
         """`count` datagrams to `endpoint`, as runs of (buf, size)."""
-        self._runs += [(buf, size, endpoint) for buf, size in runs]
+        append = self._runs.append
+        for buf, size in runs:  # a loop, not a comprehension: no frame of its own (3.11)
+            append((buf, size, endpoint))
         self._count += count
 
     def runs(self) -> list[Run]:
@@ -128,7 +138,7 @@ class Output:
         self.tun: list[bytes] = []
         self.udp = Datagrams()
         self.events: list[ProtocolEvent] = []
-        self.drops: Counter[Drop] = Counter()
+        self.drops: Counter[Drop] = Drops()
 
     def extend(self, other: Output) -> None:
         self.authentic = self.authentic or other.authentic
