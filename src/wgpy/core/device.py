@@ -288,7 +288,9 @@ class Device:
         peers by inner destination (the backend's `route`: in C on the native one, with
         no Python per packet), and sealed, or staged until a session is up."""
         out = Output()
-        groups, bad = self.backend.route(packets, self._routing_table())
+        backend = self.backend
+        table = self.allowed_ips if backend.routes is None else self._routing_table()
+        groups, bad = backend.route(packets, table)
         if bad:
             self._refuse(Drop.BAD_INNER, bad, now, out)
         for peer, group in groups:
@@ -302,12 +304,11 @@ class Device:
         return out
 
     def _routing_table(self) -> Any:
-        """What the backend's `route` looks destinations up in: the allowed IPs, or, for
-        the native backend, the C mirror they keep of themselves (made at the first send:
-        tests and benchmarks may change the backend after building the device)."""
+        """What the native backend's `route` looks destinations up in: the C mirror the
+        allowed IPs keep of themselves (made at the first send: tests and benchmarks may
+        change the backend after building the device)."""
         make = self.backend.routes
-        if make is None:
-            return self.allowed_ips
+        assert make is not None
         mirror = self.allowed_ips.mirror
         if type(mirror) is not make:
             mirror = make()
