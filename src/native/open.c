@@ -266,28 +266,35 @@ static int is_handshake(const uint8_t *p, uint32_t len)
     return (t == 1 && len == 148) || (t == 2 && len == 92) || (t == 3 && len == 64);
 }
 
-/* A run's packets as bytes, from out (its records are run_begin..i-1 of recs, V_PACKET). */
-static PyObject *run_packets(const uint8_t *out, const Rec *recs, Py_ssize_t begin,
-                             Py_ssize_t end, Py_ssize_t count)
+/* Without the GIL, after check_opened: zero every byte of out that no packet will be read
+ * from (tags, padding, what failed), so that the buffer Python holds carries nothing but
+ * the packets: no stale heap memory, no plaintext of a dropped message. */
+static void clear_gaps(uint8_t *out, const Rec *recs, Py_ssize_t nrecs)
 {
-    PyObject *list = PyList_New(count);
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = begin; list && i < end; i++) {
-        if (recs[i].verdict != V_PACKET)
-            continue;
-        PyObject *b = PyBytes_FromStringAndSize((const char *)out + recs[i].start, recs[i].plen);
-        if (b == NULL)
-            Py_CLEAR(list);
-        else
-            PyList_SET_ITEM(list, k++, b);
+    for (Py_ssize_t i = 0; i < nrecs; i++) {
+        uint32_t keep = recs[i].verdict == V_PACKET ? recs[i].plen : 0;
+        memset(out + recs[i].off + keep, 0, recs[i].len - keep);
     }
-    return list;
 }
 
-/* Phase 3, with the GIL: the Python result. */
-static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots,
+/* A run's packets as a Spans over the call's buffer (recs begin..end-1, those V_PACKET). */
+static PyObject *run_packets(PyObject *plain, const Rec *recs, Py_ssize_t begin,
+                             Py_ssize_t end, Py_ssize_t count)
+{
+    Spans *spans = spans_new(plain, count);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = begin; spans && i < end; i++) {
+        if (recs[i].verdict == V_PACKET)
+            spans->span[k++] = (Span){recs[i].start, recs[i].plen};
+    }
+    return (PyObject *)spans;
+}
+
+/* Phase 4, with the GIL: the Python result; the runs' packets as Spans over `plain`. */
+static PyObject *open_result(PyObject *plain, Rec *recs, Py_ssize_t nrecs, Slot *slots,
                              Py_ssize_t nslots)
 {
+    const uint8_t *out = (const uint8_t *)PyBytes_AS_STRING(plain);
     Py_ssize_t drops[N_DROPS] = {0}, naccounted = 0;
     PyObject *runs = PyList_New(0), *per = NULL, *others = PyList_New(0), *dd = PyDict_New();
     if (runs == NULL || others == NULL || dd == NULL)
@@ -309,7 +316,7 @@ static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Sl
                                                 || memcmp(src, run_src, srclen))))) {
             PyObject *t = Py_BuildValue("(Oy#N)", (PyObject *)slots[run_slot].s, run_src,
                                         (Py_ssize_t)run_srclen,
-                                        run_packets(out, recs, run_first, i, run_count));
+                                        run_packets(plain, recs, run_first, i, run_count));
             if (t == NULL || PyList_Append(runs, t) < 0) {
                 Py_XDECREF(t);
                 goto fail;
@@ -378,7 +385,7 @@ PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
     PyObject *result = NULL;
     Rec *recs = NULL;
     Slot *slots = NULL;
-    uint8_t *out = NULL; /* the plaintexts: one scratch block per call */
+    PyObject *plain = NULL; /* the plaintexts: one bytes per call, the runs' Spans point in */
     Py_ssize_t nslots = 0;
     const uint8_t *buf = in.buf;
     if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX) {
@@ -390,9 +397,10 @@ PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
     size_t n1 = (size_t)nrecs;
     recs = PyMem_Malloc(n1 * sizeof(Rec));
     slots = PyMem_Malloc(n1 * sizeof(Slot));
-    out = PyMem_Malloc(nbytes ? (size_t)nbytes : 1);
-    if (recs == NULL || slots == NULL || out == NULL) {
-        PyErr_NoMemory();
+    plain = PyBytes_FromStringAndSize(NULL, nbytes); /* written to only if nbytes > 0 */
+    if (recs == NULL || slots == NULL || plain == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
         goto done;
     }
     /* Phase 1, with the GIL: split, classify, find each data message's session. */
@@ -448,13 +456,15 @@ PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
         else
             r->verdict = V_PENDING, r->slot = last_slot;
     }
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(plain); /* ours alone until the Spans */
     OpenJob job = {buf, out, recs, nrecs, slots, 1};
     Py_BEGIN_ALLOW_THREADS
     job.nchunks = chunks_for(nrecs);
     pool_run(open_chunk, &job, job.nchunks);
     check_opened(out, recs, nrecs, slots);
+    clear_gaps(out, recs, nrecs);
     Py_END_ALLOW_THREADS
-    result = open_result(out, recs, nrecs, slots, nslots);
+    result = open_result(plain, recs, nrecs, slots, nslots);
 done:
     for (Py_ssize_t i = 0; i < nslots; i++) {
         OPENSSL_cleanse(slots[i].key, KEY_LEN);
@@ -462,7 +472,7 @@ done:
     }
     PyMem_Free(recs);
     PyMem_Free(slots);
-    PyMem_Free(out);
+    Py_XDECREF(plain);
     PyBuffer_Release(&in);
     return result;
 }

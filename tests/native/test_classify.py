@@ -96,7 +96,7 @@ def same(a: Output, b: Output) -> None:
     assert a.drops == b.drops
     assert a.udp == b.udp
     assert a.events == b.events
-    assert a.tun == b.tun
+    assert a.tun_packets() == b.tun_packets()
 
 
 def check_state(py: Device, c: Device) -> None:

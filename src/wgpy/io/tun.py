@@ -23,8 +23,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+from wgpy.core.output import ToTun
 from wgpy.io import offload
 
 log = logging.getLogger("wgpy.tun")
@@ -54,8 +55,9 @@ class TunGone(Exception):
 
 class Tun:
     # how decrypted packets become writes: offload.coalesce, or the native one (the same,
-    # byte for byte), which the Datapath sets when the device has the native module
-    coalesce: Callable[[list[bytes], bool], list[bytes]] = staticmethod(offload.coalesce)
+    # byte for byte, reading the native open's Spans in place), which the Datapath sets
+    # when the device has the native module
+    coalesce: Callable[[Iterable[ToTun], bool], list[bytes]] = staticmethod(offload.coalesce)
     split: Callable[[memoryview, int], list[bytes]] = staticmethod(offload.split)
 
     def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
@@ -130,11 +132,15 @@ class Tun:
                 packets.append(bytes(buf[skip:n]))
         return packets
 
-    def write_batch(self, packets: list[bytes], mtu: int) -> None:
-        """Deliver decrypted packets; with the virtio header, segments of one TCP flow (and
-        same-size datagrams of one UDP flow) go as one GSO super-packet. A refused write
-        is dropped, as a NIC would drop it. Raises TunGone."""
-        bufs = self.coalesce(packets, self.coalesce_udp) if self.vnet_hdr else packets
+    def write_batch(self, items: list[ToTun], mtu: int) -> None:
+        """Deliver decrypted packets (`Output.tun`: packets, and runs of them as the
+        backend's open_batch made them); with the virtio header, segments of one TCP flow
+        (and same-size datagrams of one UDP flow) go as one GSO super-packet. A refused
+        write is dropped, as a NIC would drop it. Raises TunGone."""
+        if self.vnet_hdr:
+            bufs = self.coalesce(items, self.coalesce_udp)
+        else:  # a write per packet: a run's packets become bytes one by one here
+            bufs = offload.packets_of(items)
         for buf in bufs:
             try:
                 self.write(buf)
