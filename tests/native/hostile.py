@@ -2,8 +2,9 @@
 
 Every entry point gets garbage, edge-case sizes and forged-but-valid traffic, on 0, 1 and
 2 crypto worker threads; open_batch is also hammered from two threads while a third wipes
-sessions (the GIL is released while decrypting). The answers are checked against the
-references where they are cheap.
+sessions (the GIL is released while decrypting); the runs open_batch hands back (Spans
+over its buffer) go through coalesce. The answers are checked against the references
+where they are cheap.
 Usage: python tests/native/hostile.py [seconds]
 """
 
@@ -43,11 +44,21 @@ def edge_batches(world: World) -> None:
 
 
 def differential(world: World, rounds: int) -> None:
+    """Batches through both backends, and the runs of all of them (C's Spans, read in
+    place; the pure lists) through both coalescers together, as a datapath turn does."""
+    spans: list[object] = []
+    lists: list[object] = []
     for _ in range(rounds):
         buf, nbytes, seg = world.batch()
         got = native.open_batch(buf, nbytes, seg, world.native, world.now)
         want = open_batch_ref(buf, nbytes, seg, world.ref, world.now)
         assert normalize(got, world.names) == normalize(want, world.names)
+        spans += [packets for _, _, packets in got[0]]
+        lists += [packets for _, _, packets in want[0]]
+        spans.append(b"\x45" + bytes(19))
+        lists.append(b"\x45" + bytes(19))
+    udp = world.rng.random() < 0.5
+    assert native.coalesce(spans, udp) == offload.coalesce(lists, udp)
 
 
 def threads(world: World, seconds: float) -> None:
