@@ -7,8 +7,9 @@
 Three network namespaces per victim (src/wgpy/demo/testbed.py): the victim V, a
 legitimate side L running two Debian wireguard-go peers of V (L1 with an established
 tunnel, L2 whose handshake is timed), and an attacker X, each joined to V by a veth
-pair. Victims: wgpy, Debian's wireguard-go and the upstream snapshot in
-shared/bin (when present). Flood modes, real WireGuard initiations built with wgpy.core:
+pair. Victims: wgpy (wgpy-pure: WGPY_NATIVE=0), Debian's wireguard-go and the upstream
+snapshot in shared/bin (when present). Flood modes, real WireGuard initiations built with
+wgpy.core:
   none  no flood (the baseline);
   a     initiations with a valid mac1 for V's public key from random static and ephemeral
         keys (complete, well-formed handshakes from strangers), one source address;
@@ -22,9 +23,9 @@ Measured per victim x mode x rate, during the flood: how long L2 (reset to no se
 the flood's start) takes to complete a handshake ("> N s" if not within the flood), V's
 CPU seconds over the run (/proc/PID/stat; includes carrying L1's ping and iperf3, see the
 "none" row), cookie replies that reached X (its UDP counters), ping RTT and loss over
-L1's tunnel, then iperf3 throughput over it. Every run is bounded in time; everything is
-removed in a `finally`. Needs root, wg, wireguard-go, iperf3 and ping. Markdown to stdout
-and --out.
+L1's tunnel, then iperf3 throughput over it, and V's resident memory before and at its
+peak. Every run is bounded in time; everything is removed in a `finally`. Needs root, wg,
+wireguard-go, iperf3 and ping. Markdown to stdout and --out.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ class Bed:
     victim: str
     command: list[str]
     made: list[object] = field(default_factory=list)
+    idle_rss: float = 0.0
 
     def __post_init__(self) -> None:
         from wgpy.demo.testbed import Namespace, TunnelEnd, veth
@@ -252,6 +254,7 @@ class Bed:
             self.iperf = self.v.popen("iperf3", "-s", "-B", V_IN1, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)  # fmt: skip
             self.l.run("ping", "-c", "3", "-i", "0.2", "-W", "2", V_IN1, timeout=20)
+            self.idle_rss = rss_mb(self.victim_pid())  # the issue's bound: 64 MB over this
         except BaseException:
             self.close()
             raise
@@ -281,6 +284,21 @@ class Bed:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """The resident set of a process, MB (/proc/PID/status VmRSS)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def peak_rss(pid: int, done: threading.Event, result: dict[str, object]) -> None:
+    """The largest resident set seen, sampled every 0.2 s until `done`."""
+    peak = 0.0
+    while not done.wait(0.2):
+        with contextlib.suppress(OSError, AttributeError):
+            peak = max(peak, rss_mb(pid))
+    result["rss"] = peak
 
 
 def udp_received(bed: Bed) -> int:
@@ -339,7 +357,11 @@ def run_one(bed: Bed, mode: str, rate: int, seconds: float, sender: str) -> dict
         "--seconds", str(seconds), "--sources", sources, "--pool", str(POOL),
         "--sender", sender, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    result: dict[str, object] = {"victim": bed.victim, "mode": mode, "rate": rate}
+    result: dict[str, object] = {"victim": bed.victim, "mode": mode, "rate": rate,
+                                 "idle_rss": bed.idle_rss}  # fmt: skip
+    done = threading.Event()
+    sampler = threading.Thread(target=peak_rss, args=(bed.victim_pid(), done, result))
+    sampler.start()
     try:
         assert attacker.stdout is not None
         if attacker.stdout.readline().strip() != "ready":
@@ -359,6 +381,8 @@ def run_one(bed: Bed, mode: str, rate: int, seconds: float, sender: str) -> dict
         result["cookie_replies"] = udp_received(bed) - udp0
         result["bound"] = seconds - 0.5
     finally:
+        done.set()
+        sampler.join()
         if attacker.poll() is None:
             attacker.kill()
             attacker.wait()
@@ -386,21 +410,22 @@ def fmt(r: dict[str, object]) -> str:
     return (
         f"| {r['victim']} | {r['mode']} | {rate} | {sent} | {handshake} | {num(r['cpu'], '.2f')} "
         f"| {replies} | {num(r['ping'], '.3f')} ({num(r['loss'], '.0f')}%) "
-        f"| {num(r['iperf'], ',.0f')} |"
+        f"| {num(r['iperf'], ',.0f')} | {num(r['idle_rss'], '.0f')} / {num(r.get('rss'), '.0f')} |"
     )
 
 
 HEADER = (
     "| victim | mode | rate | sent | legit handshake | victim CPU s | cookie replies "
-    "| ping ms (loss) | iperf3 Mbit/s |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| ping ms (loss) | iperf3 Mbit/s | RSS MB idle / peak |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
 def victims(names: list[str]) -> dict[str, list[str]]:
     from wgpy.demo.testbed import WGPY
 
-    known = {"wgpy": WGPY, "wireguard-go": ["wireguard-go"]}
+    known = {"wgpy": WGPY, "wgpy-pure": ["env", "WGPY_NATIVE=0", *WGPY],
+             "wireguard-go": ["wireguard-go"]}  # fmt: skip
     if UPSTREAM_GO.exists():
         known["wireguard-go-0.0.20250522"] = [str(UPSTREAM_GO)]
     missing = [n for n in names if n not in known]

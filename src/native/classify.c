@@ -40,13 +40,16 @@
 #define RESPONSE_LEN 92
 #define COOKIE_REPLY_LEN 64
 #define DATA_MIN_LEN 32
+#define KNOWN_LEN 19 /* an endpoint as a cookie's source bytes (18 at most), then their length */
 
 /* verdicts of what passes, as in HandshakeIntake.admit's branches */
 enum { ENQUEUE = 1, ENQUEUE_COOKIE = 2, SEND_COOKIE = 3, COOKIE_REPLY = 4, COOKIE_MADE = 5 };
 /* refusals, named as core/output.py's Drop values */
-enum { BAD_SIZE, UNKNOWN_TYPE, BAD_MAC1, RATE_LIMITED, QUEUE_FULL, NO_PRIVATE_KEY, N_DROPS };
-static const char *const drop_names[N_DROPS] = {"bad_size",     "unknown_type", "bad_mac1",
-                                                "rate_limited", "queue_full",   "no_private_key"};
+enum { BAD_SIZE, UNKNOWN_TYPE, BAD_MAC1, RATE_LIMITED, QUEUE_FULL, NO_PRIVATE_KEY, REPLY_SHED,
+       N_DROPS };
+static const char *const drop_names[N_DROPS] = {"bad_size",   "unknown_type",   "bad_mac1",
+                                                "rate_limited", "queue_full", "no_private_key",
+                                                "reply_shed"};
 
 /* ---- token buckets: RateLimiter of core/ratelimit.py ------------------------------------ */
 
@@ -178,6 +181,11 @@ typedef struct {
     double secret_born, refresh;
     Py_ssize_t queue_size, threshold;
     double hold;
+    uint8_t (*known)[KNOWN_LEN]; /* the peers' endpoints (address, port), sorted: set_known */
+    Py_ssize_t nknown;
+    uint32_t overflows; /* drain: the socket's drop count at the last look (shedding) */
+    int looked;         /* ... once there was a look */
+    double shed_until;  /* drain: replies to strangers are shed until then */
 } Classifier;
 
 static EVP_MAC *blake2smac;
@@ -203,6 +211,7 @@ static int mac(EVP_MAC_CTX *ctx, const uint8_t *key, const uint8_t *data, size_t
 }
 
 static void Classifier_dealloc(Classifier *self) {
+    PyMem_Free(self->known);
     PyMem_Free(self->plain.slots);
     PyMem_Free(self->cookie.slots);
     EVP_MAC_CTX_free(self->mac1);
@@ -316,6 +325,54 @@ static int parse_source(const char *host, Py_ssize_t n, int port, Source *s) {
     return 0;
 }
 
+/* ---- the peers' endpoints: who still gets a cookie reply while replies are shed ---- */
+
+static void known_key(const Source *s, uint8_t key[KNOWN_LEN]) {
+    memset(key, 0, KNOWN_LEN);
+    memcpy(key, s->host, s->host_len);
+    key[KNOWN_LEN - 1] = (uint8_t)s->host_len;
+}
+
+static int cmp_known(const void *a, const void *b) { return memcmp(a, b, KNOWN_LEN); }
+
+static int is_known(const Classifier *self, const Source *s) {
+    uint8_t key[KNOWN_LEN];
+    known_key(s, key);
+    return self->nknown && bsearch(key, self->known, (size_t)self->nknown, KNOWN_LEN, cmp_known);
+}
+
+/* set_known([(host, port), ...]): the endpoints of the device's peers (intake.py pushes
+ * them at most once a second); one that does not parse is left out. */
+static PyObject *Classifier_set_known(Classifier *self, PyObject *arg) {
+    PyObject *items = PySequence_Tuple(arg);
+    if (items == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items), kept = 0;
+    uint8_t(*known)[KNOWN_LEN] = PyMem_Malloc(n ? (size_t)n * KNOWN_LEN : 1);
+    if (known == NULL) {
+        Py_DECREF(items);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *host;
+        Py_ssize_t len;
+        int port;
+        Source src;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(items, i), "s#i", &host, &len, &port)) {
+            PyMem_Free(known);
+            Py_DECREF(items);
+            return NULL;
+        }
+        if (port >= 0 && port <= 0xFFFF && parse_source(host, len, port, &src) == 0)
+            known_key(&src, known[kept++]);
+    }
+    Py_DECREF(items);
+    qsort(known, (size_t)kept, KNOWN_LEN, cmp_known);
+    PyMem_Free(self->known);
+    self->known = known, self->nknown = kept;
+    Py_RETURN_NONE;
+}
+
 /* CookieChecker's reply state (nonce prefix, HChaCha20 subkey, counter), given when a
  * reply would draw nothing new: then replies are made here, byte for byte as make_reply. */
 typedef struct {
@@ -359,6 +416,7 @@ typedef struct {
     Replies *replies; /* NULL: cookie replies are Python's to make */
     uint16_t read;    /* drain: the read at hand */
     int sends;        /* drain: the replies made are sent in C, not handed to Python */
+    int shed;         /* the socket overflowed: cookie replies only to the peers' endpoints */
 } Batch;
 
 static int check_mac1(Classifier *self, const uint8_t *m, size_t n) {
@@ -452,8 +510,12 @@ static int admit(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
         allow(&self->plain, k, b->now);
         return enqueue(self, b, ENQUEUE);
     }
-    if (!(has_mac2 && check_mac2(self, b, m, n)))
-        return SEND_COOKIE;
+    if (!(has_mac2 && check_mac2(self, b, m, n))) {
+        if (!b->shed || is_known(self, b->src))
+            return SEND_COOKIE;
+        b->drops[REPLY_SHED]++;
+        return 0;
+    }
     if (allow(&self->cookie, k, b->now))
         return enqueue(self, b, ENQUEUE_COOKIE);
     b->drops[RATE_LIMITED]++;
@@ -543,15 +605,15 @@ static PyObject *Classifier_classify(Classifier *self, PyObject *args) {
     Py_buffer buf;
     Py_ssize_t n, seg, host_len, data = 0;
     const char *host;
-    int port, forced;
+    int port, forced, shed = 0;
     Source src;
     Batch b = {0};
     Replies r = {0};
     PyObject *state, *passed = NULL, *drops = NULL, *replies = NULL;
-    if (!PyArg_ParseTuple(args, "y*nns#iddnpO", &buf, &n, &seg, &host, &host_len, &port, &b.now,
-                          &b.until, &b.queued, &forced, &state))
+    if (!PyArg_ParseTuple(args, "y*nns#iddnpO|p", &buf, &n, &seg, &host, &host_len, &port, &b.now,
+                          &b.until, &b.queued, &forced, &state, &shed))
         return NULL;
-    b.forced = forced, b.src = &src;
+    b.forced = forced, b.src = &src, b.shed = shed;
     if (n < 0 || n > buf.len || seg < 0) {
         PyErr_SetString(PyExc_ValueError, "n or seg out of range");
         goto fail;
@@ -664,6 +726,34 @@ static Py_ssize_t gro_size(struct msghdr *h) {
         }
     }
     return 0;
+}
+
+/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize),
+ * and how many datagrams the kernel dropped at it. */
+#define SO_MEMINFO_ 55
+enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_DROPS = 8, MEMINFO_N = 9 };
+
+/* Whether this drain sheds the cookie replies to strangers: for `hold` seconds after a
+ * full drain (a backlog) found the socket's receive queue more than half full, or the
+ * kernel's drop count grown since the last look. The socket is not read as fast as the
+ * datagrams come, so the reads go to the peers we have rather than to answering the flood
+ * (a reply costs a send, 5-8 us here, reading and refusing ~1.5 us). Half full, not only
+ * dropped: shedding from before the first drop keeps the peers' datagrams from being
+ * dropped at all. The first drain takes the drop count only (drops from before are no
+ * flood of now); after it only a full drain looks, so a socket that keeps up costs no
+ * extra system call. */
+static int shedding(Classifier *self, int fd, int full, double now) {
+    uint32_t info[16] = {0};
+    socklen_t len = sizeof(info);
+    if ((full || !self->looked) && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
+        len >= MEMINFO_N * sizeof(uint32_t)) {
+        int grew = self->looked && info[MEMINFO_DROPS] != self->overflows;
+        int backlog = full && info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2;
+        if (grew || backlog)
+            self->shed_until = now + self->hold;
+        self->overflows = info[MEMINFO_DROPS], self->looked = 1;
+    }
+    return now < self->shed_until;
 }
 
 /* The packet info of a read as bytes (UdpSocket.last_info), or None. */
@@ -872,6 +962,7 @@ static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (got < 0)
         got = 0; /* nothing waits, or an ICMP error queued on the socket: nothing read */
+    b.shed = shedding(self, fd, got == count, b.now);
     kept = PyList_New(0);
     if (kept == NULL || classify_reads(self, &b, rd, got, buf.buf, slot, kept) < 0)
         goto fail;
@@ -896,7 +987,7 @@ static PyObject *Classifier_sources(Classifier *self, PyObject *Py_UNUSED(ignore
 
 static PyMethodDef Classifier_methods[] = {
     {"classify", (PyCFunction)Classifier_classify, METH_VARARGS,
-     "classify(buf, n, seg, host, port, now, until, queued, forced, reply_state)\n"
+     "classify(buf, n, seg, host, port, now, until, queued, forced, reply_state, shed=False)\n"
      "-> (passed, data, until, drops, replies, counter)\n\n"
      "The intake of one read of n bytes (datagrams of seg bytes if GRO merged them) from\n"
      "(host, port): passed: [(offset, verdict)] in order, verdict 1 queue it, 2 queue it\n"
@@ -905,7 +996,8 @@ static PyMethodDef Classifier_methods[] = {
      "none). reply_state: (nonce prefix, subkey, counter) of CookieChecker when a reply\n"
      "draws nothing new, else None (then no 5, only 3s); counter: after the replies made.\n"
      "data: the data messages, left for the open path; until: the under-load deadline\n"
-     "after the batch (LoadMeter); drops: {Drop value: count}."},
+     "after the batch (LoadMeter); drops: {Drop value: count}. shed: the socket overflowed:\n"
+     "a cookie reply only to a source set_known named (else dropped as reply_shed)."},
     {"drain", (PyCFunction)Classifier_drain, METH_VARARGS,
      "drain(fd, buf, slot, count, now, until, queued, forced, reply_state)\n"
      "-> (reads, count_read, until, drops, cookies_sent, counter)\n\n"
@@ -913,7 +1005,12 @@ static PyMethodDef Classifier_methods[] = {
      "classified as `classify` does, the state carried from read to read; the cookie\n"
      "replies made are sent here (sendmmsg, each to the source of its read). reads: those\n"
      "with something for Python, as (offset, n, seg, (host, port), packet info or None,\n"
-     "passed or None, data messages); passed as `classify` gives it, without verdict 5."},
+     "passed or None, data messages); passed as `classify` gives it, without verdict 5.\n"
+     "It sheds (classify's shed) for `hold` seconds after a full drain found the socket's\n"
+     "queue over half full or its drop count grown (SO_MEMINFO)."},
+    {"set_known", (PyCFunction)Classifier_set_known, METH_O,
+     "set_known(endpoints): the peers' (host, port) endpoints: while the socket overflows,\n"
+     "only they get cookie replies."},
     {"set_mac1_key", (PyCFunction)Classifier_set_mac1_key, METH_O,
      "The mac1 key (HASH(label || our public key)), or b'' without a private key."},
     {"set_cookie_secret", (PyCFunction)Classifier_set_cookie_secret, METH_VARARGS,

@@ -8,7 +8,8 @@ The library (see docs/api.md):
   context manager (`with` / `async with`); `peers()`, `set_peer()`, `remove_peer()`,
   `drops()`; events (`Event`, `EventKind`) as callbacks, `wait_for()` and `events()`.
 - `run(config, command)`: a command whose only network is the tunnel, without root;
-  `Proxy(config, socks=...)`: a SOCKS5 proxy into the tunnel, without root.
+  `Proxy(config, socks=..., forward=[...], ...)`: `wgpy proxy` (SOCKS5, HTTP, TCP and
+  UDP forwards, exposed ports, the health endpoint) into the tunnel, without root.
 - `wgpy.sim`: an in-memory network of core devices with a fake clock.
 
 The names are loaded when first used (PEP 562), so that `import wgpy.core.device` (which

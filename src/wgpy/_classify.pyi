@@ -1,5 +1,7 @@
 """Type stubs of the optional C extension src/native/classify.c (core/intake.py)."""
 
+from collections.abc import Iterable
+
 from typing_extensions import Buffer
 
 class Classifier:
@@ -29,6 +31,7 @@ class Classifier:
         queued: int,
         forced: bool,
         reply_state: tuple[bytes, bytes, int] | None,
+        shed: bool = False,
     ) -> tuple[list[tuple[int, int]], int, float, dict[str, int], bytes | None, int]: ...
     def drain(
         self,
@@ -51,6 +54,7 @@ class Classifier:
         int,
         int,
     ]: ...
+    def set_known(self, endpoints: Iterable[tuple[str, int]]) -> None: ...
     def set_mac1_key(self, key: Buffer) -> None: ...
     def set_cookie_secret(self, secret: Buffer, born: float) -> None: ...
     def sources(self) -> tuple[int, int]: ...

@@ -119,6 +119,17 @@ def test_roaming_and_cookie_lines() -> None:
     assert wlog.describe(ev.CookieSent(("192.0.2.9", 7))) == (
         "Sending cookie response for denied handshake message for 192.0.2.9:7"
     )
+    assert wlog.describe(ev.CookieSent(None, count=40)) == (
+        "Sending 40 cookie responses for denied handshake messages"
+    )
+
+
+def test_a_drains_cookie_replies_count_one_by_one() -> None:
+    """The C intake reports a drain's cookie replies as one event: the counts (status,
+    metrics) still count every reply."""
+    stats = Stats()
+    stats.count([ev.CookieSent(None, count=40), ev.CookieSent(("192.0.2.9", 7))])
+    assert stats.events[ev.EventKind.COOKIE_SENT] == 41
 
 
 def test_drop_summary_once_per_interval_and_only_when_new() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import logging
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wgpy.core.crypto import clamp, public_key
+from wgpy.core.crypto import clamp, encode_key, public_key
 from wgpy.core.device import Device, Output
 from wgpy.core.peer import Peer
 from wgpy.daemon import uapi
@@ -345,3 +346,34 @@ def test_replace_allowed_ips_ends_as_remove_all_first_and_never_drops_a_kept_ent
     assert dev.allowed_ips.entries(other) == expected_dev.allowed_ips.entries(
         expected_dev.peers[PEER2]
     )
+
+
+SECRET = bytes(range(100, 132))  # a key that must never appear in an error or a log line
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["set=1", f"private_key {SECRET.hex()}"],  # no "=": the whole line is the mistake
+        ["set=1", f"private_key {encode_key(SECRET)}"],  # base64 ends in "=": a bad key name
+        ["set=1", f"private_key={SECRET.hex()}z"],
+        ["set=1", f"public_key={PEER1.hex()}", f"preshared_key {encode_key(SECRET)}"],
+        ["set=1", f"public_key={PEER1.hex()}", f"preshared_key:{SECRET.hex()}"],
+        ["set=1", f"listen_port={SECRET.hex()}"],  # pasted into the wrong field
+        ["set=1", f"public_key={PEER1.hex()}", f"endpoint={encode_key(SECRET)}"],
+        [f"private_key={SECRET.hex()}"],  # no set=1: the key line is taken as the operation
+        [f"private_key {encode_key(SECRET)}"],
+    ],
+)
+def test_errors_never_show_key_material(lines: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed line holding a key is refused, and neither the answer nor the log line
+    carries any of it (logs go to journals and bug reports): the error names the line."""
+    host = MemoryHost()
+    with caplog.at_level(logging.DEBUG):
+        answer = req(host, *lines)
+    assert answer.startswith("errno=-")
+    logged = caplog.text
+    assert "failed" in logged  # the error itself is still logged
+    pieces = {SECRET.hex(), encode_key(SECRET)}
+    pieces |= {p[i : i + 8] for p in set(pieces) for i in range(0, len(p) - 8, 4)}
+    assert not [p for p in pieces if p in logged or p in answer], logged

@@ -45,6 +45,32 @@ def test_daemonizes_and_exits_on_sigterm() -> None:
         socket_path(ifname).unlink(missing_ok=True)
 
 
+def test_a_sigterm_as_soon_as_the_socket_appears_still_cleans_up() -> None:
+    """The stop signals are caught from before the interface and the socket are made: a
+    SIGTERM during start-up ends the daemon through its cleanup, not the default action
+    (which left the socket file behind). Tried a few times: the window is milliseconds."""
+    ns = Namespace(f"wgpy-early{os.getpid()}")
+    ifname = f"wge{os.getpid() % 100000}"
+    path = socket_path(ifname)
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(5):
+            process = subprocess.Popen(ns.argv([*WGPY, "-f", ifname]), stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 20
+            while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+                pass  # no sleep: the signal must land inside the start-up window
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0, process.stderr.read() if process.stderr else ""
+            assert not path.exists()
+            assert not ns.has_link(ifname)
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(5)
+        ns.close()
+        path.unlink(missing_ok=True)
+
+
 def test_exits_when_the_interface_is_deleted(make_tunnel: Callable[..., Tunnel]) -> None:
     t = make_tunnel("del")
     process = t.a.process

@@ -269,6 +269,37 @@ def test_save_config_on_down(site: tuple[Namespace, Namespace, Path]) -> None:
     assert conf.stat().st_mode & 0o077 == 0
 
 
+def test_save_ignores_a_planted_tmp_file_and_writes_mode_0600(
+    site: tuple[Namespace, Namespace, Path],
+) -> None:
+    """The file `save` writes first is its own, made new with mode 0600: a symlink or a
+    world-readable file planted where a fixed CONFIG.tmp would go is neither followed
+    (root would write the private key wherever it points) nor used (its mode would be
+    kept, and the saved config with the key in it readable by all)."""
+    a, _, tmp = site
+    conf = interface(tmp, "ListenPort = 41515")
+    private = conf.read_text().split("PrivateKey = ")[1].split("\n")[0]
+    assert wgpy(a, "up", str(conf)).returncode == 0
+    try:
+        victim = tmp / "victim"
+        victim.write_text("untouched\n")
+        planted = Path(f"{conf}.tmp")
+        planted.symlink_to(victim)
+        done = wgpy(a, "save", str(conf))
+        assert done.returncode == 0, done.stderr
+        assert victim.read_text() == "untouched\n"
+        assert private in conf.read_text() and conf.stat().st_mode & 0o777 == 0o600
+        planted.unlink(missing_ok=True)
+        planted.write_text("")
+        planted.chmod(0o644)
+        done = wgpy(a, "save", str(conf))
+        assert done.returncode == 0, done.stderr
+        assert private in conf.read_text() and conf.stat().st_mode & 0o777 == 0o600
+        assert not [p.name for p in tmp.iterdir() if p.name.startswith(f".{conf.name}")]
+    finally:
+        wgpy(a, "down", str(conf))
+
+
 def test_up_passes_metrics_and_keylog_to_the_daemon(
     site: tuple[Namespace, Namespace, Path],
 ) -> None:

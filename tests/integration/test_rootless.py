@@ -410,6 +410,50 @@ with wgpy.Proxy(config, socks="127.0.0.1:0") as proxy:
     assert done.stdout.split() == ["0", "0"]
 
 
+def test_library_proxy_takes_what_the_command_line_takes(wgpy_bed: Bed, workdir: Path) -> None:
+    """wgpy.Proxy with `wgpy proxy`'s other services and limits: a TCP forward, a UDP
+    forward, the health endpoint with CheckAlive, the client cap and the idle timeout. Its
+    sockets are opened by the caller, so port 0 works and their addresses are known."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in NAME.split("."))
+    query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\0\0\x01\0\x01"
+    program = f"""
+import socket, time, urllib.error, urllib.request, wgpy
+config = wgpy.Config.from_file({str(wgpy_bed.config)!r})
+with wgpy.Proxy(config, socks=None, forward=["127.0.0.1:0={PEER_INNER}:8000"],
+                udp_forward=["127.0.0.1:0={PEER_INNER}:53"], info="127.0.0.1:0",
+                check_alive=[{PEER_INNER!r}], check_alive_interval=1, max_clients=4,
+                idle_timeout=30) as proxy:
+    s = socket.create_connection(proxy.forward_addresses[0], timeout=10)
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    page = b""
+    while chunk := s.recv(4096):
+        page += chunk
+    print(page.endswith({PAGE.encode()!r}))
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(10)
+    u.sendto({query!r}, proxy.udp_forward_addresses[0])
+    print(socket.inet_ntoa(u.recv(512)[-4:]))
+    url = "http://%s:%d/readyz" % proxy.info_address
+    for _ in range(100):
+        try:
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+            break
+        except urllib.error.HTTPError:  # 503 until the first pong
+            time.sleep(0.1)
+    print(body.replace(" ", ""))
+    metrics = urllib.request.urlopen(url.replace("readyz", "metrics"), timeout=5).read()
+    print(b"wgpy_proxy_clients" in metrics)
+"""
+    done = run(
+        wgpy_bed.caller.argv([sys.executable, "-c", program]), workdir,
+        env={"PYTHONPATH": str(SRC)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    assert lines[:2] == ["True", PEER_INNER] and lines[3] == "True", done.stdout
+    assert lines[2].startswith(f'{{"{PEER_INNER}":') and not lines[2].endswith(":0}"), lines
+
+
 # Run by wgpy.run as the command: every descriptor it has, and whether any reads the key.
 LIST_FDS = """
 import os, sys

@@ -99,7 +99,8 @@ class World:
         self.logs += 1
         with open(self.log_path(), "wb") as log:
             proc = self.server.popen(*WGPY, "server", "run", "--dir", str(self.dir),
-                                     "--web", WEB, stdout=log, stderr=log)  # fmt: skip
+                                     "--web", WEB, "--allowed-host", "vpn.test",
+                                     stdout=log, stderr=log)  # fmt: skip
         self.proc = proc
         eventually(lambda: b" up, listening" in self.log_path().read_bytes()
                    or proc.poll() is not None, 15, "the server")  # fmt: skip
@@ -199,12 +200,23 @@ def test_a_cli_client_on_wireguard_go_reaches_the_server_and_the_internet(world:
     assert "alice" in listing and "online" in listing.split("alice", 1)[1].split("\n")[0]
 
 
+def test_the_page_answers_its_own_names_only(world: World) -> None:
+    """`--allowed-host vpn.test`: that name, the addresses and localhost reach the page;
+    any other name (a rebound one) gets 400."""
+    for host, status in (("vpn.test", 200), ("localhost:51821", 200), (WEB, 200),
+                         ("evil.example:51821", 400)):  # fmt: skip
+        b = Browser(f"http://{WEB}")
+        b.headers["Host"] = host
+        with inside(world.server):
+            assert b.login() == status, host
+
+
 def test_a_web_client_runs_as_nobody_with_the_downloaded_config(world: World) -> None:
     b = world.browser()
     with inside(world.server):
         bob = b.json("POST", "/api/clients", {"name": "bob"}, 201)
         link = b.json("POST", f"/api/clients/{bob['id']}/link", expect=201)
-        status, _, config = Browser(f"http://{WEB}").call("GET", link["url"])
+        status, _, config = Browser(f"http://{WEB}").call("POST", link["url"])
     assert status == 200
     world.wait_for_peer(config.decode())
     path = world.workdir / "bob.conf"
@@ -393,8 +405,15 @@ def _rename_expire_and_link_in_the_page(world: World, driver: Any) -> None:
         wait.until(lambda d: "/download/" in _card(d, "frankie").find_element(
             By.CLASS_NAME, "link-out").text)
         url = _card(driver, "frankie").find_element(By.CLASS_NAME, "link-out").text.split()[-1]
-        status, _, config = Browser("").call("GET", url)
-        assert (status, Browser("").call("GET", url)[0]) == (200, 404)
+        page = driver.current_window_handle
+        driver.switch_to.new_window("tab")  # opening the link spends nothing: a page
+        driver.get(url)  # with the button whose POST gets the file
+        button = driver.find_element(By.CSS_SELECTOR, "form[method=post] button")
+        assert button.text == "Download the configuration"
+        driver.close()
+        driver.switch_to.window(page)
+        status, _, config = Browser("").call("POST", url)
+        assert (status, Browser("").call("POST", url)[0]) == (200, 404)
     assert config.decode() == world.cli("client", "show", "frankie")
 
 

@@ -23,7 +23,7 @@ from wgpy.core.backend import Backend
 from wgpy.core.cookie import CookieGenerator
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
-from wgpy.core.events import InitiationReceived, InitiationSent, ProtocolEvent
+from wgpy.core.events import CookieSent, InitiationReceived, InitiationSent, ProtocolEvent
 from wgpy.core.output import Drop
 from wgpy.io import datapath as datapath_module
 from wgpy.io import udp as udp_module
@@ -287,3 +287,36 @@ def test_the_source_is_that_of_the_handshake_that_authenticated(
     assert ours.source(theirs.getsockname()) == "127.0.0.2"
     # the packet info was the datapath's: listeners see the event as before, no detail
     assert [e.tag for e in events if isinstance(e, InitiationReceived)] == [None]
+
+
+@pytest.mark.skipif(not datapath_module.native_intake(), reason="the C intake was not built")
+def test_a_drains_cookie_replies_are_one_event(pair_v4: V4Pair) -> None:
+    """Under load, an initiation with a valid mac1 and no mac2 gets a cookie reply. The
+    first reply draws the cookie's nonce prefix in Python; then 40 in one drain get
+    theirs made and sent in C, and the listeners hear of them in one event (a flood's
+    replies used to be one Python object each)."""
+    ours, theirs = pair_v4
+    rng = random.Random(3)
+    responder = Device(rng.randbytes, backend=Backend(Site.native, threading.Lock),
+                       classify=True)  # fmt: skip
+    responder.set_private_key(clamp(rng.randbytes(32)))
+    responder.intake.load.forced = True
+    initiator = Device(rng.randbytes)
+    initiator.set_private_key(clamp(rng.randbytes(32)))
+    assert responder.public_key is not None
+    peer = initiator.add_peer(responder.public_key)
+    assert peer is not None
+    peer.endpoint = ("127.0.0.1", ours.port)
+    initiator.allowed_ips.insert(V4[1], 32, peer)
+    [(initiation, _)] = initiator.send(flow(1, 10), time.monotonic()).udp
+    events: list[ProtocolEvent] = []
+    datapath = Datapath(responder, ChannelTun(), ours, events.extend)
+    for count in (1, 40):
+        events.clear()
+        for _ in range(count):
+            theirs.sendto(initiation, ("127.0.0.1", ours.port))
+        time.sleep(0.2)  # all wait in the socket: one drain reads them
+        datapath.on_udp()
+    cookies = [(e.source, e.count) for e in events if isinstance(e, CookieSent)]
+    assert cookies == [(None, 40)]
+    assert len(recv_all(theirs, 41)) == 41

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from wgpy.core.crypto import encode_key
 from wgpy.rootless import http, proxy, spec, udp
-from wgpy.tools.config import ConfigError
+from wgpy.rootless.launch import Proxy
+from wgpy.tools.config import Config, ConfigError
 
 KEY = encode_key(bytes(range(32)))
 WG = f"""[Interface]
@@ -136,7 +137,8 @@ def test_command_line_mappings_and_help(capsys: pytest.CaptureFixture[str]) -> N
         proxy.parser().parse_args(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "--forward" in out and "--expose" in out and "--socks-fd" not in out
+    assert "--forward" in out and "--expose" in out
+    assert "--listen-fd" not in out and "--ready-fd" not in out  # wgpy.Proxy's, hidden
 
 
 @given(st.text(alphabet=st.sampled_from("[]=#:. \nabcSocks5httpTCPClientTunnelInterfacePeer0123"),
@@ -164,3 +166,47 @@ def test_a_header_we_write_reads_back(addr: object, port: int, payload: bytes) -
 def test_any_http_head_parses_or_is_a_bad_request(head: bytes) -> None:
     with contextlib.suppress(http.BadRequest):
         http.parse_head(head)
+
+
+@pytest.mark.parametrize(
+    "value, kind, target",
+    [("socks:5", "socks", None), ("info:7", "info", None),
+     ("forward:8=10.0.0.1:80", "forward", ("10.0.0.1", 80)),
+     ("udp:9=[fd00::1]:53", "udp", ("fd00::1", 53))],
+)  # fmt: skip
+def test_sockets_handed_over_by_the_library(
+    value: str, kind: str, target: tuple[str, int] | None
+) -> None:
+    got = proxy.handed_over(value)
+    assert (got.kind, got.fd, got.target) == (kind, int(value.split(":")[1].split("=")[0]), target)
+
+
+@pytest.mark.parametrize("value", ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp"])
+def test_bad_handed_over_sockets_are_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="--listen-fd"):
+        proxy.handed_over(value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"forward": ["127.0.0.1:0"]}, {"udp_forward": ["127.0.0.1:0=nowhere"]},
+     {"expose": ["0=127.0.0.1:80"]}, {"check_alive": ["not an address"]}],
+)  # fmt: skip
+def test_the_library_proxy_checks_its_arguments_before_starting(
+    kwargs: dict[str, list[str]],
+) -> None:
+    config = Config.build(encode_key(bytes(range(32))), address=["10.0.0.2/24"])
+    with pytest.raises(ValueError):
+        Proxy(config, socks=None, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("line", [f"PrivateKey {KEY[:-1]}", f"PrivateKey: {bytes(range(32)).hex()}",
+                                  f"PrivateKey {KEY}", f"ListenPort = {KEY}"])  # fmt: skip
+def test_a_bad_line_holding_a_key_is_not_quoted(tmp_path: Path, line: str) -> None:
+    """As in wg-quick files (tools/config.py): the error names the file and line only."""
+    text = WG.replace(f"PrivateKey = {KEY}", line) + "[Socks5]\nBindAddress = 127.0.0.1:1\n"
+    with pytest.raises(ConfigError, match=r"w\.conf:2: ") as e:
+        parsed(text, tmp_path)
+    secret = {KEY, bytes(range(32)).hex()}
+    pieces = {p[i : i + 8] for p in secret for i in range(0, len(p) - 8, 4)}
+    assert not [p for p in pieces if p in str(e.value)], str(e.value)

@@ -316,18 +316,6 @@ def test_the_client_config_is_a_valid_wg_quick_file(registry: SqliteRegistry) ->
     assert [str(n) for n in peer.allowed_ips] == ["0.0.0.0/0", "::/0"]
 
 
-def test_files_are_written_whole_and_private(tmp_path: Path) -> None:
-    target = tmp_path / "phone.conf"
-    target.write_text("old")
-    manage.write_atomic(target, b"new")
-    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
-
-    with pytest.raises(TypeError):
-        manage.write_atomic(target, "not bytes")  # type: ignore[arg-type]
-    assert target.read_bytes() == b"new"  # a failed write leaves the old file
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["phone.conf"]  # and no temporary
-
-
 @given(st.sets(st.integers(2, 14), max_size=12), st.integers(0, 4))
 def test_allocation_never_hands_out_a_taken_or_reserved_address(taken: set[int], n: int) -> None:
     pool = ipaddress.ip_network("10.8.0.0/28")

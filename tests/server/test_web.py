@@ -4,7 +4,9 @@ rate limit, cookies, CSRF, every client operation, errors, downloads and one-tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import ipaddress
 import json
 import socket
 import threading
@@ -12,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 import uvicorn
@@ -22,26 +26,38 @@ from wgpy.server import auth, manage, web
 from wgpy.server.store import SqliteRegistry
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[SqliteRegistry, str]]:
-    registry = SqliteRegistry(tmp_path)
-    manage.init(registry, "vpn.example.com:51820", "10.8.0.0/24", "", None,
-                interface=f"wgt{id(tmp_path) % 10**8}")  # fmt: skip
-    registry.set_password_hash(auth.hash_password(PASSWORD))
+@contextlib.contextmanager
+def serving(registry: SqliteRegistry, allowed_hosts: tuple[str, ...] = ()) -> Iterator[str]:
+    """The page on a loopback port, as `server run --web` serves it; its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(web.server_config(registry))  # what `server run` serves
+    server = uvicorn.Server(web.server_config(registry, allowed_hosts))
     thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
     thread.start()
     try:
         while not server.started:
             assert thread.is_alive()
             threading.Event().wait(0.02)
-        yield registry, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> SqliteRegistry:
+    registry = SqliteRegistry(tmp_path)
+    manage.init(registry, "vpn.example.com:51820", "10.8.0.0/24", "", None,
+                interface=f"wgt{id(tmp_path) % 10**8}")  # fmt: skip
+    registry.set_password_hash(auth.hash_password(PASSWORD))
+    return registry
+
+
+@pytest.fixture
+def site(registry: SqliteRegistry) -> Iterator[tuple[SqliteRegistry, str]]:
+    with serving(registry) as base:
+        yield registry, base
 
 
 def test_login_cookie_and_logout(site: tuple[SqliteRegistry, str]) -> None:
@@ -194,9 +210,9 @@ def test_config_qr_and_one_time_link(site: tuple[SqliteRegistry, str]) -> None:
 
     link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
     stranger = Browser(base)  # no session: the link is the credential
-    status, _, data = stranger.call("GET", link["url"])
+    status, _, data = stranger.call("POST", link["url"])  # the button on the link's page
     assert status == 200 and data.decode() == expected
-    assert stranger.call("GET", link["url"])[0] == 404  # once only
+    assert stranger.call("POST", link["url"])[0] == 404  # once only
     assert stranger.call("GET", f"/api/clients/{cid}/configuration")[0] == 401
 
 
@@ -209,7 +225,7 @@ def test_a_disabled_clients_link_gives_nothing(site: tuple[SqliteRegistry, str])
     cid = b.json("POST", "/api/clients", {"name": "lost-phone"}, 201)["id"]
     link = b.json("POST", f"/api/clients/{cid}/link", expect=201)
     b.json("PATCH", f"/api/clients/{cid}", {"enabled": False})
-    status, _, data = Browser(base).call("GET", link["url"])
+    status, _, data = Browser(base).call("POST", link["url"])
     assert status == 404 and b"PrivateKey" not in data
     status, _, data = b.call("POST", f"/api/clients/{cid}/link")
     assert status == 422 and b"disabled" in data
@@ -225,3 +241,77 @@ def test_the_page_and_its_headers(site: tuple[SqliteRegistry, str]) -> None:
     spec = Browser(base).json("GET", "/api/openapi.json")
     assert {"/api/session", "/api/clients", "/api/clients/{client_id}/link"} <= set(spec["paths"])
     assert Browser(base).call("GET", "/static/uPlot.iife.min.js")[0] == 200
+
+
+def with_host(base: str, host: str) -> Browser:
+    b = Browser(base)
+    b.headers["Host"] = host
+    return b
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:51821", "127.0.0.1.evil.example",
+                                  "localhost.evil.example", "", "[::1"])  # fmt: skip
+def test_a_foreign_host_header_is_refused(site: tuple[SqliteRegistry, str], host: str) -> None:
+    """DNS rebinding: a site whose name now resolves to 127.0.0.1 makes the visitor's
+    browser send requests here with its own name as the Host. They get 400: not the page,
+    not the login (where they would try passwords and use up the owner's limit)."""
+    _, base = site
+    b = with_host(base, host)
+    status, headers, _ = b.call("GET", "/")
+    assert status == 400 and headers["x-frame-options"] == "DENY"
+    assert b.login() == 400
+    assert b.call("GET", "/download/x")[0] == 400
+
+
+ALWAYS = ["127.0.0.1", "127.0.0.1:51821", "localhost:51821", "LOCALHOST.", "[::1]:51821",
+          "192.0.2.7", "[2001:db8::7]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", ALWAYS)
+def test_addresses_and_localhost_are_always_allowed(
+    site: tuple[SqliteRegistry, str], host: str
+) -> None:
+    """An address cannot be rebound, so any address literal is fine (a server on
+    0.0.0.0 is reached by its LAN address); of the names, localhost."""
+    _, base = site
+    assert with_host(base, host).login() == 200
+
+
+def test_allowed_host_names_are_configurable(registry: SqliteRegistry) -> None:
+    with serving(registry, ("vpn.example.com",)) as base:
+        assert with_host(base, "VPN.example.com:443").login() == 200
+        assert with_host(base, "vpn.example.com.evil").login() == 400
+    with serving(registry, ("*",)) as base:  # behind a proxy that checks names itself
+        assert with_host(base, "anything.example").login() == 200
+
+
+def test_opening_a_one_time_link_does_not_spend_it(site: tuple[SqliteRegistry, str]) -> None:
+    """Chat apps fetch a link to preview it (GET, HEAD): that must neither spend it nor
+    show the keys. The GET is a page with a button; its POST hands out the file, once."""
+    registry, base = site
+    b = Browser(base)
+    b.login()
+    cid = b.json("POST", "/api/clients", {"name": "phone"}, 201)["id"]
+    expected = manage.client_config(registry.settings(), registry.client(cid))
+    url = b.json("POST", f"/api/clients/{cid}/link", expect=201)["url"]
+    previewer = Browser(base)
+    for method in ("GET", "HEAD", "GET"):
+        status, headers, data = previewer.call(method, url)
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b"PrivateKey" not in data and "content-disposition" not in headers
+    status, _, page = previewer.call("GET", url)
+    assert b'<form method="post"' in page and b"<button" in page
+    status, headers, data = Browser(base).call("POST", url)
+    assert status == 200 and data.decode() == expected
+    assert headers["content-disposition"] == 'attachment; filename="phone.conf"'
+    assert Browser(base).call("POST", url)[0] == 404  # once only
+
+
+@given(st.binary(max_size=60))
+def test_the_host_check_takes_any_header(header: bytes) -> None:
+    """Any bytes as the Host: no exception, and allowed only for localhost, a name given,
+    or an address literal (the port, if any, cut off)."""
+    check = web.HostCheck(lambda *_: None, ["vpn.example.com"])  # type: ignore[arg-type]
+    if check.allowed(header):
+        name = web.host_name(header.decode("latin-1"))
+        assert name in ("localhost", "vpn.example.com") or ipaddress.ip_address(name.strip("[]"))

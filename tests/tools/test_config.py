@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -105,7 +106,6 @@ def test_hostname_endpoints_are_resolved() -> None:
         ("[Interface]\nTable = \u0661\n", 2, "Table"),
         ("[Interface]\nSaveConfig = maybe\n", 2, "SaveConfig"),
         ("[Interface]\nColour = blue\n", 2, "Colour"),
-        ("[Interface]\nno equals\n", 2, "no equals"),
         ("PrivateKey = x\n", 1, "PrivateKey"),
         ("[Interface]\n[Interface]\n", 2, "[Interface]"),
         ("[Wat]\n", 1, "[Wat]"),
@@ -311,3 +311,46 @@ def test_no_key_material_in_repr_str_or_format() -> None:
             leaked = [f for f in fragments if f in text]
             assert not leaked, (type(holder).__name__, text)
     assert "allowed_ips" in repr(cfg.peers[0])  # the rest is still shown
+
+
+SECRET = bytes(range(100, 132))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"PrivateKey {encode_key(SECRET)}",  # the "=" that ends the key splits the line
+        f"PrivateKey: {SECRET.hex()}",  # no "=" at all
+        f"PrivateKey = {encode_key(SECRET)[:-1]}",
+        f"ListenPort = {encode_key(SECRET)}",  # pasted into the wrong field
+        f"{encode_key(SECRET)}",
+        f"[{encode_key(SECRET)}]",
+    ],
+)
+def test_errors_never_show_key_material(line: str) -> None:
+    """A bad line that holds a key is reported by file and line (and key name where
+    there is one), never with the key: the message goes to terminals, logs, bug reports."""
+    text = f"[Interface]\nListenPort = 1\n{line}\n"
+    with pytest.raises(ConfigError, match=r"^wg0\.conf:3: ") as e:
+        parse(text, "wg0.conf")
+    pieces = {SECRET.hex(), encode_key(SECRET)}
+    pieces |= {p[i : i + 8] for p in set(pieces) for i in range(0, len(p) - 8, 4)}
+    assert not [p for p in pieces if p in str(e.value)], str(e.value)
+
+
+def test_a_line_without_its_equals_sign_is_named_by_its_line() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse("[Interface]\nListenPort 51820\n", "wg0.conf")
+    assert str(e.value) == "wg0.conf:2: expected Key = Value"
+
+
+def test_files_are_written_whole_and_private(tmp_path: Path) -> None:
+    target = tmp_path / "phone.conf"
+    target.write_text("old")
+    config.write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+    with pytest.raises(TypeError):
+        config.write_atomic(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"new"  # a failed write leaves the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phone.conf"]  # and no temporary

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac as _hmac
+import re
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -29,6 +30,7 @@ __all__ = [
     "encode_key",
     "hash_",
     "hchacha20",
+    "hide_keys",
     "hmac",
     "kdf",
     "mac",
@@ -193,6 +195,17 @@ def decode_key(text: str) -> bytes:
     if len(key) != KEY_LEN:
         raise ValueError("a key is 32 bytes")
     return key
+
+
+# A run of 20 or more base64 (or hex) characters: a key, or enough of one to matter. No
+# word of an error message (the longest config key, PersistentKeepalive, has 19) is one.
+_KEY_LIKE = re.compile(r"[A-Za-z0-9+/]{20,}=*")
+
+
+def hide_keys(text: str) -> str:
+    """`text` with anything that could be key material replaced by "…": for error messages
+    that quote their input, which end up in logs and bug reports."""
+    return _KEY_LIKE.sub("…", text)
 
 
 def constant_time_eq(a: bytes, b: bytes) -> bool:

@@ -115,7 +115,7 @@ class Device:
         self.index = IndexTable(rand)
         # mac1, rate limits and cookies before any Diffie-Hellman, and the queue after
         self.intake = HandshakeIntake(self.cookie_checker, self._receive_cookie_reply, seed,
-                                      classify=classify)  # fmt: skip
+                                      self._endpoints, classify=classify)  # fmt: skip
         # ICMP unreachable for what cannot be sent (icmp.py); None: send none
         self.icmp_limit: TokenBucket | None = TokenBucket(icmp.RATE, icmp.BURST)
         # Called with each handshake's raw ephemeral private key as it is made (the
@@ -176,6 +176,9 @@ class Device:
             # A low-order public key raises: such a peer can never complete a handshake.
             with contextlib.suppress(ValueError):
                 peer.static_static = dh(self._static, peer.public_key)
+
+    def _endpoints(self) -> Iterator[Endpoint | None]:
+        return (peer.endpoint for peer in self.peers.values())
 
     # ---- the batch API -------------------------------------------------------------
 

@@ -75,12 +75,14 @@ class ResponseReceived(ProtocolEvent):
 
 @dataclass(frozen=True, slots=True)
 class CookieSent(ProtocolEvent):
-    """Under load: a cookie reply instead of a response, to whoever sent from `source`
-    (None: one of the replies the C intake sent itself, core/intake.py)."""
+    """Under load: a cookie reply instead of a response, to whoever sent from `source`.
+    `source` None: `count` replies the C intake sent itself in one drain, to many
+    sources (core/intake.py): one event for them all, not one per datagram of a flood."""
 
     kind: ClassVar[EventKind] = EventKind.COOKIE_SENT
     source: Endpoint | None
     peer: None = None
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)

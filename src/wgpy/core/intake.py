@@ -22,9 +22,10 @@ WGPY_INTAKE=0; with the classifier, the Python limiters go unused.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from wgpy.core.constants import COOKIE_REFRESH_TIME
@@ -66,6 +67,7 @@ COOKIE_REPLY = 4  # a cookie reply for us
 COOKIE_MADE = 5  # as SEND_COOKIE, and the classifier made the reply
 
 HANDSHAKE_QUEUE = 1024  # handshake messages waiting for work; under load past 1/8
+KNOWN_REFRESH = 1.0  # seconds: how old the peers' endpoints the shedding rule sees may be
 _SENDER = struct.Struct("<4xI")  # the sender index of an initiation or response
 _KNOWN_TYPES = (MSG_INITIATION, MSG_RESPONSE, MSG_COOKIE_REPLY, MSG_DATA)
 _SIZES = {MSG_INITIATION: INITIATION_LEN, MSG_RESPONSE: RESPONSE_LEN,
@@ -96,6 +98,18 @@ def classifier(seed: bytes, queue_size: int) -> Classifier:
                       UNDER_LOAD_HOLD, COOKIE_REFRESH_TIME)  # fmt: skip
 
 
+def _known_key(endpoint: Endpoint) -> tuple[bytes, int] | None:
+    """An endpoint as the shedding rule compares it: the address packed (an IPv4-mapped
+    one as IPv4, a scope ignored), and the port; None for what is no IP address."""
+    try:
+        ip = ipaddress.ip_address(endpoint[0].partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.packed, endpoint[1]
+
+
 def _why_refused(data: bytes | memoryview) -> Drop:
     """The drop reason for a datagram `message_type` refused."""
     known = len(data) < 4 or TYPE.unpack_from(data)[0] in _KNOWN_TYPES
@@ -111,12 +125,14 @@ class HandshakeIntake:
         checker: CookieChecker,
         cookie_reply: Callable[[bytes, float, Output], None],
         seed: bytes,
+        endpoints: Callable[[], Iterable[Endpoint | None]],
         *,
         classify: bool,
     ) -> None:
         """`checker`: the device's mac1/mac2/cookie state; `cookie_reply`: what the device
         does with a cookie reply sent to us; `seed`: keys the classifier's hash table;
-        `classify`: the intake in C (the extension must be there)."""
+        `endpoints`: the peers' endpoints, now (who still gets a cookie reply while replies
+        are shed); `classify`: the intake in C (the extension must be there)."""
         self.checker = checker
         self._cookie_reply = cookie_reply
         self.rate_limiter = RateLimiter()  # handshakes that need no cookie, by source
@@ -125,6 +141,12 @@ class HandshakeIntake:
         self.classifier = classifier(seed, HANDSHAKE_QUEUE) if classify else None
         self._classifier_born = float("-inf")  # the cookie secret the classifier has
         self.queue: deque[Entry] = deque()
+        # while the socket overflows (its reader says so; the C drain sees it itself), a
+        # cookie reply goes only to a peer's endpoint, as of at most KNOWN_REFRESH ago
+        self.shedding = False
+        self._endpoints = endpoints
+        self._known: set[tuple[bytes, int]] = set()
+        self._known_at = float("-inf")
 
     def key_changed(self) -> None:
         """The device's key (so the mac1 key) changed."""
@@ -169,11 +191,28 @@ class HandshakeIntake:
             self.rate_limiter.allow(src, now)  # not spent: this takes a token
             self._enqueue((data, src, kind, False, tag), now, out)
         elif not (mac2 and checker.check_mac2(data, src, now)):
-            self.send_cookie(data, src, now, out)
+            if self.shedding and _known_key(src) not in self.known(now):
+                out.drops[Drop.REPLY_SHED] += 1
+            else:
+                self.send_cookie(data, src, now, out)
         elif self.cookie_limiter.allow(src, now):
             self._enqueue((data, src, kind, True, tag), now, out)
         else:
             out.drops[Drop.RATE_LIMITED] += 1
+
+    def known(self, now: float) -> set[tuple[bytes, int]]:
+        """The peers' endpoints (as `_known_key` gives them), read again once they are
+        KNOWN_REFRESH old (O(peers) once a second at most, not per message), and pushed to
+        the C intake then."""
+        if not self._known_at <= now < self._known_at + KNOWN_REFRESH:
+            found = (_known_key(e) for e in self._endpoints() if e is not None)
+            self._known = {key for key in found if key is not None}
+            self._known_at = now
+            if self.classifier is not None:
+                self.classifier.set_known(
+                    [(str(ipaddress.ip_address(host)), port) for host, port in self._known]
+                )
+        return self._known
 
     def _enqueue(self, entry: Entry, now: float, out: Output) -> None:
         if len(self.queue) >= HANDSHAKE_QUEUE:
@@ -201,6 +240,7 @@ class HandshakeIntake:
         if born != self._classifier_born:
             self.classifier.set_cookie_secret(secret, born)
             self._classifier_born = born
+        self.known(now)
         load = self.load
         return load.until, len(self.queue), load.forced, checker.reply_state(now)
 
@@ -221,7 +261,7 @@ class HandshakeIntake:
         assert self.classifier is not None
         until, queued, forced, state = self.state(now)
         passed, ndata, until, drops, replies, counter = self.classifier.classify(
-            buf, n, seg, src[0], src[1], now, until, queued, forced, state
+            buf, n, seg, src[0], src[1], now, until, queued, forced, state, self.shedding
         )
         self.done(until, drops, replies is not None, counter, out)
         self.take(buf, passed, src, replies, now, out, tag)
@@ -229,12 +269,14 @@ class HandshakeIntake:
 
     def take(self, buf: bytes | memoryview, passed: list[tuple[int, int]], src: Endpoint,
              replies: bytes | None, now: float, out: Output, tag: object) -> None:  # fmt: skip
-        """What passed the C intake, in order, as `admit` would have taken it."""
+        """What passed the C intake, in order, as `admit` would have taken it; the cookie
+        replies made in C (all to `src`) are told as one event."""
+        made = 0
         for offset, verdict in passed:
             if verdict == COOKIE_MADE:
                 assert replies is not None
                 out.udp.append((replies[offset : offset + COOKIE_REPLY_LEN], src))
-                out.events.append(CookieSent(src))
+                made += 1
                 continue
             kind = buf[offset]
             message = bytes(buf[offset : offset + _SIZES[kind]])
@@ -244,3 +286,5 @@ class HandshakeIntake:
                 self.send_cookie(message, src, now, out)
             else:  # the classifier counted it against the bound and moved the load
                 self.queue.append((message, src, kind, verdict == ENQUEUE_COOKIE, tag))
+        if made:
+            out.events.append(CookieSent(src, count=made))

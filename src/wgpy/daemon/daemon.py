@@ -245,9 +245,10 @@ class Daemon:
                 log.info("MTU is now %d", mtu)
                 self.device.mtu = mtu
 
-    def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda *_: self.loop.stop())
+    def run(self, signals: StopSignals | None = None) -> None:
+        """Serve until a stop signal (caught by `signals` since before the daemon was made,
+        or from now on) or until the interface or the socket goes; then clean up."""
+        (signals or StopSignals()).stop(self.loop)
         log.info("%s up: UDP port %d, UAPI %s, %s datapath on %d thread(s)", self.tun.name,
                  self.udp.port, self.listener.path, self.datapath_kind,
                  self.backend.threads)  # fmt: skip
@@ -267,6 +268,31 @@ class Daemon:
         self.udp.close()
         self.tun.close()
         self.loop.close()
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP, caught from before the interface and the socket are
+    made. With the default action a signal during start-up killed the daemon with its
+    socket file left behind; caught, it stops the daemon as soon as it runs, through the
+    same cleanup as a signal later on."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._loop: Loop | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.received = True
+        if self._loop is not None:
+            self._loop.stop()
+
+    def stop(self, loop: Loop) -> None:
+        """Stop `loop` on a signal: at once if one came already (a loop stopped before it
+        runs returns at once)."""
+        self._loop = loop
+        if self.received:
+            loop.stop()
 
 
 def raise_fd_limit() -> None:
@@ -319,6 +345,7 @@ def serve(ifname: str, foreground: bool, options: Options | None = None) -> int:
         return 0 if status == b"1" else 1
     os.close(read_fd)
     os.setsid()
+    signals = StopSignals()
     try:
         daemon = make_daemon(ifname, options)
     except (OSError, ValueError) as e:
@@ -330,18 +357,19 @@ def serve(ifname: str, foreground: bool, options: Options | None = None) -> int:
     os.write(write_fd, b"1")
     os.close(write_fd)
     try:
-        daemon.run()
+        daemon.run(signals)
     finally:
         os._exit(0)
 
 
 def _run(ifname: str, options: Options) -> int:
+    signals = StopSignals()
     try:
         daemon = make_daemon(ifname, options)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"wgpy: cannot start {ifname}: {e}\n")
         return 1
-    daemon.run()
+    daemon.run(signals)
     return 0
 
 

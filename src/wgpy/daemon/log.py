@@ -58,9 +58,11 @@ def describe(event: ProtocolEvent, attempt: int | None = None) -> str:
     peer = event.peer
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
     match event:
-        case CookieSent(source=source):
-            if source is None:  # one of many the C intake sent (core/intake.py)
-                return "Sending cookie response for denied handshake message"
+        case CookieSent(source=source, count=count):
+            if source is None:  # a drain's worth the C intake sent (core/intake.py)
+                if count == 1:
+                    return "Sending cookie response for denied handshake message"
+                return f"Sending {count} cookie responses for denied handshake messages"
             source_text = format_endpoint(source)
             return f"Sending cookie response for denied handshake message for {source_text}"
         case KeypairCreated(index=index):

@@ -19,7 +19,7 @@ from wgpy.core.allowedips import format_cidr
 from wgpy.core.crypto import encode_key
 from wgpy.core.device import Device
 from wgpy.core.endpoint import format_endpoint
-from wgpy.core.events import EventKind, ProtocolEvent
+from wgpy.core.events import CookieSent, EventKind, ProtocolEvent
 from wgpy.core.output import Drop
 from wgpy.core.peer import Keypair, Peer
 
@@ -39,7 +39,7 @@ class Stats:
     def count(self, events: Iterable[ProtocolEvent]) -> None:
         for event in events:
             kind, peer = event.kind, event.peer
-            self.events[kind] += 1
+            self.events[kind] += event.count if isinstance(event, CookieSent) else 1
             if peer is not None:
                 per = self.peer_events.get(peer.public_key)
                 if per is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from wgpy.core.allowedips import format_cidr, parse_cidr
-from wgpy.core.crypto import clamp
+from wgpy.core.crypto import clamp, hide_keys
 from wgpy.core.device import Device
 from wgpy.core.endpoint import Endpoint, format_endpoint, parse_address_endpoint
 from wgpy.core.output import Output
@@ -48,8 +48,12 @@ def run(steps: Steps[R]) -> R:
 
 
 class UapiError(Exception):
+    """A refused request: an errno for the client and a message for the log. The message
+    names the line and key; values are quoted only with `hide_keys` (a key pasted into
+    the wrong field or a line without its "=" must not reach the log)."""
+
     def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(hide_keys(message))
         self.code = code
 
 
@@ -136,19 +140,28 @@ def parse_set_steps(lines: Iterable[str]) -> Steps[SetRequest]:
     for number, line in enumerate(lines, 1):
         if number % STEP == 0:
             yield
-        key, sep, value = line.removesuffix("\r").partition("=")
-        if not sep:
-            raise UapiError(errno.EPROTO, f"not a key=value line: {line[:40]!r}")
-        if key == "public_key":
-            peer = PeerChange(_key(value))
-            req.peers.append(peer)
-        elif peer is None and key in _DEVICE_KEYS:
-            _parse_device_key(req, key, value)
-        elif peer is not None:
-            _parse_peer_key(peer, key, value)
-        else:
-            raise UapiError(errno.EINVAL, f"invalid UAPI device key: {key!r}")
+        try:
+            peer = _parse_line(req, peer, line)
+        except UapiError as e:  # line 1 is the request's set=1
+            raise UapiError(e.code, f"line {number + 1}: {e}") from None
     return req
+
+
+def _parse_line(req: SetRequest, peer: PeerChange | None, line: str) -> PeerChange | None:
+    """One line of a set into `req`; the peer that the lines after it are about."""
+    key, sep, value = line.removesuffix("\r").partition("=")
+    if not sep:  # the line is not quoted: it may be a key whose "=" went missing
+        raise UapiError(errno.EPROTO, "not a key=value line")
+    if key == "public_key":
+        peer = PeerChange(_key(value))
+        req.peers.append(peer)
+    elif peer is None and key in _DEVICE_KEYS:
+        _parse_device_key(req, key, value)
+    elif peer is not None:
+        _parse_peer_key(peer, key, value)
+    else:
+        raise UapiError(errno.EINVAL, f"invalid UAPI device key: {key!r}")
+    return peer
 
 
 def _parse_device_key(req: SetRequest, key: str, value: str) -> None:
@@ -364,6 +377,11 @@ def handle(host: Host, request: list[str]) -> str:
     return run(handle_steps(host, iter(request)))
 
 
+# what a log line may call a request: its first line only when it is one of these (an
+# unknown first line may be a key line sent without its set=1)
+_OPERATIONS = {op: op for op in ("get=1", "set=1", "wgpy_status=1")}
+
+
 def handle_steps(host: Host, request: Iterator[str]) -> Steps[str]:
     """`handle`, a slice at a time: yields every `STEP` lines or entries of work."""
     op = next(request, "")
@@ -382,10 +400,10 @@ def handle_steps(host: Host, request: Iterator[str]) -> Steps[str]:
             if next(request, None) is not None:
                 raise UapiError(errno.EINVAL, "wgpy_status takes no keys")
             return f"{status()}\nerrno=0\n\n"
-        raise UapiError(errno.EPROTO, f"unknown operation {op[:20]!r}")
+        raise UapiError(errno.EPROTO, "unknown operation (not get=1 or set=1)")
     except UapiError as e:
-        log.error("UAPI %s failed: %s", op or "request", e)
+        log.error("UAPI %s failed: %s", _OPERATIONS.get(op, "request"), e)
         return f"errno=-{e.code}\n\n"
     except Exception:  # a bug must cost one request, never the running tunnel
-        log.exception("UAPI %s failed unexpectedly", op or "request")
+        log.exception("UAPI %s failed unexpectedly", _OPERATIONS.get(op, "request"))
         return f"errno=-{IPC_ERROR_UNKNOWN}\n\n"

@@ -55,7 +55,6 @@ HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
 HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 DRAIN = 64  # reads per recvmmsg of the C intake; BATCH reads in all per readable event
-_COOKIE_SENT = CookieSent(None)  # one the C intake sent (to many sources: not named)
 
 
 class BatchSizes:
@@ -192,7 +191,7 @@ class Datapath:
             )
             device.intake.done(until, drops, state is not None, counter, out)
             if sent:
-                out.events += [_COOKIE_SENT] * sent
+                out.events.append(CookieSent(None, count=sent))  # one event per drain
             for offset, n, seg, src, info, passed, ndata in kept:
                 read = device.receive_classified(view[offset : offset + n], n, seg, src, now,
                                                  passed, ndata, info)  # fmt: skip

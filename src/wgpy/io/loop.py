@@ -27,7 +27,7 @@ class Loop:
         self._soon: list[Callable[[], None]] = []
         self._tick = tick
         self._interval = tick_interval
-        self.running = False
+        self._stopping = False
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self._watch(fd, self._readers, callback)
@@ -75,15 +75,16 @@ class Loop:
             pass
 
     def stop(self) -> None:
-        self.running = False
+        """End `run` after this round of events. A stop that comes before `run` (a signal
+        while the daemon is still being made) makes `run` return at once: not lost."""
+        self._stopping = True
 
     def run(self) -> None:
-        self.running = True
         readers = self._readers
         writers = self._writers
         poll = self._epoll.poll
         next_tick = time.monotonic() + self._interval
-        while self.running:
+        while not self._stopping:
             timeout = 0.0 if self._soon else max(0.0, next_tick - time.monotonic())
             try:
                 events = poll(timeout)

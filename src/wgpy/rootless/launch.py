@@ -10,6 +10,7 @@ addresses are known before the child even starts.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import select
 import signal
@@ -20,7 +21,9 @@ import time
 from collections.abc import Sequence
 
 from wgpy.embed.interface import load_config
+from wgpy.rootless.proxy import udp_socket
 from wgpy.rootless.session import listen_address, listening_socket
+from wgpy.rootless.spec import mapping
 from wgpy.tools.config import Config
 
 WGPY = [sys.executable, "-m", "wgpy"]
@@ -54,10 +57,40 @@ def run(
         os.close(fd)
 
 
+def _options(
+    expose: Sequence[str],
+    check_alive: Sequence[str],
+    check_alive_interval: int | None,
+    max_clients: int | None,
+    idle_timeout: float | None,
+) -> list[str]:
+    """`wgpy proxy`'s options for what needs no socket on this side (checked here)."""
+    args = []
+    for value in expose:
+        mapping("expose", value)
+        args += ["--expose", value]
+    for address in check_alive:
+        args += ["--check-alive", str(ipaddress.ip_address(address))]
+    numbers = (("--check-alive-interval", check_alive_interval),
+               ("--max-clients", max_clients), ("--idle-timeout", idle_timeout))  # fmt: skip
+    for flag, number in numbers:
+        if number is not None:
+            args += [flag, str(number)]
+    return args
+
+
 class Proxy:
-    """`wgpy proxy` in a child process: SOCKS5 at `socks` (and HTTP CONNECT at `http`,
-    if given), its connections made inside the tunnel's namespace. A port of 0 picks a
-    free one: see `socks_address`. A context manager; `close()` stops it."""
+    """`wgpy proxy` in a child process, its connections made inside the tunnel's
+    namespace: SOCKS5 at `socks` (None for none), an HTTP proxy at `http`, TCP and UDP
+    forwards (`forward`, `udp_forward`: "ADDR:PORT=HOST:PORT", HOST:PORT through the
+    tunnel), ports of the tunnel's addresses exposed to this side (`expose`:
+    "PORT=HOST:PORT"), the health endpoint (`info`, with wireproxy's CheckAlive in
+    `check_alive` and `check_alive_interval`), and the limits `max_clients` and
+    `idle_timeout`: what `wgpy proxy` takes on its command line. The sockets on this
+    side are opened here, so a port of 0 picks a free one and the addresses are known at
+    once: `socks_address`, `http_address`, `info_address`, `forward_addresses`,
+    `udp_forward_addresses` (in the order given). A bad address raises ValueError before
+    anything starts. A context manager; `close()` stops it."""
 
     def __init__(
         self,
@@ -65,29 +98,40 @@ class Proxy:
         socks: str | None = "127.0.0.1:0",
         http: str | None = None,
         *,
+        forward: Sequence[str] = (),
+        udp_forward: Sequence[str] = (),
+        expose: Sequence[str] = (),
+        info: str | None = None,
+        check_alive: Sequence[str] = (),
+        check_alive_interval: int | None = None,
+        max_clients: int | None = None,
+        idle_timeout: float | None = None,
         ready_timeout: float = 20.0,
     ) -> None:
         self._sockets: list[socket.socket] = []
         self.socks_address: tuple[str, int] | None = None
         self.http_address: tuple[str, int] | None = None
+        self.info_address: tuple[str, int] | None = None
+        self.forward_addresses: list[tuple[str, int]] = []
+        self.udp_forward_addresses: list[tuple[str, int]] = []
         self.process: subprocess.Popen[bytes] | None = None
+        options = _options(expose, check_alive, check_alive_interval, max_clients, idle_timeout)
+        wanted = [
+            (kind, where)
+            for kind, where in (("socks", socks), ("http", http), ("info", info))
+            if where is not None
+        ]
+        wanted += [("forward", v) for v in forward] + [("udp", v) for v in udp_forward]
         fd = _config_fd(config)
         read_end, write_end = os.pipe()
         try:
-            args = ["-c", f"/dev/fd/{fd}", "--ready-fd", str(write_end)]
+            args = ["-c", f"/dev/fd/{fd}", "--ready-fd", str(write_end), *options]
             fds = [fd, write_end]
-            for opt, where in (("--socks-fd", socks), ("--http-fd", http)):
-                if where is None:
-                    continue
-                sock = listening_socket(*listen_address(where))
-                self._sockets.append(sock)
+            for kind, value in wanted:
+                sock = self._open(kind, value)
                 fds.append(sock.fileno())
-                args += [opt, str(sock.fileno())]
-                address = sock.getsockname()[:2]
-                if opt == "--socks-fd":
-                    self.socks_address = address
-                else:
-                    self.http_address = address
+                target = value.partition("=")[2]  # a forward's, checked by _open
+                args += ["--listen-fd", f"{kind}:{sock.fileno()}{'=' if target else ''}{target}"]
             self.process = subprocess.Popen(
                 [*WGPY, "proxy", *args], pass_fds=fds, stderr=subprocess.PIPE
             )
@@ -104,6 +148,24 @@ class Proxy:
                 os.close(write_end)
             for sock in self._sockets:  # the child has them now
                 sock.close()
+
+    def _open(self, kind: str, value: str) -> socket.socket:
+        """The socket for one service, opened here; its address noted."""
+        if kind in ("forward", "udp"):
+            listen = mapping(kind, value)  # checks the target too
+            host, port = listen.host, listen.port
+        else:
+            host, port = listen_address(value)
+        sock = udp_socket(host, port) if kind == "udp" else listening_socket(host, port)
+        self._sockets.append(sock)
+        address = sock.getsockname()[:2]
+        if kind == "forward":
+            self.forward_addresses.append(address)
+        elif kind == "udp":
+            self.udp_forward_addresses.append(address)
+        else:
+            setattr(self, f"{kind}_address", address)
+        return sock
 
     def _wait_ready(self, fd: int, timeout: float) -> None:
         assert self.process is not None

@@ -100,8 +100,8 @@ def parser() -> argparse.ArgumentParser:
         help="check the config and the addresses, then exit")
     add("-d", "--daemon", action="store_true", help="serve in the background")
     add("-s", "--silent", action="store_true", help="log nothing (LOG_LEVEL=silent)")
-    for hidden in ("--socks-fd", "--http-fd", "--ready-fd"):  # wgpy.Proxy's
-        add(hidden, type=int, help=argparse.SUPPRESS)
+    add("--ready-fd", type=int, help=argparse.SUPPRESS)  # wgpy.Proxy's, and --daemon's
+    add("--listen-fd", action="append", default=[], help=argparse.SUPPRESS)  # wgpy.Proxy's
     return p  # fmt: skip
 
 
@@ -134,15 +134,26 @@ def plan(ns: argparse.Namespace) -> Plan:
         spec.listens.append(Listen("stdio", "", 0, split_endpoint(ns.stdio)))
     if sum(lst.kind == "stdio" for lst in spec.listens) > 1:
         raise ValueError("one standard input and output: one --stdio or [STDIOTunnel]")
-    for kind, fd in (("socks", ns.socks_fd), ("http", ns.http_fd)):
-        if fd is not None:
-            spec.listens.append(Listen(kind, "", 0, fd=fd))
+    spec.listens += [handed_over(value) for value in ns.listen_fd]
     if not spec.listens:
         raise ValueError("nothing to serve: give --socks ADDR:PORT, --http, --forward, "
                          "--expose or --udp-forward (or sections in a wireproxy file)")  # fmt: skip
     if ns.max_clients < 1 or not ns.idle_timeout > 0:
         raise ValueError("--max-clients and --idle-timeout must be above 0")
     return Plan(spec, ns.max_clients, ns.idle_timeout, ns.silent)
+
+
+HANDED_OVER = ("socks", "http", "info", "forward", "udp")
+
+
+def handed_over(value: str) -> Listen:
+    """`--listen-fd KIND:FD[=HOST:PORT]`: a socket that wgpy.Proxy opened (so that its
+    caller knows the address, port 0 included) and passed down; a target for forwards."""
+    kind, _, rest = value.partition(":")
+    fd, eq, target = rest.partition("=")
+    if kind not in HANDED_OVER or not fd.isdigit() or bool(eq) != (kind in ("forward", "udp")):
+        raise ValueError(f"bad --listen-fd {value!r}")
+    return Listen(kind, "", 0, split_endpoint(target) if eq else None, fd=int(fd))
 
 
 def main(args: list[str]) -> int:

@@ -172,7 +172,7 @@ def parse_wireproxy(text: str, path: str) -> ProxySpec:
             continue
         key, eq, value = (part.strip() for part in line.partition("="))
         if not eq:
-            raise ConfigError(path, number, key, "expected Key = Value")
+            raise ConfigError(path, number, "", "expected Key = Value")  # may hold a key
         low = key.lower()
         if not section:
             if low != "wgconfig":

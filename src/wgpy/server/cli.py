@@ -3,7 +3,7 @@
 wgpy server init --endpoint HOST:PORT [--subnet 10.8.0.0/24,fd42:42::/64] [--dns IP,...]
                  [--port PORT] [--interface wg0]
 wgpy server set [--endpoint HOST:PORT] [--port PORT] [--dns IP,...]
-wgpy server run [--web [ADDR:PORT]]       (default address 127.0.0.1:51821)
+wgpy server run [--web [ADDR:PORT]] [--allowed-host NAME]...  (web default 127.0.0.1:51821)
 wgpy client add NAME [--expires DATE] [--allowed-ips NETS] [--qr] [--out FILE]
 wgpy client list | show NAME [--qr] [--out FILE] | disable NAME | enable NAME
             | remove NAME | passwd
@@ -34,6 +34,7 @@ from wgpy.server.model import (
     parse_expiry,
 )
 from wgpy.server.store import NotInitialized, Registry, SqliteRegistry
+from wgpy.tools import config as wgconfig
 from wgpy.tools import uapi_client
 
 DEFAULT_DIR = "/var/lib/wgpy"
@@ -73,6 +74,9 @@ def server_parser() -> argparse.ArgumentParser:
     run = sub("run", help="serve the interface (and the web page)")
     run.add_argument("--web", nargs="?", const=DEFAULT_WEB, metavar="ADDR:PORT",
                      help=f"serve the web page (default {DEFAULT_WEB})")  # fmt: skip
+    run.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="a host name the page answers to besides its addresses and "
+                          "localhost (again for more; '*' for any)")  # fmt: skip
     run.set_defaults(handler=cmd_run)
     sub("passwd", help="set the web page's password").set_defaults(handler=cmd_passwd)
     return parser
@@ -132,8 +136,9 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         if not port.isdigit() or not host:
             raise Invalid(f"bad --web {args.web!r}: use ADDR:PORT")
         web = (host.strip("[]"), int(port))
+    names = [*args.allowed_host, *([web[0]] if web else [])]  # a name it listens on is ours
     try:
-        return runner.run(registry, web)
+        return runner.run(registry, web, names)
     except runner.ServerError as e:
         print(f"wgpy server: {e}", file=sys.stderr)
         return 1
@@ -157,7 +162,7 @@ def cmd_passwd(registry: Registry, args: argparse.Namespace) -> int:
 def _emit(registry: Registry, client: Client, args: argparse.Namespace) -> None:
     text = manage.client_config(registry.settings(), client)
     if args.out:
-        manage.write_atomic(args.out, text.encode())
+        wgconfig.write_atomic(args.out, text.encode())
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text, end="")

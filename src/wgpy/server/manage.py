@@ -4,9 +4,7 @@ client with fresh keys, render its wg-quick file and QR code, write files atomic
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wgpy.core.crypto import clamp, public_key
@@ -81,23 +79,3 @@ def qr(text: str) -> segno.QRCode:
     return segno.make_qr(text, error="l")
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
-    """Write a file so that it is either the old one or the whole new one: a temporary
-    file beside it, flushed to the disk, then renamed over it (and the folder synced)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dirfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
 
 from pyroute2 import IPRoute
@@ -169,7 +169,10 @@ def _ignore_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def run(registry: Registry, web: tuple[str, int] | None) -> int:
+def run(registry: Registry, web: tuple[str, int] | None,
+        allowed_hosts: Sequence[str] = ()) -> int:  # fmt: skip
+    """Serve the interface (and the page on `web`, answering the Host names
+    `allowed_hosts` besides addresses and localhost) until SIGTERM or SIGINT."""
     settings = registry.settings()
     if web is not None and not registry.password_hash():
         raise ServerError("no web password yet: set one with `wgpy client passwd`")
@@ -193,7 +196,7 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
             raise ServerError(f"cannot set up forwarding and NAT: {e}") from e
         print(f"wgpy server: {settings.interface} up, listening on {settings.listen_port}",
               file=sys.stderr, flush=True)  # fmt: skip
-        asyncio.run(_serve(syncer, daemon, registry, sock))
+        asyncio.run(_serve(syncer, daemon, registry, sock, allowed_hosts))
     finally:
         _ignore_signals()
         if sock is not None:
@@ -209,7 +212,7 @@ def run(registry: Registry, web: tuple[str, int] | None) -> int:
 
 
 async def _serve(syncer: Syncer, daemon: subprocess.Popen[bytes], registry: Registry,
-                 web: socket.socket | None) -> None:  # fmt: skip
+                 web: socket.socket | None, allowed_hosts: Sequence[str]) -> None:  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -218,7 +221,7 @@ async def _serve(syncer: Syncer, daemon: subprocess.Popen[bytes], registry: Regi
     if web is not None:
         from wgpy.server import web as webapp
 
-        tasks.append(webapp.serve(registry, web, stop))
+        tasks.append(webapp.serve(registry, web, stop, allowed_hosts))
     running = [asyncio.ensure_future(t) for t in tasks]
     stopper = asyncio.ensure_future(_wait(stop))
     done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)

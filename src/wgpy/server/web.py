@@ -14,9 +14,11 @@ import contextlib
 import hashlib
 import hmac
 import io
+import ipaddress
+import re
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,6 +79,50 @@ class BodyLimit:
         if not length.isdigit() or int(length) > MAX_BODY:
             return PlainTextResponse("request body too large", 413)
         return None
+
+
+_HOST = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name or [v6], then a port
+
+
+def host_name(header: str) -> str:
+    """The name or address in a Host header (lower case, no port, no final dot); "" for
+    one that is neither."""
+    found = _HOST.fullmatch(header)
+    return found.group(1).lower().rstrip(".") if found else ""
+
+
+class HostCheck:
+    """Answers 400 to a request whose Host header is not one of ours, before anything
+    else sees it: against DNS rebinding, where a web site turns its own name into
+    127.0.0.1 and the visitor's browser, sending that name as the Host, reaches the
+    page and its login from the site's script. An address literal cannot be rebound,
+    so any is allowed (a page on 0.0.0.0 is reached by its LAN address); of the names,
+    `localhost` and those given (`--allowed-host`; `*` for any, behind a proxy that
+    checks the name itself)."""
+
+    def __init__(self, app: ASGIApp, names: Iterable[str] = ()) -> None:
+        self.app = app
+        self.names = {host_name(n) for n in names} | {"localhost"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.allowed(dict(scope["headers"]).get(b"host")):
+            await PlainTextResponse("unknown Host header", 400)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def allowed(self, header: bytes | None) -> bool:
+        if "*" in self.names:
+            return True
+        name = host_name(header.decode("latin-1")) if header else ""
+        if name in self.names:
+            return True
+        with contextlib.suppress(ValueError):
+            if name.startswith("["):
+                ipaddress.IPv6Address(name[1:-1])  # with a %zone too: still an address
+            else:
+                ipaddress.IPv4Address(name)
+            return True
+        return False
 
 
 class Login(BaseModel):
@@ -167,15 +213,11 @@ Reader = Annotated[Session, Depends(_session)]  # logged in
 Changer = Annotated[Session, Depends(_change)]  # logged in, and the CSRF token sent
 
 
-def create_app(registry: Registry) -> FastAPI:
-    app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url="/api/openapi.json")  # fmt: skip
-    app.state.sessions = sessions = Sessions()
-    app.state.registry = registry
-    limit = LoginLimit()
-    templates = Jinja2Templates(directory=HERE / "templates")
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(BodyLimit)  # inside the one below: its answers get the headers too
+def _middleware(app: FastAPI, allowed_hosts: Iterable[str]) -> None:
+    """Each added one runs outside those before it: the security headers go on every
+    answer, also the refusals of the Host check and the body limit."""
+    app.add_middleware(BodyLimit)
+    app.add_middleware(HostCheck, names=allowed_hosts)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
@@ -183,6 +225,17 @@ def create_app(registry: Registry) -> FastAPI:
         response.headers.update(SECURITY_HEADERS)
         response.headers.setdefault("Cache-Control", "no-store")
         return response
+
+
+def create_app(registry: Registry, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    app = FastAPI(title="wgpy server", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")  # fmt: skip
+    app.state.sessions = sessions = Sessions()
+    app.state.registry = registry
+    limit = LoginLimit()
+    templates = Jinja2Templates(directory=HERE / "templates")
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _middleware(app, allowed_hosts)
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, exc: Invalid) -> JSONResponse:
@@ -224,7 +277,8 @@ def create_app(registry: Registry) -> FastAPI:
         response.delete_cookie(COOKIE, path="/")
 
     _client_routes(app, registry)
-    _file_routes(app, registry)
+    _file_routes(app, registry, templates)
+
     return app
 
 
@@ -269,7 +323,7 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
 
 
 
-def _file_routes(app: FastAPI, registry: Registry) -> None:
+def _file_routes(app: FastAPI, registry: Registry, templates: Jinja2Templates) -> None:
     """What carries a private key: the config, its QR code, and one-time links to it."""
 
     @app.get("/api/clients/{client_id}/configuration", tags=["clients"],
@@ -292,9 +346,17 @@ def _file_routes(app: FastAPI, registry: Registry) -> None:
         registry.add_link(client_id, hashlib.sha256(token.encode()).digest(), expires)
         return LinkOut(url=f"/download/{token}", expires=expires)
 
-    @app.get("/download/{token}", tags=["clients"], response_class=PlainTextResponse)
+    @app.api_route("/download/{token}", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)  # fmt: skip
+    def download_page(request: Request) -> Response:
+        """A one-time link opened: a page whose button POSTs for the file. Opening it
+        spends nothing, so a chat app's preview (a GET or a HEAD) leaves it working."""
+        return templates.TemplateResponse(request, "download.html", {})
+
+    @app.post("/download/{token}", tags=["clients"], response_class=PlainTextResponse)
     def download(token: str) -> Response:
-        """A one-time link: no login needed, and it works once, within the hour."""
+        """A one-time link's file: no login needed, and it works once, within the hour.
+        (A GET of the link is the page with the button that sends this POST.)"""
         client = registry.take_link(hashlib.sha256(token.encode()).digest(), manage.now())
         if client is None:
             raise HTTPException(404, "this link was used already or has expired")
@@ -326,16 +388,18 @@ class _Server(uvicorn.Server):
         yield
 
 
-def server_config(registry: Registry) -> uvicorn.Config:
+def server_config(registry: Registry, allowed_hosts: Iterable[str] = ()) -> uvicorn.Config:
     # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any local
     # process as the client's address, and the login limit would count nothing
-    return uvicorn.Config(create_app(registry), log_level="warning", access_log=False,
+    app = create_app(registry, allowed_hosts)
+    return uvicorn.Config(app, log_level="warning", access_log=False,
                           lifespan="off", proxy_headers=False)  # fmt: skip
 
 
-async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event) -> None:
+async def serve(registry: Registry, sock: socket.socket, stop: asyncio.Event,
+                allowed_hosts: Iterable[str] = ()) -> None:  # fmt: skip
     """The page on a listening socket, until `stop` is set."""
-    server = _Server(server_config(registry))
+    server = _Server(server_config(registry, allowed_hosts))
 
     async def stopper() -> None:
         await stop.wait()

@@ -17,11 +17,13 @@ import re
 import socket
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from wgpy.core.crypto import decode_key, encode_key
+from wgpy.core.crypto import decode_key, encode_key, hide_keys
 from wgpy.core.endpoint import format_endpoint, split_endpoint
 from wgpy.tools.uapi_client import DeviceStatus
 
@@ -34,8 +36,12 @@ QUICK_KEYS = ("address", "dns", "mtu", "table", "preup", "postup", "predown", "p
 
 
 class ConfigError(Exception):
+    """`path:line: key: message`. What the file said is quoted only through `hide_keys`:
+    a bad line may hold a private key (one that lost its "=", or went in the wrong field)."""
+
     def __init__(self, path: str, line: int, key: str, message: str) -> None:
-        super().__init__(f"{path}:{line}: {key}: {message}")
+        said = f"{key}: {message}" if key else message
+        super().__init__(f"{path}:{line}: {hide_keys(said)}")
 
 
 class ResolveError(ValueError):
@@ -258,8 +264,8 @@ def parse(text: str, path: str = "<config>") -> Config:
                 raise ConfigError(path, number, line, "unknown section")
             continue
         key, eq, value = (part.strip() for part in line.partition("="))
-        if not eq:
-            raise ConfigError(path, number, key, "expected Key = Value")
+        if not eq:  # not quoted: the line may be a key that lost its "="
+            raise ConfigError(path, number, "", "expected Key = Value")
         try:
             if section == "[interface]":
                 _set_interface(cfg.interface, key.lower(), value)
@@ -499,3 +505,28 @@ def render(cfg: Config) -> str:
         if p.persistent_keepalive:
             lines.append(f"PersistentKeepalive = {p.persistent_keepalive}")
     return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Write a file so that it is either the old one or the whole new one: a temporary
+    file beside it, flushed to the disk, then renamed over it (and the folder synced).
+    The temporary file is made new (O_EXCL, O_NOFOLLOW, a random name, mode 0600 until
+    `mode` is set on it): nothing planted beside the target (a symlink, a file readable
+    by others) is ever written through or renamed over the target."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:  # closed also when fchmod fails
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dirfd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)

@@ -397,15 +397,7 @@ def current_config(ifname: str, cfg: Config) -> Config:
 def save(ifname: str, cfg: Config, path: str) -> None:
     text = config.render(current_config(ifname, cfg))
     log(f"saving configuration to {path}")
-    old_umask = os.umask(0o077)
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    finally:
-        os.umask(old_umask)
+    config.write_atomic(path, text.encode())  # mode 0600: it holds the private key
 
 
 # ---- commands ---------------------------------------------------------------------------
