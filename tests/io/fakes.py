@@ -36,7 +36,9 @@ class ChannelTun(Tun):
         buf[: len(data)] = data
         return len(data)
 
-    def write(self, packet: bytes | memoryview) -> None:
+    def _write(self, packet: bytes | memoryview) -> None:
+        """write(2) on a TUN: the errors come back as the kernel's errno, through
+        `Tun.write`'s own handling of them."""
         if self.refuse_uso and self.vnet_hdr and packet[1] == offload.GSO_UDP_L4:
             raise OSError(errno.EINVAL, "USO not supported")
         self.written.append(bytes(packet))

@@ -126,6 +126,19 @@ def test_a_kernel_refusing_uso_gets_datagrams_one_by_one_from_then_on() -> None:
     assert len(b.tun.written) == 4 and all(w[1] == offload.GSO_NONE for w in b.tun.written)
 
 
+def test_a_kernel_refusing_uso_loses_no_flow_of_the_batch_that_found_out() -> None:
+    """Two UDP flows in the batch that meets the refusal: both super-packets come back
+    as datagrams (the refusal is EINVAL, which `Tun.write` also reads as a vanished
+    interface: that once lost the whole batch and kept making USO writes)."""
+    a, b = pair(refuse_uso=True)
+    carry(a, b, flow(1, 10))
+    v4 = [udp(bytes([i]) * 500, ip_id=i) for i in range(5)]
+    v6 = [udp(bytes([i]) * 300, addrs=V6) for i in range(4)]
+    carry(a, b, [*v4, *v6])
+    assert sorted(b.tun.delivered()[-9:]) == sorted([*v4, *v6])
+    assert not b.tun.coalesce_udp
+
+
 def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:
     a, b = pair()
     carry(a, b, flow(1, 10))

@@ -144,29 +144,42 @@ class Tun:
         for buf in bufs:
             try:
                 self.write(buf)
-            except TunGone:
-                raise
+            except TunGone as gone:  # EINVAL is also how a kernel refuses USO
+                if not self._refused(buf, gone.__cause__, mtu):
+                    raise
             except OSError as e:
                 self._refused(buf, e, mtu)
 
-    def _refused(self, buf: bytes, error: OSError, mtu: int) -> None:
-        """A USO super-packet on a kernel without USO for TUN writes: stop making them and
-        write its datagrams one by one. Any other refusal (say, the link is down): drop."""
-        if not (self.coalesce_udp and error.errno == errno.EINVAL and buf[1] == offload.GSO_UDP_L4):
-            return
+    def _refused(self, buf: bytes, error: BaseException | None, mtu: int) -> bool:
+        """A USO super-packet on a kernel without USO for TUN writes (EINVAL: before Linux
+        6.2): stop making them and write its datagrams one by one (True). Any other
+        refusal (say, the link is down): drop (False)."""
+        if not (
+            self.vnet_hdr
+            and isinstance(error, OSError)
+            and error.errno == errno.EINVAL
+            and buf[1] == offload.GSO_UDP_L4
+        ):
+            return False
+        if self.coalesce_udp:  # once; the batch's later USO writes come here too
+            log.warning("the kernel refuses USO writes to the TUN (%s): datagrams now", error)
         self.coalesce_udp = False
-        log.warning("the kernel refuses UDP GSO writes to the TUN (%s): writing datagrams", error)
         for packet in offload.split(buf, mtu):
             with contextlib.suppress(OSError):
                 self.write(offload.plain_header() + packet)
+        return True
 
     def write(self, packet: bytes | memoryview) -> None:
         try:
-            os.write(self._fd, packet)
+            self._write(packet)
         except OSError as e:
             if e.errno in _GONE:
                 raise TunGone(self.name) from e
             raise
+
+    def _write(self, packet: bytes | memoryview) -> None:
+        """The write(2) itself (a channel in tests/io/fakes.py, errors and all)."""
+        os.write(self._fd, packet)
 
     def current_name(self) -> str:
         """The name now (TUNGETIFF asks the descriptor, wherever the device lives)."""
