@@ -83,6 +83,10 @@ static PyMethodDef module_methods[] = {
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
      "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce; an item\n"
      "is a packet (a bytes-like) or a Spans, whose packets are read in place."},
+    {"write_tun", write_tun, METH_VARARGS,
+     "write_tun(fd, packets, udp=True) -> [(errno, write)]: coalesce's writes, each made with\n"
+     "writev from where its packets lie (no copy of a Spans), without the GIL; the writes\n"
+     "that failed come back as bytes with their errno."},
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},

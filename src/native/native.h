@@ -103,5 +103,6 @@ extern PyTypeObject SealerType;
 PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
+PyObject *write_tun(PyObject *module, PyObject *args);
 
 #endif

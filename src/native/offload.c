@@ -2,6 +2,9 @@
 
 #include "native.h"
 
+#include <errno.h>
+#include <sys/uio.h>
+
 /* ------------------------------------------------------------------ checksum */
 
 /* One's-complement sum of big-endian 16-bit words (an odd byte padded), plus `acc`, folded:
@@ -236,13 +239,11 @@ static PyObject *plain(const Pkt *v)
     return b;
 }
 
-/* _Run.build / _UdpRun.build for a run of two or more */
-static PyObject *run_build(const Run *run, const Pkt *pkts, const Py_ssize_t *next)
+/* The virtio header and the merged IP + L4 header of a run of two or more (_Run.build /
+ * _UdpRun.build up to the payloads) into o, VNET_LEN + run->hlen bytes. */
+static void run_header(const Run *run, const Pkt *pkts, uint8_t *o)
 {
-    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(VNET_LEN + run->total));
-    if (b == NULL)
-        return NULL;
-    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b), *h = o + VNET_LEN;
+    uint8_t *h = o + VNET_LEN;
     const uint8_t *first = pkts[run->first].p;
     size_t l4 = run->l4, hlen = run->hlen, total = run->total;
     memcpy(h, first, hlen);
@@ -256,12 +257,26 @@ static PyObject *run_build(const Run *run, const Pkt *pkts, const Py_ssize_t *ne
         h[l4 + 13] = pkts[run->last].p[l4 + 13];
         vnet(o, 1, l4 == 20 ? 1 : 4, (unsigned)hlen, (unsigned)run->gso, (unsigned)l4, 16);
     }
-    uint8_t *at = h + hlen;
+}
+
+/* A run of two or more as one buffer at o (VNET_LEN + run->total bytes). */
+static void run_fill(const Run *run, const Pkt *pkts, const Py_ssize_t *next, uint8_t *o)
+{
+    uint8_t *at = o + VNET_LEN + run->hlen;
+    run_header(run, pkts, o);
     for (Py_ssize_t i = run->first; i >= 0; i = next[i]) {
-        size_t len = pkts[i].n - hlen;
-        memcpy(at, pkts[i].p + hlen, len);
+        size_t len = pkts[i].n - run->hlen;
+        memcpy(at, pkts[i].p + run->hlen, len);
         at += len;
     }
+}
+
+/* _Run.build / _UdpRun.build for a run of two or more */
+static PyObject *run_build(const Run *run, const Pkt *pkts, const Py_ssize_t *next)
+{
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(VNET_LEN + run->total));
+    if (b != NULL)
+        run_fill(run, pkts, next, (uint8_t *)PyBytes_AS_STRING(b));
     return b;
 }
 
@@ -365,6 +380,55 @@ static PyObject *build(const Plan *pl, const Pkt *pkts)
     return result;
 }
 
+/* A batch of TUN writes: the items (a tuple), their packets and the plan. */
+typedef struct {
+    PyObject *tuple;
+    Py_buffer *views;
+    Pkt *pkts;
+    Py_ssize_t nitems, n;
+    Plan pl;
+} Batch;
+
+static void batch_free(Batch *b)
+{
+    if (b->views)
+        release_buffers(b->views, b->nitems);
+    PyMem_Free(b->pkts);
+    PyMem_Free(b->pl.runs);
+    PyMem_Free(b->pl.next);
+    PyMem_Free(b->pl.items);
+    PyMem_Free(b->pl.table);
+    Py_XDECREF(b->tuple);
+}
+
+/* Gather the packets of `packets` (packets and Spans) and plan their writes; -1 with an
+ * exception. batch_free in either case. */
+static int batch_plan(Batch *b, PyObject *packets, int udp)
+{
+    b->tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (b->tuple == NULL)
+        return -1;
+    b->nitems = PyTuple_GET_SIZE(b->tuple);
+    b->views = PyMem_Calloc(b->nitems ? (size_t)b->nitems : 1, sizeof(Py_buffer));
+    b->pkts = b->views ? gather(b->tuple, b->views, &b->n) : (Pkt *)PyErr_NoMemory();
+    if (b->pkts == NULL)
+        return -1;
+    Plan *pl = &b->pl;
+    size_t n = (size_t)b->n;
+    for (pl->cap = 16; pl->cap < 2 * n;)
+        pl->cap *= 2;
+    pl->runs = PyMem_Calloc(n + 1, sizeof(Run));
+    pl->next = PyMem_Calloc(n + 1, sizeof(Py_ssize_t));
+    pl->items = PyMem_Calloc(n + 1, sizeof(Py_ssize_t));
+    pl->table = PyMem_Calloc(pl->cap, sizeof(Entry));
+    if (pl->runs == NULL || pl->next == NULL || pl->items == NULL || pl->table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    plan(pl, b->pkts, b->n, udp);
+    return 0;
+}
+
 /* coalesce(items, udp=True): items are packets (bytes-likes) and Spans (a run of opened
  * packets each, read in place), in the order they go to the TUN. */
 PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
@@ -374,36 +438,98 @@ PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
     int udp = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:coalesce", kwlist, &packets, &udp))
         return NULL;
-    PyObject *tuple = PySequence_Tuple(packets); /* see get_buffers */
-    if (tuple == NULL)
+    Batch b = {0};
+    PyObject *result = batch_plan(&b, packets, udp) == 0 ? build(&b.pl, b.pkts) : NULL;
+    batch_free(&b);
+    return result;
+}
+
+/* ------------------------------------------------------------------ write_tun */
+
+#define IOV_CAP 256 /* iovecs of one writev; a longer run is copied into one buffer */
+
+/* Write item k of a plan to fd without the GIL, gathered from where its packets lie: a
+ * packet alone behind a zero virtio header, or a run's header (built) and its members'
+ * payloads. 0, or the errno of the write. */
+static int write_item(int fd, const Plan *pl, const Pkt *pkts, Py_ssize_t k, struct iovec *iov)
+{
+    static const uint8_t zeros[VNET_LEN];
+    uint8_t hdr[VNET_LEN + 128], *copy = NULL;
+    Py_ssize_t it = pl->items[k];
+    const Run *run = it < 0 ? &pl->runs[-1 - it] : NULL;
+    int cnt = 0;
+    if (run == NULL || run->count == 1) {
+        const Pkt *p = &pkts[run ? run->first : it];
+        iov[cnt++] = (struct iovec){(void *)zeros, VNET_LEN};
+        iov[cnt++] = (struct iovec){(void *)p->p, p->n};
+    } else if (run->count < IOV_CAP && VNET_LEN + run->hlen <= sizeof hdr) {
+        run_header(run, pkts, hdr);
+        iov[cnt++] = (struct iovec){hdr, VNET_LEN + run->hlen};
+        for (Py_ssize_t i = run->first; i >= 0; i = pl->next[i])
+            iov[cnt++] = (struct iovec){(void *)(pkts[i].p + run->hlen), pkts[i].n - run->hlen};
+    } else if ((copy = PyMem_RawMalloc(VNET_LEN + run->total)) != NULL) {
+        run_fill(run, pkts, pl->next, copy);
+        iov[cnt++] = (struct iovec){copy, VNET_LEN + run->total};
+    } else {
+        return ENOMEM;
+    }
+    ssize_t w;
+    do
+        w = writev(fd, iov, cnt);
+    while (w < 0 && errno == EINTR);
+    int err = w < 0 ? errno : 0;
+    PyMem_RawFree(copy);
+    return err;
+}
+
+/* [(errno, the write as bytes)] for the writes that failed. */
+static PyObject *failures(const Plan *pl, const Pkt *pkts, const int *errs)
+{
+    PyObject *list = PyList_New(0);
+    for (Py_ssize_t k = 0; list && k < pl->nitems; k++) {
+        if (!errs[k])
+            continue;
+        Py_ssize_t it = pl->items[k];
+        const Run *run = it < 0 ? &pl->runs[-1 - it] : NULL;
+        PyObject *b = run == NULL ? plain(&pkts[it])
+                      : run->count == 1 ? plain(&pkts[run->first])
+                                         : run_build(run, pkts, pl->next);
+        PyObject *t = b ? Py_BuildValue("(iN)", errs[k], b) : NULL;
+        if (t == NULL || PyList_Append(list, t) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(t);
+    }
+    return list;
+}
+
+/* write_tun(fd, items, udp=True): coalesce's writes made with writev straight from where
+ * the packets lie (a Spans' buffer: no copy), the GIL released while writing. */
+PyObject *write_tun(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd, udp = 1;
+    PyObject *packets, *result = NULL;
+    if (!PyArg_ParseTuple(args, "iO|p:write_tun", &fd, &packets, &udp))
         return NULL;
-    Py_ssize_t nitems = PyTuple_GET_SIZE(tuple), n = 0;
-    PyObject *result = NULL;
-    Plan pl = {0};
-    Py_buffer *views = PyMem_Calloc(nitems ? (size_t)nitems : 1, sizeof(Py_buffer));
-    Pkt *pkts = views ? gather(tuple, views, &n) : (Pkt *)PyErr_NoMemory();
-    if (pkts != NULL) {
-        for (pl.cap = 16; pl.cap < 2 * (size_t)n;)
-            pl.cap *= 2;
-        pl.runs = PyMem_Calloc((size_t)n + 1, sizeof(Run));
-        pl.next = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
-        pl.items = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
-        pl.table = PyMem_Calloc(pl.cap, sizeof(Entry));
-        if (pl.runs == NULL || pl.next == NULL || pl.items == NULL || pl.table == NULL) {
+    Batch b = {0};
+    int *errs = NULL;
+    struct iovec *iov = PyMem_Malloc(IOV_CAP * sizeof(struct iovec));
+    if (iov == NULL)
+        PyErr_NoMemory();
+    else if (batch_plan(&b, packets, udp) == 0) {
+        errs = PyMem_Calloc((size_t)b.pl.nitems + 1, sizeof(int));
+        if (errs == NULL) {
             PyErr_NoMemory();
         } else {
-            plan(&pl, pkts, n, udp);
-            result = build(&pl, pkts);
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t k = 0; k < b.pl.nitems; k++)
+                errs[k] = write_item(fd, &b.pl, b.pkts, k, iov);
+            Py_END_ALLOW_THREADS
+            result = failures(&b.pl, b.pkts, errs);
         }
     }
-    if (views)
-        release_buffers(views, nitems);
-    PyMem_Free(pkts);
-    PyMem_Free(pl.runs);
-    PyMem_Free(pl.next);
-    PyMem_Free(pl.items);
-    PyMem_Free(pl.table);
-    Py_DECREF(tuple);
+    PyMem_Free(errs);
+    PyMem_Free(iov);
+    batch_free(&b);
     return result;
 }
 

@@ -19,6 +19,8 @@ class ChannelTun(Tun):
     tunnel, read by us) and `written` (every buffer we wrote, virtio header included).
     `refuse_uso` plays a kernel without USO for TUN writes."""
 
+    writes_fd = False  # its writes go to `_write`, never to a file descriptor
+
     def __init__(self, vnet_hdr: bool = True, refuse_uso: bool = False) -> None:
         self._fd = -1
         self.name = "fake0"

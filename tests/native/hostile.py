@@ -3,13 +3,14 @@
 Every entry point gets garbage, edge-case sizes and forged-but-valid traffic, on 0, 1 and
 2 crypto worker threads; open_batch is also hammered from two threads while a third wipes
 sessions (the GIL is released while decrypting); the runs open_batch hands back (Spans
-over its buffer) go through coalesce. The answers are checked against the references
-where they are cheap.
+over its buffer) go through coalesce and write_tun. The answers are checked against the
+references where they are cheap.
 Usage: python tests/native/hostile.py [seconds]
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -58,7 +59,14 @@ def differential(world: World, rounds: int) -> None:
         spans.append(b"\x45" + bytes(19))
         lists.append(b"\x45" + bytes(19))
     udp = world.rng.random() < 0.5
-    assert native.coalesce(spans, udp) == offload.coalesce(lists, udp)
+    want = offload.coalesce(lists, udp)
+    assert native.coalesce(spans, udp) == want
+    for flags, failed in ((os.O_WRONLY, []), (os.O_RDONLY, [(errno.EBADF, w) for w in want])):
+        fd = os.open("/dev/null", flags)  # written with writev from the Spans, or refused
+        try:
+            assert native.write_tun(fd, spans, udp) == failed
+        finally:
+            os.close(fd)
 
 
 def threads(world: World, seconds: float) -> None:

@@ -6,8 +6,12 @@ turn's reads), with packets the core made itself (ICMP) between the runs."""
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import socket
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -19,6 +23,7 @@ from tests.native.reference import World, normalize, open_batch_ref
 from wgpy.core.device import as_reads
 from wgpy.core.output import Output, ToTun
 from wgpy.io import offload
+from wgpy.io.tun import Tun, TunGone
 
 native = pytest.importorskip(
     "wgpy._native", reason="wgpy._native is not built (python setup.py build_ext --inplace)"
@@ -66,11 +71,10 @@ def sealed(world: World, packets: list[bytes], rng: random.Random) -> list[bytes
     return grams
 
 
-@settings(max_examples=80, deadline=None)
-@given(traffic(), st.integers(0, 2**32), st.integers(1, 3), st.booleans())
-def test_spans_to_tun_writes_match_reference(
-    packets: list[bytes], seed: int, nsessions: int, use_udp: bool
-) -> None:
+def opened(packets: list[bytes], seed: int, nsessions: int) -> tuple[list[ToTun], list[ToTun]]:
+    """The packets sealed (with the world's hostile datagrams among them), read as GRO
+    reads and opened by both backends: (native items, pure items) for the TUN, checked
+    to agree read by read, and some packets the core made itself between the runs."""
     rng = random.Random(seed)
     world = World(rng, nsessions, 1000.0, native)
     for s in [*world.native.values(), *world.ref.values()]:
@@ -90,8 +94,71 @@ def test_spans_to_tun_writes_match_reference(
             got.append(ICMP)
             want.append(ICMP)
     assert got and offload.packets_of(got) == offload.packets_of(want)
+    return got, want
+
+
+@settings(max_examples=80, deadline=None)
+@given(traffic(), st.integers(0, 2**32), st.integers(1, 3), st.booleans())
+def test_spans_to_tun_writes_match_reference(
+    packets: list[bytes], seed: int, nsessions: int, use_udp: bool
+) -> None:
+    got, want = opened(packets, seed, nsessions)
     assert native.coalesce(got, use_udp) == offload.coalesce(want, use_udp)
     assert offload.coalesce(got, use_udp) == offload.coalesce(want, use_udp)
+
+
+def written(items: list[ToTun], udp: bool) -> tuple[list[bytes], list[tuple[int, bytes]]]:
+    """What write_tun writes to a SEQPACKET socket (one message per write, as a TUN takes
+    them), read on another thread while the writes go on without the GIL."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    messages: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: messages.extend(iter(lambda: theirs.recv(1 << 17), b""))
+    )
+    reader.start()
+    try:
+        failed = native.write_tun(ours.fileno(), items, udp)
+    finally:
+        ours.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        ours.close()
+        theirs.close()
+    return messages, failed
+
+
+@settings(max_examples=60, deadline=None)
+@given(traffic(), st.integers(0, 2**32), st.integers(1, 3), st.booleans())
+def test_write_tun_writes_what_coalesce_makes(
+    packets: list[bytes], seed: int, nsessions: int, use_udp: bool
+) -> None:
+    """Each write gathered from the Spans' buffer (writev), byte for byte the reference's
+    super-packets; long runs of tiny segments (more than one writev takes) among them."""
+    got, want = opened(packets, seed, nsessions)
+    assert written(got, use_udp) == (offload.coalesce(want, use_udp), [])
+
+
+def test_write_tun_long_runs_and_failures() -> None:
+    """A run of more segments than one writev takes is copied and written whole; a
+    descriptor that refuses writes gets every write back with its errno, as
+    Tun.write_batch needs them (a vanished interface: TunGone)."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 41, 0, 0x4000, 64, 6, 0, bytes(4), bytes(4))
+    seg = [ip[:4] + struct.pack("!H", i) + ip[6:] for i in range(400)]
+    tcp = [h + struct.pack("!HHIIBBHHH", 1, 2, i, 0, 0x50, 0x10, 9, 0, 0) + b"x"
+           for i, h in enumerate(seg)]  # fmt: skip
+    want = offload.coalesce(tcp)
+    assert len(want) == 1 and written(tcp, True) == (want, [])
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert native.write_tun(fd, [*tcp, ICMP]) == [
+            (errno.EBADF, w) for w in offload.coalesce([*tcp, ICMP])
+        ]
+        tun = Tun.__new__(Tun)  # a TUN whose descriptor refuses every write
+        tun._fd, tun.name, tun.vnet_hdr, tun.coalesce_udp = fd, "t", True, True
+        tun.write_coalesced = native.write_tun
+        with pytest.raises(TunGone):
+            tun.write_batch([*tcp], 1420)
+    finally:
+        os.close(fd)
 
 
 def test_spans_outlive_their_call_and_are_not_made_from_python() -> None:

@@ -130,6 +130,8 @@ class Datapath:
         self.udp = udp
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
+            if tun.writes_fd:  # and the writes, straight from the opened reads' buffers
+                tun.write_coalesced = device.native.write_tun
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
