@@ -3,7 +3,9 @@
 Each readable event drains up to a batch of reads, hands them to the core and gives what
 comes back to the TUN and the UDP socket, which do their own offloads (TUN: coalescing
 into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
-`Device.receive_read` -> `Tun.write_batch`, and nothing else in between; with the C
+`Device.receive_read` -> `Tun.write_batch`, and nothing else in between (with the native
+module, an opened read stays in the buffer it was decrypted into, a run of packets per
+Python object, until `write_tun` writes it to the TUN from there); with the C
 intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time, refuses
 junk and sends the cookie replies a flood is owed itself, and only the reads that brought
 something go on, by `Device.receive_classified`.
