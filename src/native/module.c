@@ -9,6 +9,7 @@
  *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
  *   Spans                              a run of opened packets: spans of one buffer
  *   coalesce, checksum, split          as wgpy.io.offload (coalesce reads Spans in place)
+ *   x25519(jobs)                       X25519 in batches for the handshakes (dh.c)
  *
  * Every read of packet data is bounds-checked against the length it came with. The
  * crypto loops allocate nothing per packet, and neither does the way from open_batch to
@@ -71,7 +72,7 @@ void release_buffers(Py_buffer *views, Py_ssize_t n)
 static PyMethodDef module_methods[] = {
     {"set_threads", set_threads, METH_O,
      "set_threads(n): n crypto worker threads beside each caller (0: none, the default);\n"
-     "seal and open_batch cut a batch into one chunk per thread."},
+     "seal and open_batch cut a batch into chunks, x25519 into exchanges, for them all."},
     {"threads", get_threads, METH_NOARGS, "threads() -> the number of crypto worker threads."},
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
@@ -89,6 +90,11 @@ static PyMethodDef module_methods[] = {
      "that failed come back as bytes with their errno."},
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
+    {"x25519", x25519, METH_O,
+     "x25519(jobs) -> list[tuple], as wgpy.core.backend.x25519 (the reference): jobs a tuple\n"
+     "of (private, its public or None, (peer publics...)), all bytes of 32; per job\n"
+     "(public, shared secret or None where the result is all zeros, ...). On the crypto\n"
+     "threads, without the GIL."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
     {NULL, NULL, 0, NULL},
 };

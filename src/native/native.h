@@ -6,6 +6,7 @@
  *   seal.c      sending: Sealer (key + counter) and seal
  *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO)
  *   spans.c     Spans: a run of opened packets, spans of one buffer, open -> coalesce
+ *   dh.c        X25519 in batches for the handshakes: x25519
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
  */
@@ -98,6 +99,9 @@ PyObject *open_batch(PyObject *module, PyObject *args);
 
 /* seal.c */
 extern PyTypeObject SealerType;
+
+/* dh.c */
+PyObject *x25519(PyObject *module, PyObject *jobs);
 
 /* offload.c */
 PyObject *checksum(PyObject *module, PyObject *args);

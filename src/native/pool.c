@@ -1,6 +1,7 @@
 /* wgpy._native: the crypto threads.
  *
- * Sessions and sealers hold their key, not an OpenSSL context: every thread that seals or
+ * The pool runs the chunks of seal and open_batch, and the X25519 exchanges of a batch of
+ * handshakes (dh.c). Sessions and sealers hold their key, not an OpenSSL context: every thread that seals or
  * opens has a context per direction of its own (made on first use, freed when the thread
  * ends), given the key with each packet's nonce (ChaCha20's key setup is a copy). So a
  * batch can be cut into chunks that several threads encrypt or decrypt at once.

@@ -2,9 +2,9 @@
 
 Every entry point gets garbage, edge-case sizes and forged-but-valid traffic, on 0, 1 and
 2 crypto worker threads; open_batch is also hammered from two threads while a third wipes
-sessions (the GIL is released while decrypting); the runs open_batch hands back (Spans
-over its buffer) go through coalesce and write_tun. The answers are checked against the
-references where they are cheap.
+sessions (the GIL is released while decrypting) and a fourth works X25519 batches; the
+runs open_batch hands back (Spans over its buffer) go through coalesce and write_tun. The
+answers are checked against the references where they are cheap.
 Usage: python tests/native/hostile.py [seconds]
 """
 
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from tests.native.reference import World, normalize, open_batch_ref
 from wgpy import _native as native
+from wgpy.core.backend import x25519 as x25519_ref
 from wgpy.io import offload
 
 
@@ -69,8 +70,37 @@ def differential(world: World, rounds: int) -> None:
             os.close(fd)
 
 
+LOW_ORDER = [bytes(32), (1).to_bytes(32, "little"), bytes.fromhex(
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")]  # fmt: skip
+
+
+def x25519_jobs(rng: random.Random) -> tuple[tuple[bytes, bytes | None, tuple[bytes, ...]], ...]:
+    def key() -> bytes:
+        return rng.choice(LOW_ORDER) if rng.random() < 0.2 else rng.randbytes(32)
+
+    return tuple((rng.randbytes(32), None if rng.random() < 0.5 else key(),
+                  tuple(key() for _ in range(rng.randrange(4))))
+                 for _ in range(rng.randrange(20)))  # fmt: skip
+
+
+def x25519_garbage(rng: random.Random, rounds: int) -> None:
+    """X25519 batches (dh.c) against the reference, and malformed ones refused."""
+    for _ in range(rounds):
+        jobs = x25519_jobs(rng)
+        assert native.x25519(jobs) == x25519_ref(jobs)
+    key = bytes(32)
+    for bad in ((b"", None, ()), (key, bytes(31), ()), (key, None, (b"x",)),
+                (key, None, [key]), (key, None), [key, None, ()]):  # fmt: skip
+        try:
+            native.x25519((bad,))
+        except (TypeError, ValueError):
+            continue
+        raise AssertionError(f"x25519 took {bad!r}")
+
+
 def threads(world: World, seconds: float) -> None:
-    """Two readers on the same sessions, a third thread wiping and re-keying them."""
+    """Two readers on the same sessions, a third thread wiping and re-keying them, a
+    fourth working X25519 batches on the same crypto threads."""
     batches = [world.batch() for _ in range(20)]
     stop = time.monotonic() + seconds
     errors: list[BaseException] = []
@@ -91,7 +121,15 @@ def threads(world: World, seconds: float) -> None:
             world.native[index] = native.Session(rng.randbytes(32), 1e9)
             time.sleep(0.001)
 
-    ts = [threading.Thread(target=f) for f in (reader, reader, wiper)]
+    def exchanger() -> None:
+        rng = random.Random(7)
+        try:
+            while time.monotonic() < stop:
+                native.x25519(x25519_jobs(rng))
+        except BaseException as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=f) for f in (reader, reader, wiper, exchanger)]
     for t in ts:
         t.start()
     for t in ts:
@@ -164,6 +202,7 @@ def main() -> None:
         world = World(rng, rng.randrange(1, 5), 1000.0, native)
         differential(world, 5)
         offload_garbage(rng, 20)
+        x25519_garbage(rng, 2)
         n += 1
     native.set_threads(0)
     print(f"hostile: {n} rounds clean ({native.__file__})")

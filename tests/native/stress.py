@@ -11,7 +11,8 @@ What must hold, checked as it runs:
 - nothing raises.
 
 Usage: python tests/native/stress.py [seconds] [native|python] [harnesses]: the run the
-ThreadSanitizer build (tests/native/tsan.sh) makes, several harnesses on as many threads.
+ThreadSanitizer build (tests/native/tsan.sh) makes, several harnesses on as many threads
+(and, native, one more thread working X25519 batches on the same crypto threads).
 """
 
 from __future__ import annotations
@@ -255,7 +256,20 @@ def main() -> None:
         except BaseException as e:
             errors.append(e)
 
+    def exchanger() -> None:  # X25519 batches (dh.c) on the same crypto threads
+        assert module is not None
+        rng = random.Random(99)
+        try:
+            while time.monotonic() < deadline:
+                jobs = tuple((rng.randbytes(32), None, (rng.randbytes(32), rng.randbytes(32)))
+                             for _ in range(rng.randrange(1, 17)))  # fmt: skip
+                module.x25519(jobs)
+        except BaseException as e:
+            errors.append(e)
+
     threads = [threading.Thread(target=harness, args=(seed,)) for seed in range(harnesses)]
+    if module is not None:
+        threads.append(threading.Thread(target=exchanger))
     for t in threads:
         t.start()
     for t in threads:

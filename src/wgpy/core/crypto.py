@@ -95,13 +95,39 @@ def clamp(private: bytes) -> bytes:
 
 
 class PrivateKey:
-    """An X25519 private key loaded once: OpenSSL's load costs as much as an exchange."""
+    """An X25519 private key, loaded into OpenSSL once and only when first used: a load
+    costs as much as an exchange. `raw` is the key; `public` is worked out on first use
+    unless a batch of exchanges (core/exchanges.py) already learned it."""
 
-    __slots__ = ("_key", "public")
+    __slots__ = ("_key", "_public", "raw")
 
     def __init__(self, private: bytes) -> None:
-        self._key = X25519PrivateKey.from_private_bytes(private)
-        self.public = self._key.public_key().public_bytes_raw()
+        if len(private) != KEY_LEN:
+            raise ValueError("an X25519 private key is 32 bytes")
+        self.raw = bytes(private)
+        self._key: X25519PrivateKey | None = None
+        self._public: bytes | None = None
+
+    @property
+    def key(self) -> X25519PrivateKey:
+        if self._key is None:
+            self._key = X25519PrivateKey.from_private_bytes(self.raw)
+        return self._key
+
+    @property
+    def public(self) -> bytes:
+        if self._public is None:
+            self._public = self.key.public_key().public_bytes_raw()
+        return self._public
+
+    @property
+    def known_public(self) -> bytes | None:
+        """The public key if it was worked out already, else None."""
+        return self._public
+
+    def learn_public(self, public: bytes) -> None:
+        """The public key as a batch of exchanges computed it."""
+        self._public = public
 
 
 def load_private(private: bytes | PrivateKey) -> PrivateKey:
@@ -115,7 +141,7 @@ def public_key(private: bytes | PrivateKey) -> bytes:
 
 def dh(private: bytes | PrivateKey, public: bytes) -> bytes:
     """X25519; raises ValueError when the result is all zeros (a low-order point)."""
-    shared = load_private(private)._key.exchange(X25519PublicKey.from_public_bytes(public))
+    shared = load_private(private).key.exchange(X25519PublicKey.from_public_bytes(public))
     if _hmac.compare_digest(shared, ZERO_KEY):  # OpenSSL usually refuses first; be sure
         raise ValueError("X25519 result is the all-zero point")
     return shared

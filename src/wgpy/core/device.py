@@ -8,10 +8,11 @@ come from the caller.
 
 Everything a packet can do to state happens only after it authenticated. Handshake
 messages go through the intake (intake.py: mac1, rate limits, cookies) into a bounded
-queue and are worked off after the data messages of the same batch (see ratelimit.py); the
-Diffie-Hellman work on them is done here; the messages themselves are built and
-checked in handshake.py, the sessions they make are rotated in sessions.py, the indices
-kept in indextable.py, and data messages sealed and opened in data.py.
+queue and are worked off after the data messages of the same batch (see ratelimit.py), 16
+at a time, their Diffie-Hellman work in one backend call per phase (`_work_off`,
+exchanges.py); the messages themselves are built and checked in handshake.py, the
+sessions they make are rotated in sessions.py, the indices kept in indextable.py, and
+data messages sealed and opened in data.py.
 """
 
 from __future__ import annotations
@@ -49,18 +50,25 @@ from wgpy.core.events import (
     ResponseReceived,
     ResponseSent,
 )
+from wgpy.core.exchanges import Exchanges
 from wgpy.core.indextable import IndexTable
-from wgpy.core.intake import HandshakeIntake
+from wgpy.core.intake import Entry, HandshakeIntake
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import MSG_INITIATION, parse_cookie_reply, parse_response
 from wgpy.core.output import Drop, Output
-from wgpy.core.peer import Keypair, Peer
+from wgpy.core.peer import HandshakeState, Keypair, Peer
 from wgpy.core.timers import Timer
 from wgpy.core.tokenbucket import TokenBucket
 
 __all__ = ["Device", "Output"]
 
 HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
+HANDSHAKE_BATCH = 16  # messages whose X25519 work goes to the backend in one call
+_INIT_EPHEMERAL = slice(8, 40)  # an initiation's ephemeral key
+_RESP_RECEIVER, _RESP_EPHEMERAL = slice(8, 12), slice(12, 44)  # a response's
+# an initiation consumed and waiting for its answer: (its Output, what it said, our index
+# for the session, our ephemeral key)
+_Answer = tuple[Output, handshake.ConsumedInitiation, int, PrivateKey]
 
 
 def as_reads(
@@ -400,20 +408,73 @@ class Device:
     # ---- handshake messages --------------------------------------------------------
 
     def _process_handshakes(self, now: float, budget: int, out: Output) -> None:
-        """A message admitted without a cookie while the device was not under load, and
-        worked off once it is, gets a cookie reply instead of the Diffie-Hellman work
-        (Linux and wireguard-go check load when they work a message off, too)."""
-        intake = self.intake
-        queue = intake.queue
-        under_load = intake.load.under_load(now)
-        for _ in range(min(budget, len(queue))):
-            data, src, kind, cookie, tag = queue.popleft()
+        """Work off up to `budget` queued messages, HANDSHAKE_BATCH at a time. A message
+        admitted without a cookie while the device was not under load, and worked off
+        once it is, gets a cookie reply instead of the Diffie-Hellman work (Linux and
+        wireguard-go check load when they work a message off, too)."""
+        queue = self.intake.queue
+        under_load = self.intake.load.under_load(now)
+        budget = min(budget, len(queue))
+        while budget > 0:
+            n = min(budget, HANDSHAKE_BATCH)
+            self._work_off([queue.popleft() for _ in range(n)], under_load, now, out)
+            budget -= n
+
+    def _work_off(self, entries: list[Entry], under_load: bool, now: float, out: Output) -> None:
+        """A batch of queued messages, in phases so that the X25519 work of the whole
+        batch goes to the backend at once (exchanges.py; on the crypto threads with the
+        native one): (1) the exchanges the messages need before anything is known about
+        them; (2) each message, in queue order, as far as it goes without more (a
+        response to the end, an initiation up to its answer's ephemeral key); (3) the
+        answers' exchanges; (4) the answers, in order. Each message writes into its own
+        `Output`, joined in queue order: events, datagrams and drops come out as if the
+        messages had been worked off one by one (what a later message reads of the
+        state, an earlier one has already written in phase 2: the peer's replay and
+        flood state, its half-done handshake)."""
+        ex = Exchanges(self.backend.x25519)
+        self._want_first(entries, under_load, ex)
+        ex.run()
+        outs = [out] if len(entries) == 1 else [Output() for _ in entries]
+        answers: list[_Answer] = []
+        taken: set[int] = set()
+        for (message, src, kind, cookie, tag), item in zip(entries, outs, strict=True):
             if under_load and not cookie:
-                intake.send_cookie(data, src, now, out)
+                self.intake.send_cookie(message, src, now, item)
             elif kind == MSG_INITIATION:
-                self._receive_initiation(data, src, now, out, tag)
+                answer = self._receive_initiation(message, src, now, item, tag, ex, taken)
+                if answer is not None:
+                    answers.append(answer)
+                    taken.add(answer[2])
+                    ex.want(answer[3], answer[1].ephemeral)
+                    ex.want(answer[3], answer[1].peer.public_key)
             else:
-                self._receive_response(data, src, now, out, tag)
+                self._receive_response(message, src, now, item, tag, ex)
+        ex.run()
+        for answer in answers:
+            self._answer(*answer, now, ex)
+        if len(entries) > 1:
+            for item in outs:
+                out.extend(item)
+
+    def _want_first(self, entries: list[Entry], under_load: bool, ex: Exchanges) -> None:
+        """Phase 1: DH(our static, their ephemeral) of every initiation; of every
+        response to a pending initiation of ours, its two exchanges."""
+        static = self._static
+        if static is None or self.backend.x25519 is None:
+            return  # the pure path works each exchange out where it is needed
+        for message, _, kind, cookie, _ in entries:
+            if under_load and not cookie:
+                continue
+            if kind == MSG_INITIATION:
+                ex.want(static, message[_INIT_EPHEMERAL])
+                continue
+            receiver = int.from_bytes(message[_RESP_RECEIVER], "little")
+            peer = self.index.handshakes.get(receiver)
+            hs = peer.handshake if peer is not None else None
+            if hs is not None and hs.state is HandshakeState.INITIATION_SENT and hs.e_priv:
+                ephemeral = message[_RESP_EPHEMERAL]
+                ex.want(hs.e_priv, ephemeral)
+                ex.want(static, ephemeral)
 
     def _initiate(self, peer: Peer, now: float, out: Output, *, retry: bool = False) -> None:
         if not retry:
@@ -444,22 +505,32 @@ class Device:
             peer.tx_bytes += len(datagram)
 
     def _receive_initiation(
-        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
-    ) -> None:
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object,
+        ex: Exchanges, taken: set[int],
+    ) -> _Answer | None:  # fmt: skip
+        """An initiation up to the arithmetic of its answer (`_answer` does the rest)."""
         if self._static is None or self.public_key is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
-            return
-        init = handshake.consume_initiation(self._static, self.public_key, data, self.peers, now)
+            return None
+        init = handshake.consume_initiation(self._static, self.public_key, data, self.peers,
+                                            now, ex.dh)  # fmt: skip
         if isinstance(init, Drop):
             out.drops[init] += 1
-            return
+            return None
         peer = init.peer
         out.events.append(InitiationReceived(peer, tag))
         self._set_endpoint(peer, src, out)
         peer.rx_bytes += len(data)
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_received()
-        made = sessions.respond(init, self.index, self._ephemeral, self.backend, now)
+        local, e_priv = sessions.prepare_response(init, self.index, self._ephemeral, taken)
+        return out, init, local, e_priv
+
+    def _answer(self, out: Output, init: handshake.ConsumedInitiation, local: int,
+                e_priv: PrivateKey, now: float, ex: Exchanges) -> None:  # fmt: skip
+        peer = init.peer
+        made = sessions.finish_response(init, local, e_priv, self.index, self.backend, now,
+                                        ex.dh)  # fmt: skip
         if made is None:
             out.drops[Drop.BAD_HANDSHAKE] += 1  # a low-order ephemeral from the initiator
             return
@@ -475,7 +546,7 @@ class Device:
         self._emit(peer, msg, out)
 
     def _receive_response(
-        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object
+        self, data: bytes, src: Endpoint, now: float, out: Output, tag: object, ex: Exchanges
     ) -> None:
         msg = parse_response(data)
         peer = self.index.handshakes.get(msg.receiver)
@@ -485,7 +556,7 @@ class Device:
         if self._static is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return
-        kp = sessions.complete(self._static, peer, msg, self.index, self.backend, now)
+        kp = sessions.complete(self._static, peer, msg, self.index, self.backend, now, ex.dh)
         if isinstance(kp, Drop):
             out.drops[kp] += 1
             return

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from wgpy.core import noise
 from wgpy.core.constants import INITIATION_MIN_INTERVAL
-from wgpy.core.crypto import InvalidTag, PrivateKey, tai64n
+from wgpy.core.crypto import InvalidTag, PrivateKey, dh, tai64n
 from wgpy.core.messages import (
     INITIATION,
     MSG_INITIATION,
@@ -59,14 +59,15 @@ def create_initiation(
 
 
 def consume_initiation(
-    static: PrivateKey, public_key: bytes, data: bytes, peers: Mapping[bytes, Peer], now: float
-) -> ConsumedInitiation | Drop:
+    static: PrivateKey, public_key: bytes, data: bytes, peers: Mapping[bytes, Peer], now: float,
+    dh: noise.DH = dh,
+) -> ConsumedInitiation | Drop:  # fmt: skip
     """The peer behind an initiation (macs already checked), or why it is refused. Only a
     fully authenticated, fresh initiation updates the peer's replay and flood state."""
     msg = parse_initiation(data)
     sym = noise.SymmetricState(public_key)
     try:
-        initiator = noise.consume_initiation_static(sym, static, msg.ephemeral, msg.static)
+        initiator = noise.consume_initiation_static(sym, static, msg.ephemeral, msg.static, dh)
     except (InvalidTag, ValueError):
         return Drop.BAD_HANDSHAKE
     peer = peers.get(initiator)
@@ -86,14 +87,14 @@ def consume_initiation(
 
 
 def create_response(
-    init: ConsumedInitiation, ephemeral: PrivateKey, index: int, now: float
+    init: ConsumedInitiation, ephemeral: PrivateKey, index: int, now: float, dh: noise.DH = dh
 ) -> tuple[bytes, tuple[bytes, bytes]] | None:
     """Message 2 answering `init` under our `index`, and the session keys (sending,
     receiving); None if the initiator's ephemeral is a low-order point."""
     peer = init.peer
     try:
         e_pub, enc_empty = noise.create_response(
-            init.sym, ephemeral, init.ephemeral, peer.public_key, peer.preshared_key
+            init.sym, ephemeral, init.ephemeral, peer.public_key, peer.preshared_key, dh=dh
         )
     except ValueError:
         return None
@@ -105,7 +106,7 @@ def create_response(
 
 
 def consume_response(
-    static: PrivateKey, peer: Peer, msg: ResponseMessage
+    static: PrivateKey, peer: Peer, msg: ResponseMessage, dh: noise.DH = dh
 ) -> tuple[bytes, bytes] | Drop:
     """The session keys (sending, receiving) from a response to our pending initiation."""
     hs = peer.handshake
@@ -114,7 +115,7 @@ def consume_response(
     sym = hs.sym.copy()
     try:
         noise.consume_response(
-            sym, hs.e_priv, static, msg.ephemeral, peer.preshared_key, msg.empty
+            sym, hs.e_priv, static, msg.ephemeral, peer.preshared_key, msg.empty, dh
         )
     except (InvalidTag, ValueError):
         return Drop.BAD_HANDSHAKE

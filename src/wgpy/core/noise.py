@@ -3,10 +3,13 @@
 `SymmetricState` holds Noise's chaining key `ck` and hash `h`; the four functions below
 are the two messages from each side. They are pure: keys and randomness come in, the
 ciphertexts and the updated state come out. A consumer works on a copy of the state, so a
-message that fails to authenticate leaves nothing behind.
+message that fails to authenticate leaves nothing behind. Where a caller worked the
+exchanges out ahead, in a batch (exchanges.py), it passes its `dh` for crypto.dh.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from wgpy.core.crypto import (
     PrivateKey,
@@ -22,6 +25,7 @@ from wgpy.core.crypto import (
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
 _CHAIN0 = hash_(CONSTRUCTION)
+DH = Callable[[bytes | PrivateKey, bytes], bytes]  # crypto.dh, or answers worked out ahead
 
 
 class SymmetricState:
@@ -92,8 +96,9 @@ def create_initiation(
 
 
 def consume_initiation_static(
-    sym: SymmetricState, static_priv: bytes | PrivateKey, e_pub: bytes, enc_static: bytes
-) -> bytes:
+    sym: SymmetricState, static_priv: bytes | PrivateKey, e_pub: bytes, enc_static: bytes,
+    dh: DH = dh,
+) -> bytes:  # fmt: skip
     """Responder, message 1, first half: the initiator's static key (raises on forgery)."""
     sym.mix_ephemeral(e_pub)
     key = sym.mix_dh(dh(static_priv, e_pub))
@@ -115,10 +120,11 @@ def create_response(
     remote_static: bytes,
     psk: bytes,
     payload: bytes = b"",
+    dh: DH = dh,
 ) -> tuple[bytes, bytes]:
     """Responder, message 2: returns (ephemeral, encrypted payload)."""
     e_priv = load_private(e_priv)
-    e_pub = public_key(e_priv)
+    e_pub = e_priv.public
     sym.mix_ephemeral(e_pub)
     sym.mix_dh(dh(e_priv, remote_ephemeral))
     sym.mix_dh(dh(e_priv, remote_static))
@@ -133,6 +139,7 @@ def consume_response(
     remote_ephemeral: bytes,
     psk: bytes,
     enc_payload: bytes,
+    dh: DH = dh,
 ) -> bytes:
     """Initiator, message 2: the payload (empty in WireGuard); raises on forgery."""
     e_priv = load_private(e_priv)

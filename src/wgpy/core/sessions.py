@@ -14,14 +14,15 @@ table and its keys wiped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from wgpy.core import handshake
 from wgpy.core.backend import Backend
-from wgpy.core.crypto import PrivateKey
+from wgpy.core.crypto import PrivateKey, dh
 from wgpy.core.handshake import ConsumedInitiation
 from wgpy.core.indextable import IndexTable
 from wgpy.core.messages import ResponseMessage
+from wgpy.core.noise import DH
 from wgpy.core.output import Drop
 from wgpy.core.peer import Keypair, Peer
 
@@ -42,32 +43,43 @@ def initiate(
     return handshake.create_initiation(static, peer, ephemeral(peer), local, wall, now)
 
 
-def respond(
+def prepare_response(
     init: ConsumedInitiation, index: IndexTable, ephemeral: Ephemeral,
-    backend: Backend, now: float,
+    taken: Container[int] = (),
+) -> tuple[int, PrivateKey]:  # fmt: skip
+    """The first half of answering a consumed initiation, the part without arithmetic:
+    the half-done handshake forgotten, our index for the session and our ephemeral key.
+    `taken`: indices promised to responses of the same batch not yet finished."""
+    clear_handshake(index, init.peer)
+    local = index.new_index()
+    while local in taken:
+        local = index.new_index()
+    return local, ephemeral(init.peer)
+
+
+def finish_response(
+    init: ConsumedInitiation, local: int, e_priv: PrivateKey, index: IndexTable,
+    backend: Backend, now: float, dh: DH = dh,
 ) -> tuple[bytes, Keypair] | None:  # fmt: skip
     """Message 2 answering a consumed initiation, and the new session (`next` until
     confirmed); None if the initiator's ephemeral is a low-order point."""
-    peer = init.peer
-    clear_handshake(index, peer)
-    local = index.new_index()
-    made = handshake.create_response(init, ephemeral(peer), local, now)
+    made = handshake.create_response(init, e_priv, local, now, dh)
     if made is None:
         return None
     msg, keys = made
-    kp = Keypair(peer, keys, initiator=False, local_index=local, remote_index=init.sender,
-                 now=now, backend=backend)  # fmt: skip
-    begin_as_responder(index, peer, kp)
+    kp = Keypair(init.peer, keys, initiator=False, local_index=local,
+                 remote_index=init.sender, now=now, backend=backend)  # fmt: skip
+    begin_as_responder(index, init.peer, kp)
     return msg, kp
 
 
 def complete(
     static: PrivateKey, peer: Peer, msg: ResponseMessage, index: IndexTable,
-    backend: Backend, now: float,
+    backend: Backend, now: float, dh: DH = dh,
 ) -> Keypair | Drop:  # fmt: skip
     """The session a response to our initiation makes (current at once), or why the
     response is refused."""
-    keys = handshake.consume_response(static, peer, msg)
+    keys = handshake.consume_response(static, peer, msg, dh)
     if isinstance(keys, Drop):
         return keys
     clear_handshake(index, peer)

@@ -72,8 +72,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         "(made 0600; refused if a symlink or others may read it; "
                         "env WGPY_KEYLOG)")  # fmt: skip
     parser.add_argument("--threads", metavar="N", type=_positive, default=env.threads,
-                        help="seal and open data messages on N threads (the native "
-                        "datapath; default one per core; env WGPY_THREADS)")  # fmt: skip
+                        help="seal and open data messages and work out handshakes' "
+                        "X25519 on N threads (the native datapath; default one per "
+                        "core; env WGPY_THREADS)")  # fmt: skip
 
 
 def _positive(text: str) -> int:

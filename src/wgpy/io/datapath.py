@@ -53,7 +53,7 @@ from wgpy.io.udp import UdpSocket
 
 BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back to the loop
 # (a TUN batch stays under the core's 128 staged packets per peer, a TSO read included)
-HANDSHAKES_PER_TURN = 16  # a handshake costs ~0.25 ms of Diffie-Hellman
+HANDSHAKES_PER_TURN = 16  # one batch of X25519 work (core/device.py HANDSHAKE_BATCH)
 HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 DRAIN = 64  # reads per recvmmsg of the C intake; BATCH reads in all per readable event
@@ -80,8 +80,9 @@ class BatchSizes:
 
 
 def crypto_threads(asked: int | None = None) -> int:
-    """How many threads seal and open data messages (the native backend): `asked` (the
-    daemon's --threads), else WGPY_THREADS, else one per core this process may run on."""
+    """How many threads seal and open data messages and work out the handshakes' X25519
+    (the native backend; core/device.py `_work_off`): `asked` (the daemon's --threads),
+    else WGPY_THREADS, else one per core this process may run on."""
     if asked is None:
         env = os.environ.get("WGPY_THREADS", "")
         asked = int(env) if env.strip() else len(os.sched_getaffinity(0))
