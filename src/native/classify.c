@@ -167,6 +167,30 @@ static int allow(Limiter *l, const SourceKey *k, double now) {
     return 1;
 }
 
+/* ---- one bucket: core/tokenbucket.py's TokenBucket, for the replies strangers still get
+ * while shedding (a peer that roamed, one with no endpoint yet, core/ratelimit.py) ---- */
+
+typedef struct {
+    double rate, burst, tokens, at;
+    int started; /* `at` set: TokenBucket's at is not None */
+} Spare;
+
+static int spare_allow(Spare *s, double now) {
+    double tokens = s->tokens;
+    if (s->started && now > s->at) {
+        double t = tokens + (now - s->at) * s->rate;
+        tokens = s->burst < t ? s->burst : t; /* Python's min(burst, t) */
+    }
+    if (!s->started || now > s->at)
+        s->at = now, s->started = 1;
+    if (tokens < 1.0) {
+        s->tokens = tokens;
+        return 0;
+    }
+    s->tokens = tokens - 1.0;
+    return 1;
+}
+
 /* ---- the classifier ---------------------------------------------------------------- */
 
 typedef struct {
@@ -183,9 +207,8 @@ typedef struct {
     double hold;
     uint8_t (*known)[KNOWN_LEN]; /* the peers' endpoints (address, port), sorted: set_known */
     Py_ssize_t nknown;
-    uint32_t overflows; /* drain: the socket's drop count at the last look (shedding) */
-    int looked;         /* ... once there was a look */
-    double shed_until;  /* drain: replies to strangers are shed until then */
+    double shed_until; /* drain: replies to strangers are shed until then */
+    Spare spare;       /* while shedding, the replies strangers still get */
 } Classifier;
 
 static EVP_MAC *blake2smac;
@@ -223,14 +246,17 @@ static void Classifier_dealloc(Classifier *self) {
 
 static int Classifier_init(Classifier *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"seed", "rate", "burst", "cookie_rate", "cookie_burst",
-                             "max_sources", "queue_size", "hold", "refresh", NULL};
+                             "max_sources", "queue_size", "hold", "refresh", "shed_rate",
+                             "shed_burst", NULL};
     Py_buffer seed;
     double rate, burst, crate, cburst;
     Py_ssize_t max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*ddddnndd", kwlist, &seed, &rate, &burst,
+    double srate = 0, sburst = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*ddddnndd|dd", kwlist, &seed, &rate, &burst,
                                      &crate, &cburst, &max, &self->queue_size, &self->hold,
-                                     &self->refresh))
+                                     &self->refresh, &srate, &sburst))
         return -1;
+    self->spare = (Spare){srate, sburst, sburst, 0.0, 0};
     uint64_t s = 0;
     memcpy(&s, seed.buf, seed.len < 8 ? (size_t)seed.len : 8);
     PyBuffer_Release(&seed);
@@ -327,10 +353,14 @@ static int parse_source(const char *host, Py_ssize_t n, int port, Source *s) {
 
 /* ---- the peers' endpoints: who still gets a cookie reply while replies are shed ---- */
 
+/* An endpoint as set_known keeps it: its address and port (an IPv4-mapped address as the
+ * IPv4 one, as intake.py's _known_key: a source given as ::ffff:a.b.c.d is that peer). */
 static void known_key(const Source *s, uint8_t key[KNOWN_LEN]) {
+    static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    size_t skip = s->host_len == 18 && memcmp(s->host, v4mapped, 12) == 0 ? 12 : 0;
     memset(key, 0, KNOWN_LEN);
-    memcpy(key, s->host, s->host_len);
-    key[KNOWN_LEN - 1] = (uint8_t)s->host_len;
+    memcpy(key, s->host + skip, s->host_len - skip);
+    key[KNOWN_LEN - 1] = (uint8_t)(s->host_len - skip);
 }
 
 static int cmp_known(const void *a, const void *b) { return memcmp(a, b, KNOWN_LEN); }
@@ -511,7 +541,7 @@ static int admit(Classifier *self, Batch *b, const uint8_t *m, size_t n) {
         return enqueue(self, b, ENQUEUE);
     }
     if (!(has_mac2 && check_mac2(self, b, m, n))) {
-        if (!b->shed || is_known(self, b->src))
+        if (!b->shed || is_known(self, b->src) || spare_allow(&self->spare, b->now))
             return SEND_COOKIE;
         b->drops[REPLY_SHED]++;
         return 0;
@@ -728,31 +758,26 @@ static Py_ssize_t gro_size(struct msghdr *h) {
     return 0;
 }
 
-/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize),
- * and how many datagrams the kernel dropped at it. */
+/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize). */
 #define SO_MEMINFO_ 55
-enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_DROPS = 8, MEMINFO_N = 9 };
+enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_N = 2 };
 
 /* Whether this drain sheds the cookie replies to strangers: for `hold` seconds after a
- * full drain (a backlog) found the socket's receive queue more than half full, or the
- * kernel's drop count grown since the last look. The socket is not read as fast as the
- * datagrams come, so the reads go to the peers we have rather than to answering the flood
- * (a reply costs a send, 5-8 us here, reading and refusing ~1.5 us). Half full, not only
- * dropped: shedding from before the first drop keeps the peers' datagrams from being
- * dropped at all. The first drain takes the drop count only (drops from before are no
- * flood of now); after it only a full drain looks, so a socket that keeps up costs no
- * extra system call. */
+ * full drain (a backlog) found the socket's receive queue more than half full. The socket
+ * is not read as fast as the datagrams come, so the reads go to the peers we have rather
+ * than to answering the flood (a reply costs a send, 5-8 us here, reading and refusing
+ * ~1.5 us). Half full: shedding from before the first drop keeps the peers' datagrams
+ * from being dropped at all. Not the kernel's drop count: a datagram with a bad UDP
+ * checksum, which anyone can send, counts as a drop when it is read, and one a second
+ * would keep the device shedding. Only a full drain looks, so a socket that keeps up
+ * costs no extra system call. */
 static int shedding(Classifier *self, int fd, int full, double now) {
     uint32_t info[16] = {0};
     socklen_t len = sizeof(info);
-    if ((full || !self->looked) && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
-        len >= MEMINFO_N * sizeof(uint32_t)) {
-        int grew = self->looked && info[MEMINFO_DROPS] != self->overflows;
-        int backlog = full && info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2;
-        if (grew || backlog)
-            self->shed_until = now + self->hold;
-        self->overflows = info[MEMINFO_DROPS], self->looked = 1;
-    }
+    if (full && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
+        len >= MEMINFO_N * sizeof(uint32_t) &&
+        info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2)
+        self->shed_until = now + self->hold;
     return now < self->shed_until;
 }
 
@@ -997,7 +1022,8 @@ static PyMethodDef Classifier_methods[] = {
      "draws nothing new, else None (then no 5, only 3s); counter: after the replies made.\n"
      "data: the data messages, left for the open path; until: the under-load deadline\n"
      "after the batch (LoadMeter); drops: {Drop value: count}. shed: the socket overflowed:\n"
-     "a cookie reply only to a source set_known named (else dropped as reply_shed)."},
+     "a cookie reply only to a source set_known named, or while the bucket of shed_rate and\n"
+     "shed_burst has a token (else dropped as reply_shed)."},
     {"drain", (PyCFunction)Classifier_drain, METH_VARARGS,
      "drain(fd, buf, slot, count, now, until, queued, forced, reply_state)\n"
      "-> (reads, count_read, until, drops, cookies_sent, counter)\n\n"
@@ -1007,7 +1033,7 @@ static PyMethodDef Classifier_methods[] = {
      "with something for Python, as (offset, n, seg, (host, port), packet info or None,\n"
      "passed or None, data messages); passed as `classify` gives it, without verdict 5.\n"
      "It sheds (classify's shed) for `hold` seconds after a full drain found the socket's\n"
-     "queue over half full or its drop count grown (SO_MEMINFO)."},
+     "queue over half full (SO_MEMINFO)."},
     {"set_known", (PyCFunction)Classifier_set_known, METH_O,
      "set_known(endpoints): the peers' (host, port) endpoints: while the socket overflows,\n"
      "only they get cookie replies."},
@@ -1025,7 +1051,8 @@ static PyTypeObject ClassifierType = {
     .tp_basicsize = sizeof(Classifier),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Classifier(seed, rate, burst, cookie_rate, cookie_burst, max_sources, "
-              "queue_size, hold, refresh): Device's handshake intake in C.",
+              "queue_size, hold, refresh, shed_rate=0, shed_burst=0): Device's handshake "
+              "intake in C; shed_*: the bucket of replies strangers get while shedding.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Classifier_init,
     .tp_dealloc = (destructor)Classifier_dealloc,

@@ -18,6 +18,8 @@ class Classifier:
         queue_size: int,
         hold: float,
         refresh: float,
+        shed_rate: float = 0,
+        shed_burst: float = 0,
     ) -> None: ...
     def classify(
         self,

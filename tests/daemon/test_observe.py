@@ -122,6 +122,9 @@ def test_roaming_and_cookie_lines() -> None:
     assert wlog.describe(ev.CookieSent(None, count=40)) == (
         "Sending 40 cookie responses for denied handshake messages"
     )
+    assert wlog.describe(ev.CookieSent(("192.0.2.9", 7), count=3)) == (  # one read's, in C
+        "Sending 3 cookie responses for denied handshake messages for 192.0.2.9:7"
+    )
 
 
 def test_a_drains_cookie_replies_count_one_by_one() -> None:
@@ -241,6 +244,18 @@ def test_interface_events_carry_each_kinds_detail() -> None:
     assert detail_of(ev.KeypairCreated(peer, 77)) == 77
     assert detail_of(ev.EndpointChanged(peer, ("fd00::1", 5))) == ("fd00::1", 5)
     assert detail_of(ev.CookieSent(("192.0.2.9", 7))) == ("192.0.2.9", 7)
+    assert detail_of(ev.CookieSent(None, count=40)) is None
     assert detail_of(ev.HandshakeRetry(peer, "no data back")) == "no data back"
     assert detail_of(ev.HandshakeGaveUp(peer, 20)) == 20
     assert detail_of(ev.KeysZeroed(peer)) is None
+
+
+def test_the_librarys_events_keep_a_drains_count() -> None:
+    """A drain's cookie replies are one core event; the library's copy says how many."""
+    from wgpy.embed.interface import public_event
+
+    many = public_event(ev.CookieSent(None, count=40), 1.0)
+    assert (many.kind, many.peer, many.detail, many.count) == (
+        ev.EventKind.COOKIE_SENT, None, None, 40
+    )
+    assert public_event(ev.CookieSent(("192.0.2.9", 7)), 1.0).count == 1

@@ -37,11 +37,17 @@ SOURCES = [("192.0.2.1", 51820), ("192.0.2.1", 4000), ("192.0.2.7", 1), ("2001:d
 KNOWN = [SOURCES[1], SOURCES[4]]  # peers' endpoints: replies to them are never shed
 
 
-def pair(has_key: bool = True) -> tuple[Device, Device]:
+def pair(has_key: bool = True, spare: tuple[float, int] | None = None) -> tuple[Device, Device]:
+    """`spare`: the rate and burst of replies strangers get while shedding, if not the
+    device's (ratelimit.py SHED_REPLIES, SHED_BURST)."""
     devices = []
     for classify in (False, True):
         rng = random.Random(5)
-        device = Device(rng.randbytes, classify=classify)
+        with pytest.MonkeyPatch.context() as patch:
+            if spare is not None:
+                patch.setattr(intake, "SHED_REPLIES", spare[0])
+                patch.setattr(intake, "SHED_BURST", spare[1])
+            device = Device(rng.randbytes, classify=classify)
         if has_key:
             device.set_private_key(KEY)
         for endpoint in KNOWN:
@@ -133,7 +139,7 @@ def check_state(py: Device, c: Device) -> None:
 def test_same_verdicts_and_counts(
     reads: list, seed: int, forced: bool, has_key: bool, shed: bool
 ) -> None:
-    py, c = pair(has_key)
+    py, c = pair(has_key, spare=(2.0, 3))  # spent by a few strangers: refusals compared
     rng = random.Random(seed)
     now = 1000.0
     for i, (source, shapes, step, budget, as_read, repeat) in enumerate(reads):
@@ -349,11 +355,12 @@ def test_cookie_replies_leave_from_the_address_the_flood_came_to() -> None:
     assert run.stdout.strip() == "['127.0.0.2']"
 
 
-def test_shedding_spares_the_peers_endpoints_only() -> None:
-    """While the socket overflows, a message owed a cookie reply gets one only if it came
-    from a peer's endpoint (a stranger's is dropped as reply_shed), on both intakes; the
-    endpoints are read again once a second, so a peer that roams is spared from then."""
-    py, c = pair()
+def test_shedding_spares_the_peers_endpoints_and_a_few_strangers() -> None:
+    """While the socket overflows, a message owed a cookie reply gets one if it came from a
+    peer's endpoint, or while the device's bucket of replies to strangers lasts (else it
+    is dropped as reply_shed), on both intakes; the endpoints are read again once a
+    second, so a peer that roams is spared from then."""
+    py, c = pair(spare=(1.0, 1))
     assert py.public_key is not None
     gen = CookieGenerator(py.public_key)
     rng = random.Random(2)
@@ -362,7 +369,10 @@ def test_shedding_spares_the_peers_endpoints_only() -> None:
     for device in (py, c):
         device.intake.load.forced = True
         device.intake.shedding = True
-    for src, replied in ((KNOWN[0], True), (stranger, False), (KNOWN[1], True)):
+    mapped = ("::ffff:" + KNOWN[0][0], KNOWN[0][1])  # the peer's address, as IPv6 writes it
+    sent = ((KNOWN[0], True), (stranger, True), (stranger, False), (KNOWN[1], True),
+            (mapped, True))  # fmt: skip
+    for src, replied in sent:  # the stranger's first: the bucket's one token
         msg = bytearray(b"\x01\0\0\0" + rng.randbytes(INITIATION_LEN - 36) + bytes(32))
         gen.add_macs(msg, now)
         outs = [d.receive([(bytes(msg), src)], now, 0) for d in (py, c)]
@@ -378,3 +388,25 @@ def test_shedding_spares_the_peers_endpoints_only() -> None:
         outs = [d.receive([(bytes(msg), stranger)], at, 0) for d in (py, c)]
         same(*outs)
         assert len(outs[0].udp) == replied
+
+
+def test_strangers_get_their_replies_while_shedding_within_the_bucket() -> None:
+    """Shedding spares the peers' endpoints, and strangers still get SHED_REPLIES a
+    second: a peer that roamed, or one with no endpoint yet, is not locked out by a flood
+    that overflows the socket in bursts (one burst a second kept the device shedding)."""
+    py, c = pair()
+    assert py.public_key is not None
+    gen = CookieGenerator(py.public_key)
+    rng = random.Random(4)
+    now = 1000.0
+    for device in (py, c):
+        device.intake.load.forced = True
+        device.intake.shedding = True
+    msgs = []
+    for _ in range(20):
+        msg = bytearray(b"\x01\0\0\0" + rng.randbytes(INITIATION_LEN - 36) + bytes(32))
+        gen.add_macs(msg, now)
+        msgs.append((bytes(msg), ("198.51.100.9", 4001)))
+    outs = [d.receive(msgs, now, 0) for d in (py, c)]
+    same(*outs)
+    assert len(outs[0].udp) == 20 and outs[0].drops[Drop.REPLY_SHED] == 0

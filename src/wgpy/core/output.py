@@ -28,6 +28,7 @@ class Drop(Enum):
     QUEUE_FULL = "queue_full"  # the handshake queue is full: a flood
     NO_PRIVATE_KEY = "no_private_key"
     REPLY_SHED = "reply_shed"  # owed a cookie reply while the socket overflowed: a stranger
+    # past the bucket strangers still get then (ratelimit.py SHED_REPLIES)
     UNKNOWN_PEER = "unknown_peer"  # a valid initiation from a key we don't know
     BAD_HANDSHAKE = "bad_handshake"  # does not decrypt, or a low-order point
     STALE_TIMESTAMP = "stale_timestamp"  # an initiation replayed or older than the last

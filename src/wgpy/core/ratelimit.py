@@ -31,20 +31,24 @@ wireguard-go receive.go for the rule it extends):
   less than it is sent (0.43 or 0.70 of it) amplifies nothing. Such a message costs ~5.6 us
   (its mac1, and the reply: cookie.py), against ~1 us for the silent refusal it replaced.
 * **Shedding**, the one exception: while the socket is not read as fast as datagrams come
-  (for a second after a full drain found its queue over half full, or datagrams dropped
-  by the kernel), a message owed a cookie reply gets one only if it came from a peer's
-  endpoint; a stranger's is dropped (`reply_shed`). Past that point the flood, not the rule, decides
-  who is read: every reply costs a send (5-8 us here, against ~1.5 us to read and refuse),
-  and on 2 cores answering a 250k/s flood from 200 spoofed sources left 35% of the
-  datagrams read, the peers' pings and handshakes among the rest (65% ping loss, no
-  handshake within 9.5 s). Shed, the reads keep up: no ping lost, the peer through in
-  one cookie round trip (bench/flood.py mode c, BENCHMARKS.md). Below the overflow nothing
-  changes, so the owner of a spoofed address still gets its reply at any rate the device
-  can read; above it, a peer's endpoint still does (the peers the device has keep their
-  tunnels, as the brief asks), and a stranger is no worse off than a datagram the kernel
-  dropped. Linux and wireguard-go do the same by dropping at their full handshake queue.
-  The C drain decides it (src/native/classify.c `shedding`, SO_MEMINFO); the Python
-  intake takes `shedding` from its caller.
+  (for a second after a full drain found its queue over half full; not the kernel's drop
+  count, which a datagram with a bad UDP checksum grows), a message owed a cookie reply
+  gets one if it came from a peer's endpoint, or while the device's bucket of replies to
+  strangers lasts (SHED_REPLIES a second: a peer that roamed, or one with no endpoint yet,
+  is not locked out by a flood that overflows the socket in bursts, nor by a small flood
+  of valid initiations once the socket is shedding); past it a stranger's is dropped
+  (`reply_shed`). Past that point the flood, not the rule, decides who is read: every
+  reply costs a send (5-8 us here, against ~1.5 us to read and refuse), and on 2 cores
+  answering a 250k/s flood from 200 spoofed sources left 35% of the datagrams read, the
+  peers' pings and handshakes among the rest (65% ping loss, no handshake within 9.5 s).
+  Shed, the reads keep up: no ping lost, the peer through in one cookie round trip
+  (bench/flood.py mode c, BENCHMARKS.md). Below the overflow nothing changes, so the owner
+  of a spoofed address still gets its reply at any rate the device can read; above it, a
+  peer's endpoint still does (the peers the device has keep their tunnels, as the brief
+  asks), and a stranger is no worse off than a datagram the kernel dropped. Linux and
+  wireguard-go do the same by dropping at their full handshake queue. The C drain decides
+  it (src/native/classify.c `shedding`, SO_MEMINFO); the Python intake takes `shedding`
+  from its caller.
 * The only refusal before the mac1 is computed: a message with a mac2 from a source whose
   two buckets are both spent. Only a sender that receives at that address can spend the
   second, so this is cheap against a flood that echoes its cookies (bench/flood.py mode b)
@@ -69,6 +73,11 @@ COOKIE_PACKETS_PER_SECOND = 20  # with a valid mac2, when one is needed: Linux's
 COOKIE_BURST = 5
 MAX_SOURCES = 16384  # table bound: past it, sources that are full again are forgotten
 UNDER_LOAD_HOLD = 1.0
+# while shedding, the cookie replies strangers still get (one bucket for the device, not
+# one per source): 5-8 ms of sends a second at most, and a peer that roamed or has no
+# endpoint yet is not locked out by a flood that overflows the socket in bursts
+SHED_REPLIES = 1000  # a second
+SHED_BURST = 1000
 
 
 def source_key(endpoint: Endpoint) -> bytes:

@@ -59,12 +59,12 @@ def describe(event: ProtocolEvent, attempt: int | None = None) -> str:
     name = peer_name(peer.public_key) if peer is not None else "peer(?)"
     match event:
         case CookieSent(source=source, count=count):
-            if source is None:  # a drain's worth the C intake sent (core/intake.py)
-                if count == 1:
-                    return "Sending cookie response for denied handshake message"
-                return f"Sending {count} cookie responses for denied handshake messages"
-            source_text = format_endpoint(source)
-            return f"Sending cookie response for denied handshake message for {source_text}"
+            # count > 1: a drain's worth (no source) or one read's, told by the C intake
+            what = (f"{count} cookie responses for denied handshake messages" if count > 1
+                    else "cookie response for denied handshake message")  # fmt: skip
+            if source is None:
+                return f"Sending {what}"
+            return f"Sending {what} for {format_endpoint(source)}"
         case KeypairCreated(index=index):
             return f"Keypair {index} created for {name}"
         case EndpointChanged(endpoint=endpoint):

@@ -54,14 +54,16 @@ HISTORY = 1024  # events kept for wait_for
 @dataclass(frozen=True)
 class Event:
     """Something the protocol did: `kind`, the peer's public key (base64) or None, the
-    kind's detail (`detail_of`), and when (time.monotonic()). The core's events
-    (core/events.py) hold the peer itself, which belongs to the loop thread: this one
-    holds only values, safe in any thread."""
+    kind's detail (`detail_of`), when (time.monotonic()), and how many times: a flood's
+    cookie replies that the C intake sent in one drain are one event (`count` of them,
+    `detail` None). The core's events (core/events.py) hold the peer itself, which
+    belongs to the loop thread: this one holds only values, safe in any thread."""
 
     kind: EventKind
     peer: str | None
     detail: object
     time: float
+    count: int = 1
 
 
 def detail_of(event: ProtocolEvent) -> object:
@@ -77,6 +79,13 @@ def detail_of(event: ProtocolEvent) -> object:
         case HandshakeRetry(reason=reason):
             return reason
     return None
+
+
+def public_event(event: ProtocolEvent, now: float) -> Event:
+    """The library's value-only copy of a core event, made at `now`."""
+    peer = encode_key(event.peer.public_key) if event.peer is not None else None
+    count = event.count if isinstance(event, CookieSent) else 1
+    return Event(event.kind, peer, detail_of(event), now, count)
 
 
 @dataclass(frozen=True)
@@ -421,11 +430,7 @@ class Interface:
 
     def _on_events(self, events: list[ProtocolEvent]) -> None:
         now = time.monotonic()
-        public = [
-            Event(e.kind, encode_key(e.peer.public_key) if e.peer is not None else None,
-                  detail_of(e), now)
-            for e in events
-        ]  # fmt: skip
+        public = [public_event(e, now) for e in events]
         with self._cond:
             for ev in public:
                 self._seq += 1
