@@ -1,4 +1,6 @@
-/* wgpy._native: the TUN's offloads, as wgpy.io.offload computes them (the reference). */
+/* wgpy._native: the TUN's offloads, as wgpy.io.offload computes them (the reference), and
+ * write_tun, which makes coalesce's writes itself, gathered with writev from where the
+ * packets lie (a Spans' buffer) and without the GIL. */
 
 #include "native.h"
 
