@@ -331,8 +331,12 @@ def legit_handshake(bed: Bed, bound: float, result: dict[str, object]) -> None:
 
 
 def ping_rtt(bed: Bed, count: int) -> tuple[float | None, float]:
-    out = bed.l.run("ping", "-c", str(count), "-i", "0.2", "-W", "1", V_IN1,
-                    timeout=count * 0.2 + 5, check=False)  # fmt: skip
+    deadline = str(int(count * 0.2 + 3))  # ping ends by itself, answers or not
+    try:
+        out = bed.l.run("ping", "-c", str(count), "-i", "0.2", "-W", "1", "-w", deadline,
+                        V_IN1, timeout=count * 0.2 + 8, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, 100.0
     loss = re.search(r"([0-9.]+)% packet loss", out)
     rtt = re.search(r"= [0-9.]+/([0-9.]+)/", out)
     return (float(rtt.group(1)) if rtt else None), (float(loss.group(1)) if loss else 100.0)

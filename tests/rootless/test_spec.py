@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import socket
+import ssl
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,9 @@ InactivityTimeout = 0 # never
 
 [STDIOTunnel]
 Target = ssh.example:22
+
+[SNI]
+BindAddress = 127.0.0.1:8443
 """, tmp_path)  # fmt: skip
     assert [(x.kind, x.host, x.port, x.target) for x in p.listens] == [
         ("forward", "127.0.0.1", 25565, ("play.example", 25565)),
@@ -72,6 +78,7 @@ Target = ssh.example:22
         ("http", "::1", 25345, None),
         ("udp", "127.0.0.1", 5353, ("1.1.1.1", 53)),
         ("stdio", "", 0, ("ssh.example", 22)),
+        ("sni", "127.0.0.1", 8443, None),
     ]
     assert p.listens[5].timeout == math.inf
     assert p.listens[3].credentials == spec.Credentials("alice", "pw")
@@ -109,8 +116,16 @@ def test_wgconfig_takes_the_tunnel_from_another_file(tmp_path: Path) -> None:
         ("[TCPServerTunnel]\nListenPort = 70000\nTarget = a:1\n",
          ":10: listenport: '70000' is not a port"),
         ("[Nonsense]\n", ":9: [Nonsense]: unknown section"),
-        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n", ":11: CertFile: not supported"),
-        ("[SNI]\nBindAddress = 0.0.0.0:443\n", ":9: [SNI]: not supported by wgpy"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n", ":9: keyfile: missing"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nKeyFile = k.pem\n", ":9: certfile: missing"),
+        ("[http]\nBindAddress = 127.0.0.1:1\nCertFile = /nonexistent/c\nKeyFile = k\n",
+         ":11: certfile: cannot load the certificate '/nonexistent/c'"),
+        ("[Socks5]\nBindAddress = 127.0.0.1:1\nCertFile = c.pem\n",
+         ":11: CertFile: unknown key in [Socks5]"),
+        ("[SNI]\nBindAddress = 127.0.0.1:443\nTarget = a:1\n", ":11: Target: unknown key in [SNI]"),
+        ("[SNI]\n", ":9: bindaddress: missing"),
+        ("[Resolve]\nResolveStrategy = ipv5\n", ":10: ResolveStrategy: 'ipv5' is not one of"),
+        ("[Resolve]\nTunnelDomains = a\n", ":10: TunnelDomains: not supported by wgpy"),
     ],
 )  # fmt: skip
 def test_what_we_lack_or_cannot_read_is_named_by_line(
@@ -119,6 +134,32 @@ def test_what_we_lack_or_cannot_read_is_named_by_line(
     with pytest.raises(ConfigError) as e:
         parsed(WG + "\n" + tail, tmp_path)
     assert where in str(e.value)
+
+
+def self_signed(tmp_path: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A certificate for `name` and its key, made by openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_certfile_and_keyfile_serve_the_http_proxy_over_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    p = parsed(WG + f"\n[http]\nBindAddress = 127.0.0.1:1\nCertFile = {cert}\nKeyFile = {key}\n",
+               tmp_path)  # fmt: skip
+    assert isinstance(p.listens[0].tls, ssl.SSLContext)
+    assert p.listens[0].describe() == "http over TLS 127.0.0.1:1"
+    (tmp_path / "other").mkdir()
+    other, _ = self_signed(tmp_path / "other")  # a key that is not this certificate's
+    with pytest.raises(ConfigError, match=r":11: certfile: cannot load .*KEY_VALUES_MISMATCH"):
+        parsed(WG + f"\n[http]\nBindAddress = 127.0.0.1:1\nCertFile = {other}\n"
+               f"KeyFile = {key}\n", tmp_path)  # fmt: skip
 
 
 def test_a_wg_quick_file_serves_nothing_by_itself(tmp_path: Path) -> None:
@@ -210,3 +251,27 @@ def test_a_bad_line_holding_a_key_is_not_quoted(tmp_path: Path, line: str) -> No
     secret = {KEY, bytes(range(32)).hex()}
     pieces = {p[i : i + 8] for p in secret for i in range(0, len(p) - 8, 4)}
     assert not [p for p in pieces if p in str(e.value)], str(e.value)
+
+
+def test_sni_on_the_command_line_and_from_a_handed_socket(tmp_path: Path) -> None:
+    path = tmp_path / "wg.conf"
+    path.write_text(WG)
+    ns = proxy.parser().parse_args(["-c", str(path), "--sni", "127.0.0.1:8443"])
+    listens = proxy.plan(ns).spec.listens
+    assert [(x.kind, x.host, x.port) for x in listens] == [("sni", "127.0.0.1", 8443)]
+    assert proxy.handed_over("sni:7").fd == 7
+    with pytest.raises(ValueError):
+        proxy.handed_over("sni:7=a.example:443")  # no target: the hello names it
+
+
+def test_resolve_strategy_names_the_family_tried_first(tmp_path: Path) -> None:
+    def family(text: str) -> int | None:
+        return proxy.preferred_family(parsed(text + "[http]\nBindAddress = 127.0.0.1:1\n",
+                                             tmp_path))  # fmt: skip
+
+    v6 = WG.replace("10.0.0.2/32", "10.0.0.2/32, fd00::2/128")
+    assert family(WG) is None  # no [Resolve]: getaddrinfo's order
+    assert family(WG + "[Resolve]\nResolveStrategy = IPv6\n") == socket.AF_INET6
+    assert family(v6 + "[Resolve]\nResolveStrategy = ipv4\n") == socket.AF_INET
+    assert family(WG + "[Resolve]\n") == socket.AF_INET  # auto, IPv4 addresses only
+    assert family(v6 + "[Resolve]\nResolveStrategy = auto\n") == socket.AF_INET6

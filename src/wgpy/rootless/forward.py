@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wgpy.rootless.outside import Outside
-from wgpy.rootless.serve import Handler, Throttled, connect, relay
+from wgpy.rootless.serve import Handler, Throttled, connect, preferred, relay
 from wgpy.rootless.spec import UDP_TIMEOUT
 
 log = logging.getLogger("wgpy.proxy")
@@ -123,7 +123,7 @@ class UdpForward:
         loop = asyncio.get_running_loop()
         self.sock.setblocking(False)
         try:
-            infos = await loop.getaddrinfo(*self.target, type=socket.SOCK_DGRAM)
+            infos = preferred(await loop.getaddrinfo(*self.target, type=socket.SOCK_DGRAM))
         except OSError as e:
             log.error("UDP forward: cannot resolve %s: %s", self.target[0], e)
             return

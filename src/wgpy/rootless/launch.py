@@ -81,14 +81,15 @@ def _options(
 
 class Proxy:
     """`wgpy proxy` in a child process, its connections made inside the tunnel's
-    namespace: SOCKS5 at `socks` (None for none), an HTTP proxy at `http`, TCP and UDP
+    namespace: SOCKS5 at `socks` (None for none), an HTTP proxy at `http`, an SNI proxy
+    at `sni` (TLS to port 443 of the host its hello names), TCP and UDP
     forwards (`forward`, `udp_forward`: "ADDR:PORT=HOST:PORT", HOST:PORT through the
     tunnel), ports of the tunnel's addresses exposed to this side (`expose`:
     "PORT=HOST:PORT"), the health endpoint (`info`, with wireproxy's CheckAlive in
     `check_alive` and `check_alive_interval`), and the limits `max_clients` and
     `idle_timeout`: what `wgpy proxy` takes on its command line. The sockets on this
     side are opened here, so a port of 0 picks a free one and the addresses are known at
-    once: `socks_address`, `http_address`, `info_address`, `forward_addresses`,
+    once: `socks_address`, `http_address`, `sni_address`, `info_address`, `forward_addresses`,
     `udp_forward_addresses` (in the order given). A bad address raises ValueError before
     anything starts. A context manager; `close()` stops it."""
 
@@ -102,6 +103,7 @@ class Proxy:
         udp_forward: Sequence[str] = (),
         expose: Sequence[str] = (),
         info: str | None = None,
+        sni: str | None = None,
         check_alive: Sequence[str] = (),
         check_alive_interval: int | None = None,
         max_clients: int | None = None,
@@ -111,6 +113,7 @@ class Proxy:
         self._sockets: list[socket.socket] = []
         self.socks_address: tuple[str, int] | None = None
         self.http_address: tuple[str, int] | None = None
+        self.sni_address: tuple[str, int] | None = None
         self.info_address: tuple[str, int] | None = None
         self.forward_addresses: list[tuple[str, int]] = []
         self.udp_forward_addresses: list[tuple[str, int]] = []
@@ -118,7 +121,7 @@ class Proxy:
         options = _options(expose, check_alive, check_alive_interval, max_clients, idle_timeout)
         wanted = [
             (kind, where)
-            for kind, where in (("socks", socks), ("http", http), ("info", info))
+            for kind, where in (("socks", socks), ("http", http), ("info", info), ("sni", sni))
             if where is not None
         ]
         wanted += [("forward", v) for v in forward] + [("udp", v) for v in udp_forward]

@@ -51,13 +51,14 @@ from wgpy.rootless.session import (
     set_route_mtu,
     setup_logging,
 )
+from wgpy.rootless.sni import sni_handler
 from wgpy.rootless.socks import Options, socks_handler
 from wgpy.rootless.spec import Listen, ProxySpec, listen_address, load, mapping
 from wgpy.tools.config import ConfigError
 
 NAMES = {"socks": "SOCKS5 proxy", "http": "HTTP proxy", "forward": "TCP forward",
          "expose": "TCP exposed", "udp": "UDP forward", "info": "health endpoint",
-         "stdio": "standard input and output"}  # fmt: skip
+         "stdio": "standard input and output", "sni": "SNI proxy"}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,8 +67,8 @@ def parser() -> argparse.ArgumentParser:
         description="Proxies and port forwards into a WireGuard tunnel of your own, "
         "without root: the tunnel lives in a namespace only this process uses.",
         epilog="CONFIG is a wg-quick file, or a wireproxy file ([Socks5], [http], "
-        "[TCPClientTunnel], [TCPServerTunnel], [UDPProxyTunnel], [STDIOTunnel], "
-        "WGConfig = PATH). "
+        "[TCPClientTunnel], [TCPServerTunnel], [UDPProxyTunnel], [STDIOTunnel], [SNI], "
+        "[Resolve], WGConfig = PATH). "
         "LOG_LEVEL=verbose|error|silent sets what is logged. Listen on loopback: "
         "whoever reaches a port uses your tunnel.",
     )
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
         help="serve SOCKS5 (CONNECT, UDP ASSOCIATE) here")
     add("--http", action="append", default=[], metavar="ADDR:PORT",
         help="serve an HTTP proxy (CONNECT and plain http:// requests) here")
+    add("--sni", action="append", default=[], metavar="ADDR:PORT",
+        help="serve an SNI proxy here: TLS to port 443 of the host its hello names")
     add("--forward", action="append", default=[], metavar="ADDR:PORT=HOST:PORT",
         help="TCP on ADDR:PORT here to HOST:PORT through the tunnel")
     add("--expose", action="append", default=[], metavar="PORT=HOST:PORT",
@@ -119,7 +122,7 @@ def plan(ns: argparse.Namespace) -> Plan:
     if not path:
         raise ValueError("no config: give -c CONFIG (wg-quick or wireproxy) or set WGPY_CONFIG")
     spec = load(path)
-    for kind, values in (("socks", ns.socks), ("http", ns.http)):
+    for kind, values in (("socks", ns.socks), ("http", ns.http), ("sni", ns.sni)):
         spec.listens += [Listen(kind, *listen_address(v)) for v in values]
     for kind, values in (("forward", ns.forward), ("expose", ns.expose), ("udp", ns.udp_forward)):
         spec.listens += [mapping(kind, v) for v in values]
@@ -136,14 +139,14 @@ def plan(ns: argparse.Namespace) -> Plan:
         raise ValueError("one standard input and output: one --stdio or [STDIOTunnel]")
     spec.listens += [handed_over(value) for value in ns.listen_fd]
     if not spec.listens:
-        raise ValueError("nothing to serve: give --socks ADDR:PORT, --http, --forward, "
+        raise ValueError("nothing to serve: give --socks ADDR:PORT, --http, --sni, --forward, "
                          "--expose or --udp-forward (or sections in a wireproxy file)")  # fmt: skip
     if ns.max_clients < 1 or not ns.idle_timeout > 0:
         raise ValueError("--max-clients and --idle-timeout must be above 0")
     return Plan(spec, ns.max_clients, ns.idle_timeout, ns.silent)
 
 
-HANDED_OVER = ("socks", "http", "info", "forward", "udp")
+HANDED_OVER = ("socks", "http", "info", "forward", "udp", "sni")
 
 
 def handed_over(value: str) -> Listen:
@@ -322,6 +325,8 @@ def build_server(
             handler = socks_handler(opts)
         elif listen.kind == "http":
             handler = http_handler(opts)
+        elif listen.kind == "sni":
+            handler = sni_handler(idle)
         elif listen.kind == "forward":
             assert listen.target is not None
             handler = forward_handler(listen.target, idle)
@@ -329,9 +334,24 @@ def build_server(
             handler = info_handler(iface, lambda: (server.active, server.refused), alive)
         else:
             handler = expose_handler(targets[i], outside, idle)
-        services.append(serve.Service(sock, handler, NAMES[listen.kind]))
-    server = serve.Server(services, cap, jobs, owners)
+        services.append(serve.Service(sock, handler, service_name(listen), listen.tls))
+    server = serve.Server(services, cap, jobs, owners, preferred_family(p.spec))
     return server
+
+
+def preferred_family(spec: ProxySpec) -> int | None:
+    """ResolveStrategy's family: auto is IPv4 for a tunnel with IPv4 addresses only,
+    else IPv6, as wireproxy decides; None (the system's order) without [Resolve]."""
+    if spec.resolve is None:
+        return None
+    if spec.resolve == "auto":
+        v6 = any(a.version == 6 for a in spec.config.interface.addresses)
+        return int(socket.AF_INET6 if v6 else socket.AF_INET)
+    return int(socket.AF_INET6 if spec.resolve == "ipv6" else socket.AF_INET)
+
+
+def service_name(listen: Listen) -> str:
+    return "HTTPS proxy" if listen.kind == "http" and listen.tls else NAMES[listen.kind]
 
 
 def announce(listens: list[Listen], sockets: dict[int, socket.socket]) -> None:
@@ -342,7 +362,7 @@ def announce(listens: list[Listen], sockets: dict[int, socket.socket]) -> None:
         host, port = sockets[i].getsockname()[:2]
         to = f" -> {listen.target[0]}:{listen.target[1]}" if listen.target else ""
         where = f"port {port} of the tunnel" if listen.kind == "expose" else f"{host}:{port}"
-        sys.stderr.write(f"wgpy: {NAMES[listen.kind]} on {where}{to}\n")
+        sys.stderr.write(f"wgpy: {service_name(listen)} on {where}{to}\n")
         if listen.kind != "expose" and not serve.is_loopback(host):
             sys.stderr.write(
                 f"wgpy: warning: {host}:{port} is not a loopback address: other machines "

@@ -17,21 +17,27 @@ tunnel), and a local user can open connections for free. So:
   a second, for as long as the descriptors stayed taken.
 - `relay()` ends a connection on which nothing moved either way for `idle_timeout`
   seconds, so forgotten connections give their descriptors back.
+- A service may be served over TLS (`Service.tls`: the HTTPS proxy): a client has
+  `TLS_HANDSHAKE_TIMEOUT` seconds for its handshake, and a failed one is a throttled
+  log line. TLS has no half-close, so `relay()` passes an end on to a TLS side as a close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import ipaddress
 import logging
 import resource
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from wgpy.rootless.owners import Owners
 
@@ -41,11 +47,15 @@ MAX_CLIENTS = 1024  # a browser keeps tens to hundreds of connections open
 FD_RESERVE = 64  # descriptors kept for the datapath, lookups, logging
 IDLE_TIMEOUT = 600.0  # seconds without a byte either way before a relay is closed
 ACCEPT_RETRY = 1.0
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a client of a TLS service has to finish its hello
 LOG_EVERY = 1.0
 BUFFER = 65536
 _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# The address family tried first by connect() (wireproxy's ResolveStrategy), or None for
+# getaddrinfo's own order (glibc's puts IPv6 first, ULA or not): a Server's `prefer`.
+PREFERRED: contextvars.ContextVar[int | None] = contextvars.ContextVar("prefer", default=None)
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -109,6 +119,8 @@ async def relay(a: Stream, b: Stream, idle_timeout: float = IDLE_TIMEOUT) -> Non
                 await dst.drain()
             if dst.can_write_eof():
                 dst.write_eof()
+            else:  # TLS has no half-close: its end (close_notify) ends both ways
+                dst.close()
         except (ConnectionError, OSError):
             dst.close()  # a reset on one side resets the other
 
@@ -138,8 +150,47 @@ def _retrieved(future: asyncio.Future[tuple[None, None]]) -> None:
         future.exception()
 
 
+async def accepted(conn: socket.socket, tls: ssl.SSLContext | None) -> Stream:
+    """Streams over an accepted client's socket, over TLS (the server's side) with `tls`:
+    what asyncio.start_server makes of each client, for a socket accepted by us."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    timeout = TLS_HANDSHAKE_TIMEOUT if tls else None
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, conn, ssl=tls, ssl_handshake_timeout=timeout
+    )
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+AddrInfo = TypeVar("AddrInfo", bound=tuple[Any, ...])  # one of getaddrinfo's answers
+
+
+def preferred(infos: list[AddrInfo]) -> list[AddrInfo]:
+    """getaddrinfo's answers, the PREFERRED family's first (stable: in getaddrinfo's
+    order within each family)."""
+    family = PREFERRED.get()
+    if family is None:
+        return infos
+    return sorted(infos, key=lambda info: info[0] != family)
+
+
 async def connect(host: str, port: int, timeout: float) -> Stream:
-    return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    """A connection to `host` (inside the tunnel's namespace: its DNS); with a PREFERRED
+    family, that family's addresses are tried first, then the others, one at a time."""
+    family = PREFERRED.get()
+    if family is None:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    async with asyncio.timeout(timeout):
+        loop = asyncio.get_running_loop()
+        infos = preferred(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        error: OSError = OSError(f"no address for {host}")
+        for *_, address in infos:
+            try:
+                return await asyncio.open_connection(str(address[0]), port)
+            except OSError as e:
+                error = e
+        raise error
 
 
 @dataclass
@@ -149,6 +200,7 @@ class Service:
     sock: socket.socket
     handler: Handler
     name: str
+    tls: ssl.SSLContext | None = None  # served over TLS (the HTTPS proxy)
 
 
 class Server:
@@ -161,8 +213,10 @@ class Server:
         max_clients: int = MAX_CLIENTS,
         udp: list[Callable[[], Coroutine[None, None, None]]] | None = None,
         owners: Owners | None = None,
+        prefer: int | None = None,
     ) -> None:
         self.services = services
+        self.prefer = prefer  # the family connect() tries first (PREFERRED)
         self.owners = owners
         self.max_clients = max_clients
         self.udp = udp or []
@@ -172,6 +226,7 @@ class Server:
         self._left = asyncio.Event()  # set when a client leaves: accepting may resume
         self._refused = Throttled(logging.ERROR)
         self._starved = Throttled(logging.ERROR)
+        self._handshakes = Throttled(logging.INFO)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -196,6 +251,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._left = asyncio.Event()
+        PREFERRED.set(self.prefer)  # the tasks made from here on see it
         tasks = [asyncio.create_task(self._accept(s)) for s in self.services]
         tasks += [asyncio.create_task(job()) for job in self.udp]
         self._ready.set()
@@ -228,7 +284,7 @@ class Server:
                 self._refused(f"{service.name}: {why}; refusing one")
                 continue
             self.active += 1
-            task = asyncio.create_task(self._serve(conn, service.handler))
+            task = asyncio.create_task(self._serve(conn, service))
             self._clients.add(task)  # the loop keeps only weak references
             task.add_done_callback(self._clients.discard)
 
@@ -246,15 +302,20 @@ class Server:
             return ""
         return f"uid {uid} holds {held - 1} of {self.max_clients} places" if held > share else ""
 
-    async def _serve(self, conn: socket.socket, handler: Handler) -> None:
+    async def _serve(self, conn: socket.socket, service: Service) -> None:
         try:
             try:
-                reader, writer = await asyncio.open_connection(sock=conn)
+                reader, writer = await accepted(conn, service.tls)
+            except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+                conn.close()
+                what = "TLS handshake" if service.tls else "connection"
+                self._handshakes(f"{service.name}: a client's {what} failed: {e}")
+                return
             except BaseException:
                 conn.close()
                 raise
             try:
-                await handler(reader, writer)
+                await service.handler(reader, writer)
             finally:
                 writer.close()
         except Exception:  # a handler's bug must not end the server

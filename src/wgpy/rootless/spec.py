@@ -3,10 +3,13 @@
 Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
 
 - `socks` / `http`: a proxy listening on this side, connecting from inside the tunnel;
+  `http` over TLS when wireproxy's `CertFile` and `KeyFile` name a certificate and key;
 - `forward`: TCP on this side to a fixed target inside the tunnel (wireproxy's
   `[TCPClientTunnel]`); `udp`: the same for UDP datagrams;
 - `expose`: TCP on a port of the tunnel's addresses to a target on this side
   (wireproxy's `[TCPServerTunnel]`);
+- `sni`: TLS on this side to port 443 of the host its ClientHello names, inside the
+  tunnel (wireproxy's `[SNI]`);
 - `info`: the health endpoint (`--info`);
 - `stdio`: standard input and output to a target inside the tunnel (wireproxy's
   `[STDIOTunnel]`, for ssh's ProxyCommand); the proxy ends when that connection does.
@@ -14,13 +17,15 @@ Both give a `ProxySpec`: the tunnel's config and a list of `Listen`s. The kinds:
 The wireproxy file is a wg-quick file with more sections, read as wireproxy reads it:
 sections and keys in any case, several sections of a kind, `WGConfig = PATH` before the
 first section to take [Interface] and [Peer] from another file, a [Peer] without
-AllowedIPs routing everything. What wireproxy has and we lack is refused by name.
+AllowedIPs routing everything; `[Resolve]`'s ResolveStrategy says which address family
+the proxy's connections try first. What wireproxy has and we lack is refused by name.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import ssl
 from dataclasses import dataclass, field
 
 from wgpy.core.endpoint import split_endpoint
@@ -29,7 +34,7 @@ from wgpy.tools.config import Config, ConfigError
 
 UDP_TIMEOUT = 60.0  # seconds
 CHECK_INTERVAL = 5.0  # wireproxy's CheckAliveInterval default
-KINDS = ("socks", "http", "forward", "expose", "udp", "info", "stdio")
+KINDS = ("socks", "http", "forward", "expose", "udp", "info", "stdio", "sni")
 SECTIONS = {  # wireproxy's section -> our kind
     "[socks5]": "socks",
     "[http]": "http",
@@ -37,26 +42,28 @@ SECTIONS = {  # wireproxy's section -> our kind
     "[tcpservertunnel]": "expose",
     "[udpproxytunnel]": "udp",
     "[stdiotunnel]": "stdio",
+    "[sni]": "sni",
+    "[resolve]": "resolve",  # not a listener: how names resolve (ProxySpec.resolve)
 }
 NAMES = {"[socks5]": "[Socks5]", "[http]": "[http]", "[tcpclienttunnel]": "[TCPClientTunnel]",
          "[tcpservertunnel]": "[TCPServerTunnel]",
-         "[udpproxytunnel]": "[UDPProxyTunnel]", "[stdiotunnel]": "[STDIOTunnel]"}  # fmt: skip
+         "[udpproxytunnel]": "[UDPProxyTunnel]", "[stdiotunnel]": "[STDIOTunnel]",
+         "[sni]": "[SNI]", "[resolve]": "[Resolve]"}  # fmt: skip
 UNSUPPORTED = {  # what wireproxy (and its forks) have that wgpy does not
-    "[sni]": "a TLS proxy routed by SNI",
-    "[resolve]": "ResolveStrategy (names resolve as the tunnel's resolv.conf says)",
-    "certfile": "an HTTPS proxy (CertFile, KeyFile)",
-    "keyfile": "an HTTPS proxy (CertFile, KeyFile)",
     "tunneldomains": "TunnelDomains (everything goes through the tunnel)",
     "logdomains": "LogDomains",
 }
 SECTION_KEYS = {
     "socks": ("bindaddress", "username", "password"),
-    "http": ("bindaddress", "username", "password"),
+    "http": ("bindaddress", "username", "password", "certfile", "keyfile"),
     "forward": ("bindaddress", "target"),
     "expose": ("listenport", "target"),
     "udp": ("bindaddress", "target", "inactivitytimeout"),
     "stdio": ("target",),
+    "sni": ("bindaddress",),
+    "resolve": ("resolvestrategy",),
 }
+STRATEGIES = ("auto", "ipv4", "ipv6")  # ResolveStrategy's
 
 
 @dataclass(frozen=True)
@@ -77,13 +84,15 @@ class Listen:
     credentials: Credentials | None = None
     fd: int | None = None  # a listening socket handed in (wgpy.Proxy)
     timeout: float = UDP_TIMEOUT  # a UDP forward's: a client silent this long is forgotten
+    tls: ssl.SSLContext | None = None  # an HTTP proxy's, served over TLS (CertFile, KeyFile)
 
     def describe(self) -> str:
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         if self.kind == "expose":
             where = f"port {self.port} of the tunnel"
         to = f" -> {self.target[0]}:{self.target[1]}" if self.target else ""
-        return f"{self.kind} {where}{to}"
+        tls = " over TLS" if self.tls else ""
+        return f"{self.kind}{tls} {where}{to}"
 
 
 @dataclass
@@ -92,6 +101,7 @@ class ProxySpec:
     listens: list[Listen] = field(default_factory=list)
     check_alive: list[str] = field(default_factory=list)  # addresses pinged for /readyz
     check_interval: float = CHECK_INTERVAL
+    resolve: str | None = None  # ResolveStrategy: which family's addresses to try first
 
 
 def listen_address(value: str) -> tuple[str, int]:
@@ -187,8 +197,20 @@ def parse_wireproxy(text: str, path: str) -> ProxySpec:
         else:
             wg_lines[number - 1] = line
     spec = _wg_config("\n".join(wg_lines), include, path)
-    spec.listens = [_listen(s, path) for s in sections]
+    spec.listens = [_listen(s, path) for s in sections if s.kind != "resolve"]
+    for s in sections:
+        if s.kind == "resolve":
+            spec.resolve = _strategy(s, path)
     return spec
+
+
+def _strategy(section: _Section, path: str) -> str:
+    """[Resolve]'s ResolveStrategy; wireproxy's default, auto, when it is not set."""
+    value, line = section.keys.get("resolvestrategy", ("auto", section.line))
+    value = value.lower()
+    if value not in STRATEGIES:
+        raise ConfigError(path, line, "ResolveStrategy", f"{value!r} is not one of {STRATEGIES}")
+    return value
 
 
 def _listen(section: _Section, path: str) -> Listen:
@@ -217,6 +239,9 @@ def _listen(section: _Section, path: str) -> Listen:
             if not value.isascii() or not value.isdigit():
                 raise ValueError(f"{value!r} is not a number of seconds")
             listen.timeout = float(value) or math.inf  # 0: never, as wireproxy
+        if kind == "http" and ("certfile" in section.keys or "keyfile" in section.keys):
+            key = "certfile" if "certfile" in section.keys else "keyfile"
+            listen.tls = tls_context(need("certfile")[0], need("keyfile")[0])
         user = section.keys.get("username", ("", 0))[0]
         if user:  # as wireproxy: a Username turns authentication on
             listen.credentials = Credentials(user, section.keys.get("password", ("", 0))[0])
@@ -224,6 +249,17 @@ def _listen(section: _Section, path: str) -> Listen:
     except ValueError as e:
         line = section.keys.get(key, ("", section.line))[1]
         raise ConfigError(path, line, key, str(e)) from None
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server's TLS context from a PEM certificate (chain) and its key, relative to the
+    working directory as wireproxy opens them; ValueError says why not."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as e:  # ssl.SSLError is one: a key that is not the certificate's
+        raise ValueError(f"cannot load the certificate {cert!r} and key {key!r}: {e}") from None
+    return context
 
 
 def _wg_config(text: str, include: tuple[int, str] | None, path: str) -> ProxySpec:

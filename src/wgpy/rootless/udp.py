@@ -20,6 +20,7 @@ import socket
 import struct
 
 from wgpy.rootless.outside import Outside
+from wgpy.rootless.serve import preferred
 
 log = logging.getLogger("wgpy.proxy")
 ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6 = 0x01, 0x03, 0x04
@@ -119,7 +120,7 @@ class Association:
     async def _resolve_and_send(self, name: str, port: int, payload: bytes) -> None:
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(name, port, type=socket.SOCK_DGRAM)
+            infos = preferred(await loop.getaddrinfo(name, port, type=socket.SOCK_DGRAM))
         except OSError as e:
             log.info("SOCKS5 UDP: cannot resolve %s: %s", name, e)
             return
