@@ -10,7 +10,9 @@ the caller sums them (`Counter.update`) for logs and metrics.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from enum import Enum
+from typing import Protocol
 
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
@@ -50,6 +52,20 @@ class Drops(Counter[Drop]):
     __init__ = dict.__init__  # the C slot: no Python frame
 
 
+class Packets(Protocol):
+    """A run of opened packets on its way to the TUN, as `open_batch` hands it over
+    (core/backend.py): the native backend's `Spans` (the packets stay in the one buffer
+    they were decrypted into; a packed (offset, length) table says where, and the native
+    `coalesce` reads them there: no Python object per packet) or the pure one's list of
+    bytes. Both count and iterate alike (iterating a `Spans` copies: tests, simulator)."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[bytes]: ...
+
+
+ToTun = bytes | Packets  # a packet the core made itself (ICMP), or a run of opened ones
+
+
 class Output:
     """IP packets for the TUN, datagrams for the UDP socket, events and drops."""
 
@@ -57,10 +73,15 @@ class Output:
 
     def __init__(self) -> None:
         self.authentic = False  # a data message (keepalives too) authenticated in this call
-        self.tun: list[bytes] = []
+        self.tun: list[ToTun] = []  # in order; see `tun_packets`
         self.udp: list[tuple[bytes, Endpoint]] = []
         self.events: list[ProtocolEvent] = []
         self.drops: Counter[Drop] = Drops()
+
+    def tun_packets(self) -> list[bytes]:
+        """`tun` as one packet per item (for tests and the simulator: the datapath hands
+        `tun` to `Tun.write_batch` as it is, the runs unopened)."""
+        return [p for item in self.tun for p in ((item,) if isinstance(item, bytes) else item)]
 
     def extend(self, other: Output) -> None:
         self.authentic = self.authentic or other.authentic
