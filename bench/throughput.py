@@ -35,7 +35,10 @@ from sections import write_section  # noqa: E402
 from wgpy.demo.run import iperf3  # noqa: E402
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Tunnel, TunnelEnd  # noqa: E402
 
-UPSTREAM = sorted((ROOT.parent / "shared" / "bin").glob("wireguard-go-*"))
+# ../shared/bin beside the checkout; from a git worktree (wt/NAME), the one further up
+UPSTREAM = next((found for parent in ROOT.parents
+                 if (found := sorted((parent / "shared" / "bin").glob("wireguard-go-*")))),
+                [])  # fmt: skip
 IMPLEMENTATIONS: dict[str, list[str]] = {
     "wgpy": ["env", "WGPY_NATIVE=1", *WGPY],
     "wgpy-pure": ["env", "WGPY_NATIVE=0", *WGPY],

@@ -96,6 +96,8 @@ static PyMethodDef module_methods[] = {
      "(public, shared secret or None where the result is all zeros, ...). On the crypto\n"
      "threads, without the GIL."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
+    {"read_nowait", read_nowait, METH_VARARGS,
+     "read_nowait(fd, buf) -> bytes read, or -1 when nothing waits (EAGAIN: no exception)."},
     {NULL, NULL, 0, NULL},
 };
 

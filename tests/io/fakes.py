@@ -32,7 +32,7 @@ class ChannelTun(Tun):
 
     def read_into(self, buf: memoryview) -> int:
         if not self.inbound:
-            raise BlockingIOError
+            return -1
         packet = self.inbound.popleft()
         data = offload.plain_header() + packet if self.vnet_hdr else packet
         buf[: len(data)] = data

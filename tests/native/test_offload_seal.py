@@ -3,6 +3,8 @@ and split against io.offload."""
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import sys
 import threading
@@ -17,7 +19,7 @@ from tests.native.reference import forge
 from wgpy.core.backend import Sealer
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
 from wgpy.core.messages import DATA_HEADER
-from wgpy.io import offload
+from wgpy.io import offload, tun
 
 native = pytest.importorskip(
     "wgpy._native", reason="wgpy._native is not built (python setup.py build_ext --inplace)"
@@ -292,3 +294,30 @@ def test_split_edges_agree() -> None:
     assert native.split(buf, 1500) == [segment]
     over = VNET.pack(0, offload.GSO_TCPV6, 0, 65535, 0, 0) + header + payload + b"x"
     assert offload.split(over, 1500) == native.split(over, 1500) == []
+
+
+# ---------------------------------------------------------------- read_nowait
+
+
+@pytest.mark.parametrize("read_nowait", [native.read_nowait, tun.read_nowait], ids=["c", "py"])
+def test_read_nowait(read_nowait: Any) -> None:
+    """One read of a non-blocking descriptor: its length, -1 (not BlockingIOError) when
+    nothing waits, OSError for anything else; the C one and the Python one alike."""
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        buf = memoryview(bytearray(8))
+        assert read_nowait(r, buf) == -1
+        os.write(w, b"ping")
+        assert read_nowait(r, buf) == 4 and bytes(buf[:4]) == b"ping"
+        assert read_nowait(r, buf) == -1
+        os.close(w)
+        w = -1
+        assert read_nowait(r, buf) == 0  # end of file: 0, as read(2) says
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    with pytest.raises(OSError) as error:
+        read_nowait(r, buf)  # closed
+    assert error.value.errno == errno.EBADF

@@ -52,7 +52,7 @@ from wgpy.core.events import (
 )
 from wgpy.core.exchanges import Exchanges
 from wgpy.core.indextable import IndexTable
-from wgpy.core.intake import Entry, HandshakeIntake
+from wgpy.core.intake import KNOWN_EARLY, Entry, HandshakeIntake
 from wgpy.core.ip import destination as inner_destination
 from wgpy.core.messages import MSG_INITIATION, parse_cookie_reply, parse_response
 from wgpy.core.output import Drop, Output
@@ -319,6 +319,7 @@ class Device:
                 self._on_timer(peer, timer, now, out)
         if self.intake.queue:
             self._process_handshakes(now, HANDSHAKE_BUDGET, out)
+        self.intake.known(now, KNOWN_EARLY)  # here, not on a datagram's way in
         return out
 
     def is_under_load(self, now: float) -> bool:
@@ -598,7 +599,8 @@ class Device:
     def _jitter(self) -> float:
         # Timer jitter needs no secrecy (wireguard-go uses a fast PRNG too): a generator
         # seeded once from `rand` spares a getrandom() per batch of sent packets.
-        return self._timer_rng.randrange(REKEY_TIMEOUT_JITTER_MS) / 1000
+        # random() is one C call; randrange() two Python frames, on every packet sent
+        return int(self._timer_rng.random() * REKEY_TIMEOUT_JITTER_MS) / 1000
 
     def _on_timer(self, peer: Peer, timer: Timer, now: float, out: Output) -> None:
         timers = peer.timers

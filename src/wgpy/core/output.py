@@ -58,6 +58,14 @@ class Packets(Protocol):
 ToTun = bytes | Packets  # a packet the core made itself (ICMP), or a run of opened ones
 
 
+class Drops(Counter[Drop]):
+    """A Counter made by dict's own __init__: every call into the core makes one, and
+    Counter's __init__ (two Python frames in collections) cost a lone packet ~20 us when
+    the caches are cold (an idle tunnel's ping: docs/design.md, "Latency")."""
+
+    __init__ = dict.__init__  # the C slot: no Python frame
+
+
 class Output:
     """IP packets for the TUN, datagrams for the UDP socket, events and drops."""
 
@@ -68,7 +76,7 @@ class Output:
         self.tun: list[ToTun] = []  # in order; see `tun_packets`
         self.udp: list[tuple[bytes, Endpoint]] = []
         self.events: list[ProtocolEvent] = []
-        self.drops: Counter[Drop] = Counter()
+        self.drops: Counter[Drop] = Drops()
 
     def tun_packets(self) -> list[bytes]:
         """`tun` as one packet per item (for tests and the simulator: the datapath hands

@@ -17,6 +17,10 @@ log = logging.getLogger("wgpy.loop")
 
 _READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+# events per poll: the loop watches a handful of descriptors (TUN, UDP, the UAPI listener
+# and its clients), and poll() allocates room for this many on every call (its default,
+# 1023, is 12 KiB malloc'd and freed per wake-up)
+MAX_EVENTS = 64
 
 
 class Loop:
@@ -87,7 +91,7 @@ class Loop:
         while not self._stopping:
             timeout = 0.0 if self._soon else max(0.0, next_tick - time.monotonic())
             try:
-                events = poll(timeout)
+                events = poll(timeout, MAX_EVENTS)
             except InterruptedError:
                 continue
             for fd, mask in events:

@@ -49,6 +49,14 @@ _IFREQ_INT = struct.Struct("16si20x")
 _GONE = {errno.EBADFD, errno.ENODEV, errno.EINVAL, errno.EBADF}
 
 
+def read_nowait(fd: int, buf: memoryview) -> int:
+    """Bytes read from the non-blocking `fd` into `buf`, or -1 when nothing waits."""
+    try:
+        return os.readv(fd, [buf])
+    except BlockingIOError:
+        return -1
+
+
 class TunGone(Exception):
     """The interface behind this TUN descriptor no longer exists."""
 
@@ -64,6 +72,9 @@ class Tun:
     # copy) without the GIL; it hands back [(errno, write)] of the writes that failed
     write_coalesced: Callable[[int, list[ToTun], bool], list[tuple[int, bytes]]] | None = None
     writes_fd = True  # its writes are write(2)s on `fileno()` (the channel fakes': not)
+    # one read, -1 when nothing waits; the native one raises no BlockingIOError on the way
+    # (docs/design.md, "Latency")
+    read_nowait: Callable[[int, memoryview], int] = staticmethod(read_nowait)
 
     def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
         self._fd = fd
@@ -110,11 +121,9 @@ class Tun:
         return self._fd
 
     def read_into(self, buf: memoryview) -> int:
-        """One packet (with its virtio header if vnet_hdr); BlockingIOError when none waits."""
+        """One packet (with its virtio header if vnet_hdr), or -1 when none waits."""
         try:
-            return os.readv(self._fd, [buf])
-        except BlockingIOError:
-            raise
+            return self.read_nowait(self._fd, buf)
         except OSError as e:
             if e.errno in _GONE:
                 raise TunGone(self.name) from e
@@ -127,9 +136,8 @@ class Tun:
         packets: list[bytes] = []
         skip = offload.VNET_HDR_LEN if self.vnet_hdr else 0
         while len(packets) < limit:
-            try:
-                n = self.read_into(buf)
-            except BlockingIOError:
+            n = self.read_into(buf)
+            if n < 0:
                 break
             if skip and (buf[0] or buf[1]):  # flags or gso_type: work for us
                 packets += self.split(buf[:n], mtu)
