@@ -107,7 +107,7 @@ PyObject *x25519(PyObject *module, PyObject *jobs);
 PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
-PyObject *write_tun(PyObject *module, PyObject *args);
 PyObject *read_nowait(PyObject *module, PyObject *args);
+PyObject *write_tun(PyObject *module, PyObject *args);
 
 #endif

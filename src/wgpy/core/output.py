@@ -44,6 +44,14 @@ class Drop(Enum):
     NO_ENDPOINT = "no_endpoint"  # (sending) the peer has no endpoint yet
 
 
+class Drops(Counter[Drop]):
+    """A Counter made by dict's own __init__: every call into the core makes one, and
+    Counter's __init__ (two Python frames in collections) cost a lone packet ~20 us when
+    the caches are cold (an idle tunnel's ping: docs/design.md, "Latency")."""
+
+    __init__ = dict.__init__  # the C slot: no Python frame
+
+
 class Packets(Protocol):
     """A run of opened packets on its way to the TUN, as `open_batch` hands it over
     (core/backend.py): the native backend's `Spans` (the packets stay in the one buffer
@@ -56,14 +64,6 @@ class Packets(Protocol):
 
 
 ToTun = bytes | Packets  # a packet the core made itself (ICMP), or a run of opened ones
-
-
-class Drops(Counter[Drop]):
-    """A Counter made by dict's own __init__: every call into the core makes one, and
-    Counter's __init__ (two Python frames in collections) cost a lone packet ~20 us when
-    the caches are cold (an idle tunnel's ping: docs/design.md, "Latency")."""
-
-    __init__ = dict.__init__  # the C slot: no Python frame
 
 
 class Output:

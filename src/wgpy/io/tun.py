@@ -67,14 +67,14 @@ class Tun:
     # when the device has the native module
     coalesce: Callable[[Iterable[ToTun], bool], list[bytes]] = staticmethod(offload.coalesce)
     split: Callable[[memoryview, int], list[bytes]] = staticmethod(offload.split)
+    # one read, -1 when nothing waits; the native one raises no BlockingIOError on the way
+    # (docs/design.md, "Latency")
+    read_nowait: Callable[[int, memoryview], int] = staticmethod(read_nowait)
     # with the native module (the Datapath sets it where `writes_fd`): coalesce and write
     # in C, each write a writev from where the packets lie (the native open's Spans: no
     # copy) without the GIL; it hands back [(errno, write)] of the writes that failed
     write_coalesced: Callable[[int, list[ToTun], bool], list[tuple[int, bytes]]] | None = None
     writes_fd = True  # its writes are write(2)s on `fileno()` (the channel fakes': not)
-    # one read, -1 when nothing waits; the native one raises no BlockingIOError on the way
-    # (docs/design.md, "Latency")
-    read_nowait: Callable[[int, memoryview], int] = staticmethod(read_nowait)
 
     def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
         self._fd = fd
