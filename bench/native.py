@@ -2,7 +2,10 @@
 
 Per packet, on batches of 44 x 1420-byte IPv4 packets (one UDP GRO read / GSO send), the
 two backends' calls (core/backend.py) side by side:
-  open:  open_batch on one session, the packets out as bytes (native: GIL released inside)
+  open:  open_batch on one session, the packets out as runs (native: a Spans over one
+         buffer per read, no object per packet; GIL released inside)
+  open + coalesce: the same, and the runs made into TUN writes (GSO super-packets) as
+         Tun.write_batch does (native: the Spans read in place)
   seal:  Sealer.seal
     PYTHONPATH=src python bench/native.py
 """
@@ -18,6 +21,7 @@ from typing import Any
 from wgpy import _native as native
 from wgpy.core import backend
 from wgpy.core.backend import Sealer, SealerLike, Session
+from wgpy.io import offload
 
 BATCH = 44
 SIZE = 1420
@@ -43,12 +47,16 @@ def main() -> None:
     reads = [b"".join(sealer.seal(packets, 1420)) for _ in range(ROUNDS)]
     seg = len(reads[0]) // BATCH
 
-    def open_with(make: Callable[[bytes, float], Any], open_batch: Any) -> Callable[[], None]:
+    def open_with(
+        make: Callable[[bytes, float], Any], open_batch: Any, coalesce: Any = None
+    ) -> Callable[[], None]:
         def run() -> None:
             sessions = {77: make(key, 1e9)}
             for buf in reads:
                 runs = open_batch(buf, len(buf), seg, sessions, 1.0)[0]
                 assert sum(len(p) for _, _, p in runs) == BATCH
+                if coalesce is not None:
+                    coalesce([p for _, _, p in runs], True)
 
         return run
 
@@ -65,6 +73,14 @@ def main() -> None:
     rows = [
         ("open_batch (pure)", best_us_per_packet(open_with(Session, backend.open_batch), n)),
         ("open_batch (native)", best_us_per_packet(c_open, n)),
+        (
+            "open_batch + coalesce (pure)",
+            best_us_per_packet(open_with(Session, backend.open_batch, offload.coalesce), n),
+        ),
+        (
+            "open_batch + coalesce (native)",
+            best_us_per_packet(open_with(native.Session, native.open_batch, native.coalesce), n),
+        ),
         ("Sealer.seal (pure)", best_us_per_packet(seal_with(Sealer), n)),
         ("Sealer.seal (native)", best_us_per_packet(seal_with(native.Sealer), n)),
     ]

@@ -9,15 +9,18 @@
  *                                      seal_runs(items, mtu) (GSO runs, super-packets cut)
  *   Routes(), route(items, routes)     the allowed IPs mirrored; a batch grouped by peer
  *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
- *   coalesce, checksum, split          as wgpy.io.offload
+ *   Spans                              a run of opened packets: spans of one buffer
+ *   coalesce, checksum, split          as wgpy.io.offload (coalesce reads Spans in place)
  *   segments(super_packet)             as wgpy.core.ip.segments
  *   x25519(jobs)                       X25519 in batches for the handshakes (dh.c)
  *
  * Every read of packet data is bounds-checked against the length it came with. The
- * crypto loops allocate nothing per packet (one scratch block per call; the bytes handed
- * back are made with the GIL). The GIL is released while decrypting and encrypting; each
- * Session and Sealer has a lock so that two threads (or a wipe) never use one EVP context
- * at once, and a Sealer reserves its counters under that lock.
+ * crypto loops allocate nothing per packet, and neither does the way from open_batch to
+ * the TUN: a call decrypts into one bytes object and hands back per run a Spans (that
+ * buffer and a table of (offset, length)), which coalesce reads in place. The GIL is
+ * released while decrypting and encrypting; each Session and Sealer has a lock so that
+ * two threads (or a wipe) never use one EVP context at once, and a Sealer reserves its
+ * counters under that lock.
  */
 
 #include "native.h"
@@ -77,11 +80,17 @@ static PyMethodDef module_methods[] = {
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
      "wgpy.core.backend.open_batch, byte for byte (that is the reference): one UDP (GRO)\n"
-     "read opened, decrypted without the GIL. runs: [(session, source, packets)];\n"
+     "read opened, decrypted without the GIL. runs: [(session, source, packets)], packets\n"
+     "a Spans (spans of one buffer per call);\n"
      "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
      "count (every reason, zeros included)."},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
-     "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce."},
+     "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce; an item\n"
+     "is a packet (a bytes-like) or a Spans, whose packets are read in place."},
+    {"write_tun", write_tun, METH_VARARGS,
+     "write_tun(fd, packets, udp=True) -> [(errno, write)]: coalesce's writes, each made with\n"
+     "writev from where its packets lie (no copy of a Spans), without the GIL; the writes\n"
+     "that failed come back as bytes with their errno."},
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"x25519", x25519, METH_O,
@@ -109,7 +118,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0
-        || PyType_Ready(&RoutesType) < 0)
+        || PyType_Ready(&RoutesType) < 0 || PyType_Ready(&SpansType) < 0)
         return NULL;
     if (pool_init() < 0) {
         PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
@@ -121,9 +130,11 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_INCREF(&SessionType);
     Py_INCREF(&SealerType);
     Py_INCREF(&RoutesType);
+    Py_INCREF(&SpansType);
     if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
         || PyModule_AddObject(m, "Sealer", (PyObject *)&SealerType) < 0
         || PyModule_AddObject(m, "Routes", (PyObject *)&RoutesType) < 0
+        || PyModule_AddObject(m, "Spans", (PyObject *)&SpansType) < 0
         || PyModule_AddIntConstant(m, "WINDOW", WINDOW) < 0) {
         Py_DECREF(m);
         return NULL;

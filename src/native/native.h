@@ -7,6 +7,7 @@
  *   route.c     Routes (a mirror of the allowed IPs) and route: packets grouped by peer
  *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO), cutting
  *               super-packets (for split, segments and seal_runs)
+ *   spans.c     Spans: a run of opened packets, spans of one buffer, open -> coalesce
  *   dh.c        X25519 in batches for the handshakes: x25519
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
@@ -82,6 +83,18 @@ long chunks_for(Py_ssize_t n);
 PyObject *set_threads(PyObject *module, PyObject *arg);
 PyObject *get_threads(PyObject *module, PyObject *ignored);
 
+/* spans.c */
+typedef struct {
+    uint32_t off, len;
+} Span;
+typedef struct {
+    PyObject_VAR_HEAD /* ob_size: the number of packets */
+    PyObject *buf;    /* bytes: the plaintexts of one open_batch call */
+    Span span[];      /* each packet's place in buf */
+} Spans;
+extern PyTypeObject SpansType;
+Spans *spans_new(PyObject *buf, Py_ssize_t n);
+
 /* open.c */
 extern PyTypeObject SessionType;
 PyObject *open_batch(PyObject *module, PyObject *args);
@@ -115,5 +128,6 @@ PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
 PyObject *read_nowait(PyObject *module, PyObject *args);
+PyObject *write_tun(PyObject *module, PyObject *args);
 
 #endif

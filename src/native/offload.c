@@ -1,8 +1,11 @@
-/* wgpy._native: the TUN's offloads, as wgpy.io.offload computes them (the reference). */
+/* wgpy._native: the TUN's offloads, as wgpy.io.offload computes them (the reference), and
+ * write_tun, which makes coalesce's writes itself, gathered with writev from where the
+ * packets lie (a Spans' buffer) and without the GIL. */
 
 #include "native.h"
 
 #include <errno.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------ checksum */
@@ -234,24 +237,28 @@ static int run_closed_by(const Run *run, const uint8_t *p, size_t n)
     return n - run->hlen < run->gso || (!run->udp && (p[run->l4 + 13] & PSH));
 }
 
-static PyObject *plain(const Py_buffer *v)
+/* One packet to coalesce: where it lies (a bytes-like's buffer or a span of a Spans). */
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} Pkt;
+
+static PyObject *plain(const Pkt *v)
 {
-    PyObject *b = PyBytes_FromStringAndSize(NULL, VNET_LEN + v->len);
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(VNET_LEN + v->n));
     if (b) {
         memset(PyBytes_AS_STRING(b), 0, VNET_LEN);
-        memcpy(PyBytes_AS_STRING(b) + VNET_LEN, v->buf, (size_t)v->len);
+        memcpy(PyBytes_AS_STRING(b) + VNET_LEN, v->p, v->n);
     }
     return b;
 }
 
-/* _Run.build / _UdpRun.build for a run of two or more */
-static PyObject *run_build(const Run *run, const Py_buffer *views, const Py_ssize_t *next)
+/* The virtio header and the merged IP + L4 header of a run of two or more (_Run.build /
+ * _UdpRun.build up to the payloads) into o, VNET_LEN + run->hlen bytes. */
+static void run_header(const Run *run, const Pkt *pkts, uint8_t *o)
 {
-    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(VNET_LEN + run->total));
-    if (b == NULL)
-        return NULL;
-    uint8_t *o = (uint8_t *)PyBytes_AS_STRING(b), *h = o + VNET_LEN;
-    const uint8_t *first = views[run->first].buf;
+    uint8_t *h = o + VNET_LEN;
+    const uint8_t *first = pkts[run->first].p;
     size_t l4 = run->l4, hlen = run->hlen, total = run->total;
     memcpy(h, first, hlen);
     set_ip_length(h, l4, (unsigned)total);
@@ -261,73 +268,102 @@ static PyObject *run_build(const Run *run, const Py_buffer *views, const Py_ssiz
         vnet(o, 1, 5, (unsigned)hlen, (unsigned)run->gso, (unsigned)l4, 6);
     } else {
         wr16be(h + l4 + 16, pseudo_sum(first, 6, total - l4));
-        h[l4 + 13] = ((const uint8_t *)views[run->last].buf)[l4 + 13];
+        h[l4 + 13] = pkts[run->last].p[l4 + 13];
         vnet(o, 1, l4 == 20 ? 1 : 4, (unsigned)hlen, (unsigned)run->gso, (unsigned)l4, 16);
     }
-    uint8_t *at = h + hlen;
+}
+
+/* A run of two or more as one buffer at o (VNET_LEN + run->total bytes). */
+static void run_fill(const Run *run, const Pkt *pkts, const Py_ssize_t *next, uint8_t *o)
+{
+    uint8_t *at = o + VNET_LEN + run->hlen;
+    run_header(run, pkts, o);
     for (Py_ssize_t i = run->first; i >= 0; i = next[i]) {
-        size_t len = (size_t)views[i].len - hlen;
-        memcpy(at, (const uint8_t *)views[i].buf + hlen, len);
+        size_t len = pkts[i].n - run->hlen;
+        memcpy(at, pkts[i].p + run->hlen, len);
         at += len;
     }
+}
+
+/* _Run.build / _UdpRun.build for a run of two or more */
+static PyObject *run_build(const Run *run, const Pkt *pkts, const Py_ssize_t *next)
+{
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(VNET_LEN + run->total));
+    if (b != NULL)
+        run_fill(run, pkts, next, (uint8_t *)PyBytes_AS_STRING(b));
     return b;
 }
 
-PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
+/* The packets of a tuple of bytes-likes and Spans, in order, as one array (*count long).
+ * The buffers of the bytes-likes are taken into views (one per item; a Spans leaves its
+ * view empty: the tuple holds the Spans and the Spans its bytes). NULL with an exception. */
+static Pkt *gather(PyObject *tuple, Py_buffer *views, Py_ssize_t *count)
 {
-    static char *kwlist[] = {"packets", "udp", NULL};
-    PyObject *packets;
-    int udp = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:coalesce", kwlist, &packets, &udp))
-        return NULL;
-    PyObject *items_tuple = PySequence_Tuple(packets); /* see get_buffers */
-    if (items_tuple == NULL)
-        return NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(items_tuple), nruns = 0, nitems = 0;
-    PyObject *result = NULL;
-    Py_buffer *views = get_buffers(items_tuple, n);
-    size_t cap = 16;
-    while (cap < 2 * (size_t)n)
-        cap *= 2;
-    Run *runs = PyMem_Calloc((size_t)n + 1, sizeof(Run));
-    Py_ssize_t *next = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
-    Py_ssize_t *items = PyMem_Calloc((size_t)n + 1, sizeof(Py_ssize_t));
-    Entry *table = PyMem_Calloc(cap, sizeof(Entry));
-    if (views == NULL || runs == NULL || next == NULL || items == NULL || table == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_NoMemory();
-        goto done;
+    Py_ssize_t nitems = PyTuple_GET_SIZE(tuple), n = 0, k = 0;
+    for (Py_ssize_t i = 0; i < nitems; i++) {
+        PyObject *it = PyTuple_GET_ITEM(tuple, i);
+        n += PyObject_TypeCheck(it, &SpansType) ? Py_SIZE(it) : 1;
     }
+    Pkt *pkts = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Pkt));
+    if (pkts == NULL)
+        return (Pkt *)PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < nitems; i++) {
+        PyObject *it = PyTuple_GET_ITEM(tuple, i);
+        if (PyObject_TypeCheck(it, &SpansType)) {
+            const Spans *sp = (const Spans *)it;
+            const uint8_t *base = (const uint8_t *)PyBytes_AS_STRING(sp->buf);
+            for (Py_ssize_t j = 0; j < Py_SIZE(sp); j++)
+                pkts[k++] = (Pkt){base + sp->span[j].off, sp->span[j].len};
+        } else if (PyObject_GetBuffer(it, &views[i], PyBUF_SIMPLE) < 0) {
+            PyMem_Free(pkts);
+            return NULL;
+        } else {
+            pkts[k++] = (Pkt){views[i].buf, (size_t)views[i].len};
+        }
+    }
+    *count = n;
+    return pkts;
+}
+
+typedef struct {
+    Run *runs;
+    Py_ssize_t *next;  /* the member after each packet in its run, -1 at the end */
+    Py_ssize_t *items; /* the writes in order: a packet alone (>= 0) or run -1 - item */
+    Entry *table;      /* flow key -> its open run */
+    size_t cap;
+    Py_ssize_t nruns, nitems;
+} Plan;
+
+/* Which packets merge into which writes (offload.coalesce's loop). */
+static void plan(Plan *pl, const Pkt *pkts, Py_ssize_t n, int udp)
+{
     uint64_t gen = 1;
+    Run *runs = pl->runs;
     for (Py_ssize_t i = 0; i < n; i++) {
-        const uint8_t *p = views[i].buf;
-        size_t len = (size_t)views[i].len;
+        const uint8_t *p = pkts[i].p;
+        size_t len = pkts[i].n;
         Class c;
         int kind = classify(p, len, &c);
-        next[i] = -1;
-        if (kind == C_NONE || (c.udp && !udp)) {
-            items[nitems++] = i;
+        pl->next[i] = -1;
+        if (kind == C_NONE || (c.udp && !udp) || kind == C_UNPLACEABLE) {
+            gen += kind == C_UNPLACEABLE; /* every open run ends */
+            pl->items[pl->nitems++] = i;
             continue;
         }
-        if (kind == C_UNPLACEABLE) { /* every open run ends */
-            gen++;
-            items[nitems++] = i;
-            continue;
-        }
-        Entry *e = lookup(table, cap - 1, &c);
+        Entry *e = lookup(pl->table, pl->cap - 1, &c);
         Py_ssize_t r = e->klen && e->gen == gen ? e->run : -1;
         if (!c.hlen) {
             e->run = -1;
-            items[nitems++] = i;
+            pl->items[pl->nitems++] = i;
             continue;
         }
-        if (r >= 0 && run_take(&runs[r], views[runs[r].first].buf, p, len, c.hlen)) {
-            next[runs[r].last] = i;
+        if (r >= 0 && run_take(&runs[r], pkts[runs[r].first].p, p, len, c.hlen)) {
+            pl->next[runs[r].last] = i;
             runs[r].last = i;
         } else {
-            r = nruns++;
+            r = pl->nruns++;
             run_start(&runs[r], i, p, len, &c);
-            items[nitems++] = -1 - r;
+            pl->items[pl->nitems++] = -1 - r;
         }
         if (run_closed_by(&runs[r], p, len)) {
             e->run = -1;
@@ -338,26 +374,176 @@ PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
             e->gen = gen;
         }
     }
-    result = PyList_New(nitems);
-    for (Py_ssize_t k = 0; result && k < nitems; k++) {
-        Py_ssize_t it = items[k];
-        const Run *run = it < 0 ? &runs[-1 - it] : NULL;
-        PyObject *b = run == NULL ? plain(&views[it])
-                      : run->count == 1 ? plain(&views[run->first])
-                                         : run_build(run, views, next);
+}
+
+/* The writes a plan makes, as a list of bytes. */
+static PyObject *build(const Plan *pl, const Pkt *pkts)
+{
+    PyObject *result = PyList_New(pl->nitems);
+    for (Py_ssize_t k = 0; result && k < pl->nitems; k++) {
+        Py_ssize_t it = pl->items[k];
+        const Run *run = it < 0 ? &pl->runs[-1 - it] : NULL;
+        PyObject *b = run == NULL ? plain(&pkts[it])
+                      : run->count == 1 ? plain(&pkts[run->first])
+                                         : run_build(run, pkts, pl->next);
         if (b == NULL)
             Py_CLEAR(result);
         else
             PyList_SET_ITEM(result, k, b);
     }
-done:
-    if (views)
-        release_buffers(views, n);
-    PyMem_Free(runs);
-    PyMem_Free(next);
-    PyMem_Free(items);
-    PyMem_Free(table);
-    Py_DECREF(items_tuple);
+    return result;
+}
+
+/* A batch of TUN writes: the items (a tuple), their packets and the plan. */
+typedef struct {
+    PyObject *tuple;
+    Py_buffer *views;
+    Pkt *pkts;
+    Py_ssize_t nitems, n;
+    Plan pl;
+} Batch;
+
+static void batch_free(Batch *b)
+{
+    if (b->views)
+        release_buffers(b->views, b->nitems);
+    PyMem_Free(b->pkts);
+    PyMem_Free(b->pl.runs);
+    PyMem_Free(b->pl.next);
+    PyMem_Free(b->pl.items);
+    PyMem_Free(b->pl.table);
+    Py_XDECREF(b->tuple);
+}
+
+/* Gather the packets of `packets` (packets and Spans) and plan their writes; -1 with an
+ * exception. batch_free in either case. */
+static int batch_plan(Batch *b, PyObject *packets, int udp)
+{
+    b->tuple = PySequence_Tuple(packets); /* see get_buffers */
+    if (b->tuple == NULL)
+        return -1;
+    b->nitems = PyTuple_GET_SIZE(b->tuple);
+    b->views = PyMem_Calloc(b->nitems ? (size_t)b->nitems : 1, sizeof(Py_buffer));
+    b->pkts = b->views ? gather(b->tuple, b->views, &b->n) : (Pkt *)PyErr_NoMemory();
+    if (b->pkts == NULL)
+        return -1;
+    Plan *pl = &b->pl;
+    size_t n = (size_t)b->n;
+    for (pl->cap = 16; pl->cap < 2 * n;)
+        pl->cap *= 2;
+    pl->runs = PyMem_Calloc(n + 1, sizeof(Run));
+    pl->next = PyMem_Calloc(n + 1, sizeof(Py_ssize_t));
+    pl->items = PyMem_Calloc(n + 1, sizeof(Py_ssize_t));
+    pl->table = PyMem_Calloc(pl->cap, sizeof(Entry));
+    if (pl->runs == NULL || pl->next == NULL || pl->items == NULL || pl->table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    plan(pl, b->pkts, b->n, udp);
+    return 0;
+}
+
+/* coalesce(items, udp=True): items are packets (bytes-likes) and Spans (a run of opened
+ * packets each, read in place), in the order they go to the TUN. */
+PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"packets", "udp", NULL};
+    PyObject *packets;
+    int udp = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:coalesce", kwlist, &packets, &udp))
+        return NULL;
+    Batch b = {0};
+    PyObject *result = batch_plan(&b, packets, udp) == 0 ? build(&b.pl, b.pkts) : NULL;
+    batch_free(&b);
+    return result;
+}
+
+/* ------------------------------------------------------------------ write_tun */
+
+#define IOV_CAP 256 /* iovecs of one writev; a longer run is copied into one buffer */
+
+/* Write item k of a plan to fd without the GIL, gathered from where its packets lie: a
+ * packet alone behind a zero virtio header, or a run's header (built) and its members'
+ * payloads. 0, or the errno of the write. */
+static int write_item(int fd, const Plan *pl, const Pkt *pkts, Py_ssize_t k, struct iovec *iov)
+{
+    static const uint8_t zeros[VNET_LEN];
+    uint8_t hdr[VNET_LEN + 128], *copy = NULL;
+    Py_ssize_t it = pl->items[k];
+    const Run *run = it < 0 ? &pl->runs[-1 - it] : NULL;
+    int cnt = 0;
+    if (run == NULL || run->count == 1) {
+        const Pkt *p = &pkts[run ? run->first : it];
+        iov[cnt++] = (struct iovec){(void *)zeros, VNET_LEN};
+        iov[cnt++] = (struct iovec){(void *)p->p, p->n};
+    } else if (run->count < IOV_CAP && VNET_LEN + run->hlen <= sizeof hdr) {
+        run_header(run, pkts, hdr);
+        iov[cnt++] = (struct iovec){hdr, VNET_LEN + run->hlen};
+        for (Py_ssize_t i = run->first; i >= 0; i = pl->next[i])
+            iov[cnt++] = (struct iovec){(void *)(pkts[i].p + run->hlen), pkts[i].n - run->hlen};
+    } else if ((copy = PyMem_RawMalloc(VNET_LEN + run->total)) != NULL) {
+        run_fill(run, pkts, pl->next, copy);
+        iov[cnt++] = (struct iovec){copy, VNET_LEN + run->total};
+    } else {
+        return ENOMEM;
+    }
+    ssize_t w;
+    do
+        w = writev(fd, iov, cnt);
+    while (w < 0 && errno == EINTR);
+    int err = w < 0 ? errno : 0;
+    PyMem_RawFree(copy);
+    return err;
+}
+
+/* [(errno, the write as bytes)] for the writes that failed. */
+static PyObject *failures(const Plan *pl, const Pkt *pkts, const int *errs)
+{
+    PyObject *list = PyList_New(0);
+    for (Py_ssize_t k = 0; list && k < pl->nitems; k++) {
+        if (!errs[k])
+            continue;
+        Py_ssize_t it = pl->items[k];
+        const Run *run = it < 0 ? &pl->runs[-1 - it] : NULL;
+        PyObject *b = run == NULL ? plain(&pkts[it])
+                      : run->count == 1 ? plain(&pkts[run->first])
+                                         : run_build(run, pkts, pl->next);
+        PyObject *t = b ? Py_BuildValue("(iN)", errs[k], b) : NULL;
+        if (t == NULL || PyList_Append(list, t) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(t);
+    }
+    return list;
+}
+
+/* write_tun(fd, items, udp=True): coalesce's writes made with writev straight from where
+ * the packets lie (a Spans' buffer: no copy), the GIL released while writing. */
+PyObject *write_tun(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd, udp = 1;
+    PyObject *packets, *result = NULL;
+    if (!PyArg_ParseTuple(args, "iO|p:write_tun", &fd, &packets, &udp))
+        return NULL;
+    Batch b = {0};
+    int *errs = NULL;
+    struct iovec *iov = PyMem_Malloc(IOV_CAP * sizeof(struct iovec));
+    if (iov == NULL)
+        PyErr_NoMemory();
+    else if (batch_plan(&b, packets, udp) == 0) {
+        errs = PyMem_Calloc((size_t)b.pl.nitems + 1, sizeof(int));
+        if (errs == NULL) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t k = 0; k < b.pl.nitems; k++)
+                errs[k] = write_item(fd, &b.pl, b.pkts, k, iov);
+            Py_END_ALLOW_THREADS
+            result = failures(&b.pl, b.pkts, errs);
+        }
+    }
+    PyMem_Free(errs);
+    PyMem_Free(iov);
+    batch_free(&b);
     return result;
 }
 

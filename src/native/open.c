@@ -156,6 +156,8 @@ typedef struct {
 
 static uint64_t batch_serial;
 
+/* Decrypt and verify one message. key NULL: the one ctx was last given (it keeps it; the
+ * key setup costs ~4% of a 1420-byte packet's open, so a run of one session pays it once). */
 static int aead_open(EVP_CIPHER_CTX *ctx, const uint8_t *key, uint64_t counter, const uint8_t *in,
                      int len, uint8_t *out)
 {
@@ -204,13 +206,16 @@ static void open_chunk(void *arg, long chunk)
     OpenJob *j = arg;
     EVP_CIPHER_CTX *ctx = thread_ctx(0);
     Py_ssize_t lo = j->nrecs * chunk / j->nchunks, hi = j->nrecs * (chunk + 1) / j->nchunks;
+    const uint8_t *keyed = NULL; /* the key ctx was given in this chunk (none after a failure) */
     for (Py_ssize_t i = lo; i < hi; i++) {
         Rec *r = &j->recs[i];
         if (r->verdict != V_PENDING)
             continue;
-        r->verdict = aead_open(ctx, j->slots[r->slot].key, r->counter,
+        const uint8_t *key = j->slots[r->slot].key;
+        r->verdict = aead_open(ctx, key == keyed ? NULL : key, r->counter,
                                j->buf + r->off + HEADER_LEN, (int)(r->len - DATA_MIN),
                                j->out + r->off) ? V_OPENED : D_BAD_TAG;
+        keyed = r->verdict == V_OPENED ? key : NULL;
     }
 }
 
@@ -266,55 +271,65 @@ static int is_handshake(const uint8_t *p, uint32_t len)
     return (t == 1 && len == 148) || (t == 2 && len == 92) || (t == 3 && len == 64);
 }
 
-/* A run's packets as bytes, from out (its records are run_begin..i-1 of recs, V_PACKET). */
-static PyObject *run_packets(const uint8_t *out, const Rec *recs, Py_ssize_t begin,
-                             Py_ssize_t end, Py_ssize_t count)
+/* Without the GIL, after check_opened: zero every byte of out that no packet will be read
+ * from (tags, padding, what failed), so that the buffer Python holds carries nothing but
+ * the packets: no stale heap memory, no plaintext of a dropped message. */
+static void clear_gaps(uint8_t *out, const Rec *recs, Py_ssize_t nrecs)
 {
-    PyObject *list = PyList_New(count);
-    Py_ssize_t k = 0;
-    for (Py_ssize_t i = begin; list && i < end; i++) {
-        if (recs[i].verdict != V_PACKET)
-            continue;
-        PyObject *b = PyBytes_FromStringAndSize((const char *)out + recs[i].start, recs[i].plen);
-        if (b == NULL)
-            Py_CLEAR(list);
-        else
-            PyList_SET_ITEM(list, k++, b);
+    for (Py_ssize_t i = 0; i < nrecs; i++) {
+        uint32_t keep = recs[i].verdict == V_PACKET ? recs[i].plen : 0;
+        memset(out + recs[i].off + keep, 0, recs[i].len - keep);
     }
-    return list;
 }
 
-/* Phase 3, with the GIL: the Python result. */
-static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Slot *slots,
-                             Py_ssize_t nslots)
+/* A run's packets as a Spans over the call's buffer (recs begin..end-1, those V_PACKET). */
+static PyObject *run_packets(PyObject *plain, const Rec *recs, Py_ssize_t begin,
+                             Py_ssize_t end, Py_ssize_t count)
 {
-    Py_ssize_t drops[N_DROPS] = {0}, naccounted = 0;
-    PyObject *runs = PyList_New(0), *per = NULL, *others = PyList_New(0), *dd = PyDict_New();
-    if (runs == NULL || others == NULL || dd == NULL)
-        goto fail;
+    Spans *spans = spans_new(plain, count);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = begin; spans && i < end; i++) {
+        if (recs[i].verdict == V_PACKET)
+            spans->span[k++] = (Span){recs[i].start, recs[i].plen};
+    }
+    return (PyObject *)spans;
+}
+
+/* Append one Python object, stolen (NULL: the error is already set). */
+static int append_new(PyObject *list, PyObject *item)
+{
+    int rc = item != NULL ? PyList_Append(list, item) : -1;
+    Py_XDECREF(item);
+    return rc;
+}
+
+/* Where a V_PACKET record's inner source address lies in out, and its length. */
+static const uint8_t *inner_source(const uint8_t *out, const Rec *r, uint32_t *len)
+{
+    const uint8_t *p = out + r->start;
+    *len = p[0] >> 4 == 4 ? 4 : 16;
+    return p[0] >> 4 == 4 ? p + 12 : p + 8;
+}
+
+/* Phase 4, with the GIL: the runs (session, inner source, Spans over plain), the others
+ * (handshake-shaped datagrams) and the drop counts, in one pass over the records. */
+static int sort_records(PyObject *plain, const Rec *recs, Py_ssize_t nrecs, const Slot *slots,
+                        PyObject *runs, PyObject *others, Py_ssize_t *drops)
+{
+    const uint8_t *out = (const uint8_t *)PyBytes_AS_STRING(plain), *run_src = NULL;
     Py_ssize_t run_first = 0, run_count = 0, run_slot = -1;
-    const uint8_t *run_src = NULL;
     uint32_t run_srclen = 0;
     for (Py_ssize_t i = 0; i <= nrecs; i++) {
-        Rec *r = i < nrecs ? &recs[i] : NULL;
-        const uint8_t *src = NULL;
+        const Rec *r = i < nrecs ? &recs[i] : NULL;
         uint32_t srclen = 0;
-        if (r && r->verdict == V_PACKET) {
-            const uint8_t *p = out + r->start;
-            src = p[0] >> 4 == 4 ? p + 12 : p + 8;
-            srclen = p[0] >> 4 == 4 ? 4 : 16;
-        }
+        const uint8_t *src = r && r->verdict == V_PACKET ? inner_source(out, r, &srclen) : NULL;
         /* a run ends at the end, or at a packet of another session or inner source */
         if (run_count && (r == NULL || (src && (r->slot != run_slot || srclen != run_srclen
                                                 || memcmp(src, run_src, srclen))))) {
-            PyObject *t = Py_BuildValue("(Oy#N)", (PyObject *)slots[run_slot].s, run_src,
-                                        (Py_ssize_t)run_srclen,
-                                        run_packets(out, recs, run_first, i, run_count));
-            if (t == NULL || PyList_Append(runs, t) < 0) {
-                Py_XDECREF(t);
-                goto fail;
-            }
-            Py_DECREF(t);
+            PyObject *spans = run_packets(plain, recs, run_first, i, run_count);
+            if (append_new(runs, Py_BuildValue("(Oy#N)", (PyObject *)slots[run_slot].s, run_src,
+                                               (Py_ssize_t)run_srclen, spans)) < 0)
+                return -1;
             run_count = 0;
         }
         if (r == NULL)
@@ -324,78 +339,106 @@ static PyObject *open_result(const uint8_t *out, Rec *recs, Py_ssize_t nrecs, Sl
                 run_first = i, run_slot = r->slot, run_src = src, run_srclen = srclen;
             run_count++;
         } else if (r->verdict == V_OTHER) {
-            PyObject *t = Py_BuildValue("(II)", (unsigned)r->off, (unsigned)r->len);
-            if (t == NULL || PyList_Append(others, t) < 0) {
-                Py_XDECREF(t);
-                goto fail;
-            }
-            Py_DECREF(t);
+            if (append_new(others, Py_BuildValue("(II)", (unsigned)r->off, (unsigned)r->len)) < 0)
+                return -1;
         } else if (r->verdict < N_DROPS) {
             drops[r->verdict]++;
         }
     }
+    return 0;
+}
+
+/* [(session, bytes, any data?)] of the sessions with an authenticated message, in the
+ * order their first one came. */
+static PyObject *per_session(const Slot *slots, Py_ssize_t nslots)
+{
+    Py_ssize_t naccounted = 0;
     for (Py_ssize_t i = 0; i < nslots; i++)
         naccounted += slots[i].order >= 0;
-    per = PyList_New(naccounted);
-    if (per == NULL)
-        goto fail;
-    for (Py_ssize_t i = 0; i < nslots; i++) {
+    PyObject *per = PyList_New(naccounted);
+    for (Py_ssize_t i = 0; per && i < nslots; i++) {
         if (slots[i].order < 0)
             continue;
         PyObject *t = Py_BuildValue("(OKO)", (PyObject *)slots[i].s,
                                     (unsigned long long)slots[i].nbytes,
                                     slots[i].data ? Py_True : Py_False);
         if (t == NULL)
-            goto fail;
-        PyList_SET_ITEM(per, slots[i].order, t);
+            Py_CLEAR(per);
+        else
+            PyList_SET_ITEM(per, slots[i].order, t);
     }
-    for (int k = 0; k < N_DROPS; k++) {
-        PyObject *v = PyLong_FromSsize_t(drops[k]);
-        if (v == NULL || PyDict_SetItemString(dd, drop_names[k], v) < 0) {
-            Py_XDECREF(v);
-            goto fail;
-        }
-        Py_DECREF(v);
-    }
-    return Py_BuildValue("(NNNN)", runs, per, others, dd);
-fail:
-    Py_XDECREF(runs);
-    Py_XDECREF(per);
-    Py_XDECREF(others);
-    Py_XDECREF(dd);
-    return NULL;
+    return per;
 }
 
-PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
+/* {reason: count} for every reason, zeros included. */
+static PyObject *drop_counts(const Py_ssize_t *drops)
 {
-    Py_buffer in;
-    Py_ssize_t nbytes, seg;
-    PyObject *sessions;
-    double now;
-    if (!PyArg_ParseTuple(args, "y*nnO!d:open_batch", &in, &nbytes, &seg, &PyDict_Type,
-                          &sessions, &now))
+    PyObject *dd = PyDict_New();
+    for (int k = 0; dd && k < N_DROPS; k++) {
+        PyObject *v = PyLong_FromSsize_t(drops[k]);
+        if (v == NULL || PyDict_SetItemString(dd, drop_names[k], v) < 0)
+            Py_CLEAR(dd);
+        Py_XDECREF(v);
+    }
+    return dd;
+}
+
+/* Phase 4, with the GIL: the Python result; the runs' packets as Spans over `plain`. */
+static PyObject *open_result(PyObject *plain, const Rec *recs, Py_ssize_t nrecs,
+                             const Slot *slots, Py_ssize_t nslots)
+{
+    Py_ssize_t drops[N_DROPS] = {0};
+    PyObject *runs = PyList_New(0), *others = PyList_New(0);
+    if (runs == NULL || others == NULL
+        || sort_records(plain, recs, nrecs, slots, runs, others, drops) < 0) {
+        Py_XDECREF(runs);
+        Py_XDECREF(others);
         return NULL;
-    PyObject *result = NULL;
-    Rec *recs = NULL;
-    Slot *slots = NULL;
-    uint8_t *out = NULL; /* the plaintexts: one scratch block per call */
-    Py_ssize_t nslots = 0;
-    const uint8_t *buf = in.buf;
-    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf)");
-        goto done;
     }
-    Py_ssize_t step = seg > 0 && seg < nbytes ? seg : nbytes;
-    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 1; /* 0: one empty datagram */
-    size_t n1 = (size_t)nrecs;
-    recs = PyMem_Malloc(n1 * sizeof(Rec));
-    slots = PyMem_Malloc(n1 * sizeof(Slot));
-    out = PyMem_Malloc(nbytes ? (size_t)nbytes : 1);
-    if (recs == NULL || slots == NULL || out == NULL) {
-        PyErr_NoMemory();
-        goto done;
+    PyObject *per = per_session(slots, nslots), *dd = per ? drop_counts(drops) : NULL;
+    if (dd == NULL) {
+        Py_DECREF(runs);
+        Py_DECREF(others);
+        Py_XDECREF(per);
+        return NULL;
     }
-    /* Phase 1, with the GIL: split, classify, find each data message's session. */
+    return Py_BuildValue("(NNNN)", runs, per, others, dd);
+}
+
+/* The slot of the session `index` names in this call (made on its first datagram: a
+ * reference and a copy of its key, taken under its lock); -1 if none, -2 on an error. */
+static Py_ssize_t slot_for(PyObject *sessions, uint32_t index, Slot *slots, Py_ssize_t *nslots,
+                           uint64_t serial)
+{
+    PyObject *key = PyLong_FromUnsignedLong(index);
+    if (key == NULL)
+        return -2;
+    PyObject *v = PyDict_GetItemWithError(sessions, key); /* borrowed */
+    Py_DECREF(key);
+    if (v == NULL)
+        return PyErr_Occurred() ? -2 : -1;
+    if (!PyObject_TypeCheck(v, &SessionType)) {
+        PyErr_SetString(PyExc_TypeError, "sessions maps an index to a Session");
+        return -2;
+    }
+    Session *s = (Session *)v;
+    if (s->batch == serial && s->slot < *nslots && slots[s->slot].s == s)
+        return s->slot;
+    Py_INCREF(v);
+    slots[*nslots] = (Slot){.s = s, .order = -1};
+    lock_gil_held(s->lock); /* the key, as it is now */
+    memcpy(slots[*nslots].key, s->key, KEY_LEN);
+    PyThread_release_lock(s->lock);
+    s->batch = serial;
+    return s->slot = (*nslots)++;
+}
+
+/* Phase 1, with the GIL: split the read, classify each datagram, find each data message's
+ * session. -1 on an error (the slots made so far are in *nslots, for the caller to free). */
+static int find_sessions(const uint8_t *buf, Py_ssize_t nbytes, Py_ssize_t step, Rec *recs,
+                         Py_ssize_t nrecs, PyObject *sessions, Slot *slots, Py_ssize_t *nslots,
+                         double now)
+{
     uint64_t serial = ++batch_serial, last_index = UINT64_MAX;
     Py_ssize_t last_slot = -1;
     for (Py_ssize_t i = 0; i < nrecs; i++) {
@@ -413,33 +456,10 @@ PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
         uint32_t index = rd32le(p + 4);
         r->counter = rd64le(p + 8);
         if (index != last_index) {
-            PyObject *key = PyLong_FromUnsignedLong(index);
-            if (key == NULL)
-                goto done;
-            PyObject *v = PyDict_GetItemWithError(sessions, key); /* borrowed */
-            Py_DECREF(key);
-            if (v == NULL && PyErr_Occurred())
-                goto done;
-            if (v != NULL && !PyObject_TypeCheck(v, &SessionType)) {
-                PyErr_SetString(PyExc_TypeError, "sessions maps an index to a Session");
-                goto done;
-            }
             last_index = index;
-            last_slot = -1;
-            if (v != NULL) {
-                Session *s = (Session *)v;
-                if (s->batch == serial && s->slot < nslots && slots[s->slot].s == s) {
-                    last_slot = s->slot;
-                } else {
-                    Py_INCREF(v);
-                    slots[nslots] = (Slot){.s = s, .order = -1};
-                    lock_gil_held(s->lock); /* the key, as it is now */
-                    memcpy(slots[nslots].key, s->key, KEY_LEN);
-                    PyThread_release_lock(s->lock);
-                    s->batch = serial;
-                    s->slot = last_slot = nslots++;
-                }
-            }
+            last_slot = slot_for(sessions, index, slots, nslots, serial);
+            if (last_slot == -2)
+                return -1;
         }
         if (last_slot < 0)
             r->verdict = D_UNKNOWN;
@@ -448,13 +468,49 @@ PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
         else
             r->verdict = V_PENDING, r->slot = last_slot;
     }
+    return 0;
+}
+
+PyObject *open_batch(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer in;
+    Py_ssize_t nbytes, seg;
+    PyObject *sessions;
+    double now;
+    if (!PyArg_ParseTuple(args, "y*nnO!d:open_batch", &in, &nbytes, &seg, &PyDict_Type,
+                          &sessions, &now))
+        return NULL;
+    PyObject *result = NULL;
+    Rec *recs = NULL;
+    Slot *slots = NULL;
+    PyObject *plain = NULL; /* the plaintexts: one bytes per call, the runs' Spans point in */
+    Py_ssize_t nslots = 0;
+    const uint8_t *buf = in.buf;
+    if (nbytes < 0 || nbytes > in.len || nbytes > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= nbytes <= len(buf)");
+        goto done;
+    }
+    Py_ssize_t step = seg > 0 && seg < nbytes ? seg : nbytes;
+    Py_ssize_t nrecs = nbytes ? (nbytes + step - 1) / step : 1; /* 0: one empty datagram */
+    recs = PyMem_Malloc((size_t)nrecs * sizeof(Rec));
+    slots = PyMem_Malloc((size_t)nrecs * sizeof(Slot));
+    plain = PyBytes_FromStringAndSize(NULL, nbytes); /* written to only if nbytes > 0 */
+    if (recs == NULL || slots == NULL || plain == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
+    if (find_sessions(buf, nbytes, step, recs, nrecs, sessions, slots, &nslots, now) < 0)
+        goto done;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(plain); /* ours alone until the Spans */
     OpenJob job = {buf, out, recs, nrecs, slots, 1};
     Py_BEGIN_ALLOW_THREADS
     job.nchunks = chunks_for(nrecs);
     pool_run(open_chunk, &job, job.nchunks);
     check_opened(out, recs, nrecs, slots);
+    clear_gaps(out, recs, nrecs);
     Py_END_ALLOW_THREADS
-    result = open_result(out, recs, nrecs, slots, nslots);
+    result = open_result(plain, recs, nrecs, slots, nslots);
 done:
     for (Py_ssize_t i = 0; i < nslots; i++) {
         OPENSSL_cleanse(slots[i].key, KEY_LEN);
@@ -462,7 +518,7 @@ done:
     }
     PyMem_Free(recs);
     PyMem_Free(slots);
-    PyMem_Free(out);
+    Py_XDECREF(plain);
     PyBuffer_Release(&in);
     return result;
 }

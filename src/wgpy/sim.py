@@ -171,7 +171,7 @@ class SimNet:
             heapq.heappush(self._in_flight, (at, next(self._order), data, src, dst))
 
     def _record(self, node: SimNode, out: Output) -> None:
-        node.delivered += out.tun
+        node.delivered += out.tun_packets()
         if out.events:
             self.events += [(self.now, node.name, e) for e in out.events]
 

@@ -271,7 +271,7 @@ def test_a_deep_handshake_queue_puts_the_device_under_load(net: SimNet) -> None:
     flood = [(valid_mac1_junk(net, b, i), (f"10.9.{i // 250}.{i % 250}", 9)) for i in range(1100)]
     data = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"still here")], net.now).udp
     out = dev.receive([*flood[: HANDSHAKE_QUEUE // 8], *data], net.now, 0)
-    assert len(out.tun) == 1 and not dev.is_under_load(net.now)
+    assert len(out.tun_packets()) == 1 and not dev.is_under_load(net.now)
     out = dev.receive(flood[HANDSHAKE_QUEUE // 8 :], net.now, 0)
     assert dev.is_under_load(net.now)
     queued = HANDSHAKE_QUEUE // 8 + 1
@@ -529,7 +529,7 @@ def test_drop_data_unknown_index_bad_tag_and_replay(net: SimNet) -> None:
     tampered[-1] ^= 1
     _quiet(b.device, bytes(tampered), ("203.0.113.5", 7), net.now, Drop.BAD_TAG)
     assert peer.rx_bytes == rx and peer.endpoint == A_EP
-    assert len(b.device.receive([(data, A_EP)], net.now).tun) == 1
+    assert len(b.device.receive([(data, A_EP)], net.now).tun_packets()) == 1
     _quiet(b.device, data, A_EP, net.now, Drop.REPLAYED)
 
 
@@ -541,7 +541,7 @@ def test_bad_tag_does_not_move_replay_window(net: SimNet) -> None:
     good = seal(kp, ipv4_packet("10.0.0.1", "10.0.0.2"))
     forged_far = struct.pack("<IIQ", MSG_DATA, kp.remote_index, 100_000) + bytes(48)
     _quiet(b.device, forged_far, A_EP, net.now, Drop.BAD_TAG)
-    assert len(b.device.receive([(good, A_EP)], net.now).tun) == 1
+    assert len(b.device.receive([(good, A_EP)], net.now).tun_packets()) == 1
 
 
 def test_drop_packet_from_unowned_source(net: SimNet) -> None:

@@ -19,6 +19,8 @@ class ChannelTun(Tun):
     tunnel, read by us) and `written` (every buffer we wrote, virtio header included).
     `refuse_uso` plays a kernel without USO for TUN writes."""
 
+    writes_fd = False  # its writes go to `_write`, never to a file descriptor
+
     def __init__(self, vnet_hdr: bool = True, refuse_uso: bool = False) -> None:
         self._fd = -1
         self.name = "fake0"
@@ -41,7 +43,9 @@ class ChannelTun(Tun):
         buf[: len(data)] = data
         return len(data)
 
-    def write(self, packet: bytes | memoryview) -> None:
+    def _write(self, packet: bytes | memoryview) -> None:
+        """write(2) on a TUN: the errors come back as the kernel's errno, through
+        `Tun.write`'s own handling of them."""
         if self.refuse_uso and self.vnet_hdr and packet[1] == offload.GSO_UDP_L4:
             raise OSError(errno.EINVAL, "USO not supported")
         self.written.append(bytes(packet))

@@ -26,6 +26,7 @@ from wgpy.core.messages import split_read as gro_split
 from wgpy.core.output import Drop
 from wgpy.io import offload
 from wgpy.io.datapath import Datapath
+from wgpy.io.tun import Tun
 from wgpy.io.udp import gso_runs
 
 A_EP = ("192.0.2.1", 51820)
@@ -157,6 +158,30 @@ def test_a_kernel_refusing_uso_gets_datagrams_one_by_one_from_then_on() -> None:
     b.tun.written.clear()
     carry(a, b, [udp(bytes([9]) * 500, ip_id=50 + i) for i in range(4)])
     assert len(b.tun.written) == 4 and all(w[1] == offload.GSO_NONE for w in b.tun.written)
+
+
+def test_a_kernel_refusing_uso_loses_no_flow_of_the_batch_that_found_out() -> None:
+    """Two UDP flows in the batch that meets the refusal: both super-packets come back
+    as datagrams (the refusal is EINVAL, which `Tun.write` also reads as a vanished
+    interface: that once lost the whole batch and kept making USO writes)."""
+    a, b = pair(refuse_uso=True)
+    carry(a, b, flow(1, 10))
+    v4 = [udp(bytes([i]) * 500, ip_id=i) for i in range(5)]
+    v6 = [udp(bytes([i]) * 300, addrs=V6) for i in range(4)]
+    carry(a, b, [*v4, *v6])
+    assert sorted(b.tun.delivered()[-9:]) == sorted([*v4, *v6])
+    assert not b.tun.coalesce_udp
+
+
+def test_the_native_datapath_makes_a_real_tuns_writes_in_c() -> None:
+    """A TUN that writes a descriptor gets its writes made in C (write_tun: writev from
+    the buffers the reads were opened into, without the GIL); the channel fakes, which
+    have no descriptor, keep the Python loop, as the pure datapath does everywhere."""
+    site = Site(A_EP, {}, 3)
+    assert site.tun.write_coalesced is None
+    tun = Tun.__new__(Tun)  # a TUN as open_tun makes one, short of its descriptor
+    Datapath(site.device, tun, site.udp)
+    assert tun.write_coalesced is (None if Site.native is None else Site.native.write_tun)
 
 
 def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:

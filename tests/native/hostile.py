@@ -2,13 +2,15 @@
 
 Every entry point gets garbage, edge-case sizes and forged-but-valid traffic, on 0, 1 and
 2 crypto worker threads; open_batch is also hammered from two threads while a third wipes
-sessions (the GIL is released while decrypting) and a fourth works X25519 batches. The
+sessions (the GIL is released while decrypting) and a fourth works X25519 batches; the
+runs open_batch hands back (Spans over its buffer) go through coalesce and write_tun. The
 answers are checked against the references where they are cheap.
 Usage: python tests/native/hostile.py [seconds]
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -47,11 +49,28 @@ def edge_batches(world: World) -> None:
 
 
 def differential(world: World, rounds: int) -> None:
+    """Batches through both backends, and the runs of all of them (C's Spans, read in
+    place; the pure lists) through both coalescers together, as a datapath turn does."""
+    spans: list[object] = []
+    lists: list[object] = []
     for _ in range(rounds):
         buf, nbytes, seg = world.batch()
         got = native.open_batch(buf, nbytes, seg, world.native, world.now)
         want = open_batch_ref(buf, nbytes, seg, world.ref, world.now)
         assert normalize(got, world.names) == normalize(want, world.names)
+        spans += [packets for _, _, packets in got[0]]
+        lists += [packets for _, _, packets in want[0]]
+        spans.append(b"\x45" + bytes(19))
+        lists.append(b"\x45" + bytes(19))
+    udp = world.rng.random() < 0.5
+    want = offload.coalesce(lists, udp)
+    assert native.coalesce(spans, udp) == want
+    for flags, failed in ((os.O_WRONLY, []), (os.O_RDONLY, [(errno.EBADF, w) for w in want])):
+        fd = os.open("/dev/null", flags)  # written with writev from the Spans, or refused
+        try:
+            assert native.write_tun(fd, spans, udp) == failed
+        finally:
+            os.close(fd)
 
 
 LOW_ORDER = [bytes(32), (1).to_bytes(32, "little"), bytes.fromhex(

@@ -44,12 +44,13 @@ class Forger:
 
 
 def normalize(result: Any, names: dict[int, int]) -> tuple[Any, ...]:
-    """An open_batch answer (either backend's) with sessions replaced by their index and
-    the drops without zeros (C lists every reason, the pure one only those that happened)."""
+    """An open_batch answer (either backend's) with sessions replaced by their index, a
+    run's packets as a list of bytes (C's are a Spans) and the drops without zeros (C
+    lists every reason, the pure one only those that happened)."""
     runs, per, others, drops = result
     assert set(drops) <= set(REASONS), drops
     return (
-        [(names[id(s)], src, packets) for s, src, packets in runs],
+        [(names[id(s)], src, list(packets)) for s, src, packets in runs],
         [(names[id(s)], n, d) for s, n, d in per],
         others,
         {reason: n for reason, n in drops.items() if n},

@@ -126,7 +126,7 @@ class Stress:
                 for read, seg in gro_reads(grams):
                     out = device.receive_read(memoryview(read), len(read), seg, src, self.now)
                     if device is self.server:
-                        self._check_delivered(out.tun)
+                        self._check_delivered(out.tun_packets())
                     wire += self._outputs(device, out)
 
     def _outputs(self, device: Device, out: Output) -> Wire:

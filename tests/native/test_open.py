@@ -60,7 +60,8 @@ def test_one_session_run_and_results_shape() -> None:
     ((s, src, packets),) = runs
     assert s is world.native[index] and src == b"\n\0\0\1"
     # 36-byte plaintexts (padded to 48 on the wire) trimmed to their IP length, 28
-    assert packets == [pkt + bytes(8)] * 44
+    assert isinstance(packets, native.Spans) and len(packets) == 44
+    assert list(packets) == [pkt + bytes(8)] * 44
     assert per == [(s, len(buf), True)] and others == [] and set(drops) == set(REASONS)
     assert not any(drops.values())
     # all replayed now; a handshake message next to them is handed back

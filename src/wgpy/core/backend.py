@@ -12,7 +12,13 @@ against, byte for byte (tests/native):
 - `Session(key, expires)`: a receiving key and its replay window; `.expires`, `.wipe()`,
   `.window_state()`.
 - `open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)`:
-  one UDP (GRO) read opened: see `open_batch` below.
+  one UDP (GRO) read opened: see `open_batch` below. A run's packets are a `Packets`
+  (core/output.py) that goes to the TUN as it is: the native backend decrypts a read
+  into one buffer and hands back per run a `Spans` (that buffer and a packed (offset,
+  length) table), which its `coalesce` reads in place, so no Python object is made per
+  packet from the socket to the TUN; the pure one hands back the list of the bytes its
+  AEAD made (joining them into one buffer would cost a copy and a table per packet
+  that nothing on the pure path needs).
 - `route(items, table) -> (groups, bad)`: packets read from the TUN grouped by the peer
   that owns their destination (`table`: the allowed IPs, or the native `Routes` that
   mirrors them, `Backend.routes`); `segments(sp)`: a super-packet (core/ip.py) cut into
@@ -49,6 +55,7 @@ from wgpy.core.ip import (
     segments,
 )
 from wgpy.core.messages import DATA_HEADER, DATA_MIN_LEN, MSG_DATA
+from wgpy.core.output import Packets
 from wgpy.core.replay import WORDS, ReplayWindow
 
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
@@ -232,7 +239,7 @@ class Session:
         return self.replay.top, b"".join(w.to_bytes(8, "little") for w in words[:WORDS])
 
 
-Runs = list[tuple[Any, bytes, list[bytes]]]
+Runs = list[tuple[Any, bytes, Packets]]
 Opened = tuple[Runs, list[tuple[Any, int, bool]], list[tuple[int, int]], dict[str, int]]
 
 
@@ -316,6 +323,8 @@ def open_batch(buf: Packet, nbytes: int, seg: int, sessions: dict[int, Session],
 OPEN_RESULT = """open_batch's answer, on both backends: (runs, per_session, others, drops).
 runs: [(session, inner source address, packets)] for consecutive accepted packets of one
 session and source (the caller checks the source against the allowed IPs once per run);
+packets: a `Packets` (core/output.py: native, a `Spans` over the call's one buffer; pure,
+a list of bytes), for `Output.tun` as it is;
 per_session: [(session, bytes, any data?)] for sessions with authenticated messages, in
 first-seen order; others: [(offset, length)] of handshake-shaped datagrams; drops: reason
 (core.output.Drop's values) -> count (the native one lists every reason, zeros too)."""

@@ -68,7 +68,8 @@ def open_read(
 ) -> None:
     """One read from the UDP socket (`n` bytes, datagrams of `seg` bytes) opened by the
     backend's `open_batch` (core/backend.py); the allowed-IPs check of the inner source
-    is made here, once per run of packets of one session and source."""
+    is made here, once per run of packets of one session and source, and a run goes into
+    `out.tun` whole, as `open_batch` made it (native: a Spans, no object per packet)."""
     runs, per_session, other_spans, drops = open_batch(read, n, seg, index.sessions, now)
     for reason, count in drops.items():
         if count:
@@ -76,7 +77,7 @@ def open_read(
     keypairs, tun = index.session_keypairs, out.tun
     for session, source, packets in runs:
         if lookup(source) is keypairs[session].peer:
-            tun += packets
+            tun.append(packets)
         else:
             out.drops[Drop.SOURCE_NOT_ALLOWED] += len(packets)
     for session, nbytes, data in per_session:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from enum import Enum
-from typing import overload
+from typing import Protocol, overload
 
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
@@ -50,6 +50,20 @@ class Drops(Counter[Drop]):
     the caches are cold (an idle tunnel's ping: docs/design.md, "Latency")."""
 
     __init__ = dict.__init__  # the C slot: no Python frame
+
+
+class Packets(Protocol):
+    """A run of opened packets on its way to the TUN, as `open_batch` hands it over
+    (core/backend.py): the native backend's `Spans` (the packets stay in the one buffer
+    they were decrypted into; a packed (offset, length) table says where, and the native
+    `coalesce` reads them there: no Python object per packet) or the pure one's list of
+    bytes. Both count and iterate alike (iterating a `Spans` copies: tests, simulator)."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[bytes]: ...
+
+
+ToTun = bytes | Packets  # a packet the core made itself (ICMP), or a run of opened ones
 
 
 Run = tuple[bytes, int, Endpoint]  # datagrams of `size` bytes back to back, the last may be shorter
@@ -135,10 +149,15 @@ class Output:
 
     def __init__(self) -> None:
         self.authentic = False  # a data message (keepalives too) authenticated in this call
-        self.tun: list[bytes] = []
+        self.tun: list[ToTun] = []  # in order; see `tun_packets`
         self.udp = Datagrams()
         self.events: list[ProtocolEvent] = []
         self.drops: Counter[Drop] = Drops()
+
+    def tun_packets(self) -> list[bytes]:
+        """`tun` as one packet per item (for tests and the simulator: the datapath hands
+        `tun` to `Tun.write_batch` as it is, the runs unopened)."""
+        return [p for item in self.tun for p in ((item,) if isinstance(item, bytes) else item)]
 
     def extend(self, other: Output) -> None:
         self.authentic = self.authentic or other.authentic

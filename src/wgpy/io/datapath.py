@@ -3,7 +3,9 @@
 Each readable event drains up to a batch of reads, hands them to the core and gives what
 comes back to the TUN and the UDP socket, which do their own offloads (TUN: coalescing
 into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into` ->
-`Device.receive_read` -> `Tun.write_batch`, and nothing else in between; with the C
+`Device.receive_read` -> `Tun.write_batch`, and nothing else in between (with the native
+module, an opened read stays in the buffer it was decrypted into, a run of packets per
+Python object, until `write_tun` writes it to the TUN from there); with the C
 intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time, refuses
 junk and sends the cookie replies a flood is owed itself, and only the reads that brought
 something go on, by `Device.receive_classified`.
@@ -131,6 +133,8 @@ class Datapath:
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
             tun.read_nowait = device.native.read_nowait
+            if tun.writes_fd:  # and the writes, straight from the opened reads' buffers
+                tun.write_coalesced = device.native.write_tun
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event

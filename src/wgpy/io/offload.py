@@ -26,12 +26,14 @@ read stays one object until it is sealed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import ClassVar
 
 from wgpy.core.ip import IPV4_ADDRS, IPV4_FLOW, IPV6_FLOW, SuperPacket, checksum, segment
 from wgpy.core.ip import pseudo_sum as _pseudo_sum
 from wgpy.core.ip import set_ip_length as _set_ip_length
 from wgpy.core.ip import super_packet as make_super_packet
+from wgpy.core.output import ToTun
 
 VNET_HDR_LEN = 10
 NEEDS_CSUM = 1
@@ -254,8 +256,21 @@ def _classify(p: bytes) -> tuple[bytes | None, int, int, bool]:
     return key, l4, hlen, False
 
 
-def coalesce(packets: list[bytes], udp: bool = True) -> list[bytes]:
-    """Group decrypted packets into TUN writes, each starting with a virtio header.
+def packets_of(items: Iterable[ToTun]) -> list[bytes]:
+    """`Output.tun`'s items (packets, and runs of them as `open_batch` made them) as one
+    packet each: O(1) Python work per run (a run's list is extended in C)."""
+    packets: list[bytes] = []
+    for item in items:
+        if isinstance(item, bytes | bytearray | memoryview):
+            packets.append(item)  # type: ignore[arg-type]  # a bytes-like packet
+        else:
+            packets += item
+    return packets
+
+
+def coalesce(packets: Iterable[ToTun], udp: bool = True) -> list[bytes]:
+    """Group decrypted packets into TUN writes, each starting with a virtio header. An
+    item is a packet or a run of them (`Output.tun`: see `packets_of`).
 
     Segments of one TCP flow merge when they are consecutive *within that flow* (packets of
     other flows may sit between them): each output buffer is placed where its first packet
@@ -269,7 +284,7 @@ def coalesce(packets: list[bytes], udp: bool = True) -> list[bytes]:
     runs: dict[bytes, _Run | _UdpRun] = {}  # flow key -> its run still open for more
     last: _Run | None = None  # the TCP run the previous packet went into, if still open
     last_key = b""
-    for p in packets:
+    for p in packets_of(packets):
         if last is not None:
             if last.follows(p, last_key):
                 if last.closed_by(p):

@@ -24,9 +24,10 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from wgpy.core.backend import Item
+from wgpy.core.output import ToTun
 from wgpy.io import offload
 
 log = logging.getLogger("wgpy.tun")
@@ -64,12 +65,18 @@ class TunGone(Exception):
 
 class Tun:
     # how decrypted packets become writes: offload.coalesce, or the native one (the same,
-    # byte for byte), which the Datapath sets when the device has the native module
-    coalesce: Callable[[list[bytes], bool], list[bytes]] = staticmethod(offload.coalesce)
+    # byte for byte, reading the native open's Spans in place), which the Datapath sets
+    # when the device has the native module
+    coalesce: Callable[[Iterable[ToTun], bool], list[bytes]] = staticmethod(offload.coalesce)
     split: Callable[[memoryview, int], list[bytes]] = staticmethod(offload.split)
     # one read, -1 when nothing waits; the native one raises no BlockingIOError on the way
     # (docs/design.md, "Latency")
     read_nowait: Callable[[int, memoryview], int] = staticmethod(read_nowait)
+    # with the native module (the Datapath sets it where `writes_fd`): coalesce and write
+    # in C, each write a writev from where the packets lie (the native open's Spans: no
+    # copy) without the GIL; it hands back [(errno, write)] of the writes that failed
+    write_coalesced: Callable[[int, list[ToTun], bool], list[tuple[int, bytes]]] | None = None
+    writes_fd = True  # its writes are write(2)s on `fileno()` (the channel fakes': not)
 
     def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
         self._fd = fd
@@ -149,37 +156,58 @@ class Tun:
                 count += len(got)
         return items, count
 
-    def write_batch(self, packets: list[bytes], mtu: int) -> None:
-        """Deliver decrypted packets; with the virtio header, segments of one TCP flow (and
-        same-size datagrams of one UDP flow) go as one GSO super-packet. A refused write
-        is dropped, as a NIC would drop it. Raises TunGone."""
-        bufs = self.coalesce(packets, self.coalesce_udp) if self.vnet_hdr else packets
+    def write_batch(self, items: list[ToTun], mtu: int) -> None:
+        """Deliver decrypted packets (`Output.tun`: packets, and runs of them as the
+        backend's open_batch made them); with the virtio header, segments of one TCP flow
+        (and same-size datagrams of one UDP flow) go as one GSO super-packet. A refused
+        write is dropped, as a NIC would drop it. Raises TunGone."""
+        if self.vnet_hdr and self.write_coalesced is not None:
+            for err, buf in self.write_coalesced(self._fd, items, self.coalesce_udp):
+                self._failed(buf, OSError(err, os.strerror(err)), mtu)
+            return
+        if self.vnet_hdr:
+            bufs = self.coalesce(items, self.coalesce_udp)
+        else:  # a write per packet: a run's packets become bytes one by one here
+            bufs = offload.packets_of(items)
         for buf in bufs:
             try:
-                self.write(buf)
-            except TunGone:
-                raise
+                self._write(buf)
             except OSError as e:
-                self._refused(buf, e, mtu)
+                self._failed(buf, e, mtu)
 
-    def _refused(self, buf: bytes, error: OSError, mtu: int) -> None:
-        """A USO super-packet on a kernel without USO for TUN writes: stop making them and
-        write its datagrams one by one. Any other refusal (say, the link is down): drop."""
-        if not (self.coalesce_udp and error.errno == errno.EINVAL and buf[1] == offload.GSO_UDP_L4):
+    def _failed(self, buf: bytes, error: OSError, mtu: int) -> None:
+        """A write the kernel refused: a USO one where USO is not there (`_refused`), the
+        interface gone (TunGone), or anything else (say, the link is down): dropped."""
+        if self._refused(buf, error, mtu):
             return
+        if error.errno in _GONE:
+            raise TunGone(self.name) from error
+
+    def _refused(self, buf: bytes, error: OSError, mtu: int) -> bool:
+        """A USO super-packet on a kernel without USO for TUN writes (EINVAL: before Linux
+        6.2, which `write` alone would take for a vanished interface): stop making them
+        and write its datagrams one by one (True)."""
+        if not (self.vnet_hdr and error.errno == errno.EINVAL and buf[1] == offload.GSO_UDP_L4):
+            return False
+        if self.coalesce_udp:  # once; the batch's later USO writes come here too
+            log.warning("the kernel refuses USO writes to the TUN (%s): datagrams now", error)
         self.coalesce_udp = False
-        log.warning("the kernel refuses UDP GSO writes to the TUN (%s): writing datagrams", error)
         for packet in offload.split(buf, mtu):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TunGone):
                 self.write(offload.plain_header() + packet)
+        return True
 
     def write(self, packet: bytes | memoryview) -> None:
         try:
-            os.write(self._fd, packet)
+            self._write(packet)
         except OSError as e:
             if e.errno in _GONE:
                 raise TunGone(self.name) from e
             raise
+
+    def _write(self, packet: bytes | memoryview) -> None:
+        """The write(2) itself (a channel in tests/io/fakes.py, errors and all)."""
+        os.write(self._fd, packet)
 
     def current_name(self) -> str:
         """The name now (TUNGETIFF asks the descriptor, wherever the device lives)."""
