@@ -226,26 +226,32 @@ def threads_table(results: dict[str, Result]) -> list[str]:
 
 
 def targets(results: dict[str, Result]) -> list[str]:
-    """Issue 9's targets, against upstream wireguard-go in this run (when both ran)."""
+    """Issue 17's targets, against upstream wireguard-go in this run (when both ran): those
+    for 2 cores where the machine has at most 4, the 16-core ones where it has more."""
     ours, pure = results.get("wgpy:wgpy"), results.get("wgpy-pure:wgpy-pure")
     up, mixed = results.get("upstream:upstream"), results.get("wgpy:upstream")
     if not (ours and up):
         return []
     ping = statistics.median(ours.rtt_ms) / statistics.median(up.rtt_ms)
+    speed, cpu = ours.median_gbits() / up.median_gbits(), ours.median_cpu() / up.median_cpu()
+    small = (os.cpu_count() or 1) <= 4
+    want_speed, want_cpu = (1.1, 0.9) if small else (1.0, 1.0)
     rows = [
-        ("wgpy<->wgpy >= 1.0x upstream<->upstream (aim 1.3x)",
-         f"{ours.median_gbits() / up.median_gbits():.2f}x",
-         ours.median_gbits() >= up.median_gbits()),
-        ("daemon CPU s/GB <= upstream's", f"{ours.median_cpu():.1f} vs {up.median_cpu():.1f}",
-         ours.median_cpu() <= up.median_cpu()),
+        (f"wgpy<->wgpy >= {want_speed}x upstream<->upstream"
+         + ("" if small else " (aim 1.3x)"), f"{speed:.2f}x", speed >= want_speed),
+        (f"daemon CPU s/GB <= {want_cpu}x upstream's",
+         f"{ours.median_cpu():.1f} vs {up.median_cpu():.1f} ({cpu:.2f}x)", cpu <= want_cpu),
         ("ping <= 1.2x upstream's", f"{ping:.2f}x", ping <= 1.2),
     ]  # fmt: skip
     if mixed:
         ratio = mixed.median_gbits() / up.median_gbits()
-        rows.append(("wgpy<->upstream >= 0.9x upstream<->upstream", f"{ratio:.2f}x", ratio >= 0.9))
-    if pure:
-        rows.append(("pure path >= 1.7 Gbit/s", f"{pure.median_gbits():.2f} Gbit/s",
-                     pure.median_gbits() >= 1.7))  # fmt: skip
+        rows.append(("wgpy<->upstream >= 0.95x upstream<->upstream", f"{ratio:.2f}x",
+                     ratio >= 0.95))  # fmt: skip
+    if pure:  # the issue's "no slower than today": 1.47 Gbit/s against upstream's 2.90
+        ratio = pure.median_gbits() / up.median_gbits()
+        got = f"{ratio:.2f}x ({pure.median_gbits():.2f} Gbit/s)"
+        rows.append(("pure path >= 0.51x upstream (the issue's run: 1.47 vs 2.90 Gbit/s)",
+                     got, ratio >= 0.51))  # fmt: skip
     lines = ["", "| target | this run | met |", "| --- | --- | --- |"]
     return lines + [f"| {what} | {got} | {'yes' if ok else 'no'} |" for what, got, ok in rows]
 
