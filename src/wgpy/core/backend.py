@@ -34,7 +34,7 @@ give (`lock`, a factory of context managers, as `rand` is for randomness); the d
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 from typing import Any, Protocol
@@ -55,8 +55,19 @@ from wgpy.core.ip import (
     segments,
 )
 from wgpy.core.messages import DATA_HEADER, DATA_MIN_LEN, MSG_DATA
-from wgpy.core.output import Packets
 from wgpy.core.replay import WORDS, ReplayWindow
+
+
+class Packets(Protocol):
+    """A run of opened packets on its way to the TUN, as `open_batch` hands it over: the
+    native backend's `Spans` (the packets stay in the one buffer they were decrypted into;
+    a packed (offset, length) table says where, and the native `coalesce` reads them
+    there: no Python object per packet) or the pure one's list of bytes. Both count and
+    iterate alike (iterating a `Spans` copies: tests, simulator)."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[bytes]: ...
+
 
 _NONCE = struct.Struct("<4xQ")  # ChaCha20-Poly1305 nonce: 4 zero bytes, LE counter
 _NOT_DATA = (0, 0, 0)  # (type, index, counter) of anything too short to be data
@@ -323,7 +334,7 @@ def open_batch(buf: Packet, nbytes: int, seg: int, sessions: dict[int, Session],
 OPEN_RESULT = """open_batch's answer, on both backends: (runs, per_session, others, drops).
 runs: [(session, inner source address, packets)] for consecutive accepted packets of one
 session and source (the caller checks the source against the allowed IPs once per run);
-packets: a `Packets` (core/output.py: native, a `Spans` over the call's one buffer; pure,
+packets: a `Packets` (above: native, a `Spans` over the call's one buffer; pure,
 a list of bytes), for `Output.tun` as it is;
 per_session: [(session, bytes, any data?)] for sessions with authenticated messages, in
 first-seen order; others: [(offset, length)] of handshake-shaped datagrams; drops: reason

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from enum import Enum
-from typing import Protocol, overload
+from typing import overload
 
+from wgpy.core.backend import Packets
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
 
@@ -50,17 +51,6 @@ class Drops(Counter[Drop]):
     the caches are cold (an idle tunnel's ping: docs/design.md, "Latency")."""
 
     __init__ = dict.__init__  # the C slot: no Python frame
-
-
-class Packets(Protocol):
-    """A run of opened packets on its way to the TUN, as `open_batch` hands it over
-    (core/backend.py): the native backend's `Spans` (the packets stay in the one buffer
-    they were decrypted into; a packed (offset, length) table says where, and the native
-    `coalesce` reads them there: no Python object per packet) or the pure one's list of
-    bytes. Both count and iterate alike (iterating a `Spans` copies: tests, simulator)."""
-
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[bytes]: ...
 
 
 ToTun = bytes | Packets  # a packet the core made itself (ICMP), or a run of opened ones
