@@ -21,13 +21,27 @@ static uint64_t fold(uint64_t s)
 
 static unsigned csum(const uint8_t *p, size_t n, uint64_t acc)
 {
+    /* 32-bit words into four 64-bit sums, folded every MiB: no carries to chase, four
+     * adds at once (2**32 == 1 modulo 0xFFFF, so they sum to what the 16-bit words do);
+     * then 8 bytes at a time with an end-around carry (exact modulo 2**64 - 1, which
+     * 0xFFFF divides) */
     uint64_t s = 0;
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) { /* 8 bytes at a time: a third of the time of 2 */
+    while (n - i >= 16) {
+        size_t end = i + ((n - i < (1u << 20) ? n - i : (1u << 20)) & ~(size_t)15);
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (; i < end; i += 16) {
+            uint32_t w[4];
+            memcpy(w, p + i, 16);
+            s0 += w[0], s1 += w[1], s2 += w[2], s3 += w[3];
+        }
+        s += fold(s0) + fold(s1) + fold(s2) + fold(s3);
+    }
+    for (; i + 8 <= n; i += 8) {
         uint64_t w;
         memcpy(&w, p + i, 8);
         s += w;
-        s += s < w; /* the end-around carry: exact modulo 2**64 - 1, which 0xFFFF divides */
+        s += s < w;
     }
     unsigned r = (unsigned)fold(s);
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__

@@ -146,6 +146,9 @@ def test_checksum_edges() -> None:
         (b"\0\0\0", 0),
         (b"\xff\xff", 0),
         (b"", 2**100 * 0xFFFF),
+        (b"\xff" * 65535, 0xFFFF),  # the sums at their largest (C adds 16 bytes at a time,
+        (b"\xff" * (3 << 20) + b"\x01\x02\x03", 7),  # folded every MiB)
+        (bytes(range(256)) * 4099, 1),
     ]:
         assert native.checksum(data, initial) == offload.checksum(data, initial)
     with pytest.raises(ValueError):
