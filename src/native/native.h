@@ -23,13 +23,17 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 
+#include <fcntl.h>
 #include <math.h>
+#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define KEY_LEN 32
 #define TAG_LEN 16
@@ -82,6 +86,8 @@ void pool_run(ChunkFn fn, void *arg, long nchunks);
 long chunks_for(Py_ssize_t n);
 PyObject *set_threads(PyObject *module, PyObject *arg);
 PyObject *get_threads(PyObject *module, PyObject *ignored);
+PyObject *set_spread(PyObject *module, PyObject *arg);
+PyObject *get_spread(PyObject *module, PyObject *ignored);
 
 /* spans.c */
 typedef struct {

@@ -170,3 +170,51 @@ def test_a_single_core_runs_no_extra_thread() -> None:
                           timeout=60, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "0", "1"]  # one thread: the caller's; no worker
+
+
+BUSY_CORE = """
+import os, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+os.environ["WGPY_THREADS"] = "3"
+from wgpy.io.datapath import backend
+from wgpy import _native
+b = backend()
+before = _native.spread()
+sealer = _native.Sealer(bytes(32), 1)
+end = time.monotonic() + 0.35  # past a measurement period (0.1 s), the core kept busy
+while time.monotonic() < end:
+    sealer.seal([bytes(1400)] * 44, 1420)
+print(*before, *_native.spread())
+"""
+
+
+def test_a_batch_wakes_no_worker_where_no_cpu_is_spare() -> None:
+    """The daemon's backend wakes workers only as far as the CPUs it may run on had time
+    to spare: pinned to one core, none (they could only take the caller's own core)."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "WGPY_NATIVE": "1"}
+    env.pop("WGPY_SPREAD", None)
+    done = subprocess.run([sys.executable, "-c", BUSY_CORE], capture_output=True, text=True,
+                          timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "2", "True", "0"]  # all, until measured; then none
+
+
+def test_spread(workers: int) -> None:
+    """set_threads wakes any worker (the tests' choice, the workers always exercised);
+    WGPY_SPREAD=all asks the daemon for the same; anything but spare or all is refused."""
+    assert native.spread() == (False, workers)
+    native.set_spread(True)
+    assert native.spread() == (True, workers)  # all of them until a period is measured
+    native.set_spread(False)
+    assert native.spread() == (False, workers)
+    with pytest.MonkeyPatch.context() as mp:
+        from wgpy.io.datapath import backend
+
+        mp.setenv("WGPY_NATIVE", "1")
+        mp.setenv("WGPY_SPREAD", "all")
+        assert not backend(4, start=False).spare_only
+        mp.setenv("WGPY_SPREAD", "spare")
+        assert backend(4, start=False).spare_only
+        mp.setenv("WGPY_SPREAD", "some")
+        with pytest.raises(ValueError, match="WGPY_SPREAD"):
+            backend(4, start=False)

@@ -95,12 +95,17 @@ def backend(threads: int | None = None, *, start: bool = True) -> Backend:
     native extension, unless WGPY_NATIVE=0 asks for the pure-Python one (the reference)
     or it was not built; the pure one's sealers take threading locks. The native one
     gets its crypto workers: `crypto_threads(threads)` in all, the caller's thread
-    being one of them, so a single core runs no extra thread. `start=False` leaves them
+    being one of them, so a single core runs no extra thread; a batch wakes only as many
+    as the CPUs had to spare over the last 0.1 s, unless WGPY_SPREAD=all asks for all of
+    them whatever the load (docs/design.md, "Crypto on every core"). `start=False` leaves them
     to `Backend.start_workers()`: a process that will still unshare a user namespace
     (wgpy run, wgpy proxy) must be single-threaded until then (unshare(2): EINVAL)."""
     module = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
     threads = crypto_threads(threads) if module is not None else 1
-    chosen = Backend(module, threading.Lock, threads)
+    spread = os.environ.get("WGPY_SPREAD", "spare")
+    if spread not in ("spare", "all"):
+        raise ValueError(f"WGPY_SPREAD is spare or all, not {spread!r}")
+    chosen = Backend(module, threading.Lock, threads, spare_only=spread == "spare")
     if start:
         chosen.start_workers()
     return chosen
