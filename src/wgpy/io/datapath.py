@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from wgpy.core import intake, native
 from wgpy.core.backend import Backend
+from wgpy.core.data import Received
 from wgpy.core.device import Device
 from wgpy.core.events import (
     CookieSent,
@@ -46,6 +47,7 @@ from wgpy.core.events import (
     ResponseReceived,
 )
 from wgpy.core.output import Drop, Output
+from wgpy.core.peer import Keypair
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -185,14 +187,16 @@ class Datapath:
         """Up to BATCH reads, DRAIN at a time, read and classified in C (core/intake.py):
         refused datagrams and the cookie replies to them never become Python objects;
         the reads that brought data or a handshake that passed go to the core, tagged
-        with their packet info as in `_read`. Returns the reads (a refused GRO read
-        counts one)."""
+        with their packet info as in `_read`, and the sessions they authenticated are
+        accounted for once, at the end (endpoint, counters, timers: one `now`). Returns
+        the reads (a refused GRO read counts one)."""
         device, udp, classifier = self.device, self.udp, self.device.intake.classifier
         buf = self._drain_buf
         if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
             buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
         assert classifier is not None
         fd, view = udp.fileno(), memoryview(buf)
+        opened, received = device.open_classified, dict[Keypair, Received]()
         count = 0
         while count < BATCH:
             until, queued, forced, state = device.intake.state(now)
@@ -203,14 +207,14 @@ class Datapath:
             if sent:
                 out.events.append(CookieSent(None, count=sent))  # one event per drain
             for offset, n, seg, src, info, passed, ndata in kept:
-                read = device.receive_classified(view[offset : offset + n], n, seg, src, now,
-                                                 passed, ndata, info)  # fmt: skip
-                if read.authentic and info is not None:
+                if opened(view[offset : offset + n], n, seg, src, now, passed, ndata, info, out,
+                          received) and info is not None:  # fmt: skip
                     udp.learn_source(src, info)
-                out.extend(read)
             count += got
             if got < DRAIN:
                 break
+        if received:
+            device.account(received, now, out)
         return count
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
