@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -124,7 +125,7 @@ def test_set_threads() -> None:
     assert native.threads() == 0
     with pytest.raises(ValueError):
         native.set_threads(-1)
-    tasks = len(os.listdir("/proc/self/task"))
+    tasks = settled_tasks()
     # several at once (each joins the old workers before it starts new ones): none leak
     callers = [threading.Thread(target=lambda k=k: [native.set_threads(k) for _ in range(30)])
                for k in range(4)]  # fmt: skip
@@ -133,7 +134,20 @@ def test_set_threads() -> None:
     for t in callers:
         t.join()
     native.set_threads(0)
-    assert len(os.listdir("/proc/self/task")) == tasks
+    assert settled_tasks() == tasks
+
+
+def settled_tasks() -> int:
+    """The threads of this process, once two counts 20 ms apart agree: join returns when
+    a thread has exited, a moment before the kernel reaps it and /proc forgets it (a
+    count taken at once was one too many under load)."""
+    count, deadline = len(os.listdir("/proc/self/task")), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        count, before = len(os.listdir("/proc/self/task")), count
+        if count == before:
+            break
+    return count
 
 
 def test_how_many_threads(monkeypatch: pytest.MonkeyPatch) -> None:
