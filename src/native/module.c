@@ -111,6 +111,10 @@ static PyMethodDef module_methods[] = {
      "packets grouped by the owner of their destination in a Routes."},
     {"read_nowait", read_nowait, METH_VARARGS,
      "read_nowait(fd, buf) -> bytes read, or -1 when nothing waits (EAGAIN: no exception)."},
+    {"read_packet", read_packet, METH_VARARGS,
+     "read_packet(fd, header, size) -> bytes | None: one readv, the virtio header into\n"
+     "header (10 bytes), the packet (at most size bytes) into bytes of its own, no copy;\n"
+     "None when nothing waits."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -134,6 +134,7 @@ PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
 PyObject *read_nowait(PyObject *module, PyObject *args);
+PyObject *read_packet(PyObject *module, PyObject *args);
 PyObject *write_tun(PyObject *module, PyObject *args);
 
 #endif

@@ -140,6 +140,8 @@ class Datapath:
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
             tun.read_nowait = device.native.read_nowait
+            if tun.reads_fd():  # and reads kept where they were read (not a test's channel)
+                tun.read_packet = device.native.read_packet
             if tun.writes_fd:  # and the writes, straight from the opened reads' buffers
                 tun.write_coalesced = device.native.write_tun
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
