@@ -759,7 +759,8 @@ PyObject *read_nowait(PyObject *Py_UNUSED(module), PyObject *args)
 
 /* read_packet(fd, header, size) -> bytes | None: one read of a non-blocking descriptor
  * (the TUN, with its virtio header) gathered with readv: the header into `header` (a
- * writable buffer of VNET_LEN bytes; zeros past a read shorter than that), the packet into
+ * writable buffer of VNET_LEN bytes; zeros past a read shorter than that; a checksum the
+ * kernel left to finish comes finished, `finish_checksum`), the packet into
  * a bytes object `size` bytes long kept for the next read (`spare`), handed over cut to
  * what came when that is more than SMALL_READ bytes, copied out when less. So a TSO read
  * of 64 KiB is kept as the kernel wrote it (read_nowait into a reused buffer needs a copy
@@ -769,6 +770,20 @@ PyObject *read_nowait(PyObject *Py_UNUSED(module), PyObject *args)
  * exception). The GIL stays held: a non-blocking read never waits, and `spare` is ours. */
 #define SMALL_READ 4096
 static PyObject *spare; /* a bytes object no one else has seen */
+
+/* A read whose header asks only for its checksum to be finished (NEEDS_CSUM without GSO:
+ * the kernel's TCP ACKs), finished here as `split` would and its header zeroed: the caller
+ * takes it for the plain packet it now is (no `split` call, no copies). One whose checksum
+ * field lies past its end is left as it came (`split` drops it). */
+static void finish_checksum(uint8_t *h, uint8_t *pkt, size_t len)
+{
+    size_t start = (size_t)(h[6] | h[7] << 8), at = start + (size_t)(h[8] | h[9] << 8);
+    if (!(h[0] & 1) || (h[1] & ~0x80u) || at + 2 > len)
+        return;
+    unsigned c = ~csum(pkt + start, len - start, 0) & 0xFFFF; /* the field: the pseudo-sum */
+    wr16be(pkt + at, c ? c : 0xFFFF); /* 0 means "none" for UDP: 0xFFFF, as split */
+    memset(h, 0, VNET_LEN); /* a plain packet's header */
+}
 
 PyObject *read_packet(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -796,6 +811,7 @@ PyObject *read_packet(PyObject *Py_UNUSED(module), PyObject *args)
         Py_ssize_t got = n > VNET_LEN ? (Py_ssize_t)n - VNET_LEN : 0;
         if (n < VNET_LEN)
             memset((uint8_t *)hdr.buf + n, 0, (size_t)(VNET_LEN - n));
+        finish_checksum(hdr.buf, (uint8_t *)PyBytes_AS_STRING(spare), (size_t)got);
         if (got <= SMALL_READ) {
             packet = PyBytes_FromStringAndSize(PyBytes_AS_STRING(spare), got);
         } else {

@@ -347,6 +347,14 @@ def test_read_packet() -> None:
         w.send(b"\x07\x07\x07")
         assert native.read_packet(r.fileno(), header, 100) == b""
         assert header == b"\x07\x07\x07" + bytes(7)
+        partial = VNET.pack(offload.NEEDS_CSUM, 0, 0, 0, 20, 16) + flow(1, 30)[0]
+        w.send(partial)  # a checksum left to finish: finished as split does, flags cleared
+        assert [native.read_packet(r.fileno(), header, 100)] == native.split(partial, 1420)
+        assert header == bytes(10)
+        past_end = VNET.pack(offload.NEEDS_CSUM, 0, 0, 0, 20, 200) + flow(1, 30)[0]
+        w.send(past_end)  # the field past the end: as it came (split drops it)
+        assert native.read_packet(r.fileno(), header, 100) == past_end[10:]
+        assert header == past_end[:10] and native.split(past_end, 1420) == []
         with pytest.raises(ValueError):
             native.read_packet(r.fileno(), bytearray(9), 100)
     finally:

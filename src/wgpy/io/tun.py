@@ -169,7 +169,8 @@ class Tun:
 
     def _read_packets(self, limit: int, mtu: int) -> tuple[list[Item], int]:
         """`read_batch` with `read_packet`: the same items, each read kept where the kernel
-        wrote it (a TSO read's 64 KiB are not copied out of a reused buffer)."""
+        wrote it (a TSO read's 64 KiB are not copied out of a reused buffer), a checksum
+        left to finish finished in C (a TCP ACK: no `split`)."""
         read, fd, header = self.read_packet, self._fd, self._header
         assert read is not None
         items: list[Item] = []
