@@ -30,9 +30,8 @@ sys.path.insert(0, os.environ.get("WGPY_SRC") or os.path.join(os.path.dirname(__
 
 from wgpy.core import native
 from wgpy.core.backend import Backend
-from wgpy.core.crypto import clamp
 from wgpy.core.cookie import CookieGenerator
-from wgpy.core.crypto import PrivateKey, dh, tai64n
+from wgpy.core.crypto import PrivateKey, clamp, dh, tai64n
 from wgpy.core.device import Device
 from wgpy.core.messages import INITIATION, MSG_INITIATION
 from wgpy.core.noise import SymmetricState, create_initiation
