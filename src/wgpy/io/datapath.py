@@ -28,6 +28,7 @@ handshake was as likely as any to be dropped as "queue full".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -119,6 +120,14 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     return TSO if device.native is not None and vnet_hdr else 0
 
 
+def tun_writer(device: Device, tun: Tun) -> bool:
+    """Whether the TUN writes get a writer thread (src/native/writer.c): with the native
+    datapath on more than one crypto thread (a single core runs no extra thread), a
+    virtio header (the writes write_tun makes), unless WGPY_TUN_WRITER=0."""
+    wanted = os.environ.get("WGPY_TUN_WRITER", "1") != "0"
+    return wanted and device.backend.threads > 1 and tun.vnet_hdr
+
+
 class Datapath:
     def __init__(
         self,
@@ -135,6 +144,8 @@ class Datapath:
             tun.read_nowait = device.native.read_nowait
             if tun.writes_fd:  # and the writes, straight from the opened reads' buffers
                 tun.write_coalesced = device.native.write_tun
+                if tun_writer(device, tun):  # on a thread of their own: a pipeline
+                    tun.use_writer(device.native.TunWriter())
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
@@ -227,6 +238,8 @@ class Datapath:
         return True
 
     def tick(self, now: float) -> None:
+        with contextlib.suppress(TunGone):  # noticed and handled on the next read
+            self.tun.collect(self.device.mtu)  # the writer's late failures (a USO refusal)
         self.transmit(self.device.tick(now))
 
     def transmit(self, out: Output) -> None:
