@@ -182,6 +182,24 @@ def test_the_native_datapath_makes_a_real_tuns_writes_in_c() -> None:
     tun = Tun.__new__(Tun)  # a TUN as open_tun makes one, short of its descriptor
     Datapath(site.device, tun, site.udp)
     assert tun.write_coalesced is (None if Site.native is None else Site.native.write_tun)
+    assert tun.writer is None  # one crypto thread: no writer thread either
+
+
+def test_with_more_crypto_threads_the_tun_writes_get_a_thread() -> None:
+    """On the native backend with more than one crypto thread, a TUN with the virtio
+    header hands its writes to a writer thread (src/native/writer.c), which its close
+    stops; without the header, or on one thread, the loop's thread writes."""
+    for threads, vnet_hdr in ((2, True), (2, False), (1, True)):
+        device = Device(random.Random(1).randbytes, backend=Backend(Site.native, threading.Lock,
+                                                                    threads))  # fmt: skip
+        tun = Tun.__new__(Tun)
+        tun.vnet_hdr, tun._fd, tun._ctl = vnet_hdr, -1, None
+        Datapath(device, tun, ChannelUdp(A_EP, {}))
+        threaded = Site.native is not None and threads > 1 and vnet_hdr
+        assert (tun.writer is not None) is threaded
+        if tun.writer is not None:
+            assert tun.write_coalesced == tun.writer.write
+        tun.close()
 
 
 def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:

@@ -65,6 +65,15 @@ class Reader:
         return self.messages
 
 
+def go_once_waited(reader: Reader, writer: Any, seconds: float = 10) -> None:
+    """Start the reader once the writer's caller has waited for room (or after `seconds`:
+    a small batch on an idle queue blocks in its own write instead)."""
+    deadline = time.monotonic() + seconds
+    while writer.counts()[2] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    reader.go()
+
+
 def batches(seed: int, count: int) -> Iterator[tuple[list[ToTun], list[ToTun]]]:
     """(native items: Spans and packets, the same as bytes) for `count` turns of traffic:
     TCP flows that coalesce, UDP runs (USO writes), lone packets."""
@@ -77,13 +86,13 @@ def batches(seed: int, count: int) -> Iterator[tuple[list[ToTun], list[ToTun]]]:
 
 def test_many_batches_come_out_in_order_as_write_tun_makes_them() -> None:
     """Batches queued faster than the descriptor takes them (the writer blocks, the queue
-    fills and the caller waits for room without the GIL): every write, in order, is the
-    reference coalescer's, and the small batch that finds the queue empty is written on
-    the caller (counts: queued, inline, waits)."""
+    fills), mixed with small ones that find the queue empty and are written on the
+    caller: every write, in order, is the reference coalescer's (counts: queued, inline,
+    waits)."""
     reader = Reader()
     writer = native.TunWriter(depth=3)
     want: list[bytes] = []
-    threading.Timer(0.3, reader.go).start()
+    threading.Thread(target=go_once_waited, args=(reader, writer, 0.5)).start()
     try:
         for got, ref in batches(1, 150):
             assert writer.write(reader.fileno(), got, True) == []
@@ -91,8 +100,27 @@ def test_many_batches_come_out_in_order_as_write_tun_makes_them() -> None:
         assert writer.flush() == []
         assert writer.write(reader.fileno(), [ICMP]) == []  # idle and small: on the caller
         want += offload.coalesce([ICMP])
-        queued, inline, waits = writer.counts()
-        assert queued > 50 and inline >= 1 and waits > 0
+        queued, inline, _ = writer.counts()
+        assert queued > 50 and inline >= 1
+    finally:
+        writer.close()
+        assert reader.finish() == want
+
+
+def test_a_full_queue_makes_the_caller_wait_without_the_gil() -> None:
+    """The writer blocked on a descriptor that takes nothing, its queue full: the caller
+    waits for room, and the GIL is free meanwhile (the reader, a Python thread, runs
+    because of it and frees the writer); everything comes out, in order."""
+    reader = Reader()
+    writer = native.TunWriter(depth=2, inline=0)
+    want: list[bytes] = []
+    threading.Thread(target=go_once_waited, args=(reader, writer)).start()
+    try:
+        for got, ref in batches(5, 30):
+            assert writer.write(reader.fileno(), got, True) == []
+            want += offload.coalesce(ref, True)
+        assert writer.flush() == []
+        assert writer.counts()[2] > 0
     finally:
         writer.close()
         assert reader.finish() == want
@@ -263,4 +291,3 @@ def test_tcp_run_through_a_real_pair_matches_write_tun() -> None:
     writer.close()
     assert native.write_tun(b.fileno(), items) == []
     assert a.finish() == b.finish() == offload.coalesce(items)
-
