@@ -16,8 +16,9 @@
  * is made by the caller with the GIL and read by the writer thread without it until it is
  * counted written; the caller frees it, with the GIL, on a later call (`collect`). The
  * writer thread never touches a Python object and never takes the GIL; the caller never
- * takes the GIL while it holds `mu`. The counters: `queued` (the caller's) and `written`
- * (the writer's) under `mu`; `collected` under the GIL. A batch of at most `inline` packets
+ * takes the GIL while it holds `mu`. The counters: `queued` (the caller's) under `mu`,
+ * `written` (the writer's) changed under `mu` and read atomically, `collected` under the
+ * GIL. A batch of at most `inline` packets
  * that finds nothing queued is written by the caller itself, the GIL released, as
  * write_tun does: a lone packet (a ping) is not handed to another thread. In a child of
  * fork the thread is gone: what the parent had queued is dropped there, and the child
@@ -40,7 +41,8 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t work; /* to the writer: a batch queued, or stop */
     pthread_cond_t done; /* to callers: a batch written, or stopped */
-    uint64_t queued, written, collected; /* collected <= written <= queued */
+    uint64_t queued, collected; /* collected <= written <= queued */
+    _Atomic uint64_t written;   /* changed under mu (for the waits), read without it */
     uint64_t inlined, waits;             /* counts, for tests and benchmarks */
     long depth, inline_max;
     int running, stopping;
@@ -85,9 +87,7 @@ static void *writer_main(void *arg)
  * (if not NULL). -1 with an exception (the batches are freed all the same). */
 static int collect(TunWriter *w, PyObject *list)
 {
-    pthread_mutex_lock(&w->mu);
-    uint64_t written = w->written;
-    pthread_mutex_unlock(&w->mu);
+    uint64_t written = w->written; /* an atomic load: the batches up to it are done with */
     int rc = 0;
     while (w->collected < written) {
         Slot *s = &w->ring[w->collected % (uint64_t)w->depth];
