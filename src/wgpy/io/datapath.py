@@ -120,12 +120,21 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     return TSO if device.native is not None and vnet_hdr else 0
 
 
+# crypto threads from which the TUN writes get a thread of their own by default: one core
+# for the loop, one for a crypto worker, one for the writer. On 2 cores nothing overlaps
+# (the threads only take turns) and the hand-off costs CPU: measured there, the receiving
+# loop thread spent ~5% less per GB and the daemon ~8-12% more (docs/design.md).
+WRITER_THREADS = 3
+
+
 def tun_writer(device: Device, tun: Tun) -> bool:
     """Whether the TUN writes get a writer thread (src/native/writer.c): with the native
-    datapath on more than one crypto thread (a single core runs no extra thread), a
-    virtio header (the writes write_tun makes), unless WGPY_TUN_WRITER=0."""
-    wanted = os.environ.get("WGPY_TUN_WRITER", "1") != "0"
-    return wanted and device.backend.threads > 1 and tun.vnet_hdr
+    datapath on WRITER_THREADS crypto threads or more and a virtio header (the writes
+    write_tun makes); WGPY_TUN_WRITER=1 asks for it on 2 threads too, =0 never. One
+    thread (a single core) never gets one."""
+    wanted = os.environ.get("WGPY_TUN_WRITER", "")
+    least = 2 if wanted == "1" else WRITER_THREADS
+    return wanted != "0" and device.backend.threads >= least and tun.vnet_hdr
 
 
 class Datapath:
