@@ -18,11 +18,10 @@
  * writer thread never touches a Python object and never takes the GIL; the caller never
  * takes the GIL while it holds `mu`. The counters: `queued` (the caller's) under `mu`,
  * `written` (the writer's) changed under `mu` and read atomically, `collected` under the
- * GIL. A batch of at most `inline` packets
- * that finds nothing queued is written by the caller itself, the GIL released, as
- * write_tun does: a lone packet (a ping) is not handed to another thread. In a child of
- * fork the thread is gone: what the parent had queued is dropped there, and the child
- * writes on the caller. */
+ * GIL. A batch of at most `inline` packets that finds nothing queued is written by the
+ * caller itself, the GIL released, as write_tun does: a lone packet (a ping) is not handed
+ * to another thread. In a child of fork the thread is gone: what the parent had queued is
+ * dropped there, and the child writes on the caller. */
 
 #include "native.h"
 
