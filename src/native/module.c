@@ -13,6 +13,7 @@
  *   coalesce, checksum, split          as wgpy.io.offload (coalesce reads Spans in place)
  *   segments(super_packet)             as wgpy.core.ip.segments
  *   x25519(jobs)                       X25519 in batches for the handshakes (dh.c)
+ *   screen(private, public, messages)  initiations up to their static key (screen.c)
  *   TunWriter()                        a thread making write_tun's writes from a queue
  *
  * Every read of packet data is bounds-checked against the length it came with. The
@@ -99,6 +100,11 @@ static PyMethodDef module_methods[] = {
      "of (private, its public or None, (peer publics...)), all bytes of 32; per job\n"
      "(public, shared secret or None where the result is all zeros, ...). On the crypto\n"
      "threads, without the GIL."},
+    {"screen", screen, METH_VARARGS,
+     "screen(private, public, messages) -> list, as wgpy.core.backend.screen (the\n"
+     "reference): per initiation (148 bytes), Noise_IKpsk2 up to the initiator's static key:\n"
+     "(static, ck, h), or None where DH(private, ephemeral) is all zeros or the static's\n"
+     "tag fails. On the crypto threads, without the GIL."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
     {"segments", segments, METH_O,
      "segments(super_packet) -> list[bytes], as wgpy.core.ip.segments."},
@@ -122,7 +128,7 @@ PyMODINIT_FUNC PyInit__native(void)
         || PyType_Ready(&RoutesType) < 0 || PyType_Ready(&SpansType) < 0
         || PyType_Ready(&TunWriterType) < 0)
         return NULL;
-    if (pool_init() < 0 || writer_init() < 0) {
+    if (pool_init() < 0 || screen_init() < 0 || writer_init() < 0) {
         PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
         return NULL;
     }

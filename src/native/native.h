@@ -9,6 +9,7 @@
  *               super-packets (for split, segments and seal_runs)
  *   spans.c     Spans: a run of opened packets, spans of one buffer, open -> coalesce
  *   dh.c        X25519 in batches for the handshakes: x25519
+ *   screen.c    initiations screened in batches: up to the initiator's static key, in C
  *   writer.c    TunWriter: a thread that makes the TUN writes, fed by a bounded queue
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
@@ -109,6 +110,12 @@ PyObject *route(PyObject *module, PyObject *args);
 
 /* dh.c */
 PyObject *x25519(PyObject *module, PyObject *jobs);
+EVP_PKEY *x25519_load(const uint8_t priv[KEY_LEN], const uint8_t pub[KEY_LEN]);
+int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY_LEN]);
+
+/* screen.c */
+int screen_init(void);
+PyObject *screen(PyObject *module, PyObject *args);
 
 /* offload.c */
 typedef struct { /* a super-packet planned for cutting (core/ip.py segment) */

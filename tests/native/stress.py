@@ -33,7 +33,7 @@ from types import ModuleType
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from wgpy.core.backend import Backend
-from wgpy.core.crypto import clamp
+from wgpy.core.crypto import PrivateKey, clamp
 from wgpy.core.device import Device
 from wgpy.core.ip import SuperPacket, super_packet
 from wgpy.core.messages import DATA_HEADER, MSG_DATA
@@ -323,14 +323,17 @@ def main() -> None:
         except BaseException as e:
             errors.append(e)
 
-    def exchanger() -> None:  # X25519 batches (dh.c) on the same crypto threads
+    def exchanger() -> None:  # X25519 batches (dh.c), screens (screen.c), same threads
         assert module is not None
         rng = random.Random(99)
+        ours = clamp(rng.randbytes(32))
+        public = PrivateKey(ours).public
         try:
             while time.monotonic() < deadline:
                 jobs = tuple((rng.randbytes(32), None, (rng.randbytes(32), rng.randbytes(32)))
                              for _ in range(rng.randrange(1, 17)))  # fmt: skip
                 module.x25519(jobs)
+                module.screen(ours, public, tuple(rng.randbytes(148) for _ in range(16)))
         except BaseException as e:
             errors.append(e)
 
