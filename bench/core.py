@@ -10,7 +10,12 @@
   64, the per-packet interpreter cost that the UDP/TUN batching cannot remove; and through
   Device.receive_read, the daemon's way in: the 64 datagrams as one UDP GRO read;
 - TSO send: µs per packet of one TSO read of 44 segments (a super-packet, as the native
-  datapath's TUN hands it over) through Device.send into its GSO runs.
+  datapath's TUN hands it over) through Device.send into its GSO runs;
+- junk initiations: µs of the calling thread's CPU (time.thread_time: the load of other
+  processes does not count, the crypto workers' time does not either) per initiation
+  from an unknown static key (valid mac1, as bench/flood.py's modes a and c send), worked
+  off from the queue `--batch` at a time: what a within-rate spoofed flood costs the
+  loop's thread.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ sys.path.insert(0, os.environ.get("WGPY_SRC") or os.path.join(os.path.dirname(__
 
 from wgpy.core import native
 from wgpy.core.backend import Backend
-from wgpy.core.crypto import clamp
+from wgpy.core.cookie import CookieGenerator
+from wgpy.core.crypto import PrivateKey, clamp, dh, tai64n
 from wgpy.core.device import Device
+from wgpy.core.messages import INITIATION, MSG_INITIATION
+from wgpy.core.noise import SymmetricState, create_initiation
 
 BACKEND = Backend()  # the datapath's; --native: the extension module's
 
@@ -143,12 +151,47 @@ def bench_tso_send(seconds: float, segments: int = 44) -> float:
     return spent / n * 1e6
 
 
+def junk_initiation(victim_pub: bytes) -> bytes:
+    """An initiation from a random static key we do not know, with a valid mac1."""
+    static = PrivateKey(os.urandom(32))
+    e_pub, enc_static, enc_time = create_initiation(
+        SymmetricState(victim_pub), static, victim_pub, dh(static, victim_pub),
+        os.urandom(32), tai64n(time.time()),
+    )  # fmt: skip
+    fields = (MSG_INITIATION, 1, e_pub, enc_static, enc_time, bytes(16), bytes(16))
+    msg = bytearray(INITIATION.pack(*fields))
+    CookieGenerator(victim_pub).add_macs(msg, 0.0)
+    return bytes(msg)
+
+
+def bench_junk(seconds: float, backend: Backend | None = None, batch: int = 16) -> float:
+    """µs of this thread's CPU per junk initiation worked off (queued directly: the
+    intake's mac1 and rate limits are not what is measured)."""
+    responder = Device(os.urandom, backend=backend)
+    responder.set_private_key(clamp(os.urandom(32)))
+    assert responder.public_key is not None
+    pool = [junk_initiation(responder.public_key) for _ in range(256)]
+    queue = responder.intake.queue
+    n, spent, now = 0, 0.0, 1.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for i in range(0, len(pool), batch):
+            queue.extend((m, A_EP, MSG_INITIATION, False, None) for m in pool[i : i + batch])
+            t0 = time.thread_time()
+            out = responder.process_handshakes(now, batch)
+            spent += time.thread_time() - t0
+            assert out.drops and not out.udp
+            n += batch
+    return spent / n * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--native", action="store_true", help="the native backend (wgpy._native)")
     p.add_argument("--threads", type=int, default=1, help="crypto threads in all, with --native")
     p.add_argument("--batch", type=int, default=1, help="initiations per receive call")
+    p.add_argument("--junk", action="store_true", help="the junk initiations' figure alone")
     args = p.parse_args()
     backend = None
     if args.native:
@@ -159,6 +202,11 @@ def main() -> None:
         backend.start_workers()
         global BACKEND
         BACKEND = backend  # the datapath figures too
+    junk_us = bench_junk(args.seconds, backend, max(args.batch, 16))
+    print(f"junk initiations (unknown static, {max(args.batch, 16)} a batch): "
+          f"{junk_us:.1f} µs of the calling thread each")
+    if args.junk:
+        return
     hps = bench_handshakes(args.seconds, backend, args.batch)
     send_us, recv_us, read_us = bench_datapath(args.seconds)
     tso_us = bench_tso_send(args.seconds)

@@ -37,12 +37,13 @@ typedef struct {
     DhOp *ops;
 } DhBatch;
 
-/* A private key whose public key is known: no scalar multiplication to load it. */
-static EVP_PKEY *load_pair(DhKey *k)
+/* A private key whose public key is known: no scalar multiplication to load it (the
+ * public key is taken as given); NULL if OpenSSL refused it. */
+EVP_PKEY *x25519_load(const uint8_t priv[KEY_LEN], const uint8_t pub[KEY_LEN])
 {
     OSSL_PARAM params[] = {
-        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PRIV_KEY, k->priv, KEY_LEN),
-        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, k->pub, KEY_LEN),
+        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PRIV_KEY, (void *)priv, KEY_LEN),
+        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, (void *)pub, KEY_LEN),
         OSSL_PARAM_construct_end(),
     };
     EVP_PKEY *key = NULL;
@@ -54,11 +55,32 @@ static EVP_PKEY *load_pair(DhKey *k)
     return key;
 }
 
+/* DH(key, peer) into shared: 1, or 0 where the result is all zeros (a low-order point) or
+ * OpenSSL failed. Any thread, without the GIL: `key` is only read (OpenSSL 3's EVP_PKEY is
+ * safe to share), the context is this call's own. */
+int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY_LEN])
+{
+    EVP_PKEY *pk = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, peer, KEY_LEN);
+    EVP_PKEY_CTX *ctx = key != NULL && pk != NULL ? EVP_PKEY_CTX_new(key, NULL) : NULL;
+    size_t len = KEY_LEN;
+    /* OpenSSL refuses an all-zero result itself; the check after it makes sure */
+    static const uint8_t zero[KEY_LEN];
+    int ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1
+             && EVP_PKEY_derive_set_peer(ctx, pk) == 1
+             && EVP_PKEY_derive(ctx, shared, &len) == 1 && len == KEY_LEN
+             && CRYPTO_memcmp(shared, zero, KEY_LEN) != 0;
+    if (!ok)
+        ERR_clear_error();
+    EVP_PKEY_CTX_free(ctx);
+    EVP_PKEY_free(pk);
+    return ok;
+}
+
 static void load_key(void *arg, long c)
 {
     DhKey *k = &((DhBatch *)arg)->keys[c];
     if (k->known) {
-        k->key = load_pair(k);
+        k->key = x25519_load(k->priv, k->pub);
     } else {
         size_t len = KEY_LEN;
         k->key = EVP_PKEY_new_raw_private_key(EVP_PKEY_X25519, NULL, k->priv, KEY_LEN);
@@ -76,20 +98,7 @@ static void exchange(void *arg, long c)
 {
     DhBatch *b = arg;
     DhOp *op = &b->ops[c];
-    EVP_PKEY *key = b->keys[op->key].key;
-    EVP_PKEY *peer = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, op->peer, KEY_LEN);
-    EVP_PKEY_CTX *ctx = key != NULL && peer != NULL ? EVP_PKEY_CTX_new(key, NULL) : NULL;
-    size_t len = KEY_LEN;
-    /* OpenSSL refuses an all-zero result itself; the check after it makes sure */
-    static const uint8_t zero[KEY_LEN];
-    op->ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1
-             && EVP_PKEY_derive_set_peer(ctx, peer) == 1
-             && EVP_PKEY_derive(ctx, op->shared, &len) == 1 && len == KEY_LEN
-             && CRYPTO_memcmp(op->shared, zero, KEY_LEN) != 0;
-    if (!op->ok)
-        ERR_clear_error();
-    EVP_PKEY_CTX_free(ctx);
-    EVP_PKEY_free(peer);
+    op->ok = x25519_derive(b->keys[op->key].key, op->peer, op->shared);
 }
 
 static int copy_key(PyObject *obj, uint8_t *to, const char *what)

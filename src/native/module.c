@@ -13,6 +13,8 @@
  *   coalesce, checksum, split          as wgpy.io.offload (coalesce reads Spans in place)
  *   segments(super_packet)             as wgpy.core.ip.segments
  *   x25519(jobs)                       X25519 in batches for the handshakes (dh.c)
+ *   screen(private, public, messages)  initiations up to their static key (screen.c)
+ *   TunWriter()                        a thread making write_tun's writes from a queue
  *
  * Every read of packet data is bounds-checked against the length it came with. The
  * crypto loops allocate nothing per packet, and neither does the way from open_batch to
@@ -103,6 +105,11 @@ static PyMethodDef module_methods[] = {
      "of (private, its public or None, (peer publics...)), all bytes of 32; per job\n"
      "(public, shared secret or None where the result is all zeros, ...). On the crypto\n"
      "threads, without the GIL."},
+    {"screen", screen, METH_VARARGS,
+     "screen(private, public, messages) -> list, as wgpy.core.backend.screen (the\n"
+     "reference): per initiation (148 bytes), Noise_IKpsk2 up to the initiator's static key:\n"
+     "(static, ck, h), or None where DH(private, ephemeral) is all zeros or the static's\n"
+     "tag fails. On the crypto threads, without the GIL."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
     {"segments", segments, METH_O,
      "segments(super_packet) -> list[bytes], as wgpy.core.ip.segments."},
@@ -127,9 +134,10 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0
-        || PyType_Ready(&RoutesType) < 0 || PyType_Ready(&SpansType) < 0)
+        || PyType_Ready(&RoutesType) < 0 || PyType_Ready(&SpansType) < 0
+        || PyType_Ready(&TunWriterType) < 0)
         return NULL;
-    if (pool_init() < 0) {
+    if (pool_init() < 0 || screen_init() < 0 || writer_init() < 0) {
         PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
         return NULL;
     }
@@ -140,10 +148,12 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_INCREF(&SealerType);
     Py_INCREF(&RoutesType);
     Py_INCREF(&SpansType);
+    Py_INCREF(&TunWriterType);
     if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
         || PyModule_AddObject(m, "Sealer", (PyObject *)&SealerType) < 0
         || PyModule_AddObject(m, "Routes", (PyObject *)&RoutesType) < 0
         || PyModule_AddObject(m, "Spans", (PyObject *)&SpansType) < 0
+        || PyModule_AddObject(m, "TunWriter", (PyObject *)&TunWriterType) < 0
         || PyModule_AddIntConstant(m, "WINDOW", WINDOW) < 0) {
         Py_DECREF(m);
         return NULL;

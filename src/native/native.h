@@ -9,6 +9,8 @@
  *               super-packets (for split, segments and seal_runs)
  *   spans.c     Spans: a run of opened packets, spans of one buffer, open -> coalesce
  *   dh.c        X25519 in batches for the handshakes: x25519
+ *   screen.c    initiations screened in batches: up to the initiator's static key, in C
+ *   writer.c    TunWriter: a thread that makes the TUN writes, fed by a bounded queue
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
  */
@@ -114,6 +116,12 @@ PyObject *route(PyObject *module, PyObject *args);
 
 /* dh.c */
 PyObject *x25519(PyObject *module, PyObject *jobs);
+EVP_PKEY *x25519_load(const uint8_t priv[KEY_LEN], const uint8_t pub[KEY_LEN]);
+int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY_LEN]);
+
+/* screen.c */
+int screen_init(void);
+PyObject *screen(PyObject *module, PyObject *args);
 
 /* offload.c */
 typedef struct { /* a super-packet planned for cutting (core/ip.py segment) */
@@ -136,5 +144,17 @@ PyObject *split(PyObject *module, PyObject *args);
 PyObject *read_nowait(PyObject *module, PyObject *args);
 PyObject *read_packet(PyObject *module, PyObject *args);
 PyObject *write_tun(PyObject *module, PyObject *args);
+#define IOV_CAP 256 /* iovecs of one writev; a longer run is copied into one buffer */
+struct iovec;
+typedef struct TunBatch TunBatch; /* a planned batch of TUN writes (offload.c) */
+TunBatch *tun_batch_new(PyObject *packets, int udp);
+Py_ssize_t tun_batch_packets(const TunBatch *t);
+void tun_batch_write(TunBatch *t, int fd, struct iovec *iov);
+int tun_batch_failures(const TunBatch *t, PyObject *list);
+void tun_batch_free(TunBatch *t);
+
+/* writer.c */
+extern PyTypeObject TunWriterType;
+int writer_init(void);
 
 #endif

@@ -474,7 +474,6 @@ PyObject *coalesce(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwds)
 
 /* ------------------------------------------------------------------ write_tun */
 
-#define IOV_CAP 256 /* iovecs of one writev; a longer run is copied into one buffer */
 
 /* Write item k of a plan to fd without the GIL, gathered from where its packets lie: a
  * packet alone behind a zero virtio header, or a run's header (built) and its members'
@@ -510,11 +509,10 @@ static int write_item(int fd, const Plan *pl, const Pkt *pkts, Py_ssize_t k, str
     return err;
 }
 
-/* [(errno, the write as bytes)] for the writes that failed. */
-static PyObject *failures(const Plan *pl, const Pkt *pkts, const int *errs)
+/* Append (errno, the write as bytes) to list for each write of a plan that failed. */
+static int append_failures(PyObject *list, const Plan *pl, const Pkt *pkts, const int *errs)
 {
-    PyObject *list = PyList_New(0);
-    for (Py_ssize_t k = 0; list && k < pl->nitems; k++) {
+    for (Py_ssize_t k = 0; k < pl->nitems; k++) {
         if (!errs[k])
             continue;
         Py_ssize_t it = pl->items[k];
@@ -523,11 +521,63 @@ static PyObject *failures(const Plan *pl, const Pkt *pkts, const int *errs)
                       : run->count == 1 ? plain(&pkts[run->first])
                                          : run_build(run, pkts, pl->next);
         PyObject *t = b ? Py_BuildValue("(iN)", errs[k], b) : NULL;
-        if (t == NULL || PyList_Append(list, t) < 0)
-            Py_CLEAR(list);
+        int rc = t ? PyList_Append(list, t) : -1;
         Py_XDECREF(t);
+        if (rc < 0)
+            return -1;
     }
-    return list;
+    return 0;
+}
+
+/* A planned batch of TUN writes that outlives its call (the TUN writer's queue, writer.c):
+ * the batch holds its items (and through them their buffers) until tun_batch_free. Made
+ * and freed with the GIL; tun_batch_write touches no Python object, so any thread may
+ * make the writes. */
+struct TunBatch {
+    Batch b;
+    int *errs; /* each write's errno, 0 if it went */
+};
+
+TunBatch *tun_batch_new(PyObject *packets, int udp)
+{
+    TunBatch *t = PyMem_Calloc(1, sizeof *t);
+    if (t == NULL)
+        return (TunBatch *)PyErr_NoMemory();
+    if (batch_plan(&t->b, packets, udp) < 0
+        || (t->errs = PyMem_Calloc((size_t)t->b.pl.nitems + 1, sizeof(int))) == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        tun_batch_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+Py_ssize_t tun_batch_packets(const TunBatch *t)
+{
+    return t->b.n;
+}
+
+/* Every write of the batch, in order, to fd (iov: IOV_CAP entries of the caller's). */
+void tun_batch_write(TunBatch *t, int fd, struct iovec *iov)
+{
+    for (Py_ssize_t k = 0; k < t->b.pl.nitems; k++)
+        t->errs[k] = write_item(fd, &t->b.pl, t->b.pkts, k, iov);
+}
+
+/* Append the failed writes to list, as write_tun returns them; -1 with an exception. */
+int tun_batch_failures(const TunBatch *t, PyObject *list)
+{
+    return append_failures(list, &t->b.pl, t->b.pkts, t->errs);
+}
+
+void tun_batch_free(TunBatch *t)
+{
+    if (t != NULL) {
+        batch_free(&t->b);
+        PyMem_Free(t->errs);
+        PyMem_Free(t);
+    }
 }
 
 /* write_tun(fd, items, udp=True): coalesce's writes made with writev straight from where
@@ -538,26 +588,18 @@ PyObject *write_tun(PyObject *Py_UNUSED(module), PyObject *args)
     PyObject *packets, *result = NULL;
     if (!PyArg_ParseTuple(args, "iO|p:write_tun", &fd, &packets, &udp))
         return NULL;
-    Batch b = {0};
-    int *errs = NULL;
     struct iovec *iov = PyMem_Malloc(IOV_CAP * sizeof(struct iovec));
-    if (iov == NULL)
-        PyErr_NoMemory();
-    else if (batch_plan(&b, packets, udp) == 0) {
-        errs = PyMem_Calloc((size_t)b.pl.nitems + 1, sizeof(int));
-        if (errs == NULL) {
-            PyErr_NoMemory();
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            for (Py_ssize_t k = 0; k < b.pl.nitems; k++)
-                errs[k] = write_item(fd, &b.pl, b.pkts, k, iov);
-            Py_END_ALLOW_THREADS
-            result = failures(&b.pl, b.pkts, errs);
-        }
+    TunBatch *t = iov ? tun_batch_new(packets, udp) : (TunBatch *)PyErr_NoMemory();
+    if (t != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        tun_batch_write(t, fd, iov);
+        Py_END_ALLOW_THREADS
+        result = PyList_New(0);
+        if (result != NULL && tun_batch_failures(t, result) < 0)
+            Py_CLEAR(result);
     }
-    PyMem_Free(errs);
+    tun_batch_free(t);
     PyMem_Free(iov);
-    batch_free(&b);
     return result;
 }
 

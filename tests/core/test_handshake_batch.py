@@ -1,14 +1,22 @@
 """Queued handshake messages worked off in batches (device.py `_work_off`: the X25519 work
 of a batch first, then each message in queue order) leave exactly the traces they leave
 worked off one by one: the same datagrams, events, drops, peer and index state, and the
-same randomness drawn."""
+same randomness drawn; also where the backend screens initiations up to their static key
+(core/backend.py `screen`, the reference, standing in for the native one), which keeps
+strangers' initiations and forgeries out of the Python Noise path."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.core.handshake_batches import INITIATORS, worked_off, world
+from wgpy.core import backend, handshake
+from wgpy.core.backend import Backend
+from wgpy.core.output import Drop
 
 MESSAGES = INITIATORS * 5 + 2
 picks = st.lists(st.integers(0, MESSAGES - 1), min_size=1, max_size=40)
@@ -34,3 +42,49 @@ def test_batches_leave_what_one_by_one_leaves(seed: int, chosen: list[int], batc
                                               loaded: bool) -> None:  # fmt: skip
     one_by_one = worked_off(world(seed), chosen, 11.0, 1, loaded)
     assert worked_off(world(seed), chosen, 11.0, batch, loaded) == one_by_one
+
+
+def screening() -> Backend:
+    """The pure backend with the reference screen, as the native one has its own."""
+    screens = Backend()
+    screens.screen = backend.screen
+    return screens
+
+
+@given(st.integers(0, 2**16), picks, st.sampled_from([1, 3, 16]), st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_screened_batches_leave_what_one_by_one_leaves(
+    seed: int, chosen: list[int], batch: int, loaded: bool
+) -> None:
+    one_by_one = worked_off(world(seed), chosen, 11.0, 1, loaded)
+    assert worked_off(world(seed, screening()), chosen, 11.0, batch, loaded) == one_by_one
+
+
+def spy_on_noise(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The initiations the device takes through the Python Noise path from the start
+    (`handshake.consume_initiation`), recorded as they pass (the real one runs)."""
+    seen: list[bytes] = []
+    real = handshake.consume_initiation
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(handshake, "consume_initiation", spied)
+    return seen
+
+
+def test_screened_strangers_and_forgeries_skip_the_python_noise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Screened, no initiation goes through the Python Noise path from the start: the
+    stranger's, the forged and the low-order ones are refused as they were (unknown peer,
+    bad handshake), the peers' are answered from the state the screen reached."""
+    w, plain, everything = world(3, screening()), world(3), list(range(MESSAGES))
+    seen = spy_on_noise(monkeypatch)  # the worlds are made: their initiators are not spied
+    (_, (udp, drops, events)), _ = worked_off(w, everything, 11.0, 16)
+    assert seen == []
+    assert (udp, drops, events) == worked_off(plain, everything, 11.0, 16)[0][1]
+    assert len(seen) == INITIATORS * 2 + 2  # unscreened: each initiation, forgeries too
+    assert isinstance(drops, dict)
+    assert drops[Drop.UNKNOWN_PEER] == 1 and drops[Drop.BAD_HANDSHAKE] >= INITIATORS + 1

@@ -182,6 +182,29 @@ def test_the_native_datapath_makes_a_real_tuns_writes_in_c() -> None:
     tun = Tun.__new__(Tun)  # a TUN as open_tun makes one, short of its descriptor
     Datapath(site.device, tun, site.udp)
     assert tun.write_coalesced is (None if Site.native is None else Site.native.write_tun)
+    assert tun.writer is None  # one crypto thread: no writer thread either
+
+
+def test_with_more_crypto_threads_the_tun_writes_get_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the native backend with 3 crypto threads or more (a core for it), a TUN with the
+    virtio header hands its writes to a writer thread (src/native/writer.c), which its
+    close stops; WGPY_TUN_WRITER=1 asks for one on 2 threads, =0 never; without the
+    header, or on one thread, the loop's thread writes."""
+    cases = [("", 3, True, True), ("", 2, True, False), ("1", 2, True, True),
+             ("1", 1, True, False), ("0", 4, True, False), ("", 4, False, False)]  # fmt: skip
+    for env, threads, vnet_hdr, threaded in cases:
+        monkeypatch.setenv("WGPY_TUN_WRITER", env)
+        backend = Backend(Site.native, threading.Lock, threads)
+        device = Device(random.Random(1).randbytes, backend=backend)
+        tun = Tun.__new__(Tun)
+        tun.vnet_hdr, tun._fd, tun._ctl = vnet_hdr, -1, None
+        Datapath(device, tun, ChannelUdp(A_EP, {}))
+        assert (tun.writer is not None) is (threaded and Site.native is not None)
+        if tun.writer is not None:
+            assert tun.write_coalesced == tun.writer.write
+        tun.close()
 
 
 def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:

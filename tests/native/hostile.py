@@ -21,11 +21,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.native.reference import World, normalize, open_batch_ref
+from tests.native.test_screen import initiation
 from wgpy import _native as native
 from wgpy.core import backend, ip
 from wgpy.core.allowedips import AllowedIPs
 from wgpy.core.backend import x25519 as x25519_ref
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
+from wgpy.core.crypto import PrivateKey
 from wgpy.io import offload
 
 
@@ -101,6 +103,44 @@ def x25519_garbage(rng: random.Random, rounds: int) -> None:
         raise AssertionError(f"x25519 took {bad!r}")
 
 
+SCREEN_POOL: list[bytes] = []  # valid initiations to OURS (made on first use)
+OURS = bytes(range(32))
+
+
+def screen_messages(rng: random.Random) -> tuple[bytes, ...]:
+    """Initiations to OURS, valid, corrupted anywhere, with low-order ephemerals, random."""
+    if not SCREEN_POOL:
+        SCREEN_POOL.extend(initiation(i, PrivateKey(OURS))[0] for i in range(4))
+
+    def one() -> bytes:
+        m = bytearray(rng.choice(SCREEN_POOL))
+        roll = rng.random()
+        if roll < 0.3:
+            m[rng.randrange(len(m))] ^= 1 << rng.randrange(8)
+        elif roll < 0.4:
+            m[8:40] = rng.choice(LOW_ORDER)
+        elif roll < 0.5:
+            m = bytearray(rng.randbytes(148))
+        return bytes(m)
+
+    return tuple(one() for _ in range(rng.randrange(20)))
+
+
+def screen_garbage(rng: random.Random, rounds: int) -> None:
+    """Initiations screened (screen.c) against the reference, and malformed calls refused."""
+    public = PrivateKey(OURS).public
+    for _ in range(rounds):
+        messages = screen_messages(rng)
+        assert native.screen(OURS, public, messages) == backend.screen(OURS, public, messages)
+    for bad in ((b"", public, ()), (OURS, public[:31], ()), (OURS, public, (bytes(147),)),
+                (OURS, public, [bytes(148)]), (OURS, public, (None,))):  # fmt: skip
+        try:
+            native.screen(*bad)
+        except (TypeError, ValueError):
+            continue
+        raise AssertionError(f"screen took {bad!r}")
+
+
 def threads(world: World, seconds: float) -> None:
     """Two readers on the same sessions, a third thread wiping and re-keying them, a
     fourth working X25519 batches on the same crypto threads."""
@@ -126,9 +166,11 @@ def threads(world: World, seconds: float) -> None:
 
     def exchanger() -> None:
         rng = random.Random(7)
+        public = PrivateKey(OURS).public
         try:
             while time.monotonic() < stop:
                 native.x25519(x25519_jobs(rng))
+                native.screen(OURS, public, screen_messages(rng))
         except BaseException as e:
             errors.append(e)
 
@@ -233,6 +275,7 @@ def main() -> None:
         differential(world, 5)
         offload_garbage(rng, 20)
         x25519_garbage(rng, 2)
+        screen_garbage(rng, 2)
         n += 1
     native.set_threads(0)
     print(f"hostile: {n} rounds clean ({native.__file__})")

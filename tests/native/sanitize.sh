@@ -3,8 +3,10 @@
 # into a temporary copy of the package and run the hostile corpus (tests/native/hostile.py)
 # and the C intake's tests (tests/native/test_classify.py: hypothesis batches, a real
 # socket drained) and the sending calls' (tests/native/test_send.py: super-packets cut and
-# sealed, the longest segment there is; tests/native/test_route.py: the routing table), the
-# TUN reads into bytes of their own and the checksum's largest sums through them.
+# sealed, the longest segment there is; tests/native/test_route.py: the routing table;
+# tests/native/test_writer.py: the TUN writer thread, buffers held until written;
+# tests/native/test_screen.py: initiations screened), the TUN reads into bytes of their
+# own and the checksum's largest sums through them.
 # Usage: tests/native/sanitize.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,7 +32,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
 "$PY" tests/native/hostile.py "$SECONDS_TO_RUN"
 (cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py \
-  tests/native/test_send.py tests/native/test_route.py \
-  tests/native/test_offload_seal.py::test_read_packet \
+  tests/native/test_send.py tests/native/test_route.py tests/native/test_writer.py \
+  tests/native/test_screen.py tests/native/test_offload_seal.py::test_read_packet \
   tests/native/test_offload_seal.py::test_read_batch_with_read_packet_makes_the_same_items \
   tests/native/test_offload_seal.py::test_checksum_edges)

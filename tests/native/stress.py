@@ -8,6 +8,8 @@ What must hold, checked as it runs:
   not give to the sending peer (a removed peer, a moved IP, a spoofed source);
 - each client's packets reach the server in the order they were sent (the network here
   neither loses nor reorders, so any reordering would be the data path's), none twice;
+  natively also through the server's TUN writes, made by a writer thread (`TunWriter`)
+  into a SEQPACKET socket read back on another thread;
 - nothing raises.
 
 Usage: python tests/native/stress.py [seconds] [native|python] [harnesses]: the run the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import struct
 import sys
 import threading
@@ -30,11 +33,12 @@ from types import ModuleType
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from wgpy.core.backend import Backend
-from wgpy.core.crypto import clamp
+from wgpy.core.crypto import PrivateKey, clamp
 from wgpy.core.device import Device
 from wgpy.core.ip import SuperPacket, super_packet
 from wgpy.core.messages import DATA_HEADER, MSG_DATA
-from wgpy.core.output import Endpoint, Output
+from wgpy.core.output import Endpoint, Output, ToTun
+from wgpy.io import offload
 
 SERVER_EP: Endpoint = ("192.0.2.1", 51820)
 SERVER_IP = bytes([10, 9, 0, 1])
@@ -66,6 +70,46 @@ class Client:
     delivered: int = -1  # the last sequence number the server delivered
 
 
+class TunSink:
+    """The server's TUN: its writes go through a writer thread (the native `TunWriter`,
+    a short queue, every batch queued) into a SEQPACKET socket, read back on a thread of
+    its own; each client's packets must come out of it in the order they went in."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.writer = module.TunWriter(depth=2, inline=0)
+        self.last: dict[int, int] = {}
+        self.count = 0
+        self.failed: list[str] = []
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def write(self, items: list[ToTun]) -> None:
+        assert self.writer.write(self.ours.fileno(), items, True) == []
+
+    def _read(self) -> None:
+        for message in iter(lambda: self.theirs.recv(1 << 17), b""):
+            for p in offload.split(message, 1420):
+                if p[16:20] != SERVER_IP:
+                    continue
+                number, seq, _ = TAG.unpack_from(p, 20)
+                if seq <= self.last.get(number, -1):
+                    self.failed.append(f"TUN: client {number}: {seq} after {self.last[number]}")
+                self.last[number] = seq
+                self.count += 1
+
+    def close(self) -> int:
+        """Everything written and read: how many of the test's packets came through."""
+        assert self.writer.flush() == []
+        self.writer.close()
+        self.ours.shutdown(socket.SHUT_WR)
+        self.reader.join(30)
+        self.ours.close()
+        self.theirs.close()
+        assert not self.failed, self.failed[0]
+        return self.count
+
+
 @dataclass
 class Stress:
     backend: Backend
@@ -75,6 +119,7 @@ class Stress:
     counters: set[tuple[Endpoint, int, int]] = field(default_factory=set)
     owner: dict[bytes, int] = field(default_factory=dict)  # server's allowed IPs: ip -> client
     delivered: int = 0
+    sink: TunSink | None = None  # the server's TUN writes on a writer thread (native)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -127,6 +172,8 @@ class Stress:
                     out = device.receive_read(memoryview(read), len(read), seg, src, self.now)
                     if device is self.server:
                         self._check_delivered(out.tun_packets())
+                        if self.sink is not None:
+                            self.sink.write(out.tun)
                     wire += self._outputs(device, out)
 
     def _outputs(self, device: Device, out: Output) -> Wire:
@@ -241,9 +288,14 @@ def gro_reads(grams: list[bytes]) -> list[tuple[bytes, int]]:
 
 
 def run(backend: Backend, seed: int, steps: int) -> Stress:
-    s = Stress(backend, seed)
-    for _ in range(steps):
-        s.step()
+    native = backend.native
+    s = Stress(backend, seed, sink=TunSink(native) if native is not None else None)
+    try:
+        for _ in range(steps):
+            s.step()
+    finally:
+        if s.sink is not None:
+            assert s.sink.close() == s.delivered  # every delivered packet, in order
     return s
 
 
@@ -262,21 +314,26 @@ def main() -> None:
 
     def harness(seed: int) -> None:
         try:
-            s = Stress(Backend(module, threading.Lock), seed)
+            sink = TunSink(module) if module is not None else None
+            s = Stress(Backend(module, threading.Lock), seed, sink=sink)
             while time.monotonic() < deadline:
                 s.step()
+            assert sink is None or sink.close() == s.delivered
             totals.append(s.delivered)
         except BaseException as e:
             errors.append(e)
 
-    def exchanger() -> None:  # X25519 batches (dh.c) on the same crypto threads
+    def exchanger() -> None:  # X25519 batches (dh.c), screens (screen.c), same threads
         assert module is not None
         rng = random.Random(99)
+        ours = clamp(rng.randbytes(32))
+        public = PrivateKey(ours).public
         try:
             while time.monotonic() < deadline:
                 jobs = tuple((rng.randbytes(32), None, (rng.randbytes(32), rng.randbytes(32)))
                              for _ in range(rng.randrange(1, 17)))  # fmt: skip
                 module.x25519(jobs)
+                module.screen(ours, public, tuple(rng.randbytes(148) for _ in range(16)))
         except BaseException as e:
             errors.append(e)
 

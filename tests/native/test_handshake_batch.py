@@ -1,6 +1,7 @@
 """The handshake work off on the native backend, its X25519 in batches on the crypto
-threads (src/native/dh.c), against the pure path worked off one message at a time: the
-same datagrams, events, drops, state and randomness drawn."""
+threads (src/native/dh.c) and its initiations screened there up to their static key
+(src/native/screen.c), against the pure path worked off one message at a time: the same
+datagrams, events, drops, state and randomness drawn."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.core.handshake_batches import INITIATORS, worked_off, world
+from tests.core.test_handshake_batch import spy_on_noise
 from wgpy.core import native
 from wgpy.core.backend import Backend
 
@@ -31,3 +33,28 @@ def test_native_batches_leave_what_pure_one_by_one_leaves(
     finally:
         module.set_threads(0)
     assert got == want
+
+
+def test_native_screen_keeps_strangers_and_forgeries_out_of_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the crypto threads, no initiation goes through the Python Noise path from the
+    start; the traces are those of the pure path."""
+    assert module is not None
+    want = worked_off(world(5), list(range(MESSAGES)), 11.0, 1)
+    screens = Backend(module, threads=2)
+    assert screens.screen is module.screen
+    w = world(5, screens)
+    seen = spy_on_noise(monkeypatch)
+    module.set_threads(1)
+    try:
+        assert worked_off(w, list(range(MESSAGES)), 11.0, 16) == want
+    finally:
+        module.set_threads(0)
+    assert seen == []
+
+
+def test_no_screen_on_one_thread_or_the_pure_path() -> None:
+    """On one thread the screen would cost what it saves (core/backend.py)."""
+    assert Backend(module, threads=1).screen is None
+    assert Backend(None, threads=4).screen is None

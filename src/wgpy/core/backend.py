@@ -25,6 +25,8 @@ against, byte for byte (tests/native):
   its packets.
 - `x25519(jobs) -> list[tuple]`: the X25519 exchanges of a batch of handshakes (see
   `x25519` below); the native one spreads them over the crypto threads.
+- `screen(private, public, messages) -> list`: a batch of initiations taken as far as
+  the initiator's static key (see `screen` below); the native one on the crypto threads.
 
 The core starts no threads and so needs no lock of its own: the lock is the caller's to
 give (`lock`, a factory of context managers, as `rand` is for randomness); the default,
@@ -42,8 +44,9 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from wgpy.core import noise
 from wgpy.core.constants import REJECT_AFTER_MESSAGES
-from wgpy.core.crypto import InvalidTag, is_zero
+from wgpy.core.crypto import InvalidTag, PrivateKey, is_zero
 from wgpy.core.ip import (
     IPV4_DST,
     IPV4_SRC,
@@ -372,6 +375,40 @@ def x25519(jobs: tuple[X25519Job, ...]) -> list[tuple[bytes | None, ...]]:
     return out
 
 
+# what screening an initiation finds: (the initiator's static key, Noise's ck and h after
+# it), or None where it is refused
+Screened = tuple[bytes, bytes, bytes] | None
+Screen = Callable[[bytes, bytes, tuple[bytes, ...]], list[Screened]]
+_INITIATION_LEN = _HANDSHAKE_SIZES[1]
+_EPHEMERAL, _SEALED_STATIC = slice(8, 40), slice(40, 88)
+
+
+def screen(private: bytes, public: bytes, messages: tuple[bytes, ...]) -> list[Screened]:
+    """Per initiation (148 bytes; the rest of it is not looked at), Noise_IKpsk2's message
+    1 as far as the initiator's static key, with our `private` key and its `public` one
+    (taken as given): (that static key, ck, h), the state `noise.consume_initiation_static`
+    leaves, or None where it raises: DH(private, the ephemeral) is all zeros, or the
+    static's tag does not verify. The reference the native `screen` is held to."""
+    if len(private) != 32 or len(public) != 32:
+        raise ValueError("keys are 32 bytes")
+    if any(len(m) != _INITIATION_LEN for m in messages):
+        raise ValueError("an initiation is 148 bytes")
+    key = PrivateKey(private)
+    key.learn_public(public)
+    return [_screen_one(key, public, bytes(m)) for m in messages]
+
+
+def _screen_one(key: PrivateKey, public: bytes, message: bytes) -> Screened:
+    sym = noise.SymmetricState(public)
+    try:
+        initiator = noise.consume_initiation_static(
+            sym, key, message[_EPHEMERAL], message[_SEALED_STATIC]
+        )
+    except (InvalidTag, ValueError):
+        return None
+    return initiator, sym.ck, sym.h
+
+
 class Backend:
     """Where the per-packet work runs: `native` (the extension module) or pure Python.
     Every caller gets its sessions, sealers, open and offloads from here.
@@ -409,6 +446,13 @@ class Backend:
         # the system's libcrypto (3.0) that the extension links, so C pays only where
         # the exchanges can run side by side.
         self.x25519: X25519Batch | None = native.x25519 if native and self.threads > 1 else None
+        # Initiations screened in batches up to their static key (device.py `_work_off`):
+        # a stranger's is dropped with no Noise arithmetic in Python, a peer's goes on
+        # from the state the screen reached. Where the threads share the work only: on
+        # one thread the system libcrypto's slower X25519 costs what the screen saves
+        # (bench/core.py --junk: 47-49 us of the loop's thread a junk initiation either
+        # way; a peer's handshake ~5% dearer with it).
+        self.screen: Screen | None = native.screen if native and self.threads > 1 else None
 
     def start_workers(self) -> None:
         """Start the native crypto workers (`threads` - 1 of them; none on the pure path)."""

@@ -65,7 +65,6 @@ __all__ = ["Device", "Output"]
 
 HANDSHAKE_BUDGET = 64  # handshakes worked off per call, unless the caller says otherwise
 HANDSHAKE_BATCH = 16  # messages whose X25519 work goes to the backend in one call
-_INIT_EPHEMERAL = slice(8, 40)  # an initiation's ephemeral key
 _RESP_RECEIVER, _RESP_EPHEMERAL = slice(8, 12), slice(12, 44)  # a response's
 # an initiation consumed and waiting for its answer: (its Output, what it said, our index
 # for the session, our ephemeral key)
@@ -479,7 +478,7 @@ class Device:
         messages had been worked off one by one (what a later message reads of the
         state, an earlier one has already written in phase 2: the peer's replay and
         flood state, its half-done handshake)."""
-        ex = Exchanges(self.backend.x25519)
+        ex = Exchanges(self.backend.x25519, self.backend.screen)
         self._want_first(entries, under_load, ex)
         ex.run()
         outs = [out] if len(entries) == 1 else [Output() for _ in entries]
@@ -505,16 +504,17 @@ class Device:
                 out.extend(item)
 
     def _want_first(self, entries: list[Entry], under_load: bool, ex: Exchanges) -> None:
-        """Phase 1: DH(our static, their ephemeral) of every initiation; of every
-        response to a pending initiation of ours, its two exchanges."""
+        """Phase 1: every initiation screened up to its static key (with DH(our static,
+        its ephemeral)) or that DH alone; of every response to a pending initiation of
+        ours, its two exchanges."""
         static = self._static
-        if static is None or self.backend.x25519 is None:
+        if static is None or (self.backend.x25519 is None and self.backend.screen is None):
             return  # the pure path works each exchange out where it is needed
         for message, _, kind, cookie, _ in entries:
             if under_load and not cookie:
                 continue
             if kind == MSG_INITIATION:
-                ex.want(static, message[_INIT_EPHEMERAL])
+                ex.want_initiation(static, message)
                 continue
             receiver = int.from_bytes(message[_RESP_RECEIVER], "little")
             peer = self.index.handshakes.get(receiver)
@@ -556,12 +556,17 @@ class Device:
         self, data: bytes, src: Endpoint, now: float, out: Output, tag: object,
         ex: Exchanges, taken: set[int],
     ) -> _Answer | None:  # fmt: skip
-        """An initiation up to the arithmetic of its answer (`_answer` does the rest)."""
+        """An initiation up to the arithmetic of its answer (`_answer` does the rest). One
+        the backend screened goes on from where it got (a stranger's or a forgery is
+        refused with no Noise arithmetic in Python)."""
         if self._static is None or self.public_key is None:
             out.drops[Drop.NO_PRIVATE_KEY] += 1
             return None
-        init = handshake.consume_initiation(self._static, self.public_key, data, self.peers,
-                                            now, ex.dh)  # fmt: skip
+        if data in ex.screened:
+            init = handshake.consume_screened(data, ex.screened[data], self.peers, now)
+        else:
+            init = handshake.consume_initiation(self._static, self.public_key, data,
+                                                self.peers, now, ex.dh)  # fmt: skip
         if isinstance(init, Drop):
             out.drops[init] += 1
             return None

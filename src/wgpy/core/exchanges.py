@@ -9,28 +9,47 @@ the GIL), and the handshake code then finds each result where it used to compute
 decision is still taken by the same code, in the same order, on the results it always
 had. An exchange not asked for is computed on the spot; on the pure-Python backend
 (no batch call) every one is, as before.
+
+Initiations go further where the backend screens (`Backend.screen`, the native one): a
+batch of them is taken as far as the initiator's static key (`want_initiation`,
+`screened`), DH(our static, ephemeral) included. The device then drops a stranger's at
+once, and a peer's goes on from the Noise state the screen reached.
 """
 
 from __future__ import annotations
 
-from wgpy.core.backend import X25519Batch
+from wgpy.core.backend import Screen, Screened, X25519Batch
 from wgpy.core.crypto import PrivateKey, dh
 from wgpy.core.noise import DH
 
 _MISSING = b""  # not worked out ahead: computed when asked for
+_EPHEMERAL = slice(8, 40)  # an initiation's ephemeral key
 
 
 class Exchanges:
-    """Exchanges wanted, then worked out by `batch` (None: none ahead of time)."""
+    """Exchanges wanted, then worked out by `batch` (None: none ahead of time), and
+    initiations screened by `screen` (None: none)."""
 
-    __slots__ = ("_batch", "_done", "_wanted", "dh")
+    __slots__ = ("_batch", "_done", "_screen", "_to_screen", "_wanted", "dh", "screened")
 
-    def __init__(self, batch: X25519Batch | None) -> None:
+    def __init__(self, batch: X25519Batch | None, screen: Screen | None = None) -> None:
         self._batch = batch
+        self._screen = screen
         self._wanted: dict[PrivateKey, dict[bytes, None]] = {}  # private -> peers, in order
         self._done: dict[tuple[PrivateKey, bytes], bytes | None] = {}
+        self._to_screen: dict[PrivateKey, dict[bytes, None]] = {}  # static -> initiations
+        # an initiation -> what the screen found (backend.screen); absent: not screened
+        self.screened: dict[bytes, Screened] = {}
         # crypto.dh's answer: the shared secret; ValueError where it is all zeros
         self.dh: DH = dh if batch is None else self._found
+
+    def want_initiation(self, static: PrivateKey, message: bytes) -> None:
+        """The initiation `message` (148 bytes) will be consumed with our `static` key:
+        screened if the backend screens, else its DH(static, ephemeral) wanted."""
+        if self._screen is not None:
+            self._to_screen.setdefault(static, {})[message] = None
+        else:
+            self.want(static, message[_EPHEMERAL])
 
     def want(self, private: PrivateKey, peer: bytes) -> None:
         """DH(private, peer) will be asked for (and, unless known, private's public key)."""
@@ -38,7 +57,10 @@ class Exchanges:
             self._wanted.setdefault(private, {})[peer] = None
 
     def run(self) -> None:
-        """Work out everything wanted since the last run, in one backend call."""
+        """Screen the initiations and work out the exchanges wanted since the last run,
+        one backend call each."""
+        if self._to_screen:
+            self._run_screen()
         wanted, self._wanted = self._wanted, {}
         if not wanted or self._batch is None:
             return
@@ -50,6 +72,14 @@ class Exchanges:
             private.learn_public(public)
             for peer, secret in zip(peers, shared, strict=True):
                 self._done[private, peer] = secret
+
+    def _run_screen(self) -> None:
+        assert self._screen is not None
+        to_screen, self._to_screen = self._to_screen, {}
+        for static, messages in to_screen.items():
+            batch = tuple(messages)
+            found = self._screen(static.raw, static.public, batch)
+            self.screened.update(zip(batch, found, strict=True))
 
     def _found(self, private: bytes | PrivateKey, peer: bytes) -> bytes:
         """The answer worked out ahead, or worked out now."""

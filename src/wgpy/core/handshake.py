@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from wgpy.core import noise
+from wgpy.core.backend import Screened
 from wgpy.core.constants import INITIATION_MIN_INTERVAL
 from wgpy.core.crypto import InvalidTag, PrivateKey, dh, tai64n
 from wgpy.core.messages import (
@@ -20,6 +21,7 @@ from wgpy.core.messages import (
     MSG_INITIATION,
     MSG_RESPONSE,
     RESPONSE,
+    InitiationMessage,
     ResponseMessage,
     parse_initiation,
 )
@@ -70,6 +72,27 @@ def consume_initiation(
         initiator = noise.consume_initiation_static(sym, static, msg.ephemeral, msg.static, dh)
     except (InvalidTag, ValueError):
         return Drop.BAD_HANDSHAKE
+    return _consume_rest(msg, initiator, sym, peers, now)
+
+
+def consume_screened(
+    data: bytes, found: Screened, peers: Mapping[bytes, Peer], now: float
+) -> ConsumedInitiation | Drop:
+    """`consume_initiation` for an initiation the backend took as far as its static key
+    (core/backend.py `screen`): what it `found`, (static key, ck, h) or None, stands for
+    the first half; the same answer, without that half's arithmetic."""
+    if found is None:
+        return Drop.BAD_HANDSHAKE
+    initiator, ck, h = found
+    return _consume_rest(parse_initiation(data), initiator, noise.SymmetricState.resumed(ck, h),
+                         peers, now)  # fmt: skip
+
+
+def _consume_rest(
+    msg: InitiationMessage, initiator: bytes, sym: noise.SymmetricState,
+    peers: Mapping[bytes, Peer], now: float,
+) -> ConsumedInitiation | Drop:  # fmt: skip
+    """An initiation from the static key on: its peer, its timestamp, replay and flood."""
     peer = peers.get(initiator)
     if peer is None or peer.static_static is None:
         return Drop.UNKNOWN_PEER

@@ -28,6 +28,7 @@ handshake was as likely as any to be dropped as "queue full".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -126,6 +127,23 @@ def tun_offloads(device: Device, vnet_hdr: bool) -> int:
     return TSO if device.native is not None and vnet_hdr else 0
 
 
+# crypto threads from which the TUN writes get a thread of their own by default: one core
+# for the loop, one for a crypto worker, one for the writer. On 2 cores nothing overlaps
+# (the threads only take turns) and the hand-off costs CPU: measured there, the receiving
+# loop thread spent ~5% less per GB and the daemon ~8-12% more (docs/design.md).
+WRITER_THREADS = 3
+
+
+def tun_writer(device: Device, tun: Tun) -> bool:
+    """Whether the TUN writes get a writer thread (src/native/writer.c): with the native
+    datapath on WRITER_THREADS crypto threads or more and a virtio header (the writes
+    write_tun makes); WGPY_TUN_WRITER=1 asks for it on 2 threads too, =0 never. One
+    thread (a single core) never gets one."""
+    wanted = os.environ.get("WGPY_TUN_WRITER", "")
+    least = 2 if wanted == "1" else WRITER_THREADS
+    return wanted != "0" and device.backend.threads >= least and tun.vnet_hdr
+
+
 class Datapath:
     def __init__(
         self,
@@ -144,6 +162,8 @@ class Datapath:
                 tun.read_packet = device.native.read_packet
             if tun.writes_fd:  # and the writes, straight from the opened reads' buffers
                 tun.write_coalesced = device.native.write_tun
+                if tun_writer(device, tun):  # on a thread of their own: a pipeline
+                    tun.use_writer(device.native.TunWriter())
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
@@ -238,6 +258,8 @@ class Datapath:
         return True
 
     def tick(self, now: float) -> None:
+        with contextlib.suppress(TunGone):  # noticed and handled on the next read
+            self.tun.collect(self.device.mtu)  # the writer's late failures (a USO refusal)
         self.transmit(self.device.tick(now))
 
     def transmit(self, out: Output) -> None:

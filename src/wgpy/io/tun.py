@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from wgpy.core.backend import Item
 from wgpy.core.output import ToTun
@@ -64,6 +65,16 @@ class TunGone(Exception):
     """The interface behind this TUN descriptor no longer exists."""
 
 
+class Writer(Protocol):
+    """The writer stage of the receive direction (the native `TunWriter`): write_tun's
+    writes made on a thread of its own, in order, from a bounded queue. `write` returns
+    the failed writes of batches written since the last call (not necessarily its own)."""
+
+    def write(self, fd: int, packets: list[ToTun], udp: bool) -> list[tuple[int, bytes]]: ...
+    def flush(self) -> list[tuple[int, bytes]]: ...
+    def close(self) -> None: ...
+
+
 class Tun:
     # how decrypted packets become writes: offload.coalesce, or the native one (the same,
     # byte for byte, reading the native open's Spans in place), which the Datapath sets
@@ -81,6 +92,7 @@ class Tun:
     # into a buffer and its packet into bytes of its own, so that no read is copied to be kept
     read_packet: Callable[[int, bytearray, int], bytes | None] | None = None
     writes_fd = True  # its writes are write(2)s on `fileno()` (the channel fakes': not)
+    writer: Writer | None = None  # `use_writer`: the writes on a thread of their own
 
     def __init__(self, fd: int, name: str, vnet_hdr: bool) -> None:
         self._fd = fd
@@ -202,8 +214,7 @@ class Tun:
         (and same-size datagrams of one UDP flow) go as one GSO super-packet. A refused
         write is dropped, as a NIC would drop it. Raises TunGone."""
         if self.vnet_hdr and self.write_coalesced is not None:
-            for err, buf in self.write_coalesced(self._fd, items, self.coalesce_udp):
-                self._failed(buf, OSError(err, os.strerror(err)), mtu)
+            self._failures(self.write_coalesced(self._fd, items, self.coalesce_udp), mtu)
             return
         if self.vnet_hdr:
             bufs = self.coalesce(items, self.coalesce_udp)
@@ -214,6 +225,22 @@ class Tun:
                 self._write(buf)
             except OSError as e:
                 self._failed(buf, e, mtu)
+
+    def use_writer(self, writer: Writer) -> None:
+        """Hand the writes to `writer`'s thread (`write_batch` queues them there); their
+        failures come back on a later `write_batch` or `collect`, handled as ever."""
+        self.writer = writer
+        self.write_coalesced = writer.write
+
+    def collect(self, mtu: int) -> None:
+        """Handle the failures of writes the writer has made since the last call (a USO
+        refusal, the interface gone), without waiting for more traffic. Raises TunGone."""
+        if self.writer is not None and self.write_coalesced is not None:
+            self._failures(self.write_coalesced(self._fd, [], self.coalesce_udp), mtu)
+
+    def _failures(self, failed: list[tuple[int, bytes]], mtu: int) -> None:
+        for err, buf in failed:
+            self._failed(buf, OSError(err, os.strerror(err)), mtu)
 
     def _failed(self, buf: bytes, error: OSError, mtu: int) -> None:
         """A write the kernel refused: a USO one where USO is not there (`_refused`), the
@@ -263,6 +290,8 @@ class Tun:
             raise
 
     def close(self) -> None:
+        if self.writer is not None:  # what it queued goes out before the descriptor goes
+            self.writer.close()
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None
