@@ -82,7 +82,7 @@ static PyMethodDef module_methods[] = {
     {"set_spread", set_spread, METH_O,
      "set_spread(spare): True: a batch wakes only as many workers as the CPUs this process\n"
      "may run on had to spare over the last 0.1 s (idle time, and the workers' own); False\n"
-     "(set_threads leaves it so): any of them, one per chunk beyond the caller's first."},
+     "(what set_threads sets): any of them, one per chunk beyond the caller's first."},
     {"spread", get_spread, METH_NOARGS, "spread() -> (spare, workers a batch may wake now)."},
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"

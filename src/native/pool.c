@@ -308,7 +308,8 @@ PyObject *set_threads(PyObject *Py_UNUSED(module), PyObject *arg)
         if (pthread_create(&tids[started], NULL, worker_main, NULL) != 0)
             break;
     pool.tids = tids;
-    pool.nworkers = pool.allowed = (int)started; /* all, until spare time is measured */
+    pool.nworkers = pool.allowed = (int)started;
+    atomic_store(&pool.spare_only, 0); /* any of them: set_spread(True) after, for less */
     pthread_mutex_unlock(&pool.mu);
     pthread_mutex_unlock(&pool_config);
     Py_END_ALLOW_THREADS

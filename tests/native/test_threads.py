@@ -221,6 +221,9 @@ def test_spread(workers: int) -> None:
     assert native.spread() == (True, workers)  # all of them until a period is measured
     native.set_spread(False)
     assert native.spread() == (False, workers)
+    native.set_spread(True)  # as a daemon or an Interface earlier in the process left it
+    native.set_threads(workers)
+    assert native.spread() == (False, workers)  # set_threads: any of them again
     with pytest.MonkeyPatch.context() as mp:
         from wgpy.io.datapath import backend
 
