@@ -79,6 +79,11 @@ static PyMethodDef module_methods[] = {
      "set_threads(n): n crypto worker threads beside each caller (0: none, the default);\n"
      "seal and open_batch cut a batch into chunks, x25519 into exchanges, for them all."},
     {"threads", get_threads, METH_NOARGS, "threads() -> the number of crypto worker threads."},
+    {"set_spread", set_spread, METH_O,
+     "set_spread(spare): True: a batch wakes only as many workers as the CPUs this process\n"
+     "may run on had to spare over the last 0.1 s (idle time, and the workers' own); False\n"
+     "(what set_threads sets): any of them, one per chunk beyond the caller's first."},
+    {"spread", get_spread, METH_NOARGS, "spread() -> (spare, workers a batch may wake now)."},
     {"open_batch", open_batch, METH_VARARGS,
      "open_batch(buf, nbytes, seg, sessions, now) -> (runs, per_session, others, drops)\n\n"
      "wgpy.core.backend.open_batch, byte for byte (that is the reference): one UDP (GRO)\n"
@@ -113,6 +118,10 @@ static PyMethodDef module_methods[] = {
      "packets grouped by the owner of their destination in a Routes."},
     {"read_nowait", read_nowait, METH_VARARGS,
      "read_nowait(fd, buf) -> bytes read, or -1 when nothing waits (EAGAIN: no exception)."},
+    {"read_packet", read_packet, METH_VARARGS,
+     "read_packet(fd, header, size) -> bytes | None: one readv, the virtio header into\n"
+     "header (10 bytes), the packet (at most size bytes) into bytes of its own, no copy;\n"
+     "None when nothing waits."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -25,13 +25,17 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 
+#include <fcntl.h>
 #include <math.h>
+#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define KEY_LEN 32
 #define TAG_LEN 16
@@ -84,6 +88,8 @@ void pool_run(ChunkFn fn, void *arg, long nchunks);
 long chunks_for(Py_ssize_t n);
 PyObject *set_threads(PyObject *module, PyObject *arg);
 PyObject *get_threads(PyObject *module, PyObject *ignored);
+PyObject *set_spread(PyObject *module, PyObject *arg);
+PyObject *get_spread(PyObject *module, PyObject *ignored);
 
 /* spans.c */
 typedef struct {
@@ -136,6 +142,7 @@ PyObject *checksum(PyObject *module, PyObject *args);
 PyObject *coalesce(PyObject *module, PyObject *args, PyObject *kwds);
 PyObject *split(PyObject *module, PyObject *args);
 PyObject *read_nowait(PyObject *module, PyObject *args);
+PyObject *read_packet(PyObject *module, PyObject *args);
 PyObject *write_tun(PyObject *module, PyObject *args);
 #define IOV_CAP 256 /* iovecs of one writev; a longer run is copied into one buffer */
 struct iovec;

@@ -21,13 +21,27 @@ static uint64_t fold(uint64_t s)
 
 static unsigned csum(const uint8_t *p, size_t n, uint64_t acc)
 {
+    /* 32-bit words into four 64-bit sums, folded every MiB: no carries to chase, four
+     * adds at once (2**32 == 1 modulo 0xFFFF, so they sum to what the 16-bit words do);
+     * then 8 bytes at a time with an end-around carry (exact modulo 2**64 - 1, which
+     * 0xFFFF divides) */
     uint64_t s = 0;
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) { /* 8 bytes at a time: a third of the time of 2 */
+    while (n - i >= 16) {
+        size_t end = i + ((n - i < (1u << 20) ? n - i : (1u << 20)) & ~(size_t)15);
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (; i < end; i += 16) {
+            uint32_t w[4];
+            memcpy(w, p + i, 16);
+            s0 += w[0], s1 += w[1], s2 += w[2], s3 += w[3];
+        }
+        s += fold(s0) + fold(s1) + fold(s2) + fold(s3);
+    }
+    for (; i + 8 <= n; i += 8) {
         uint64_t w;
         memcpy(&w, p + i, 8);
         s += w;
-        s += s < w; /* the end-around carry: exact modulo 2**64 - 1, which 0xFFFF divides */
+        s += s < w;
     }
     unsigned r = (unsigned)fold(s);
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -783,4 +797,78 @@ PyObject *read_nowait(PyObject *Py_UNUSED(module), PyObject *args)
         return PyLong_FromLong(-1);
     errno = err;
     return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* read_packet(fd, header, size) -> bytes | None: one read of a non-blocking descriptor
+ * (the TUN, with its virtio header) gathered with readv: the header into `header` (a
+ * writable buffer of VNET_LEN bytes; zeros past a read shorter than that; a checksum the
+ * kernel left to finish comes finished, `finish_checksum`), the packet into
+ * a bytes object `size` bytes long kept for the next read (`spare`), handed over cut to
+ * what came when that is more than SMALL_READ bytes, copied out when less. So a TSO read
+ * of 64 KiB is kept as the kernel wrote it (read_nowait into a reused buffer needs a copy
+ * out of it for every read that is kept: ~4 us for 64 KiB, 2.5% of the sending daemon),
+ * and a lone packet costs what it did (a small copy, no allocation of 64 KiB: 6 us more
+ * for a ping's hop when the caches are cold). None when nothing waits (EAGAIN: no
+ * exception). The GIL stays held: a non-blocking read never waits, and `spare` is ours. */
+#define SMALL_READ 4096
+static PyObject *spare; /* a bytes object no one else has seen */
+
+/* A read whose header asks only for its checksum to be finished (NEEDS_CSUM without GSO:
+ * the kernel's TCP ACKs), finished here as `split` would and its header zeroed: the caller
+ * takes it for the plain packet it now is (no `split` call, no copies). One whose checksum
+ * field lies past its end is left as it came (`split` drops it). */
+static void finish_checksum(uint8_t *h, uint8_t *pkt, size_t len)
+{
+    size_t start = (size_t)(h[6] | h[7] << 8), at = start + (size_t)(h[8] | h[9] << 8);
+    if (!(h[0] & 1) || (h[1] & ~0x80u) || at + 2 > len)
+        return;
+    unsigned c = ~csum(pkt + start, len - start, 0) & 0xFFFF; /* the field: the pseudo-sum */
+    wr16be(pkt + at, c ? c : 0xFFFF); /* 0 means "none" for UDP: 0xFFFF, as split */
+    memset(h, 0, VNET_LEN); /* a plain packet's header */
+}
+
+PyObject *read_packet(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    Py_buffer hdr;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "iw*n:read_packet", &fd, &hdr, &size))
+        return NULL;
+    PyObject *packet = NULL;
+    if (hdr.len != VNET_LEN || size < 0) {
+        PyErr_SetString(PyExc_ValueError, "a 10-byte header buffer and size >= 0");
+        goto done;
+    }
+    if (spare != NULL && Py_SIZE(spare) != size)
+        Py_CLEAR(spare);
+    if (spare == NULL && (spare = PyBytes_FromStringAndSize(NULL, size)) == NULL)
+        goto done;
+    struct iovec iov[2] = {{hdr.buf, VNET_LEN}, {PyBytes_AS_STRING(spare), (size_t)size}};
+    ssize_t n;
+    do {
+        n = readv(fd, iov, 2);
+    } while (n < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    int err = errno;
+    if (n >= 0) {
+        Py_ssize_t got = n > VNET_LEN ? (Py_ssize_t)n - VNET_LEN : 0;
+        if (n < VNET_LEN)
+            memset((uint8_t *)hdr.buf + n, 0, (size_t)(VNET_LEN - n));
+        finish_checksum(hdr.buf, (uint8_t *)PyBytes_AS_STRING(spare), (size_t)got);
+        if (got <= SMALL_READ) {
+            packet = PyBytes_FromStringAndSize(PyBytes_AS_STRING(spare), got);
+        } else {
+            packet = spare, spare = NULL;
+            _PyBytes_Resize(&packet, got); /* NULL, with the exception, if it failed */
+        }
+    } else if (!PyErr_Occurred()) { /* else a signal handler raised */
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            packet = Py_NewRef(Py_None);
+        } else {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+done:
+    PyBuffer_Release(&hdr);
+    return packet;
 }

@@ -7,11 +7,19 @@
  * batch can be cut into chunks that several threads encrypt or decrypt at once.
  *
  * The pool: `set_threads(n)` starts n workers. `pool_run` posts a job (chunks 0..n-1 of
- * one call), works on it itself and returns when all its chunks are done; idle workers
- * join in. One job at a time: a caller that finds the pool busy does its chunks alone.
+ * one call), works on it itself and returns when all its chunks are done; the workers it
+ * wakes join in (one per chunk beyond the caller's first, as many as may be woken). One
+ * job at a time: a caller that finds the pool busy does its chunks alone.
  * The workers never touch Python objects and never take the GIL; every call that uses
  * them has released it. A worker that never wakes (after fork, say) costs speed only:
- * the caller runs whatever chunks are left. */
+ * the caller runs whatever chunks are left.
+ *
+ * How many may be woken (`set_spread`): all of them, or (the daemon's choice) only as
+ * many as the CPUs this process may run on had to spare lately: idle time, plus the
+ * workers' own, measured over the last SPREAD_PERIOD. A wake-up costs both threads a few
+ * microseconds of system time and moves the batch's data to another core; with a core
+ * idle that buys throughput, but where every core is busy anyway (2 cores shared by both
+ * ends of a tunnel and iperf3) it only takes CPU from whoever would have run there. */
 
 #include "native.h"
 
@@ -67,10 +75,111 @@ static struct {
     int nworkers;  /* started and not told to stop */
     int stopping;
     pthread_t *tids;
+    int allowed;   /* how many a job may wake now (nworkers unless spare_only) */
+    atomic_int spare_only; /* set_spread("spare") */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          NULL, 0, 0, 0, NULL};
+          NULL, 0, 0, 0, NULL, 0, 0};
 
 static pthread_mutex_t pool_config = PTHREAD_MUTEX_INITIALIZER;
+
+/* ------------------------------------------------------------------ spare CPUs */
+
+#define SPREAD_PERIOD 100000000LL /* ns between measurements of the spare CPU time */
+#define STAT_CAP (1 << 18)        /* /proc/stat with a line per CPU, up to CPU_SETSIZE */
+
+static struct {
+    pthread_mutex_t mu;  /* one measurement at a time: tried, never waited for */
+    atomic_llong next;   /* CLOCK_MONOTONIC ns: when to measure again */
+    long long at;        /* when the last measurement was taken (0: none yet) */
+    double idle, busy;   /* CPU seconds then: idle on our CPUs, run by our workers */
+    char *text;          /* /proc/stat, read here */
+} spread = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, NULL};
+
+static long long now_ns(clockid_t clock)
+{
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Seconds the CPUs in `cpus` spent idle (idle + iowait) so far, from /proc/stat; -1 if it
+ * cannot be read. */
+static double idle_seconds(const cpu_set_t *cpus)
+{
+    if (spread.text == NULL && (spread.text = malloc(STAT_CAP)) == NULL)
+        return -1;
+    int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = 0;
+    ssize_t got;
+    while (len < STAT_CAP - 1 && (got = read(fd, spread.text + len, STAT_CAP - 1 - len)) > 0)
+        len += (size_t)got;
+    close(fd);
+    spread.text[len] = 0;
+    unsigned long long ticks = 0;
+    for (char *line = spread.text; line != NULL && strncmp(line, "cpu", 3) == 0;) {
+        unsigned cpu;
+        unsigned long long user, nice, sys, idle, iowait;
+        if (sscanf(line, "cpu%u %llu %llu %llu %llu %llu", &cpu, &user, &nice, &sys, &idle,
+                   &iowait) == 6 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, cpus))
+            ticks += idle + iowait; /* the first line ("cpu  ...", all of them) fails the %u */
+        line = strchr(line, '\n');
+        line = line ? line + 1 : NULL;
+    }
+    return (double)ticks / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* CPU seconds our workers have run so far; under pool.mu (their threads not joined). */
+static double workers_seconds(void)
+{
+    double busy = 0;
+    for (int i = 0; i < pool.nworkers; i++) {
+        clockid_t clock;
+        if (pthread_getcpuclockid(pool.tids[i], &clock) == 0)
+            busy += (double)now_ns(clock) / 1e9;
+    }
+    return busy;
+}
+
+/* Every SPREAD_PERIOD, on whichever caller comes first: how many workers the spare CPU
+ * time of the last period allows (idle time on the CPUs we may run on, plus our workers'
+ * own, which they would leave idle), rounded, at most one per CPU beside the caller's. */
+static void measure_spare(void)
+{
+    long long now = now_ns(CLOCK_MONOTONIC);
+    if (now < atomic_load_explicit(&spread.next, memory_order_relaxed)
+        || pthread_mutex_trylock(&spread.mu) != 0)
+        return;
+    atomic_store_explicit(&spread.next, now + SPREAD_PERIOD, memory_order_relaxed);
+    cpu_set_t cpus;
+    double idle = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? idle_seconds(&cpus) : -1;
+    pthread_mutex_lock(&pool.mu);
+    double busy = workers_seconds();
+    if (idle >= 0 && spread.at > 0 && now > spread.at) {
+        double ran = busy > spread.busy ? busy - spread.busy : 0; /* 0 across set_threads */
+        double spare = (idle - spread.idle + ran) / ((double)(now - spread.at) / 1e9);
+        int n = spare > 0 ? (int)(spare + 0.5) : 0, most = CPU_COUNT(&cpus) - 1;
+        most = most < pool.nworkers ? most : pool.nworkers;
+        pool.allowed = n < most ? n : most;
+    }
+    pthread_mutex_unlock(&pool.mu);
+    spread.at = idle >= 0 ? now : 0, spread.idle = idle, spread.busy = busy;
+    pthread_mutex_unlock(&spread.mu);
+}
+
+/* How many workers a job may wake now. */
+static int wakeable(void)
+{
+    if (atomic_load_explicit(&pool.spare_only, memory_order_relaxed))
+        measure_spare();
+    pthread_mutex_lock(&pool.mu);
+    int n = pool.allowed;
+    pthread_mutex_unlock(&pool.mu);
+    return n;
+}
+
+/* ------------------------------------------------------------------ jobs */
 
 static void run_chunks(Job *job)
 {
@@ -106,18 +215,23 @@ static void *worker_main(void *unused)
     return NULL;
 }
 
-/* fn(arg, c) for c in 0..nchunks-1, here and on idle workers; without the GIL. */
+/* fn(arg, c) for c in 0..nchunks-1, here and on the workers it may wake (one for each
+ * chunk beyond the first, no more: the others sleep on); without the GIL. */
 void pool_run(ChunkFn fn, void *arg, long nchunks)
 {
     Job job = {fn, arg, nchunks, 0, 0};
     int shared = 0;
     if (nchunks > 1) {
+        if (atomic_load_explicit(&pool.spare_only, memory_order_relaxed))
+            measure_spare();
         pthread_mutex_lock(&pool.mu);
-        if (pool.job == NULL && pool.nworkers > 0) {
+        long wake = pool.allowed < nchunks - 1 ? pool.allowed : nchunks - 1;
+        if (pool.job == NULL && wake > 0) {
             pool.job = &job;
             pool.gen++;
             shared = 1;
-            pthread_cond_broadcast(&pool.work);
+            while (wake-- > 0) /* each signal wakes one sleeping worker */
+                pthread_cond_signal(&pool.work);
         }
         pthread_mutex_unlock(&pool.mu);
     }
@@ -133,15 +247,12 @@ void pool_run(ChunkFn fn, void *arg, long nchunks)
 
 /* How many chunks a batch of n items is cut into: 8 items each, taken one at a time by
  * whichever thread is free, so that a worker that wakes late still takes its share; one
- * chunk if there are no workers. A lone packet is never worth a wake-up: it is done on
+ * chunk if no worker may be woken. A lone packet is never worth a wake-up: it is done on
  * the calling thread at once. */
 #define CHUNK 8
 long chunks_for(Py_ssize_t n)
 {
-    pthread_mutex_lock(&pool.mu);
-    int workers = pool.nworkers;
-    pthread_mutex_unlock(&pool.mu);
-    return workers && n > CHUNK ? (long)((n + CHUNK - 1) / CHUNK) : 1;
+    return n > CHUNK && wakeable() ? (long)((n + CHUNK - 1) / CHUNK) : 1;
 }
 
 static void stop_workers(void)
@@ -151,7 +262,7 @@ static void stop_workers(void)
     pthread_cond_broadcast(&pool.work);
     int n = pool.nworkers;
     pthread_t *tids = pool.tids;
-    pool.nworkers = 0;
+    pool.nworkers = pool.allowed = 0;
     pool.tids = NULL;
     pthread_mutex_unlock(&pool.mu);
     for (int i = 0; i < n; i++)
@@ -169,8 +280,9 @@ static void pool_after_fork(void)
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.work, NULL);
     pthread_cond_init(&pool.idle, NULL);
+    pthread_mutex_init(&spread.mu, NULL);
     pool.job = NULL;
-    pool.nworkers = 0;
+    pool.nworkers = pool.allowed = 0;
     pool.stopping = 0;
     free(pool.tids);
     pool.tids = NULL;
@@ -196,7 +308,8 @@ PyObject *set_threads(PyObject *Py_UNUSED(module), PyObject *arg)
         if (pthread_create(&tids[started], NULL, worker_main, NULL) != 0)
             break;
     pool.tids = tids;
-    pool.nworkers = (int)started;
+    pool.nworkers = pool.allowed = (int)started;
+    atomic_store(&pool.spare_only, 0); /* any of them: set_spread(True) after, for less */
     pthread_mutex_unlock(&pool.mu);
     pthread_mutex_unlock(&pool_config);
     Py_END_ALLOW_THREADS
@@ -213,6 +326,30 @@ PyObject *get_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     int n = pool.nworkers;
     pthread_mutex_unlock(&pool.mu);
     return PyLong_FromLong(n);
+}
+
+/* set_spread(spare: bool): wake only as many workers as the CPUs had to spare lately
+ * (True), or all of them for every batch worth it (False, as set_threads leaves it). */
+PyObject *set_spread(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int spare = PyObject_IsTrue(arg);
+    if (spare < 0)
+        return NULL;
+    pthread_mutex_lock(&pool.mu);
+    atomic_store(&pool.spare_only, spare);
+    pool.allowed = pool.nworkers; /* all until measured: a period from now */
+    pthread_mutex_unlock(&pool.mu);
+    atomic_store(&spread.next, 0);
+    Py_RETURN_NONE;
+}
+
+/* spread() -> (spare_only, workers a batch may wake now) */
+PyObject *get_spread(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    pthread_mutex_lock(&pool.mu);
+    int allowed = pool.allowed;
+    pthread_mutex_unlock(&pool.mu);
+    return Py_BuildValue("(Oi)", atomic_load(&pool.spare_only) ? Py_True : Py_False, allowed);
 }
 
 /* Once per process: the contexts' thread key, and no workers in a child of fork. */

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import socket
 import sys
 import threading
 from typing import Any
@@ -146,6 +147,9 @@ def test_checksum_edges() -> None:
         (b"\0\0\0", 0),
         (b"\xff\xff", 0),
         (b"", 2**100 * 0xFFFF),
+        (b"\xff" * 65535, 0xFFFF),  # the sums at their largest (C adds 16 bytes at a time,
+        (b"\xff" * (3 << 20) + b"\x01\x02\x03", 7),  # folded every MiB)
+        (bytes(range(256)) * 4099, 1),
     ]:
         assert native.checksum(data, initial) == offload.checksum(data, initial)
     with pytest.raises(ValueError):
@@ -321,3 +325,71 @@ def test_read_nowait(read_nowait: Any) -> None:
     with pytest.raises(OSError) as error:
         read_nowait(r, buf)  # closed
     assert error.value.errno == errno.EBADF
+
+
+# ---------------------------------------------------------------- read_packet
+
+
+def test_read_packet() -> None:
+    """One readv: the virtio header into its buffer, the packet into bytes of its own (cut
+    to what came), None when nothing waits, zeros past a header cut short, OSError for
+    anything else."""
+    r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        r.setblocking(False)
+        header = bytearray(b"\xee" * offload.VNET_HDR_LEN)
+        assert native.read_packet(r.fileno(), header, 100) is None
+        w.send(bytes(range(10)) + b"packet")
+        assert native.read_packet(r.fileno(), header, 100) == b"packet"
+        assert header == bytes(range(10))
+        w.send(bytes(range(10)) + b"x" * 300)
+        assert native.read_packet(r.fileno(), header, 100) == b"x" * 100  # a datagram cut
+        w.send(b"\x07\x07\x07")
+        assert native.read_packet(r.fileno(), header, 100) == b""
+        assert header == b"\x07\x07\x07" + bytes(7)
+        partial = VNET.pack(offload.NEEDS_CSUM, 0, 0, 0, 20, 16) + flow(1, 30)[0]
+        w.send(partial)  # a checksum left to finish: finished as split does, flags cleared
+        assert [native.read_packet(r.fileno(), header, 100)] == native.split(partial, 1420)
+        assert header == bytes(10)
+        past_end = VNET.pack(offload.NEEDS_CSUM, 0, 0, 0, 20, 200) + flow(1, 30)[0]
+        w.send(past_end)  # the field past the end: as it came (split drops it)
+        assert native.read_packet(r.fileno(), header, 100) == past_end[10:]
+        assert header == past_end[:10] and native.split(past_end, 1420) == []
+        with pytest.raises(ValueError):
+            native.read_packet(r.fileno(), bytearray(9), 100)
+    finally:
+        r.close()
+        w.close()
+    with pytest.raises(OSError) as error:
+        native.read_packet(r.fileno(), header, 100)  # closed: fileno() is -1
+    assert error.value.errno == errno.EBADF
+
+
+def test_read_batch_with_read_packet_makes_the_same_items() -> None:
+    """The native Tun reads (`read_packet`: each read kept where it was read) make the
+    items and the count that reads into one reused buffer do: plain packets, a TSO read
+    whole, one too short to cut, a packet whose checksum the kernel left to us."""
+    (tso,) = offload.coalesce(flow(10, 1000))
+    (tso6,) = offload.coalesce(flow(7, 900, addrs=V6))
+    plain = VNET.pack(0, 0, 0, 0, 0, 0) + flow(1, 10)[0]
+    partial = bytearray(VNET.pack(offload.NEEDS_CSUM, 0, 0, 0, 20, 16) + flow(1, 30)[0])
+    reads = [plain, tso, tso[:20], bytes(partial), tso6, plain]
+    got = []
+    for native_reads in (False, True):
+        r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            r.setblocking(False)
+            for read in reads:
+                w.send(read)
+            t = tun.Tun.__new__(tun.Tun)  # a TUN's reads on a socket: no interface needed
+            t._fd, t.name, t.vnet_hdr = r.fileno(), "test", True
+            t._header = bytearray(offload.VNET_HDR_LEN)
+            t.read_nowait, t.split = native.read_nowait, native.split  # type: ignore[method-assign]
+            t.read_packet = native.read_packet if native_reads else None
+            got.append(t.read_batch(memoryview(bytearray(70000)), 64, 1420))
+        finally:
+            r.close()
+            w.close()
+    assert got[0] == got[1]
+    items, count = got[1]
+    assert count == 1 + 10 + 1 + 7 + 1 and len(items) == 5

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -124,7 +125,7 @@ def test_set_threads() -> None:
     assert native.threads() == 0
     with pytest.raises(ValueError):
         native.set_threads(-1)
-    tasks = len(os.listdir("/proc/self/task"))
+    tasks = settled_tasks()
     # several at once (each joins the old workers before it starts new ones): none leak
     callers = [threading.Thread(target=lambda k=k: [native.set_threads(k) for _ in range(30)])
                for k in range(4)]  # fmt: skip
@@ -133,7 +134,20 @@ def test_set_threads() -> None:
     for t in callers:
         t.join()
     native.set_threads(0)
-    assert len(os.listdir("/proc/self/task")) == tasks
+    assert settled_tasks() == tasks
+
+
+def settled_tasks() -> int:
+    """The threads of this process, once two counts 20 ms apart agree: join returns when
+    a thread has exited, a moment before the kernel reaps it and /proc forgets it (a
+    count taken at once was one too many under load)."""
+    count, deadline = len(os.listdir("/proc/self/task")), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        count, before = len(os.listdir("/proc/self/task")), count
+        if count == before:
+            break
+    return count
 
 
 def test_how_many_threads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,3 +184,54 @@ def test_a_single_core_runs_no_extra_thread() -> None:
                           timeout=60, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "0", "1"]  # one thread: the caller's; no worker
+
+
+BUSY_CORE = """
+import os, time
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+os.environ["WGPY_THREADS"] = "3"
+from wgpy.io.datapath import backend
+from wgpy import _native
+b = backend()
+before = _native.spread()
+sealer = _native.Sealer(bytes(32), 1)
+end = time.monotonic() + 0.35  # past a measurement period (0.1 s), the core kept busy
+while time.monotonic() < end:
+    sealer.seal([bytes(1400)] * 44, 1420)
+print(*before, *_native.spread())
+"""
+
+
+def test_a_batch_wakes_no_worker_where_no_cpu_is_spare() -> None:
+    """The daemon's backend wakes workers only as far as the CPUs it may run on had time
+    to spare: pinned to one core, none (they could only take the caller's own core)."""
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "WGPY_NATIVE": "1"}
+    env.pop("WGPY_SPREAD", None)
+    done = subprocess.run([sys.executable, "-c", BUSY_CORE], capture_output=True, text=True,
+                          timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "2", "True", "0"]  # all, until measured; then none
+
+
+def test_spread(workers: int) -> None:
+    """set_threads wakes any worker (the tests' choice, the workers always exercised);
+    WGPY_SPREAD=all asks the daemon for the same; anything but spare or all is refused."""
+    assert native.spread() == (False, workers)
+    native.set_spread(True)
+    assert native.spread() == (True, workers)  # all of them until a period is measured
+    native.set_spread(False)
+    assert native.spread() == (False, workers)
+    native.set_spread(True)  # as a daemon or an Interface earlier in the process left it
+    native.set_threads(workers)
+    assert native.spread() == (False, workers)  # set_threads: any of them again
+    with pytest.MonkeyPatch.context() as mp:
+        from wgpy.io.datapath import backend
+
+        mp.setenv("WGPY_NATIVE", "1")
+        mp.setenv("WGPY_SPREAD", "all")
+        assert not backend(4, start=False).spare_only
+        mp.setenv("WGPY_SPREAD", "spare")
+        assert backend(4, start=False).spare_only
+        mp.setenv("WGPY_SPREAD", "some")
+        with pytest.raises(ValueError, match="WGPY_SPREAD"):
+            backend(4, start=False)

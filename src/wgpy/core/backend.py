@@ -417,9 +417,17 @@ class Backend:
     more than one thread may seal (io/datapath.py `backend()` does)."""
 
     def __init__(
-        self, native: ModuleType | None = None, lock: LockFactory = nullcontext, threads: int = 1
+        self,
+        native: ModuleType | None = None,
+        lock: LockFactory = nullcontext,
+        threads: int = 1,
+        *,
+        spare_only: bool = True,
     ) -> None:
         self.native = native
+        # a batch wakes only as many workers as the CPUs had to spare lately (the native
+        # `set_spread`): on cores that are all busy a wake-up costs more than it brings
+        self.spare_only = spare_only
         self.name = "native" if native is not None else "python"
         self.threads = threads if native is not None else 1  # that seal and open
         self._lock = lock
@@ -450,6 +458,7 @@ class Backend:
         """Start the native crypto workers (`threads` - 1 of them; none on the pure path)."""
         if self.native is not None:
             self.native.set_threads(self.threads - 1)
+            self.native.set_spread(self.spare_only)
 
     def sealer(self, key: bytes, receiver_index: int) -> SealerLike:
         if self.native is not None:

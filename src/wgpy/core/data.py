@@ -65,11 +65,12 @@ def open_read(
     out: Output,
     received: dict[Keypair, Received],
     others: list[Datagram],
-) -> None:
+) -> bool:
     """One read from the UDP socket (`n` bytes, datagrams of `seg` bytes) opened by the
     backend's `open_batch` (core/backend.py); the allowed-IPs check of the inner source
     is made here, once per run of packets of one session and source, and a run goes into
-    `out.tun` whole, as `open_batch` made it (native: a Spans, no object per packet)."""
+    `out.tun` whole, as `open_batch` made it (native: a Spans, no object per packet).
+    True if a data message of the read authenticated."""
     runs, per_session, other_spans, drops = open_batch(read, n, seg, index.sessions, now)
     for reason, count in drops.items():
         if count:
@@ -89,3 +90,4 @@ def open_read(
             got.src, got.nbytes, got.data = src, got.nbytes + nbytes, got.data or data
     if other_spans:
         others += [(read[offset : offset + length], src) for offset, length in other_spans]
+    return bool(per_session)

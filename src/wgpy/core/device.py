@@ -241,13 +241,31 @@ class Device:
     def receive_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
                            passed: list[tuple[int, int]] | None, ndata: int,
                            tag: object = None) -> Output:  # fmt: skip
-        """A read the C intake drained from the socket itself (io/datapath.py) and found
-        something in: `passed` and `ndata` as `Classifier.drain` gives them; the
-        handshakes that passed are taken, the data messages opened."""
+        """A read the C intake drained from the socket itself and found something in:
+        `passed` and `ndata` as `Classifier.drain` gives them; the handshakes that passed
+        are taken, the data messages opened, the sessions accounted for."""
         out = Output()
+        received: dict[Keypair, data.Received] = {}
+        self.open_classified(buf, n, seg, src, now, passed, ndata, tag, out, received)
+        self.account(received, now, out)
+        return out
+
+    def open_classified(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
+                        passed: list[tuple[int, int]] | None, ndata: int, tag: object,
+                        out: Output, received: dict[Keypair, data.Received]) -> bool:  # fmt: skip
+        """`receive_classified` but for the accounting, which the caller does once for
+        all the reads of a drain (`account`: they share one `now`, as a batch does). True
+        if a data message of this read authenticated (io/datapath.py learns its source)."""
         if passed:
             self.intake.take(buf, passed, src, None, now, out, tag)
-        return self._classified_data(buf, n, seg, src, now, ndata, 0, out, tag)
+        if not ndata:
+            return False
+        return self._open(buf, n, seg, src, now, out, received, [])
+
+    def account(self, received: dict[Keypair, data.Received], now: float, out: Output) -> None:
+        """What the opened data messages did to their peers, once per session."""
+        for kp, got in received.items():
+            self._account_received(kp, got, now, out)
 
     def _classified_data(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
                          ndata: int, handshake_budget: int, out: Output,
@@ -260,15 +278,16 @@ class Device:
 
     def _open(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
               out: Output, received: dict[Keypair, data.Received],
-              others: list[data.Datagram]) -> None:  # fmt: skip
-        data.open_read(self.backend.open_batch, read, n, seg, src, self.index,
-                       self.allowed_ips.lookup, now, out, received, others)  # fmt: skip
+              others: list[data.Datagram]) -> bool:  # fmt: skip
+        # the inner sources against the allowed IPs: in C where the backend keeps their mirror
+        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        return data.open_read(self.backend.open_batch, read, n, seg, src, self.index,
+                              table.lookup, now, out, received, others)  # fmt: skip
 
     def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
                 now: float, handshake_budget: int, out: Output, tag: object) -> Output:  # fmt: skip
         """What a batch does once opened: sessions' bookkeeping, then handshakes queued."""
-        for kp, got in received.items():
-            self._account_received(kp, got, now, out)
+        self.account(received, now, out)
         keyed = self._static is not None
         for message, src in others:
             self.intake.offer(message, src, now, out, tag, keyed)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 from wgpy.core import intake, native
 from wgpy.core.backend import Backend
+from wgpy.core.data import Received
 from wgpy.core.device import Device
 from wgpy.core.events import (
     CookieSent,
@@ -47,6 +48,7 @@ from wgpy.core.events import (
     ResponseReceived,
 )
 from wgpy.core.output import Drop, Output
+from wgpy.core.peer import Keypair
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
@@ -96,12 +98,17 @@ def backend(threads: int | None = None, *, start: bool = True) -> Backend:
     native extension, unless WGPY_NATIVE=0 asks for the pure-Python one (the reference)
     or it was not built; the pure one's sealers take threading locks. The native one
     gets its crypto workers: `crypto_threads(threads)` in all, the caller's thread
-    being one of them, so a single core runs no extra thread. `start=False` leaves them
+    being one of them, so a single core runs no extra thread; a batch wakes only as many
+    as the CPUs had to spare over the last 0.1 s, unless WGPY_SPREAD=all asks for all of
+    them whatever the load (docs/design.md, "Crypto on every core"). `start=False` leaves them
     to `Backend.start_workers()`: a process that will still unshare a user namespace
     (wgpy run, wgpy proxy) must be single-threaded until then (unshare(2): EINVAL)."""
     module = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
     threads = crypto_threads(threads) if module is not None else 1
-    chosen = Backend(module, threading.Lock, threads)
+    spread = os.environ.get("WGPY_SPREAD", "spare")
+    if spread not in ("spare", "all"):
+        raise ValueError(f"WGPY_SPREAD is spare or all, not {spread!r}")
+    chosen = Backend(module, threading.Lock, threads, spare_only=spread == "spare")
     if start:
         chosen.start_workers()
     return chosen
@@ -151,6 +158,8 @@ class Datapath:
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
             tun.read_nowait = device.native.read_nowait
+            if tun.reads_fd():  # and reads kept where they were read (not a test's channel)
+                tun.read_packet = device.native.read_packet
             if tun.writes_fd:  # and the writes, straight from the opened reads' buffers
                 tun.write_coalesced = device.native.write_tun
                 if tun_writer(device, tun):  # on a thread of their own: a pipeline
@@ -200,14 +209,16 @@ class Datapath:
         """Up to BATCH reads, DRAIN at a time, read and classified in C (core/intake.py):
         refused datagrams and the cookie replies to them never become Python objects;
         the reads that brought data or a handshake that passed go to the core, tagged
-        with their packet info as in `_read`. Returns the reads (a refused GRO read
-        counts one)."""
+        with their packet info as in `_read`, and the sessions they authenticated are
+        accounted for once, at the end (endpoint, counters, timers: one `now`). Returns
+        the reads (a refused GRO read counts one)."""
         device, udp, classifier = self.device, self.udp, self.device.intake.classifier
         buf = self._drain_buf
         if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
             buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
         assert classifier is not None
         fd, view = udp.fileno(), memoryview(buf)
+        opened, received = device.open_classified, dict[Keypair, Received]()
         count = 0
         while count < BATCH:
             until, queued, forced, state = device.intake.state(now)
@@ -218,14 +229,14 @@ class Datapath:
             if sent:
                 out.events.append(CookieSent(None, count=sent))  # one event per drain
             for offset, n, seg, src, info, passed, ndata in kept:
-                read = device.receive_classified(view[offset : offset + n], n, seg, src, now,
-                                                 passed, ndata, info)  # fmt: skip
-                if read.authentic and info is not None:
+                if opened(view[offset : offset + n], n, seg, src, now, passed, ndata, info, out,
+                          received) and info is not None:  # fmt: skip
                     udp.learn_source(src, info)
-                out.extend(read)
             count += got
             if got < DRAIN:
                 break
+        if received:
+            device.account(received, now, out)
         return count
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:

@@ -350,12 +350,21 @@ def super_packet(buf: bytes | bytearray | memoryview, mtu: int) -> SuperPacket |
     packet cannot be cut: `split` for those."""
     if len(buf) < VNET_HDR_LEN + 28:  # IPv4 + UDP at least
         return None
-    flags, gso_type, _, gso_size, csum_start, _ = _VNET.unpack_from(buf)
+    return super_packet_of(buf, bytes(buf[VNET_HDR_LEN:]), mtu)
+
+
+def super_packet_of(header: bytes | bytearray | memoryview, packet: bytes,
+                    mtu: int) -> SuperPacket | None:  # fmt: skip
+    """`super_packet` of a read whose virtio header (the first VNET_HDR_LEN bytes of
+    `header`) and packet lie apart (io/tun.py `read_packet`): the packet kept as it is."""
+    if len(packet) < 28:  # IPv4 + UDP at least
+        return None
+    flags, gso_type, _, gso_size, csum_start, _ = _VNET.unpack_from(header)
     gso = gso_type & ~GSO_ECN
     if gso != GSO_TCPV4 and gso != GSO_TCPV6 and gso != GSO_UDP_L4:
         return None
     l4 = csum_start if flags & NEEDS_CSUM else 0
-    return make_super_packet(bytes(buf[VNET_HDR_LEN:]), gso_size or mtu, l4, gso == GSO_UDP_L4)
+    return make_super_packet(packet, gso_size or mtu, l4, gso == GSO_UDP_L4)
 
 
 def _complete(pkt: memoryview, start: int, offset: int) -> list[bytes]:

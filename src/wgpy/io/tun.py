@@ -48,6 +48,7 @@ CLONE_NEWNET = 0x40000000
 
 _IFREQ = struct.Struct("16sH22x")  # name, flags (or a short/int field), padding to 40
 _IFREQ_INT = struct.Struct("16si20x")
+PACKET_MAX = 65536  # the longest read after the virtio header (the TUN's GSO_MAX_SIZE)
 # Errors a TUN read/write gives once its interface was deleted underneath it.
 _GONE = {errno.EBADFD, errno.ENODEV, errno.EINVAL, errno.EBADF}
 
@@ -87,6 +88,9 @@ class Tun:
     # in C, each write a writev from where the packets lie (the native open's Spans: no
     # copy) without the GIL; it hands back [(errno, write)] of the writes that failed
     write_coalesced: Callable[[int, list[ToTun], bool], list[tuple[int, bytes]]] | None = None
+    # with the native module (the Datapath sets it where `reads_fd`): a read's virtio header
+    # into a buffer and its packet into bytes of its own, so that no read is copied to be kept
+    read_packet: Callable[[int, bytearray, int], bytes | None] | None = None
     writes_fd = True  # its writes are write(2)s on `fileno()` (the channel fakes': not)
     writer: Writer | None = None  # `use_writer`: the writes on a thread of their own
 
@@ -95,6 +99,7 @@ class Tun:
         self.name = name
         self.vnet_hdr = vnet_hdr
         self.coalesce_udp = True  # until the kernel refuses a USO write
+        self._header = bytearray(offload.VNET_HDR_LEN)  # each read's virtio header (read_packet)
         self._ns_inode = 0
         self._ctl: socket.socket | None = None  # a socket in the device's namespace
         self.ifindex = self._ifreq_int(SIOCGIFINDEX)
@@ -149,6 +154,8 @@ class Tun:
         a super-packet (offload.super_packet) that the sealer cuts, so that nothing here
         is done per segment. Reading stops once `limit` packets are in (a TSO read brings
         up to ~45 at once)."""
+        if self.read_packet is not None and self.vnet_hdr:
+            return self._read_packets(limit, mtu)
         items: list[Item] = []
         count = 0
         skip = offload.VNET_HDR_LEN if self.vnet_hdr else 0
@@ -164,6 +171,39 @@ class Tun:
                 count += whole.nsegments
             else:
                 got = self.split(buf[:n], mtu)
+                items += got
+                count += len(got)
+        return items, count
+
+    def reads_fd(self) -> bool:
+        """Whether reads are read(2)s of `fileno()` (not a test's channel: `read_into`)."""
+        return type(self).read_into is Tun.read_into
+
+    def _read_packets(self, limit: int, mtu: int) -> tuple[list[Item], int]:
+        """`read_batch` with `read_packet`: the same items, each read kept where the kernel
+        wrote it (a TSO read's 64 KiB are not copied out of a reused buffer), a checksum
+        left to finish finished in C (a TCP ACK: no `split`)."""
+        read, fd, header = self.read_packet, self._fd, self._header
+        assert read is not None
+        items: list[Item] = []
+        count = 0
+        while count < limit:
+            try:
+                packet = read(fd, header, PACKET_MAX)
+            except OSError as e:
+                if e.errno in _GONE:
+                    raise TunGone(self.name) from e
+                raise
+            if packet is None:
+                break
+            if not (header[0] or header[1]):  # flags or gso_type: work for us
+                items.append(packet)
+                count += 1
+            elif header[1] and (whole := offload.super_packet_of(header, packet, mtu)) is not None:
+                items.append(whole)
+                count += whole.nsegments
+            else:
+                got = self.split(memoryview(bytes(header) + packet), mtu)
                 items += got
                 count += len(got)
         return items, count
