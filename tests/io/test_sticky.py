@@ -223,7 +223,7 @@ def flood_initiations(target: bytes, count: int) -> list[tuple[bytes, int, tuple
 def test_a_turn_works_off_batches_of_handshakes_while_its_time_lasts(
     monkeypatch: pytest.MonkeyPatch, seconds: float, batches: int, both_datapaths: str
 ) -> None:
-    """One turn works off batches of 16 queued handshakes while its time (2 ms; here
+    """One turn works off batches of 16 queued handshakes while its time (0.5 ms; here
     none, or plenty) lasts, so that a flood from many sources does not keep the queue
     full (where a legitimate handshake is dropped like any other); the rest wait for the
     next turn. The first batch always goes. (Each of these costs a Diffie-Hellman before

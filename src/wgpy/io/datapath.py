@@ -19,11 +19,15 @@ back with the handshake's event (the `tag` of `Device.receive_read`) however lat
 queue works it off.
 
 Handshake messages are queued by the core during the reads and worked off once per turn,
-after the data, 16 at a time for at most 2 ms: an established tunnel keeps moving during a
-flood. A Diffie-Hellman costs ~0.25 ms, so that is one batch of 16; under load most
-messages only cost a cookie reply, and the time bound lets the turn answer several
-batches: with a fixed 16 a flood from many sources kept the queue full, and a legitimate
-handshake was as likely as any to be dropped as "queue full".
+after the data, 16 at a time for at most 0.5 ms: an established tunnel keeps moving during
+a flood. The first batch of 16 always goes (its X25519 on the crypto threads, ~0.3-0.6 ms
+here); under load most messages only cost a cookie reply (~6 us), and the time bound lets
+the turn answer several batches: with a fixed 16 a flood from many sources kept the queue
+full, and a legitimate handshake was as likely as any to be dropped as "queue full". The
+bound was 2 ms: a turn then spent most of the loop's time on strangers' Diffie-Hellman
+while the tunnel's data waited, and a flood of within-rate initiations from 200 sources
+at 20,000/s left the tunnel 40-49% of its throughput; at 0.5 ms 55-69%, the same
+handshake times (bench/flood.py mode c, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from wgpy.io.udp import UdpSocket
 BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back to the loop
 # (a TUN batch stays under the core's 128 staged packets per peer, a TSO read included)
 HANDSHAKES_PER_TURN = 16  # one batch of X25519 work (core/device.py HANDSHAKE_BATCH)
-HANDSHAKE_SECONDS = 0.002  # more batches of 16 in a turn while this lasts (cookie replies)
+HANDSHAKE_SECONDS = 0.0005  # more batches of 16 in a turn while this lasts (cookie replies)
 UDP_BUF = 65536 + 4096  # one GRO read is at most 64 KiB
 DRAIN = 64  # reads per recvmmsg of the C intake; BATCH reads in all per readable event
 
