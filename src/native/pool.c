@@ -23,6 +23,8 @@
 
 #include "native.h"
 
+#include <ctype.h>
+
 static pthread_key_t ctx_key;
 
 typedef struct {
@@ -103,7 +105,8 @@ static long long now_ns(clockid_t clock)
 }
 
 /* Seconds the CPUs in `cpus` spent idle (idle + iowait) so far, from /proc/stat; -1 if it
- * cannot be read. */
+ * cannot be read or does not list every one of them (a container's /proc/stat rewritten
+ * by LXCFS numbers its CPUs from 0, whatever our affinity mask says). */
 static double idle_seconds(const cpu_set_t *cpus)
 {
     if (spread.text == NULL && (spread.text = malloc(STAT_CAP)) == NULL)
@@ -118,15 +121,23 @@ static double idle_seconds(const cpu_set_t *cpus)
     close(fd);
     spread.text[len] = 0;
     unsigned long long ticks = 0;
+    int found = 0;
     for (char *line = spread.text; line != NULL && strncmp(line, "cpu", 3) == 0;) {
         unsigned cpu;
         unsigned long long user, nice, sys, idle, iowait;
-        if (sscanf(line, "cpu%u %llu %llu %llu %llu %llu", &cpu, &user, &nice, &sys, &idle,
-                   &iowait) == 6 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, cpus))
-            ticks += idle + iowait; /* the first line ("cpu  ...", all of them) fails the %u */
+        /* "cpuN ...": the first line ("cpu  ...", all of them) has no digit there, and %u
+         * would skip the blanks and read its first count as a CPU's number */
+        if (isdigit((unsigned char)line[3])
+            && sscanf(line, "cpu%u %llu %llu %llu %llu %llu", &cpu, &user, &nice, &sys, &idle,
+                      &iowait) == 6 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, cpus)) {
+            ticks += idle + iowait;
+            found++;
+        }
         line = strchr(line, '\n');
         line = line ? line + 1 : NULL;
     }
+    if (found < CPU_COUNT(cpus))
+        return -1;
     return (double)ticks / (double)sysconf(_SC_CLK_TCK);
 }
 
@@ -156,11 +167,14 @@ static void measure_spare(void)
     double idle = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? idle_seconds(&cpus) : -1;
     pthread_mutex_lock(&pool.mu);
     double busy = workers_seconds();
-    if (idle >= 0 && spread.at > 0 && now > spread.at) {
+    int most = idle >= 0 ? CPU_COUNT(&cpus) - 1 : pool.nworkers;
+    most = most < pool.nworkers ? most : pool.nworkers;
+    if (idle < 0) {
+        pool.allowed = most; /* the idle time unknown: never starve the workers for good */
+    } else if (spread.at > 0 && now > spread.at) {
         double ran = busy > spread.busy ? busy - spread.busy : 0; /* 0 across set_threads */
         double spare = (idle - spread.idle + ran) / ((double)(now - spread.at) / 1e9);
-        int n = spare > 0 ? (int)(spare + 0.5) : 0, most = CPU_COUNT(&cpus) - 1;
-        most = most < pool.nworkers ? most : pool.nworkers;
+        int n = spare > 0 ? (int)(spare + 0.5) : 0;
         pool.allowed = n < most ? n : most;
     }
     pthread_mutex_unlock(&pool.mu);

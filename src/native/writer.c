@@ -247,6 +247,7 @@ static PyObject *TunWriter_close(TunWriter *w, PyObject *Py_UNUSED(ignored))
 
 static PyObject *TunWriter_counts(TunWriter *w, PyObject *Py_UNUSED(ignored))
 {
+    (void)alive(w); /* in a child of fork: the mutex made anew before it is taken */
     pthread_mutex_lock(&w->mu);
     uint64_t queued = w->queued;
     pthread_mutex_unlock(&w->mu);

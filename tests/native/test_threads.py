@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -235,3 +236,66 @@ def test_spread(workers: int) -> None:
         mp.setenv("WGPY_SPREAD", "some")
         with pytest.raises(ValueError, match="WGPY_SPREAD"):
             backend(4, start=False)
+
+
+FAKE_STAT_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+static int redirect(const char *name, const char *path, int flags, int mode)
+{
+    int (*real)(const char *, int, ...) = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, name);
+    if (strcmp(path, "/proc/stat") == 0)
+        path = getenv("FAKE_STAT");
+    return real(path, flags, mode);
+}
+#define HOOK(name) int name(const char *p, int flags, ...) { \
+    va_list ap; va_start(ap, flags); int mode = va_arg(ap, int); va_end(ap); \
+    return redirect(#name, p, flags, mode); }
+HOOK(open)
+HOOK(open64)
+"""
+
+# /proc/stat as LXCFS writes it in a container: its CPUs numbered from 0, whatever the
+# host's numbers in our affinity mask (here: none of ours), and all of them idle
+FAKE_STAT = "cpu  10 0 10 100000 0 0 0 0 0 0\ncpu900 10 0 10 50000 0 0 0 0 0 0\n" \
+            "cpu901 10 0 10 50000 0 0 0 0 0 0\nintr 0\n"
+
+SPARE_UNKNOWN = """
+import os, time
+os.environ["WGPY_THREADS"] = "3"
+from wgpy.io.datapath import backend
+from wgpy import _native
+b = backend()
+sealer = _native.Sealer(bytes(32), 1)
+end = time.monotonic() + 0.35  # past a few measurement periods (0.1 s), then quiet
+while time.monotonic() < end:
+    sealer.seal([bytes(1400)] * 44, 1420)
+    time.sleep(0.01)
+print(*_native.spread())
+"""
+
+
+def test_workers_stay_wakeable_where_proc_stat_does_not_list_our_cpus(tmp_path: Path) -> None:
+    """Where /proc/stat does not list every CPU of our affinity mask (LXCFS in a
+    container), the idle time is unknown and the workers stay wakeable: before, it read as
+    no idle time at all, and once one quiet period had passed no worker ran again."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to run on")
+    (tmp_path / "shim.c").write_text(FAKE_STAT_SHIM)
+    (tmp_path / "stat").write_text(FAKE_STAT)
+    try:
+        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "shim.so"),
+                        str(tmp_path / "shim.c"), "-ldl"], check=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no C compiler")
+    shim, stat = str(tmp_path / "shim.so"), str(tmp_path / "stat")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "WGPY_NATIVE": "1",
+           "LD_PRELOAD": shim, "FAKE_STAT": stat}  # fmt: skip
+    env.pop("WGPY_SPREAD", None)
+    done = subprocess.run([sys.executable, "-c", SPARE_UNKNOWN], capture_output=True,
+                          text=True, timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "2"]

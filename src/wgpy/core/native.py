@@ -13,9 +13,11 @@ from types import ModuleType
 
 
 def load() -> ModuleType | None:
-    """The extension if it was built, else None."""
+    """The extension if it was built, else None; also where it cannot start (its import
+    raises OSError when libcrypto refuses an algorithm it needs, as a FIPS-only
+    configuration refuses BLAKE2s): the pure path then serves."""
     try:
         import wgpy._native as _native
-    except ImportError:
+    except (ImportError, OSError):
         return None
     return _native
