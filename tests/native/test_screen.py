@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -48,19 +48,6 @@ def initiation(seed: int, responder: PrivateKey = OURS) -> tuple[bytes, bytes]:
     msg = handshake.create_initiation(static, peer, PrivateKey(rng.randbytes(32)),
                                       rng.getrandbits(32), 1e9 + seed, 0.0)  # fmt: skip
     return msg, static.public
-
-
-@pytest.fixture(params=[0, 1, 3], ids=lambda n: f"workers{n}")
-def workers(request: pytest.FixtureRequest) -> Iterator[int]:
-    """The native batch with 0, 1 and 3 crypto threads beside the caller."""
-    if module is None:
-        yield 0
-        return
-    module.set_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        module.set_threads(0)
 
 
 @pytest.mark.parametrize("screen", BACKENDS)

@@ -4,7 +4,7 @@ and hypothesis batches of every shape, with and without the crypto threads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -41,19 +41,6 @@ LOW_ORDER = [
     (1).to_bytes(32, "little"),
     bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
 ]
-
-
-@pytest.fixture(params=[0, 1, 3], ids=lambda n: f"workers{n}")
-def workers(request: pytest.FixtureRequest) -> Iterator[int]:
-    """The native batch with 0, 1 and 3 crypto threads beside the caller."""
-    if module is None:
-        yield 0
-        return
-    module.set_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        module.set_threads(0)
 
 
 @pytest.mark.parametrize("x25519", BACKENDS)
