@@ -8,7 +8,8 @@ module, an opened read stays in the buffer it was decrypted into, a run of packe
 Python object, until `write_tun` writes it to the TUN from there); with the C
 intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time, refuses
 junk and sends the cookie replies a flood is owed itself, and only the reads that brought
-something go on, by `Device.receive_classified`.
+something go on, by `Device.open_classified`, and the sessions they opened are accounted
+for once per drain (`Device.account`).
 
 A handshake retry forgets the sticky source address of the peer's endpoint before the
 retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
