@@ -149,6 +149,16 @@ def tun_writer(device: Device, tun: Tun) -> bool:
     return wanted != "0" and device.backend.threads >= least and tun.vnet_hdr
 
 
+def udp_sender(device: Device) -> bool:
+    """Whether the UDP sends get a sender thread (src/native/send.c `UdpSender`): with the
+    native datapath on WRITER_THREADS crypto threads or more, as the TUN writes (one core
+    for the loop, one for a worker, one for the sender); WGPY_UDP_SENDER=1 asks for it on 2
+    threads too, =0 never. One thread (a single core) never gets one."""
+    wanted = os.environ.get("WGPY_UDP_SENDER", "")
+    least = 2 if wanted == "1" else WRITER_THREADS
+    return wanted != "0" and device.backend.threads >= least
+
+
 class Datapath:
     def __init__(
         self,
@@ -169,6 +179,7 @@ class Datapath:
                 tun.write_coalesced = device.native.write_tun
                 if tun_writer(device, tun):  # on a thread of their own: a pipeline
                     tun.use_writer(device.native.TunWriter())
+        self.use_udp(udp)
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
@@ -178,6 +189,15 @@ class Datapath:
         self._drains = device.intake.classifier is not None and udp.reads_are_its_own()
         self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+
+    def use_udp(self, udp: UdpSocket) -> None:
+        """Send through `udp` from now on (the daemon's new socket on a port change): with
+        the native module, its sends made in C, on a sender thread where `udp_sender`."""
+        self.udp = udp
+        native = self.device.native
+        if native is not None and udp.sends_are_its_own():  # (not a test's channel)
+            sender = native.UdpSender() if udp_sender(self.device) else None
+            udp.use_native(native.send_runs, sender)
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
@@ -265,6 +285,7 @@ class Datapath:
     def tick(self, now: float) -> None:
         with contextlib.suppress(TunGone):  # noticed and handled on the next read
             self.tun.collect(self.device.mtu)  # the writer's late failures (a USO refusal)
+        self.udp.collect()  # the sender's late findings (a source gone, GSO refused)
         self.transmit(self.device.tick(now))
 
     def transmit(self, out: Output) -> None:
