@@ -56,11 +56,12 @@ static PyMethodDef module_methods[] = {
      "writev from where its packets lie (no copy of a Spans), without the GIL; the writes\n"
      "that failed come back as bytes with their errno."},
     {"send_runs", send_runs, METH_VARARGS,
-     "send_runs(fd, runs, dests, dest, gso) -> [(endpoint or None, errno)]: io/udp.py\n"
+     "send_runs(fd, runs, dests, dest, gso) -> [(endpoint or None, errno, info)]: io/udp.py\n"
      "UdpSocket.send_runs (the reference), the GIL released: runs of (buf, size, endpoint)\n"
      "as UDP_SEGMENT sends, each to dests[endpoint] (dest(endpoint) where missing):\n"
      "(sockaddr bytes, packet-info bytes or None), or None (dropped). Returns what the\n"
-     "socket must learn: (endpoint, errno) a source gone, (None, errno) GSO refused."},
+     "socket must learn: (endpoint, errno, info) its source (info) gone, (None, errno,\n"
+     "None) GSO refused."},
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"x25519", x25519, METH_O,

@@ -13,9 +13,10 @@
  * the sticky source, an in_pktinfo of 12 bytes or an in6_pktinfo of 20), and `dest`
  * makes a missing one (None: the endpoint has no address, its run is dropped), so that
  * no address is parsed here. What the socket must learn comes back, for UdpSocket to
- * apply: (endpoint, errno) when a send from its source failed as if the source were gone
- * (the datagram went again from the kernel's choice, as did the rest of the batch's to
- * that endpoint), (None, errno) when the kernel refused GSO (the rest went one by one).
+ * apply: (endpoint, errno, info) when a send from its source (that packet info) failed
+ * as if the source were gone (the datagram went again from the kernel's choice, as did
+ * the rest of the batch's to that endpoint), (None, errno, None) when the kernel refused
+ * GSO (the rest went one by one).
  * Errors otherwise drop the datagram, as UDP may: EMSGSIZE sends that chunk one by one
  * (IP fragments them), and so on, errno for errno as the reference. */
 
@@ -281,9 +282,9 @@ static void udp_batch_send(UdpBatch *b, int fd)
         send_run(b, k, fd);
 }
 
-static int append_report(PyObject *list, PyObject *endpoint, int err)
+static int append_report(PyObject *list, PyObject *endpoint, int err, PyObject *info)
 {
-    PyObject *t = Py_BuildValue("(Oi)", endpoint, err);
+    PyObject *t = Py_BuildValue("(OiO)", endpoint, err, info);
     int rc = t ? PyList_Append(list, t) : -1;
     Py_XDECREF(t);
     return rc;
@@ -292,10 +293,12 @@ static int append_report(PyObject *list, PyObject *endpoint, int err)
 /* What the socket must learn from a sent batch, appended to list; -1 with an exception. */
 static int udp_batch_report(UdpBatch *b, PyObject *list)
 {
-    for (Py_ssize_t k = 0; k < b->n; k++)
-        if (b->run[k].gone && append_report(list, b->run[k].endpoint, b->run[k].gone) < 0)
+    for (Py_ssize_t k = 0; k < b->n; k++) {
+        const SendRun *r = &b->run[k];
+        if (r->gone && append_report(list, r->endpoint, r->gone, PyTuple_GET_ITEM(r->dest, 1)) < 0)
             return -1;
-    return b->refused ? append_report(list, Py_None, b->refused) : 0;
+    }
+    return b->refused ? append_report(list, Py_None, b->refused, Py_None) : 0;
 }
 
 PyObject *send_runs(PyObject *Py_UNUSED(module), PyObject *args)
@@ -418,11 +421,12 @@ static void UdpSender_dealloc(UdpSender *u)
 
 static PyMethodDef UdpSender_methods[] = {
     {"send", (PyCFunction)UdpSender_send, METH_VARARGS,
-     "send(fd, runs, dests, dest, gso) -> [(endpoint or None, errno)]: send_runs's sends,\n"
-     "queued for the sender thread (a small batch that finds the queue empty: sent here);\n"
+     "send(fd, runs, dests, dest, gso) -> [(endpoint or None, errno, info)]: send_runs's\n"
+     "sends, queued for the sender thread (a small batch that finds the queue empty: sent\n"
+     "here);\n"
      "returns what the batches sent since the last call found (send_runs's report)."},
     {"flush", (PyCFunction)UdpSender_flush, METH_NOARGS,
-     "flush() -> [(endpoint or None, errno)]: wait until every queued batch is sent."},
+     "flush() -> [(endpoint or None, errno, info)]: wait until every queued batch is sent."},
     {"close", (PyCFunction)UdpSender_close, METH_NOARGS,
      "close(): send what is queued and stop the thread; later sends are made here."},
     {"counts", (PyCFunction)UdpSender_counts, METH_NOARGS,

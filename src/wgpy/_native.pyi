@@ -60,7 +60,7 @@ class TunWriter:
     def counts(self) -> tuple[int, int, int]: ...
 
 Dest = tuple[bytes, bytes | None] | None  # (sockaddr, the sticky source's packet info)
-Report = list[tuple[tuple[str, int] | None, int]]  # (endpoint, errno): source gone; (None, e)
+Report = list[tuple[tuple[str, int] | None, int, bytes | None]]  # (endpoint, errno, info)
 
 def send_runs(
     fd: int,

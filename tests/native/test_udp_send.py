@@ -390,6 +390,32 @@ def test_what_the_thread_finds_comes_back_late() -> None:
         theirs.close()
 
 
+def test_a_source_learnt_after_a_late_finding_is_kept() -> None:
+    """The thread finds a source gone, but by the time that comes back the endpoint's
+    next authentic packet taught the socket another: that one stays (the finding was
+    about the old one)."""
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.bind(("127.0.0.1", 0))
+    ep = theirs.getsockname()
+    sock = socket_of("sender", inline=0)
+    try:
+        sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
+        sock.send_runs([(b"old", 3, ep)])
+        assert sock.sender is not None
+        learnt = sock.sender.flush()
+        gone = mapped_pktinfo("198.51.100.7")[:16] + bytes(4)  # in6_pktinfo, no interface
+        assert [(e, info) for e, _, info in learnt] == [(ep, gone)]
+        sock.learn_source(ep, mapped_pktinfo("127.0.0.2"))  # meanwhile
+        sock._learn(learnt)
+        assert sock.source(ep) == "127.0.0.2"
+        sock.send_runs([(b"new", 3, ep)])
+        settle(sock)
+        assert recv_all(theirs, 2) == [(b"old", "127.0.0.1"), (b"new", "127.0.0.2")]
+    finally:
+        sock.close()
+        theirs.close()
+
+
 def test_close_sends_the_queue_first_and_later_sends_are_made_on_the_caller() -> None:
     """UdpSocket.close closes the sender before the socket: what was queued is sent
     first (never to a descriptor number closed and reused); a send after close is made at

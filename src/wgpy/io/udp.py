@@ -65,7 +65,9 @@ Cmsg = tuple[int, int, bytes]
 # info of its sticky source (the data of the source's control message) or None; None for
 # an endpoint that is no address (its datagrams are dropped, as the reference's are)
 Dest = tuple[bytes, bytes | None] | None
-Learnt = list[tuple[Endpoint | None, int]]  # (endpoint, errno): its source gone; (None, e): no GSO
+# what C's sends found: (endpoint, errno, the packet info of its source that failed as
+# gone), or (None, errno, None): GSO refused
+Learnt = list[tuple[Endpoint | None, int, bytes | None]]
 MakeDest = Callable[[Endpoint], Dest]
 SendNative = Callable[[int, Iterable[Run], dict[Endpoint, Dest], MakeDest, bool], Learnt]
 _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port (network), address
@@ -78,8 +80,8 @@ class Sender(Protocol):
     the batches sent since the last call found (not necessarily its own)."""
 
     def send(
-        self, fd: int, runs: Iterable[Run], dests: dict[Endpoint, Dest],
-        dest: Callable[[Endpoint], Dest], gso: bool,
+        self, fd: int, runs: Iterable[Run], dests: dict[Endpoint, Dest], dest: MakeDest,
+        gso: bool,
     ) -> Learnt: ...  # fmt: skip
     def flush(self) -> Learnt: ...
     def close(self) -> None: ...
@@ -182,10 +184,12 @@ class UdpSocket:
 
     def _learn(self, learnt: Learnt) -> None:
         """Apply what C's sends found, as the Python sends do when they find it."""
-        for endpoint, err in learnt:
+        for endpoint, err, info in learnt:
             e = OSError(err, os.strerror(err))
             if endpoint is not None:
-                self._source_failed(endpoint, e)
+                cmsg = self._source_cmsg(endpoint)
+                if cmsg is not None and cmsg[2] == info:  # (not one learnt since: a thread's
+                    self._source_failed(endpoint, e)  # findings come back a call later)
             elif self.gso:
                 self.gso = False
                 log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
