@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -493,7 +494,8 @@ def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             assert s.recv(12).startswith(b"HTTP/1.0 200")
         deadline = time.monotonic() + 10  # CheckAlive: the peer answers its pings
-        while not (ready := http_get(ns, ports["info"], b"GET /readyz HTTP/1.0\r\n\r\n"))\
+        asked = b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        while not (ready := http_get(ns, ports["info"], asked))\
                 .startswith(b"HTTP/1.1 200"):  # fmt: skip
             assert time.monotonic() < deadline, ready
             time.sleep(0.3)
@@ -560,21 +562,31 @@ def test_info_serves_readyz_and_metrics(bed: Bed, upy: Path, workdir: Path) -> N
     args = ("--socks", f"127.0.0.1:{socks}", "--info", f"127.0.0.1:{info}")
     with proxy_process(bed, upy, workdir, *args, services=2):
         assert fetch_via_socks(ns, socks).endswith(PAGE.encode())  # a handshake, traffic
-        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"application/json" in head
         assert json.loads(body)[bed.peer_public] > time.time() - 60
-        answer = http_get(ns, info, b"GET /metrics HTTP/1.1\r\n\r\n")
+        answer = http_get(ns, info, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{info}\r\n\r\n"
+                          .encode())  # fmt: skip
         sent = [line for line in answer.decode().splitlines()
                 if line.startswith("wireguard_sent_bytes_total{")]  # fmt: skip
         assert len(sent) == 1 and bed.peer_public in sent[0] and int(sent[0].split()[-1]) > 0
         assert b"\nwgpy_proxy_clients " in answer
-        assert http_get(ns, info, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+        if shutil.which("curl"):  # as a person or a scraper asks, by address
+            assert "\nwgpy_proxy_clients " in bed.caller.run(
+                "curl", "-sSf", "--max-time", "10", f"http://127.0.0.1:{info}/metrics")
+        assert http_get(ns, info, b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n").startswith(
+            b"HTTP/1.1 404")
+        for refused in (b"Host: evil.example", b"Host: 127.0.0.1.evil.example:80", b"Host: ",
+                        b"Host: 127.0.0.1\r\nHost: evil.example", b"X-No-Host: 1"):  # fmt: skip
+            answer = http_get(ns, info, b"GET /metrics HTTP/1.1\r\n" + refused + b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), (refused, answer)
+            assert answer.endswith(b"\r\n\r\nunknown Host header: ask by address or localhost\n")
     args += ("--check-alive", PEER_INNER, "--check-alive", "10.232.0.99",
              "--check-alive-interval", "1")  # fmt: skip
     with proxy_process(bed, upy, workdir, *args, services=2):  # one address never answers
         time.sleep(2)
-        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\n\r\n")
+        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503"), answer
         pongs = json.loads(body)
