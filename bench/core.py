@@ -225,8 +225,10 @@ def main() -> None:
         global BACKEND
         BACKEND = backend  # the datapath figures too
     junk_us = bench_junk(args.seconds, backend, max(args.batch, 16))
-    print(f"junk initiations (unknown static, {max(args.batch, 16)} a batch): "
-          f"{junk_us:.1f} µs of the calling thread each")
+    print(
+        f"junk initiations (unknown static, {max(args.batch, 16)} a batch): "
+        f"{junk_us:.1f} µs of the calling thread each"
+    )
     if args.junk:
         return
     hps = bench_handshakes(args.seconds, backend, args.batch)

@@ -336,9 +336,7 @@ def answered_address(reply: bytes) -> str:
     return socket.inet_ntoa(reply[-4:])
 
 
-def test_udp_forward_and_socks5_udp_associate_carry_dns(
-    bed: Bed, upy: Path, workdir: Path
-) -> None:
+def test_udp_forward_and_socks5_udp_associate_carry_dns(bed: Bed, upy: Path, workdir: Path) -> None:
     """An application that speaks only UDP (a DNS query) through --udp-forward, and one
     through SOCKS5 UDP ASSOCIATE, to the peer's DNS responder inside the tunnel."""
     ns = bed.caller.name
@@ -574,9 +572,11 @@ def test_info_serves_readyz_and_metrics(bed: Bed, upy: Path, workdir: Path) -> N
         assert b"\nwgpy_proxy_clients " in answer
         if shutil.which("curl"):  # as a person or a scraper asks, by address
             assert "\nwgpy_proxy_clients " in bed.caller.run(
-                "curl", "-sSf", "--max-time", "10", f"http://127.0.0.1:{info}/metrics")
+                "curl", "-sSf", "--max-time", "10", f"http://127.0.0.1:{info}/metrics"
+            )
         assert http_get(ns, info, b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n").startswith(
-            b"HTTP/1.1 404")
+            b"HTTP/1.1 404"
+        )
         for refused in (b"Host: evil.example", b"Host: 127.0.0.1.evil.example:80", b"Host: ",
                         b"Host: 127.0.0.1\r\nHost: evil.example", b"X-No-Host: 1"):  # fmt: skip
             answer = http_get(ns, info, b"GET /metrics HTTP/1.1\r\n" + refused + b"\r\n\r\n")
@@ -638,6 +638,7 @@ def test_stdio_tunnel_is_an_ssh_proxycommand(
 ) -> None:
     """Standard input to a server in the tunnel, its answer on standard output, then
     exit 0 quietly; a target that refuses (ECONNREFUSED) makes it exit 1 and say why."""
+
     def stdio(target: str) -> subprocess.CompletedProcess[bytes]:
         argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-c",
                                 str(bed.config), "--stdio", target])  # fmt: skip

@@ -192,9 +192,7 @@ def test_an_unresolvable_endpoint_names_file_line_and_host() -> None:
     assert "nowhere.invalid" in str(e.value)
 
 
-def failing_resolver(
-    monkeypatch: pytest.MonkeyPatch, failures: list[int]
-) -> list[tuple[str, int]]:
+def failing_resolver(monkeypatch: pytest.MonkeyPatch, failures: list[int]) -> list[tuple[str, int]]:
     """getaddrinfo failing with these EAI codes first, then answering 192.0.2.7."""
     calls: list[tuple[str, int]] = []
 

@@ -293,7 +293,6 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
         registry.remove_client(client_id)
 
 
-
 def _file_routes(app: FastAPI, registry: Registry, templates: Jinja2Templates) -> None:
     """What carries a private key: the config, its QR code, and one-time links to it."""
 
