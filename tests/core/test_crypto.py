@@ -269,6 +269,9 @@ def test_hide_keys_hides_a_key_in_any_spelling_anywhere(
         "device aa:bb:cc:dd:ee:ff has no address; mtu 1420",
         "10 20 30 40 50 60 70 80 are the peers' last octets",
         "PersistentKeepalive: bad value",
+        "no such file: '/etc/wireguard/My-Home-Office-Tunnel-2026.conf'",
+        "X-Content-Type-Options and Content-Security-Policy",
+        "uuid 550e8400-e29b-41d4-a716-446655440000",
     ],
 )
 def test_hide_keys_leaves_ordinary_text_readable(text: str) -> None:
