@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -418,9 +419,9 @@ InactivityTimeout = 30
 """
 
 
-def http_get(ns: str, port: int, request: bytes) -> bytes:
+def http_get(ns: str, port: int, request: bytes, address: str = "127.0.0.1") -> bytes:
     with in_namespace(ns):
-        s = socket.create_connection(("127.0.0.1", port), timeout=15)
+        s = socket.create_connection((address, port), timeout=15)
     with s:
         s.sendall(request)
         answer = b""
@@ -591,6 +592,33 @@ def test_info_serves_readyz_and_metrics(bed: Bed, upy: Path, workdir: Path) -> N
         assert head.startswith(b"HTTP/1.1 503"), answer
         pongs = json.loads(body)
         assert pongs["10.232.0.99"] == 0 and pongs[PEER_INNER] > time.time() - 5
+
+
+def loopback_name() -> tuple[str, str] | None:
+    """A name besides localhost that /etc/hosts gives a loopback IPv4 address (often the
+    machine's own name: Debian writes "127.0.1.1 HOSTNAME"), and that address."""
+    for line in Path("/etc/hosts").read_text().splitlines():
+        fields = line.partition("#")[0].split()
+        if fields and fields[0].startswith("127.") and ipaddress.ip_address(fields[0]).is_loopback:
+            names = [n for n in fields[1:] if n != "localhost"]
+            if names:
+                return names[0], fields[0]
+    return None
+
+
+@pytest.mark.parametrize("bed", ["wgpy"], indirect=True)
+def test_info_answers_to_the_name_it_listens_on(bed: Bed, upy: Path, workdir: Path) -> None:
+    """`--info NAME:PORT`: a request for NAME is answered; one for another name is not."""
+    found = loopback_name()
+    if found is None:
+        pytest.skip("/etc/hosts names no loopback address but localhost")
+    name, address = found
+    ns, info = bed.caller.name, free_port(bed.caller.name)
+    with proxy_process(bed, upy, workdir, "--info", f"{name}:{info}"):
+        for host, status in ((name, 200), (name.upper(), 200), (f"x{name}", 421)):
+            asked = f"GET /readyz HTTP/1.1\r\nHost: {host}:{info}\r\n\r\n".encode()
+            answer = http_get(ns, info, asked, address)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (host, answer)
 
 
 @pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
