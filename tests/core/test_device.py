@@ -144,6 +144,26 @@ def test_rekey_after_120s_of_sending(net: SimNet) -> None:
     assert len(b.delivered) == 126
 
 
+def test_send_unsettled_changes_no_peer_state_until_settled(net: SimNet) -> None:
+    """The datapath sends first and settles after (io/datapath.py on_tun): the sealed
+    message is the same, and only `settle` moves the byte count, the timers and, for a
+    session past its age, starts the rekey."""
+    a, b = nodes(net)
+    handshake(net)
+    peer = net.peer(a, b)
+    net.advance(130)  # the initiator's session is past REKEY_AFTER_TIME, still usable
+    net.pump(b, b.device.tick(net.now))
+    tx, timers = peer.tx_bytes, dict(peer.timers.deadlines)
+    assert Timer.NEW_HANDSHAKE not in timers
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"x")], net.now, settle=False)
+    assert kinds([(d, e, e) for d, e in out.udp]) == [MSG_DATA]
+    assert peer.tx_bytes == tx and peer.timers.deadlines == timers
+    later = a.device.settle(net.now)
+    assert peer.tx_bytes > tx and Timer.NEW_HANDSHAKE in peer.timers.deadlines
+    assert kinds([(d, e, e) for d, e in later.udp]) == [MSG_INITIATION]
+    assert a.device.settle(net.now).udp.runs() == []  # settled once
+
+
 def test_rekey_when_receiving_an_old_session(net: SimNet) -> None:
     """The initiator re-handshakes at 165 s even if only the responder sends."""
     a, b = nodes(net)

@@ -69,6 +69,8 @@ _RESP_RECEIVER, _RESP_EPHEMERAL = slice(8, 12), slice(12, 44)  # a response's
 # an initiation consumed and waiting for its answer: (its Output, what it said, our index
 # for the session, our ephemeral key)
 _Answer = tuple[Output, handshake.ConsumedInitiation, int, PrivateKey]
+# data messages sealed for a peer, not yet settled: (peer, session, bytes, any data?)
+Sent = tuple[Peer, Keypair, int, bool]
 
 
 def as_reads(
@@ -129,6 +131,8 @@ class Device:
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
+        # what `send(settle=False)` sealed and has not yet done to its peers (`settle`)
+        self._unsettled: list[Sent] = []
 
     @property
     def native(self) -> ModuleType | None:
@@ -301,16 +305,20 @@ class Device:
         self._process_handshakes(now, budget, out)
         return out
 
-    def send(self, packets: Sequence[Item], now: float) -> Output:
+    def send(self, packets: Sequence[Item], now: float, *, settle: bool = True) -> Output:
         """IP packets read from the TUN (and super-packets: core/ip.py), routed to their
         peers by inner destination (the backend's `route`: in C on the native one, with
-        no Python per packet), and sealed, or staged until a session is up."""
+        no Python per packet), and sealed, or staged until a session is up.
+        `settle=False` leaves what the sealed messages do to their peers (byte counts,
+        timers, a rekey they call for) to `settle`, which the caller makes once it has sent
+        them: the datapath puts a lone packet on the wire first (its latency)."""
         out = Output()
         backend = self.backend
         table = self.allowed_ips if backend.routes is None else self._routing_table()
         groups, bad = backend.route(packets, table)
         if bad:
             self._refuse(Drop.BAD_INNER, bad, now, out)
+        later = None if settle else self._unsettled
         for peer, group in groups:
             if peer is None:
                 self._refuse(Drop.NO_ROUTE, group, now, out)
@@ -318,7 +326,17 @@ class Device:
                 self._refuse(Drop.NO_ENDPOINT, group, now, out)
             else:
                 peer.staged += group
-                self._send_staged(peer, now, out)
+                self._send_staged(peer, now, out, later)
+        return out
+
+    def settle(self, now: float) -> Output:
+        """What the messages `send(settle=False)` sealed do to their peers (a rekey
+        initiation may come out)."""
+        out = Output()
+        unsettled = self._unsettled
+        for peer, kp, nbytes, sent_data in unsettled:
+            self._sent(peer, kp, nbytes, sent_data, now, out)
+        unsettled.clear()
         return out
 
     def _routing_table(self) -> Any:
@@ -385,7 +403,8 @@ class Device:
         if got.data:
             peer.timers.data_received(now)
 
-    def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
+    def _send_staged(self, peer: Peer, now: float, out: Output,
+                     later: list[Sent] | None = None) -> None:  # fmt: skip
         kp = peer.current
         if kp is None or not kp.can_send(now):
             self._wait(peer)
@@ -402,8 +421,15 @@ class Device:
             self._wait(peer)
             self._initiate(peer, now, out)  # the session's counter is spent
             return
-        nbytes, sent_data = sent
         staged.clear()
+        if later is None:
+            self._sent(peer, kp, *sent, now, out)
+        else:
+            later.append((peer, kp, *sent))
+
+    def _sent(self, peer: Peer, kp: Keypair, nbytes: int, sent_data: bool, now: float,
+              out: Output) -> None:  # fmt: skip
+        """What data messages sealed in session `kp` do to their peer."""
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_sent()
