@@ -189,7 +189,7 @@ class Datapath:
         the daemon waits for neither (its latency; the two cannot change what it is)."""
         out = Output()
         now = time.monotonic()
-        received = dict[Keypair, Received]()
+        received: dict[Keypair, Received] = {}
         count = self._drain(now, out, received) if self._drains else self._read(now, out)
         if received:
             self.transmit(out)
