@@ -418,9 +418,7 @@ def _remac(net: SimNet, msg: bytes) -> bytes:
     return bytes(buf)
 
 
-def _quiet(
-    b_dev: Device, data: bytes, src: tuple[str, int], now: float, *reasons: Drop
-) -> Output:
+def _quiet(b_dev: Device, data: bytes, src: tuple[str, int], now: float, *reasons: Drop) -> Output:
     """Nothing delivered, nothing answered, and dropped for one of `reasons`."""
     out = b_dev.receive([(data, src)], now)
     assert out.udp == [] and out.tun == []
@@ -661,7 +659,10 @@ def test_events_of_a_handshake_and_roaming(net: SimNet) -> None:
     assert isinstance(changed, EndpointChanged) and changed.endpoint == ("198.51.100.1", 7)
     out_a2 = a.device.receive([(out_b.udp[0][0], B_EP)], net.now)
     assert [e.kind for e in out_a2.events] == [
-        EventKind.RESPONSE_RECEIVED, EventKind.KEYPAIR_CREATED, EventKind.HANDSHAKE_COMPLETED]
+        EventKind.RESPONSE_RECEIVED,
+        EventKind.KEYPAIR_CREATED,
+        EventKind.HANDSHAKE_COMPLETED,
+    ]
     assert all(e.peer is net.peer(a, b) for e in out_a2.events)
 
 
