@@ -164,6 +164,57 @@ def test_send_unsettled_changes_no_peer_state_until_settled(net: SimNet) -> None
     assert a.device.settle(net.now).udp.runs() == []  # settled once
 
 
+def _linked(seed: int, shake: bool = True) -> tuple[SimNet, SimNode, SimNode]:
+    n = SimNet(seed=seed)
+    a, b = n.add("a", A_EP), n.add("b", B_EP)
+    n.link(a, b, "10.0.0.1/32", "10.0.0.2/32")
+    if shake:
+        handshake(n)
+        n.advance(1)
+    return n, a, b
+
+
+def test_seal_one_is_send_for_a_lone_packet() -> None:
+    """The lone packet's way (io/datapath.py on_tun) against `send`, on twin devices:
+    the same datagram to the same endpoint, and once settled the same peer state."""
+    (n0, a0, b0), (n1, a1, b1) = _linked(5), _linked(5)
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", b"ping")
+    sealed = a0.device.seal_one(packet, n0.now)
+    assert sealed is not None
+    runs, endpoint = sealed
+    out = a1.device.send([packet], n1.now)
+    assert [(buf, endpoint) for buf, _ in runs] == list(out.udp)
+    assert a0.device.settle(n0.now).udp.runs() == []
+    p0, p1 = n0.peer(a0, b0), n1.peer(a1, b1)
+    assert (p0.tx_bytes, p0.timers.deadlines) == (p1.tx_bytes, p1.timers.deadlines)
+    assert Timer.NEW_HANDSHAKE in p0.timers.deadlines
+
+
+@pytest.mark.parametrize("case", ["no_route", "not_ip", "no_endpoint", "staged", "no_session",
+                                  "expired", "spent"])  # fmt: skip
+def test_seal_one_declines_any_other_way_and_changes_nothing(case: str) -> None:
+    n, a, b = _linked(6, shake=case != "no_session")
+    peer = n.peer(a, b)
+    packet = ipv4_packet("10.0.0.1", "10.9.9.9" if case == "no_route" else "10.0.0.2")
+    if case == "not_ip":
+        packet = bytes(40)
+    elif case == "no_endpoint":
+        peer.endpoint = None
+    elif case == "staged":
+        peer.staged.append(ipv4_packet("10.0.0.1", "10.0.0.2", b"first"))
+    elif case == "expired":
+        n.now += 181
+    elif case == "spent":
+        assert peer.current is not None
+        peer.current.sealer.expire()
+    counter = peer.current.send_counter if peer.current else None
+    before = (len(peer.staged), peer.tx_bytes, dict(peer.timers.deadlines), counter)
+    assert a.device.seal_one(packet, n.now) is None
+    assert a.device.settle(n.now).udp.runs() == []
+    counter = peer.current.send_counter if peer.current else None
+    assert (len(peer.staged), peer.tx_bytes, dict(peer.timers.deadlines), counter) == before
+
+
 def test_rekey_when_receiving_an_old_session(net: SimNet) -> None:
     """The initiator re-handshakes at 165 s even if only the responder sends."""
     a, b = nodes(net)

@@ -71,6 +71,7 @@ _RESP_RECEIVER, _RESP_EPHEMERAL = slice(8, 12), slice(12, 44)  # a response's
 _Answer = tuple[Output, handshake.ConsumedInitiation, int, PrivateKey]
 # data messages sealed for a peer, not yet settled: (peer, session, bytes, any data?)
 Sent = tuple[Peer, Keypair, int, bool]
+Runs = list[tuple[bytes, int]]  # sealed: datagrams of `size` bytes back to back, and size
 
 
 def as_reads(
@@ -328,6 +329,29 @@ class Device:
                 peer.staged += group
                 self._send_staged(peer, now, out, later)
         return out
+
+    def seal_one(self, packet: Packet, now: float) -> tuple[Runs, Endpoint] | None:
+        """`send(packet, now, settle=False)` where a lone packet takes the common way: a
+        route to a peer with an endpoint, a session that can send, nothing staged before
+        it. Its sealed runs and where they go, for the caller to send and then `settle`;
+        None, with nothing changed, where the way is not that (`send` then takes it: a
+        session spent in between is found spent there too). A ping's hop: about half
+        the Python calls of `send` (io/datapath.py on_tun; docs/design.md, "Latency")."""
+        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        groups, bad = self.backend.route((packet,), table)
+        if bad:
+            return None
+        peer = groups[0][0]
+        if peer is None or peer.staged or peer.endpoint is None:
+            return None
+        kp = peer.current
+        if kp is None or not kp.can_send(now):
+            return None
+        runs = kp.sealer.seal_runs((packet,), self.mtu)
+        if runs is None:
+            return None
+        self._unsettled.append((peer, kp, len(runs[0][0]), True))
+        return runs, peer.endpoint
 
     def settle(self, now: float) -> Output:
         """What the messages `send(settle=False)` sealed do to their peers (a rekey
