@@ -265,7 +265,9 @@ class Device:
             self.intake.take(buf, passed, src, None, now, out, tag)
         if not ndata:
             return False
-        return self._open(buf, n, seg, src, now, out, received, [])
+        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        return data.open_read(self.backend.open_batch, buf, n, seg, src, self.index,
+                              table.lookup, now, out, received, [])  # fmt: skip
 
     def account(self, received: dict[Keypair, data.Received], now: float, out: Output) -> None:
         """What the opened data messages did to their peers, once per session."""
