@@ -1,6 +1,10 @@
 """In-memory benchmarks of the protocol core alone (no sockets, no TUN).
 
-    python bench/core.py [--seconds 3] [--native] [--threads N] [--batch N]
+    python bench/core.py [--src DIR] [--seconds 3] [--native] [--threads N] [--batch N]
+
+The wgpy measured is `--src DIR`'s, else the one PYTHONPATH holds, else this checkout's
+src/; so `PYTHONPATH=/tmp/old/src python bench/core.py` and `python bench/core.py` (or
+`--src`), run in turns, compare two versions (bench/hops.py takes several SRC at once).
 
 - handshakes: initiations one responder answers per second (fresh initiators; MAC1 check,
   two DH + the response's three, the AEADs), `--batch` of them per receive call (the
@@ -26,15 +30,31 @@ import struct
 import sys
 import time
 
-sys.path.insert(0, os.environ.get("WGPY_SRC") or os.path.join(os.path.dirname(__file__), "../src"))
 
-from wgpy.core import native
-from wgpy.core.backend import Backend
-from wgpy.core.cookie import CookieGenerator
-from wgpy.core.crypto import PrivateKey, clamp, dh, tai64n
-from wgpy.core.device import Device
-from wgpy.core.messages import INITIATION, MSG_INITIATION
-from wgpy.core.noise import SymmetricState, create_initiation
+def _src() -> str | None:
+    """`--src DIR` (read before argparse: the imports below need it); None where PYTHONPATH
+    holds a wgpy; else this checkout's src/."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--src" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--src="):
+            return arg.split("=", 1)[1]
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if any(os.path.isdir(os.path.join(p, "wgpy")) for p in paths if p):
+        return None
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../src"))
+
+
+if (SRC := _src()) is not None:
+    sys.path.insert(0, SRC)
+
+from wgpy.core import native  # noqa: E402
+from wgpy.core.backend import Backend  # noqa: E402
+from wgpy.core.cookie import CookieGenerator  # noqa: E402
+from wgpy.core.crypto import PrivateKey, clamp, dh, tai64n  # noqa: E402
+from wgpy.core.device import Device  # noqa: E402
+from wgpy.core.messages import INITIATION, MSG_INITIATION  # noqa: E402
+from wgpy.core.noise import SymmetricState, create_initiation  # noqa: E402
 
 BACKEND = Backend()  # the datapath's; --native: the extension module's
 
@@ -126,7 +146,7 @@ def bench_datapath(seconds: float, size: int = 1420, batch: int = 64) -> tuple[f
 
 def bench_tso_send(seconds: float, segments: int = 44) -> float:
     """µs per segment: one TSO read kept whole (core/ip.py), routed once, cut and sealed
-    (NaN for a checkout from before super-packets, as WGPY_SRC may name)."""
+    (NaN for a checkout from before super-packets, as `--src` may name)."""
     try:
         from wgpy.core.ip import super_packet
     except ImportError:
@@ -187,12 +207,14 @@ def bench_junk(seconds: float, backend: Backend | None = None, batch: int = 16) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--src", metavar="DIR", help="the wgpy tree to measure (read at import)")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--native", action="store_true", help="the native backend (wgpy._native)")
     p.add_argument("--threads", type=int, default=1, help="crypto threads in all, with --native")
     p.add_argument("--batch", type=int, default=1, help="initiations per receive call")
     p.add_argument("--junk", action="store_true", help="the junk initiations' figure alone")
     args = p.parse_args()
+    print(f"wgpy from {os.path.dirname(os.path.dirname(os.path.dirname(native.__file__)))}")
     backend = None
     if args.native:
         module = native.load()
@@ -203,8 +225,10 @@ def main() -> None:
         global BACKEND
         BACKEND = backend  # the datapath figures too
     junk_us = bench_junk(args.seconds, backend, max(args.batch, 16))
-    print(f"junk initiations (unknown static, {max(args.batch, 16)} a batch): "
-          f"{junk_us:.1f} µs of the calling thread each")
+    print(
+        f"junk initiations (unknown static, {max(args.batch, 16)} a batch): "
+        f"{junk_us:.1f} µs of the calling thread each"
+    )
     if args.junk:
         return
     hps = bench_handshakes(args.seconds, backend, args.batch)

@@ -456,8 +456,12 @@ def main() -> int:
     ap.add_argument("--modes", default="none,a,b,c")
     ap.add_argument("--rates", default="20000,0", help="initiations/s; 0 = as fast as it goes")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each flood")
-    ap.add_argument("--sender", choices=("c", "python"), default="c",
-                    help="what sends modes a and c (b is always Python)")
+    ap.add_argument(
+        "--sender",
+        choices=("c", "python"),
+        default="c",
+        help="what sends modes a and c (b is always Python)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:

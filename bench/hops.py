@@ -13,6 +13,10 @@ noisy than ping round trips (bench/latency.py) for comparing two versions. `--id
 gives the warm figures. The kernel's part (the syscalls, the loopback delivery) is in
 the times as it is in a real hop; the epoll wake-up is not. While idle, both datapaths
 tick every 0.1 s, as the daemon's loop makes them, and read what came.
+
+"To the wire" is the part of a hop a ping waits for: from the call to the kernel's
+timestamp of the packet it put out (packet sockets on `lo` for A's datagram, on B's TUN
+for the packet B wrote), what a datapath does after its send or write not included.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import select
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -44,6 +49,35 @@ def idle_as_the_loop(seconds: float, paths: list[Any]) -> None:
                 if select.select([path.udp.fileno()], [], [], 0)[0]:  # as the loop: if readable
                     path.on_udp()
                 path.tick(time.monotonic())
+
+
+SO_TIMESTAMPNS = 35  # <asm/socket.h>; Python's socket module does not name it
+ETH_P_ALL = 3
+
+
+class Wire:
+    """A packet socket on one interface that tells when the kernel saw the first packet
+    since the last call (its receive timestamp, CLOCK_REALTIME ns)."""
+
+    def __init__(self, ifname: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.bind((ifname, 0))
+        self.sock.setblocking(False)
+
+    def first(self, least: int) -> int:
+        """The timestamp of the first packet of at least `least` bytes waiting (0 if
+        none), the others read and dropped."""
+        stamp = 0
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(2048, 64)
+            except BlockingIOError:
+                return stamp
+            for level, kind, raw in ancillary:
+                if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET and len(data) >= least:
+                    sec, nsec = struct.unpack("qq", raw[:16])
+                    stamp = stamp or sec * 1_000_000_000 + nsec
 
 
 def serve(idle: float) -> None:
@@ -83,16 +117,21 @@ def serve(idle: float) -> None:
     for step in (a.on_tun, b.on_udp, a.on_udp):
         time.sleep(0.01)
         step()
-    clock = time.perf_counter_ns
+    clock, wall = time.perf_counter_ns, time.time_ns
+    # A's data message on loopback (32 + 96 bytes, an IP header before it); B's packet in
+    wires = ((Wire("lo"), 20 + 8 + 128), (Wire("hopb"), 84))
     for _ in sys.stdin:
         packet_into_a()
         idle_as_the_loop(idle, paths)
-        t0 = clock()
+        for wire, least in wires:
+            wire.first(least)
+        w0, t0 = wall(), clock()
         a.on_tun()
-        t1 = clock()
+        t1, w1 = clock(), wall()
         b.on_udp()
         t2 = clock()
-        print(t1 - t0, t2 - t1, flush=True)
+        sent, wrote = (wire.first(least) for wire, least in wires)
+        print(t1 - t0, t2 - t1, sent - w0 if sent else -1, wrote - w1 if wrote else -1, flush=True)
 
 
 def start(src: str, idle: float) -> subprocess.Popen[Any]:
@@ -113,7 +152,7 @@ def main() -> int:
         serve(args.idle)
         return 0
     procs = [start(src, args.idle) for src in args.src]
-    times: dict[str, list[tuple[int, int]]] = {src: [] for src in args.src}
+    times: dict[str, list[tuple[int, int, int, int]]] = {src: [] for src in args.src}
     try:
         for i in range(args.count + WARMUP):
             order = list(zip(args.src, procs, strict=True))
@@ -121,9 +160,9 @@ def main() -> int:
                 assert proc.stdin is not None and proc.stdout is not None
                 proc.stdin.write("\n")
                 proc.stdin.flush()
-                tun_hop, udp_hop = map(int, proc.stdout.readline().split())
+                tun_hop, udp_hop, sent, wrote = map(int, proc.stdout.readline().split())
                 if i >= WARMUP:
-                    times[src].append((tun_hop, udp_hop))
+                    times[src].append((tun_hop, udp_hop, sent, wrote))
     finally:
         for proc in procs:
             if proc.stdin is not None:
@@ -132,8 +171,14 @@ def main() -> int:
     print(f"idle {args.idle} s before each hop, {args.count} rounds, medians in µs:")
     for src, got in times.items():
         tun_hop, udp_hop = (statistics.median(t[k] for t in got) / 1e3 for k in (0, 1))
-        total = statistics.median(t + u for t, u in got) / 1e3
+        total = statistics.median(t[0] + t[1] for t in got) / 1e3
         print(f"  A.on_tun {tun_hop:6.1f}  B.on_udp {udp_hop:6.1f}  both {total:6.1f}  {src}")
+        seen = [t for t in got if t[2] > 0 and t[3] > 0]  # both packets seen on the wire
+        if seen:
+            sent, wrote = (statistics.median(t[k] for t in seen) / 1e3 for k in (2, 3))
+            both = statistics.median(t[2] + t[3] for t in seen) / 1e3
+            print(f"    to the wire {sent:6.1f}  {wrote:6.1f}  both {both:6.1f}"
+                  f"  ({len(seen)} of {len(got)} rounds)")
     return 0
 
 

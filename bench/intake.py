@@ -105,8 +105,10 @@ def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int, nsrc
     udp.close()
     kind = "python" if python else "C"
     flood = "valid mac1" if valid else "junk"
-    return (f"| {kind} | {flood} | {nsrc} | {reads} | {rcvbuf >> 10} KiB "
-            f"| {total / seconds:,.0f} | {cpu / max(total, 1) * 1e6:.2f} | {sent} |")
+    return (
+        f"| {kind} | {flood} | {nsrc} | {reads} | {rcvbuf >> 10} KiB "
+        f"| {total / seconds:,.0f} | {cpu / max(total, 1) * 1e6:.2f} | {sent} |"
+    )
 
 
 def main() -> int:

@@ -209,6 +209,15 @@ typedef struct {
     Py_ssize_t nknown;
     double shed_until; /* drain: replies to strangers are shed until then */
     Spare spare;       /* while shedding, the replies strangers still get */
+    struct Reads *reads;        /* drain's message headers, kept from call to call */
+    uint8_t *reads_buf;         /* ... set up for this buffer, */
+    Py_ssize_t reads_slot;      /* ... read slots of this size, */
+    unsigned reads_ready;       /* ... this many of them; */
+    unsigned reads_dirty;       /* the ones the last recvmmsg wrote back */
+    int reads_busy;             /* a drain holds `reads` (the GIL released in recvmmsg) */
+    struct sockaddr_in6 last_name; /* the last kept read's source, */
+    PyObject *last_ep;          /* ... as the (host, port) Python has it */
+    PyObject *last_info;        /* the last kept read's packet info (bytes) */
 } Classifier;
 
 static EVP_MAC *blake2smac;
@@ -241,6 +250,9 @@ static void Classifier_dealloc(Classifier *self) {
     EVP_MAC_CTX_free(self->mac);
     EVP_CIPHER_CTX_free(self->aead);
     OPENSSL_cleanse(self->secret, KEY_LEN);
+    PyMem_Free(self->reads);
+    Py_XDECREF(self->last_ep);
+    Py_XDECREF(self->last_info);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -690,7 +702,7 @@ fail:
 #define UDP_GRO_ 104
 #define CMSG_ROOM 64 /* a GRO size and a packet info fit */
 
-typedef struct {
+typedef struct Reads {
     struct mmsghdr msgs[MAX_READS];
     struct iovec iov[MAX_READS];
     struct sockaddr_in6 names[MAX_READS];
@@ -738,6 +750,21 @@ static PyObject *endpoint_of(const struct sockaddr_in6 *sa) {
     return Py_BuildValue("(si)", host, ntohs(sa->sin6_port));
 }
 
+/* endpoint_of, the same object again while the source is the last one's: a run of reads
+ * from one peer formats its address once (getnameinfo is no small call, cold). Comparing
+ * all of the name is safe: bytes the kernel left from an earlier read can only make two
+ * equal sources look different. */
+static PyObject *endpoint_cached(Classifier *self, const struct sockaddr_in6 *sa) {
+    if (self->last_ep != NULL && memcmp(sa, &self->last_name, sizeof(*sa)) == 0)
+        return Py_NewRef(self->last_ep);
+    PyObject *ep = endpoint_of(sa);
+    if (ep != NULL) {
+        Py_XSETREF(self->last_ep, Py_NewRef(ep));
+        self->last_name = *sa;
+    }
+    return ep;
+}
+
 /* The GRO segment size of a read (0: one datagram). */
 static Py_ssize_t gro_size(struct msghdr *h) {
     for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
@@ -781,13 +808,23 @@ static int shedding(Classifier *self, int fd, int full, double now) {
     return now < self->shed_until;
 }
 
-/* The packet info of a read as bytes (UdpSocket.last_info), or None. */
-static PyObject *packet_info(struct msghdr *h) {
+/* The packet info of a read as bytes (UdpSocket.last_info), or None; the last one's
+ * object again when it is the same (reads to one local address, one after another). */
+static PyObject *packet_info(Classifier *self, struct msghdr *h) {
     for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
-        if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
-            (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO))
-            return PyBytes_FromStringAndSize((const char *)CMSG_DATA(c),
-                                             (Py_ssize_t)(c->cmsg_len - CMSG_LEN(0)));
+        if (!((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO) ||
+              (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO)))
+            continue;
+        const char *data = (const char *)CMSG_DATA(c);
+        Py_ssize_t len = (Py_ssize_t)(c->cmsg_len - CMSG_LEN(0));
+        PyObject *last = self->last_info;
+        if (last != NULL && PyBytes_GET_SIZE(last) == len &&
+            memcmp(PyBytes_AS_STRING(last), data, (size_t)len) == 0)
+            return Py_NewRef(last);
+        PyObject *info = PyBytes_FromStringAndSize(data, len);
+        if (info != NULL)
+            Py_XSETREF(self->last_info, Py_NewRef(info));
+        return info;
     }
     Py_RETURN_NONE;
 }
@@ -902,8 +939,9 @@ static Py_ssize_t send_replies(Classifier *self, int fd, Reads *rd, const Replie
     return sent;
 }
 
-static void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned count) {
-    for (unsigned i = 0; i < count; i++) {
+static void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned from,
+                        unsigned count) {
+    for (unsigned i = from; i < count; i++) {
         struct msghdr *h = &rd->msgs[i].msg_hdr;
         memset(h, 0, sizeof(*h));
         rd->iov[i].iov_base = buf + (Py_ssize_t)i * slot, rd->iov[i].iov_len = (size_t)slot;
@@ -913,14 +951,56 @@ static void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned count
     }
 }
 
+/* The headers for a drain: the classifier's own, kept from call to call, only what the
+ * last recvmmsg wrote back (lengths, flags) set again: a lone datagram's drain touches
+ * two headers, not 64 made anew in 44 KiB malloc'd per call (a ping's hop, cold). When
+ * another drain holds them (the GIL is released in recvmmsg), a set of its own. */
+static Reads *reads_take(Classifier *self, uint8_t *buf, Py_ssize_t slot, unsigned count) {
+    Reads *rd;
+    if (self->reads_busy) {
+        if ((rd = PyMem_Malloc(sizeof(Reads))) != NULL)
+            setup_reads(rd, buf, slot, 0, count);
+        return rd;
+    }
+    if (self->reads == NULL && (self->reads = PyMem_Malloc(sizeof(Reads))) == NULL)
+        return NULL;
+    rd = self->reads;
+    if (buf != self->reads_buf || slot != self->reads_slot)
+        self->reads_buf = buf, self->reads_slot = slot, self->reads_ready = 0;
+    unsigned dirty = self->reads_dirty < self->reads_ready ? self->reads_dirty : self->reads_ready;
+    for (unsigned i = 0; i < dirty; i++) {
+        struct msghdr *h = &rd->msgs[i].msg_hdr;
+        h->msg_namelen = sizeof(rd->names[i]), h->msg_controllen = CMSG_ROOM, h->msg_flags = 0;
+        rd->msgs[i].msg_len = 0;
+    }
+    if (count > self->reads_ready) {
+        setup_reads(rd, buf, slot, self->reads_ready, count);
+        self->reads_ready = count;
+    }
+    self->reads_busy = 1;
+    return rd;
+}
+
+/* A drain is done with its headers: `got` of them read (the one after may have been
+ * written too). */
+static void reads_give(Classifier *self, Reads *rd, int got, unsigned count) {
+    if (rd != self->reads) {
+        PyMem_Free(rd);
+        return;
+    }
+    unsigned touched = (unsigned)(got > 0 ? got : 0) + 1;
+    self->reads_dirty = touched < count ? touched : count;
+    self->reads_busy = 0;
+}
+
 /* A read that brought something for Python: (offset, n, seg, (host, port), info, passed,
  * data messages). */
-static int keep_read(PyObject *kept, Reads *rd, unsigned i, Py_ssize_t slot, Py_ssize_t seg,
-                     PyObject *passed, Py_ssize_t data) {
-    PyObject *ep = endpoint_of(&rd->names[i]);
+static int keep_read(Classifier *self, PyObject *kept, Reads *rd, unsigned i, Py_ssize_t slot,
+                     Py_ssize_t seg, PyObject *passed, Py_ssize_t data) {
+    PyObject *ep = endpoint_cached(self, &rd->names[i]);
     if (ep == NULL)
         return 0; /* no name for it: as if never read */
-    PyObject *info = packet_info(&rd->msgs[i].msg_hdr);
+    PyObject *info = packet_info(self, &rd->msgs[i].msg_hdr);
     if (info == NULL) {
         Py_DECREF(ep);
         return -1;
@@ -947,7 +1027,7 @@ static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_
         b->src = &src, b->read = (uint16_t)i;
         int rc = classify_read(self, b, buf + i * slot, n, seg, &passed, &data);
         if (rc == 0 && (passed != NULL || data))
-            rc = keep_read(kept, rd, (unsigned)i, slot, seg, passed, data);
+            rc = keep_read(self, kept, rd, (unsigned)i, slot, seg, passed, data);
         Py_XDECREF(passed);
         if (rc < 0)
             return -1;
@@ -956,21 +1036,17 @@ static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_
 }
 
 static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
-    int fd, forced;
+    int fd, forced, got = 0;
     Py_buffer buf;
     Py_ssize_t slot, count;
     Batch b = {0};
     Replies r = {0};
+    Reads *rd = NULL;
     PyObject *state, *kept = NULL, *drops = NULL;
     if (!PyArg_ParseTuple(args, "iw*nnddnpO", &fd, &buf, &slot, &count, &b.now, &b.until,
                           &b.queued, &forced, &state))
         return NULL;
     b.forced = forced, b.sends = 1;
-    Reads *rd = PyMem_Malloc(sizeof(Reads)); /* per call: recvmmsg runs without the GIL */
-    if (rd == NULL) {
-        PyErr_NoMemory();
-        goto fail;
-    }
     if (count < 1 || count > MAX_READS || slot < 1 || slot * count > buf.len) {
         PyErr_SetString(PyExc_ValueError, "count (1-256) x slot must fit in buf");
         goto fail;
@@ -980,8 +1056,10 @@ static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
             goto fail;
         b.replies = &r;
     }
-    setup_reads(rd, buf.buf, slot, (unsigned)count);
-    int got;
+    if ((rd = reads_take(self, buf.buf, slot, (unsigned)count)) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     Py_BEGIN_ALLOW_THREADS
     got = recvmmsg(fd, rd->msgs, (unsigned)count, MSG_DONTWAIT, NULL);
     Py_END_ALLOW_THREADS
@@ -995,13 +1073,14 @@ static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
     if ((drops = drops_dict(&b)) == NULL)
         goto fail;
     replies_free(&r);
-    PyMem_Free(rd);
+    reads_give(self, rd, got, (unsigned)count);
     PyBuffer_Release(&buf);
     return Py_BuildValue("(NidNnK)", kept, got, b.until, drops, sent, r.counter);
 fail:
     Py_XDECREF(kept);
     replies_free(&r);
-    PyMem_Free(rd);
+    if (rd != NULL)
+        reads_give(self, rd, got, (unsigned)count);
     PyBuffer_Release(&buf);
     return NULL;
 }

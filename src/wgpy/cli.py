@@ -90,8 +90,7 @@ def pubkey(args: list[str]) -> int:
 
 
 _QUICK = {
-    "up": "Create the interface, start its daemon and configure it from CONFIG, as "
-    "`wg-quick up`.",
+    "up": "Create the interface, start its daemon and configure it from CONFIG, as `wg-quick up`.",
     "down": "Run the hooks, save the config if asked, and delete the interface, as "
     "`wg-quick down`.",
     "strip": "Print CONFIG without wg-quick's own keys (what `wg setconf` takes).",

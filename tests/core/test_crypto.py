@@ -25,6 +25,7 @@ from wgpy.core.crypto import (
     encode_key,
     hash_,
     hchacha20,
+    hide_keys,
     hmac,
     kdf,
     public_key,
@@ -230,3 +231,48 @@ WORLD_ACCESSIBLE = (
     "Warning: writing to world accessible file.\n"
     "Consider setting the umask to 077 and trying again.\n"
 )
+
+
+KEY_SPELLINGS = {  # every way a 32-byte key gets pasted: as wg writes it, URL-safe, hex
+    "base64": lambda k: base64.b64encode(k).decode(),
+    "urlsafe": lambda k: base64.urlsafe_b64encode(k).decode(),
+    "urlsafe, no padding": lambda k: base64.urlsafe_b64encode(k).decode().rstrip("="),
+    "hex": lambda k: k.hex(),
+    "HEX": lambda k: k.hex().upper(),
+    "hex with spaces": lambda k: k.hex(" "),
+    "hex with colons": lambda k: k.hex(":"),
+    "HEX with colons": lambda k: k.hex(":").upper(),
+    "hex with dashes": lambda k: k.hex("-"),
+}
+
+
+@pytest.mark.parametrize("spelling", KEY_SPELLINGS)
+@given(key=st.binary(min_size=32, max_size=32), before=st.text(), after=st.text())
+def test_hide_keys_hides_a_key_in_any_spelling_anywhere(
+    spelling: str, key: bytes, before: str, after: str
+) -> None:
+    """An error message that quotes its input never carries a key on to a log, however
+    the key was written and whatever surrounds it (glued to it included)."""
+    written = KEY_SPELLINGS[spelling](key).rstrip("=")
+    assert written not in hide_keys(before + written + after)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "invalid endpoint: '203.0.113.7:51820'",
+        "invalid endpoint: '[2001:db8:ab:cd::1]:51820'",
+        "invalid endpoint: 'vpn-gateway-frankfurt-01.example.com:51820'",
+        "cannot resolve my-home-server-in-the-attic",
+        "invalid UAPI peer key: 'persistent_keepalive_interval'",
+        "WG_ENDPOINT_RESOLUTION_RETRIES is not a number",
+        "device aa:bb:cc:dd:ee:ff has no address; mtu 1420",
+        "10 20 30 40 50 60 70 80 are the peers' last octets",
+        "PersistentKeepalive: bad value",
+        "no such file: '/etc/wireguard/My-Home-Office-Tunnel-2026.conf'",
+        "X-Content-Type-Options and Content-Security-Policy",
+        "uuid 550e8400-e29b-41d4-a716-446655440000",
+    ],
+)
+def test_hide_keys_leaves_ordinary_text_readable(text: str) -> None:
+    assert hide_keys(text) == text

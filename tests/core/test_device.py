@@ -144,6 +144,77 @@ def test_rekey_after_120s_of_sending(net: SimNet) -> None:
     assert len(b.delivered) == 126
 
 
+def test_send_unsettled_changes_no_peer_state_until_settled(net: SimNet) -> None:
+    """The datapath sends first and settles after (io/datapath.py on_tun): the sealed
+    message is the same, and only `settle` moves the byte count, the timers and, for a
+    session past its age, starts the rekey."""
+    a, b = nodes(net)
+    handshake(net)
+    peer = net.peer(a, b)
+    net.advance(130)  # the initiator's session is past REKEY_AFTER_TIME, still usable
+    net.pump(b, b.device.tick(net.now))
+    tx, timers = peer.tx_bytes, dict(peer.timers.deadlines)
+    assert Timer.NEW_HANDSHAKE not in timers
+    out = a.device.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"x")], net.now, settle=False)
+    assert kinds([(d, e, e) for d, e in out.udp]) == [MSG_DATA]
+    assert peer.tx_bytes == tx and peer.timers.deadlines == timers
+    later = a.device.settle(net.now)
+    assert peer.tx_bytes > tx and Timer.NEW_HANDSHAKE in peer.timers.deadlines
+    assert kinds([(d, e, e) for d, e in later.udp]) == [MSG_INITIATION]
+    assert a.device.settle(net.now).udp.runs() == []  # settled once
+
+
+def _linked(seed: int, shake: bool = True) -> tuple[SimNet, SimNode, SimNode]:
+    n = SimNet(seed=seed)
+    a, b = n.add("a", A_EP), n.add("b", B_EP)
+    n.link(a, b, "10.0.0.1/32", "10.0.0.2/32")
+    if shake:
+        handshake(n)
+        n.advance(1)
+    return n, a, b
+
+
+def test_seal_one_is_send_for_a_lone_packet() -> None:
+    """The lone packet's way (io/datapath.py on_tun) against `send`, on twin devices:
+    the same datagram to the same endpoint, and once settled the same peer state."""
+    (n0, a0, b0), (n1, a1, b1) = _linked(5), _linked(5)
+    packet = ipv4_packet("10.0.0.1", "10.0.0.2", b"ping")
+    sealed = a0.device.seal_one(packet, n0.now)
+    assert sealed is not None
+    runs, endpoint = sealed
+    out = a1.device.send([packet], n1.now)
+    assert [(buf, endpoint) for buf, _ in runs] == list(out.udp)
+    assert a0.device.settle(n0.now).udp.runs() == []
+    p0, p1 = n0.peer(a0, b0), n1.peer(a1, b1)
+    assert (p0.tx_bytes, p0.timers.deadlines) == (p1.tx_bytes, p1.timers.deadlines)
+    assert Timer.NEW_HANDSHAKE in p0.timers.deadlines
+
+
+@pytest.mark.parametrize("case", ["no_route", "not_ip", "no_endpoint", "staged", "no_session",
+                                  "expired", "spent"])  # fmt: skip
+def test_seal_one_declines_any_other_way_and_changes_nothing(case: str) -> None:
+    n, a, b = _linked(6, shake=case != "no_session")
+    peer = n.peer(a, b)
+    packet = ipv4_packet("10.0.0.1", "10.9.9.9" if case == "no_route" else "10.0.0.2")
+    if case == "not_ip":
+        packet = bytes(40)
+    elif case == "no_endpoint":
+        peer.endpoint = None
+    elif case == "staged":
+        peer.staged.append(ipv4_packet("10.0.0.1", "10.0.0.2", b"first"))
+    elif case == "expired":
+        n.now += 181
+    elif case == "spent":
+        assert peer.current is not None
+        peer.current.sealer.expire()
+    counter = peer.current.send_counter if peer.current else None
+    before = (len(peer.staged), peer.tx_bytes, dict(peer.timers.deadlines), counter)
+    assert a.device.seal_one(packet, n.now) is None
+    assert a.device.settle(n.now).udp.runs() == []
+    counter = peer.current.send_counter if peer.current else None
+    assert (len(peer.staged), peer.tx_bytes, dict(peer.timers.deadlines), counter) == before
+
+
 def test_rekey_when_receiving_an_old_session(net: SimNet) -> None:
     """The initiator re-handshakes at 165 s even if only the responder sends."""
     a, b = nodes(net)
@@ -398,9 +469,7 @@ def _remac(net: SimNet, msg: bytes) -> bytes:
     return bytes(buf)
 
 
-def _quiet(
-    b_dev: Device, data: bytes, src: tuple[str, int], now: float, *reasons: Drop
-) -> Output:
+def _quiet(b_dev: Device, data: bytes, src: tuple[str, int], now: float, *reasons: Drop) -> Output:
     """Nothing delivered, nothing answered, and dropped for one of `reasons`."""
     out = b_dev.receive([(data, src)], now)
     assert out.udp == [] and out.tun == []
@@ -641,7 +710,10 @@ def test_events_of_a_handshake_and_roaming(net: SimNet) -> None:
     assert isinstance(changed, EndpointChanged) and changed.endpoint == ("198.51.100.1", 7)
     out_a2 = a.device.receive([(out_b.udp[0][0], B_EP)], net.now)
     assert [e.kind for e in out_a2.events] == [
-        EventKind.RESPONSE_RECEIVED, EventKind.KEYPAIR_CREATED, EventKind.HANDSHAKE_COMPLETED]
+        EventKind.RESPONSE_RECEIVED,
+        EventKind.KEYPAIR_CREATED,
+        EventKind.HANDSHAKE_COMPLETED,
+    ]
     assert all(e.peer is net.peer(a, b) for e in out_a2.events)
 
 

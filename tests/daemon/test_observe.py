@@ -104,9 +104,7 @@ def test_lines_for_a_handshake_retries_giving_up_and_zeroing() -> None:
     assert f"{pb} - Handshake did not complete after 5 seconds, retrying (try 20)" in lines
     assert f"{pb} - Handshake did not complete after 5 seconds, retrying (try 21)" not in lines
     assert f"{pb} - Handshake did not complete after 20 attempts, giving up" in lines
-    assert (
-        f"{pb} - Removing all keys, since we haven't received a new one in 540 seconds" in lines
-    )
+    assert f"{pb} - Removing all keys, since we haven't received a new one in 540 seconds" in lines
 
 
 def test_roaming_and_cookie_lines() -> None:
@@ -223,9 +221,7 @@ def test_metrics_collector_names_and_values() -> None:
     batch = {s.name: s.value for s in families["wgpy_batch_size"].samples
              if s.labels["direction"] == "tun_rx"}  # fmt: skip
     assert batch["wgpy_batch_size_count"] >= 1
-    assert (
-        families["wgpy_info"].samples[0].labels["datapath"] == "python"
-    )
+    assert families["wgpy_info"].samples[0].labels["datapath"] == "python"
     assert parse_listen("9586") == ("127.0.0.1", 9586)
     assert parse_listen("[::1]:9") == ("::1", 9)
     with pytest.raises(ValueError):
@@ -256,6 +252,9 @@ def test_the_librarys_events_keep_a_drains_count() -> None:
 
     many = public_event(ev.CookieSent(None, count=40), 1.0)
     assert (many.kind, many.peer, many.detail, many.count) == (
-        ev.EventKind.COOKIE_SENT, None, None, 40
+        ev.EventKind.COOKIE_SENT,
+        None,
+        None,
+        40,
     )
     assert public_event(ev.CookieSent(("192.0.2.9", 7)), 1.0).count == 1

@@ -21,8 +21,8 @@ before it finds an unknown key. What each test shows:
   an eighth, the device is under load and answers with cookies (the attacker receives
   them); the established tunnel keeps answering pings (data goes before handshakes in
   each loop turn); a fresh handshake of the peer still completes, through a cookie, at
-  its first retry (REKEY_TIMEOUT later: what wireguard-go and Linux do too); memory stays
-  put.
+  its first retry (REKEY_TIMEOUT later: what wireguard-go and Linux do too), or at once
+  when it comes in one of the load's short gaps, never in between; memory stays put.
 * junk with a zero mac1 from 200 sources: dropped before the queue, never load: a first
   handshake completes at once.
 
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import pytest
 
+from wgpy.core.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MS
 from wgpy.core.cookie import CookieGenerator
 from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Tunnel, TunnelEnd
 
@@ -52,6 +53,10 @@ from wgpy.demo.testbed import WGPY, WIREGUARD_GO, Namespace, Tunnel, TunnelEnd
 # rate (each answered with a cookie reply) ~23 us, many sources ~35 us
 RATE = int(os.environ.get("WGPY_FLOOD_RATE", "10000"))
 RATE_MANY = RATE // 2
+# a handshake that goes through at once is seen on `wg show` within this (polled at 10/s)
+AT_ONCE = 1.0
+# wireguard-go's first retry: REKEY_TIMEOUT + at most 333 ms of jitter, and AT_ONCE to see it
+FIRST_RETRY = REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MS / 1000 + AT_ONCE
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 ATTACKER = """
@@ -347,7 +352,7 @@ def test_many_sources_put_it_under_load_and_the_tunnel_keeps_going(
     start = time.monotonic()
     pinger = peer.ns.popen("ping", "-c", "1", "-W", "9", victim.inner4, stdout=subprocess.DEVNULL)
     try:
-        while latest_handshake(victim) == before and time.monotonic() - start < 8.0:
+        while latest_handshake(victim) == before and time.monotonic() - start < FIRST_RETRY:
             time.sleep(0.1)
         took = time.monotonic() - start
     finally:
@@ -356,10 +361,15 @@ def test_many_sources_put_it_under_load_and_the_tunnel_keeps_going(
     got = attacker.result()
     grew = meter.report("200 sources", got, handshake=f"{took:.2f} s", pings=f"{replies}/10")
     assert got["sent"] / got["seconds"] > RATE_MANY / 3, "the attacker did not flood"
+    # within its rate, a source gets cookie replies only while the device is under load
+    assert got["cookies"] > 0, "the flood did not put the device under load"
     assert replies >= 8, f"the established tunnel answered {replies}/10 pings"
-    # under load (cookies sent) the peer's first initiation gets a cookie; its retry,
-    # REKEY_TIMEOUT (5 s) + jitter later, carries mac2 and goes through
-    assert took < 8.0, "no fresh handshake during the flood"
+    # The fresh handshake: under load its first initiation gets a cookie and its retry,
+    # REKEY_TIMEOUT + jitter later, carries mac2 and goes through (5.1-5.3 s here); or the
+    # initiation comes in one of the load's gaps (~2% of the flood is admitted: each
+    # time the load's hold of 1 s runs out, until the queue is deep again) and completes
+    # at once. Anything between is a handshake kept waiting; past FIRST_RETRY, locked out.
+    assert took < AT_ONCE or REKEY_TIMEOUT <= took < FIRST_RETRY, f"the handshake: {took:.2f} s"
     assert grew < 16_000  # KiB
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -335,9 +337,7 @@ def answered_address(reply: bytes) -> str:
     return socket.inet_ntoa(reply[-4:])
 
 
-def test_udp_forward_and_socks5_udp_associate_carry_dns(
-    bed: Bed, upy: Path, workdir: Path
-) -> None:
+def test_udp_forward_and_socks5_udp_associate_carry_dns(bed: Bed, upy: Path, workdir: Path) -> None:
     """An application that speaks only UDP (a DNS query) through --udp-forward, and one
     through SOCKS5 UDP ASSOCIATE, to the peer's DNS responder inside the tunnel."""
     ns = bed.caller.name
@@ -419,9 +419,9 @@ InactivityTimeout = 30
 """
 
 
-def http_get(ns: str, port: int, request: bytes) -> bytes:
+def http_get(ns: str, port: int, request: bytes, address: str = "127.0.0.1") -> bytes:
     with in_namespace(ns):
-        s = socket.create_connection(("127.0.0.1", port), timeout=15)
+        s = socket.create_connection((address, port), timeout=15)
     with s:
         s.sendall(request)
         answer = b""
@@ -493,7 +493,8 @@ def test_a_wireproxy_sample_config_runs_unchanged_with_its_auth(
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             assert s.recv(12).startswith(b"HTTP/1.0 200")
         deadline = time.monotonic() + 10  # CheckAlive: the peer answers its pings
-        while not (ready := http_get(ns, ports["info"], b"GET /readyz HTTP/1.0\r\n\r\n"))\
+        asked = b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+        while not (ready := http_get(ns, ports["info"], asked))\
                 .startswith(b"HTTP/1.1 200"):  # fmt: skip
             assert time.monotonic() < deadline, ready
             time.sleep(0.3)
@@ -560,25 +561,64 @@ def test_info_serves_readyz_and_metrics(bed: Bed, upy: Path, workdir: Path) -> N
     args = ("--socks", f"127.0.0.1:{socks}", "--info", f"127.0.0.1:{info}")
     with proxy_process(bed, upy, workdir, *args, services=2):
         assert fetch_via_socks(ns, socks).endswith(PAGE.encode())  # a handshake, traffic
-        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"application/json" in head
         assert json.loads(body)[bed.peer_public] > time.time() - 60
-        answer = http_get(ns, info, b"GET /metrics HTTP/1.1\r\n\r\n")
+        answer = http_get(ns, info, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{info}\r\n\r\n"
+                          .encode())  # fmt: skip
         sent = [line for line in answer.decode().splitlines()
                 if line.startswith("wireguard_sent_bytes_total{")]  # fmt: skip
         assert len(sent) == 1 and bed.peer_public in sent[0] and int(sent[0].split()[-1]) > 0
         assert b"\nwgpy_proxy_clients " in answer
-        assert http_get(ns, info, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+        if shutil.which("curl"):  # as a person or a scraper asks, by address
+            assert "\nwgpy_proxy_clients " in bed.caller.run(
+                "curl", "-sSf", "--max-time", "10", f"http://127.0.0.1:{info}/metrics"
+            )
+        assert http_get(ns, info, b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n").startswith(
+            b"HTTP/1.1 404"
+        )
+        for refused in (b"Host: evil.example", b"Host: 127.0.0.1.evil.example:80", b"Host: ",
+                        b"Host: 127.0.0.1\r\nHost: evil.example", b"X-No-Host: 1"):  # fmt: skip
+            answer = http_get(ns, info, b"GET /metrics HTTP/1.1\r\n" + refused + b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), (refused, answer)
+            assert answer.endswith(b"\r\n\r\nunknown Host header: ask by address or localhost\n")
     args += ("--check-alive", PEER_INNER, "--check-alive", "10.232.0.99",
              "--check-alive-interval", "1")  # fmt: skip
     with proxy_process(bed, upy, workdir, *args, services=2):  # one address never answers
         time.sleep(2)
-        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\n\r\n")
+        answer = http_get(ns, info, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503"), answer
         pongs = json.loads(body)
         assert pongs["10.232.0.99"] == 0 and pongs[PEER_INNER] > time.time() - 5
+
+
+def loopback_name() -> tuple[str, str] | None:
+    """A name besides localhost that /etc/hosts gives a loopback IPv4 address (often the
+    machine's own name: Debian writes "127.0.1.1 HOSTNAME"), and that address."""
+    for line in Path("/etc/hosts").read_text().splitlines():
+        fields = line.partition("#")[0].split()
+        if fields and fields[0].startswith("127.") and ipaddress.ip_address(fields[0]).is_loopback:
+            names = [n for n in fields[1:] if n != "localhost"]
+            if names:
+                return names[0], fields[0]
+    return None
+
+
+@pytest.mark.parametrize("bed", ["wgpy"], indirect=True)
+def test_info_answers_to_the_name_it_listens_on(bed: Bed, upy: Path, workdir: Path) -> None:
+    """`--info NAME:PORT`: a request for NAME is answered; one for another name is not."""
+    found = loopback_name()
+    if found is None:
+        pytest.skip("/etc/hosts names no loopback address but localhost")
+    name, address = found
+    ns, info = bed.caller.name, free_port(bed.caller.name)
+    with proxy_process(bed, upy, workdir, "--info", f"{name}:{info}"):
+        for host, status in ((name, 200), (name.upper(), 200), (f"x{name}", 421)):
+            asked = f"GET /readyz HTTP/1.1\r\nHost: {host}:{info}\r\n\r\n".encode()
+            answer = http_get(ns, info, asked, address)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (host, answer)
 
 
 @pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)
@@ -626,6 +666,7 @@ def test_stdio_tunnel_is_an_ssh_proxycommand(
 ) -> None:
     """Standard input to a server in the tunnel, its answer on standard output, then
     exit 0 quietly; a target that refuses (ECONNREFUSED) makes it exit 1 and say why."""
+
     def stdio(target: str) -> subprocess.CompletedProcess[bytes]:
         argv = bed.caller.argv([*NOBODY, str(upy), "-m", "wgpy", "proxy", "-c",
                                 str(bed.config), "--stdio", target])  # fmt: skip

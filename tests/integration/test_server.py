@@ -202,9 +202,9 @@ def test_a_cli_client_on_wireguard_go_reaches_the_server_and_the_internet(world:
 
 def test_the_page_answers_its_own_names_only(world: World) -> None:
     """`--allowed-host vpn.test`: that name, the addresses and localhost reach the page;
-    any other name (a rebound one) gets 400."""
+    any other name (a rebound one) gets 421."""
     for host, status in (("vpn.test", 200), ("localhost:51821", 200), (WEB, 200),
-                         ("evil.example:51821", 400)):  # fmt: skip
+                         ("evil.example:51821", 421)):  # fmt: skip
         b = Browser(f"http://{WEB}")
         b.headers["Host"] = host
         with inside(world.server):

@@ -26,6 +26,7 @@ from wgpy.core.intake import HANDSHAKE_QUEUE
 from wgpy.core.messages import INITIATION_LEN, RESPONSE_LEN
 from wgpy.core.output import Drop
 from wgpy.core.ratelimit import MAX_SOURCES
+from wgpy.io.udp import IP_PKTINFO
 
 pytestmark = pytest.mark.skipif(not intake.available(), reason="wgpy._classify is not built")
 
@@ -274,6 +275,54 @@ def test_drain_reads_the_socket_as_receive_read_would() -> None:
             want = [d for d, dst in expected.udp if dst == s.getsockname()]
             assert want, "no cookie replies to compare"
             assert [s.recv(100) for _ in want] == want
+    finally:
+        rx.close()
+        for s in senders:
+            s.close()
+
+
+def test_drains_of_any_size_give_each_read_its_own_source_and_packet_info() -> None:
+    """The drain keeps its message headers from call to call and hands a run of reads
+    from one source the same (host, port) and packet info objects: drains of changing
+    sizes, into two buffers in turn, of data messages from three senders (two on one
+    port) to two local addresses, the packet info on in some rounds and off in others (a
+    read without it leaves no room for one in its header: the next must get it back);
+    each kept read is exactly the datagram sent, from its sender, to its address."""
+    import socket
+
+    _, c = pair()
+    classifier = c.intake.classifier
+    assert classifier is not None
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        rx.bind(("0.0.0.0", 0))
+        port = rx.getsockname()[1]
+        senders[0].bind(("127.0.0.1", 0))
+        senders[1].bind(("127.0.0.3", senders[0].getsockname()[1]))  # the same port
+        senders[2].bind(("127.0.0.1", 0))
+        rng = random.Random(3)
+        buffers = [bytearray(2048 * 64), bytearray(2048 * 64)]
+        for round_ in range(80):
+            info_on = round_ % 3 != 1
+            rx.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, int(info_on))
+            sent = []
+            for _ in range(rng.choice((1, 1, 2, 5, 63, 64, 70))):
+                s, dst = rng.choice(senders), rng.choice(("127.0.0.1", "127.0.0.2"))
+                datagram = b"\x04\0\0\0" + os.urandom(rng.randrange(28, 200))
+                s.sendto(datagram, (dst, port))
+                sent.append((datagram, s.getsockname(), dst if info_on else None))
+            got = []
+            while len(got) < len(sent):
+                buf = buffers[round_ // 4 % 2]  # a new buffer: set up anew
+                kept, n, *_ = classifier.drain(rx.fileno(), buf, 2048, rng.choice((1, 8, 64)),
+                                               10.0, 0.0, 0, False, None)  # fmt: skip
+                assert n > 0
+                got += [(bytes(buf[off : off + size]), src,
+                         None if info is None else socket.inet_ntoa(info[8:12]))
+                        for off, size, _, src, info, _, _ in kept]  # fmt: skip
+            assert got == sent
     finally:
         rx.close()
         for s in senders:

@@ -148,9 +148,13 @@ def test_no_value_smuggles_a_line_into_the_client_config(parse: Any, text: str) 
         parse(text)
 
 
-@given(st.tuples(st.sampled_from(["fe80::1", "[fe80::1", "fe80::", "10.0.0.1", ""]),
-                 st.sampled_from(["", "%x", "%eth0", "%x\nPostUp = id", " ", "\n"]),
-                 st.sampled_from(["", "]:51820", "/64", ",10.0.0.1", ":5"])).map("".join))
+@given(
+    st.tuples(
+        st.sampled_from(["fe80::1", "[fe80::1", "fe80::", "10.0.0.1", ""]),
+        st.sampled_from(["", "%x", "%eth0", "%x\nPostUp = id", " ", "\n"]),
+        st.sampled_from(["", "]:51820", "/64", ",10.0.0.1", ":5"]),
+    ).map("".join)
+)
 def test_what_the_parsers_accept_is_one_printable_word(text: str) -> None:
     for parse in (model.parse_endpoint, model.parse_dns, model.parse_allowed_ips):
         try:
@@ -222,7 +226,12 @@ def test_update_and_remove(registry: SqliteRegistry) -> None:
     later = NOW + timedelta(days=1)
     d = registry.update_client(c.id, later, name="tablet", enabled=False, expires=later)
     assert (d.name, d.enabled, d.expires, d.updated, d.created) == (
-        "tablet", False, later, later, c.created)
+        "tablet",
+        False,
+        later,
+        later,
+        c.created,
+    )
     assert d.public_key == c.public_key and d.addresses == c.addresses
     assert registry.update_client("tablet", later, expires=None).expires is None
     registry.remove_client("tablet")

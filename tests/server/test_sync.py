@@ -32,14 +32,17 @@ def test_an_equal_device_gets_nothing_and_changes_name_only_their_peer(tmp_path:
 
     c = manage.add_client(reg, "c", None)
     body = sync.diff(s, reg.clients(), dev, NOW)
-    assert body == (f"public_key={c.public_key.hex()}\npreshared_key={c.preshared_key.hex()}\n"
-                    "replace_allowed_ips=true\nallowed_ip=10.8.0.4/32\nallowed_ip=fd42::4/128\n")
+    assert body == (
+        f"public_key={c.public_key.hex()}\npreshared_key={c.preshared_key.hex()}\n"
+        "replace_allowed_ips=true\nallowed_ip=10.8.0.4/32\nallowed_ip=fd42::4/128\n"
+    )
 
     reg.update_client("a", NOW, enabled=False)
     body = sync.diff(s, reg.clients(), device_for(reg), NOW)
     assert body == ""
     assert sync.diff(s, reg.clients(), dev, NOW).startswith(
-        f"public_key={a.public_key.hex()}\nremove=true\n")
+        f"public_key={a.public_key.hex()}\nremove=true\n"
+    )
     assert b.public_key.hex() not in sync.diff(s, reg.clients(), dev, NOW)
 
 
@@ -57,8 +60,10 @@ def test_expiry_removes_and_a_changed_peer_is_updated_in_place(tmp_path: Path) -
     dev.peers[0].allowed_ips = ["10.8.0.99/32"]  # someone ran `wg set`
     assert sync.diff(s, reg.clients(), dev, NOW) == (
         f"public_key={a.public_key.hex()}\nupdate_only=true\n"
-        f"preshared_key={a.preshared_key.hex()}\nreplace_allowed_ips=true\nallowed_ip=10.8.0.2/32\n")
+        f"preshared_key={a.preshared_key.hex()}\nreplace_allowed_ips=true\nallowed_ip=10.8.0.2/32\n"
+    )
     dev.private_key, dev.listen_port = None, 0
     assert sync.diff(s, reg.clients(), device_for(reg), NOW) == ""
     assert sync.diff(s, [], DeviceStatus("x"), NOW) == (
-        f"private_key={s.private_key.hex()}\nlisten_port=51820\n")
+        f"private_key={s.private_key.hex()}\nlisten_port=51820\n"
+    )

@@ -69,6 +69,9 @@ _RESP_RECEIVER, _RESP_EPHEMERAL = slice(8, 12), slice(12, 44)  # a response's
 # an initiation consumed and waiting for its answer: (its Output, what it said, our index
 # for the session, our ephemeral key)
 _Answer = tuple[Output, handshake.ConsumedInitiation, int, PrivateKey]
+# data messages sealed for a peer, not yet settled: (peer, session, bytes, any data?)
+Sent = tuple[Peer, Keypair, int, bool]
+Runs = list[tuple[bytes, int]]  # sealed: datagrams of `size` bytes back to back, and size
 
 
 def as_reads(
@@ -129,6 +132,8 @@ class Device:
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
+        # what `send(settle=False)` sealed and has not yet done to its peers (`settle`)
+        self._unsettled: list[Sent] = []
 
     @property
     def native(self) -> ModuleType | None:
@@ -260,7 +265,9 @@ class Device:
             self.intake.take(buf, passed, src, None, now, out, tag)
         if not ndata:
             return False
-        return self._open(buf, n, seg, src, now, out, received, [])
+        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        return data.open_read(self.backend.open_batch, buf, n, seg, src, self.index,
+                              table.lookup, now, out, received, [])  # fmt: skip
 
     def account(self, received: dict[Keypair, data.Received], now: float, out: Output) -> None:
         """What the opened data messages did to their peers, once per session."""
@@ -301,16 +308,20 @@ class Device:
         self._process_handshakes(now, budget, out)
         return out
 
-    def send(self, packets: Sequence[Item], now: float) -> Output:
+    def send(self, packets: Sequence[Item], now: float, *, settle: bool = True) -> Output:
         """IP packets read from the TUN (and super-packets: core/ip.py), routed to their
         peers by inner destination (the backend's `route`: in C on the native one, with
-        no Python per packet), and sealed, or staged until a session is up."""
+        no Python per packet), and sealed, or staged until a session is up.
+        `settle=False` leaves what the sealed messages do to their peers (byte counts,
+        timers, a rekey they call for) to `settle`, which the caller makes once it has sent
+        them: the datapath puts a lone packet on the wire first (its latency)."""
         out = Output()
         backend = self.backend
         table = self.allowed_ips if backend.routes is None else self._routing_table()
         groups, bad = backend.route(packets, table)
         if bad:
             self._refuse(Drop.BAD_INNER, bad, now, out)
+        later = None if settle else self._unsettled
         for peer, group in groups:
             if peer is None:
                 self._refuse(Drop.NO_ROUTE, group, now, out)
@@ -318,7 +329,40 @@ class Device:
                 self._refuse(Drop.NO_ENDPOINT, group, now, out)
             else:
                 peer.staged += group
-                self._send_staged(peer, now, out)
+                self._send_staged(peer, now, out, later)
+        return out
+
+    def seal_one(self, packet: Packet, now: float) -> tuple[Runs, Endpoint] | None:
+        """`send(packet, now, settle=False)` where a lone packet takes the common way: a
+        route to a peer with an endpoint, a session that can send, nothing staged before
+        it. Its sealed runs and where they go, for the caller to send and then `settle`;
+        None, with nothing changed, where the way is not that (`send` then takes it: a
+        session spent in between is found spent there too). A ping's hop: about half
+        the Python calls of `send` (io/datapath.py on_tun; docs/design.md, "Latency")."""
+        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        groups, bad = self.backend.route((packet,), table)
+        if bad:
+            return None
+        peer = groups[0][0]
+        if peer is None or peer.staged or peer.endpoint is None:
+            return None
+        kp = peer.current
+        if kp is None or not kp.can_send(now):
+            return None
+        runs = kp.sealer.seal_runs((packet,), self.mtu)
+        if runs is None:
+            return None
+        self._unsettled.append((peer, kp, len(runs[0][0]), True))
+        return runs, peer.endpoint
+
+    def settle(self, now: float) -> Output:
+        """What the messages `send(settle=False)` sealed do to their peers (a rekey
+        initiation may come out)."""
+        out = Output()
+        unsettled = self._unsettled
+        for peer, kp, nbytes, sent_data in unsettled:
+            self._sent(peer, kp, nbytes, sent_data, now, out)
+        unsettled.clear()
         return out
 
     def _routing_table(self) -> Any:
@@ -385,7 +429,8 @@ class Device:
         if got.data:
             peer.timers.data_received(now)
 
-    def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
+    def _send_staged(self, peer: Peer, now: float, out: Output,
+                     later: list[Sent] | None = None) -> None:  # fmt: skip
         kp = peer.current
         if kp is None or not kp.can_send(now):
             self._wait(peer)
@@ -402,8 +447,15 @@ class Device:
             self._wait(peer)
             self._initiate(peer, now, out)  # the session's counter is spent
             return
-        nbytes, sent_data = sent
         staged.clear()
+        if later is None:
+            self._sent(peer, kp, *sent, now, out)
+        else:
+            later.append((peer, kp, *sent))
+
+    def _sent(self, peer: Peer, kp: Keypair, nbytes: int, sent_data: bool, now: float,
+              out: Output) -> None:  # fmt: skip
+        """What data messages sealed in session `kp` do to their peer."""
         peer.tx_bytes += nbytes
         peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
         peer.timers.authenticated_sent()

@@ -118,7 +118,9 @@ class Daemon:
         # WGPY_NATIVE=0 forces the pure-Python datapath even where the C one was built
         self.backend = backend(options.threads)
         self.device = Device(
-            os.urandom, wall_offset=time.time() - time.monotonic(), backend=self.backend,
+            os.urandom,
+            wall_offset=time.time() - time.monotonic(),
+            backend=self.backend,
             classify=native_intake(),
         )
         # WGPY_OFFLOAD=0 turns off the batching offloads (virtio header, GSO, GRO): for

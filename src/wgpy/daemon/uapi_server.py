@@ -417,4 +417,3 @@ class UapiServer:
         self._accepting = False
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-

@@ -214,7 +214,9 @@ class Tun:
         (and same-size datagrams of one UDP flow) go as one GSO super-packet. A refused
         write is dropped, as a NIC would drop it. Raises TunGone."""
         if self.vnet_hdr and self.write_coalesced is not None:
-            self._failures(self.write_coalesced(self._fd, items, self.coalesce_udp), mtu)
+            failed = self.write_coalesced(self._fd, items, self.coalesce_udp)
+            if failed:  # a call fewer on a ping's way, where nothing failed
+                self._failures(failed, mtu)
             return
         if self.vnet_hdr:
             bufs = self.coalesce(items, self.coalesce_udp)

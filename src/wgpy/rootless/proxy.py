@@ -331,7 +331,8 @@ def build_server(
             assert listen.target is not None
             handler = forward_handler(listen.target, idle)
         elif listen.kind == "info":
-            handler = info_handler(iface, lambda: (server.active, server.refused), alive)
+            handler = info_handler(iface, lambda: (server.active, server.refused), alive,
+                                   names=(listen.host,))  # fmt: skip
         else:
             handler = expose_handler(targets[i], outside, idle)
         services.append(serve.Service(sock, handler, service_name(listen), listen.tls))

@@ -77,5 +77,3 @@ def qr(text: str) -> segno.QRCode:
 
     # error correction "L" keeps a config (~350 bytes) at a size phones read at a glance
     return segno.make_qr(text, error="l")
-
-

@@ -244,4 +244,3 @@ async def _finish(task: asyncio.Future[None], grace: float = 5.0) -> None:
     """Give a task (the web server) a moment to close its connections, then cancel it."""
     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(task, grace)
-

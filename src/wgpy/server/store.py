@@ -115,8 +115,10 @@ def _client(row: sqlite3.Row) -> Client:
     try:
         return _parse_client(row)
     except (ValueError, TypeError, AttributeError) as e:
-        raise Damaged(f"client {row['name']!r} (row {row['id']}) is damaged in the registry: "
-                      f"{e}; `wgpy client remove {row['name']}` deletes it") from None
+        raise Damaged(
+            f"client {row['name']!r} (row {row['id']}) is damaged in the registry: "
+            f"{e}; `wgpy client remove {row['name']}` deletes it"
+        ) from None
 
 
 def _parse_client(row: sqlite3.Row) -> Client:

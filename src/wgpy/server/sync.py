@@ -33,8 +33,11 @@ def diff(settings: Settings, clients: list[Client], device: DeviceStatus,
     for key, client in want.items():
         ips = [f"{a.ip}/{a.max_prefixlen}" for a in client.addresses]  # the client's own
         peer = have.get(key)
-        same = (peer is not None and peer.preshared_key == client.preshared_key
-                and {ip_network(n) for n in peer.allowed_ips} == {ip_network(n) for n in ips})
+        same = (
+            peer is not None
+            and peer.preshared_key == client.preshared_key
+            and {ip_network(n) for n in peer.allowed_ips} == {ip_network(n) for n in ips}
+        )
         if same:
             continue
         lines.append(f"public_key={key.hex()}")

@@ -14,8 +14,6 @@ import contextlib
 import hashlib
 import hmac
 import io
-import ipaddress
-import re
 import secrets
 import socket
 from collections.abc import Iterable, Iterator
@@ -34,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wgpy._version import __version__
 from wgpy.core.crypto import encode_key
+from wgpy.daemon.hosts import REFUSED_BODY, REFUSED_STATUS, AllowedHosts
 from wgpy.server import manage
 from wgpy.server.auth import LoginLimit, Session, Sessions, verify_password
 from wgpy.server.model import ONLINE, Client, Invalid, parse_expiry
@@ -81,48 +80,20 @@ class BodyLimit:
         return None
 
 
-_HOST = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name or [v6], then a port
-
-
-def host_name(header: str) -> str:
-    """The name or address in a Host header (lower case, no port, no final dot); "" for
-    one that is neither."""
-    found = _HOST.fullmatch(header)
-    return found.group(1).lower().rstrip(".") if found else ""
-
-
 class HostCheck:
-    """Answers 400 to a request whose Host header is not one of ours, before anything
-    else sees it: against DNS rebinding, where a web site turns its own name into
-    127.0.0.1 and the visitor's browser, sending that name as the Host, reaches the
-    page and its login from the site's script. An address literal cannot be rebound,
-    so any is allowed (a page on 0.0.0.0 is reached by its LAN address); of the names,
-    `localhost` and those given (`--allowed-host`; `*` for any, behind a proxy that
-    checks the name itself)."""
+    """Answers 421 to a request whose Host header is not one of ours (daemon/hosts.py:
+    against DNS rebinding), before anything else sees it: not the page, not the login,
+    where a foreign site's script would try passwords and use up the owner's limit."""
 
     def __init__(self, app: ASGIApp, names: Iterable[str] = ()) -> None:
         self.app = app
-        self.names = {host_name(n) for n in names} | {"localhost"}
+        self.allowed = AllowedHosts(names).allows
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.allowed(dict(scope["headers"]).get(b"host")):
-            await PlainTextResponse("unknown Host header", 400)(scope, receive, send)
+            await PlainTextResponse(REFUSED_BODY, REFUSED_STATUS)(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-    def allowed(self, header: bytes | None) -> bool:
-        if "*" in self.names:
-            return True
-        name = host_name(header.decode("latin-1")) if header else ""
-        if name in self.names:
-            return True
-        with contextlib.suppress(ValueError):
-            if name.startswith("["):
-                ipaddress.IPv6Address(name[1:-1])  # with a %zone too: still an address
-            else:
-                ipaddress.IPv4Address(name)
-            return True
-        return False
 
 
 class Login(BaseModel):
@@ -320,7 +291,6 @@ def _client_routes(app: FastAPI, registry: Registry) -> None:
     @app.delete("/api/clients/{client_id}", tags=["clients"], status_code=204)
     def remove(client_id: ClientId, s: Changer) -> None:
         registry.remove_client(client_id)
-
 
 
 def _file_routes(app: FastAPI, registry: Registry, templates: Jinja2Templates) -> None:
