@@ -70,6 +70,7 @@ Dest = tuple[bytes, bytes | None] | None
 Learnt = list[tuple[Endpoint | None, int, bytes | None]]
 MakeDest = Callable[[Endpoint], Dest]
 SendNative = Callable[[int, Iterable[Run], dict[Endpoint, Dest], MakeDest, bool], Learnt]
+SockAddr = tuple[str, int] | tuple[str, int, int, int]  # (host, port[, flowinfo, scope id])
 _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port (network), address
 _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # ... flowinfo, address, scope id
 
@@ -101,7 +102,7 @@ class UdpSocket:
         for force, plain in buffers:  # FORCE passes the sysctl cap where we may (root)
             if not _try_setsockopt(self._sock, socket.SOL_SOCKET, force, BUFFER_BYTES):
                 _try_setsockopt(self._sock, socket.SOL_SOCKET, plain, BUFFER_BYTES)
-        self._peer_addrs: dict[Endpoint, tuple[str, int]] = {}
+        self._peer_addrs: dict[Endpoint, SockAddr] = {}
         # sticky sources: endpoint -> the packet info its last read came with, and that
         # packet info -> the control message a send from it carries
         self._sources: dict[Endpoint, bytes] = {}
@@ -168,9 +169,10 @@ class UdpSocket:
         return dest
 
     def _packed(self, endpoint: Endpoint) -> bytes | None:
-        """The sockaddr Python's socket module makes of `_sockaddr(endpoint)` (a scope
-        id never: it takes only the tuple's, 0), or None where it would fail."""
-        host, port = self._sockaddr(endpoint)
+        """The sockaddr Python's socket module makes of `_sockaddr(endpoint)`, or None
+        where it would fail."""
+        addr = self._sockaddr(endpoint)
+        host, port, scope = addr[0], addr[1], addr[3] if len(addr) == 4 else 0
         family = socket.AF_INET6 if self._v6 else socket.AF_INET
         try:
             found = str(socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0][4][0])
@@ -178,8 +180,8 @@ class UdpSocket:
             return None
         number = port.to_bytes(2, "big")
         if self._v6:
-            addr = socket.inet_pton(family, found.partition("%")[0])
-            return _SOCKADDR_IN6.pack(family, number, 0, addr, 0)
+            packed = socket.inet_pton(family, found.partition("%")[0])
+            return _SOCKADDR_IN6.pack(family, number, 0, packed, scope)
         return _SOCKADDR_IN.pack(family, number, socket.inet_pton(family, found))
 
     def _learn(self, learnt: Learnt) -> None:
@@ -194,13 +196,16 @@ class UdpSocket:
                 self.gso = False
                 log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
 
-    def _sockaddr(self, endpoint: Endpoint) -> tuple[str, int]:
+    def _sockaddr(self, endpoint: Endpoint) -> SockAddr:
         addr = self._peer_addrs.get(endpoint)
         if addr is None:
             host, port = endpoint
             if self._v6 and ":" not in host:
                 host = "::ffff:" + host
-            addr = self._peer_addrs[endpoint] = (host, port)
+            # a link-local host's %scope: Python's (host, port) drops it (scope id 0, and
+            # the kernel refuses or misroutes the send); a 4-tuple carries it
+            addr = (host, port) if "%" not in host else _scoped(host, port)
+            self._peer_addrs[endpoint] = addr
             if len(self._peer_addrs) > 4096:  # roaming peers: don't grow without bound
                 self._peer_addrs.clear()
         return addr
@@ -289,7 +294,7 @@ class UdpSocket:
                 self.send(chunk[i : i + size], endpoint)
 
     def _send_gso(
-        self, chunk: memoryview, size: int, endpoint: Endpoint, addr: tuple[str, int]
+        self, chunk: memoryview, size: int, endpoint: Endpoint, addr: SockAddr
     ) -> bool:
         """One GSO send; True when its datagrams must go one by one instead."""
         segment = (SOL_UDP, UDP_SEGMENT, _U16.pack(size))
@@ -369,6 +374,17 @@ class UdpSocket:
             host = host[7:]
         self.last_info = info  # learnt by the caller once the read proved authentic
         return n, seg, (host, addr[1])
+
+
+def _scoped(host: str, port: int) -> SockAddr:
+    """(address, port, 0, scope id) of an IPv6 host with a %scope, or (host, port) where
+    that is no interface here (the send then fails, as any to a bad address)."""
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0,
+                                   socket.AI_NUMERICHOST)[0][4]  # fmt: skip
+    except (OSError, UnicodeError):
+        return host, port
+    return (str(found[0]), port, 0, int(found[3])) if len(found) == 4 else (host, port)
 
 
 def _bind(port: int) -> tuple[socket.socket, bool]:
