@@ -1,7 +1,8 @@
 """The UDP socket: one port for IPv4 and IPv6, with GSO sends and GRO receives.
 
 Endpoints are (host, port) with IPv4 hosts as plain dotted quads, whatever the socket's
-family; an IPv4-mapped IPv6 address never leaks out. `UDP_SEGMENT` (GSO) sends a run of
+family; an IPv4-mapped IPv6 address never leaks out; a link-local IPv6 host keeps its
+%scope, and sends to it carry that scope id. `UDP_SEGMENT` (GSO) sends a run of
 equal-size datagrams in one `sendmsg`; `UDP_GRO` returns a run of datagrams in one
 `recvmsg`, with the segment size in a control message. Where the kernel refuses either,
 this socket falls back for good, with one log line.
