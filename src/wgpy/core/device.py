@@ -419,15 +419,13 @@ class Device:
         """What authenticated data messages of one session do to their peer."""
         out.authentic = True
         peer = kp.peer
-        self._set_endpoint(peer, got.src, out)  # roaming: only authenticated packets
+        if peer.endpoint != got.src:  # roaming: only authenticated packets move it
+            self._set_endpoint(peer, got.src, out)
         peer.rx_bytes += got.nbytes
         if kp is peer.next:
             self._confirm_next(peer, now, out)
         self._keep_key_fresh_receiving(peer, now, out)
-        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
-        peer.timers.authenticated_received()
-        if got.data:
-            peer.timers.data_received(now)
+        peer.timers.data_message_received(now, peer.persistent_keepalive, got.data)
 
     def _send_staged(self, peer: Peer, now: float, out: Output,
                      later: list[Sent] | None = None) -> None:  # fmt: skip
@@ -457,10 +455,7 @@ class Device:
               out: Output) -> None:  # fmt: skip
         """What data messages sealed in session `kp` do to their peer."""
         peer.tx_bytes += nbytes
-        peer.timers.authenticated_traversal(now, peer.persistent_keepalive)
-        peer.timers.authenticated_sent()
-        if sent_data:
-            peer.timers.data_sent(now)
+        peer.timers.data_message_sent(now, peer.persistent_keepalive, sent_data)
         if kp.send_counter > REKEY_AFTER_MESSAGES or (
             kp.initiator and now - kp.created > REKEY_AFTER_TIME
         ):

@@ -75,16 +75,31 @@ class Timers:
     def session_derived(self, now: float) -> None:
         self.deadlines[Timer.ZERO_KEYS] = now + ZERO_KEYS_AFTER
 
-    def data_sent(self, now: float) -> None:
-        """Expect an answer: without one, start a new handshake."""
-        if Timer.NEW_HANDSHAKE not in self.deadlines:
+    def data_message_sent(self, now: float, persistent_keepalive: int, data: bool) -> None:
+        """A data message went out (a keepalive unless `data`): wireguard-go's
+        AnyAuthenticatedPacketTraversal, AnyAuthenticatedPacketSent and, with data,
+        DataSent (expect an answer: without one, a new handshake), in one call on the
+        send path (three fewer a hop: a ping's, cold, pays ~2.5 us a call)."""
+        deadlines = self.deadlines
+        if persistent_keepalive:
+            deadlines[Timer.PERSISTENT_KEEPALIVE] = now + persistent_keepalive
+        deadlines.pop(Timer.SEND_KEEPALIVE, None)
+        if data and Timer.NEW_HANDSHAKE not in deadlines:
             deadline = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
-            self.deadlines[Timer.NEW_HANDSHAKE] = deadline
+            deadlines[Timer.NEW_HANDSHAKE] = deadline
 
-    def data_received(self, now: float) -> None:
-        """Owe the peer an answer: a keepalive unless data goes back first."""
-        if Timer.SEND_KEEPALIVE not in self.deadlines:
-            self.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+    def data_message_received(self, now: float, persistent_keepalive: int, data: bool) -> None:
+        """A data message authenticated (a keepalive unless `data`): traversal,
+        AnyAuthenticatedPacketReceived and, with data, DataReceived (owe the peer an
+        answer: a keepalive unless data goes back first), in one call."""
+        deadlines = self.deadlines
+        if persistent_keepalive:
+            deadlines[Timer.PERSISTENT_KEEPALIVE] = now + persistent_keepalive
+        deadlines.pop(Timer.NEW_HANDSHAKE, None)
+        if not data:
+            return
+        if Timer.SEND_KEEPALIVE not in deadlines:
+            deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
         else:
             self.need_another_keepalive = True
 
