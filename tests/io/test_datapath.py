@@ -207,15 +207,15 @@ def test_with_more_crypto_threads_the_tun_writes_get_a_thread(
         tun.close()
 
 
-def test_the_udp_sends_go_through_c_and_get_a_thread_from_3_crypto_threads(
+def test_the_udp_sends_go_through_c_and_get_a_thread_from_2_crypto_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On the native backend a real UdpSocket's sends are made in C (src/native/send.c),
-    on a sender thread with 3 crypto threads or more, as the TUN writes; WGPY_UDP_SENDER=1
-    asks for one on 2 threads, =0 never; one thread never. A test's channel (a subclass
-    with sends of its own) keeps them; a new socket (the daemon's port change) gets the
-    same."""
-    cases = [("", 3, True), ("", 2, False), ("1", 2, True), ("1", 1, False), ("0", 4, False)]
+    on a sender thread with 2 crypto threads or more; WGPY_UDP_SENDER=0 never; one thread
+    never. A test's channel (a subclass with sends of its own) keeps them; a new socket
+    (the daemon's port change) gets the same."""
+    cases = [("", 3, True), ("", 2, True), ("1", 2, True), ("1", 1, False), ("", 1, False),
+             ("0", 4, False)]  # fmt: skip
     for env, threads, threaded in cases:
         monkeypatch.setenv("WGPY_UDP_SENDER", env)
         backend = Backend(Site.native, threading.Lock, threads)

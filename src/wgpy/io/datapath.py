@@ -151,14 +151,19 @@ def tun_writer(device: Device, tun: Tun) -> bool:
     return wanted != "0" and device.backend.threads >= least and tun.vnet_hdr
 
 
+# crypto threads from which the UDP sends get a thread of their own: 2, unlike the TUN
+# writes. Measured on 2 cores (docs/design.md), the sending daemon spent the same CPU per
+# GB with it (perf stat: 2.0 s/GB either way, for 10x the futex calls and 6x the context
+# switches) and moved 1.03-1.18x as much; the writer there cost 8-12% more CPU per GB.
+SENDER_THREADS = 2
+
+
 def udp_sender(device: Device) -> bool:
     """Whether the UDP sends get a sender thread (src/native/send.c `UdpSender`): with the
-    native datapath on WRITER_THREADS crypto threads or more, as the TUN writes (one core
-    for the loop, one for a worker, one for the sender); WGPY_UDP_SENDER=1 asks for it on 2
-    threads too, =0 never. One thread (a single core) never gets one."""
+    native datapath on SENDER_THREADS crypto threads or more; WGPY_UDP_SENDER=0 never.
+    One thread (a single core) never gets one."""
     wanted = os.environ.get("WGPY_UDP_SENDER", "")
-    least = 2 if wanted == "1" else WRITER_THREADS
-    return wanted != "0" and device.backend.threads >= least
+    return wanted != "0" and device.backend.threads >= SENDER_THREADS
 
 
 class Datapath:
