@@ -15,6 +15,8 @@
  *   x25519(jobs)                       X25519 in batches for the handshakes (dh.c)
  *   screen(private, public, messages)  initiations up to their static key (screen.c)
  *   TunWriter()                        a thread making write_tun's writes from a queue
+ *   send_runs(fd, runs, dests, dest, gso)   what the core sealed, as GSO sendmsg (send.c)
+ *   UdpSender()                        a thread making send_runs's sends from a queue
  *
  * Every read of packet data is bounds-checked against the length it came with. The
  * crypto loops allocate nothing per packet, and neither does the way from open_batch to
@@ -53,6 +55,13 @@ static PyMethodDef module_methods[] = {
      "write_tun(fd, packets, udp=True) -> [(errno, write)]: coalesce's writes, each made with\n"
      "writev from where its packets lie (no copy of a Spans), without the GIL; the writes\n"
      "that failed come back as bytes with their errno."},
+    {"send_runs", send_runs, METH_VARARGS,
+     "send_runs(fd, runs, dests, dest, gso) -> [(endpoint or None, errno, info)]: io/udp.py\n"
+     "UdpSocket.send_runs (the reference), the GIL released: runs of (buf, size, endpoint)\n"
+     "as UDP_SEGMENT sends, each to dests[endpoint] (dest(endpoint) where missing):\n"
+     "(sockaddr bytes, packet-info bytes or None), or None (dropped). Returns what the\n"
+     "socket must learn: (endpoint, errno, info) its source (info) gone, (None, errno,\n"
+     "None) GSO refused."},
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"x25519", x25519, METH_O,
@@ -90,9 +99,9 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&SessionType) < 0 || PyType_Ready(&SealerType) < 0
         || PyType_Ready(&RoutesType) < 0 || PyType_Ready(&SpansType) < 0
-        || PyType_Ready(&TunWriterType) < 0)
+        || PyType_Ready(&TunWriterType) < 0 || PyType_Ready(&UdpSenderType) < 0)
         return NULL;
-    if (pool_init() < 0 || screen_init() < 0 || writer_init() < 0) {
+    if (pool_init() < 0 || screen_init() < 0 || stage_init() < 0) {
         PyErr_SetString(PyExc_OSError, "cannot set up the crypto threads");
         return NULL;
     }
@@ -104,11 +113,13 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_INCREF(&RoutesType);
     Py_INCREF(&SpansType);
     Py_INCREF(&TunWriterType);
+    Py_INCREF(&UdpSenderType);
     if (PyModule_AddObject(m, "Session", (PyObject *)&SessionType) < 0
         || PyModule_AddObject(m, "Sealer", (PyObject *)&SealerType) < 0
         || PyModule_AddObject(m, "Routes", (PyObject *)&RoutesType) < 0
         || PyModule_AddObject(m, "Spans", (PyObject *)&SpansType) < 0
         || PyModule_AddObject(m, "TunWriter", (PyObject *)&TunWriterType) < 0
+        || PyModule_AddObject(m, "UdpSender", (PyObject *)&UdpSenderType) < 0
         || PyModule_AddIntConstant(m, "WINDOW", WINDOW) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -1,6 +1,7 @@
 /* The declarations the files of wgpy._native share (src/native/: one file per job).
  *
- *   module.c    the module's table and init, and the helpers every job uses
+ *   module.c    the module's table and init
+ *   args.c      the helpers every job uses to take its arguments (keys, buffers, locks)
  *   pool.c      the crypto worker threads and each thread's OpenSSL contexts
  *   open.c      receiving: Session (key + replay window) and open_batch
  *   seal.c      sending: Sealer (key + counter), seal and seal_runs
@@ -10,7 +11,9 @@
  *   spans.c     Spans: a run of opened packets, spans of one buffer, open -> coalesce
  *   dh.c        X25519 in batches for the handshakes: x25519
  *   screen.c    initiations screened in batches: up to the initiator's static key, in C
- *   writer.c    TunWriter: a thread that makes the TUN writes, fed by a bounded queue
+ *   stage.c     a pipeline stage: a thread doing queued batches' system calls, in order
+ *   writer.c    TunWriter: the stage that makes the TUN writes
+ *   send.c      the UDP sends (send_runs) and UdpSender: the stage that makes them
  *
  * Only PyInit__native is exported from the shared object (-fvisibility=hidden).
  */
@@ -74,7 +77,7 @@ static inline void wr32be(uint8_t *p, uint32_t v)
 }
 
 
-/* module.c */
+/* args.c */
 void lock_gil_held(PyThread_type_lock lock);
 int check_key(const Py_buffer *key);
 Py_buffer *get_buffers(PyObject *tuple, Py_ssize_t n);
@@ -153,8 +156,51 @@ void tun_batch_write(TunBatch *t, int fd, struct iovec *iov);
 int tun_batch_failures(const TunBatch *t, PyObject *list);
 void tun_batch_free(TunBatch *t);
 
+/* stage.c: a thread doing the jobs a caller queues, in order (writer.c, send.c) */
+#define STAGE_DEPTH_MAX 64
+typedef struct Stage Stage;
+typedef struct {
+    const char *name;                              /* the thread's */
+    void (*run)(void *job, int fd, Stage *stage);  /* on any thread, without the GIL */
+    int (*report)(void *job, PyObject *list);      /* with the GIL: its outcome; -1, error */
+    void (*free)(void *job);                       /* with the GIL */
+} StageOps;
+typedef struct {
+    void *job;
+    int fd;
+} StageSlot;
+struct Stage {
+    pthread_mutex_t mu;
+    pthread_cond_t work;     /* to the thread: a job queued, or stop */
+    pthread_cond_t finished; /* to callers: a job done, or stopped */
+    uint64_t queued, collected; /* collected <= done <= queued */
+    _Atomic uint64_t done;      /* changed under mu (for the waits), read without it */
+    uint64_t inlined, waits;    /* counts, for tests and benchmarks */
+    long depth, inline_max;
+    int ready, running, stopping;
+    unsigned long forks; /* the fork count when the thread started */
+    const StageOps *ops;
+    pthread_t tid;
+    StageSlot ring[STAGE_DEPTH_MAX];
+};
+int stage_init(void);
+int stage_start(Stage *s, const StageOps *ops, long depth, long inline_max);
+int stage_alive(Stage *s);
+/* Queue job (its fd, its packets: whether the caller may do it itself): 0 queued; 1 the
+ * caller must do it (no thread, stopping, or idle and the job small); -1 with an
+ * exception. Collects (outcomes into list) first; a full queue waits without the GIL. */
+int stage_enqueue(Stage *s, void *job, int fd, Py_ssize_t packets, PyObject *list);
+int stage_collect(Stage *s, PyObject *list);
+int stage_drain(Stage *s, PyObject *list);
+void stage_stop(Stage *s);
+void stage_destroy(Stage *s);
+PyObject *stage_counts(Stage *s);
+
 /* writer.c */
 extern PyTypeObject TunWriterType;
-int writer_init(void);
+
+/* send.c */
+extern PyTypeObject UdpSenderType;
+PyObject *send_runs(PyObject *module, PyObject *args);
 
 #endif

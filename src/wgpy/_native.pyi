@@ -1,6 +1,6 @@
 """Type stubs of the optional C extension (src/native/*.c)."""
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from typing_extensions import Buffer
@@ -56,6 +56,33 @@ class TunWriter:
         self, fd: int, packets: Iterable[Buffer | Spans], udp: bool = True
     ) -> list[tuple[int, bytes]]: ...
     def flush(self) -> list[tuple[int, bytes]]: ...
+    def close(self) -> None: ...
+    def counts(self) -> tuple[int, int, int]: ...
+
+Dest = tuple[bytes, bytes | None] | None  # (sockaddr, the sticky source's packet info)
+Report = list[tuple[tuple[str, int] | None, int, bytes | None]]  # (endpoint, errno, info)
+
+def send_runs(
+    fd: int,
+    runs: Iterable[tuple[Buffer, int, tuple[str, int]]],
+    dests: dict[tuple[str, int], Dest],
+    dest: Callable[[tuple[str, int]], Dest],
+    gso: bool,
+) -> Report: ...
+
+class UdpSender:
+    """A thread that makes send_runs's sends from a bounded queue (src/native/send.c)."""
+
+    def __init__(self, depth: int = 4, inline: int = 8) -> None: ...
+    def send(
+        self,
+        fd: int,
+        runs: Iterable[tuple[Buffer, int, tuple[str, int]]],
+        dests: dict[tuple[str, int], Dest],
+        dest: Callable[[tuple[str, int]], Dest],
+        gso: bool,
+    ) -> Report: ...
+    def flush(self) -> Report: ...
     def close(self) -> None: ...
     def counts(self) -> tuple[int, int, int]: ...
 

@@ -27,7 +27,7 @@ from wgpy.core.output import Drop
 from wgpy.io import offload
 from wgpy.io.datapath import Datapath
 from wgpy.io.tun import Tun
-from wgpy.io.udp import gso_runs
+from wgpy.io.udp import UdpSocket, gso_runs
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51821)
@@ -205,6 +205,32 @@ def test_with_more_crypto_threads_the_tun_writes_get_a_thread(
         if tun.writer is not None:
             assert tun.write_coalesced == tun.writer.write
         tun.close()
+
+
+def test_the_udp_sends_go_through_c_and_get_a_thread_from_2_crypto_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the native backend a real UdpSocket's sends are made in C (src/native/send.c),
+    on a sender thread with 2 crypto threads or more; WGPY_UDP_SENDER=0 never; one thread
+    never. A test's channel (a subclass with sends of its own) keeps them; a new socket
+    (the daemon's port change) gets the same."""
+    cases = [("", 3, True), ("", 2, True), ("1", 2, True), ("1", 1, False), ("", 1, False),
+             ("0", 4, False)]  # fmt: skip
+    for env, threads, threaded in cases:
+        monkeypatch.setenv("WGPY_UDP_SENDER", env)
+        backend = Backend(Site.native, threading.Lock, threads)
+        device = Device(random.Random(1).randbytes, backend=backend)
+        first, second = UdpSocket(), UdpSocket()
+        try:
+            path = Datapath(device, ChannelTun(), first)
+            path.use_udp(second)
+            for udp in (first, second):
+                assert (udp._send_native is not None) is (Site.native is not None)
+                assert (udp.sender is not None) is (threaded and Site.native is not None)
+        finally:
+            first.close()
+            second.close()
+    assert Site(A_EP, {}, 3).udp._send_native is None
 
 
 def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:

@@ -98,3 +98,55 @@ def test_segments_above_the_path_mtu_go_one_by_one() -> None:
         assert done.stdout.strip() == "ok", done.stderr
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+LINK_LOCAL = """
+import socket, sys
+sys.path.insert(0, {src!r})
+from wgpy.io.udp import UdpSocket
+theirs = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+theirs.bind(("::", 0))
+theirs.settimeout(2)
+port = theirs.getsockname()[1]
+kinds = ["python"]
+try:
+    import wgpy._native as native
+    kinds += ["native", "sender"]
+except ImportError:
+    pass
+for kind in kinds:
+    ours = UdpSocket()
+    if kind != "python":
+        ours.use_native(native.send_runs, native.UdpSender() if kind == "sender" else None)
+    ours.send_runs([(kind.encode(), len(kind), ("fe80::b%va", port)),
+                    (b"a" * 100 + b"b" * 100, 100, ("fe80::b%va", port))])
+    got = [theirs.recvfrom(200)[0] for _ in range(3)]
+    assert got == [kind.encode(), b"a" * 100, b"b" * 100], (kind, got)
+    ours.close()
+print("ok")
+"""
+
+
+@needs_root
+def test_a_link_local_endpoint_keeps_its_scope() -> None:
+    """An IPv6 link-local endpoint with its %scope (as `wg set ... endpoint
+    [fe80::b%va]:port` gives it, and as a read from one reports it): the datagrams go out
+    of that interface. Python's (host, port) sockaddr drops the scope (scope id 0), and
+    they went nowhere; the Python sends and the native ones alike."""
+    ns = f"wgpy-ll{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "add", "va", "type", "veth", "peer", "name", "vb"],
+                    ["link", "set", "va", "up"], ["link", "set", "vb", "up"],
+                    ["addr", "add", "fe80::a/64", "dev", "va", "nodad"],
+                    ["addr", "add", "fe80::b/64", "dev", "vb", "nodad"]):  # fmt: skip
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = LINK_LOCAL.format(src=os.path.join(root, "src"))
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+            capture_output=True, text=True, timeout=60, cwd=root,
+        )  # fmt: skip
+        assert done.stdout.strip() == "ok", done.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -5,6 +5,8 @@
 # socket drained) and the sending calls' (tests/native/test_send.py: super-packets cut and
 # sealed, the longest segment there is; tests/native/test_route.py: the routing table;
 # tests/native/test_writer.py: the TUN writer thread, buffers held until written;
+# tests/native/test_udp_send.py: the UDP sends and their sender thread, buffers held until
+# sent, but the one that needs a namespace of its own;
 # tests/native/test_screen.py: initiations screened), the TUN reads into bytes of their
 # own and the checksum's largest sums through them.
 # Usage: tests/native/sanitize.sh [seconds]   (exit status 0: clean)
@@ -33,6 +35,8 @@ export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
 "$PY" tests/native/hostile.py "$SECONDS_TO_RUN"
 (cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py \
   tests/native/test_send.py tests/native/test_route.py tests/native/test_writer.py \
+  tests/native/test_udp_send.py --deselect \
+  tests/native/test_udp_send.py::test_segments_above_the_path_mtu_go_one_by_one \
   tests/native/test_screen.py tests/native/test_offload_seal.py::test_read_packet \
   tests/native/test_offload_seal.py::test_read_batch_with_read_packet_makes_the_same_items \
   tests/native/test_offload_seal.py::test_checksum_edges)

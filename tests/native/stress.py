@@ -9,7 +9,9 @@ What must hold, checked as it runs:
 - each client's packets reach the server in the order they were sent (the network here
   neither loses nor reorders, so any reordering would be the data path's), none twice;
   natively also through the server's TUN writes, made by a writer thread (`TunWriter`)
-  into a SEQPACKET socket read back on another thread;
+  into a SEQPACKET socket read back on another thread, and each session's data messages
+  through the server's UDP sends, made by a sender thread (`UdpSender`) to a socket on
+  loopback read back on another;
 - nothing raises.
 
 Usage: python tests/native/stress.py [seconds] [native|python] [harnesses]: the run the
@@ -19,6 +21,7 @@ ThreadSanitizer build (tests/native/tsan.sh) makes, several harnesses on as many
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -110,6 +113,58 @@ class TunSink:
         return self.count
 
 
+class UdpSink:
+    """The server's UDP sends: through a sender thread (the native `UdpSender`, a short
+    queue, every batch queued) to a UDP socket on loopback, read back on a thread of its
+    own; each session's data messages must come out in the order of their counters (the
+    network here neither loses nor reorders, but the socket may drop: no count)."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.theirs.bind(("127.0.0.1", 0))
+        self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.theirs.settimeout(10)
+        self.ours = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        port = self.theirs.getsockname()[1].to_bytes(2, "big")
+        addr = struct.pack("=H2s4s8x", socket.AF_INET, port, socket.inet_aton("127.0.0.1"))
+        self.dest = (addr, None)  # every endpoint: the reader's socket
+        self.sender = module.UdpSender(depth=2, inline=0)
+        self.last: dict[int, int] = {}
+        self.count = 0
+        self.failed: list[str] = []
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def send(self, out: Output) -> None:
+        got = self.sender.send(self.ours.fileno(), out.udp.runs(), {}, self._dest, True)
+        assert got == []
+
+    def _dest(self, endpoint: Endpoint) -> tuple[bytes, None]:
+        return self.dest
+
+    def _read(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            for data in iter(lambda: self.theirs.recv(1 << 16), b"stop"):
+                if len(data) < 32 or DATA_HEADER.unpack_from(data)[0] != MSG_DATA:
+                    continue
+                _, index, counter = DATA_HEADER.unpack_from(data)
+                if counter <= self.last.get(index, -1):
+                    self.failed.append(f"UDP: index {index}: {counter} after {self.last[index]}")
+                self.last[index] = counter
+                self.count += 1
+
+    def close(self) -> int:
+        """Everything sent and read: how many data messages came through."""
+        assert self.sender.flush() == []
+        self.sender.close()
+        self.ours.sendto(b"stop", self.theirs.getsockname())
+        self.reader.join(30)
+        self.ours.close()
+        self.theirs.close()
+        assert not self.failed, self.failed[0]
+        return self.count
+
+
 @dataclass
 class Stress:
     backend: Backend
@@ -120,6 +175,7 @@ class Stress:
     owner: dict[bytes, int] = field(default_factory=dict)  # server's allowed IPs: ip -> client
     delivered: int = 0
     sink: TunSink | None = None  # the server's TUN writes on a writer thread (native)
+    udp_sink: UdpSink | None = None  # the server's UDP sends on a sender thread (native)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -177,6 +233,8 @@ class Stress:
                     wire += self._outputs(device, out)
 
     def _outputs(self, device: Device, out: Output) -> Wire:
+        if device is self.server and self.udp_sink is not None:
+            self.udp_sink.send(out)
         ep = SERVER_EP if device is self.server else self._client_of(device).endpoint
         return [(d, ep, dst) for d, dst in out.udp]
 
@@ -289,13 +347,16 @@ def gro_reads(grams: list[bytes]) -> list[tuple[bytes, int]]:
 
 def run(backend: Backend, seed: int, steps: int) -> Stress:
     native = backend.native
-    s = Stress(backend, seed, sink=TunSink(native) if native is not None else None)
+    s = Stress(backend, seed, sink=TunSink(native) if native is not None else None,
+               udp_sink=UdpSink(native) if native is not None else None)  # fmt: skip
     try:
         for _ in range(steps):
             s.step()
     finally:
         if s.sink is not None:
             assert s.sink.close() == s.delivered  # every delivered packet, in order
+        if s.udp_sink is not None:
+            assert s.udp_sink.close() > 0  # in order, each session's
     return s
 
 
@@ -315,10 +376,12 @@ def main() -> None:
     def harness(seed: int) -> None:
         try:
             sink = TunSink(module) if module is not None else None
-            s = Stress(Backend(module, threading.Lock), seed, sink=sink)
+            udp_sink = UdpSink(module) if module is not None else None
+            s = Stress(Backend(module, threading.Lock), seed, sink=sink, udp_sink=udp_sink)
             while time.monotonic() < deadline:
                 s.step()
             assert sink is None or sink.close() == s.delivered
+            assert udp_sink is None or udp_sink.close() > 0
             totals.append(s.delivered)
         except BaseException as e:
             errors.append(e)

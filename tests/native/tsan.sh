@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build wgpy._native with ThreadSanitizer into a temporary copy of the package and run the
 # stress run (tests/native/stress.py) through it: two harnesses on two Python threads,
-# each sealing and opening on the module's crypto workers.
+# each sealing and opening on the module's crypto workers, its server's TUN writes on a
+# writer thread (TunWriter) and its UDP sends on a sender thread (UdpSender).
 # Usage: tests/native/tsan.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

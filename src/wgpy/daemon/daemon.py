@@ -181,7 +181,8 @@ class Daemon:
         fresh = UdpSocket(port, self.fwmark, self.offload)
         self.loop.remove_reader(self.udp.fileno())
         self.udp.close()
-        self.udp = self.datapath.udp = fresh
+        self.udp = fresh
+        self.datapath.use_udp(fresh)  # its sends in C, as the first socket's
         self.loop.add_reader(fresh.fileno(), self.datapath.on_udp)
         log.info("listening on UDP port %d", fresh.port)
 

@@ -151,6 +151,21 @@ def tun_writer(device: Device, tun: Tun) -> bool:
     return wanted != "0" and device.backend.threads >= least and tun.vnet_hdr
 
 
+# crypto threads from which the UDP sends get a thread of their own: 2, unlike the TUN
+# writes. Measured on 2 cores (docs/design.md), the sending daemon spent the same CPU per
+# GB with it (perf stat: 2.0 s/GB either way, for 10x the futex calls and 6x the context
+# switches) and moved 1.03-1.18x as much; the writer there cost 8-12% more CPU per GB.
+SENDER_THREADS = 2
+
+
+def udp_sender(device: Device) -> bool:
+    """Whether the UDP sends get a sender thread (src/native/send.c `UdpSender`): with the
+    native datapath on SENDER_THREADS crypto threads or more; WGPY_UDP_SENDER=0 never.
+    One thread (a single core) never gets one."""
+    wanted = os.environ.get("WGPY_UDP_SENDER", "")
+    return wanted != "0" and device.backend.threads >= SENDER_THREADS
+
+
 class Datapath:
     def __init__(
         self,
@@ -171,6 +186,7 @@ class Datapath:
                 tun.write_coalesced = device.native.write_tun
                 if tun_writer(device, tun):  # on a thread of their own: a pipeline
                     tun.use_writer(device.native.TunWriter())
+        self.use_udp(udp)
         self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
         self.drops: Counter[Drop] = Counter()  # since start, by reason
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
@@ -180,6 +196,15 @@ class Datapath:
         self._drains = device.intake.classifier is not None and udp.reads_are_its_own()
         self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+
+    def use_udp(self, udp: UdpSocket) -> None:
+        """Send through `udp` from now on (the daemon's new socket on a port change): with
+        the native module, its sends made in C, on a sender thread where `udp_sender`."""
+        self.udp = udp
+        native = self.device.native
+        if native is not None and udp.sends_are_its_own():  # (not a test's channel)
+            sender = native.UdpSender() if udp_sender(self.device) else None
+            udp.use_native(native.send_runs, sender)
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
@@ -290,6 +315,7 @@ class Datapath:
     def tick(self, now: float) -> None:
         with contextlib.suppress(TunGone):  # noticed and handled on the next read
             self.tun.collect(self.device.mtu)  # the writer's late failures (a USO refusal)
+        self.udp.collect()  # the sender's late findings (a source gone, GSO refused)
         self.transmit(self.device.tick(now))
 
     def transmit(self, out: Output) -> None:

@@ -1,7 +1,8 @@
 """The UDP socket: one port for IPv4 and IPv6, with GSO sends and GRO receives.
 
 Endpoints are (host, port) with IPv4 hosts as plain dotted quads, whatever the socket's
-family; an IPv4-mapped IPv6 address never leaks out. `UDP_SEGMENT` (GSO) sends a run of
+family; an IPv4-mapped IPv6 address never leaks out; a link-local IPv6 host keeps its
+%scope, and sends to it carry that scope id. `UDP_SEGMENT` (GSO) sends a run of
 equal-size datagrams in one `sendmsg`; `UDP_GRO` returns a run of datagrams in one
 `recvmsg`, with the segment size in a control message. Where the kernel refuses either,
 this socket falls back for good, with one log line.
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.output import Run
@@ -59,9 +62,38 @@ _CMSG_SPACE = socket.CMSG_SPACE(_INT.size) + socket.CMSG_SPACE(20)
 _SOURCE_GONE = {errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.ENODEV, errno.ENXIO}
 MAX_SOURCES = 4096  # remembered endpoints; the oldest goes first
 Cmsg = tuple[int, int, bytes]
+# an endpoint's destination made ready for C (`use_native`): its sockaddr, and the packet
+# info of its sticky source (the data of the source's control message) or None; None for
+# an endpoint that is no address (its datagrams are dropped, as the reference's are)
+Dest = tuple[bytes, bytes | None] | None
+# what C's sends found: (endpoint, errno, the packet info of its source that failed as
+# gone), or (None, errno, None): GSO refused
+Learnt = list[tuple[Endpoint | None, int, bytes | None]]
+MakeDest = Callable[[Endpoint], Dest]
+SendNative = Callable[[int, Iterable[Run], dict[Endpoint, Dest], MakeDest, bool], Learnt]
+SockAddr = tuple[str, int] | tuple[str, int, int, int]  # (host, port[, flowinfo, scope id])
+_SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port (network), address
+_SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # ... flowinfo, address, scope id
+
+
+class Sender(Protocol):
+    """The sender stage of the send direction (the native `UdpSender`): send_runs's sends
+    made on a thread of their own, in order, from a bounded queue. `send` returns what
+    the batches sent since the last call found (not necessarily its own)."""
+
+    def send(
+        self, fd: int, runs: Iterable[Run], dests: dict[Endpoint, Dest], dest: MakeDest,
+        gso: bool,
+    ) -> Learnt: ...  # fmt: skip
+    def flush(self) -> Learnt: ...
+    def close(self) -> None: ...
 
 
 class UdpSocket:
+    # with the native module (`use_native`, which the Datapath calls): send_runs in C
+    _send_native: SendNative | None = None
+    sender: Sender | None = None  # `use_native`: the sends on a thread of their own
+
     def __init__(self, port: int = 0, fwmark: int = 0, offload: bool = True) -> None:
         self._sock, self._v6 = _bind(port)
         self.port: int = self._sock.getsockname()[1]
@@ -71,12 +103,13 @@ class UdpSocket:
         for force, plain in buffers:  # FORCE passes the sysctl cap where we may (root)
             if not _try_setsockopt(self._sock, socket.SOL_SOCKET, force, BUFFER_BYTES):
                 _try_setsockopt(self._sock, socket.SOL_SOCKET, plain, BUFFER_BYTES)
-        self._peer_addrs: dict[Endpoint, tuple[str, int]] = {}
+        self._peer_addrs: dict[Endpoint, SockAddr] = {}
         # sticky sources: endpoint -> the packet info its last read came with, and that
         # packet info -> the control message a send from it carries
         self._sources: dict[Endpoint, bytes] = {}
         self.last_info: bytes | None = None
         self._source_cmsgs: dict[bytes, Cmsg] = {}
+        self._dests: dict[Endpoint, Dest] = {}  # for the native sends; see `Dest`
         if self._v6:
             self._pktinfo = (socket.IPPROTO_IPV6, IPV6_PKTINFO)
             self.sticky = _try_setsockopt(self._sock, socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
@@ -97,15 +130,83 @@ class UdpSocket:
         self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
     def close(self) -> None:
+        if self.sender is not None:  # what it queued goes out before the socket goes
+            self.sender.close()
         self._sock.close()
 
-    def _sockaddr(self, endpoint: Endpoint) -> tuple[str, int]:
+    def sends_are_its_own(self) -> bool:
+        """Whether sends go to the socket itself (not a subclass's): then C may make them
+        (`use_native`)."""
+        own = UdpSocket
+        cls = type(self)
+        return cls.send is own.send and cls.send_segments is own.send_segments and (
+            cls.send_runs is own.send_runs
+        )
+
+    def use_native(self, send_runs: SendNative, sender: Sender | None = None) -> None:
+        """Make `send_runs`'s sends in C (the native `send_runs`, or `sender`'s thread),
+        byte for byte and errno for errno as the Python code below, which stays the
+        reference: C gets each endpoint's destination ready made (`_dest`) and hands back
+        what the socket must learn (`_learn`)."""
+        self._send_native = send_runs if sender is None else sender.send
+        self.sender = sender
+
+    def collect(self) -> None:
+        """Learn what the sender's late batches found (a source gone, GSO refused),
+        without waiting for more traffic."""
+        if self.sender is not None:
+            self._learn(self.sender.send(self._sock.fileno(), [], self._dests, self._dest,
+                                         self.gso))  # fmt: skip
+
+    def _dest(self, endpoint: Endpoint) -> Dest:
+        """`endpoint`'s destination for C, remembered until its source changes."""
+        dests = self._dests
+        if len(dests) >= MAX_SOURCES:  # roaming peers: don't grow without bound
+            dests.clear()
+        addr = self._packed(endpoint)
+        cmsg = self._source_cmsg(endpoint)
+        info = None if cmsg is None else cmsg[2]
+        dest = dests[endpoint] = None if addr is None else (addr, info)
+        return dest
+
+    def _packed(self, endpoint: Endpoint) -> bytes | None:
+        """The sockaddr Python's socket module makes of `_sockaddr(endpoint)`, or None
+        where it would fail."""
+        addr = self._sockaddr(endpoint)
+        host, port, scope = addr[0], addr[1], addr[3] if len(addr) == 4 else 0
+        family = socket.AF_INET6 if self._v6 else socket.AF_INET
+        try:
+            found = str(socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0][4][0])
+        except (OSError, UnicodeError):
+            return None
+        number = port.to_bytes(2, "big")
+        if self._v6:
+            packed = socket.inet_pton(family, found.partition("%")[0])
+            return _SOCKADDR_IN6.pack(family, number, 0, packed, scope)
+        return _SOCKADDR_IN.pack(family, number, socket.inet_pton(family, found))
+
+    def _learn(self, learnt: Learnt) -> None:
+        """Apply what C's sends found, as the Python sends do when they find it."""
+        for endpoint, err, info in learnt:
+            e = OSError(err, os.strerror(err))
+            if endpoint is not None:
+                cmsg = self._source_cmsg(endpoint)
+                if cmsg is not None and cmsg[2] == info:  # (not one learnt since: a thread's
+                    self._source_failed(endpoint, e)  # findings come back a call later)
+            elif self.gso:
+                self.gso = False
+                log.warning("UDP GSO refused (%s); sending datagrams one by one", e)
+
+    def _sockaddr(self, endpoint: Endpoint) -> SockAddr:
         addr = self._peer_addrs.get(endpoint)
         if addr is None:
             host, port = endpoint
             if self._v6 and ":" not in host:
                 host = "::ffff:" + host
-            addr = self._peer_addrs[endpoint] = (host, port)
+            # a link-local host's %scope: Python's (host, port) drops it (scope id 0, and
+            # the kernel refuses or misroutes the send); a 4-tuple carries it
+            addr = (host, port) if "%" not in host else _scoped(host, port)
+            self._peer_addrs[endpoint] = addr
             if len(self._peer_addrs) > 4096:  # roaming peers: don't grow without bound
                 self._peer_addrs.clear()
         return addr
@@ -123,6 +224,7 @@ class UdpSocket:
     def forget_source(self, endpoint: Endpoint) -> None:
         """Let the kernel pick the source for `endpoint` again, until its next packet."""
         self._sources.pop(endpoint, None)
+        self._dests.pop(endpoint, None)
 
     def _source_cmsg(self, endpoint: Endpoint) -> Cmsg | None:
         info = self._sources.get(endpoint)
@@ -150,8 +252,11 @@ class UdpSocket:
         if sources.get(endpoint) == info:
             return
         sources[endpoint] = info
+        self._dests.pop(endpoint, None)
         if len(sources) > MAX_SOURCES:  # a flood of sources: the oldest entry goes
-            del sources[next(iter(sources))]
+            oldest = next(iter(sources))
+            del sources[oldest]
+            self._dests.pop(oldest, None)
 
     def send(self, data: bytes | memoryview, endpoint: Endpoint) -> None:
         # unreachable, no route, buffer full: UDP may drop, and WireGuard copes. (try, not
@@ -175,6 +280,7 @@ class UdpSocket:
         log.debug("sending to %s from %s failed (%s): the kernel picks", endpoint,
                   self.source(endpoint), e.strerror)  # fmt: skip
         self._sources.pop(endpoint, None)
+        self._dests.pop(endpoint, None)
 
     def send_segments(self, buf: bytes | memoryview, size: int, endpoint: Endpoint) -> None:
         """Send `buf` as datagrams of `size` bytes (the last may be shorter)."""
@@ -189,7 +295,7 @@ class UdpSocket:
                 self.send(chunk[i : i + size], endpoint)
 
     def _send_gso(
-        self, chunk: memoryview, size: int, endpoint: Endpoint, addr: tuple[str, int]
+        self, chunk: memoryview, size: int, endpoint: Endpoint, addr: SockAddr
     ) -> bool:
         """One GSO send; True when its datagrams must go one by one instead."""
         segment = (SOL_UDP, UDP_SEGMENT, _U16.pack(size))
@@ -230,7 +336,13 @@ class UdpSocket:
     def send_runs(self, runs: Iterable[Run]) -> None:
         """Send what the core sealed (core/output.py `Datagrams.runs`): each run of
         datagrams of one size (but a shorter last) in one GSO send, or more where it
-        passes 64 segments or 64 KiB."""
+        passes 64 segments or 64 KiB. With `use_native`, all of it in one C call."""
+        native = self._send_native
+        if native is not None:
+            learnt = native(self._sock.fileno(), runs, self._dests, self._dest, self.gso)
+            if learnt:
+                self._learn(learnt)
+            return
         for buf, size, endpoint in runs:
             if len(buf) <= size:
                 self.send(buf, endpoint)
@@ -263,6 +375,17 @@ class UdpSocket:
             host = host[7:]
         self.last_info = info  # learnt by the caller once the read proved authentic
         return n, seg, (host, addr[1])
+
+
+def _scoped(host: str, port: int) -> SockAddr:
+    """(address, port, 0, scope id) of an IPv6 host with a %scope, or (host, port) where
+    that is no interface here (the send then fails, as any to a bad address)."""
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0,
+                                   socket.AI_NUMERICHOST)[0][4]  # fmt: skip
+    except (OSError, UnicodeError):
+        return host, port
+    return (str(found[0]), port, 0, int(found[3])) if len(found) == 4 else (host, port)
 
 
 def _bind(port: int) -> tuple[socket.socket, bool]:
