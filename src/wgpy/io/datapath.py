@@ -308,8 +308,8 @@ class Datapath:
         sealed = self.device.seal_one(packet, now) if packet.__class__ is bytes else None
         if sealed is None:
             return False
-        runs, endpoint = sealed
-        self.udp.send_runs([(buf, size, endpoint) for buf, size in runs])
+        (buf, size), endpoint = sealed[0][0], sealed[1]  # one packet: one datagram, one run
+        self.udp.send_runs([(buf, size, endpoint)])  # (no comprehension: a frame in 3.11)
         return True
 
     def tick(self, now: float) -> None:
