@@ -77,13 +77,16 @@ class CookieChecker:
         """The cookie secret and when it was drawn (core/intake.py checks mac2 with it)."""
         return self._secret, self._secret_born
 
-    def reply_state(self, now: float) -> tuple[bytes, bytes, int] | None:
-        """(nonce prefix, subkey, counter) while the next reply draws nothing new (the
-        secret is fresh and the prefix drawn), else None: core/intake.py makes replies
-        in C with it, and hands the counter back with `replies_made`."""
-        if not self._prefix or now - self._secret_born > COOKIE_REFRESH_TIME:
-            return None
-        return self._prefix, self._subkey, self._counter
+    def state(self, now: float) -> tuple[bytes, float, tuple[bytes, bytes, int] | None]:
+        """What the C intake (core/intake.py) goes on from, in one call (it is made on every
+        drain): the secret and when it was drawn (mac2 is checked with it), and (nonce
+        prefix, subkey, counter) while the next reply draws nothing new (the secret is
+        fresh and the prefix drawn), else None: the intake makes replies in C with it, and
+        hands the counter back with `replies_made`."""
+        born = self._secret_born
+        if not self._prefix or now - born > COOKIE_REFRESH_TIME:
+            return self._secret, born, None
+        return self._secret, born, (self._prefix, self._subkey, self._counter)
 
     def replies_made(self, counter: int) -> None:
         self._counter = counter

@@ -265,14 +265,24 @@ class Device:
             self.intake.take(buf, passed, src, None, now, out, tag)
         if not ndata:
             return False
-        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        mirror = self.allowed_ips.mirror
+        table = mirror if type(mirror) is self.backend.routes else self._table()
         return data.open_read(self.backend.open_batch, buf, n, seg, src, self.index,
                               table.lookup, now, out, received, [])  # fmt: skip
 
     def account(self, received: dict[Keypair, data.Received], now: float, out: Output) -> None:
-        """What the opened data messages did to their peers, once per session."""
+        """What the opened data messages did to their peers, once per session (here, not a
+        call per session: a lone packet's hop pays ~2.5 us a call, cold)."""
         for kp, got in received.items():
-            self._account_received(kp, got, now, out)
+            out.authentic = True
+            peer = kp.peer
+            if peer.endpoint != got.src:  # roaming: only authenticated packets move it
+                self._set_endpoint(peer, got.src, out)
+            peer.rx_bytes += got.nbytes
+            if kp is peer.next:
+                self._confirm_next(peer, now, out)
+            self._keep_key_fresh_receiving(peer, now, out)
+            peer.timers.data_message_received(now, peer.persistent_keepalive, got.data)
 
     def _classified_data(self, buf: memoryview, n: int, seg: int, src: Endpoint, now: float,
                          ndata: int, handshake_budget: int, out: Output,
@@ -287,7 +297,7 @@ class Device:
               out: Output, received: dict[Keypair, data.Received],
               others: list[data.Datagram]) -> bool:  # fmt: skip
         # the inner sources against the allowed IPs: in C where the backend keeps their mirror
-        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        table = self._table()
         return data.open_read(self.backend.open_batch, read, n, seg, src, self.index,
                               table.lookup, now, out, received, others)  # fmt: skip
 
@@ -317,7 +327,7 @@ class Device:
         them: the datapath puts a lone packet on the wire first (its latency)."""
         out = Output()
         backend = self.backend
-        table = self.allowed_ips if backend.routes is None else self._routing_table()
+        table = self._table()
         groups, bad = backend.route(packets, table)
         if bad:
             self._refuse(Drop.BAD_INNER, bad, now, out)
@@ -339,7 +349,8 @@ class Device:
         None, with nothing changed, where the way is not that (`send` then takes it: a
         session spent in between is found spent there too). A ping's hop: about half
         the Python calls of `send` (io/datapath.py on_tun; docs/design.md, "Latency")."""
-        table = self.allowed_ips if self.backend.routes is None else self._routing_table()
+        mirror = self.allowed_ips.mirror
+        table = mirror if type(mirror) is self.backend.routes else self._table()
         groups, bad = self.backend.route((packet,), table)
         if bad:
             return None
@@ -365,12 +376,15 @@ class Device:
         unsettled.clear()
         return out
 
-    def _routing_table(self) -> Any:
-        """What the native backend's `route` looks destinations up in: the C mirror the
-        allowed IPs keep of themselves (made at the first send: tests and benchmarks may
-        change the backend after building the device)."""
+    def _table(self) -> Any:
+        """What destinations and inner sources are looked up in: the allowed IPs, or on
+        the native backend the C mirror they keep of themselves, for its `route` and
+        open (made at the first use: tests and benchmarks may change the backend after
+        building the device). `seal_one` and `open_classified` test for the mirror
+        themselves first: a call fewer on a lone packet's hop."""
         make = self.backend.routes
-        assert make is not None
+        if make is None:
+            return self.allowed_ips
         mirror = self.allowed_ips.mirror
         if type(mirror) is not make:
             mirror = make()
@@ -415,18 +429,6 @@ class Device:
 
     # ---- data messages -------------------------------------------------------------
 
-    def _account_received(self, kp: Keypair, got: data.Received, now: float, out: Output) -> None:
-        """What authenticated data messages of one session do to their peer."""
-        out.authentic = True
-        peer = kp.peer
-        if peer.endpoint != got.src:  # roaming: only authenticated packets move it
-            self._set_endpoint(peer, got.src, out)
-        peer.rx_bytes += got.nbytes
-        if kp is peer.next:
-            self._confirm_next(peer, now, out)
-        self._keep_key_fresh_receiving(peer, now, out)
-        peer.timers.data_message_received(now, peer.persistent_keepalive, got.data)
-
     def _send_staged(self, peer: Peer, now: float, out: Output,
                      later: list[Sent] | None = None) -> None:  # fmt: skip
         kp = peer.current
@@ -456,7 +458,7 @@ class Device:
         """What data messages sealed in session `kp` do to their peer."""
         peer.tx_bytes += nbytes
         peer.timers.data_message_sent(now, peer.persistent_keepalive, sent_data)
-        if kp.send_counter > REKEY_AFTER_MESSAGES or (
+        if kp.sealer.counter > REKEY_AFTER_MESSAGES or (  # (not send_counter: a call)
             kp.initiator and now - kp.created > REKEY_AFTER_TIME
         ):
             self._initiate(peer, now, out)

@@ -252,15 +252,14 @@ class HandshakeIntake:
         deadline, the queue's length, whether load is forced, the cookie reply state (and
         the cookie secret, given to it when a reply drew a new one)."""
         assert self.classifier is not None
-        checker = self.checker
-        secret, born = checker.secret
+        secret, born, replies = self.checker.state(now)
         if born != self._classifier_born:
             self.classifier.set_cookie_secret(secret, born)
             self._classifier_born = born
         if not self._known_at <= now < self._known_at + KNOWN_REFRESH:  # known's own test,
             self.known(now)  # here: a call fewer on each drain (a ping's hop, cold)
         load = self.load
-        return load.until, len(self.queue), load.forced, checker.reply_state(now)
+        return load.until, len(self.queue), load.forced, replies
 
     def done(self, until: float, drops: dict[str, int], made: bool, counter: int,
              out: Output) -> None:  # fmt: skip

@@ -201,6 +201,8 @@ class Datapath:
         """Send through `udp` from now on (the daemon's new socket on a port change): with
         the native module, its sends made in C, on a sender thread where `udp_sender`."""
         self.udp = udp
+        # the C intake reads it itself (`_drain`): its descriptor, not a call per drain
+        self._udp_fd = udp.fileno() if udp.reads_are_its_own() else -1
         native = self.device.native
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
             sender = native.UdpSender() if udp_sender(self.device) else None
@@ -257,7 +259,7 @@ class Datapath:
         if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
             buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
         assert classifier is not None
-        fd, view = udp.fileno(), memoryview(buf)
+        fd, view = self._udp_fd, memoryview(buf)
         opened = device.open_classified
         count = 0
         while count < BATCH:
