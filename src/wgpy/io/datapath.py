@@ -196,6 +196,7 @@ class Datapath:
         self._drains = device.intake.classifier is not None and udp.reads_are_its_own()
         self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+        self._reads_kept = tun.read_packet is not None and tun.vnet_hdr  # Tun.read_packets
 
     def use_udp(self, udp: UdpSocket) -> None:
         """Send through `udp` from now on (the daemon's new socket on a port change): with
@@ -291,7 +292,11 @@ class Datapath:
         is sent before the core settles what that does to the peers (timers, counters, a
         rekey): a lone packet goes on the wire first."""
         try:
-            packets, count = self.tun.read_batch(memoryview(self._tun_buf), BATCH, self.device.mtu)
+            if self._reads_kept:  # (Tun.read_batch would call it: a call fewer)
+                packets, count = self.tun.read_packets(BATCH, self.device.mtu)
+            else:
+                packets, count = self.tun.read_batch(memoryview(self._tun_buf), BATCH,
+                                                     self.device.mtu)  # fmt: skip
         except TunGone:
             return False
         if packets:

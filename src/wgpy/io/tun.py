@@ -155,7 +155,7 @@ class Tun:
         is done per segment. Reading stops once `limit` packets are in (a TSO read brings
         up to ~45 at once)."""
         if self.read_packet is not None and self.vnet_hdr:
-            return self._read_packets(limit, mtu)
+            return self.read_packets(limit, mtu)
         items: list[Item] = []
         count = 0
         skip = offload.VNET_HDR_LEN if self.vnet_hdr else 0
@@ -179,8 +179,9 @@ class Tun:
         """Whether reads are read(2)s of `fileno()` (not a test's channel: `read_into`)."""
         return type(self).read_into is Tun.read_into
 
-    def _read_packets(self, limit: int, mtu: int) -> tuple[list[Item], int]:
-        """`read_batch` with `read_packet`: the same items, each read kept where the kernel
+    def read_packets(self, limit: int, mtu: int) -> tuple[list[Item], int]:
+        """`read_batch` with `read_packet` (and a virtio header; the datapath calls it
+        directly then, a call fewer a read): the same items, each read kept where the kernel
         wrote it (a TSO read's 64 KiB are not copied out of a reused buffer), a checksum
         left to finish finished in C (a TCP ACK: no `split`)."""
         read, fd, header = self.read_packet, self._fd, self._header
