@@ -180,6 +180,7 @@ def test_the_native_datapath_makes_a_real_tuns_writes_in_c() -> None:
     site = Site(A_EP, {}, 3)
     assert site.tun.write_coalesced is None
     tun = Tun.__new__(Tun)  # a TUN as open_tun makes one, short of its descriptor
+    tun.vnet_hdr = True
     Datapath(site.device, tun, site.udp)
     assert tun.write_coalesced is (None if Site.native is None else Site.native.write_tun)
     assert tun.writer is None  # one crypto thread: no writer thread either
