@@ -257,6 +257,20 @@ def test_hide_keys_hides_a_key_in_any_spelling_anywhere(
     assert written not in hide_keys(before + written + after)
 
 
+@pytest.mark.parametrize("spelling", KEY_SPELLINGS)
+@pytest.mark.parametrize("glue", ["key_", "wg-", "peer_", "psk-", "a_b-"])
+@given(key=st.binary(min_size=32, max_size=32))
+def test_hide_keys_leaves_no_part_of_a_key_glued_to_a_name(
+    spelling: str, glue: str, key: bytes
+) -> None:
+    """Glued to a name with "_" or "-" (`key_<key>`), no 8 characters of the key survive:
+    a key's head hidden with the name and its tail left (after its first "+" or "/") once
+    gave away up to 20 of its characters."""
+    written = KEY_SPELLINGS[spelling](key).rstrip("=")
+    out = hide_keys(f"bad value {glue}{written} here")
+    assert not any(written[i : i + 8] in out for i in range(len(written) - 7)), out
+
+
 @pytest.mark.parametrize(
     "text",
     [

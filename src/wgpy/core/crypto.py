@@ -226,12 +226,13 @@ def decode_key(text: str) -> bytes:
 # A run of 20 or more base64 (or hex) characters: a key, or enough of one to matter. No
 # word of an error message (the longest config key, PersistentKeepalive, has 19) is one.
 _KEY_LIKE = re.compile(r"[A-Za-z0-9+/]{20,}=*")
-# A key in URL-safe base64 ("-" and "_" for "+" and "/"). Names have those characters too
-# (persistent_keepalive_interval, WG_ENDPOINT_RESOLUTION_RETRIES, My-Home-Office), so such
-# a run is a key only at a key's length (43; 40 still hides one that lost a few
-# characters), or where it has lower case and an upper-case letter inside a word, as
+# A run of key characters of any alphabet (base64, URL-safe base64, hex) and the names
+# of the messages: each is judged by `_hide_run`. Names have "-" and "_" too
+# (persistent_keepalive_interval, WG_ENDPOINT_RESOLUTION_RETRIES, My-Home-Office), so a run
+# with them is a key (URL-safe) only at a key's length (43; 40 still hides one that lost a
+# few characters), or where it has lower case and an upper-case letter inside a word, as
 # base64 has (all but 1 in 7,000 random runs of 20) and names with a dash rarely do.
-_URLSAFE_LIKE = re.compile(r"[A-Za-z0-9_-]{20,}=*")
+_RUN = re.compile(r"[A-Za-z0-9+/_-]{20,}=*")
 _LOWER = re.compile(r"[a-z]")
 _INNER_UPPER = re.compile(r"[A-Za-z0-9][A-Z]")
 # Hex bytes with a separator ("ab cd ef", "ab:cd:ef"): 10 or more, so a MAC address (6)
@@ -239,22 +240,25 @@ _INNER_UPPER = re.compile(r"[A-Za-z0-9][A-Z]")
 _HEX_PAIRS = re.compile(r"[0-9A-Fa-f]{2}([ :-])(?:[0-9A-Fa-f]{2}\1){8,}[0-9A-Fa-f]{2}")
 
 
-def _hide_urlsafe(run: re.Match[str]) -> str:
+def _hide_run(run: re.Match[str]) -> str:
     text = run.group()
     if "-" not in text and "_" not in text:
-        return text  # plain base64 or hex: _KEY_LIKE's
-    mixed = _LOWER.search(text) and _INNER_UPPER.search(text)
-    return "…" if len(text) >= 40 or mixed else text
+        return "…"  # base64 as `wg` writes it, or hex
+    if "+" not in text and "/" not in text:  # URL-safe base64, or a name
+        mixed = _LOWER.search(text) and _INNER_UPPER.search(text)
+        if len(text) >= 40 or mixed:
+            return "…"
+    # a name, or a name glued to a key ("key_<base64>", "wg-<key>"): the key's whole run
+    return _KEY_LIKE.sub("…", text)
 
 
 def hide_keys(text: str) -> str:
     """`text` with anything that could be key material replaced by "…": for error messages
     that quote their input, which end up in logs and bug reports. A key is caught as `wg`
     writes it (base64), URL-safe, or in hex (bare, or bytes split by spaces, colons or
-    dashes); an address, a port, a host name or a word stays as it was."""
-    text = _HEX_PAIRS.sub("…", text)
-    text = _URLSAFE_LIKE.sub(_hide_urlsafe, text)
-    return _KEY_LIKE.sub("…", text)
+    dashes), alone or glued to a name; an address, a port, a host name or a word stays as
+    it was."""
+    return _RUN.sub(_hide_run, _HEX_PAIRS.sub("…", text))
 
 
 def constant_time_eq(a: bytes, b: bytes) -> bool:
