@@ -174,6 +174,32 @@ def _linked(seed: int, shake: bool = True) -> tuple[SimNet, SimNode, SimNode]:
     return n, a, b
 
 
+def test_a_raise_while_settling_settles_nothing_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`settle` takes what is unsettled before it works: a raise in one peer's part
+    (a bug, say) leaves no other peer's part to be done again by the next `settle`."""
+    n, a, b = _linked(3)
+    c = n.add("c", ("192.0.2.3", 51822))
+    n.link(a, c, "10.0.0.1/32", "10.0.1.2/32")
+    n.send(a, ipv4_packet("10.0.0.1", "10.0.1.2", b"first"))  # a session with c too
+    n.advance(1)
+    pb, pc = n.peer(a, b), n.peer(a, c)
+    packets = [ipv4_packet("10.0.0.1", "10.0.0.2", b"x"), ipv4_packet("10.0.0.1", "10.0.1.2")]
+    a.device.send(packets, n.now, settle=False)
+    real = a.device._sent
+
+    def failing_for_c(peer: object, *args: object) -> None:
+        if peer is pc:
+            raise RuntimeError("c's bookkeeping failed")
+        real(peer, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(a.device, "_sent", failing_for_c)
+    with pytest.raises(RuntimeError):
+        a.device.settle(n.now)
+    once = pb.tx_bytes
+    a.device.settle(n.now)
+    assert pb.tx_bytes == once
+
+
 def test_seal_one_is_send_for_a_lone_packet() -> None:
     """The lone packet's way (io/datapath.py on_tun) against `send`, on twin devices:
     the same datagram to the same endpoint, and once settled the same peer state."""

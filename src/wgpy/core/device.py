@@ -370,10 +370,9 @@ class Device:
         """What the messages `send(settle=False)` sealed do to their peers (a rekey
         initiation may come out)."""
         out = Output()
-        unsettled = self._unsettled
+        unsettled, self._unsettled = self._unsettled, []  # taken first: never settled twice
         for peer, kp, nbytes, sent_data in unsettled:
             self._sent(peer, kp, nbytes, sent_data, now, out)
-        unsettled.clear()
         return out
 
     def _table(self) -> Any:
