@@ -4,6 +4,7 @@ run grouping, the USO fallback."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import random
@@ -232,6 +233,31 @@ def test_the_udp_sends_go_through_c_and_get_a_thread_from_2_crypto_threads(
             first.close()
             second.close()
     assert Site(A_EP, {}, 3).udp._send_native is None
+
+
+def test_a_sender_thread_that_cannot_start_leaves_the_loop_sending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where no thread can be had (pthread_create: EAGAIN), the socket still gets its sends
+    made in C, by the loop's thread: a port change never leaves it unserved (review)."""
+
+    def no_thread() -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    if Site.native is None:
+        pytest.skip("the sender thread is the native module's")
+    monkeypatch.setattr(Site.native, "UdpSender", no_thread)
+    monkeypatch.setenv("WGPY_UDP_SENDER", "1")
+    device = Device(random.Random(1).randbytes, backend=Backend(Site.native, threading.Lock, 2))
+    first, second = UdpSocket(), UdpSocket()
+    try:
+        path = Datapath(device, ChannelTun(), first)
+        path.use_udp(second)
+        for udp in (first, second):
+            assert udp.sender is None and udp._send_native is Site.native.send_runs
+    finally:
+        first.close()
+        second.close()
 
 
 def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:

@@ -36,11 +36,13 @@ handshake times (bench/flood.py mode c, BENCHMARKS.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from wgpy.core import intake, native
 from wgpy.core.backend import Backend, Item
@@ -59,6 +61,8 @@ from wgpy.core.peer import Keypair
 from wgpy.io import offload
 from wgpy.io.tun import TSO, Tun, TunGone
 from wgpy.io.udp import UdpSocket
+
+log = logging.getLogger("wgpy.datapath")
 
 BATCH = 64  # reads (UDP) or packets (TUN) per readable event before going back to the loop
 # (a TUN batch stays under the core's 128 staged packets per peer, a TSO read included)
@@ -206,8 +210,20 @@ class Datapath:
         self._udp_fd = udp.fileno() if udp.reads_are_its_own() else -1
         native = self.device.native
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
-            sender = native.UdpSender() if udp_sender(self.device) else None
-            udp.use_native(native.send_runs, sender)
+            udp.use_native(native.send_runs, self._sender())
+
+    def _sender(self) -> Any:
+        """A sender thread where `udp_sender` wants one and a thread can be had (else the
+        loop's thread sends, as on one core: a port change never leaves the socket
+        unserved for want of a thread)."""
+        native = self.device.native
+        if native is None or not udp_sender(self.device):
+            return None
+        try:
+            return native.UdpSender()
+        except OSError as e:
+            log.warning("no sender thread (%s): the loop's thread sends", e)
+            return None
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
@@ -220,9 +236,11 @@ class Datapath:
         received: dict[Keypair, Received] = {}
         count = self._drain(now, out, received) if self._drains else self._read(now, out)
         if received:
-            self.transmit(out)
-            out = Output()
-            self.device.account(received, now, out)
+            try:
+                self.transmit(out)
+            finally:  # the sessions' part, whatever the write did (as on_tun's settle)
+                out = Output()
+                self.device.account(received, now, out)
         if self.device.queued_handshakes:
             self._work_off_handshakes(now, out)
         self.transmit(out)
