@@ -231,6 +231,50 @@ def test_metrics_collector_names_and_values() -> None:
             parse_listen(bad)
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_metrics_endpoint_answers_only_an_address_or_localhost(host: str) -> None:
+    """`--metrics`: a scrape by address (Prometheus) or by localhost gets the metrics; a
+    request naming any other host gets 421, as a web page would send it after DNS
+    rebinding (it would read every peer's key and traffic); one without a Host too."""
+    pytest.importorskip("prometheus_client")
+    import http.client
+    import socket
+
+    from tests.io.test_datapath import pair
+    from wgpy.daemon.metrics import MetricsServer, Source
+
+    a, _ = pair()
+    server = MetricsServer(Source("wg0", a.device, a.datapath, Stats(), True, "python"),
+                           (host, 0))  # fmt: skip
+    port = server.address[1]
+    literal = f"[{host}]" if ":" in host else host
+
+    def get(host_header: str | None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            conn.putrequest("GET", "/metrics", skip_host=True)
+            if host_header is not None:
+                conn.putheader("Host", host_header)
+            conn.endheaders()
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    try:
+        for allowed in (f"{literal}:{port}", literal, f"localhost:{port}"):
+            status, body = get(allowed)
+            assert status == 200 and b"wgpy_info" in body, allowed
+        for refused in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+            status, body = get(refused)
+            assert status == 421 and b"wgpy" not in body, refused
+        with socket.create_connection((host, port), timeout=5) as raw:  # HTTP/1.0, no Host
+            raw.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert raw.recv(100).split()[1] == b"421"
+    finally:
+        server.close()
+
+
 def test_interface_events_carry_each_kinds_detail() -> None:
     from wgpy.embed.interface import detail_of
 

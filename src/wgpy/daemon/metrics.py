@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from wgpy._version import __version__
 from wgpy.core.allowedips import format_cidr
@@ -31,6 +35,7 @@ from wgpy.core.device import Device
 from wgpy.core.endpoint import Endpoint, format_endpoint, parse_port, split_endpoint
 from wgpy.core.events import EventKind
 from wgpy.core.output import Drop
+from wgpy.daemon.hosts import REFUSED_BODY, REFUSED_STATUS, AllowedHosts
 from wgpy.daemon.status import Stats
 from wgpy.io.datapath import BatchSizes, Datapath
 
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("wgpy.metrics")
+WSGIApp = Callable[[dict[str, Any], Any], Iterable[bytes]]
 SNAPSHOT_TRIES = 5
 
 
@@ -238,11 +244,14 @@ def _info_family(name: str, kind: str, offload: bool) -> Metric:
 
 
 class MetricsServer:
-    """The HTTP endpoint on its own thread; `close` stops it."""
+    """The HTTP endpoint on its own thread; `close` stops it. It answers only a request
+    whose Host is an address, `localhost` or the name it listens on (daemon/hosts.py:
+    against DNS rebinding, a web page in a browser here would read every peer's key and
+    traffic); Prometheus scrapes by address."""
 
     def __init__(self, source: Source, listen: Endpoint) -> None:
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
         except ImportError as e:
             raise OSError(
                 f"--metrics needs prometheus-client (pip install 'wgpy[metrics]'): {e}"
@@ -250,10 +259,42 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Collector(source))
         host, port = listen
-        self.server, self.thread = start_http_server(port, host, registry=self.registry)
+        app = _host_checked(make_wsgi_app(self.registry), AllowedHosts([host]))
+        self.server = _serve(host, port, app)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
+                                       name="wgpy-metrics")  # fmt: skip
+        self.thread.start()
         self.address = (host, self.server.server_port)
         log.info("metrics on http://%s/metrics", format_endpoint(self.address))
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _host_checked(app: WSGIApp, hosts: AllowedHosts) -> WSGIApp:
+    def checked(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        host = environ.get("HTTP_HOST")
+        if not hosts.allows(host.encode("latin-1") if host else None):
+            start_response(f"{REFUSED_STATUS} Misdirected Request",
+                           [("Content-Type", "text/plain; charset=utf-8")])  # fmt: skip
+            return [REFUSED_BODY.encode()]
+        return app(environ, start_response)
+
+    return checked
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line on stderr per scrape."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow client never holds the daemon's exit
+
+
+def _serve(host: str, port: int, app: WSGIApp) -> WSGIServer:
+    """A threading WSGI server on (host, port), IPv6 where the host is an IPv6 address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("_Server", (_Server,), {"address_family": family})
+    return make_server(host, port, app, server_class, _Quiet)
