@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -150,3 +151,25 @@ def test_a_link_local_endpoint_keeps_its_scope() -> None:
         assert done.stdout.strip() == "ok", done.stderr
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_an_address_needs_no_resolver_and_a_failed_destination_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C sends' destination of an address is made as Python's own sends make it, with
+    no resolver (getaddrinfo opens files: with no descriptor left, a daemon sent nothing,
+    its first handshake included); one that cannot be made now is asked again next time,
+    not remembered as none (it never sent again)."""
+
+    def no_descriptor(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_descriptor)
+    udp = UdpSocket()
+    try:
+        assert udp._dest(("127.0.0.1", 9)) is not None
+        assert udp._dest(("::1", 9)) is not None
+        assert udp._dest(("vpn.example.invalid", 9)) is None
+        assert ("vpn.example.invalid", 9) not in udp._dests
+    finally:
+        udp.close()

@@ -164,9 +164,10 @@ class UdpSocket:
         if len(dests) >= MAX_SOURCES:  # roaming peers: don't grow without bound
             dests.clear()
         addr = self._packed(endpoint)
+        if addr is None:  # not remembered: asked again on the next send (a name may resolve)
+            return None
         cmsg = self._source_cmsg(endpoint)
-        info = None if cmsg is None else cmsg[2]
-        dest = dests[endpoint] = None if addr is None else (addr, info)
+        dest = dests[endpoint] = (addr, None if cmsg is None else cmsg[2])
         return dest
 
     def _packed(self, endpoint: Endpoint) -> bytes | None:
@@ -175,15 +176,18 @@ class UdpSocket:
         addr = self._sockaddr(endpoint)
         host, port, scope = addr[0], addr[1], addr[3] if len(addr) == 4 else 0
         family = socket.AF_INET6 if self._v6 else socket.AF_INET
-        try:
-            found = str(socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0][4][0])
-        except (OSError, UnicodeError):
-            return None
+        try:  # an address, as Python's own sends parse it: no file opened (no descriptor
+            packed = socket.inet_pton(family, host.partition("%")[0])  # left: still sent)
+        except OSError:  # a name (only the library's API gives one): resolved
+            try:
+                found = str(socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0][4][0])
+                packed = socket.inet_pton(family, found.partition("%")[0])
+            except (OSError, UnicodeError):
+                return None
         number = port.to_bytes(2, "big")
         if self._v6:
-            packed = socket.inet_pton(family, found.partition("%")[0])
             return _SOCKADDR_IN6.pack(family, number, 0, packed, scope)
-        return _SOCKADDR_IN.pack(family, number, socket.inet_pton(family, found))
+        return _SOCKADDR_IN.pack(family, number, packed)
 
     def _learn(self, learnt: Learnt) -> None:
         """Apply what C's sends found, as the Python sends do when they find it."""
