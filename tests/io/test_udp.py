@@ -5,12 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.namespaces import run_in_new_namespace
 from wgpy.io.udp import UdpSocket
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")
@@ -86,19 +85,8 @@ print("ok")
 def test_segments_above_the_path_mtu_go_one_by_one() -> None:
     """In a namespace whose loopback MTU is below the segment size, the kernel refuses
     that one GSO send (EMSGSIZE): those datagrams go out one by one, IP-fragmented."""
-    ns = f"wgpy-gso{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "mtu", "1280", "up"], check=True)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        code = FALLBACK.format(src=os.path.join(root, "src"))
-        done = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-            capture_output=True, text=True, timeout=30, cwd=root,
-        )  # fmt: skip
-        assert done.stdout.strip() == "ok", done.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    run_in_new_namespace("wgpy-gso", [["link", "set", "lo", "mtu", "1280", "up"]], FALLBACK,
+                         timeout=30)  # fmt: skip
 
 
 LINK_LOCAL = """
@@ -134,23 +122,11 @@ def test_a_link_local_endpoint_keeps_its_scope() -> None:
     [fe80::b%va]:port` gives it, and as a read from one reports it): the datagrams go out
     of that interface. Python's (host, port) sockaddr drops the scope (scope id 0), and
     they went nowhere; the Python sends and the native ones alike."""
-    ns = f"wgpy-ll{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        for cmd in (["link", "add", "va", "type", "veth", "peer", "name", "vb"],
-                    ["link", "set", "va", "up"], ["link", "set", "vb", "up"],
-                    ["addr", "add", "fe80::a/64", "dev", "va", "nodad"],
-                    ["addr", "add", "fe80::b/64", "dev", "vb", "nodad"]):  # fmt: skip
-            subprocess.run(["ip", "-n", ns, *cmd], check=True)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        code = LINK_LOCAL.format(src=os.path.join(root, "src"))
-        done = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-            capture_output=True, text=True, timeout=60, cwd=root,
-        )  # fmt: skip
-        assert done.stdout.strip() == "ok", done.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    setup = [["link", "add", "va", "type", "veth", "peer", "name", "vb"],
+             ["link", "set", "va", "up"], ["link", "set", "vb", "up"],
+             ["addr", "add", "fe80::a/64", "dev", "va", "nodad"],
+             ["addr", "add", "fe80::b/64", "dev", "vb", "nodad"]]  # fmt: skip
+    run_in_new_namespace("wgpy-ll", setup, LINK_LOCAL)
 
 
 def test_an_address_needs_no_resolver_and_a_failed_destination_is_not_kept(

@@ -14,8 +14,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.io.test_sticky import mapped_pktinfo, recv_all
+from tests.namespaces import run_in_new_namespace
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.output import Run
 from wgpy.io.udp import UdpSocket
@@ -222,18 +221,7 @@ def test_segments_above_the_path_mtu_go_one_by_one() -> None:
     """In a namespace whose loopback MTU (1280) is below the segment size, the kernel
     refuses that GSO send (EMSGSIZE): its datagrams go one by one (IP fragments them),
     GSO stays on for the next run; the same for all three."""
-    ns = f"wgpy-send{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "mtu", "1280", "up"], check=True)
-        code = MTU_SCRIPT.format(src=os.path.join(ROOT, "src"), root=ROOT)
-        done = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
-        )  # fmt: skip
-        assert done.stdout.strip() == "ok", done.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    run_in_new_namespace("wgpy-send", [["link", "set", "lo", "mtu", "1280", "up"]], MTU_SCRIPT)
 
 
 def test_an_endpoint_that_is_no_address_is_dropped(receiver: UdpSocket) -> None:
@@ -368,52 +356,56 @@ def until(check: Callable[[], object]) -> None:
         time.sleep(0.005)
 
 
-def test_what_the_thread_finds_comes_back_late() -> None:
+@pytest.fixture
+def queued() -> Iterator[tuple[UdpSocket, socket.socket, Endpoint]]:
+    """A socket whose sends all go through the thread's queue (inline=0), with a sticky
+    source that is no address here (its sends fail, the source gone), and a receiver."""
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.bind(("127.0.0.1", 0))
+    ep = theirs.getsockname()
+    sock = socket_of("sender", inline=0)
+    try:
+        sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
+        yield sock, theirs, ep
+    finally:
+        sock.close()
+        theirs.close()
+
+
+def test_what_the_thread_finds_comes_back_late(
+    queued: tuple[UdpSocket, socket.socket, Endpoint],
+) -> None:
     """Through the thread (inline=0: every batch queued), a source gone and GSO refused
     come back on a later call, or on the tick's `collect`, and are learnt as the
     reference learns them at once."""
-    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    theirs.bind(("127.0.0.1", 0))
-    ep = theirs.getsockname()
-    sock = socket_of("sender", inline=0)
-    try:
-        sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
-        sock.send_runs([(b"late", 4, ep)])
-        until(lambda: sock.collect() or sock.source(ep) is None)
-        assert recv_all(theirs, 1) == [(b"late", "127.0.0.1")]
-        sock._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-        sock.send_runs([(b"a" * 10 + b"b" * 10, 10, ep)])
-        until(lambda: sock.collect() or not sock.gso)
-        assert recv_all(theirs, 2) == [(b"a" * 10, "127.0.0.1"), (b"b" * 10, "127.0.0.1")]
-    finally:
-        sock.close()
-        theirs.close()
+    sock, theirs, ep = queued
+    sock.send_runs([(b"late", 4, ep)])
+    until(lambda: sock.collect() or sock.source(ep) is None)
+    assert recv_all(theirs, 1) == [(b"late", "127.0.0.1")]
+    sock._sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+    sock.send_runs([(b"a" * 10 + b"b" * 10, 10, ep)])
+    until(lambda: sock.collect() or not sock.gso)
+    assert recv_all(theirs, 2) == [(b"a" * 10, "127.0.0.1"), (b"b" * 10, "127.0.0.1")]
 
 
-def test_a_source_learnt_after_a_late_finding_is_kept() -> None:
+def test_a_source_learnt_after_a_late_finding_is_kept(
+    queued: tuple[UdpSocket, socket.socket, Endpoint],
+) -> None:
     """The thread finds a source gone, but by the time that comes back the endpoint's
     next authentic packet taught the socket another: that one stays (the finding was
     about the old one)."""
-    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    theirs.bind(("127.0.0.1", 0))
-    ep = theirs.getsockname()
-    sock = socket_of("sender", inline=0)
-    try:
-        sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
-        sock.send_runs([(b"old", 3, ep)])
-        assert sock.sender is not None
-        learnt = sock.sender.flush()
-        gone = mapped_pktinfo("198.51.100.7")[:16] + bytes(4)  # in6_pktinfo, no interface
-        assert [(e, info) for e, _, info in learnt] == [(ep, gone)]
-        sock.learn_source(ep, mapped_pktinfo("127.0.0.2"))  # meanwhile
-        sock._learn(learnt)
-        assert sock.source(ep) == "127.0.0.2"
-        sock.send_runs([(b"new", 3, ep)])
-        settle(sock)
-        assert recv_all(theirs, 2) == [(b"old", "127.0.0.1"), (b"new", "127.0.0.2")]
-    finally:
-        sock.close()
-        theirs.close()
+    sock, theirs, ep = queued
+    sock.send_runs([(b"old", 3, ep)])
+    assert sock.sender is not None
+    learnt = sock.sender.flush()
+    gone = mapped_pktinfo("198.51.100.7")[:16] + bytes(4)  # in6_pktinfo, no interface
+    assert [(e, info) for e, _, info in learnt] == [(ep, gone)]
+    sock.learn_source(ep, mapped_pktinfo("127.0.0.2"))  # meanwhile
+    sock._learn(learnt)
+    assert sock.source(ep) == "127.0.0.2"
+    sock.send_runs([(b"new", 3, ep)])
+    settle(sock)
+    assert recv_all(theirs, 2) == [(b"old", "127.0.0.1"), (b"new", "127.0.0.2")]
 
 
 def test_close_sends_the_queue_first_and_later_sends_are_made_on_the_caller() -> None:
