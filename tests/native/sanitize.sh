@@ -19,7 +19,7 @@ trap 'rm -rf "$tmp"' EXIT
 cp -r src/wgpy "$tmp/wgpy"
 rm -f "$tmp"/wgpy/_native*.so "$tmp"/wgpy/_classify*.so
 mkdir "$tmp/tests"
-cp -r tests/__init__.py tests/core tests/native tests/io "$tmp/tests/"
+cp -r tests/__init__.py tests/namespaces.py tests/core tests/native tests/io "$tmp/tests/"
 suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
