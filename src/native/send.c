@@ -358,7 +358,7 @@ static PyObject *UdpSender_send(UdpSender *u, PyObject *args)
     PyObject *runs, *dests, *dest_fn;
     if (!PyArg_ParseTuple(args, "iOO!Op:send", &fd, &runs, &PyDict_Type, &dests, &dest_fn, &gso))
         return NULL;
-    PyObject *list = PyList_New(0);
+    PyObject *list = stage_outcomes(&u->stage);
     if (list == NULL)
         return NULL;
     UdpBatch *b = stage_collect(&u->stage, list) == 0 ? udp_batch_new(runs, dests, dest_fn, gso)
@@ -377,16 +377,14 @@ static PyObject *UdpSender_send(UdpSender *u, PyObject *args)
     }
     if (!queued)
         udp_batch_free(b);
-    if (rc < 0)
-        Py_CLEAR(list);
-    return list;
+    return rc < 0 ? stage_raise(&u->stage, list) : list; /* the earlier findings kept */
 }
 
 static PyObject *UdpSender_flush(UdpSender *u, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = PyList_New(0);
+    PyObject *list = stage_outcomes(&u->stage);
     if (list != NULL && stage_drain(&u->stage, list) < 0)
-        Py_CLEAR(list);
+        return stage_raise(&u->stage, list);
     return list;
 }
 

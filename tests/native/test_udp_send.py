@@ -408,6 +408,31 @@ def test_a_source_learnt_after_a_late_finding_is_kept(
     assert recv_all(theirs, 2) == [(b"old", "127.0.0.1"), (b"new", "127.0.0.2")]
 
 
+def refuse(endpoint: Endpoint) -> Any:
+    raise LookupError(endpoint)
+
+
+def test_a_batch_that_raises_keeps_what_the_earlier_ones_found(
+    queued: tuple[UdpSocket, socket.socket, Endpoint],
+) -> None:
+    """A batch whose making raises (a `dest` that raises; a MemoryError alike) raises,
+    after the earlier batches' findings were collected: they come back with the next
+    call, once, not lost (review F3)."""
+    sock, theirs, ep = queued
+    assert sock.sender is not None
+    sock.send_runs([(b"late", 4, ep)])
+    assert recv_all(theirs, 1) == [(b"late", "127.0.0.1")]  # the thread is (nearly) done
+    deadline = time.monotonic() + 0.3  # raises well after it counted the batch done
+    while time.monotonic() < deadline:
+        with pytest.raises(LookupError):
+            sock.sender.send(sock.fileno(), [(b"x", 1, ("127.0.0.1", 9))], {}, refuse, True)
+        time.sleep(0.01)
+    learnt = sock.sender.flush()
+    gone = mapped_pktinfo("198.51.100.7")[:16] + bytes(4)
+    assert [(e, info) for e, _, info in learnt] == [(ep, gone)]
+    assert sock.sender.flush() == []
+
+
 def test_close_sends_the_queue_first_and_later_sends_are_made_on_the_caller() -> None:
     """UdpSocket.close closes the sender before the socket: what was queued is sent
     first (never to a descriptor number closed and reused); a send after close is made at
