@@ -159,6 +159,48 @@ def test_sticky_sources_and_one_gone(receiver: UdpSocket) -> None:
         theirs.close()
 
 
+def test_a_source_gone_is_forgotten_for_its_endpoint_alone() -> None:
+    """Two endpoints that are one address ("127.0.0.1" and "::ffff:127.0.0.1", the same
+    sockaddr on a v6 socket), each with a source: the first's is gone. It is forgotten for
+    that endpoint, as UdpSocket forgets it; the other's sends still go from its own
+    (127.0.0.2), in C as in the reference (C forgot it by address: review F4)."""
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.bind(("127.0.0.1", 0))
+    port = theirs.getsockname()[1]
+    gone, kept = ("127.0.0.1", port), ("::ffff:127.0.0.1", port)
+    batch = [(b"one", 3, gone), (b"two", 3, kept), (b"g" * 10 + b"h" * 10, 10, kept)]
+    want = [(b"one", "127.0.0.1"), (b"two", "127.0.0.2"), (b"g" * 10, "127.0.0.2"),
+            (b"h" * 10, "127.0.0.2")]  # fmt: skip
+    try:
+        for kind in KINDS:
+            sock = socket_of(kind)
+            try:
+                sock.learn_source(gone, mapped_pktinfo("198.51.100.7"))
+                sock.learn_source(kept, mapped_pktinfo("127.0.0.2"))
+                sock.send_runs(batch)
+                settle(sock)
+                assert sorted(recv_all(theirs, 4)) == sorted(want), kind
+                assert (sock.source(gone), sock.source(kept)) == (None, "127.0.0.2"), kind
+            finally:
+                sock.close()
+    finally:
+        theirs.close()
+
+
+def test_an_empty_run_is_an_empty_datagram(receiver: UdpSocket) -> None:
+    """A run with nothing in it (size 0 or not) goes as one empty datagram, as the
+    reference sends it (C refused a size of 0: review F5)."""
+    ep = ("127.0.0.1", receiver.port)
+    for kind in KINDS:
+        sock = socket_of(kind)
+        try:
+            sock.send_runs([(b"", 0, ep), (b"", 5, ep), (b"x", 1, ep)])
+            settle(sock)
+            assert reads(receiver) == [(b"", 0), (b"", 0), (b"x", 0)], kind
+        finally:
+            sock.close()
+
+
 def test_a_source_learnt_again_is_used_again(receiver: UdpSocket) -> None:
     """The destination C gets is made anew when the source changes (learn_source) or is
     forgotten (forget_source), not kept from before."""
