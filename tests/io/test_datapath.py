@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import itertools
-import os
 import random
 import threading
 from types import ModuleType
@@ -18,8 +17,7 @@ from hypothesis import strategies as st
 
 from tests.io.fakes import ChannelTun, ChannelUdp
 from tests.io.test_offload import V4, V6, flow, udp
-from tests.namespaces import run_in_new_namespace
-from wgpy.core import intake, native
+from wgpy.core import native
 from wgpy.core.backend import Backend
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
@@ -270,105 +268,6 @@ def test_handshakes_wait_for_the_data_of_the_same_turn() -> None:
     carry(a, b, flow(3, 100, seq=9000))
     assert b.datapath.drops[Drop.BAD_MAC1] == 3
     assert b.tun.delivered()[-3:] == flow(3, 100, seq=9000)
-
-
-def test_a_lone_packet_yields_the_cpu_once_in_the_kernel_before_the_bookkeeping(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A lone packet's hop yields the CPU right after its send (A) and its TUN write (B),
-    before the peer's byte counts are settled: whom the packet woke runs first. A batch
-    does not yield."""
-    a, b = pair()
-    carry(a, b, flow(1, 100))  # the handshake
-    a_peer, b_peer = (next(iter(s.device.peers.values())) for s in (a, b))
-    seen: list[tuple[int, int, int, int]] = []  # at each yield: A sent, A tx, B wrote, B rx
-    # (B's rx is settled before the write here: the pure intake's `receive_read` accounts
-    # as it opens; tests/integration/test_lone_yield.py has the C intake's order)
-    real = os.sched_yield
-
-    def counted() -> None:
-        seen.append((len(a.udp.sent), a_peer.tx_bytes, len(b.tun.written), b_peer.rx_bytes))
-        real()
-
-    monkeypatch.setattr(os, "sched_yield", counted)
-    a.udp.sent.clear()
-    b.tun.written.clear()
-    tx, rx = a_peer.tx_bytes, b_peer.rx_bytes
-    a.tun.inbound.extend(flow(1, 100, seq=7000))
-    a.datapath.on_tun()
-    assert seen == [(1, tx, 0, rx)]  # sent, not yet counted
-    b.datapath.on_udp()
-    assert seen[1:] == [(1, a_peer.tx_bytes, 1, seen[1][3])] and a_peer.tx_bytes > tx  # written
-    assert b_peer.rx_bytes > rx
-    seen.clear()
-    carry(a, b, flow(10, 100, seq=8000))
-    assert seen == [] and b.tun.delivered()[-10:] == flow(10, 100, seq=8000)
-
-
-def test_wgpy_yield_0_never_yields(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WGPY_YIELD", "0")
-    a, b = pair()
-    yields: list[None] = []
-    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(None))
-    carry(a, b, flow(1, 100))
-    carry(a, b, flow(1, 100, seq=7000))
-    assert yields == [] and b.tun.delivered() == flow(1, 100) + flow(1, 100, seq=7000)
-
-
-YIELD_SCRIPT = """
-import os, socket, sys, time
-sys.path.insert(0, {src!r})
-from wgpy.core.crypto import clamp
-from wgpy.core.device import Device
-from wgpy.io.datapath import Datapath, backend, native_intake, tun_offloads
-from wgpy.io.tun import open_tun
-from wgpy.io.udp import UdpSocket
-
-assert native_intake()
-paths = []
-for name, net in (("ya", "10.77.0"), ("yb", "10.78.0")):
-    device = Device(os.urandom, backend=backend(), classify=True)
-    device.set_private_key(clamp(os.urandom(32)))
-    tun = open_tun(name, True, tun_offloads(device, True))
-    os.system(f"ip addr add {{net}}.1/24 dev {{name}} && ip link set {{name}} up")
-    paths.append(Datapath(device, tun, UdpSocket(0)))
-a, b = paths
-for here, there, allowed in ((a, b, bytes([10, 77, 0, 99])), (b, a, bytes([10, 77, 0, 1]))):
-    peer = here.device.add_peer(there.device.public_key)
-    peer.endpoint = ("127.0.0.1", there.udp.port)
-    here.device.allowed_ips.insert(allowed, 32, peer)
-a_peer, b_peer = (next(iter(p.device.peers.values())) for p in paths)
-app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-app.sendto(bytes(56), ("10.77.0.99", 9))  # the handshake first, then the packet
-for step in (a.on_tun, b.on_udp, a.on_udp, b.on_udp):  # the first packet waited
-    time.sleep(0.05)
-    step()
-rx = lambda: int(open("/sys/class/net/yb/statistics/rx_packets").read())
-seen, real = [], os.sched_yield
-def counted():
-    seen.append((a_peer.tx_bytes, b_peer.rx_bytes, rx()))
-    real()
-os.sched_yield = counted
-tx0, rx0, wrote0 = a_peer.tx_bytes, b_peer.rx_bytes, rx()
-app.sendto(bytes(56), ("10.77.0.99", 9))
-time.sleep(0.05)
-a.on_tun()
-time.sleep(0.05)
-b.on_udp()
-assert seen == [(tx0, rx0, wrote0), (a_peer.tx_bytes, rx0, wrote0 + 1)], (seen, tx0, rx0, wrote0)
-assert a_peer.tx_bytes > tx0 and b_peer.rx_bytes > rx0
-print("ok")
-"""
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (TUN devices in a namespace)")
-def test_the_c_intake_yields_after_the_tun_write_before_accounting(datapath_kind: str) -> None:
-    """The daemon's own way (real TUNs and sockets, the C intake): A yields once its
-    datagram is sent and before its byte count is settled, B once the packet is in its
-    TUN (the interface counted it) and before the session's accounting."""
-    if datapath_kind == "python" or not intake.available():
-        pytest.skip("the C intake is the native module's")
-    run_in_new_namespace("wgpy-yield", [["link", "set", "lo", "up"]], YIELD_SCRIPT)
 
 
 # ---- GRO slicing and GSO runs --------------------------------------------------------

@@ -162,15 +162,6 @@ def tun_writer(device: Device, tun: Tun) -> bool:
 SENDER_THREADS = 2
 
 
-def lone_yield() -> bool:
-    """Whether a lone packet's hop yields the CPU once its packet is in the kernel
-    (`os.sched_yield`, before the bookkeeping): the task it woke, the peer's daemon or the
-    application the packet is for, was likely woken onto this very CPU, and would
-    otherwise wait for that bookkeeping. WGPY_YIELD=0 never (docs/design.md, "Latency: a
-    lone packet")."""
-    return os.environ.get("WGPY_YIELD", "1") != "0"
-
-
 def udp_sender(device: Device) -> bool:
     """Whether the UDP sends get a sender thread (src/native/send.c `UdpSender`): with the
     native datapath on SENDER_THREADS crypto threads or more; WGPY_UDP_SENDER=0 never.
@@ -210,7 +201,6 @@ class Datapath:
         self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
         self._reads_kept = tun.read_packet is not None and tun.vnet_hdr  # Tun.read_packets
-        self._yields = lone_yield()
 
     def use_udp(self, udp: UdpSocket) -> None:
         """Send through `udp` from now on (the daemon's new socket on a port change): with
@@ -238,23 +228,18 @@ class Datapath:
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
         views into the receive buffer (no copies); what comes out is sent once at the end.
-        The opened packets go to the TUN before their sessions are accounted for (with the
-        C intake: the pure one's `receive_read` accounts as it opens) and the queued
-        handshakes worked off: a lone packet's way out of the daemon waits for neither (its
-        latency; the two cannot change what it is), nor, with `lone_yield`, does the task
-        the packet woke."""
+        With the C intake, the opened packets go to the TUN before their sessions are
+        accounted for and the queued handshakes worked off: a lone packet's way out of
+        the daemon waits for neither (its latency; the two cannot change what it is)."""
         out = Output()
         now = time.monotonic()
         received: dict[Keypair, Received] = {}
         count = self._drain(now, out, received) if self._drains else self._read(now, out)
-        try:
-            lone = count == 1 and self._yields and out.tun
-            self.transmit(out)
-            if lone:  # whom the packet woke (the application, say) runs before the rest
-                os.sched_yield()
-        finally:  # the sessions' part, whatever the write did (as on_tun's settle)
-            out = Output()
-            if received:
+        if received:
+            try:
+                self.transmit(out)
+            finally:  # the sessions' part, whatever the write did (as on_tun's settle)
+                out = Output()
                 self.device.account(received, now, out)
         if self.device.queued_handshakes:
             self._work_off_handshakes(now, out)
@@ -350,8 +335,6 @@ class Datapath:
             return False
         (buf, size), endpoint = sealed[0][0], sealed[1]  # one packet: one datagram, one run
         self.udp.send_runs([(buf, size, endpoint)])  # (no comprehension: a frame in 3.11)
-        if self._yields:  # whom it woke (the peer's daemon) runs before our `settle`
-            os.sched_yield()
         return True
 
     def tick(self, now: float) -> None:
