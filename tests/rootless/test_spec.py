@@ -223,10 +223,23 @@ def test_sockets_handed_over_by_the_library(
     assert (got.kind, got.fd, got.host, got.target) == (kind, fd, host, target)
 
 
-@pytest.mark.parametrize("value", ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp"])
+@pytest.mark.parametrize(
+    "value",
+    ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp", "info:@vm", "forward:8@h",
+     # a descriptor: ASCII digits below 2**31 (socket.socket(fileno=) raises past them)
+     "socks:99999999999999999999999", "socks:2147483648", "socks:\u00b2", "socks:\u0663"],
+)  # fmt: skip
 def test_bad_handed_over_sockets_are_refused(value: str) -> None:
     with pytest.raises(ValueError, match="--listen-fd"):
         proxy.handed_over(value)
+
+
+def test_a_bad_handed_over_socket_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """On the command line: a one-line error and status 2, no traceback."""
+    for value in ("socks:99999999999999999999999", "socks:2147483648", "socks:\u00b2"):
+        assert proxy.main(["-c", "/dev/null", "--listen-fd", value, "--configtest"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--listen-fd" in err, err
 
 
 @pytest.mark.parametrize(

@@ -156,9 +156,16 @@ def handed_over(value: str) -> Listen:
     kind, _, rest = value.partition(":")
     head, eq, target = rest.partition("=")
     fd, _, host = head.partition("@")
-    if kind not in HANDED_OVER or not fd.isdigit() or bool(eq) != (kind in ("forward", "udp")):
+    if kind not in HANDED_OVER or not descriptor(fd) or bool(eq) != (kind in ("forward", "udp")):
         raise ValueError(f"bad --listen-fd {value!r}")
     return Listen(kind, host, 0, split_endpoint(target) if eq else None, fd=int(fd))
+
+
+def descriptor(text: str) -> bool:
+    """Whether `text` is a file descriptor socket.socket(fileno=) takes: ASCII digits
+    (str.isdigit takes '²' too), below 2**31 (a C int: past it, OverflowError or a
+    'negative file descriptor')."""
+    return text.isascii() and text.isdigit() and int(text) < 2**31
 
 
 def main(args: list[str]) -> int:
