@@ -227,7 +227,9 @@ def test_sockets_handed_over_by_the_library(
     "value",
     ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp", "info:@vm", "forward:8@h",
      # a descriptor: ASCII digits below 2**31 (socket.socket(fileno=) raises past them)
-     "socks:99999999999999999999999", "socks:2147483648", "socks:\u00b2", "socks:\u0663"],
+     "socks:99999999999999999999999", "socks:2147483648", "socks:\u00b2", "socks:\u0663",
+     # a host: a name or a bare address, as wgpy.Proxy passes it (describe brackets it)
+     "info:7@vm@x", "info:7@[::1]", "socks:6@[::1", "forward:8@h]=10.0.0.1:80"],
 )  # fmt: skip
 def test_bad_handed_over_sockets_are_refused(value: str) -> None:
     with pytest.raises(ValueError, match="--listen-fd"):
