@@ -187,6 +187,34 @@ def test_a_source_gone_is_forgotten_for_its_endpoint_alone() -> None:
         theirs.close()
 
 
+class Counted(tuple[str, int]):
+    """An endpoint that counts the comparisons made of it."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        Counted.compared += 1
+        return tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+    __hash__ = tuple.__hash__
+
+
+def test_making_a_batch_compares_no_endpoints() -> None:
+    """Every run with a source, to one endpoint spelled as many equal objects: the batch
+    compares each only where `dests` looks it up, never with the batch's earlier runs
+    (that was quadratic with the GIL held: review F4; a gone source is forgotten for the
+    runs that share its destination object, which `dests` gives equal endpoints)."""
+    info = mapped_pktinfo("127.0.0.2")
+    sockaddr = socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")
+    addr = socket.AF_INET6.to_bytes(2, "little") + (9).to_bytes(2, "big") + bytes(4) + sockaddr
+    addr += bytes(4)
+    dests = {Counted(("127.0.0.1", 9)): (addr, info)}
+    runs = [(b"x", 1, Counted(("127.0.0.1", 9))) for _ in range(64)]
+    Counted.compared = 0
+    assert native.send_runs(-1, runs, dests, dest, True) == []  # EBADF: dropped
+    assert Counted.compared <= len(runs)
+
+
 def test_an_empty_run_is_an_empty_datagram(receiver: UdpSocket) -> None:
     """A run with nothing in it (size 0 or not) goes as one empty datagram, as the
     reference sends it (C refused a size of 0: review F5)."""
