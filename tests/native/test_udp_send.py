@@ -503,6 +503,44 @@ def test_a_batch_that_raises_keeps_what_the_earlier_ones_found(
     assert sock.sender.flush() == []
 
 
+def test_a_call_that_raises_after_another_did_keeps_both_findings() -> None:
+    """A call raises after a call in between (here: from its `dest`) raised too and kept
+    its findings: both lists are kept, the older first (review F5: the older was
+    dropped)."""
+    sock = socket_of("sender", inline=0)
+    theirs = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for t in theirs:
+            t.bind(("127.0.0.1", 0))
+        first, second = (t.getsockname() for t in theirs)
+        for ep in (first, second):
+            sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
+        assert sock.sender is not None
+        sender = sock.sender
+
+        def meanwhile(endpoint: Endpoint) -> Any:
+            sock.send_runs([(b"second", 6, second)])  # queued: found gone by the thread
+            assert recv_all(theirs[1], 1) == [(b"second", "127.0.0.1")]
+            deadline = time.monotonic() + 0.3  # one raises well after it counted it done
+            while time.monotonic() < deadline:
+                with pytest.raises(LookupError):
+                    sender.send(sock.fileno(), [(b"x", 1, ("127.0.0.1", 9))], {}, refuse, True)
+                time.sleep(0.01)
+            raise LookupError(endpoint)
+
+        sock.send_runs([(b"first", 5, first)])
+        assert recv_all(theirs[0], 1) == [(b"first", "127.0.0.1")]
+        time.sleep(0.1)  # the thread counts it done
+        with pytest.raises(LookupError):  # collects the first's finding, then raises
+            sender.send(sock.fileno(), [(b"y", 1, ("127.0.0.1", 9))], {}, meanwhile, True)
+        assert [e for e, _, _ in sender.flush()] == [first, second]
+        assert sender.flush() == []
+    finally:
+        sock.close()
+        for t in theirs:
+            t.close()
+
+
 def test_close_sends_the_queue_first_and_later_sends_are_made_on_the_caller() -> None:
     """UdpSocket.close closes the sender before the socket: what was queued is sent
     first (never to a descriptor number closed and reused); a send after close is made at
