@@ -428,9 +428,12 @@ static PyMethodDef UdpSender_methods[] = {
      "send(fd, runs, dests, dest, gso) -> [(endpoint or None, errno, info)]: send_runs's\n"
      "sends, queued for the sender thread (a small batch that finds the queue empty: sent\n"
      "here);\n"
-     "returns what the batches sent since the last call found (send_runs's report)."},
+     "returns what the batches sent since the last call found (send_runs's report). A call\n"
+     "that raises (a bad run, `dest` raising, no memory: its batch not sent) passes what it\n"
+     "had collected on to the next call (send or flush), which returns it first."},
     {"flush", (PyCFunction)UdpSender_flush, METH_NOARGS,
-     "flush() -> [(endpoint or None, errno, info)]: wait until every queued batch is sent."},
+     "flush() -> [(endpoint or None, errno, info)]: wait until every queued batch is sent\n"
+     "(a flush that raises passes its findings on, as send)."},
     {"close", (PyCFunction)UdpSender_close, METH_NOARGS,
      "close(): send what is queued and stop the thread; later sends are made here."},
     {"counts", (PyCFunction)UdpSender_counts, METH_NOARGS,

@@ -36,7 +36,9 @@ _NOT_WORKED_OUT = (MemoryError, OSError)
 
 class Exchanges:
     """Exchanges wanted, then worked out by `batch` (None: none ahead of time), and
-    initiations screened by `screen` (None: none)."""
+    initiations screened by `screen` (None: none). Either call may raise MemoryError or
+    OSError (no verdict: backend.py's X25519Batch, Screen); that call's work is then left
+    to the loop thread, and counted in `failed`."""
 
     __slots__ = (
         "_batch", "_done", "_screen", "_to_screen", "_wanted", "dh", "failed", "screened"
