@@ -57,3 +57,17 @@ def test_the_flood_attacker_imports_the_tree_measured() -> None:
     argv = flood.attacker_command("00" * 32, "a", 0, 1.0, "10.210.1.2", "c")
     assert argv[argv.index("--src") + 1] == flood.SRC
     assert flood.attack_parser().parse_args(argv[2:]).src == flood.SRC
+
+
+def test_a_folder_named_wgpy_that_is_no_package_is_not_the_tree(tmp_path: Path) -> None:
+    """A PYTHONPATH entry holding a `wgpy` folder with no `__init__.py` (a checkout named
+    wgpy, say) is passed over for the next entry that holds the package."""
+    (tmp_path / "repo" / "wgpy").mkdir(parents=True)
+    (tmp_path / "tree" / "wgpy").mkdir(parents=True)
+    (tmp_path / "tree" / "wgpy" / "__init__.py").write_text("")
+    path = os.pathsep.join([str(tmp_path / "repo"), str(tmp_path / "tree")])
+    code = "import sys, tree; sys.argv[1:] = []; print(tree.given())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{path}"},
+                          timeout=60, check=True)  # fmt: skip
+    assert done.stdout.strip() == str(tmp_path / "tree")
