@@ -24,10 +24,10 @@ suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"
 include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
   -fno-omit-frame-pointer -Wall -Wextra -Werror -I"$include" \
-  $(ls src/native/*.c | grep -v classify.c) -lcrypto -o "$tmp/wgpy/_native$suffix"
+  $(ls src/native/*.c | grep -vx -e src/native/classify.c -e src/native/reader.c) -lcrypto -o "$tmp/wgpy/_native$suffix"
 gcc -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
   -fno-omit-frame-pointer -ffp-contract=off -Wall -Wextra -Werror -I"$include" \
-  src/native/classify.c -lcrypto -o "$tmp/wgpy/_classify$suffix"
+  src/native/classify.c src/native/reader.c -lcrypto -o "$tmp/wgpy/_classify$suffix"
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -33,7 +33,7 @@ rm -f "$tmp"/wgpy/_native*.so
 suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fsanitize=thread -fno-omit-frame-pointer -Wall -Wextra -Werror \
-  -I"$include" $(ls src/native/*.c | grep -v classify.c) -lcrypto -o "$tmp/wgpy/_native$suffix"
+  -I"$include" $(ls src/native/*.c | grep -vx -e src/native/classify.c -e src/native/reader.c) -lcrypto -o "$tmp/wgpy/_native$suffix"
 # Python and OpenSSL are not instrumented: TSan sees the module's own memory accesses and
 # every lock and thread (it intercepts pthreads), which is what the crypto threads use.
 LD_PRELOAD="$tsan" \
