@@ -326,12 +326,12 @@ class Datapath:
         assert classifier is not None
         fd: Any = self._reader
         if fd is not None:  # its thread's filled slots, in its buffer, for the socket's reads
-            buf, view = fd, self._reader_view
+            buf, view, dry = fd, self._reader_view, 1  # (a slot of few reads: the next slot)
         else:
             buf = self._drain_buf
             if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
                 buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
-            fd, view = self._udp_fd, memoryview(buf)
+            fd, view, dry = self._udp_fd, memoryview(buf), DRAIN
         opened = device.open_classified
         count = 0
         while count < BATCH:
@@ -347,7 +347,7 @@ class Datapath:
                           received) and info is not None:  # fmt: skip
                     udp.learn_source(src, info)
             count += got
-            if got < DRAIN:
+            if got < dry:
                 break
         return count
 
