@@ -11,7 +11,9 @@ several SRC trees (e.g. a copy of another commit's src/) each runs in its own pr
 the rounds alternate between them, so that the machine's load hits all alike: far less
 noisy than ping round trips (bench/latency.py) for comparing two versions. With
 WGPY_UDP_READER=1 (and WGPY_THREADS=2 or more) B reads through its reader thread, and
-B.on_udp includes the wait for that thread's eventfd: what the extra wake-up costs. `--idle 0`
+B.on_udp includes the wait for that thread's eventfd: what the extra wake-up costs. A SRC
+may end in @NAME=VALUE,... for its process's environment: `src src@WGPY_UDP_READER=1`
+compares the two in one run. `--idle 0`
 gives the warm figures. The kernel's part (the syscalls, the loopback delivery) is in
 the times as it is in a real hop; the epoll wake-up is not. While idle, both datapaths
 tick every 0.1 s, as the daemon's loop makes them, and read what came.
@@ -151,9 +153,12 @@ def serve(idle: float) -> None:
 
 
 def start(src: str, idle: float) -> subprocess.Popen[Any]:
-    """A `serve` process with `src` as its wgpy, in a namespace of its own."""
+    """A `serve` process with `src` as its wgpy, in a namespace of its own; `src` may end
+    in @NAME=VALUE,... for its environment (e.g. src@WGPY_UDP_READER=1)."""
     argv = ["unshare", "-n", sys.executable, __file__, "--serve", "--idle", str(idle)]
-    env = {**os.environ, "PYTHONPATH": src}
+    src, _, settings = src.partition("@")
+    extra = dict(item.split("=", 1) for item in settings.split(",") if item)
+    env = {**os.environ, "PYTHONPATH": src, **extra}
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 

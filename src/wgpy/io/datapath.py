@@ -6,7 +6,8 @@ into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into
 `Device.receive_read` -> `Tun.write_batch`, and nothing else in between (with the native
 module, an opened read stays in the buffer it was decrypted into, a run of packets per
 Python object, until `write_tun` writes it to the TUN from there); with the C
-intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time, refuses
+intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time (or,
+from READER_THREADS crypto threads, takes what a reader thread read: `udp_reader`), refuses
 junk and sends the cookie replies a flood is owed itself, and only the reads that brought
 something go on, by `Device.open_classified`, and the sessions they opened are accounted
 for once per drain (`Device.account`). Both ways, the packets go out first and the core
