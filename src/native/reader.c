@@ -109,8 +109,9 @@ static int read_slot(UdpReader *r, Slot *s)
     return got;
 }
 
-/* Wait until the socket is readable or the thread is to stop. A socket poll refuses
- * (gone: never, the caller closes it after close()) is waited out on stopfd alone. */
+/* Wait until the socket is readable (or has an error queued) or the thread is to stop. A
+ * socket poll refuses (gone: never, the caller closes it after close()) is waited out on
+ * stopfd alone, not spun on. */
 static void wait_readable(UdpReader *r)
 {
     struct pollfd p[2] = {{r->stopfd, POLLIN, 0}, {r->fd, POLLIN, 0}};
@@ -144,8 +145,8 @@ static void *reader_main(void *arg)
         Slot *s = &r->slots[r->filled % (uint64_t)r->nslots];
         pthread_mutex_unlock(&r->mu);
         int got = read_slot(r, s);
-        if (got <= 0 && (got == 0 || errno == EAGAIN || errno == EWOULDBLOCK))
-            wait_readable(r); /* ran dry: wait (an error, e.g. ICMP's, was taken: read on) */
+        if (got <= 0) /* ran dry: wait; an error (ICMP's) was taken, and poll says if more */
+            wait_readable(r);
         pthread_mutex_lock(&r->mu);
         if (got > 0) {
             s->got = got;

@@ -335,3 +335,77 @@ def test_in_a_child_of_fork_a_drain_reads_the_socket_itself() -> None:
         reader.close()
         rx.close()
         tx.close()
+
+
+def test_a_socket_closed_under_the_thread_parks_it_rather_than_spinning() -> None:
+    """The socket is to be closed only after close(); closed before (a bug), its recvmmsg
+    fails with EBADF: the thread waits for close() instead of spinning on the error."""
+    _, device = pair()
+    classifier = device.intake.classifier
+    assert classifier is not None
+    rx = receiver()
+    reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for _ in range(100):
+                tx.sendto(b"\x04" + bytes(40), rx.getsockname())
+        deadline = time.monotonic() + 2
+        while reader.counts()[1] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the ring full: the thread waits for a slot
+        rx.close()  # (the descriptor may be reused: nothing else opens one meanwhile)
+        for _ in range(2):  # a slot taken, then given back: the thread reads the closed one
+            classifier.drain(reader, reader, SLOT, COUNT, 1.0, 0.0, 0, False, None)
+        time.sleep(0.05)
+        before = reader_cpu_ticks()
+        time.sleep(0.5)
+        assert reader_cpu_ticks() - before < 10  # 0.1 s of the 0.5
+    finally:
+        reader.close()
+        rx.close()
+
+
+def reader_cpu_ticks() -> int:
+    """The CPU time of this process's reader thread, in clock ticks."""
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            if f.read().strip() != "wgpy-udpread":
+                continue
+        with open(f"/proc/self/task/{task}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    raise AssertionError("no reader thread")
+
+
+def test_a_reader_that_cannot_start_leaves_the_loop_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where no thread can be had (pthread_create: EAGAIN, or no memory for the ring), the
+    loop watches and drains the socket itself, as without a reader."""
+    import errno
+
+    from wgpy import _classify
+
+    module = load()
+    if module is None:
+        pytest.skip("wgpy._native is not built")
+    for error in (OSError(errno.EAGAIN, "Resource temporarily unavailable"), MemoryError()):
+
+        def no_thread(*args: object, error: BaseException = error) -> None:
+            raise error
+
+        monkeypatch.setattr(_classify, "UdpReader", no_thread)
+        monkeypatch.setenv("WGPY_UDP_READER", "1")
+        backend = Backend(module, threading.Lock, 2)
+        device = Device(random.Random(1).randbytes, backend=backend, classify=True)
+        udp = UdpSocket()
+        path = Datapath(device, ChannelTun(), udp)
+        try:
+            assert path.udp_readable_fd() == udp.fileno()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                tx.sendto(b"\x04" + bytes(40), ("127.0.0.1", udp.port))
+            time.sleep(0.05)
+            path.on_udp()
+            assert path.udp_batches.events == 1
+        finally:
+            path.close()
+            udp.close()

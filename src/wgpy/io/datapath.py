@@ -260,7 +260,7 @@ class Datapath:
 
         try:
             self._reader = UdpReader(self._udp_fd, READER_SLOTS, DRAIN, UDP_BUF)
-        except OSError as e:
+        except (OSError, MemoryError) as e:  # no thread, no room for its ring
             log.warning("no reader thread (%s): the loop's thread reads", e)
             return
         self._reader_view = memoryview(self._reader)
