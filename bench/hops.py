@@ -9,11 +9,9 @@ ping every 10 ms leaves the CPU that long; the caches go cold meanwhile), then t
 `A.on_tun()` (read, seal, send) and `B.on_udp()` (read, open, write to B's TUN). With
 several SRC trees (e.g. a copy of another commit's src/) each runs in its own process and
 the rounds alternate between them, so that the machine's load hits all alike: far less
-noisy than ping round trips (bench/latency.py) for comparing two versions. With
-WGPY_UDP_READER=1 (and WGPY_THREADS=2 or more) B reads through its reader thread, and
-B.on_udp includes the wait for that thread's eventfd: what the extra wake-up costs. A SRC
-may end in @NAME=VALUE,... for its process's environment: `src src@WGPY_UDP_READER=1`
-compares the two in one run. `--idle 0`
+noisy than ping round trips (bench/latency.py) for comparing two versions. A SRC may
+end in @NAME=VALUE,... for its process's environment: `src src@WGPY_UDP_READER=1`
+compares a datapath with and without its UDP reader thread in one run. `--idle 0`
 gives the warm figures. The kernel's part (the syscalls, the loopback delivery) is in
 the times as it is in a real hop; the epoll wake-up is not. While idle, both datapaths
 tick every 0.1 s, as the daemon's loop makes them, and read what came.
@@ -50,17 +48,9 @@ def idle_as_the_loop(seconds: float, paths: list[Any]) -> None:
         time.sleep(min(left, TICK))
         if left > TICK:
             for path in paths:
-                if select.select([readable(path)], [], [], 0)[0]:  # as the loop: if readable
+                if select.select([path.udp.fileno()], [], [], 0)[0]:  # as the loop: if readable
                     path.on_udp()
                 path.tick(time.monotonic())
-
-
-def readable(path: Any) -> int:
-    """What the loop watches for a datapath's reads: the reader thread's eventfd where it
-    has one (WGPY_UDP_READER=1, src/native/reader.c), else the socket (and in a tree from
-    before the reader)."""
-    watched = getattr(path, "udp_readable_fd", None)
-    return int(watched()) if watched is not None else int(path.udp.fileno())
 
 
 SO_TIMESTAMPNS = 35  # <asm/socket.h>; Python's socket module does not name it
@@ -132,10 +122,6 @@ def serve(idle: float) -> None:
     clock, wall = time.perf_counter_ns, time.time_ns
     # A's data message on loopback (32 + 96 bytes, an IP header before it); B's packet in
     wires = ((Wire("lo"), 20 + 8 + 128), (Wire("hopb"), 84))
-    # with a reader thread, B's hop waits for it to have read the datagram (its wake-up,
-    # the read, the eventfd), as the loop does; without, the datagram is in the socket
-    # when A's send returns (loopback), and B's hop is timed as it always was
-    reader = readable(b) != b.udp.fileno()
     for _ in sys.stdin:
         packet_into_a()
         idle_as_the_loop(idle, paths)
@@ -144,8 +130,6 @@ def serve(idle: float) -> None:
         w0, t0 = wall(), clock()
         a.on_tun()
         t1, w1 = clock(), wall()
-        if reader:
-            select.select([readable(b)], [], [], 1)
         b.on_udp()
         t2 = clock()
         sent, wrote = (wire.first(least) for wire, least in wires)

@@ -2,38 +2,43 @@
  *
  * Without it the loop thread reads the socket (Classifier.drain's recvmmsg), then opens
  * what it read (open_batch, the loop thread one of the crypto workers) and only then reads
- * again. With it a thread of its own waits on the socket (poll, no GIL) and reads it,
- * recvmmsg(MSG_DONTWAIT), into a small ring of slots, each DRAIN reads of UDP_BUF bytes
- * with their headers, as the drain's own buffer; it signals an eventfd, which the loop
- * watches instead of the socket, when it filled one. The drain (`Classifier.drain` given
- * the reader for the socket and its buffer) classifies a filled slot exactly as it
- * classifies its own reads, while the thread reads the next one.
+ * again. With it, while there is a backlog, a thread of its own reads the socket,
+ * recvmmsg(MSG_DONTWAIT), into a small ring of slots (each DRAIN reads of UDP_BUF bytes
+ * with their headers, as the drain's own buffer) while the loop thread classifies and
+ * opens the reads before, and signals an eventfd when it filled one. The drain
+ * (`Classifier.drain` given the reader for the socket and its buffer) takes the oldest
+ * filled slot and classifies it exactly as it classifies its own reads; when none is
+ * filled it reads the socket itself, into the next slot. A read that came back full (a
+ * backlog) arms the thread: it reads on, slot after slot, until a read comes back short
+ * (the socket ran dry); then it sleeps, and the loop, woken by the socket as without a
+ * thread, reads itself. So a lone packet (a ping) is read by the loop thread at once, no
+ * thread woken on its way; under load the reads overlap the opening.
  *
- *   UdpReader(fd, slots=4, count=64, size=69632)   start the thread on socket fd
- *   fileno()    the eventfd: readable while a filled slot waits
+ *   UdpReader(fd, slots=4, count=64, size=69632)   the thread for socket fd
+ *   fileno()    the eventfd: readable while a slot the thread filled waits
  *   close()     stop and join the thread (before the socket is closed); later drains
- *               find nothing
- *   counts()    (slots filled, waits for a free slot)
+ *               take what was read before, and read nothing
+ *   counts()    (slots filled, of them by the thread, its waits for a free slot)
  *   the buffer protocol: the slots' bytes, one after another (the reads' offsets)
  *
- * Who touches what. The slots are a ring of sequence numbers under `mu`: the thread fills
- * slot `filled` while filled - freed < slots; the caller (with the GIL) takes slot `taken`
- * while taken < filled, and gives it back (freed) on its next take: Python is done with a
- * drain's reads when it asks for the next drain (what it keeps, it copied: the opened
- * plaintext is in buffers of its own, handshake messages are bytes). A slot between
- * filled and freed is the caller's alone; one at or past filled the thread's alone. The
- * thread never takes the GIL or touches a Python object; the caller never takes the GIL
- * holding mu. The eventfd is written (once) under mu when a slot is filled and read back
- * to zero under mu when the caller took the last filled one: it is readable exactly while
- * a filled slot waits, so a level-triggered loop neither misses one nor spins. The buffer
- * lives as long as the object (a memoryview of it holds a reference); close() joins the
- * thread before anything is freed; the socket is the caller's, to close after close().
- * In a child of fork the thread is gone: there a take reads the socket itself. */
+ * Who touches what. The slots are a ring of sequence numbers under `mu`: a slot is filled
+ * by whoever reads (the thread, or the caller when none is filled), one read at a time
+ * (`reading`), in the order of `filled`, so the slots hold the socket's datagrams in
+ * order; the caller (with the GIL) takes slot `taken` while taken < filled, and gives it
+ * back (freed) on its next take: Python is done with a drain's reads when it asks for the
+ * next drain (what it keeps, it copied: the opened plaintext is in buffers of its own,
+ * handshake messages are bytes). A slot between freed and filled is the caller's alone;
+ * the one being read, the reader's alone. The thread never takes the GIL or touches a
+ * Python object; the caller never takes the GIL holding mu. The eventfd is written (once)
+ * under mu when the thread filled a slot and read back to zero under mu when the caller
+ * took the last filled one. The buffer lives as long as the object (a memoryview of it
+ * holds a reference); close() joins the thread before anything is freed; the socket is the
+ * caller's, to close after close(). In a child of fork the thread is gone: there the
+ * caller does all the reads. One caller at a time (the loop's thread). */
 
 #include "classify.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -53,18 +58,20 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int fd;             /* the socket, the caller's */
-    int efd;            /* readable while a filled slot waits; -1 once closed */
-    int stopfd;         /* wakes the thread's poll to stop */
+    int efd;            /* readable while a slot the thread filled waits; -1 once closed */
     uint8_t *ring;      /* slots x count x size bytes */
     size_t ring_len;
     Py_ssize_t size;    /* bytes per read */
     int count, nslots;
     Slot *slots;
     pthread_mutex_t mu;
-    pthread_cond_t room; /* a slot was given back, or stopping */
+    pthread_cond_t wake; /* for the thread: armed, a slot given back, or stopping */
+    pthread_cond_t read; /* for the caller: the thread's read is done */
     uint64_t filled, taken, freed; /* under mu */
-    uint64_t waits;                /* the thread found no free slot (under mu) */
+    uint64_t by_thread, waits;     /* slots the thread filled; it found none free (mu) */
     int signalled;                 /* the eventfd holds a count (under mu) */
+    int armed;                     /* a backlog: the thread reads on (under mu) */
+    int reading;                   /* a read is under way, the thread's or the caller's */
     int stopping, running, ready;
     unsigned long forks;
     pthread_t tid;
@@ -109,18 +116,6 @@ static int read_slot(UdpReader *r, Slot *s)
     return got;
 }
 
-/* Wait until the socket is readable (or has an error queued) or the thread is to stop. A
- * socket poll refuses (gone: never, the caller closes it after close()) is waited out on
- * stopfd alone, not spun on. */
-static void wait_readable(UdpReader *r)
-{
-    struct pollfd p[2] = {{r->stopfd, POLLIN, 0}, {r->fd, POLLIN, 0}};
-    if (poll(p, 2, -1) < 0 && errno != EINTR)
-        return;
-    if (p[1].revents & POLLNVAL)
-        poll(p, 1, -1);
-}
-
 static void signal_filled(UdpReader *r)
 {
     uint64_t one = 1;
@@ -137,22 +132,26 @@ static void *reader_main(void *arg)
     pthread_setname_np(pthread_self(), "wgpy-udpread");
     pthread_mutex_lock(&r->mu);
     while (!r->stopping) {
-        if (r->filled - r->freed == (uint64_t)r->nslots) {
-            r->waits++;
-            pthread_cond_wait(&r->room, &r->mu);
+        int full = r->filled - r->freed == (uint64_t)r->nslots;
+        if (!r->armed || r->reading || full) {
+            r->waits += r->armed && full;
+            pthread_cond_wait(&r->wake, &r->mu);
             continue;
         }
         Slot *s = &r->slots[r->filled % (uint64_t)r->nslots];
+        r->reading = 1;
         pthread_mutex_unlock(&r->mu);
         int got = read_slot(r, s);
-        if (got <= 0) /* ran dry: wait; an error (ICMP's) was taken, and poll says if more */
-            wait_readable(r);
         pthread_mutex_lock(&r->mu);
+        r->reading = 0;
         if (got > 0) {
             s->got = got;
-            r->filled++;
+            r->filled++, r->by_thread++;
             signal_filled(r);
         }
+        if (got < r->count)
+            r->armed = 0; /* read dry (or an error): the loop waits on the socket again */
+        pthread_cond_broadcast(&r->read);
     }
     pthread_mutex_unlock(&r->mu);
     return NULL;
@@ -163,25 +162,24 @@ static void *reader_main(void *arg)
 static void orphan(UdpReader *r)
 {
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->room, NULL);
+    pthread_cond_init(&r->wake, NULL);
+    pthread_cond_init(&r->read, NULL);
     r->filled = r->taken = r->freed;
-    r->signalled = r->running = 0;
+    r->signalled = r->running = r->armed = r->reading = 0;
     r->forks = atomic_load(&fork_count);
 }
 
-/* Stop and join the thread; close the eventfds. */
+/* Stop and join the thread (it is waiting, or in a recvmmsg that does not block); close
+ * the eventfd. */
 static void reader_stop(UdpReader *r)
 {
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
     if (r->running) {
-        uint64_t one = 1;
         pthread_mutex_lock(&r->mu);
         r->stopping = 1;
-        pthread_cond_broadcast(&r->room);
+        pthread_cond_broadcast(&r->wake);
         pthread_mutex_unlock(&r->mu);
-        if (write(r->stopfd, &one, sizeof(one)) != sizeof(one))
-            abort(); /* an eventfd at 1 takes a write: never */
         Py_BEGIN_ALLOW_THREADS
         pthread_join(r->tid, NULL);
         Py_END_ALLOW_THREADS
@@ -190,23 +188,46 @@ static void reader_stop(UdpReader *r)
     r->stopping = 1;
     if (r->efd >= 0)
         close(r->efd);
-    if (r->stopfd >= 0)
-        close(r->stopfd);
-    r->efd = r->stopfd = -1;
+    r->efd = -1;
 }
 
-/* In a child of fork (no thread): a read into the next slot, the GIL released. */
-static void read_here(UdpReader *r)
+/* With mu held, no read under way and none filled: the caller reads the socket into the
+ * next slot itself, mu released and the GIL too, and takes it; a full read arms the
+ * thread to read on while the caller opens this one. */
+static void read_here(UdpReader *r, ReaderSlot *out)
 {
-    if (r->stopping || r->filled - r->freed == (uint64_t)r->nslots)
-        return;
-    Slot *s = &r->slots[r->filled % (uint64_t)r->nslots];
+    uint64_t at = r->filled % (uint64_t)r->nslots;
+    Slot *s = &r->slots[at];
     int got;
+    r->reading = 1;
+    pthread_mutex_unlock(&r->mu);
     Py_BEGIN_ALLOW_THREADS
     got = read_slot(r, s);
     Py_END_ALLOW_THREADS
-    if (got > 0)
-        s->got = got, r->filled++;
+    pthread_mutex_lock(&r->mu);
+    r->reading = 0;
+    r->armed = got == r->count && r->running; /* short: the socket ran dry */
+    if (r->armed)
+        pthread_cond_signal(&r->wake);
+    if (got <= 0)
+        return;
+    s->got = got;
+    r->filled++, r->taken++;
+    out->rd = &s->rd, out->got = got;
+    out->base = (Py_ssize_t)at * r->size * r->count, out->buf = r->ring + out->base;
+}
+
+/* With mu held: wait, without the GIL, until the thread's read under way is done. */
+static void wait_read(UdpReader *r)
+{
+    pthread_mutex_unlock(&r->mu);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&r->mu);
+    while (r->reading && r->taken == r->filled)
+        pthread_cond_wait(&r->read, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&r->mu);
 }
 
 int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssize_t count,
@@ -219,20 +240,20 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
     }
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
+    out->fd = r->fd, out->got = 0, out->rd = NULL, out->buf = NULL, out->base = 0;
     pthread_mutex_lock(&r->mu);
     if (r->freed < r->taken) { /* the last drain's reads: Python is done with them */
         r->freed++;
-        pthread_cond_signal(&r->room);
+        pthread_cond_signal(&r->wake);
     }
-    pthread_mutex_unlock(&r->mu);
-    if (!r->running)
-        read_here(r);
-    pthread_mutex_lock(&r->mu);
-    out->fd = r->fd, out->got = 0, out->rd = NULL, out->buf = NULL, out->base = 0;
+    if (r->taken == r->filled && r->reading)
+        wait_read(r); /* the thread's read: the datagrams before any the socket still has */
     if (r->taken < r->filled) {
         uint64_t at = r->taken++ % (uint64_t)r->nslots;
         out->rd = &r->slots[at].rd, out->got = r->slots[at].got;
         out->base = (Py_ssize_t)at * r->size * r->count, out->buf = r->ring + out->base;
+    } else if (!r->stopping) {
+        read_here(r, out);
     }
     uint64_t drained;
     if (r->taken == r->filled && r->signalled && read(r->efd, &drained, sizeof(drained)) > 0)
@@ -259,12 +280,12 @@ static int start(UdpReader *r)
         setup_reads(&r->slots[i].rd, at, r->size, 0, (unsigned)r->count);
     }
     r->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    r->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->room, NULL);
+    pthread_cond_init(&r->wake, NULL);
+    pthread_cond_init(&r->read, NULL);
     r->forks = atomic_load(&fork_count);
     r->ready = 1;
-    int err = r->efd < 0 || r->stopfd < 0 ? errno : pthread_create(&r->tid, NULL, reader_main, r);
+    int err = r->efd < 0 ? errno : pthread_create(&r->tid, NULL, reader_main, r);
     if (err != 0) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -292,7 +313,7 @@ static PyObject *UdpReader_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     if (r == NULL)
         return NULL;
     r->fd = fd, r->nslots = slots, r->count = count, r->size = size;
-    r->efd = r->stopfd = -1;
+    r->efd = -1;
     if (start(r) < 0)
         Py_CLEAR(r);
     return (PyObject *)r;
@@ -303,12 +324,8 @@ static void UdpReader_dealloc(UdpReader *r)
     if (r->ready) {
         reader_stop(r);
         pthread_mutex_destroy(&r->mu);
-        pthread_cond_destroy(&r->room);
-    } else {
-        if (r->efd >= 0)
-            close(r->efd);
-        if (r->stopfd >= 0)
-            close(r->stopfd);
+        pthread_cond_destroy(&r->wake);
+        pthread_cond_destroy(&r->read);
     }
     if (r->ring != NULL)
         munmap(r->ring, r->ring_len);
@@ -332,9 +349,9 @@ static PyObject *UdpReader_counts(UdpReader *r, PyObject *Py_UNUSED(ignored))
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
     pthread_mutex_lock(&r->mu);
-    unsigned long long filled = r->filled, waits = r->waits;
+    unsigned long long filled = r->filled, by_thread = r->by_thread, waits = r->waits;
     pthread_mutex_unlock(&r->mu);
-    return Py_BuildValue("(KK)", filled, waits);
+    return Py_BuildValue("(KKK)", filled, by_thread, waits);
 }
 
 static PyObject *UdpReader_running(UdpReader *r, void *Py_UNUSED(closure))
@@ -352,17 +369,19 @@ static int UdpReader_getbuffer(UdpReader *r, Py_buffer *view, int flags)
 static PyBufferProcs UdpReader_as_buffer = {(getbufferproc)UdpReader_getbuffer, NULL};
 
 static PyGetSetDef UdpReader_getset[] = {
-    {"running", (getter)UdpReader_running, NULL, "whether the thread reads (else a take)", NULL},
+    {"running", (getter)UdpReader_running, NULL, "whether the thread is there (not: a child)",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyMethodDef UdpReader_methods[] = {
     {"fileno", (PyCFunction)UdpReader_fileno, METH_NOARGS,
-     "fileno() -> the eventfd, readable while a filled slot waits (-1 once closed)."},
+     "fileno() -> the eventfd, readable while a slot the thread filled waits (-1 once\n"
+     "closed); the loop watches it beside the socket."},
     {"close", (PyCFunction)UdpReader_close, METH_NOARGS,
      "close(): stop and join the thread (then the socket may be closed)."},
     {"counts", (PyCFunction)UdpReader_counts, METH_NOARGS,
-     "counts() -> (slots filled, waits for a free slot)."},
+     "counts() -> (slots filled, of them by the thread, its waits for a free slot)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -170,10 +170,11 @@ class UdpSink:
 
 class UdpSource:
     """The server's UDP reads: the data messages to the server also go through a socket on
-    loopback, read by a reader thread (`UdpReader`, a ring of 2 slots) and drained by the C
-    intake (`Classifier.drain`) after each step; each session's come out in the order of
-    their counters (the socket may drop: no count). Every 50 drains the reader is closed
-    and a new one started on the socket while datagrams wait (a port change's)."""
+    loopback, read by the C intake (`Classifier.drain`) through a reader (`UdpReader`, a
+    ring of 2 slots; its thread reads ahead while the reads come back full) after each
+    step; each session's come out in the order of their counters (the socket may drop: no
+    count). Every 50 drains the reader is closed and a new one started on the socket
+    while datagrams wait (a port change's)."""
 
     def __init__(self) -> None:
         from wgpy._classify import UdpReader
@@ -196,7 +197,7 @@ class UdpSource:
     def drain(self, wait: float = 0.0) -> int:
         """Drain what the thread read; the reads drained."""
         got = 0
-        while select.select([self.reader.fileno()], [], [], wait)[0]:
+        while select.select([self.rx, self.reader.fileno()], [], [], wait)[0]:  # as the loop
             kept, n, *_ = self.classifier.drain(self.reader, self.reader, 2048, 16, 1.0, 0.0,
                                                 0, False, None)  # fmt: skip
             view = memoryview(self.reader)
@@ -208,6 +209,8 @@ class UdpSource:
                     self.count += 1
             got += n
             self.drains += 1
+            if not n:
+                break  # the thread's read under way came back empty
             if self.drains % 50 == 0:
                 self.reader.close()
                 self.reader = self.reader_type(self.rx.fileno(), slots=2, count=16, size=2048)

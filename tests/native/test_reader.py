@@ -1,7 +1,8 @@
-"""The UDP reader thread (src/native/reader.c `UdpReader`, issue 17 item 4): a thread of its
-own reads the socket into a ring of slots while the loop thread classifies and opens the
-reads before; `Classifier.drain` given the reader classifies a filled slot exactly as it
-classifies its own recvmmsg. Real sockets on loopback throughout."""
+"""The UDP reader thread (src/native/reader.c `UdpReader`, issue 17 item 4): while a
+backlog lasts a thread of its own reads the socket into a ring of slots while the loop
+thread classifies and opens the reads before; `Classifier.drain` given the reader takes a
+filled slot (or, none filled, reads the socket itself into the next) and classifies it
+exactly as it classifies its own recvmmsg. Real sockets on loopback throughout."""
 
 from __future__ import annotations
 
@@ -49,14 +50,28 @@ def receiver() -> socket.socket:
 
 
 def wait_filled(reader: object, timeout: float = 2.0) -> bool:
+    """Whether the thread filled a slot (its eventfd is readable) within `timeout`."""
     fd = reader.fileno()
     return bool(select.select([fd], [], [], timeout)[0])
+
+
+def readable(reader: object, sock: socket.socket, timeout: float) -> bool:
+    """As the loop: the socket or the reader's eventfd readable within `timeout`."""
+    return bool(select.select([sock, reader.fileno()], [], [], timeout)[0])
+
+
+def wait_until(check: object, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return bool(check())
 
 
 Kept = list[tuple[bytes, int, tuple[str, int], bytes | None, object, int]]
 
 
-def drain_all(device: Device, fd: object, buf: object, want: int) -> tuple[Kept, Output, int]:
+def drain_all(device: Device, fd: object, buf: object, want: int,
+              sock: socket.socket | None = None) -> tuple[Kept, Output, int]:  # fmt: skip
     """Drains (of the socket, or of a reader's slots) until `want` reads are in: what each
     kept read holds (its bytes, GRO size, source, packet info, verdicts, data messages),
     what the device made of them, the cookie replies sent in C."""
@@ -67,8 +82,8 @@ def drain_all(device: Device, fd: object, buf: object, want: int) -> tuple[Kept,
     reads = sent = 0
     deadline = time.monotonic() + 5
     while reads < want and time.monotonic() < deadline:
-        if not isinstance(fd, int):
-            wait_filled(fd, 0.5)
+        if sock is not None:
+            readable(fd, sock, 0.5)
         until, queued, forced, state = device.intake.state(10.0)
         got_kept, got, until, drops, made, counter = classifier.drain(
             fd, buf, SLOT, COUNT, 10.0, until, queued, forced, state
@@ -81,6 +96,8 @@ def drain_all(device: Device, fd: object, buf: object, want: int) -> tuple[Kept,
                                                  passed, ndata, info))  # fmt: skip
         reads += got
         sent += made
+        if sock is not None and got == COUNT:  # full: the thread reads on; give it the time
+            wait_filled(fd, 0.5)
     assert reads == want
     return kept, out, sent
 
@@ -88,10 +105,10 @@ def drain_all(device: Device, fd: object, buf: object, want: int) -> tuple[Kept,
 def test_the_reader_threads_reads_are_the_drains_own() -> None:
     """The same datagrams (handshakes that pass, fail or earn a cookie reply; data; GSO
     runs the receiver gets as one GRO read; from three sources) sent to two sockets: one
-    drained by its own recvmmsg, one through a reader thread with a ring of 3 slots.
-    Every kept read is the same, in the same order: bytes, GRO size, source, packet info,
-    verdicts, data messages; and so are the drops, the queue, the load and the replies
-    sent in C."""
+    drained by its own recvmmsg, one through a reader (a ring of 3 slots), whose thread
+    reads ahead once a drain's read came back full. Every kept read is the same, in the
+    same order: bytes, GRO size, source, packet info, verdicts, data messages; and so
+    are the drops, the queue, the load and the replies sent in C."""
     devices = [pair()[1], pair()[1]]
     for d in devices:  # a first reply draws the nonce prefix: every later one is made in C
         d.intake.send_cookie(build("init", d, ("192.0.2.9", 1), random.Random(1)),
@@ -119,7 +136,7 @@ def test_the_reader_threads_reads_are_the_drains_own() -> None:
             reads += 1
         buf = bytearray(SLOT * COUNT)
         own = drain_all(devices[0], receivers[0].fileno(), buf, reads)
-        threaded = drain_all(devices[1], reader, reader, reads)
+        threaded = drain_all(devices[1], reader, reader, reads, receivers[1])
         assert any(seg == 100 for _, seg, *_ in own[0]), "no GRO read to compare"
         assert any(passed for *_, passed, _ in own[0]), "no handshake passed"
         assert own[2] > 0, "no cookie reply sent in C"
@@ -127,6 +144,8 @@ def test_the_reader_threads_reads_are_the_drains_own() -> None:
         assert threaded[1].drops == own[1].drops and threaded[2] == own[2]
         assert list(devices[1].intake.queue) == list(devices[0].intake.queue)
         assert devices[1].intake.load.until == devices[0].intake.load.until
+        filled, by_thread, _ = reader.counts()
+        assert 0 < by_thread < filled, "the thread and the drain did not both read"
         assert not wait_filled(reader, 0.05), "the eventfd is readable with nothing filled"
     finally:
         reader.close()
@@ -139,31 +158,32 @@ def sequence_of(kept: Kept) -> list[int]:
 
 
 def test_a_flood_fills_the_ring_then_waits_and_loses_no_read_it_made() -> None:
-    """A flood larger than the ring and the socket's buffer while nobody drains: the
-    thread fills its 2 slots and waits for one (counted); the kernel drops the rest. Once
-    drained, every read the thread made is there, intact, in the order sent, none twice,
-    and the eventfd goes quiet when the ring is empty (level-triggered: no spin)."""
+    """A flood larger than the ring and the socket's buffer: nothing is read until the
+    first drain (the loop's own read, full, arms the thread); then the thread fills the
+    ring (2 slots, the drain's one held) and waits for one (counted); the kernel drops the
+    rest. Drained until nothing is readable, every read is there, intact, in the order
+    sent, none twice, and the eventfd goes quiet (level-triggered: no spin)."""
     _, device = pair()
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # overflows
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # ~100 datagrams: overflows
     rx.bind(("127.0.0.1", 0))
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
     try:
         for i in range(2000):
             tx.sendto(b"\x04\0\0\0" + SEQ.pack(i) + bytes(40), rx.getsockname())
-        deadline = time.monotonic() + 2
-        while reader.counts()[1] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        filled, waits = reader.counts()
-        assert filled == 2 and waits >= 1  # both slots full, the thread waiting for one
+        time.sleep(0.05)
+        assert reader.counts() == (0, 0, 0)  # no backlog seen yet: the thread sleeps
         kept: Kept = []
-        drains = 0
-        while wait_filled(reader, 0.2):  # the ring's reads, and what the socket still held
+        assert reader_drain_count(device, reader, kept) == COUNT  # full: the thread reads on
+        assert wait_until(lambda: reader.counts()[2] >= 1)  # ring full, waiting for a slot
+        assert reader.counts()[:2] == (2, 1)
+        drains = 1
+        while readable(reader, rx, 0.2):  # the ring's reads, and what the socket still held
             reader_drain_count(device, reader, kept)
             drains += 1
         seqs = sequence_of(kept)
-        assert drains >= 3 and reader.counts()[0] >= 3
+        assert drains >= 3  # (the thread, or the drain where it was first, read the rest)
         assert seqs == sorted(set(seqs)) and len(seqs) < 2000  # in order, none twice; drops
         assert all(data[8:] == bytes(40) for data, *_ in kept)
         assert not wait_filled(reader, 0.05)
@@ -188,8 +208,9 @@ def reader_drain_count(device: Device, reader: object, kept: Kept) -> int:
 def test_close_while_the_thread_reads_a_flood() -> None:
     """close() while a flood keeps the thread reading: it returns (the thread joined), the
     eventfd is gone, a view of the buffer taken before still reads (the buffer lives with
-    the object), a drain after it finds at most what was read before, and a second close
-    is harmless; a reader dropped while a view of it lives frees nothing under the view."""
+    the object), a drain after it finds at most what was read before and reads nothing
+    itself, and a second close is harmless; a reader dropped while a view of it lives
+    frees nothing under the view."""
     _, device = pair()
     classifier = device.intake.classifier
     assert classifier is not None
@@ -210,8 +231,9 @@ def test_close_while_the_thread_reads_a_flood() -> None:
         for _ in range(20):
             reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
             view = memoryview(reader)
-            assert wait_filled(reader)
-            classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
+            while reader.counts()[1] == 0:  # a full read arms the thread: it reads on
+                readable(reader, rx, 1)
+                classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
             started = time.monotonic()
             reader.close()
             assert time.monotonic() - started < 1
@@ -253,8 +275,8 @@ def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The daemon's port change (`Datapath.use_udp`): the old socket's reader is stopped
-    before the socket is closed, the new socket gets its own, whose eventfd is what the
-    loop watches; close() joins it. With WGPY_UDP_READER=0, or 2 crypto threads by
+    before the socket is closed, the new socket gets its own, whose eventfd the loop
+    watches beside the socket; close() joins it. With WGPY_UDP_READER=0, or 2 crypto threads by
     default, the loop watches the socket."""
     module = load()
     if module is None:
@@ -267,12 +289,11 @@ def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
         first, second = UdpSocket(), UdpSocket()
         path = Datapath(device, ChannelTun(), first)
         try:
-            watched = path.udp_readable_fd()
-            assert (watched != first.fileno()) is threaded
+            assert path.udp_fds()[0] == first.fileno() and len(path.udp_fds()) == 1 + threaded
             assert readers(int(threaded)) == threaded
             path.use_udp(second)
             assert readers(int(threaded)) == threaded  # one stopped (joined), one started
-            assert (path.udp_readable_fd() != second.fileno()) is threaded
+            assert path.udp_fds()[0] == second.fileno() and len(path.udp_fds()) == 1 + threaded
             path.close()
             assert readers(0) == 0
         finally:
@@ -288,7 +309,8 @@ def readers(expected: int) -> int:
     while True:
         count = 0
         for task in os.listdir("/proc/self/task"):
-            with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{task}/comm") as f:
+            path = f"/proc/self/task/{task}/comm"
+            with contextlib.suppress(OSError), open(path) as f:  # (a thread that ended: OSError)
                 count += f.read().strip() == "wgpy-udpread"
         if count == expected or time.monotonic() > deadline:
             return count
@@ -297,8 +319,8 @@ def readers(expected: int) -> int:
 
 def test_in_a_child_of_fork_a_drain_reads_the_socket_itself() -> None:
     """The thread is the parent's: in a child the reader says it is not running, and a
-    drain reads the socket itself into its slots (the parent's filled slots are the
-    parent's to drain). The parent's thread, waiting for room meanwhile, reads on."""
+    drain reads the socket itself (the slot the parent's thread filled is the parent's to
+    drain). The parent, its thread waiting for room meanwhile, reads on."""
     _, device = pair()
     classifier = device.intake.classifier
     assert classifier is not None
@@ -308,29 +330,28 @@ def test_in_a_child_of_fork_a_drain_reads_the_socket_itself() -> None:
     try:
         for i in range(200):
             tx.sendto(b"\x04\0\0\0" + SEQ.pack(i) + bytes(40), rx.getsockname())
-        deadline = time.monotonic() + 2
-        while reader.counts()[1] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert reader.counts()[1] >= 1  # the ring is full: the thread reads no more
+        first: Kept = []
+        assert reader_drain_count(device, reader, first) == COUNT  # full: the thread reads on
+        assert wait_until(lambda: reader.counts()[2] >= 1)  # the ring full: it reads no more
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
             ok = False
             try:
                 ok = not reader.running
                 kept: Kept = []
-                got = reader_drain_count(device, reader, kept)
-                ok = ok and got == len(kept) > 0 and sequence_of(kept)[0] > 0
+                got = reader_drain_count(device, reader, kept)  # read here, not the parent's
+                ok = ok and got == len(kept) == COUNT and sequence_of(kept)[0] == 2 * COUNT
             finally:
                 os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert status == 0
         assert reader.running
         kept: Kept = []
-        for _ in range(4):
-            wait_filled(reader, 0.5)
+        while readable(reader, rx, 0.2):
             reader_drain_count(device, reader, kept)
-        seqs = sequence_of(kept)
-        assert seqs[0] == 0 and seqs == sorted(set(seqs))
+        seqs = sequence_of(first + kept)
+        assert seqs[: 2 * COUNT] == list(range(2 * COUNT))  # the parent's slot: still there
+        assert seqs == sorted(set(seqs)) and len(seqs) > 2 * COUNT  # and the parent reads on
     finally:
         reader.close()
         rx.close()
@@ -349,9 +370,8 @@ def test_a_socket_closed_under_the_thread_parks_it_rather_than_spinning() -> Non
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
             for _ in range(100):
                 tx.sendto(b"\x04" + bytes(40), rx.getsockname())
-        deadline = time.monotonic() + 2
-        while reader.counts()[1] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the ring full: the thread waits for a slot
+        classifier.drain(reader, reader, SLOT, COUNT, 1.0, 0.0, 0, False, None)  # full: armed
+        assert wait_until(lambda: reader.counts()[2] >= 1)  # the ring full: waiting for a slot
         rx.close()  # (the descriptor may be reused: nothing else opens one meanwhile)
         for _ in range(2):  # a slot taken, then given back: the thread reads the closed one
             classifier.drain(reader, reader, SLOT, COUNT, 1.0, 0.0, 0, False, None)
@@ -367,9 +387,12 @@ def test_a_socket_closed_under_the_thread_parks_it_rather_than_spinning() -> Non
 def reader_cpu_ticks() -> int:
     """The CPU time of this process's reader thread, in clock ticks."""
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/comm") as f:
-            if f.read().strip() != "wgpy-udpread":
-                continue
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().strip() != "wgpy-udpread":
+                    continue
+        except OSError:  # a thread that ended meanwhile
+            continue
         with open(f"/proc/self/task/{task}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime, stime
@@ -400,7 +423,7 @@ def test_a_reader_that_cannot_start_leaves_the_loop_reading(
         udp = UdpSocket()
         path = Datapath(device, ChannelTun(), udp)
         try:
-            assert path.udp_readable_fd() == udp.fileno()
+            assert path.udp_fds() == (udp.fileno(),)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
                 tx.sendto(b"\x04" + bytes(40), ("127.0.0.1", udp.port))
             time.sleep(0.05)

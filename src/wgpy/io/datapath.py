@@ -7,7 +7,8 @@ into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into
 module, an opened read stays in the buffer it was decrypted into, a run of packets per
 Python object, until `write_tun` writes it to the TUN from there); with the C
 intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time (or,
-from READER_THREADS crypto threads, takes what a reader thread read: `udp_reader`), refuses
+from READER_THREADS crypto threads, takes what a reader thread read ahead while a backlog
+lasts: `udp_reader`), refuses
 junk and sends the cookie replies a flood is owed itself, and only the reads that brought
 something go on, by `Device.open_classified`, and the sessions they opened are accounted
 for once per drain (`Device.account`). Both ways, the packets go out first and the core
@@ -173,8 +174,8 @@ def udp_sender(device: Device) -> bool:
 
 # crypto threads from which the UDP reads get a thread of their own (src/native/reader.c),
 # with the C intake: one core for the loop, one for a crypto worker, one for the reader (as
-# the TUN writer). On 2 cores the threads only take turns, and a lone packet pays an extra
-# wake-up on the way in (docs/design.md, "The threads and their locks").
+# the TUN writer). It reads only while a backlog lasts: a lone packet is read by the loop
+# as without it (docs/design.md, "The threads and their locks").
 READER_THREADS = 3
 READER_SLOTS = 4  # the reader's ring: DRAIN reads of UDP_BUF each a slot (pages as touched)
 
@@ -265,10 +266,12 @@ class Datapath:
             return
         self._reader_view = memoryview(self._reader)
 
-    def udp_readable_fd(self) -> int:
-        """What the loop watches for `on_udp`: the reader thread's eventfd where the socket
-        has one (after each `use_udp`), else the socket."""
-        return self._reader.fileno() if self._reader is not None else self.udp.fileno()
+    def udp_fds(self) -> tuple[int, ...]:
+        """What the loop watches for `on_udp` (after each `use_udp`): the socket, and the
+        reader thread's eventfd where the socket has one."""
+        if self._reader is None:
+            return (self.udp.fileno(),)
+        return self.udp.fileno(), self._reader.fileno()
 
     def close(self) -> None:
         """Stop the reader thread (before the socket is closed)."""
@@ -326,13 +329,13 @@ class Datapath:
         device, udp, classifier = self.device, self.udp, self.device.intake.classifier
         assert classifier is not None
         fd: Any = self._reader
-        if fd is not None:  # its thread's filled slots, in its buffer, for the socket's reads
-            buf, view, dry = fd, self._reader_view, 1  # (a slot of few reads: the next slot)
+        if fd is not None:  # the socket's reads in its slots (its thread's, or made here)
+            buf, view = fd, self._reader_view
         else:
             buf = self._drain_buf
             if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
                 buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
-            fd, view, dry = self._udp_fd, memoryview(buf), DRAIN
+            fd, view = self._udp_fd, memoryview(buf)
         opened = device.open_classified
         count = 0
         while count < BATCH:
@@ -348,7 +351,7 @@ class Datapath:
                           received) and info is not None:  # fmt: skip
                     udp.learn_source(src, info)
             count += got
-            if got < dry:
+            if got < DRAIN:
                 break
         return count
 
