@@ -244,7 +244,8 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
     pthread_mutex_lock(&r->mu);
     if (r->freed < r->taken) { /* the last drain's reads: Python is done with them */
         r->freed++;
-        pthread_cond_signal(&r->wake);
+        if (r->armed) /* (only an armed thread waits for room: no futex call for a ping) */
+            pthread_cond_signal(&r->wake);
     }
     if (r->taken == r->filled && r->reading)
         wait_read(r); /* the thread's read: the datagrams before any the socket still has */
