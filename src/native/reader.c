@@ -8,13 +8,14 @@
  * opens the reads before, and signals an eventfd when it filled one. The drain
  * (`Classifier.drain` given the reader for the socket and its buffer) takes the oldest
  * filled slot and classifies it exactly as it classifies its own reads; when none is
- * filled it reads the socket itself, into the next slot. A read that came back full (a
- * backlog) arms the thread: it reads on, slot after slot, until a read comes back short
- * (the socket ran dry); then it sleeps, and the loop, woken by the socket as without a
- * thread, reads itself. So a lone packet (a ping) is read by the loop thread at once, no
- * thread woken on its way; under load the reads overlap the opening.
+ * filled it reads the socket itself, into the next slot. A read that brought `arm` reads
+ * or more (2: more than a lone packet, a backlog) arms the thread: it reads on, slot
+ * after slot, until a read finds nothing (the socket ran dry); then it sleeps, and the
+ * loop, woken by the socket as without a thread, reads itself. So a lone packet (a ping)
+ * is read by the loop thread at once, no thread woken on its way; under load the reads
+ * overlap the opening.
  *
- *   UdpReader(fd, slots=4, count=64, size=69632)   the thread for socket fd
+ *   UdpReader(fd, slots=4, count=64, size=69632, arm=2)   the thread for socket fd
  *   fileno()    the eventfd: readable while a slot the thread filled waits
  *   close()     stop and join the thread (before the socket is closed); later drains
  *               take what was read before, and read nothing
@@ -71,6 +72,7 @@ typedef struct {
     uint64_t by_thread, waits;     /* slots the thread filled; it found none free (mu) */
     int signalled;                 /* the eventfd holds a count (under mu) */
     int armed;                     /* a backlog: the thread reads on (under mu) */
+    int arm;                       /* a read of this many reads arms the thread */
     int reading;                   /* a read is under way, the thread's or the caller's */
     int stopping, running, ready;
     unsigned long forks;
@@ -149,7 +151,7 @@ static void *reader_main(void *arg)
             r->filled++, r->by_thread++;
             signal_filled(r);
         }
-        if (got < r->count)
+        if (got <= 0)
             r->armed = 0; /* read dry (or an error): the loop waits on the socket again */
         pthread_cond_broadcast(&r->read);
     }
@@ -206,7 +208,7 @@ static void read_here(UdpReader *r, ReaderSlot *out)
     Py_END_ALLOW_THREADS
     pthread_mutex_lock(&r->mu);
     r->reading = 0;
-    r->armed = got == r->count && r->running; /* short: the socket ran dry */
+    r->armed = got >= r->arm && r->running; /* more than a lone packet: a backlog */
     if (r->armed)
         pthread_cond_signal(&r->wake);
     if (got <= 0)
@@ -298,11 +300,11 @@ static int start(UdpReader *r)
 
 static PyObject *UdpReader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "slots", "count", "size", NULL};
-    int fd, slots = 4, count = 64;
+    static char *kwlist[] = {"fd", "slots", "count", "size", "arm", NULL};
+    int fd, slots = 4, count = 64, arm = 2;
     Py_ssize_t size = 65536 + 4096;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|iin:UdpReader", kwlist, &fd, &slots, &count,
-                                     &size))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|iini:UdpReader", kwlist, &fd, &slots,
+                                     &count, &size, &arm))
         return NULL;
     if (fd < 0 || slots < 2 || slots > SLOTS_MAX || count < 1 || count > MAX_READS || size < 1 ||
         size > (1 << 20)) {
@@ -313,7 +315,7 @@ static PyObject *UdpReader_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     UdpReader *r = (UdpReader *)type->tp_alloc(type, 0);
     if (r == NULL)
         return NULL;
-    r->fd = fd, r->nslots = slots, r->count = count, r->size = size;
+    r->fd = fd, r->nslots = slots, r->count = count, r->size = size, r->arm = arm < 1 ? 1 : arm;
     r->efd = -1;
     if (start(r) < 0)
         Py_CLEAR(r);
@@ -389,8 +391,9 @@ static PyMethodDef UdpReader_methods[] = {
 PyTypeObject UdpReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "wgpy._classify.UdpReader",
-    .tp_doc = "UdpReader(fd, slots=4, count=64, size=69632): a thread reading socket fd into\n"
-              "a ring of slots for Classifier.drain (given the reader as fd and buf).",
+    .tp_doc = "UdpReader(fd, slots=4, count=64, size=69632, arm=2): a thread reading socket\n"
+              "fd into a ring of slots for Classifier.drain (given the reader as fd and buf)\n"
+              "while a read brings `arm` reads or more.",
     .tp_basicsize = sizeof(UdpReader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = UdpReader_new,
