@@ -3,8 +3,9 @@
     python bench/core.py [--src DIR] [--seconds 3] [--native] [--threads N] [--batch N]
 
 The wgpy measured is `--src DIR`'s, else the one PYTHONPATH holds, else this checkout's
-src/; so `PYTHONPATH=/tmp/old/src python bench/core.py` and `python bench/core.py` (or
-`--src`), run in turns, compare two versions (bench/hops.py takes several SRC at once).
+src/ (bench/tree.py); so `PYTHONPATH=/tmp/old/src python bench/core.py` and
+`python bench/core.py` (or `--src`), run in turns, compare two versions (bench/hops.py
+takes several SRC at once).
 
 - handshakes: initiations one responder answers per second (fresh initiators; MAC1 check,
   two DH + the response's three, the AEADs), `--batch` of them per receive call (the
@@ -30,23 +31,9 @@ import struct
 import sys
 import time
 
+from tree import use  # bench/tree.py: the script's directory is first on sys.path
 
-def _src() -> str | None:
-    """`--src DIR` (read before argparse: the imports below need it); None where PYTHONPATH
-    holds a wgpy; else this checkout's src/."""
-    for i, arg in enumerate(sys.argv):
-        if arg == "--src" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-        if arg.startswith("--src="):
-            return arg.split("=", 1)[1]
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if any(os.path.isdir(os.path.join(p, "wgpy")) for p in paths if p):
-        return None
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../src"))
-
-
-if (SRC := _src()) is not None:
-    sys.path.insert(0, SRC)
+SRC = use()  # --src DIR, else the wgpy PYTHONPATH holds, else this checkout's src/
 
 from wgpy.core import native  # noqa: E402
 from wgpy.core.backend import Backend  # noqa: E402

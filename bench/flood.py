@@ -4,6 +4,9 @@
     sudo python bench/flood.py --out FLOOD.md             # 20,000/s and max rate, 10 s floods
     sudo python bench/flood.py --victims wgpy --modes b --rates 20000 --seconds 8
 
+The wgpy victim is `--src DIR`'s, else the one PYTHONPATH holds, else this checkout's src/
+(bench/tree.py): `PYTHONPATH=/tmp/old/src` measures that tree.
+
 Three network namespaces per victim (src/wgpy/demo/testbed.py): the victim V, a
 legitimate side L running two Debian wireguard-go peers of V (L1 with an established
 tunnel, L2 whose handshake is timed), and an attacker X, each joined to V by a veth
@@ -45,7 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))  # already there when run, not when imported
+
+from tree import use  # noqa: E402
+
+SRC = use()  # --src DIR, else the wgpy PYTHONPATH holds, else this checkout's src/
 
 from wgpy.core.cookie import LABEL_COOKIE, CookieGenerator  # noqa: E402
 from wgpy.core.crypto import (  # noqa: E402
@@ -238,8 +245,8 @@ class Bed:
             self.made += [self.node, self.l1, self.l2]
             for node, port, addr in ((self.node, PORT, V_IN1), (self.l1, PORT + 1, L1_IN),
                                      (self.l2, PORT + 2, L2_IN)):  # fmt: skip
-                # wgpy from this tree; wireguard-go in the foreground without its banner
-                node.start({"PYTHONPATH": str(ROOT / "src"), "WG_PROCESS_FOREGROUND": "1"})
+                # wgpy from the tree measured; wireguard-go in the foreground, no banner
+                node.start({"PYTHONPATH": SRC, "WG_PROCESS_FOREGROUND": "1"})
                 node.set_private_key(port)
                 node.ns.add_address(node.ifname, f"{addr}/24")
                 node.ns.set_link(node.ifname, state="up", mtu=1420)
@@ -451,6 +458,7 @@ def main() -> int:
         attack(ap.parse_args())
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", metavar="DIR", help="the wgpy tree to measure (read at import)")
     ap.add_argument("--quick", action="store_true", help="one short pass: 20,000/s, 8 s floods")
     ap.add_argument("--victims", default="wgpy,wireguard-go,wireguard-go-0.0.20250522")
     ap.add_argument("--modes", default="none,a,b,c")

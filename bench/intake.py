@@ -3,6 +3,9 @@
     sudo python bench/intake.py                # C intake, valid mac1 and junk, 64 reads a call
     sudo python bench/intake.py --reads 8,64,256 --python
 
+The wgpy measured is `--src DIR`'s, else the one PYTHONPATH holds, else this checkout's
+src/ (bench/tree.py).
+
 A device with a key reads its UDP socket on loopback as `Datapath.on_udp` does, the C
 intake draining it (`Classifier.drain`) or, with --python, the Python intake one read at a
 time, while bench/flood_send.c floods it from --sources addresses for --seconds: valid-mac1
@@ -24,8 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from tree import use  # noqa: E402
+
+SRC = use()  # --src DIR, else the wgpy PYTHONPATH holds, else this checkout's src/
 
 from flood import build_sender  # noqa: E402
 
@@ -113,6 +119,7 @@ def run(python: bool, valid: bool, reads: int, seconds: float, rcvbuf: int, nsrc
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", metavar="DIR", help="the wgpy tree to measure (read at import)")
     ap.add_argument("--reads", default="64", help="reads per call, comma-separated")
     ap.add_argument("--python", action="store_true", help="the Python intake as well")
     ap.add_argument("--seconds", type=float, default=2.5)

@@ -10,17 +10,21 @@ from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[1] / "bench" / "core.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+# what each script is run with: its quickest run (the wgpy given stops it at import anyway)
+ARGS = {"core.py": ["--seconds", "0.01", "--junk"], "flood.py": ["--help"],
+        "intake.py": ["--help"]}  # fmt: skip
 
 
+@pytest.mark.parametrize("script", sorted(ARGS))
 @pytest.mark.parametrize("how", ["PYTHONPATH", "--src"])
-def test_bench_core_measures_the_tree_it_is_given(how: str, tmp_path: Path) -> None:
-    """A tree whose wgpy says who it is when imported: bench/core.py must import that one,
+def test_a_bench_measures_the_tree_it_is_given(script: str, how: str, tmp_path: Path) -> None:
+    """A tree whose wgpy says who it is when imported: the benchmark must import that one,
     not the checkout's own src/ beside it."""
     (tmp_path / "wgpy").mkdir()
     (tmp_path / "wgpy" / "__init__.py").write_text('raise SystemExit("the tree given")\n')
     env = {**os.environ, "PYTHONPATH": str(tmp_path)} if how == "PYTHONPATH" else None
     given = ["--src", str(tmp_path)] if how == "--src" else []
-    done = subprocess.run([sys.executable, str(CORE), *given, "--seconds", "0.01", "--junk"],
+    done = subprocess.run([sys.executable, str(BENCH / script), *given, *ARGS[script]],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert (done.returncode, done.stderr.strip()) == (1, "the tree given"), done.stdout

@@ -29,7 +29,7 @@ typedef struct {
 typedef struct {
     Py_ssize_t key; /* which DhKey */
     uint8_t peer[KEY_LEN], shared[KEY_LEN];
-    int ok; /* 1: shared is the secret; 0: refused */
+    int ok; /* 1: shared is the secret; 0: refused; -1: not worked out (no memory) */
 } DhOp;
 
 typedef struct {
@@ -55,21 +55,22 @@ EVP_PKEY *x25519_load(const uint8_t priv[KEY_LEN], const uint8_t pub[KEY_LEN])
     return key;
 }
 
-/* DH(key, peer) into shared: 1, or 0 where the result is all zeros (a low-order point) or
- * OpenSSL failed. Any thread, without the GIL: `key` is only read (OpenSSL 3's EVP_PKEY is
+/* DH(key, peer) into shared: 1; 0 where the result is all zeros (a low-order point: the
+ * peer's doing); -1 where OpenSSL could not set the exchange up (no memory: no verdict on
+ * the peer). Any thread, without the GIL: `key` is only read (OpenSSL 3's EVP_PKEY is
  * safe to share), the context is this call's own. */
 int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY_LEN])
 {
     EVP_PKEY *pk = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, peer, KEY_LEN);
     EVP_PKEY_CTX *ctx = key != NULL && pk != NULL ? EVP_PKEY_CTX_new(key, NULL) : NULL;
     size_t len = KEY_LEN;
-    /* OpenSSL refuses an all-zero result itself; the check after it makes sure */
+    /* OpenSSL refuses an all-zero result itself (the derive fails); the check makes sure */
     static const uint8_t zero[KEY_LEN];
-    int ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1
-             && EVP_PKEY_derive_set_peer(ctx, pk) == 1
-             && EVP_PKEY_derive(ctx, shared, &len) == 1 && len == KEY_LEN
+    int ok = -1; /* till the exchange is set up: a failure there is OpenSSL's (its memory) */
+    if (ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 && EVP_PKEY_derive_set_peer(ctx, pk) == 1)
+        ok = EVP_PKEY_derive(ctx, shared, &len) == 1 && len == KEY_LEN
              && CRYPTO_memcmp(shared, zero, KEY_LEN) != 0;
-    if (!ok)
+    if (ok != 1)
         ERR_clear_error();
     EVP_PKEY_CTX_free(ctx);
     EVP_PKEY_free(pk);
@@ -128,6 +129,15 @@ static int copy_job(PyObject *job, Py_ssize_t j, DhBatch *b, Py_ssize_t *nops)
             return -1;
     }
     return 0;
+}
+
+/* Whether every exchange has an answer (a secret, or a refusal). */
+static int worked_out(const DhOp *ops, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (ops[i].ok < 0)
+            return 0;
+    return 1;
 }
 
 /* The answer: per job (public, secret or None per peer). */
@@ -215,6 +225,8 @@ PyObject *x25519(PyObject *Py_UNUSED(module), PyObject *jobs)
     Py_END_ALLOW_THREADS
     if (!loaded)
         PyErr_SetString(PyExc_OSError, "OpenSSL could not load an X25519 key");
+    else if (!worked_out(b.ops, nops))
+        PyErr_NoMemory(); /* not a refusal: the caller would count a forged handshake */
     else
         out = results(jobs, &b);
 done:

@@ -179,6 +179,7 @@ struct Stage {
     long depth, inline_max;
     int ready, running, stopping;
     unsigned long forks; /* the fork count when the thread started */
+    PyObject *kept; /* outcomes collected by a call that then raised: the next call's */
     const StageOps *ops;
     pthread_t tid;
     StageSlot ring[STAGE_DEPTH_MAX];
@@ -191,6 +192,10 @@ int stage_alive(Stage *s);
  * exception. Collects (outcomes into list) first; a full queue waits without the GIL. */
 int stage_enqueue(Stage *s, void *job, int fd, Py_ssize_t packets, PyObject *list);
 int stage_collect(Stage *s, PyObject *list);
+/* A call's list of outcomes: those a call that raised had kept, or a new one (NULL with
+ * an exception); stage_raise (with a raise: list is kept for the next call; steals it). */
+PyObject *stage_outcomes(Stage *s);
+PyObject *stage_raise(Stage *s, PyObject *list);
 int stage_drain(Stage *s, PyObject *list);
 void stage_stop(Stage *s);
 void stage_destroy(Stage *s);

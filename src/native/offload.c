@@ -809,7 +809,8 @@ PyObject *read_nowait(PyObject *Py_UNUSED(module), PyObject *args)
  * out of it for every read that is kept: ~4 us for 64 KiB, 2.5% of the sending daemon),
  * and a lone packet costs what it did (a small copy, no allocation of 64 KiB: 6 us more
  * for a ping's hop when the caches are cold). None when nothing waits (EAGAIN: no
- * exception). The GIL stays held: a non-blocking read never waits, and `spare` is ours. */
+ * exception). The GIL stays held: a non-blocking read never waits, and `spare` is ours
+ * but for a signal's handler (taken out of it before the read: see below). */
 #define SMALL_READ 4096
 static PyObject *spare; /* a bytes object no one else has seen */
 
@@ -839,11 +840,15 @@ PyObject *read_packet(PyObject *Py_UNUSED(module), PyObject *args)
         PyErr_SetString(PyExc_ValueError, "a 10-byte header buffer and size >= 0");
         goto done;
     }
-    if (spare != NULL && Py_SIZE(spare) != size)
-        Py_CLEAR(spare);
-    if (spare == NULL && (spare = PyBytes_FromStringAndSize(NULL, size)) == NULL)
+    /* taken out of `spare` first: a signal handler that PyErr_CheckSignals runs may call
+     * read_packet too, and must not take (or free) the buffer this readv reads into */
+    PyObject *buf = spare;
+    spare = NULL;
+    if (buf != NULL && Py_SIZE(buf) != size)
+        Py_CLEAR(buf);
+    if (buf == NULL && (buf = PyBytes_FromStringAndSize(NULL, size)) == NULL)
         goto done;
-    struct iovec iov[2] = {{hdr.buf, VNET_LEN}, {PyBytes_AS_STRING(spare), (size_t)size}};
+    struct iovec iov[2] = {{hdr.buf, VNET_LEN}, {PyBytes_AS_STRING(buf), (size_t)size}};
     ssize_t n;
     do {
         n = readv(fd, iov, 2);
@@ -853,11 +858,11 @@ PyObject *read_packet(PyObject *Py_UNUSED(module), PyObject *args)
         Py_ssize_t got = n > VNET_LEN ? (Py_ssize_t)n - VNET_LEN : 0;
         if (n < VNET_LEN)
             memset((uint8_t *)hdr.buf + n, 0, (size_t)(VNET_LEN - n));
-        finish_checksum(hdr.buf, (uint8_t *)PyBytes_AS_STRING(spare), (size_t)got);
+        finish_checksum(hdr.buf, (uint8_t *)PyBytes_AS_STRING(buf), (size_t)got);
         if (got <= SMALL_READ) {
-            packet = PyBytes_FromStringAndSize(PyBytes_AS_STRING(spare), got);
+            packet = PyBytes_FromStringAndSize(PyBytes_AS_STRING(buf), got);
         } else {
-            packet = spare, spare = NULL;
+            packet = buf, buf = NULL;
             _PyBytes_Resize(&packet, got); /* NULL, with the exception, if it failed */
         }
     } else if (!PyErr_Occurred()) { /* else a signal handler raised */
@@ -868,6 +873,10 @@ PyObject *read_packet(PyObject *Py_UNUSED(module), PyObject *args)
             PyErr_SetFromErrno(PyExc_OSError);
         }
     }
+    if (buf != NULL && spare == NULL)
+        spare = buf; /* for the next read (unless a handler's read left one: that one) */
+    else
+        Py_XDECREF(buf); /* a bytes object: its free runs no Python code */
 done:
     PyBuffer_Release(&hdr);
     return packet;

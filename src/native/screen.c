@@ -51,7 +51,7 @@ typedef struct {
 typedef struct {
     uint8_t e[KEY_LEN], sealed[SEALED_STATIC]; /* from the message */
     uint8_t initiator[KEY_LEN], ck[HASH_LEN], h[HASH_LEN]; /* the answer */
-    int ok;
+    int ok; /* 1: answered; 0: refused (the message's doing); -1: not worked out (memory) */
 } Screened;
 
 typedef struct {
@@ -127,33 +127,38 @@ static int kdf(EVP_MAC_CTX *mac, const uint8_t ck[HASH_LEN], const uint8_t in[KE
     return ok;
 }
 
-/* ChaCha20-Poly1305 open of the sealed static key, nonce 0, `h` as associated data. */
+/* ChaCha20-Poly1305 open of the sealed static key, nonce 0, `h` as associated data: 1;
+ * 0 where the tag fails; -1 where OpenSSL failed before (no context: no memory). */
 static int open_static(EVP_CIPHER_CTX *ctx, const uint8_t key[KEY_LEN], const uint8_t h[HASH_LEN],
                        const uint8_t sealed[SEALED_STATIC], uint8_t out[KEY_LEN])
 {
     static const uint8_t nonce[12];
     int n = 0;
-    return ctx != NULL && EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce) == 1
-           && EVP_DecryptUpdate(ctx, NULL, &n, h, HASH_LEN) == 1
-           && EVP_DecryptUpdate(ctx, out, &n, sealed, KEY_LEN) == 1 && n == KEY_LEN
-           && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN,
-                                  (void *)(sealed + KEY_LEN)) == 1
-           && EVP_DecryptFinal_ex(ctx, out + KEY_LEN, &n) == 1;
+    if (ctx == NULL || EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce) != 1
+        || EVP_DecryptUpdate(ctx, NULL, &n, h, HASH_LEN) != 1
+        || EVP_DecryptUpdate(ctx, out, &n, sealed, KEY_LEN) != 1 || n != KEY_LEN
+        || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, (void *)(sealed + KEY_LEN)) != 1)
+        return -1;
+    return EVP_DecryptFinal_ex(ctx, out + KEY_LEN, &n) == 1;
 }
 
-/* One message, on any thread of the pool. */
+/* One message, on any thread of the pool. Only a low-order ephemeral and a static whose
+ * tag fails are the message's: any other failure is OpenSSL's (no memory for a context),
+ * -1, which makes `screen` raise rather than count a forged handshake. */
 static void screen_one(void *arg, long c)
 {
     ScreenBatch *b = arg;
     Screened *m = &b->m[c];
     HashCtx *t = thread_hash();
     uint8_t shared[KEY_LEN], key[KEY_LEN], h[HASH_LEN];
-    m->ok = t != NULL && x25519_derive(b->key, m->e, shared)
-            && kdf(t->mac, b->ck, m->e, m->ck, NULL) && hash2(t->md, h, b->h, HASH_LEN, m->e, KEY_LEN)
-            && kdf(t->mac, m->ck, shared, m->ck, key)
-            && open_static(thread_ctx(0), key, h, m->sealed, m->initiator)
-            && hash2(t->md, m->h, h, HASH_LEN, m->sealed, SEALED_STATIC);
-    if (!m->ok) {
+    int dh = t != NULL ? x25519_derive(b->key, m->e, shared) : -1, opened = -1;
+    int ok = dh == 1 && kdf(t->mac, b->ck, m->e, m->ck, NULL)
+             && hash2(t->md, h, b->h, HASH_LEN, m->e, KEY_LEN)
+             && kdf(t->mac, m->ck, shared, m->ck, key)
+             && (opened = open_static(thread_ctx(0), key, h, m->sealed, m->initiator)) == 1
+             && hash2(t->md, m->h, h, HASH_LEN, m->sealed, SEALED_STATIC);
+    m->ok = ok ? 1 : dh == 0 || (dh == 1 && opened == 0) ? 0 : -1;
+    if (m->ok != 1) {
         ERR_clear_error();
         OPENSSL_cleanse(m->ck, HASH_LEN);
         OPENSSL_cleanse(m->initiator, KEY_LEN);
@@ -193,9 +198,13 @@ static int initial_state(ScreenBatch *b, const uint8_t pub[KEY_LEN])
            && hash2(t->md, b->h, h0, HASH_LEN, pub, KEY_LEN);
 }
 
-/* The answer: per message (initiator, ck, h) or None. */
+/* The answer: per message (initiator, ck, h) or None; MemoryError where one was not
+ * worked out (no verdict: its None would count a forged handshake). */
 static PyObject *screened(const Screened *m, Py_ssize_t n)
 {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (m[i].ok < 0)
+            return PyErr_NoMemory();
     PyObject *out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
         PyObject *row = m[i].ok ? Py_BuildValue("(y#y#y#)", (const char *)m[i].initiator,
@@ -248,7 +257,7 @@ PyObject *screen(PyObject *Py_UNUSED(module), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     pool_run(screen_one, &b, (long)n);
     Py_END_ALLOW_THREADS
-    out = screened(b.m, n);
+    out = screened(b.m, n); /* NULL, MemoryError, where one was not worked out */
 done:
     EVP_PKEY_free(b.key);
     if (b.m != NULL)

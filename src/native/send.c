@@ -6,17 +6,18 @@
  *                                           (stage.c), in order, from a bounded queue
  *
  * `runs` is core/output.py `Datagrams.runs()`: (buf, size, endpoint), datagrams of `size`
- * bytes back to back in buf, the last possibly shorter. A run longer than one datagram
- * goes as UDP_SEGMENT (GSO) sends of at most 64 segments and 65,000 bytes each, a lone
- * datagram as one sendmsg. Python keeps the policy and the addresses: `dests` maps an
+ * bytes back to back in buf, the last possibly shorter (an empty buf: one empty datagram,
+ * its size 0 or not, as the reference sends it). A run longer than one datagram goes as
+ * UDP_SEGMENT (GSO) sends of at most 64 segments and 65,000 bytes each, a lone datagram
+ * as one sendmsg. Python keeps the policy and the addresses: `dests` maps an
  * endpoint to its destination ready made, (sockaddr bytes, packet info bytes or None:
  * the sticky source, an in_pktinfo of 12 bytes or an in6_pktinfo of 20), and `dest`
  * makes a missing one (None: the endpoint has no address, its run is dropped), so that
  * no address is parsed here. What the socket must learn comes back, for UdpSocket to
  * apply: (endpoint, errno, info) when a send from its source (that packet info) failed
  * as if the source were gone (the datagram went again from the kernel's choice, as did
- * the rest of the batch's to that endpoint), (None, errno, None) when the kernel refused
- * GSO (the rest went one by one).
+ * the rest of the batch's to that endpoint: an equal one, not any of the same address),
+ * (None, errno, None) when the kernel refused GSO (the rest went one by one).
  * Errors otherwise drop the datagram, as UDP may: EMSGSIZE sends that chunk one by one
  * (IP fragments them), and so on, errno for errno as the reference. */
 
@@ -49,6 +50,7 @@ typedef struct {
     const uint8_t *info; /* the sticky source's packet info; NULL: the kernel's choice */
     size_t infolen;
     int gone; /* the errno a send from the source failed with */
+    Py_ssize_t same; /* the batch's first run to an equal endpoint with a source (or k) */
 } SendRun;
 
 typedef struct {
@@ -97,6 +99,29 @@ static int take_dest(SendRun *r, PyObject *dest)
     return 0;
 }
 
+/* Which earlier run of the batch goes to run k's endpoint (r->same), for `forget`: a
+ * source gone is forgotten for its endpoint, as UdpSocket forgets it, not for every
+ * endpoint of that address (two spellings of one: "127.0.0.1" and "::ffff:127.0.0.1").
+ * Only runs with a source are compared, and an endpoint only with those of the same
+ * address. -1 with an exception (an endpoint's __eq__ raised). */
+static int same_endpoint(UdpBatch *b, Py_ssize_t k)
+{
+    SendRun *r = &b->run[k];
+    r->same = k;
+    for (Py_ssize_t j = 0; r->info != NULL && j < k; j++) {
+        const SendRun *o = &b->run[j];
+        if (o->same != j || o->info == NULL || o->alen != r->alen
+            || memcmp(o->addr, r->addr, r->alen) != 0)
+            continue;
+        int eq = PyObject_RichCompareBool(o->endpoint, r->endpoint, Py_EQ); /* `is`: 1 */
+        if (eq != 0) {
+            r->same = j;
+            return eq < 0 ? -1 : 0;
+        }
+    }
+    return 0;
+}
+
 /* Run k of the batch from item (buf, size, endpoint): its buffer held, its destination
  * looked up (made by dest_fn where dests has none). -1 with an exception. */
 static int take_run(UdpBatch *b, Py_ssize_t k, PyObject *item, PyObject *dests, PyObject *dest_fn)
@@ -107,22 +132,23 @@ static int take_run(UdpBatch *b, Py_ssize_t k, PyObject *item, PyObject *dests, 
         return -1;
     }
     Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
-    if (size < 1) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "a run's size is at least 1");
+    if (size < 0 && PyErr_Occurred())
         return -1;
-    }
     r->size = (size_t)size;
     r->endpoint = PyTuple_GET_ITEM(item, 2);
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(item, 0), &r->view, PyBUF_SIMPLE) < 0)
         return -1;
+    if (size < 0 || (size == 0 && r->view.len > 0)) { /* 0: an empty run, one empty datagram */
+        PyErr_SetString(PyExc_ValueError, "a run's size is at least 1 (0: an empty run)");
+        return -1;
+    }
     PyObject *dest = PyDict_GetItemWithError(dests, r->endpoint);
     if (dest != NULL)
         Py_INCREF(dest);
     else if (PyErr_Occurred() || (dest = PyObject_CallOneArg(dest_fn, r->endpoint)) == NULL)
         return -1;
     b->packets += r->view.len <= size ? 1 : (r->view.len + size - 1) / size;
-    return take_dest(r, dest);
+    return take_dest(r, dest) < 0 ? -1 : same_endpoint(b, k);
 }
 
 /* With the GIL: a batch of runs ready to send without it. NULL with an exception. */
@@ -203,19 +229,15 @@ static int gso_refused(int err)
     return err == EIO || err == ENOPROTOOPT || err == EINVAL || err == EOPNOTSUPP;
 }
 
-/* Run k's source failed with err: it and the batch's later runs to its address go from
+/* Run k's source failed with err: it and the batch's later runs to its endpoint go from
  * the kernel's choice (UdpSocket._source_failed forgets the endpoint's source). */
 static void forget(UdpBatch *b, Py_ssize_t k, int err)
 {
-    const SendRun *r = &b->run[k];
     b->run[k].gone = err;
-    const struct sockaddr *addr = r->addr;
-    socklen_t alen = r->alen;
-    for (Py_ssize_t j = k; j < b->n; j++) {
-        SendRun *o = &b->run[j];
-        if (o->info != NULL && o->alen == alen && memcmp(o->addr, addr, alen) == 0)
-            o->info = NULL;
-    }
+    Py_ssize_t same = b->run[k].same;
+    for (Py_ssize_t j = k; j < b->n; j++)
+        if (b->run[j].same == same)
+            b->run[j].info = NULL;
 }
 
 /* UdpSocket.send: one datagram, from the source if there is one; if that fails as if the
@@ -358,7 +380,7 @@ static PyObject *UdpSender_send(UdpSender *u, PyObject *args)
     PyObject *runs, *dests, *dest_fn;
     if (!PyArg_ParseTuple(args, "iOO!Op:send", &fd, &runs, &PyDict_Type, &dests, &dest_fn, &gso))
         return NULL;
-    PyObject *list = PyList_New(0);
+    PyObject *list = stage_outcomes(&u->stage);
     if (list == NULL)
         return NULL;
     UdpBatch *b = stage_collect(&u->stage, list) == 0 ? udp_batch_new(runs, dests, dest_fn, gso)
@@ -377,16 +399,14 @@ static PyObject *UdpSender_send(UdpSender *u, PyObject *args)
     }
     if (!queued)
         udp_batch_free(b);
-    if (rc < 0)
-        Py_CLEAR(list);
-    return list;
+    return rc < 0 ? stage_raise(&u->stage, list) : list; /* the earlier findings kept */
 }
 
 static PyObject *UdpSender_flush(UdpSender *u, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = PyList_New(0);
+    PyObject *list = stage_outcomes(&u->stage);
     if (list != NULL && stage_drain(&u->stage, list) < 0)
-        Py_CLEAR(list);
+        return stage_raise(&u->stage, list);
     return list;
 }
 

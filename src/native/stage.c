@@ -5,9 +5,10 @@
  *
  * Who touches what: a queued job is made by the caller with the GIL and read by the
  * stage's thread without it until it is counted done; the caller collects it (its
- * outcome, then its free), with the GIL, on a later call. The thread never touches a
- * Python object and never takes the GIL; the caller never takes the GIL while it holds
- * `mu`. The counters: `queued` (the caller's) under `mu`, `done` (the thread's) changed
+ * outcome, then its free), with the GIL, on a later call (a call that raises after it
+ * collected, its own batch not made, keeps those outcomes for the next call: `kept`).
+ * The thread never touches a Python object and never takes the GIL; the caller never
+ * takes the GIL while it holds `mu`. The counters: `queued` (the caller's) under `mu`, `done` (the thread's) changed
  * under `mu` and read atomically, `collected` under the GIL. A job of at most `inline_max`
  * packets that finds nothing queued is the caller's to do itself, the GIL released: a
  * lone packet (a ping) is not handed to another thread. In a child of fork the thread is
@@ -63,6 +64,26 @@ int stage_collect(Stage *s, PyObject *list)
         s->ops->free(job);
     }
     return rc;
+}
+
+/* With the GIL: the list a call's outcomes go into: the outcomes a call that raised had
+ * collected (they must not be lost: a source gone, TunGone), or a new list. */
+PyObject *stage_outcomes(Stage *s)
+{
+    PyObject *list = s->kept;
+    s->kept = NULL;
+    return list != NULL ? list : PyList_New(0);
+}
+
+/* With the GIL, a call raising after it collected into list: the outcomes are kept for
+ * the next call (its exception stands). Steals list; NULL. */
+PyObject *stage_raise(Stage *s, PyObject *list)
+{
+    if (list != NULL && s->kept == NULL && PyList_GET_SIZE(list) > 0)
+        s->kept = list;
+    else
+        Py_XDECREF(list); /* tuples of numbers, bytes and endpoints: no Python code runs */
+    return NULL;
 }
 
 /* In a child of fork: the thread was the parent's. Its queue is dropped here (the parent
@@ -204,6 +225,7 @@ void stage_destroy(Stage *s)
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->work);
     pthread_cond_destroy(&s->finished);
+    Py_CLEAR(s->kept);
     s->ready = 0;
 }
 

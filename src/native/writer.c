@@ -48,7 +48,7 @@ static PyObject *TunWriter_write(TunWriter *w, PyObject *args)
     PyObject *packets;
     if (!PyArg_ParseTuple(args, "iO|p:write", &fd, &packets, &udp))
         return NULL;
-    PyObject *list = PyList_New(0);
+    PyObject *list = stage_outcomes(&w->stage);
     if (list == NULL)
         return NULL;
     TunBatch *t = stage_collect(&w->stage, list) == 0 ? tun_batch_new(packets, udp) : NULL;
@@ -66,16 +66,14 @@ static PyObject *TunWriter_write(TunWriter *w, PyObject *args)
     }
     if (!queued)
         tun_batch_free(t);
-    if (rc < 0)
-        Py_CLEAR(list);
-    return list;
+    return rc < 0 ? stage_raise(&w->stage, list) : list; /* the earlier outcomes kept */
 }
 
 static PyObject *TunWriter_flush(TunWriter *w, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = PyList_New(0);
+    PyObject *list = stage_outcomes(&w->stage);
     if (list != NULL && stage_drain(&w->stage, list) < 0)
-        Py_CLEAR(list);
+        return stage_raise(&w->stage, list);
     return list;
 }
 

@@ -31,6 +31,7 @@ from tests.integration.rootless_bed import (
     PAGE,
     PEER_INNER,
     PEER_OUTER,
+    SRC,
     Bed,
     connect_domain,
     connect_ipv4,
@@ -619,6 +620,34 @@ def test_info_answers_to_the_name_it_listens_on(bed: Bed, upy: Path, workdir: Pa
             asked = f"GET /readyz HTTP/1.1\r\nHost: {host}:{info}\r\n\r\n".encode()
             answer = http_get(ns, info, asked, address)
             assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (host, answer)
+
+
+LIBRARY_INFO = """
+import socket, sys, wgpy
+name, address = sys.argv[1:3]
+with wgpy.Proxy(sys.argv[3], socks=None, info=name + ":0") as proxy:
+    port = proxy.info_address[1]
+    for host in (name, "x" + name):
+        s = socket.create_connection((address, port), timeout=15)
+        s.sendall(f"GET /readyz HTTP/1.1\\r\\nHost: {host}:{port}\\r\\n\\r\\n".encode())
+        print(s.makefile("rb").readline().split()[1].decode())
+        s.close()
+"""
+
+
+@pytest.mark.parametrize("bed", ["wgpy"], indirect=True)
+def test_the_library_info_answers_to_the_name_it_listens_on(bed: Bed, workdir: Path) -> None:
+    """wgpy.Proxy(info="NAME:PORT") opens the socket and hands it to `wgpy proxy`: the
+    name goes with it, so a request for NAME is answered (it was refused with 421: the
+    child knew only the socket), one for another name is not."""
+    found = loopback_name()
+    if found is None:
+        pytest.skip("/etc/hosts names no loopback address but localhost")
+    argv = bed.caller.argv([sys.executable, "-c", LIBRARY_INFO, *found, str(bed.config)])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                          cwd=workdir, env={**CLEAN_ENV, "PYTHONPATH": str(SRC)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", "421"], done.stdout
 
 
 @pytest.mark.parametrize("bed", ["wireguard-go"], indirect=True)

@@ -45,15 +45,15 @@ class Forger:
 
 def normalize(result: Any, names: dict[int, int]) -> tuple[Any, ...]:
     """An open_batch answer (either backend's) with sessions replaced by their index, a
-    run's packets as a list of bytes (C's are a Spans) and the drops without zeros (C
-    lists every reason, the pure one only those that happened)."""
+    run's packets as a list of bytes (C's are a Spans); both name only the reasons that
+    dropped something."""
     runs, per, others, drops = result
     assert set(drops) <= set(REASONS), drops
     return (
         [(names[id(s)], src, list(packets)) for s, src, packets in runs],
         [(names[id(s)], n, d) for s, n, d in per],
         others,
-        {reason: n for reason, n in drops.items() if n},
+        dict(drops),
     )
 
 

@@ -8,8 +8,9 @@
 # tests/native/test_udp_send.py: the UDP sends and their sender thread, buffers held until
 # sent, but the one that needs a namespace of its own;
 # tests/native/test_screen.py: initiations screened; tests/native/test_reader.py: the UDP
-# reader thread, its slots drained by the C intake, closed while busy, forked), the TUN reads into bytes of their
-# own and the checksum's largest sums through them.
+# reader thread, its slots drained by the C intake, closed while busy, forked), the TUN
+# reads into bytes of their own (a signal handler's read inside one included) and the
+# checksum's largest sums through them.
 # Usage: tests/native/sanitize.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,5 +41,6 @@ export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
   tests/native/test_udp_send.py --deselect \
   tests/native/test_udp_send.py::test_segments_above_the_path_mtu_go_one_by_one \
   tests/native/test_screen.py tests/native/test_offload_seal.py::test_read_packet \
+  tests/native/test_offload_seal.py::test_a_signal_handler_reading_inside_read_packet_takes_its_own_buffer \
   tests/native/test_offload_seal.py::test_read_batch_with_read_packet_makes_the_same_items \
   tests/native/test_offload_seal.py::test_checksum_edges)

@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 from typing import Any
@@ -363,6 +364,41 @@ def test_read_packet() -> None:
     with pytest.raises(OSError) as error:
         native.read_packet(r.fileno(), header, 100)  # closed: fileno() is -1
     assert error.value.errno == errno.EBADF
+
+
+REENTERED = """
+import signal, socket, sys
+from wgpy import _native as native
+outer_r, outer_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+inner_r, inner_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+inner_r.setblocking(False)
+inner_w.send(bytes(10) + b"first")
+inner_w.send(bytes(10) + b"B" * 5000)  # above SMALL_READ: the read takes the spare whole
+got = []
+
+def handler(signum, frame):  # runs inside the outer read_packet, its readv interrupted
+    got.append(native.read_packet(inner_r.fileno(), bytearray(10), 8192))
+    outer_w.send(bytes(10) + b"A" * 4500)
+
+signal.signal(signal.SIGALRM, handler)
+assert native.read_packet(inner_r.fileno(), bytearray(10), 8192) == b"first"  # the spare made
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+outer = native.read_packet(outer_r.fileno(), bytearray(10), 8192)  # blocks: nothing yet
+print(outer == b"A" * 4500, got == [b"B" * 5000])
+"""
+
+
+def test_a_signal_handler_reading_inside_read_packet_takes_its_own_buffer() -> None:
+    """A signal that interrupts read_packet's readv runs its Python handler there
+    (PyErr_CheckSignals); one that reads a packet too gets a buffer of its own, not the
+    one the interrupted read goes on reading into (it took that one first): both come
+    out whole. (A blocking descriptor here, so that the readv waits for the signal; the
+    TUN's is non-blocking, where EINTR is rare but possible.) Before, the handler took
+    the spare buffer out from under the outer read: a NULL dereference."""
+    src = os.path.dirname(os.path.dirname(native.__file__))  # the module tested, its tree's
+    done = subprocess.run([sys.executable, "-c", REENTERED], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": src})  # fmt: skip
+    assert (done.returncode, done.stdout.split()) == (0, ["True", "True"]), done.stderr
 
 
 def test_read_batch_with_read_packet_makes_the_same_items() -> None:

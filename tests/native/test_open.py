@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.native.reference import (
-    REASONS,
     RefSession,
     World,
     forge,
@@ -62,8 +61,7 @@ def test_one_session_run_and_results_shape() -> None:
     # 36-byte plaintexts (padded to 48 on the wire) trimmed to their IP length, 28
     assert isinstance(packets, native.Spans) and len(packets) == 44
     assert list(packets) == [pkt + bytes(8)] * 44
-    assert per == [(s, len(buf), True)] and others == [] and set(drops) == set(REASONS)
-    assert not any(drops.values())
+    assert per == [(s, len(buf), True)] and others == [] and drops == {}  # none dropped
     # all replayed now; a handshake message next to them is handed back
     hs = struct.pack("<I", 1) + bytes(144)
     runs, per, others, drops = native.open_batch(buf + hs, len(buf) + 148, 0, world.native, 5.0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -113,6 +115,70 @@ def test_the_native_call_takes_a_tuple_of_buffers() -> None:
         module.screen(OURS.raw, OURS.public, [msg])
     with pytest.raises(TypeError):
         module.screen(OURS.raw, OURS.public, (None,))
+
+
+# A process of its own whose libcrypto fails every allocation made off the main thread
+# (CRYPTO_set_mem_functions, OpenSSL's own hook, set before anything in the process used
+# libcrypto: no site, the extension loaded from its file): the crypto thread cannot make
+# its contexts, the caller can. Argv: the module's file, our key and public key (hex);
+# stdin: the initiations. Prints what the screens came to.
+FAILING_WORKER = """
+import ctypes, importlib.util, os, sys, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.realloc.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+main, failing = threading.get_ident(), [False]
+where = (ctypes.c_char_p, ctypes.c_int)
+
+@ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, *where)
+def malloc(n, file, line):
+    return None if failing[0] and threading.get_ident() != main else libc.malloc(n)
+
+@ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, *where)
+def realloc(p, n, file, line):
+    return None if failing[0] and threading.get_ident() != main else libc.realloc(p, n)
+
+free = ctypes.cast(libc.free, ctypes.c_void_p)  # libc's own: frees run with errors set
+assert ctypes.CDLL("libcrypto.so.3").CRYPTO_set_mem_functions(malloc, realloc, free) == 1
+spec = importlib.util.spec_from_file_location("wgpy._native", sys.argv[1])
+native = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(native)
+priv, pub = bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3])
+data = sys.stdin.buffer.read()
+messages = tuple(data[i : i + 148] for i in range(0, len(data), 148))
+assert None not in native.screen(priv, pub, messages[:2])  # the caller's contexts made
+native.set_threads(1)
+failing[0] = True
+
+def outcome(call):
+    for _ in range(20):  # till the crypto thread took a chunk
+        try:
+            if None in call():
+                return "a valid message answered None"
+        except MemoryError:
+            return "MemoryError"
+    return "no chunk on the crypto thread"
+
+print(outcome(lambda: native.screen(priv, pub, messages)))
+ephemerals = tuple(m[8:40] for m in messages)  # one key (loaded here), its exchanges shared
+print(outcome(lambda: native.x25519(((priv, pub, ephemerals),))[0]), flush=True)
+os._exit(0)  # the worker's contexts are freed through the hook at exit: not with no GIL
+"""
+
+
+@needs_native
+def test_a_crypto_thread_that_cannot_allocate_raises_memory_error() -> None:
+    """A message the screen could not work out (a crypto thread's contexts not made: no
+    memory) raises MemoryError: it is no verdict on the message (None, counted as a forged
+    handshake: bad_handshake, as it was). The same for an exchange of `x25519` (None: the
+    all-zero point, refused as a forgery too)."""
+    assert module is not None
+    messages = b"".join(initiation(i)[0] for i in range(200))
+    argv = [sys.executable, "-I", "-S", "-c", FAILING_WORKER, module.__file__, OURS.raw.hex(),
+            OURS.public.hex()]  # fmt: skip
+    done = subprocess.run(argv, input=messages, capture_output=True, timeout=120, check=False)
+    assert done.stdout.decode().split("\n")[:2] == ["MemoryError"] * 2, done.stderr.decode()
 
 
 POOL = [initiation(i)[0] for i in range(6)]

@@ -159,6 +159,48 @@ def test_sticky_sources_and_one_gone(receiver: UdpSocket) -> None:
         theirs.close()
 
 
+def test_a_source_gone_is_forgotten_for_its_endpoint_alone() -> None:
+    """Two endpoints that are one address ("127.0.0.1" and "::ffff:127.0.0.1", the same
+    sockaddr on a v6 socket), each with a source: the first's is gone. It is forgotten for
+    that endpoint, as UdpSocket forgets it; the other's sends still go from its own
+    (127.0.0.2), in C as in the reference (C forgot it by address: review F4)."""
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.bind(("127.0.0.1", 0))
+    port = theirs.getsockname()[1]
+    gone, kept = ("127.0.0.1", port), ("::ffff:127.0.0.1", port)
+    batch = [(b"one", 3, gone), (b"two", 3, kept), (b"g" * 10 + b"h" * 10, 10, kept)]
+    want = [(b"one", "127.0.0.1"), (b"two", "127.0.0.2"), (b"g" * 10, "127.0.0.2"),
+            (b"h" * 10, "127.0.0.2")]  # fmt: skip
+    try:
+        for kind in KINDS:
+            sock = socket_of(kind)
+            try:
+                sock.learn_source(gone, mapped_pktinfo("198.51.100.7"))
+                sock.learn_source(kept, mapped_pktinfo("127.0.0.2"))
+                sock.send_runs(batch)
+                settle(sock)
+                assert sorted(recv_all(theirs, 4)) == sorted(want), kind
+                assert (sock.source(gone), sock.source(kept)) == (None, "127.0.0.2"), kind
+            finally:
+                sock.close()
+    finally:
+        theirs.close()
+
+
+def test_an_empty_run_is_an_empty_datagram(receiver: UdpSocket) -> None:
+    """A run with nothing in it (size 0 or not) goes as one empty datagram, as the
+    reference sends it (C refused a size of 0: review F5)."""
+    ep = ("127.0.0.1", receiver.port)
+    for kind in KINDS:
+        sock = socket_of(kind)
+        try:
+            sock.send_runs([(b"", 0, ep), (b"", 5, ep), (b"x", 1, ep)])
+            settle(sock)
+            assert reads(receiver) == [(b"", 0), (b"", 0), (b"x", 0)], kind
+        finally:
+            sock.close()
+
+
 def test_a_source_learnt_again_is_used_again(receiver: UdpSocket) -> None:
     """The destination C gets is made anew when the source changes (learn_source) or is
     forgotten (forget_source), not kept from before."""
@@ -406,6 +448,31 @@ def test_a_source_learnt_after_a_late_finding_is_kept(
     sock.send_runs([(b"new", 3, ep)])
     settle(sock)
     assert recv_all(theirs, 2) == [(b"old", "127.0.0.1"), (b"new", "127.0.0.2")]
+
+
+def refuse(endpoint: Endpoint) -> Any:
+    raise LookupError(endpoint)
+
+
+def test_a_batch_that_raises_keeps_what_the_earlier_ones_found(
+    queued: tuple[UdpSocket, socket.socket, Endpoint],
+) -> None:
+    """A batch whose making raises (a `dest` that raises; a MemoryError alike) raises,
+    after the earlier batches' findings were collected: they come back with the next
+    call, once, not lost (review F3)."""
+    sock, theirs, ep = queued
+    assert sock.sender is not None
+    sock.send_runs([(b"late", 4, ep)])
+    assert recv_all(theirs, 1) == [(b"late", "127.0.0.1")]  # the thread is (nearly) done
+    deadline = time.monotonic() + 0.3  # raises well after it counted the batch done
+    while time.monotonic() < deadline:
+        with pytest.raises(LookupError):
+            sock.sender.send(sock.fileno(), [(b"x", 1, ("127.0.0.1", 9))], {}, refuse, True)
+        time.sleep(0.01)
+    learnt = sock.sender.flush()
+    gone = mapped_pktinfo("198.51.100.7")[:16] + bytes(4)
+    assert [(e, info) for e, _, info in learnt] == [(ep, gone)]
+    assert sock.sender.flush() == []
 
 
 def test_close_sends_the_queue_first_and_later_sends_are_made_on_the_caller() -> None:

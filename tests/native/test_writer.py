@@ -186,6 +186,26 @@ def test_failed_writes_come_back_as_write_tun_returns_them() -> None:
         ep.close()
 
 
+def test_a_batch_that_raises_keeps_what_the_earlier_ones_found() -> None:
+    """A write whose batch cannot be made (a packet that is no buffer) raises, after the
+    earlier batches' failed writes were collected: they come back with the next call,
+    once, not lost (review F3: a USO refusal or TunGone missed)."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    writer = native.TunWriter(inline=0)
+    try:
+        assert writer.write(fd, [ICMP]) == []  # queued: EBADF, found by the thread
+        deadline = time.monotonic() + 0.3  # raises well after it counted the batch done
+        while time.monotonic() < deadline:
+            with pytest.raises(TypeError):
+                writer.write(fd, [object()])
+            time.sleep(0.01)
+        assert writer.write(fd, []) == [(errno.EBADF, offload.coalesce([ICMP])[0])]
+        assert writer.flush() == []
+    finally:
+        writer.close()
+        os.close(fd)
+
+
 def tun_on(fd: int, writer: Any) -> Tun:
     tun = Tun.__new__(Tun)  # a TUN whose descriptor refuses every write
     tun._fd, tun.name, tun.vnet_hdr, tun.coalesce_udp = fd, "t", True, True

@@ -210,16 +210,17 @@ def test_any_http_head_parses_or_is_a_bad_request(head: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "value, kind, target",
-    [("socks:5", "socks", None), ("info:7", "info", None),
-     ("forward:8=10.0.0.1:80", "forward", ("10.0.0.1", 80)),
-     ("udp:9=[fd00::1]:53", "udp", ("fd00::1", 53))],
+    "value, kind, fd, host, target",
+    [("socks:5", "socks", 5, "", None), ("info:7@vm", "info", 7, "vm", None),
+     ("socks:6@::1", "socks", 6, "::1", None),
+     ("forward:8=10.0.0.1:80", "forward", 8, "", ("10.0.0.1", 80)),
+     ("udp:9@127.0.0.1=[fd00::1]:53", "udp", 9, "127.0.0.1", ("fd00::1", 53))],
 )  # fmt: skip
 def test_sockets_handed_over_by_the_library(
-    value: str, kind: str, target: tuple[str, int] | None
+    value: str, kind: str, fd: int, host: str, target: tuple[str, int] | None
 ) -> None:
     got = proxy.handed_over(value)
-    assert (got.kind, got.fd, got.target) == (kind, int(value.split(":")[1].split("=")[0]), target)
+    assert (got.kind, got.fd, got.host, got.target) == (kind, fd, host, target)
 
 
 @pytest.mark.parametrize("value", ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp"])

@@ -131,10 +131,12 @@ class Proxy:
             args = ["-c", f"/dev/fd/{fd}", "--ready-fd", str(write_end), *options]
             fds = [fd, write_end]
             for kind, value in wanted:
-                sock = self._open(kind, value)
+                sock, host = self._open(kind, value)
                 fds.append(sock.fileno())
                 target = value.partition("=")[2]  # a forward's, checked by _open
-                args += ["--listen-fd", f"{kind}:{sock.fileno()}{'=' if target else ''}{target}"]
+                # the name it listens on goes too: the health endpoint answers to it
+                args += ["--listen-fd",
+                         f"{kind}:{sock.fileno()}@{host}{'=' if target else ''}{target}"]
             self.process = subprocess.Popen(
                 [*WGPY, "proxy", *args], pass_fds=fds, stderr=subprocess.PIPE
             )
@@ -152,8 +154,9 @@ class Proxy:
             for sock in self._sockets:  # the child has them now
                 sock.close()
 
-    def _open(self, kind: str, value: str) -> socket.socket:
-        """The socket for one service, opened here; its address noted."""
+    def _open(self, kind: str, value: str) -> tuple[socket.socket, str]:
+        """The socket for one service, opened here, and the host it was asked for (a
+        name, or an address); its address noted."""
         if kind in ("forward", "udp"):
             listen = mapping(kind, value)  # checks the target too
             host, port = listen.host, listen.port
@@ -168,7 +171,7 @@ class Proxy:
             self.udp_forward_addresses.append(address)
         else:
             setattr(self, f"{kind}_address", address)
-        return sock
+        return sock, host
 
     def _wait_ready(self, fd: int, timeout: float) -> None:
         assert self.process is not None

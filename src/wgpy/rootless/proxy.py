@@ -150,13 +150,15 @@ HANDED_OVER = ("socks", "http", "info", "forward", "udp", "sni")
 
 
 def handed_over(value: str) -> Listen:
-    """`--listen-fd KIND:FD[=HOST:PORT]`: a socket that wgpy.Proxy opened (so that its
-    caller knows the address, port 0 included) and passed down; a target for forwards."""
+    """`--listen-fd KIND:FD[@HOST][=HOST:PORT]`: a socket that wgpy.Proxy opened (so that
+    its caller knows the address, port 0 included) and passed down; the host it was asked
+    to listen on (a name: the health endpoint answers to it); a target for forwards."""
     kind, _, rest = value.partition(":")
-    fd, eq, target = rest.partition("=")
+    head, eq, target = rest.partition("=")
+    fd, _, host = head.partition("@")
     if kind not in HANDED_OVER or not fd.isdigit() or bool(eq) != (kind in ("forward", "udp")):
         raise ValueError(f"bad --listen-fd {value!r}")
-    return Listen(kind, "", 0, split_endpoint(target) if eq else None, fd=int(fd))
+    return Listen(kind, host, 0, split_endpoint(target) if eq else None, fd=int(fd))
 
 
 def main(args: list[str]) -> int:
