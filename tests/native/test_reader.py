@@ -432,3 +432,73 @@ def test_a_reader_that_cannot_start_leaves_the_loop_reading(
         finally:
             path.close()
             udp.close()
+
+
+def test_shedding_through_the_reader_as_through_the_drains_own_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tests/io/test_shedding.py's flood through a reader (3 crypto threads): while the
+    socket overflows (a full read finds its queue over half full, SO_MEMINFO) the
+    strangers' cookie replies are shed, and the peer's endpoint still gets its reply; the
+    thread read part of it."""
+    from tests.io.test_offload import V4, flow
+    from wgpy.core.crypto import clamp
+    from wgpy.core.output import Drop
+
+    module = load()
+    if module is None:
+        pytest.skip("wgpy._native is not built")
+    monkeypatch.setattr(intake, "SHED_BURST", 5)  # strangers' replies while shedding: 5
+    monkeypatch.setattr(intake, "SHED_REPLIES", 0.001)
+    monkeypatch.setenv("WGPY_UDP_READER", "")
+    ours = UdpSocket()
+    known, stranger = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    shrunk = socket.socket(fileno=os.dup(ours.fileno()))  # ~100-170 datagrams fit
+    shrunk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    shrunk.close()
+    rng = random.Random(7)
+    victim = Device(rng.randbytes, backend=Backend(module, threading.Lock, 3), classify=True)
+    victim.set_private_key(clamp(rng.randbytes(32)))
+    victim.intake.load.forced = True  # every message needs a cookie
+    initiator = Device(rng.randbytes)
+    initiator.set_private_key(clamp(rng.randbytes(32)))
+    assert victim.public_key is not None and initiator.public_key is not None
+    datapath = Datapath(victim, ChannelTun(), ours)
+    try:
+        assert len(datapath.udp_fds()) == 2  # a reader, by default on 3 threads
+        for s in (known, stranger):
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        victim_peer = victim.add_peer(initiator.public_key)
+        assert victim_peer is not None
+        victim_peer.endpoint = known.getsockname()
+        peer = initiator.add_peer(victim.public_key)
+        assert peer is not None
+        peer.endpoint = ("127.0.0.1", ours.port)
+        initiator.allowed_ips.insert(V4[1], 32, peer)
+        [(initiation, _)] = initiator.send(flow(1, 10), time.monotonic()).udp
+        to = ("127.0.0.1", ours.port)
+        known.sendto(initiation, to)
+        for _ in range(1000):
+            stranger.sendto(initiation, to)
+        while select.select(list(datapath.udp_fds()), [], [], 0.2)[0]:  # as the loop
+            datapath.on_udp()
+        assert datapath.drops[Drop.REPLY_SHED] > 0
+        assert sum(1 for _ in iter_replies(known)) == 1
+        assert sum(1 for _ in iter_replies(stranger)) == 5
+        assert datapath._reader.counts()[1] > 0  # the thread read some of it
+    finally:
+        datapath.close()
+        for s in (ours, known, stranger):
+            s.close()
+
+
+def iter_replies(sock: socket.socket) -> list[bytes]:
+    """The cookie replies waiting at `sock`."""
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            data = sock.recv(2048)
+            if data[0] == 3:
+                got.append(data)
+    return got
