@@ -776,25 +776,17 @@ static Py_ssize_t gro_size(struct msghdr *h) {
     return 0;
 }
 
-/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize). */
-#define SO_MEMINFO_ 55
-enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_N = 2 };
-
 /* Whether this drain sheds the cookie replies to strangers: for `hold` seconds after a
- * full drain (a backlog) found the socket's receive queue more than half full. The socket
- * is not read as fast as the datagrams come, so the reads go to the peers we have rather
- * than to answering the flood (a reply costs a send, 5-8 us here, reading and refusing
- * ~1.5 us). Half full: shedding from before the first drop keeps the peers' datagrams
- * from being dropped at all. Not the kernel's drop count: a datagram with a bad UDP
- * checksum, which anyone can send, counts as a drop when it is read, and one a second
- * would keep the device shedding. Only a full drain looks, so a socket that keeps up
- * costs no extra system call. */
-static int shedding(Classifier *self, int fd, int full, double now) {
-    uint32_t info[16] = {0};
-    socklen_t len = sizeof(info);
-    if (full && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
-        len >= MEMINFO_N * sizeof(uint32_t) &&
-        info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2)
+ * full read (a backlog) found the socket's receive queue more than half full (`over`,
+ * `overflowing` in reader.c, asked right after the read). The socket is not read as fast
+ * as the datagrams come, so the reads go to the peers we have rather than to answering
+ * the flood (a reply costs a send, 5-8 us here, reading and refusing ~1.5 us). Half full:
+ * shedding from before the first drop keeps the peers' datagrams from being dropped at
+ * all. Not the kernel's drop count: a datagram with a bad UDP checksum, which anyone can
+ * send, counts as a drop when it is read, and one a second would keep the device
+ * shedding. Only a full read looks, so a socket that keeps up costs no extra system call. */
+static int shedding(Classifier *self, int over, double now) {
+    if (over)
         self->shed_until = now + self->hold;
     return now < self->shed_until;
 }
@@ -1009,12 +1001,12 @@ static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_
     return 0;
 }
 
-/* The reads of a drain, however read (the drain's own recvmmsg or the reader thread's
- * slot): classified, the cookie replies sent, drain's answer made. `full`: the read took
- * all it could (a backlog: the socket's queue is looked at for shedding). */
+/* The reads of a drain, however read (the drain's own recvmmsg or a reader's slot):
+ * classified, the cookie replies sent, drain's answer made. `over`: the read was full and
+ * left the socket's queue over half full (shedding). */
 static PyObject *drained(Classifier *self, Batch *b, Replies *r, int fd, Reads *rd, int got,
-                         int full, uint8_t *buf, Py_ssize_t slot, Py_ssize_t base) {
-    b->shed = shedding(self, fd, full, b->now);
+                         int over, uint8_t *buf, Py_ssize_t slot, Py_ssize_t base) {
+    b->shed = shedding(self, over, b->now);
     PyObject *kept = PyList_New(0), *drops = NULL;
     if (kept == NULL || classify_reads(self, b, rd, got, buf, slot, base, kept) < 0)
         goto fail;
@@ -1039,7 +1031,8 @@ static PyObject *drain_socket(Classifier *self, Batch *b, Replies *r, int fd, Py
     Py_END_ALLOW_THREADS
     if (got < 0)
         got = 0; /* nothing waits, or an ICMP error queued on the socket: nothing read */
-    PyObject *result = drained(self, b, r, fd, rd, got, got == count, buf->buf, slot, 0);
+    int over = got == count && overflowing(fd);
+    PyObject *result = drained(self, b, r, fd, rd, got, over, buf->buf, slot, 0);
     reads_give(self, rd, got, (unsigned)count);
     return result;
 }
@@ -1050,7 +1043,7 @@ static PyObject *drain_reader(Classifier *self, Batch *b, Replies *r, PyObject *
     ReaderSlot s;
     if (reader_take(reader, buf, slot, count, &s) < 0)
         return NULL;
-    return drained(self, b, r, s.fd, s.rd, s.got, s.got == count, s.buf, slot, s.base);
+    return drained(self, b, r, s.fd, s.rd, s.got, s.over, s.buf, slot, s.base);
 }
 
 static PyObject *Classifier_drain(Classifier *self, PyObject *args) {

@@ -24,6 +24,9 @@ typedef struct Reads {
 void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned from, unsigned count);
 /* The first `dirty` headers as setup_reads left them (what a recvmmsg wrote back). */
 void reset_reads(Reads *rd, unsigned dirty);
+/* Whether socket fd's receive queue is over half full (SO_MEMINFO): asked right after a
+ * full read, by whoever made it, for the intake's shedding (classify.c `shedding`). */
+int overflowing(int fd);
 
 /* A filled slot of a UdpReader, taken by the Classifier's drain (with the GIL). */
 typedef struct {
@@ -32,6 +35,7 @@ typedef struct {
     uint8_t *buf;   /* the slot's first read */
     Py_ssize_t base; /* its offset in the reader's buffer */
     int got;        /* reads in it, 0: none was waiting */
+    int over;       /* a full read that left the socket's queue over half full */
 } ReaderSlot;
 
 extern PyTypeObject UdpReaderType;

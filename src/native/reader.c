@@ -53,6 +53,7 @@
 typedef struct {
     Reads rd;
     int got;        /* the reads recvmmsg brought (the thread's, then the caller's) */
+    int over;       /* full, and the socket's queue was over half full after it */
     unsigned dirty; /* headers the last recvmmsg may have written back */
 } Slot;
 
@@ -107,14 +108,28 @@ void reset_reads(Reads *rd, unsigned dirty)
     }
 }
 
-/* One recvmmsg into slot s (which is the caller's to write: the thread's, or the caller's
- * in a child of fork); the reads, or -1 with errno. */
+#define SO_MEMINFO_ 55 /* what the socket holds and may hold: its queue's bytes, truesize */
+enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_N = 2 };
+
+int overflowing(int fd)
+{
+    uint32_t info[16] = {0};
+    socklen_t len = sizeof(info);
+    return getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
+           len >= MEMINFO_N * sizeof(uint32_t) &&
+           info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2;
+}
+
+/* One recvmmsg into slot s (the reader's to write: the thread, or the caller when it
+ * reads); the reads, or -1 with errno. A full one asks at once whether the queue it left
+ * is over half full: asked later, the thread's next read would have emptied it. */
 static int read_slot(UdpReader *r, Slot *s)
 {
     reset_reads(&s->rd, s->dirty);
     int got = recvmmsg(r->fd, s->rd.msgs, (unsigned)r->count, MSG_DONTWAIT, NULL);
     unsigned touched = (unsigned)(got > 0 ? got : 0) + 1;
     s->dirty = touched < (unsigned)r->count ? touched : (unsigned)r->count;
+    s->over = got == r->count && overflowing(r->fd);
     return got;
 }
 
@@ -215,7 +230,7 @@ static void read_here(UdpReader *r, ReaderSlot *out)
         return;
     s->got = got;
     r->filled++, r->taken++;
-    out->rd = &s->rd, out->got = got;
+    out->rd = &s->rd, out->got = got, out->over = s->over;
     out->base = (Py_ssize_t)at * r->size * r->count, out->buf = r->ring + out->base;
 }
 
@@ -242,7 +257,7 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
     }
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
-    out->fd = r->fd, out->got = 0, out->rd = NULL, out->buf = NULL, out->base = 0;
+    out->fd = r->fd, out->got = out->over = 0, out->rd = NULL, out->buf = NULL, out->base = 0;
     pthread_mutex_lock(&r->mu);
     if (r->freed < r->taken) { /* the last drain's reads: Python is done with them */
         r->freed++;
@@ -253,7 +268,7 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
         wait_read(r); /* the thread's read: the datagrams before any the socket still has */
     if (r->taken < r->filled) {
         uint64_t at = r->taken++ % (uint64_t)r->nslots;
-        out->rd = &r->slots[at].rd, out->got = r->slots[at].got;
+        out->rd = &r->slots[at].rd, out->got = r->slots[at].got, out->over = r->slots[at].over;
         out->base = (Py_ssize_t)at * r->size * r->count, out->buf = r->ring + out->base;
     } else if (!r->stopping) {
         read_here(r, out);

@@ -483,10 +483,11 @@ def test_shedding_through_the_reader_as_through_the_drains_own_reads(
             stranger.sendto(initiation, to)
         while select.select(list(datapath.udp_fds()), [], [], 0.2)[0]:  # as the loop
             datapath.on_udp()
+            wait_filled(datapath._reader, 0.05)  # (armed: the thread's turn to read)
         assert datapath.drops[Drop.REPLY_SHED] > 0
         assert sum(1 for _ in iter_replies(known)) == 1
         assert sum(1 for _ in iter_replies(stranger)) == 5
-        assert datapath._reader.counts()[1] > 0  # the thread read some of it
+        assert datapath._reader.counts()[1] > 0, "the thread read none of it"
     finally:
         datapath.close()
         for s in (ours, known, stranger):
