@@ -17,6 +17,7 @@ the tunnel adds over the floor. `--out` writes the table into a section of that 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -41,6 +42,7 @@ _TIME = re.compile(r"time=([0-9.]+) ms")
 @dataclass
 class Samples:
     ms: list[float] = field(default_factory=list)
+    reps: list[float] = field(default_factory=list)  # each repetition's median
 
     def median(self) -> float:
         return statistics.median(self.ms)
@@ -78,17 +80,30 @@ def report(results: dict[str, Samples], baseline: str, command: str) -> str:
         "median. Where the time goes: docs/design.md (Latency: a lone packet); "
         "`bench/hops.py` times one hop in-process.",
         "",
-        "| pairing (a <-> b) | samples | median ms | p90 ms | ratio | added ms |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| pairing (a <-> b) | samples | median ms | p90 ms | ratio | ratio by repetition "
+        "| added ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in results.items():
         if not s.ms:
             continue
         ratio = f"{s.median() / base:.2f}x" if name != FLOOR else ""
         added = f"{s.median() - floor:.3f}" if name != FLOOR else ""
+        by_rep = by_repetition(s, results[baseline]) if name != FLOOR else ""
         lines.append(f"| {name.replace(':', ' <-> ')} | {len(s.ms)} | {s.median():.3f} "
-                     f"| {s.p90():.3f} | {ratio} | {added} |")  # fmt: skip
+                     f"| {s.p90():.3f} | {ratio} | {by_rep} | {added} |")  # fmt: skip
+    lines += ["", "Ratio by repetition: each repetition's median against the baseline's in "
+              "the same repetition (the pairings of one repetition ran seconds apart), their "
+              "median and range: the machine's drift from one repetition to the next (+-25% "
+              "here) cancels out of it."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def by_repetition(pair: Samples, baseline: Samples) -> str:
+    ratios = [p / b for p, b in zip(pair.reps, baseline.reps, strict=True) if p == p and b == b]
+    if not ratios:  # (nan != nan: a repetition with no reply has no ratio)
+        return ""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main() -> int:
@@ -115,6 +130,7 @@ def main() -> int:
             before = len(results[pair].ms)
             run_once(pair, args.count, args.interval, results)
             got = results[pair].ms[before:]
+            results[pair].reps.append(statistics.median(got) if got else math.nan)
             print(f"rep {rep + 1}: {pair}: median {statistics.median(got):.3f} ms, "
                   f"{len(got)} replies", flush=True)  # fmt: skip
     command = "sudo python bench/latency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

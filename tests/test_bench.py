@@ -28,3 +28,18 @@ def test_a_bench_measures_the_tree_it_is_given(script: str, how: str, tmp_path: 
     done = subprocess.run([sys.executable, str(BENCH / script), *given, *ARGS[script]],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert (done.returncode, done.stderr.strip()) == (1, "the tree given"), done.stdout
+
+
+def test_latency_pairs_each_repetition_with_the_baselines_same_repetition() -> None:
+    """bench/latency.py's ratio by repetition: rep k of a pairing against rep k of the
+    baseline (the machine's drift between repetitions cancels), a rep with no reply left
+    out."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import latency
+    finally:
+        sys.path.remove(str(BENCH))
+    ours = latency.Samples([0.5, 0.9], [0.5, 0.9, float("nan")])
+    base = latency.Samples([0.4, 0.6], [0.4, 0.6, 0.5])  # drifted up by half in rep 2
+    assert latency.by_repetition(ours, base) == "1.38x (1.25-1.50)"
+    assert latency.by_repetition(latency.Samples([1.0], [float("nan")] * 3), base) == ""

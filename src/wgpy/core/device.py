@@ -272,7 +272,7 @@ class Device:
 
     def account(self, received: dict[Keypair, data.Received], now: float, out: Output) -> None:
         """What the opened data messages did to their peers, once per session (here, not a
-        call per session: a lone packet's hop pays ~2.5 us a call, cold)."""
+        call per session: less work on a lone packet's hop, docs/design.md "Latency")."""
         for kp, got in received.items():
             out.authentic = True
             peer = kp.peer

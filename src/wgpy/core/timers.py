@@ -79,7 +79,7 @@ class Timers:
         """A data message went out (a keepalive unless `data`): wireguard-go's
         AnyAuthenticatedPacketTraversal, AnyAuthenticatedPacketSent and, with data,
         DataSent (expect an answer: without one, a new handshake), in one call on the
-        send path (three fewer a hop: a ping's, cold, pays ~2.5 us a call)."""
+        send path (three fewer a hop, and the work they repeated)."""
         deadlines = self.deadlines
         if persistent_keepalive:
             deadlines[Timer.PERSISTENT_KEEPALIVE] = now + persistent_keepalive
