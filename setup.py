@@ -11,7 +11,8 @@ from glob import glob
 
 from setuptools import Extension, setup
 
-NATIVE = sorted(set(glob("src/native/*.c")) - {"src/native/classify.c"})  # a file per job
+CLASSIFY = ["src/native/classify.c", "src/native/reader.c"]  # the intake, its reader thread
+NATIVE = sorted(set(glob("src/native/*.c")) - set(CLASSIFY))  # a file per job
 
 setup(
     ext_modules=[
@@ -25,7 +26,8 @@ setup(
         ),
         Extension(  # the handshake intake (issue 18); -ffp-contract=off: the token buckets
             "wgpy._classify",  # must round as the Python ones do (no fused multiply-add)
-            ["src/native/classify.c"],
+            CLASSIFY,
+            depends=["src/native/classify.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-ffp-contract=off"],
             optional=True,

@@ -9,7 +9,9 @@ ping every 10 ms leaves the CPU that long; the caches go cold meanwhile), then t
 `A.on_tun()` (read, seal, send) and `B.on_udp()` (read, open, write to B's TUN). With
 several SRC trees (e.g. a copy of another commit's src/) each runs in its own process and
 the rounds alternate between them, so that the machine's load hits all alike: far less
-noisy than ping round trips (bench/latency.py) for comparing two versions. `--idle 0`
+noisy than ping round trips (bench/latency.py) for comparing two versions. A SRC may
+end in @NAME=VALUE,... for its process's environment: `src src@WGPY_UDP_READER=1`
+compares a datapath with and without its UDP reader thread in one run. `--idle 0`
 gives the warm figures. The kernel's part (the syscalls, the loopback delivery) is in
 the times as it is in a real hop; the epoll wake-up is not. While idle, both datapaths
 tick every 0.1 s, as the daemon's loop makes them, and read what came.
@@ -135,9 +137,12 @@ def serve(idle: float) -> None:
 
 
 def start(src: str, idle: float) -> subprocess.Popen[Any]:
-    """A `serve` process with `src` as its wgpy, in a namespace of its own."""
+    """A `serve` process with `src` as its wgpy, in a namespace of its own; `src` may end
+    in @NAME=VALUE,... for its environment (e.g. src@WGPY_UDP_READER=1)."""
     argv = ["unshare", "-n", sys.executable, __file__, "--serve", "--idle", str(idle)]
-    env = {**os.environ, "PYTHONPATH": src}
+    src, _, settings = src.partition("@")
+    extra = dict(item.split("=", 1) for item in settings.split(",") if item)
+    env = {**os.environ, "PYTHONPATH": src, **extra}
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 

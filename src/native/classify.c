@@ -17,8 +17,8 @@
  * Floating point is done in the same order as the Python (and built with
  * -ffp-contract=off): a bucket's tokens are the same doubles on both paths.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "classify.h"
+
 #include <structmember.h>
 
 #include <arpa/inet.h>
@@ -697,17 +697,8 @@ fail:
 
 /* ---- drain: the socket read here, in batches (recvmmsg) ------------------------------- */
 
-#define MAX_READS 256
 #define SOL_UDP_ 17
 #define UDP_GRO_ 104
-#define CMSG_ROOM 64 /* a GRO size and a packet info fit */
-
-typedef struct Reads {
-    struct mmsghdr msgs[MAX_READS];
-    struct iovec iov[MAX_READS];
-    struct sockaddr_in6 names[MAX_READS];
-    uint8_t cmsgs[MAX_READS][CMSG_ROOM];
-} Reads;
 
 /* The source of a read as UdpSocket.recv_into gives it (an IPv4-mapped address as
  * IPv4), for the buckets and the cookie; -1 for an address family we never read. */
@@ -785,25 +776,17 @@ static Py_ssize_t gro_size(struct msghdr *h) {
     return 0;
 }
 
-/* SO_MEMINFO: what the socket holds and may hold (its receive queue's bytes, truesize). */
-#define SO_MEMINFO_ 55
-enum { MEMINFO_RMEM_ALLOC = 0, MEMINFO_RCVBUF = 1, MEMINFO_N = 2 };
-
 /* Whether this drain sheds the cookie replies to strangers: for `hold` seconds after a
- * full drain (a backlog) found the socket's receive queue more than half full. The socket
- * is not read as fast as the datagrams come, so the reads go to the peers we have rather
- * than to answering the flood (a reply costs a send, 5-8 us here, reading and refusing
- * ~1.5 us). Half full: shedding from before the first drop keeps the peers' datagrams
- * from being dropped at all. Not the kernel's drop count: a datagram with a bad UDP
- * checksum, which anyone can send, counts as a drop when it is read, and one a second
- * would keep the device shedding. Only a full drain looks, so a socket that keeps up
- * costs no extra system call. */
-static int shedding(Classifier *self, int fd, int full, double now) {
-    uint32_t info[16] = {0};
-    socklen_t len = sizeof(info);
-    if (full && getsockopt(fd, SOL_SOCKET, SO_MEMINFO_, info, &len) == 0 &&
-        len >= MEMINFO_N * sizeof(uint32_t) &&
-        info[MEMINFO_RMEM_ALLOC] > info[MEMINFO_RCVBUF] / 2)
+ * full read (a backlog) found the socket's receive queue more than half full (`over`,
+ * `overflowing` in reader.c, asked right after the read). The socket is not read as fast
+ * as the datagrams come, so the reads go to the peers we have rather than to answering
+ * the flood (a reply costs a send, 5-8 us here, reading and refusing ~1.5 us). Half full:
+ * shedding from before the first drop keeps the peers' datagrams from being dropped at
+ * all. Not the kernel's drop count: a datagram with a bad UDP checksum, which anyone can
+ * send, counts as a drop when it is read, and one a second would keep the device
+ * shedding. Only a full read looks, so a socket that keeps up costs no extra system call. */
+static int shedding(Classifier *self, int over, double now) {
+    if (over)
         self->shed_until = now + self->hold;
     return now < self->shed_until;
 }
@@ -939,18 +922,6 @@ static Py_ssize_t send_replies(Classifier *self, int fd, Reads *rd, const Replie
     return sent;
 }
 
-static void setup_reads(Reads *rd, uint8_t *buf, Py_ssize_t slot, unsigned from,
-                        unsigned count) {
-    for (unsigned i = from; i < count; i++) {
-        struct msghdr *h = &rd->msgs[i].msg_hdr;
-        memset(h, 0, sizeof(*h));
-        rd->iov[i].iov_base = buf + (Py_ssize_t)i * slot, rd->iov[i].iov_len = (size_t)slot;
-        h->msg_name = &rd->names[i], h->msg_namelen = sizeof(rd->names[i]);
-        h->msg_iov = &rd->iov[i], h->msg_iovlen = 1;
-        h->msg_control = rd->cmsgs[i], h->msg_controllen = CMSG_ROOM;
-    }
-}
-
 /* The headers for a drain: the classifier's own, kept from call to call, only what the
  * last recvmmsg wrote back (lengths, flags) set again: a lone datagram's drain touches
  * two headers, not 64 made anew in 44 KiB malloc'd per call (a ping's hop, cold). When
@@ -967,12 +938,7 @@ static Reads *reads_take(Classifier *self, uint8_t *buf, Py_ssize_t slot, unsign
     rd = self->reads;
     if (buf != self->reads_buf || slot != self->reads_slot)
         self->reads_buf = buf, self->reads_slot = slot, self->reads_ready = 0;
-    unsigned dirty = self->reads_dirty < self->reads_ready ? self->reads_dirty : self->reads_ready;
-    for (unsigned i = 0; i < dirty; i++) {
-        struct msghdr *h = &rd->msgs[i].msg_hdr;
-        h->msg_namelen = sizeof(rd->names[i]), h->msg_controllen = CMSG_ROOM, h->msg_flags = 0;
-        rd->msgs[i].msg_len = 0;
-    }
+    reset_reads(rd, self->reads_dirty < self->reads_ready ? self->reads_dirty : self->reads_ready);
     if (count > self->reads_ready) {
         setup_reads(rd, buf, slot, self->reads_ready, count);
         self->reads_ready = count;
@@ -994,8 +960,8 @@ static void reads_give(Classifier *self, Reads *rd, int got, unsigned count) {
 }
 
 /* A read that brought something for Python: (offset, n, seg, (host, port), info, passed,
- * data messages). */
-static int keep_read(Classifier *self, PyObject *kept, Reads *rd, unsigned i, Py_ssize_t slot,
+ * data messages); the offset is in the caller's buffer, whose `base` the reads begin at. */
+static int keep_read(Classifier *self, PyObject *kept, Reads *rd, unsigned i, Py_ssize_t at,
                      Py_ssize_t seg, PyObject *passed, Py_ssize_t data) {
     PyObject *ep = endpoint_cached(self, &rd->names[i]);
     if (ep == NULL)
@@ -1007,8 +973,8 @@ static int keep_read(Classifier *self, PyObject *kept, Reads *rd, unsigned i, Py
     }
     if (passed == NULL)
         passed = Py_None;
-    PyObject *t = Py_BuildValue("(nInNNOn)", (Py_ssize_t)i * slot, rd->msgs[i].msg_len, seg, ep,
-                                info, passed, data);
+    PyObject *t = Py_BuildValue("(nInNNOn)", at, rd->msgs[i].msg_len, seg, ep, info, passed,
+                                data);
     int rc = t == NULL ? -1 : PyList_Append(kept, t);
     Py_XDECREF(t);
     return rc;
@@ -1016,7 +982,7 @@ static int keep_read(Classifier *self, PyObject *kept, Reads *rd, unsigned i, Py
 
 /* Every read of a drain classified; those with something for Python kept. */
 static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_t *buf,
-                          Py_ssize_t slot, PyObject *kept) {
+                          Py_ssize_t slot, Py_ssize_t base, PyObject *kept) {
     for (int i = 0; i < got; i++) {
         Source src;
         PyObject *passed = NULL;
@@ -1027,7 +993,7 @@ static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_
         b->src = &src, b->read = (uint16_t)i;
         int rc = classify_read(self, b, buf + i * slot, n, seg, &passed, &data);
         if (rc == 0 && (passed != NULL || data))
-            rc = keep_read(self, kept, rd, (unsigned)i, slot, seg, passed, data);
+            rc = keep_read(self, kept, rd, (unsigned)i, base + i * slot, seg, passed, data);
         Py_XDECREF(passed);
         if (rc < 0)
             return -1;
@@ -1035,54 +1001,84 @@ static int classify_reads(Classifier *self, Batch *b, Reads *rd, int got, uint8_
     return 0;
 }
 
-static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
-    int fd, forced, got = 0;
-    Py_buffer buf;
-    Py_ssize_t slot, count;
-    Batch b = {0};
-    Replies r = {0};
-    Reads *rd = NULL;
-    PyObject *state, *kept = NULL, *drops = NULL;
-    if (!PyArg_ParseTuple(args, "iw*nnddnpO", &fd, &buf, &slot, &count, &b.now, &b.until,
-                          &b.queued, &forced, &state))
-        return NULL;
-    b.forced = forced, b.sends = 1;
-    if (count < 1 || count > MAX_READS || slot < 1 || slot * count > buf.len) {
-        PyErr_SetString(PyExc_ValueError, "count (1-256) x slot must fit in buf");
+/* The reads of a drain, however read (the drain's own recvmmsg or a reader's slot):
+ * classified, the cookie replies sent, drain's answer made. `over`: the read was full and
+ * left the socket's queue over half full (shedding). */
+static PyObject *drained(Classifier *self, Batch *b, Replies *r, int fd, Reads *rd, int got,
+                         int over, uint8_t *buf, Py_ssize_t slot, Py_ssize_t base) {
+    b->shed = shedding(self, over, b->now);
+    PyObject *kept = PyList_New(0), *drops = NULL;
+    if (kept == NULL || classify_reads(self, b, rd, got, buf, slot, base, kept) < 0)
         goto fail;
-    }
-    if (state != Py_None) {
-        if (parse_reply_state(state, &r) < 0)
-            goto fail;
-        b.replies = &r;
-    }
-    if ((rd = reads_take(self, buf.buf, slot, (unsigned)count)) == NULL) {
-        PyErr_NoMemory();
+    Py_ssize_t sent = r->made ? send_replies(self, fd, rd, r) : 0;
+    if ((drops = drops_dict(b)) == NULL)
         goto fail;
-    }
+    return Py_BuildValue("(NidNnK)", kept, got, b->until, drops, sent, r->counter);
+fail:
+    Py_XDECREF(kept);
+    return NULL;
+}
+
+/* drain's reads from the socket itself: one recvmmsg into buf, the GIL released. */
+static PyObject *drain_socket(Classifier *self, Batch *b, Replies *r, int fd, Py_buffer *buf,
+                              Py_ssize_t slot, Py_ssize_t count) {
+    int got = 0;
+    Reads *rd = reads_take(self, buf->buf, slot, (unsigned)count);
+    if (rd == NULL)
+        return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     got = recvmmsg(fd, rd->msgs, (unsigned)count, MSG_DONTWAIT, NULL);
     Py_END_ALLOW_THREADS
     if (got < 0)
         got = 0; /* nothing waits, or an ICMP error queued on the socket: nothing read */
-    b.shed = shedding(self, fd, got == count, b.now);
-    kept = PyList_New(0);
-    if (kept == NULL || classify_reads(self, &b, rd, got, buf.buf, slot, kept) < 0)
-        goto fail;
-    Py_ssize_t sent = r.made ? send_replies(self, fd, rd, &r) : 0;
-    if ((drops = drops_dict(&b)) == NULL)
-        goto fail;
-    replies_free(&r);
+    int over = got == count && overflowing(fd);
+    PyObject *result = drained(self, b, r, fd, rd, got, over, buf->buf, slot, 0);
     reads_give(self, rd, got, (unsigned)count);
-    PyBuffer_Release(&buf);
-    return Py_BuildValue("(NidNnK)", kept, got, b.until, drops, sent, r.counter);
-fail:
-    Py_XDECREF(kept);
+    return result;
+}
+
+/* drain's reads from a UdpReader (reader.c): the slot its thread filled, in its buffer. */
+static PyObject *drain_reader(Classifier *self, Batch *b, Replies *r, PyObject *reader,
+                              Py_buffer *buf, Py_ssize_t slot, Py_ssize_t count) {
+    ReaderSlot s;
+    if (reader_take(reader, buf, slot, count, &s) < 0)
+        return NULL;
+    return drained(self, b, r, s.fd, s.rd, s.got, s.over, s.buf, slot, s.base);
+}
+
+static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
+    int forced;
+    Py_buffer buf;
+    Py_ssize_t slot, count;
+    Batch b = {0};
+    Replies r = {0};
+    PyObject *from, *state, *result = NULL;
+    if (!PyArg_ParseTuple(args, "Ow*nnddnpO", &from, &buf, &slot, &count, &b.now, &b.until,
+                          &b.queued, &forced, &state))
+        return NULL;
+    b.forced = forced, b.sends = 1;
+    int reader = PyObject_TypeCheck(from, &UdpReaderType);
+    long fd = reader ? 0 : PyLong_AsLong(from);
+    if (!reader && (fd < 0 || fd > INT_MAX)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "fd: a descriptor or a UdpReader");
+        goto done;
+    }
+    if (count < 1 || count > MAX_READS || slot < 1 || slot * count > buf.len) {
+        PyErr_SetString(PyExc_ValueError, "count (1-256) x slot must fit in buf");
+        goto done;
+    }
+    if (state != Py_None) {
+        if (parse_reply_state(state, &r) < 0)
+            goto done;
+        b.replies = &r;
+    }
+    result = reader ? drain_reader(self, &b, &r, from, &buf, slot, count)
+                    : drain_socket(self, &b, &r, (int)fd, &buf, slot, count);
+done:
     replies_free(&r);
-    if (rd != NULL)
-        reads_give(self, rd, got, (unsigned)count);
     PyBuffer_Release(&buf);
-    return NULL;
+    return result;
 }
 
 static PyObject *Classifier_sources(Classifier *self, PyObject *Py_UNUSED(ignored)) {
@@ -1112,7 +1108,10 @@ static PyMethodDef Classifier_methods[] = {
      "with something for Python, as (offset, n, seg, (host, port), packet info or None,\n"
      "passed or None, data messages); passed as `classify` gives it, without verdict 5.\n"
      "It sheds (classify's shed) for `hold` seconds after a full drain found the socket's\n"
-     "queue over half full (SO_MEMINFO)."},
+     "queue over half full (SO_MEMINFO).\n\n"
+     "fd and buf a UdpReader (reader.c): its oldest filled slot instead of a recvmmsg,\n"
+     "the offsets in the reader's buffer, slot and count its size and count; the slot the\n"
+     "last such drain took is given back to the reader's thread first."},
     {"set_known", (PyCFunction)Classifier_set_known, METH_O,
      "set_known(endpoints): the peers' (host, port) endpoints: while the socket overflows,\n"
      "only they get cookie replies."},
@@ -1174,7 +1173,7 @@ PyMODINIT_FUNC PyInit__classify(void) {
         PyErr_SetString(PyExc_ImportError, "libcrypto has no BLAKE2SMAC");
         return NULL;
     }
-    if (PyType_Ready(&ClassifierType) < 0)
+    if (PyType_Ready(&ClassifierType) < 0 || reader_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&classify_module);
     if (m == NULL)
@@ -1182,6 +1181,10 @@ PyMODINIT_FUNC PyInit__classify(void) {
     Py_INCREF(&ClassifierType);
     if (PyModule_AddObject(m, "Classifier", (PyObject *)&ClassifierType) < 0) {
         Py_DECREF(&ClassifierType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "UdpReader", (PyObject *)&UdpReaderType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,5 @@
-"""Type stubs of the optional C extension src/native/classify.c (core/intake.py)."""
+"""Type stubs of the optional C extension src/native/classify.c (core/intake.py) and
+src/native/reader.c (io/datapath.py)."""
 
 from collections.abc import Iterable
 
@@ -37,8 +38,8 @@ class Classifier:
     ) -> tuple[list[tuple[int, int]], int, float, dict[str, int], bytes | None, int]: ...
     def drain(
         self,
-        fd: int,
-        buf: bytearray,
+        fd: int | UdpReader,
+        buf: bytearray | UdpReader,
         slot: int,
         count: int,
         now: float,
@@ -60,5 +61,18 @@ class Classifier:
     def set_mac1_key(self, key: Buffer) -> None: ...
     def set_cookie_secret(self, secret: Buffer, born: float) -> None: ...
     def sources(self) -> tuple[int, int]: ...
+
+class UdpReader(Buffer):
+    """A thread reading a UDP socket into a ring of slots for `Classifier.drain`."""
+
+    def __init__(
+        self, fd: int, slots: int = 4, count: int = 64, size: int = 69632, arm: int = 2
+    ) -> None: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+    def counts(self) -> tuple[int, int, int]: ...
+    @property
+    def running(self) -> bool: ...
 
 def mac(key: Buffer, data: Buffer) -> bytes: ...

@@ -11,7 +11,9 @@ What must hold, checked as it runs:
   natively also through the server's TUN writes, made by a writer thread (`TunWriter`)
   into a SEQPACKET socket read back on another thread, and each session's data messages
   through the server's UDP sends, made by a sender thread (`UdpSender`) to a socket on
-  loopback read back on another;
+  loopback read back on another; and the data messages to the server through a socket on
+  loopback read by a reader thread (`UdpReader` of wgpy._classify, replaced now and then
+  as a port change replaces it) and drained by the C intake, in order per session;
 - nothing raises.
 
 Usage: python tests/native/stress.py [seconds] [native|python] [harnesses]: the run the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import select
 import socket
 import struct
 import sys
@@ -165,6 +168,64 @@ class UdpSink:
         return self.count
 
 
+class UdpSource:
+    """The server's UDP reads: the data messages to the server also go through a socket on
+    loopback, read by the C intake (`Classifier.drain`) through a reader (`UdpReader`, a
+    ring of 2 slots; its thread reads ahead while the reads come back full) after each
+    step; each session's come out in the order of their counters (the socket may drop: no
+    count). Every 50 drains the reader is closed and a new one started on the socket
+    while datagrams wait (a port change's)."""
+
+    def __init__(self) -> None:
+        from wgpy._classify import UdpReader
+        from wgpy.core import intake
+
+        self.reader_type = UdpReader
+        self.rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.rx.bind(("127.0.0.1", 0))
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.classifier = intake.classifier(b"stress", 4096)
+        self.reader = UdpReader(self.rx.fileno(), slots=2, count=16, size=2048)
+        self.last: dict[int, int] = {}
+        self.count = self.drains = 0
+
+    def send(self, data: bytes) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.tx.sendto(data, socket.MSG_DONTWAIT, self.rx.getsockname())
+
+    def drain(self, wait: float = 0.0) -> int:
+        """Drain what the thread read; the reads drained."""
+        got = 0
+        while select.select([self.rx, self.reader.fileno()], [], [], wait)[0]:  # as the loop
+            kept, n, *_ = self.classifier.drain(self.reader, self.reader, 2048, 16, 1.0, 0.0,
+                                                0, False, None)  # fmt: skip
+            view = memoryview(self.reader)
+            for offset, size, seg, *_ in kept:
+                for at in range(offset, offset + size, seg or size):
+                    _, index, counter = DATA_HEADER.unpack_from(view, at)
+                    assert counter > self.last.get(index, -1), f"UDP in: {index}: {counter}"
+                    self.last[index] = counter
+                    self.count += 1
+            got += n
+            self.drains += 1
+            if not n:
+                break  # the thread's read under way came back empty
+            if self.drains % 50 == 0:
+                self.reader.close()
+                self.reader = self.reader_type(self.rx.fileno(), slots=2, count=16, size=2048)
+        return got
+
+    def close(self) -> int:
+        """Everything read: how many data messages came through."""
+        while self.drain(0.2):
+            pass
+        self.reader.close()
+        self.rx.close()
+        self.tx.close()
+        return self.count
+
+
 @dataclass
 class Stress:
     backend: Backend
@@ -176,6 +237,7 @@ class Stress:
     delivered: int = 0
     sink: TunSink | None = None  # the server's TUN writes on a writer thread (native)
     udp_sink: UdpSink | None = None  # the server's UDP sends on a sender thread (native)
+    udp_source: UdpSource | None = None  # the server's UDP reads on a reader thread (C intake)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -219,6 +281,8 @@ class Stress:
             for data, src, dst in wire:
                 self._note(data, dst)
                 reads[(src, dst)].append(data)
+                if dst == SERVER_EP and self.udp_source is not None and data[0] == MSG_DATA:
+                    self.udp_source.send(data)
             wire = []
             for (src, dst), grams in reads.items():
                 device = self._device_at(dst)
@@ -329,6 +393,8 @@ class Stress:
             self.roam(c)
         else:
             self.rotate_key(c)
+        if self.udp_source is not None:
+            self.udp_source.drain()
 
 
 def gro_reads(grams: list[bytes]) -> list[tuple[bytes, int]]:
@@ -345,10 +411,18 @@ def gro_reads(grams: list[bytes]) -> list[tuple[bytes, int]]:
     return reads
 
 
+def udp_source() -> UdpSource | None:
+    """A reader thread's reads where wgpy._classify was built."""
+    from wgpy.core import intake
+
+    return UdpSource() if intake.available() else None
+
+
 def run(backend: Backend, seed: int, steps: int) -> Stress:
     native = backend.native
     s = Stress(backend, seed, sink=TunSink(native) if native is not None else None,
-               udp_sink=UdpSink(native) if native is not None else None)  # fmt: skip
+               udp_sink=UdpSink(native) if native is not None else None,
+               udp_source=udp_source() if native is not None else None)  # fmt: skip
     try:
         for _ in range(steps):
             s.step()
@@ -357,6 +431,8 @@ def run(backend: Backend, seed: int, steps: int) -> Stress:
             assert s.sink.close() == s.delivered  # every delivered packet, in order
         if s.udp_sink is not None:
             assert s.udp_sink.close() > 0  # in order, each session's
+        if s.udp_source is not None:
+            assert s.udp_source.close() > 0  # in order, each session's
     return s
 
 
@@ -377,11 +453,14 @@ def main() -> None:
         try:
             sink = TunSink(module) if module is not None else None
             udp_sink = UdpSink(module) if module is not None else None
-            s = Stress(Backend(module, threading.Lock), seed, sink=sink, udp_sink=udp_sink)
+            source = udp_source() if module is not None else None
+            s = Stress(Backend(module, threading.Lock), seed, sink=sink, udp_sink=udp_sink,
+                       udp_source=source)  # fmt: skip
             while time.monotonic() < deadline:
                 s.step()
             assert sink is None or sink.close() == s.delivered
             assert udp_sink is None or udp_sink.close() > 0
+            assert source is None or source.close() > 0
             totals.append(s.delivered)
         except BaseException as e:
             errors.append(e)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build wgpy._native with ThreadSanitizer into a temporary copy of the package and run the
-# stress run (tests/native/stress.py) through it: two harnesses on two Python threads,
-# each sealing and opening on the module's crypto workers, its server's TUN writes on a
-# writer thread (TunWriter) and its UDP sends on a sender thread (UdpSender).
+# Build wgpy._native and wgpy._classify with ThreadSanitizer into a temporary copy of the
+# package and run the stress run (tests/native/stress.py) through it: two harnesses on two
+# Python threads, each sealing and opening on the module's crypto workers, its server's TUN
+# writes on a writer thread (TunWriter), its UDP sends on a sender thread (UdpSender) and
+# its UDP reads on a reader thread (UdpReader, drained by the C intake).
 # Usage: tests/native/tsan.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,11 +30,14 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r src/wgpy "$tmp/wgpy"
-rm -f "$tmp"/wgpy/_native*.so
+rm -f "$tmp"/wgpy/_native*.so "$tmp"/wgpy/_classify*.so
 suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 include=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -fsanitize=thread -fno-omit-frame-pointer -Wall -Wextra -Werror \
-  -I"$include" $(ls src/native/*.c | grep -v classify.c) -lcrypto -o "$tmp/wgpy/_native$suffix"
+  -I"$include" $(ls src/native/*.c | grep -vx -e src/native/classify.c -e src/native/reader.c) -lcrypto -o "$tmp/wgpy/_native$suffix"
+gcc -shared -fPIC -O1 -g -fsanitize=thread -fno-omit-frame-pointer -ffp-contract=off -Wall \
+  -Wextra -Werror -I"$include" src/native/classify.c src/native/reader.c -lcrypto \
+  -o "$tmp/wgpy/_classify$suffix"
 # Python and OpenSSL are not instrumented: TSan sees the module's own memory accesses and
 # every lock and thread (it intercepts pthreads), which is what the crypto threads use.
 LD_PRELOAD="$tsan" \

@@ -72,9 +72,8 @@ def open_read(
     `out.tun` whole, as `open_batch` made it (native: a Spans, no object per packet).
     True if a data message of the read authenticated."""
     runs, per_session, other_spans, drops = open_batch(read, n, seg, index.sessions, now)
-    for reason, count in drops.items():
-        if count:
-            out.drops[_DROPS[reason]] += count
+    for reason, count in drops.items():  # (only the reasons that dropped something)
+        out.drops[_DROPS[reason]] += count
     keypairs, tun = index.session_keypairs, out.tun
     for session, source, packets in runs:
         if lookup(source) is keypairs[session].peer:

@@ -146,7 +146,8 @@ class Daemon:
         self.loop = Loop(self._tick)
         self._next_housekeeping = 0.0
         self.loop.add_reader(self.tun.fileno(), self._on_tun)
-        self.loop.add_reader(self.udp.fileno(), self.datapath.on_udp)
+        for fd in self.datapath.udp_fds():  # the socket, and its reader thread's eventfd
+            self.loop.add_reader(fd, self.datapath.on_udp)
         self.uapi = uapi_server.UapiServer(self, self.loop, self.listener)
         self.keylog: keylog.KeyLog | None = None
         self.metrics: Any = None  # a metrics.MetricsServer: prometheus-client is optional
@@ -180,11 +181,13 @@ class Daemon:
     def set_listen_port(self, port: int) -> None:
         # raises if the port is taken, and then the old socket keeps serving
         fresh = UdpSocket(port, self.fwmark, self.offload)
-        self.loop.remove_reader(self.udp.fileno())
-        self.udp.close()
-        self.udp = fresh
-        self.datapath.use_udp(fresh)  # its sends in C, as the first socket's
-        self.loop.add_reader(fresh.fileno(), self.datapath.on_udp)
+        for fd in self.datapath.udp_fds():
+            self.loop.remove_reader(fd)
+        old, self.udp = self.udp, fresh
+        self.datapath.use_udp(fresh)  # its sends in C, as the first socket's; its reader
+        old.close()  # (after use_udp: the old socket's reader thread is joined by then)
+        for fd in self.datapath.udp_fds():
+            self.loop.add_reader(fd, self.datapath.on_udp)
         log.info("listening on UDP port %d", fresh.port)
 
     def set_fwmark(self, mark: int) -> None:
@@ -271,6 +274,7 @@ class Daemon:
             self.keylog.close()
             self.keylog = None
         self.uapi.close()
+        self.datapath.close()  # its reader thread joined before the socket goes
         self.udp.close()
         self.tun.close()
         self.loop.close()

@@ -195,7 +195,8 @@ class Interface:
             self._datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
             self._loop = Loop(self._tick)
             self._loop.add_reader(self.tun.fileno(), self._on_tun)
-            self._loop.add_reader(self.udp.fileno(), self._datapath.on_udp)
+            for fd in self._datapath.udp_fds():  # the socket, its reader thread's eventfd
+                self._loop.add_reader(fd, self._datapath.on_udp)
             self._loop.add_reader(self._wake, self._run_calls)
             self._apply_config()
         except BaseException:
@@ -232,6 +233,8 @@ class Interface:
             self._loop.close()
         if self.tun is not None:
             self.tun.close()
+        if self._datapath is not None:
+            self._datapath.close()  # its reader thread joined before the socket goes
         self.udp.close()
         os.close(self._wake)
         for aloop, q in self._async_queues:

@@ -6,12 +6,13 @@ into GSO super-packets; UDP: GSO runs). One datagram's way: `UdpSocket.recv_into
 `Device.receive_read` -> `Tun.write_batch`, and nothing else in between (with the native
 module, an opened read stays in the buffer it was decrypted into, a run of packets per
 Python object, until `write_tun` writes it to the TUN from there); with the C
-intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time, refuses
-junk and sends the cookie replies a flood is owed itself, and only the reads that brought
-something go on, by `Device.open_classified`, and the sessions they opened are accounted
-for once per drain (`Device.account`). Both ways, the packets go out first and the core
-settles after what they did to their peers (`Device.settle`, `Device.account`): a lone
-packet (a ping) waits for no bookkeeping.
+intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time (or,
+from READER_THREADS crypto threads, takes what a reader thread read ahead while a backlog
+lasts: `udp_reader`), refuses junk and sends the cookie replies a flood is owed itself,
+and only the reads that brought something go on, by `Device.open_classified`, and the
+sessions they opened are accounted for once per drain (`Device.account`). Both ways, the
+packets go out first and the core settles after what they did to their peers
+(`Device.settle`, `Device.account`): a lone packet (a ping) waits for no bookkeeping.
 
 A handshake retry forgets the sticky source address of the peer's endpoint before the
 retry goes out (as wireguard-go's `markEndpointSrcForClearing` and Linux's
@@ -170,6 +171,24 @@ def udp_sender(device: Device) -> bool:
     return wanted != "0" and device.backend.threads >= SENDER_THREADS
 
 
+# crypto threads from which the UDP reads get a thread of their own (src/native/reader.c),
+# with the C intake: one core for the loop, one for a crypto worker, one for the reader (as
+# the TUN writer). It reads only while a backlog lasts: a lone packet is read by the loop
+# as without it (docs/design.md, "The threads and their locks").
+READER_THREADS = 3
+READER_SLOTS = 4  # the reader's ring: DRAIN reads of UDP_BUF each a slot (pages as touched)
+
+
+def udp_reader(device: Device) -> bool:
+    """Whether the UDP reads get a reader thread (src/native/reader.c `UdpReader`): with
+    the C intake on READER_THREADS crypto threads or more; WGPY_UDP_READER=1 asks for it
+    on 2 threads too, =0 never. One thread (a single core) never gets one."""
+    wanted = os.environ.get("WGPY_UDP_READER", "")
+    least = 2 if wanted == "1" else READER_THREADS
+    return (wanted != "0" and device.backend.threads >= least
+            and device.intake.classifier is not None)  # fmt: skip
+
+
 class Datapath:
     def __init__(
         self,
@@ -181,6 +200,8 @@ class Datapath:
         self.device = device
         self.tun = tun
         self.udp = udp
+        self._reader: Any = None  # a UdpReader (use_udp), its buffer's view
+        self._reader_view = memoryview(b"")
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
             tun.read_nowait = device.native.read_nowait
@@ -196,8 +217,6 @@ class Datapath:
         self.udp_batches = BatchSizes()  # datagrams per readable UDP event
         self.tun_batches = BatchSizes()  # packets per readable TUN event
         self._udp_buf = bytearray(UDP_BUF)
-        # the C intake reads the socket itself, DRAIN reads of up to UDP_BUF each at once
-        self._drains = device.intake.classifier is not None and udp.reads_are_its_own()
         self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
         self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
         self._reads_kept = tun.read_packet is not None and tun.vnet_hdr  # Tun.read_packets
@@ -208,6 +227,9 @@ class Datapath:
         self.udp = udp
         # the C intake reads it itself (`_drain`): its descriptor, not a call per drain
         self._udp_fd = udp.fileno() if udp.reads_are_its_own() else -1
+        # ... DRAIN reads of up to UDP_BUF each at once, or a reader thread does
+        self._drains = self.device.intake.classifier is not None and self._udp_fd >= 0
+        self._use_reader()
         native = self.device.native
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
             udp.use_native(native.send_runs, self._sender())
@@ -224,6 +246,36 @@ class Datapath:
         except OSError as e:
             log.warning("no sender thread (%s): the loop's thread sends", e)
             return None
+
+    def _use_reader(self) -> None:
+        """The old socket's reader thread stopped (joined: before that socket is closed);
+        one for the new socket where `udp_reader` wants it and a thread can be had (else
+        the loop's thread reads, as on one core)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader, self._reader_view = None, memoryview(b"")
+        if not (self._drains and udp_reader(self.device)):
+            return
+        from wgpy._classify import UdpReader
+
+        try:
+            self._reader = UdpReader(self._udp_fd, READER_SLOTS, DRAIN, UDP_BUF)
+        except (OSError, MemoryError) as e:  # no thread, no room for its ring
+            log.warning("no reader thread (%s): the loop's thread reads", e)
+            return
+        self._reader_view = memoryview(self._reader)
+
+    def udp_fds(self) -> tuple[int, ...]:
+        """What the loop watches for `on_udp` (after each `use_udp`): the socket, and the
+        reader thread's eventfd where the socket has one."""
+        if self._reader is None:
+            return (self.udp.fileno(),)
+        return self.udp.fileno(), self._reader.fileno()
+
+    def close(self) -> None:
+        """Stop the reader thread (before the socket is closed)."""
+        if self._reader is not None:
+            self._reader.close()
 
     def on_udp(self) -> None:
         """Drain the socket. The datagrams of one GRO read go to the core together, as
@@ -274,11 +326,15 @@ class Datapath:
         left in `received`, for the caller to account for once (endpoint, counters,
         timers: one `now`). Returns the reads (a refused GRO read counts one)."""
         device, udp, classifier = self.device, self.udp, self.device.intake.classifier
-        buf = self._drain_buf
-        if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
-            buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
         assert classifier is not None
-        fd, view = self._udp_fd, memoryview(buf)
+        fd: Any = self._reader
+        if fd is not None:  # the socket's reads in its slots (its thread's, or made here)
+            buf, view = fd, self._reader_view
+        else:
+            buf = self._drain_buf
+            if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
+                buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
+            fd, view = self._udp_fd, memoryview(buf)
         opened = device.open_classified
         count = 0
         while count < BATCH:
