@@ -358,15 +358,23 @@ def iperf(bed: Bed, seconds: float) -> float | None:
         return None
 
 
+def attacker_command(victim_pub: str, mode: str, rate: int, seconds: float, sources: str,
+                     sender: str) -> list[str]:  # fmt: skip
+    """`flood.py attack ...`, to run in X: with the tree measured (`--src`), which it
+    builds its packets with (else it would import PYTHONPATH's or this checkout's)."""
+    return [sys.executable, str(Path(__file__).resolve()), "attack", "--src", SRC,
+            "--victim-pub", victim_pub, "--target", V_ATTACK, "--mode", mode,
+            "--rate", str(rate), "--seconds", str(seconds), "--sources", sources,
+            "--pool", str(POOL), "--sender", sender]  # fmt: skip
+
+
 def run_one(bed: Bed, mode: str, rate: int, seconds: float, sender: str) -> dict[str, object]:
     sources = ",".join(SPOOFED if mode == "c" else [X_ADDR])
     cpu0, udp0 = cpu_seconds(bed.victim_pid()), udp_received(bed)  # before the first packet
     victim_pub = base64.b64decode(bed.node.public_key).hex()
     attacker = bed.x.popen(
-        sys.executable, str(Path(__file__).resolve()), "attack", "--victim-pub", victim_pub,
-        "--target", V_ATTACK, "--mode", mode, "--rate", str(rate),
-        "--seconds", str(seconds), "--sources", sources, "--pool", str(POOL),
-        "--sender", sender, stdout=subprocess.PIPE, text=True,
+        *attacker_command(victim_pub, mode, rate, seconds, sources, sender),
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     result: dict[str, object] = {"victim": bed.victim, "mode": mode, "rate": rate,
                                  "idle_rss": bed.idle_rss}  # fmt: skip
@@ -445,17 +453,22 @@ def victims(names: list[str]) -> dict[str, list[str]]:
     return {n: known[n] for n in names if n in known}
 
 
+def attack_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("attack")
+    ap.add_argument("--src", metavar="DIR", help="the wgpy tree (read at import: tree.py)")
+    for name in ("victim-pub", "target", "mode", "sources"):
+        ap.add_argument(f"--{name}", required=True)
+    ap.add_argument("--rate", type=int, default=0)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--pool", type=int, default=POOL)
+    ap.add_argument("--sender", choices=("c", "python"), default="c")
+    return ap
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "attack":
-        ap = argparse.ArgumentParser()
-        ap.add_argument("attack")
-        for name in ("victim-pub", "target", "mode", "sources"):
-            ap.add_argument(f"--{name}", required=True)
-        ap.add_argument("--rate", type=int, default=0)
-        ap.add_argument("--seconds", type=float, default=5)
-        ap.add_argument("--pool", type=int, default=POOL)
-        ap.add_argument("--sender", choices=("c", "python"), default="c")
-        attack(ap.parse_args())
+        attack(attack_parser().parse_args())
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", metavar="DIR", help="the wgpy tree to measure (read at import)")

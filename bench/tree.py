@@ -13,14 +13,15 @@ CHECKOUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 def given() -> str:
     """The tree: `--src DIR` (read before argparse: a benchmark imports wgpy before it
-    parses), else the first PYTHONPATH entry that holds a wgpy, else this checkout's."""
+    parses), else the first PYTHONPATH entry that holds the wgpy package (not any folder of
+    that name: a checkout called wgpy), else this checkout's."""
     for i, arg in enumerate(sys.argv):
         if arg == "--src" and i + 1 < len(sys.argv):
             return sys.argv[i + 1]
         if arg.startswith("--src="):
             return arg.split("=", 1)[1]
     for path in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-        if path and os.path.isdir(os.path.join(path, "wgpy")):
+        if path and os.path.isfile(os.path.join(path, "wgpy", "__init__.py")):  # a package
             return path
     return CHECKOUT
 

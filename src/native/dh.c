@@ -55,10 +55,15 @@ EVP_PKEY *x25519_load(const uint8_t priv[KEY_LEN], const uint8_t pub[KEY_LEN])
     return key;
 }
 
-/* DH(key, peer) into shared: 1; 0 where the result is all zeros (a low-order point: the
- * peer's doing); -1 where OpenSSL could not set the exchange up (no memory: no verdict on
- * the peer). Any thread, without the GIL: `key` is only read (OpenSSL 3's EVP_PKEY is
- * safe to share), the context is this call's own. */
+/* DH(key, peer) into shared: 1; 0 where OpenSSL refuses the exchange (derive_init,
+ * set_peer or the derive fails: an all-zero result, a low-order point, the peer's doing;
+ * the reference's `cryptography` raises ValueError there, whatever the cause); -1 where
+ * the peer's key or the context could not be made (their allocations returned NULL: no
+ * memory, no verdict on the peer) or `key` is NULL (not loaded). A failing set_peer is a
+ * verdict, not -1: were some OpenSSL build to refuse low-order points there, -1 would
+ * make each such initiation cost its whole batch the loop thread's slower path. Any
+ * thread, without the GIL: `key` is only read (OpenSSL 3's EVP_PKEY is safe to share),
+ * the context is this call's own. */
 int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY_LEN])
 {
     EVP_PKEY *pk = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, peer, KEY_LEN);
@@ -66,9 +71,10 @@ int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY
     size_t len = KEY_LEN;
     /* OpenSSL refuses an all-zero result itself (the derive fails); the check makes sure */
     static const uint8_t zero[KEY_LEN];
-    int ok = -1; /* till the exchange is set up: a failure there is OpenSSL's (its memory) */
-    if (ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 && EVP_PKEY_derive_set_peer(ctx, pk) == 1)
-        ok = EVP_PKEY_derive(ctx, shared, &len) == 1 && len == KEY_LEN
+    int ok = -1; /* till the key and the context are made */
+    if (ctx != NULL)
+        ok = EVP_PKEY_derive_init(ctx) == 1 && EVP_PKEY_derive_set_peer(ctx, pk) == 1
+             && EVP_PKEY_derive(ctx, shared, &len) == 1 && len == KEY_LEN
              && CRYPTO_memcmp(shared, zero, KEY_LEN) != 0;
     if (ok != 1)
         ERR_clear_error();

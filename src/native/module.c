@@ -47,7 +47,7 @@ static PyMethodDef module_methods[] = {
      "read opened, decrypted without the GIL. runs: [(session, source, packets)], packets\n"
      "a Spans (spans of one buffer per call);\n"
      "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
-     "count (every reason, zeros included)."},
+     "count, only the reasons that dropped something (as the reference)."},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
      "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce; an item\n"
      "is a packet (a bytes-like) or a Spans, whose packets are read in place."},
@@ -67,13 +67,17 @@ static PyMethodDef module_methods[] = {
     {"x25519", x25519, METH_O,
      "x25519(jobs) -> list[tuple], as wgpy.core.backend.x25519 (the reference): jobs a tuple\n"
      "of (private, its public or None, (peer publics...)), all bytes of 32; per job\n"
-     "(public, shared secret or None where the result is all zeros, ...). On the crypto\n"
-     "threads, without the GIL."},
+     "(public, shared secret or None where OpenSSL refuses the exchange: an all-zero result,\n"
+     "...). On the crypto threads, without the GIL. Raises MemoryError where a thread could\n"
+     "not make an exchange's key or context, OSError where a private key would not load:\n"
+     "no verdict, nothing answered (the caller works the batch out itself)."},
     {"screen", screen, METH_VARARGS,
      "screen(private, public, messages) -> list, as wgpy.core.backend.screen (the\n"
      "reference): per initiation (148 bytes), Noise_IKpsk2 up to the initiator's static key:\n"
-     "(static, ck, h), or None where DH(private, ephemeral) is all zeros or the static's\n"
-     "tag fails. On the crypto threads, without the GIL."},
+     "(static, ck, h), or None where DH(private, ephemeral) is refused (all zeros) or the\n"
+     "static's tag fails. On the crypto threads, without the GIL. Raises MemoryError where a\n"
+     "thread could not work a message out (its contexts, a key), OSError where our key would\n"
+     "not load or hash: no verdict, nothing answered (the caller screens none of them)."},
     {"split", split, METH_VARARGS, "split(buf, mtu) -> list[bytes], as wgpy.io.offload.split."},
     {"segments", segments, METH_O,
      "segments(super_packet) -> list[bytes], as wgpy.core.ip.segments."},

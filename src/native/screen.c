@@ -142,9 +142,10 @@ static int open_static(EVP_CIPHER_CTX *ctx, const uint8_t key[KEY_LEN], const ui
     return EVP_DecryptFinal_ex(ctx, out + KEY_LEN, &n) == 1;
 }
 
-/* One message, on any thread of the pool. Only a low-order ephemeral and a static whose
- * tag fails are the message's: any other failure is OpenSSL's (no memory for a context),
- * -1, which makes `screen` raise rather than count a forged handshake. */
+/* One message, on any thread of the pool. Only an exchange OpenSSL refuses (x25519_derive's
+ * 0: a low-order ephemeral) and a static whose tag fails are the message's: any other
+ * failure is OpenSSL's (no memory for a context or a key), -1, which makes `screen` raise
+ * rather than count a forged handshake. */
 static void screen_one(void *arg, long c)
 {
     ScreenBatch *b = arg;

@@ -16,7 +16,8 @@
  * no address is parsed here. What the socket must learn comes back, for UdpSocket to
  * apply: (endpoint, errno, info) when a send from its source (that packet info) failed
  * as if the source were gone (the datagram went again from the kernel's choice, as did
- * the rest of the batch's to that endpoint: an equal one, not any of the same address),
+ * the rest of the batch's to that endpoint: the runs that share its destination object,
+ * which `dests` gives every equal endpoint; not any of the same address),
  * (None, errno, None) when the kernel refused GSO (the rest went one by one).
  * Errors otherwise drop the datagram, as UDP may: EMSGSIZE sends that chunk one by one
  * (IP fragments them), and so on, errno for errno as the reference. */
@@ -50,7 +51,6 @@ typedef struct {
     const uint8_t *info; /* the sticky source's packet info; NULL: the kernel's choice */
     size_t infolen;
     int gone; /* the errno a send from the source failed with */
-    Py_ssize_t same; /* the batch's first run to an equal endpoint with a source (or k) */
 } SendRun;
 
 typedef struct {
@@ -99,29 +99,6 @@ static int take_dest(SendRun *r, PyObject *dest)
     return 0;
 }
 
-/* Which earlier run of the batch goes to run k's endpoint (r->same), for `forget`: a
- * source gone is forgotten for its endpoint, as UdpSocket forgets it, not for every
- * endpoint of that address (two spellings of one: "127.0.0.1" and "::ffff:127.0.0.1").
- * Only runs with a source are compared, and an endpoint only with those of the same
- * address. -1 with an exception (an endpoint's __eq__ raised). */
-static int same_endpoint(UdpBatch *b, Py_ssize_t k)
-{
-    SendRun *r = &b->run[k];
-    r->same = k;
-    for (Py_ssize_t j = 0; r->info != NULL && j < k; j++) {
-        const SendRun *o = &b->run[j];
-        if (o->same != j || o->info == NULL || o->alen != r->alen
-            || memcmp(o->addr, r->addr, r->alen) != 0)
-            continue;
-        int eq = PyObject_RichCompareBool(o->endpoint, r->endpoint, Py_EQ); /* `is`: 1 */
-        if (eq != 0) {
-            r->same = j;
-            return eq < 0 ? -1 : 0;
-        }
-    }
-    return 0;
-}
-
 /* Run k of the batch from item (buf, size, endpoint): its buffer held, its destination
  * looked up (made by dest_fn where dests has none). -1 with an exception. */
 static int take_run(UdpBatch *b, Py_ssize_t k, PyObject *item, PyObject *dests, PyObject *dest_fn)
@@ -148,7 +125,7 @@ static int take_run(UdpBatch *b, Py_ssize_t k, PyObject *item, PyObject *dests, 
     else if (PyErr_Occurred() || (dest = PyObject_CallOneArg(dest_fn, r->endpoint)) == NULL)
         return -1;
     b->packets += r->view.len <= size ? 1 : (r->view.len + size - 1) / size;
-    return take_dest(r, dest) < 0 ? -1 : same_endpoint(b, k);
+    return take_dest(r, dest);
 }
 
 /* With the GIL: a batch of runs ready to send without it. NULL with an exception. */
@@ -230,13 +207,20 @@ static int gso_refused(int err)
 }
 
 /* Run k's source failed with err: it and the batch's later runs to its endpoint go from
- * the kernel's choice (UdpSocket._source_failed forgets the endpoint's source). */
+ * the kernel's choice (UdpSocket._source_failed forgets the endpoint's source). The runs
+ * to its endpoint are those with its destination object: `dests` holds one per endpoint
+ * (UdpSocket._dest stores the one it makes), and one endpoint's never serves another (two
+ * spellings of one address, "127.0.0.1" and "::ffff:127.0.0.1", keep their own sources).
+ * So no endpoint is compared, and a batch costs nothing here till a source is gone. The
+ * one miss, `dests` cleared between two runs to one endpoint, costs the later run one
+ * more failed send and a second finding, which UdpSocket._learn ignores (the source is
+ * forgotten by then). */
 static void forget(UdpBatch *b, Py_ssize_t k, int err)
 {
     b->run[k].gone = err;
-    Py_ssize_t same = b->run[k].same;
+    const PyObject *dest = b->run[k].dest;
     for (Py_ssize_t j = k; j < b->n; j++)
-        if (b->run[j].same == same)
+        if (b->run[j].dest == dest)
             b->run[j].info = NULL;
 }
 
@@ -444,9 +428,12 @@ static PyMethodDef UdpSender_methods[] = {
      "send(fd, runs, dests, dest, gso) -> [(endpoint or None, errno, info)]: send_runs's\n"
      "sends, queued for the sender thread (a small batch that finds the queue empty: sent\n"
      "here);\n"
-     "returns what the batches sent since the last call found (send_runs's report)."},
+     "returns what the batches sent since the last call found (send_runs's report). A call\n"
+     "that raises (a bad run, `dest` raising, no memory: its batch not sent) passes what it\n"
+     "had collected on to the next call (send or flush), which returns it first."},
     {"flush", (PyCFunction)UdpSender_flush, METH_NOARGS,
-     "flush() -> [(endpoint or None, errno, info)]: wait until every queued batch is sent."},
+     "flush() -> [(endpoint or None, errno, info)]: wait until every queued batch is sent\n"
+     "(a flush that raises passes its findings on, as send)."},
     {"close", (PyCFunction)UdpSender_close, METH_NOARGS,
      "close(): send what is queued and stop the thread; later sends are made here."},
     {"counts", (PyCFunction)UdpSender_counts, METH_NOARGS,

@@ -76,13 +76,32 @@ PyObject *stage_outcomes(Stage *s)
 }
 
 /* With the GIL, a call raising after it collected into list: the outcomes are kept for
- * the next call (its exception stands). Steals list; NULL. */
+ * the next call (its exception stands). Where a call in between (another thread while
+ * this one's `dest` or queue wait let go of the GIL, or `dest` itself) raised and kept its
+ * own, both are kept, this call's (the older) first. Steals list; NULL. */
 PyObject *stage_raise(Stage *s, PyObject *list)
 {
-    if (list != NULL && s->kept == NULL && PyList_GET_SIZE(list) > 0)
-        s->kept = list;
-    else
-        Py_XDECREF(list); /* tuples of numbers, bytes and endpoints: no Python code runs */
+    if (list != NULL && PyList_GET_SIZE(list) > 0) {
+        if (s->kept == NULL) {
+            s->kept = list;
+            return NULL;
+        }
+        /* the call's exception put aside: the list call must not run with it set */
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *exc = PyErr_GetRaisedException();
+#else
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+#endif
+        if (PyList_SetSlice(s->kept, 0, 0, list) < 0)
+            PyErr_Clear(); /* no memory for the longer list: the older outcomes are lost */
+#if PY_VERSION_HEX >= 0x030C0000
+        PyErr_SetRaisedException(exc);
+#else
+        PyErr_Restore(type, value, tb);
+#endif
+    }
+    Py_XDECREF(list); /* tuples of numbers, bytes and endpoints: no Python code runs */
     return NULL;
 }
 

@@ -110,7 +110,8 @@ static PyMethodDef TunWriter_methods[] = {
     {"write", (PyCFunction)TunWriter_write, METH_VARARGS,
      "write(fd, packets, udp=True) -> [(errno, write)]: write_tun's writes, queued for the\n"
      "writer thread (a small batch that finds the queue empty: written here); returns the\n"
-     "failed writes of the batches written since the last call."},
+     "failed writes of the batches written since the last call. A call that raises passes\n"
+     "what it had collected on to the next call, which returns it first."},
     {"flush", (PyCFunction)TunWriter_flush, METH_NOARGS,
      "flush() -> [(errno, write)]: wait until every queued batch is written."},
     {"close", (PyCFunction)TunWriter_close, METH_NOARGS,

@@ -88,3 +88,46 @@ def test_screened_strangers_and_forgeries_skip_the_python_noise(
     assert len(seen) == INITIATORS * 2 + 2  # unscreened: each initiation, forgeries too
     assert isinstance(drops, dict)
     assert drops[Drop.UNKNOWN_PEER] == 1 and drops[Drop.BAD_HANDSHAKE] >= INITIATORS + 1
+
+
+def failing(screen: bool, x25519: bool, error: type[Exception] = MemoryError) -> Backend:
+    """The reference batch calls, those named raising `error` as the native ones do when
+    a crypto thread cannot set OpenSSL up."""
+
+    def fail(*_: Any) -> Any:
+        raise error
+
+    calls = Backend()
+    calls.screen = fail if screen else backend.screen
+    calls.x25519 = fail if x25519 else backend.x25519
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("screen", "x25519", "error"),
+    [(True, False, MemoryError), (False, True, MemoryError), (True, True, MemoryError),
+     (True, True, OSError)],
+)  # fmt: skip
+def test_a_batch_call_that_raises_leaves_the_batch_to_the_loop_thread(
+    screen: bool, x25519: bool, error: type[Exception]
+) -> None:
+    """The batch call raising (screen before phase 2, x25519 in phase 1 or 3) costs the
+    batch nothing: every message is answered, counted and dropped as one by one, and
+    the device counts the fallbacks (the daemon warns once)."""
+    everything = list(range(MESSAGES))
+    w = world(5, failing(screen, x25519, error))
+    assert worked_off(w, everything, 11.0, 16) == worked_off(world(5), everything, 11.0, 1)
+    assert w.responder.crypto_fallbacks > 0
+    reference = world(5, failing(False, False))
+    worked_off(reference, everything, 11.0, 16)
+    assert reference.responder.crypto_fallbacks == 0
+
+
+@given(st.integers(0, 2**16), picks, st.sampled_from([2, 16]), st.booleans(),
+       st.sampled_from([(True, False), (False, True), (True, True)]))  # fmt: skip
+@settings(max_examples=20, deadline=None)
+def test_batches_whose_calls_raise_leave_what_one_by_one_leaves(
+    seed: int, chosen: list[int], batch: int, loaded: bool, fails: tuple[bool, bool]
+) -> None:
+    one_by_one = worked_off(world(seed), chosen, 11.0, 1, loaded)
+    assert worked_off(world(seed, failing(*fails)), chosen, 11.0, batch, loaded) == one_by_one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections import Counter
 
 import pytest
@@ -302,3 +303,16 @@ def test_the_librarys_events_keep_a_drains_count() -> None:
         40,
     )
     assert public_event(ev.CookieSent(("192.0.2.9", 7)), 1.0).count == 1
+
+
+def test_crypto_fallbacks_are_warned_of_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A batch's crypto done on the loop's thread (core/exchanges.py) is one warning, the
+    first time, however many batches follow."""
+    warning = wlog.FallbackWarning()
+    with caplog.at_level(logging.WARNING, logger="wgpy"):
+        warning.check(0)
+        assert not caplog.records
+        warning.check(1)
+        warning.check(7)
+    assert [r.getMessage() for r in caplog.records] == [wlog.CRYPTO_FALLBACK]
+    assert caplog.records[0].levelno == logging.WARNING

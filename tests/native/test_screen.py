@@ -119,25 +119,29 @@ def test_the_native_call_takes_a_tuple_of_buffers() -> None:
 
 # A process of its own whose libcrypto fails every allocation made off the main thread
 # (CRYPTO_set_mem_functions, OpenSSL's own hook, set before anything in the process used
-# libcrypto: no site, the extension loaded from its file): the crypto thread cannot make
-# its contexts, the caller can. Argv: the module's file, our key and public key (hex);
-# stdin: the initiations. Prints what the screens came to.
+# libcrypto: no site, the extension loaded from its file), or only those made in source
+# files whose name holds argv[4]: the crypto thread cannot make its contexts, the caller
+# can. Argv: the module's file, our key and public key (hex), the file filter ("": any);
+# stdin: the initiations. Prints what the screens and the exchanges came to.
 FAILING_WORKER = """
 import ctypes, importlib.util, os, sys, threading
 libc = ctypes.CDLL(None)
 libc.malloc.restype = libc.realloc.restype = ctypes.c_void_p
 libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
 libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-main, failing = threading.get_ident(), [False]
+main, failing, only = threading.get_ident(), [False], sys.argv[4].encode()
 where = (ctypes.c_char_p, ctypes.c_int)
+
+def fails(file):
+    return failing[0] and threading.get_ident() != main and only in (file or b"")
 
 @ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, *where)
 def malloc(n, file, line):
-    return None if failing[0] and threading.get_ident() != main else libc.malloc(n)
+    return None if fails(file) else libc.malloc(n)
 
 @ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, *where)
 def realloc(p, n, file, line):
-    return None if failing[0] and threading.get_ident() != main else libc.realloc(p, n)
+    return None if fails(file) else libc.realloc(p, n)
 
 free = ctypes.cast(libc.free, ctypes.c_void_p)  # libc's own: frees run with errors set
 assert ctypes.CDLL("libcrypto.so.3").CRYPTO_set_mem_functions(malloc, realloc, free) == 1
@@ -155,7 +159,7 @@ def outcome(call):
     for _ in range(20):  # till the crypto thread took a chunk
         try:
             if None in call():
-                return "a valid message answered None"
+                return "None"  # a valid message, an exchange of a peer's key
         except MemoryError:
             return "MemoryError"
     return "no chunk on the crypto thread"
@@ -173,12 +177,29 @@ def test_a_crypto_thread_that_cannot_allocate_raises_memory_error() -> None:
     memory) raises MemoryError: it is no verdict on the message (None, counted as a forged
     handshake: bad_handshake, as it was). The same for an exchange of `x25519` (None: the
     all-zero point, refused as a forgery too)."""
+    assert failing_worker("") == ["MemoryError"] * 2
+
+
+def failing_worker(only: str) -> list[str]:
+    """What FAILING_WORKER's screens and exchanges came to."""
     assert module is not None
     messages = b"".join(initiation(i)[0] for i in range(200))
     argv = [sys.executable, "-I", "-S", "-c", FAILING_WORKER, module.__file__, OURS.raw.hex(),
-            OURS.public.hex()]  # fmt: skip
+            OURS.public.hex(), only]  # fmt: skip
     done = subprocess.run(argv, input=messages, capture_output=True, timeout=120, check=False)
-    assert done.stdout.decode().split("\n")[:2] == ["MemoryError"] * 2, done.stderr.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().split("\n")[:2]
+
+
+@needs_native
+def test_an_exchange_openssl_refuses_is_a_verdict() -> None:
+    """An exchange set up (the peer's key and the context made) that OpenSSL then refuses
+    (derive_init, set_peer or the derive: here derive_init, its provider's context not
+    made) answers None, as the reference does where `cryptography` raises ValueError;
+    MemoryError only where our own allocations of the key or the context came back
+    NULL. Else a build whose set_peer refused a low-order point would turn each such
+    initiation into a batch worked on the loop's thread."""
+    assert failing_worker("ecx_exch.c") == ["None"] * 2
 
 
 POOL = [initiation(i)[0] for i in range(6)]

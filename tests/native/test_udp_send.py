@@ -187,6 +187,34 @@ def test_a_source_gone_is_forgotten_for_its_endpoint_alone() -> None:
         theirs.close()
 
 
+class Counted(tuple[str, int]):
+    """An endpoint that counts the comparisons made of it."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        Counted.compared += 1
+        return tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+    __hash__ = tuple.__hash__
+
+
+def test_making_a_batch_compares_no_endpoints() -> None:
+    """Every run with a source, to one endpoint spelled as many equal objects: the batch
+    compares each only where `dests` looks it up, never with the batch's earlier runs
+    (that was quadratic with the GIL held: review F4; a gone source is forgotten for the
+    runs that share its destination object, which `dests` gives equal endpoints)."""
+    info = mapped_pktinfo("127.0.0.2")
+    sockaddr = socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")
+    addr = socket.AF_INET6.to_bytes(2, "little") + (9).to_bytes(2, "big") + bytes(4) + sockaddr
+    addr += bytes(4)
+    dests = {Counted(("127.0.0.1", 9)): (addr, info)}
+    runs = [(b"x", 1, Counted(("127.0.0.1", 9))) for _ in range(64)]
+    Counted.compared = 0
+    assert native.send_runs(-1, runs, dests, dest, True) == []  # EBADF: dropped
+    assert Counted.compared <= len(runs)
+
+
 def test_an_empty_run_is_an_empty_datagram(receiver: UdpSocket) -> None:
     """A run with nothing in it (size 0 or not) goes as one empty datagram, as the
     reference sends it (C refused a size of 0: review F5)."""
@@ -473,6 +501,44 @@ def test_a_batch_that_raises_keeps_what_the_earlier_ones_found(
     gone = mapped_pktinfo("198.51.100.7")[:16] + bytes(4)
     assert [(e, info) for e, _, info in learnt] == [(ep, gone)]
     assert sock.sender.flush() == []
+
+
+def test_a_call_that_raises_after_another_did_keeps_both_findings() -> None:
+    """A call raises after a call in between (here: from its `dest`) raised too and kept
+    its findings: both lists are kept, the older first (review F5: the older was
+    dropped)."""
+    sock = socket_of("sender", inline=0)
+    theirs = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for t in theirs:
+            t.bind(("127.0.0.1", 0))
+        first, second = (t.getsockname() for t in theirs)
+        for ep in (first, second):
+            sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
+        assert sock.sender is not None
+        sender = sock.sender
+
+        def meanwhile(endpoint: Endpoint) -> Any:
+            sock.send_runs([(b"second", 6, second)])  # queued: found gone by the thread
+            assert recv_all(theirs[1], 1) == [(b"second", "127.0.0.1")]
+            deadline = time.monotonic() + 0.3  # one raises well after it counted it done
+            while time.monotonic() < deadline:
+                with pytest.raises(LookupError):
+                    sender.send(sock.fileno(), [(b"x", 1, ("127.0.0.1", 9))], {}, refuse, True)
+                time.sleep(0.01)
+            raise LookupError(endpoint)
+
+        sock.send_runs([(b"first", 5, first)])
+        assert recv_all(theirs[0], 1) == [(b"first", "127.0.0.1")]
+        time.sleep(0.1)  # the thread counts it done
+        with pytest.raises(LookupError):  # collects the first's finding, then raises
+            sender.send(sock.fileno(), [(b"y", 1, ("127.0.0.1", 9))], {}, meanwhile, True)
+        assert [e for e, _, _ in sender.flush()] == [first, second]
+        assert sender.flush() == []
+    finally:
+        sock.close()
+        for t in theirs:
+            t.close()
 
 
 def test_close_sends_the_queue_first_and_later_sends_are_made_on_the_caller() -> None:

@@ -9,6 +9,7 @@ import math
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,10 +224,27 @@ def test_sockets_handed_over_by_the_library(
     assert (got.kind, got.fd, got.host, got.target) == (kind, fd, host, target)
 
 
-@pytest.mark.parametrize("value", ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp"])
+@pytest.mark.parametrize(
+    "value",
+    ["expose:3=a:1", "forward:3", "socks:3=a:1", "socks:x", "udp", "info:@vm", "forward:8@h",
+     # a descriptor: ASCII digits below 2**31 (socket.socket(fileno=) raises past them)
+     "socks:99999999999999999999999", "socks:2147483648", "socks:\u00b2", "socks:\u0663",
+     # a host: a name or a bare address, as wgpy.Proxy passes it (describe brackets it)
+     "info:7@vm@x", "info:7@[::1]", "socks:6@[::1", "forward:8@h]=10.0.0.1:80"],
+)  # fmt: skip
 def test_bad_handed_over_sockets_are_refused(value: str) -> None:
     with pytest.raises(ValueError, match="--listen-fd"):
         proxy.handed_over(value)
+
+
+def test_a_bad_handed_over_socket_is_one_line() -> None:
+    """On the command line: a one-line error and status 2, no traceback (a process of
+    its own: `wgpy proxy` sets the logging up)."""
+    for value in ("socks:99999999999999999999999", "socks:2147483648", "socks:\u00b2"):
+        argv = [sys.executable, "-m", "wgpy", "proxy", "-c", "/dev/null", "--listen-fd", value]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "--listen-fd" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(

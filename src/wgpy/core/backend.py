@@ -341,11 +341,15 @@ packets: a `Packets` (above: native, a `Spans` over the call's one buffer; pure,
 a list of bytes), for `Output.tun` as it is;
 per_session: [(session, bytes, any data?)] for sessions with authenticated messages, in
 first-seen order; others: [(offset, length)] of handshake-shaped datagrams; drops: reason
-(core.output.Drop's values) -> count (the native one lists every reason, zeros too)."""
+(core.output.Drop's values) -> count, only the reasons that dropped something (on both
+backends: an empty dict when nothing was dropped)."""
 
 
 # an X25519 job: (private key, its public key if known, the peers' public keys), all 32
-# bytes; its answer: (the public key, then per peer the shared secret or None)
+# bytes; its answer: (the public key, then per peer the shared secret or None). The
+# native one raises MemoryError where a crypto thread could not make an exchange's key or
+# context, OSError where a private key would not load (no memory): no verdict, nothing
+# answered; core/exchanges.py then leaves the batch to the loop thread.
 X25519Job = tuple[bytes, bytes | None, tuple[bytes, ...]]
 X25519Batch = Callable[[tuple[X25519Job, ...]], list[tuple[bytes | None, ...]]]
 
@@ -376,7 +380,10 @@ def x25519(jobs: tuple[X25519Job, ...]) -> list[tuple[bytes | None, ...]]:
 
 
 # what screening an initiation finds: (the initiator's static key, Noise's ck and h after
-# it), or None where it is refused
+# it), or None where it is refused. The native screen raises MemoryError where a crypto
+# thread could not work a message out (its contexts, a key: no memory), OSError where our
+# key would not load or hash: no verdict on any message, nothing answered;
+# core/exchanges.py then leaves those initiations unscreened.
 Screened = tuple[bytes, bytes, bytes] | None
 Screen = Callable[[bytes, bytes, tuple[bytes, ...]], list[Screened]]
 _INITIATION_LEN = _HANDSHAKE_SIZES[1]

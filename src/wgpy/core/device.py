@@ -132,6 +132,10 @@ class Device:
         # Called with each handshake's raw ephemeral private key as it is made (the
         # daemon's --keylog, for Wireshark); None, the default: the key goes nowhere.
         self.keylog: Callable[[Peer, bytes], None] | None = None
+        # the backend's batch calls (screen, x25519) that raised, their work then done on
+        # this thread (core/exchanges.py): a crypto thread's OpenSSL out of memory. The
+        # daemon warns the first time.
+        self.crypto_fallbacks = 0
         # what `send(settle=False)` sealed and has not yet done to its peers (`settle`)
         self._unsettled: list[Sent] = []
 
@@ -547,6 +551,7 @@ class Device:
         ex.run()
         for answer in answers:
             self._answer(*answer, now, ex)
+        self.crypto_fallbacks += ex.failed
         if len(entries) > 1:
             for item in outs:
                 out.extend(item)

@@ -14,6 +14,12 @@ Initiations go further where the backend screens (`Backend.screen`, the native o
 batch of them is taken as far as the initiator's static key (`want_initiation`,
 `screened`), DH(our static, ephemeral) included. The device then drops a stranger's at
 once, and a peer's goes on from the Noise state the screen reached.
+
+A batch call that raises MemoryError or OSError (the native ones do where a crypto
+thread's OpenSSL could not set the work up: its memory, no verdict on any message) costs
+the batch nothing: its initiations stay unscreened and its exchanges not worked out, so
+that the handshake code computes each on the spot as the pure path does. `failed` counts
+such calls; the device adds them up (Device.crypto_fallbacks) for the daemon to report.
 """
 
 from __future__ import annotations
@@ -24,13 +30,19 @@ from wgpy.core.noise import DH
 
 _MISSING = b""  # not worked out ahead: computed when asked for
 _EPHEMERAL = slice(8, 40)  # an initiation's ephemeral key
+# what a batch call raises where it could not do the work (module.c's x25519, screen)
+_NOT_WORKED_OUT = (MemoryError, OSError)
 
 
 class Exchanges:
     """Exchanges wanted, then worked out by `batch` (None: none ahead of time), and
-    initiations screened by `screen` (None: none)."""
+    initiations screened by `screen` (None: none). Either call may raise MemoryError or
+    OSError (no verdict: backend.py's X25519Batch, Screen); that call's work is then left
+    to the loop thread, and counted in `failed`."""
 
-    __slots__ = ("_batch", "_done", "_screen", "_to_screen", "_wanted", "dh", "screened")
+    __slots__ = (
+        "_batch", "_done", "_screen", "_to_screen", "_wanted", "dh", "failed", "screened"
+    )
 
     def __init__(self, batch: X25519Batch | None, screen: Screen | None = None) -> None:
         self._batch = batch
@@ -42,6 +54,7 @@ class Exchanges:
         self.screened: dict[bytes, Screened] = {}
         # crypto.dh's answer: the shared secret; ValueError where it is all zeros
         self.dh: DH = dh if batch is None else self._found
+        self.failed = 0  # batch calls that raised: their work is left to `dh` and Noise
 
     def want_initiation(self, static: PrivateKey, message: bytes) -> None:
         """The initiation `message` (148 bytes) will be consumed with our `static` key:
@@ -65,9 +78,12 @@ class Exchanges:
         if not wanted or self._batch is None:
             return
         jobs = tuple((k.raw, k.known_public, tuple(peers)) for k, peers in wanted.items())
-        for (private, peers), (public, *shared) in zip(
-            wanted.items(), self._batch(jobs), strict=True
-        ):
+        try:
+            results = self._batch(jobs)
+        except _NOT_WORKED_OUT:
+            self.failed += 1
+            return  # each exchange is worked out when asked for (`_found`)
+        for (private, peers), (public, *shared) in zip(wanted.items(), results, strict=True):
             assert public is not None
             private.learn_public(public)
             for peer, secret in zip(peers, shared, strict=True):
@@ -78,7 +94,11 @@ class Exchanges:
         to_screen, self._to_screen = self._to_screen, {}
         for static, messages in to_screen.items():
             batch = tuple(messages)
-            found = self._screen(static.raw, static.public, batch)
+            try:
+                found = self._screen(static.raw, static.public, batch)
+            except _NOT_WORKED_OUT:
+                self.failed += 1
+                continue  # unscreened: each goes through the Noise path from the start
             self.screened.update(zip(batch, found, strict=True))
 
     def _found(self, private: bytes | PrivateKey, peer: bytes) -> bytes:

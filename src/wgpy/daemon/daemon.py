@@ -26,7 +26,7 @@ from wgpy.core.endpoint import Endpoint
 from wgpy.core.events import ProtocolEvent
 from wgpy.core.output import Output
 from wgpy.daemon import keylog, uapi_server
-from wgpy.daemon.log import DropSummary, log_events
+from wgpy.daemon.log import DropSummary, FallbackWarning, log_events
 from wgpy.daemon.status import Stats, build_status
 from wgpy.io.datapath import Datapath, backend, native_intake, tun_offloads
 from wgpy.io.loop import Loop
@@ -141,6 +141,7 @@ class Daemon:
         self.device.mtu = self.tun.mtu()
         self.stats = Stats()
         self.drop_summary = DropSummary()
+        self.fallback_warning = FallbackWarning()
         self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
         self.loop = Loop(self._tick)
         self._next_housekeeping = 0.0
@@ -236,6 +237,7 @@ class Daemon:
         self.uapi.tick(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
+            self.fallback_warning.check(self.device.crypto_fallbacks)
             if not self.listener.still_there():
                 log.info("UAPI socket removed; exiting")
                 self.loop.stop()

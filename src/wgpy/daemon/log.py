@@ -29,6 +29,10 @@ from wgpy.core.output import Drop
 
 log = logging.getLogger("wgpy")
 DROP_SUMMARY_EVERY = 10.0  # seconds
+CRYPTO_FALLBACK = (
+    "the crypto threads could not set OpenSSL up (out of memory?): handshakes are worked "
+    "out on the loop's thread instead, more slowly (said once)"
+)
 
 
 def peer_name(public_key: bytes) -> str:
@@ -106,6 +110,20 @@ def log_events(events: Sequence[ProtocolEvent]) -> None:
     if log.isEnabledFor(logging.DEBUG):
         for line in describe_all(events):
             log.debug("%s", line)
+
+
+class FallbackWarning:
+    """One warning the first time the device did a batch's handshake crypto on the loop's
+    thread (Device.crypto_fallbacks): a failure that persists would otherwise be a line
+    per batch, or none."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def check(self, fallbacks: int) -> None:
+        if fallbacks and not self.warned:
+            self.warned = True
+            log.warning("%s", CRYPTO_FALLBACK)
 
 
 class DropSummary:

@@ -152,13 +152,22 @@ HANDED_OVER = ("socks", "http", "info", "forward", "udp", "sni")
 def handed_over(value: str) -> Listen:
     """`--listen-fd KIND:FD[@HOST][=HOST:PORT]`: a socket that wgpy.Proxy opened (so that
     its caller knows the address, port 0 included) and passed down; the host it was asked
-    to listen on (a name: the health endpoint answers to it); a target for forwards."""
+    to listen on (a name or a bare address, unbracketed, as listen_address gives it: the
+    health endpoint answers to it); a target for forwards."""
     kind, _, rest = value.partition(":")
     head, eq, target = rest.partition("=")
     fd, _, host = head.partition("@")
-    if kind not in HANDED_OVER or not fd.isdigit() or bool(eq) != (kind in ("forward", "udp")):
+    if (kind not in HANDED_OVER or not descriptor(fd) or any(c in host for c in "@[]")
+            or bool(eq) != (kind in ("forward", "udp"))):  # fmt: skip
         raise ValueError(f"bad --listen-fd {value!r}")
     return Listen(kind, host, 0, split_endpoint(target) if eq else None, fd=int(fd))
+
+
+def descriptor(text: str) -> bool:
+    """Whether `text` is a file descriptor socket.socket(fileno=) takes: ASCII digits
+    (str.isdigit takes '²' too), below 2**31 (a C int: past it, OverflowError or a
+    'negative file descriptor')."""
+    return text.isascii() and text.isdigit() and int(text) < 2**31
 
 
 def main(args: list[str]) -> int:
