@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from wgpy.core.crypto import (
@@ -248,6 +248,7 @@ KEY_SPELLINGS = {  # every way a 32-byte key gets pasted: as wg writes it, URL-s
 
 @pytest.mark.parametrize("spelling", KEY_SPELLINGS)
 @given(key=st.binary(min_size=32, max_size=32), before=st.text(), after=st.text())
+@example(key=bytes(6) + b"\x03\xe0" + bytes(12) + b">" + bytes(11), before="", after="/")
 def test_hide_keys_hides_a_key_in_any_spelling_anywhere(
     spelling: str, key: bytes, before: str, after: str
 ) -> None:

@@ -240,16 +240,33 @@ _INNER_UPPER = re.compile(r"[A-Za-z0-9][A-Z]")
 _HEX_PAIRS = re.compile(r"[0-9A-Fa-f]{2}([ :-])(?:[0-9A-Fa-f]{2}\1){8,}[0-9A-Fa-f]{2}")
 
 
+# A URL-safe key's length in its alphabet: hidden whole even where a "/" or "+" is glued
+# to it (a path), which makes its run a mixed one
+_URL_SAFE_LONG = re.compile(r"[A-Za-z0-9_-]{40,}")
+
+
 def _hide_run(run: re.Match[str]) -> str:
     text = run.group()
     if "-" not in text and "_" not in text:
         return "…"  # base64 as `wg` writes it, or hex
     if "+" not in text and "/" not in text:  # URL-safe base64, or a name
         mixed = _LOWER.search(text) and _INNER_UPPER.search(text)
-        if len(text) >= 40 or mixed:
-            return "…"
-    # a name, or a name glued to a key ("key_<base64>", "wg-<key>"): the key's whole run
-    return _KEY_LIKE.sub("…", text)
+        return "…" if len(text) >= 40 or mixed else _KEY_LIKE.sub("…", text)
+    # both alphabets: a name glued to a key ("key_<base64>", "wg-<key>"), or a URL-safe
+    # key glued to a "/" or "+": what either alphabet makes a key of, hidden as one
+    return _hide_spans(text, (_KEY_LIKE, _URL_SAFE_LONG))
+
+
+def _hide_spans(text: str, patterns: tuple[re.Pattern[str], ...]) -> str:
+    """`text` with every stretch one of `patterns` matches (overlapping ones as one)
+    replaced by a single "…"."""
+    pieces: list[str] = []
+    at = 0
+    for start, end in sorted((m.start(), m.end()) for p in patterns for m in p.finditer(text)):
+        if start > at or not pieces:
+            pieces += [text[at:start], "…"]
+        at = max(at, end)
+    return "".join(pieces) + text[at:]
 
 
 def hide_keys(text: str) -> str:
