@@ -322,3 +322,13 @@ def test_send_batch_groups_runs(sizes: list[int]) -> None:
     assert [[len(d) for d in ds] for ds, _ in sock.sent] == (
         [sizes] if sizes[0] >= sizes[-1] else [[s] for s in sizes]
     )
+
+
+def test_native_datapath_is_backends_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`native_datapath()` (what ../shared/devkit/bench.sh asks before it measures) says
+    what `backend()` chooses: native where built, pure with WGPY_NATIVE=0."""
+    from wgpy.io.datapath import backend, native_datapath
+
+    assert native_datapath() == (backend(start=False).native is not None) == (NATIVE is not None)
+    monkeypatch.setenv("WGPY_NATIVE", "0")
+    assert not native_datapath() and backend(start=False).native is None

@@ -115,7 +115,7 @@ def backend(threads: int | None = None, *, start: bool = True) -> Backend:
     them whatever the load (docs/design.md, "Crypto on every core"). `start=False` leaves them
     to `Backend.start_workers()`: a process that will still unshare a user namespace
     (wgpy run, wgpy proxy) must be single-threaded until then (unshare(2): EINVAL)."""
-    module = native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+    module = _native_module()
     threads = crypto_threads(threads) if module is not None else 1
     spread = os.environ.get("WGPY_SPREAD", "spare")
     if spread not in ("spare", "all"):
@@ -124,6 +124,18 @@ def backend(threads: int | None = None, *, start: bool = True) -> Backend:
     if start:
         chosen.start_workers()
     return chosen
+
+
+def _native_module() -> Any:
+    """The native extension, unless WGPY_NATIVE=0 asks for the pure-Python path or it was
+    not built (None)."""
+    return native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+
+
+def native_datapath() -> bool:
+    """Whether the datapath is the native one (`backend`'s choice): what the many-core
+    kit (../shared/devkit/bench.sh) checks before it measures."""
+    return _native_module() is not None
 
 
 def native_intake() -> bool:
