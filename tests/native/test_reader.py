@@ -12,6 +12,8 @@ import random
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -231,7 +233,9 @@ def test_close_while_the_thread_reads_a_flood() -> None:
         for _ in range(20):
             reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
             view = memoryview(reader)
+            deadline = time.monotonic() + 5
             while reader.counts()[1] == 0:  # a full read arms the thread: it reads on
+                assert time.monotonic() < deadline, "the thread never read"
                 readable(reader, rx, 1)
                 classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
             started = time.monotonic()
@@ -291,8 +295,11 @@ def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
         try:
             assert path.udp_fds()[0] == first.fileno() and len(path.udp_fds()) == 1 + threaded
             assert readers(int(threaded)) == threaded
+            old = path._reader
             path.use_udp(second)
-            assert readers(int(threaded)) == threaded  # one stopped (joined), one started
+            if threaded:  # joined: `running` drops only once pthread_join returned
+                assert not old.running and old.fileno() == -1 and old is not path._reader
+            assert readers(int(threaded)) == threaded  # one stopped, one started
             assert path.udp_fds()[0] == second.fileno() and len(path.udp_fds()) == 1 + threaded
             path.close()
             assert readers(0) == 0
@@ -399,39 +406,68 @@ def reader_cpu_ticks() -> int:
     raise AssertionError("no reader thread")
 
 
-def test_a_reader_that_cannot_start_leaves_the_loop_reading(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Where no thread can be had (pthread_create: EAGAIN, or no memory for the ring), the
-    loop watches and drains the socket itself, as without a reader."""
-    import errno
+@pytest.mark.parametrize("limit", ["nofile", "as"])
+def test_a_reader_that_cannot_start_leaves_the_loop_reading(limit: str) -> None:
+    """Where no reader can be had (its eventfd: no descriptor left, RLIMIT_NOFILE; its
+    ring: no room, RLIMIT_AS), the real UdpReader fails (OSError, MemoryError) and the
+    loop watches and drains the socket itself, as without a reader. In a process of its
+    own, the limit lifted once the Datapath is made."""
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    if limit == "as" and "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("ASan's shadow memory does not fit under RLIMIT_AS")
+    code = f"from tests.native.test_reader import cannot_start; cannot_start({limit!r})"
+    env = {**os.environ, "WGPY_UDP_READER": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no reader thread" in done.stderr  # the Datapath's own UdpReader failed
 
-    from wgpy import _classify
+
+def cannot_start(limit: str) -> None:
+    """(The child of the test above.) The limit's failure, first from UdpReader itself,
+    then inside Datapath; then a datagram is read by the loop off the socket alone."""
+    import resource
+
+    from wgpy._classify import UdpReader
 
     module = load()
-    if module is None:
-        pytest.skip("wgpy._native is not built")
-    for error in (OSError(errno.EAGAIN, "Resource temporarily unavailable"), MemoryError()):
-
-        def no_thread(*args: object, error: BaseException = error) -> None:
-            raise error
-
-        monkeypatch.setattr(_classify, "UdpReader", no_thread)
-        monkeypatch.setenv("WGPY_UDP_READER", "1")
-        backend = Backend(module, threading.Lock, 2)
-        device = Device(random.Random(1).randbytes, backend=backend, classify=True)
-        udp = UdpSocket()
+    device = Device(random.Random(1).randbytes, backend=Backend(module, threading.Lock, 2),
+                    classify=True)  # fmt: skip
+    udp = UdpSocket()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    kind = resource.RLIMIT_NOFILE if limit == "nofile" else resource.RLIMIT_AS
+    soft, hard = resource.getrlimit(kind)
+    held: list[int] = []
+    if limit == "nofile":  # every descriptor taken: the reader's eventfd fails (EMFILE)
+        resource.setrlimit(kind, (256, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        error: type[BaseException] = OSError
+    else:  # 8 MiB more address space: not the ring's 17.8 MB (its mmap fails)
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(kind, (kb * 1024 + (8 << 20), hard))
+        error = MemoryError
+    try:
+        with pytest.raises(error):
+            UdpReader(udp.fileno())
         path = Datapath(device, ChannelTun(), udp)
-        try:
-            assert path.udp_fds() == (udp.fileno(),)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-                tx.sendto(b"\x04" + bytes(40), ("127.0.0.1", udp.port))
-            time.sleep(0.05)
-            path.on_udp()
-            assert path.udp_batches.events == 1
-        finally:
-            path.close()
-            udp.close()
+    finally:
+        resource.setrlimit(kind, (soft, hard))
+        for fd in held:
+            os.close(fd)
+    assert path._reader is None and path.udp_fds() == (udp.fileno(),)
+    tx.sendto(b"\x04" + bytes(40), ("127.0.0.1", udp.port))
+    assert select.select(path.udp_fds(), [], [], 2)[0] == [udp.fileno()]  # as the loop
+    path.on_udp()
+    assert path.udp_batches.events == 1  # the loop's own read took it
+    assert not select.select([udp], [], [], 0)[0]
+    path.close()
+    udp.close()
+    tx.close()
 
 
 def test_shedding_through_the_reader_as_through_the_drains_own_reads(
