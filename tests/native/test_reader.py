@@ -20,6 +20,7 @@ import time
 import pytest
 
 from tests.io.fakes import ChannelTun
+from tests.namespaces import run_in_new_namespace
 from tests.native.test_classify import build, pair
 from wgpy.core import intake
 from wgpy.core.backend import Backend
@@ -307,6 +308,46 @@ def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
             path.close()
             first.close()
             second.close()
+
+
+PORT_CHANGE_FAILS = """
+import os, socket, sys, tempfile
+sys.path.insert(0, "{src}")
+os.environ["WGPY_UDP_READER"] = "1"
+from wgpy.daemon.daemon import Daemon, Options
+from wgpy.io.datapath import Datapath
+daemon = Daemon("wgport0", tempfile.mkdtemp(), options=Options(threads=3))
+try:
+    assert len(daemon.datapath.udp_fds()) == 2, "no reader"
+    old = daemon.udp
+    def no_sender(self):  # a failure use_udp does not catch (not an OSError)
+        raise RuntimeError("no sender")
+    Datapath._sender = no_sender
+    try:
+        daemon.set_listen_port(0)
+    except RuntimeError:
+        pass
+    watched = set(daemon.loop._readers)
+    assert set(daemon.datapath.udp_fds()) <= watched, (daemon.datapath.udp_fds(), watched)
+    assert old.fileno() == -1 and daemon.udp is not old  # the old socket: closed
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        tx.sendto(b"\\x04" + bytes(40), ("127.0.0.1", daemon.udp.port))
+    ready = [fd for fd, _ in daemon.loop._epoll.poll(2)]
+    assert daemon.udp.fileno() in ready, ready  # the loop hears the new socket
+finally:
+    daemon.close()
+print("ok")
+"""
+
+
+def test_a_port_change_that_fails_in_use_udp_leaves_the_daemon_listening() -> None:
+    """`Daemon.set_listen_port`: use_udp raising after the loop stopped watching the old
+    socket and its reader (here the sender, an error it does not catch) leaves the loop
+    watching the new socket (and its reader where it has one) and the old one closed,
+    not deaf. A real daemon (its TUN in a namespace of its own, its reader forced on)."""
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    run_in_new_namespace("wgpyport", [["link", "set", "lo", "up"]], PORT_CHANGE_FAILS)
 
 
 def readers(expected: int) -> int:

@@ -184,10 +184,12 @@ class Daemon:
         for fd in self.datapath.udp_fds():
             self.loop.remove_reader(fd)
         old, self.udp = self.udp, fresh
-        self.datapath.use_udp(fresh)  # its sends in C, as the first socket's; its reader
-        old.close()  # (after use_udp: the old socket's reader thread is joined by then)
-        for fd in self.datapath.udp_fds():
-            self.loop.add_reader(fd, self.datapath.on_udp)
+        try:
+            self.datapath.use_udp(fresh)  # its sends in C, as the first socket's; its reader
+        finally:  # (raising, it already serves `fresh`: the loop watches it, never deaf)
+            old.close()  # (after use_udp: the old socket's reader thread is joined by then)
+            for fd in self.datapath.udp_fds():
+                self.loop.add_reader(fd, self.datapath.on_udp)
         log.info("listening on UDP port %d", fresh.port)
 
     def set_fwmark(self, mark: int) -> None:
