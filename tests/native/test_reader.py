@@ -350,6 +350,42 @@ def test_a_port_change_that_fails_in_use_udp_leaves_the_daemon_listening() -> No
     run_in_new_namespace("wgpyport", [["link", "set", "lo", "up"]], PORT_CHANGE_FAILS)
 
 
+DAEMON_FAILS = """
+import os, sys, tempfile
+sys.path.insert(0, "{src}")
+os.environ["WGPY_UDP_READER"] = "1"
+from wgpy.daemon.daemon import Daemon, Options
+from wgpy.daemon.uapi_server import UapiListener
+def names():
+    return [open(f"/proc/self/task/{{t}}/comm").read().strip()
+            for t in os.listdir("/proc/self/task")]
+where = tempfile.mkdtemp()
+Daemon("wgstart0", where, options=Options(threads=3)).close()  # (the crypto workers made)
+fds = len(os.listdir("/proc/self/fd"))
+for _ in range(3):
+    listener = UapiListener("wgstart0", where)
+    listener.close()  # closed: the UAPI server, made after the datapath, cannot watch it
+    try:
+        Daemon("wgstart0", where, listener=listener, options=Options(threads=3))
+    except (OSError, ValueError):
+        pass
+    else:
+        raise AssertionError("started")
+    assert names().count("wgpy-udpread") == 0, names()
+    assert len(os.listdir("/proc/self/fd")) == fds, "descriptors left"
+print("ok")
+"""
+
+
+def test_a_daemon_that_fails_to_start_leaves_no_reader_thread() -> None:
+    """`Daemon.__init__` failing after its datapath was made (the UAPI server, given a
+    listener already closed) stops the reader thread and closes its eventfd, the
+    loop's epoll, the socket and the TUN. A real daemon, its TUN in a namespace."""
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    run_in_new_namespace("wgpystart", [["link", "set", "lo", "up"]], DAEMON_FAILS)
+
+
 def readers(expected: int) -> int:
     """The reader threads of this process (by their name), once they are `expected` or
     after a second (a thread names itself once it runs)."""
