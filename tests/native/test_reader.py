@@ -257,6 +257,51 @@ def test_close_while_the_thread_reads_a_flood() -> None:
         tx.close()
 
 
+def test_a_second_drainer_is_refused_and_a_second_closer_is_harmless() -> None:
+    """One caller at a time (the loop's thread): a drain from another thread while one is
+    under way (its GIL released to read) raises RuntimeError instead of freeing a slot
+    the first still reads; close() from two threads meanwhile (Interface.close after a
+    join that timed out) stops the thread, the eventfd closed once, under the lock."""
+    _, device = pair()
+    classifier = device.intake.classifier
+    assert classifier is not None
+    rx = receiver()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    stop = threading.Event()
+    refused: list[int] = []
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
+            except RuntimeError:
+                refused.append(1)
+
+    drainers = [threading.Thread(target=drain) for _ in range(2)]
+    for t in drainers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 3
+        while not refused and time.monotonic() < deadline:
+            for _ in range(100):
+                tx.sendto(b"\x04" + bytes(40), rx.getsockname())
+        closers = [threading.Thread(target=reader.close) for _ in range(2)]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(5)
+        assert reader.fileno() == -1 and not reader.running
+        assert refused, "two drains at once"
+    finally:
+        stop.set()
+        for t in drainers:
+            t.join(5)
+        reader.close()
+        rx.close()
+        tx.close()
+
+
 def test_a_drain_wants_the_readers_own_buffer_and_shape() -> None:
     """The reader's slots only through its own buffer, its read size and count."""
     _, device = pair()
