@@ -35,8 +35,9 @@
  * took the last filled one. The buffer lives as long as the object (a memoryview of it
  * holds a reference); close() joins the thread before anything is freed; the socket is the
  * caller's, to close after close(). In a child of fork the thread is gone: there the
- * caller does all the reads. One caller at a time (the loop's thread): a take from another
- * thread while one is under way raises RuntimeError; close() may come from any thread. */
+ * caller does all the reads, and the eventfd (the parent's) is closed. One caller at a
+ * time (the loop's thread): a take from another thread while one is under way raises
+ * RuntimeError; close() may come from any thread. */
 
 #include "classify.h"
 
@@ -177,9 +178,14 @@ static void *reader_main(void *arg)
 }
 
 /* In a child of fork: the thread was the parent's; the mutex is made anew and the filled
- * slots are dropped (the parent reads them), from now on takes read themselves. */
+ * slots are dropped (the parent reads them), from now on takes read themselves. The
+ * eventfd is the parent's too (one kernel object, readable whenever the parent's thread
+ * fills a slot): the child closes its copy, and fileno() is -1 there. */
 static void orphan(UdpReader *r)
 {
+    if (r->efd >= 0)
+        close(r->efd);
+    r->efd = -1;
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->wake, NULL);
     pthread_cond_init(&r->read, NULL);
