@@ -78,7 +78,8 @@ typedef struct {
     int arm;                       /* a read of this many reads arms the thread */
     int reading;                   /* a read is under way, the thread's or the caller's */
     int busy;                      /* a take is under way (under mu): one caller at a time */
-    int stopping, running, ready;
+    int stopping, running, ready;  /* running: under mu once started */
+    int joining;                   /* a closer joins the thread (under mu) */
     unsigned long forks;
     pthread_t tid;
 } UdpReader;
@@ -190,30 +191,36 @@ static void orphan(UdpReader *r)
     pthread_cond_init(&r->wake, NULL);
     pthread_cond_init(&r->read, NULL);
     r->filled = r->taken = r->freed;
-    r->signalled = r->running = r->armed = r->reading = r->busy = 0;
+    r->signalled = r->running = r->joining = r->armed = r->reading = r->busy = 0;
     r->forks = atomic_load(&fork_count);
 }
 
 /* Stop and join the thread (it is waiting, or in a recvmmsg that does not block); close
- * the eventfd. */
+ * the eventfd. Closers on several threads (the GIL let go while one joins): one joins,
+ * the others wait, without the GIL, until it has (two joins of one thread: undefined,
+ * glibc's second one hung). */
 static void reader_stop(UdpReader *r)
 {
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
-    if (r->running) {
-        pthread_mutex_lock(&r->mu);
-        r->stopping = 1;
-        pthread_cond_broadcast(&r->wake);
-        pthread_mutex_unlock(&r->mu);
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(r->tid, NULL);
-        Py_END_ALLOW_THREADS
-        r->running = 0;
-    }
-    pthread_mutex_lock(&r->mu); /* a take elsewhere reads it under mu: gone, or not yet */
-    int efd = r->efd;
-    r->stopping = 1, r->efd = -1;
+    pthread_mutex_lock(&r->mu);
+    int join = r->running && !r->joining;
+    r->stopping = 1, r->joining |= join;
+    pthread_cond_broadcast(&r->wake);
     pthread_mutex_unlock(&r->mu);
+    int efd;
+    Py_BEGIN_ALLOW_THREADS
+    if (join)
+        pthread_join(r->tid, NULL);
+    pthread_mutex_lock(&r->mu);
+    if (join)
+        r->running = 0, pthread_cond_broadcast(&r->read);
+    while (r->running)
+        pthread_cond_wait(&r->read, &r->mu);
+    efd = r->efd; /* a take elsewhere reads it under mu: gone, or not yet */
+    r->efd = -1;
+    pthread_mutex_unlock(&r->mu);
+    Py_END_ALLOW_THREADS
     if (efd >= 0)
         close(efd);
 }
@@ -396,7 +403,10 @@ static PyObject *UdpReader_running(UdpReader *r, void *Py_UNUSED(closure))
 {
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
-    return PyBool_FromLong(r->running);
+    pthread_mutex_lock(&r->mu);
+    int running = r->running;
+    pthread_mutex_unlock(&r->mu);
+    return PyBool_FromLong(running);
 }
 
 static int UdpReader_getbuffer(UdpReader *r, Py_buffer *view, int flags)

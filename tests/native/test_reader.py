@@ -278,7 +278,7 @@ def test_a_second_drainer_is_refused_and_a_second_closer_is_harmless() -> None:
             except RuntimeError:
                 refused.append(1)
 
-    drainers = [threading.Thread(target=drain) for _ in range(2)]
+    drainers = [threading.Thread(target=drain, daemon=True) for _ in range(2)]
     for t in drainers:
         t.start()
     try:
@@ -286,11 +286,12 @@ def test_a_second_drainer_is_refused_and_a_second_closer_is_harmless() -> None:
         while not refused and time.monotonic() < deadline:
             for _ in range(100):
                 tx.sendto(b"\x04" + bytes(40), rx.getsockname())
-        closers = [threading.Thread(target=reader.close) for _ in range(2)]
+        closers = [threading.Thread(target=reader.close, daemon=True) for _ in range(2)]
         for t in closers:
             t.start()
         for t in closers:
             t.join(5)
+        assert not any(t.is_alive() for t in closers), "a closer hangs (two joins)"
         assert reader.fileno() == -1 and not reader.running
         assert refused, "two drains at once"
     finally:
