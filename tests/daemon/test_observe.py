@@ -223,6 +223,11 @@ def test_metrics_collector_names_and_values() -> None:
              if s.labels["direction"] == "tun_rx"}  # fmt: skip
     assert batch["wgpy_batch_size_count"] >= 1
     assert families["wgpy_info"].samples[0].labels["datapath"] == "python"
+    assert families["wgpy_crypto_fallbacks"].samples[0].value == 0
+    a.device.crypto_fallbacks = 2  # (as Device._work_off counts them)
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}  # fmt: skip
+    assert families["wgpy_crypto_fallbacks"].samples[0].value == 2
     assert parse_listen("9586") == ("127.0.0.1", 9586)
     assert parse_listen("[::1]:9") == ("::1", 9)
     with pytest.raises(ValueError):

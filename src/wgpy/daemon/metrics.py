@@ -83,6 +83,7 @@ def _snapshot(src: Source) -> dict[str, Any]:
         "events": Counter(dict(src.stats.events)),
         "under_load": dev.is_under_load(now),
         "queued": dev.queued_handshakes,
+        "crypto_fallbacks": dev.crypto_fallbacks,
         "under_load_seconds": src.stats.under_load_seconds,
         "batches": {"udp_rx": _batches(dp.udp_batches), "tun_rx": _batches(dp.tun_batches)},
         "kind": src.kind,
@@ -213,6 +214,14 @@ def _load_families(name: str, snap: dict[str, Any]) -> Iterator[Metric]:
     )
     queued.add_metric([name], snap["queued"])
     yield queued
+    fallbacks = CounterMetricFamily(
+        "wgpy_crypto_fallbacks",
+        "Batch calls to the crypto threads that failed (no memory): their handshakes "
+        "were worked off on the loop thread",
+        labels=["interface"],
+    )
+    fallbacks.add_metric([name], snap["crypto_fallbacks"])
+    yield fallbacks
 
 
 def _batch_family(name: str, batches: dict[str, tuple[list[int], int, int]]) -> Metric:
