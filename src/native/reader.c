@@ -35,7 +35,9 @@
  * took the last filled one. The buffer lives as long as the object (a memoryview of it
  * holds a reference); close() joins the thread before anything is freed; the socket is the
  * caller's, to close after close(). In a child of fork the thread is gone: there the
- * caller does all the reads. One caller at a time (the loop's thread). */
+ * caller does all the reads, and the eventfd (the parent's) is closed. One caller at a
+ * time (the loop's thread): a take from another thread while one is under way raises
+ * RuntimeError; close() may come from any thread. */
 
 #include "classify.h"
 
@@ -75,7 +77,9 @@ typedef struct {
     int armed;                     /* a backlog: the thread reads on (under mu) */
     int arm;                       /* a read of this many reads arms the thread */
     int reading;                   /* a read is under way, the thread's or the caller's */
-    int stopping, running, ready;
+    int busy;                      /* a take is under way (under mu): one caller at a time */
+    int stopping, running, ready;  /* running: under mu once started */
+    int joining;                   /* a closer joins the thread (under mu) */
     unsigned long forks;
     pthread_t tid;
 } UdpReader;
@@ -175,37 +179,50 @@ static void *reader_main(void *arg)
 }
 
 /* In a child of fork: the thread was the parent's; the mutex is made anew and the filled
- * slots are dropped (the parent reads them), from now on takes read themselves. */
+ * slots are dropped (the parent reads them), from now on takes read themselves. The
+ * eventfd is the parent's too (one kernel object, readable whenever the parent's thread
+ * fills a slot): the child closes its copy, and fileno() is -1 there. */
 static void orphan(UdpReader *r)
 {
+    if (r->efd >= 0)
+        close(r->efd);
+    r->efd = -1;
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->wake, NULL);
     pthread_cond_init(&r->read, NULL);
     r->filled = r->taken = r->freed;
-    r->signalled = r->running = r->armed = r->reading = 0;
+    r->signalled = r->running = r->joining = r->armed = r->reading = r->busy = 0;
     r->forks = atomic_load(&fork_count);
 }
 
 /* Stop and join the thread (it is waiting, or in a recvmmsg that does not block); close
- * the eventfd. */
+ * the eventfd. Closers on several threads (the GIL let go while one joins): one joins,
+ * the others wait, without the GIL, until it has (two joins of one thread: undefined,
+ * glibc's second one hung). */
 static void reader_stop(UdpReader *r)
 {
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
-    if (r->running) {
-        pthread_mutex_lock(&r->mu);
-        r->stopping = 1;
-        pthread_cond_broadcast(&r->wake);
-        pthread_mutex_unlock(&r->mu);
-        Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&r->mu);
+    int join = r->running && !r->joining;
+    r->stopping = 1, r->joining |= join;
+    pthread_cond_broadcast(&r->wake);
+    pthread_mutex_unlock(&r->mu);
+    int efd;
+    Py_BEGIN_ALLOW_THREADS
+    if (join)
         pthread_join(r->tid, NULL);
-        Py_END_ALLOW_THREADS
-        r->running = 0;
-    }
-    r->stopping = 1;
-    if (r->efd >= 0)
-        close(r->efd);
+    pthread_mutex_lock(&r->mu);
+    if (join)
+        r->running = 0, pthread_cond_broadcast(&r->read);
+    while (r->running)
+        pthread_cond_wait(&r->read, &r->mu);
+    efd = r->efd; /* a take elsewhere reads it under mu: gone, or not yet */
     r->efd = -1;
+    pthread_mutex_unlock(&r->mu);
+    Py_END_ALLOW_THREADS
+    if (efd >= 0)
+        close(efd);
 }
 
 /* With mu held, no read under way and none filled: the caller reads the socket into the
@@ -259,6 +276,12 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
         orphan(r);
     out->fd = r->fd, out->got = out->over = 0, out->rd = NULL, out->buf = NULL, out->base = 0;
     pthread_mutex_lock(&r->mu);
+    if (r->busy) { /* another thread's take, its mu (and GIL) let go while it reads */
+        pthread_mutex_unlock(&r->mu);
+        PyErr_SetString(PyExc_RuntimeError, "a reader's drain: one caller at a time");
+        return -1;
+    }
+    r->busy = 1;
     if (r->freed < r->taken) { /* the last drain's reads: Python is done with them */
         r->freed++;
         if (r->armed) /* (only an armed thread waits for room: no futex call for a ping) */
@@ -273,9 +296,13 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
     } else if (!r->stopping) {
         read_here(r, out);
     }
-    uint64_t drained;
-    if (r->taken == r->filled && r->signalled && read(r->efd, &drained, sizeof(drained)) > 0)
-        r->signalled = 0;
+    if (r->taken == r->filled && r->signalled) {
+        uint64_t drained; /* (non-blocking: a failure, EAGAIN, means it holds 0 already) */
+        ssize_t n = r->efd >= 0 ? read(r->efd, &drained, sizeof(drained)) : 0;
+        (void)n;
+        r->signalled = 0; /* cleared whatever read said: else no fill would write it again */
+    }
+    r->busy = 0;
     pthread_mutex_unlock(&r->mu);
     return 0;
 }
@@ -376,7 +403,10 @@ static PyObject *UdpReader_running(UdpReader *r, void *Py_UNUSED(closure))
 {
     if (r->forks != atomic_load(&fork_count))
         orphan(r);
-    return PyBool_FromLong(r->running);
+    pthread_mutex_lock(&r->mu);
+    int running = r->running;
+    pthread_mutex_unlock(&r->mu);
+    return PyBool_FromLong(running);
 }
 
 static int UdpReader_getbuffer(UdpReader *r, Py_buffer *view, int flags)

@@ -85,3 +85,45 @@ def test_interfaces_in_one_process(namespace: Namespace) -> None:
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+FAILED_OPENS = r"""
+import os, wgpy
+
+def readers():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return names.count("wgpy-udpread")
+
+key = wgpy.generate_private_key()
+cfg = wgpy.Config.build(key, peers=[wgpy.PeerConfig.build(wgpy.public_key_of(key))])
+iface = wgpy.Interface(cfg, name="wgfail", configure_network=False)
+fds = len(os.listdir("/proc/self/fd"))
+for _ in range(3):  # its own key as a peer: _apply_config raises, the datapath was made
+    try:
+        iface.open()
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("opened")
+    assert readers() == 0, f"{readers()} reader threads left"
+    assert len(os.listdir("/proc/self/fd")) == fds, "descriptors left"
+iface.close()
+print("ok")
+"""
+
+
+def test_a_failed_open_leaves_no_reader_thread(namespace: Namespace) -> None:
+    """Interface.open failing after its datapath was made (the reader forced on: 3 crypto
+    threads, WGPY_UDP_READER=1) stops the reader thread and closes its eventfd and the
+    loop's epoll: an open tried again makes no second one beside the first."""
+    from wgpy.core.native import load
+
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "WGPY_UDP_READER": "1", "WGPY_THREADS": "3"}
+    done = subprocess.run(namespace.argv([sys.executable, "-c", FAILED_OPENS]),
+                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

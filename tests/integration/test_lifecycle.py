@@ -3,6 +3,7 @@ roaming endpoints and the allowed-IPs source filter, all with real interfaces.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -10,7 +11,10 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.integration.conftest import eventually
+from wgpy.core.native import load
 from wgpy.demo.testbed import WGPY, Namespace, Tunnel, wait_for_socket
 from wgpy.io.uapi_path import socket_path
 
@@ -105,10 +109,24 @@ def test_keeps_working_after_moving_the_interface(make_tunnel: Callable[..., Tun
     assert a.process.wait(5) == 0
 
 
-def test_roaming_endpoint_follows(make_tunnel: Callable[..., Tunnel]) -> None:
-    t = make_tunnel("roam")
+@pytest.mark.parametrize("reader", [False, True], ids=["loop-reads", "reader-thread"])
+def test_roaming_endpoint_follows(make_tunnel: Callable[..., Tunnel], reader: bool) -> None:
+    """With `reader`, a's UDP reads get their thread (WGPY_UDP_READER=1 on 3 crypto
+    threads, not the default on 2 cores): a burst through it, then the port change swaps
+    its reader (the old one's thread joined), one reader thread before and after."""
+    if reader and load() is None:
+        pytest.skip("wgpy._native is not built")
+    env = {"WGPY_UDP_READER": "1", "WGPY_THREADS": "3"} if reader else None
+    t = make_tunnel("roamr" if reader else "roam", env=env)
     a, b = t.a, t.b
     a.ns.run("ping", "-c", "1", "-W", "3", b.inner4, timeout=20)
+    if reader:
+        assert a.process is not None
+        eventually(lambda: reader_threads(a.process.pid) == 1, 5, "a's reader thread")
+        # 32 echoes in flight: replies queue at a's socket, 2 reads or more arm the thread
+        before = reader_switches(a.process.pid)
+        a.ns.run("ping", "-f", "-l", "32", "-c", "2000", "-w", "10", b.inner4, timeout=20)
+        assert reader_switches(a.process.pid) > before, "the reader thread never woke"
     assert b.wg("show", b.ifname, "endpoints").split()[1] == f"{a.outer4}:51820"
     # a moves: a new outside address and a new listen port
     veth = next(line.split(":")[1].strip().split("@")[0]
@@ -119,6 +137,33 @@ def test_roaming_endpoint_follows(make_tunnel: Callable[..., Tunnel]) -> None:
     a.ns.run("ping", "-c", "1", "-W", "3", b.inner4, timeout=20)
     assert b.wg("show", b.ifname, "endpoints").split()[1] == "10.200.0.9:51999"
     b.ns.run("ping", "-c", "1", "-W", "3", a.inner4, timeout=20)
+    if reader:
+        assert a.process is not None
+        eventually(lambda: reader_threads(a.process.pid) == 1, 5, "the new socket's reader")
+        a.ns.run("ping", "-f", "-l", "32", "-c", "2000", "-w", "10", b.inner4, timeout=20)
+        assert reader_threads(a.process.pid) == 1 and a.process.poll() is None
+
+
+def reader_switches(pid: int) -> int:
+    """How often process `pid`'s reader thread went to sleep: only an armed thread wakes
+    (a drain's read of 2 or more), so it grows only when the thread read."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/comm") as f:
+            if f.read().strip() != "wgpy-udpread":
+                continue
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            return next(int(line.split()[1]) for line in f
+                        if line.startswith("voluntary_ctxt_switches"))  # fmt: skip
+    raise AssertionError(f"no reader thread in {pid}")
+
+
+def reader_threads(pid: int) -> int:
+    """The UDP reader threads (src/native/reader.c, by name) of process `pid`."""
+    count = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/comm") as f:
+            count += f.read().strip() == "wgpy-udpread"
+    return count
 
 
 def test_source_filter_drops_packets_from_addresses_the_peer_does_not_own(

@@ -12,12 +12,15 @@ import random
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from tests.io.fakes import ChannelTun
+from tests.namespaces import run_in_new_namespace
 from tests.native.test_classify import build, pair
 from wgpy.core import intake
 from wgpy.core.backend import Backend
@@ -231,7 +234,9 @@ def test_close_while_the_thread_reads_a_flood() -> None:
         for _ in range(20):
             reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
             view = memoryview(reader)
+            deadline = time.monotonic() + 5
             while reader.counts()[1] == 0:  # a full read arms the thread: it reads on
+                assert time.monotonic() < deadline, "the thread never read"
                 readable(reader, rx, 1)
                 classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
             started = time.monotonic()
@@ -248,6 +253,52 @@ def test_close_while_the_thread_reads_a_flood() -> None:
     finally:
         stop.set()
         flooder.join()
+        rx.close()
+        tx.close()
+
+
+def test_a_second_drainer_is_refused_and_a_second_closer_is_harmless() -> None:
+    """One caller at a time (the loop's thread): a drain from another thread while one is
+    under way (its GIL released to read) raises RuntimeError instead of freeing a slot
+    the first still reads; close() from two threads meanwhile (Interface.close after a
+    join that timed out) stops the thread, the eventfd closed once, under the lock."""
+    _, device = pair()
+    classifier = device.intake.classifier
+    assert classifier is not None
+    rx = receiver()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    stop = threading.Event()
+    refused: list[int] = []
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
+            except RuntimeError:
+                refused.append(1)
+
+    drainers = [threading.Thread(target=drain, daemon=True) for _ in range(2)]
+    for t in drainers:
+        t.start()
+    try:
+        deadline = time.monotonic() + 3
+        while not refused and time.monotonic() < deadline:
+            for _ in range(100):
+                tx.sendto(b"\x04" + bytes(40), rx.getsockname())
+        closers = [threading.Thread(target=reader.close, daemon=True) for _ in range(2)]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(5)
+        assert not any(t.is_alive() for t in closers), "a closer hangs (two joins)"
+        assert reader.fileno() == -1 and not reader.running
+        assert refused, "two drains at once"
+    finally:
+        stop.set()
+        for t in drainers:
+            t.join(5)
+        reader.close()
         rx.close()
         tx.close()
 
@@ -291,8 +342,11 @@ def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
         try:
             assert path.udp_fds()[0] == first.fileno() and len(path.udp_fds()) == 1 + threaded
             assert readers(int(threaded)) == threaded
+            old = path._reader
             path.use_udp(second)
-            assert readers(int(threaded)) == threaded  # one stopped (joined), one started
+            if threaded:  # joined: `running` drops only once pthread_join returned
+                assert not old.running and old.fileno() == -1 and old is not path._reader
+            assert readers(int(threaded)) == threaded  # one stopped, one started
             assert path.udp_fds()[0] == second.fileno() and len(path.udp_fds()) == 1 + threaded
             path.close()
             assert readers(0) == 0
@@ -300,6 +354,82 @@ def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
             path.close()
             first.close()
             second.close()
+
+
+PORT_CHANGE_FAILS = """
+import os, socket, sys, tempfile
+sys.path.insert(0, "{src}")
+os.environ["WGPY_UDP_READER"] = "1"
+from wgpy.daemon.daemon import Daemon, Options
+from wgpy.io.datapath import Datapath
+daemon = Daemon("wgport0", tempfile.mkdtemp(), options=Options(threads=3))
+try:
+    assert len(daemon.datapath.udp_fds()) == 2, "no reader"
+    old = daemon.udp
+    def no_sender(self):  # a failure use_udp does not catch (not an OSError)
+        raise RuntimeError("no sender")
+    Datapath._sender = no_sender
+    try:
+        daemon.set_listen_port(0)
+    except RuntimeError:
+        pass
+    watched = set(daemon.loop._readers)
+    assert set(daemon.datapath.udp_fds()) <= watched, (daemon.datapath.udp_fds(), watched)
+    assert old.fileno() == -1 and daemon.udp is not old  # the old socket: closed
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        tx.sendto(b"\\x04" + bytes(40), ("127.0.0.1", daemon.udp.port))
+    ready = [fd for fd, _ in daemon.loop._epoll.poll(2)]
+    assert daemon.udp.fileno() in ready, ready  # the loop hears the new socket
+finally:
+    daemon.close()
+print("ok")
+"""
+
+
+def test_a_port_change_that_fails_in_use_udp_leaves_the_daemon_listening() -> None:
+    """`Daemon.set_listen_port`: use_udp raising after the loop stopped watching the old
+    socket and its reader (here the sender, an error it does not catch) leaves the loop
+    watching the new socket (and its reader where it has one) and the old one closed,
+    not deaf. A real daemon (its TUN in a namespace of its own, its reader forced on)."""
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    run_in_new_namespace("wgpyport", [["link", "set", "lo", "up"]], PORT_CHANGE_FAILS)
+
+
+DAEMON_FAILS = """
+import os, sys, tempfile
+sys.path.insert(0, "{src}")
+os.environ["WGPY_UDP_READER"] = "1"
+from wgpy.daemon.daemon import Daemon, Options
+from wgpy.daemon.uapi_server import UapiListener
+def names():
+    return [open(f"/proc/self/task/{{t}}/comm").read().strip()
+            for t in os.listdir("/proc/self/task")]
+where = tempfile.mkdtemp()
+Daemon("wgstart0", where, options=Options(threads=3)).close()  # (the crypto workers made)
+fds = len(os.listdir("/proc/self/fd"))
+for _ in range(3):
+    listener = UapiListener("wgstart0", where)
+    listener.close()  # closed: the UAPI server, made after the datapath, cannot watch it
+    try:
+        Daemon("wgstart0", where, listener=listener, options=Options(threads=3))
+    except (OSError, ValueError):
+        pass
+    else:
+        raise AssertionError("started")
+    assert names().count("wgpy-udpread") == 0, names()
+    assert len(os.listdir("/proc/self/fd")) == fds, "descriptors left"
+print("ok")
+"""
+
+
+def test_a_daemon_that_fails_to_start_leaves_no_reader_thread() -> None:
+    """`Daemon.__init__` failing after its datapath was made (the UAPI server, given a
+    listener already closed) stops the reader thread and closes its eventfd, the
+    loop's epoll, the socket and the TUN. A real daemon, its TUN in a namespace."""
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    run_in_new_namespace("wgpystart", [["link", "set", "lo", "up"]], DAEMON_FAILS)
 
 
 def readers(expected: int) -> int:
@@ -337,7 +467,7 @@ def test_in_a_child_of_fork_a_drain_reads_the_socket_itself() -> None:
         if pid == 0:  # pragma: no cover (the child)
             ok = False
             try:
-                ok = not reader.running
+                ok = not reader.running and reader.fileno() == -1  # not the parent's eventfd
                 kept: Kept = []
                 got = reader_drain_count(device, reader, kept)  # read here, not the parent's
                 ok = ok and got == len(kept) == COUNT and sequence_of(kept)[0] == 2 * COUNT
@@ -399,39 +529,68 @@ def reader_cpu_ticks() -> int:
     raise AssertionError("no reader thread")
 
 
-def test_a_reader_that_cannot_start_leaves_the_loop_reading(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Where no thread can be had (pthread_create: EAGAIN, or no memory for the ring), the
-    loop watches and drains the socket itself, as without a reader."""
-    import errno
+@pytest.mark.parametrize("limit", ["nofile", "as"])
+def test_a_reader_that_cannot_start_leaves_the_loop_reading(limit: str) -> None:
+    """Where no reader can be had (its eventfd: no descriptor left, RLIMIT_NOFILE; its
+    ring: no room, RLIMIT_AS), the real UdpReader fails (OSError, MemoryError) and the
+    loop watches and drains the socket itself, as without a reader. In a process of its
+    own, the limit lifted once the Datapath is made."""
+    if load() is None:
+        pytest.skip("wgpy._native is not built")
+    if limit == "as" and "asan" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("ASan's shadow memory does not fit under RLIMIT_AS")
+    code = f"from tests.native.test_reader import cannot_start; cannot_start({limit!r})"
+    env = {**os.environ, "WGPY_UDP_READER": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no reader thread" in done.stderr  # the Datapath's own UdpReader failed
 
-    from wgpy import _classify
+
+def cannot_start(limit: str) -> None:
+    """(The child of the test above.) The limit's failure, first from UdpReader itself,
+    then inside Datapath; then a datagram is read by the loop off the socket alone."""
+    import resource
+
+    from wgpy._classify import UdpReader
 
     module = load()
-    if module is None:
-        pytest.skip("wgpy._native is not built")
-    for error in (OSError(errno.EAGAIN, "Resource temporarily unavailable"), MemoryError()):
-
-        def no_thread(*args: object, error: BaseException = error) -> None:
-            raise error
-
-        monkeypatch.setattr(_classify, "UdpReader", no_thread)
-        monkeypatch.setenv("WGPY_UDP_READER", "1")
-        backend = Backend(module, threading.Lock, 2)
-        device = Device(random.Random(1).randbytes, backend=backend, classify=True)
-        udp = UdpSocket()
+    device = Device(random.Random(1).randbytes, backend=Backend(module, threading.Lock, 2),
+                    classify=True)  # fmt: skip
+    udp = UdpSocket()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    kind = resource.RLIMIT_NOFILE if limit == "nofile" else resource.RLIMIT_AS
+    soft, hard = resource.getrlimit(kind)
+    held: list[int] = []
+    if limit == "nofile":  # every descriptor taken: the reader's eventfd fails (EMFILE)
+        resource.setrlimit(kind, (256, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        error: type[BaseException] = OSError
+    else:  # 8 MiB more address space: not the ring's 17.8 MB (its mmap fails)
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(kind, (kb * 1024 + (8 << 20), hard))
+        error = MemoryError
+    try:
+        with pytest.raises(error):
+            UdpReader(udp.fileno())
         path = Datapath(device, ChannelTun(), udp)
-        try:
-            assert path.udp_fds() == (udp.fileno(),)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-                tx.sendto(b"\x04" + bytes(40), ("127.0.0.1", udp.port))
-            time.sleep(0.05)
-            path.on_udp()
-            assert path.udp_batches.events == 1
-        finally:
-            path.close()
-            udp.close()
+    finally:
+        resource.setrlimit(kind, (soft, hard))
+        for fd in held:
+            os.close(fd)
+    assert path._reader is None and path.udp_fds() == (udp.fileno(),)
+    tx.sendto(b"\x04" + bytes(40), ("127.0.0.1", udp.port))
+    assert select.select(path.udp_fds(), [], [], 2)[0] == [udp.fileno()]  # as the loop
+    path.on_udp()
+    assert path.udp_batches.events == 1  # the loop's own read took it
+    assert not select.select([udp], [], [], 0)[0]
+    path.close()
+    udp.close()
+    tx.close()
 
 
 def test_shedding_through_the_reader_as_through_the_drains_own_reads(

@@ -142,19 +142,35 @@ class Daemon:
         self.stats = Stats()
         self.drop_summary = DropSummary()
         self.fallback_warning = FallbackWarning()
-        self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
-        self.loop = Loop(self._tick)
         self._next_housekeeping = 0.0
-        self.loop.add_reader(self.tun.fileno(), self._on_tun)
-        for fd in self.datapath.udp_fds():  # the socket, and its reader thread's eventfd
-            self.loop.add_reader(fd, self.datapath.on_udp)
-        self.uapi = uapi_server.UapiServer(self, self.loop, self.listener)
+        self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
+        try:
+            self._watch()
+        except BaseException:  # nothing left running: not the reader thread either
+            self.datapath.close()  # (joined before the socket goes)
+            self.udp.close()
+            self.tun.close()
+            self.listener.close()
+            raise
         self.keylog: keylog.KeyLog | None = None
         self.metrics: Any = None  # a metrics.MetricsServer: prometheus-client is optional
         try:
             self._start_extras(options.keylog, metrics_listen)
         except BaseException:
             self.close()
+            raise
+
+    def _watch(self) -> None:
+        """The loop, watching the TUN, the socket (and its reader thread's eventfd) and
+        the UAPI listener."""
+        self.loop = Loop(self._tick)
+        try:
+            self.loop.add_reader(self.tun.fileno(), self._on_tun)
+            for fd in self.datapath.udp_fds():  # the socket, and its reader's eventfd
+                self.loop.add_reader(fd, self.datapath.on_udp)
+            self.uapi = uapi_server.UapiServer(self, self.loop, self.listener)
+        except BaseException:
+            self.loop.close()
             raise
 
     def _start_extras(self, keylog_path: str | None, metrics_listen: Endpoint | None) -> None:
@@ -184,10 +200,12 @@ class Daemon:
         for fd in self.datapath.udp_fds():
             self.loop.remove_reader(fd)
         old, self.udp = self.udp, fresh
-        self.datapath.use_udp(fresh)  # its sends in C, as the first socket's; its reader
-        old.close()  # (after use_udp: the old socket's reader thread is joined by then)
-        for fd in self.datapath.udp_fds():
-            self.loop.add_reader(fd, self.datapath.on_udp)
+        try:
+            self.datapath.use_udp(fresh)  # its sends in C, as the first socket's; its reader
+        finally:  # (raising, it already serves `fresh`: the loop watches it, never deaf)
+            old.close()  # (after use_udp: the old socket's reader thread is joined by then)
+            for fd in self.datapath.udp_fds():
+                self.loop.add_reader(fd, self.datapath.on_udp)
         log.info("listening on UDP port %d", fresh.port)
 
     def set_fwmark(self, mark: int) -> None:

@@ -199,9 +199,13 @@ class Interface:
                 self._loop.add_reader(fd, self._datapath.on_udp)
             self._loop.add_reader(self._wake, self._run_calls)
             self._apply_config()
-        except BaseException:
+        except BaseException:  # nothing of this open left: not its reader thread either
+            if self._loop is not None:
+                self._loop.close()
+            if self._datapath is not None:
+                self._datapath.close()
             self.tun.close()
-            self.tun = None
+            self.tun, self._datapath, self._loop = None, None, None
             raise
         self._thread = threading.Thread(target=self._serve, name=f"wgpy-{self.name}", daemon=True)
         self._thread.start()
