@@ -55,15 +55,22 @@ EVP_PKEY *x25519_load(const uint8_t priv[KEY_LEN], const uint8_t pub[KEY_LEN])
     return key;
 }
 
-/* DH(key, peer) into shared: 1; 0 where OpenSSL refuses the exchange (derive_init,
- * set_peer or the derive fails: an all-zero result, a low-order point, the peer's doing;
- * the reference's `cryptography` raises ValueError there, whatever the cause); -1 where
- * the peer's key or the context could not be made (their allocations returned NULL: no
- * memory, no verdict on the peer) or `key` is NULL (not loaded). A failing set_peer is a
- * verdict, not -1: were some OpenSSL build to refuse low-order points there, -1 would
- * make each such initiation cost its whole batch the loop thread's slower path. Any
- * thread, without the GIL: `key` is only read (OpenSSL 3's EVP_PKEY is safe to share),
- * the context is this call's own. */
+/* Whether OpenSSL's errors (taken off its queue) include a failed allocation. */
+static int out_of_memory(void)
+{
+    int oom = 0;
+    for (unsigned long e; (e = ERR_get_error()) != 0;)
+        oom |= ERR_GET_REASON(e) == ERR_R_MALLOC_FAILURE;
+    return oom;
+}
+
+/* DH(key, peer) into shared: 1; 0 where OpenSSL refuses the exchange (an all-zero
+ * result, a low-order point: the peer's doing; the reference's `cryptography` raises
+ * ValueError there); -1 where it could not be worked out for want of memory (the peer's
+ * key or the context not made, or OpenSSL's errors naming a failed allocation, whichever
+ * step it hit: its provider allocates in them too; no verdict on the peer) or `key` is
+ * NULL (not loaded). Any thread, without the GIL: `key` is only read (OpenSSL 3's
+ * EVP_PKEY is safe to share), the context is this call's own. */
 int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY_LEN])
 {
     EVP_PKEY *pk = EVP_PKEY_new_raw_public_key(EVP_PKEY_X25519, NULL, peer, KEY_LEN);
@@ -76,8 +83,8 @@ int x25519_derive(EVP_PKEY *key, const uint8_t peer[KEY_LEN], uint8_t shared[KEY
         ok = EVP_PKEY_derive_init(ctx) == 1 && EVP_PKEY_derive_set_peer(ctx, pk) == 1
              && EVP_PKEY_derive(ctx, shared, &len) == 1 && len == KEY_LEN
              && CRYPTO_memcmp(shared, zero, KEY_LEN) != 0;
-    if (ok != 1)
-        ERR_clear_error();
+    if (ok != 1 && out_of_memory())
+        ok = -1;
     EVP_PKEY_CTX_free(ctx);
     EVP_PKEY_free(pk);
     return ok;

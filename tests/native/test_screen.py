@@ -192,14 +192,14 @@ def failing_worker(only: str) -> list[str]:
 
 
 @needs_native
-def test_an_exchange_openssl_refuses_is_a_verdict() -> None:
-    """An exchange set up (the peer's key and the context made) that OpenSSL then refuses
-    (derive_init, set_peer or the derive: here derive_init, its provider's context not
-    made) answers None, as the reference does where `cryptography` raises ValueError;
-    MemoryError only where our own allocations of the key or the context came back
-    NULL. Else a build whose set_peer refused a low-order point would turn each such
-    initiation into a batch worked on the loop's thread."""
-    assert failing_worker("ecx_exch.c") == ["None"] * 2
+def test_an_exchange_openssl_has_no_memory_for_raises() -> None:
+    """An exchange OpenSSL's provider cannot allocate for (its context, in whichever step
+    of the derive: its errors name the failed allocation) raises MemoryError, as where our
+    own allocations of the key or the context come back NULL: no verdict on the message
+    (the device works the batch off on the loop's thread). A refused exchange with memory
+    to spare (a low-order point, an all-zero result) is a verdict: None
+    (test_native_and_pure_screens_agree)."""
+    assert failing_worker("ecx_exch.c") == ["MemoryError"] * 2
 
 
 POOL = [initiation(i)[0] for i in range(6)]
