@@ -181,11 +181,11 @@ static void *reader_main(void *arg)
 /* In a child of fork: the thread was the parent's; the mutex is made anew and the filled
  * slots are dropped (the parent reads them), from now on takes read themselves. The
  * eventfd is the parent's too (one kernel object, readable whenever the parent's thread
- * fills a slot): the child closes its copy, and fileno() is -1 there. */
+ * fills a slot): fileno() is -1 there. Its number is left alone, not closed: noticed
+ * late (here, at the child's first use), the child may have closed it since and the
+ * number be another file's now. */
 static void orphan(UdpReader *r)
 {
-    if (r->efd >= 0)
-        close(r->efd);
     r->efd = -1;
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->wake, NULL);

@@ -463,16 +463,22 @@ def test_in_a_child_of_fork_a_drain_reads_the_socket_itself() -> None:
         first: Kept = []
         assert reader_drain_count(device, reader, first) == COUNT  # full: the thread reads on
         assert wait_until(lambda: reader.counts()[2] >= 1)  # the ring full: it reads no more
+        parents = reader.fileno()
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
-            ok = False
+            code = 1  # any raise on the way: failed
             try:
-                ok = not reader.running and reader.fileno() == -1  # not the parent's eventfd
+                os.close(parents)  # (a child that closes what it inherited, as daemons do)
+                other = os.open(os.devnull, os.O_RDONLY)  # the number, another file's now
+                alone = not reader.running and reader.fileno() == -1  # not the parent's eventfd
                 kept: Kept = []
                 got = reader_drain_count(device, reader, kept)  # read here, not the parent's
-                ok = ok and got == len(kept) == COUNT and sequence_of(kept)[0] == 2 * COUNT
+                reader.close()
+                os.fstat(other)  # still open: the reader closed no number it had inherited
+                read = got == len(kept) == COUNT and sequence_of(kept)[0] == 2 * COUNT
+                code = 0 if alone and other == parents and read else 1
             finally:
-                os._exit(0 if ok else 1)
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert status == 0
         assert reader.running
