@@ -432,6 +432,33 @@ def test_a_daemon_that_fails_to_start_leaves_no_reader_thread() -> None:
     run_in_new_namespace("wgpystart", [["link", "set", "lo", "up"]], DAEMON_FAILS)
 
 
+def test_a_datapath_that_fails_to_be_made_leaves_no_reader_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`Datapath(...)` raising after its reader thread started (here the socket's sends,
+    asked after the reader was made, raise MemoryError) stops that thread at once: whoever
+    made the datapath has nothing to close it by, and the half-made one lives on in the
+    exception's traceback (a log keeps it) with its thread reading."""
+    module = load()
+    if module is None:
+        pytest.skip("wgpy._native is not built")
+    monkeypatch.setenv("WGPY_UDP_READER", "1")
+    device = Device(random.Random(1).randbytes, backend=Backend(module, threading.Lock, 2),
+                    classify=True)  # fmt: skip
+
+    class NoMemory(UdpSocket):
+        def sends_are_its_own(self) -> bool:
+            raise MemoryError
+
+    udp = NoMemory(0)
+    try:
+        with pytest.raises(MemoryError) as raised:
+            Datapath(device, ChannelTun(), udp)
+        assert readers(0) == 0, raised  # (not by the half-made datapath's garbage: held)
+    finally:
+        udp.close()
+
+
 def readers(expected: int) -> int:
     """The reader threads of this process (by their name), once they are `expected` or
     after a second (a thread names itself once it runs)."""

@@ -143,11 +143,12 @@ class Daemon:
         self.drop_summary = DropSummary()
         self.fallback_warning = FallbackWarning()
         self._next_housekeeping = 0.0
-        self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
-        try:
+        try:  # (a datapath that fails to be made has stopped its own reader thread)
+            self.datapath = Datapath(self.device, self.tun, self.udp, self._on_events)
             self._watch()
         except BaseException:  # nothing left running: not the reader thread either
-            self.datapath.close()  # (joined before the socket goes)
+            if hasattr(self, "datapath"):
+                self.datapath.close()  # (joined before the socket goes)
             self.udp.close()
             self.tun.close()
             self.listener.close()

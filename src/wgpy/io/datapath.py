@@ -223,14 +223,18 @@ class Datapath:
                 tun.write_coalesced = device.native.write_tun
                 if tun_writer(device, tun):  # on a thread of their own: a pipeline
                     tun.use_writer(device.native.TunWriter())
-        self.use_udp(udp)
-        self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
-        self.drops: Counter[Drop] = Counter()  # since start, by reason
-        self.udp_batches = BatchSizes()  # datagrams per readable UDP event
-        self.tun_batches = BatchSizes()  # packets per readable TUN event
-        self._udp_buf = bytearray(UDP_BUF)
-        self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
-        self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+        try:
+            self.use_udp(udp)
+            self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
+            self.drops: Counter[Drop] = Counter()  # since start, by reason
+            self.udp_batches = BatchSizes()  # datagrams per readable UDP event
+            self.tun_batches = BatchSizes()  # packets per readable TUN event
+            self._udp_buf = bytearray(UDP_BUF)
+            self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
+            self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
+        except BaseException:  # (a MemoryError, say) no reader thread of ours left running
+            self.close()
+            raise
         self._reads_kept = tun.read_packet is not None and tun.vnet_hdr  # Tun.read_packets
 
     def use_udp(self, udp: UdpSocket) -> None:
