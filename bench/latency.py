@@ -130,8 +130,9 @@ def main() -> int:
             before = len(results[pair].ms)
             run_once(pair, args.count, args.interval, results)
             got = results[pair].ms[before:]
-            results[pair].reps.append(statistics.median(got) if got else math.nan)
-            print(f"rep {rep + 1}: {pair}: median {statistics.median(got):.3f} ms, "
+            median = statistics.median(got) if got else math.nan  # (no reply: no median)
+            results[pair].reps.append(median)
+            print(f"rep {rep + 1}: {pair}: median {median:.3f} ms, "
                   f"{len(got)} replies", flush=True)  # fmt: skip
     command = "sudo python bench/latency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = report(results, baseline, command.strip())

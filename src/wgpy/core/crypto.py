@@ -242,7 +242,7 @@ _HEX_PAIRS = re.compile(r"[0-9A-Fa-f]{2}([ :-])(?:[0-9A-Fa-f]{2}\1){8,}[0-9A-Fa-
 
 # A URL-safe key's length in its alphabet: hidden whole even where a "/" or "+" is glued
 # to it (a path), which makes its run a mixed one
-_URL_SAFE_LONG = re.compile(r"[A-Za-z0-9_-]{40,}")
+_URL_SAFE_LONG = re.compile(r"[A-Za-z0-9_-]{40,}=*")
 
 
 def _hide_run(run: re.Match[str]) -> str:
