@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,18 @@ def receiver() -> socket.socket:
     rx.setsockopt(SOL_UDP, UDP_GRO, 1)
     rx.bind(("127.0.0.1", 0))
     return rx
+
+def two_slot_reader() -> tuple[Device, Any, socket.socket, socket.socket, Any]:
+    """A device, its C intake, a receiving socket, a sending one, and a reader of 2 slots
+    on the receiving one (the caller closes the three)."""
+    _, device = pair()
+    classifier = device.intake.classifier
+    assert classifier is not None
+    rx = receiver()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    return device, classifier, rx, tx, reader
+
 
 
 def wait_filled(reader: object, timeout: float = 2.0) -> bool:
@@ -262,12 +275,7 @@ def test_a_second_drainer_is_refused_and_a_second_closer_is_harmless() -> None:
     under way (its GIL released to read) raises RuntimeError instead of freeing a slot
     the first still reads; close() from two threads meanwhile (Interface.close after a
     join that timed out) stops the thread, the eventfd closed once, under the lock."""
-    _, device = pair()
-    classifier = device.intake.classifier
-    assert classifier is not None
-    rx = receiver()
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    device, classifier, rx, tx, reader = two_slot_reader()
     stop = threading.Event()
     refused: list[int] = []
 
@@ -478,12 +486,7 @@ def test_in_a_child_of_fork_a_drain_reads_the_socket_itself() -> None:
     """The thread is the parent's: in a child the reader says it is not running, and a
     drain reads the socket itself (the slot the parent's thread filled is the parent's to
     drain). The parent, its thread waiting for room meanwhile, reads on."""
-    _, device = pair()
-    classifier = device.intake.classifier
-    assert classifier is not None
-    rx = receiver()
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    reader = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    device, classifier, rx, tx, reader = two_slot_reader()
     try:
         for i in range(200):
             tx.sendto(b"\x04\0\0\0" + SEQ.pack(i) + bytes(40), rx.getsockname())
