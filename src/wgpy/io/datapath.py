@@ -213,6 +213,7 @@ class Datapath:
         self.tun = tun
         self.udp = udp
         self._reader: Any = None  # a UdpReader (use_udp), its buffer's view
+        self._lone: Any = None  # native.open_lone where a lone read may take it (use_udp)
         self._reader_view = memoryview(b"")
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
@@ -247,6 +248,10 @@ class Datapath:
         self._drains = self.device.intake.classifier is not None and self._udp_fd >= 0
         self._use_reader()
         native = self.device.native
+        # a lone read's hop to the TUN in one C call (`_open_lone`): where the drain reads
+        # into its own buffer (not a reader's slots) and the TUN's writes are write(2)s
+        lone = self._drains and self._reader is None and self.tun.writes_fd
+        self._lone = native.open_lone if native is not None and lone else None
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
             udp.use_native(native.send_runs, self._sender())
 
@@ -361,6 +366,9 @@ class Datapath:
             device.intake.done(until, drops, state is not None, counter, out)
             if sent:
                 out.events.append(CookieSent(None, count=sent))  # one event per drain
+            if got == 1 and kept and self._lone is not None and self._open_lone(
+                    kept[0], now, out, received):  # fmt: skip
+                kept = []  # its packet is on the TUN already
             for offset, n, seg, src, info, passed, ndata in kept:
                 if opened(view[offset : offset + n], n, seg, src, now, passed, ndata, info, out,
                           received) and info is not None:  # fmt: skip
@@ -369,6 +377,38 @@ class Datapath:
             if got < DRAIN:
                 break
         return count
+
+    def _open_lone(self, read: tuple[Any, ...], now: float, out: Output,
+                   received: dict[Keypair, Received]) -> bool:  # fmt: skip
+        """A drain's one read, where it is one data message: opened, its inner source
+        checked and its packet written to the TUN in one C call (`native.open_lone`:
+        what `Device.open_classified` and `Tun.write_batch` do, without their Python
+        per step; docs/design.md "Latency: a lone packet"). Its drop, its session (for
+        `account`, after the write as ever) and its source are left as the usual way
+        leaves them. False, nothing done, where it does not take that way."""
+        offset, n, seg, src, info, passed, ndata = read
+        if passed is not None or ndata != 1 or 0 < seg < n:  # (a GRO read of several)
+            return False
+        device, tun = self.device, self.tun
+        index = device.index
+        got = self._lone(self._drain_buf, offset, n, index.sessions, index.session_keypairs,
+                         device.allowed_ips.mirror, now, tun.fileno(), tun.vnet_hdr,
+                         tun.writer)  # fmt: skip
+        if got is None:  # (no mirror yet, a writer with batches queued: the usual way)
+            return False
+        kp, data, drop, failed = got
+        if drop is not None:
+            out.drops[Drop(drop)] += 1
+        if kp is not None:
+            received[kp] = Received(src, n, data)
+            if info is not None:
+                self.udp.learn_source(src, info)
+        if failed:
+            try:  # noqa: SIM105 (as transmit's)
+                tun.failed_writes(failed, device.mtu)
+            except TunGone:  # noticed and handled on the next read
+                pass
+        return True
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
         device = self.device
