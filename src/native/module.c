@@ -49,7 +49,7 @@ static PyMethodDef module_methods[] = {
      "a Spans (spans of one buffer per call);\n"
      "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
      "count, only the reasons that dropped something (as the reference)."},
-    {"open_lone", open_lone, METH_VARARGS,
+    {"open_lone", (PyCFunction)(void (*)(void))open_lone, METH_FASTCALL,
      "open_lone(buf, offset, n, sessions, keypairs, routes, now, fd, vnet, writer)\n"
      "-> (keypair, data, drop, failed) or None\n\n"
      "A lone read's hop to the TUN in one call: the data message of n bytes at buf[offset]\n"

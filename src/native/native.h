@@ -110,7 +110,7 @@ Spans *spans_new(PyObject *buf, Py_ssize_t n);
 /* open.c */
 extern PyTypeObject SessionType;
 PyObject *open_batch(PyObject *module, PyObject *args);
-PyObject *open_lone(PyObject *module, PyObject *args);
+PyObject *open_lone(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 /* seal.c */
 extern PyTypeObject SealerType;

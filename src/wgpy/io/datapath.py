@@ -232,6 +232,7 @@ class Datapath:
             self.tun_batches = BatchSizes()  # packets per readable TUN event
             self._udp_buf = bytearray(UDP_BUF)
             self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
+            self._drain_view = memoryview(self._drain_buf)  # (one, not one a drain)
             self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
         except BaseException:  # (a MemoryError, say) no reader thread of ours left running
             self.close()
@@ -352,10 +353,11 @@ class Datapath:
         if fd is not None:  # the socket's reads in its slots (its thread's, or made here)
             buf, view = fd, self._reader_view
         else:
-            buf = self._drain_buf
+            buf, view = self._drain_buf, self._drain_view
             if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
                 buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
-            fd, view = self._udp_fd, memoryview(buf)
+                view = self._drain_view = memoryview(buf)
+            fd = self._udp_fd
         opened = device.open_classified
         count = 0
         while count < BATCH:
@@ -363,12 +365,12 @@ class Datapath:
             kept, got, until, drops, sent, counter = classifier.drain(
                 fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
             )
+            if got == 1 and kept and self._lone is not None and self._open_lone(
+                    kept[0], now, out, received):  # fmt: skip
+                kept = []  # its packet is on the TUN already (the intake's part after)
             device.intake.done(until, drops, state is not None, counter, out)
             if sent:
                 out.events.append(CookieSent(None, count=sent))  # one event per drain
-            if got == 1 and kept and self._lone is not None and self._open_lone(
-                    kept[0], now, out, received):  # fmt: skip
-                kept = []  # its packet is on the TUN already
             for offset, n, seg, src, info, passed, ndata in kept:
                 if opened(view[offset : offset + n], n, seg, src, now, passed, ndata, info, out,
                           received) and info is not None:  # fmt: skip
