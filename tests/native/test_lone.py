@@ -271,9 +271,9 @@ def test_what_is_no_lone_data_message_is_declined_untouched() -> None:
         module.open_lone(bytearray(8), 4, 8, *args, b.allowed_ips.mirror, net.now, 1, True, None)
 
 
-# Inside a namespace of its own: four tunnels (A -> B), the virtio header or not, B's lone
-# way on or off (`Datapath._lone`), the same datagrams (each a read of its own) through
-# each; what B did must be the same with the lone way as without.
+# Inside a namespace of its own: six tunnels (A -> B), the virtio header or not, a TUN writer
+# thread or not, B's lone way on or off (`Datapath._lone`), the same datagrams (each a read
+# of its own) through each; what B did must be the same with the lone way as without.
 THROUGH_DATAPATHS = r"""
 import os, socket, sys, time
 sys.path.insert(0, "{src}")
@@ -342,7 +342,9 @@ def anonymous(packet):  # the tunnels' addresses differ: the rest must not
 def facts(b, pb, wire):
     kp = pb.current
     window = hash(kp.session.window_state()) if kp is not None else None
+    writer = b.tun.writer  # its counts: queued, written by the caller, waits
     return (dict(b.drops), pb.rx_bytes, pb.endpoint is not None, window,
+            writer.counts() if writer is not None else None,
             sorted(t.value for t in pb.timers.deadlines), pb.timers.need_another_keepalive,
             seen(wire))
 
@@ -379,9 +381,12 @@ def run(k, vnet, lone):
         results.append(facts(b, pb, wire))
     return results, len(calls)
 
-for vnet in (True, False):
-    on, taken = run(0 if vnet else 2, vnet, True)
-    off, untaken = run(1 if vnet else 3, vnet, False)
+for k, vnet in ((0, True), (2, False), (4, True)):
+    if k == 4:  # the TUN's writes on a writer thread (where 2 crypto threads allow one)
+        os.environ["WGPY_TUN_WRITER"] = "1"
+    on, taken = run(k, vnet, True)
+    assert (on[0][4] is not None) == (k == 4 and chosen.threads >= 2), on[0][4]
+    off, untaken = run(k + 1, vnet, False)
     assert taken == 9 and untaken == 0, (taken, untaken)
     for i, (x, y) in enumerate(zip(on, off, strict=True)):
         assert x == y, (vnet, i, x, y)

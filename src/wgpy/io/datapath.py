@@ -365,10 +365,12 @@ class Datapath:
             kept, got, until, drops, sent, counter = classifier.drain(
                 fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
             )
-            if got == 1 and kept and self._lone is not None and self._open_lone(
-                    kept[0], now, out, received):  # fmt: skip
-                kept = []  # its packet is on the TUN already (the intake's part after)
-            device.intake.done(until, drops, state is not None, counter, out)
+            try:  # a lone read's packet to the TUN first, the intake's part after, always
+                if got == 1 and kept and self._lone is not None and self._open_lone(
+                        kept[0], now, out, received):  # fmt: skip
+                    kept = []  # (written)
+            finally:  # (the cookie replies' nonce counter is never lost)
+                device.intake.done(until, drops, state is not None, counter, out)
             if sent:
                 out.events.append(CookieSent(None, count=sent))  # one event per drain
             for offset, n, seg, src, info, passed, ndata in kept:
