@@ -694,42 +694,23 @@ def test_shedding_through_the_reader_as_through_the_drains_own_reads(
     socket overflows (a full read finds its queue over half full, SO_MEMINFO) the
     strangers' cookie replies are shed, and the peer's endpoint still gets its reply; the
     thread read part of it."""
-    from tests.io.test_offload import V4, flow
-    from wgpy.core.crypto import clamp
+    from tests.io.test_shedding import flood_target
     from wgpy.core.output import Drop
 
     module = load()
     if module is None:
         pytest.skip("wgpy._native is not built")
-    monkeypatch.setattr(intake, "SHED_BURST", 5)  # strangers' replies while shedding: 5
-    monkeypatch.setattr(intake, "SHED_REPLIES", 0.001)
     monkeypatch.setenv("WGPY_UDP_READER", "")
     ours = UdpSocket()
     known, stranger = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-    shrunk = socket.socket(fileno=os.dup(ours.fileno()))  # ~100-170 datagrams fit
-    shrunk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    shrunk.close()
-    rng = random.Random(7)
-    victim = Device(rng.randbytes, backend=Backend(module, threading.Lock, 3), classify=True)
-    victim.set_private_key(clamp(rng.randbytes(32)))
-    victim.intake.load.forced = True  # every message needs a cookie
-    initiator = Device(rng.randbytes)
-    initiator.set_private_key(clamp(rng.randbytes(32)))
-    assert victim.public_key is not None and initiator.public_key is not None
+    for s in (known, stranger):
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+    victim, initiation = flood_target(ours, known, Backend(module, threading.Lock, 3),
+                                      monkeypatch)  # fmt: skip
     datapath = Datapath(victim, ChannelTun(), ours)
     try:
         assert len(datapath.udp_fds()) == 2  # a reader, by default on 3 threads
-        for s in (known, stranger):
-            s.bind(("127.0.0.1", 0))
-            s.setblocking(False)
-        victim_peer = victim.add_peer(initiator.public_key)
-        assert victim_peer is not None
-        victim_peer.endpoint = known.getsockname()
-        peer = initiator.add_peer(victim.public_key)
-        assert peer is not None
-        peer.endpoint = ("127.0.0.1", ours.port)
-        initiator.allowed_ips.insert(V4[1], 32, peer)
-        [(initiation, _)] = initiator.send(flow(1, 10), time.monotonic()).udp
         to = ("127.0.0.1", ours.port)
         known.sendto(initiation, to)
         for _ in range(1000):
