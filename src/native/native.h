@@ -112,10 +112,13 @@ PyObject *open_batch(PyObject *module, PyObject *args);
 
 /* seal.c */
 extern PyTypeObject SealerType;
+size_t sealed_length(size_t len, size_t mtu);
+int seal_one(PyObject *sealer, const uint8_t *packet, size_t len, size_t mtu, uint8_t *out);
 
 /* route.c */
 extern PyTypeObject RoutesType;
 PyObject *route(PyObject *module, PyObject *args);
+PyObject *routes_owner(PyObject *routes, const uint8_t *p, size_t n);
 
 /* dh.c */
 PyObject *x25519(PyObject *module, PyObject *jobs);
@@ -207,5 +210,6 @@ extern PyTypeObject TunWriterType;
 /* send.c */
 extern PyTypeObject UdpSenderType;
 PyObject *send_runs(PyObject *module, PyObject *args);
+PyObject *seal_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 #endif
