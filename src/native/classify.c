@@ -1037,6 +1037,15 @@ static PyObject *drain_socket(Classifier *self, Batch *b, Replies *r, int fd, Py
     return result;
 }
 
+/* Whether buf is a UdpReader's ring: the reader itself, or a memoryview of it (a view's
+ * base is the exporter, however many views deep). */
+static int readers_buffer(const Py_buffer *buf) {
+    PyObject *obj = buf->obj;
+    if (obj != NULL && PyMemoryView_Check(obj))
+        obj = PyMemoryView_GET_BASE(obj);
+    return obj != NULL && PyObject_TypeCheck(obj, &UdpReaderType);
+}
+
 /* drain's reads from a UdpReader (reader.c): the slot its thread filled, in its buffer. */
 static PyObject *drain_reader(Classifier *self, Batch *b, Replies *r, PyObject *reader,
                               Py_buffer *buf, Py_ssize_t slot, Py_ssize_t count) {
@@ -1062,6 +1071,10 @@ static PyObject *Classifier_drain(Classifier *self, PyObject *args) {
     if (!reader && (fd < 0 || fd > INT_MAX)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "fd: a descriptor or a UdpReader");
+        goto done;
+    }
+    if (!reader && readers_buffer(&buf)) { /* a recvmmsg into the ring its thread writes */
+        PyErr_SetString(PyExc_ValueError, "a reader's buffer is drained through the reader");
         goto done;
     }
     if (count < 1 || count > MAX_READS || slot < 1 || slot * count > buf.len) {
@@ -1111,7 +1124,9 @@ static PyMethodDef Classifier_methods[] = {
      "queue over half full (SO_MEMINFO).\n\n"
      "fd and buf a UdpReader (reader.c): its oldest filled slot instead of a recvmmsg,\n"
      "the offsets in the reader's buffer, slot and count its size and count; the slot the\n"
-     "last such drain took is given back to the reader's thread first."},
+     "last such drain took is given back to the reader's thread first; after the reader's\n"
+     "close(), nothing (0 reads, no reply sent). A descriptor with a reader's buffer, or a\n"
+     "reader with another buffer: ValueError."},
     {"set_known", (PyCFunction)Classifier_set_known, METH_O,
      "set_known(endpoints): the peers' (host, port) endpoints: while the socket overflows,\n"
      "only they get cookie replies."},

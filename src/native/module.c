@@ -18,6 +18,7 @@
  *   TunWriter()                        a thread making write_tun's writes from a queue
  *   send_runs(fd, runs, dests, dest, gso)   what the core sealed, as GSO sendmsg (send.c)
  *   UdpSender()                        a thread making send_runs's sends from a queue
+ *   seal_send(...)                     a lone packet routed, sealed and sent (send.c)
  *
  * Every read of packet data is bounds-checked against the length it came with. The
  * crypto loops allocate nothing per packet, and neither does the way from open_batch to
@@ -77,6 +78,12 @@ static PyMethodDef module_methods[] = {
      "(sockaddr bytes, packet-info bytes or None), or None (dropped). Returns what the\n"
      "socket must learn: (endpoint, errno, info) its source (info) gone, (None, errno,\n"
      "None) GSO refused."},
+    {"seal_send", (PyCFunction)(void (*)(void))seal_send, METH_FASTCALL,
+     "seal_send(fd, dests, dest, sender, packet, routes, now, mtu, unsettled) -> list | None:\n"
+     "a lone packet routed, sealed and sent as core/device.py Device.seal_one and\n"
+     "send_runs make it (the reference), its (peer, keypair, bytes, True) appended to\n"
+     "unsettled (Device.settle's); send_runs's findings. None, nothing changed, where the\n"
+     "packet's way is not that one (Device.send's then)."},
     {"checksum", checksum, METH_VARARGS,
      "checksum(data, initial=0) -> int, as wgpy.io.offload.checksum (initial >= 0)."},
     {"x25519", x25519, METH_O,

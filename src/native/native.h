@@ -114,11 +114,14 @@ PyObject *open_lone(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 /* seal.c */
 extern PyTypeObject SealerType;
+size_t sealed_length(size_t len, size_t mtu);
+int seal_one(PyObject *sealer, const uint8_t *packet, size_t len, size_t mtu, uint8_t *out);
 
 /* route.c */
 extern PyTypeObject RoutesType;
 PyObject *route(PyObject *module, PyObject *args);
 PyObject *routes_lookup(PyObject *routes, const uint8_t *addr, int len);
+PyObject *routes_owner(PyObject *routes, const uint8_t *p, size_t n);
 
 /* dh.c */
 PyObject *x25519(PyObject *module, PyObject *jobs);
@@ -212,5 +215,6 @@ void tun_writer_inlined(PyObject *writer);
 /* send.c */
 extern PyTypeObject UdpSenderType;
 PyObject *send_runs(PyObject *module, PyObject *args);
+PyObject *seal_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

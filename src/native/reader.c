@@ -18,7 +18,7 @@
  *   UdpReader(fd, slots=4, count=64, size=69632, arm=2)   the thread for socket fd
  *   fileno()    the eventfd: readable while a slot the thread filled waits
  *   close()     stop and join the thread (before the socket is closed); later drains
- *               take what was read before, and read nothing
+ *               read nothing: the slots it had filled are dropped, not drained
  *   counts()    (slots filled, of them by the thread, its waits for a free slot)
  *   the buffer protocol: the slots' bytes, one after another (the reads' offsets)
  *
@@ -287,13 +287,16 @@ int reader_take(PyObject *reader, const Py_buffer *buf, Py_ssize_t slot, Py_ssiz
         if (r->armed) /* (only an armed thread waits for room: no futex call for a ping) */
             pthread_cond_signal(&r->wake);
     }
-    if (r->taken == r->filled && r->reading)
+    if (!r->stopping && r->taken == r->filled && r->reading)
         wait_read(r); /* the thread's read: the datagrams before any the socket still has */
-    if (r->taken < r->filled) {
+    if (r->stopping) {
+        /* closed: what the thread had read is stale (the socket may be closed by now, its
+         * number another file's): nothing taken, so no reply goes out for it */
+    } else if (r->taken < r->filled) {
         uint64_t at = r->taken++ % (uint64_t)r->nslots;
         out->rd = &r->slots[at].rd, out->got = r->slots[at].got, out->over = r->slots[at].over;
         out->base = (Py_ssize_t)at * r->size * r->count, out->buf = r->ring + out->base;
-    } else if (!r->stopping) {
+    } else {
         read_here(r, out);
     }
     if (r->taken == r->filled && r->signalled) {

@@ -222,6 +222,21 @@ static void Routes_dealloc(Routes *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The length of an IPv4 (4) or IPv6 (16) packet's addresses; 0 if it is neither. */
+static int address_length(const uint8_t *p, size_t n)
+{
+    unsigned version = n ? p[0] >> 4 : 0;
+    return version == 4 && n >= 20 ? 4 : version == 6 && n >= 40 ? 16 : 0;
+}
+
+/* The owner of a packet's destination (borrowed; NULL: none, or not an IP packet): for
+ * seal_send (send.c), which routes one packet without making its groups. */
+PyObject *routes_owner(PyObject *routes, const uint8_t *p, size_t n)
+{
+    int len = address_length(p, n);
+    return len ? lookup((const Routes *)routes, p + (len == 4 ? 16 : 24), len) : NULL;
+}
+
 /* ---------------------------------------------------------------- route */
 
 /* The destination address of an IPv4 or IPv6 packet (core/ip.py destination) copied to
@@ -239,8 +254,7 @@ static int inner_destination(PyObject *item, uint8_t key[16])
     } else {
         return -1;
     }
-    unsigned version = n ? p[0] >> 4 : 0;
-    int len = version == 4 && n >= 20 ? 4 : version == 6 && n >= 40 ? 16 : 0;
+    int len = address_length(p, n);
     memcpy(key, p + (len == 4 ? 16 : 24), (size_t)len);
     if (v.obj != NULL)
         PyBuffer_Release(&v);

@@ -197,6 +197,22 @@ static int seal_released(Sealer *self, const Datagram *d, Py_ssize_t n)
     return ok;
 }
 
+/* The data message a plaintext of `len` bytes makes (header, padded ciphertext, tag). */
+size_t sealed_length(size_t len, size_t mtu)
+{
+    return HEADER_LEN + len + padding(len, mtu) + TAG_LEN;
+}
+
+/* One packet sealed into out (sealed_length bytes), with the GIL or without: seal_batch's
+ * 1, 0 (spent: nothing sealed, no counter taken) or -1 (wiped, or OpenSSL failed). The
+ * caller checked that `sealer` is a Sealer and the packet at most 16 MiB. */
+int seal_one(PyObject *sealer, const uint8_t *packet, size_t len, size_t mtu, uint8_t *out)
+{
+    Datagram d = {.src = packet, .dst = out, .len = (uint32_t)len,
+                  .pad = (uint32_t)padding(len, mtu)};
+    return seal_batch((Sealer *)sealer, &d, 1);
+}
+
 /* A datagram for a plaintext of `len` bytes; 0 with an exception if too long. */
 static size_t datagram_size(Datagram *d, size_t len, size_t mtu)
 {

@@ -4,6 +4,8 @@
  *                                           in one call with the GIL released
  *   UdpSender(depth=4, inline=8)            the same sends made by a thread of its own
  *                                           (stage.c), in order, from a bounded queue
+ *   seal_send(fd, dests, dest, sender, packet, routes, now, mtu, unsettled)
+ *                                           a lone packet's whole hop: routed, sealed, sent
  *
  * `runs` is core/output.py `Datagrams.runs()`: (buf, size, endpoint), datagrams of `size`
  * bytes back to back in buf, the last possibly shorter (an empty buf: one empty datagram,
@@ -224,18 +226,27 @@ static void forget(UdpBatch *b, Py_ssize_t k, int err)
             b->run[j].info = NULL;
 }
 
-/* UdpSocket.send: one datagram, from the source if there is one; if that fails as if the
- * source were gone, again from the kernel's choice. Other errors drop it. */
-static void send_one(UdpBatch *b, Py_ssize_t k, const uint8_t *p, size_t n, int fd)
+/* UdpSocket.send: one datagram, from r's source if it has one; if that fails as if the
+ * source were gone, again from the kernel's choice. Other errors drop it. The errno of
+ * the source's failure (it is to be forgotten), or 0. */
+static int send_datagram(const SendRun *r, const uint8_t *p, size_t n, int fd)
 {
-    const SendRun *r = &b->run[k];
     if (r->info != NULL) {
         int err = transmit(fd, r, p, n, r->info, 0);
         if (!source_gone(err))
-            return; /* sent, or dropped */
-        forget(b, k, err);
+            return 0; /* sent, or dropped */
+        (void)transmit(fd, r, p, n, NULL, 0);
+        return err;
     }
     (void)transmit(fd, r, p, n, NULL, 0);
+    return 0;
+}
+
+static void send_one(UdpBatch *b, Py_ssize_t k, const uint8_t *p, size_t n, int fd)
+{
+    int gone = send_datagram(&b->run[k], p, n, fd);
+    if (gone)
+        forget(b, k, gone);
 }
 
 /* UdpSocket._send_gso: one GSO send; 1 when its datagrams must go one by one instead. */
@@ -451,3 +462,177 @@ PyTypeObject UdpSenderType = {
     .tp_dealloc = (destructor)UdpSender_dealloc,
     .tp_methods = UdpSender_methods,
 };
+
+/* ------------------------------------------------------------------ seal_send */
+
+/* A lone packet read from the TUN (a ping), from its route to its sendmsg in one call:
+ * core/device.py Device.seal_one, then UdpSocket.send_runs, which stay the reference
+ * (and the pure path's way). The tests are seal_one's, made on the core's own objects
+ * with the GIL held, so nothing is mirrored or published for them: the destination's
+ * owner in the routes (the allowed IPs' mirror), no packet staged before this one, an
+ * endpoint, a current session not expired (`now < expires`) whose Sealer is this
+ * module's, with a counter left; its destination (`dests`, or made by `dest`) has an
+ * address; the sender thread has nothing queued (the datagram must not pass what it
+ * has). Any other way: None, nothing changed, and the caller takes `send`'s. Python
+ * calls: none of its own, where seal_one and send_runs made 6 (docs/design.md,
+ * "Latency"). */
+
+static struct {
+    PyObject *staged, *endpoint, *current, *expires, *sealer;
+} names;
+
+static int intern_names(void)
+{
+    return (names.staged = PyUnicode_InternFromString("staged")) == NULL
+                   || (names.endpoint = PyUnicode_InternFromString("endpoint")) == NULL
+                   || (names.current = PyUnicode_InternFromString("current")) == NULL
+                   || (names.expires = PyUnicode_InternFromString("expires")) == NULL
+                   || (names.sealer = PyUnicode_InternFromString("sealer")) == NULL
+               ? -1
+               : 0;
+}
+
+typedef struct { /* the lone packet's way: new references */
+    PyObject *peer, *endpoint, *kp, *sealer;
+} Way;
+
+static void way_clear(Way *w)
+{
+    Py_CLEAR(w->peer);
+    Py_CLEAR(w->endpoint);
+    Py_CLEAR(w->kp);
+    Py_CLEAR(w->sealer);
+}
+
+/* seal_one's tests of the peer and its session: 1, the way (w); 0, not; -1, an exception. */
+static int lone_way(Way *w, PyObject *routes, const uint8_t *p, size_t n, double now)
+{
+    PyObject *owner = routes_owner(routes, p, n);
+    if (owner == NULL)
+        return 0;
+    w->peer = Py_NewRef(owner); /* (the attributes' lookups could change the routes) */
+    PyObject *staged = PyObject_GetAttr(w->peer, names.staged);
+    int busy = staged ? PyObject_IsTrue(staged) : -1;
+    Py_XDECREF(staged);
+    if (busy != 0)
+        return busy < 0 ? -1 : 0;
+    if ((w->endpoint = PyObject_GetAttr(w->peer, names.endpoint)) == NULL)
+        return -1;
+    if (w->endpoint == Py_None || (w->kp = PyObject_GetAttr(w->peer, names.current)) == NULL)
+        return w->endpoint == Py_None ? 0 : -1;
+    if (w->kp == Py_None)
+        return 0;
+    PyObject *expires = PyObject_GetAttr(w->kp, names.expires);
+    double until = expires ? PyFloat_AsDouble(expires) : -1.0;
+    Py_XDECREF(expires);
+    if (until == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(now < until) || (w->sealer = PyObject_GetAttr(w->kp, names.sealer)) == NULL)
+        return now < until ? -1 : 0;
+    return Py_IS_TYPE(w->sealer, &SealerType);
+}
+
+/* Whether the sender (a UdpSender, or None: the caller's thread sends) has nothing queued
+ * that this datagram could pass. */
+static int sender_idle(PyObject *sender)
+{
+    if (sender == Py_None)
+        return 1;
+    Stage *s = &((UdpSender *)sender)->stage;
+    if (!stage_alive(s))
+        return 1;
+    pthread_mutex_lock(&s->mu);
+    int idle = s->stopping || s->done == s->queued;
+    pthread_mutex_unlock(&s->mu);
+    if (idle)
+        s->inlined++; /* (counts for tests: the caller sends it, as stage_enqueue's 1) */
+    return idle;
+}
+
+/* With the way found: the destination, then the seal and the send (the GIL released).
+ * The findings (send_runs's report), or None where the way ends here. */
+static PyObject *seal_and_send(Way *w, int fd, PyObject *dests, PyObject *dest_fn,
+                               PyObject *sender, const uint8_t *p, size_t n, size_t mtu,
+                               PyObject *unsettled)
+{
+    SendRun r = {.endpoint = w->endpoint};
+    PyObject *dest = PyDict_GetItemWithError(dests, w->endpoint);
+    if (dest != NULL)
+        Py_INCREF(dest);
+    else if (PyErr_Occurred() || (dest = PyObject_CallOneArg(dest_fn, w->endpoint)) == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    if (take_dest(&r, dest) < 0)
+        goto done;
+    if (r.addr == NULL || !sender_idle(sender)) { /* no address (send drops it), or later */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    size_t size = sealed_length(n, mtu);
+    uint8_t *buf = PyMem_Malloc(size);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int sealed, gone = 0;
+    Py_BEGIN_ALLOW_THREADS
+    sealed = seal_one(w->sealer, p, n, mtu, buf);
+    if (sealed == 1)
+        gone = send_datagram(&r, buf, size, fd);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(buf);
+    if (sealed < 0) {
+        PyErr_SetString(PyExc_ValueError, "the key is wiped (or OpenSSL failed)");
+        goto done;
+    }
+    if (sealed == 0) { /* spent: nothing sealed */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *entry = Py_BuildValue("(OOnO)", w->peer, w->kp, (Py_ssize_t)size, Py_True);
+    int rc = entry ? PyList_Append(unsettled, entry) : -1;
+    Py_XDECREF(entry);
+    result = rc < 0 ? NULL : PyList_New(0);
+    if (result != NULL && gone && append_report(result, w->endpoint, gone, PyTuple_GET_ITEM(dest, 1)) < 0)
+        Py_CLEAR(result);
+done:
+    Py_DECREF(dest);
+    return result;
+}
+
+PyObject *seal_send(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "seal_send takes 9 arguments");
+        return NULL;
+    }
+    PyObject *dests = args[1], *dest_fn = args[2], *sender = args[3], *packet = args[4];
+    PyObject *routes = args[5], *unsettled = args[8];
+    long fd = PyLong_AsLong(args[0]);
+    double now = PyFloat_AsDouble(args[6]);
+    Py_ssize_t mtu = PyLong_AsSsize_t(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyDict_Check(dests) || !PyList_Check(unsettled) || mtu < 0 || fd < 0 || fd > INT_MAX
+        || (sender != Py_None && !Py_IS_TYPE(sender, &UdpSenderType))) {
+        PyErr_SetString(PyExc_TypeError, "seal_send(fd, dict, dest, UdpSender or None, packet, "
+                                         "routes, now, mtu >= 0, list)");
+        return NULL;
+    }
+    if (names.staged == NULL && intern_names() < 0)
+        return NULL;
+    /* not a plain packet (a super-packet), or no mirror yet (send makes it): send's way */
+    if (!PyBytes_CheckExact(packet) || !Py_IS_TYPE(routes, &RoutesType)
+        || PyBytes_GET_SIZE(packet) > 0xFFFFFF)
+        Py_RETURN_NONE;
+    const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(packet);
+    size_t n = (size_t)PyBytes_GET_SIZE(packet);
+    Way w = {0};
+    int way = lone_way(&w, routes, p, n, now);
+    PyObject *result = way < 0 ? NULL
+                       : way == 0
+                           ? Py_NewRef(Py_None)
+                           : seal_and_send(&w, (int)fd, dests, dest_fn, sender, p, n, (size_t)mtu, unsettled);
+    way_clear(&w);
+    return result;
+}

@@ -49,21 +49,23 @@ static void *stage_main(void *arg)
 }
 
 /* With the GIL: free the jobs done so far, their outcomes appended to list (if not NULL).
- * -1 with an exception (the jobs are freed all the same). */
+ * -1 with an exception: the job whose report raised is freed (what it had appended stays
+ * in list, which the caller keeps: stage_raise); the done jobs after it are left as they
+ * are, for the next call to report (freed and not reported, their outcomes were lost). */
 int stage_collect(Stage *s, PyObject *list)
 {
     uint64_t done = s->done; /* an atomic load: the jobs up to it are done with */
-    int rc = 0;
     while (s->collected < done) {
         StageSlot *slot = &s->ring[s->collected % (uint64_t)s->depth];
         void *job = slot->job;
         slot->job = NULL;
         s->collected++; /* before the free, which may run Python code (a __del__) */
-        if (rc == 0 && list != NULL)
-            rc = s->ops->report(job, list);
+        int rc = list != NULL ? s->ops->report(job, list) : 0;
         s->ops->free(job);
+        if (rc < 0)
+            return -1;
     }
-    return rc;
+    return 0;
 }
 
 /* With the GIL: the list a call's outcomes go into: the outcomes a call that raised had

@@ -287,7 +287,63 @@ def test_hide_keys_leaves_no_part_of_a_key_glued_to_a_name(
         "no such file: '/etc/wireguard/My-Home-Office-Tunnel-2026.conf'",
         "X-Content-Type-Options and Content-Security-Policy",
         "uuid 550e8400-e29b-41d4-a716-446655440000",
+        # paths and host labels of 20 or more characters (review F6: hidden as keys)
+        "no such file: '/var/lib/wgpy/private_keys/home-office'",
+        "cannot read /home/alice/projects/wireguard-configs/office.conf",
+        "/sys/class/net/wg0/queues/rx-0 is missing",
+        "/usr/lib/python3/dist-packages/wgpy/__init__.py",
+        "/srv/wireguard/configurations/datacenter/frankfurt/wg0.conf: 0644",
+        "cannot resolve verylonghostnamewithoutdashes1234.example.com",
+        "cannot resolve my-home-office-router-01.dyn.example.net:51820",
+        "PersistentKeepalive and ListenPort and FwMark",
     ],
 )
 def test_hide_keys_leaves_ordinary_text_readable(text: str) -> None:
     assert hide_keys(text) == text
+
+
+# lower-case words: up to 3 short ones ("wg0", "rx") before each of 4 letters or more
+PATH_WORDS = st.lists(
+    st.tuples(st.lists(st.from_regex(r"[a-z][a-z0-9]?", fullmatch=True), max_size=3),
+              st.from_regex(r"[a-z]{4,12}[0-9]{0,2}", fullmatch=True)),
+    min_size=1, max_size=5,
+).map(lambda parts: [word for shorts, long in parts for word in (*shorts, long)])  # fmt: skip
+
+
+@given(words=PATH_WORDS, glue=st.sampled_from("/-_."), lead=st.sampled_from(["", "/"]))
+def test_hide_keys_leaves_paths_and_host_names_readable(
+    words: list[str], glue: str, lead: str
+) -> None:
+    """A path, a host name or a dashed name of lower-case words, however long, is no key
+    (with a word of 4 letters among every few: a key's length of 2-letter ones is hidden,
+    as a key that repeats a byte may be written so: "f39/f39/f39/...")."""
+    text = f"cannot open {lead}{glue.join(words)}: no such file"
+    assert hide_keys(text) == text
+
+
+KEY = base64.b64encode(bytes(range(7, 39))).decode()  # 44 characters, "=" the last
+URL_KEY = base64.urlsafe_b64encode(bytes(range(200, 232))).decode()
+REPEATED = base64.b64encode(bytes([0x7F]) * 32).decode()  # "f39/f39/...": words, nearly
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"PrivateKey = {KEY}",
+        f"no such file: '/etc/wireguard/keys/{KEY}'",
+        f"/srv/keys/{URL_KEY}.key",
+        f"a key cut short: {KEY[:40]}",  # 240 bits of the 256 shown: too many
+        f"a key cut short: {URL_KEY[:36]}",
+        f"hex: {bytes(range(32)).hex()}",
+        f"hex cut short: {bytes(range(32)).hex()[:40]}",
+        f"the zero key: {base64.b64encode(bytes(32)).decode()}",
+        f"the all-ones key: {base64.b64encode(bytes([255]) * 32).decode()}",
+        f"glued to a path: /home/alice/{KEY}",
+        f"no such file: '/etc/wireguard/keys/{REPEATED}'",
+    ],
+)
+def test_hide_keys_hides_keys_beside_paths_and_cut_short(text: str) -> None:
+    hidden = hide_keys(text)
+    keys = [KEY, URL_KEY, bytes(range(32)).hex(), base64.b64encode(bytes(32)).decode(),
+            base64.b64encode(bytes([255]) * 32).decode(), REPEATED]  # fmt: skip
+    assert not any(k[i : i + 12] in hidden for k in keys for i in range(len(k) - 11)), hidden

@@ -123,6 +123,25 @@ def test_a_batch_call_that_raises_leaves_the_batch_to_the_loop_thread(
     assert reference.responder.crypto_fallbacks == 0
 
 
+def test_a_failed_screen_leaves_its_exchanges_to_the_x25519_batch() -> None:
+    """Only the screen raising: its initiations' DH(our static, their ephemeral) go to the
+    x25519 batch call, as without a screen, not one by one on the loop's thread (review
+    F8); the traces are those of one by one."""
+    asked: list[bytes] = []
+
+    def x25519(jobs: tuple[Any, ...]) -> list[tuple[bytes | None, ...]]:
+        asked.extend(peer for _, _, peers in jobs for peer in peers)
+        return backend.x25519(jobs)
+
+    calls = failing(True, False)
+    calls.x25519 = x25519
+    w, everything = world(5, calls), list(range(MESSAGES))
+    assert worked_off(w, everything, 11.0, 16) == worked_off(world(5), everything, 11.0, 1)
+    ephemerals = {m[8:40] for m, _ in w.messages if m[0] == 1}
+    assert len(ephemerals) > INITIATORS and ephemerals <= set(asked)
+    assert w.responder.crypto_fallbacks > 0
+
+
 @given(st.integers(0, 2**16), picks, st.sampled_from([2, 16]), st.booleans(),
        st.sampled_from([(True, False), (False, True), (True, True)]))  # fmt: skip
 @settings(max_examples=20, deadline=None)

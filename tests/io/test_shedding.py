@@ -63,18 +63,19 @@ def replies(sock: socket.socket) -> int:
         count += data[0] == 3
 
 
-def test_a_peer_gets_its_reply_while_strangers_are_shed(
-    sockets: tuple[UdpSocket, socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ours, known, stranger = sockets
+def flood_target(ours: UdpSocket, known: socket.socket, backend: Backend,
+                 monkeypatch: pytest.MonkeyPatch) -> tuple[Device, bytes]:  # fmt: skip
+    """What a flood at `ours` is set up with (here and in tests/native/test_reader.py):
+    its receive queue shrunk (~100-170 datagrams fit, not 1,000); a victim with the C
+    intake on `backend`, every message owed a cookie, 5 replies to strangers while it
+    sheds; its one peer at `known` (bound); an initiation from that peer."""
     monkeypatch.setattr(intake, "SHED_BURST", 5)  # strangers' replies while shedding: 5
     monkeypatch.setattr(intake, "SHED_REPLIES", 0.001)
-    shrunk = socket.socket(fileno=os.dup(ours.fileno()))  # ~100-170 datagrams fit, not 1,000
+    shrunk = socket.socket(fileno=os.dup(ours.fileno()))
     shrunk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     shrunk.close()
     rng = random.Random(7)
-    victim = Device(rng.randbytes, backend=Backend(Site.native, threading.Lock),
-                    classify=True)  # fmt: skip
+    victim = Device(rng.randbytes, backend=backend, classify=True)
     victim.set_private_key(clamp(rng.randbytes(32)))
     victim.intake.load.forced = True  # every message needs a cookie
     initiator = Device(rng.randbytes)
@@ -88,6 +89,15 @@ def test_a_peer_gets_its_reply_while_strangers_are_shed(
     peer.endpoint = ("127.0.0.1", ours.port)
     initiator.allowed_ips.insert(V4[1], 32, peer)
     [(initiation, _)] = initiator.send(flow(1, 10), time.monotonic()).udp
+    return victim, initiation
+
+
+def test_a_peer_gets_its_reply_while_strangers_are_shed(
+    sockets: tuple[UdpSocket, socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, known, stranger = sockets
+    backend = Backend(Site.native, threading.Lock)
+    victim, initiation = flood_target(ours, known, backend, monkeypatch)
     datapath = Datapath(victim, ChannelTun(), ours)
     to = ("127.0.0.1", ours.port)
 

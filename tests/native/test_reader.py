@@ -224,8 +224,8 @@ def reader_drain_count(device: Device, reader: object, kept: Kept) -> int:
 def test_close_while_the_thread_reads_a_flood() -> None:
     """close() while a flood keeps the thread reading: it returns (the thread joined), the
     eventfd is gone, a view of the buffer taken before still reads (the buffer lives with
-    the object), a drain after it finds at most what was read before and reads nothing
-    itself, and a second close is harmless; a reader dropped while a view of it lives
+    the object), a drain after it reads nothing (not even what the thread had read), and
+    a second close is harmless; a reader dropped while a view of it lives
     frees nothing under the view."""
     _, device = pair()
     classifier = device.intake.classifier
@@ -256,8 +256,6 @@ def test_close_while_the_thread_reads_a_flood() -> None:
             reader.close()
             assert time.monotonic() - started < 1
             assert reader.fileno() == -1 and not reader.running
-            for _ in range(3):  # the filled slots, then nothing
-                classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)
             assert classifier.drain(reader, reader, SLOT, COUNT, 10.0, 0.0, 0, False, None)[1] == 0
             reader.close()
             del reader
@@ -328,6 +326,66 @@ def test_a_drain_wants_the_readers_own_buffer_and_shape() -> None:
     finally:
         reader.close()
         rx.close()
+
+
+def test_a_descriptors_drain_refuses_a_readers_buffer() -> None:
+    """The pair is a reader and its own buffer, or a descriptor and a buffer of the
+    caller's: a descriptor with a reader's buffer (or a view of it) is refused, not read
+    into the ring its thread writes; a reader with another reader's buffer too."""
+    device, classifier, rx, tx, reader = two_slot_reader()
+    other = reader_type()(rx.fileno(), slots=2, count=COUNT, size=SLOT)
+    try:
+        tx.sendto(b"\x04" + bytes(40), rx.getsockname())
+        pairs = [(rx.fileno(), reader), (rx.fileno(), memoryview(reader)), (reader, other),
+                 (reader, memoryview(reader))]  # fmt: skip
+        for fd, buf in pairs:
+            with pytest.raises(ValueError):
+                classifier.drain(fd, buf, SLOT, COUNT, 1.0, 0.0, 0, False, None)
+        assert select.select([rx], [], [], 0)[0], "a refused drain read the socket"
+    finally:
+        for r in (reader, other):
+            r.close()
+        rx.close()
+        tx.close()
+
+
+def test_a_drain_after_close_reads_nothing_and_sends_nothing() -> None:
+    """close() ends the reader's reads: a drain after it takes no slot the thread had
+    filled (stale: the socket may be closed by then, its number another file's) and sends
+    no cookie reply for one; it reads nothing (0 reads) and the socket keeps its queue."""
+    device, classifier, rx, tx, reader = two_slot_reader()
+    device.intake.load.forced = True  # every initiation is owed a cookie reply
+    device.intake.send_cookie(build("init", device, ("192.0.2.9", 1), random.Random(1)),
+                              ("192.0.2.9", 1), 10.0, Output())  # the nonce prefix drawn
+    try:
+        tx.bind(("127.0.0.1", 0))
+        initiation = build("init", device, tx.getsockname(), random.Random(2))
+
+        def drain() -> tuple[int, int]:
+            until, queued, forced, state = device.intake.state(10.0)
+            _, got, until, drops, sent, counter = classifier.drain(
+                reader, reader, SLOT, COUNT, 10.0, until, queued, forced, state
+            )
+            device.intake.done(until, drops, state is not None, counter, Output())
+            return got, sent
+
+        for _ in range(2 * COUNT):
+            tx.sendto(initiation, rx.getsockname())
+        got, sent = drain()
+        assert got == COUNT and sent > 0  # full: the thread reads the rest into a slot
+        tx.setblocking(False)
+        assert len(iter_replies(tx)) == sent
+        assert wait_filled(reader), "the thread filled no slot"
+        reader.close()
+        assert drain() == (0, 0)
+        assert not select.select([tx], [], [], 0.2)[0], "a reply sent after close"
+        tx.sendto(initiation, rx.getsockname())
+        assert drain() == (0, 0)
+        assert select.select([rx], [], [], 0)[0]  # left for whoever reads the socket next
+    finally:
+        reader.close()
+        rx.close()
+        tx.close()
 
 
 def test_a_new_socket_gets_a_new_reader_and_the_old_thread_is_joined(
@@ -636,42 +694,23 @@ def test_shedding_through_the_reader_as_through_the_drains_own_reads(
     socket overflows (a full read finds its queue over half full, SO_MEMINFO) the
     strangers' cookie replies are shed, and the peer's endpoint still gets its reply; the
     thread read part of it."""
-    from tests.io.test_offload import V4, flow
-    from wgpy.core.crypto import clamp
+    from tests.io.test_shedding import flood_target
     from wgpy.core.output import Drop
 
     module = load()
     if module is None:
         pytest.skip("wgpy._native is not built")
-    monkeypatch.setattr(intake, "SHED_BURST", 5)  # strangers' replies while shedding: 5
-    monkeypatch.setattr(intake, "SHED_REPLIES", 0.001)
     monkeypatch.setenv("WGPY_UDP_READER", "")
     ours = UdpSocket()
     known, stranger = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
-    shrunk = socket.socket(fileno=os.dup(ours.fileno()))  # ~100-170 datagrams fit
-    shrunk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    shrunk.close()
-    rng = random.Random(7)
-    victim = Device(rng.randbytes, backend=Backend(module, threading.Lock, 3), classify=True)
-    victim.set_private_key(clamp(rng.randbytes(32)))
-    victim.intake.load.forced = True  # every message needs a cookie
-    initiator = Device(rng.randbytes)
-    initiator.set_private_key(clamp(rng.randbytes(32)))
-    assert victim.public_key is not None and initiator.public_key is not None
+    for s in (known, stranger):
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+    victim, initiation = flood_target(ours, known, Backend(module, threading.Lock, 3),
+                                      monkeypatch)  # fmt: skip
     datapath = Datapath(victim, ChannelTun(), ours)
     try:
         assert len(datapath.udp_fds()) == 2  # a reader, by default on 3 threads
-        for s in (known, stranger):
-            s.bind(("127.0.0.1", 0))
-            s.setblocking(False)
-        victim_peer = victim.add_peer(initiator.public_key)
-        assert victim_peer is not None
-        victim_peer.endpoint = known.getsockname()
-        peer = initiator.add_peer(victim.public_key)
-        assert peer is not None
-        peer.endpoint = ("127.0.0.1", ours.port)
-        initiator.allowed_ips.insert(V4[1], 32, peer)
-        [(initiation, _)] = initiator.send(flow(1, 10), time.monotonic()).udp
         to = ("127.0.0.1", ours.port)
         known.sendto(initiation, to)
         for _ in range(1000):

@@ -206,6 +206,36 @@ def test_a_batch_that_raises_keeps_what_the_earlier_ones_found() -> None:
         os.close(fd)
 
 
+def test_a_report_that_raises_loses_none_of_the_later_batches() -> None:
+    """Collecting the batches the thread wrote, one's report raises (no memory: any one
+    allocation of the call made to fail, in turn): the batches after it stay for the next
+    call, which returns their failed writes; only the failing one's may be lost."""
+    testcapi = pytest.importorskip("_testcapi")
+    batches = 3
+    fd = os.open("/dev/null", os.O_RDONLY)
+    raised = 0
+    try:
+        for nth in range(20):
+            writer = native.TunWriter(inline=0)
+            for _ in range(batches):  # each write refused (EBADF), found by the thread
+                assert writer.write(fd, [ICMP]) == []
+            time.sleep(0.1)  # written by then: the thread's writev is refused at once
+            found: list[object] = []
+            testcapi.set_nomemory(nth, nth + 1)  # the nth allocation from here fails
+            try:
+                found = writer.write(fd, [])  # (nothing else allocates till the hooks go)
+            except MemoryError:
+                raised += 1
+            finally:
+                testcapi.remove_mem_hooks()
+            found += writer.write(fd, []) + writer.flush()
+            writer.close()
+            assert len(found) >= batches - 1, (nth, found)
+    finally:
+        os.close(fd)
+    assert raised > 0, "no allocation of the collect failed"
+
+
 def tun_on(fd: int, writer: Any) -> Tun:
     tun = Tun.__new__(Tun)  # a TUN whose descriptor refuses every write
     tun._fd, tun.name, tun.vnet_hdr, tun.coalesce_udp = fd, "t", True, True

@@ -223,16 +223,27 @@ def decode_key(text: str) -> bytes:
     return key
 
 
-# A run of 20 or more base64 (or hex) characters: a key, or enough of one to matter. No
-# word of an error message (the longest config key, PersistentKeepalive, has 19) is one.
-_KEY_LIKE = re.compile(r"[A-Za-z0-9+/]{20,}=*")
-# A run of key characters of any alphabet (base64, URL-safe base64, hex) and the names
-# of the messages: each is judged by `_hide_run`. Names have "-" and "_" too
-# (persistent_keepalive_interval, WG_ENDPOINT_RESOLUTION_RETRIES, My-Home-Office), so a run
-# with them is a key (URL-safe) only at a key's length (43; 40 still hides one that lost a
-# few characters), or where it has lower case and an upper-case letter inside a word, as
-# base64 has (all but 1 in 7,000 random runs of 20) and names with a dash rarely do.
-_RUN = re.compile(r"[A-Za-z0-9+/_-]{20,}=*")
+# What key material is judged in: a stretch of one base64 alphabet, as `wg` writes keys
+# ("+" and "/"; hex is in it too) or URL-safe ("-" and "_"), of 20 characters or more
+# (none of a message's words: the longest config key, PersistentKeepalive, has 19). Each
+# alphabet's stretches are judged alone, so a key glued to a name or a path of the other
+# alphabet ("key_<key>", "/keys/<url-safe key>") is judged as itself, and hidden whole.
+_STRETCHES = (re.compile(r"[A-Za-z0-9+/]{20,}=*"), re.compile(r"[A-Za-z0-9_-]{20,}=*"))
+# A key's characters before its "=": a stretch this long is a key (or one glued to
+# something), unless it is a path or a host name (`_words`): lower-case words and digits
+# split by single "/", "-" or "_", with a word of 4 letters at least in every stretch of
+# a key's length. A random key written so (no upper case, no "+", no two separators in a
+# row) comes 1 in ~10^10 times; one repeating a byte (b"\x7f" * 32: "f39/f39/...") has no
+# 4 letters in a row, even glued to a path that has ("/etc/keys/f39/f39/...").
+_KEY_CHARS = 43
+_WORDS = re.compile(r"[/_-]?[a-z0-9]{1,19}(?:[/_-][a-z0-9]{1,19})*[/_-]?")
+_WORD = re.compile(r"[a-z]{4,}")
+# 40 hex digits or more: a key in hex (64), or most of one
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{40}")
+# Shorter, a stretch is part of a key where it looks like base64: lower case and an upper-
+# case letter inside a word (all but 1 in 7,000 random stretches of 20, and near all of
+# the longer ones, where most of a key would show: a key cut short, pasted wrong). A
+# path, a host name, an all-capitals name or a dashed Title-Case one does not.
 _LOWER = re.compile(r"[a-z]")
 _INNER_UPPER = re.compile(r"[A-Za-z0-9][A-Z]")
 # Hex bytes with a separator ("ab cd ef", "ab:cd:ef"): 10 or more, so a MAC address (6)
@@ -240,29 +251,30 @@ _INNER_UPPER = re.compile(r"[A-Za-z0-9][A-Z]")
 _HEX_PAIRS = re.compile(r"[0-9A-Fa-f]{2}([ :-])(?:[0-9A-Fa-f]{2}\1){8,}[0-9A-Fa-f]{2}")
 
 
-# A URL-safe key's length in its alphabet: hidden whole even where a "/" or "+" is glued
-# to it (a path), which makes its run a mixed one
-_URL_SAFE_LONG = re.compile(r"[A-Za-z0-9_-]{40,}=*")
+def _words(text: str) -> bool:
+    """Whether a stretch of a key's length or more is a path's or a host name's words."""
+    if _WORDS.fullmatch(text) is None:
+        return False
+    # the gaps around the words of 4 letters: each too short to hold a key's 43 characters
+    # with no such word in them (a word's last 3 letters may begin the key: 43 - 2 * 3)
+    ends = [0, *(end for m in _WORD.finditer(text) for end in m.span()), len(text)]
+    return all(b - a < _KEY_CHARS - 6 for a, b in zip(ends[::2], ends[1::2], strict=True))
 
 
-def _hide_run(run: re.Match[str]) -> str:
-    text = run.group()
-    if "-" not in text and "_" not in text:
-        return "…"  # base64 as `wg` writes it, or hex
-    if "+" not in text and "/" not in text:  # URL-safe base64, or a name
-        mixed = _LOWER.search(text) and _INNER_UPPER.search(text)
-        return "…" if len(text) >= 40 or mixed else _KEY_LIKE.sub("…", text)
-    # both alphabets: a name glued to a key ("key_<base64>", "wg-<key>"), or a URL-safe
-    # key glued to a "/" or "+": what either alphabet makes a key of, hidden as one
-    return _hide_spans(text, (_KEY_LIKE, _URL_SAFE_LONG))
+def _is_key(stretch: str) -> bool:
+    text = stretch.rstrip("=")
+    if _HEX_RUN.search(text):
+        return True
+    if len(text) >= _KEY_CHARS:
+        return not _words(text)
+    return bool(_LOWER.search(text) and _INNER_UPPER.search(text))
 
 
-def _hide_spans(text: str, patterns: tuple[re.Pattern[str], ...]) -> str:
-    """`text` with every stretch one of `patterns` matches (overlapping ones as one)
-    replaced by a single "…"."""
+def _hide_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with every span (overlapping ones as one) replaced by a single "…"."""
     pieces: list[str] = []
     at = 0
-    for start, end in sorted((m.start(), m.end()) for p in patterns for m in p.finditer(text)):
+    for start, end in sorted(spans):
         if start > at or not pieces:
             pieces += [text[at:start], "…"]
         at = max(at, end)
@@ -273,9 +285,10 @@ def hide_keys(text: str) -> str:
     """`text` with anything that could be key material replaced by "…": for error messages
     that quote their input, which end up in logs and bug reports. A key is caught as `wg`
     writes it (base64), URL-safe, or in hex (bare, or bytes split by spaces, colons or
-    dashes), alone or glued to a name; an address, a port, a host name or a word stays as
-    it was."""
-    return _RUN.sub(_hide_run, _HEX_PAIRS.sub("…", text))
+    dashes), alone, glued to a name or a path, or cut short; an address, a port, a path,
+    a host name or a word stays as it was."""
+    spans = [m.span() for p in _STRETCHES for m in p.finditer(text) if _is_key(m.group())]
+    return _HEX_PAIRS.sub("…", _hide_spans(text, spans))
 
 
 def constant_time_eq(a: bytes, b: bytes) -> bool:

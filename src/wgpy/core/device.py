@@ -136,8 +136,9 @@ class Device:
         # this thread (core/exchanges.py): a crypto thread's OpenSSL out of memory. The
         # daemon warns the first time.
         self.crypto_fallbacks = 0
-        # what `send(settle=False)` sealed and has not yet done to its peers (`settle`)
-        self._unsettled: list[Sent] = []
+        # what `send(settle=False)` and `seal_one` sealed and has not yet done to its peers
+        # (`settle`); the native seal_send (io/udp.py) appends a lone packet's here too
+        self.unsettled: list[Sent] = []
 
     @property
     def native(self) -> ModuleType | None:
@@ -335,7 +336,7 @@ class Device:
         groups, bad = backend.route(packets, table)
         if bad:
             self._refuse(Drop.BAD_INNER, bad, now, out)
-        later = None if settle else self._unsettled
+        later = None if settle else self.unsettled
         for peer, group in groups:
             if peer is None:
                 self._refuse(Drop.NO_ROUTE, group, now, out)
@@ -367,14 +368,14 @@ class Device:
         runs = kp.sealer.seal_runs((packet,), self.mtu)
         if runs is None:
             return None
-        self._unsettled.append((peer, kp, len(runs[0][0]), True))
+        self.unsettled.append((peer, kp, len(runs[0][0]), True))
         return runs, peer.endpoint
 
     def settle(self, now: float) -> Output:
         """What the messages `send(settle=False)` sealed do to their peers (a rekey
         initiation may come out)."""
         out = Output()
-        unsettled, self._unsettled = self._unsettled, []  # taken first: never settled twice
+        unsettled, self.unsettled = self.unsettled, []  # taken first: never settled twice
         for peer, kp, nbytes, sent_data in unsettled:
             self._sent(peer, kp, nbytes, sent_data, now, out)
         return out

@@ -18,7 +18,9 @@ once, and a peer's goes on from the Noise state the screen reached.
 A batch call that raises MemoryError or OSError (the native ones do where a crypto
 thread's OpenSSL could not set the work up: its memory, no verdict on any message) costs
 the batch nothing: its initiations stay unscreened and its exchanges not worked out, so
-that the handshake code computes each on the spot as the pure path does. `failed` counts
+that the handshake code computes each on the spot as the pure path does; a failed
+screen's initiations have their DH(static, ephemeral) wanted instead, for the x25519
+batch call that follows in the same `run` (as without a screen). `failed` counts
 such calls; the device adds them up (Device.crypto_fallbacks) for the daemon to report.
 """
 
@@ -98,7 +100,11 @@ class Exchanges:
                 found = self._screen(static.raw, static.public, batch)
             except _NOT_WORKED_OUT:
                 self.failed += 1
-                continue  # unscreened: each goes through the Noise path from the start
+                # unscreened: Noise's path from the start, its first DH out of this run's
+                # x25519 batch (as without a screen), not on the loop's thread
+                for message in batch:
+                    self.want(static, message[_EPHEMERAL])
+                continue
             self.screened.update(zip(batch, found, strict=True))
 
     def _found(self, private: bytes | PrivateKey, peer: bytes) -> bytes:

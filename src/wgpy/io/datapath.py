@@ -254,7 +254,8 @@ class Datapath:
         lone = self._drains and self._reader is None and self.tun.writes_fd
         self._lone = native.open_lone if native is not None and lone else None
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
-            udp.use_native(native.send_runs, self._sender())
+            udp.use_native(native.send_runs, self._sender(), native.seal_send)
+        self._lone_native = native is not None and udp.sends_are_its_own()
 
     def _sender(self) -> Any:
         """A sender thread where `udp_sender` wants one and a thread can be had (else the
@@ -445,7 +446,12 @@ class Datapath:
 
     def _send_lone(self, packet: Item, now: float) -> bool:
         """A lone packet's common way (`Device.seal_one`): sealed and sent with half the
-        Python calls of the batch's. False where it does not take that way."""
+        Python calls of the batch's; with the native module, routed, sealed and sent in
+        one C call (`UdpSocket.seal_send`). False where it does not take that way."""
+        if self._lone_native:
+            device = self.device
+            return self.udp.seal_send(packet, device.allowed_ips.mirror, now, device.mtu,
+                                      device.unsettled)  # fmt: skip
         sealed = self.device.seal_one(packet, now) if packet.__class__ is bytes else None
         if sealed is None:
             return False

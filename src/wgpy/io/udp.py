@@ -33,7 +33,8 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 from wgpy.core.endpoint import Endpoint
 from wgpy.core.output import Run
@@ -71,6 +72,9 @@ Dest = tuple[bytes, bytes | None] | None
 Learnt = list[tuple[Endpoint | None, int, bytes | None]]
 MakeDest = Callable[[Endpoint], Dest]
 SendNative = Callable[[int, Iterable[Run], dict[Endpoint, Dest], MakeDest, bool], Learnt]
+# the native seal_send, its socket's arguments given (`use_native`): packet, routes, now,
+# mtu, unsettled -> findings, or None where the packet's way is not the lone one
+SealSend = Callable[[object, object, float, int, list[Any]], Learnt | None]
 SockAddr = tuple[str, int] | tuple[str, int, int, int]  # (host, port[, flowinfo, scope id])
 _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port (network), address
 _SOCKADDR_IN6 = struct.Struct("=H2sI16sI")  # ... flowinfo, address, scope id
@@ -92,6 +96,7 @@ class Sender(Protocol):
 class UdpSocket:
     # with the native module (`use_native`, which the Datapath calls): send_runs in C
     _send_native: SendNative | None = None
+    _seal_send: SealSend | None = None
     sender: Sender | None = None  # `use_native`: the sends on a thread of their own
 
     def __init__(self, port: int = 0, fwmark: int = 0, offload: bool = True) -> None:
@@ -143,13 +148,32 @@ class UdpSocket:
             cls.send_runs is own.send_runs
         )
 
-    def use_native(self, send_runs: SendNative, sender: Sender | None = None) -> None:
+    def use_native(self, send_runs: SendNative, sender: Sender | None = None,
+                   seal_send: Callable[..., Learnt | None] | None = None) -> None:  # fmt: skip
         """Make `send_runs`'s sends in C (the native `send_runs`, or `sender`'s thread),
         byte for byte and errno for errno as the Python code below, which stays the
         reference: C gets each endpoint's destination ready made (`_dest`) and hands back
-        what the socket must learn (`_learn`)."""
+        what the socket must learn (`_learn`). `seal_send` (the native one) with them:
+        `UdpSocket.seal_send`."""
         self._send_native = send_runs if sender is None else sender.send
         self.sender = sender
+        if seal_send is not None:
+            self._seal_send = partial(seal_send, self._sock.fileno(), self._dests, self._dest,
+                                      sender)  # fmt: skip
+
+    def seal_send(self, packet: object, routes: object, now: float, mtu: int,
+                  unsettled: list[Any]) -> bool:  # fmt: skip
+        """A lone packet read from the TUN routed, sealed and sent in one C call (after
+        `use_native`; io/datapath.py `_send_lone`): core/device.py `Device.seal_one`'s
+        way, its sealed message appended to `unsettled` as seal_one does. False, nothing
+        changed, where the packet's way is not that one (or no native module)."""
+        native = self._seal_send
+        learnt = None if native is None else native(packet, routes, now, mtu, unsettled)
+        if learnt is None:
+            return False
+        if learnt:
+            self._learn(learnt)
+        return True
 
     def collect(self) -> None:
         """Learn what the sender's late batches found (a source gone, GSO refused),
