@@ -275,7 +275,7 @@ def test_what_is_no_lone_data_message_is_declined_untouched() -> None:
 # thread or not, B's lone way on or off (`Datapath._lone`), the same datagrams (each a read
 # of its own) through each; what B did must be the same with the lone way as without.
 THROUGH_DATAPATHS = r"""
-import os, socket, sys, time
+import os, socket, subprocess, sys, time
 sys.path.insert(0, "{src}")
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
@@ -296,7 +296,7 @@ def tunnel(k, vnet, lone):
         for command in (["addr", "add", v4 + "/24", "dev", name],
                         ["addr", "add", v6 + "/64", "dev", name, "nodad"],
                         ["link", "set", name, "mtu", "1420", "up"]):
-            os.system("ip " + " ".join(command))
+            subprocess.run(["ip", *command], check=True)
         device.mtu = 1420
         paths.append(Datapath(device, tun, UdpSocket(0)))
     a, b = paths

@@ -10,7 +10,8 @@ intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time 
 from READER_THREADS crypto threads, takes what a reader thread read ahead while a backlog
 lasts: `udp_reader`), refuses junk and sends the cookie replies a flood is owed itself,
 and only the reads that brought something go on, by `Device.open_classified`, and the
-sessions they opened are accounted for once per drain (`Device.account`). Both ways, the
+sessions they opened are accounted for once per drain (`Device.account`); a drain of one
+read of one data message goes to the TUN in one C call instead (`_open_lone`). Both ways, the
 packets go out first and the core settles after what they did to their peers
 (`Device.settle`, `Device.account`): a lone packet (a ping) waits for no bookkeeping.
 
