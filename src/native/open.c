@@ -722,14 +722,15 @@ PyObject *open_lone(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
     PyObject *sessions = a.sessions, *keypairs = a.keypairs, *routes = a.routes,
              *writer = a.writer, *result = NULL, *kp = NULL, *failed = NULL;
     double now = a.now;
-    int fd = a.fd, vnet = a.vnet, opened = 0; /* taken the lone way: buf is zeroed past the header */
+    int fd = a.fd, vnet = a.vnet, opened = 0; /* the lone way taken: buf zeroed past the header */
     Session *s = NULL;
     Lone l = {V_PENDING, 0};
-    uint8_t *p = (uint8_t *)in.buf + off;
+    uint8_t *p = in.buf;
     if (off < 0 || n < 0 || off > in.len || n > in.len - off || n > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "need 0 <= offset <= offset + n <= len(buf)");
         goto done;
     }
+    p += off;
     if (!lone_way(p, n, routes, writer)) {
         result = Py_NewRef(Py_None); /* not the lone way: the caller takes the usual one */
         goto done;
