@@ -143,7 +143,8 @@ def test_open_lone_does_what_the_usual_way_does(seed: int, vnet: bool) -> None:
 
 def sealed(worlds: list[tuple[object, Device, Device]], packet: bytes) -> bytes:
     """`packet` sealed by a in both worlds: the same datagram."""
-    got = {bytes(a.send([packet], net.now).udp[0][0]) for net, a, _ in worlds}  # type: ignore[attr-defined]
+    got = {bytes(a.send([packet], net.now).udp[0][0])  # type: ignore[attr-defined]
+           for net, a, _ in worlds}
     assert len(got) == 1
     return got.pop()
 
@@ -271,9 +272,10 @@ def test_what_is_no_lone_data_message_is_declined_untouched() -> None:
         module.open_lone(bytearray(8), 4, 8, *args, b.allowed_ips.mirror, net.now, 1, True, None)
 
 
-# Inside a namespace of its own: six tunnels (A -> B), the virtio header or not, a TUN writer
-# thread or not, B's lone way on or off (`Datapath._lone`), the same datagrams (each a read
-# of its own) through each; what B did must be the same with the lone way as without.
+# Inside a namespace of its own: six tunnels (A -> B), the virtio header or not, a TUN
+# writer thread or not, B's lone way on or off (`Datapath._lone_open`), the same datagrams
+# (each a read of its own) through each; what B did must be the same with the lone way as
+# without.
 THROUGH_DATAPATHS = r"""
 import os, socket, subprocess, sys, time
 sys.path.insert(0, "{src}")
@@ -316,11 +318,11 @@ def tunnel(k, vnet, lone):
     if lone is None:  # as it is
         pass
     elif lone:
-        real = b._lone
+        real = b._lone_open
         assert real is not None
-        b._lone = lambda *args: calls.append(1) or real(*args)
+        b._lone_open = lambda *args: calls.append(1) or real(*args)
     else:
-        b._lone = None
+        b._lone_open = None
     wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
     wire.bind((f"lb{{k}}", 0))
     wire.setblocking(False)
@@ -384,7 +386,7 @@ def run(k, vnet, lone):
     return results, len(calls)
 
 if not (native_datapath() and native_intake()):  # the pure backend, no C intake: never
-    assert tunnel(0, True, None)[1]._lone is None
+    assert tunnel(0, True, None)[1]._lone_open is None
     print("ok")
     sys.exit()
 for k, vnet in ((0, True), (2, False), (4, True)):

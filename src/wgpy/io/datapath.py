@@ -214,7 +214,7 @@ class Datapath:
         self.tun = tun
         self.udp = udp
         self._reader: Any = None  # a UdpReader (use_udp), its buffer's view
-        self._lone: Any = None  # native.open_lone where a lone read may take it (use_udp)
+        self._lone_open: Any = None  # native.open_lone where a lone read may take it (use_udp)
         self._reader_view = memoryview(b"")
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
@@ -253,7 +253,7 @@ class Datapath:
         # a lone read's hop to the TUN in one C call (`_open_lone`): where the drain reads
         # into its own buffer (not a reader's slots) and the TUN's writes are write(2)s
         lone = self._drains and self._reader is None and self.tun.writes_fd
-        self._lone = native.open_lone if native is not None and lone else None
+        self._lone_open = native.open_lone if native is not None and lone else None
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
             udp.use_native(native.send_runs, self._sender(), native.seal_send)
         self._lone_native = native is not None and udp.sends_are_its_own()
@@ -368,7 +368,7 @@ class Datapath:
                 fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
             )
             try:  # a lone read's packet to the TUN first, the intake's part after, always
-                if got == 1 and kept and self._lone is not None and self._open_lone(
+                if got == 1 and kept and self._lone_open is not None and self._open_lone(
                         kept[0], now, out, received):  # fmt: skip
                     kept = []  # (written)
             finally:  # (the cookie replies' nonce counter is never lost)
@@ -397,9 +397,9 @@ class Datapath:
             return False
         device, tun = self.device, self.tun
         index = device.index
-        got = self._lone(self._drain_buf, offset, n, index.sessions, index.session_keypairs,
-                         device.allowed_ips.mirror, now, tun.fileno(), tun.vnet_hdr,
-                         tun.writer)  # fmt: skip
+        got = self._lone_open(self._drain_buf, offset, n, index.sessions,
+                              index.session_keypairs, device.allowed_ips.mirror, now,
+                              tun.fileno(), tun.vnet_hdr, tun.writer)  # fmt: skip
         if got is None:  # (no mirror yet, a writer with batches queued: the usual way)
             return False
         kp, data, drop, failed = got
