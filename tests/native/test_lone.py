@@ -344,11 +344,12 @@ def anonymous(packet):  # the tunnels' addresses differ: the rest must not
     span = (12, 20) if packet[0] >> 4 == 4 else (8, 40)
     return packet[: span[0]] + packet[span[1] :]
 
-def facts(b, pb, wire):
+def facts(b, pb, wire, roamed=None):
     kp = pb.current
+    where = "roamed" if pb.endpoint == roamed else pb.endpoint[0]  # (ports differ)
     window = hash(kp.session.window_state()) if kp is not None else None
     writer = b.tun.writer  # its counts: queued, written by the caller, waits
-    return (dict(b.drops), pb.rx_bytes, pb.endpoint is not None, window,
+    return (dict(b.drops), pb.rx_bytes, where, b.udp.source(pb.endpoint), window,
             writer.counts() if writer is not None else None,
             sorted(t.value for t in pb.timers.deadlines), pb.timers.need_another_keepalive,
             seen(wire))
@@ -369,12 +370,22 @@ def run(k, vnet, lone):
         [seal(ipv6_packet(f"fd0{{k}}::7", f"fd1{{k}}::1", b"v6"))],
         [good[:4] + bytes([good[4] ^ 0xFF]) + good[5:]],  # an index nobody has
         [seal(ipv4_packet(src, dst, b"a")), seal(ipv4_packet(src, dst, b"b"))],  # two reads
+        "roam",  # from another port: the endpoint moves, its source is learnt
         "remove",
         [seal(ipv4_packet(src, dst, b"gone"))],  # from a peer removed
     ]
     for datagrams in cases:
         if datagrams == "remove":
             b.device.remove_peer(a.device.public_key)
+            continue
+        if datagrams == "roam":
+            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            other.bind(("127.0.0.1", 0))
+            other.sendto(seal(ipv4_packet(src, dst, b"roam")), to_b)
+            time.sleep(0.01)
+            b.on_udp()
+            results.append(facts(b, pb, wire, other.getsockname()))
+            other.close()
             continue
         pb.timers.deadlines.clear()  # each case's own timers seen
         pb.timers.need_another_keepalive = False
@@ -393,9 +404,10 @@ for k, vnet in ((0, True), (2, False), (4, True)):
     if k == 4:  # the TUN's writes on a writer thread (where 2 crypto threads allow one)
         os.environ["WGPY_TUN_WRITER"] = "1"
     on, taken = run(k, vnet, True)
-    assert (on[0][4] is not None) == (k == 4 and chosen.threads >= 2), on[0][4]
+    assert (on[0][5] is not None) == (k == 4 and chosen.threads >= 2), on[0][5]
+    assert on[10][2] == "roamed" and on[10][3] is not None, on[10]  # moved, source learnt
     off, untaken = run(k + 1, vnet, False)
-    assert taken == 10 and untaken == 0, (taken, untaken)
+    assert taken == 11 and untaken == 0, (taken, untaken)
     for i, (x, y) in enumerate(zip(on, off, strict=True)):
         assert x == y, (vnet, i, x, y)
 print("ok")
