@@ -471,9 +471,9 @@ PyTypeObject UdpSenderType = {
  * with the GIL held, so nothing is mirrored or published for them: the destination's
  * owner in the routes (the allowed IPs' mirror), no packet staged before this one, an
  * endpoint, a current session not expired (`now < expires`) whose Sealer is this
- * module's, with a counter left; its destination (`dests`, or made by `dest`) has an
- * address; the sender thread has nothing queued (the datagram must not pass what it
- * has). Any other way: None, nothing changed, and the caller takes `send`'s. Python
+ * module's, with a counter left; the sender thread has nothing queued (the datagram must
+ * not pass what it has). Any other way: None, nothing changed, and the caller takes
+ * `send`'s. A change to seal_one's or Keypair.can_send's tests is one here too. Python
  * calls: none of its own, where seal_one and send_runs made 6 (docs/design.md,
  * "Latency"). */
 
@@ -481,15 +481,16 @@ static struct {
     PyObject *staged, *endpoint, *current, *expires, *sealer;
 } names;
 
+/* The names, interned once (those a failed call left NULL, again on the next). */
 static int intern_names(void)
 {
-    return (names.staged = PyUnicode_InternFromString("staged")) == NULL
-                   || (names.endpoint = PyUnicode_InternFromString("endpoint")) == NULL
-                   || (names.current = PyUnicode_InternFromString("current")) == NULL
-                   || (names.expires = PyUnicode_InternFromString("expires")) == NULL
-                   || (names.sealer = PyUnicode_InternFromString("sealer")) == NULL
-               ? -1
-               : 0;
+    PyObject **slot[] = {&names.staged, &names.endpoint, &names.current, &names.expires,
+                         &names.sealer};
+    const char *text[] = {"staged", "endpoint", "current", "expires", "sealer"};
+    for (size_t i = 0; i < sizeof slot / sizeof *slot; i++)
+        if (*slot[i] == NULL && (*slot[i] = PyUnicode_InternFromString(text[i])) == NULL)
+            return -1;
+    return 0;
 }
 
 typedef struct { /* the lone packet's way: new references */
@@ -533,7 +534,8 @@ static int lone_way(Way *w, PyObject *routes, const uint8_t *p, size_t n, double
 }
 
 /* Whether the sender (a UdpSender, or None: the caller's thread sends) has nothing queued
- * that this datagram could pass. */
+ * that this datagram could pass. (Its finished batches are left for its next `send` or
+ * `UdpSocket.collect` to collect, findings and all.) */
 static int sender_idle(PyObject *sender)
 {
     if (sender == Py_None)
@@ -544,13 +546,13 @@ static int sender_idle(PyObject *sender)
     pthread_mutex_lock(&s->mu);
     int idle = s->stopping || s->done == s->queued;
     pthread_mutex_unlock(&s->mu);
-    if (idle)
-        s->inlined++; /* (counts for tests: the caller sends it, as stage_enqueue's 1) */
     return idle;
 }
 
 /* With the way found: the destination, then the seal and the send (the GIL released).
- * The findings (send_runs's report), or None where the way ends here. */
+ * The findings (send_runs's report), or None where the way ends here. An endpoint with
+ * no address has its message sealed and dropped, as send_runs drops it (`dest` is not
+ * asked twice: it may resolve a name). */
 static PyObject *seal_and_send(Way *w, int fd, PyObject *dests, PyObject *dest_fn,
                                PyObject *sender, const uint8_t *p, size_t n, size_t mtu,
                                PyObject *unsettled)
@@ -561,41 +563,40 @@ static PyObject *seal_and_send(Way *w, int fd, PyObject *dests, PyObject *dest_f
         Py_INCREF(dest);
     else if (PyErr_Occurred() || (dest = PyObject_CallOneArg(dest_fn, w->endpoint)) == NULL)
         return NULL;
-    PyObject *result = NULL;
+    PyObject *result = NULL, *entry = NULL;
+    uint8_t *buf = NULL;
+    size_t size = sealed_length(n, mtu);
     if (take_dest(&r, dest) < 0)
         goto done;
-    if (r.addr == NULL || !sender_idle(sender)) { /* no address (send drops it), or later */
+    if (r.addr != NULL && !sender_idle(sender)) { /* behind the sender's queue: send's way */
         result = Py_NewRef(Py_None);
         goto done;
     }
-    size_t size = sealed_length(n, mtu);
-    uint8_t *buf = PyMem_Malloc(size);
-    if (buf == NULL) {
-        PyErr_NoMemory();
+    /* made before the send: once the datagram is out, only the append can fail */
+    entry = Py_BuildValue("(OOnO)", w->peer, w->kp, (Py_ssize_t)size, Py_True);
+    if (entry == NULL || (buf = PyMem_Malloc(size)) == NULL) {
+        if (entry != NULL)
+            PyErr_NoMemory();
         goto done;
     }
     int sealed, gone = 0;
     Py_BEGIN_ALLOW_THREADS
     sealed = seal_one(w->sealer, p, n, mtu, buf);
-    if (sealed == 1)
+    if (sealed == 1 && r.addr != NULL)
         gone = send_datagram(&r, buf, size, fd);
     Py_END_ALLOW_THREADS
-    PyMem_Free(buf);
-    if (sealed < 0) {
+    if (sealed < 0)
         PyErr_SetString(PyExc_ValueError, "the key is wiped (or OpenSSL failed)");
-        goto done;
-    }
-    if (sealed == 0) { /* spent: nothing sealed */
+    else if (sealed == 0) /* spent: nothing sealed */
         result = Py_NewRef(Py_None);
-        goto done;
-    }
-    PyObject *entry = Py_BuildValue("(OOnO)", w->peer, w->kp, (Py_ssize_t)size, Py_True);
-    int rc = entry ? PyList_Append(unsettled, entry) : -1;
-    Py_XDECREF(entry);
-    result = rc < 0 ? NULL : PyList_New(0);
-    if (result != NULL && gone && append_report(result, w->endpoint, gone, PyTuple_GET_ITEM(dest, 1)) < 0)
+    else if (PyList_Append(unsettled, entry) == 0 && (result = PyList_New(0)) != NULL && gone
+             && append_report(result, w->endpoint, gone, PyTuple_GET_ITEM(dest, 1)) < 0)
         Py_CLEAR(result);
+    if (sealed == 1 && r.addr != NULL && sender != Py_None)
+        ((UdpSender *)sender)->stage.inlined++; /* (counts: sent by the caller) */
 done:
+    PyMem_Free(buf);
+    Py_XDECREF(entry);
     Py_DECREF(dest);
     return result;
 }
@@ -609,9 +610,13 @@ PyObject *seal_send(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
     PyObject *dests = args[1], *dest_fn = args[2], *sender = args[3], *packet = args[4];
     PyObject *routes = args[5], *unsettled = args[8];
     long fd = PyLong_AsLong(args[0]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
     double now = PyFloat_AsDouble(args[6]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
     Py_ssize_t mtu = PyLong_AsSsize_t(args[7]);
-    if (PyErr_Occurred())
+    if (mtu == -1 && PyErr_Occurred())
         return NULL;
     if (!PyDict_Check(dests) || !PyList_Check(unsettled) || mtu < 0 || fd < 0 || fd > INT_MAX
         || (sender != Py_None && !Py_IS_TYPE(sender, &UdpSenderType))) {
@@ -619,7 +624,7 @@ PyObject *seal_send(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
                                          "routes, now, mtu >= 0, list)");
         return NULL;
     }
-    if (names.staged == NULL && intern_names() < 0)
+    if (names.sealer == NULL && intern_names() < 0) /* the last one interned */
         return NULL;
     /* not a plain packet (a super-packet), or no mirror yet (send makes it): send's way */
     if (!PyBytes_CheckExact(packet) || !Py_IS_TYPE(routes, &RoutesType)

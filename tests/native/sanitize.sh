@@ -6,7 +6,8 @@
 # sealed, the longest segment there is; tests/native/test_route.py: the routing table;
 # tests/native/test_writer.py: the TUN writer thread, buffers held until written;
 # tests/native/test_udp_send.py: the UDP sends and their sender thread, buffers held until
-# sent, but the one that needs a namespace of its own;
+# sent, but the one that needs a namespace of its own; tests/native/test_seal_send.py: a
+# lone packet routed, sealed and sent in one call;
 # tests/native/test_screen.py: initiations screened; tests/native/test_lone.py: a lone read
 # opened in place, checked and written in one call; tests/native/test_reader.py: the UDP
 # reader thread, its slots drained by the C intake, closed while busy, forked), the TUN
@@ -39,7 +40,7 @@ export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
 (cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py \
   tests/native/test_reader.py tests/native/test_lone.py \
   tests/native/test_send.py tests/native/test_route.py tests/native/test_writer.py \
-  tests/native/test_udp_send.py --deselect \
+  tests/native/test_seal_send.py tests/native/test_udp_send.py --deselect \
   tests/native/test_udp_send.py::test_segments_above_the_path_mtu_go_one_by_one \
   tests/native/test_screen.py tests/native/test_offload_seal.py::test_read_packet \
   tests/native/test_offload_seal.py::test_a_signal_handler_reading_inside_read_packet_takes_its_own_buffer \

@@ -7,7 +7,9 @@ what the sender thread still has queued."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -86,13 +88,13 @@ def test_the_same_datagram_and_the_same_state_as_seal_one(
 
 
 CASES = ["no_route", "not_ip", "no_endpoint", "staged", "no_session", "expired", "spent",
-         "no_mirror", "super_packet", "no_address"]  # fmt: skip
+         "no_mirror", "super_packet"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_every_other_way_is_declined_and_changes_nothing(case: str, theirs: socket.socket) -> None:
     """seal_one's declines (tests/core/test_device.py) and C's own: no mirror of the allowed
-    IPs yet, a super-packet, an endpoint with no address (send drops it)."""
+    IPs yet, a super-packet."""
     n, a, peer = linked(6, theirs.getsockname())
     packet: object = ipv4_packet("10.0.0.1", "10.9.9.9" if case == "no_route" else "10.0.0.2")
     routes = a.device.allowed_ips.mirror
@@ -118,11 +120,7 @@ def test_every_other_way_is_declined_and_changes_nothing(case: str, theirs: sock
     before = state(peer)
     sock = ours()
     try:
-        args = (packet, routes, n.now, a.device.mtu, a.device.unsettled)
-        if case == "no_address":  # what UdpSocket._dest gives an endpoint it cannot parse
-            assert module.seal_send(sock.fileno(), {}, lambda ep: None, None, *args) is None
-        else:
-            assert sock.seal_send(*args) is False
+        assert sock.seal_send(packet, routes, n.now, a.device.mtu, a.device.unsettled) is False
         assert a.device.unsettled == []
         assert state(peer) == before
         theirs.settimeout(0.05)
@@ -130,6 +128,78 @@ def test_every_other_way_is_declined_and_changes_nothing(case: str, theirs: sock
             theirs.recv(100)
     finally:
         sock.close()
+
+
+def test_an_endpoint_with_no_address_is_sealed_and_dropped_as_send_runs_drops_it() -> None:
+    """What UdpSocket._dest gives an endpoint it cannot parse (None): the message is sealed
+    and counted, not sent, as seal_one then send_runs make it; `dest` asked once (it may
+    resolve a name, on the loop's thread)."""
+    assert module is not None
+    (n0, a0, p0), (n1, a1, p1) = linked(6, ("no.such.name", 1)), linked(6, ("no.such.name", 1))
+    asked: list[object] = []
+    args = (PACKET, a0.device.allowed_ips.mirror, n0.now, a0.device.mtu, a0.device.unsettled)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert module.seal_send(sock.fileno(), {}, asked.append, None, *args) == []
+    assert asked == [("no.such.name", 1)]
+    assert a1.device.seal_one(PACKET, n1.now) is not None
+    assert a0.device.unsettled == [(p0, p0.current, 64, True)]
+    assert a0.device.settle(n0.now).udp.runs() == a1.device.settle(n1.now).udp.runs() == []
+    assert state(p0) == state(p1)
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_seal_send_keeps_no_reference(gone: bool, theirs: socket.socket) -> None:
+    """A hundred sends (and a hundred from a source gone) leave every object they touched
+    with the references it had (a leak per packet would be a daemon's memory)."""
+    ep = theirs.getsockname()
+    n, a, peer = linked(9, ep)
+    device, sock = a.device, ours()
+    theirs.setblocking(False)
+    kp = peer.current
+    assert kp is not None
+
+    def refs() -> list[int]:
+        objects = [peer, kp, kp.sealer, peer.endpoint, PACKET]
+        if not gone:  # (a source gone: the socket forgets the endpoint's destination)
+            objects.append(sock._dests[ep])
+        return [sys.getrefcount(o) for o in objects]
+
+    def once() -> None:
+        if gone:
+            sock.learn_source(ep, mapped_pktinfo("198.51.100.7"))
+        assert sock.seal_send(PACKET, device.allowed_ips.mirror, n.now, device.mtu,
+                              device.unsettled)  # fmt: skip
+        device.unsettled.clear()
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                theirs.recv(2000)
+
+    try:
+        once()
+        before = refs()
+        for _ in range(100):
+            once()
+        assert refs() == before
+    finally:
+        sock.close()
+
+
+def test_a_closed_socket_sends_no_lone_datagram(theirs: socket.socket) -> None:
+    """After close, the descriptor's number may be another socket's: never sent on."""
+    n, a, _ = linked(8, theirs.getsockname())
+    sock = ours()
+    fd = sock.fileno()
+    sock.close()
+    other = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)  # takes the closed number
+    try:
+        assert other.fileno() == fd
+        assert not sock.seal_send(PACKET, a.device.allowed_ips.mirror, n.now, a.device.mtu,
+                                  a.device.unsettled)  # fmt: skip
+        theirs.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            theirs.recv(100)
+    finally:
+        other.close()
 
 
 def test_a_sticky_source_and_one_gone(theirs: socket.socket) -> None:
@@ -183,3 +253,10 @@ def test_bad_arguments() -> None:
         module.seal_send(0, {}, None, object(), PACKET, None, 0.0, 1420, [])  # no sender
     with pytest.raises(TypeError):
         module.seal_send(-1, {}, None, None, PACKET, None, 0.0, 1420, [])
+
+    class Real:
+        def __float__(self) -> float:
+            return 1.0
+
+    with pytest.raises(TypeError):  # its own error, no Python run with one set
+        module.seal_send("0", {}, None, None, PACKET, None, Real(), 1420, [])

@@ -353,7 +353,9 @@ class Device:
         it. Its sealed runs and where they go, for the caller to send and then `settle`;
         None, with nothing changed, where the way is not that (`send` then takes it: a
         session spent in between is found spent there too). A ping's hop: about half
-        the Python calls of `send` (io/datapath.py on_tun; docs/design.md, "Latency")."""
+        the Python calls of `send` (io/datapath.py on_tun; docs/design.md, "Latency").
+        The native seal_send makes these tests itself (src/native/send.c lone_way): a
+        change here is one there too."""
         mirror = self.allowed_ips.mirror
         table = mirror if type(mirror) is self.backend.routes else self._table()
         groups, bad = self.backend.route((packet,), table)

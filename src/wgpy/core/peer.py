@@ -72,7 +72,8 @@ class Keypair:
         self.sealer.expire()
 
     def can_send(self, now: float) -> bool:
-        # the sealer's counter itself, not `send_counter`: a call fewer on every send
+        # the sealer's counter itself, not `send_counter`: a call fewer on every send.
+        # (The native seal_send makes this test itself: src/native/send.c lone_way.)
         return self.sealer.counter < REJECT_AFTER_MESSAGES and now < self.expires
 
 

@@ -135,6 +135,7 @@ class UdpSocket:
         self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
     def close(self) -> None:
+        self._seal_send = None  # (it holds the descriptor's number: never sent on after)
         if self.sender is not None:  # what it queued goes out before the socket goes
             self.sender.close()
         self._sock.close()
@@ -157,9 +158,9 @@ class UdpSocket:
         `UdpSocket.seal_send`."""
         self._send_native = send_runs if sender is None else sender.send
         self.sender = sender
-        if seal_send is not None:
-            self._seal_send = partial(seal_send, self._sock.fileno(), self._dests, self._dest,
-                                      sender)  # fmt: skip
+        self._seal_send = None if seal_send is None else partial(
+            seal_send, self._sock.fileno(), self._dests, self._dest, sender
+        )
 
     def seal_send(self, packet: object, routes: object, now: float, mtu: int,
                   unsettled: list[Any]) -> bool:  # fmt: skip
