@@ -9,6 +9,7 @@
  *                                      seal_runs(items, mtu) (GSO runs, super-packets cut)
  *   Routes(), route(items, routes)     the allowed IPs mirrored; a batch grouped by peer
  *   open_batch(buf, nbytes, seg, sessions, now)   one UDP GRO read opened (its docstring)
+ *   open_lone(...)                     a lone read opened, checked and written to the TUN
  *   Spans                              a run of opened packets: spans of one buffer
  *   coalesce, checksum, split          as wgpy.io.offload (coalesce reads Spans in place)
  *   segments(super_packet)             as wgpy.core.ip.segments
@@ -49,6 +50,20 @@ static PyMethodDef module_methods[] = {
      "a Spans (spans of one buffer per call);\n"
      "per_session: [(session, nbytes, data)]; others: [(offset, length)]; drops: reason ->\n"
      "count, only the reasons that dropped something (as the reference)."},
+    {"open_lone", (PyCFunction)(void (*)(void))open_lone, METH_FASTCALL,
+     "open_lone(buf, offset, n, sessions, keypairs, routes, now, fd, vnet, writer)\n"
+     "-> (keypair, data, drop, failed) or None\n\n"
+     "A lone read's hop to the TUN in one call: the data message of n bytes at buf[offset]\n"
+     "opened in place against its Session (sessions: index -> Session), as open_batch\n"
+     "would; its inner source's owner in routes (a Routes) checked against the peer of\n"
+     "its keypair (keypairs: Session -> keypair, `.peer`), as data.open_read does; the\n"
+     "packet written to the TUN fd (behind a zero virtio header where vnet), the GIL\n"
+     "released. keypair: the session's where the message authenticated (else None);\n"
+     "data: it carried a packet; drop: the Drop value of why it went no further, or None;\n"
+     "failed: the failed write as Tun.write_batch's failures ([(errno, write)]) or None.\n"
+     "Every byte of the message past its header is zeroed in buf before it returns.\n"
+     "None, nothing touched, where the read is no data message, routes no Routes, or the\n"
+     "TunWriter `writer` (or None) has a batch queued or uncollected: the usual way then."},
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_VARARGS | METH_KEYWORDS,
      "coalesce(packets, udp=True) -> list[bytes], as wgpy.io.offload.coalesce; an item\n"
      "is a packet (a bytes-like) or a Spans, whose packets are read in place."},

@@ -3,7 +3,8 @@
  *   module.c    the module's table and init
  *   args.c      the helpers every job uses to take its arguments (keys, buffers, locks)
  *   pool.c      the crypto worker threads and each thread's OpenSSL contexts
- *   open.c      receiving: Session (key + replay window) and open_batch
+ *   open.c      receiving: Session (key + replay window), open_batch, and open_lone: a
+ *               lone read's hop to the TUN (open, source check, write) in one call
  *   seal.c      sending: Sealer (key + counter), seal and seal_runs
  *   route.c     Routes (a mirror of the allowed IPs) and route: packets grouped by peer
  *   offload.c   the TUN's offloads: checksum, coalesce (GRO), split (TSO), cutting
@@ -109,6 +110,7 @@ Spans *spans_new(PyObject *buf, Py_ssize_t n);
 /* open.c */
 extern PyTypeObject SessionType;
 PyObject *open_batch(PyObject *module, PyObject *args);
+PyObject *open_lone(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 /* seal.c */
 extern PyTypeObject SealerType;
@@ -118,6 +120,7 @@ int seal_one(PyObject *sealer, const uint8_t *packet, size_t len, size_t mtu, ui
 /* route.c */
 extern PyTypeObject RoutesType;
 PyObject *route(PyObject *module, PyObject *args);
+PyObject *routes_lookup(PyObject *routes, const uint8_t *addr, int len);
 PyObject *routes_owner(PyObject *routes, const uint8_t *p, size_t n);
 
 /* dh.c */
@@ -206,6 +209,8 @@ PyObject *stage_counts(Stage *s);
 
 /* writer.c */
 extern PyTypeObject TunWriterType;
+int tun_writer_idle(PyObject *writer);
+void tun_writer_inlined(PyObject *writer);
 
 /* send.c */
 extern PyTypeObject UdpSenderType;

@@ -3,6 +3,9 @@
 
 #include "native.h"
 
+#include <limits.h>
+#include <sys/uio.h>
+
 /* ------------------------------------------------------------------ Session */
 
 typedef struct {
@@ -529,6 +532,236 @@ done:
     PyMem_Free(recs);
     PyMem_Free(slots);
     Py_XDECREF(plain);
+    PyBuffer_Release(&in);
+    return result;
+}
+
+
+/* ------------------------------------------------------------------ open_lone */
+
+/* A lone read's hop to the TUN in one call (io/datapath.py `_open_lone`; docs/design.md
+ * "Latency: a lone packet"): what open_batch, data.open_read's source check and
+ * Tun.write_batch do to one data message, without a Python object on the way. The
+ * message is opened in place, in the caller's receive buffer, and every byte of it past
+ * the header is zeroed before the call returns (no plaintext left behind). */
+
+enum { L_NOT_ALLOWED = V_OPENED + 1 }; /* dropped: the inner source is not the peer's */
+
+typedef struct {
+    int verdict;   /* a drop (< N_DROPS, L_NOT_ALLOWED), V_KEEPALIVE or V_PACKET */
+    uint32_t plen; /* V_PACKET: the inner packet's length, at p + HEADER_LEN */
+} Lone;
+
+/* Without the GIL, the session's lock held: phases 2-3 of open_batch for one message of
+ * n bytes at p (wiped since the expiry check, the tag, the replay window, the inner
+ * packet), its plaintext written over its ciphertext. */
+static void lone_open(Session *s, uint8_t *p, uint32_t n, uint64_t counter, Lone *l)
+{
+    uint32_t clen = n - DATA_MIN;
+    uint8_t *plain = p + HEADER_LEN;
+    if (s->wiped)
+        l->verdict = D_EXPIRED;
+    else if (!aead_open(thread_ctx(0), s->key, counter, plain, (int)clen, plain))
+        l->verdict = D_BAD_TAG;
+    else if (!replay_accept(s, counter)) /* the window moves only after the tag */
+        l->verdict = D_REPLAYED;
+    else if (clen == 0)
+        l->verdict = V_KEEPALIVE;
+    else
+        l->verdict = (l->plen = inner_length(plain, clen)) ? V_PACKET : D_BAD_INNER;
+}
+
+/* The TUN write of the packet at p (behind a zero virtio header where vnet), as
+ * write_tun's of a lone packet, the GIL released: 0 or the errno. */
+static int lone_write(int fd, int vnet, const uint8_t *p, uint32_t len)
+{
+    static const uint8_t zeros[VNET_LEN];
+    struct iovec iov[2] = {{(void *)zeros, VNET_LEN}, {(void *)p, len}};
+    ssize_t w;
+    Py_BEGIN_ALLOW_THREADS
+    do
+        w = writev(fd, iov + !vnet, 2 - !vnet);
+    while (w < 0 && errno == EINTR);
+    Py_END_ALLOW_THREADS
+    return w < 0 ? errno : 0;
+}
+
+/* A failed write as Tun.write_batch's failures: [(errno, what was written)]. */
+static PyObject *lone_failed(int err, int vnet, const uint8_t *p, uint32_t len)
+{
+    Py_ssize_t head = vnet ? VNET_LEN : 0;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, head + (Py_ssize_t)len);
+    if (b == NULL)
+        return NULL;
+    memset(PyBytes_AS_STRING(b), 0, (size_t)head);
+    memcpy(PyBytes_AS_STRING(b) + head, p, len);
+    return Py_BuildValue("[(iN)]", err, b);
+}
+
+/* With the GIL, an opened packet: its inner source's owner in routes against the peer of
+ * the session's keypair (data.open_read's check), then the write (l->verdict
+ * L_NOT_ALLOWED where the check fails); *failed: the failed write or NULL.
+ * -1 with an exception. */
+static int lone_deliver(PyObject *kp, PyObject *routes, int fd, int vnet, PyObject *writer,
+                        const uint8_t *pkt, Lone *l, PyObject **failed)
+{
+    static PyObject *peer_name;
+    if (peer_name == NULL && (peer_name = PyUnicode_InternFromString("peer")) == NULL)
+        return -1;
+    PyObject *peer = PyObject_GetAttr(kp, peer_name);
+    if (peer == NULL)
+        return -1;
+    int v4 = pkt[0] >> 4 == 4;
+    PyObject *owner = routes_lookup(routes, v4 ? pkt + 12 : pkt + 8, v4 ? 4 : 16);
+    Py_DECREF(peer); /* compared by identity only: the keypair holds it */
+    if (owner != peer) {
+        l->verdict = L_NOT_ALLOWED;
+        return 0;
+    }
+    if (writer != Py_None)
+        tun_writer_inlined(writer);
+    int err = lone_write(fd, vnet, pkt, l->plen);
+    return err && (*failed = lone_failed(err, vnet, pkt, l->plen)) == NULL ? -1 : 0;
+}
+
+/* The answer: (keypair or None, any data?, drop reason or None, failed writes or None). */
+static PyObject *lone_result(PyObject *kp, const Lone *l, PyObject *failed)
+{
+    static PyObject *names[N_DROPS + 1];
+    PyObject *drop = Py_None;
+    if (l->verdict < N_DROPS || l->verdict == L_NOT_ALLOWED) {
+        int k = l->verdict < N_DROPS ? l->verdict : N_DROPS;
+        const char *name = k < N_DROPS ? drop_names[k] : "source_not_allowed";
+        if (names[k] == NULL && (names[k] = PyUnicode_InternFromString(name)) == NULL) {
+            Py_XDECREF(failed);
+            return NULL;
+        }
+        drop = names[k];
+    }
+    int data = kp != NULL && l->verdict != V_KEEPALIVE; /* authenticated, not a keepalive */
+    return Py_BuildValue("(OOON)", kp ? kp : Py_None, data ? Py_True : Py_False, drop,
+                         failed ? failed : Py_NewRef(Py_None));
+}
+
+/* Phase 1 and the call's checks, with the GIL: the session of the message at p (a new
+ * reference in *s), or a verdict made without it (l). 1: open it; 0: answered; -1: an
+ * exception. */
+static int lone_session(const uint8_t *p, PyObject *sessions, double now, Session **s, Lone *l)
+{
+    PyObject *key = PyLong_FromUnsignedLong(rd32le(p + 4));
+    PyObject *v = key ? PyDict_GetItemWithError(sessions, key) : NULL; /* borrowed */
+    Py_XDECREF(key);
+    if (v == NULL) {
+        l->verdict = D_UNKNOWN;
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyObject_TypeCheck(v, &SessionType)) {
+        PyErr_SetString(PyExc_TypeError, "sessions maps an index to a Session");
+        return -1;
+    }
+    *s = (Session *)Py_NewRef(v);
+    if (rd64le(p + 8) >= REJECT_AFTER_MESSAGES || now >= (*s)->expires) {
+        l->verdict = D_EXPIRED;
+        return 0;
+    }
+    return 1;
+}
+
+/* Whether this read takes the lone way at all (decided before anything is touched): a
+ * data message, a Routes mirror, and no TUN writer with anything queued or uncollected. */
+static int lone_way(const uint8_t *p, Py_ssize_t n, PyObject *routes, PyObject *writer)
+{
+    return n >= DATA_MIN && rd32le(p) == 4 && PyObject_TypeCheck(routes, &RoutesType)
+           && (writer == Py_None
+               || (PyObject_TypeCheck(writer, &TunWriterType) && tun_writer_idle(writer)));
+}
+
+/* open_lone's arguments (METH_FASTCALL: no tuple of ten made per call); -1 with an
+ * exception. buf: a writable buffer, released by the caller on success. */
+typedef struct {
+    Py_buffer in;
+    Py_ssize_t off, n;
+    PyObject *sessions, *keypairs, *routes, *writer;
+    double now;
+    int fd, vnet;
+} LoneArgs;
+
+static int lone_args(PyObject *const *args, Py_ssize_t nargs, LoneArgs *a)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "open_lone takes 10 arguments");
+        return -1;
+    }
+    a->sessions = args[3], a->keypairs = args[4], a->routes = args[5], a->writer = args[9];
+    if (!PyDict_Check(a->sessions) || !PyDict_Check(a->keypairs)) {
+        PyErr_SetString(PyExc_TypeError, "sessions and keypairs are dicts");
+        return -1;
+    }
+    a->off = PyLong_AsSsize_t(args[1]);
+    a->n = a->off == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[2]);
+    a->now = a->n == -1 && PyErr_Occurred() ? -1 : PyFloat_AsDouble(args[6]);
+    long fd = a->now == -1 && PyErr_Occurred() ? -1 : PyLong_AsLong(args[7]);
+    a->vnet = fd == -1 && PyErr_Occurred() ? -1 : PyObject_IsTrue(args[8]);
+    if (a->vnet < 0)
+        return -1;
+    if (fd < INT_MIN || fd > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "fd out of range");
+        return -1;
+    }
+    a->fd = (int)fd;
+    return PyObject_GetBuffer(args[0], &a->in, PyBUF_WRITABLE);
+}
+
+PyObject *open_lone(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    LoneArgs a;
+    if (lone_args(args, nargs, &a) < 0)
+        return NULL;
+    Py_buffer in = a.in;
+    Py_ssize_t off = a.off, n = a.n;
+    PyObject *sessions = a.sessions, *keypairs = a.keypairs, *routes = a.routes,
+             *writer = a.writer, *result = NULL, *kp = NULL, *failed = NULL;
+    double now = a.now;
+    int fd = a.fd, vnet = a.vnet, opened = 0; /* the lone way taken: buf zeroed past the header */
+    Session *s = NULL;
+    Lone l = {V_PENDING, 0};
+    uint8_t *p = in.buf;
+    if (off < 0 || n < 0 || off > in.len || n > in.len - off || n > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= offset <= offset + n <= len(buf)");
+        goto done;
+    }
+    p += off;
+    if (!lone_way(p, n, routes, writer)) {
+        result = Py_NewRef(Py_None); /* not the lone way: the caller takes the usual one */
+        goto done;
+    }
+    opened = 1;
+    int rc = lone_session(p, sessions, now, &s, &l);
+    if (rc > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(s->lock, WAIT_LOCK);
+        lone_open(s, p, (uint32_t)n, rd64le(p + 8), &l);
+        PyThread_release_lock(s->lock);
+        Py_END_ALLOW_THREADS
+        int authentic = l.verdict == V_KEEPALIVE || l.verdict == V_PACKET
+                        || l.verdict == D_BAD_INNER;
+        if (authentic && (kp = PyDict_GetItemWithError(keypairs, (PyObject *)s)) == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, (PyObject *)s);
+            goto done;
+        }
+        Py_XINCREF(kp);
+        if (l.verdict == V_PACKET
+            && lone_deliver(kp, routes, fd, vnet, writer, p + HEADER_LEN, &l, &failed) < 0)
+            goto done;
+    }
+    if (rc >= 0)
+        result = lone_result(kp, &l, failed);
+done:
+    if (opened) /* the plaintext and the tag (or ciphertext): nothing of it left in buf */
+        memset(p + HEADER_LEN, 0, (size_t)n - HEADER_LEN);
+    Py_XDECREF(kp);
+    Py_XDECREF(s);
     PyBuffer_Release(&in);
     return result;
 }

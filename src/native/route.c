@@ -139,6 +139,12 @@ static PyObject *lookup(const Routes *r, const uint8_t *addr, int len)
     return NULL;
 }
 
+/* lookup for open.c's open_lone (routes: a Routes, checked by the caller; with the GIL). */
+PyObject *routes_lookup(PyObject *routes, const uint8_t *addr, int len)
+{
+    return lookup((const Routes *)routes, addr, len);
+}
+
 /* (family, prefix length, prefix) of an entry's arguments; -1 with ValueError if bad. */
 static int entry(PyObject *args, const char *fmt, PyObject **owner, int *v6, int *cidr, u128 *key)
 {

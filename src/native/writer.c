@@ -69,6 +69,24 @@ static PyObject *TunWriter_write(TunWriter *w, PyObject *args)
     return rc < 0 ? stage_raise(&w->stage, list) : list; /* the earlier outcomes kept */
 }
 
+/* Whether the caller may write a lone packet itself now, as `write` would (open.c's
+ * open_lone): nothing queued, nothing written and not yet collected, no outcome kept,
+ * a packet small enough to inline. Read with the GIL: `queued` and `collected` are the
+ * caller's, `done` is read atomically. */
+int tun_writer_idle(PyObject *writer)
+{
+    Stage *s = &((TunWriter *)writer)->stage;
+    (void)stage_alive(s); /* in a child of fork: the parent's queue dropped first */
+    return s->kept == NULL && s->collected == s->queued && s->done == s->queued
+           && s->inline_max >= 1;
+}
+
+/* A lone packet written by the caller (counts: as `write`'s inlined batches). */
+void tun_writer_inlined(PyObject *writer)
+{
+    ((TunWriter *)writer)->stage.inlined++;
+}
+
 static PyObject *TunWriter_flush(TunWriter *w, PyObject *Py_UNUSED(ignored))
 {
     PyObject *list = stage_outcomes(&w->stage);

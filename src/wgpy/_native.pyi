@@ -98,6 +98,18 @@ def open_batch(
     list[tuple[int, int]],
     dict[str, int],
 ]: ...
+def open_lone(
+    buf: Buffer,
+    offset: int,
+    n: int,
+    sessions: dict[int, Session],
+    keypairs: dict[Any, Any],
+    routes: object,
+    now: float,
+    fd: int,
+    vnet: bool,
+    writer: TunWriter | None,
+) -> tuple[Any, bool, str | None, list[tuple[int, bytes]] | None] | None: ...
 def coalesce(packets: Iterable[Buffer | Spans], udp: bool = True) -> list[bytes]: ...
 def write_tun(
     fd: int, packets: Iterable[Buffer | Spans], udp: bool = True

@@ -8,7 +8,8 @@
 # tests/native/test_udp_send.py: the UDP sends and their sender thread, buffers held until
 # sent, but the one that needs a namespace of its own; tests/native/test_seal_send.py: a
 # lone packet routed, sealed and sent in one call;
-# tests/native/test_screen.py: initiations screened; tests/native/test_reader.py: the UDP
+# tests/native/test_screen.py: initiations screened; tests/native/test_lone.py: a lone read
+# opened in place, checked and written in one call; tests/native/test_reader.py: the UDP
 # reader thread, its slots drained by the C intake, closed while busy, forked), the TUN
 # reads into bytes of their own (a signal handler's read inside one included) and the
 # checksum's largest sums through them.
@@ -37,7 +38,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$tmp" PYTHONMALLOC=malloc
 "$PY" tests/native/hostile.py "$SECONDS_TO_RUN"
 (cd "$tmp" && "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_classify.py \
-  tests/native/test_reader.py \
+  tests/native/test_reader.py tests/native/test_lone.py \
   tests/native/test_send.py tests/native/test_route.py tests/native/test_writer.py \
   tests/native/test_seal_send.py tests/native/test_udp_send.py --deselect \
   tests/native/test_udp_send.py::test_segments_above_the_path_mtu_go_one_by_one \

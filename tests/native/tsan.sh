@@ -3,7 +3,8 @@
 # package and run the stress run (tests/native/stress.py) through it: two harnesses on two
 # Python threads, each sealing and opening on the module's crypto workers, its server's TUN
 # writes on a writer thread (TunWriter), its UDP sends on a sender thread (UdpSender) and
-# its UDP reads on a reader thread (UdpReader, drained by the C intake).
+# its UDP reads on a reader thread (UdpReader, drained by the C intake); then
+# tests/native/test_lone.py (lone reads written beside a TunWriter's thread).
 # Usage: tests/native/tsan.sh [seconds]   (exit status 0: clean)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,3 +44,9 @@ gcc -shared -fPIC -O1 -g -fsanitize=thread -fno-omit-frame-pointer -ffp-contract
 LD_PRELOAD="$tsan" \
 TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0" \
 PYTHONPATH="$tmp" "$PY" tests/native/stress.py "$SECONDS_TO_RUN" native 2
+# a lone read written by the loop's thread beside a TunWriter's (open_lone's idle test)
+mkdir "$tmp/tests"
+cp -r tests/__init__.py tests/namespaces.py tests/native "$tmp/tests/"
+(cd "$tmp" && LD_PRELOAD="$tsan" \
+  TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0" \
+  PYTHONPATH="$tmp" "$PY" -m pytest -q -x -p no:cacheprovider tests/native/test_lone.py)

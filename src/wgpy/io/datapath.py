@@ -10,7 +10,8 @@ intake (core/intake.py), `Classifier.drain` reads the socket 64 reads at a time 
 from READER_THREADS crypto threads, takes what a reader thread read ahead while a backlog
 lasts: `udp_reader`), refuses junk and sends the cookie replies a flood is owed itself,
 and only the reads that brought something go on, by `Device.open_classified`, and the
-sessions they opened are accounted for once per drain (`Device.account`). Both ways, the
+sessions they opened are accounted for once per drain (`Device.account`); a drain of one
+read of one data message goes to the TUN in one C call instead (`_open_lone`). Both ways, the
 packets go out first and the core settles after what they did to their peers
 (`Device.settle`, `Device.account`): a lone packet (a ping) waits for no bookkeeping.
 
@@ -213,6 +214,7 @@ class Datapath:
         self.tun = tun
         self.udp = udp
         self._reader: Any = None  # a UdpReader (use_udp), its buffer's view
+        self._lone_open: Any = None  # native.open_lone where a lone read may take it (use_udp)
         self._reader_view = memoryview(b"")
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
@@ -231,6 +233,7 @@ class Datapath:
             self.tun_batches = BatchSizes()  # packets per readable TUN event
             self._udp_buf = bytearray(UDP_BUF)
             self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
+            self._drain_view = memoryview(self._drain_buf)  # (one, not one a drain)
             self._tun_buf = bytearray(65536 + offload.VNET_HDR_LEN)
         except BaseException:  # (a MemoryError, say) no reader thread of ours left running
             self.close()
@@ -247,6 +250,10 @@ class Datapath:
         self._drains = self.device.intake.classifier is not None and self._udp_fd >= 0
         self._use_reader()
         native = self.device.native
+        # a lone read's hop to the TUN in one C call (`_open_lone`): where the drain reads
+        # into its own buffer (not a reader's slots) and the TUN's writes are write(2)s
+        lone = self._drains and self._reader is None and self.tun.writes_fd
+        self._lone_open = native.open_lone if native is not None and lone else None
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
             udp.use_native(native.send_runs, self._sender(), native.seal_send)
         self._lone_native = native is not None and udp.sends_are_its_own()
@@ -348,10 +355,11 @@ class Datapath:
         if fd is not None:  # the socket's reads in its slots (its thread's, or made here)
             buf, view = fd, self._reader_view
         else:
-            buf = self._drain_buf
+            buf, view = self._drain_buf, self._drain_view
             if not buf:  # 4.4 MiB zeroed: not before the daemon is up and has its signals
                 buf = self._drain_buf = bytearray(UDP_BUF * DRAIN)
-            fd, view = self._udp_fd, memoryview(buf)
+                view = self._drain_view = memoryview(buf)
+            fd = self._udp_fd
         opened = device.open_classified
         count = 0
         while count < BATCH:
@@ -359,7 +367,12 @@ class Datapath:
             kept, got, until, drops, sent, counter = classifier.drain(
                 fd, buf, UDP_BUF, DRAIN, now, until, queued, forced, state
             )
-            device.intake.done(until, drops, state is not None, counter, out)
+            try:  # a lone read's packet to the TUN first, the intake's part after, always
+                if got == 1 and kept and self._lone_open is not None and self._open_lone(
+                        kept[0], now, out, received):  # fmt: skip
+                    kept = []  # (written)
+            finally:  # (the cookie replies' nonce counter is never lost)
+                device.intake.done(until, drops, state is not None, counter, out)
             if sent:
                 out.events.append(CookieSent(None, count=sent))  # one event per drain
             for offset, n, seg, src, info, passed, ndata in kept:
@@ -370,6 +383,38 @@ class Datapath:
             if got < DRAIN:
                 break
         return count
+
+    def _open_lone(self, read: tuple[Any, ...], now: float, out: Output,
+                   received: dict[Keypair, Received]) -> bool:  # fmt: skip
+        """A drain's one read, where it is one data message: opened, its inner source
+        checked and its packet written to the TUN in one C call (`native.open_lone`:
+        what `Device.open_classified` and `Tun.write_batch` do, without their Python
+        per step; docs/design.md "Latency: a lone packet"). Its drop, its session (for
+        `account`, after the write as ever) and its source are left as the usual way
+        leaves them. False, nothing done, where it does not take that way."""
+        offset, n, seg, src, info, passed, ndata = read
+        if passed is not None or ndata != 1 or 0 < seg < n:  # (a GRO read of several)
+            return False
+        device, tun = self.device, self.tun
+        index = device.index
+        got = self._lone_open(self._drain_buf, offset, n, index.sessions,
+                              index.session_keypairs, device.allowed_ips.mirror, now,
+                              tun.fileno(), tun.vnet_hdr, tun.writer)  # fmt: skip
+        if got is None:  # (no mirror yet, a writer with batches queued: the usual way)
+            return False
+        kp, data, drop, failed = got
+        if drop is not None:
+            out.drops[Drop(drop)] += 1
+        if kp is not None:
+            received[kp] = Received(src, n, data)
+            if info is not None:
+                self.udp.learn_source(src, info)
+        if failed:
+            try:  # noqa: SIM105 (as transmit's)
+                tun.failed_writes(failed, device.mtu)
+            except TunGone:  # noticed and handled on the next read
+                pass
+        return True
 
     def _work_off_handshakes(self, now: float, out: Output) -> None:
         device = self.device

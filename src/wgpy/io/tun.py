@@ -217,7 +217,7 @@ class Tun:
         if self.vnet_hdr and self.write_coalesced is not None:
             failed = self.write_coalesced(self._fd, items, self.coalesce_udp)
             if failed:  # a call fewer on a ping's way, where nothing failed
-                self._failures(failed, mtu)
+                self.failed_writes(failed, mtu)
             return
         if self.vnet_hdr:
             bufs = self.coalesce(items, self.coalesce_udp)
@@ -239,9 +239,11 @@ class Tun:
         """Handle the failures of writes the writer has made since the last call (a USO
         refusal, the interface gone), without waiting for more traffic. Raises TunGone."""
         if self.writer is not None and self.write_coalesced is not None:
-            self._failures(self.write_coalesced(self._fd, [], self.coalesce_udp), mtu)
+            self.failed_writes(self.write_coalesced(self._fd, [], self.coalesce_udp), mtu)
 
-    def _failures(self, failed: list[tuple[int, bytes]], mtu: int) -> None:
+    def failed_writes(self, failed: list[tuple[int, bytes]], mtu: int) -> None:
+        """Handle writes that failed ([(errno, write)]: write_tun's, the writer's, or a lone
+        read's made in C by the datapath, `native.open_lone`). Raises TunGone."""
         for err, buf in failed:
             self._failed(buf, OSError(err, os.strerror(err)), mtu)
 
