@@ -36,6 +36,16 @@ class Received:
         self.data = data
 
 
+def brought(received: dict[Keypair, Received], kp: Keypair, src: Endpoint, nbytes: int,
+            data: bool) -> None:  # fmt: skip
+    """What one read brought session `kp`, added to what the batch's earlier reads did."""
+    got = received.get(kp)
+    if got is None:
+        received[kp] = Received(src, nbytes, data)
+    else:
+        got.src, got.nbytes, got.data = src, got.nbytes + nbytes, got.data or data
+
+
 def seal(
     kp: Keypair, items: Sequence[Item], mtu: int, endpoint: Endpoint, udp: Datagrams
 ) -> tuple[int, bool] | None:
@@ -81,12 +91,7 @@ def open_read(
         else:
             out.drops[Drop.SOURCE_NOT_ALLOWED] += len(packets)
     for session, nbytes, data in per_session:
-        kp = keypairs[session]
-        got = received.get(kp)
-        if got is None:
-            received[kp] = Received(src, nbytes, data)
-        else:
-            got.src, got.nbytes, got.data = src, got.nbytes + nbytes, got.data or data
+        brought(received, keypairs[session], src, nbytes, data)
     if other_spans:
         others += [(read[offset : offset + length], src) for offset, length in other_spans]
     return bool(per_session)

@@ -48,7 +48,7 @@ from typing import Any
 
 from wgpy.core import intake, native
 from wgpy.core.backend import Backend, Item
-from wgpy.core.data import Received
+from wgpy.core.data import Received, brought
 from wgpy.core.device import Device
 from wgpy.core.events import (
     CookieSent,
@@ -406,7 +406,7 @@ class Datapath:
         if drop is not None:
             out.drops[Drop(drop)] += 1
         if kp is not None:
-            received[kp] = Received(src, n, data)
+            brought(received, kp, src, n, data)  # (after the drains before it, if any)
             if info is not None:
                 self.udp.learn_source(src, info)
         if failed:
