@@ -28,6 +28,7 @@ from wgpy.core.messages import (
     parse_cookie_reply,
 )
 from wgpy.core.output import Drop
+from wgpy.core.peer import Peer
 from wgpy.core.ratelimit import MAX_SOURCES, RateLimiter
 from wgpy.core.timers import Timer
 from wgpy.sim import SimNet, SimNode, ipv4_packet, ipv6_packet, seal
@@ -216,11 +217,12 @@ def test_seal_one_is_send_for_a_lone_packet() -> None:
     assert Timer.NEW_HANDSHAKE in p0.timers.deadlines
 
 
-@pytest.mark.parametrize("case", ["no_route", "not_ip", "no_endpoint", "staged", "no_session",
-                                  "expired", "spent"])  # fmt: skip
-def test_seal_one_declines_any_other_way_and_changes_nothing(case: str) -> None:
-    n, a, b = _linked(6, shake=case != "no_session")
-    peer = n.peer(a, b)
+DECLINES = ["no_route", "not_ip", "no_endpoint", "staged", "no_session", "expired", "spent"]
+
+
+def declined(case: str, n: SimNet, peer: Peer) -> bytes:
+    """One of the DECLINES made: the packet a lone packet's way must refuse, the peer set
+    up for it (tests/native/test_seal_send.py's C way too)."""
     packet = ipv4_packet("10.0.0.1", "10.9.9.9" if case == "no_route" else "10.0.0.2")
     if case == "not_ip":
         packet = bytes(40)
@@ -228,11 +230,21 @@ def test_seal_one_declines_any_other_way_and_changes_nothing(case: str) -> None:
         peer.endpoint = None
     elif case == "staged":
         peer.staged.append(ipv4_packet("10.0.0.1", "10.0.0.2", b"first"))
+    elif case == "no_session":
+        peer.current = None
     elif case == "expired":
         n.now += 181
     elif case == "spent":
         assert peer.current is not None
         peer.current.sealer.expire()
+    return packet
+
+
+@pytest.mark.parametrize("case", DECLINES)
+def test_seal_one_declines_any_other_way_and_changes_nothing(case: str) -> None:
+    n, a, b = _linked(6, shake=case != "no_session")
+    peer = n.peer(a, b)
+    packet = declined(case, n, peer)
     counter = peer.current.send_counter if peer.current else None
     before = (len(peer.staged), peer.tx_bytes, dict(peer.timers.deadlines), counter)
     assert a.device.seal_one(packet, n.now) is None

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.core.test_device import DECLINES, declined
 from tests.io.test_sticky import mapped_pktinfo, recv_all
 from wgpy.core import native
 from wgpy.core.backend import Backend
@@ -87,31 +88,14 @@ def test_the_same_datagram_and_the_same_state_as_seal_one(
         sock.close()
 
 
-CASES = ["no_route", "not_ip", "no_endpoint", "staged", "no_session", "expired", "spent",
-         "no_mirror", "super_packet"]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*DECLINES, "no_mirror", "super_packet"])
 def test_every_other_way_is_declined_and_changes_nothing(case: str, theirs: socket.socket) -> None:
     """seal_one's declines (tests/core/test_device.py) and C's own: no mirror of the allowed
     IPs yet, a super-packet."""
     n, a, peer = linked(6, theirs.getsockname())
-    packet: object = ipv4_packet("10.0.0.1", "10.9.9.9" if case == "no_route" else "10.0.0.2")
+    packet: object = declined(case, n, peer)
     routes = a.device.allowed_ips.mirror
-    if case == "not_ip":
-        packet = bytes(40)
-    elif case == "no_endpoint":
-        peer.endpoint = None
-    elif case == "staged":
-        peer.staged.append(ipv4_packet("10.0.0.1", "10.0.0.2", b"first"))
-    elif case == "no_session":
-        peer.current = None
-    elif case == "expired":
-        n.now += 181
-    elif case == "spent":
-        assert peer.current is not None
-        peer.current.sealer.expire()
-    elif case == "no_mirror":
+    if case == "no_mirror":
         routes = None
     elif case == "super_packet":
         packet = super_packet(ipv4_packet("10.0.0.1", "10.0.0.2", b"x" * 1000, proto=17),
