@@ -644,8 +644,9 @@ static PyObject *lone_result(PyObject *kp, const Lone *l, PyObject *failed)
 }
 
 /* Phase 1 and the call's checks, with the GIL: the session of the message at p (a new
- * reference in *s), or a verdict made without it (l). 1: open it; 0: answered; -1: an
- * exception. */
+ * reference in *s), or a verdict made without it (l). 1: open it; 0: answered; 2: not
+ * this module's Session (the pure backend's, where it was switched under a datapath: the
+ * usual way, nothing touched); -1: an exception. */
 static int lone_session(const uint8_t *p, PyObject *sessions, double now, Session **s, Lone *l)
 {
     PyObject *key = PyLong_FromUnsignedLong(rd32le(p + 4));
@@ -655,10 +656,8 @@ static int lone_session(const uint8_t *p, PyObject *sessions, double now, Sessio
         l->verdict = D_UNKNOWN;
         return PyErr_Occurred() ? -1 : 0;
     }
-    if (!PyObject_TypeCheck(v, &SessionType)) {
-        PyErr_SetString(PyExc_TypeError, "sessions maps an index to a Session");
-        return -1;
-    }
+    if (!PyObject_TypeCheck(v, &SessionType))
+        return 2;
     *s = (Session *)Py_NewRef(v);
     if (rd64le(p + 8) >= REJECT_AFTER_MESSAGES || now >= (*s)->expires) {
         l->verdict = D_EXPIRED;
@@ -735,8 +734,12 @@ PyObject *open_lone(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
         result = Py_NewRef(Py_None); /* not the lone way: the caller takes the usual one */
         goto done;
     }
-    opened = 1;
     int rc = lone_session(p, sessions, now, &s, &l);
+    if (rc == 2) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    opened = 1;
     if (rc > 0) {
         Py_BEGIN_ALLOW_THREADS
         PyThread_acquire_lock(s->lock, WAIT_LOCK);

@@ -233,6 +233,70 @@ def test_a_writer_with_a_batch_queued_or_uncollected_keeps_the_usual_way() -> No
         os.close(w)
 
 
+def test_an_inlining_writer_with_a_batch_uncollected_keeps_the_usual_way() -> None:
+    """A writer that would write a lone batch itself (inline=1), with two packets queued
+    on its thread (written or not: uncollected): the lone read does not pass them."""
+    net, a, b = world(True)
+    r, w = os.pipe()
+    writer = module.TunWriter(depth=4, inline=1)
+    try:
+        datagram = bytes(a.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"hi")], net.now).udp[0][0])
+        two = [ipv4_packet("10.0.0.1", "10.0.0.2", tag) for tag in (b"q1", b"q2")]
+        assert writer.write(w, two) == []  # more than inline: queued on the thread
+        buf = bytearray(datagram)
+        index, before = b.index, state(b)
+        args = (index.sessions, index.session_keypairs, b.allowed_ips.mirror, net.now, w, True)
+        assert module.open_lone(buf, 0, len(buf), *args, writer) is None
+        assert buf == datagram and state(b) == before
+    finally:
+        writer.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_session_of_another_backend_is_declined_untouched() -> None:
+    """The pure backend's Session under the index (a backend switched under a datapath):
+    declined before anything is opened or zeroed, for the usual way to open it."""
+    net, a, b = world(True)
+    datagram = bytes(a.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"hi")], net.now).udp[0][0])
+    index = int.from_bytes(datagram[4:8], "little")
+    sessions = {index: object()}
+    buf = bytearray(datagram)
+    r, w = os.pipe()
+    try:
+        args = (sessions, b.index.session_keypairs, b.allowed_ips.mirror, net.now, w, True, None)
+        assert module.open_lone(buf, 0, len(buf), *args) is None
+        assert buf == datagram
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_spent_counter_and_the_expiry_instant_as_the_usual_way() -> None:
+    """A counter past REJECT_AFTER_MESSAGES is expired (not a bad tag), and so is a message
+    at the session's expiry instant itself: as open_batch judges them."""
+    worlds = [world(True), world(True)]
+    sent = [bytes(a.send([ipv4_packet("10.0.0.1", "10.0.0.2", b"x")], net.now).udp[0][0])
+            for net, a, _ in worlds]  # fmt: skip
+    assert sent[0] == sent[1]
+    (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+    try:
+        (net, _, b1), (_, _, b2) = worlds
+        spent = sent[0][:8] + (2**64 - 1).to_bytes(8, "little") + sent[0][16:]
+        expected = usual(b1, spent, net.now, w1, True)
+        assert expected[1] == {Drop.EXPIRED: 1}
+        assert lone(b2, spent, net.now, w2, True) == expected
+        peer = next(p for p in b1.peers.values() if p.endpoint == A_EP)
+        assert peer.current is not None
+        at = peer.current.session.expires  # the instant itself
+        expected = usual(b1, sent[0], at, w1, True)
+        assert expected[1] == {Drop.EXPIRED: 1}
+        assert lone(b2, sent[0], at, w2, True) == expected
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
 def test_a_failed_write_comes_back_as_write_tuns_failures() -> None:
     worlds = [world(True), world(True), world(True)]
     datagram = sealed(worlds, ipv4_packet("10.0.0.1", "10.0.0.2", b"lost"))
@@ -277,7 +341,7 @@ def test_what_is_no_lone_data_message_is_declined_untouched() -> None:
 # (each a read of its own) through each; what B did must be the same with the lone way as
 # without.
 THROUGH_DATAPATHS = r"""
-import os, socket, subprocess, sys, time
+import os, select, socket, subprocess, sys, time
 sys.path.insert(0, "{src}")
 from wgpy.core.crypto import clamp
 from wgpy.core.device import Device
@@ -286,7 +350,16 @@ from wgpy.io.tun import open_tun
 from wgpy.io.udp import UdpSocket
 from wgpy.sim import ipv4_packet, ipv6_packet
 
+# the loop's own reads and writes unless a case asks (both default on from 3 threads)
+os.environ["WGPY_UDP_READER"] = "0"
+os.environ["WGPY_TUN_WRITER"] = "0"
 chosen = backend()
+
+tunnel_reader = [None]  # the last tunnel's B's reader thread, if it has one
+
+def wait_readable(b):  # B's socket (or its reader's eventfd) has something, 1 s at most
+    select.select(b.udp_fds(), [], [], 1.0)
+    time.sleep(0.005)  # (and the rest of a case's datagrams, sent together)
 
 def tunnel(k, vnet, lone):
     paths = []
@@ -302,6 +375,7 @@ def tunnel(k, vnet, lone):
         device.mtu = 1420
         paths.append(Datapath(device, tun, UdpSocket(0)))
     a, b = paths
+    tunnel_reader[0] = b._reader
     pa = a.device.add_peer(b.device.public_key)
     pb = b.device.add_peer(a.device.public_key)
     pa.endpoint, pb.endpoint = ("127.0.0.1", b.udp.port), ("127.0.0.1", a.udp.port)
@@ -314,7 +388,8 @@ def tunnel(k, vnet, lone):
     elif lone:
         real = b._lone_open
         assert real is not None
-        b._lone_open = lambda *args: calls.append(1) or real(*args)
+        # (the reads it took, not the calls: one it declines goes the usual way unseen)
+        b._lone_open = lambda *args: ((got := real(*args)) is not None and calls.append(1)) or got
     else:
         b._lone_open = None
     wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
@@ -323,8 +398,8 @@ def tunnel(k, vnet, lone):
     out = a.device.send([ipv4_packet(f"10.{{80 + k}}.0.1", f"10.{{90 + k}}.0.1", b"hs")],
                         time.monotonic())
     a.transmit(out)
-    for step in (b.on_udp, a.on_udp, b.on_udp):  # B's last read: the session confirmed
-        time.sleep(0.02)
+    for step, path in ((b.on_udp, b), (a.on_udp, a), (b.on_udp, b)):  # B's last: confirmed
+        wait_readable(path)
         step()
     assert pb.current is not None and pb.next is None
     return a, b, pa, pb, wire, calls
@@ -382,7 +457,7 @@ def run(k, vnet, lone):
             other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             other.bind(("127.0.0.1", 0))
             other.sendto(seal(ipv4_packet(src, dst, b"roam")), to_b)
-            time.sleep(0.01)
+            wait_readable(b)
             b.on_udp()
             results.append(facts(b, pb, wire, other.getsockname()))
             other.close()
@@ -391,7 +466,7 @@ def run(k, vnet, lone):
         pb.timers.need_another_keepalive = False
         for d in datagrams:
             a.udp.send(d, to_b)
-        time.sleep(0.01)
+        wait_readable(b)
         b.on_udp()
         results.append(facts(b, pb, wire))
     return results, len(calls)
@@ -400,10 +475,13 @@ if not (native_datapath() and native_intake()):  # the pure backend, no C intake
     assert tunnel(0, True, None)[1]._lone_open is None
     print("ok")
     sys.exit()
-for k, vnet in ((0, True), (2, False), (4, True)):
+for k, vnet in ((0, True), (2, False), (4, True), (6, True)):
     if k == 4:  # the TUN's writes on a writer thread (where 2 crypto threads allow one)
         os.environ["WGPY_TUN_WRITER"] = "1"
+    if k == 6:  # the UDP reads into a reader thread's slots (opened in place there too)
+        os.environ["WGPY_TUN_WRITER"], os.environ["WGPY_UDP_READER"] = "0", "1"
     on, taken = run(k, vnet, True)
+    assert (tunnel_reader[0] is not None) == (k == 6 and chosen.threads >= 2)
     assert (on[0][5] is not None) == (k == 4 and chosen.threads >= 2), on[0][5]
     assert on[10][2] == "roamed" and on[10][3] is not None, on[10]  # moved, source learnt
     off, untaken = run(k + 1, vnet, False)

@@ -382,6 +382,12 @@ class Device:
             self._sent(peer, kp, nbytes, sent_data, now, out)
         return out
 
+    def publish_routes(self) -> None:
+        """Make the backend's copy of the allowed IPs now (the native one's C mirror), not
+        at the first packet routed or opened: the datapath's lone ways in C (seal_send,
+        open_lone) need it from the first data message, the one that confirms a session."""
+        self._table()
+
     def _table(self) -> Any:
         """What destinations and inner sources are looked up in: the allowed IPs, or on
         the native backend the C mirror they keep of themselves, for its `route` and

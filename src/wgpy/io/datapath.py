@@ -217,6 +217,7 @@ class Datapath:
         self._lone_open: Any = None  # native.open_lone where a lone read may take it (use_udp)
         self._reader_view = memoryview(b"")
         if device.native is not None:  # the TUN's offloads in C too, byte for byte the same
+            device.publish_routes()  # (the lone ways' table, from the first packet)
             tun.coalesce, tun.split = device.native.coalesce, device.native.split
             tun.read_nowait = device.native.read_nowait
             if tun.reads_fd():  # and reads kept where they were read (not a test's channel)
@@ -250,9 +251,9 @@ class Datapath:
         self._drains = self.device.intake.classifier is not None and self._udp_fd >= 0
         self._use_reader()
         native = self.device.native
-        # a lone read's hop to the TUN in one C call (`_open_lone`): where the drain reads
-        # into its own buffer (not a reader's slots) and the TUN's writes are write(2)s
-        lone = self._drains and self._reader is None and self.tun.writes_fd
+        # a lone read's hop to the TUN in one C call (`_open_lone`): where the C intake
+        # drains (into its buffer or a reader's slot) and the TUN's writes are write(2)s
+        lone = self._drains and self.tun.writes_fd
         self._lone_open = native.open_lone if native is not None and lone else None
         if native is not None and udp.sends_are_its_own():  # (not a test's channel)
             udp.use_native(native.send_runs, self._sender(), native.seal_send)
@@ -369,7 +370,7 @@ class Datapath:
             )
             try:  # a lone read's packet to the TUN first, the intake's part after, always
                 if got == 1 and kept and self._lone_open is not None and self._open_lone(
-                        kept[0], now, out, received):  # fmt: skip
+                        buf, kept[0], now, out, received):  # fmt: skip
                     kept = []  # (written)
             finally:  # (the cookie replies' nonce counter is never lost)
                 device.intake.done(until, drops, state is not None, counter, out)
@@ -384,10 +385,12 @@ class Datapath:
                 break
         return count
 
-    def _open_lone(self, read: tuple[Any, ...], now: float, out: Output,
+    def _open_lone(self, buf: Any, read: tuple[Any, ...], now: float, out: Output,
                    received: dict[Keypair, Received]) -> bool:  # fmt: skip
-        """A drain's one read, where it is one data message: opened, its inner source
-        checked and its packet written to the TUN in one C call (`native.open_lone`:
+        """A drain's one read, where it is one data message: opened in place in `buf`
+        (the drain's buffer, or the reader's, whose slot is the loop's till its next
+        drain), its inner source checked and its packet written to the TUN in one C
+        call (`native.open_lone`:
         what `Device.open_classified` and `Tun.write_batch` do, without their Python
         per step; docs/design.md "Latency: a lone packet"). Its drop, its session (for
         `account`, after the write as ever) and its source are left as the usual way
@@ -397,7 +400,7 @@ class Datapath:
             return False
         device, tun = self.device, self.tun
         index = device.index
-        got = self._lone_open(self._drain_buf, offset, n, index.sessions,
+        got = self._lone_open(buf, offset, n, index.sessions,
                               index.session_keypairs, device.allowed_ips.mirror, now,
                               tun.fileno(), tun.vnet_hdr, tun.writer)  # fmt: skip
         if got is None:  # (no mirror yet, a writer with batches queued: the usual way)
