@@ -169,6 +169,23 @@ def test_same_verdicts_and_counts(
             check_state(py, c)
 
 
+@pytest.mark.parametrize("kind", [5, 2, 0])  # unknown_type, bad_size, unknown_type
+def test_junk_in_a_gro_read_with_data_is_counted_once(kind: int) -> None:
+    """A GRO read of a data message and junk of its size (hypothesis found it, seed 1493):
+    the C intake counts the junk, and the open that follows does not count it again, as
+    the Python intake's open counts it once."""
+    py, c = pair()
+    src = SOURCES[0]
+    data, junk = b"\x04\0\0\0" + bytes(range(44)), kind.to_bytes(4, "little") + bytes(44)
+    buf = memoryview(data + junk)
+    outs = [d.receive_read(buf, len(buf), 48, src, 1000.0, 0) for d in (py, c)]
+    same(*outs)
+    assert sum(outs[1].drops.values()) == 2  # the junk, and the data message's unknown index
+    out: Output = Output()  # the datapath's way with the C intake: the drain judged the junk
+    assert not c.open_classified(buf, len(buf), 48, src, 1000.0, None, 1, None, out, {})
+    assert dict(out.drops) == {Drop.UNKNOWN_INDEX: 1}
+
+
 def test_bucket_table_bound_and_collect() -> None:
     """Past MAX_SOURCES sources the tables forget what is full again, or all (responses:
     worked off without Diffie-Hellman, so the queue never holds the load up)."""

@@ -23,6 +23,7 @@ Lookup = Callable[[bytes], Peer | None]  # allowed IPs: inner source -> its owne
 Datagram = tuple[bytes | memoryview, Endpoint]
 OpenBatch = Callable[[bytes | memoryview, int, int, dict[int, object], float], Opened]
 _DROPS = {reason.value: reason for reason in Drop}
+_NOT_DATA_DROPS = (Drop.BAD_SIZE.value, Drop.UNKNOWN_TYPE.value)  # a datagram no data message
 
 
 class Received:
@@ -75,15 +76,19 @@ def open_read(
     out: Output,
     received: dict[Keypair, Received],
     others: list[Datagram],
+    judged: bool = False,
 ) -> bool:
     """One read from the UDP socket (`n` bytes, datagrams of `seg` bytes) opened by the
     backend's `open_batch` (core/backend.py); the allowed-IPs check of the inner source
     is made here, once per run of packets of one session and source, and a run goes into
     `out.tun` whole, as `open_batch` made it (native: a Spans, no object per packet).
-    True if a data message of the read authenticated."""
+    True if a data message of the read authenticated. `judged`: the C intake judged the
+    read's datagrams that are no data message already (core/intake.py), drops included:
+    those open_batch names are not counted twice (a GRO read of data and junk of a size)."""
     runs, per_session, other_spans, drops = open_batch(read, n, seg, index.sessions, now)
     for reason, count in drops.items():  # (only the reasons that dropped something)
-        out.drops[_DROPS[reason]] += count
+        if not (judged and reason in _NOT_DATA_DROPS):
+            out.drops[_DROPS[reason]] += count
     keypairs, tun = index.session_keypairs, out.tun
     for session, source, packets in runs:
         if lookup(source) is keypairs[session].peer:

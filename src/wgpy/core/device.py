@@ -273,7 +273,7 @@ class Device:
         mirror = self.allowed_ips.mirror
         table = mirror if type(mirror) is self.backend.routes else self._table()
         return data.open_read(self.backend.open_batch, buf, n, seg, src, self.index,
-                              table.lookup, now, out, received, [])  # fmt: skip
+                              table.lookup, now, out, received, [], True)  # fmt: skip
 
     def account(self, received: dict[Keypair, data.Received], now: float, out: Output) -> None:
         """What the opened data messages did to their peers, once per session (here, not a
@@ -295,16 +295,16 @@ class Device:
         received: dict[Keypair, data.Received] = {}
         if ndata:
             taken: list[data.Datagram] = []  # the classifier took these already
-            self._open(buf, n, seg, src, now, out, received, taken)
+            self._open(buf, n, seg, src, now, out, received, taken, judged=True)
         return self._opened(received, [], now, handshake_budget, out, tag)
 
     def _open(self, read: bytes | memoryview, n: int, seg: int, src: Endpoint, now: float,
               out: Output, received: dict[Keypair, data.Received],
-              others: list[data.Datagram]) -> bool:  # fmt: skip
+              others: list[data.Datagram], judged: bool = False) -> bool:  # fmt: skip
         # the inner sources against the allowed IPs: in C where the backend keeps their mirror
         table = self._table()
         return data.open_read(self.backend.open_batch, read, n, seg, src, self.index,
-                              table.lookup, now, out, received, others)  # fmt: skip
+                              table.lookup, now, out, received, others, judged)  # fmt: skip
 
     def _opened(self, received: dict[Keypair, data.Received], others: list[data.Datagram],
                 now: float, handshake_budget: int, out: Output, tag: object) -> Output:  # fmt: skip
