@@ -105,6 +105,24 @@ def test_a_tcp_stream_crosses_as_gso_sends_and_one_super_packet_write() -> None:
     assert len(a.udp.sent) == 1 and len(datagrams) == 40  # one GSO send
 
 
+def test_an_answer_to_what_a_read_wrote_goes_out_in_the_same_turn() -> None:
+    """What the packets a read wrote to the TUN caused there (B's host answering a ping
+    before the write returns) is read and sent by the same `on_udp`, not a loop turn later."""
+    a, b = pair()
+    carry(a, b, flow(1, 100))  # the handshake
+    b.udp.sent.clear()
+    b.tun.written.clear()
+    request, reply = udp(b"ping"), udp(b"pong", addrs=(V4[1], V4[0]))
+    a.tun.inbound.append(request)
+    a.datapath.on_tun()
+    b.tun.inbound.append(reply)  # the host's answer, there once the request is written
+    b.datapath.on_udp()
+    assert b.tun.delivered() == [request]
+    assert len(b.udp.sent) == 1 and not b.tun.inbound  # the reply sealed and sent
+    a.datapath.on_udp()
+    assert a.tun.delivered()[-1:] == [reply]
+
+
 def test_a_tso_read_stays_whole_until_sealed_and_goes_out_in_gso_sends() -> None:
     """A TSO read (what the kernel hands a TUN with TUNSETOFFLOAD) is one super-packet from
     the read to the sealer, whichever backend: the peer's host gets exactly the segments
