@@ -123,6 +123,21 @@ def test_an_answer_to_what_a_read_wrote_goes_out_in_the_same_turn() -> None:
     assert a.tun.delivered()[-1:] == [reply]
 
 
+def test_a_full_udp_drain_leaves_the_tun_to_the_loop() -> None:
+    """Under load both ways, a round of the loop reads one TUN batch, not two: on_udp reads
+    the TUN after it only where its drain was not full (review)."""
+    a, b = pair()
+    carry(a, b, [udp(b"hs")])
+    a.tun.inbound.extend(udp(b"a%d" % i) for i in range(400))
+    a.datapath.on_tun()
+    a.datapath.on_tun()
+    b.tun.inbound.extend(udp(b"b%d" % i, addrs=(V4[1], V4[0])) for i in range(400))
+    before = len(b.tun.inbound)
+    b.datapath.on_tun()
+    b.datapath.on_udp()  # one round of the loop
+    assert before - len(b.tun.inbound) <= 64
+
+
 def test_a_tso_read_stays_whole_until_sealed_and_goes_out_in_gso_sends() -> None:
     """A TSO read (what the kernel hands a TUN with TUNSETOFFLOAD) is one super-packet from
     the read to the sealer, whichever backend: the peer's host gets exactly the segments

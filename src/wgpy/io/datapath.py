@@ -231,7 +231,7 @@ class Datapath:
             self.on_events = on_events  # the daemon's logger, metrics, the library's listeners
             self.drops: Counter[Drop] = Counter()  # since start, by reason
             self.udp_batches = BatchSizes()  # datagrams per readable UDP event
-            self.tun_batches = BatchSizes()  # packets per readable TUN event
+            self.tun_batches = BatchSizes()  # packets per TUN turn (an event, or after UDP)
             self._udp_buf = bytearray(UDP_BUF)
             self._drain_buf = bytearray()  # DRAIN reads of UDP_BUF each, made on the first read
             self._drain_view = memoryview(self._drain_buf)  # (one, not one a drain)
@@ -326,8 +326,11 @@ class Datapath:
         self.transmit(out)
         if count:
             self.udp_batches.record(count)
-        if out.authentic:  # (on_tun's False, the interface gone: the loop's read finds it too)
-            self.on_tun()  # what the packets written caused (a ping's reply) may wait there
+        # what the packets written caused (a ping's reply) may wait in the TUN: read it now.
+        # Not after a full drain: under load the TUN keeps its one turn a round of the loop.
+        # (on_tun's False, the interface gone: the loop's own read finds it too.)
+        if out.authentic and count < BATCH:
+            self.on_tun()
 
     def _read(self, now: float, out: Output) -> int:
         """Up to BATCH reads, one by one, each handed to the core as it comes."""
