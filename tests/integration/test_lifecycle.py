@@ -84,6 +84,28 @@ def test_exits_when_the_interface_is_deleted(make_tunnel: Callable[..., Tunnel])
     assert not socket_path(t.a.ifname).exists()
 
 
+def test_exits_when_the_interface_is_deleted_under_traffic(
+    make_tunnel: Callable[..., Tunnel],
+) -> None:
+    """Pings keep coming from b while a's interface goes: a's UDP reads that bring data
+    read the TUN after them (io/datapath.py on_udp) and find it gone, as the loop's own
+    TUN read does; the daemon still exits."""
+    t = make_tunnel("delt")
+    process = t.a.process
+    assert process is not None
+    t.b.ns.run("ping", "-c", "1", "-W", "3", t.a.inner4, timeout=20)
+    flood = t.b.ns.popen("ping", "-i", "0.002", "-w", "10", t.a.inner4,
+                         stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.3)
+        t.a.ns.run("ip", "link", "del", t.a.ifname)
+        assert process.wait(5) == 0
+        assert not socket_path(t.a.ifname).exists()
+    finally:
+        flood.kill()
+        flood.wait(5)
+
+
 def test_exits_when_the_socket_is_removed(make_tunnel: Callable[..., Tunnel]) -> None:
     t = make_tunnel("sock")
     process = t.a.process
