@@ -265,14 +265,14 @@ def test_the_udp_sends_go_through_c_and_get_a_thread_from_2_crypto_threads(
                 assert (udp.sender is not None) is (threaded and Site.native is not None)
                 # and a lone packet's hop in one C call (UdpSocket.seal_send)
                 assert (udp._seal_send is not None) is (Site.native is not None)
-            assert path._lone_native is (Site.native is not None)
+            assert path._lone_send is (Site.native is not None)
         finally:
             first.close()
             second.close()
         assert first._seal_send is None  # closed: its descriptor's number is not sent on
     channel = Site(A_EP, {}, 3)
     assert channel.udp._send_native is None and channel.udp._seal_send is None
-    assert channel.datapath._lone_native is False
+    assert channel.datapath._lone_send is False
 
 
 def test_a_sender_thread_that_cannot_start_leaves_the_loop_sending(

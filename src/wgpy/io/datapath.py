@@ -127,10 +127,15 @@ def backend(threads: int | None = None, *, start: bool = True) -> Backend:
     return chosen
 
 
+def _pure_asked() -> bool:
+    """Whether WGPY_NATIVE=0 asks for the pure-Python path (data path and intake alike)."""
+    return os.environ.get("WGPY_NATIVE", "1") == "0"
+
+
 def _native_module() -> Any:
     """The native extension, unless WGPY_NATIVE=0 asks for the pure-Python path or it was
     not built (None)."""
-    return native.load() if os.environ.get("WGPY_NATIVE", "1") != "0" else None
+    return None if _pure_asked() else native.load()
 
 
 def native_datapath() -> bool:
@@ -143,7 +148,7 @@ def native_intake() -> bool:
     """Whether the handshake intake runs in C (core/intake.py): where it was built, unless
     WGPY_NATIVE=0 asks for the pure-Python path, or WGPY_INTAKE=0 for the Python intake
     alone (beside the native data path: what a comparison of the two intakes wants)."""
-    off = os.environ.get("WGPY_NATIVE", "1") == "0" or os.environ.get("WGPY_INTAKE", "1") == "0"
+    off = _pure_asked() or os.environ.get("WGPY_INTAKE", "1") == "0"
     return intake.available() and not off
 
 
@@ -255,9 +260,10 @@ class Datapath:
         # drains (into its buffer or a reader's slot) and the TUN's writes are write(2)s
         lone = self._drains and self.tun.writes_fd
         self._lone_open = native.open_lone if native is not None and lone else None
-        if native is not None and udp.sends_are_its_own():  # (not a test's channel)
+        # its sends in C, and a lone packet's whole hop (`_send_lone`); not a test's channel
+        self._lone_send = native is not None and udp.sends_are_its_own()
+        if native is not None and self._lone_send:
             udp.use_native(native.send_runs, self._sender(), native.seal_send)
-        self._lone_native = native is not None and udp.sends_are_its_own()
 
     def _sender(self) -> Any:
         """A sender thread where `udp_sender` wants one and a thread can be had (else the
@@ -310,7 +316,8 @@ class Datapath:
         the daemon waits for neither (its latency; the two cannot change what it is).
         Where data came, the TUN is read at once after: the kernel answers what was
         written to it (an echo reply, a TCP ACK) before the write returns, so the answer
-        goes out without a turn of the loop (a ping's round trip: -5%, bench/latency.py)."""
+        goes out without a turn of the loop (a ping's round trip 0.558 -> 0.502 ms:
+        docs/design.md, "Latency")."""
         out = Output()
         now = time.monotonic()
         received: dict[Keypair, Received] = {}
@@ -397,12 +404,12 @@ class Datapath:
                    received: dict[Keypair, Received]) -> bool:  # fmt: skip
         """A drain's one read, where it is one data message: opened in place in `buf`
         (the drain's buffer, or the reader's, whose slot is the loop's till its next
-        drain), its inner source checked and its packet written to the TUN in one C
-        call (`native.open_lone`:
-        what `Device.open_classified` and `Tun.write_batch` do, without their Python
-        per step; docs/design.md "Latency: a lone packet"). Its drop, its session (for
-        `account`, after the write as ever) and its source are left as the usual way
-        leaves them. False, nothing done, where it does not take that way."""
+        drain), its inner source checked and its packet written to the TUN in one C call
+        (`native.open_lone`: what `Device.open_classified` and `Tun.write_batch` do,
+        without their Python per step; docs/design.md "Latency: a lone packet"). Its
+        drop, its session (for `account`, after the write as ever) and its source are
+        left as the usual way leaves them. False, nothing done, where it does not take
+        that way."""
         offset, n, seg, src, info, passed, ndata = read
         if passed is not None or ndata != 1 or 0 < seg < n:  # (a GRO read of several)
             return False
@@ -460,7 +467,7 @@ class Datapath:
         """A lone packet's common way (`Device.seal_one`): sealed and sent with half the
         Python calls of the batch's; with the native module, routed, sealed and sent in
         one C call (`UdpSocket.seal_send`). False where it does not take that way."""
-        if self._lone_native:
+        if self._lone_send:
             device = self.device
             return self.udp.seal_send(packet, device.allowed_ips.mirror, now, device.mtu,
                                       device.unsettled)  # fmt: skip
